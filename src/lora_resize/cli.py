@@ -1,0 +1,151 @@
+"""Command line: parse, call the library, render. The only place that maps errors to exit codes.
+
+    lora-resize resize IN -o OUT --method sv_fro --param 0.9 --rank 64
+    lora-resize --model IN --save_to OUT --new_rank 32 --dynamic_method sv_ratio --dynamic_param 8   (sd-scripts form)
+    lora-resize demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from ._version import __version__
+from .errors import LoraResizeError, OptionsError
+from .options import DEVICES, ResizeOptions
+from .policies import POLICIES, RULES
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+SD_SCRIPTS_DEFAULT_RANK = 4
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str):  # noqa: D102
+        raise OptionsError(f"{message} (see {self.prog} --help)")
+
+
+def add_resize_arguments(p: argparse.ArgumentParser) -> None:
+    """The resize options, each under its modern name and its sd-scripts name."""
+    p.add_argument("input", nargs="?", help="LoRA file to resize (.safetensors; .pt/.ckpt read weights-only)")
+    p.add_argument("--model", dest="model", help="same as INPUT (sd-scripts spelling)")
+    p.add_argument("-o", "--output", "--save_to", dest="output", help="output file (.safetensors or .pt/.pth/.ckpt)")
+    p.add_argument("--rank", "--new_rank", dest="rank", type=int,
+                   help="fixed rank, or the cap of a dynamic method (sd-scripts form: default 4)")
+    p.add_argument("--conv-rank", "--new_conv_rank", dest="conv_rank", type=int,
+                   help="the same for conv (4-D) layers; default: --rank")
+    p.add_argument("--method", "--dynamic_method", dest="method", choices=[m for m in POLICIES if m != "fixed"],
+                   help="choose each layer's rank from its singular values")
+    p.add_argument("--param", "--dynamic_param", dest="param", type=float,
+                   help="the method's parameter: sv_ratio >= 1; sv_cumulative, sv_fro in (0, 1]")
+    p.add_argument("--rank-rule", dest="rule", choices=RULES, default="exact",
+                   help="exact: smallest rank meeting the criterion (default); kohya: sd-scripts v0.10.1's "
+                        "choice, off-by-one included")
+    p.add_argument("--precision", "--save_precision", dest="precision", choices=["fp16", "bf16", "float"],
+                   help="output dtype; default: the input's (sd-scripts defaults to float)")
+    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)")
+    p.add_argument("--svd_lowrank_niter", type=int, help=argparse.SUPPRESS)  # sd-scripts flag; we are always exact
+    p.add_argument("-v", "--verbose", action="store_true", help="per-layer lines in sd-scripts' format")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="lora-resize", description="Make LoRA files smaller, exactly and fast.",
+               epilog="Without a subcommand the sd-scripts resize_lora.py flags are accepted verbatim.")
+    p.add_argument("--version", action="version", version=f"lora-resize {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=Parser)
+    add_resize_arguments(sub.add_parser("resize", help="resize one LoRA file"))
+    d = sub.add_parser("demo", help="synthesize an SD1.5 LoCon and resize it (no download)")
+    d.add_argument("--dir", default="lora-resize-demo", help="where to write the files (default ./lora-resize-demo)")
+    d.add_argument("--full", action="store_true", help="the full 1.16 GB rank-512 LoCon instead of a small one")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _progress(quiet: bool, desc: str):
+    from tqdm import tqdm
+
+    def wrap(iterable, total):
+        return tqdm(iterable, total=total, desc=desc, unit="layer", file=sys.stderr, leave=False,
+                    disable=quiet or not sys.stderr.isatty())
+    return wrap
+
+
+def _write_line(line: str) -> None:
+    from tqdm import tqdm
+    tqdm.write(line, file=sys.stdout)
+
+
+def run_resize(args: argparse.Namespace, sd_scripts_form: bool) -> int:
+    from .pipeline import resize
+    from .report import average_line, summary, verbose_line
+
+    if args.input and args.model and args.input != args.model:
+        raise OptionsError("give the input once: either as INPUT or with --model")
+    src = args.input or args.model
+    if not src:
+        raise OptionsError("no input file: lora-resize resize IN.safetensors -o OUT.safetensors")
+    if not args.output:
+        raise OptionsError("no output file: add -o OUT.safetensors (--save_to)")
+    notes = []
+    rank = args.rank
+    if sd_scripts_form and rank is None:
+        rank = SD_SCRIPTS_DEFAULT_RANK
+        notes.append(f"--new_rank defaults to {rank} as in sd-scripts"
+                     + (" and caps the dynamic method" if args.method else "") + "; pass --new_rank N to change it")
+    if args.svd_lowrank_niter is not None:
+        notes.append("--svd_lowrank_niter is ignored: lora-resize is always exact and already fast")
+    opts = ResizeOptions(rank=rank, conv_rank=args.conv_rank, method=args.method, param=args.param,
+                         rule=args.rule, precision=args.precision, device=args.device)
+    dynamic = opts.method is not None
+    on_layer = (lambda row: _write_line(verbose_line(row, dynamic))) if args.verbose else None
+    result = resize(src, args.output, opts, progress=_progress(args.quiet, "resizing"), on_layer=on_layer)
+    result.notes.extend(notes)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=1, default=str))
+        return EXIT_OK
+    if args.verbose:
+        print(average_line(result))
+    print(summary(result))
+    return EXIT_OK
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import demo
+    return demo(args.dir, full=args.full, progress=_progress(args.quiet, "resizing"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `lora-resize` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv and argv[0] in ("resize", "demo") or not argv or argv[0] in ("-h", "--help", "--version"):
+            args = parser.parse_args(argv)
+            if args.command is None:
+                parser.print_help()
+                return EXIT_USAGE
+            return run_demo(args) if args.command == "demo" else run_resize(args, sd_scripts_form=False)
+        legacy = Parser(prog="lora-resize", description="sd-scripts resize_lora.py compatible form")
+        add_resize_arguments(legacy)
+        return run_resize(legacy.parse_args(argv), sd_scripts_form=True)
+    except LoraResizeError as e:
+        print(f"lora-resize: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lora-resize: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: one line unless asked for the traceback
+        if os.environ.get("LORA_RESIZE_DEBUG"):
+            raise
+        print(f"lora-resize: internal error: {type(e).__name__}: {e} (set LORA_RESIZE_DEBUG=1 for details and "
+              "please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

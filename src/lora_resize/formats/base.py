@@ -1,0 +1,68 @@
+"""What every key family provides: modules found in a file's keys, turned into an up/down pair to decompose,
+and written back in the same family's keys."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from ..tensorfile import TensorInfo, TensorSource
+
+
+@dataclass
+class LowRankLayer:
+    """dW = scale * up @ down, with up (out x r) and down (r x in*kh*kw) as matrices. `kernel` is (kh, kw) for a
+    conv layer, None for a linear one; `alpha` is the stored alpha (None when the file has none)."""
+    up: torch.Tensor
+    down: torch.Tensor
+    alpha: float | None
+    kernel: tuple[int, int] | None
+    in_channels: int
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank as sd-scripts computes it (float32 arithmetic), 1.0 without alpha."""
+        return 1.0 if self.alpha is None else float(torch.tensor(self.alpha, dtype=torch.float32) / self.rank)
+
+
+@dataclass
+class Module(ABC):
+    """One adapted layer of a LoRA file: its display name and the input keys it owns."""
+    name: str
+    keys: list[str] = field(default_factory=list)
+
+    @abstractmethod
+    def load(self, src: TensorSource) -> LowRankLayer:
+        """Read this module's tensors and return its low-rank form (raises LoraStructureError on bad shapes)."""
+
+    @abstractmethod
+    def emit(self, layer: LowRankLayer, up: torch.Tensor, down: torch.Tensor, alpha: torch.Tensor
+             ) -> dict[str, torch.Tensor]:
+        """Output tensors, keyed in this module's family, for new matrix factors and a 0-d alpha tensor."""
+
+
+@dataclass
+class Layout:
+    """A file's content as a key family sees it: its modules and the keys it leaves alone."""
+    format: str
+    modules: list[Module]
+    passthrough: list[str]
+
+
+class Format(ABC):
+    """A key family (kohya, PEFT, ...). Registered in formats/__init__.py; detect() picks the best claimant."""
+    name: str
+
+    @abstractmethod
+    def claims(self, infos: Mapping[str, TensorInfo]) -> int:
+        """How many keys of the file this family recognises (0: not this family)."""
+
+    @abstractmethod
+    def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> Layout:
+        """Group keys into modules; raise LoraStructureError for keys that half-match (e.g. an unpaired down)."""

@@ -1,0 +1,183 @@
+"""The resize job: check everything first, then decompose one layer at a time, then write atomically."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+
+from ._version import __version__
+from .decompose import decompose
+from .errors import NumericalError, OptionsError, OutputFileError
+from .formats import Layout, LowRankLayer, Module, detect
+from .metadata import OUR_KEY, our_record, sd_scripts_fields, updated
+from .options import PRECISIONS, ResizeOptions
+from .policies import choose_rank, get_policy
+from .result import LayerResult, ResizeResult
+from .tensorfile import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TensorSource, open_tensor_file
+from .writer import sshs_hashes, write_pickle, write_safetensors
+
+T = TypeVar("T")
+Progress = Callable[[Iterable[T], int], Iterable[T]]
+OUTPUT_SUFFIXES = SAFETENSORS_SUFFIXES + (".pt", ".pth", ".ckpt")
+
+
+def check_output_path(src: Path, dst: Path) -> None:
+    """Refuse outputs that would lose data or cannot be written, before any work is done."""
+    if dst.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise OutputFileError(f"output {dst} must end in .safetensors (or .pt/.pth/.ckpt)")
+    if dst.is_symlink():
+        raise OutputFileError(f"output {dst} is a symbolic link; give the real path (or remove the link)")
+    if dst.is_dir():
+        raise OutputFileError(f"output {dst} is a directory; give a file name such as {dst / 'out.safetensors'}")
+    if not dst.parent.is_dir():
+        raise OutputFileError(f"output folder {dst.parent} does not exist; create it first")
+    same = src.resolve() == dst.resolve()
+    if not same and dst.exists():
+        try:
+            same = os.path.samefile(src, dst)
+        except OSError:
+            pass
+    if same:
+        raise OutputFileError(f"output {dst} is the input file; choose another name (the input is never overwritten)")
+
+
+def precision_of(layout: Layout, src: TensorSource, requested: str | None) -> str:
+    """The save precision: the requested one, else the dtype most of the LoRA factors are stored in."""
+    if requested:
+        return requested
+    infos = src.infos()
+    counts: dict[torch.dtype, int] = {}
+    for m in layout.modules:
+        for k in m.keys:
+            if infos[k].dtype.is_floating_point and len(infos[k].shape) >= 2:
+                counts[infos[k].dtype] = counts.get(infos[k].dtype, 0) + 1
+    dtype = max(counts, key=counts.get) if counts else torch.float32
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "float")
+
+
+def layer_kind(layer: LowRankLayer) -> str:
+    return "linear" if layer.kernel is None else f"conv{layer.kernel[0]}x{layer.kernel[1]}"
+
+
+def resize_layer(name: str, layer: LowRankLayer, opts: ResizeOptions, device: torch.device,
+                 save_dtype: torch.dtype) -> tuple[LayerResult, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-k factors of one layer: (row, up (out x k), down (k x n), alpha 0-d), all in save_dtype.
+
+    The new alpha is scale * k (strength unchanged); if the save dtype rounds it, the factors absorb the rounding,
+    so new_up @ new_down * alpha_stored / k equals the rank-k truncation of dW exactly (to float precision)."""
+    policy = get_policy(opts.method)
+    dec = decompose(layer.up, layer.down, device)
+    out_f, in_f = dec.shape
+    choice = choose_rank(dec.S, min(out_f, in_f), policy, opts.param, opts.cap_for(layer.kernel is not None),
+                         opts.rule)
+    k = choice.rank
+    scale = layer.scale
+    new_alpha = float(np.float32(scale) * np.float32(k)) if layer.alpha is not None else float(k)
+    alpha_t = torch.tensor(new_alpha, dtype=torch.float32).to(save_dtype)
+    stored = float(alpha_t)
+    true_scale = layer.alpha / layer.rank if layer.alpha is not None else 1.0
+    c = true_scale * k / stored if stored != 0 and true_scale != 0 else 1.0
+    U, Sk, Vh = dec.factors(k)
+    sq = torch.sqrt(Sk * abs(c))
+    up = (U * (sq * math.copysign(1.0, c))).to(save_dtype).cpu()
+    down = (sq[:, None] * Vh).to(save_dtype).cpu()
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        raise NumericalError(f"layer {name} does not fit the save precision ({save_dtype}) after resizing; "
+                             "use --precision float or bf16")
+    S = dec.S
+    total, total2 = float(S.sum()), float((S * S).sum())
+    kept = S[:k]
+    row = LayerResult(
+        name=name, kind=layer_kind(layer), out_features=out_f, in_features=in_f, old_rank=layer.rank, new_rank=k,
+        old_alpha=layer.alpha, new_alpha=new_alpha,
+        sum_retained=float(kept.sum()) / total if total > 0 else float("nan"),
+        fro_retained=math.sqrt(float((kept * kept).sum()) / total2) if total2 > 0 else float("nan"),
+        max_ratio=(float(S[0]) / float(S[k - 1]) if k <= len(S) and S[k - 1] > 0 else
+                   (float("inf") if S.size and S[0] > 0 else float("nan"))),
+        clamped=choice.clamped_to_size, zero=choice.zero_layer, singular_values=S)
+    return row, up, down, alpha_t
+
+
+def read_ahead(modules: list[Module], src: TensorSource) -> Iterator[tuple[Module, LowRankLayer]]:
+    """Load module i+1 on a helper thread while module i is being decomposed."""
+    if not modules:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(modules[0].load, src)
+        for i, m in enumerate(modules):
+            layer = pending.result()
+            if i + 1 < len(modules):
+                pending = pool.submit(modules[i + 1].load, src)
+            yield m, layer
+
+
+def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOptions | None = None, *,
+           progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
+           **option_fields) -> ResizeResult:
+    """Resize the LoRA at `src` and write it to `dst` (atomically; the input is never modified).
+
+    Options come as a ResizeOptions or as its fields (rank=, conv_rank=, method=, param=, rule=, precision=,
+    device=). `progress(iterable, total)` wraps the layer loop; `on_layer(row)` sees each layer as it is done.
+
+    Raises: OptionsError, InputFileError, LoraStructureError, NumericalError, OutputFileError."""
+    t0 = time.perf_counter()
+    if options is not None and option_fields:
+        raise OptionsError("pass either options=ResizeOptions(...) or option fields, not both")
+    opts = options if options is not None else ResizeOptions(**option_fields)
+    src, dst = Path(src), Path(dst)
+    # CHECKS: options, paths, the file's header and every module's shapes, before any computation.
+    device = opts.resolve_device()
+    reader = open_tensor_file(src)
+    loaded = None
+    try:
+        check_output_path(src, dst)
+        layout = detect(reader.infos(), reader.metadata)
+        precision = precision_of(layout, reader, opts.precision)
+        save_dtype = PRECISIONS[precision]
+        # CONVERSION: one layer in memory at a time (plus the output being built).
+        out: dict[str, torch.Tensor] = {}
+        rows: list[LayerResult] = []
+        loop = loaded = read_ahead(layout.modules, reader)
+        if progress is not None:
+            loop = progress(loop, len(layout.modules))
+        with torch.no_grad():
+            for module, layer in loop:
+                row, up, down, alpha = resize_layer(module.name, layer, opts, device, save_dtype)
+                out.update(module.emit(layer, up, down, alpha))
+                rows.append(row)
+                if on_layer:
+                    on_layer(row)
+            for key in layout.passthrough:
+                t = reader.get(key)
+                out[key] = t.to(save_dtype) if t.is_floating_point() else t
+        # METADATA and WRITE
+        notes = []
+        old_dim = max(r.old_rank for r in rows)
+        meta = updated(reader.metadata, sd_scripts_fields(
+            opts, old_dim, rows[-1].new_alpha, reader.metadata.get("ss_training_comment", "")))
+        meta[OUR_KEY] = our_record(__version__, opts, precision, src.name, layout.format, rows)
+        model_hash, legacy_hash = sshs_hashes(out, meta)
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash, legacy_hash
+        if dst.suffix.lower() in PICKLE_SUFFIXES:
+            write_pickle(dst, out)
+            notes.append(f"{dst.suffix} files cannot hold metadata; use .safetensors to keep it")
+        else:
+            write_safetensors(dst, out, meta)
+        clamped = [r for r in rows if r.clamped]
+        if clamped:
+            notes.append(f"{len(clamped)} layer(s) were smaller than the rank asked for and keep their full rank "
+                         f"(e.g. {clamped[0].name}: {clamped[0].new_rank})")
+        return ResizeResult(src=src, dst=dst, format=layout.format, precision=precision, options=vars(opts).copy(),
+                            layers=rows, passthrough=list(layout.passthrough), input_bytes=src.stat().st_size,
+                            output_bytes=dst.stat().st_size, seconds=time.perf_counter() - t0, metadata=meta,
+                            notes=notes)
+    finally:
+        if loaded is not None:
+            loaded.close()  # waits for a read still in flight before the file is closed
+        reader.close()

@@ -1,0 +1,131 @@
+"""Writing tensor files: a safetensors serialiser laid out exactly as the safetensors library lays out its files,
+sd-scripts' `sshs_*` hashes, and atomic replacement of the destination."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from .errors import OutputFileError
+from .tensorfile import DTYPE_RANK, TORCH_TO_ST
+
+TMP_PREFIX = ".lora-resize-"
+TMP_SUFFIX = ".partial"
+LEGACY_HASH_WINDOW = (0x100000, 0x110000)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, without copying when it is already contiguous."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def ordered(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys in the safetensors library's data order: by dtype rank (descending), then by name."""
+    def rank(k: str) -> int:
+        return DTYPE_RANK.index(TORCH_TO_ST[tensors[k].dtype])
+    return sorted(tensors, key=lambda k: (-rank(k), k))
+
+
+def header_bytes(tensors: Mapping[str, torch.Tensor], keys: list[str], metadata: Mapping[str, str] | None) -> bytes:
+    """The 8-byte length plus the space-padded JSON header, the same length the safetensors library writes."""
+    header: dict = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for k in keys:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as sd-scripts computes them: over the file the safetensors library
+    would write with only the `ss_*` metadata. The model hash covers the tensor data; the legacy hash covers
+    bytes [0x100000, 0x110000) of that file (its header length is fixed by the metadata's size)."""
+    keys = ordered(tensors)
+    ss_meta = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    head = header_bytes(tensors, keys, ss_meta)
+    model = hashlib.sha256()
+    legacy = hashlib.sha256()
+    lo, hi = LEGACY_HASH_WINDOW
+    pos = 0
+    for chunk in [memoryview(head)] + [tensor_bytes(tensors[k]) for k in keys]:
+        if pos >= len(head):
+            model.update(chunk)
+        a, b = max(lo, pos), min(hi, pos + len(chunk))
+        if a < b:
+            legacy.update(chunk[a - pos:b - pos])
+        pos += len(chunk)
+    return model.hexdigest(), legacy.hexdigest()[:8]
+
+
+def remove_stale_partials(dst: Path) -> None:
+    """Remove temporary files a killed earlier run left beside `dst` (same target name, owner process gone)."""
+    for p in dst.parent.glob(f"{TMP_PREFIX}{dst.name}.*{TMP_SUFFIX}"):
+        try:
+            pid = int(p.name[len(TMP_PREFIX) + len(dst.name) + 1:-len(TMP_SUFFIX)].split("-")[0])
+        except ValueError:
+            continue
+        if pid == os.getpid() or not _pid_alive(pid):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_output(dst: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `dst`; on success it replaces `dst` in one rename, on failure it is removed."""
+    remove_stale_partials(dst)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dst.name}.{os.getpid()}-", suffix=TMP_SUFFIX,
+                                        dir=dst.parent)
+    except OSError as e:
+        raise OutputFileError(f"cannot create a file in {dst.parent}: {e.strerror}; "
+                              "choose a writable output folder") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    except OSError as e:
+        raise OutputFileError(f"writing {dst} failed: {e.strerror or e}; nothing was written "
+                              "(check free space and permissions)") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_safetensors(dst: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write `tensors` and `metadata` to `dst` atomically, in the safetensors library's byte layout."""
+    keys = ordered(tensors)
+    with atomic_output(dst) as tmp, open(tmp, "wb") as f:
+        f.write(header_bytes(tensors, keys, metadata))
+        for k in keys:
+            f.write(tensor_bytes(tensors[k]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_pickle(dst: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write a plain state dict with torch.save, atomically (metadata cannot be stored in this format)."""
+    with atomic_output(dst) as tmp:
+        torch.save(dict(tensors), tmp)
