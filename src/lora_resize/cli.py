@@ -47,6 +47,7 @@ def add_resize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", "--save_precision", dest="precision", choices=["fp16", "bf16", "float"],
                    help="output dtype; default: the input's (sd-scripts defaults to float)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)")
+    p.add_argument("--threads", type=int, help="layers to decompose at once on the CPU (default: one per core)")
     p.add_argument("--svd_lowrank_niter", type=int, help=argparse.SUPPRESS)  # sd-scripts flag; we are always exact
     p.add_argument("-v", "--verbose", action="store_true", help="per-layer lines in sd-scripts' format")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -100,7 +101,8 @@ def run_resize(args: argparse.Namespace, sd_scripts_form: bool) -> int:
     if args.svd_lowrank_niter is not None:
         notes.append("--svd_lowrank_niter is ignored: lora-resize is always exact and already fast")
     opts = ResizeOptions(rank=rank, conv_rank=args.conv_rank, method=args.method, param=args.param,
-                         rule=args.rule, precision=args.precision, device=args.device)
+                         rule=args.rule, precision=args.precision, device=args.device,
+                         threads=args.threads)
     dynamic = opts.method is not None
     on_layer = (lambda row: _write_line(verbose_line(row, dynamic))) if args.verbose else None
     result = resize(src, args.output, opts, progress=_progress(args.quiet, "resizing"), on_layer=on_layer)

@@ -4,7 +4,8 @@ With up = A (m x r) and down = B (r x n), write A = Q_A R_A (thin QR). Then dW d
 G_B = B B^T, so the singular values of dW are the square roots of the eigenvalues of the small core
 K = R_A G_B R_A^T, the left singular vectors are Q_A times its eigenvectors, and the right ones follow as
 V_k = dW^T U_k / S_k = B^T (A^T U_k) / S_k. R_A comes from a Cholesky QR of A in float64 (the Gram matrix A^T A,
-then its Cholesky factor), falling back to Householder QR when A is rank deficient or ill-conditioned.
+then its Cholesky factor), falling back to Householder QR when A is rank deficient or ill-conditioned. The engine
+works on whichever side (dW or dW^T) gives the smaller core.
 Everything is O((m + n) r^2 + r^3), against O(m n min(m, n)) for the SVD of dW; all arithmetic is float64.
 """
 from __future__ import annotations
@@ -16,6 +17,11 @@ import numpy as np
 import torch
 
 CHOLESKY_MAX_CONDITION = 1e4  # past this estimate of cond(A), Cholesky QR loses orthogonality: use Householder
+ZERO_RELATIVE = 1e-7  # eigenvalue noise of the core is ~1e-16 * S0^2, so S below 1e-7 * S0 is zero, not signal
+
+
+class NonFiniteFactors(ValueError):
+    """The factors hold NaN or Inf."""
 
 
 @dataclass
@@ -24,36 +30,37 @@ class Decomposition:
     leading singular vectors on demand."""
     S: np.ndarray
     shape: tuple[int, int]
-    _up: torch.Tensor
-    _down: torch.Tensor
+    _A: torch.Tensor  # the side whose range holds the left vectors of the (possibly transposed) problem
+    _B: torch.Tensor
     _apply_left: Callable[[torch.Tensor], torch.Tensor]
     _W: torch.Tensor  # eigenvectors of the core, columns in descending order of S
+    _transposed: bool
 
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U_k, S_k, Vh_k) of the best rank-k approximation, float64 on the compute device. Directions past the
         numerical rank (S == 0) come back as zero columns/rows, so a k above the rank is still a valid request."""
-        m, n = self.shape
-        dev = self._up.device
         kk = min(k, self._W.shape[1])
-        U = self._apply_left(self._W[:, :kk])
-        S = torch.as_tensor(self.S[:kk].copy(), dtype=torch.float64, device=dev)
+        L = self._apply_left(self._W[:, :kk])
+        S = torch.as_tensor(self.S[:kk].copy(), dtype=torch.float64, device=L.device)
         live = S > 0
-        V = self._down.T @ (self._up.T @ U)
-        V = torch.where(live, V / torch.where(live, S, torch.ones_like(S)), torch.zeros_like(V))
-        U = torch.where(live, U, torch.zeros_like(U))
+        R = self._B.T @ (self._A.T @ L)
+        R = torch.where(live, R / torch.where(live, S, torch.ones_like(S)), torch.zeros_like(R))
+        L = torch.where(live, L, torch.zeros_like(L))
+        U, V = (R, L) if self._transposed else (L, R)
         if k > kk:  # pad with exact zeros past the core's size
+            m, n = self.shape
             U = torch.cat([U, U.new_zeros(m, k - kk)], dim=1)
             V = torch.cat([V, V.new_zeros(n, k - kk)], dim=1)
             S = torch.cat([S, S.new_zeros(k - kk)])
         return U, S, V.T
 
 
-def _left_basis(A: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """R and x -> Q @ x for a thin QR of A (m x r). A wide or square A is its own R (Q = I)."""
+def _left_basis(A: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """R and x -> Q @ x for a thin QR of A (m x r) with Gram matrix A^T A. A wide or square A is its own R."""
     m, r = A.shape
     if m <= r:
         return A, lambda x: x
-    L, info = torch.linalg.cholesky_ex(A.T @ A)
+    L, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0:
         d = torch.diagonal(L)
         dmin = float(d.min())
@@ -65,18 +72,27 @@ def _left_basis(A: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor],
 
 
 def decompose(up: torch.Tensor, down: torch.Tensor, device: str | torch.device = "cpu") -> Decomposition:
-    """Exact SVD of `up @ down` (up: m x r, down: r x n, any float dtype), computed from the factors alone."""
-    A = up.to(device=device, dtype=torch.float64)
-    B = down.to(device=device, dtype=torch.float64)
-    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
-        raise ValueError(f"factors do not chain: up {tuple(A.shape)} @ down {tuple(B.shape)}")
-    R, apply_left = _left_basis(A)
-    K = R @ (B @ B.T) @ R.T
+    """Exact SVD of `up @ down` (up: m x r, down: r x n, any float dtype), computed from the factors alone.
+
+    Raises NonFiniteFactors when a factor holds NaN or Inf (seen for free on the Gram matrices' diagonals)."""
+    if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise ValueError(f"factors do not chain: up {tuple(up.shape)} @ down {tuple(down.shape)}")
+    m, r = up.shape
+    n = down.shape[1]
+    transposed = n < m  # work on dW^T = down^T up^T, whose core is smaller
+    A = (down.T if transposed else up).to(device=device, dtype=torch.float64)
+    B = (up.T if transposed else down).to(device=device, dtype=torch.float64)
+    GA = A.T @ A
+    GB = B @ B.T
+    if not (bool(torch.isfinite(torch.diagonal(GA)).all()) and bool(torch.isfinite(torch.diagonal(GB)).all())):
+        raise NonFiniteFactors("factors hold NaN or Inf")
+    R, apply_left = _left_basis(A, GA)
+    K = R @ GB @ R.T
     K = (K + K.T) * 0.5
     w, W = torch.linalg.eigh(K)
-    w, W = w.flip(0), W.flip(1)
-    p = min(A.shape[0], A.shape[1], B.shape[1])
-    S = torch.sqrt(torch.clamp(w[:p], min=0)).cpu().numpy()
-    if S.size and S[0] > 0:  # eigenvalues below float64 round-off of the largest are zero, not noise
-        S[S < S[0] * 1e-7] = 0.0
-    return Decomposition(S=S, shape=(A.shape[0], B.shape[1]), _up=A, _down=B, _apply_left=apply_left, _W=W[:, :p])
+    p = min(m, n, r)
+    w, W = w.flip(0)[:p], W.flip(1)[:, :p]
+    S = torch.sqrt(torch.clamp(w, min=0)).cpu().numpy()
+    if S.size and S[0] > 0:
+        S[S < S[0] * ZERO_RELATIVE] = 0.0
+    return Decomposition(S=S, shape=(m, n), _A=A, _B=B, _apply_left=apply_left, _W=W, _transposed=transposed)

@@ -24,6 +24,7 @@ class ResizeOptions:
     rule: str = "exact"
     precision: str | None = None
     device: str = "auto"
+    threads: int | None = None  # layers decomposed at once on the CPU; None: one per available core
 
     def __post_init__(self) -> None:
         if self.method in (None, "", "fixed", "none"):
@@ -56,6 +57,8 @@ class ResizeOptions:
             if p not in PRECISIONS:
                 raise OptionsError(f"precision must be one of fp16, bf16, float, got {self.precision!r}")
             self.precision = p
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise OptionsError(f"threads must be a whole number >= 1, got {self.threads!r}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise OptionsError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

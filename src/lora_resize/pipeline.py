@@ -1,22 +1,23 @@
 """The resize job: check everything first, then decompose one layer at a time, then write atomically."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 import torch
 
 from ._version import __version__
-from .decompose import decompose
+from .decompose import NonFiniteFactors, decompose
 from .errors import NumericalError, OptionsError, OutputFileError
 from .formats import Layout, LowRankLayer, Module, detect
 from .metadata import OUR_KEY, our_record, sd_scripts_fields, updated
 from .options import PRECISIONS, ResizeOptions
+from .parallel import available_cores, ordered_map, torch_threads
 from .policies import choose_rank, get_policy
 from .result import LayerResult, ResizeResult
 from .tensorfile import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TensorSource, open_tensor_file
@@ -72,7 +73,11 @@ def resize_layer(name: str, layer: LowRankLayer, opts: ResizeOptions, device: to
     The new alpha is scale * k (strength unchanged); if the save dtype rounds it, the factors absorb the rounding,
     so new_up @ new_down * alpha_stored / k equals the rank-k truncation of dW exactly (to float precision)."""
     policy = get_policy(opts.method)
-    dec = decompose(layer.up, layer.down, device)
+    try:
+        dec = decompose(layer.up, layer.down, device)
+    except NonFiniteFactors:
+        raise NumericalError(f"layer {name} holds NaN or Inf values; the LoRA is damaged (diverged training?) "
+                             "- use an earlier checkpoint") from None
     out_f, in_f = dec.shape
     choice = choose_rank(dec.S, min(out_f, in_f), policy, opts.param, opts.cap_for(layer.kernel is not None),
                          opts.rule)
@@ -104,19 +109,6 @@ def resize_layer(name: str, layer: LowRankLayer, opts: ResizeOptions, device: to
     return row, up, down, alpha_t
 
 
-def read_ahead(modules: list[Module], src: TensorSource) -> Iterator[tuple[Module, LowRankLayer]]:
-    """Load module i+1 on a helper thread while module i is being decomposed."""
-    if not modules:
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(modules[0].load, src)
-        for i, m in enumerate(modules):
-            layer = pending.result()
-            if i + 1 < len(modules):
-                pending = pool.submit(modules[i + 1].load, src)
-            yield m, layer
-
-
 def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOptions | None = None, *,
            progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
            **option_fields) -> ResizeResult:
@@ -134,7 +126,6 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     # CHECKS: options, paths, the file's header and every module's shapes, before any computation.
     device = opts.resolve_device()
     reader = open_tensor_file(src)
-    loaded = None
     try:
         check_output_path(src, dst)
         layout = detect(reader.infos(), reader.metadata)
@@ -143,13 +134,19 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
         # CONVERSION: one layer in memory at a time (plus the output being built).
         out: dict[str, torch.Tensor] = {}
         rows: list[LayerResult] = []
-        loop = loaded = read_ahead(layout.modules, reader)
+        def one(module: Module) -> tuple[LayerResult, dict[str, torch.Tensor]]:
+            layer = module.load(reader)
+            with torch.no_grad():
+                row, up, down, alpha = resize_layer(module.name, layer, opts, device, save_dtype)
+            return row, module.emit(layer, up, down, alpha)
+
+        cpu = device.type == "cpu"
+        loop = ordered_map(one, layout.modules, (opts.threads or available_cores()) if cpu else 1)
         if progress is not None:
             loop = progress(loop, len(layout.modules))
-        with torch.no_grad():
-            for module, layer in loop:
-                row, up, down, alpha = resize_layer(module.name, layer, opts, device, save_dtype)
-                out.update(module.emit(layer, up, down, alpha))
+        with torch_threads(1) if cpu else contextlib.nullcontext():
+            for row, tensors in loop:
+                out.update(tensors)
                 rows.append(row)
                 if on_layer:
                     on_layer(row)
@@ -178,6 +175,4 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
                             output_bytes=dst.stat().st_size, seconds=time.perf_counter() - t0, metadata=meta,
                             notes=notes)
     finally:
-        if loaded is not None:
-            loaded.close()  # waits for a read still in flight before the file is closed
         reader.close()

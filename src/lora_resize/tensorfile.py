@@ -124,15 +124,17 @@ class SafetensorsReader:
         return self._infos
 
     def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (thread-safe: positional reads, no shared file position)."""
         info = self._infos[key]
         begin, end = self._offsets[key]
         out = torch.empty(info.shape, dtype=info.dtype)
-        if end > begin:
-            self._file.seek(self._data_start + begin)
-            view = memoryview(out.view(-1).view(torch.uint8).numpy())
-            got = self._file.readinto(view)
-            if got != end - begin:
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        pos = 0
+        while pos < end - begin:
+            got = os.preadv(self._file.fileno(), [view[pos:]], self._data_start + begin + pos)
+            if got <= 0:
                 raise self._bad(f"tensor {key!r} is cut short (file changed or truncated while reading)")
+            pos += got
         return out
 
     def close(self) -> None:

@@ -21,14 +21,6 @@ def read_alpha(src: TensorSource, key: str, module: str) -> float:
     return value
 
 
-def check_finite(name: str, *tensors: torch.Tensor) -> None:
-    """Raise NumericalError naming the layer when any tensor holds NaN or Inf."""
-    for t in tensors:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NumericalError(f"layer {name} holds NaN or Inf values; the LoRA is damaged (diverged training?) "
-                                 "- use an earlier checkpoint")
-
-
 def check_pair(name: str, down: TensorInfo, up: TensorInfo, alpha: TensorInfo | None) -> None:
     """Shape checks for a down/up(/alpha) pair, before any data is read."""
     d, u = down.shape, up.shape
@@ -76,7 +68,6 @@ class KohyaModule(Module):
 
     def load(self, src: TensorSource) -> LowRankLayer:
         down, up = src.get(self.down_key), src.get(self.up_key)
-        check_finite(self.name, down, up)
         alpha = read_alpha(src, self.alpha_key, self.name) if self.alpha_key else None
         return as_layer(down, up, alpha)
 
