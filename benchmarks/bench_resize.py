@@ -118,7 +118,6 @@ def main() -> None:
     layout = detect(reader.infos(), reader.metadata)
     by_shape: dict[tuple, list] = collections.defaultdict(list)
     for m in layout.modules:
-        layer = m.load(reader) if args.reference == "all" else None
         info = reader.infos()[m.down_key]
         n = 1
         for d in info.shape[1:]:
@@ -149,10 +148,12 @@ def main() -> None:
               f"(fp16 output)")
     reader.close()
 
-    rows = [("speed-up vs reference", ref_s / ours_s if ref_s else float("nan"), ">= 50x"),
-            ("ours / read+write", ours_s / io_s, "<= 2x"),
+    lib_s = result["seconds"]
+    rows = [("speed-up vs reference", ref_s / lib_s if ref_s else float("nan"), ">= 50x"),
+            ("ours / read+write", lib_s / io_s, "<= 2x"),
             ("peak RSS (GB)", ours_rss / 1e9, "<= 1.5 GB")]
-    print("\nfigure                    value     target")
+    print("\n(ratios use our in-library seconds; the reference is timed in-process too)")
+    print("figure                    value     target")
     for name, value, target in rows:
         print(f"{name:24} {value:8.2f}     {target}")
 

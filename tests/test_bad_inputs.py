@@ -327,7 +327,6 @@ def test_unreadable_file(tmp_path, capsys):
 
 def test_error_leaves_existing_output_alone(tmp_path, capsys):
     # a failed run must not destroy what is already at the destination
-    src = _write(tmp_path, _good_sd(), name="nan.safetensors")
     sd = _good_sd()
     sd[BAD + UP][0, 0] = float("nan")
     src = _write(tmp_path, sd, name="nan.safetensors")

@@ -8,7 +8,7 @@ import torch
 
 import lora_resize
 
-from conftest import (ALPHA, BASE_COMMENT, BASE_METADATA, DOWN, LIN_A, Spec, layer_names, load_st,
+from conftest import (ALPHA, BASE_COMMENT, BASE_METADATA, DOWN, Spec, layer_names, load_st,
                       make_state_dict, standard_specs, write_lora)
 
 SD_SCRIPTS_KEYS = ("ss_training_comment", "ss_network_dim", "ss_network_alpha", "sshs_model_hash", "sshs_legacy_hash")

@@ -11,7 +11,7 @@ import torch
 from lora_resize.errors import OptionsError
 from lora_resize.policies import POLICIES, choose_rank, get_policy
 
-from conftest import MIN_SV, boundary_margin, kohya_reference
+from conftest import boundary_margin, kohya_reference
 
 METHODS = ("sv_ratio", "sv_cumulative", "sv_fro")
 

@@ -8,7 +8,7 @@ import torch
 import lora_resize
 from lora_resize import LayerResult, ResizeOptions, ResizeResult
 
-from conftest import (ALPHA, BASE_METADATA, CONV1_A, CONV1_NOALPHA, CONV3_A, CONV3_NOALPHA, DOWN, LIN_A,
+from conftest import (ALPHA, CONV1_A, CONV1_NOALPHA, CONV3_A, CONV3_NOALPHA, DOWN, LIN_A,
                       LIN_NOALPHA, OVERSIZE, UP, ZERO, Spec, best_rank_k, decaying_spectrum, dense_dw, layer_names,
                       load_st, make_state_dict, rel_err, standard_specs, write_lora)
 

@@ -83,7 +83,9 @@ class Kohya(Format):
         return sum(1 for k in infos if k.endswith((DOWN, UP)))
 
     def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> Layout:
-        bases = sorted({k[: -len(s)] for k in infos for s in (DOWN, UP) if k.endswith(s)})
+        # in the order sd-scripts visits them (its loop walks the lora_down keys in key order), so the "last layer"
+        # whose alpha it records in ss_network_alpha is the same
+        bases = sorted({k[: -len(s)] for k in infos for s in (DOWN, UP) if k.endswith(s)}, key=lambda b: b + DOWN)
         modules, owned = [], set()
         for b in bases:
             dk, uk, ak = b + DOWN, b + UP, b + ALPHA
