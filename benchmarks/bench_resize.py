@@ -25,25 +25,30 @@ from pathlib import Path
 import torch
 
 from lora_resize.formats import detect
-from lora_resize.synth import write_sd15_locon
 from lora_resize.tensorfile import open_tensor_file
 from lora_resize.writer import write_safetensors
 
 
 
 
-def run_with_rss(cmd: list[str]) -> tuple[float, int, str]:
-    """Run cmd, return (wall seconds, peak RSS bytes of that child, stdout)."""
-    with tempfile.TemporaryFile("w+") as out:
-        t = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
-        _, status, ru = os.wait4(p.pid, 0)
-        secs = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)
-        if p.returncode:
-            sys.exit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr.read().decode()}")
-        out.seek(0)
-        return secs, ru.ru_maxrss * 1024, out.read()
+PEAK_RSS_WRAPPER = (
+    "import sys, lora_resize.cli as c\n"
+    "rc = c.main(sys.argv[1:])\n"
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+    "print('PEAK_KB', hwm[0].split()[1] if hwm else 0, file=sys.stderr)\n"
+    "sys.exit(rc)\n")
+
+
+def run_with_rss(args: list[str]) -> tuple[float, int, str]:
+    """Run the CLI in a fresh process: (wall seconds, its own peak RSS in bytes from /proc VmHWM, stdout).
+    (ru_maxrss is not used: across fork+exec it inherits the parent's high-water mark.)"""
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, *args], capture_output=True, text=True)
+    secs = time.perf_counter() - t
+    if p.returncode:
+        sys.exit(f"lora-resize failed ({p.returncode}):\n{p.stderr}")
+    peak_kb = int(p.stderr.rsplit("PEAK_KB", 1)[1].split()[0])
+    return secs, peak_kb * 1024, p.stdout
 
 
 def read_write_baseline(src: Path, produced: Path, scratch: Path) -> float:
@@ -90,8 +95,10 @@ def main() -> None:
     src = folder / f"sd15_locon_{args.rank}_{args.conv_rank}.safetensors"
     dst = folder / "resized.safetensors"
     if not src.exists():
-        t = time.perf_counter()
-        write_sd15_locon(src, rank=args.rank, alpha=32, conv_rank=args.conv_rank, conv_alpha=16)
+        t = time.perf_counter()  # in a child process, so this one stays small
+        subprocess.run([sys.executable, "-c", "import sys; from lora_resize.synth import write_sd15_locon; "
+                        "write_sd15_locon(sys.argv[1], rank=int(sys.argv[2]), alpha=32, conv_rank=int(sys.argv[3]), "
+                        "conv_alpha=16)", str(src), str(args.rank), str(args.conv_rank)], check=True)
         print(f"built {src.name}: {src.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t:.1f} s")
     size = src.stat().st_size
     print(f"input: {src} ({size / 2**30:.3f} GiB, {size:,} bytes); torch {torch.__version__}, "
@@ -102,8 +109,8 @@ def main() -> None:
         while f.read(1 << 24):
             pass
 
-    cmd = [sys.executable, "-m", "lora_resize.cli", "resize", str(src), "-o", str(dst), "--method", args.method,
-           "--param", args.param, "--rank", args.cap, "--json", "-q"]
+    cmd = ["resize", str(src), "-o", str(dst), "--method", args.method, "--param", args.param, "--rank", args.cap,
+           "--json", "-q"]
     ours_s, ours_rss, out = run_with_rss(cmd)
     result = json.loads(out)
     ranks = {row["name"]: row["new_rank"] for row in result["layers"]}

@@ -55,10 +55,10 @@ class Decomposition:
         return U, S, V.T
 
 
-def _left_basis(A: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+def _left_basis(A: torch.Tensor, gram: torch.Tensor | None
+                ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """R and x -> Q @ x for a thin QR of A (m x r) with Gram matrix A^T A. A wide or square A is its own R."""
-    m, r = A.shape
-    if m <= r:
+    if gram is None:
         return A, lambda x: x
     L, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0:
@@ -82,9 +82,11 @@ def decompose(up: torch.Tensor, down: torch.Tensor, device: str | torch.device =
     transposed = n < m  # work on dW^T = down^T up^T, whose core is smaller
     A = (down.T if transposed else up).to(device=device, dtype=torch.float64)
     B = (up.T if transposed else down).to(device=device, dtype=torch.float64)
-    GA = A.T @ A
     GB = B @ B.T
-    if not (bool(torch.isfinite(torch.diagonal(GA)).all()) and bool(torch.isfinite(torch.diagonal(GB)).all())):
+    GA = A.T @ A if A.shape[0] > r else None  # a wide A is its own R: no Gram needed
+    finite = torch.isfinite(torch.diagonal(GB)).all() & (
+        torch.isfinite(torch.diagonal(GA)).all() if GA is not None else torch.isfinite(A).all())
+    if not bool(finite):
         raise NonFiniteFactors("factors hold NaN or Inf")
     R, apply_left = _left_basis(A, GA)
     K = R @ GB @ R.T
