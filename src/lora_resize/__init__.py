@@ -8,9 +8,10 @@ from .decompose import Decomposition, decompose
 from .errors import (InputFileError, LoraResizeError, LoraStructureError, NumericalError, OptionsError,
                      OutputFileError)
 from .options import ResizeOptions
+from .merge import Source, merge
 from .pipeline import resize
 from .result import LayerResult, ResizeResult
 
-__all__ = ["__version__", "resize", "ResizeOptions", "ResizeResult", "LayerResult", "decompose", "Decomposition",
+__all__ = ["__version__", "resize", "merge", "Source", "ResizeOptions", "ResizeResult", "LayerResult", "decompose", "Decomposition",
            "LoraResizeError", "OptionsError", "InputFileError", "LoraStructureError", "NumericalError",
            "OutputFileError"]

@@ -28,10 +28,8 @@ class Parser(argparse.ArgumentParser):
         raise OptionsError(f"{message} (see {self.prog} --help)")
 
 
-def add_resize_arguments(p: argparse.ArgumentParser) -> None:
-    """The resize options, each under its modern name and its sd-scripts name."""
-    p.add_argument("input", nargs="?", help="LoRA file to resize (.safetensors; .pt/.ckpt read weights-only)")
-    p.add_argument("--model", dest="model", help="same as INPUT (sd-scripts spelling)")
+def add_rank_arguments(p: argparse.ArgumentParser) -> None:
+    """The rank, precision and output options shared by resize and merge, under modern and sd-scripts names."""
     p.add_argument("-o", "--output", "--save_to", dest="output", help="output file (.safetensors or .pt/.pth/.ckpt)")
     p.add_argument("--rank", "--new_rank", dest="rank", type=int,
                    help="fixed rank, or the cap of a dynamic method (sd-scripts form: default 4)")
@@ -48,10 +46,17 @@ def add_resize_arguments(p: argparse.ArgumentParser) -> None:
                    help="output dtype; default: the input's (sd-scripts defaults to float)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)")
     p.add_argument("--threads", type=int, help="layers to decompose at once on the CPU (default: one per core)")
-    p.add_argument("--svd_lowrank_niter", type=int, help=argparse.SUPPRESS)  # sd-scripts flag; we are always exact
     p.add_argument("-v", "--verbose", action="store_true", help="per-layer lines in sd-scripts' format")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
+
+
+def add_resize_arguments(p: argparse.ArgumentParser) -> None:
+    """resize's options: the input, then the shared ones."""
+    p.add_argument("input", nargs="?", help="LoRA file to resize (.safetensors; .pt/.ckpt read weights-only)")
+    p.add_argument("--model", dest="model", help="same as INPUT (sd-scripts spelling)")
+    p.add_argument("--svd_lowrank_niter", type=int, help=argparse.SUPPRESS)  # sd-scripts flag; we are always exact
+    add_rank_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"lora-resize {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=Parser)
     add_resize_arguments(sub.add_parser("resize", help="resize one LoRA file"))
+    mp = sub.add_parser("merge", help="merge weighted LoRAs into one of a chosen size",
+                        description="Merge LoRAs: each layer becomes the best rank-k approximation of the weighted "
+                                    "sum. Example: lora-resize merge a.safetensors:0.8 b.safetensors:0.5 -o ab.safetensors "
+                                    "--method sv_fro --param 0.95")
+    mp.add_argument("sources", nargs="+", metavar="FILE[:WEIGHT]", help="inputs with weights (default 1; may be "
+                                                                       "negative; 0 leaves the input out)")
+    add_rank_arguments(mp)
     d = sub.add_parser("demo", help="synthesize an SD1.5 LoCon and resize it (no download)")
     d.add_argument("--dir", default="lora-resize-demo", help="where to write the files (default ./lora-resize-demo)")
     d.add_argument("--full", action="store_true", help="the full 1.16 GB rank-512 LoCon instead of a small one")
@@ -81,9 +93,31 @@ def _write_line(line: str) -> None:
     tqdm.write(line, file=sys.stdout)
 
 
+def options_from(args: argparse.Namespace, rank: int | None) -> ResizeOptions:
+    return ResizeOptions(rank=rank, conv_rank=args.conv_rank, method=args.method, param=args.param,
+                         rule=args.rule, precision=args.precision, device=args.device, threads=args.threads)
+
+
+def render(result, args: argparse.Namespace, notes: list[str]) -> int:
+    """Print the result: JSON, or sd-scripts' closing verbose line and our summary."""
+    from .report import average_line, summary
+    result.notes.extend(notes)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=1, default=str))
+        return EXIT_OK
+    if args.verbose:
+        print(average_line(result))
+    print(summary(result))
+    return EXIT_OK
+
+
+def layer_printer(args: argparse.Namespace, dynamic: bool):
+    from .report import verbose_line
+    return (lambda row: _write_line(verbose_line(row, dynamic))) if args.verbose else None
+
+
 def run_resize(args: argparse.Namespace, sd_scripts_form: bool) -> int:
     from .pipeline import resize
-    from .report import average_line, summary, verbose_line
 
     if args.input and args.model and args.input != args.model:
         raise OptionsError("give the input once: either as INPUT or with --model")
@@ -100,20 +134,21 @@ def run_resize(args: argparse.Namespace, sd_scripts_form: bool) -> int:
                      + (" and caps the dynamic method" if args.method else "") + "; pass --new_rank N to change it")
     if args.svd_lowrank_niter is not None:
         notes.append("--svd_lowrank_niter is ignored: lora-resize is always exact and already fast")
-    opts = ResizeOptions(rank=rank, conv_rank=args.conv_rank, method=args.method, param=args.param,
-                         rule=args.rule, precision=args.precision, device=args.device,
-                         threads=args.threads)
-    dynamic = opts.method is not None
-    on_layer = (lambda row: _write_line(verbose_line(row, dynamic))) if args.verbose else None
-    result = resize(src, args.output, opts, progress=_progress(args.quiet, "resizing"), on_layer=on_layer)
-    result.notes.extend(notes)
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=1, default=str))
-        return EXIT_OK
-    if args.verbose:
-        print(average_line(result))
-    print(summary(result))
-    return EXIT_OK
+    opts = options_from(args, rank)
+    result = resize(src, args.output, opts, progress=_progress(args.quiet, "resizing"),
+                    on_layer=layer_printer(args, opts.method is not None))
+    return render(result, args, notes)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    if not args.output:
+        raise OptionsError("no output file: add -o OUT.safetensors")
+    opts = options_from(args, args.rank)
+    result = merge(args.sources, args.output, opts, progress=_progress(args.quiet, "merging"),
+                   on_layer=layer_printer(args, opts.method is not None))
+    return render(result, args, [])
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -126,12 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        if argv and argv[0] in ("resize", "demo") or not argv or argv[0] in ("-h", "--help", "--version"):
+        if argv and argv[0] in ("resize", "merge", "demo") or not argv or argv[0] in ("-h", "--help", "--version"):
             args = parser.parse_args(argv)
             if args.command is None:
                 parser.print_help()
                 return EXIT_USAGE
-            return run_demo(args) if args.command == "demo" else run_resize(args, sd_scripts_form=False)
+            if args.command == "demo":
+                return run_demo(args)
+            if args.command == "merge":
+                return run_merge(args)
+            return run_resize(args, sd_scripts_form=False)
         legacy = Parser(prog="lora-resize", description="sd-scripts resize_lora.py compatible form")
         add_resize_arguments(legacy)
         return run_resize(legacy.parse_args(argv), sd_scripts_form=True)

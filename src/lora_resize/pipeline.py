@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
@@ -109,19 +110,80 @@ def resize_layer(name: str, layer: LowRankLayer, opts: ResizeOptions, device: to
     return row, up, down, alpha_t
 
 
+@dataclass
+class Unit:
+    """One output layer to compute: how to load its low-rank form and how to key the new factors."""
+    name: str
+    load: Callable[[], LowRankLayer]
+    emit: Callable[[LowRankLayer, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def module_unit(module: Module, src: TensorSource) -> Unit:
+    """A unit that reads `module` from `src` and writes it back in the same key family."""
+    return Unit(module.name, lambda: module.load(src), module.emit)
+
+
+def run_units(units: list[Unit], opts: ResizeOptions, device: torch.device, save_dtype: torch.dtype,
+              progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None
+              ) -> tuple[list[LayerResult], dict[str, torch.Tensor]]:
+    """Decompose and truncate every unit (side by side on the CPU cores), in order; returns rows and tensors."""
+    def one(unit: Unit) -> tuple[LayerResult, dict[str, torch.Tensor]]:
+        layer = unit.load()
+        with torch.no_grad():
+            row, up, down, alpha = resize_layer(unit.name, layer, opts, device, save_dtype)
+        return row, unit.emit(layer, up, down, alpha)
+
+    rows: list[LayerResult] = []
+    out: dict[str, torch.Tensor] = {}
+    cpu = device.type == "cpu"
+    loop = ordered_map(one, units, (opts.threads or available_cores()) if cpu else 1)
+    if progress is not None:
+        loop = progress(loop, len(units))
+    with torch_threads(1) if cpu else contextlib.nullcontext():
+        for row, tensors in loop:
+            out.update(tensors)
+            rows.append(row)
+            if on_layer:
+                on_layer(row)
+    return rows, out
+
+
+def write_output(dst: Path, out: dict[str, torch.Tensor], meta: dict[str, str]) -> list[str]:
+    """Add the sshs hashes to `meta` and write `out` atomically; returns notes for the user."""
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(out, meta)
+    if dst.suffix.lower() in PICKLE_SUFFIXES:
+        write_pickle(dst, out)
+        return [f"{dst.suffix} files cannot hold metadata; use .safetensors to keep it"]
+    write_safetensors(dst, out, meta)
+    return []
+
+
+def clamp_notes(rows: list[LayerResult]) -> list[str]:
+    clamped = [r for r in rows if r.clamped]
+    if not clamped:
+        return []
+    return [f"{len(clamped)} layer(s) were smaller than the rank asked for and keep their full rank "
+            f"(e.g. {clamped[0].name}: {clamped[0].new_rank})"]
+
+
+def as_options(options: ResizeOptions | None, fields: dict) -> ResizeOptions:
+    if options is not None and fields:
+        raise OptionsError("pass either options=ResizeOptions(...) or option fields, not both")
+    return options if options is not None else ResizeOptions(**fields)
+
+
 def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOptions | None = None, *,
            progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
            **option_fields) -> ResizeResult:
     """Resize the LoRA at `src` and write it to `dst` (atomically; the input is never modified).
 
     Options come as a ResizeOptions or as its fields (rank=, conv_rank=, method=, param=, rule=, precision=,
-    device=). `progress(iterable, total)` wraps the layer loop; `on_layer(row)` sees each layer as it is done.
+    device=, threads=). `progress(iterable, total)` wraps the layer loop; `on_layer(row)` sees each layer as it
+    is done.
 
     Raises: OptionsError, InputFileError, LoraStructureError, NumericalError, OutputFileError."""
     t0 = time.perf_counter()
-    if options is not None and option_fields:
-        raise OptionsError("pass either options=ResizeOptions(...) or option fields, not both")
-    opts = options if options is not None else ResizeOptions(**option_fields)
+    opts = as_options(options, option_fields)
     src, dst = Path(src), Path(dst)
     # CHECKS: options, paths, the file's header and every module's shapes, before any computation.
     device = opts.resolve_device()
@@ -131,45 +193,18 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
         layout = detect(reader.infos(), reader.metadata)
         precision = precision_of(layout, reader, opts.precision)
         save_dtype = PRECISIONS[precision]
-        # CONVERSION: one layer in memory at a time (plus the output being built).
-        out: dict[str, torch.Tensor] = {}
-        rows: list[LayerResult] = []
-        def one(module: Module) -> tuple[LayerResult, dict[str, torch.Tensor]]:
-            layer = module.load(reader)
-            with torch.no_grad():
-                row, up, down, alpha = resize_layer(module.name, layer, opts, device, save_dtype)
-            return row, module.emit(layer, up, down, alpha)
-
-        cpu = device.type == "cpu"
-        loop = ordered_map(one, layout.modules, (opts.threads or available_cores()) if cpu else 1)
-        if progress is not None:
-            loop = progress(loop, len(layout.modules))
-        with torch_threads(1) if cpu else contextlib.nullcontext():
-            for row, tensors in loop:
-                out.update(tensors)
-                rows.append(row)
-                if on_layer:
-                    on_layer(row)
-            for key in layout.passthrough:
-                t = reader.get(key)
-                out[key] = t.to(save_dtype) if t.is_floating_point() else t
+        # CONVERSION: a layer per worker in memory at a time, plus the output being built.
+        units = [module_unit(m, reader) for m in layout.modules]
+        rows, out = run_units(units, opts, device, save_dtype, progress, on_layer)
+        for key in layout.passthrough:
+            t = reader.get(key)
+            out[key] = t.to(save_dtype) if t.is_floating_point() else t
         # METADATA and WRITE
-        notes = []
         old_dim = max(r.old_rank for r in rows)
         meta = updated(reader.metadata, sd_scripts_fields(
             opts, old_dim, rows[-1].new_alpha, reader.metadata.get("ss_training_comment", "")))
         meta[OUR_KEY] = our_record(__version__, opts, precision, src.name, layout.format, rows)
-        model_hash, legacy_hash = sshs_hashes(out, meta)
-        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash, legacy_hash
-        if dst.suffix.lower() in PICKLE_SUFFIXES:
-            write_pickle(dst, out)
-            notes.append(f"{dst.suffix} files cannot hold metadata; use .safetensors to keep it")
-        else:
-            write_safetensors(dst, out, meta)
-        clamped = [r for r in rows if r.clamped]
-        if clamped:
-            notes.append(f"{len(clamped)} layer(s) were smaller than the rank asked for and keep their full rank "
-                         f"(e.g. {clamped[0].name}: {clamped[0].new_rank})")
+        notes = write_output(dst, out, meta) + clamp_notes(rows)
         return ResizeResult(src=src, dst=dst, format=layout.format, precision=precision, options=vars(opts).copy(),
                             layers=rows, passthrough=list(layout.passthrough), input_bytes=src.stat().st_size,
                             output_bytes=dst.stat().st_size, seconds=time.perf_counter() - t0, metadata=meta,
