@@ -19,6 +19,26 @@ from .policies import POLICIES, RULES
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SD_SCRIPTS_DEFAULT_RANK = 4
+CORE_COMMANDS = ("resize", "merge", "demo")
+# More subcommands, each in its own module: `add_arguments(parser)` and `run(args) -> exit status`. A module
+# keeps its heavy imports inside run(), so building the parser stays cheap.
+PLUGIN_COMMANDS = {
+    "analyze": ("lora_resize.cli_analyze", "decompose once; sizes and fidelity for a sweep of settings"),
+    "batch": ("lora_resize.cli_batch", "resize every LoRA under a folder"),
+}
+
+
+def plugin_modules() -> dict:
+    """The plugin command modules that exist in this installation."""
+    import importlib
+    found = {}
+    for name, (module, _) in PLUGIN_COMMANDS.items():
+        try:
+            found[name] = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    return found
 
 
 class Parser(argparse.ArgumentParser):
@@ -72,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("sources", nargs="+", metavar="FILE[:WEIGHT]", help="inputs with weights (default 1; may be "
                                                                        "negative; 0 leaves the input out)")
     add_rank_arguments(mp)
+    for name, module in plugin_modules().items():
+        module.add_arguments(sub.add_parser(name, help=PLUGIN_COMMANDS[name][1]))
     d = sub.add_parser("demo", help="synthesize an SD1.5 LoCon and resize it (no download)")
     d.add_argument("--dir", default="lora-resize-demo", help="where to write the files (default ./lora-resize-demo)")
     d.add_argument("--full", action="store_true", help="the full 1.16 GB rank-512 LoCon instead of a small one")
@@ -161,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        if argv and argv[0] in ("resize", "merge", "demo") or not argv or argv[0] in ("-h", "--help", "--version"):
+        if argv and argv[0] in CORE_COMMANDS + tuple(PLUGIN_COMMANDS) or not argv or argv[0] in ("-h", "--help", "--version"):
             args = parser.parse_args(argv)
             if args.command is None:
                 parser.print_help()
@@ -170,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_demo(args)
             if args.command == "merge":
                 return run_merge(args)
+            if args.command in PLUGIN_COMMANDS:
+                return plugin_modules()[args.command].run(args)
             return run_resize(args, sd_scripts_form=False)
         legacy = Parser(prog="lora-resize", description="sd-scripts resize_lora.py compatible form")
         add_resize_arguments(legacy)

@@ -92,7 +92,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
             stack.callback(r.close)
             check_output_path(s.path, dst)
             readers.append(r)
-            layouts.append(detect(r.infos(), r.metadata))
+            layouts.append(detect(r.infos(), r.metadata, s.path))
         families = {lay.format for lay in layouts}
         if len(families) > 1:
             raise LoraStructureError(f"the inputs are in different key families ({', '.join(sorted(families))}); "
@@ -118,7 +118,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         if passthrough:
             notes.append(f"{len(passthrough)} non-LoRA tensor(s) copied from the first input that has them")
         meta = merge_metadata(live, layouts[0], readers, opts, precision, rows)
-        notes += write_output(dst, out, meta) + clamp_notes(rows)
+        notes += write_output(dst, out, meta, layouts[0], rows) + clamp_notes(rows)
         return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
                             options={**vars(opts), "sources": [[str(s.path), s.weight] for s in srcs]},
                             layers=rows, passthrough=passthrough,

@@ -148,14 +148,19 @@ def run_units(units: list[Unit], opts: ResizeOptions, device: torch.device, save
     return rows, out
 
 
-def write_output(dst: Path, out: dict[str, torch.Tensor], meta: dict[str, str]) -> list[str]:
-    """Add the sshs hashes to `meta` and write `out` atomically; returns notes for the user."""
+def write_output(dst: Path, out: dict[str, torch.Tensor], meta: dict[str, str], layout: Layout,
+                 rows: list[LayerResult]) -> list[str]:
+    """Let the key family adjust `meta`, add the sshs hashes, write `out` atomically, then the family's companion
+    files; returns notes for the user."""
+    layout.finish_metadata(meta, rows)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sshs_hashes(out, meta)
+    notes = list(layout.notes)
     if dst.suffix.lower() in PICKLE_SUFFIXES:
         write_pickle(dst, out)
-        return [f"{dst.suffix} files cannot hold metadata; use .safetensors to keep it"]
-    write_safetensors(dst, out, meta)
-    return []
+        notes.append(f"{dst.suffix} files cannot hold metadata; use .safetensors to keep it")
+    else:
+        write_safetensors(dst, out, meta)
+    return notes + layout.write_sidecars(dst, rows)
 
 
 def clamp_notes(rows: list[LayerResult]) -> list[str]:
@@ -190,7 +195,7 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     reader = open_tensor_file(src)
     try:
         check_output_path(src, dst)
-        layout = detect(reader.infos(), reader.metadata)
+        layout = detect(reader.infos(), reader.metadata, src)
         precision = precision_of(layout, reader, opts.precision)
         save_dtype = PRECISIONS[precision]
         # CONVERSION: a layer per worker in memory at a time, plus the output being built.
@@ -204,7 +209,7 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
         meta = updated(reader.metadata, sd_scripts_fields(
             opts, old_dim, rows[-1].new_alpha, reader.metadata.get("ss_training_comment", "")))
         meta[OUR_KEY] = our_record(__version__, opts, precision, src.name, layout.format, rows)
-        notes = write_output(dst, out, meta) + clamp_notes(rows)
+        notes = write_output(dst, out, meta, layout, rows) + clamp_notes(rows)
         return ResizeResult(src=src, dst=dst, format=layout.format, precision=precision, options=vars(opts).copy(),
                             layers=rows, passthrough=list(layout.passthrough), input_bytes=src.stat().st_size,
                             output_bytes=dst.stat().st_size, seconds=time.perf_counter() - t0, metadata=meta,

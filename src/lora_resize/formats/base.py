@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -49,10 +50,20 @@ class Module(ABC):
 
 @dataclass
 class Layout:
-    """A file's content as a key family sees it: its modules and the keys it leaves alone."""
+    """A file's content as a key family sees it: its modules, the keys it leaves alone, and notes for the user
+    (e.g. kept DoRA magnitudes, modules of kinds that cannot be resized). A family that writes more than the
+    tensors (a sidecar config, a metadata entry) subclasses it and overrides the two hooks."""
     format: str
     modules: list[Module]
     passthrough: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def finish_metadata(self, meta: dict[str, str], rows: list) -> None:
+        """Adjust the output's metadata in place before it is written (rows: the LayerResults)."""
+
+    def write_sidecars(self, dst: Path, rows: list) -> list[str]:
+        """Write companion files beside `dst` after it is written (atomically); return notes for the user."""
+        return []
 
 
 class Format(ABC):
@@ -64,5 +75,7 @@ class Format(ABC):
         """How many keys of the file this family recognises (0: not this family)."""
 
     @abstractmethod
-    def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> Layout:
-        """Group keys into modules; raise LoraStructureError for keys that half-match (e.g. an unpaired down)."""
+    def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
+              ) -> Layout:
+        """Group keys into modules; raise LoraStructureError for keys that half-match (e.g. an unpaired down).
+        `path` is the input file, for families that read a companion file (PEFT's adapter_config.json)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -82,7 +83,8 @@ class Kohya(Format):
     def claims(self, infos: Mapping[str, TensorInfo]) -> int:
         return sum(1 for k in infos if k.endswith((DOWN, UP)))
 
-    def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> Layout:
+    def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
+              ) -> Layout:
         # in the order sd-scripts visits them (its loop walks the lora_down keys in key order), so the "last layer"
         # whose alpha it records in ss_network_alpha is the same
         bases = sorted({k[: -len(s)] for k in infos for s in (DOWN, UP) if k.endswith(s)}, key=lambda b: b + DOWN)
