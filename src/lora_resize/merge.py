@@ -18,8 +18,8 @@ from .errors import LoraStructureError, OptionsError
 from .formats import Layout, LowRankLayer, Module, detect
 from .metadata import OUR_KEY
 from .options import PRECISIONS, ResizeOptions
-from .pipeline import (Progress, Unit, as_options, check_output_path, clamp_notes, precision_of, run_units,
-                       write_output)
+from .pipeline import (Progress, Unit, as_options, check_output_path, clamp_notes, precision_of, resolve_input,
+                       run_units, write_output)
 from .result import LayerResult, ResizeResult
 from .tensorfile import TensorSource, open_tensor_file
 
@@ -77,6 +77,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     opts = as_options(options, option_fields)
     srcs = [s if isinstance(s, Source) else parse_source(s) if isinstance(s, str) else Source(Path(s))
             for s in sources]
+    srcs = [Source(resolve_input(s.path), s.weight) for s in srcs]
     if not srcs:
         raise OptionsError("merge needs at least one input: A.safetensors:0.8 B.safetensors:0.5 ...")
     notes = [f"{s.path.name} has weight 0 and is left out" for s in srcs if s.weight == 0]

@@ -14,7 +14,7 @@ import torch
 
 from ._version import __version__
 from .decompose import NonFiniteFactors, decompose
-from .errors import NumericalError, OptionsError, OutputFileError
+from .errors import InputFileError, NumericalError, OptionsError, OutputFileError
 from .formats import Layout, LowRankLayer, Module, detect
 from .metadata import OUR_KEY, our_record, sd_scripts_fields, updated
 from .options import PRECISIONS, ResizeOptions
@@ -47,6 +47,24 @@ def check_output_path(src: Path, dst: Path) -> None:
             pass
     if same:
         raise OutputFileError(f"output {dst} is the input file; choose another name (the input is never overwritten)")
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapter_model.bin")
+
+
+def resolve_input(path: Path) -> Path:
+    """A LoRA file, or a folder holding one (a PEFT/diffusers adapter folder): the tensor file to read."""
+    if not path.is_dir():
+        return path
+    for name in ADAPTER_FILES:
+        if (path / name).is_file():
+            return path / name
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    raise InputFileError(f"input {path} is a folder without {ADAPTER_FILES[0]}"
+                         + (f" and with {len(found)} .safetensors files" if found else "")
+                         + "; give the LoRA file itself")
 
 
 def precision_of(layout: Layout, src: TensorSource, requested: str | None) -> str:
@@ -189,7 +207,7 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     Raises: OptionsError, InputFileError, LoraStructureError, NumericalError, OutputFileError."""
     t0 = time.perf_counter()
     opts = as_options(options, option_fields)
-    src, dst = Path(src), Path(dst)
+    src, dst = resolve_input(Path(src)), Path(dst)
     # CHECKS: options, paths, the file's header and every module's shapes, before any computation.
     device = opts.resolve_device()
     reader = open_tensor_file(src)
