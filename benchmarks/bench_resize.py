@@ -16,7 +16,6 @@ import argparse
 import collections
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,31 +23,13 @@ from pathlib import Path
 
 import torch
 
+from common import ensure_sd15_locon, run_cli, warm
+
 from lora_resize.formats import detect
 from lora_resize.tensorfile import open_tensor_file
 from lora_resize.writer import write_safetensors
 
 
-
-
-PEAK_RSS_WRAPPER = (
-    "import sys, lora_resize.cli as c\n"
-    "rc = c.main(sys.argv[1:])\n"
-    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
-    "print('PEAK_KB', hwm[0].split()[1] if hwm else 0, file=sys.stderr)\n"
-    "sys.exit(rc)\n")
-
-
-def run_with_rss(args: list[str]) -> tuple[float, int, str]:
-    """Run the CLI in a fresh process: (wall seconds, its own peak RSS in bytes from /proc VmHWM, stdout).
-    (ru_maxrss is not used: across fork+exec it inherits the parent's high-water mark.)"""
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, *args], capture_output=True, text=True)
-    secs = time.perf_counter() - t
-    if p.returncode:
-        sys.exit(f"lora-resize failed ({p.returncode}):\n{p.stderr}")
-    peak_kb = int(p.stderr.rsplit("PEAK_KB", 1)[1].split()[0])
-    return secs, peak_kb * 1024, p.stdout
 
 
 def read_write_baseline(src: Path, produced: Path, scratch: Path) -> float:
@@ -94,24 +75,16 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     src = folder / f"sd15_locon_{args.rank}_{args.conv_rank}.safetensors"
     dst = folder / "resized.safetensors"
-    if not src.exists():
-        t = time.perf_counter()  # in a child process, so this one stays small
-        subprocess.run([sys.executable, "-c", "import sys; from lora_resize.synth import write_sd15_locon; "
-                        "write_sd15_locon(sys.argv[1], rank=int(sys.argv[2]), alpha=32, conv_rank=int(sys.argv[3]), "
-                        "conv_alpha=16)", str(src), str(args.rank), str(args.conv_rank)], check=True)
-        print(f"built {src.name}: {src.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t:.1f} s")
+    ensure_sd15_locon(src, args.rank, args.conv_rank)
     size = src.stat().st_size
     print(f"input: {src} ({size / 2**30:.3f} GiB, {size:,} bytes); torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs")
 
-    open_tensor_file(src).close()
-    with open(src, "rb") as f:  # warm the page cache for every contestant alike
-        while f.read(1 << 24):
-            pass
+    warm(src)
 
     cmd = ["resize", str(src), "-o", str(dst), "--method", args.method, "--param", args.param, "--rank", args.cap,
            "--json", "-q"]
-    ours_s, ours_rss, out = run_with_rss(cmd)
+    ours_s, ours_rss, out = run_cli(cmd)
     result = json.loads(out)
     ranks = {row["name"]: row["new_rank"] for row in result["layers"]}
     print(f"ours:      {ours_s:7.2f} s wall (process start and torch import included), peak RSS "
