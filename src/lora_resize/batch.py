@@ -160,13 +160,15 @@ def save_manifest(out_dir: Path, in_dir: Path, entries: dict[str, dict]) -> Path
 
 
 def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: ResizeOptions, *, workers: int = 1,
-              max_memory: int | None = None, force: bool = False,
+              max_memory: int | None = None, force: bool = False, dask: object | None = None,
               progress: Callable[[Iterable, int], Iterable] | None = None,
               on_file: Callable[[FileResult], None] | None = None) -> BatchResult:
     """Resize every LoRA under `in_dir` into the same relative paths (as .safetensors) under `out_dir`.
 
     Files whose output exists and whose manifest entry has the same input hash and options are skipped unless
-    `force`. At most `workers` processes run at once, and no more files at once than fit `max_memory` bytes."""
+    `force`. At most `workers` processes run at once, and no more files at once than fit `max_memory` bytes.
+    With `dask` (a scheduler address such as 'tcp://host:8786', or a distributed.Client), one task per file runs on
+    that cluster instead; its workers must see the same paths."""
     t0 = time.perf_counter()
     src_root, dst_root = Path(in_dir), Path(out_dir)
     if not src_root.is_dir():
@@ -195,7 +197,10 @@ def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: Re
         todo.append((src, dst, digest))
     threads = max(1, available_cores() // max(1, min(workers, len(todo) or 1)))
     opts = {k: v for k, v in vars(options).items() if k != "threads"}
-    done_iter = _schedule(todo, opts, workers, threads, max_memory)
+    if dask is not None:
+        done_iter = _schedule_dask(todo, opts, dask, options.threads or 1)
+    else:
+        done_iter = _schedule(todo, opts, workers, threads, max_memory)
     if progress is not None:
         done_iter = progress(done_iter, len(todo))
     for (src, dst, digest), entry in done_iter:
@@ -245,3 +250,32 @@ def _schedule(todo, opts, workers, threads, max_memory):
                     entry = asdict(FileResult(file=str(item[0]), status="error",
                                               error=f"worker process failed: {type(e).__name__}: {e}"))
                 yield item, entry
+
+
+def _schedule_dask(todo, opts, dask, threads):
+    """Yield ((src, dst, digest), entry) as the cluster finishes files. A task lost with a worker is run again
+    elsewhere by Dask; outputs are written atomically, so a file is never left half-written."""
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise OptionsError("--dask needs the optional dependency: pip install 'lora-resize[dask]'") from None
+    own = not isinstance(dask, Client)
+    try:
+        client = Client(dask, timeout="20s") if own else dask
+    except (OSError, TimeoutError, ValueError) as e:
+        raise OptionsError(f"cannot reach the Dask scheduler at {dask}: {e}") from None
+    try:
+        futures = {client.submit(resize_file, str(src), str(dst), opts, threads, pure=False, retries=3,
+                                 key=f"lora-resize-{digest[:16]}-{hashlib.sha1(str(dst).encode()).hexdigest()[:8]}"):
+                   (src, dst, digest) for src, dst, digest in todo}
+        for fut in as_completed(futures):
+            item = futures[fut]
+            try:
+                entry = fut.result()
+            except Exception as e:  # lost more often than the retries allow
+                entry = asdict(FileResult(file=str(item[0]), status="error",
+                                          error=f"Dask task failed: {type(e).__name__}: {e}"))
+            yield item, entry
+    finally:
+        if own:
+            client.close()

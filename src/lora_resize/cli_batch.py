@@ -11,6 +11,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", help="where to write them, same relative layout, as .safetensors")
     p.add_argument("--workers", type=int, default=1, help="files resized at once, each in its own process")
     p.add_argument("--max-memory", help="memory budget for files in flight, e.g. 8GB (default: no limit)")
+    p.add_argument("--dask", metavar="ADDRESS", help="run one task per file on a Dask cluster, e.g. "
+                                                     "tcp://scheduler:8786 (pip install 'lora-resize[dask]')")
     p.add_argument("--force", action="store_true", help="redo files already done with the same options")
     add_rank_arguments(p)
 
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         tqdm.write(f"{row.status:7} {row.file}: {detail}", file=sys.stdout)
 
     result = run_batch(args.in_dir, args.out_dir, opts, workers=args.workers, max_memory=budget, force=args.force,
+                       dask=args.dask,
                        progress=_progress(args.quiet, "files"), on_file=status)
     if args.json:
         import json
