@@ -175,7 +175,8 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import demo
-    return demo(args.dir, full=args.full, progress=_progress(args.quiet, "resizing"))
+    return demo(args.dir, full=args.full, progress=_progress(args.quiet, "resizing"),
+                synth_progress=_progress(args.quiet, "synthesizing"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

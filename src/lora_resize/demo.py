@@ -14,14 +14,14 @@ FULL = dict(rank=512, alpha=32, conv_rank=512, conv_alpha=16)  # the "trained at
 DEMO_OPTIONS = dict(method="sv_fro", param=0.9, rank=128)
 
 
-def demo(folder: str | Path, full: bool = False, progress=None) -> int:
+def demo(folder: str | Path, full: bool = False, progress=None, synth_progress=None) -> int:
     """Write demo_in.safetensors and demo_out.safetensors into `folder` and print a summary; returns 0."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shape = FULL if full else SMALL
     src, dst = folder / "demo_in.safetensors", folder / "demo_out.safetensors"
     t = time.perf_counter()
-    write_sd15_locon(src, **shape)
+    write_sd15_locon(src, **shape, progress=synth_progress)
     print(f"synthesized an SD1.5 LoCon (350 layers, rank {shape['rank']}, conv rank {shape['conv_rank']}, fp16): "
           f"{src} ({human_bytes(src.stat().st_size)}, {time.perf_counter() - t:.1f} s)")
     opts = ResizeOptions(**DEMO_OPTIONS)

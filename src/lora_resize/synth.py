@@ -99,11 +99,12 @@ def synth_factors(out: int, n: int, rank: int, g: torch.Generator, decay: float 
 
 
 def synth_locon(shapes: list[ModuleShape], rank: int, alpha: float, conv_rank: int, conv_alpha: float,
-                dtype: torch.dtype = torch.float16, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A kohya LoCon state dict: 3x3 convs get conv_rank/conv_alpha (skipped when conv_rank is 0), the rest rank/alpha."""
+                dtype: torch.dtype = torch.float16, seed: int = 0, progress=None) -> dict[str, torch.Tensor]:
+    """A kohya LoCon state dict: 3x3 convs get conv_rank/conv_alpha (skipped when conv_rank is 0), the rest rank/alpha.
+    `progress(iterable, total)` may wrap the loop over layers."""
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
-    for m in shapes:
+    for m in (progress(shapes, len(shapes)) if progress else shapes):
         r, a = (conv_rank, conv_alpha) if m.kernel > 1 else (rank, alpha)
         if r <= 0:
             continue
@@ -117,10 +118,10 @@ def synth_locon(shapes: list[ModuleShape], rank: int, alpha: float, conv_rank: i
 
 
 def write_sd15_locon(path: str | Path, rank: int = 32, alpha: float = 16, conv_rank: int = 16,
-                     conv_alpha: float = 8, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+                     conv_alpha: float = 8, dtype: torch.dtype = torch.float16, seed: int = 0, progress=None) -> Path:
     """Write an SD1.5-shaped LoCon with sd-scripts-style metadata; returns the path."""
     path = Path(path)
-    sd = synth_locon(sd15_locon_shapes(), rank, alpha, conv_rank, conv_alpha, dtype, seed)
+    sd = synth_locon(sd15_locon_shapes(), rank, alpha, conv_rank, conv_alpha, dtype, seed, progress)
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)),
             "ss_network_args": f'{{"conv_dim": "{conv_rank}", "conv_alpha": "{conv_alpha}"}}',
             "ss_base_model_version": "sd_v1", "ss_training_comment": "synthetic SD1.5 LoCon made by lora-resize"}
