@@ -21,7 +21,11 @@ from .options import PRECISIONS, ResizeOptions
 from .pipeline import (Progress, Unit, as_options, check_output_path, clamp_notes, precision_of, resolve_input,
                        run_units, write_output)
 from .result import LayerResult, ResizeResult
+from .rules import is_dropped, rule_hits, rule_notes
 from .tensorfile import TensorSource, open_tensor_file
+
+
+SAME_KEYS = {"lycoris": "kohya"}  # families whose modules are written back under the same names
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     inputs are merged from those. A weight of 0 drops that input. Raises the same errors as `resize`."""
     t0 = time.perf_counter()
     opts = as_options(options, option_fields)
+    if opts.has_target:
+        raise OptionsError("--target-size/--target-fro are not available for merge yet; merge with --method or "
+                           "--rank, then resize the result with the target")
     srcs = [s if isinstance(s, Source) else parse_source(s) if isinstance(s, str) else Source(Path(s))
             for s in sources]
     srcs = [Source(resolve_input(s.path), s.weight) for s in srcs]
@@ -94,7 +101,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
             check_output_path(s.path, dst)
             readers.append(r)
             layouts.append(detect(r.infos(), r.metadata, s.path))
-        families = {lay.format for lay in layouts}
+        families = {SAME_KEYS.get(lay.format, lay.format) for lay in layouts}
         if len(families) > 1:
             raise LoraStructureError(f"the inputs are in different key families ({', '.join(sorted(families))}); "
                                      "merge files of one family")
@@ -107,7 +114,13 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         partial = sum(1 for v in members.values() if len(v) < len(live))
         if partial:
             notes.append(f"{partial} layer(s) are in only some of the inputs and are merged from those")
-        units = [_unit(name, members[name]) for name in sorted(members, key=lambda n: members[n][0][1].keys[0])]
+        names = sorted(members, key=lambda n: members[n][0][1].keys[0])
+        hits, rule_warnings = rule_hits(opts.block_rules, names), rule_notes(opts.block_rules, names)
+        names = [n for n in names if not is_dropped(opts.block_rules, n)]
+        if not names:
+            raise OptionsError("every module is dropped by the rules; nothing would be left to write")
+        notes += rule_warnings
+        units = [_unit(name, members[name]) for name in names]
         rows, out = run_units(units, opts, device, save_dtype, progress, on_layer)
         passthrough = []
         for s, r, lay in zip(live, readers, layouts):
@@ -121,7 +134,8 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         meta = merge_metadata(live, layouts[0], readers, opts, precision, rows)
         notes += write_output(dst, out, meta, layouts[0], rows) + clamp_notes(rows)
         return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
-                            options={**vars(opts), "sources": [[str(s.path), s.weight] for s in srcs]},
+                            options={**vars(opts), "sources": [[str(s.path), s.weight] for s in srcs],
+                                     "rule_hits": hits},
                             layers=rows, passthrough=passthrough,
                             input_bytes=sum(s.path.stat().st_size for s in live), output_bytes=dst.stat().st_size,
                             seconds=time.perf_counter() - t0, metadata=meta, notes=notes)
