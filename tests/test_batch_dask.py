@@ -68,7 +68,8 @@ def test_dask_address_through_cli(tmp_path, cluster, capsys):
     assert "3 files: 3 resized" in capsys.readouterr().out
 
 
-def test_unreachable_scheduler_is_a_clear_error(tmp_path, capsys):
+def test_unreachable_scheduler_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("lora_resize.batch.DASK_CONNECT_TIMEOUT", "2s")
     src = tmp_path / "in"
     write_inputs(src, 1)
     assert main(["batch", str(src), str(tmp_path / "out"), "--rank", "4", "--dask", "tcp://127.0.0.1:1"]) == 2

@@ -23,6 +23,7 @@ MANIFEST = "lora-resize-manifest.json"
 MANIFEST_CSV = "lora-resize-manifest.csv"
 SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 BASE_MEMORY = 400 * 2**20  # a worker process with torch loaded
+DASK_CONNECT_TIMEOUT = "20s"
 
 
 @dataclass
@@ -261,7 +262,7 @@ def _schedule_dask(todo, opts, dask, threads):
         raise OptionsError("--dask needs the optional dependency: pip install 'lora-resize[dask]'") from None
     own = not isinstance(dask, Client)
     try:
-        client = Client(dask, timeout="20s") if own else dask
+        client = Client(dask, timeout=DASK_CONNECT_TIMEOUT) if own else dask
     except (OSError, TimeoutError, ValueError) as e:
         raise OptionsError(f"cannot reach the Dask scheduler at {dask}: {e}") from None
     try:
