@@ -2,8 +2,27 @@
 from __future__ import annotations
 
 
+MAX_MESSAGE = 2000
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped (as Python writes them in a string literal),
+    so that a message naming a key from a hostile file (newlines, terminal escapes) stays one printable line; a
+    huge one (a megabyte-long key name) is shortened in the middle, keeping the advice at its end."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE * 2 // 3]} [...] {text[-MAX_MESSAGE // 3:]}"
+    return text
+
+
 class LoraResizeError(Exception):
-    """Base of every error this package raises on bad input, bad options or a failed write."""
+    """Base of every error this package raises on bad input, bad options or a failed write. The message is
+    always one line (control characters in it are escaped)."""
+
+    def __init__(self, *args: object) -> None:
+        if args and isinstance(args[0], str):
+            args = (one_line(args[0]),) + args[1:]
+        super().__init__(*args)
 
 
 class OptionsError(LoraResizeError, ValueError):

@@ -2,9 +2,10 @@
 and PyTorch pickles (`torch.load(weights_only=True)` only, never arbitrary unpickling)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
-import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -73,19 +74,25 @@ class SafetensorsReader:
             raise self._bad(f"only {size} bytes, too short for a header")
         n = int.from_bytes(head, "little")
         if n > MAX_HEADER_BYTES:
+            if looks_like_pickle(head):
+                raise InputFileError(f"{self.path} is a PyTorch pickle, not a safetensors file; give it a .pt or "
+                                     ".ckpt name to have it read (weights only)")
             raise self._bad(f"header length field says {n} bytes, over the {MAX_HEADER_BYTES} limit")
         if n + 8 > size:
             raise self._bad(f"header length field says {n} bytes but the file has {size} bytes: truncated?")
         raw = self._file.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, huge integers
             raise self._bad(f"header is not valid UTF-8 JSON: {type(e).__name__}") from None
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise self._bad("__metadata__ must map strings to strings")
+        bad_text = next((s for s in (*header, *meta, *meta.values()) if not is_unicode(s)), None)
+        if bad_text is not None:
+            raise self._bad(f"header string {bad_text[:60]!r} holds a lone surrogate escape, which is not Unicode")
         self.metadata: dict[str, str] = dict(meta)
         self._data_start = 8 + n
         data_len = size - self._data_start
@@ -95,7 +102,7 @@ class SafetensorsReader:
         for key, entry in header.items():
             if not isinstance(entry, dict):
                 raise self._bad(f"entry {key!r} is not an object")
-            dtype = ST_TO_TORCH.get(entry.get("dtype"))
+            dtype = ST_TO_TORCH.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
             shape = entry.get("shape")
             offs = entry.get("data_offsets")
             if dtype is None:
@@ -141,6 +148,48 @@ class SafetensorsReader:
         self._file.close()
 
 
+def looks_like_pickle(head: bytes) -> bool:
+    """The first bytes of a torch.save zip archive or of a (legacy) pickle."""
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04",
+                                                                                     b"\x05"))
+
+
+def looks_like_safetensors(path: Path) -> bool:
+    """A plausible safetensors start: a length field within limits, then the header's opening brace."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and int.from_bytes(head[:8], "little") <= MAX_HEADER_BYTES and head[8:] == b"{"
+
+
+def is_unicode(s: str) -> bool:
+    """False for strings that cannot be written as UTF-8 (lone surrogates, from JSON escapes or pickles)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _load_error_summary(e: BaseException) -> str:
+    """The informative part of a torch.load failure: the refused global or op, without torch's preamble on loading
+    unsafely and its advice to allowlist the global (wrong advice for a file from a stranger)."""
+    text = str(e).strip()
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    else:
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+        if len(paragraphs) > 1 and paragraphs[0].startswith("Weights only load failed"):
+            text = paragraphs[1]
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[0].split(". Please use", 1)[0].strip()
+
+
 class PickleReader:
     """Reads a PyTorch pickle with `weights_only=True`: plain tensors load, anything executable is refused."""
 
@@ -148,23 +197,43 @@ class PickleReader:
         self.path = path
         self.metadata = {}
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            with warnings.catch_warnings():  # torch warns on stderr about old formats; our errors are one line
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
         except FileNotFoundError:
             raise InputFileError(f"cannot open {path}: no such file") from None
-        except OSError as e:
-            raise InputFileError(f"cannot read {path}: {e.strerror or e}") from None
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError,
-                ImportError, KeyError, IndexError, UnicodeDecodeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except IsADirectoryError:
+            raise InputFileError(f"input {path} is a directory; give a .pt/.ckpt file") from None
+        except Exception as e:  # noqa: BLE001 - whatever a damaged or hostile file makes torch.load raise
+            if isinstance(e, OSError) and e.errno != errno.EINVAL:  # EINVAL: torch's reader on a damaged archive
+                raise InputFileError(f"cannot read {path}: {e.strerror or e}; check the file and its permissions"
+                                     ) from None
+            if looks_like_safetensors(path):
+                raise InputFileError(f"{path} is a safetensors file, not a PyTorch pickle; give it a .safetensors "
+                                     "name") from None
             raise InputFileError(
-                f"refusing to load {path}: it is not a plain tensor pickle ({first[:160]}); only weights-only "
-                "PyTorch files are read, never arbitrary code - convert it to .safetensors with a tool you trust"
+                f"refusing to load {path}: it is not a plain tensor pickle ({_load_error_summary(e)[:160]}); only "
+                "weights-only PyTorch files are read, never arbitrary code - convert it to .safetensors with a "
+                "tool you trust"
             ) from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
             raise InputFileError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
         self._tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        total = 0
+        for k, v in self._tensors.items():
+            if not is_unicode(k):
+                raise InputFileError(f"{path} has a key {k[:60]!r} that is not valid Unicode; the file is damaged")
+            if v.layout != torch.strided or v.dtype not in TORCH_TO_ST or v.device.type != "cpu":
+                raise InputFileError(f"{path}: tensor {k!r} is a {v.layout} {v.dtype} tensor, which a LoRA file "
+                                     "cannot hold; only dense real tensors are supported - re-save it without it")
+            total += v.numel() * v.element_size()
+        size = path.stat().st_size
+        if total > 2 * size + (1 << 20):
+            # expanded or shared storages: a few bytes in the file that would become gigabytes on writing
+            raise InputFileError(f"{path} holds tensors totalling {total} bytes from a {size}-byte file (broadcast "
+                                 "or repeatedly shared storage); refusing it - re-save it with plain tensors")
         self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
 
     def infos(self) -> dict[str, TensorInfo]:
@@ -184,6 +253,8 @@ def open_tensor_file(path: str | os.PathLike) -> TensorSource:
         raise InputFileError(f"input file {p} does not exist; check the path")
     if p.is_dir():
         raise InputFileError(f"input {p} is a directory; give a .safetensors file")
+    if not p.is_file():
+        raise InputFileError(f"input {p} is not a regular file (a pipe or device?); save it to a file first")
     if p.suffix.lower() in PICKLE_SUFFIXES:
         return PickleReader(p)
     return SafetensorsReader(p)

@@ -3,6 +3,7 @@ sd-scripts' `sshs_*` hashes, and atomic replacement of the destination."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from .errors import OutputFileError
+from .errors import NumericalError, OutputFileError
 from .tensorfile import DTYPE_RANK, TORCH_TO_ST
 
 TMP_PREFIX = ".lora-resize-"
@@ -28,8 +29,21 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 def ordered(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Keys in the safetensors library's data order: by dtype rank (descending), then by name."""
     def rank(k: str) -> int:
+        if tensors[k].dtype not in TORCH_TO_ST:
+            raise OutputFileError(f"tensor {k!r} has dtype {tensors[k].dtype}, which safetensors cannot store")
         return DTYPE_RANK.index(TORCH_TO_ST[tensors[k].dtype])
     return sorted(tensors, key=lambda k: (-rank(k), k))
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse to write NaN or Inf: a value that overflowed the save precision, or damage carried over from the
+    input (in a tensor that is copied through, or an alpha)."""
+    for k, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()
+                                                                           ).all()):
+            raise NumericalError(f"output tensor {k!r} would hold NaN or Inf ({t.dtype}): if the input's values "
+                                 "are finite they overflow the save precision - use --precision float; otherwise "
+                                 "the input is damaged - re-export it")
 
 
 def header_bytes(tensors: Mapping[str, torch.Tensor], keys: list[str], metadata: Mapping[str, str] | None) -> bytes:
@@ -71,7 +85,7 @@ def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 
 def remove_stale_partials(dst: Path) -> None:
     """Remove temporary files a killed earlier run left beside `dst` (same target name, owner process gone)."""
-    for p in dst.parent.glob(f"{TMP_PREFIX}{dst.name}.*{TMP_SUFFIX}"):
+    for p in dst.parent.glob(f"{glob.escape(TMP_PREFIX + dst.name)}.*{TMP_SUFFIX}"):
         try:
             pid = int(p.name[len(TMP_PREFIX) + len(dst.name) + 1:-len(TMP_SUFFIX)].split("-")[0])
         except ValueError:
@@ -91,6 +105,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (best effort: not every file system lets a folder be fsynced)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output(dst: Path) -> Iterator[Path]:
     """Yield a temporary path beside `dst`; on success it replaces `dst` in one rename, on failure it is removed."""
@@ -101,11 +138,17 @@ def atomic_output(dst: Path) -> Iterator[Path]:
     except OSError as e:
         raise OutputFileError(f"cannot create a file in {dst.parent}: {e.strerror}; "
                               "choose a writable output folder") from None
-    os.close(fd)
     tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; an output gets the usual mode of a new file
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     try:
         yield tmp
         os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
     except OSError as e:
         raise OutputFileError(f"writing {dst} failed: {e.strerror or e}; nothing was written "
                               "(check free space and permissions)") from None
@@ -117,6 +160,7 @@ def atomic_output(dst: Path) -> Iterator[Path]:
 def write_safetensors(dst: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write `tensors` and `metadata` to `dst` atomically, in the safetensors library's byte layout."""
     keys = ordered(tensors)
+    check_finite(tensors)
     with atomic_output(dst) as tmp, open(tmp, "wb") as f:
         f.write(header_bytes(tensors, keys, metadata))
         for k in keys:
@@ -125,7 +169,35 @@ def write_safetensors(dst: Path, tensors: Mapping[str, torch.Tensor], metadata: 
         os.fsync(f.fileno())
 
 
+class _RecordingFile:
+    """A file for torch.save that remembers the OSError of a failed write: torch's zip writer turns it into a
+    RuntimeError, and the caller needs the real cause (disk full, quota, I/O error)."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, b) -> int:
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def write_pickle(dst: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """Write a plain state dict with torch.save, atomically (metadata cannot be stored in this format)."""
-    with atomic_output(dst) as tmp:
-        torch.save(dict(tensors), tmp)
+    check_finite(tensors)
+    with atomic_output(dst) as tmp, open(tmp, "wb") as f:
+        sink = _RecordingFile(f)
+        try:
+            torch.save(dict(tensors), sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
