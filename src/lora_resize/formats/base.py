@@ -69,6 +69,8 @@ class Layout:
 class Format(ABC):
     """A key family (kohya, PEFT, ...). Registered in formats/__init__.py; detect() picks the best claimant."""
     name: str
+    example: str = ""  # one key of this family, for the "no LoRA layers found" message
+    covers: tuple[str, ...] = ()  # families whose keys this one also handles (and may pass through on purpose)
 
     @abstractmethod
     def claims(self, infos: Mapping[str, TensorInfo]) -> int:

@@ -12,6 +12,7 @@ from ..tensorfile import TensorInfo, TensorSource
 from .base import Format, Layout, LowRankLayer, Module
 
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def read_alpha(src: TensorSource, key: str, module: str) -> float:
@@ -70,7 +71,12 @@ class KohyaModule(Module):
     def load(self, src: TensorSource) -> LowRankLayer:
         down, up = src.get(self.down_key), src.get(self.up_key)
         alpha = read_alpha(src, self.alpha_key, self.name) if self.alpha_key else None
-        return as_layer(down, up, alpha)
+        layer = as_layer(down, up, alpha)
+        # the new alpha is alpha / rank * new_rank in float32, and a new rank may reach min(out, in*kh*kw)
+        if alpha is not None and abs(alpha) / layer.rank * min(layer.up.shape[0], layer.down.shape[1]) > FLOAT32_MAX:
+            raise NumericalError(f"layer {self.name} has alpha {alpha:g}, too large to rescale in float32; the file "
+                                 "is damaged - re-export it")
+        return layer
 
     def emit(self, layer, up, down, alpha):
         up, down = shaped(layer, up, down)
@@ -79,6 +85,7 @@ class KohyaModule(Module):
 
 class Kohya(Format):
     name = "kohya"
+    example = "lora_unet_..._to_q.lora_down.weight"
 
     def claims(self, infos: Mapping[str, TensorInfo]) -> int:
         return sum(1 for k in infos if k.endswith((DOWN, UP)))

@@ -1,0 +1,28 @@
+"""Stability AI ControlLoRA: `<module>.down` / `<module>.up` (no `.weight`, no alpha: scale 1) beside the full
+ControlNet weights that are copied unchanged (and the `lora_controlnet` marker key)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from ..tensorfile import TensorInfo
+from .base import Format, Layout
+from .peft import ABModule, check_leftovers, find_pairs
+
+FORM = (".down", ".up")
+
+
+class ControlLora(Format):
+    name = "controllora"
+    example = "<module>.down / <module>.up"
+
+    def claims(self, infos: Mapping[str, TensorInfo]) -> int:
+        return sum(1 for k in infos if k.endswith(FORM))
+
+    def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
+              ) -> Layout:
+        pairs, owned = find_pairs(infos, [k for k in infos if k.endswith(FORM)], [FORM])
+        check_leftovers(infos, owned, "ControlLoRA")
+        modules = [ABModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []), p.down_key,
+                            p.up_key, p.alpha_key) for p in pairs]
+        return Layout(self.name, modules, [k for k in infos if k not in owned])

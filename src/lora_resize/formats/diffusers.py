@@ -1,0 +1,117 @@
+"""diffusers (and ai-toolkit, SimpleTuner's PEFT-style files): `<component>.<path>.lora_A.weight` /
+`.lora_B.weight` with components such as `unet.`, `text_encoder.`, `text_encoder_2.`, `transformer.` (or no
+component, as a model's own `save_lora_adapter` writes), and diffusers' older forms `.lora.down.weight` /
+`.lora.up.weight`, `<proj>_lora.down.weight` (attention processors) and `.lora_linear_layer.down.weight`.
+
+Scale: `<path>.alpha / rank` when the file has alpha keys; else the PEFT config that diffusers stores in the
+safetensors metadata `lora_adapter_metadata` (flat JSON, `"<component>.r"`, `"<component>.rank_pattern"`, ...,
+or unprefixed for a single model); else 1 (the diffusers / ai-toolkit convention). The metadata is rewritten
+for the new ranks, so diffusers rebuilds each module at its new rank and scale."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import LoraStructureError
+from ..tensorfile import TensorInfo
+from .base import Format, Layout
+from .peft import (EMBEDDING_FORM, LINEAR_FORM, MAGNITUDES, PEFT_PREFIX, ABModule, ScaleConfig, check_leftovers,
+                   dora_note, find_pairs, magnitudes, rewritten_config)
+
+METADATA_KEY = "lora_adapter_metadata"
+FORMS = [LINEAR_FORM, (".lora.down.weight", ".lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"),
+         (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"), EMBEDDING_FORM]
+SUFFIXES = tuple(s for form in FORMS for s in form) + MAGNITUDES
+
+
+def component_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
+    """The PEFT configs in `lora_adapter_metadata`, by component ('' for an unprefixed, single-model config)."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoraStructureError(f"metadata {METADATA_KEY} is not valid JSON ({e}); remove it or re-export") from None
+    if not isinstance(d, dict):
+        raise LoraStructureError(f"metadata {METADATA_KEY} is not a JSON object; remove it or re-export")
+    if "r" in d or "lora_alpha" in d:
+        return {"": d}
+    comps: dict[str, dict] = {}
+    for key, value in d.items():
+        comp, dot, fld = key.partition(".")
+        if dot and fld:
+            comps.setdefault(comp, {})[fld] = value
+    return {c: v for c, v in comps.items() if "r" in v}
+
+
+def split_component(name: str, comps: Mapping[str, dict]) -> tuple[str | None, str]:
+    """(component, path within it) of a module name; component None when no config covers it."""
+    if "" in comps:
+        return "", name
+    head, dot, rest = name.partition(".")
+    return (head, rest) if dot and head in comps else (None, name)
+
+
+@dataclass
+class DiffusersLayout(Layout):
+    configs: dict = field(default_factory=dict)   # component -> PEFT config dict
+    original: str | None = None                   # the metadata JSON as read
+    sink: dict = field(default_factory=dict)
+    where: dict = field(default_factory=dict)     # module name -> (component, path)
+
+    def finish_metadata(self, meta: dict[str, str], rows: list) -> None:
+        if not self.configs:
+            return
+        entries: dict[str, list] = {c: [] for c in self.configs}
+        for row in rows:
+            comp, path = self.where.get(row.name, (None, row.name))
+            if comp is None:
+                continue
+            k, a = self.sink.get(row.name, (row.new_rank, row.new_alpha))
+            entries[comp].append((path, k, a))
+        if "" in self.configs:
+            out = rewritten_config(self.configs[""], entries[""], bool(self.configs[""].get("use_rslora")))
+        else:
+            out = json.loads(self.original)
+            for comp, cfg in self.configs.items():
+                new = rewritten_config(cfg, entries[comp], bool(cfg.get("use_rslora")))
+                out.update({f"{comp}.{k}": v for k, v in new.items()})
+        meta[METADATA_KEY] = json.dumps(out, indent=2, sort_keys=True)
+
+
+class Diffusers(Format):
+    name = "diffusers"
+    example = "transformer.<module>.lora_A.weight or unet.<module>.lora.down.weight"
+
+    @staticmethod
+    def mine(key: str) -> bool:
+        return not key.startswith(PEFT_PREFIX)
+
+    def claims(self, infos: Mapping[str, TensorInfo]) -> int:
+        return sum(1 for k in infos if self.mine(k) and k.endswith(SUFFIXES))
+
+    def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
+              ) -> Layout:
+        keys = [k for k in infos if self.mine(k)]
+        pairs, owned = find_pairs(infos, keys, FORMS)
+        mags = magnitudes(infos, pairs, keys)  # copied unchanged with the other passthrough keys
+        check_leftovers(infos, owned | set(mags), "diffusers")
+        comps = component_configs(metadata)
+        scales = {c: ScaleConfig.from_dict(cfg, f"metadata {METADATA_KEY}" + (f" ({c})" if c else ""))
+                  for c, cfg in comps.items()}
+        layout = DiffusersLayout(self.name, [], [k for k in infos if k not in owned], dora_note(len(mags)),
+                                 configs=comps, original=metadata.get(METADATA_KEY))
+        for p in pairs:
+            comp, mpath = split_component(p.name, comps)
+            rank = infos[p.down_key].shape[0]
+            cfg_scale = None
+            if comp is not None and p.alpha_key is None:
+                cfg_scale = scales[comp].module_scale(mpath, rank, p.name)
+            keys_ = [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else [])
+            layout.modules.append(ABModule(p.name, keys_, p.down_key, p.up_key, p.alpha_key, cfg_scale, mpath,
+                                           layout.sink))
+            layout.where[p.name] = (comp, mpath)
+        return layout

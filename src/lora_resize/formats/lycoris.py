@@ -1,0 +1,388 @@
+"""LyCORIS (KohakuBlueleaf/LyCORIS) networks: LoCon with a Tucker core, LoHa and LoKr, each resized exactly into
+plain LoRA factors; kinds that need the base model to be written as low-rank factors pass through untouched.
+
+Keys are `<name>.<part>` with kohya-style names (`lora_unet_...`, `lora_te_...`, `lycoris_...`). Every resizable
+module becomes one up/down pair whose product is the module's update, built from its factors without the dense
+out x in matrix (conventions as lycoris-lora 4.x computes them in its module forward; scale = alpha / r, 1 without
+alpha):
+
+- LoCon (`lora_down`, `lora_up`, optional `lora_mid`): dW[o, c, kh, kw] = sum_ij up[o, i] mid[i, j, kh, kw]
+  down[j, c]; the pair is up (out x r) and down' = mid contracted with down (r x in*kh*kw). r = down.shape[0].
+- LoHa (`hada_w1_a/_b`, `hada_w2_a/_b`, Tucker `hada_t1/_t2`): dW = (A1 B1) * (A2 B2) (elementwise). The product of
+  two rank-r1/r2 matrices is exactly up @ down with up[:, (k, l)] = A1[:, k] * A2[:, l] and
+  down[(k, l), :] = B1[k, :] * B2[l, :] (row-wise Khatri-Rao products), of inner size r1*r2. Tucker halves are
+  A = w_a^T, B = t contracted with w_b. r = hada_w1_b.shape[0].
+- LoKr (`lokr_w1` or `lokr_w1_a/_b`, `lokr_w2` or `lokr_w2_a/_b`, Tucker `lokr_t2`): dW = kron(W1, W2) with W2
+  flattened to (c x d*kh*kw). kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2) gives the pair; a full side M is
+  I @ M or M @ I, whichever is thinner. r = lokr_w2_b.shape[0] (else lokr_w1_b.shape[0]); with both sides full
+  LyCORIS ignores alpha, and so do we (scale 1).
+
+When the structured pair's inner size would exceed min(out, in*kh*kw) (e.g. a LoHa whose r1*r2 is large for a small
+layer), the dense update is smaller than the factors: we form it and pair it with an identity on its shorter side.
+
+LyCORIS stores non-Tucker LoHa/LoKr conv layers with the kernel flattened into the input dimension; from the file
+alone such a layer looks linear, so it is written as 2-D factors (ComfyUI and A1111 reshape them to the layer).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..errors import LoraStructureError, NumericalError
+from ..tensorfile import TensorInfo, TensorSource
+from .base import Format, Layout, LowRankLayer, Module
+from .kohya import ALPHA, DOWN, UP, as_layer, check_pair, read_alpha, shaped
+
+LOCON = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2")
+DORA = "dora_scale"
+SHARED = ("alpha", DORA)
+# Kinds that cannot become low-rank up/down factors without the base model: (display name, detecting parts,
+# other parts). A module is one of these when it has a detecting part; all its parts are then copied unchanged.
+PASS_KINDS = (
+    ("OFT/BOFT", ("oft_blocks", "oft_diag"), ("rescale",)),
+    ("(IA)^3", ("on_input",), ("weight",)),
+    ("GLoRA", ("a1.weight", "a2.weight", "b1.weight", "b2.weight"), ("bm.weight",)),
+    ("full diff", ("diff", "diff_b"), ()),
+    ("norm", ("w_norm", "b_norm"), ()),
+    ("T-LoRA", ("lambda_layer",), ("q_layer.weight", "p_layer.weight")),
+)
+KIND_OF = {**{s: "locon" for s in LOCON}, **{s: "loha" for s in LOHA}, **{s: "lokr" for s in LOKR}}
+for _kind, _det, _rest in PASS_KINDS:
+    KIND_OF.update({s: _kind for s in _det + _rest})
+# Parts whose presence makes a module (longest first, so `x.lora_mid.weight` is never read as part `weight`).
+DETECTORS = sorted(LOCON + LOHA + LOKR + (DORA,) + tuple(s for _, det, _ in PASS_KINDS for s in det),
+                   key=len, reverse=True)
+FACTOR_NDIMS = (2, 4)  # linear and conv2d; conv1d/conv3d modules (3-D/5-D) pass through, listed
+OTHER_CONV_NDIMS = (3, 5)
+SHOWN = 3  # module names quoted in a note
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(module name, part) of a key ending in a part that makes a module, else None."""
+    for part in DETECTORS:
+        if key.endswith("." + part) and len(key) > len(part) + 1:
+            return key[: -len(part) - 1], part
+    return None
+
+
+@dataclass
+class LycorisLayer(LowRankLayer):
+    """A low-rank layer rebuilt from a LyCORIS module: its up/down pair's inner size (r1*r2 for a LoHa, ...) is
+    not the rank that the module's alpha is divided by, so `rank` returns the trained rank instead."""
+    trained_rank: int = 1
+
+    @property
+    def rank(self) -> int:
+        return self.trained_rank
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Structure -> up/down pairs (float64, never the dense out x in update unless it is the smaller object)
+
+
+def tucker_down(core: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """core (p x q x kh x kw) contracted with down (q x in) on q: a p x (in*kh*kw) matrix, columns in conv order."""
+    return torch.einsum("ij...,jc->ic...", core, down.reshape(down.shape[0], -1)).reshape(core.shape[0], -1)
+
+
+def dense_pair(dw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An exact up/down pair for a dense matrix: an identity on its shorter side."""
+    m, n = dw.shape
+    if m <= n:
+        return torch.eye(m, dtype=dw.dtype), dw
+    return dw, torch.eye(n, dtype=dw.dtype)
+
+
+def khatri_rao_pair(a1, b1, a2, b2) -> tuple[torch.Tensor, torch.Tensor]:
+    """up/down with up @ down = (a1 @ b1) * (a2 @ b2), inner size r1*r2 (or the dense update when that is smaller)."""
+    m, n = a1.shape[0], b1.shape[1]
+    p = a1.shape[1] * a2.shape[1]
+    if p > min(m, n):
+        return dense_pair((a1 @ b1) * (a2 @ b2))
+    up = (a1[:, :, None] * a2[:, None, :]).reshape(m, p)
+    down = (b1[:, None, :] * b2[None, :, :]).reshape(p, n)
+    return up, down
+
+
+def full_split(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full matrix as a product of a thin pair: I @ w or w @ I, whichever inner size is smaller."""
+    return dense_pair(w)
+
+
+def kron_pair(u1, v1, u2, v2) -> tuple[torch.Tensor, torch.Tensor]:
+    """up/down with up @ down = kron(u1 @ v1, u2 @ v2) (or the dense update when that is smaller)."""
+    u1, v1, u2, v2 = (x.contiguous() for x in (u1, v1, u2, v2))  # torch.kron needs contiguous inputs
+    m, n = u1.shape[0] * u2.shape[0], v1.shape[1] * v2.shape[1]
+    if u1.shape[1] * u2.shape[1] > min(m, n):
+        return dense_pair(torch.kron(u1 @ v1, u2 @ v2))
+    return torch.kron(u1, u2), torch.kron(v1, v2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+@dataclass
+class LycorisModule(Module):
+    """One LyCORIS module that becomes plain LoRA factors. `parts` maps part name (`hada_w1_a`, ...) to its key."""
+    kind: str = ""
+    parts: dict[str, str] = field(default_factory=dict)
+
+    def _get(self, src: TensorSource, part: str) -> torch.Tensor | None:
+        key = self.parts.get(part)
+        return None if key is None else src.get(key).to(torch.float64)
+
+    def _alpha(self, src: TensorSource) -> float | None:
+        key = self.parts.get("alpha")
+        return None if key is None else read_alpha(src, key, self.name)
+
+    def load(self, src: TensorSource) -> LowRankLayer:
+        layer = {"locon": self._locon, "loha": self._loha, "lokr": self._lokr}[self.kind](src)
+        # the new alpha is alpha / rank * new_rank in float32, and a new rank may reach min(out, in*kh*kw)
+        if layer.alpha is not None and abs(layer.alpha) / layer.rank * min(layer.up.shape[0],
+                                                                           layer.down.shape[1]) > FLOAT32_MAX:
+            raise NumericalError(f"layer {self.name} has alpha {layer.alpha:g}, too large to rescale in float32; "
+                                 "the file is damaged - re-export it")
+        return layer
+
+    def _locon(self, src: TensorSource) -> LowRankLayer:
+        down, up, mid = (self._get(src, p) for p in LOCON)
+        alpha = self._alpha(src)
+        if mid is None:
+            return as_layer(down, up, alpha)
+        return LycorisLayer(up=up.reshape(up.shape[0], -1), down=tucker_down(mid, down), alpha=alpha,
+                            kernel=tuple(mid.shape[2:]), in_channels=down.shape[1], trained_rank=down.shape[0])
+
+    def _loha(self, src: TensorSource) -> LowRankLayer:
+        w1a, w1b, w2a, w2b, t1, t2 = (self._get(src, p) for p in LOHA)
+        if t1 is not None:  # Tucker: w_a is (r x out), w_b (r x in), t (r x r x kh x kw)
+            a1, b1, a2, b2 = w1a.T, tucker_down(t1, w1b), w2a.T, tucker_down(t2, w2b)
+            kernel = tuple(t1.shape[2:])
+        else:
+            a1, b1 = w1a, w1b.reshape(w1b.shape[0], -1)
+            a2, b2 = w2a, w2b.reshape(w2b.shape[0], -1)
+            kernel = tuple(w1b.shape[2:]) if w1b.ndim == 4 else None
+        up, down = khatri_rao_pair(a1, b1, a2, b2)
+        return LycorisLayer(up=up, down=down, alpha=self._alpha(src), kernel=kernel, in_channels=w1b.shape[1],
+                            trained_rank=w1b.shape[0])
+
+    def _lokr(self, src: TensorSource) -> LowRankLayer:
+        w1, w1a, w1b, w2, w2a, w2b, _, t2 = (self._get(src, p) for p in LOKR)
+        rank = None
+        if w1 is not None:
+            u1, v1 = full_split(w1)
+        else:
+            u1, v1, rank = w1a, w1b, w1b.shape[0]
+        if w2 is not None:
+            u2, v2 = full_split(w2.reshape(w2.shape[0], -1))
+            kernel, d = (tuple(w2.shape[2:]) if w2.ndim == 4 else None), w2.shape[1]
+        elif t2 is not None:  # Tucker: w2_a is (r x c), w2_b (r x d), t2 (r x r x kh x kw)
+            u2, v2, rank = w2a.T, tucker_down(t2, w2b), w2b.shape[0]
+            kernel, d = tuple(t2.shape[2:]), w2b.shape[1]
+        else:
+            u2, v2, rank = w2a, w2b.reshape(w2b.shape[0], -1), w2b.shape[0]
+            kernel, d = (tuple(w2b.shape[2:]) if w2b.ndim == 4 else None), w2b.shape[1]
+        up, down = kron_pair(u1, v1, u2, v2)
+        alpha = self._alpha(src) if rank is not None else None  # both sides full: LyCORIS uses scale 1
+        return LycorisLayer(up=up, down=down, alpha=alpha, kernel=kernel, in_channels=v1.shape[1] * d,
+                            trained_rank=rank if rank is not None else up.shape[1])
+
+    def emit(self, layer, up, down, alpha):
+        up, down = shaped(layer, up, down)
+        return {self.name + DOWN: down, self.name + UP: up, self.name + ALPHA: alpha}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shape checks (before any data is read)
+
+
+def _shape_error(name: str, kind: str, shapes: dict[str, tuple[int, ...]], why: str) -> LoraStructureError:
+    listed = ", ".join(f"{p} {list(s)}" for p, s in shapes.items())
+    return LoraStructureError(f"{kind} module {name}: {why} ({listed}); the file is damaged - re-export it")
+
+
+def _check_locon(name: str, s: dict[str, tuple[int, ...]], infos: Mapping[str, TensorInfo], parts) -> None:
+    if "lora_mid.weight" not in s:
+        check_pair(name, infos[parts["lora_down.weight"]], infos[parts["lora_up.weight"]],
+                   infos.get(parts.get("alpha", "")))
+        return
+    d, u, m = s["lora_down.weight"], s["lora_up.weight"], s["lora_mid.weight"]
+    if not (len(d) == len(u) == len(m) == 4 and tuple(d[2:]) == (1, 1) and tuple(u[2:]) == (1, 1)):
+        raise _shape_error(name, "Tucker LoCon", s, "down and up must be 1x1 convs and mid a 4-D core")
+    if m[0] != u[1] or m[1] != d[0]:
+        raise _shape_error(name, "Tucker LoCon", s, "mid's ranks do not chain with up and down")
+
+
+def _check_loha(name: str, s: dict[str, tuple[int, ...]]) -> None:
+    w1a, w1b, w2a, w2b = (s[p] for p in LOHA[:4])
+    if "hada_t1" in s:
+        t1, t2 = s["hada_t1"], s["hada_t2"]
+        ok = (len(w1a) == len(w1b) == len(w2a) == len(w2b) == 2 and len(t1) == len(t2) == 4
+              and t1[0] == w1a[0] and t1[1] == w1b[0] and t2[0] == w2a[0] and t2[1] == w2b[0]
+              and w1a[1] == w2a[1] and w1b[1] == w2b[1] and t1[2:] == t2[2:])
+        if not ok:
+            raise _shape_error(name, "Tucker LoHa", s, "factors do not chain (w_a: r x out, w_b: r x in, "
+                               "t: r x r x kh x kw)")
+        return
+    ok = (len(w1a) == len(w2a) == 2 and len(w1b) in FACTOR_NDIMS and len(w2b) == len(w1b)
+          and w1a[1] == w1b[0] and w2a[1] == w2b[0] and w1a[0] == w2a[0] and w1b[1:] == w2b[1:])
+    if not ok:
+        raise _shape_error(name, "LoHa", s, "factors do not chain (w_a: out x r, w_b: r x in)")
+
+
+def _check_lokr(name: str, s: dict[str, tuple[int, ...]]) -> None:
+    if "lokr_w1" in s:
+        ok1 = len(s["lokr_w1"]) == 2
+    else:
+        a, b = s["lokr_w1_a"], s["lokr_w1_b"]
+        ok1 = len(a) == len(b) == 2 and a[1] == b[0]
+    if "lokr_w2" in s:
+        ok2 = len(s["lokr_w2"]) in FACTOR_NDIMS
+    elif "lokr_t2" in s:
+        a, b, t = s["lokr_w2_a"], s["lokr_w2_b"], s["lokr_t2"]
+        ok2 = len(a) == len(b) == 2 and len(t) == 4 and t[0] == a[0] and t[1] == b[0]
+    else:
+        a, b = s["lokr_w2_a"], s["lokr_w2_b"]
+        ok2 = len(a) == 2 and len(b) in FACTOR_NDIMS and a[1] == b[0]
+    if not (ok1 and ok2):
+        raise _shape_error(name, "LoKr", s, "factors do not chain (w1: a x b or a x r, r x b; w2: c x d[ x kh x kw] "
+                           "or c x r, r x d, or Tucker r x c, r x d, r x r x kh x kw)")
+
+
+def _missing(name: str, kind: str, have: set[str], need: str) -> LoraStructureError:
+    return LoraStructureError(f"{kind} module {name} is incomplete: it has {', '.join(sorted(have))} but needs "
+                              f"{need}; the file is damaged or from an unknown LyCORIS version - re-export it")
+
+
+def _complete(name: str, kind: str, have: set[str]) -> None:
+    """Raise LoraStructureError for a half-recognised module."""
+    if kind == "locon":
+        if not {"lora_down.weight", "lora_up.weight"} <= have:
+            raise _missing(name, "LoCon", have, "both lora_down.weight and lora_up.weight")
+    elif kind == "loha":
+        if not set(LOHA[:4]) <= have:
+            raise _missing(name, "LoHa", have, "hada_w1_a, hada_w1_b, hada_w2_a and hada_w2_b")
+        if ("hada_t1" in have) != ("hada_t2" in have):
+            raise _missing(name, "LoHa", have, "both Tucker cores hada_t1 and hada_t2, or neither")
+    elif kind == "lokr":
+        if "lokr_t1" in have:
+            raise LoraStructureError(f"LoKr module {name} has lokr_t1, a variant LyCORIS does not write; "
+                                     "lora-resize cannot read it - please report the trainer that wrote it")
+        for side in ("w1", "w2"):
+            full, pair = f"lokr_{side}" in have, {f"lokr_{side}_a", f"lokr_{side}_b"} & have
+            if full == bool(pair) or (pair and len(pair) != 2):
+                raise _missing(name, "LoKr", have, f"either lokr_{side} or both lokr_{side}_a and lokr_{side}_b")
+        if "lokr_t2" in have and "lokr_w2" in have:
+            raise _missing(name, "LoKr", have, "lokr_w2_a and lokr_w2_b beside its Tucker core lokr_t2")
+
+
+def _module(name: str, parts: dict[str, str], infos: Mapping[str, TensorInfo]) -> tuple[str, Module | None]:
+    """(label, module) for a module to resize, or (kind, None) for one that passes through; raises
+    LoraStructureError for a half-recognised or malformed one."""
+    kinds = {KIND_OF[p] for p in parts if p in KIND_OF}
+    if len(kinds) > 1:
+        raise LoraStructureError(f"module {name} mixes parts of different kinds ({', '.join(sorted(parts))}); "
+                                 "the file is damaged - re-export it")
+    if not kinds:
+        raise LoraStructureError(f"{', '.join(sorted(parts.values()))} has no LoRA/LyCORIS factors beside it; "
+                                 "the file is incomplete - re-export it")
+    kind = kinds.pop()
+    if kind not in ("locon", "loha", "lokr"):
+        return kind, None
+    factors = {p: k for p, k in parts.items() if p not in SHARED}
+    _complete(name, kind, set(factors))
+    for k in factors.values():
+        info = infos[k]
+        if not info.dtype.is_floating_point:
+            raise LoraStructureError(f"{k} must be floating point, got {info.dtype}")
+        if min(info.shape, default=0) == 0:
+            raise LoraStructureError(f"{k} is empty (shape {list(info.shape)}); the file is damaged")
+    shapes = {p: tuple(infos[k].shape) for p, k in factors.items()}
+    if any(len(s) in OTHER_CONV_NDIMS for s in shapes.values()):
+        return "conv1d/conv3d", None
+    if kind != "locon" and name.startswith("base_model.model."):
+        raise LoraStructureError(f"module {name} is a PEFT {kind.upper()} adapter (its scale lives in "
+                                 "adapter_config.json); PEFT LoHa/LoKr adapters are not supported yet")
+    if "alpha" in parts:
+        a = infos[parts["alpha"]]
+        if len(a.shape) > 1 or (a.shape and a.shape[0] != 1):
+            raise LoraStructureError(f"layer {name}: alpha must be a scalar, got shape {list(a.shape)}")
+    if kind == "locon":
+        _check_locon(name, shapes, infos, parts)
+        label = "Tucker LoCon" if "lora_mid.weight" in parts else "LoCon"
+    elif kind == "loha":
+        _check_loha(name, shapes)
+        label = "Tucker LoHa" if "hada_t1" in parts else "LoHa"
+    else:
+        _check_lokr(name, shapes)
+        label = "Tucker LoKr" if "lokr_t2" in parts else "LoKr"
+    keys = list(factors.values()) + ([parts["alpha"]] if "alpha" in parts else [])
+    return label, LycorisModule(name, keys, kind, {p: k for p, k in parts.items() if p != DORA})
+
+
+def _summary(names: list[str]) -> str:
+    more = f", ... ({len(names) - SHOWN} more)" if len(names) > SHOWN else ""
+    return ", ".join(names[:SHOWN]) + more
+
+
+class Lycoris(Format):
+    name = "lycoris"
+    example = "lora_unet_..._conv1.hada_w1_a"
+    covers = ("kohya",)
+
+    def claims(self, infos: Mapping[str, TensorInfo]) -> int:
+        # lora_down/lora_up count as for kohya, so a plain kohya file ties; any LyCORIS part makes it win
+        return sum(1 for k in infos if split_key(k) is not None)
+
+    def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
+              ) -> Layout:
+        names = sorted({sk[0] for sk in (split_key(k) for k in infos) if sk is not None})
+        groups: dict[str, dict[str, str]] = {}
+        owned: set[str] = set()
+        for n in names:
+            parts = {p: f"{n}.{p}" for p in (*DETECTORS, *SHARED) if f"{n}.{p}" in infos}
+            for _, det, rest in PASS_KINDS:  # a kind's other parts belong to it only beside a detecting part
+                if any(p in parts for p in det):
+                    parts.update({p: f"{n}.{p}" for p in rest if f"{n}.{p}" in infos})
+            groups[n] = {p: k for p, k in parts.items() if k not in owned}
+            owned.update(groups[n].values())
+        stray = sorted(k for k in infos if k.endswith(".alpha") and k not in owned)
+        if stray:
+            raise LoraStructureError(f"{stray[0]} belongs to no LoRA/LyCORIS module; the file is incomplete")
+
+        modules: list[Module] = []
+        passthrough_modules: dict[str, list[str]] = {}
+        dora: list[str] = []
+        converted: dict[str, int] = {}
+        for n in names:
+            label, module = _module(n, groups[n], infos)
+            if module is None:
+                passthrough_modules.setdefault(label, []).append(n)
+                continue
+            modules.append(module)
+            converted[label] = converted.get(label, 0) + 1
+            if DORA in groups[n]:
+                dora.append(n)
+
+        notes = []
+        structured = {k: v for k, v in converted.items() if k != "LoCon"}
+        if structured:
+            listed = ", ".join(f"{v} {k}" for k, v in sorted(structured.items()))
+            notes.append(f"LyCORIS modules written as plain LoRA factors (lora_down/lora_up/alpha): {listed}")
+        for kind, mods in passthrough_modules.items():
+            why = ("lora-resize reads only linear and conv2d layers" if kind == "conv1d/conv3d" else
+                   "it cannot be written as low-rank factors without the base model")
+            notes.append(f"{len(mods)} {kind} module(s) copied unchanged ({why}): {_summary(mods)}")
+        if dora:
+            notes.append(f"{len(dora)} DoRA magnitude vector(s) (dora_scale) kept as trained; the loader "
+                         f"renormalises with the resized update, so their effect is close to, not exactly, the "
+                         f"original's: {_summary(dora)}")
+        module_keys = {k for m in modules for k in m.keys}
+        passthrough = [k for k in infos if k not in module_keys]
+        return Layout(self.name, modules, passthrough, notes)
