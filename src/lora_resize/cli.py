@@ -62,6 +62,16 @@ def add_rank_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-rule", dest="rule", choices=RULES, default="exact",
                    help="exact: smallest rank meeting the criterion (default); kohya: sd-scripts v0.10.1's "
                         "choice, off-by-one included")
+    p.add_argument("--rule", dest="block_rules", action="append", default=[], metavar="PATTERN=SPEC",
+                   help="per-block rule, repeatable, first match wins: 'PATTERN=RANK' (fixed rank), "
+                        "'PATTERN=cap:RANK' (the method with this cap) or 'PATTERN=drop' (leave the module out); "
+                        "PATTERN is a glob over module names, e.g. 'lora_te_*=8', '*attn2*=cap:64'")
+    p.add_argument("--target-size", dest="target_size", metavar="SIZE",
+                   help="budget: the best global fidelity whose file fits SIZE (50MB = 10^6 bytes per MB, 48MiB, or "
+                        "bytes); ranks allocated across layers by kept energy per byte; --rank caps")
+    p.add_argument("--target-fro", dest="target_fro", type=float, metavar="X",
+                   help="budget: the smallest ranks whose global Frobenius retention (all layers together, scaled "
+                        "by alpha/rank) reaches X in (0, 1]; --rank caps")
     p.add_argument("--precision", "--save_precision", dest="precision", choices=["fp16", "bf16", "float"],
                    help="output dtype; default: the input's (sd-scripts defaults to float)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)")
@@ -77,6 +87,14 @@ def add_resize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="model", help="same as INPUT (sd-scripts spelling)")
     p.add_argument("--svd_lowrank_niter", type=int, help=argparse.SUPPRESS)  # sd-scripts flag; we are always exact
     add_rank_arguments(p)
+    add_report_arguments(p)
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    """--report / --plot: pictures of the size-vs-fidelity sweep (resize and analyze)."""
+    p.add_argument("--report", metavar="OUT.html",
+                   help="write a self-contained HTML report: size-vs-fidelity curves, rank map, spectra, settings")
+    p.add_argument("--plot", metavar="OUT.png", help="write the size-vs-fidelity curve as a PNG (matplotlib)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +135,9 @@ def _write_line(line: str) -> None:
 
 def options_from(args: argparse.Namespace, rank: int | None) -> ResizeOptions:
     return ResizeOptions(rank=rank, conv_rank=args.conv_rank, method=args.method, param=args.param,
-                         rule=args.rule, precision=args.precision, device=args.device, threads=args.threads)
+                         rule=args.rule, precision=args.precision, device=args.device, threads=args.threads,
+                         block_rules=tuple(getattr(args, "block_rules", None) or ()),
+                         target_size=getattr(args, "target_size", None), target_fro=getattr(args, "target_fro", None))
 
 
 def render(result, args: argparse.Namespace, notes: list[str]) -> int:
@@ -157,8 +177,14 @@ def run_resize(args: argparse.Namespace, sd_scripts_form: bool) -> int:
     if args.svd_lowrank_niter is not None:
         notes.append("--svd_lowrank_niter is ignored: lora-resize is always exact and already fast")
     opts = options_from(args, rank)
+    if args.report or args.plot:
+        from .report_html import check_paths
+        check_paths(args.report, args.plot)
     result = resize(src, args.output, opts, progress=_progress(args.quiet, "resizing"),
-                    on_layer=layer_printer(args, opts.method is not None))
+                    on_layer=layer_printer(args, opts.method is not None or opts.has_target))
+    if args.report or args.plot:
+        from .report_html import write_pictures
+        notes += write_pictures(result, args.report, args.plot)
     return render(result, args, notes)
 
 

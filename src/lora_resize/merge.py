@@ -135,7 +135,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         notes += write_output(dst, out, meta, layouts[0], rows) + clamp_notes(rows)
         return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
                             options={**vars(opts), "sources": [[str(s.path), s.weight] for s in srcs],
-                                     "rule_hits": hits},
+                                     "block_rules": [str(r) for r in opts.block_rules], "rule_hits": hits},
                             layers=rows, passthrough=passthrough,
                             input_bytes=sum(s.path.stat().st_size for s in live), output_bytes=dst.stat().st_size,
                             seconds=time.perf_counter() - t0, metadata=meta, notes=notes)

@@ -5,7 +5,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
@@ -18,8 +18,9 @@ from .errors import InputFileError, NumericalError, OptionsError, OutputFileErro
 from .formats import Layout, LowRankLayer, Module, detect
 from .metadata import OUR_KEY, our_record, sd_scripts_fields, updated
 from .options import PRECISIONS, ResizeOptions
-from .parallel import available_cores, ordered_map, torch_threads
-from .policies import choose_rank, get_policy
+from .parallel import available_cores, ordered_map, release_free_memory, torch_threads
+from .policies import get_policy
+from .rules import choose_layer_rank, is_dropped, rule_hits, rule_notes
 from .result import LayerResult, ResizeResult
 from .tensorfile import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TensorSource, open_tensor_file
 from .writer import sshs_hashes, write_pickle, write_safetensors
@@ -98,8 +99,7 @@ def resize_layer(name: str, layer: LowRankLayer, opts: ResizeOptions, device: to
         raise NumericalError(f"layer {name} holds NaN or Inf values; the LoRA is damaged (diverged training?) "
                              "- use an earlier checkpoint") from None
     out_f, in_f = dec.shape
-    choice = choose_rank(dec.S, min(out_f, in_f), policy, opts.param, opts.cap_for(layer.kernel is not None),
-                         opts.rule)
+    choice = choose_layer_rank(name, dec.S, min(out_f, in_f), layer.kernel is not None, opts, policy)
     k = choice.rank
     scale = layer.scale
     new_alpha = float(np.float32(scale) * np.float32(k)) if layer.alpha is not None else float(k)
@@ -161,6 +161,7 @@ def run_units(units: list[Unit], opts: ResizeOptions, device: torch.device, save
         for row, tensors in loop:
             out.update(tensors)
             rows.append(row)
+            release_free_memory()
             if on_layer:
                 on_layer(row)
     return rows, out
@@ -187,6 +188,15 @@ def clamp_notes(rows: list[LayerResult]) -> list[str]:
         return []
     return [f"{len(clamped)} layer(s) were smaller than the rank asked for and keep their full rank "
             f"(e.g. {clamped[0].name}: {clamped[0].new_rank})"]
+
+
+def apply_drop_rules(opts: ResizeOptions, modules: list[Module]) -> tuple[list[Module], dict]:
+    """The modules no `drop` rule removes, and {"hits": {rule: modules it decides}, "notes": warnings}."""
+    names = [m.name for m in modules]
+    kept = [m for m in modules if not is_dropped(opts.block_rules, m.name)]
+    if modules and not kept:
+        raise OptionsError("every module is dropped by the rules; nothing would be left to write")
+    return kept, {"hits": rule_hits(opts.block_rules, names), "notes": rule_notes(opts.block_rules, names)}
 
 
 def as_options(options: ResizeOptions | None, fields: dict) -> ResizeOptions:
@@ -217,7 +227,13 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
         precision = precision_of(layout, reader, opts.precision)
         save_dtype = PRECISIONS[precision]
         # CONVERSION: a layer per worker in memory at a time, plus the output being built.
-        units = [module_unit(m, reader) for m in layout.modules]
+        modules, rule_info = apply_drop_rules(opts, layout.modules)
+        units = [module_unit(m, reader) for m in modules]
+        if opts.has_target:  # a budget is global: first every layer's spectrum, then the ranks, then the factors
+            from .analyze import plan_ranks
+            ranks, plan_notes = plan_ranks(units, reader, layout, precision, src, opts, device, progress)
+            opts = replace(opts, ranks={**ranks, **(opts.ranks or {})})
+            rule_info["notes"] += plan_notes
         rows, out = run_units(units, opts, device, save_dtype, progress, on_layer)
         for key in layout.passthrough:
             t = reader.get(key)
@@ -227,8 +243,10 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
         meta = updated(reader.metadata, sd_scripts_fields(
             opts, old_dim, rows[-1].new_alpha, reader.metadata.get("ss_training_comment", "")))
         meta[OUR_KEY] = our_record(__version__, opts, precision, src.name, layout.format, rows)
-        notes = write_output(dst, out, meta, layout, rows) + clamp_notes(rows)
-        return ResizeResult(src=src, dst=dst, format=layout.format, precision=precision, options=vars(opts).copy(),
+        notes = write_output(dst, out, meta, layout, rows) + clamp_notes(rows) + rule_info["notes"]
+        return ResizeResult(src=src, dst=dst, format=layout.format, precision=precision,
+                            options={**vars(opts), "block_rules": [str(r) for r in opts.block_rules],
+                                     "rule_hits": rule_info["hits"]},
                             layers=rows, passthrough=list(layout.passthrough), input_bytes=src.stat().st_size,
                             output_bytes=dst.stat().st_size, seconds=time.perf_counter() - t0, metadata=meta,
                             notes=notes)

@@ -35,9 +35,14 @@ def summary(result: ResizeResult) -> str:
     old = np.array([x.old_rank for x in result.layers])
     method = o["method"] or "fixed"
     setting = f"{method} {o['param']}" if o["method"] else f"rank {o['rank']}"
+    if o.get("target_size") is not None:
+        setting = f"target size {human_bytes(o['target_size'])} ({o['target_size']} bytes)"
+    elif o.get("target_fro") is not None:
+        setting = f"target fro {o['target_fro']} (global, alpha/rank-scaled)"
+    dynamic = o["method"] or o.get("target_size") is not None or o.get("target_fro") is not None
     if o["conv_rank"] != o["rank"]:
         setting += f", conv rank {o['conv_rank']}"
-    elif o["method"] and o["rank"] is not None:
+    elif dynamic and o["rank"] is not None:
         setting += f", cap {o['rank']}"
     worst = result.min_fro
     lines = [
@@ -49,7 +54,60 @@ def summary(result: ResizeResult) -> str:
         f"  Frobenius retained: mean {result.mean_fro:.2%}, min {worst.fro_retained:.2%} ({worst.name})"
         if worst else "  Frobenius retained: n/a (all layers are zero)",
     ]
+    if o.get("rule_hits"):
+        lines.append("  rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}"
+                                            for r, n in o["rule_hits"].items()))
     if result.passthrough:
         lines.append(f"  {len(result.passthrough)} other tensor(s) copied unchanged")
     lines += [f"  note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{x:.2%}"
+
+
+def _count(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def analysis_table(a, verbose: bool = False) -> str:
+    """`lora-resize analyze` as text: one line per setting, the chosen one starred, then how to get it."""
+    b = a.base
+    cap = "no cap" if b.rank is None and b.conv_rank is None else (
+        f"cap {b.rank}" + (f", conv cap {b.conv_rank}" if b.conv_rank != b.rank else ""))
+    lines = [f"{a.src.name}: {len(a.layers)} layers ({a.format}), {human_bytes(a.input_bytes)}; "
+             f"output {a.precision}, rule {b.rule}, {cap}; decomposed in {a.decompose_seconds:.1f} s, "
+             f"{len(a.rows)} settings in {a.seconds - a.decompose_seconds:.1f} s",
+             "fidelity = Frobenius norm kept: w-mean weighted by out*in per layer; global = all layers as one "
+             "update (alpha/rank-scaled); min = the worst layer", ""]
+    head = f"  {'setting':<30} {'bytes':>14} {'size':>9} {'params':>8} {'w-mean':>7} {'global':>7} {'min':>7}  worst layer"
+    lines.append(head)
+    rows = list(a.rows) + ([a.chosen] if a.chosen is not None else [])
+    for r in rows:
+        mark = "*" if r.chosen else " "
+        lines.append(f"{mark} {r.label[:30]:<30} {r.output_bytes:>14,} {human_bytes(r.output_bytes):>9} "
+                     f"{_count(r.params):>8} {_pct(r.fro_weighted):>7} {_pct(r.fro_global):>7} "
+                     f"{_pct(r.fro_min):>7}  {r.worst_layer or '-'}")
+    lines += [f"note ({r.label}): {r.note}" for r in a.rows if r.note]
+    if a.chosen is not None:
+        lines += ["", f"* chosen: lora-resize resize {a.src} -o OUT.safetensors {a.chosen.args}"]
+    else:
+        lines += ["", f"pick a row and run: lora-resize resize {a.src} -o OUT.safetensors <its flags> "
+                      "(--json lists every row's flags)"]
+    if a.rule_hits:
+        lines.append("rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}" for r, n in a.rule_hits.items()))
+    if a.dropped:
+        lines.append(f"{len(a.dropped)} module(s) dropped by rules and left out of every setting")
+    lines += [f"note: {n}" for n in a.notes]
+    if verbose:
+        pick = a.pick()
+        lines += ["", f"per layer, {pick.label}:"]
+        for L, k in zip(a.layers, pick.ranks):
+            t = L.kept(len(L.S))[1]
+            fro = (L.kept(k)[1] / t) ** 0.5 if t > 0 else float("nan")
+            lines.append(f"  {L.name:75} {L.block:>15} rank {L.old_rank:>4} -> {int(k):>4}  fro {_pct(fro)}")
     return "\n".join(lines)

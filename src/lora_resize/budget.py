@@ -1,0 +1,114 @@
+"""Budget policies: choose every layer's rank together, for a file size (--target-size) or a global Frobenius
+retention (--target-fro). Pure numpy on the singular values; no tensors.
+
+The unit of choice is one singular value of one layer. Keeping the j-th singular value of layer i (all before it
+being kept) adds energy g_ij = (scale_i * S_ij)^2 to the update (scale_i = alpha_i / rank_i: the energy the model
+actually sees) and costs c_i bytes (the bytes of one more row of down and column of up). Because S is descending,
+each layer's gains are non-increasing, so a layer's ranks grow in order when units are taken by gain per byte.
+
+- Size: start every layer at its lowest allowed rank, then take units in decreasing g/c; a unit that does not fit
+  the remaining bytes is skipped (and so is the rest of its layer: they cost the same), and smaller units after it
+  are still tried. The kept energy is within g* of the best any allocation could keep in the same bytes, where g*
+  is the gain of the first unit skipped (the fractional-knapsack bound); no single layer's rank can be raised
+  within the budget (so no single-layer change improves the result at all).
+- Fro: take units in the same order until sqrt(kept / total) reaches the target (total: every singular value of
+  every kept layer, scaled). The result keeps at most one unit (of any layer) more than a byte-minimal choice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class BudgetLayer:
+    """One layer's choice: ranks lo..hi, `cost` bytes per rank, `gains[j]` the energy of the (j+1)-th singular
+    value (scaled, zero past the numerical rank), at least `hi` long."""
+    lo: int
+    hi: int
+    cost: int
+    gains: np.ndarray
+
+
+def _units(layers: list[BudgetLayer]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(layer index, gain, cost) of every optional unit with positive gain, in the order the greedy takes them:
+    decreasing gain per byte, ties by layer then by position (so a layer's units stay in order)."""
+    idx, gain, cost = [], [], []
+    for i, L in enumerate(layers):
+        if L.hi > L.lo:
+            g = np.asarray(L.gains[L.lo:L.hi], dtype=np.float64)
+            g = g[g > 0]  # S is descending: the positive gains are a prefix (zeros past the numerical rank)
+            idx.append(np.full(len(g), i, dtype=np.int64))
+            gain.append(g)
+            cost.append(np.full(len(g), L.cost, dtype=np.float64))
+    if not idx:
+        e = np.zeros(0)
+        return np.zeros(0, dtype=np.int64), e, e, np.zeros(0, dtype=np.int64)
+    idx, gain, cost = np.concatenate(idx), np.concatenate(gain), np.concatenate(cost)
+    ratio = gain / np.maximum(cost, 1e-300)
+    order = np.lexsort((np.arange(len(idx)), -ratio))  # stable: ties keep layer/position order
+    return idx[order], gain[order], cost[order], order
+
+
+def base_ranks(layers: list[BudgetLayer]) -> np.ndarray:
+    return np.array([L.lo for L in layers], dtype=np.int64)
+
+
+def kept_energy(layers: list[BudgetLayer], ranks: np.ndarray) -> float:
+    return float(sum(float(np.sum(L.gains[:k])) for L, k in zip(layers, ranks)))
+
+
+@dataclass
+class SizePlan:
+    ranks: np.ndarray
+    bytes_used: int  # sum of cost * rank over the layers
+    skipped_gain: float  # g*: the gain of the first unit that did not fit (0 when nothing was skipped)
+
+
+def allocate_size(layers: list[BudgetLayer], budget: float) -> SizePlan | None:
+    """Ranks with sum(cost * rank) <= budget, greedily by gain per byte (see the module docstring); None when
+    even the lowest ranks do not fit."""
+    ranks = base_ranks(layers)
+    costs = np.array([L.cost for L in layers], dtype=np.float64)
+    used = float(np.dot(costs, ranks))
+    if used > budget:
+        return None
+    idx, gain, cost, _ = _units(layers)
+    slack = budget - used
+    cum = np.cumsum(cost)
+    n = int(np.searchsorted(cum, slack, side="right"))  # the prefix that fits as a whole
+    np.add.at(ranks, idx[:n], 1)
+    slack -= float(cum[n - 1]) if n else 0.0
+    skipped = float(gain[n]) if n < len(idx) else 0.0
+    rest = np.nonzero(cost[n:] <= slack)[0] + n
+    for u in rest:  # units after the first that did not fit: take those that still fit, in order
+        c = cost[u]
+        if c <= slack:
+            ranks[idx[u]] += 1
+            slack -= c
+    return SizePlan(ranks, int(round(float(np.dot(costs, ranks)))), skipped)
+
+
+def next_units(layers: list[BudgetLayer], ranks: np.ndarray) -> list[int]:
+    """Layers whose next singular value has positive gain and is allowed, best gain per byte first."""
+    cand = [i for i, (L, k) in enumerate(zip(layers, ranks)) if k < L.hi and L.gains[k] > 0]
+    return sorted(cand, key=lambda i: (-layers[i].gains[ranks[i]] / max(layers[i].cost, 1e-300), i))
+
+
+def allocate_fro(layers: list[BudgetLayer], target: float, total_energy: float) -> tuple[np.ndarray, bool]:
+    """(ranks, reached): the greedy prefix whose kept energy first reaches target^2 * total_energy; all layers at
+    their highest allowed rank (reached False) when the caps make the target unreachable."""
+    ranks = base_ranks(layers)
+    need = target * target * total_energy * (1 - 1e-12)
+    have = kept_energy(layers, ranks)
+    if have >= need:
+        return ranks, True
+    idx, gain, _, _ = _units(layers)
+    cum = have + np.cumsum(gain)
+    n = int(np.searchsorted(cum, need, side="left"))
+    if n >= len(idx):
+        np.add.at(ranks, idx, 1)
+        return ranks, False
+    np.add.at(ranks, idx[:n + 1], 1)
+    return ranks, True
