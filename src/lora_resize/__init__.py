@@ -10,8 +10,9 @@ from .errors import (InputFileError, LoraResizeError, LoraStructureError, Numeri
 from .options import ResizeOptions
 from .merge import Source, merge
 from .pipeline import resize
+from .analyze import Analysis, analyze
 from .result import LayerResult, ResizeResult
 
-__all__ = ["__version__", "resize", "merge", "Source", "ResizeOptions", "ResizeResult", "LayerResult", "decompose", "Decomposition",
+__all__ = ["__version__", "resize", "analyze", "Analysis", "merge", "Source", "ResizeOptions", "ResizeResult", "LayerResult", "decompose", "Decomposition",
            "LoraResizeError", "OptionsError", "InputFileError", "LoraStructureError", "NumericalError",
            "OutputFileError"]
