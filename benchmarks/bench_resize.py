@@ -16,7 +16,6 @@ import argparse
 import collections
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path

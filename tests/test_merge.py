@@ -11,7 +11,7 @@ import lora_resize
 from lora_resize.cli import main
 from lora_resize.merge import parse_source
 
-from conftest import (ALPHA, BASE_METADATA, DOWN, UP, Spec, best_rank_k, dense_dw, file_sha, layer_names, load_st,
+from conftest import (BASE_METADATA, DOWN, Spec, best_rank_k, dense_dw, file_sha, layer_names, load_st,
                       make_state_dict, rel_err, standard_specs, write_lora)
 
 

@@ -47,14 +47,15 @@ def _check_output(dst) -> dict[str, torch.Tensor]:
 
 
 def _check_report(rep: dict) -> None:
-    """Sane numbers: ranks in range, finite alphas, retained fractions in [0, 1] (NaN only for a zero layer)."""
+    """Sane numbers: ranks in range, finite alphas, retained fractions in [0, 1] (null, i.e. NaN, only for a zero
+    layer: --json writes strict JSON)."""
     for row in rep["layers"]:
         assert 1 <= row["new_rank"] <= min(row["out_features"], row["in_features"]), row
         assert math.isfinite(row["new_alpha"]), row
         for f in ("fro_retained", "sum_retained"):
             v = row[f]
             if row["zero"]:
-                assert v != v or 0 <= v <= 1 + 1e-9, row
+                assert v is None or 0 <= v <= 1 + 1e-9, row
             else:
                 assert 0 <= v <= 1 + 1e-9, row
     nonzero = [r for r in rep["layers"] if not r["zero"]]

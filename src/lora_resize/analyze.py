@@ -32,12 +32,12 @@ import torch
 
 from ._version import __version__
 from .budget import BudgetLayer, allocate_fro, allocate_size, kept_energy, next_units
-from .decompose import NonFiniteFactors, decompose
-from .errors import NumericalError, OptionsError
+from .errors import OptionsError
 from .formats import Layout, LowRankLayer, detect
 from .metadata import OUR_KEY, our_record, sd_scripts_fields, updated
 from .options import PRECISIONS, ResizeOptions
 from .parallel import available_cores, ordered_map, torch_threads
+from .pipeline import decompose_layer, layer_kind, module_unit, new_alpha, precision_of, resolve_input, retention
 from .policies import ZERO_SV, get_policy
 from .result import LayerResult
 from .rules import choose_layer_rank, is_dropped, layer_cap, rule_hits, rule_notes
@@ -106,8 +106,6 @@ class LayerSpectrum:
         self.S = S
         self._cs = np.concatenate([[0.0], np.cumsum(S)])  # kept sum(S) for each rank k (index k)
         self._cs2 = np.concatenate([[0.0], np.cumsum(S * S)])  # kept sum(S^2)
-        self._kscale = (1.0 if self.alpha is None
-                        else float(torch.tensor(self.alpha, dtype=torch.float32) / self.old_rank))
 
     def kept(self, k: int) -> tuple[float, float]:
         """(sum of the k leading singular values, sum of their squares)."""
@@ -133,7 +131,7 @@ class LayerSpectrum:
 
     def new_alpha(self, k: int) -> float:
         """alpha of the resized layer as resize writes it: (alpha / rank in float32) * k, or k without alpha."""
-        return float(np.float32(self._kscale) * np.float32(k)) if self.alpha is not None else float(k)
+        return new_alpha(self.name, self.alpha, self.old_rank, k)
 
     @property
     def energy(self) -> float:
@@ -254,17 +252,11 @@ class Analysis:
         rows = []
         for L, k in zip(self.layers, ranks):
             k = int(k)
-            S = L.S
-            tot, tot2 = float(L._cs[-1]), float(L._cs2[-1])
-            ks, ks2 = L.kept(k)
+            sum_kept, fro_kept, max_ratio = retention(L.S, k)
             rows.append(LayerResult(
                 name=L.name, kind=L.kind, out_features=L.out_features, in_features=L.in_features,
                 old_rank=L.old_rank, new_rank=k, old_alpha=L.alpha, new_alpha=L.new_alpha(k),
-                sum_retained=ks / tot if tot > 0 else float("nan"),
-                fro_retained=math.sqrt(ks2 / tot2) if tot2 > 0 else float("nan"),
-                max_ratio=(float(S[0]) / float(S[k - 1]) if k <= len(S) and S[k - 1] > 0 else
-                           (float("inf") if S.size and S[0] > 0 else float("nan"))),
-                singular_values=None))
+                sum_retained=sum_kept, fro_retained=fro_kept, max_ratio=max_ratio, singular_values=None))
         return rows
 
     def metadata_for(self, ranks: Sequence[int], opts: ResizeOptions) -> dict[str, str]:
@@ -499,14 +491,9 @@ def spectra(units: list, device: torch.device, threads: int | None = None, progr
     def one(unit) -> LayerSpectrum:
         layer = unit.load()
         with torch.no_grad():
-            try:
-                dec = decompose(layer.up, layer.down, device)
-            except NonFiniteFactors:
-                raise NumericalError(f"layer {unit.name} holds NaN or Inf values; the LoRA is damaged (diverged "
-                                     "training?) - use an earlier checkpoint") from None
+            dec = decompose_layer(unit.name, layer, device)
         out_f, in_f = dec.shape
-        kind = "linear" if layer.kernel is None else f"conv{layer.kernel[0]}x{layer.kernel[1]}"
-        return LayerSpectrum(unit.name, kind, out_f, in_f, layer.rank, layer.alpha, layer.kernel,
+        return LayerSpectrum(unit.name, layer_kind(layer), out_f, in_f, layer.rank, layer.alpha, layer.kernel,
                              layer.in_channels, np.array(dec.S, dtype=np.float64), unit.emit)
 
     cpu = device.type == "cpu"
@@ -590,7 +577,6 @@ def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
     setting (method + param, rank, target_size or target_fro), evaluated as `Analysis.chosen`.
 
     Raises: OptionsError, InputFileError, LoraStructureError, NumericalError."""
-    from .pipeline import module_unit, precision_of, resolve_input
     t0 = time.perf_counter()
     base, chosen = _base_options(options, option_fields)
     src = resolve_input(Path(src))

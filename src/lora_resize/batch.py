@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 from .errors import LoraResizeError, OptionsError
 from .options import ResizeOptions
 from .parallel import available_cores
+from .report import strict_json
 from .tensorfile import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from .writer import TMP_PREFIX, atomic_output, remove_stale_partials
 
@@ -151,7 +152,7 @@ def save_manifest(out_dir: Path, in_dir: Path, entries: dict[str, dict]) -> Path
     path = out_dir / MANIFEST
     rows = list(entries.values())
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps({"input_dir": str(in_dir), "files": rows}, indent=1))
+        tmp.write_text(strict_json({"input_dir": str(in_dir), "files": rows}))
     with atomic_output(out_dir / MANIFEST_CSV) as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(FileResult.__dataclass_fields__))

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence
@@ -142,10 +141,10 @@ def options_from(args: argparse.Namespace, rank: int | None) -> ResizeOptions:
 
 def render(result, args: argparse.Namespace, notes: list[str]) -> int:
     """Print the result: JSON, or sd-scripts' closing verbose line and our summary."""
-    from .report import average_line, summary
+    from .report import average_line, strict_json, summary
     result.notes.extend(notes)
     if args.json:
-        print(json.dumps(result.as_dict(), indent=1, default=str))
+        print(strict_json(result.as_dict()))
         return EXIT_OK
     if args.verbose:
         print(average_line(result))

@@ -3,7 +3,6 @@ an optional HTML report and PNG curve. Heavy imports stay inside run()."""
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from .analyze import analyze
     from .cli import _progress
     from .errors import OptionsError
-    from .report import analysis_table
+    from .report import analysis_table, strict_json
 
     if args.output:
         raise OptionsError("analyze writes no LoRA (drop -o); it prints the sweep, and --report/--plot write "
@@ -42,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         from .report_html import write_png
         written.append(f"plot written to {write_png(a, args.plot)}")
     if args.json:
-        print(json.dumps(a.as_dict(), indent=1, default=str))
+        print(strict_json(a.as_dict()))
     else:
         print(analysis_table(a, verbose=args.verbose))
         for line in written:

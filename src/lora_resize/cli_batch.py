@@ -45,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
                        dask=args.dask,
                        progress=_progress(args.quiet, "files"), on_file=status)
     if args.json:
-        import json
         from dataclasses import asdict
-        print(json.dumps({"files": [asdict(f) for f in result.files], "manifest": str(result.manifest),
-                          "seconds": result.seconds}, indent=1))
+
+        from .report import strict_json
+        print(strict_json({"files": [asdict(f) for f in result.files], "manifest": str(result.manifest),
+                           "seconds": result.seconds}))
     else:
         total_in = sum(f.in_bytes for f in result.files if f.status == "ok")
         total_out = sum(f.out_bytes or 0 for f in result.files if f.status == "ok")

@@ -10,6 +10,7 @@ Everything is O((m + n) r^2 + r^3), against O(m n min(m, n)) for the SVD of dW; 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,8 +21,11 @@ CHOLESKY_MAX_CONDITION = 1e4  # past this estimate of cond(A), Cholesky QR loses
 ZERO_RELATIVE = 1e-7  # eigenvalue noise of the core is ~1e-16 * S0^2, so S below 1e-7 * S0 is zero, not signal
 
 
+NAN_MESSAGE = "holds NaN or Inf values; the LoRA is damaged (diverged training?) - use an earlier checkpoint"
+
+
 class NonFiniteFactors(ValueError):
-    """The factors hold NaN or Inf."""
+    """The factors hold NaN or Inf, or their product is beyond float64's range (the message says which)."""
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Decomposition:
     _apply_left: Callable[[torch.Tensor], torch.Tensor]
     _W: torch.Tensor  # eigenvectors of the core, columns in descending order of S
     _transposed: bool
+    _exp: int = 0  # _A and _B are the factors times 2**-_exp (together): S = 2**_exp * S(_A @ _B)
 
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U_k, S_k, Vh_k) of the best rank-k approximation, float64 on the compute device. Directions past the
@@ -42,9 +47,10 @@ class Decomposition:
         kk = min(k, self._W.shape[1])
         L = self._apply_left(self._W[:, :kk])
         S = torch.as_tensor(self.S[:kk].copy(), dtype=torch.float64, device=L.device)
+        s_unit = torch.as_tensor(np.ldexp(self.S[:kk], -self._exp), dtype=torch.float64, device=L.device)
         live = S > 0
         R = self._B.T @ (self._A.T @ L)
-        R = torch.where(live, R / torch.where(live, S, torch.ones_like(S)), torch.zeros_like(R))
+        R = torch.where(live, R / torch.where(live, s_unit, torch.ones_like(s_unit)), torch.zeros_like(R))
         L = torch.where(live, L, torch.zeros_like(L))
         U, V = (R, L) if self._transposed else (L, R)
         if k > kk:  # pad with exact zeros past the core's size
@@ -82,12 +88,10 @@ def decompose(up: torch.Tensor, down: torch.Tensor, device: str | torch.device =
     transposed = n < m  # work on dW^T = down^T up^T, whose core is smaller
     A = (down.T if transposed else up).to(device=device, dtype=torch.float64)
     B = (up.T if transposed else down).to(device=device, dtype=torch.float64)
+    A, ea = _unit_scale(A)
+    B, eb = _unit_scale(B)
     GB = B @ B.T
     GA = A.T @ A if A.shape[0] > r else None  # a wide A is its own R: no Gram needed
-    finite = torch.isfinite(torch.diagonal(GB)).all() & (
-        torch.isfinite(torch.diagonal(GA)).all() if GA is not None else torch.isfinite(A).all())
-    if not bool(finite):
-        raise NonFiniteFactors("factors hold NaN or Inf")
     R, apply_left = _left_basis(A, GA)
     K = R @ GB @ R.T
     K = (K + K.T) * 0.5
@@ -97,4 +101,22 @@ def decompose(up: torch.Tensor, down: torch.Tensor, device: str | torch.device =
     S = torch.sqrt(torch.clamp(w, min=0)).cpu().numpy()
     if S.size and S[0] > 0:
         S[S < S[0] * ZERO_RELATIVE] = 0.0
-    return Decomposition(S=S, shape=(m, n), _A=A, _B=B, _apply_left=apply_left, _W=W, _transposed=transposed)
+    with np.errstate(over="ignore"):
+        S = np.ldexp(S, ea + eb)
+    if S.size and not math.isfinite(S[0]):
+        raise NonFiniteFactors("has an update beyond float64's range (singular values over 1e308); the file is "
+                               "damaged - re-export it")
+    return Decomposition(S=S, shape=(m, n), _A=A, _B=B, _apply_left=apply_left, _W=W, _transposed=transposed,
+                         _exp=ea + eb)
+
+
+def _unit_scale(X: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """X times a power of two (exact) so its largest entry is about 1, and that exponent: no float64 overflow
+    or underflow in the Gram matrices whatever the factors' magnitude. Raises NonFiniteFactors on NaN/Inf."""
+    top = float(X.abs().max()) if X.numel() else 0.0
+    if not math.isfinite(top):
+        raise NonFiniteFactors(NAN_MESSAGE)
+    if top == 0.0:
+        return X, 0
+    e = math.frexp(top)[1]
+    return torch.ldexp(X, torch.tensor(-e, dtype=X.dtype, device=X.device)), e

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
-from .decompose import NonFiniteFactors, decompose
+from .decompose import Decomposition, NonFiniteFactors, decompose
 from .errors import InputFileError, NumericalError, OptionsError, OutputFileError
 from .formats import Layout, LowRankLayer, Module, detect
 from .metadata import OUR_KEY, our_record, sd_scripts_fields, updated
@@ -86,6 +86,36 @@ def layer_kind(layer: LowRankLayer) -> str:
     return "linear" if layer.kernel is None else f"conv{layer.kernel[0]}x{layer.kernel[1]}"
 
 
+def decompose_layer(name: str, layer: LowRankLayer, device: torch.device) -> Decomposition:
+    """The engine on one layer, with NaN/Inf in its factors reported as a NumericalError naming it."""
+    try:
+        return decompose(layer.up, layer.down, device)
+    except NonFiniteFactors as e:
+        raise NumericalError(f"layer {name} {e}") from None
+
+
+def new_alpha(name: str, alpha: float | None, rank: int, k: int) -> float:
+    """The resized layer's alpha as sd-scripts computes it: (alpha / old rank, in float32) * k; k without alpha."""
+    if alpha is None:
+        return float(k)
+    with np.errstate(over="ignore"):
+        value = float(np.float32(np.float32(alpha) / np.float32(rank)) * np.float32(k))
+    if not math.isfinite(value):
+        raise NumericalError(f"layer {name}: alpha {alpha} times rank {k} overflows float32; the file is "
+                             "damaged - re-export it")
+    return value
+
+
+def retention(S: np.ndarray, k: int) -> tuple[float, float, float]:
+    """(sum(S) retained, Frobenius retained, S[0] / S[k-1]) when the k leading singular values are kept."""
+    total, total2 = float(S.sum()), float((S * S).sum())
+    kept = S[:k]
+    max_ratio = (float(S[0]) / float(S[k - 1]) if k <= len(S) and S[k - 1] > 0 else
+                 (float("inf") if S.size and S[0] > 0 else float("nan")))
+    return (float(kept.sum()) / total if total > 0 else float("nan"),
+            math.sqrt(float((kept * kept).sum()) / total2) if total2 > 0 else float("nan"), max_ratio)
+
+
 def resize_layer(name: str, layer: LowRankLayer, opts: ResizeOptions, device: torch.device,
                  save_dtype: torch.dtype) -> tuple[LayerResult, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-k factors of one layer: (row, up (out x k), down (k x n), alpha 0-d), all in save_dtype.
@@ -93,17 +123,12 @@ def resize_layer(name: str, layer: LowRankLayer, opts: ResizeOptions, device: to
     The new alpha is scale * k (strength unchanged); if the save dtype rounds it, the factors absorb the rounding,
     so new_up @ new_down * alpha_stored / k equals the rank-k truncation of dW exactly (to float precision)."""
     policy = get_policy(opts.method)
-    try:
-        dec = decompose(layer.up, layer.down, device)
-    except NonFiniteFactors:
-        raise NumericalError(f"layer {name} holds NaN or Inf values; the LoRA is damaged (diverged training?) "
-                             "- use an earlier checkpoint") from None
+    dec = decompose_layer(name, layer, device)
     out_f, in_f = dec.shape
     choice = choose_layer_rank(name, dec.S, min(out_f, in_f), layer.kernel is not None, opts, policy)
     k = choice.rank
-    scale = layer.scale
-    new_alpha = float(np.float32(scale) * np.float32(k)) if layer.alpha is not None else float(k)
-    alpha_t = torch.tensor(new_alpha, dtype=torch.float32).to(save_dtype)
+    alpha = new_alpha(name, layer.alpha, layer.rank, k)
+    alpha_t = torch.tensor(alpha, dtype=torch.float32).to(save_dtype)
     stored = float(alpha_t)
     true_scale = layer.alpha / layer.rank if layer.alpha is not None else 1.0
     c = true_scale * k / stored if stored != 0 and true_scale != 0 else 1.0
@@ -112,19 +137,18 @@ def resize_layer(name: str, layer: LowRankLayer, opts: ResizeOptions, device: to
     up = (U * (sq * math.copysign(1.0, c))).to(save_dtype).cpu()
     down = (sq[:, None] * Vh).to(save_dtype).cpu()
     if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        if save_dtype == torch.float32:
+            raise NumericalError(f"layer {name} has values beyond float32's range after resizing; the file is "
+                                 "damaged - re-export it")
         raise NumericalError(f"layer {name} does not fit the save precision ({save_dtype}) after resizing; "
                              "use --precision float or bf16")
     S = dec.S
-    total, total2 = float(S.sum()), float((S * S).sum())
-    kept = S[:k]
+    sum_kept, fro_kept, max_ratio = retention(S, k)
     row = LayerResult(
         name=name, kind=layer_kind(layer), out_features=out_f, in_features=in_f, old_rank=layer.rank, new_rank=k,
-        old_alpha=layer.alpha, new_alpha=new_alpha,
-        sum_retained=float(kept.sum()) / total if total > 0 else float("nan"),
-        fro_retained=math.sqrt(float((kept * kept).sum()) / total2) if total2 > 0 else float("nan"),
-        max_ratio=(float(S[0]) / float(S[k - 1]) if k <= len(S) and S[k - 1] > 0 else
-                   (float("inf") if S.size and S[0] > 0 else float("nan"))),
-        clamped=choice.clamped_to_size, zero=choice.zero_layer, singular_values=S)
+        old_alpha=layer.alpha, new_alpha=alpha, sum_retained=sum_kept, fro_retained=fro_kept, max_ratio=max_ratio,
+        clamped=choice.clamped_to_size, zero=choice.zero_layer, singular_values=S,
+        underflow=bool(S.size and S[0] > 0 and not (bool(up.any()) and bool(down.any()))))
     return row, up, down, alpha_t
 
 
@@ -183,11 +207,17 @@ def write_output(dst: Path, out: dict[str, torch.Tensor], meta: dict[str, str], 
 
 
 def clamp_notes(rows: list[LayerResult]) -> list[str]:
+    """Notes on layers that could not be given what was asked: smaller than the rank, or lost to underflow."""
+    notes = []
     clamped = [r for r in rows if r.clamped]
-    if not clamped:
-        return []
-    return [f"{len(clamped)} layer(s) were smaller than the rank asked for and keep their full rank "
-            f"(e.g. {clamped[0].name}: {clamped[0].new_rank})"]
+    if clamped:
+        notes.append(f"{len(clamped)} layer(s) were smaller than the rank asked for and keep their full rank "
+                     f"(e.g. {clamped[0].name}: {clamped[0].new_rank})")
+    lost = [r for r in rows if r.underflow]
+    if lost:
+        notes.append(f"{len(lost)} layer(s) are too small for the save precision and were saved as zeros (e.g. "
+                     f"{lost[0].name}); use --precision bf16 or float to keep them")
+    return notes
 
 
 def apply_drop_rules(opts: ResizeOptions, modules: list[Module]) -> tuple[list[Module], dict]:

@@ -1,9 +1,26 @@
 """Text for people: sd-scripts' verbose per-layer lines, and the closing summary."""
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 
+from .errors import one_line
 from .result import LayerResult, ResizeResult
+
+
+def strict_json(obj, indent: int | None = 1) -> str:
+    """JSON that strict parsers accept: NaN and infinities (a zero layer's ratios) become null."""
+    def clean(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), indent=indent, default=str, allow_nan=False)
 
 
 def human_bytes(n: float) -> str:
@@ -16,7 +33,7 @@ def human_bytes(n: float) -> str:
 
 def verbose_line(row: LayerResult, dynamic: bool) -> str:
     """A per-layer line in sd-scripts' resize_lora.py --verbose format."""
-    line = (f"{row.name:75} | sum(S) retained: {row.sum_retained:.1%}, fro retained: {row.fro_retained:.1%}, "
+    line = (f"{one_line(row.name):75} | sum(S) retained: {row.sum_retained:.1%}, fro retained: {row.fro_retained:.1%}, "
             f"max(S) ratio: {row.max_ratio:0.1f}")
     if dynamic:
         line += f", dynamic | dim: {row.new_rank}, alpha: {row.new_alpha}"
@@ -60,7 +77,7 @@ def summary(result: ResizeResult) -> str:
     if result.passthrough:
         lines.append(f"  {len(result.passthrough)} other tensor(s) copied unchanged")
     lines += [f"  note: {n}" for n in result.notes]
-    return "\n".join(lines)
+    return "\n".join(one_line(line) for line in lines)  # names from the file never drive the terminal
 
 
 def _pct(x: float) -> str:
@@ -110,4 +127,4 @@ def analysis_table(a, verbose: bool = False) -> str:
             t = L.kept(len(L.S))[1]
             fro = (L.kept(k)[1] / t) ** 0.5 if t > 0 else float("nan")
             lines.append(f"  {L.name:75} {L.block:>15} rank {L.old_rank:>4} -> {int(k):>4}  fro {_pct(fro)}")
-    return "\n".join(lines)
+    return "\n".join(one_line(line) for line in lines)

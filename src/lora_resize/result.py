@@ -23,6 +23,7 @@ class LayerResult:
     max_ratio: float
     clamped: bool = False
     zero: bool = False
+    underflow: bool = False  # non-zero layer whose saved factors are all zeros (too small for the save dtype)
     singular_values: np.ndarray | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
