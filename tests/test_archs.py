@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from lora_resize import archs, synth
+from lora_resize import archs
 from lora_resize.archs import ModuleShape
 from lora_resize.cli import main
 
@@ -67,8 +67,14 @@ def test_each_architecture_resizes_end_to_end_on_its_real_names(tmp_path, capsys
     assert len(ranks) > 1
 
 
-def test_sd15_list_is_the_demo_locon():
-    assert archs.sd15() == synth.sd15_locon_shapes()
+def test_sd15_list_matches_the_counts_in_formats_md():
+    """FORMATS.md §2: 350 modules (254 linear, 46 conv 1x1, 50 conv 3x3; UNet 278), sum(in*k*k + out) = 1,216,704."""
+    mods = archs.sd15()
+    assert len(mods) == 350
+    assert sum(not m.conv for m in mods) == 254
+    assert sum(m.conv and m.kernel == 1 for m in mods) == 46 and sum(m.kernel == 3 for m in mods) == 50
+    assert sum(m.name.startswith("lora_unet_") for m in mods) == 278
+    assert sum(m.inp * m.kernel * m.kernel + m.out for m in mods) == 1_216_704
 
 
 def test_sdxl_uses_sgm_block_names_and_both_text_encoders():

@@ -227,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoraResizeError as e:
         print(f"lora-resize: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly, like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         print("lora-resize: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
