@@ -21,6 +21,7 @@ CHOLESKY_MAX_CONDITION = 1e4  # past this estimate of cond(A), Cholesky QR loses
 ZERO_RELATIVE = 1e-7  # eigenvalue noise of the core is ~1e-16 * S0^2, so S below 1e-7 * S0 is zero, not signal
 
 
+SAFE_EXPONENT = 60  # factors within 2**+-60 need no rescaling: the core's entries stay within float64's range
 NAN_MESSAGE = "holds NaN or Inf values; the LoRA is damaged (diverged training?) - use an earlier checkpoint"
 
 
@@ -111,12 +112,16 @@ def decompose(up: torch.Tensor, down: torch.Tensor, device: str | torch.device =
 
 
 def _unit_scale(X: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """X times a power of two (exact) so its largest entry is about 1, and that exponent: no float64 overflow
-    or underflow in the Gram matrices whatever the factors' magnitude. Raises NonFiniteFactors on NaN/Inf."""
-    top = float(X.abs().max()) if X.numel() else 0.0
+    """X, or X times an exact power of two when its largest entry is far from 1, and that exponent: no float64
+    overflow or underflow in the Gram matrices and the core (entries to the 4th power) whatever the factors'
+    magnitude, and no copy for ordinary ones. Raises NonFiniteFactors on NaN/Inf."""
+    if not X.numel():
+        return X, 0
+    lo, hi = torch.aminmax(X)
+    top = max(abs(float(lo)), abs(float(hi)))
     if not math.isfinite(top):
         raise NonFiniteFactors(NAN_MESSAGE)
-    if top == 0.0:
+    e = math.frexp(top)[1] if top else 0
+    if -SAFE_EXPONENT <= e <= SAFE_EXPONENT:
         return X, 0
-    e = math.frexp(top)[1]
     return torch.ldexp(X, torch.tensor(-e, dtype=X.dtype, device=X.device)), e
