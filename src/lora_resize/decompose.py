@@ -5,8 +5,8 @@ G_B = B B^T, so the singular values of dW are the square roots of the eigenvalue
 K = R_A G_B R_A^T, the left singular vectors are Q_A times its eigenvectors, and the right ones follow as
 V_k = dW^T U_k / S_k = B^T (A^T U_k) / S_k. R_A comes from a Cholesky QR of A in float64 (the Gram matrix A^T A,
 then its Cholesky factor), falling back to Householder QR when A is rank deficient or ill-conditioned. The engine
-works on whichever side (dW or dW^T) gives the smaller core.
-Everything is O((m + n) r^2 + r^3), against O(m n min(m, n)) for the SVD of dW; all arithmetic is float64.
+works on whichever side (dW or dW^T) gives the smaller core, and rescales factors far from 1 by an exact power of
+two so nothing overflows. Everything is O((m + n) r^2 + r^3), against O(m n min(m, n)) for the SVD of dW; all arithmetic is float64.
 """
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ import torch
 
 CHOLESKY_MAX_CONDITION = 1e4  # past this estimate of cond(A), Cholesky QR loses orthogonality: use Householder
 ZERO_RELATIVE = 1e-7  # eigenvalue noise of the core is ~1e-16 * S0^2, so S below 1e-7 * S0 is zero, not signal
-
-
 SAFE_EXPONENT = 60  # factors within 2**+-60 need no rescaling: the core's entries stay within float64's range
 NAN_MESSAGE = "holds NaN or Inf values; the LoRA is damaged (diverged training?) - use an earlier checkpoint"
 
