@@ -14,6 +14,7 @@ from ._version import __version__
 from .errors import OptionsError, OutputFileError
 from .report import human_bytes
 from .svg import Scale, axes, esc, polyline, svg
+from .writer import atomic_output
 
 METHOD_COLORS = {"sv_ratio": "#1f77b4", "sv_fro": "#ff7f0e", "sv_cumulative": "#2ca02c", "fixed": "#d62728",
                  "target_fro": "#9467bd", "target_size": "#8c564b"}
@@ -336,16 +337,11 @@ def write_png(a, path: str | os.PathLike, metrics: tuple[str, ...] = ("fro_weigh
     axs[-1].legend(loc="lower right", fontsize=9)
     fig.suptitle(f"{a.src.name}: output size against fidelity ({a.precision}, rule {a.base.rule})")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputFileError(f"cannot write {path}: {e.strerror or e}") from None
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -365,15 +361,8 @@ def _check_out(path: Path, suffixes: tuple[str, ...]) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputFileError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_pictures(result, report: str | None, plot: str | None) -> list[str]:
