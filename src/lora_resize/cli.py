@@ -73,6 +73,8 @@ def add_rank_arguments(p: argparse.ArgumentParser) -> None:
                         "by alpha/rank) reaches X in (0, 1]; --rank caps")
     p.add_argument("--precision", "--save_precision", dest="precision", choices=["fp16", "bf16", "float"],
                    help="output dtype; default: the input's (sd-scripts defaults to float)")
+    p.add_argument("--output-format", dest="output_format", choices=["kohya", "peft", "diffusers"],
+                   help="write under another key family's names where the mapping is defined (diffusers -> kohya)")
     p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)")
     p.add_argument("--threads", type=int, help="layers to decompose at once on the CPU (default: one per core)")
     p.add_argument("-v", "--verbose", action="store_true", help="per-layer lines in sd-scripts' format")
@@ -135,6 +137,7 @@ def _write_line(line: str) -> None:
 def options_from(args: argparse.Namespace, rank: int | None) -> ResizeOptions:
     return ResizeOptions(rank=rank, conv_rank=args.conv_rank, method=args.method, param=args.param,
                          rule=args.rule, precision=args.precision, device=args.device, threads=args.threads,
+                         output_format=args.output_format,
                          block_rules=tuple(getattr(args, "block_rules", None) or ()),
                          target_size=getattr(args, "target_size", None), target_fro=getattr(args, "target_fro", None))
 

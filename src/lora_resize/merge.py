@@ -16,6 +16,7 @@ import torch
 from ._version import __version__
 from .errors import LoraStructureError, OptionsError
 from .formats import Layout, LowRankLayer, Module, detect
+from .formats.convert import convert
 from .metadata import OUR_KEY
 from .options import PRECISIONS, ResizeOptions
 from .pipeline import (Progress, Unit, as_options, check_output_path, clamp_notes, precision_of, resolve_input,
@@ -100,7 +101,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
             stack.callback(r.close)
             check_output_path(s.path, dst)
             readers.append(r)
-            layouts.append(detect(r.infos(), r.metadata, s.path))
+            layouts.append(convert(detect(r.infos(), r.metadata, s.path), opts.output_format))
         families = {SAME_KEYS.get(lay.format, lay.format) for lay in layouts}
         if len(families) > 1:
             raise LoraStructureError(f"the inputs are in different key families ({', '.join(sorted(families))}); "

@@ -36,6 +36,7 @@ class ResizeOptions:
     target_size: int | str | None = None
     target_fro: float | None = None
     ranks: dict[str, int] | None = None
+    output_format: str | None = None  # write under another key family's names (formats/convert.py); None: same
 
     def __post_init__(self) -> None:
         if self.method in (None, "", "fixed", "none"):
@@ -93,6 +94,8 @@ class ResizeOptions:
             if p not in PRECISIONS:
                 raise OptionsError(f"precision must be one of fp16, bf16, float, got {self.precision!r}")
             self.precision = p
+        if self.output_format not in (None, "kohya", "peft", "diffusers"):
+            raise OptionsError(f"--output-format must be kohya, peft or diffusers, got {self.output_format!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise OptionsError(f"threads must be a whole number >= 1, got {self.threads!r}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):

@@ -16,6 +16,7 @@ from ._version import __version__
 from .decompose import Decomposition, NonFiniteFactors, decompose
 from .errors import InputFileError, NumericalError, OptionsError, OutputFileError
 from .formats import Layout, LowRankLayer, Module, detect
+from .formats.convert import convert
 from .metadata import OUR_KEY, our_record, sd_scripts_fields, updated
 from .options import PRECISIONS, ResizeOptions
 from .parallel import available_cores, ordered_map, release_free_memory, torch_threads
@@ -255,7 +256,7 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     reader = open_tensor_file(src)
     try:
         check_output_path(src, dst)
-        layout = detect(reader.infos(), reader.metadata, src)
+        layout = convert(detect(reader.infos(), reader.metadata, src), opts.output_format)
         precision = precision_of(layout, reader, opts.precision)
         save_dtype = PRECISIONS[precision]
         # CONVERSION: a layer per worker in memory at a time, plus the output being built.
