@@ -28,6 +28,7 @@ from .writer import sshs_hashes, write_pickle, write_safetensors
 
 T = TypeVar("T")
 Progress = Callable[[Iterable[T], int], Iterable[T]]
+LARGEST_STORABLE_SV = float(torch.finfo(torch.float32).max) ** 2  # sqrt(S) splits must fit float32
 TRIM_EVERY = 8  # layers between hand-backs of freed heap memory (each costs a heap walk and fresh page faults)
 OUTPUT_SUFFIXES = SAFETENSORS_SUFFIXES + (".pt", ".pth", ".ckpt")
 
@@ -91,9 +92,13 @@ def layer_kind(layer: LowRankLayer) -> str:
 def decompose_layer(name: str, layer: LowRankLayer, device: torch.device) -> Decomposition:
     """The engine on one layer, with NaN/Inf in its factors reported as a NumericalError naming it."""
     try:
-        return decompose(layer.up, layer.down, device)
+        dec = decompose(layer.up, layer.down, device)
     except NonFiniteFactors as e:
         raise NumericalError(f"layer {name} {e}") from None
+    if dec.S.size and dec.S[0] > LARGEST_STORABLE_SV:
+        raise NumericalError(f"layer {name} has an update too large for any save precision (largest singular value "
+                             f"{dec.S[0]:.3g}); the file is damaged - re-export it")
+    return dec
 
 
 def new_alpha(name: str, alpha: float | None, rank: int, k: int) -> float:
