@@ -341,3 +341,18 @@ def test_mixed_magnitudes_across_layers(tmp_path, capsys):
     for name in (NAME, OTHER, third):
         k = o[name + DOWN].shape[0]
         assert rel_err(dense_dw(o, name), best_rank_k(dense_dw(sd, name), k)) < 1e-5, name
+
+
+def test_update_too_large_for_any_precision_is_one_clean_line(tmp_path, capsys):
+    """float64 factors of ~1e100 (a product of ~1e200): no numpy warnings, one error line naming the layer."""
+    g = torch.Generator().manual_seed(3)
+    sd = {"lora_te_big.lora_down.weight": torch.randn(4, 12, generator=g, dtype=torch.float64) * 1e100,
+          "lora_te_big.lora_up.weight": torch.randn(10, 4, generator=g, dtype=torch.float64) * 1e100}
+    write_lora(tmp_path / "big.safetensors", sd)
+    out = tmp_path / "o.safetensors"
+    assert main(["resize", str(tmp_path / "big.safetensors"), "-o", str(out), "--method", "sv_fro", "--param",
+                 "0.9", "--precision", "float"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-resize: error: layer lora_te_big has an update too large") and len(
+        err.splitlines()) == 1
+    assert not out.exists()
