@@ -15,7 +15,7 @@ import torch
 
 from ._version import __version__
 from .errors import LoraStructureError, OptionsError
-from .formats import Layout, LowRankLayer, Module, detect
+from .formats import Layout, LowRankLayer, Module, detect, key_family
 from .formats.convert import convert
 from .metadata import OUR_KEY
 from .options import PRECISIONS, ResizeOptions
@@ -24,9 +24,6 @@ from .pipeline import (Progress, Unit, as_options, check_output_path, clamp_note
 from .result import LayerResult, ResizeResult
 from .rules import is_dropped, rule_hits, rule_notes
 from .tensorfile import TensorSource, open_tensor_file
-
-
-SAME_KEYS = {"lycoris": "kohya"}  # families whose modules are written back under the same names
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
             check_output_path(s.path, dst)
             readers.append(r)
             layouts.append(convert(detect(r.infos(), r.metadata, s.path), opts.output_format))
-        families = {SAME_KEYS.get(lay.format, lay.format) for lay in layouts}
+        families = {key_family(lay.format) for lay in layouts}
         if len(families) > 1:
             raise LoraStructureError(f"the inputs are in different key families ({', '.join(sorted(families))}); "
                                      "merge files of one family")

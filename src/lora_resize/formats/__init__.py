@@ -29,6 +29,13 @@ register(Diffusers())  # unet./text_encoder./transformer.*.lora_A/B, .lora.down/
 register(ControlLora())  # <module>.down / <module>.up
 
 
+def key_family(name: str) -> str:
+    """The family whose key names a family's output uses: one that covers another writes its keys (lycoris ->
+    kohya)."""
+    fmt = FORMATS.get(name)
+    return fmt.covers[0] if fmt is not None and fmt.covers else name
+
+
 def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None) -> Layout:
     """Parse the file's keys with the family that recognises most of them. Keys of another family left over
     (a file mixing kohya and PEFT layers, say) are an error naming one, never copied through unresized."""
@@ -51,4 +58,4 @@ def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: P
     return layout
 
 
-__all__ = ["FORMATS", "Format", "Layout", "LowRankLayer", "Module", "detect", "register"]
+__all__ = ["FORMATS", "Format", "Layout", "LowRankLayer", "Module", "detect", "key_family", "register"]

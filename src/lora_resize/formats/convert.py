@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass
 
 from ..errors import LoraStructureError, OptionsError
+from . import key_family
 from .base import Layout, Module
 from .kohya import ALPHA, DOWN, UP, KohyaModule
 
 TARGETS = ("kohya", "peft", "diffusers")
-SAME_KEYS = {"lycoris": "kohya"}  # families already written under the target's key names
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 DIFFUSERS_METADATA = "lora_adapter_metadata"
 
@@ -62,7 +62,7 @@ def kohya_name(name: str, two_text_encoders: bool) -> str:
 
 def convert(layout: Layout, target: str | None) -> Layout:
     """`layout` with its modules written under `target`'s key names (None or the same family: unchanged)."""
-    if target is None or SAME_KEYS.get(layout.format, layout.format) == target:
+    if target is None or key_family(layout.format) == target:
         return layout
     if target != "kohya" or layout.format != "diffusers":
         raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: only diffusers "
