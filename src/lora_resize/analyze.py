@@ -18,14 +18,13 @@ output and are left out too.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,15 +35,15 @@ from .errors import OptionsError
 from .formats import Layout, LowRankLayer, detect
 from .metadata import OUR_KEY, our_record, sd_scripts_fields, updated
 from .options import PRECISIONS, ResizeOptions
-from .parallel import available_cores, ordered_map, torch_threads
-from .pipeline import decompose_layer, layer_kind, module_unit, new_alpha, precision_of, resolve_input, retention
+from .schedule import Progress, through_engine
+from .pipeline import layer_kind, module_unit, new_alpha, precision_of, resolve_input, retention
 from .policies import ZERO_SV, get_policy
 from .result import LayerResult
 from .rules import choose_layer_rank, is_dropped, layer_cap, rule_hits, rule_notes
 from .tensorfile import TensorInfo, open_tensor_file
 from .writer import header_bytes, ordered
 
-Progress = Callable[[Iterable, int], Iterable]
+
 
 DEFAULT_SWEEP: dict[str, tuple] = {
     "sv_ratio": (2, 3, 4, 5, 8, 16, 32, 64, 96, 128),
@@ -487,21 +486,13 @@ def resize_args(opts: ResizeOptions) -> str:
 
 def spectra(units: list, device: torch.device, threads: int | None = None, progress: Progress | None = None
             ) -> list[LayerSpectrum]:
-    """Decompose every unit (pipeline.Unit: name, load, emit) side by side; keep only what the sweep needs."""
-    def one(unit) -> LayerSpectrum:
-        layer = unit.load()
-        with torch.no_grad():
-            dec = decompose_layer(unit.name, layer, device)
+    """Decompose every unit (pipeline.Unit: name, load, emit); keep only what the sweep needs."""
+    def start(unit, layer, dec) -> LayerSpectrum:
         out_f, in_f = dec.shape
         return LayerSpectrum(unit.name, layer_kind(layer), out_f, in_f, layer.rank, layer.alpha, layer.kernel,
                              layer.in_channels, np.array(dec.S, dtype=np.float64), unit.emit)
 
-    cpu = device.type == "cpu"
-    loop = ordered_map(one, units, (threads or available_cores()) if cpu else 1)
-    if progress is not None:
-        loop = progress(loop, len(units))
-    with torch_threads(1) if cpu else contextlib.nullcontext():
-        return list(loop)
+    return list(through_engine(units, device, start, lambda s: s, threads, progress))
 
 
 def _base_options(options: ResizeOptions | None, fields: dict) -> tuple[ResizeOptions, ResizeOptions | None]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +25,12 @@ NAN_MESSAGE = "holds NaN or Inf values; the LoRA is damaged (diverged training?)
 
 
 class NonFiniteFactors(ValueError):
-    """The factors hold NaN or Inf, or their product is beyond float64's range (the message says which)."""
+    """The factors hold NaN or Inf, or their product is beyond float64's range (the message says which).
+    `index`: which layer of a `decompose_many` call."""
+
+    def __init__(self, message: str, index: int = 0):
+        super().__init__(message)
+        self.index = index
 
 
 @dataclass
@@ -60,66 +66,124 @@ class Decomposition:
         return U, S, V.T
 
 
-def _left_basis(A: torch.Tensor, gram: torch.Tensor | None
-                ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """R and x -> Q @ x for a thin QR of A (m x r) with Gram matrix A^T A. A wide or square A is its own R."""
-    if gram is None:
-        return A, lambda x: x
-    L, info = torch.linalg.cholesky_ex(gram)
-    if int(info) == 0:
-        d = torch.diagonal(L)
-        dmin = float(d.min())
-        if dmin > 0 and float(d.max()) / dmin < CHOLESKY_MAX_CONDITION:
-            R = L.T
-            return R, lambda x: A @ torch.linalg.solve_triangular(R, x, upper=True)
-    Q, R = torch.linalg.qr(A)
-    return R, lambda x: Q @ x
-
-
 def decompose(up: torch.Tensor, down: torch.Tensor, device: str | torch.device = "cpu") -> Decomposition:
     """Exact SVD of `up @ down` (up: m x r, down: r x n, any float dtype), computed from the factors alone.
 
     Raises NonFiniteFactors when a factor holds NaN or Inf (seen for free on the Gram matrices' diagonals)."""
-    if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
-        raise ValueError(f"factors do not chain: up {tuple(up.shape)} @ down {tuple(down.shape)}")
-    m, r = up.shape
-    n = down.shape[1]
+    return decompose_many([(up, down)], device)[0]
+
+
+def decompose_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: str | torch.device = "cpu"
+                   ) -> list[Decomposition]:
+    """`decompose` for many layers at once: layers of one shape are stacked and go through every step as one
+    batch (one kernel per step and a handful of device synchronisations per shape, instead of per layer), which
+    is what keeps a GPU busy on LoRAs of many small layers. Results are those of `decompose`, one per pair.
+
+    Raises NonFiniteFactors for the first failing pair in order, with its position as `.index`."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (up, down) in enumerate(pairs):
+        if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"factors do not chain: up {tuple(up.shape)} @ down {tuple(down.shape)}")
+        groups.setdefault((tuple(up.shape), tuple(down.shape)), []).append(i)
+    out: list[Decomposition | None] = [None] * len(pairs)
+    failures: list[NonFiniteFactors] = []
+    for idx in groups.values():
+        try:
+            decs = _decompose_stack([pairs[i] for i in idx], device)
+        except NonFiniteFactors as e:
+            e.index = idx[e.index]
+            failures.append(e)
+            continue
+        for i, dec in zip(idx, decs):
+            out[i] = dec
+    if failures:
+        raise min(failures, key=lambda e: e.index)
+    return out
+
+
+def _decompose_stack(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: str | torch.device
+                     ) -> list[Decomposition]:
+    """The engine on b layers of one shape, as batched tensor operations."""
+    m, r = pairs[0][0].shape
+    n = pairs[0][1].shape[1]
     transposed = n < m  # work on dW^T = down^T up^T, whose core is smaller
-    A = (down.T if transposed else up).to(device=device, dtype=torch.float64)
-    B = (up.T if transposed else down).to(device=device, dtype=torch.float64)
+    A = _stacked([down.T if transposed else up for up, down in pairs], device)
+    B = _stacked([up.T if transposed else down for up, down in pairs], device)
     A, ea = _unit_scale(A)
     B, eb = _unit_scale(B)
-    GB = B @ B.T
-    GA = A.T @ A if A.shape[0] > r else None  # a wide A is its own R: no Gram needed
-    R, apply_left = _left_basis(A, GA)
-    K = R @ GB @ R.T
-    K = (K + K.T) * 0.5
+    GB = B @ B.mT
+    R, apply_left = _left_basis(A)
+    K = R @ GB @ R.mT
+    K = (K + K.mT) * 0.5
     w, W = torch.linalg.eigh(K)
     p = min(m, n, r)
-    w, W = w.flip(0)[:p], W.flip(1)[:, :p]
-    S = torch.sqrt(torch.clamp(w, min=0)).cpu().numpy()
-    if S.size and S[0] > 0:
-        S[S < S[0] * ZERO_RELATIVE] = 0.0
-    with np.errstate(over="ignore"):
-        S = np.ldexp(S, ea + eb)
-    if S.size and not math.isfinite(S[0]):
-        raise NonFiniteFactors("has an update beyond float64's range (singular values over 1e308); the file is "
-                               "damaged - re-export it")
-    return Decomposition(S=S, shape=(m, n), _A=A, _B=B, _apply_left=apply_left, _W=W, _transposed=transposed,
-                         _exp=ea + eb)
+    w, W = w.flip(-1)[:, :p], W.flip(-1)[:, :, :p]
+    S_all = torch.sqrt(torch.clamp(w, min=0)).cpu().numpy()
+    decs = []
+    for i, S in enumerate(S_all):
+        if S.size and S[0] > 0:
+            S[S < S[0] * ZERO_RELATIVE] = 0.0
+        e = int(ea[i] + eb[i])
+        with np.errstate(over="ignore"):
+            S = np.ldexp(S, e)
+        if S.size and not math.isfinite(S[0]):
+            raise NonFiniteFactors("has an update beyond float64's range (singular values over 1e308); the file is "
+                                   "damaged - re-export it", index=i)
+        decs.append(Decomposition(S=S, shape=(m, n), _A=A[i], _B=B[i], _apply_left=apply_left[i], _W=W[i],
+                                  _transposed=transposed, _exp=e))
+    return decs
 
 
-def _unit_scale(X: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """X, or X times an exact power of two when its largest entry is far from 1, and that exponent: no float64
-    overflow or underflow in the Gram matrices and the core (entries to the 4th power) whatever the factors'
-    magnitude, and no copy for ordinary ones. Raises NonFiniteFactors on NaN/Inf."""
+def _stacked(xs: list[torch.Tensor], device: str | torch.device) -> torch.Tensor:
+    """xs as one float64 (b, ...) tensor on `device`: stacked in their own dtype (a small copy), moved, then
+    widened, so a half-precision file crosses to a GPU at half the bytes. One tensor is not copied at all."""
+    X = xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+    return X.to(device=device).to(dtype=torch.float64)
+
+
+def _left_basis(A: torch.Tensor) -> tuple[torch.Tensor, list[Callable[[torch.Tensor], torch.Tensor]]]:
+    """R (b x r x r) and, per layer, x -> Q @ x for thin QRs of the b layers of A (b x m x r): Cholesky QR from
+    the Gram matrix A^T A where it is well conditioned, Householder QR for the rest. A wide or square A is its
+    own R."""
+    b, mm, r = A.shape
+    if mm <= r:
+        return A, [lambda x: x] * b
+    L, info = torch.linalg.cholesky_ex(A.mT @ A)
+    d = torch.diagonal(L, dim1=-2, dim2=-1)
+    info, dmin, dmax = torch.stack([info.to(d.dtype), d.amin(-1), d.amax(-1)]).cpu().tolist()
+    good = [f == 0 and lo > 0 and hi / lo < CHOLESKY_MAX_CONDITION for f, lo, hi in zip(info, dmin, dmax)]
+    R = L.mT
+    apply = [partial(_solve_left, A[i], R[i]) for i in range(b)]
+    bad = [i for i in range(b) if not good[i]]
+    if bad:
+        Q, Rq = torch.linalg.qr(A[bad])
+        R = R.clone()
+        R[bad] = Rq
+        for j, i in enumerate(bad):
+            apply[i] = partial(torch.matmul, Q[j])
+    return R, apply
+
+
+def _solve_left(A: torch.Tensor, R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return A @ torch.linalg.solve_triangular(R, x, upper=True)
+
+
+def _unit_scale(X: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """X (b x ...), each layer times an exact power of two when its largest entry is far from 1, and those
+    exponents: no float64 overflow or underflow in the Gram matrices and the core (entries to the 4th power)
+    whatever the factors' magnitude, and no copy for ordinary ones. Raises NonFiniteFactors on NaN/Inf (its
+    `.index`: the first such layer)."""
+    b = X.shape[0]
     if not X.numel():
-        return X, 0
-    lo, hi = torch.aminmax(X)
-    top = max(abs(float(lo)), abs(float(hi)))
-    if not math.isfinite(top):
-        raise NonFiniteFactors(NAN_MESSAGE)
-    e = math.frexp(top)[1] if top else 0
-    if -SAFE_EXPONENT <= e <= SAFE_EXPONENT:
-        return X, 0
-    return torch.ldexp(X, torch.tensor(-e, dtype=X.dtype, device=X.device)), e
+        return X, [0] * b
+    lo, hi = torch.aminmax(X.reshape(b, -1), dim=1)
+    top = torch.maximum(-lo, hi).cpu().numpy()
+    bad = np.flatnonzero(~np.isfinite(top))
+    if bad.size:
+        raise NonFiniteFactors(NAN_MESSAGE, index=int(bad[0]))
+    e = np.frexp(top)[1].astype(np.int64)
+    if np.all(np.abs(e) <= SAFE_EXPONENT):
+        return X, [0] * b
+    e = np.where(np.abs(e) <= SAFE_EXPONENT, 0, e)
+    shift = torch.as_tensor(-e, device=X.device).reshape(b, *([1] * (X.ndim - 1)))
+    return torch.ldexp(X, shift.to(X.dtype)), e.tolist()

@@ -19,7 +19,7 @@ from .formats import Layout, LowRankLayer, Module, detect, key_family
 from .formats.convert import convert
 from .metadata import OUR_KEY
 from .options import PRECISIONS, ResizeOptions
-from .pipeline import (Progress, Unit, as_options, check_output_path, clamp_notes, precision_of, resolve_input,
+from .pipeline import (Progress, Unit, as_options, check_output_path, factor_bytes, clamp_notes, precision_of, resolve_input,
                        run_units, write_output)
 from .result import LayerResult, ResizeResult
 from .rules import is_dropped, rule_hits, rule_notes
@@ -65,7 +65,7 @@ def _stack(name: str, parts: list[tuple[float, LowRankLayer]]) -> LowRankLayer:
 def _unit(name: str, members: list[tuple[float, Module, TensorSource]]) -> Unit:
     def load() -> LowRankLayer:
         return _stack(name, [(w, m.load(src)) for w, m, src in members])
-    return Unit(name, load, members[0][1].emit)
+    return Unit(name, load, members[0][1].emit, sum(factor_bytes(m, src) for _, m, src in members))
 
 
 def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, options: ResizeOptions | None = None, *,

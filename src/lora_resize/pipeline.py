@@ -1,35 +1,30 @@
 """The resize job: check everything first, then decompose one layer at a time, then write atomically."""
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ._version import __version__
-from .decompose import Decomposition, NonFiniteFactors, decompose
+from .decompose import Decomposition
 from .errors import InputFileError, NumericalError, OptionsError, OutputFileError
 from .formats import Layout, LowRankLayer, Module, detect
 from .formats.convert import convert
 from .metadata import OUR_KEY, our_record, sd_scripts_fields, updated
 from .options import PRECISIONS, ResizeOptions
-from .parallel import available_cores, ordered_map, release_free_memory, torch_threads
+from .schedule import Progress, through_engine
 from .policies import get_policy
 from .rules import choose_layer_rank, is_dropped, rule_hits, rule_notes
 from .result import LayerResult, ResizeResult
 from .tensorfile import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TensorSource, open_tensor_file
 from .writer import sshs_hashes, write_pickle, write_safetensors
 
-T = TypeVar("T")
-Progress = Callable[[Iterable[T], int], Iterable[T]]
-LARGEST_STORABLE_SV = float(torch.finfo(torch.float32).max) ** 2  # sqrt(S) splits must fit float32
-TRIM_EVERY = 8  # layers between hand-backs of freed heap memory (each costs a heap walk and fresh page faults)
 OUTPUT_SUFFIXES = SAFETENSORS_SUFFIXES + (".pt", ".pth", ".ckpt")
 
 
@@ -89,18 +84,6 @@ def layer_kind(layer: LowRankLayer) -> str:
     return "linear" if layer.kernel is None else f"conv{layer.kernel[0]}x{layer.kernel[1]}"
 
 
-def decompose_layer(name: str, layer: LowRankLayer, device: torch.device) -> Decomposition:
-    """The engine on one layer, with NaN/Inf in its factors reported as a NumericalError naming it."""
-    try:
-        dec = decompose(layer.up, layer.down, device)
-    except NonFiniteFactors as e:
-        raise NumericalError(f"layer {name} {e}") from None
-    if dec.S.size and dec.S[0] > LARGEST_STORABLE_SV:
-        raise NumericalError(f"layer {name} has an update too large for any save precision (largest singular value "
-                             f"{dec.S[0]:.3g}); the file is damaged - re-export it")
-    return dec
-
-
 def new_alpha(name: str, alpha: float | None, rank: int, k: int) -> float:
     """The resized layer's alpha as sd-scripts computes it: (alpha / old rank, in float32) * k; k without alpha."""
     if alpha is None:
@@ -123,16 +106,30 @@ def retention(S: np.ndarray, k: int) -> tuple[float, float, float]:
             math.sqrt(float((kept * kept).sum()) / total2) if total2 > 0 else float("nan"), max_ratio)
 
 
-def resize_layer(name: str, layer: LowRankLayer, opts: ResizeOptions, device: torch.device,
-                 save_dtype: torch.dtype) -> tuple[LayerResult, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best rank-k factors of one layer: (row, up (out x k), down (k x n), alpha 0-d), all in save_dtype.
+@dataclass
+class Queued:
+    """A layer whose new factors are computed (on a GPU: queued) on the compute device."""
+    name: str
+    layer: LowRankLayer
+    S: np.ndarray
+    shape: tuple[int, int]
+    rank: int
+    clamped: bool
+    zero: bool
+    alpha: float
+    alpha_t: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+def start_layer(name: str, layer: LowRankLayer, dec: Decomposition, opts: ResizeOptions,
+                save_dtype: torch.dtype) -> Queued:
+    """Choose the layer's rank and compute its best rank-k factors in save_dtype, on the compute device.
 
     The new alpha is scale * k (strength unchanged); if the save dtype rounds it, the factors absorb the rounding,
     so new_up @ new_down * alpha_stored / k equals the rank-k truncation of dW exactly (to float precision)."""
-    policy = get_policy(opts.method)
-    dec = decompose_layer(name, layer, device)
     out_f, in_f = dec.shape
-    choice = choose_layer_rank(name, dec.S, min(out_f, in_f), layer.kernel is not None, opts, policy)
+    choice = choose_layer_rank(name, dec.S, min(out_f, in_f), layer.kernel is not None, opts, get_policy(opts.method))
     k = choice.rank
     alpha = new_alpha(name, layer.alpha, layer.rank, k)
     alpha_t = torch.tensor(alpha, dtype=torch.float32).to(save_dtype)
@@ -141,61 +138,71 @@ def resize_layer(name: str, layer: LowRankLayer, opts: ResizeOptions, device: to
     c = true_scale * k / stored if stored != 0 and true_scale != 0 else 1.0
     U, Sk, Vh = dec.factors(k)
     sq = torch.sqrt(Sk * abs(c))
-    up = (U * (sq * math.copysign(1.0, c))).to(save_dtype).cpu()
-    down = (sq[:, None] * Vh).to(save_dtype).cpu()
+    up = (U * (sq * math.copysign(1.0, c))).to(save_dtype)
+    down = (sq[:, None] * Vh).to(save_dtype)
+    return Queued(name, layer, dec.S, dec.shape, k, choice.clamped_to_size, choice.zero_layer, alpha, alpha_t, up,
+                  down)
+
+
+def finish_layer(q: Queued) -> tuple[LayerResult, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's row and its new (up, down, alpha) on the CPU, checked to fit the save precision."""
+    up, down = q.up.cpu(), q.down.cpu()
     if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
-        if save_dtype == torch.float32:
-            raise NumericalError(f"layer {name} has values beyond float32's range after resizing; the file is "
+        if up.dtype == torch.float32:
+            raise NumericalError(f"layer {q.name} has values beyond float32's range after resizing; the file is "
                                  "damaged - re-export it")
-        raise NumericalError(f"layer {name} does not fit the save precision ({save_dtype}) after resizing; "
+        raise NumericalError(f"layer {q.name} does not fit the save precision ({up.dtype}) after resizing; "
                              "use --precision float or bf16")
-    S = dec.S
+    S, k, layer = q.S, q.rank, q.layer
     sum_kept, fro_kept, max_ratio = retention(S, k)
     row = LayerResult(
-        name=name, kind=layer_kind(layer), out_features=out_f, in_features=in_f, old_rank=layer.rank, new_rank=k,
-        old_alpha=layer.alpha, new_alpha=alpha, sum_retained=sum_kept, fro_retained=fro_kept, max_ratio=max_ratio,
-        clamped=choice.clamped_to_size, zero=choice.zero_layer, singular_values=S,
+        name=q.name, kind=layer_kind(layer), out_features=q.shape[0], in_features=q.shape[1], old_rank=layer.rank,
+        new_rank=k, old_alpha=layer.alpha, new_alpha=q.alpha, sum_retained=sum_kept, fro_retained=fro_kept,
+        max_ratio=max_ratio, clamped=q.clamped, zero=q.zero, singular_values=S,
         underflow=bool(S.size and S[0] > 0 and not (bool(up.any()) and bool(down.any()))))
-    return row, up, down, alpha_t
+    return row, up, down, q.alpha_t
 
 
 @dataclass
 class Unit:
-    """One output layer to compute: how to load its low-rank form and how to key the new factors."""
+    """One output layer to compute: how to load its low-rank form and how to key the new factors; nbytes: about
+    how large its factors are in float64 (sizes the GPU's windows)."""
     name: str
     load: Callable[[], LowRankLayer]
     emit: Callable[[LowRankLayer, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+    nbytes: int = 0
+
+
+def factor_bytes(module: Module, src: TensorSource) -> int:
+    """About how large `module`'s tensors are in float64."""
+    infos = src.infos()
+    return sum(8 * math.prod(infos[k].shape) for k in module.keys if k in infos)
 
 
 def module_unit(module: Module, src: TensorSource) -> Unit:
     """A unit that reads `module` from `src` and writes it back in the same key family."""
-    return Unit(module.name, lambda: module.load(src), module.emit)
+    return Unit(module.name, lambda: module.load(src), module.emit, factor_bytes(module, src))
 
 
 def run_units(units: list[Unit], opts: ResizeOptions, device: torch.device, save_dtype: torch.dtype,
               progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None
               ) -> tuple[list[LayerResult], dict[str, torch.Tensor]]:
-    """Decompose and truncate every unit (side by side on the CPU cores), in order; returns rows and tensors."""
-    def one(unit: Unit) -> tuple[LayerResult, dict[str, torch.Tensor]]:
-        layer = unit.load()
-        with torch.no_grad():
-            row, up, down, alpha = resize_layer(unit.name, layer, opts, device, save_dtype)
-        return row, unit.emit(layer, up, down, alpha)
+    """Decompose and truncate every unit (schedule.through_engine), in order; returns rows and tensors."""
+    def start(unit: Unit, layer: LowRankLayer, dec: Decomposition) -> tuple[Unit, Queued]:
+        return unit, start_layer(unit.name, layer, dec, opts, save_dtype)
+
+    def finish(handle: tuple[Unit, Queued]) -> tuple[LayerResult, dict[str, torch.Tensor]]:
+        unit, q = handle
+        row, up, down, alpha = finish_layer(q)
+        return row, unit.emit(q.layer, up, down, alpha)
 
     rows: list[LayerResult] = []
     out: dict[str, torch.Tensor] = {}
-    cpu = device.type == "cpu"
-    loop = ordered_map(one, units, (opts.threads or available_cores()) if cpu else 1)
-    if progress is not None:
-        loop = progress(loop, len(units))
-    with torch_threads(1) if cpu else contextlib.nullcontext():
-        for row, tensors in loop:
-            out.update(tensors)
-            rows.append(row)
-            if len(rows) % TRIM_EVERY == 0:
-                release_free_memory()
-            if on_layer:
-                on_layer(row)
+    for row, tensors in through_engine(units, device, start, finish, opts.threads, progress):
+        out.update(tensors)
+        rows.append(row)
+        if on_layer:
+            on_layer(row)
     return rows, out
 
 

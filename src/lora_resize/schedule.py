@@ -1,0 +1,95 @@
+"""How layers go through the engine. On the CPU, one layer per core side by side (torch single-threaded in each
+worker). On a GPU, windows of layers: each window's layers are loaded, decomposed as batches of one shape
+(`decompose_many`), every layer's follow-up work is queued, and only then does anything wait for the device, so
+the GPU is not left idle between small kernels; the next window is loaded while the device works."""
+from __future__ import annotations
+
+import contextlib
+from itertools import chain
+from typing import Callable, Iterable, Iterator, Protocol, TypeVar
+
+import torch
+
+from .decompose import Decomposition, NonFiniteFactors, decompose_many
+from .errors import NumericalError
+from .formats import LowRankLayer
+from .parallel import available_cores, ordered_map, release_free_memory, torch_threads
+
+H = TypeVar("H")
+X = TypeVar("X")
+Progress = Callable[[Iterable[X], int], Iterable[X]]
+LARGEST_STORABLE_SV = float(torch.finfo(torch.float32).max) ** 2  # sqrt(S) splits must fit float32
+TRIM_EVERY = 8  # layers between hand-backs of freed heap memory (each costs a heap walk and fresh page faults)
+WINDOW_LAYERS = 256  # a GPU window: at most this many layers ...
+WINDOW_BYTES = 512 << 20  # ... and about this many bytes of float64 factors on the device
+
+
+class Loadable(Protocol):
+    name: str
+
+    def load(self) -> LowRankLayer: ...
+
+
+def decompose_layers(named: list[tuple[str, LowRankLayer]], device: torch.device) -> list[Decomposition]:
+    """The engine on layers (batched by shape), with NaN/Inf in a layer's factors, or an update no save
+    precision can hold, reported as a NumericalError naming the layer."""
+    try:
+        decs = decompose_many([(layer.up, layer.down) for _, layer in named], device)
+    except NonFiniteFactors as e:
+        raise NumericalError(f"layer {named[e.index][0]} {e}") from None
+    for (name, _), dec in zip(named, decs):
+        if dec.S.size and dec.S[0] > LARGEST_STORABLE_SV:
+            raise NumericalError(f"layer {name} has an update too large for any save precision (largest singular "
+                                 f"value {dec.S[0]:.3g}); the file is damaged - re-export it")
+    return decs
+
+
+def decompose_layer(name: str, layer: LowRankLayer, device: torch.device) -> Decomposition:
+    """`decompose_layers` for one layer."""
+    return decompose_layers([(name, layer)], device)[0]
+
+
+def through_engine(units: list[Loadable], device: torch.device, start: Callable[[Loadable, LowRankLayer,
+                   Decomposition], H], finish: Callable[[H], X], threads: int | None = None,
+                   progress: Progress | None = None) -> Iterator[X]:
+    """finish(start(unit, layer, decomposition)) for every unit, in order. `start` may queue device work without
+    waiting for it; `finish` collects the result (on a GPU, a window's finishes run after all its starts)."""
+    cpu = device.type == "cpu"
+    if cpu:
+        def one(unit: Loadable) -> X:
+            layer = unit.load()
+            with torch.no_grad():
+                return finish(start(unit, layer, decompose_layer(unit.name, layer, device)))
+        loop: Iterable[X] = ordered_map(one, units, threads or available_cores())
+    else:
+        def window(batch: list[Loadable]) -> list[X]:
+            layers = [u.load() for u in batch]
+            with torch.no_grad():
+                decs = decompose_layers([(u.name, layer) for u, layer in zip(batch, layers)], device)
+                handles = [start(u, layer, dec) for u, layer, dec in zip(batch, layers, decs)]
+                del decs, layers
+                return [finish(h) for h in handles]
+        loop = chain.from_iterable(ordered_map(window, windows(units), 2))
+    if progress is not None:
+        loop = progress(loop, len(units))
+    with torch_threads(1) if cpu else contextlib.nullcontext():
+        for i, x in enumerate(loop, 1):
+            if i % TRIM_EVERY == 0:
+                release_free_memory()
+            yield x
+
+
+def windows(units: list[Loadable]) -> Iterator[list[Loadable]]:
+    """Consecutive runs of units of at most WINDOW_LAYERS layers and about WINDOW_BYTES of float64 factors
+    (sizes from the units' `nbytes` where they know it: every layer counts as small otherwise)."""
+    batch: list[Loadable] = []
+    size = 0
+    for u in units:
+        n = getattr(u, "nbytes", 0)
+        if batch and (len(batch) >= WINDOW_LAYERS or size + n > WINDOW_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(u)
+        size += n
+    if batch:
+        yield batch
