@@ -1,7 +1,9 @@
-"""How layers go through the engine. On the CPU, one layer per core side by side (torch single-threaded in each
-worker). On a GPU, windows of layers: each window's layers are loaded, decomposed as batches of one shape
-(`decompose_many`), every layer's follow-up work is queued, and only then does anything wait for the device, so
-the GPU is not left idle between small kernels; the next window is loaded while the device works."""
+"""How layers go through the engine: in windows of consecutive layers. A window's layers are loaded, decomposed as
+batches of one shape (`decompose_many`), every layer's follow-up work is queued, and only then does anything wait
+for the device. On the CPU, windows are small (large layers go alone) and run one per core side by side, torch
+single-threaded in each: per-layer overhead is shared by small layers and nothing oversubscribes the cores. On a
+GPU, windows are large, so it is not left idle between small kernels, and the next window loads while one
+computes."""
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +22,9 @@ X = TypeVar("X")
 Progress = Callable[[Iterable[X], int], Iterable[X]]
 LARGEST_STORABLE_SV = float(torch.finfo(torch.float32).max) ** 2  # sqrt(S) splits must fit float32
 TRIM_EVERY = 8  # layers between hand-backs of freed heap memory (each costs a heap walk and fresh page faults)
-WINDOW_LAYERS = 256  # a GPU window: at most this many layers ...
-WINDOW_BYTES = 512 << 20  # ... and about this many bytes of float64 factors on the device
+WINDOW_LAYERS = 256  # a window: at most this many layers ...
+CPU_WINDOW_BYTES = 32 << 20  # ... and about this many bytes of
+GPU_WINDOW_BYTES = 512 << 20  # float64 factors
 
 
 class Loadable(Protocol):
@@ -53,23 +56,19 @@ def through_engine(units: list[Loadable], device: torch.device, start: Callable[
                    Decomposition], H], finish: Callable[[H], X], threads: int | None = None,
                    progress: Progress | None = None) -> Iterator[X]:
     """finish(start(unit, layer, decomposition)) for every unit, in order. `start` may queue device work without
-    waiting for it; `finish` collects the result (on a GPU, a window's finishes run after all its starts)."""
+    waiting for it; a window's finishes run after all its starts."""
     cpu = device.type == "cpu"
-    if cpu:
-        def one(unit: Loadable) -> X:
-            layer = unit.load()
-            with torch.no_grad():
-                return finish(start(unit, layer, decompose_layer(unit.name, layer, device)))
-        loop: Iterable[X] = ordered_map(one, units, threads or available_cores())
-    else:
-        def window(batch: list[Loadable]) -> list[X]:
-            layers = [u.load() for u in batch]
-            with torch.no_grad():
-                decs = decompose_layers([(u.name, layer) for u, layer in zip(batch, layers)], device)
-                handles = [start(u, layer, dec) for u, layer, dec in zip(batch, layers, decs)]
-                del decs, layers
-                return [finish(h) for h in handles]
-        loop = chain.from_iterable(ordered_map(window, windows(units), 2))
+
+    def window(batch: list[Loadable]) -> list[X]:
+        layers = [u.load() for u in batch]
+        with torch.no_grad():
+            decs = decompose_layers([(u.name, layer) for u, layer in zip(batch, layers)], device)
+            handles = [start(u, layer, dec) for u, layer, dec in zip(batch, layers, decs)]
+            del decs, layers
+            return [finish(h) for h in handles]
+
+    workers = (threads or available_cores()) if cpu else 2  # on a GPU: one window loads while one computes
+    loop: Iterable[X] = chain.from_iterable(ordered_map(window, windows(units, window_bytes(device)), workers))
     if progress is not None:
         loop = progress(loop, len(units))
     with torch_threads(1) if cpu else contextlib.nullcontext():
@@ -79,14 +78,20 @@ def through_engine(units: list[Loadable], device: torch.device, start: Callable[
             yield x
 
 
-def windows(units: list[Loadable]) -> Iterator[list[Loadable]]:
-    """Consecutive runs of units of at most WINDOW_LAYERS layers and about WINDOW_BYTES of float64 factors
-    (sizes from the units' `nbytes` where they know it: every layer counts as small otherwise)."""
+def window_bytes(device: torch.device) -> int:
+    """How many bytes of float64 factors a window holds: on the CPU enough to batch small layers (large ones go
+    alone, and peak memory stays low), on a GPU enough to keep it busy."""
+    return CPU_WINDOW_BYTES if device.type == "cpu" else GPU_WINDOW_BYTES
+
+
+def windows(units: list[Loadable], nbytes: int) -> Iterator[list[Loadable]]:
+    """Consecutive runs of units of at most WINDOW_LAYERS layers and about `nbytes` of float64 factors (sizes from
+    the units' `nbytes` where they know it: a layer counts as small otherwise)."""
     batch: list[Loadable] = []
     size = 0
     for u in units:
         n = getattr(u, "nbytes", 0)
-        if batch and (len(batch) >= WINDOW_LAYERS or size + n > WINDOW_BYTES):
+        if batch and (len(batch) >= WINDOW_LAYERS or size + n > nbytes):
             yield batch
             batch, size = [], 0
         batch.append(u)
