@@ -173,3 +173,60 @@ def test_factors_that_do_not_chain_are_rejected():
 def test_public_api_exports_decompose():
     assert lora_resize.decompose is decompose
     assert lora_resize.Decomposition is type(decompose(torch.randn(3, 2), torch.randn(2, 3)))
+
+
+# ---- many layers at once: layers of one shape go through the engine as one batch ----
+
+def _same_shape_mix(seed: int):
+    """Four layers of one shape that take every path of the engine: well conditioned (Cholesky QR), rank deficient
+    and ill conditioned (Householder fallback), and a zero layer, plus one far from 1 (power-of-two rescale)."""
+    g = _gen(seed)  # out < in: the engine's left side is `up`, where the trouble is
+    ok = factors_with_spectrum(70, 120, 10, decaying_spectrum(10), g)
+    deficient = _rank_deficient(70, 120, 10, 3, seed + 1)
+    ill = _ill_conditioned(70, 120, 10, seed + 2)
+    zero = (torch.zeros(70, 10), torch.randn(10, 120, generator=g))
+    huge = (ok[0] * 2.0 ** 200, ok[1] * 2.0 ** 190)
+    return [ok, deficient, ill, zero, huge]
+
+
+def _transposed(pair):
+    up, down = pair
+    return down.T, up.T
+
+
+def test_decompose_many_equals_decompose_layer_by_layer_and_the_dense_svd():
+    from lora_resize.decompose import decompose_many
+    pairs = _same_shape_mix(31) + [CASES["tall"](), CASES["fp16_factors"](), CASES["rank_above_out"](),
+                                   _random_factors(70, 120, 10, 32), _transposed(_ill_conditioned(120, 70, 10, 33))]
+    decs = decompose_many(pairs)
+    assert len(decs) == len(pairs)
+    for i, ((up, down), dec) in enumerate(zip(pairs, decs)):
+        single = decompose(up, down)
+        assert dec.shape == single.shape and dec.S.shape == single.S.shape, i
+        assert torch.allclose(torch.as_tensor(dec.S), torch.as_tensor(single.S), rtol=1e-12, atol=0), i
+        dense = up.double() @ down.double()
+        ref = torch.linalg.svdvals(dense)
+        assert torch.allclose(torch.as_tensor(dec.S), ref[:len(dec.S)], rtol=0, atol=SV_RTOL * float(ref[0])), i
+        for k in (1, 3):
+            U, S, Vh = dec.factors(k)
+            want = best_rank_k(dense, k)
+            assert rel_err(_product(U, S, Vh), want) < 1e-8 or float(ref[0]) == 0.0, (i, k)
+            if float(ref[0]) == 0.0:
+                assert float(_product(U, S, Vh).abs().max()) == 0.0
+
+
+def test_decompose_many_names_the_first_damaged_layer():
+    from lora_resize.decompose import NonFiniteFactors, decompose_many
+    pairs = [_random_factors(40, 30, 4, s) for s in range(5)] + [_random_factors(20, 50, 4, 9)]
+    bad_up = pairs[3][0].clone()
+    bad_up[2, 1] = float("nan")
+    pairs[3] = (bad_up, pairs[3][1])
+    bad_down = pairs[5][1].clone()
+    bad_down[0, 0] = float("inf")
+    pairs[5] = (pairs[5][0], bad_down)
+    with pytest.raises(NonFiniteFactors) as e:
+        decompose_many(pairs)
+    assert e.value.index == 3
+    with pytest.raises(NonFiniteFactors) as e:
+        decompose_many(pairs[4:])
+    assert e.value.index == 1

@@ -109,8 +109,9 @@ def _decompose_stack(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: str
     transposed = n < m  # work on dW^T = down^T up^T, whose core is smaller
     A = _stacked([down.T if transposed else up for up, down in pairs], device)
     B = _stacked([up.T if transposed else down for up, down in pairs], device)
-    A, ea = _unit_scale(A)
-    B, eb = _unit_scale(B)
+    (A, ea, bad_a), (B, eb, bad_b) = _unit_scale(A), _unit_scale(B)
+    if bad_a or bad_b:
+        raise NonFiniteFactors(NAN_MESSAGE, index=min(bad_a + bad_b))
     GB = B @ B.mT
     R, apply_left = _left_basis(A)
     K = R @ GB @ R.mT
@@ -168,22 +169,19 @@ def _solve_left(A: torch.Tensor, R: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return A @ torch.linalg.solve_triangular(R, x, upper=True)
 
 
-def _unit_scale(X: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """X (b x ...), each layer times an exact power of two when its largest entry is far from 1, and those
-    exponents: no float64 overflow or underflow in the Gram matrices and the core (entries to the 4th power)
-    whatever the factors' magnitude, and no copy for ordinary ones. Raises NonFiniteFactors on NaN/Inf (its
-    `.index`: the first such layer)."""
+def _unit_scale(X: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+    """X (b x ...), each layer times an exact power of two when its largest entry is far from 1, those exponents,
+    and which layers hold NaN or Inf: no float64 overflow or underflow in the Gram matrices and the core (entries
+    to the 4th power) whatever the factors' magnitude, and no copy for ordinary ones."""
     b = X.shape[0]
     if not X.numel():
-        return X, [0] * b
+        return X, [0] * b, []
     lo, hi = torch.aminmax(X.reshape(b, -1), dim=1)
     top = torch.maximum(-lo, hi).cpu().numpy()
-    bad = np.flatnonzero(~np.isfinite(top))
-    if bad.size:
-        raise NonFiniteFactors(NAN_MESSAGE, index=int(bad[0]))
-    e = np.frexp(top)[1].astype(np.int64)
-    if np.all(np.abs(e) <= SAFE_EXPONENT):
-        return X, [0] * b
+    bad = np.flatnonzero(~np.isfinite(top)).tolist()
+    e = np.where(np.isfinite(top), np.frexp(top)[1], 0).astype(np.int64)
+    if bad or np.all(np.abs(e) <= SAFE_EXPONENT):
+        return X, [0] * b, bad
     e = np.where(np.abs(e) <= SAFE_EXPONENT, 0, e)
     shift = torch.as_tensor(-e, device=X.device).reshape(b, *([1] * (X.ndim - 1)))
-    return torch.ldexp(X, shift.to(X.dtype)), e.tolist()
+    return torch.ldexp(X, shift.to(X.dtype)), e.tolist(), bad
