@@ -14,37 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from common import run_cli, warm  # benchmarks/common.py: the CLI in a fresh process, its own VmHWM
+from common import ensure_flux_lora, run_cli, warm  # benchmarks/common.py: the CLI in a fresh process, its own VmHWM
 
 from lora_resize.tensorfile import open_tensor_file
-
-BUILD = """
-import sys, torch
-from lora_resize import archs
-from lora_resize.synth import synth_factors
-from lora_resize.writer import write_safetensors
-path, rank = sys.argv[1], int(sys.argv[2])
-torch.set_num_threads(2)
-g = torch.Generator().manual_seed(0)
-sd = {}
-for m in archs.flux_dev(te1=None, te3=None):
-    up, down, _ = synth_factors(m.out, m.inp, rank, g)
-    sd[m.name + ".lora_down.weight"] = down.to(torch.bfloat16)
-    sd[m.name + ".lora_up.weight"] = up.to(torch.bfloat16)
-    sd[m.name + ".alpha"] = torch.tensor(rank / 2).to(torch.bfloat16)
-meta = {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(rank), "ss_network_alpha": str(rank / 2),
-        "ss_base_model_version": "flux1", "ss_training_comment": "synthetic Flux-dev LoRA made by bench_flux.py"}
-write_safetensors(__import__("pathlib").Path(path), sd, meta)
-"""
-
 
 def reference_check(src: Path, dst: Path) -> float:
     """Worst relative Frobenius error, over one layer per distinct shape, of our output's dW against the best
@@ -86,10 +63,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     src = folder / f"flux_dev_r{args.rank}.safetensors"
     dst = folder / "flux_resized.safetensors"
-    if not src.exists():
-        t = time.perf_counter()  # in a child process, so this one stays small
-        subprocess.run([sys.executable, "-c", BUILD, str(src), str(args.rank)], check=True)
-        print(f"built {src.name} in {time.perf_counter() - t:.0f} s")
+    ensure_flux_lora(src, args.rank)
     size = src.stat().st_size
     print(f"input: {src} ({size / 1e9:.3f} GB, 304 layers, rank {args.rank}, bf16); torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs")
