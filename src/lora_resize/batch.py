@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -18,7 +19,8 @@ from .options import ResizeOptions
 from .parallel import available_cores
 from .report import strict_json
 from .tensorfile import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
-from .writer import TMP_PREFIX, atomic_output, remove_stale_partials
+from .storage import Folder, local_input, local_output
+from .writer import TMP_PREFIX, remove_stale_partials
 
 MANIFEST = "lora-resize-manifest.json"
 MANIFEST_CSV = "lora-resize-manifest.csv"
@@ -47,7 +49,7 @@ class FileResult:
 class BatchResult:
     """All files' outcomes, in discovery order, and where the manifest went."""
     files: list[FileResult] = field(default_factory=list)
-    manifest: Path | None = None
+    manifest: str | None = None
     seconds: float = 0.0
 
     def count(self, status: str) -> int:
@@ -73,34 +75,33 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def looks_like_safetensors(path: Path) -> bool:
+def looks_like_safetensors(head: bytes, size: int) -> bool:
     """Content check for files without a LoRA extension: an 8-byte length then a JSON object that fits."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
-    except OSError:
-        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size
 
 
-def discover(in_dir: Path) -> list[Path]:
-    """LoRA files under in_dir, recursively, in a stable order: every file with a LoRA extension (a damaged one
-    is reported, never skipped), and files with other names whose content is safetensors."""
+def discover(folder: Folder | str | os.PathLike) -> list[str]:
+    """LoRA files under a folder (local or URL), recursively, as sorted relative paths: every file with a LoRA
+    extension (a damaged one is reported, never skipped), and files with other names whose content is
+    safetensors."""
+    folder = folder if isinstance(folder, Folder) else Folder(folder)
     found = []
-    for p in sorted(in_dir.rglob("*")):
-        if not p.is_file() or p.name.startswith(TMP_PREFIX) or p.name.startswith("lora-resize-manifest"):
+    for rel in folder.files():
+        name = rel.rsplit("/", 1)[-1]
+        if name.startswith(TMP_PREFIX) or name.startswith("lora-resize-manifest"):
             continue
-        if p.suffix.lower() in SUFFIXES or looks_like_safetensors(p):
-            found.append(p)
+        if Path(name).suffix.lower() in SUFFIXES or _content_is_safetensors(folder, rel):
+            found.append(rel)
     return found
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _content_is_safetensors(folder: Folder, rel: str) -> bool:
+    try:
+        with folder.open(rel) as f:
+            head = f.read(9)
+        return looks_like_safetensors(head, folder.size(rel))
+    except OSError:
+        return False
 
 
 def options_key(opts: ResizeOptions) -> str:
@@ -109,9 +110,10 @@ def options_key(opts: ResizeOptions) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def estimate_memory(path: Path) -> int:
-    """Peak memory a worker needs for this file: torch, the largest layer in float64 twice over, the output."""
-    return BASE_MEMORY + path.stat().st_size
+def estimate_memory(size: int) -> int:
+    """Peak memory a worker needs for a file of `size` bytes: torch, then about the file's size (a layer per
+    thread in float64, and the output, are both well under it for LoRAs)."""
+    return BASE_MEMORY + size
 
 
 def _worker_init(threads: int) -> None:
@@ -120,93 +122,94 @@ def _worker_init(threads: int) -> None:
 
 
 def resize_file(src: str, dst: str, options: dict, threads: int) -> dict:
-    """Worker task: resize one file; every failure becomes an error entry, never an exception."""
+    """Worker task: resize one file (paths or URLs); every failure becomes an error entry, never an exception."""
     from .pipeline import resize
     t0 = time.perf_counter()
-    row = FileResult(file=src, status="error", in_bytes=Path(src).stat().st_size)
+    row = FileResult(file=src, status="error")
     try:
-        Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        result = resize(src, dst, ResizeOptions(**{**options, "threads": threads}))
+        with local_input(src) as local_src, local_output(dst) as local_dst:
+            row.in_bytes = local_src.stat().st_size
+            result = resize(local_src, local_dst, ResizeOptions(**{**options, "threads": threads}))
         worst = result.min_fro
         row.status, row.format, row.out_bytes = "ok", result.format, result.output_bytes
         row.mean_fro, row.min_fro = result.mean_fro, worst.fro_retained if worst else None
     except LoraResizeError as e:
         row.error = str(e)
+    except OSError as e:  # reading or uploading through a store
+        row.error = f"{type(e).__name__}: {e}"
     except Exception as e:  # a bug, reported per file so the batch goes on
         row.error = f"internal error: {type(e).__name__}: {e}"
     row.seconds = time.perf_counter() - t0
     return asdict(row)
 
 
-def load_manifest(out_dir: Path) -> dict[str, dict]:
-    path = out_dir / MANIFEST
+def load_manifest(out: Folder) -> dict[str, dict]:
     try:
-        entries = json.loads(path.read_text())["files"]
+        entries = json.loads(out.read_text(MANIFEST) or "")["files"]
         return {e["file"]: e for e in entries}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return {}
 
 
-def save_manifest(out_dir: Path, in_dir: Path, entries: dict[str, dict]) -> Path:
-    """Write the JSON and CSV manifests atomically."""
-    path = out_dir / MANIFEST
+def save_manifest(out: Folder, src: Folder, entries: dict[str, dict]) -> str:
+    """Write the JSON and CSV manifests, each whole (atomically on a local disk); returns the JSON's location."""
     rows = list(entries.values())
-    with atomic_output(path) as tmp:
-        tmp.write_text(strict_json({"input_dir": str(in_dir), "files": rows}))
-    with atomic_output(out_dir / MANIFEST_CSV) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(FileResult.__dataclass_fields__))
-            w.writeheader()
-            w.writerows(rows)
-    return path
+    out.write_text(MANIFEST, strict_json({"input_dir": str(src), "files": rows}))
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=list(FileResult.__dataclass_fields__))
+    w.writeheader()
+    w.writerows(rows)
+    out.write_text(MANIFEST_CSV, table.getvalue())
+    return out.location(MANIFEST)
 
 
 def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: ResizeOptions, *, workers: int = 1,
               max_memory: int | None = None, force: bool = False, dask: object | None = None,
               progress: Callable[[Iterable, int], Iterable] | None = None,
               on_file: Callable[[FileResult], None] | None = None) -> BatchResult:
-    """Resize every LoRA under `in_dir` into the same relative paths (as .safetensors) under `out_dir`.
+    """Resize every LoRA under `in_dir` into the same relative paths (as .safetensors) under `out_dir`. Either may
+    be a local folder or an fsspec URL (s3://bucket/loras, memory://x, ...; the store's fsspec package installed).
 
     Files whose output exists and whose manifest entry has the same input hash and options are skipped unless
     `force`. At most `workers` processes run at once, and no more files at once than fit `max_memory` bytes.
     With `dask` (a scheduler address such as 'tcp://host:8786', or a distributed.Client), one task per file runs on
     that cluster instead; its workers must see the same paths."""
     t0 = time.perf_counter()
-    src_root, dst_root = Path(in_dir), Path(out_dir)
+    src_root, dst_root = Folder(in_dir), Folder(out_dir)
     if not src_root.is_dir():
         raise OptionsError(f"input folder {src_root} does not exist or is not a folder")
     if workers < 1:
         raise OptionsError(f"--workers must be >= 1, got {workers}")
-    if src_root.resolve() == dst_root.resolve() or src_root.resolve() in dst_root.resolve().parents:
+    if _inside(dst_root, src_root):
         raise OptionsError("the output folder must not be the input folder or inside it")
-    dst_root.mkdir(parents=True, exist_ok=True)
+    dst_root.makedirs()
     files = discover(src_root)
     manifest = load_manifest(dst_root)
     key = options_key(options)
     result = BatchResult()
-    todo: list[tuple[Path, Path, str]] = []
-    for src in files:
-        rel = src.relative_to(src_root)
-        dst = dst_root / rel.with_suffix(".safetensors")
-        if dst.parent.is_dir():
-            remove_stale_partials(dst)  # left by a run that was killed while writing this file
-        digest = file_sha256(src)
-        old = manifest.get(str(rel))
-        if (not force and old and old.get("status") == "ok" and dst.exists() and old.get("input_sha256") == digest
-                and old.get("options_key") == key):
+    todo: list[tuple[str, str, str, int]] = []  # relative path, output location, input sha256, input size
+    for rel in files:
+        out_rel = Path(rel).with_suffix(".safetensors").as_posix()
+        if dst_root.local and (dst_root.root / out_rel).parent.is_dir():
+            remove_stale_partials(dst_root.root / out_rel)  # left by a run killed while writing this file
+        digest = src_root.sha256(rel)
+        old = manifest.get(rel)
+        if (not force and old and old.get("status") == "ok" and old.get("input_sha256") == digest
+                and old.get("options_key") == key and dst_root.exists(out_rel)):
             result.files.append(FileResult(**{**old, "status": "skipped"}))
             continue
-        todo.append((src, dst, digest))
+        todo.append((rel, dst_root.location(out_rel), digest, src_root.size(rel)))
     threads = max(1, available_cores() // max(1, min(workers, len(todo) or 1)))
     opts = {k: v for k, v in vars(options).items() if k != "threads"}
+    tasks = [(src_root.location(rel), dst, size) for rel, dst, _, size in todo]
     if dask is not None:
-        done_iter = _schedule_dask(todo, opts, dask, options.threads or 1)
+        done_iter = _schedule_dask(tasks, [digest for _, _, digest, _ in todo], opts, dask, options.threads or 1)
     else:
-        done_iter = _schedule(todo, opts, workers, threads, max_memory)
+        done_iter = _schedule(tasks, opts, workers, threads, max_memory)
     if progress is not None:
         done_iter = progress(done_iter, len(todo))
-    for (src, dst, digest), entry in done_iter:
-        rel = str(src.relative_to(src_root))
+    for i, entry in done_iter:
+        rel, _, digest, _ = todo[i]
         entry.update(file=rel, input_sha256=digest, options_key=key)
         row = FileResult(**entry)
         result.files.append(row)
@@ -222,41 +225,52 @@ def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: Re
     return result
 
 
-def _schedule(todo, opts, workers, threads, max_memory):
-    """Yield ((src, dst, digest), entry) as files finish, keeping the estimated memory in flight under budget."""
+def _inside(inner: Folder, outer: Folder) -> bool:
+    """`inner` is `outer` or a folder inside it."""
+    if inner.local != outer.local:
+        return False
+    if inner.local:
+        a, b = inner.root.resolve(), outer.root.resolve()
+        return a == b or b in a.parents
+    same_store = inner.fs.unstrip_protocol("") == outer.fs.unstrip_protocol("")
+    return same_store and (inner.root == outer.root or inner.root.startswith(outer.root + "/"))
+
+
+def _schedule(tasks, opts, workers, threads, max_memory):
+    """Yield (task index, entry) as files finish, keeping the estimated memory in flight under budget."""
     if workers == 1:
-        for item in todo:
-            yield item, resize_file(str(item[0]), str(item[1]), opts, threads)
+        for i, (src, dst, _) in enumerate(tasks):
+            yield i, resize_file(src, dst, opts, threads)
         return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(threads,)) as pool:
-        queue = list(todo)
-        running: dict[Future, tuple] = {}
+        queue = list(enumerate(tasks))
+        running: dict[Future, tuple[int, int]] = {}
         in_flight = 0
         while queue or running:
             while queue and len(running) < workers:
-                need = estimate_memory(queue[0][0])
+                need = estimate_memory(queue[0][1][2])
                 if max_memory is not None and running and in_flight + need > max_memory:
                     break  # wait for memory to free up (a lone file always runs, even if over budget)
-                item = queue.pop(0)
-                running[pool.submit(resize_file, str(item[0]), str(item[1]), opts, threads)] = (item, need)
+                i, (src, dst, _) = queue.pop(0)
+                running[pool.submit(resize_file, src, dst, opts, threads)] = (i, need)
                 in_flight += need
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
-                item, need = running.pop(fut)
+                i, need = running.pop(fut)
                 in_flight -= need
                 try:
                     entry = fut.result()
                 except Exception as e:  # the worker process died (killed, out of memory)
-                    entry = asdict(FileResult(file=str(item[0]), status="error",
+                    entry = asdict(FileResult(file=tasks[i][0], status="error",
                                               error=f"worker process failed: {type(e).__name__}: {e}"))
-                yield item, entry
+                yield i, entry
 
 
-def _schedule_dask(todo, opts, dask, threads):
-    """Yield ((src, dst, digest), entry) as the cluster finishes files. A task lost with a worker is run again
-    elsewhere by Dask; outputs are written atomically, so a file is never left half-written."""
+def _schedule_dask(tasks, digests, opts, dask, threads):
+    """Yield (task index, entry) as the cluster finishes files. A task lost with a worker is run again elsewhere
+    by Dask; outputs are written atomically (or uploaded whole), so a file is never left half-written."""
     try:
         from distributed import Client, as_completed
     except ImportError:
@@ -267,17 +281,17 @@ def _schedule_dask(todo, opts, dask, threads):
     except (OSError, TimeoutError, ValueError) as e:
         raise OptionsError(f"cannot reach the Dask scheduler at {dask}: {e}") from None
     try:
-        futures = {client.submit(resize_file, str(src), str(dst), opts, threads, pure=False, retries=3,
-                                 key=f"lora-resize-{digest[:16]}-{hashlib.sha1(str(dst).encode()).hexdigest()[:8]}"):
-                   (src, dst, digest) for src, dst, digest in todo}
+        futures = {client.submit(resize_file, src, dst, opts, threads, pure=False, retries=3,
+                                 key=f"lora-resize-{digest[:16]}-{hashlib.sha1(dst.encode()).hexdigest()[:8]}"): i
+                   for i, ((src, dst, _), digest) in enumerate(zip(tasks, digests))}
         for fut in as_completed(futures):
-            item = futures[fut]
+            i = futures[fut]
             try:
                 entry = fut.result()
             except Exception as e:  # lost more often than the retries allow
-                entry = asdict(FileResult(file=str(item[0]), status="error",
+                entry = asdict(FileResult(file=tasks[i][0], status="error",
                                           error=f"Dask task failed: {type(e).__name__}: {e}"))
-            yield item, entry
+            yield i, entry
     finally:
         if own:
             client.close()
