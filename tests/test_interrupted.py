@@ -125,6 +125,28 @@ def _kill_when_writing(dst: Path, pid: int, deadline: float, rng: random.Random)
     return True
 
 
+def _differences(got: bytes, old: bytes, new: bytes) -> str:
+    """What tells `got` apart from the two expected files (sizes; for safetensors, header and data separately)."""
+    def split(b: bytes):
+        n = int.from_bytes(b[:8], "little") if len(b) >= 8 else 0
+        try:
+            return json.loads(b[8:8 + n]), b[8 + n:]
+        except ValueError:
+            return None, b
+    parts = [f"{len(got)} bytes (previous {len(old)}, new {len(new)})"]
+    g_head, g_data = split(got)
+    for label, ref in (("previous", old), ("new", new)):
+        r_head, r_data = split(ref)
+        first = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+        parts.append(f"vs {label}: first differing byte {first}, data {'equal' if g_data == r_data else 'differs'}")
+        if g_head is not None and r_head is not None:
+            g, r = dict(g_head), dict(r_head)
+            meta_g, meta_r = g.pop("__metadata__", {}), r.pop("__metadata__", {})
+            parts.append(f"tensor entries {'equal' if g == r else 'differ'}; metadata keys differing: "
+                         f"{sorted(k for k in set(meta_g) | set(meta_r) if meta_g.get(k) != meta_r.get(k))}")
+    return "; ".join(parts)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_sigkill_never_leaves_a_truncated_output(tmp_path, zygote, big_input, suffix):
     rng = random.Random(1234 if suffix == ".safetensors" else 4321)
@@ -157,7 +179,7 @@ def test_sigkill_never_leaves_a_truncated_output(tmp_path, zygote, big_input, su
         status = zygote.reap(pid)
         assert status in (0, -signal.SIGKILL), status
         got = dst.read_bytes()
-        assert got in (old, new), f"kill {i}: destination is neither the previous nor the new file ({len(got)} bytes)"
+        assert got in (old, new), f"kill {i}: destination is neither the previous nor the new file: {_differences(got, old, new)}"
         outcomes["previous" if got == old else "new"] += 1
         assert [p.name for p in out.iterdir() if not p.name.startswith(TMP_PREFIX)] == [dst.name]
     assert outcomes["previous"] > 0, outcomes  # some kills did land before the rename
