@@ -33,7 +33,7 @@ from common import ensure_flux_lora, ensure_sd15_locon, warm  # benchmarks/commo
 from lora_resize import resize, schedule
 from lora_resize.tensorfile import open_tensor_file
 
-ONE_LAYER = 1  # window bytes that put every layer in a window of its own
+ONE_LAYER = (1, 1)  # window bytes (and alone-above size) that put every layer in a window of its own
 
 
 def timed(src: Path, dst: Path, device: str, one_layer: bool, repeat: int, args) -> tuple[float, float, object]:

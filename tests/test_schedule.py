@@ -35,7 +35,7 @@ def test_windows_bound_layers_and_bytes():
 def per_layer(monkeypatch):
     """Every layer alone: the engine one layer at a time, as before batching."""
     def use(kind: str):
-        size = {"one": 1, "gpu": GPU_WINDOW_BYTES}[kind]
+        size = {"one": (1, 1), "gpu": (GPU_WINDOW_BYTES, GPU_WINDOW_BYTES)}[kind]
         monkeypatch.setattr(schedule, "window_bytes", lambda device: size)
     return use
 
@@ -88,3 +88,9 @@ def test_damaged_layer_in_a_batch_is_named(tmp_path, capsys, per_layer, kind):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lora_unet_block_05_to_q" in err[0] and "NaN" in err[0], err
     assert not dst.exists()
+
+
+def test_large_layers_go_alone_on_the_cpu():
+    units = [_U("s1", 10), _U("s2", 10), _U("big", 100), _U("s3", 10), _U("big2", 100), _U("big3", 100)]
+    got = [[u.name for u in w] for w in windows(units, 1000, alone_above=50)]
+    assert got == [["s1", "s2"], ["big"], ["s3"], ["big2"], ["big3"]]

@@ -23,8 +23,9 @@ Progress = Callable[[Iterable[X], int], Iterable[X]]
 LARGEST_STORABLE_SV = float(torch.finfo(torch.float32).max) ** 2  # sqrt(S) splits must fit float32
 TRIM_EVERY = 8  # layers between hand-backs of freed heap memory (each costs a heap walk and fresh page faults)
 WINDOW_LAYERS = 256  # a window: at most this many layers ...
-CPU_WINDOW_BYTES = 32 << 20  # ... and about this many bytes of
-GPU_WINDOW_BYTES = 512 << 20  # float64 factors
+CPU_WINDOW_BYTES = 32 << 20  # ... and about this many bytes of float64 factors
+GPU_WINDOW_BYTES = 512 << 20
+CPU_ALONE_ABOVE = 4 << 20  # on the CPU, a layer with more float64 factor bytes than this goes alone
 
 
 class Loadable(Protocol):
@@ -68,7 +69,7 @@ def through_engine(units: list[Loadable], device: torch.device, start: Callable[
             return [finish(h) for h in handles]
 
     workers = (threads or available_cores()) if cpu else 2  # on a GPU: one window loads while one computes
-    loop: Iterable[X] = chain.from_iterable(ordered_map(window, windows(units, window_bytes(device)), workers))
+    loop: Iterable[X] = chain.from_iterable(ordered_map(window, windows(units, *window_bytes(device)), workers))
     if progress is not None:
         loop = progress(loop, len(units))
     with torch_threads(1) if cpu else contextlib.nullcontext():
@@ -78,20 +79,26 @@ def through_engine(units: list[Loadable], device: torch.device, start: Callable[
             yield x
 
 
-def window_bytes(device: torch.device) -> int:
-    """How many bytes of float64 factors a window holds: on the CPU enough to batch small layers (large ones go
-    alone, and peak memory stays low), on a GPU enough to keep it busy."""
-    return CPU_WINDOW_BYTES if device.type == "cpu" else GPU_WINDOW_BYTES
+def window_bytes(device: torch.device) -> tuple[int, int]:
+    """(bytes of float64 factors a window holds, size above which a layer goes alone). On the CPU, small layers
+    are batched (sharing the per-layer overhead) and large ones go alone (batching them only adds copies and
+    memory); on a GPU, windows are large enough to keep it busy."""
+    if device.type == "cpu":
+        return CPU_WINDOW_BYTES, CPU_ALONE_ABOVE
+    return GPU_WINDOW_BYTES, GPU_WINDOW_BYTES
 
 
-def windows(units: list[Loadable], nbytes: int) -> Iterator[list[Loadable]]:
-    """Consecutive runs of units of at most WINDOW_LAYERS layers and about `nbytes` of float64 factors (sizes from
-    the units' `nbytes` where they know it: a layer counts as small otherwise)."""
+def windows(units: list[Loadable], nbytes: int, alone_above: int | None = None) -> Iterator[list[Loadable]]:
+    """Consecutive runs of units of at most WINDOW_LAYERS layers and about `nbytes` of float64 factors, a unit of
+    more than `alone_above` bytes in a window of its own (sizes from the units' `nbytes` where they know it: a
+    layer counts as small otherwise)."""
     batch: list[Loadable] = []
     size = 0
+    alone = nbytes if alone_above is None else alone_above
     for u in units:
         n = getattr(u, "nbytes", 0)
-        if batch and (len(batch) >= WINDOW_LAYERS or size + n > nbytes):
+        if batch and (len(batch) >= WINDOW_LAYERS or size + n > nbytes or n > alone
+                      or getattr(batch[-1], "nbytes", 0) > alone):
             yield batch
             batch, size = [], 0
         batch.append(u)
