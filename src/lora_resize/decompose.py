@@ -109,11 +109,15 @@ def _decompose_stack(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: str
     transposed = n < m  # work on dW^T = down^T up^T, whose core is smaller
     A = _stacked([down.T if transposed else up for up, down in pairs], device)
     B = _stacked([up.T if transposed else down for up, down in pairs], device)
-    (A, ea, bad_a), (B, eb, bad_b) = _unit_scale(A), _unit_scale(B)
-    if bad_a or bad_b:
-        raise NonFiniteFactors(NAN_MESSAGE, index=min(bad_a + bad_b))
-    GB = B @ B.mT
-    R, apply_left = _left_basis(A)
+    GA, GB = _grams(A, B)
+    ea = eb = [0] * len(pairs)
+    if not _grams_in_range(A, GA, GB):  # rare: NaN/Inf, zero, or far from 1: look closer
+        (A, ea, bad_a), (B, eb, bad_b) = _unit_scale(A), _unit_scale(B)
+        if bad_a or bad_b:
+            raise NonFiniteFactors(NAN_MESSAGE, index=min(bad_a + bad_b))
+        if any(ea) or any(eb):
+            GA, GB = _grams(A, B)
+    R, apply_left = _left_basis(A, GA)
     K = R @ GB @ R.mT
     K = (K + K.mT) * 0.5
     w, W = torch.linalg.eigh(K)
@@ -142,14 +146,30 @@ def _stacked(xs: list[torch.Tensor], device: str | torch.device) -> torch.Tensor
     return X.to(device=device).to(dtype=torch.float64)
 
 
-def _left_basis(A: torch.Tensor) -> tuple[torch.Tensor, list[Callable[[torch.Tensor], torch.Tensor]]]:
-    """R (b x r x r) and, per layer, x -> Q @ x for thin QRs of the b layers of A (b x m x r): Cholesky QR from
-    the Gram matrix A^T A where it is well conditioned, Householder QR for the rest. A wide or square A is its
-    own R."""
+def _grams(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(A^T A, or None when A is wide or square and is its own R; B B^T), per layer."""
+    return (A.mT @ A if A.shape[1] > A.shape[2] else None), B @ B.mT
+
+
+def _grams_in_range(A: torch.Tensor, GA: torch.Tensor | None, GB: torch.Tensor) -> bool:
+    """Every layer's factors are finite, nonzero and near 1 in size, read off the Gram matrices' diagonals (column
+    and row sums of squares: a NaN or Inf anywhere shows there): no rescaling is needed, and nothing overflows or
+    underflows further on. One synchronisation for the whole batch."""
+    ga = torch.diagonal(GA, dim1=-2, dim2=-1) if GA is not None else (A * A).sum(-2)
+    tops = torch.stack([ga.amax(-1), torch.diagonal(GB, dim1=-2, dim2=-1).amax(-1)]).cpu().numpy()
+    lo, hi = 2.0 ** (-2 * SAFE_EXPONENT), 2.0 ** (2 * SAFE_EXPONENT)
+    return bool(np.all(np.isfinite(tops)) and np.all(tops >= lo) and np.all(tops <= hi))
+
+
+def _left_basis(A: torch.Tensor, GA: torch.Tensor | None
+                ) -> tuple[torch.Tensor, list[Callable[[torch.Tensor], torch.Tensor]]]:
+    """R (b x r x r) and, per layer, x -> Q @ x for thin QRs of the b layers of A (b x m x r) given their Gram
+    matrices A^T A: Cholesky QR where it is well conditioned, Householder QR for the rest. A wide or square A
+    (GA None) is its own R."""
     b, mm, r = A.shape
-    if mm <= r:
+    if GA is None:
         return A, [lambda x: x] * b
-    L, info = torch.linalg.cholesky_ex(A.mT @ A)
+    L, info = torch.linalg.cholesky_ex(GA)
     d = torch.diagonal(L, dim1=-2, dim2=-1)
     info, dmin, dmax = torch.stack([info.to(d.dtype), d.amin(-1), d.amax(-1)]).cpu().tolist()
     good = [f == 0 and lo > 0 and hi / lo < CHOLESKY_MAX_CONDITION for f, lo, hi in zip(info, dmin, dmax)]
