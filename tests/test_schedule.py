@@ -94,3 +94,35 @@ def test_large_layers_go_alone_on_the_cpu():
     units = [_U("s1", 10), _U("s2", 10), _U("big", 100), _U("s3", 10), _U("big2", 100), _U("big3", 100)]
     got = [[u.name for u in w] for w in windows(units, 1000, alone_above=50)]
     assert got == [["s1", "s2"], ["big"], ["s3"], ["big2"], ["big3"]]
+
+
+def test_out_of_device_memory_retries_in_halves_then_names_the_layer(tmp_path, capsys, monkeypatch, per_layer,
+                                                                     small_rank_sd15):
+    per_layer("gpu")  # one large window, as on a GPU
+    real = schedule.decompose_layers
+    sizes = []
+
+    def tight(named, device):  # a device that holds at most 40 layers at once
+        sizes.append(len(named))
+        if len(named) > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(named, device)
+
+    monkeypatch.setattr(schedule, "decompose_layers", tight)
+    tight_out, ref_out = tmp_path / "tight.safetensors", tmp_path / "ref.safetensors"
+    r = resize(small_rank_sd15, tight_out, method="sv_fro", param=0.8, rank=8, device="cpu")
+    assert max(sizes) > 40  # windows were too large at first
+    assert sum(n for n in sizes if n <= 40) == len(r.layers)  # every layer computed once, after the splits
+    monkeypatch.setattr(schedule, "decompose_layers", real)
+    resize(small_rank_sd15, ref_out, method="sv_fro", param=0.8, rank=8, device="cpu")
+    assert tight_out.read_bytes() == ref_out.read_bytes()
+
+    def none_fits(named, device):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(schedule, "decompose_layers", none_fits)
+    dst = tmp_path / "none.safetensors"
+    assert main(["resize", str(small_rank_sd15), "-o", str(dst), "--rank", "4", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit in the memory of cpu" in err[0] and "lora_" in err[0], err
+    assert not dst.exists()

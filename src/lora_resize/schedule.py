@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 import torch
 
 from .decompose import Decomposition, NonFiniteFactors, decompose_many
-from .errors import NumericalError
+from .errors import NumericalError, OptionsError
 from .formats import LowRankLayer
 from .parallel import available_cores, ordered_map, release_free_memory, torch_threads
 
@@ -61,12 +61,21 @@ def through_engine(units: list[Loadable], device: torch.device, start: Callable[
     cpu = device.type == "cpu"
 
     def window(batch: list[Loadable]) -> list[X]:
-        layers = [u.load() for u in batch]
-        with torch.no_grad():
-            decs = decompose_layers([(u.name, layer) for u, layer in zip(batch, layers)], device)
-            handles = [start(u, layer, dec) for u, layer, dec in zip(batch, layers, decs)]
-            del decs, layers
-            return [finish(h) for h in handles]
+        try:
+            layers = [u.load() for u in batch]
+            with torch.no_grad():
+                decs = decompose_layers([(u.name, layer) for u, layer in zip(batch, layers)], device)
+                handles = [start(u, layer, dec) for u, layer, dec in zip(batch, layers, decs)]
+                del decs, layers
+                return [finish(h) for h in handles]
+        except torch.OutOfMemoryError:  # the device's memory: retry in halves, down to one layer
+            if len(batch) == 1:
+                raise OptionsError(f"layer {batch[0].name} does not fit in the memory of {device}; use --device "
+                                   "cpu (or free the GPU)") from None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            return window(batch[:half]) + window(batch[half:])
 
     workers = (threads or available_cores()) if cpu else 2  # on a GPU: one window loads while one computes
     loop: Iterable[X] = chain.from_iterable(ordered_map(window, windows(units, *window_bytes(device)), workers))
