@@ -126,3 +126,38 @@ def test_killed_batch_leaves_no_partial_outputs_and_resumes(tmp_path):
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert sorted(p.name for p in out.glob("*.safetensors")) == [f"f{i}.safetensors" for i in range(6)]
     assert not list(out.rglob(".lora-resize-*"))
+
+
+@pytest.mark.parametrize("budget, most", [(250, 2), (100, 1), (None, 4)])
+def test_memory_budget_bounds_the_files_in_flight(tmp_path, monkeypatch, budget, most):
+    # each file is estimated at 100 (units of the budget); 4 workers, 8 files: the budget, not the worker count,
+    # decides how many run at once (a lone file always runs)
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import asdict
+
+    from lora_resize import batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(8):
+        write_lora(src / f"f{i}.safetensors", make_state_dict(SPECS, seed=i))
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+
+    def fake_resize(s, d, options, threads):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.1)
+        with lock:
+            state["now"] -= 1
+        return asdict(batch.FileResult(file=s, status="ok", in_bytes=1, out_bytes=1))
+
+    monkeypatch.setattr(batch, "resize_file", fake_resize)
+    monkeypatch.setattr(batch, "estimate_memory", lambda size: 100)
+    monkeypatch.setattr(batch, "ProcessPoolExecutor",
+                        lambda max_workers, mp_context, initializer, initargs: ThreadPoolExecutor(max_workers))
+    res = run_batch(src, tmp_path / "out", ResizeOptions(rank=2), workers=4, max_memory=budget)
+    assert [f.status for f in res.files] == ["ok"] * 8
+    assert state["peak"] == most, state
