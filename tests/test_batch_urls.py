@@ -120,3 +120,18 @@ def test_bad_urls_are_one_clear_error(tmp_path, capsys, url, words):
     assert main(["batch", url, str(tmp_path / "out"), "--rank", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
+
+
+@pytest.mark.parametrize("argv", [
+    ["resize", "s3://bucket/a.safetensors", "-o", "{tmp}/x.safetensors", "--rank", "2"],
+    ["resize", "{lora}", "-o", "s3://bucket/x.safetensors", "--rank", "2"],
+    ["analyze", "gs://bucket/a.safetensors"],
+    ["merge", "s3://bucket/a.safetensors:0.5", "{lora}", "-o", "{tmp}/m.safetensors", "--rank", "2"],
+])
+def test_single_file_commands_refuse_urls_with_a_pointer_to_batch(tmp_path, capsys, argv):
+    lora = write_lora(tmp_path / "in.safetensors", make_state_dict(SPECS, seed=1))
+    argv = [a.format(tmp=tmp_path, lora=lora) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a URL" in err[0] and "batch" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]

@@ -36,7 +36,7 @@ from .formats import Layout, LowRankLayer, detect
 from .metadata import OUR_KEY, our_record, sd_scripts_fields, updated
 from .options import PRECISIONS, ResizeOptions
 from .schedule import Progress, through_engine
-from .pipeline import layer_kind, module_unit, new_alpha, precision_of, resolve_input, retention
+from .pipeline import layer_kind, local_path, module_unit, new_alpha, precision_of, resolve_input, retention
 from .policies import ZERO_SV, get_policy
 from .result import LayerResult
 from .rules import choose_layer_rank, is_dropped, layer_cap, rule_hits, rule_notes
@@ -570,7 +570,7 @@ def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
     Raises: OptionsError, InputFileError, LoraStructureError, NumericalError."""
     t0 = time.perf_counter()
     base, chosen = _base_options(options, option_fields)
-    src = resolve_input(Path(src))
+    src = resolve_input(local_path(src, "input"))
     device = base.resolve_device()
     reader = open_tensor_file(src)
     try:

@@ -19,8 +19,8 @@ from .formats import Layout, LowRankLayer, Module, detect, key_family
 from .formats.convert import convert
 from .metadata import OUR_KEY
 from .options import PRECISIONS, ResizeOptions
-from .pipeline import (Progress, Unit, as_options, check_output_path, factor_bytes, clamp_notes, precision_of, resolve_input,
-                       run_units, write_output)
+from .pipeline import (Progress, Unit, as_options, check_output_path, clamp_notes, factor_bytes, local_path,
+                       precision_of, resolve_input, run_units, write_output)
 from .result import LayerResult, ResizeResult
 from .rules import is_dropped, rule_hits, rule_notes
 from .tensorfile import TensorSource, open_tensor_file
@@ -35,6 +35,7 @@ class Source:
 
 def parse_source(text: str) -> Source:
     """'file.safetensors:0.8' -> Source(file, 0.8); without ':weight' the weight is 1."""
+    local_path(text, "input")
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
@@ -82,14 +83,14 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                            "--rank, then resize the result with the target")
     srcs = [s if isinstance(s, Source) else parse_source(s) if isinstance(s, str) else Source(Path(s))
             for s in sources]
-    srcs = [Source(resolve_input(s.path), s.weight) for s in srcs]
+    srcs = [Source(resolve_input(local_path(s.path, "input")), s.weight) for s in srcs]
     if not srcs:
         raise OptionsError("merge needs at least one input: A.safetensors:0.8 B.safetensors:0.5 ...")
     notes = [f"{s.path.name} has weight 0 and is left out" for s in srcs if s.weight == 0]
     live = [s for s in srcs if s.weight != 0]
     if not live:
         raise OptionsError("every input has weight 0: nothing to merge")
-    dst = Path(dst)
+    dst = local_path(dst, "output")
     device = opts.resolve_device()
     with ExitStack() as stack:
         readers, layouts = [], []

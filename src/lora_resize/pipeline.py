@@ -51,6 +51,17 @@ def check_output_path(src: Path, dst: Path) -> None:
 ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapter_model.bin")
 
 
+def local_path(x: str | os.PathLike, role: str) -> Path:
+    """`x` as a local path; a URL is refused with a message (only `batch` reads and writes URLs)."""
+    text = os.fspath(x)
+    if "://" in text:
+        error, what = ((InputFileError, "copy the file here first") if role == "input" else
+                       (OutputFileError, "write a local file and upload it"))
+        raise error(f"{role} {text} is a URL; only `lora-resize batch` reads and writes URLs (fsspec): {what}, or "
+                    "run batch on its folder")
+    return Path(text)
+
+
 def resolve_input(path: Path) -> Path:
     """A LoRA file, or a folder holding one (a PEFT/diffusers adapter folder): the tensor file to read."""
     if not path.is_dir():
@@ -262,7 +273,7 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     Raises: OptionsError, InputFileError, LoraStructureError, NumericalError, OutputFileError."""
     t0 = time.perf_counter()
     opts = as_options(options, option_fields)
-    src, dst = resolve_input(Path(src)), Path(dst)
+    src, dst = resolve_input(local_path(src, "input")), local_path(dst, "output")
     # CHECKS: options, paths, the file's header and every module's shapes, before any computation.
     device = opts.resolve_device()
     reader = open_tensor_file(src)
