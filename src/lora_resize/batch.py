@@ -19,7 +19,7 @@ from .options import ResizeOptions
 from .parallel import available_cores
 from .report import strict_json
 from .tensorfile import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
-from .storage import Folder, local_input, local_output
+from .storage import Folder, local_input, local_output, sha256_of
 from .writer import TMP_PREFIX, remove_stale_partials
 
 MANIFEST = "lora-resize-manifest.json"
@@ -129,6 +129,8 @@ def resize_file(src: str, dst: str, options: dict, threads: int) -> dict:
     try:
         with local_input(src) as local_src, local_output(dst) as local_dst:
             row.in_bytes = local_src.stat().st_size
+            with open(local_src, "rb") as f:
+                row.input_sha256 = sha256_of(f)  # here, in parallel, not in the scheduling process
             result = resize(local_src, local_dst, ResizeOptions(**{**options, "threads": threads}))
         worst = result.min_fro
         row.status, row.format, row.out_bytes = "ok", result.format, result.output_bytes
@@ -192,28 +194,26 @@ def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: Re
         out_rel = Path(rel).with_suffix(".safetensors").as_posix()
         if dst_root.local and (dst_root.root / out_rel).parent.is_dir():
             remove_stale_partials(dst_root.root / out_rel)  # left by a run killed while writing this file
-        digest = src_root.sha256(rel)
         old = manifest.get(rel)
-        if (not force and old and old.get("status") == "ok" and old.get("input_sha256") == digest
-                and old.get("options_key") == key and dst_root.exists(out_rel)):
+        if (not force and old and old.get("status") == "ok" and old.get("options_key") == key
+                and dst_root.exists(out_rel) and old.get("input_sha256") == src_root.sha256(rel)):
             result.files.append(FileResult(**{**old, "status": "skipped"}))
             continue
-        todo.append((rel, dst_root.location(out_rel), digest, src_root.size(rel)))
+        todo.append((rel, dst_root.location(out_rel), src_root.size(rel)))  # the worker hashes the input
     threads = max(1, available_cores() // max(1, min(workers, len(todo) or 1)))
     opts = {k: v for k, v in vars(options).items() if k != "threads"}
-    tasks = [(src_root.location(rel), dst, size) for rel, dst, _, size in todo]
+    tasks = [(src_root.location(rel), dst, size) for rel, dst, size in todo]
     if dask is not None:
-        done_iter = _schedule_dask(tasks, [digest for _, _, digest, _ in todo], opts, dask, options.threads or 1)
+        done_iter = _schedule_dask(tasks, key, opts, dask, options.threads or 1)
     else:
         done_iter = _schedule(tasks, opts, workers, threads, max_memory)
     if progress is not None:
         done_iter = progress(done_iter, len(todo))
     for i, entry in done_iter:
-        rel, _, digest, _ = todo[i]
-        entry.update(file=rel, input_sha256=digest, options_key=key)
+        entry.update(file=todo[i][0], options_key=key)
         row = FileResult(**entry)
         result.files.append(row)
-        manifest[rel] = asdict(row)
+        manifest[row.file] = asdict(row)
         save_manifest(dst_root, src_root, manifest)
         if on_file:
             on_file(row)
@@ -268,7 +268,7 @@ def _schedule(tasks, opts, workers, threads, max_memory):
                 yield i, entry
 
 
-def _schedule_dask(tasks, digests, opts, dask, threads):
+def _schedule_dask(tasks, options_key, opts, dask, threads):
     """Yield (task index, entry) as the cluster finishes files. A task lost with a worker is run again elsewhere
     by Dask; outputs are written atomically (or uploaded whole), so a file is never left half-written."""
     try:
@@ -282,8 +282,8 @@ def _schedule_dask(tasks, digests, opts, dask, threads):
         raise OptionsError(f"cannot reach the Dask scheduler at {dask}: {e}") from None
     try:
         futures = {client.submit(resize_file, src, dst, opts, threads, pure=False, retries=3,
-                                 key=f"lora-resize-{digest[:16]}-{hashlib.sha1(dst.encode()).hexdigest()[:8]}"): i
-                   for i, ((src, dst, _), digest) in enumerate(zip(tasks, digests))}
+                                 key=f"lora-resize-{options_key}-{hashlib.sha1(dst.encode()).hexdigest()[:16]}"): i
+                   for i, (src, dst, _) in enumerate(tasks)}
         for fut in as_completed(futures):
             i = futures[fut]
             try:

@@ -71,11 +71,8 @@ class Folder:
         return open(self.root / rel, "rb") if self.local else self.fs.open(f"{self.root}/{rel}", "rb")
 
     def sha256(self, rel: str) -> str:
-        h = hashlib.sha256()
         with self.open(rel) as f:
-            for chunk in iter(lambda: f.read(CHUNK), b""):
-                h.update(chunk)
-        return h.hexdigest()
+            return sha256_of(f)
 
     def read_text(self, rel: str) -> str | None:
         try:
@@ -91,6 +88,14 @@ class Folder:
                 tmp.write_text(text)
         else:
             self.fs.pipe_file(f"{self.root}/{rel}", text.encode())
+
+
+def sha256_of(f) -> str:
+    """Hex sha256 of what is left to read in the binary file `f`, read in chunks."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(CHUNK), b""):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def url_filesystem(url: str):
