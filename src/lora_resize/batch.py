@@ -18,7 +18,7 @@ from .errors import LoraResizeError, OptionsError
 from .options import ResizeOptions
 from .parallel import available_cores
 from .report import strict_json
-from .tensorfile import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+from .tensorfile import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, claimed_header_length
 from .storage import Folder, local_input, local_output, sha256_of
 from .writer import TMP_PREFIX, remove_stale_partials
 
@@ -75,11 +75,6 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def looks_like_safetensors(head: bytes, size: int) -> bool:
-    """Content check for files without a LoRA extension: an 8-byte length then a JSON object that fits."""
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size
-
-
 def discover(folder: Folder | str | os.PathLike) -> list[str]:
     """LoRA files under a folder (local or URL), recursively, as sorted relative paths: every file with a LoRA
     extension (a damaged one is reported, never skipped), and files with other names whose content is
@@ -96,10 +91,11 @@ def discover(folder: Folder | str | os.PathLike) -> list[str]:
 
 
 def _content_is_safetensors(folder: Folder, rel: str) -> bool:
+    """Content check for files without a LoRA extension: a safetensors start whose header fits the file."""
     try:
         with folder.open(rel) as f:
-            head = f.read(9)
-        return looks_like_safetensors(head, folder.size(rel))
+            n = claimed_header_length(f.read(9))
+        return n is not None and n < folder.size(rel)
     except OSError:
         return False
 

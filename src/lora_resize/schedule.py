@@ -48,11 +48,6 @@ def decompose_layers(named: list[tuple[str, LowRankLayer]], device: torch.device
     return decs
 
 
-def decompose_layer(name: str, layer: LowRankLayer, device: torch.device) -> Decomposition:
-    """`decompose_layers` for one layer."""
-    return decompose_layers([(name, layer)], device)[0]
-
-
 def through_engine(units: list[Loadable], device: torch.device, start: Callable[[Loadable, LowRankLayer,
                    Decomposition], H], finish: Callable[[H], X], threads: int | None = None,
                    progress: Progress | None = None) -> Iterator[X]:

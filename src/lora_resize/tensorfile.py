@@ -154,14 +154,20 @@ def looks_like_pickle(head: bytes) -> bool:
                                                                                      b"\x05"))
 
 
+def claimed_header_length(head: bytes) -> int | None:
+    """The header length claimed by a file whose first 9 bytes are `head`, if they start like safetensors (a
+    length field, then the header's opening brace); None otherwise."""
+    return int.from_bytes(head[:8], "little") if len(head) == 9 and head[8:] == b"{" else None
+
+
 def looks_like_safetensors(path: Path) -> bool:
     """A plausible safetensors start: a length field within limits, then the header's opening brace."""
     try:
         with open(path, "rb") as f:
-            head = f.read(9)
+            n = claimed_header_length(f.read(9))
     except OSError:
         return False
-    return len(head) == 9 and int.from_bytes(head[:8], "little") <= MAX_HEADER_BYTES and head[8:] == b"{"
+    return n is not None and n <= MAX_HEADER_BYTES
 
 
 def is_unicode(s: str) -> bool:
