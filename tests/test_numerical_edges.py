@@ -184,6 +184,14 @@ def _scale(factor_up: float, factor_down: float):
     return edit
 
 
+def _rank4_error(capsys, src, dst, sd, precision: str) -> float:
+    """Resize src to rank 4 at `precision` (report and output checked): the relative error of the output's layer
+    to the best rank-4 approximation of sd's."""
+    _check_report(_report(capsys, src, dst, "--rank", "4", "--precision", precision))
+    o = _check_output(dst)
+    return rel_err(dense_dw(o, NAME), best_rank_k(dense_dw(sd, NAME), 4))
+
+
 def test_fp16_overflow_on_save_is_refused(tmp_path, capsys):
     src, sd = _lora(tmp_path, [Spec(NAME, 24, 20, 8, alpha=8.0), Spec(OTHER, 16, 12, 6)], edit=_scale(1e6, 1e6))
     dst = tmp_path / "out.safetensors"
@@ -195,10 +203,7 @@ def test_fp16_overflow_on_save_is_refused(tmp_path, capsys):
     assert dst.read_bytes() == b"previous"
     # the advice works: float (and bf16's wider range) hold it
     for prec, tol in (("float", 1e-5), ("bf16", 2e-2)):
-        rep = _report(capsys, src, dst, "--rank", "4", "--precision", prec)
-        _check_report(rep)
-        o = _check_output(dst)
-        assert rel_err(dense_dw(o, NAME), best_rank_k(dense_dw(sd, NAME), 4)) < tol
+        assert _rank4_error(capsys, src, dst, sd, prec) < tol
 
 
 @pytest.mark.parametrize("up,down", [(1e6, 1e-6), (1e-6, 1e6), (3e4, 3e4 ** -1)])
@@ -206,20 +211,14 @@ def test_unbalanced_factors_fit_fp16_after_the_split(tmp_path, capsys, up, down)
     # the input's up (or down) alone overflows fp16, but dW is moderate: sqrt(S) on each side fits
     src, sd = _lora(tmp_path, [Spec(NAME, 24, 20, 8, alpha=8.0)], edit=_scale(up, down))
     dst = tmp_path / "out.safetensors"
-    rep = _report(capsys, src, dst, "--rank", "4", "--precision", "fp16")
-    _check_report(rep)
-    o = _check_output(dst)
-    assert rel_err(dense_dw(o, NAME), best_rank_k(dense_dw(sd, NAME), 4)) < 5e-3
+    assert _rank4_error(capsys, src, dst, sd, "fp16") < 5e-3
 
 
 @pytest.mark.parametrize("mag", [1e18, 1e30])
 def test_huge_float32_values_resize_exactly_in_float(tmp_path, capsys, mag):
     src, sd = _lora(tmp_path, [Spec(NAME, 24, 20, 8, alpha=8.0)], edit=_scale(mag, mag))
     dst = tmp_path / "out.safetensors"
-    rep = _report(capsys, src, dst, "--rank", "4", "--precision", "float")
-    _check_report(rep)
-    o = _check_output(dst)
-    assert rel_err(dense_dw(o, NAME), best_rank_k(dense_dw(sd, NAME), 4)) < 1e-5
+    assert _rank4_error(capsys, src, dst, sd, "float") < 1e-5
 
 
 @pytest.mark.parametrize("mag", [1e160, 1e300])
