@@ -120,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress(quiet: bool, desc: str):
+def _progress(quiet: bool, desc: str, unit: str = "layer"):
     from tqdm import tqdm
 
     def wrap(iterable, total):
-        return tqdm(iterable, total=total, desc=desc, unit="layer", file=sys.stderr, leave=False,
+        return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
                     disable=quiet or not sys.stderr.isatty())
     return wrap
 

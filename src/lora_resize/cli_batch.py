@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_batch(args.in_dir, args.out_dir, opts, workers=args.workers, max_memory=budget, force=args.force,
                        dask=args.dask,
-                       progress=_progress(args.quiet, "files"), on_file=status)
+                       progress=_progress(args.quiet, "files", unit="file"), on_file=status)
     if args.json:
         from dataclasses import asdict
 
