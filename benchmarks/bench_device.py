@@ -30,8 +30,9 @@ import torch
 
 from common import ensure_flux_lora, ensure_sd15_locon, warm  # benchmarks/common.py
 
-from lora_resize import resize, schedule
-from lora_resize.tensorfile import open_tensor_file
+from lora_resize import resize
+from lora_resize.core import schedule
+from lora_resize.io.reader import open_tensor_file
 
 ONE_LAYER = (1, 1)  # window bytes (and alone-above size) that put every layer in a window of its own
 

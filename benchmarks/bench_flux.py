@@ -21,7 +21,7 @@ import torch
 
 from common import ensure_flux_lora, run_cli, warm  # benchmarks/common.py: the CLI in a fresh process, its own VmHWM
 
-from lora_resize.tensorfile import open_tensor_file
+from lora_resize.io.reader import open_tensor_file
 
 def reference_check(src: Path, dst: Path) -> float:
     """Worst relative Frobenius error, over one layer per distinct shape, of our output's dW against the best

@@ -20,8 +20,8 @@ from pathlib import Path
 from common import run_cli, warm
 
 MAKE = ("import sys, torch\n"
-        "from lora_resize.archs import wan21, lora_state_dict\n"
-        "from lora_resize.writer import write_safetensors\n"
+        "from lora_resize.testing.archs import wan21; from lora_resize.testing.loras import lora_state_dict\n"
+        "from lora_resize.io.writer import write_safetensors\n"
         "sd = lora_state_dict(wan21(), 'kohya', rank=int(sys.argv[2]), alpha=64, dtype=getattr(torch, sys.argv[3]))\n"
         "write_safetensors(__import__('pathlib').Path(sys.argv[1]), sd, {'ss_network_dim': sys.argv[2]})\n")
 

@@ -22,7 +22,7 @@ import torch
 from common import ensure_sd15_locon, run_cli, warm
 
 from lora_resize.formats import detect
-from lora_resize.tensorfile import open_tensor_file
+from lora_resize.io.reader import open_tensor_file
 
 
 def dense_reference(layers: list[tuple[float, object]], k: int) -> torch.Tensor:

@@ -25,8 +25,8 @@ import torch
 from common import ensure_sd15_locon, run_cli, warm
 
 from lora_resize.formats import detect
-from lora_resize.tensorfile import open_tensor_file
-from lora_resize.writer import write_safetensors
+from lora_resize.io.reader import open_tensor_file
+from lora_resize.io.writer import write_safetensors
 
 
 

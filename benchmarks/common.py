@@ -31,7 +31,7 @@ def ensure_sd15_locon(path: Path, rank: int, conv_rank: int, seed: int = 0) -> P
     """Build the SD1.5 LoCon (alpha 32, conv alpha 16, fp16) in a child process, so this one stays small."""
     if not path.exists():
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import sys; from lora_resize.synth import write_sd15_locon; "
+        subprocess.run([sys.executable, "-c", "import sys; from lora_resize.testing.loras import write_sd15_locon; "
                         "write_sd15_locon(sys.argv[1], rank=int(sys.argv[2]), alpha=32, conv_rank=int(sys.argv[3]), "
                         "conv_alpha=16, seed=int(sys.argv[4]))", str(path), str(rank), str(conv_rank), str(seed)],
                        check=True)
@@ -41,9 +41,9 @@ def ensure_sd15_locon(path: Path, rank: int, conv_rank: int, seed: int = 0) -> P
 
 FLUX_BUILD = """
 import sys, torch
-from lora_resize import archs
-from lora_resize.synth import synth_factors
-from lora_resize.writer import write_safetensors
+from lora_resize.testing import archs, loras
+from lora_resize.testing.synth import synth_factors
+from lora_resize.io.writer import write_safetensors
 path, rank = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)

@@ -41,5 +41,9 @@ class NumericalError(LoraResizeError):
     """A layer holds NaN or Inf values, or a result cannot be represented in the save precision."""
 
 
+class DeviceError(LoraResizeError):
+    """The compute device cannot run the job (a layer does not fit in the GPU's memory)."""
+
+
 class OutputFileError(LoraResizeError):
     """The output path is unusable (the input itself, a directory, unwritable) or writing failed."""

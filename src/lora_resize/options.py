@@ -1,119 +1,229 @@
-"""One validated options object, shared by the CLI and the Python API."""
+"""One validated options object, shared by the CLI and the Python API, and the single source of truth for both:
+every field that a user sets carries its flags, help, choices and group in its metadata, and the CLI builds its
+arguments from them (cli/flags.py). The object is frozen: change a copy with `dataclasses.replace`, which
+validates again."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-import torch
+import numbers
+from dataclasses import InitVar, dataclass, field, fields, replace
 
 from .errors import OptionsError
-from .policies import RULES, get_policy
-from .rules import parse_rules, parse_size
+from .ranks.budgets import BUDGETS, Budget
+from .ranks.policies import RANK_RULES, dynamic_methods, get_policy
+from .ranks.rules import BlockRule, parse_rules
 
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+PRECISIONS = ("fp16", "bf16", "float")
 PRECISION_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "fp32": "float", "float32": "float"}
 DEVICES = ("auto", "cpu", "cuda")
+GROUPS = {"rank": "choosing ranks", "output": "output", "compute": "computation"}
 
 
-@dataclass
+def flag(*names: str, group: str, help: str, **argparse_kwargs) -> dict:
+    """Field metadata for a user-facing option: its CLI flags (modern first, sd-scripts spellings after), the
+    group it belongs to, its help and any further argparse settings. `choices` may be a callable (a registry)."""
+    return {"flags": names, "group": group, "help": help, "argparse": argparse_kwargs}
+
+
+@dataclass(frozen=True)
 class ResizeOptions:
-    """How to resize. `rank` is the fixed rank, or the cap of a dynamic method (None: no cap);
+    """How to resize. `rank` is the fixed rank, or the cap of a dynamic method or budget (None: no cap);
     `conv_rank` the same for 4-D (conv) layers, defaulting to `rank`; `precision` None keeps the input's dtype.
 
-    `block_rules`: per-block rules 'PATTERN=RANK' / 'PATTERN=cap:RANK' / 'PATTERN=drop' (see rules.py; first match
-    wins). `target_size` (bytes, or text such as '50MB') / `target_fro` (global Frobenius retained, scale-aware):
-    budget policies that choose every layer's rank together (no method then; `rank`/`conv_rank` still cap).
-    `ranks`: explicit ranks for named modules (what a budget plan fills in); they override rules and the method."""
-    rank: int | None = None
-    conv_rank: int | None = None
-    method: str | None = None
-    param: float | None = None
-    rule: str = "exact"
-    precision: str | None = None
-    device: str = "auto"
-    threads: int | None = None  # layers decomposed at once on the CPU; None: one per available core
-    block_rules: tuple = ()
-    target_size: int | str | None = None
-    target_fro: float | None = None
-    ranks: dict[str, int] | None = None
-    output_format: str | None = None  # write under another key family's names (formats/convert.py); None: same
+    `block_rules`: per-block rules 'PATTERN=RANK' / 'PATTERN=cap:RANK' / 'PATTERN=drop' (ranks/rules.py; first
+    match wins). `target_size` (bytes, or text such as '50MB' = 50 * 10^6 bytes) / `target_fro` (global Frobenius
+    retained, scale-aware): budgets that choose every layer's rank together (no method then; `rank`/`conv_rank`
+    still cap). `ranks`: explicit ranks for named modules (what a budget's plan fills in); they override rules and
+    the method. `rule=` is accepted as the old name of `rank_rule`.
 
-    def __post_init__(self) -> None:
+    Raises OptionsError for any invalid value or combination."""
+    rank: int | None = field(default=None, metadata=flag(
+        "--rank", "--new_rank", group="rank", type=int, metavar="N",
+        help="fixed rank, or the cap of a dynamic method or budget (sd-scripts form: default 4)"))
+    conv_rank: int | None = field(default=None, metadata=flag(
+        "--conv-rank", "--new_conv_rank", group="rank", type=int, metavar="N",
+        help="the same for conv (4-D) layers; default: --rank"))
+    method: str | None = field(default=None, metadata=flag(
+        "--method", "--dynamic_method", group="rank", choices=dynamic_methods,
+        help="choose each layer's rank from its singular values"))
+    param: float | None = field(default=None, metadata=flag(
+        "--param", "--dynamic_param", group="rank", type=float, metavar="X",
+        help="the method's parameter: sv_ratio >= 1; sv_cumulative, sv_fro in (0, 1]"))
+    rank_rule: str = field(default="exact", metadata=flag(
+        "--rank-rule", group="rank", choices=lambda: RANK_RULES,
+        help="exact: smallest rank meeting the criterion (default); kohya: sd-scripts v0.10.1's choice, "
+             "off-by-one included"))
+    precision: str | None = field(default=None, metadata=flag(
+        "--precision", "--save_precision", group="output", choices=lambda: PRECISIONS,
+        help="output dtype; default: the input's (sd-scripts defaults to float)"))
+    device: str = field(default="auto", metadata=flag(
+        "--device", group="compute", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)"))
+    threads: int | None = field(default=None, metadata=flag(
+        "--threads", group="compute", type=int, metavar="N",
+        help="layers to decompose at once on the CPU (default: one per core)"))
+    block_rules: tuple = field(default=(), metadata=flag(
+        "--rule", group="rank", action="append", metavar="PATTERN=SPEC",
+        help="per-block rule, repeatable, first match wins: 'PATTERN=RANK' (fixed rank), 'PATTERN=cap:RANK' (the "
+             "method with this cap) or 'PATTERN=drop' (leave the module out); PATTERN is a glob over module "
+             "names, e.g. 'lora_te_*=8', '*attn2*=cap:64'"))
+    target_size: int | str | None = field(default=None, metadata=flag(
+        "--target-size", group="rank", metavar="SIZE",
+        help="budget: the best global fidelity whose file fits SIZE (50MB = 50 x 10^6 bytes, 48MiB = 48 x 2^20, "
+             "or bytes); ranks allocated across layers by kept energy per byte; --rank caps"))
+    target_fro: float | None = field(default=None, metadata=flag(
+        "--target-fro", group="rank", type=float, metavar="X",
+        help="budget: the smallest ranks whose global Frobenius retention (all layers together, scaled by "
+             "alpha/rank) reaches X in (0, 1]; --rank caps"))
+    ranks: dict[str, int] | None = None
+    output_format: str | None = field(default=None, metadata=flag(
+        "--output-format", group="output", choices="conversions",
+        help="write under another key family's names where the mapping is defined"))
+    rule: InitVar[str | None] = None
+
+    def __post_init__(self, rule: str | None) -> None:
+        def put(name: str, value) -> None:
+            object.__setattr__(self, name, value)
+
+        if rule is not None:
+            if self.rank_rule != "exact" and self.rank_rule != rule:
+                raise OptionsError("give the rank rule once: rank_rule= (rule= is its old name)")
+            put("rank_rule", rule)
         if self.method in (None, "", "fixed", "none"):
-            self.method = None
-        self.block_rules = parse_rules(self.block_rules)
-        if self.target_size is not None and self.target_fro is not None:
-            raise OptionsError("give one budget: --target-size or --target-fro, not both")
-        if self.target_size is not None:
-            self.target_size = parse_size(self.target_size)
-        if self.target_fro is not None:
-            try:
-                self.target_fro = float(self.target_fro)
-            except (TypeError, ValueError):
-                raise OptionsError(f"--target-fro must be a number in (0, 1], got {self.target_fro!r}") from None
-            if not 0 < self.target_fro <= 1:
-                raise OptionsError(f"--target-fro must be in (0, 1] (e.g. 0.95), got {self.target_fro}")
-        if self.has_target and (self.method is not None or self.param is not None):
-            raise OptionsError("--target-size/--target-fro choose every layer's rank themselves: drop --method and "
-                               "--param (--rank and --conv-rank still cap each layer)")
+            put("method", None)
+        put("block_rules", parse_rules(self.block_rules))
+        given = [b for b in BUDGETS.values() if getattr(self, b.name) is not None]
+        if len(given) > 1:
+            raise OptionsError(f"give one budget: {' or '.join(b.flag for b in given)}, not both")
+        for b in given:
+            put(b.name, b.parse(getattr(self, b.name)))
+        if given and (self.method is not None or self.param is not None):
+            raise OptionsError(f"{given[0].flag} chooses every layer's rank itself: drop --method and --param "
+                               "(--rank and --conv-rank still cap each layer)")
         if self.ranks is not None:
             if not isinstance(self.ranks, dict):
                 raise OptionsError(f"ranks must map module names to ranks, got {type(self.ranks).__name__}")
-            bad = {k: v for k, v in self.ranks.items()
-                   if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1}
+            bad = {k: v for k, v in self.ranks.items() if not _whole_at_least_one(v)}
             if bad:
                 k, v = next(iter(bad.items()))
                 raise OptionsError(f"ranks[{k!r}] must be a whole number >= 1, got {v!r}")
-            self.ranks = {str(k): int(v) for k, v in self.ranks.items()}
+            put("ranks", {str(k): int(v) for k, v in self.ranks.items()})
         policy = get_policy(self.method)
-        for flag, value in (("rank", self.rank), ("conv rank", self.conv_rank)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise OptionsError(f"{flag} must be a whole number >= 1, got {value!r}")
+        for name, value in (("rank", self.rank), ("conv rank", self.conv_rank)):
+            if value is not None and not _whole_at_least_one(value):
+                raise OptionsError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.conv_rank is None:
-            self.conv_rank = self.rank
+            put("conv_rank", self.rank)
         if policy.needs_param:
             if self.param is None:
                 raise OptionsError(f"method {policy.name} needs a parameter: add --param X (--dynamic_param X)")
             try:
-                self.param = float(self.param)
+                put("param", float(self.param))
             except (TypeError, ValueError):
                 raise OptionsError(f"--param must be a number, got {self.param!r}") from None
             why = policy.check_param(self.param)
             if why:
                 raise OptionsError(f"--param {self.param} for {policy.name} {why}")
         else:
-            if self.rank is None and not self.has_target and not self.ranks:
+            if self.rank is None and not given and not self.ranks:
                 raise OptionsError("give a rank (--rank N), a dynamic method (--method sv_fro --param 0.9) or a "
                                    "budget (--target-size 50MB, --target-fro 0.95)")
             if self.param is not None:
                 raise OptionsError("--param is only used with a dynamic method (--method sv_ratio|sv_cumulative|sv_fro)")
-        if self.rule not in RULES:
-            raise OptionsError(f"rank rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.rank_rule not in RANK_RULES:
+            raise OptionsError(f"rank rule must be one of {', '.join(RANK_RULES)}, got {self.rank_rule!r}")
         if self.precision is not None:
             p = PRECISION_ALIASES.get(self.precision, self.precision)
             if p not in PRECISIONS:
-                raise OptionsError(f"precision must be one of fp16, bf16, float, got {self.precision!r}")
-            self.precision = p
-        if self.output_format not in (None, "kohya", "peft", "diffusers"):
-            raise OptionsError(f"--output-format must be kohya, peft or diffusers, got {self.output_format!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+                raise OptionsError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            put("precision", p)
+        if self.output_format is not None and not isinstance(self.output_format, str):
+            raise OptionsError(f"--output-format must be a layout name, got {self.output_format!r}")
+        if self.threads is not None and not _whole_at_least_one(self.threads):
             raise OptionsError(f"threads must be a whole number >= 1, got {self.threads!r}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise OptionsError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
     @property
+    def budget(self) -> tuple[Budget, object] | None:
+        """The budget that chooses the ranks, with its value, or None."""
+        for b in BUDGETS.values():
+            if getattr(self, b.name) is not None:
+                return b, getattr(self, b.name)
+        return None
+
+    @property
     def has_target(self) -> bool:
-        """A budget policy (--target-size or --target-fro) chooses the ranks."""
-        return self.target_size is not None or self.target_fro is not None
+        """A budget (--target-size or --target-fro) chooses the ranks."""
+        return self.budget is not None
+
+    @property
+    def dynamic(self) -> bool:
+        """Ranks may differ from layer to layer (a method, a budget or rank rules)."""
+        return (self.method is not None or self.budget is not None
+                or any(r.action != "drop" for r in self.block_rules))
 
     def cap_for(self, conv: bool) -> int | None:
         """The rank (fixed) or cap (dynamic) for a linear or a conv layer."""
         return self.conv_rank if conv else self.rank
 
-    def resolve_device(self) -> torch.device:
-        """The torch device to compute on; 'auto' picks CUDA when it is available."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise OptionsError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
-        return torch.device(self.device)
+    def with_setting(self, **setting) -> "ResizeOptions":
+        """A copy with another rank setting (method + param, a fixed rank, a budget or explicit ranks) and the
+        same rank rule, caps, precision, block rules, device, threads and output format; validated again."""
+        cleared = dict(method=None, param=None, ranks=None, **{b: None for b in BUDGETS})
+        return replace(self, **{**cleared, **setting})
+
+    def label(self) -> str:
+        """A short label of the setting: 'sv_ratio 8, cap 128', 'rank 32 (conv 16)', 'target_size 50.0 MB'."""
+        budget = self.budget
+        if budget is not None:
+            s = budget[0].describe(budget[1])
+        elif self.method:
+            s = f"{self.method} {self.param:g}"
+        else:
+            s = f"rank {self.rank}"
+            if self.conv_rank != self.rank:
+                s += f" (conv {self.conv_rank})"
+            return s
+        if self.rank is not None:
+            s += f", cap {self.rank}" + (f"/{self.conv_rank}" if self.conv_rank != self.rank else "")
+        elif self.conv_rank is not None:
+            s += f", conv cap {self.conv_rank}"
+        return s
+
+    def flags(self) -> str:
+        """The `lora-resize resize` flags that give this setting."""
+        a = []
+        budget = self.budget
+        if budget is not None:
+            a.append(f"{budget[0].flag} {budget[0].flag_value(budget[1])}")
+        elif self.method:
+            a.append(f"--method {self.method} --param {self.param:g}")
+        if self.rank is not None:
+            a.append(f"--rank {self.rank}")
+        if self.conv_rank is not None and self.conv_rank != self.rank:
+            a.append(f"--conv-rank {self.conv_rank}")
+        if self.rank_rule != "exact":
+            a.append(f"--rank-rule {self.rank_rule}")
+        if self.precision:
+            a.append(f"--precision {self.precision}")
+        a += [f"--rule '{r}'" for r in self.block_rules]
+        if self.output_format:
+            a.append(f"--output-format {self.output_format}")
+        return " ".join(a)
+
+    def as_dict(self) -> dict:
+        """The fields as plain data (block rules as text), for JSON and records."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["block_rules"] = [str(r) for r in self.block_rules]
+        return d
+
+
+def _whole_at_least_one(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+
+
+def option_fields() -> list:
+    """The user-facing fields (those with flags), in declaration order."""
+    return [f for f in fields(ResizeOptions) if "flags" in f.metadata]
+
+
+__all__ = ["ResizeOptions", "BlockRule", "PRECISIONS", "DEVICES", "GROUPS", "option_fields"]

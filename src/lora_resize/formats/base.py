@@ -1,76 +1,76 @@
-"""What every key family provides: modules found in a file's keys, turned into an up/down pair to decompose,
-and written back in the same family's keys."""
+"""What every key family provides. A family is pure: `parse` groups a file's keys into modules (reading no tensor
+data), a module's `load` turns its tensors into a low-rank layer, `emit` turns new factors into its output tensors
+and returns them (nothing else), and the layout derives what else the output needs from the new ranks
+(`side_outputs`: metadata entries, companion files) as data that io writes."""
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
-from ..tensorfile import TensorInfo, TensorSource
-
-
-@dataclass
-class LowRankLayer:
-    """dW = scale * up @ down, with up (out x r) and down (r x in*kh*kw) as matrices. `kernel` is (kh, kw) for a
-    conv layer, None for a linear one; `alpha` is the stored alpha (None when the file has none)."""
-    up: torch.Tensor
-    down: torch.Tensor
-    alpha: float | None
-    kernel: tuple[int, int] | None
-    in_channels: int
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank as sd-scripts computes it (float32 arithmetic), 1.0 without alpha."""
-        return 1.0 if self.alpha is None else float(torch.tensor(self.alpha, dtype=torch.float32) / self.rank)
+from ..core.layer import LowRankLayer
+from ..core.truncate import NewFactors
+from ..io.metadata import SideOutputs
+from ..io.reader import TensorInfo, TensorSource
 
 
 @dataclass
 class Module(ABC):
-    """One adapted layer of a LoRA file: its display name and the input keys it owns."""
+    """One adapted layer of a LoRA file: its display name and the input keys it owns. `output_scale`: None when
+    the output stores an alpha (the loader applies alpha / rank), else the fixed scale the output's loader applies
+    whatever the rank (a PEFT config's scale, or 1 for a family without alphas); the new factors absorb it."""
     name: str
     keys: list[str] = field(default_factory=list)
+
+    @property
+    def output_scale(self) -> float | None:
+        return None
 
     @abstractmethod
     def load(self, src: TensorSource) -> LowRankLayer:
         """Read this module's tensors and return its low-rank form (raises LoraStructureError on bad shapes)."""
 
     @abstractmethod
-    def emit(self, layer: LowRankLayer, up: torch.Tensor, down: torch.Tensor, alpha: torch.Tensor
-             ) -> dict[str, torch.Tensor]:
-        """Output tensors, keyed in this module's family, for new matrix factors and a 0-d alpha tensor."""
+    def emit(self, new: NewFactors) -> dict[str, torch.Tensor]:
+        """The output tensors of this module, keyed in its family, for its new factors (works on meta tensors)."""
 
 
 @dataclass
 class Layout:
-    """A file's content as a key family sees it: its modules, the keys it leaves alone, and notes for the user
-    (e.g. kept DoRA magnitudes, modules of kinds that cannot be resized). A family that writes more than the
-    tensors (a sidecar config, a metadata entry) subclasses it and overrides the two hooks."""
+    """A file's content as a key family sees it: its modules, the keys it copies unchanged (`passthrough`), what
+    it knows those to be (`known`: key -> kind, e.g. 'DoRA magnitude'; a passthrough key not in it is an unknown
+    tensor) and notes for the user. Families that derive more than tensors from the new ranks override
+    `side_outputs`."""
     format: str
     modules: list[Module]
     passthrough: list[str]
     notes: list[str] = field(default_factory=list)
+    known: dict[str, str] = field(default_factory=dict)
 
-    def finish_metadata(self, meta: dict[str, str], rows: list) -> None:
-        """Adjust the output's metadata in place before it is written (rows: the LayerResults)."""
-
-    def write_sidecars(self, dst: Path, rows: list) -> list[str]:
-        """Write companion files beside `dst` after it is written (atomically); return notes for the user."""
-        return []
+    def side_outputs(self, rows: Sequence) -> SideOutputs:
+        """Metadata entries and companion files for the new ranks (`rows`: the LayerResults, by module name)."""
+        return SideOutputs()
 
 
 class Format(ABC):
-    """A key family (kohya, PEFT, ...). Registered in formats/__init__.py; detect() picks the best claimant."""
+    """A key family (kohya, PEFT, ...), registered in formats/__init__.py; detect() picks the family that claims
+    most keys, ties going to the higher `priority`. `markers` match keys that are part of this family's modules:
+    a key any family marks that the chosen family leaves unowned and unknown is an error, never copied silently.
+    `covers`: families whose keys this one also reads and writes (lycoris reads kohya's)."""
     name: str
+    title: str = ""  # the name people know it by, for messages
     example: str = ""  # one key of this family, for the "no LoRA layers found" message
-    covers: tuple[str, ...] = ()  # families whose keys this one also handles (and may pass through on purpose)
+    priority: int = 0
+    covers: tuple[str, ...] = ()
+    markers: tuple[re.Pattern, ...] = ()
+
+    def marks(self, key: str) -> bool:
+        """`key` looks like part of one of this family's modules."""
+        return any(m.search(key) for m in self.markers)
 
     @abstractmethod
     def claims(self, infos: Mapping[str, TensorInfo]) -> int:

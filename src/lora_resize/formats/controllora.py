@@ -2,19 +2,23 @@
 ControlNet weights that are copied unchanged (and the `lora_controlnet` marker key)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Mapping
 
-from ..tensorfile import TensorInfo
+from ..io.reader import TensorInfo
 from .base import Format, Layout
-from .peft import ABModule, check_leftovers, find_pairs
+from .pairs import PairModule, find_pairs
 
 FORM = (".down", ".up")
 
 
 class ControlLora(Format):
     name = "controllora"
+    title = "ControlLoRA"
     example = "<module>.down / <module>.up"
+    priority = 0
+    markers = (re.compile(r"\.(down|up)$"),)
 
     def claims(self, infos: Mapping[str, TensorInfo]) -> int:
         return sum(1 for k in infos if k.endswith(FORM))
@@ -22,7 +26,6 @@ class ControlLora(Format):
     def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
               ) -> Layout:
         pairs, owned = find_pairs(infos, [k for k in infos if k.endswith(FORM)], [FORM])
-        check_leftovers(infos, owned, "ControlLoRA")
-        modules = [ABModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []), p.down_key,
-                            p.up_key, p.alpha_key) for p in pairs]
+        modules = [PairModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []), p.down_key,
+                              p.up_key, p.alpha_key, p.alpha_key is not None) for p in pairs]
         return Layout(self.name, modules, [k for k in infos if k not in owned])

@@ -12,13 +12,13 @@ import re
 from dataclasses import dataclass
 
 from ..errors import LoraStructureError, OptionsError
-from . import key_family
+from ..io.metadata import SideOutputs
 from .base import Layout, Module
-from .kohya import ALPHA, DOWN, UP, KohyaModule
+from .diffusers import METADATA_KEY
+from .kohya import DOWN, kohya_module
 
-TARGETS = ("kohya", "peft", "diffusers")
+OUTPUT_FORMATS = ("kohya",)  # the layouts --output-format can write (from the layouts listed in `convert`)
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-DIFFUSERS_METADATA = "lora_adapter_metadata"
 
 
 @dataclass
@@ -27,18 +27,22 @@ class Renamed(Module):
     source: Module | None = None
     target: Module | None = None
 
+    @property
+    def output_scale(self) -> float | None:
+        return self.target.output_scale
+
     def load(self, src):
         return self.source.load(src)
 
-    def emit(self, layer, up, down, alpha):
-        return self.target.emit(layer, up, down, alpha)
+    def emit(self, new):
+        return self.target.emit(new)
 
 
 class ConvertedLayout(Layout):
     """The converted modules; the source family's own metadata entry is dropped (it describes the old keys)."""
 
-    def finish_metadata(self, meta: dict[str, str], rows: list) -> None:
-        meta.pop(DIFFUSERS_METADATA, None)
+    def side_outputs(self, rows) -> SideOutputs:
+        return SideOutputs(metadata={METADATA_KEY: None})
 
 
 def kohya_name(name: str, two_text_encoders: bool) -> str:
@@ -60,9 +64,11 @@ def kohya_name(name: str, two_text_encoders: bool) -> str:
     return prefix + path.replace(".", "_")
 
 
-def convert(layout: Layout, target: str | None) -> Layout:
-    """`layout` with its modules written under `target`'s key names (None or the same family: unchanged)."""
-    if target is None or key_family(layout.format) == target:
+def convert(layout: Layout, target: str | None, family: str) -> Layout:
+    """`layout` with its modules written under `target`'s key names (None or the layout's own key `family`:
+    unchanged). Raises OptionsError for a direction that is not defined, LoraStructureError for modules that
+    have no name in the target."""
+    if target is None or family == target:
         return layout
     if target != "kohya" or layout.format != "diffusers":
         raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: only diffusers "
@@ -78,7 +84,7 @@ def convert(layout: Layout, target: str | None) -> Layout:
         if k in seen:
             raise LoraStructureError(f"{m.name} and {seen[k]} both map to the kohya name {k}")
         seen[k] = m.name
-        modules.append(Renamed(k, list(m.keys), m, KohyaModule(k, [], k + DOWN, k + UP, k + ALPHA)))
+        modules.append(Renamed(k, list(m.keys), m, kohya_module(k, [], False)))
     modules.sort(key=lambda m: m.name + DOWN)
     notes = list(layout.notes) + [f"key names converted from {layout.format} to {target}"]
     return ConvertedLayout(target, modules, [], notes)

@@ -10,15 +10,18 @@ for the new ranks, so diffusers rebuilds each module at its new rank and scale."
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from ..errors import LoraStructureError
-from ..tensorfile import TensorInfo
+from ..io.metadata import SideOutputs
+from ..io.reader import TensorInfo
 from .base import Format, Layout
-from .peft import (EMBEDDING_FORM, LINEAR_FORM, MAGNITUDES, PEFT_PREFIX, ABModule, ScaleConfig, check_leftovers,
-                   dora_note, find_pairs, magnitudes, rewritten_config)
+from .pairs import MAGNITUDES, PairModule, dora_note, find_pairs, magnitudes
+from .peft import (EMBEDDING_FORM, LINEAR_FORM, LORA_BIAS, MARKERS, PEFT_PREFIX, ScaleConfig, config_entries,
+                   rewritten_config)
 
 METADATA_KEY = "lora_adapter_metadata"
 FORMS = [LINEAR_FORM, (".lora.down.weight", ".lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"),
@@ -57,34 +60,30 @@ def split_component(name: str, comps: Mapping[str, dict]) -> tuple[str | None, s
 
 @dataclass
 class DiffusersLayout(Layout):
+    """A diffusers file's modules and the PEFT configs of its metadata, by component."""
     configs: dict = field(default_factory=dict)   # component -> PEFT config dict
     original: str | None = None                   # the metadata JSON as read
-    sink: dict = field(default_factory=dict)
-    where: dict = field(default_factory=dict)     # module name -> (component, path)
 
-    def finish_metadata(self, meta: dict[str, str], rows: list) -> None:
+    def side_outputs(self, rows) -> SideOutputs:
         if not self.configs:
-            return
-        entries: dict[str, list] = {c: [] for c in self.configs}
-        for row in rows:
-            comp, path = self.where.get(row.name, (None, row.name))
-            if comp is None:
-                continue
-            k, a = self.sink.get(row.name, (row.new_rank, row.new_alpha))
-            entries[comp].append((path, k, a))
+            return SideOutputs()
         if "" in self.configs:
-            out = rewritten_config(self.configs[""], entries[""], bool(self.configs[""].get("use_rslora")))
+            cfg = self.configs[""]
+            out = rewritten_config(cfg, config_entries(self.modules, rows, ""), bool(cfg.get("use_rslora")))
         else:
             out = json.loads(self.original)
             for comp, cfg in self.configs.items():
-                new = rewritten_config(cfg, entries[comp], bool(cfg.get("use_rslora")))
+                new = rewritten_config(cfg, config_entries(self.modules, rows, comp), bool(cfg.get("use_rslora")))
                 out.update({f"{comp}.{k}": v for k, v in new.items()})
-        meta[METADATA_KEY] = json.dumps(out, indent=2, sort_keys=True)
+        return SideOutputs(metadata={METADATA_KEY: json.dumps(out, indent=2, sort_keys=True)})
 
 
 class Diffusers(Format):
     name = "diffusers"
+    title = "diffusers"
     example = "transformer.<module>.lora_A.weight or unet.<module>.lora.down.weight"
+    priority = 4
+    markers = MARKERS + (re.compile(r"(^|[._])lora(_linear_layer)?\.(down|up)\.weight$"),)
 
     @staticmethod
     def mine(key: str) -> bool:
@@ -97,21 +96,20 @@ class Diffusers(Format):
               ) -> Layout:
         keys = [k for k in infos if self.mine(k)]
         pairs, owned = find_pairs(infos, keys, FORMS)
-        mags = magnitudes(infos, pairs, keys)  # copied unchanged with the other passthrough keys
-        check_leftovers(infos, owned | set(mags), "diffusers")
+        mags = magnitudes(pairs, keys)  # copied unchanged with the other passthrough keys
         comps = component_configs(metadata)
         scales = {c: ScaleConfig.from_dict(cfg, f"metadata {METADATA_KEY}" + (f" ({c})" if c else ""))
                   for c, cfg in comps.items()}
-        layout = DiffusersLayout(self.name, [], [k for k in infos if k not in owned], dora_note(len(mags)),
-                                 configs=comps, original=metadata.get(METADATA_KEY))
+        known = {k: "DoRA magnitude" for k in mags}
+        known.update({k: "LoRA bias" for k in keys if k.endswith(LORA_BIAS)})
+        modules = []
         for p in pairs:
             comp, mpath = split_component(p.name, comps)
-            rank = infos[p.down_key].shape[0]
             cfg_scale = None
             if comp is not None and p.alpha_key is None:
-                cfg_scale = scales[comp].module_scale(mpath, rank, p.name)
-            keys_ = [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else [])
-            layout.modules.append(ABModule(p.name, keys_, p.down_key, p.up_key, p.alpha_key, cfg_scale, mpath,
-                                           layout.sink))
-            layout.where[p.name] = (comp, mpath)
-        return layout
+                cfg_scale = scales[comp].module_scale(mpath, infos[p.down_key].shape[0], p.name)
+            modules.append(PairModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []),
+                                      p.down_key, p.up_key, p.alpha_key, p.alpha_key is not None, cfg_scale,
+                                      (comp, mpath) if comp is not None else None))
+        return DiffusersLayout(self.name, modules, [k for k in infos if k not in owned], dora_note(len(mags)),
+                               known, configs=comps, original=metadata.get(METADATA_KEY))

@@ -25,16 +25,20 @@ alone such a layer looks linear, so it is written as 2-D factors (ComfyUI and A1
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from ..errors import LoraStructureError, NumericalError
-from ..tensorfile import TensorInfo, TensorSource
-from .base import Format, Layout, LowRankLayer, Module
-from .kohya import ALPHA, DOWN, UP, as_layer, check_pair, read_alpha, shaped
+from ..core.layer import LowRankLayer
+from ..core.truncate import NewFactors
+from ..errors import LoraStructureError
+from ..io.reader import TensorInfo, TensorSource
+from .base import Format, Layout, Module
+from .kohya import DOWN, UP
+from .pairs import ALPHA, FACTOR_NDIMS, check_pair, check_scalar, emit_pair, matrices, read_alpha
 
 LOCON = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -57,10 +61,9 @@ for _kind, _det, _rest in PASS_KINDS:
 # Parts whose presence makes a module (longest first, so `x.lora_mid.weight` is never read as part `weight`).
 DETECTORS = sorted(LOCON + LOHA + LOKR + (DORA,) + tuple(s for _, det, _ in PASS_KINDS for s in det),
                    key=len, reverse=True)
-FACTOR_NDIMS = (2, 4)  # linear and conv2d; conv1d/conv3d modules (3-D/5-D) pass through, listed
-OTHER_CONV_NDIMS = (3, 5)
+OTHER_CONV_NDIMS = (3, 5)  # conv1d/conv3d modules pass through, listed
 SHOWN = 3  # module names quoted in a note
-FLOAT32_MAX = 3.4028234663852886e38
+MARKERS = (re.compile(r"(^|[._])(lora_mid|dora_scale|hada_[wt]\d|lokr_[wt]\d)([._]|$)"),)
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -69,17 +72,6 @@ def split_key(key: str) -> tuple[str, str] | None:
         if key.endswith("." + part) and len(key) > len(part) + 1:
             return key[: -len(part) - 1], part
     return None
-
-
-@dataclass
-class LycorisLayer(LowRankLayer):
-    """A low-rank layer rebuilt from a LyCORIS module: its up/down pair's inner size (r1*r2 for a LoHa, ...) is
-    not the rank that the module's alpha is divided by, so `rank` returns the trained rank instead."""
-    trained_rank: int = 1
-
-    @property
-    def rank(self) -> int:
-        return self.trained_rank
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,11 +102,6 @@ def khatri_rao_pair(a1, b1, a2, b2) -> tuple[torch.Tensor, torch.Tensor]:
     return up, down
 
 
-def full_split(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A full matrix as a product of a thin pair: I @ w or w @ I, whichever inner size is smaller."""
-    return dense_pair(w)
-
-
 def kron_pair(u1, v1, u2, v2) -> tuple[torch.Tensor, torch.Tensor]:
     """up/down with up @ down = kron(u1 @ v1, u2 @ v2) (or the dense update when that is smaller)."""
     u1, v1, u2, v2 = (x.contiguous() for x in (u1, v1, u2, v2))  # torch.kron needs contiguous inputs
@@ -143,21 +130,16 @@ class LycorisModule(Module):
         return None if key is None else read_alpha(src, key, self.name)
 
     def load(self, src: TensorSource) -> LowRankLayer:
-        layer = {"locon": self._locon, "loha": self._loha, "lokr": self._lokr}[self.kind](src)
-        # the new alpha is alpha / rank * new_rank in float32, and a new rank may reach min(out, in*kh*kw)
-        if layer.alpha is not None and abs(layer.alpha) / layer.rank * min(layer.up.shape[0],
-                                                                           layer.down.shape[1]) > FLOAT32_MAX:
-            raise NumericalError(f"layer {self.name} has alpha {layer.alpha:g}, too large to rescale in float32; "
-                                 "the file is damaged - re-export it")
-        return layer
+        return {"locon": self._locon, "loha": self._loha, "lokr": self._lokr}[self.kind](src)
 
     def _locon(self, src: TensorSource) -> LowRankLayer:
         down, up, mid = (self._get(src, p) for p in LOCON)
         alpha = self._alpha(src)
         if mid is None:
-            return as_layer(down, up, alpha)
-        return LycorisLayer(up=up.reshape(up.shape[0], -1), down=tucker_down(mid, down), alpha=alpha,
-                            kernel=tuple(mid.shape[2:]), in_channels=down.shape[1], trained_rank=down.shape[0])
+            up_m, down_m, kernel = matrices(down, up)
+            return LowRankLayer.with_alpha(up_m, down_m, alpha, kernel=kernel, in_channels=down.shape[1])
+        return LowRankLayer.with_alpha(up.reshape(up.shape[0], -1), tucker_down(mid, down), alpha,
+                                       rank=down.shape[0], kernel=tuple(mid.shape[2:]), in_channels=down.shape[1])
 
     def _loha(self, src: TensorSource) -> LowRankLayer:
         w1a, w1b, w2a, w2b, t1, t2 = (self._get(src, p) for p in LOHA)
@@ -169,18 +151,18 @@ class LycorisModule(Module):
             a2, b2 = w2a, w2b.reshape(w2b.shape[0], -1)
             kernel = tuple(w1b.shape[2:]) if w1b.ndim == 4 else None
         up, down = khatri_rao_pair(a1, b1, a2, b2)
-        return LycorisLayer(up=up, down=down, alpha=self._alpha(src), kernel=kernel, in_channels=w1b.shape[1],
-                            trained_rank=w1b.shape[0])
+        return LowRankLayer.with_alpha(up, down, self._alpha(src), rank=w1b.shape[0], kernel=kernel,
+                                       in_channels=w1b.shape[1])
 
     def _lokr(self, src: TensorSource) -> LowRankLayer:
         w1, w1a, w1b, w2, w2a, w2b, _, t2 = (self._get(src, p) for p in LOKR)
         rank = None
         if w1 is not None:
-            u1, v1 = full_split(w1)
+            u1, v1 = dense_pair(w1)
         else:
             u1, v1, rank = w1a, w1b, w1b.shape[0]
         if w2 is not None:
-            u2, v2 = full_split(w2.reshape(w2.shape[0], -1))
+            u2, v2 = dense_pair(w2.reshape(w2.shape[0], -1))
             kernel, d = (tuple(w2.shape[2:]) if w2.ndim == 4 else None), w2.shape[1]
         elif t2 is not None:  # Tucker: w2_a is (r x c), w2_b (r x d), t2 (r x r x kh x kw)
             u2, v2, rank = w2a.T, tucker_down(t2, w2b), w2b.shape[0]
@@ -190,12 +172,10 @@ class LycorisModule(Module):
             kernel, d = (tuple(w2b.shape[2:]) if w2b.ndim == 4 else None), w2b.shape[1]
         up, down = kron_pair(u1, v1, u2, v2)
         alpha = self._alpha(src) if rank is not None else None  # both sides full: LyCORIS uses scale 1
-        return LycorisLayer(up=up, down=down, alpha=alpha, kernel=kernel, in_channels=v1.shape[1] * d,
-                            trained_rank=rank if rank is not None else up.shape[1])
+        return LowRankLayer.with_alpha(up, down, alpha, rank=rank, kernel=kernel, in_channels=v1.shape[1] * d)
 
-    def emit(self, layer, up, down, alpha):
-        up, down = shaped(layer, up, down)
-        return {self.name + DOWN: down, self.name + UP: up, self.name + ALPHA: alpha}
+    def emit(self, new: NewFactors) -> dict[str, torch.Tensor]:
+        return emit_pair(new, self.name + DOWN, self.name + UP, self.name + ALPHA)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,10 +289,7 @@ def _module(name: str, parts: dict[str, str], infos: Mapping[str, TensorInfo]) -
     if kind != "locon" and name.startswith("base_model.model."):
         raise LoraStructureError(f"module {name} is a PEFT {kind.upper()} adapter (its scale lives in "
                                  "adapter_config.json); PEFT LoHa/LoKr adapters are not supported yet")
-    if "alpha" in parts:
-        a = infos[parts["alpha"]]
-        if len(a.shape) > 1 or (a.shape and a.shape[0] != 1):
-            raise LoraStructureError(f"layer {name}: alpha must be a scalar, got shape {list(a.shape)}")
+    check_scalar(name, infos[parts["alpha"]] if "alpha" in parts else None)
     if kind == "locon":
         _check_locon(name, shapes, infos, parts)
         label = "Tucker LoCon" if "lora_mid.weight" in parts else "LoCon"
@@ -333,8 +310,11 @@ def _summary(names: list[str]) -> str:
 
 class Lycoris(Format):
     name = "lycoris"
+    title = "LyCORIS"
     example = "lora_unet_..._conv1.hada_w1_a"
     covers = ("kohya",)
+    priority = 9
+    markers = MARKERS
 
     def claims(self, infos: Mapping[str, TensorInfo]) -> int:
         # lora_down/lora_up count as for kohya, so a plain kohya file ties; any LyCORIS part makes it win
@@ -352,23 +332,23 @@ class Lycoris(Format):
                     parts.update({p: f"{n}.{p}" for p in rest if f"{n}.{p}" in infos})
             groups[n] = {p: k for p, k in parts.items() if k not in owned}
             owned.update(groups[n].values())
-        stray = sorted(k for k in infos if k.endswith(".alpha") and k not in owned)
-        if stray:
-            raise LoraStructureError(f"{stray[0]} belongs to no LoRA/LyCORIS module; the file is incomplete")
 
         modules: list[Module] = []
         passthrough_modules: dict[str, list[str]] = {}
         dora: list[str] = []
         converted: dict[str, int] = {}
+        known: dict[str, str] = {}
         for n in names:
             label, module = _module(n, groups[n], infos)
             if module is None:
                 passthrough_modules.setdefault(label, []).append(n)
+                known.update({k: f"{label} module" for k in groups[n].values()})
                 continue
             modules.append(module)
             converted[label] = converted.get(label, 0) + 1
             if DORA in groups[n]:
                 dora.append(n)
+                known[groups[n][DORA]] = "DoRA magnitude"
 
         notes = []
         structured = {k: v for k, v in converted.items() if k != "LoCon"}
@@ -385,4 +365,4 @@ class Lycoris(Format):
                          f"original's: {_summary(dora)}")
         module_keys = {k for m in modules for k in m.keys}
         passthrough = [k for k in infos if k not in module_keys]
-        return Layout(self.name, modules, passthrough, notes)
+        return Layout(self.name, modules, passthrough, notes, known)

@@ -7,7 +7,8 @@ The output keeps PEFT's keys, and a new adapter_config.json is written beside it
 rank, `lora_alpha` the most common new alpha, and `rank_pattern` / `alpha_pattern` name every other module, so
 each module keeps its scale (its effective update is the best rank-k approximation of the trained one).
 
-The A/B module, the pattern matching and the config rewrite here are shared with the diffusers family."""
+The pattern matching and the config rewrite here are shared with the diffusers family (diffusers stores a PEFT
+config in its metadata)."""
 from __future__ import annotations
 
 import json
@@ -19,21 +20,18 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from ..errors import InputFileError, LoraStructureError
-from ..tensorfile import TensorInfo, TensorSource
-from .base import Format, Layout, LowRankLayer, Module
-from .kohya import as_layer, check_pair, read_alpha, shaped
+from ..io.metadata import SideFile, SideOutputs
+from ..io.reader import TensorInfo
+from .base import Format, Layout
+from .pairs import MAGNITUDES, PairModule, dora_note, find_pairs, magnitudes
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
-ALPHA = ".alpha"
+ADAPTER_FILE = "adapter_model.safetensors"
 LINEAR_FORM = (".lora_A.weight", ".lora_B.weight")
 EMBEDDING_FORM = (".lora_embedding_A", ".lora_embedding_B")
-MAGNITUDES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
-# keys that pass through untouched although they carry a LoRA marker: PEFT's lora_bias vectors
-ALLOWED_EXTRAS = (".lora_B.bias",)
-# anything that looks like part of a LoRA module; a key with such a marker that no module owns is an error
-LORA_MARKER = re.compile(r"(^|[._])(lora_(A|B|down|up|embedding_A|embedding_B|magnitude_vector|linear_layer)"
-                         r"|lora\.(down|up)|lora_mid|dora_scale|hada_[wt]\d|lokr_[wt]\d)([._]|$)")
+LORA_BIAS = ".lora_B.bias"  # PEFT's lora_bias vectors: copied unchanged
+MARKERS = (re.compile(r"(^|[._])lora_(A|B|embedding_A|embedding_B|magnitude_vector)([._]|$)"),)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,118 +125,6 @@ def rewritten_config(old: Mapping, entries: list[tuple[str, int, float]], rslora
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A module stored as an A (down) / B (up) pair
-
-
-@dataclass
-class ABModule(Module):
-    """A down/up pair under any key names. `config_scale`: the scale a config gives the module, when it lives
-    outside the tensors; else `alpha_key` (or neither: scale 1). With a config the module keeps its exact scale
-    and the new (rank, scale * rank) goes to `sink` for the config; without alpha key or config the scale stays 1.
-    Either way the factors absorb any rounding of the alpha the engine saved with them (and, in a merge, the
-    scales the inputs were stacked with)."""
-    down_key: str = ""
-    up_key: str = ""
-    alpha_key: str | None = None
-    config_scale: float | None = None
-    path: str = ""  # the module name as the config's patterns see it
-    sink: dict | None = None
-
-    def load(self, src: TensorSource) -> LowRankLayer:
-        down, up = src.get(self.down_key), src.get(self.up_key)
-        if self.alpha_key:
-            alpha = read_alpha(src, self.alpha_key, self.name)
-        else:
-            alpha = self.config_scale * down.shape[0] if self.config_scale is not None else None
-        return as_layer(down, up, alpha)
-
-    def emit(self, layer, up, down, alpha):
-        up, down = shaped(layer, up, down)
-        out = {self.down_key: down}
-        k = down.shape[0]
-        if self.alpha_key:
-            out[self.alpha_key] = alpha
-        else:
-            # the factors assume the scale float(alpha) / k; the scale the loader will use is the layer's own
-            # (the config's, exactly: its new alpha is scale * k in float64), or 1 without a config
-            scale = self.config_scale if self.config_scale is not None else 1.0
-            f = float(alpha) / (scale * k) if scale != 0 else 1.0
-            if f != 1.0:
-                up = (up.double() * f).to(up.dtype)
-            if self.config_scale is not None and self.sink is not None:
-                self.sink[self.name] = (k, scale * k)
-        out[self.up_key] = up
-        return out
-
-
-@dataclass
-class Pair:
-    name: str
-    down_key: str
-    up_key: str
-    alpha_key: str | None
-
-
-def find_pairs(infos: Mapping[str, TensorInfo], keys: Iterable[str], forms: Iterable[tuple[str, str]]
-               ) -> tuple[list[Pair], set[str]]:
-    """Group `keys` into down/up pairs by suffix (first matching form), with `<name>.alpha` when present; shapes
-    checked. Returns the pairs (sorted by name) and the keys they own; an unpaired half is an error."""
-    forms = list(forms)
-    halves: dict[tuple[str, int], dict[int, str]] = {}
-    for k in keys:
-        for i, form in enumerate(forms):
-            hit = next((j for j, s in enumerate(form) if k.endswith(s)), None)
-            if hit is not None:
-                halves.setdefault((k[: -len(form[hit])], i), {})[hit] = k
-                break
-    pairs, owned = [], set()
-    for (name, i), got in sorted(halves.items()):
-        if len(got) < 2:
-            have = next(iter(got.values()))
-            miss = name + forms[i][1 - next(iter(got))]
-            raise LoraStructureError(f"{have} has no partner {miss}; the file is incomplete - re-export it")
-        dk, uk = got[0], got[1]
-        ak = name + ALPHA if name + ALPHA in infos else None
-        check_pair(name, infos[dk], infos[uk], infos.get(ak))
-        owned.update(k for k in (dk, uk, ak) if k)
-        pairs.append(Pair(name, dk, uk, ak))
-    names = [p.name for p in pairs]
-    if len(set(names)) != len(names):
-        dup = Counter(names).most_common(1)[0][0]
-        raise LoraStructureError(f"layer {dup} is stored twice, under two key styles; keep one")
-    return pairs, owned
-
-
-def magnitudes(infos: Mapping[str, TensorInfo], pairs: list[Pair], keys: Iterable[str]) -> list[str]:
-    """DoRA magnitude vectors of `pairs` (kept as trained); one without a LoRA pair is an error."""
-    names = {p.name for p in pairs}
-    found = []
-    for k in keys:
-        base = next((k[: -len(s)] for s in MAGNITUDES if k.endswith(s)), None)
-        if base is None:
-            continue
-        if base not in names:
-            raise LoraStructureError(f"{k} (a DoRA magnitude) has no lora_A/lora_B pair; the file is incomplete")
-        found.append(k)
-    return found
-
-
-def check_leftovers(infos: Mapping[str, TensorInfo], owned: set[str], family: str) -> None:
-    """A key that looks like part of a LoRA module but belongs to none: name it rather than copy it silently."""
-    for k in sorted(infos):
-        if k in owned or k.endswith(ALLOWED_EXTRAS):
-            continue
-        if LORA_MARKER.search(k) or k.endswith(ALPHA):
-            raise LoraStructureError(
-                f"{k} looks like part of a LoRA layer but does not fit the {family} layout (no partner key, or a "
-                "key form this tool does not know); nothing was written - re-export the file, or report the format")
-
-
-def dora_note(n: int) -> list[str]:
-    return [f"{n} DoRA magnitude vector(s) kept as trained (not resized)"] if n else []
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The PEFT family
 
 
@@ -255,46 +141,49 @@ def read_config(path: Path) -> dict:
     return d
 
 
+def config_entries(modules: list, rows: list, component: str) -> list[tuple[str, int, float]]:
+    """(module path, new rank k, alpha such that the module's scale is alpha / k) for the modules of `component`
+    that a config covers, from the job's rows: each keeps its config scale exactly."""
+    by_name = {m.name: m for m in modules}
+    entries = []
+    for row in rows:
+        m = by_name.get(row.name)
+        key = getattr(m, "config_key", None)
+        if key is None or key[0] != component:
+            continue
+        k = row.new_rank
+        entries.append((key[1], k, m.config_scale * k if m.config_scale is not None else row.new_alpha))
+    return entries
+
+
 @dataclass
 class PeftLayout(Layout):
+    """A PEFT adapter's modules and the config read beside it (None without one)."""
     config: dict | None = None
     config_path: Path | None = None
-    sink: dict = field(default_factory=dict)
 
-    def write_sidecars(self, dst: Path, rows: list) -> list[str]:
+    def side_outputs(self, rows) -> SideOutputs:
         if self.config is None:
-            return []
-        from ..writer import atomic_output
-        paths = {m.name: m.path for m in self.modules}
-        entries = []
-        for row in rows:
-            k, a = self.sink.get(row.name, (row.new_rank, row.new_alpha))
-            entries.append((paths.get(row.name, row.name[len(PEFT_PREFIX):]), k, a))
-        cfg = rewritten_config(self.config, entries, bool(self.config.get("use_rslora", False)))
-        target = dst.parent / CONFIG_NAME
-        notes = []
-        if self.config_path is not None and target.exists() and target.resolve() == self.config_path.resolve():
-            target = dst.with_name(dst.stem + "_" + CONFIG_NAME)
-            notes.append(f"the input's {CONFIG_NAME} is in the output's folder and is left alone: the new config is "
-                         f"{target.name}; move it and {dst.name} to a folder of their own as {CONFIG_NAME} and "
-                         "adapter_model.safetensors")
-        elif dst.name != "adapter_model.safetensors":
-            notes.append(f"PEFT loads adapter_model.safetensors from a folder: rename {dst.name} so to load it")
-        with atomic_output(target) as tmp:
-            tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            return SideOutputs()
+        cfg = rewritten_config(self.config, config_entries(self.modules, rows, ""),
+                               bool(self.config.get("use_rslora", False)))
         extra = len(cfg.get("rank_pattern", {}))
-        notes.insert(0, f"{target.name} written beside {dst.name}: r={cfg['r']}, lora_alpha={cfg['lora_alpha']}"
-                        + (f", {extra} module(s) in rank_pattern" if extra else ""))
-        return notes
+        summary = f"r={cfg['r']}, lora_alpha={cfg['lora_alpha']}" + (
+            f", {extra} module(s) in rank_pattern" if extra else "")
+        return SideOutputs(files=[SideFile(CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n",
+                                           keep=self.config_path, expects=ADAPTER_FILE, summary=summary)])
 
 
 class Peft(Format):
     name = "peft"
+    title = "PEFT"
     example = "base_model.model.<module>.lora_A.weight + adapter_config.json"
-    prefix = PEFT_PREFIX
+    priority = 5
+    markers = MARKERS
 
-    def mine(self, key: str) -> bool:
-        return key.startswith(self.prefix)
+    @staticmethod
+    def mine(key: str) -> bool:
+        return key.startswith(PEFT_PREFIX)
 
     def claims(self, infos: Mapping[str, TensorInfo]) -> int:
         return sum(1 for k in infos if self.mine(k) and k.endswith((*LINEAR_FORM, *EMBEDDING_FORM, *MAGNITUDES)))
@@ -303,8 +192,7 @@ class Peft(Format):
               ) -> Layout:
         keys = [k for k in infos if self.mine(k)]
         pairs, owned = find_pairs(infos, keys, [LINEAR_FORM, EMBEDDING_FORM])
-        mags = magnitudes(infos, pairs, keys)  # copied unchanged with the other passthrough keys
-        check_leftovers(infos, owned | set(mags), "PEFT")
+        mags = magnitudes(pairs, keys)  # copied unchanged with the other passthrough keys
         config, cfg_path, notes = None, None, dora_note(len(mags))
         if path is not None and (Path(path).parent / CONFIG_NAME).is_file():
             cfg_path = Path(path).parent / CONFIG_NAME
@@ -317,15 +205,16 @@ class Peft(Format):
             notes.append(f"no {CONFIG_NAME} beside the input: scale taken as 1 (or the file's .alpha keys) and no "
                          "config written - give the output a config with its new ranks")
         scale_cfg = ScaleConfig.from_dict(config, str(cfg_path)) if config is not None else None
-        layout = PeftLayout(self.name, [], [k for k in infos if k not in owned], notes, config=config,
-                            config_path=cfg_path)
+        known = {k: "DoRA magnitude" for k in mags}
+        known.update({k: "LoRA bias" for k in infos if self.mine(k) and k.endswith(LORA_BIAS)})
+        modules = []
         for p in pairs:
-            mpath = p.name[len(self.prefix):]
-            rank = infos[p.down_key].shape[0]
+            mpath = p.name[len(PEFT_PREFIX):]
             cfg_scale = None
             if scale_cfg is not None and p.alpha_key is None:
-                cfg_scale = scale_cfg.module_scale(mpath, rank, p.name)
-            keys_ = [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else [])
-            layout.modules.append(ABModule(p.name, keys_, p.down_key, p.up_key, p.alpha_key, cfg_scale, mpath,
-                                           layout.sink))
-        return layout
+                cfg_scale = scale_cfg.module_scale(mpath, infos[p.down_key].shape[0], p.name)
+            modules.append(PairModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []),
+                                      p.down_key, p.up_key, p.alpha_key, p.alpha_key is not None, cfg_scale,
+                                      ("", mpath) if scale_cfg is not None else None))
+        return PeftLayout(self.name, modules, [k for k in infos if k not in owned], notes, known, config=config,
+                          config_path=cfg_path)

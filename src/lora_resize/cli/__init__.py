@@ -1,0 +1,69 @@
+"""Command line: one module per subcommand (`add_arguments(parser)` and `run(args) -> exit status`), the
+sd-scripts form (sdscripts.py) and the flags generated from the options (flags.py). `main` is the only place
+where errors become exit codes.
+
+    lora-resize resize IN -o OUT --method sv_fro --param 0.9 --rank 64
+    lora-resize --model IN --save_to OUT --new_rank 32 --dynamic_method sv_ratio --dynamic_param 8   (sd-scripts form)
+    lora-resize demo
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from .._version import __version__
+from ..errors import LoraResizeError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+COMMANDS = ("resize", "merge", "analyze", "batch", "demo")
+
+
+def build_parser():
+    from .flags import Parser
+    p = Parser(prog="lora-resize", description="Make LoRA files smaller, exactly and fast.",
+               epilog="Without a subcommand the sd-scripts resize_lora.py flags are accepted verbatim.")
+    p.add_argument("--version", action="version", version=f"lora-resize {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=Parser)
+    for name in COMMANDS:
+        module = importlib.import_module(f"{__name__}.{name}")
+        module.add_arguments(sub.add_parser(name, help=module.HELP))
+    return p
+
+
+def dispatch(argv: list[str]) -> int:
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        from . import sdscripts
+        return sdscripts.run(argv)
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return EXIT_USAGE
+    return importlib.import_module(f"{__name__}.{args.command}").run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `lora-resize` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return dispatch(argv)
+    except LoraResizeError as e:
+        print(f"lora-resize: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly, like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("lora-resize: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: one line unless asked for the traceback
+        if os.environ.get("LORA_RESIZE_DEBUG"):
+            raise
+        print(f"lora-resize: internal error: {type(e).__name__}: {e} (set LORA_RESIZE_DEBUG=1 for details and "
+              "please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""`lora-resize analyze IN`: decompose once, then size and fidelity for a sweep of settings (text or --json), with
+an optional HTML report and PNG curve."""
+from __future__ import annotations
+
+import argparse
+
+from .flags import add_option_groups, add_output_flags, add_picture_flags, option_values, progress, refuse
+
+HELP = "decompose once; sizes and fidelity for a sweep of settings"
+DESCRIPTION = ("Decompose every layer once, then print the exact output size, parameter count and fidelity of a "
+               "sweep of settings (every method's and budget's sweep: sv_ratio 2..128, sv_fro and sv_cumulative "
+               "0.5..0.99, fixed ranks 1..256, target_fro and target_size budgets). --rank/--conv-rank cap every "
+               "setting as in resize; a method, rank or target names the chosen setting, marked in the table and "
+               "report; --precision and --output-format size the file that resize would write with them.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    p.add_argument("input", help="LoRA file to analyze (.safetensors; .pt/.ckpt read weights-only), or an adapter "
+                                 "folder")
+    add_option_groups(p, "rank", "output", "compute")
+    add_picture_flags(p)
+    add_output_flags(p, "per-layer ranks and fidelity of the chosen setting (or the default pick)")
+    refuse(p, "-o", "--output", "--save_to", why="analyze writes no LoRA (drop it); it prints the sweep, and "
+           "--report/--plot write pictures; run `lora-resize resize` with the flags of the row you pick")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..ops.analyze import analyze
+    from ..report.text import analysis_table, strict_json
+
+    if args.report or args.plot:
+        from ..report.html import check_paths
+        check_paths(args.report, args.plot)
+    a = analyze(args.input, progress=progress(args.quiet, "decomposing"), **option_values(args))
+    written = []
+    if args.report:
+        from ..report.html import write_html
+        written.append(f"report written to {write_html(a, args.report)}")
+    if args.plot:
+        from ..report.png import write_png
+        written.append(f"plot written to {write_png(a, args.plot)}")
+    if args.json:
+        print(strict_json(a.as_dict()))
+    else:
+        print(analysis_table(a, verbose=args.verbose))
+        for line in written:
+            print(line)
+    return 0

@@ -1,0 +1,32 @@
+"""`lora-resize merge A.safetensors:0.8 B.safetensors:0.5 -o OUT [options]`: weighted LoRAs into one."""
+from __future__ import annotations
+
+import argparse
+
+from .flags import add_option_groups, add_output_flags, options_from, progress
+
+HELP = "merge weighted LoRAs into one of a chosen size"
+DESCRIPTION = ("Merge LoRAs: each layer becomes the best rank-k approximation of the weighted sum. Example: "
+               "lora-resize merge a.safetensors:0.8 b.safetensors:0.5 -o ab.safetensors --method sv_fro --param 0.95")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    p.add_argument("sources", nargs="+", metavar="FILE[:WEIGHT]",
+                   help="inputs with weights (default 1; may be negative; 0 leaves the input out)")
+    p.add_argument("-o", "--output", "--save_to", dest="output", help="output file (.safetensors or .pt/.pth/.ckpt)")
+    add_option_groups(p, "rank", "output", "compute")
+    add_output_flags(p, "per-layer lines in sd-scripts' format")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import OptionsError
+    from ..ops.merge import merge
+    from .resize import layer_printer, render
+
+    if not args.output:
+        raise OptionsError("no output file: add -o OUT.safetensors")
+    opts = options_from(args)
+    result = merge(args.sources, args.output, opts, progress=progress(args.quiet, "merging"),
+                   on_layer=layer_printer(args, opts.dynamic))
+    return render(result, args, [])

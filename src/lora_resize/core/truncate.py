@@ -1,0 +1,80 @@
+"""From a decomposition to the new factors, in the save dtype: the best rank-k approximation of the scaled update,
+split as up = U_k sqrt(c S_k), down = sqrt(c S_k) V_k^T (sd-scripts puts all of S into up; splitting the square
+root keeps both factors within the save dtype's range for much larger updates), with c folding any difference
+between the layer's scale and the scale the output will be loaded with into the factors."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import NumericalError
+from .decompose import Decomposition
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+PRECISION_OF_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16"}  # anything else is saved as float
+
+
+def sd_scripts_alpha(name: str, alpha: float | None, rank: int, k: int) -> float:
+    """The resized layer's alpha as sd-scripts computes it: (alpha / old rank, in float32) * k; k without alpha,
+    so alpha / k keeps the layer's strength. Raises NumericalError when it overflows float32."""
+    if alpha is None:
+        return float(k)
+    with np.errstate(over="ignore"):
+        value = float(np.float32(np.float32(alpha) / np.float32(rank)) * np.float32(k))
+    if not math.isfinite(value):
+        raise NumericalError(f"layer {name}: alpha {alpha} times rank {k} overflows float32; the file is "
+                             "damaged - re-export it")
+    return value
+
+
+def retention(S: np.ndarray, k: int) -> tuple[float, float, float]:
+    """(sum(S) retained, Frobenius retained, S[0] / S[k-1]) when the k leading singular values are kept."""
+    total, total2 = float(S.sum()), float((S * S).sum())
+    kept = S[:k]
+    max_ratio = (float(S[0]) / float(S[k - 1]) if k <= len(S) and S[k - 1] > 0 else
+                 (float("inf") if S.size and S[0] > 0 else float("nan")))
+    return (float(kept.sum()) / total if total > 0 else float("nan"),
+            math.sqrt(float((kept * kept).sum()) / total2) if total2 > 0 else float("nan"), max_ratio)
+
+
+@dataclass
+class NewFactors:
+    """A resized layer's tensors in the save dtype: up (out x k) and down (k x in*prod(kernel)) as matrices, and
+    its alpha as a 0-d tensor (alpha / k is the scale the factors were made for, unless the output's key family
+    loads it with a fixed scale). `kernel` and `in_channels` give the conv shapes back."""
+    up: torch.Tensor
+    down: torch.Tensor
+    alpha: torch.Tensor
+    kernel: tuple[int, ...] | None
+    in_channels: int
+
+    def shaped(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) in the layer's tensor shapes: conv down (k, in, *kernel), up (out, k, 1, ...)."""
+        if self.kernel is None:
+            return self.up, self.down
+        k = self.down.shape[0]
+        return (self.up.reshape(self.up.shape[0], k, *([1] * len(self.kernel))),
+                self.down.reshape(k, self.in_channels, *self.kernel))
+
+
+def truncated_factors(dec: Decomposition, k: int, c: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-k factors of c * (up @ down), in `dtype`, on the compute device (not waited for):
+    up = U_k sqrt(|c| S_k) sign(c), down = sqrt(|c| S_k) V_k^T."""
+    U, Sk, Vh = dec.factors(k)
+    sq = torch.sqrt(Sk * abs(c))
+    return (U * (sq * math.copysign(1.0, c))).to(dtype), (sq[:, None] * Vh).to(dtype)
+
+
+def on_host(name: str, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors on the CPU, checked to fit their dtype (NumericalError naming the layer when not)."""
+    up, down = up.cpu(), down.cpu()
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        if up.dtype == torch.float32:
+            raise NumericalError(f"layer {name} has values beyond float32's range after resizing; the file is "
+                                 "damaged - re-export it")
+        raise NumericalError(f"layer {name} does not fit the save precision ({up.dtype}) after resizing; "
+                             "use --precision float or bf16")
+    return up, down

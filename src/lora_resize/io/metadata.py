@@ -1,0 +1,125 @@
+"""The one builder of an output's metadata, for every job that writes (resize, merge) and every prediction of
+what they write (analyze, budgets): sd-scripts' `ss_*` strings, our own `lora_resize` record, the entries a key
+family derives from the new ranks (`SideOutputs.metadata`, e.g. diffusers' `lora_adapter_metadata`), and the
+sd-scripts hashes (the real ones when writing, placeholders of their exact length when sizing)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .._version import __version__
+
+OUR_KEY = "lora_resize"
+HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
+HASH_PLACEHOLDERS = ("0" * 64, "0" * 8)  # sha256 hex, and its first 8 hex digits
+MERGE_KEPT = ("ss_network_module", "ss_base_model_version")  # what a merge keeps of its first input's metadata
+
+
+@dataclass
+class SideFile:
+    """A companion file written beside the output (PEFT's adapter_config.json): its name and text. `keep`: an
+    input's file that must not be replaced (the output then gets `<output stem>_<name>`); `expects`: the tensor
+    file name its consumers load beside it (a note says so when the output is named otherwise); `summary`: what
+    it says, for the note."""
+    name: str
+    text: str
+    keep: Path | None = None
+    expects: str | None = None
+    summary: str = ""
+
+
+@dataclass
+class SideOutputs:
+    """What a key family derives from the new ranks besides the tensors: metadata entries (None removes the
+    entry) and companion files. Pure data; io writes it."""
+    metadata: dict[str, str | None] = field(default_factory=dict)
+    files: list[SideFile] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """What the output's metadata says about one input: its file name, metadata and (merge) weight."""
+    name: str
+    metadata: Mapping[str, str]
+    weight: float | None = None
+
+
+def setting_text(opts) -> str:
+    """The setting as sd-scripts' comments name it: 'sv_fro: 0.9', 'target_size: 50000000', 'rank 32'."""
+    budget = opts.budget
+    if budget is not None:
+        return f"{budget[0].name}: {budget[1]}"
+    return f"{opts.method}: {opts.param}" if opts.method else f"rank {opts.rank}"
+
+
+def sd_scripts_fields(opts, old_dim: int, last_alpha: float, comment: str) -> dict[str, str]:
+    """ss_training_comment / ss_network_dim / ss_network_alpha exactly as sd-scripts' resize_lora.py writes them
+    (FORMATS.md §1). A budget or per-block rank rules make ranks differ per layer: written as a dynamic resize
+    (dim and alpha 'Dynamic'), the comment naming the budget or the rules."""
+    ranked_rules = [str(r) for r in opts.block_rules if r.action != "drop"]
+    dynamic = {"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"}
+    if opts.budget is not None:
+        return {"ss_training_comment": f"Dynamic resize with {setting_text(opts)} from {old_dim}; {comment}", **dynamic}
+    if ranked_rules:
+        return {"ss_training_comment": f"Dynamic resize with {setting_text(opts)} and rules {', '.join(ranked_rules)} "
+                                       f"from {old_dim}; {comment}", **dynamic}
+    if opts.method is None:
+        conv = "" if opts.rank == opts.conv_rank else f" (conv: {opts.conv_rank})"
+        return {"ss_training_comment": f"dimension is resized from {old_dim} to {opts.rank}{conv}; {comment}",
+                "ss_network_dim": str(opts.rank), "ss_network_alpha": str(last_alpha)}
+    return {"ss_training_comment": f"Dynamic resize with {setting_text(opts)} from {old_dim}; {comment}", **dynamic}
+
+
+def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[InputRecord], merged: bool) -> str:
+    """JSON for our metadata key: the job's settings (block rules and budget included) and every layer's old and
+    new rank; a resize names its source, a merge its sources with weights and sd-scripts hashes."""
+    d: dict = {"version": __version__}
+    if merged:
+        d["operation"] = "merge"
+    else:
+        d["source"] = sources[0].name
+    d.update(format=fmt, method=opts.method or "fixed", param=opts.param, rule=opts.rank_rule, rank=opts.rank,
+             conv_rank=opts.conv_rank, precision=precision)
+    if opts.block_rules:
+        d["rules"] = [str(r) for r in opts.block_rules]
+    if opts.budget is not None:
+        d[opts.budget[0].name] = opts.budget[1]
+    if merged:
+        d["sources"] = [{"file": s.name, "weight": s.weight, "sshs_model_hash": s.metadata.get("sshs_model_hash")}
+                        for s in sources]
+    d["layers"] = {x.name: [x.old_rank, x.new_rank] for x in rows}
+    return json.dumps(d, separators=(",", ":"))
+
+
+def output_metadata(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[InputRecord],
+                    side: Mapping[str, str | None], merged: bool = False) -> dict[str, str]:
+    """The metadata of the file a resize (one source) or a merge (`merged`) writes, without the sd-scripts hashes
+    (`with_hashes` adds them). A resize keeps its input's metadata and overwrites sd-scripts' resize fields; a
+    merge keeps only the base model's identity and describes the recipe. `rows`: the LayerResults, in order."""
+    first = sources[0].metadata
+    if merged:
+        ranks, alphas = {r.new_rank for r in rows}, {r.new_alpha for r in rows}
+        recipe = " + ".join(f"{s.name} x {s.weight:g}" for s in sources)
+        meta = {k: v for k, v in first.items() if k in MERGE_KEPT}
+        meta.update({"ss_training_comment": f"merged with lora-resize ({setting_text(opts)}): {recipe}",
+                     "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+                     "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic"})
+    else:
+        meta = {k: v for k, v in first.items() if k not in HASH_KEYS}
+        meta.update(sd_scripts_fields(opts, max(r.old_rank for r in rows), rows[-1].new_alpha,
+                                      first.get("ss_training_comment", "")))
+    meta[OUR_KEY] = record(opts, precision, fmt, rows, sources, merged)
+    for k, v in side.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    return meta
+
+
+def with_hashes(meta: Mapping[str, str], hashes: tuple[str, str] = HASH_PLACEHOLDERS) -> dict[str, str]:
+    """`meta` with sd-scripts' sshs_model_hash and sshs_legacy_hash (placeholders of the same length by default,
+    which size the header exactly)."""
+    return {**meta, **dict(zip(HASH_KEYS, hashes))}

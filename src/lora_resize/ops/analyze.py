@@ -1,0 +1,254 @@
+"""Which setting gives which size and fidelity, from one decomposition.
+
+`analyze(src)` decomposes every layer once (the same engine as `resize`), keeps only each layer's spectrum, and
+then evaluates a sweep of settings on those numbers alone: for each, the ranks `resize` would choose (the same
+planning step, ranks/plan.py), the exact size of the file it would write (io/sizing.py: header, metadata and
+hashes included), its parameter count and its fidelity. The sweep's settings come from the registries: every
+policy's and budget's own sweep values.
+
+Fidelity is the Frobenius norm of each layer's update that the resized layer keeps,
+fro_i = sqrt(sum_{j<k} S_ij^2 / sum_j S_ij^2), summarised over the layers in the output as
+- `fro_weighted`: the size-weighted mean, each layer weighted by out_i * in_i (in_i = in_channels * kh * kw): the
+  number of model weights its update touches, so a 1280x1280 projection counts 64 times a 160x160 one;
+- `fro_mean`: the plain mean (sd-scripts' "Average Frobenius norm retention");
+- `fro_global`: all layers as one update, scale-aware: sqrt(sum_i s_i^2 sum_{j<k} S_ij^2 / sum_i s_i^2 sum_j S_ij^2)
+  with s_i the layer's scale (alpha_i / r_i) - what --target-fro targets and --target-size maximises;
+- `fro_min` and the worst layer's name.
+Zero layers (no singular value above 0) have no fidelity and are left out of these; dropped layers are not in the
+output and are left out too.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, fields, replace
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..core.schedule import Progress, compute_device
+from ..core.spectrum import Spectrum
+from ..errors import OptionsError
+from ..formats import convert, detect
+from ..formats.blocks import block_of
+from ..io.metadata import InputRecord
+from ..io.paths import local_path, resolve_input
+from ..io.reader import open_tensor_file
+from ..io.sizing import OutputSizer
+from ..options import ResizeOptions
+from ..ranks.budgets import BUDGETS
+from ..ranks.plan import budget_layers, plan
+from ..ranks.policies import FIXED, POLICIES
+from ..ranks.rules import apply_rules
+from ..results import Analysis, SettingRow
+from .job import Output, metadata_for, module_job, precision_of, sizer_for, spectra
+
+DEFAULT_PICK = dict(method="sv_fro", param=0.9)  # shown in the report when no setting is chosen
+SETTING_FIELDS = ("rank", "method", "param", "ranks", *BUDGETS)  # what names a chosen setting
+SHARED_FIELDS = ("rank", "conv_rank", "rank_rule", "precision", "block_rules", "device", "threads", "output_format")
+
+
+def default_sweep() -> dict[str, tuple]:
+    """Every registered policy's and budget's sweep values."""
+    return {**{name: p.sweep for name, p in POLICIES.items()}, **{name: b.sweep for name, b in BUDGETS.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluating settings on the spectra
+
+
+class Evaluator:
+    """Settings evaluated on one file's spectra: ranks (the shared planning step), exact size and fidelity."""
+
+    def __init__(self, out: Output, sps: list[Spectrum], precision: str):
+        self.out, self.sps, self.precision = out, sps, precision
+        self._sizer: OutputSizer | None = None
+
+    def sizer(self, opts: ResizeOptions) -> OutputSizer:
+        """The output's sizer with the metadata of setting `opts` (the emitted shapes shared between settings)."""
+        if self._sizer is None:
+            self._sizer = sizer_for(self.out, self.sps, opts, self.precision)
+            return self._sizer
+        return self._sizer.with_metadata(metadata_for(self.out, self.sps, opts, self.precision))
+
+    def evaluate(self, opts: ResizeOptions, label: str | None = None) -> SettingRow:
+        """Size and fidelity of the file `resize` would write with `opts`."""
+        sizer = self.sizer(opts)
+        ranks, notes = plan(self.sps, opts, sizer)
+        size, header, params = sizer.file_size(ranks)
+        fro = np.full(len(self.sps), np.nan)
+        w = np.zeros(len(self.sps))
+        kept_e = tot_e = 0.0
+        for i, (sp, k) in enumerate(zip(self.sps, ranks)):
+            t = sp.kept(len(sp.S))[1]
+            kk = sp.kept(k)[1]
+            if t > 0:
+                fro[i] = math.sqrt(kk / t)
+                w[i] = sp.out_features * sp.in_features
+            kept_e += kk * sp.scale ** 2
+            tot_e += t * sp.scale ** 2
+        live = ~np.isnan(fro)
+        if live.any():
+            worst = int(np.nanargmin(fro))
+            stats = (float(np.sum(fro[live] * w[live]) / np.sum(w[live])), float(np.mean(fro[live])),
+                     math.sqrt(kept_e / tot_e) if tot_e > 0 else float("nan"), float(fro[worst]),
+                     self.sps[worst].name)
+        else:
+            stats = (float("nan"),) * 4 + (None,)
+        budget = opts.budget
+        if budget is not None:
+            method, param = budget[0].name, budget[1]
+        else:
+            method, param = (opts.method, opts.param) if opts.method else (FIXED, opts.rank)
+        return SettingRow(label or opts.label(), method, param, opts.flags(), size, params, *stats, ranks=ranks,
+                          options=opts, header_bytes=header, note=notes[0] if notes else None)
+
+    def sweep_options(self, shared: ResizeOptions, sweep: Mapping[str, Sequence]) -> list[ResizeOptions]:
+        """The options of every setting in `sweep` (fixed ranks above the cap are left out; a target_size of
+        'auto' becomes 1-2-5 sizes between the smallest and the largest file the caps allow)."""
+        out = []
+        for method, values in sweep.items():
+            for v in values:
+                if method == FIXED:
+                    if shared.rank is not None and v > shared.rank:
+                        continue
+                    conv = v if shared.conv_rank is None else min(v, shared.conv_rank)
+                    out.append(shared.with_setting(rank=int(v), conv_rank=int(conv)))
+                elif method in BUDGETS and v == "auto":
+                    probe = shared.with_setting(**{method: 1})
+                    sizer = self.sizer(probe)
+                    layers = budget_layers(self.sps, probe, sizer)
+                    lo = sizer.file_size(np.array([L.lo for L in layers]))[0]
+                    hi = sizer.file_size(np.array([L.hi for L in layers]))[0]
+                    out += [shared.with_setting(**{method: s}) for s in sizes_125(lo, hi)]
+                elif method in BUDGETS:
+                    out.append(shared.with_setting(**{method: v}))
+                elif method in POLICIES:
+                    out.append(shared.with_setting(method=method, param=float(v)))
+                else:
+                    raise OptionsError(f"unknown setting {method!r} in the sweep; choose from "
+                                       f"{', '.join(default_sweep())}")
+        return out
+
+
+def sizes_125(lo: int, hi: int) -> list[int]:
+    """1-2-5 x 10^k sizes strictly between lo and hi."""
+    out = []
+    e = 10 ** max(0, int(math.floor(math.log10(max(lo, 1)))))
+    while e <= hi * 10:
+        for m in (1, 2, 5):
+            v = m * e
+            if lo < v < hi:
+                out.append(v)
+        e *= 10
+    return out
+
+
+def split_options(options: ResizeOptions | None, fields_: dict) -> tuple[ResizeOptions, ResizeOptions | None]:
+    """(shared, chosen): options carrying the fields every setting shares (rank rule, caps, precision, rules,
+    device, threads, output format), and the chosen setting when the options name one (a rank, a method or a
+    budget). Only the shared fields of `shared` are read."""
+    if options is not None:
+        if fields_:
+            raise OptionsError("pass either options=ResizeOptions(...) or option fields, not both")
+        return options, options
+    unknown = set(fields_) - set(SHARED_FIELDS) - set(SETTING_FIELDS) - {"rule"}
+    if unknown:
+        raise OptionsError(f"unknown option(s) for analyze: {', '.join(sorted(unknown))}")
+    chosen = ResizeOptions(**fields_) if any(fields_.get(k) is not None for k in SETTING_FIELDS) else None
+    shared = chosen or ResizeOptions(**{k: v for k, v in fields_.items() if k in SHARED_FIELDS or k == "rule"},
+                                     **DEFAULT_PICK)
+    return shared, chosen
+
+
+def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeOptions | None, chosen_label: str,
+           sweep: Mapping[str, Sequence] | None) -> Analysis:
+    """The sweep, the chosen setting and the pick, evaluated; an Analysis."""
+    rows = [ev.evaluate(o) for o in ev.sweep_options(shared, default_sweep() if sweep is None else sweep)]
+    notes = list(a_fields.pop("notes"))
+    chosen_row = None
+    if chosen is not None:
+        chosen_row = ev.evaluate(chosen, label=chosen_label)
+        chosen_row.chosen = True
+        if chosen_row.note:
+            notes.append(chosen_row.note)
+    pick = chosen_row
+    if pick is None:
+        default = shared.with_setting(**DEFAULT_PICK)
+        pick = ev.evaluate(default, label=default.label() + " (default pick)")
+    return Analysis(shared=shared, layers=ev.sps, blocks=[block_of(sp.name) for sp in ev.sps], rows=rows,
+                    chosen=chosen_row, pick=pick, notes=notes, **a_fields)
+
+
+def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress | None = None
+               ) -> tuple[Evaluator, dict]:
+    """The file at `src` decomposed once under `shared` (its rules, precision, output format, device): the
+    Evaluator of its settings, and the Analysis fields that describe the file."""
+    src = resolve_input(local_path(src, "input"))
+    device = compute_device(shared.device)
+    with open_tensor_file(src) as reader:
+        layout = convert(detect(reader.infos(), reader.metadata, src), shared.output_format)
+        precision = precision_of(layout, reader.infos(), shared.precision)
+        rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
+        kept = set(rules.kept)
+        jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
+        t1 = time.perf_counter()
+        sps = spectra(jobs, device, shared.threads, progress)
+        t_dec = time.perf_counter() - t1
+        out = Output(layout, jobs, {k: reader for k in layout.passthrough}, [InputRecord(src.name, reader.metadata)])
+    return Evaluator(out, sps, precision), dict(
+        src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
+        seconds=0.0, decompose_seconds=t_dec, notes=rules.notes + list(layout.notes), rule_hits=rules.hits)
+
+
+def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, progress: Progress | None = None,
+            sweep: Mapping[str, Sequence] | None = None, **option_fields) -> Analysis:
+    """Decompose the LoRA at `src` once and evaluate a sweep of settings (`default_sweep()` unless given) on it.
+
+    Option fields: rank / conv_rank (the cap of every dynamic and budget setting, as in resize), rank_rule
+    ('exact'|'kohya'), precision (default: the input's), block_rules, output_format (sizes are those of the
+    converted file), device, threads; and optionally the chosen setting (method + param, rank, target_size or
+    target_fro), evaluated as `Analysis.chosen`.
+
+    Raises: OptionsError, InputFileError, LoraStructureError, NumericalError, DeviceError."""
+    t0 = time.perf_counter()
+    shared, chosen = split_options(options, option_fields)
+    ev, a_fields = decomposed(src, shared, progress)
+    shared = replace(shared, precision=ev.precision)
+    chosen = replace(chosen, precision=ev.precision) if chosen is not None else None
+    a = finish(ev, a_fields, shared, chosen, chosen.label() if chosen else "", sweep)
+    a.seconds = time.perf_counter() - t0
+    return a
+
+
+def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) -> Analysis:
+    """An Analysis built from a finished resize (its rows hold every layer's singular values): the sweep around
+    it without decomposing again, with the resize's own setting as the chosen row."""
+    t0 = time.perf_counter()
+    names = {f.name for f in fields(ResizeOptions)}
+    chosen = ResizeOptions(**{k: v for k, v in result.options.items() if k in names})
+    with open_tensor_file(result.src) as reader:
+        layout = convert(detect(reader.infos(), reader.metadata, result.src), chosen.output_format)
+        modules = {m.name: m for m in layout.modules}
+        sps = []
+        for row in result.layers:
+            m = re.fullmatch(r"conv(\d+(?:x\d+)*)", row.kind)
+            kernel = tuple(int(x) for x in m.group(1).split("x")) if m else None
+            in_ch = row.in_features // math.prod(kernel) if kernel else row.in_features
+            sps.append(Spectrum(row.name, row.kind, row.out_features, row.in_features, row.old_rank, row.old_alpha,
+                                row.scale, kernel, in_ch, row.singular_values))
+        jobs = [module_job(modules[row.name], reader) for row in result.layers]
+        out = Output(layout, jobs, {k: reader for k in layout.passthrough},
+                     [InputRecord(result.src.name, reader.metadata)])
+        ev = Evaluator(out, sps, result.precision)
+        rules = apply_rules(chosen.block_rules, [m.name for m in layout.modules])
+        a = finish(ev, dict(src=result.src, format=result.format, precision=result.precision,
+                            input_bytes=result.input_bytes, dropped=rules.dropped, seconds=0.0,
+                            decompose_seconds=0.0, notes=[], rule_hits=result.options.get("rule_hits") or {}),
+                   chosen, chosen, chosen.label() + " (this resize)", sweep)
+    if result.dst.suffix.lower() == ".safetensors" and a.chosen.output_bytes != result.output_bytes:
+        a.notes.append(f"predicted {a.chosen.output_bytes} bytes, the file has {result.output_bytes}")
+    a.seconds = time.perf_counter() - t0
+    return a

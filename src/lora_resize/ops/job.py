@@ -1,0 +1,260 @@
+"""What resize and merge share: layer jobs through the engine, a budget's planning pass, and the write.
+
+    read (io.reader) -> modules (formats.detect) -> LayerJob -> core.schedule.through_engine:
+        job.load() -> LowRankLayer -> decompose -> Decomposition -> ranks.plan.layer_rank -> k
+        -> core.truncate -> NewFactors -> module.emit -> tensors
+    -> io.metadata.output_metadata + layout.side_outputs -> io.writer.write_output
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..core.decompose import Decomposition
+from ..core.layer import LowRankLayer
+from ..core.schedule import Progress, through_engine
+from ..core.spectrum import Spectrum
+from ..core.truncate import SAVE_DTYPES, NewFactors, on_host, retention, sd_scripts_alpha, truncated_factors
+from ..errors import NumericalError, OptionsError
+from ..formats import Layout, Module
+from ..io.metadata import InputRecord, output_metadata, with_hashes
+from ..io.reader import TensorInfo, TensorSource
+from ..io.sizing import OutputSizer, Stub, saved_stub
+from ..io.writer import write_output
+from ..options import ResizeOptions
+from ..ranks.plan import layer_rank, plan
+from ..results import LayerResult
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+@dataclass
+class LayerJob:
+    """One output layer to compute: its name, how to read its low-rank form, the module that writes it (its
+    `emit` and `output_scale`), and about how many bytes its factors have in float64 (sizes the windows)."""
+    name: str
+    load: Callable[[], LowRankLayer]
+    module: Module
+    nbytes: int = 0
+
+
+def checked(name: str, layer: LowRankLayer) -> LowRankLayer:
+    """`layer`, after checking that its alpha can be rescaled for any new rank in float32 (sd-scripts computes
+    the new alpha there); NumericalError naming the layer when not."""
+    if layer.alpha is not None and abs(layer.alpha) / layer.rank * min(layer.up.shape[0],
+                                                                       layer.down.shape[1]) > FLOAT32_MAX:
+        raise NumericalError(f"layer {name} has alpha {layer.alpha:g}, too large to rescale in float32; the file is "
+                             "damaged - re-export it")
+    return layer
+
+
+def factor_bytes(module: Module, infos: Mapping[str, TensorInfo]) -> int:
+    """About how large `module`'s tensors are in float64."""
+    return sum(8 * math.prod(infos[k].shape) for k in module.keys if k in infos)
+
+
+def module_job(module: Module, src: TensorSource) -> LayerJob:
+    """A job that reads `module` from `src` and writes it with the same module."""
+    return LayerJob(module.name, lambda: checked(module.name, module.load(src)), module,
+                    factor_bytes(module, src.infos()))
+
+
+def layer_row(sp: Spectrum, k: int, new_alpha: float, **flags) -> LayerResult:
+    """The row of layer `sp` resized to rank k (flags: clamped, zero, underflow, singular_values)."""
+    sum_kept, fro_kept, max_ratio = retention(sp.S, k)
+    return LayerResult(name=sp.name, kind=sp.kind, out_features=sp.out_features, in_features=sp.in_features,
+                       old_rank=sp.rank, new_rank=k, old_alpha=sp.alpha, new_alpha=new_alpha,
+                       sum_retained=sum_kept, fro_retained=fro_kept, max_ratio=max_ratio, scale=sp.scale, **flags)
+
+
+def planned_rows(spectra: list[Spectrum], ranks) -> list[LayerResult]:
+    """The rows a job would report for these ranks (what the metadata records), without computing factors."""
+    return [layer_row(sp, int(k), sd_scripts_alpha(sp.name, sp.alpha, sp.rank, int(k)))
+            for sp, k in zip(spectra, ranks)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine passes
+
+
+@dataclass
+class Queued:
+    """A layer whose new factors are computed (on a GPU: queued) on the compute device."""
+    job: LayerJob
+    layer: LowRankLayer
+    spectrum: Spectrum
+    rank: int
+    clamped: bool
+    zero: bool
+    alpha: float
+    alpha_t: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: ResizeOptions,
+                save_dtype: torch.dtype) -> Queued:
+    """Choose the layer's rank and compute its best rank-k factors in save_dtype, on the compute device.
+
+    The new alpha is scale * k (strength unchanged, sd-scripts' arithmetic); the factors absorb any difference
+    between the layer's scale and the scale its output is loaded with (the stored alpha's rounding in the save
+    dtype, or a family's fixed scale), so the output applies exactly the rank-k truncation of the scaled update
+    (to float precision)."""
+    sp = Spectrum.of(job.name, layer, dec.S)
+    choice = layer_rank(sp, opts)
+    k = choice.rank
+    alpha = sd_scripts_alpha(job.name, layer.alpha, layer.rank, k)
+    alpha_t = torch.tensor(alpha, dtype=torch.float32).to(save_dtype)
+    fixed = job.module.output_scale
+    if fixed is None:
+        stored = float(alpha_t)
+        c = layer.scale * k / stored if stored != 0 and layer.scale != 0 else 1.0
+    else:
+        c = layer.scale / fixed if fixed != 0 and layer.scale != 0 else 1.0
+    up, down = truncated_factors(dec, k, c, save_dtype)
+    return Queued(job, layer, sp, k, choice.clamped_to_size, choice.zero_layer, alpha, alpha_t, up, down)
+
+
+def finish_layer(q: Queued) -> tuple[LayerResult, dict[str, torch.Tensor]]:
+    """The layer's row and its output tensors on the CPU, checked to fit the save precision."""
+    up, down = on_host(q.job.name, q.up, q.down)
+    S = q.spectrum.S
+    row = layer_row(q.spectrum, q.rank, q.alpha, clamped=q.clamped, zero=q.zero, singular_values=S,
+                    underflow=bool(S.size and S[0] > 0 and not (bool(up.any()) and bool(down.any()))))
+    return row, q.job.module.emit(NewFactors(up, down, q.alpha_t, q.layer.kernel, q.layer.in_channels))
+
+
+def run_jobs(jobs: list[LayerJob], opts: ResizeOptions, device: torch.device, save_dtype: torch.dtype,
+             progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None
+             ) -> tuple[list[LayerResult], dict[str, torch.Tensor]]:
+    """Decompose and truncate every job (in order); returns the rows and the output tensors."""
+    rows: list[LayerResult] = []
+    out: dict[str, torch.Tensor] = {}
+    for row, tensors in through_engine(jobs, device, lambda j, layer, dec: start_layer(j, layer, dec, opts,
+                                                                                       save_dtype),
+                                       finish_layer, opts.threads, progress):
+        out.update(tensors)
+        rows.append(row)
+        if on_layer:
+            on_layer(row)
+    return rows, out
+
+
+def spectra(jobs: list[LayerJob], device: torch.device, threads: int | None = None,
+            progress: Progress | None = None) -> list[Spectrum]:
+    """Decompose every job; keep only its spectrum (what planning and analysis need)."""
+    return list(through_engine(jobs, device, lambda j, layer, dec: Spectrum.of(j.name, layer, dec.S),
+                               lambda s: s, threads, progress))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A whole job
+
+
+def precision_of(layout: Layout, infos: Mapping[str, TensorInfo], requested: str | None) -> str:
+    """The save precision: the requested one, else the dtype most of the LoRA factors are stored in."""
+    if requested:
+        return requested
+    counts: dict[torch.dtype, int] = {}
+    for m in layout.modules:
+        for k in m.keys:
+            if infos[k].dtype.is_floating_point and len(infos[k].shape) >= 2:
+                counts[infos[k].dtype] = counts.get(infos[k].dtype, 0) + 1
+    dtype = max(counts, key=counts.get) if counts else torch.float32
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "float")
+
+
+@dataclass
+class Output:
+    """What a job writes: the output layout (its modules, in order, emit the layers; it derives the side
+    outputs), the copied tensors (key -> the reader holding it), the inputs as the metadata records them."""
+    layout: Layout
+    jobs: list[LayerJob]
+    copied: dict[str, TensorSource]
+    sources: list[InputRecord]
+    merged: bool = False
+
+
+def copied_stubs(out: Output, save_dtype: torch.dtype) -> dict[str, Stub]:
+    return {k: saved_stub(src.infos()[k].shape, src.infos()[k].dtype, save_dtype) for k, src in out.copied.items()}
+
+
+def metadata_for(out: Output, sps: list[Spectrum], opts: ResizeOptions, precision: str
+                 ) -> Callable[[np.ndarray], dict[str, str]]:
+    """ranks -> the metadata `produce` would write for them with `opts` (hashes as placeholders)."""
+    def meta(ranks) -> dict[str, str]:
+        rows = planned_rows(sps, ranks)
+        return with_hashes(output_metadata(opts, precision, out.layout.format, rows, out.sources,
+                                           out.layout.side_outputs(rows).metadata, out.merged))
+    return meta
+
+
+def sizer_for(out: Output, sps: list[Spectrum], opts: ResizeOptions, precision: str) -> OutputSizer:
+    """The exact size of what `produce` would write for given ranks (same tensors, same metadata)."""
+    save_dtype = SAVE_DTYPES[precision]
+    return OutputSizer([j.module for j in out.jobs], sps, copied_stubs(out, save_dtype), save_dtype,
+                       metadata_for(out, sps, opts, precision))
+
+
+def with_budget_plan(out: Output, opts: ResizeOptions, precision: str, device: torch.device,
+                     progress: Progress | None) -> tuple[ResizeOptions, list[str]]:
+    """For a budget: a first pass for every layer's spectrum, the plan, and the options with the planned ranks
+    (explicit ranks the user gave still win). Without a budget: the options as they are."""
+    if opts.budget is None:
+        return opts, []
+    sps = spectra(out.jobs, device, opts.threads, progress)
+    ranks, notes = plan(sps, opts, sizer_for(out, sps, opts, precision))
+    return replace(opts, ranks={**{sp.name: int(k) for sp, k in zip(sps, ranks)}, **(opts.ranks or {})}), notes
+
+
+@dataclass
+class Produced:
+    """A written job: its rows, the metadata written, the writer's notes, the plan's notes and the options as
+    run (a budget's ranks filled in)."""
+    rows: list[LayerResult]
+    metadata: dict[str, str]
+    write_notes: list[str]
+    plan_notes: list[str]
+    options: ResizeOptions
+
+
+def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device: torch.device,
+            progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None) -> Produced:
+    """Plan (a budget), run the engine, write `dst` atomically with its metadata and companion files."""
+    save_dtype = SAVE_DTYPES[precision]
+    run_opts, plan_notes = with_budget_plan(out, opts, precision, device, progress)
+    rows, tensors = run_jobs(out.jobs, run_opts, device, save_dtype, progress, on_layer)
+    for key, src in out.copied.items():
+        t = src.get(key)
+        tensors.setdefault(key, t.to(save_dtype) if t.is_floating_point() else t)
+    side = out.layout.side_outputs(rows)
+    meta = output_metadata(run_opts, precision, out.layout.format, rows, out.sources, side.metadata, out.merged)
+    meta, write_notes = write_output(dst, tensors, meta, side.files)
+    return Produced(rows, meta, write_notes, plan_notes, run_opts)
+
+
+def clamp_notes(rows: list[LayerResult]) -> list[str]:
+    """Notes on layers that could not be given what was asked: smaller than the rank, or lost to underflow."""
+    notes = []
+    clamped = [r for r in rows if r.clamped]
+    if clamped:
+        notes.append(f"{len(clamped)} layer(s) were smaller than the rank asked for and keep their full rank "
+                     f"(e.g. {clamped[0].name}: {clamped[0].new_rank})")
+    lost = [r for r in rows if r.underflow]
+    if lost:
+        notes.append(f"{len(lost)} layer(s) are too small for the save precision and were saved as zeros (e.g. "
+                     f"{lost[0].name}); use --precision bf16 or float to keep them")
+    return notes
+
+
+def as_options(options: ResizeOptions | None, fields: dict) -> ResizeOptions:
+    """The options of a job call: a ResizeOptions or its fields (OptionsError when both are given)."""
+    if options is not None and fields:
+        raise OptionsError("pass either options=ResizeOptions(...) or option fields, not both")
+    return options if options is not None else ResizeOptions(**fields)
+

@@ -1,0 +1,132 @@
+"""Merge several LoRAs into one of a chosen size, exactly: a weighted sum of low-rank products is itself one,
+with the weighted factors stacked side by side (up = [w1 s1 up1 | w2 s2 up2 | ...], down = [down1; down2; ...]),
+so the resize engine reduces it without ever forming the dense update."""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..core.layer import LowRankLayer
+from ..core.schedule import Progress, compute_device
+from ..errors import LoraStructureError, OptionsError
+from ..formats import Module, convert, detect, key_family
+from ..io.metadata import InputRecord
+from ..io.paths import check_output_path, local_path, resolve_input
+from ..io.reader import TensorSource, open_tensor_file
+from ..options import ResizeOptions
+from ..ranks.rules import apply_rules
+from ..results import LayerResult, ResizeResult
+from .job import LayerJob, Output, as_options, checked, clamp_notes, factor_bytes, precision_of, produce
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of a merge and its weight."""
+    path: Path
+    weight: float = 1.0
+
+
+def parse_source(text: str) -> Source:
+    """'file.safetensors:0.8' -> Source(file, 0.8); without ':weight' the weight is 1."""
+    local_path(text, "input")
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return Source(Path(head), float(tail))
+        except ValueError:
+            pass
+    return Source(Path(text), 1.0)
+
+
+def stacked(name: str, parts: list[tuple[float, LowRankLayer]]) -> LowRankLayer:
+    """One low-rank layer for sum_i w_i * scale_i * up_i @ down_i (shapes checked; LoraStructureError when they
+    differ), in float64, with scale 1."""
+    first = parts[0][1]
+    ups, downs = [], []
+    for w, layer in parts:
+        if (layer.up.shape[0], layer.down.shape[1], layer.kernel) != (first.up.shape[0], first.down.shape[1],
+                                                                       first.kernel):
+            raise LoraStructureError(
+                f"layer {name} has different shapes in the inputs: out x in {first.up.shape[0]} x "
+                f"{first.down.shape[1]} (kernel {first.kernel}) vs {layer.up.shape[0]} x {layer.down.shape[1]} "
+                f"(kernel {layer.kernel}); these LoRAs are for different models")
+        ups.append(layer.up.to(torch.float64) * (w * layer.scale))
+        downs.append(layer.down.to(torch.float64))
+    return LowRankLayer.with_alpha(torch.cat(ups, dim=1), torch.cat(downs, dim=0), None, kernel=first.kernel,
+                                   in_channels=first.in_channels)
+
+
+def merged_job(name: str, members: list[tuple[float, Module, TensorSource]]) -> LayerJob:
+    """A job whose layer is the weighted sum of `members`' (weight, module, reader); the first one writes it."""
+    def load() -> LowRankLayer:
+        return stacked(name, [(w, checked(name, m.load(src))) for w, m, src in members])
+    return LayerJob(name, load, members[0][1], sum(factor_bytes(m, src.infos()) for _, m, src in members))
+
+
+def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, options: ResizeOptions | None = None, *,
+          progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
+          **option_fields) -> ResizeResult:
+    """Merge `sources` (weighted LoRAs of the same model) into one LoRA at `dst`, reduced with the resize options
+    (a budget included: --target-size plans the merged layers together).
+
+    Each layer of the result is the best rank-k approximation of sum_i w_i * dW_i. Layers present in only some
+    inputs are merged from those. A weight of 0 drops that input. Raises the same errors as `resize`."""
+    t0 = time.perf_counter()
+    opts = as_options(options, option_fields)
+    srcs = [s if isinstance(s, Source) else parse_source(s) if isinstance(s, str) else Source(Path(s))
+            for s in sources]
+    srcs = [Source(resolve_input(local_path(s.path, "input")), s.weight) for s in srcs]
+    if not srcs:
+        raise OptionsError("merge needs at least one input: A.safetensors:0.8 B.safetensors:0.5 ...")
+    notes = [f"{s.path.name} has weight 0 and is left out" for s in srcs if s.weight == 0]
+    live = [s for s in srcs if s.weight != 0]
+    if not live:
+        raise OptionsError("every input has weight 0: nothing to merge")
+    dst = local_path(dst, "output")
+    device = compute_device(opts.device)
+    with ExitStack() as stack:
+        readers, layouts = [], []
+        for s in live:
+            r = stack.enter_context(open_tensor_file(s.path))
+            check_output_path(s.path, dst)
+            readers.append(r)
+            layouts.append(convert(detect(r.infos(), r.metadata, s.path), opts.output_format))
+        families = {key_family(lay.format) for lay in layouts}
+        if len(families) > 1:
+            raise LoraStructureError(f"the inputs are in different key families ({', '.join(sorted(families))}); "
+                                     "merge files of one family")
+        members: dict[str, list[tuple[float, Module, TensorSource]]] = {}
+        for s, r, lay in zip(live, readers, layouts):
+            for m in lay.modules:
+                members.setdefault(m.name, []).append((s.weight, m, r))
+        precision = opts.precision or precision_of(layouts[0], readers[0].infos(), None)
+        partial = sum(1 for v in members.values() if len(v) < len(live))
+        if partial:
+            notes.append(f"{partial} layer(s) are in only some of the inputs and are merged from those")
+        rules = apply_rules(opts.block_rules, sorted(members, key=lambda n: members[n][0][1].keys[0]))
+        notes += rules.notes
+        jobs = [merged_job(name, members[name]) for name in rules.kept]
+        copied: dict[str, TensorSource] = {}
+        for r, lay in zip(readers, layouts):
+            for key in lay.passthrough:
+                copied.setdefault(key, r)
+        if copied:
+            notes.append(f"{len(copied)} non-LoRA tensor(s) copied from the first input that has them")
+        # the output: the first input's layout, each layer written by the module of the first input that has it
+        layout = replace(layouts[0], modules=[j.module for j in jobs])
+        out = Output(layout, jobs, copied, [InputRecord(s.path.name, r.metadata, s.weight)
+                                            for s, r in zip(live, readers)], merged=True)
+        done = produce(dst, out, opts, precision, device, progress, on_layer)
+    notes += list(layouts[0].notes) + done.write_notes + clamp_notes(done.rows) + done.plan_notes
+    return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
+                        options={**done.options.as_dict(), "sources": [[str(s.path), s.weight] for s in srcs],
+                                 "rule_hits": rules.hits},
+                        layers=done.rows, passthrough=list(copied),
+                        input_bytes=sum(s.path.stat().st_size for s in live), output_bytes=dst.stat().st_size,
+                        seconds=time.perf_counter() - t0, metadata=done.metadata, notes=notes)

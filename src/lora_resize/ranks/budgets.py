@@ -1,0 +1,250 @@
+"""Budgets: choose every layer's rank together, for a file size (--target-size) or a global Frobenius retention
+(--target-fro). A small registry (BUDGETS): each budget is one registration that gives its option, flag, label,
+colour, the values `analyze` sweeps and its planner. Pure numpy on the singular values; no tensors.
+
+The unit of choice is one singular value of one layer. Keeping the j-th singular value of layer i (all before it
+being kept) adds energy g_ij = (scale_i * S_ij)^2 to the update (scale_i = alpha_i / rank_i: the energy the model
+actually sees) and costs c_i bytes (the bytes of one more row of down and column of up). Because S is descending,
+each layer's gains are non-increasing, so a layer's ranks grow in order when units are taken by gain per byte.
+
+- Size: start every layer at its lowest allowed rank, then take units in decreasing g/c; a unit that does not fit
+  the remaining bytes is skipped (and so is the rest of its layer: they cost the same), and smaller units after it
+  are still tried. The kept energy is within g* of the best any allocation could keep in the same bytes, where g*
+  is the gain of the first unit skipped (the fractional-knapsack bound); no single layer's rank can be raised
+  within the budget (so no single-layer change improves the result at all).
+- Fro: take units in the same order until sqrt(kept / total) reaches the target (total: every singular value of
+  every kept layer, scaled). The result keeps at most one unit (of any layer) more than a byte-minimal choice.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from ..errors import OptionsError
+from ..units import format_size, parse_size
+
+
+@dataclass
+class BudgetLayer:
+    """One layer's choice: ranks lo..hi, `cost` bytes per rank, `gains[j]` the energy of the (j+1)-th singular
+    value (scaled, zero past the numerical rank), at least `hi` long."""
+    lo: int
+    hi: int
+    cost: int
+    gains: np.ndarray
+
+
+def _units(layers: list[BudgetLayer]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(layer index, gain, cost) of every optional unit with positive gain, in the order the greedy takes them:
+    decreasing gain per byte, ties by layer then by position (so a layer's units stay in order)."""
+    idx, gain, cost = [], [], []
+    for i, L in enumerate(layers):
+        if L.hi > L.lo:
+            g = np.asarray(L.gains[L.lo:L.hi], dtype=np.float64)
+            g = g[g > 0]  # S is descending: the positive gains are a prefix (zeros past the numerical rank)
+            idx.append(np.full(len(g), i, dtype=np.int64))
+            gain.append(g)
+            cost.append(np.full(len(g), L.cost, dtype=np.float64))
+    if not idx:
+        e = np.zeros(0)
+        return np.zeros(0, dtype=np.int64), e, e, np.zeros(0, dtype=np.int64)
+    idx, gain, cost = np.concatenate(idx), np.concatenate(gain), np.concatenate(cost)
+    ratio = gain / np.maximum(cost, 1e-300)
+    order = np.lexsort((np.arange(len(idx)), -ratio))  # stable: ties keep layer/position order
+    return idx[order], gain[order], cost[order], order
+
+
+def base_ranks(layers: list[BudgetLayer]) -> np.ndarray:
+    """Every layer at its lowest allowed rank."""
+    return np.array([L.lo for L in layers], dtype=np.int64)
+
+
+def kept_energy(layers: list[BudgetLayer], ranks: np.ndarray) -> float:
+    """Scaled energy kept by `ranks` (sum of the kept gains)."""
+    return float(sum(float(np.sum(L.gains[:k])) for L, k in zip(layers, ranks)))
+
+
+@dataclass
+class SizePlan:
+    """A greedy allocation: the ranks, the bytes their factors take, the gain of the first unit that did not fit."""
+    ranks: np.ndarray
+    bytes_used: int  # sum of cost * rank over the layers
+    skipped_gain: float  # g*: the gain of the first unit that did not fit (0 when nothing was skipped)
+
+
+def allocate_size(layers: list[BudgetLayer], budget: float) -> SizePlan | None:
+    """Ranks with sum(cost * rank) <= budget, greedily by gain per byte (see the module docstring); None when
+    even the lowest ranks do not fit."""
+    ranks = base_ranks(layers)
+    costs = np.array([L.cost for L in layers], dtype=np.float64)
+    used = float(np.dot(costs, ranks))
+    if used > budget:
+        return None
+    idx, gain, cost, _ = _units(layers)
+    slack = budget - used
+    cum = np.cumsum(cost)
+    n = int(np.searchsorted(cum, slack, side="right"))  # the prefix that fits as a whole
+    np.add.at(ranks, idx[:n], 1)
+    slack -= float(cum[n - 1]) if n else 0.0
+    skipped = float(gain[n]) if n < len(idx) else 0.0
+    rest = np.nonzero(cost[n:] <= slack)[0] + n
+    for u in rest:  # units after the first that did not fit: take those that still fit, in order
+        c = cost[u]
+        if c <= slack:
+            ranks[idx[u]] += 1
+            slack -= c
+    return SizePlan(ranks, int(round(float(np.dot(costs, ranks)))), skipped)
+
+
+def next_units(layers: list[BudgetLayer], ranks: np.ndarray) -> list[int]:
+    """Layers whose next singular value has positive gain and is allowed, best gain per byte first."""
+    cand = [i for i, (L, k) in enumerate(zip(layers, ranks)) if k < L.hi and L.gains[k] > 0]
+    return sorted(cand, key=lambda i: (-layers[i].gains[ranks[i]] / max(layers[i].cost, 1e-300), i))
+
+
+def allocate_fro(layers: list[BudgetLayer], target: float, total_energy: float) -> tuple[np.ndarray, bool]:
+    """(ranks, reached): the greedy prefix whose kept energy first reaches target^2 * total_energy; all layers at
+    their highest allowed rank (reached False) when the caps make the target unreachable."""
+    ranks = base_ranks(layers)
+    need = target * target * total_energy * (1 - 1e-12)
+    have = kept_energy(layers, ranks)
+    if have >= need:
+        return ranks, True
+    idx, gain, _, _ = _units(layers)
+    cum = have + np.cumsum(gain)
+    n = int(np.searchsorted(cum, need, side="left"))
+    if n >= len(idx):
+        np.add.at(ranks, idx, 1)
+        return ranks, False
+    np.add.at(ranks, idx[:n + 1], 1)
+    return ranks, True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Planners on the exact file size
+
+
+class Sizer(Protocol):
+    """The exact size of the output for per-layer ranks (io.sizing.OutputSizer)."""
+
+    def layer_bytes(self, i: int, k: int) -> int: ...
+
+    def file_size(self, ranks) -> tuple[int, int, int]: ...  # (file bytes, header bytes, parameters)
+
+
+def plan_size(layers: list[BudgetLayer], target: int, total_energy: float, sizer: Sizer
+              ) -> tuple[np.ndarray, str | None]:
+    """Ranks whose file is at most `target` bytes, keeping the most scaled energy (the greedy of `allocate_size` on
+    the tensor bytes, then corrected on the exact file size: header, metadata and copied tensors included; then
+    single layers raised while the file still fits). Raises OptionsError when even the lowest ranks do not fit."""
+    lo = base_ranks(layers)
+    size_lo, head_lo, _ = sizer.file_size(lo)
+    if size_lo > target:
+        lowest = {L.lo for L in layers}
+        raise OptionsError(
+            f"--target-size {target} bytes is below the smallest file these options allow: {size_lo} bytes (every "
+            f"layer at rank {min(lowest) if len(lowest) == 1 else 'its lowest'}); raise the target, save in "
+            "fp16/bf16, or leave modules out with --rule 'PATTERN=drop'")
+    hi = np.array([L.hi for L in layers])
+    costs = np.array([L.cost for L in layers], dtype=np.float64)
+    # file = constant bytes (alphas, copied tensors) + header + sum(cost * rank); the header grows with the ranks
+    # (longer numbers), so its size at the highest ranks is a safe first guess, refined below
+    constant = size_lo - head_lo - float(np.dot(costs, lo))
+    head_guess = sizer.file_size(hi)[1]
+    best = lo
+    for _ in range(4):  # keep the best allocation that fits
+        plan = allocate_size(layers, target - constant - head_guess)
+        if plan is None:
+            break
+        size, head, _ = sizer.file_size(plan.ranks)
+        if size <= target:
+            best = plan.ranks
+            if head == head_guess:
+                break
+            head_guess = head
+        else:
+            head_guess += size - target
+    ranks = best.copy()
+    # fill: raise single layers while the exact size still fits (best gain per byte first)
+    size = sizer.file_size(ranks)[0]
+    while True:
+        slack = target - size
+        grew = False
+        for i in next_units(layers, ranks):
+            if layers[i].cost > slack:
+                continue
+            ranks[i] += 1
+            s2 = sizer.file_size(ranks)[0]
+            if s2 <= target:
+                size, slack, grew = s2, target - s2, True
+            else:
+                ranks[i] -= 1
+        if not grew:
+            break
+    return ranks, None
+
+
+def plan_fro(layers: list[BudgetLayer], target: float, total_energy: float, sizer: Sizer
+             ) -> tuple[np.ndarray, str | None]:
+    """The smallest greedy prefix whose global Frobenius retention reaches `target`; a note when the caps and
+    rules make it unreachable (every layer then at its highest allowed rank)."""
+    ranks, reached = allocate_fro(layers, target, total_energy)
+    if reached:
+        return ranks, None
+    best = math.sqrt(kept_energy(layers, ranks) / total_energy) if total_energy > 0 else float("nan")
+    return ranks, (f"--target-fro {target} is not reachable under the caps and rules; the best is {best:.4f} "
+                   "(every layer at its highest allowed rank)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registry
+
+
+def _parse_fro(value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise OptionsError(f"--target-fro must be a number in (0, 1], got {value!r}") from None
+    if not 0 < v <= 1:
+        raise OptionsError(f"--target-fro must be in (0, 1] (e.g. 0.95), got {v}")
+    return v
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget policy. `name` is its ResizeOptions field; `parse` normalises a value (OptionsError when bad);
+    `describe` labels a value in a sweep, `summary` in a job's summary, `flag_value` writes it for the flag;
+    `sweep`: the values `analyze` evaluates by default ('auto': chosen from the file);
+    `plan(layers, value, total_energy, sizer)`."""
+    name: str
+    flag: str
+    label: str
+    colour: str
+    sweep: tuple
+    parse: Callable[[object], object]
+    describe: Callable[[object], str]
+    summary: Callable[[object], str]
+    flag_value: Callable[[object], str]
+    plan: Callable[[list[BudgetLayer], object, float, Sizer], tuple[np.ndarray, str | None]]
+
+
+BUDGETS: dict[str, Budget] = {}
+
+
+def register(budget: Budget) -> Budget:
+    """Add a budget to the registry. Raises ValueError when the name is taken."""
+    if budget.name in BUDGETS:
+        raise ValueError(f"budget {budget.name!r} is already registered")
+    BUDGETS[budget.name] = budget
+    return budget
+
+
+register(Budget("target_fro", "--target-fro", "target_fro (budget)", "#9467bd",
+                (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99), _parse_fro, lambda v: f"target_fro {v:g}",
+                lambda v: f"target fro {v} (global, alpha/rank-scaled)", lambda v: f"{v:g}", plan_fro))
+register(Budget("target_size", "--target-size", "target_size (budget)", "#8c564b", ("auto",),
+                lambda v: parse_size(v, "--target-size"), lambda v: f"target_size {format_size(v)}",
+                lambda v: f"target size {format_size(v)} ({v} bytes)", str, plan_size))

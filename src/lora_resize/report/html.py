@@ -1,0 +1,326 @@
+"""Pictures of an analysis: one self-contained HTML report (inline SVG, inline CSS and a few lines of inline
+script; nothing is fetched when it is viewed) and the main curve as a PNG (matplotlib).
+
+The report holds: the size-vs-fidelity curve of every method with the chosen setting marked (fidelity switchable
+between the size-weighted mean, the global and the worst layer), the per-layer rank map grouped by block, the
+singular-value spectra of the heaviest layers with the kept part shaded, and the table of settings."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .._version import __version__
+from ..errors import OptionsError, OutputFileError
+from ..io.writer import atomic_output
+from ..ranks.budgets import BUDGETS
+from ..ranks.policies import POLICIES
+from ..units import format_size as human_bytes
+from .svg import Scale, axes, esc, polyline, svg
+
+METRICS = {"fro_weighted": "size-weighted mean", "fro_global": "global (alpha/rank-scaled)",
+           "fro_min": "worst layer"}
+HEAVIEST = 6
+
+
+def series() -> dict[str, tuple[str, str]]:
+    """Every policy and budget that a sweep row can belong to: name -> (colour, legend label), from the
+    registries, in their order."""
+    return {**{n: (p.colour, p.label) for n, p in POLICIES.items()},
+            **{n: (b.colour, b.label) for n, b in BUDGETS.items()}}
+
+
+def _block_order(block: str) -> tuple:
+    kind = block.split(" ")[0]
+    num = int(block.split(" ")[-1]) if block.split(" ")[-1].isdigit() else 0
+    rank = {"text": 0, "down": 1, "mid": 2, "up": 3, "double": 4, "single": 5}.get(kind, 6)
+    return rank, num, block
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Charts
+
+
+def curve_svg(a, metric: str, ident: str, pick=None, width: int = 760, height: int = 420) -> str:
+    """Size (log) against fidelity, one line per method, points with tooltips, the chosen setting (`pick`) ringed."""
+    rows = [r for r in a.rows if getattr(r, metric) == getattr(r, metric)]
+    everything = rows + ([pick] if pick is not None else [])
+    sizes = [r.output_bytes for r in everything] or [1]
+    vals = [getattr(r, metric) for r in everything if getattr(r, metric) == getattr(r, metric)] or [0.0, 1.0]
+    ylo = max(0.0, math.floor(min(vals) * 20) / 20)
+    L, R, T, B = 70, width - 180, 20, height - 50
+    x = Scale(min(sizes) / 1.15, max(sizes) * 1.15, L, R, log=True)
+    y = Scale(ylo, 1.0, B, T)
+    body = [axes(x, y, lambda v: human_bytes(v), lambda v: f"{v:.0%}", "output size (log scale)",
+                 f"Frobenius retained, {METRICS[metric]}")]
+    legend_y = T + 8
+    for method, (color, name) in series().items():
+        pts = sorted((r for r in rows if r.method == method), key=lambda r: r.output_bytes)
+        if not pts:
+            continue
+        body.append(f'<g class="series" data-method="{method}">')
+        body.append(polyline([(x(r.output_bytes), y(getattr(r, metric))) for r in pts], color,
+                             dash="5,3" if method in BUDGETS else None))
+        for r in pts:
+            body.append(
+                f'<circle cx="{x(r.output_bytes):.1f}" cy="{y(getattr(r, metric)):.1f}" r="4" fill="{color}" '
+                f'class="point" data-row="row{a.rows.index(r)}"><title>{esc(r.label)}: '
+                f'{esc(human_bytes(r.output_bytes))}, {getattr(r, metric):.2%}\n{esc(r.args)}</title></circle>')
+        body.append("</g>")
+        body.append(f'<line x1="{R + 16}" y1="{legend_y}" x2="{R + 36}" y2="{legend_y}" stroke="{color}" '
+                    f'class="series"/><circle cx="{R + 26}" cy="{legend_y}" r="4" fill="{color}"/>'
+                    f'<text x="{R + 42}" y="{legend_y + 4}" class="legend">{esc(name)}</text>')
+        legend_y += 20
+    if pick is not None and getattr(pick, metric) == getattr(pick, metric):
+        px, py = x(pick.output_bytes), y(getattr(pick, metric))
+        body.append(f'<g class="chosen" data-row="chosen"><circle cx="{px:.1f}" cy="{py:.1f}" r="9" fill="none" '
+                    f'stroke="#000" stroke-width="2.5"/><circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="#000"/>'
+                    f'<text x="{px + 12:.1f}" y="{py + 16:.1f}" class="chosen-label">'
+                    f'{"chosen: " if pick.chosen else ""}{esc(pick.label)}'
+                    f'</text><title>chosen: {esc(pick.label)}: {esc(human_bytes(pick.output_bytes))}, '
+                    f'{getattr(pick, metric):.2%}</title></g>')
+        body.append(f'<circle cx="{R + 26}" cy="{legend_y}" r="7" fill="none" stroke="#000" stroke-width="2"/>'
+                    f'<text x="{R + 42}" y="{legend_y + 4}" class="legend">'
+                    f'{"chosen setting" if pick.chosen else "default pick"}</text>')
+    return svg(width, height, "\n".join(body), ident, f"output size against fidelity ({METRICS[metric]})")
+
+
+def rank_map_svg(a, pick, width: int = 980) -> str:
+    """One row per block (text encoder, down, mid, up ...), one bar per layer: height = new rank (log scale,
+    up to the largest old rank), colour = Frobenius retained, the old rank as a grey outline."""
+    groups: dict[str, list[int]] = {}
+    for i, block in enumerate(a.blocks):
+        groups.setdefault(block, []).append(i)
+    order = sorted(groups, key=_block_order)
+    top = max(max(L.rank for L in a.layers), 2)
+    row_h, label_w = 46, 110
+    widest = max(len(v) for v in groups.values())
+    cell = max(2.0, min(14.0, (width - label_w - 20) / widest))
+    height = 30 + row_h * len(order) + 40
+    ys = Scale(1, top, row_h - 8, 4, log=True)  # within a row: rank 1 at the bottom, the top rank at the top
+    body = []
+    for gi, g in enumerate(order):
+        y0 = 24 + gi * row_h
+        body.append(f'<g class="block" data-block="{esc(g)}"><text x="{label_w - 8}" y="{y0 + row_h / 2:.1f}" '
+                    f'class="tick" text-anchor="end">{esc(g)} ({len(groups[g])})</text>')
+        for j, i in enumerate(groups[g]):
+            L = a.layers[i]
+            k = int(pick.ranks[i])
+            tot = L.kept(len(L.S))[1]
+            fro = math.sqrt(L.kept(k)[1] / tot) if tot > 0 else float("nan")
+            x0 = label_w + j * cell
+            y_old, y_new = y0 + ys(L.rank), y0 + ys(max(k, 1))
+            base = y0 + row_h - 6
+            body.append(f'<rect x="{x0:.1f}" y="{y_old:.1f}" width="{max(cell - 1, 1):.1f}" '
+                        f'height="{max(base - y_old, 0.5):.1f}" class="old"/>')
+            body.append(f'<rect x="{x0:.1f}" y="{y_new:.1f}" width="{max(cell - 1, 1):.1f}" '
+                        f'height="{max(base - y_new, 1):.1f}" fill="{_fro_color(fro)}" class="layer">'
+                        f'<title>{esc(L.name)}\nrank {L.rank} -> {k}, Frobenius kept '
+                        f'{"n/a" if fro != fro else f"{fro:.2%}"}</title></rect>')
+        body.append("</g>")
+    ly = 24 + len(order) * row_h + 14
+    for t, v in enumerate((0.5, 0.7, 0.8, 0.9, 0.95, 0.99)):
+        body.append(f'<rect x="{label_w + t * 70}" y="{ly}" width="14" height="12" fill="{_fro_color(v)}"/>'
+                    f'<text x="{label_w + t * 70 + 18}" y="{ly + 10}" class="legend">{v:.0%}</text>')
+    body.append(f'<text x="{label_w + 6 * 70 + 10}" y="{ly + 10}" class="legend">bar height: new rank (log, '
+                f'grey: old rank); colour: Frobenius kept</text>')
+    return svg(width, height, "\n".join(body), "rankmap", f"per-layer ranks, {pick.label}")
+
+
+def _fro_color(f: float) -> str:
+    """Red (<= 50% kept) through yellow to green (100%)."""
+    if f != f:
+        return "#bbbbbb"
+    t = min(1.0, max(0.0, (f - 0.5) / 0.5)) ** 1.5
+    r, g = (220, int(60 + 170 * t / 0.5)) if t < 0.5 else (int(220 - 190 * (t - 0.5) / 0.5), 200)
+    return f"#{r:02x}{min(g, 230):02x}{50:02x}"
+
+
+def spectra_svg(a, pick, n: int = HEAVIEST, width: int = 980) -> str:
+    """Small multiples: the scaled singular values (alpha/rank * S, log scale) of the n layers with the largest
+    update norm, the kept ones shaded, a line at the chosen rank."""
+    heavy = sorted(range(len(a.layers)), key=lambda i: -a.layers[i].energy)[:n]
+    cols = 3
+    pw, ph = (width - 20) // cols, 200
+    height = ph * math.ceil(len(heavy) / cols) + 10
+    body = []
+    for t, i in enumerate(heavy):
+        L = a.layers[i]
+        k = int(pick.ranks[i])
+        s = L.S * L.scale
+        s = s[s > 0]
+        if not len(s):
+            continue
+        ox, oy = 10 + (t % cols) * pw, 10 + (t // cols) * ph
+        x = Scale(1, max(len(s), 2), ox + 58, ox + pw - 12)
+        y = Scale(float(s.min()), float(s.max()), oy + ph - 46, oy + 22, log=True)
+        body.append(f'<g class="spectrum" data-layer="{esc(L.name)}">')
+        body.append(axes(x, y, lambda v: f"{v:g}", lambda v: f"{v:.0e}", "index", "", grid=False))
+        kept = [(x(j + 1), y(float(v))) for j, v in enumerate(s[:k])]
+        if kept:
+            area = kept + [(kept[-1][0], y.a), (kept[0][0], y.a)]
+            body.append('<polygon points="' + " ".join(f"{px:.1f},{py:.1f}" for px, py in area)
+                        + '" class="kept"/>')
+        body.append(polyline([(x(j + 1), y(float(v))) for j, v in enumerate(s)], "#1f4e79"))
+        if k <= len(s):
+            body.append(f'<line x1="{x(k):.1f}" y1="{y.b:.1f}" x2="{x(k):.1f}" y2="{y.a:.1f}" class="cut"/>')
+        short = L.name if len(L.name) <= 44 else "..." + L.name[-41:]
+        body.append(f'<text x="{ox + 58}" y="{oy + 14}" class="legend"><title>{esc(L.name)}</title>'
+                    f'{esc(short)}</text>')
+        body.append(f'<text x="{ox + pw - 14}" y="{oy + 34}" class="legend" text-anchor="end">rank {L.rank}'
+                    f' -> {k}</text></g>')
+    return svg(width, height, "\n".join(body), "spectra", "singular values of the heaviest layers")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The page
+
+
+def _pct(v: float) -> str:
+    return "n/a" if v != v else f"{v:.2%}"
+
+
+def settings_table(a, pick=None) -> str:
+    """Every setting of the sweep, then the chosen one (or the default pick) with id "chosen"."""
+    head = ("<tr><th>setting</th><th>resize flags</th><th>bytes</th><th>size</th><th>params</th>"
+            "<th>fro w-mean</th><th>fro global</th><th>fro min</th><th>worst layer</th></tr>")
+    body = []
+    rows = [(f"row{n}", r) for n, r in enumerate(a.rows)] + ([("chosen", pick)] if pick is not None else [])
+    for ident, r in rows:
+        cls = ' class="chosen"' if ident == "chosen" else ""
+        body.append(f'<tr id="{ident}"{cls} data-method="{r.method}"><td>{esc(r.label)}</td>'
+                    f'<td><code>{esc(r.args)}</code></td><td class="n">{r.output_bytes:,}</td>'
+                    f'<td class="n">{esc(human_bytes(r.output_bytes))}</td><td class="n">{r.params:,}</td>'
+                    f'<td class="n">{_pct(r.fro_weighted)}</td><td class="n">{_pct(r.fro_global)}</td>'
+                    f'<td class="n">{_pct(r.fro_min)}</td><td class="w">{esc(r.worst_layer or "-")}</td></tr>')
+    return (f'<div class="scroll"><table id="settings"><thead>{head}</thead><tbody>\n' + "\n".join(body)
+            + "\n</tbody></table></div>")
+
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
+.meta{color:#555} code{font:12px ui-monospace,Menlo,Consolas,monospace}
+.chart{max-width:100%;height:auto;background:#fff}
+.frame{fill:none;stroke:#888} .grid{stroke:#e6e6e6} .tick{font-size:11px;fill:#444} .label{font-size:12px;fill:#222}
+.legend{font-size:12px;fill:#222} .series{stroke-width:2} .point{cursor:pointer} .point:hover{r:6}
+.chosen-label{font-size:12px;font-weight:600} .old{fill:#eee;stroke:#ccc;stroke-width:.5}
+.kept{fill:#9ecae1;opacity:.55} .cut{stroke:#c00;stroke-dasharray:4,3}
+.tabs button{margin-right:6px;padding:3px 10px;border:1px solid #999;background:#f4f4f4;border-radius:4px;cursor:pointer}
+.tabs button.on{background:#1f4e79;color:#fff;border-color:#1f4e79}
+table{border-collapse:collapse;font-size:12.5px;margin-top:8px} th,td{padding:3px 8px;border-bottom:1px solid #e4e4e4}
+th{text-align:left;background:#f6f6f6;position:sticky;top:0} td.n{text-align:right;font-variant-numeric:tabular-nums}
+td.w{color:#666;font-size:11.5px} tr.chosen{background:#ffe9a8;font-weight:600} tr.hl{background:#d7ecff}
+.scroll{overflow-x:auto} td code{white-space:nowrap;font-size:11.5px}
+#cmd{margin:8px 0;padding:8px 10px;background:#f4f4f4;border-radius:4px}
+"""
+
+SCRIPT = """
+(function () {
+  var tabs = document.querySelectorAll('.tabs button');
+  tabs.forEach(function (b) {
+    b.addEventListener('click', function () {
+      tabs.forEach(function (o) { o.classList.toggle('on', o === b); });
+      document.querySelectorAll('.curve').forEach(function (c) {
+        c.style.display = c.id === b.dataset.target ? '' : 'none';
+      });
+    });
+  });
+  var cmd = document.getElementById('cmd-flags');
+  function pick(id) {
+    document.querySelectorAll('#settings tr.hl').forEach(function (r) { r.classList.remove('hl'); });
+    var row = document.getElementById(id);
+    if (!row) { return; }
+    row.classList.add('hl');
+    cmd.textContent = row.querySelector('code').textContent;
+    row.scrollIntoView({block: 'nearest'});
+  }
+  document.querySelectorAll('[data-row]').forEach(function (p) {
+    p.addEventListener('click', function () { pick(p.getAttribute('data-row')); });
+  });
+  document.querySelectorAll('#settings tbody tr').forEach(function (r) {
+    r.addEventListener('click', function () { pick(r.id); });
+  });
+  document.body.setAttribute('data-ready', '1');
+})();
+"""
+
+
+def html_report(a) -> str:
+    """The whole report as one HTML string."""
+    pick = a.pick
+    b = a.shared
+    cap = "none" if b.rank is None and b.conv_rank is None else (
+        f"{b.rank}" + (f" (conv {b.conv_rank})" if b.conv_rank != b.rank else ""))
+    curves = []
+    for n, metric in enumerate(METRICS):
+        style = "" if n == 0 else ' style="display:none"'
+        curves.append(f'<div class="curve" id="curve-{metric}"{style}>{curve_svg(a, metric, f"curve-svg-{metric}", pick)}'
+                      "</div>")
+    tabs = "".join(f'<button type="button" data-target="curve-{m}"{" class=on" if i == 0 else ""}>{esc(t)}</button>'
+                   for i, (m, t) in enumerate(METRICS.items()))
+    chosen_line = (f"chosen: <b>{esc(pick.label)}</b>: {esc(human_bytes(pick.output_bytes))} "
+                   f"({pick.output_bytes:,} bytes), Frobenius kept {_pct(pick.fro_weighted)} (w-mean), "
+                   f"{_pct(pick.fro_global)} (global), min {_pct(pick.fro_min)}")
+    rules = ""
+    if a.rule_hits:
+        rules = "<p>rules: " + "; ".join(f"<code>{esc(r)}</code>: {n} module{'s' if n != 1 else ''}"
+                                          for r, n in a.rule_hits.items()) + "</p>"
+    notes = "".join(f"<p class=meta>note: {esc(n)}</p>" for n in a.notes)
+    title = f"lora-resize analysis: {a.src.name}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title><style>{CSS}</style></head>
+<body>
+<h1>{esc(title)}</h1>
+<p class="meta">{len(a.layers)} layers ({esc(a.format)}), input {esc(human_bytes(a.input_bytes))}; output
+{esc(a.precision)}, rank rule {esc(b.rank_rule)}, cap {esc(cap)}; {len(a.rows)} settings from one decomposition
+({a.decompose_seconds:.1f} s). lora-resize {esc(__version__)}.</p>
+<p>{chosen_line}</p>{rules}{notes}
+<div id="cmd">lora-resize resize {esc(a.src.name)} -o OUT.safetensors <code id="cmd-flags">{esc(pick.args)}</code>
+<span class="meta">(click a point or a row to pick another setting)</span></div>
+<h2>Output size against fidelity</h2>
+<div class="tabs">fidelity: {tabs}</div>
+{''.join(curves)}
+<p class="meta">Frobenius retained per layer: sqrt(kept sum S^2 / sum S^2). Size-weighted mean: each layer
+weighted by out x in (the model weights its update touches). Global: all layers as one update, scaled by alpha/rank.
+Budget policies (dashed) put each byte where it keeps the most global energy.</p>
+<h2>Ranks per layer ({esc(pick.label)})</h2>
+{rank_map_svg(a, pick)}
+<h2>Singular values of the heaviest layers</h2>
+{spectra_svg(a, pick)}
+<h2>Settings</h2>
+{settings_table(a, pick)}
+<script>{SCRIPT}</script>
+</body></html>
+"""
+
+
+def write_html(a, path: str | os.PathLike) -> Path:
+    """Write the report to `path` (a .html file); returns the path."""
+    path = Path(path)
+    check_out(path, (".html", ".htm"))
+    text = html_report(a)
+    _write_text(path, text)
+    return path
+
+
+def check_paths(report: str | os.PathLike | None, plot: str | os.PathLike | None) -> None:
+    """Refuse unusable --report/--plot paths before any work is done."""
+    if report:
+        check_out(Path(report), (".html", ".htm"))
+    if plot:
+        check_out(Path(plot), (".png",))
+
+
+def check_out(path: Path, suffixes: tuple[str, ...]) -> None:
+    """Refuse a picture path with the wrong suffix (OptionsError) or an unusable place (OutputFileError)."""
+    if path.suffix.lower() not in suffixes:
+        raise OptionsError(f"{path} should end in {' or '.join(suffixes)}")
+    if path.is_dir() or not path.parent.is_dir():
+        raise OutputFileError(f"cannot write {path}: {'it is a directory' if path.is_dir() else 'its folder does not exist'}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

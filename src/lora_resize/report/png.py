@@ -1,0 +1,54 @@
+"""The size-vs-fidelity curves as a PNG, with matplotlib (an optional dependency: pip install 'lora-resize[plot]')."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import OptionsError
+from ..io.writer import atomic_output
+from ..ranks.budgets import BUDGETS
+from .html import METRICS, check_out, series
+
+
+def write_png(a, path: str | os.PathLike, metrics: tuple[str, ...] = ("fro_weighted", "fro_global")) -> Path:
+    """The size-vs-fidelity curves (one line per method, the chosen setting ringed) as a PNG with matplotlib:
+    one panel per fidelity measure (size-weighted mean, global)."""
+    path = Path(path)
+    check_out(path, (".png",))
+    try:
+        import matplotlib
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise OptionsError("--plot needs matplotlib: pip install 'lora-resize[plot]' (or pip install matplotlib)") \
+            from None
+    from matplotlib.ticker import FuncFormatter
+    fig, axs = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110, sharey=True)
+    pick = a.pick
+    for ax, m in zip(axs, metrics):
+        for method, (color, name) in series().items():
+            pts = sorted((r for r in a.rows if r.method == method and getattr(r, m) == getattr(r, m)),
+                         key=lambda r: r.output_bytes)
+            if pts:
+                ax.plot([r.output_bytes / 1e6 for r in pts], [100 * getattr(r, m) for r in pts], marker="o",
+                        ms=4, color=color, ls="--" if method in BUDGETS else "-", label=name)
+        if pick is not None and getattr(pick, m) == getattr(pick, m):
+            ax.plot([pick.output_bytes / 1e6], [100 * getattr(pick, m)], marker="o", ms=14, mfc="none", mec="k",
+                    mew=2, ls="none", label=f"chosen: {pick.label}" if pick.chosen else pick.label)
+        ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
+        ax.set_xlabel("output size (MB, log scale)")
+        ax.set_title(f"Frobenius retained, {METRICS[m]}", fontsize=11)
+        ax.grid(True, which="both", alpha=0.3)
+    axs[0].set_ylabel("Frobenius retained (%)")
+    axs[-1].legend(loc="lower right", fontsize=9)
+    fig.suptitle(f"{a.src.name}: output size against fidelity ({a.precision}, rule {a.shared.rank_rule})")
+    fig.tight_layout()
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,122 @@
+"""Text for people: sd-scripts' verbose per-layer lines, and the closing summary."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from ..errors import one_line
+from ..ranks.budgets import BUDGETS
+from ..results import LayerResult, ResizeResult
+from ..units import format_size
+
+
+def strict_json(obj, indent: int | None = 1) -> str:
+    """JSON that strict parsers accept: NaN and infinities (a zero layer's ratios) become null."""
+    def clean(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(obj), indent=indent, default=str, allow_nan=False)
+
+
+def verbose_line(row: LayerResult, dynamic: bool) -> str:
+    """A per-layer line in sd-scripts' resize_lora.py --verbose format."""
+    line = (f"{one_line(row.name):75} | sum(S) retained: {row.sum_retained:.1%}, fro retained: {row.fro_retained:.1%}, "
+            f"max(S) ratio: {row.max_ratio:0.1f}")
+    if dynamic:
+        line += f", dynamic | dim: {row.new_rank}, alpha: {row.new_alpha}"
+    return line
+
+
+def average_line(result: ResizeResult) -> str:
+    """sd-scripts' closing verbose line."""
+    return f"Average Frobenius norm retention: {result.mean_fro:.2%} | std: {result.std_fro:0.3f}"
+
+
+def summary(result: ResizeResult) -> str:
+    """A few lines: sizes, ranks, fidelity, time, notes."""
+    o = result.options
+    ranks = np.array([x.new_rank for x in result.layers])
+    old = np.array([x.old_rank for x in result.layers])
+    method = o["method"] or "fixed"
+    setting = f"{method} {o['param']}" if o["method"] else f"rank {o['rank']}"
+    budget = next((b for b in BUDGETS.values() if o.get(b.name) is not None), None)
+    if budget is not None:
+        setting = budget.summary(o[budget.name])
+    dynamic = o["method"] or budget is not None
+    if o["conv_rank"] != o["rank"]:
+        setting += f", conv rank {o['conv_rank']}"
+    elif dynamic and o["rank"] is not None:
+        setting += f", cap {o['rank']}"
+    worst = result.min_fro
+    lines = [
+        f"{result.src.name} -> {result.dst.name}: {format_size(result.input_bytes)} -> "
+        f"{format_size(result.output_bytes)} ({result.output_bytes / max(result.input_bytes, 1):.1%}), "
+        f"{result.seconds:.1f} s",
+        f"  {len(result.layers)} layers ({result.format}), {setting}, rule {o['rank_rule']}, saved as {result.precision}",
+        f"  rank {old.min()}..{old.max()} -> {ranks.min()}..{ranks.max()} (mean {ranks.mean():.1f})",
+        f"  Frobenius retained: mean {result.mean_fro:.2%}, min {worst.fro_retained:.2%} ({worst.name})"
+        if worst else "  Frobenius retained: n/a (all layers are zero)",
+    ]
+    if o.get("rule_hits"):
+        lines.append("  rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}"
+                                            for r, n in o["rule_hits"].items()))
+    if result.passthrough:
+        lines.append(f"  {len(result.passthrough)} other tensor(s) copied unchanged")
+    lines += [f"  note: {n}" for n in result.notes]
+    return "\n".join(one_line(line) for line in lines)  # names from the file never drive the terminal
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{x:.2%}"
+
+
+def _count(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def analysis_table(a, verbose: bool = False) -> str:
+    """`lora-resize analyze` as text: one line per setting, the chosen one starred, then how to get it."""
+    b = a.shared
+    cap = "no cap" if b.rank is None and b.conv_rank is None else (
+        f"cap {b.rank}" + (f", conv cap {b.conv_rank}" if b.conv_rank != b.rank else ""))
+    lines = [f"{a.src.name}: {len(a.layers)} layers ({a.format}), {format_size(a.input_bytes)}; "
+             f"output {a.precision}, rule {b.rank_rule}, {cap}; decomposed in {a.decompose_seconds:.1f} s, "
+             f"{len(a.rows)} settings in {a.seconds - a.decompose_seconds:.1f} s",
+             "fidelity = Frobenius norm kept: w-mean weighted by out*in per layer; global = all layers as one "
+             "update (alpha/rank-scaled); min = the worst layer", ""]
+    head = f"  {'setting':<30} {'bytes':>14} {'size':>9} {'params':>8} {'w-mean':>7} {'global':>7} {'min':>7}  worst layer"
+    lines.append(head)
+    rows = list(a.rows) + ([a.chosen] if a.chosen is not None else [])
+    for r in rows:
+        mark = "*" if r.chosen else " "
+        lines.append(f"{mark} {r.label[:30]:<30} {r.output_bytes:>14,} {format_size(r.output_bytes):>9} "
+                     f"{_count(r.params):>8} {_pct(r.fro_weighted):>7} {_pct(r.fro_global):>7} "
+                     f"{_pct(r.fro_min):>7}  {r.worst_layer or '-'}")
+    lines += [f"note ({r.label}): {r.note}" for r in a.rows if r.note]
+    if a.chosen is not None:
+        lines += ["", f"* chosen: lora-resize resize {a.src} -o OUT.safetensors {a.chosen.args}"]
+    else:
+        lines += ["", f"pick a row and run: lora-resize resize {a.src} -o OUT.safetensors <its flags> "
+                      "(--json lists every row's flags)"]
+    if a.rule_hits:
+        lines.append("rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}" for r, n in a.rule_hits.items()))
+    if a.dropped:
+        lines.append(f"{len(a.dropped)} module(s) dropped by rules and left out of every setting")
+    lines += [f"note: {n}" for n in a.notes]
+    if verbose:
+        pick = a.pick
+        lines += ["", f"per layer, {pick.label}:"]
+        for L, block, k in zip(a.layers, a.blocks, pick.ranks):
+            lines.append(f"  {L.name:75} {block:>15} rank {L.rank:>4} -> {int(k):>4}  fro "
+                         f"{_pct(L.fro_retained(k))}")
+    return "\n".join(one_line(line) for line in lines)

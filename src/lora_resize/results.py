@@ -1,0 +1,156 @@
+"""What the jobs return, as plain data that the CLI and the reports render: a resize or merge (`ResizeResult`, one
+`LayerResult` per layer) and an analysis (`Analysis`, one `SettingRow` per setting of its sweep)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class LayerResult:
+    """One resized layer. Retained fractions are of sum(S) and of the Frobenius norm of dW."""
+    name: str
+    kind: str  # "linear" or "conv<kh>x<kw>"
+    out_features: int
+    in_features: int  # in_channels * kh * kw
+    old_rank: int
+    new_rank: int
+    old_alpha: float | None
+    new_alpha: float
+    sum_retained: float
+    fro_retained: float
+    max_ratio: float
+    clamped: bool = False
+    zero: bool = False
+    underflow: bool = False  # non-zero layer whose saved factors are all zeros (too small for the save dtype)
+    scale: float = 1.0  # the strength the model applied to the input layer: alpha / rank, a config's scale, or 1
+    singular_values: np.ndarray | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("singular_values")
+        return d
+
+
+@dataclass
+class ResizeResult:
+    """The outcome of `resize`: per-layer rows, sizes, timing, and what was passed through untouched."""
+    src: Path
+    dst: Path
+    format: str
+    precision: str
+    options: dict
+    layers: list[LayerResult]
+    passthrough: list[str]
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    metadata: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mean_fro(self) -> float:
+        """Plain mean of per-layer Frobenius retention (sd-scripts' 'Average Frobenius norm retention')."""
+        v = [x.fro_retained for x in self.layers if x.fro_retained == x.fro_retained]
+        return float(np.mean(v)) if v else float("nan")
+
+    @property
+    def std_fro(self) -> float:
+        v = [x.fro_retained for x in self.layers if x.fro_retained == x.fro_retained]
+        return float(np.std(v)) if v else float("nan")
+
+    @property
+    def min_fro(self) -> LayerResult | None:
+        """The layer that keeps least of its Frobenius norm."""
+        v = [x for x in self.layers if x.fro_retained == x.fro_retained]
+        return min(v, key=lambda x: x.fro_retained) if v else None
+
+    @property
+    def clamped(self) -> list[LayerResult]:
+        return [x for x in self.layers if x.clamped]
+
+    def as_dict(self) -> dict:
+        worst = self.min_fro
+        return {
+            "src": str(self.src), "dst": str(self.dst), "format": self.format, "precision": self.precision,
+            "options": self.options, "input_bytes": self.input_bytes, "output_bytes": self.output_bytes,
+            "seconds": self.seconds, "mean_fro_retained": self.mean_fro,
+            "min_fro_retained": worst.fro_retained if worst else None, "min_fro_layer": worst.name if worst else None,
+            "passthrough": self.passthrough, "notes": self.notes, "layers": [x.as_dict() for x in self.layers],
+        }
+
+
+@dataclass
+class SettingRow:
+    """One setting of an analysis sweep (or the chosen one) and what `resize` would make of it. Fidelity measures
+    are described in ops/analyze.py."""
+    label: str
+    method: str  # a policy (sv_ratio, sv_fro, sv_cumulative, fixed) or a budget (target_size, target_fro)
+    param: float | None
+    args: str  # the resize flags that give this file
+    output_bytes: int
+    params: int  # elements of every tensor in the output (factors, alphas, copied tensors)
+    fro_weighted: float
+    fro_mean: float
+    fro_global: float
+    fro_min: float
+    worst_layer: str | None
+    ranks: np.ndarray = field(repr=False)
+    options: object = field(repr=False, default=None)  # the ResizeOptions of this setting
+    header_bytes: int = 0  # of output_bytes, the safetensors header (metadata included)
+    chosen: bool = False
+    note: str | None = None
+
+    def as_dict(self) -> dict:
+        r = self.ranks
+        return {"label": self.label, "method": self.method, "param": self.param, "args": self.args,
+                "output_bytes": self.output_bytes, "header_bytes": self.header_bytes, "params": self.params, "fro_weighted": self.fro_weighted,
+                "fro_mean": self.fro_mean, "fro_global": self.fro_global, "fro_min": self.fro_min,
+                "worst_layer": self.worst_layer, "rank_min": int(r.min()) if r.size else None,
+                "rank_max": int(r.max()) if r.size else None, "rank_mean": float(r.mean()) if r.size else None,
+                "chosen": self.chosen, "note": self.note}
+
+
+FIDELITY = {"fro_weighted": "mean of per-layer Frobenius retained, weighted by out*in",
+            "fro_mean": "plain mean of per-layer Frobenius retained",
+            "fro_global": "Frobenius retained of all layers together, scaled by alpha/rank",
+            "fro_min": "the lowest per-layer Frobenius retained"}
+
+
+@dataclass
+class Analysis:
+    """Every kept layer's spectrum (core.spectrum.Spectrum), its display block, a sweep of settings evaluated on
+    them, the chosen setting (if any) and `pick`: the chosen one, else the default pick shown in reports.
+    `shared`: the options every setting shares (rank rule, caps, precision, block rules, output format)."""
+    src: Path
+    format: str
+    precision: str
+    shared: object
+    input_bytes: int
+    layers: list
+    blocks: list[str]
+    dropped: list[str]
+    rows: list[SettingRow]
+    chosen: SettingRow | None
+    pick: SettingRow
+    seconds: float
+    decompose_seconds: float
+    notes: list[str]
+    rule_hits: dict[str, int]
+
+    def as_dict(self) -> dict:
+        pick = self.chosen
+        b = self.shared
+        return {
+            "src": str(self.src), "format": self.format, "precision": self.precision, "rule": b.rank_rule,
+            "rank_cap": b.rank, "conv_rank_cap": b.conv_rank,
+            "block_rules": [str(r) for r in b.block_rules], "rule_hits": self.rule_hits,
+            "input_bytes": self.input_bytes, "seconds": self.seconds, "decompose_seconds": self.decompose_seconds,
+            "fidelity": dict(FIDELITY), "dropped": self.dropped, "notes": self.notes,
+            "settings": [r.as_dict() for r in self.rows],
+            "chosen": pick.as_dict() if pick else None,
+            "chosen_ranks": {L.name: int(k) for L, k in zip(self.layers, pick.ranks)} if pick else None,
+            "layers": [{"name": L.name, "block": blk, **L.as_dict()} for L, blk in zip(self.layers, self.blocks)],
+        }

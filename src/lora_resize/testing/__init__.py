@@ -1,0 +1,1 @@
+"""Synthetic architectures and LoRA makers that the tests, the benchmarks and the demo share (no download)."""

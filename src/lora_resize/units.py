@@ -1,0 +1,42 @@
+"""Sizes, in one convention for every flag and printout: SI prefixes are powers of 10 (1 MB = 10^6 bytes), binary
+ones powers of 2 (1 MiB = 2^20 bytes), as IEC 80000-13 defines them. `--target-size`, `--max-memory` and every size
+the tool prints follow it."""
+from __future__ import annotations
+
+import math
+import re
+
+from .errors import OptionsError
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+
+def parse_size(value: "int | float | str", what: str = "size") -> int:
+    """Bytes from 50000000, '50MB' (10^6), '47.7MiB' (2^20), '1.2GB', '8 GiB', ...
+
+    `what` names the flag in the error. Raises OptionsError when the text is not a size or is below 1 byte."""
+    if isinstance(value, bool):
+        raise OptionsError(f"{what} must be a size such as 50MB, got {value!r}")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        m = _SIZE_RE.match(str(value))
+        unit = m.group(2).lower() if m else None
+        if not m or unit not in _UNITS:
+            raise OptionsError(f"{what} {value!r} is not a size; write e.g. 50MB (10^6 bytes), 48MiB (2^20 bytes), "
+                               "1.2GB or a number of bytes")
+        n = float(m.group(1)) * _UNITS[unit]
+    if not (math.isfinite(n) and n >= 1):
+        raise OptionsError(f"{what} must be at least 1 byte, got {value!r}")
+    return int(n)
+
+
+def format_size(n: float) -> str:
+    """A size for people, in SI units (steps of 1000): '512 B', '88.6 MB', '1.2 GB'."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

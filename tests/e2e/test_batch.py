@@ -1,0 +1,165 @@
+"""batch: a folder of mixed good and bad files, in parallel, resumable, with a manifest; killed runs leave no
+partial outputs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_resize.ops.batch import discover, run_batch
+from lora_resize.units import parse_size
+from lora_resize.cli import main
+from lora_resize.errors import OptionsError
+from lora_resize.options import ResizeOptions
+
+from helpers import BASE_METADATA, Spec, dense_dw, best_rank_k, file_sha, load_st, make_state_dict, rel_err, write_lora
+
+SPECS = [Spec("lora_te_a", 40, 30, 8, alpha=4.0), Spec("lora_unet_b", 24, 8, 6, kernel=3, alpha=2.0)]
+
+
+def make_tree(root: Path) -> dict[str, Path]:
+    (root / "sub" / "deeper").mkdir(parents=True)
+    files = {
+        "a.safetensors": write_lora(root / "a.safetensors", make_state_dict(SPECS, seed=1), dict(BASE_METADATA)),
+        "sub/b.safetensors": write_lora(root / "sub" / "b.safetensors", make_state_dict(SPECS, seed=2)),
+        "sub/deeper/c.safetensors": write_lora(root / "sub" / "deeper" / "c.safetensors",
+                                               make_state_dict(SPECS, seed=3)),
+    }
+    torch.save(make_state_dict(SPECS, seed=4), root / "sub" / "d.pt")
+    files["sub/d.pt"] = root / "sub" / "d.pt"
+    (root / "broken.safetensors").write_bytes(b"not a safetensors file at all")
+    cut = files["a.safetensors"].read_bytes()
+    (root / "sub" / "truncated.safetensors").write_bytes(cut[: len(cut) // 2])
+    (root / "notes.txt").write_text("not a LoRA")
+    return files
+
+
+def test_mixed_folder_two_workers_then_resume_then_force(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    good = make_tree(src)
+    before = {p: file_sha(p) for p in src.rglob("*") if p.is_file()}
+    opts = ResizeOptions(rank=3, precision="float")
+    res = run_batch(src, out, opts, workers=2, max_memory=parse_size("4GB"))
+    status = {f.file: f.status for f in res.files}
+    assert status == {"a.safetensors": "ok", "sub/b.safetensors": "ok", "sub/deeper/c.safetensors": "ok",
+                      "sub/d.pt": "ok", "broken.safetensors": "error", "sub/truncated.safetensors": "error"}
+    for rel, path in good.items():
+        o = out / Path(rel).with_suffix(".safetensors")
+        sd_in = load_st(path)[0] if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+        sd_out = load_st(o)[0]
+        for name in ("lora_te_a", "lora_unet_b"):
+            assert rel_err(dense_dw(sd_out, name).reshape(-1), best_rank_k(
+                dense_dw(sd_in, name).reshape(dense_dw(sd_in, name).shape[0], -1), 3).reshape(-1)) < 1e-5
+    errors = {f.file: f.error for f in res.files if f.status == "error"}
+    assert "not a valid safetensors" in errors["broken.safetensors"]
+    assert not list(out.rglob(".lora-resize-*")) and not (out / "broken.safetensors").exists()
+    manifest = json.loads((out / "lora-resize-manifest.json").read_text())
+    assert {e["file"] for e in manifest["files"]} == set(status)
+    csv_text = (out / "lora-resize-manifest.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("file,status,format,in_bytes,out_bytes,mean_fro,min_fro,seconds")
+    assert before == {p: file_sha(p) for p in src.rglob("*") if p.is_file()}
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    again = run_batch(src, out, opts, workers=2)
+    assert {f.file: f.status for f in again.files if f.status != "error"} == {k: "skipped" for k in good}
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    changed = run_batch(src, out, ResizeOptions(rank=2, precision="float"), workers=1)  # other options: redo
+    assert {f.status for f in changed.files if f.file in good} == {"ok"}
+    forced = run_batch(src, out, ResizeOptions(rank=2, precision="float"), force=True)
+    assert {f.status for f in forced.files if f.file in good} == {"ok"}
+    os.utime(good["a.safetensors"])
+    write_lora(good["a.safetensors"], make_state_dict(SPECS, seed=9))  # new content: redone
+    redo = run_batch(src, out, ResizeOptions(rank=2, precision="float"))
+    assert {f.file: f.status for f in redo.files}["a.safetensors"] == "ok"
+
+
+def test_cli_batch(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(src)
+    rc = main(["batch", str(src), str(out), "--method", "sv_fro", "--param", "0.9", "--workers", "2", "-q"])
+    text = capsys.readouterr().out
+    assert rc == 2  # some files failed
+    assert "6 files: 4 resized" in text and "2 failed" in text and "broken.safetensors" in text
+    assert main(["batch", str(src), str(out), "--method", "sv_fro", "--param", "0.9", "--json"]) == 2
+    data = json.loads(capsys.readouterr().out)
+    assert sorted(f["status"] for f in data["files"]) == ["error", "error"] + ["skipped"] * 4
+
+
+def test_discover_by_extension_and_content(tmp_path):
+    make_tree(tmp_path)
+    write_lora(tmp_path / "no_extension_lora", make_state_dict(SPECS, seed=5))
+    names = set(discover(tmp_path))
+    assert "no_extension_lora" in names and "notes.txt" not in names and "broken.safetensors" in names
+
+
+def test_bad_batch_options(tmp_path):
+    with pytest.raises(OptionsError):
+        run_batch(tmp_path / "missing", tmp_path / "out", ResizeOptions(rank=2))
+    (tmp_path / "in").mkdir()
+    with pytest.raises(OptionsError):
+        run_batch(tmp_path / "in", tmp_path / "in" / "out", ResizeOptions(rank=2))
+    with pytest.raises(OptionsError):
+        parse_size("lots")
+    assert parse_size("8GB") == 8 * 10**9 and parse_size("500 MB") == 500 * 10**6  # one MB everywhere (units.py)
+    assert parse_size("8GiB") == 8 * 2**30 and parse_size("500 MiB") == 500 * 2**20
+
+
+def test_killed_batch_leaves_no_partial_outputs_and_resumes(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    big = [Spec(f"lora_te_l{i}", 512, 512, 64, alpha=8.0) for i in range(12)]
+    for i in range(6):
+        write_lora(src / f"f{i}.safetensors", make_state_dict(big, seed=i))
+    cmd = [sys.executable, "-m", "lora_resize.cli", "batch", str(src), str(out), "--rank", "8", "-q"]
+    for delay in (0.8, 1.6, 2.4):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        for o in out.rglob("*.safetensors"):
+            load_st(o)  # every output present is complete and readable
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [f"f{i}.safetensors" for i in range(6)]
+    assert not list(out.rglob(".lora-resize-*"))
+
+
+@pytest.mark.parametrize("budget, most", [(250, 2), (100, 1), (None, 4)])
+def test_memory_budget_bounds_the_files_in_flight(tmp_path, monkeypatch, budget, most):
+    # each file is estimated at 100 (units of the budget); 4 workers, 8 files: the budget, not the worker count,
+    # decides how many run at once (a lone file always runs)
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import asdict
+
+    from lora_resize.ops import batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(8):
+        write_lora(src / f"f{i}.safetensors", make_state_dict(SPECS, seed=i))
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0}
+
+    def fake_resize(s, d, options, threads):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.1)
+        with lock:
+            state["now"] -= 1
+        return asdict(batch.FileResult(file=s, status="ok", in_bytes=1, out_bytes=1))
+
+    monkeypatch.setattr(batch, "resize_file", fake_resize)
+    monkeypatch.setattr(batch, "estimate_memory", lambda size: 100)
+    monkeypatch.setattr(batch, "ProcessPoolExecutor",
+                        lambda max_workers, mp_context, initializer, initargs: ThreadPoolExecutor(max_workers))
+    res = run_batch(src, tmp_path / "out", ResizeOptions(rank=2), workers=4, max_memory=budget)
+    assert [f.status for f in res.files] == ["ok"] * 8
+    assert state["peak"] == most, state

@@ -1,0 +1,125 @@
+"""merge: against a dense reference (weighted sum of dense dW, full SVD), self-merge, weights, partial modules,
+metadata and errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lora_resize
+from lora_resize.cli import main
+from lora_resize.ops.merge import parse_source
+
+from helpers import (BASE_METADATA, DOWN, Spec, best_rank_k, dense_dw, file_sha, layer_names, load_st,
+                      make_state_dict, rel_err, standard_specs, write_lora)
+
+
+def two_loras(tmp_path):
+    specs = [s for s in standard_specs() if not s.zero]
+    a = write_lora(tmp_path / "a.safetensors", make_state_dict(specs, seed=1), dict(BASE_METADATA))
+    b = write_lora(tmp_path / "b.safetensors", make_state_dict(specs, seed=2), {"sshs_model_hash": "b" * 64})
+    return a, b
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_merged_layers_are_best_rank_k_of_weighted_sum(tmp_path, k):
+    a, b = two_loras(tmp_path)
+    out = tmp_path / "ab.safetensors"
+    res = lora_resize.merge([f"{a}:0.8", f"{b}:-0.5"], out, rank=k, precision="float")
+    A, B = load_st(a)[0], load_st(b)[0]
+    O = load_st(out)[0]
+    for name in layer_names(A):
+        ref = best_rank_k(0.8 * dense_dw(A, name) - 0.5 * dense_dw(B, name), k)
+        assert rel_err(dense_dw(O, name).reshape(ref.shape), ref) < 1e-5, name
+    assert all(r.old_rank == A[r.name + DOWN].shape[0] + B[r.name + DOWN].shape[0] for r in res.layers)
+
+
+def test_dynamic_method_matches_dense_spectrum(tmp_path):
+    a, b = two_loras(tmp_path)
+    out = tmp_path / "ab.safetensors"
+    res = lora_resize.merge([a, b], out, method="sv_fro", param=0.9, precision="float")
+    A, B, O = load_st(a)[0], load_st(b)[0], load_st(out)[0]
+    for row in res.layers:
+        dw = dense_dw(A, row.name) + dense_dw(B, row.name)
+        S = torch.linalg.svdvals(dw)
+        fro = torch.sqrt(torch.cumsum(S * S, 0) / (S * S).sum())
+        k = int((fro < 0.9 - 1e-12).sum()) + 1  # smallest k reaching 0.9
+        assert row.new_rank == k, row.name
+        assert rel_err(dense_dw(O, row.name).reshape(dw.shape), best_rank_k(dw, k)) < 1e-5
+
+
+def test_self_merge_half_half_gives_the_original_back(tmp_path):
+    specs = [Spec("lora_te_a", 40, 30, 8, alpha=4.0), Spec("lora_unet_b", 24, 8, 6, kernel=3, alpha=2.0)]
+    src = write_lora(tmp_path / "a.safetensors", make_state_dict(specs, seed=3))
+    out = tmp_path / "aa.safetensors"
+    res = lora_resize.merge([f"{src}:0.5", f"{src}:0.5"], out, rank=8, conv_rank=6, precision="float")
+    A, O = load_st(src)[0], load_st(out)[0]
+    for name in layer_names(A):
+        assert rel_err(dense_dw(O, name), dense_dw(A, name)) < 1e-6
+    assert {r.new_rank for r in res.layers} == {8, 6}
+
+
+def test_zero_weight_drops_input_and_partial_modules_merge(tmp_path):
+    a = write_lora(tmp_path / "a.safetensors", make_state_dict([Spec("lora_te_x", 20, 16, 4, alpha=2.0)], seed=1))
+    b = write_lora(tmp_path / "b.safetensors", make_state_dict(
+        [Spec("lora_te_x", 20, 16, 4, alpha=2.0), Spec("lora_te_y", 12, 10, 3)], seed=2))
+    out = tmp_path / "o.safetensors"
+    res = lora_resize.merge([f"{a}:1", f"{b}:0"], out, rank=4, precision="float")
+    assert any("weight 0" in n for n in res.notes)
+    assert [r.name for r in res.layers] == ["lora_te_x"]
+    assert rel_err(dense_dw(load_st(out)[0], "lora_te_x"), dense_dw(load_st(a)[0], "lora_te_x")) < 1e-6
+    res = lora_resize.merge([f"{a}:1", f"{b}:2"], out, rank=8, precision="float")
+    A, B, O = load_st(a)[0], load_st(b)[0], load_st(out)[0]
+    assert rel_err(dense_dw(O, "lora_te_y"), 2 * dense_dw(B, "lora_te_y")) < 1e-6
+    assert rel_err(dense_dw(O, "lora_te_x"), dense_dw(A, "lora_te_x") + 2 * dense_dw(B, "lora_te_x")) < 1e-6
+    assert any("only some" in n for n in res.notes)
+
+
+def test_metadata_records_sources_and_fresh_hashes(tmp_path):
+    a, b = two_loras(tmp_path)
+    out = tmp_path / "ab.safetensors"
+    lora_resize.merge([f"{a}:0.8", f"{b}:0.5"], out, method="sv_ratio", param=4)
+    _, meta = load_st(out)
+    rec = json.loads(meta["lora_resize"])
+    assert rec["operation"] == "merge" and rec["method"] == "sv_ratio" and rec["param"] == 4.0
+    assert [(s["file"], s["weight"]) for s in rec["sources"]] == [("a.safetensors", 0.8), ("b.safetensors", 0.5)]
+    assert rec["sources"][1]["sshs_model_hash"] == "b" * 64
+    assert meta["ss_network_dim"] == "Dynamic"
+    assert "a.safetensors x 0.8 + b.safetensors x 0.5" in meta["ss_training_comment"]
+    data = out.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    import hashlib
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def test_cli_merge_end_to_end(tmp_path, capsys):
+    a, b = two_loras(tmp_path)
+    out = tmp_path / "ab.safetensors"
+    before = file_sha(a), file_sha(b)
+    assert main(["merge", f"{a}:0.7", str(b), "-o", str(out), "--rank", "4", "-v"]) == 0
+    text = capsys.readouterr().out
+    assert "Average Frobenius norm retention" in text and "ab.safetensors" in text
+    assert (file_sha(a), file_sha(b)) == before
+    assert {t.shape[0] for k, t in load_st(out)[0].items() if k.endswith(DOWN)} <= {4, 2, 3, 1}
+
+
+def test_cli_merge_errors(tmp_path, capsys):
+    a = write_lora(tmp_path / "a.safetensors", make_state_dict([Spec("lora_te_x", 20, 16, 4)], seed=1))
+    b = write_lora(tmp_path / "b.safetensors", make_state_dict([Spec("lora_te_x", 21, 16, 4)], seed=2))
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(a), str(b), "-o", str(out), "--rank", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lora-resize: error:") and "lora_te_x" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert main(["merge", f"{a}:0", "-o", str(out), "--rank", "2"]) == 2
+    assert main(["merge", str(a), "-o", str(a), "--rank", "2"]) == 2
+    assert main(["merge", str(a), "-o", str(out)]) == 2  # no rank, no method
+    assert not out.exists()
+
+
+def test_parse_source():
+    assert parse_source("x.safetensors:0.25").weight == 0.25
+    assert parse_source("x.safetensors:-1").weight == -1
+    assert parse_source("x.safetensors").weight == 1.0
+    assert str(parse_source("C:/dir/x.safetensors").path) == "C:/dir/x.safetensors"

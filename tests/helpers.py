@@ -1,0 +1,286 @@
+"""Test helpers: tiny kohya LoRA files with known spectra, written with the real safetensors library (an
+independent writer), float64 reference computations (dense dW, best rank-k approximation), sd-scripts' rank choice
+re-implemented independently, and what the real loaders warn about. Fixtures live in conftest.py."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import logging
+import warnings
+from contextlib import contextmanager
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+
+BASE_COMMENT = "trained on 40 photos of a teapot"
+BASE_METADATA = {
+    "ss_training_comment": BASE_COMMENT,
+    "ss_network_dim": "16",
+    "ss_network_alpha": "8.0",
+    "ss_network_module": "networks.lora",
+    "ss_base_model_version": "sd_v1",
+    "modelspec.title": "teapot",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building layers
+
+
+def decaying_spectrum(p: int, s0: float = 2.0, power: float = 1.3, gap: float = 0.93) -> torch.Tensor:
+    """p distinct, strictly decreasing singular values (float64): a power law, each one at most `gap` times the
+    previous, so every best rank-k approximation is unique and well separated."""
+    s = torch.empty(p, dtype=torch.float64)
+    v = s0
+    for i in range(p):
+        if i:
+            v = min(v * gap, s0 * ((i + 3) / 3) ** -power)
+        s[i] = v
+    return s
+
+
+def _orthonormal(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))
+    return q
+
+
+def factors_with_spectrum(out: int, n: int, rank: int, S: torch.Tensor, g: torch.Generator
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up out x rank, down rank x n) in float64 with up @ down = U diag(S) V^T for random orthonormal U, V.
+    len(S) may be below rank (the extra factor columns are mixed in, so the factors look full)."""
+    p = len(S)
+    assert p <= min(out, n, rank)
+    U, V = _orthonormal(out, p, g), _orthonormal(n, p, g)
+    mix = _orthonormal(rank, rank, g)[:p]  # p x rank, orthonormal rows
+    root = S.sqrt()
+    up = (U * root) @ mix
+    down = mix.T @ (root[:, None] * V.T)
+    return up, down
+
+
+@dataclass
+class Spec:
+    """One LoRA layer to synthesise. kernel None: linear; 1 or 3: conv with that square kernel."""
+    name: str
+    out: int
+    inp: int
+    rank: int
+    kernel: int | None = None
+    alpha: float | None = None
+    zero: bool = False
+    spectrum: torch.Tensor | None = None  # default: decaying_spectrum(min(out, inp*k*k, rank))
+
+    @property
+    def flat_in(self) -> int:
+        return self.inp * (self.kernel or 1) ** 2
+
+
+def make_layer(spec: Spec, g: torch.Generator, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The kohya tensors of one layer: down (r,in) / (r,in,k,k), up (out,r) / (out,r,1,1), 0-d alpha."""
+    n = spec.flat_in
+    p = min(spec.out, n, spec.rank)
+    S = spec.spectrum if spec.spectrum is not None else decaying_spectrum(p)
+    up, down = factors_with_spectrum(spec.out, n, spec.rank, S.to(torch.float64), g)
+    if spec.zero:
+        up = torch.zeros_like(up)
+    if spec.kernel is not None:
+        up = up.reshape(spec.out, spec.rank, 1, 1)
+        down = down.reshape(spec.rank, spec.inp, spec.kernel, spec.kernel)
+    sd = {spec.name + DOWN: down.to(dtype).contiguous(), spec.name + UP: up.to(dtype).contiguous()}
+    if spec.alpha is not None:
+        sd[spec.name + ALPHA] = torch.tensor(float(spec.alpha), dtype=dtype)
+    return sd
+
+
+def make_state_dict(specs: list[Spec], seed: int = 0, dtype: torch.dtype = torch.float32,
+                    passthrough: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for s in specs:
+        sd.update(make_layer(s, g, dtype))
+    if passthrough:
+        sd["some.other.weight"] = torch.randn(5, 3, generator=g).to(dtype)
+        sd["some.other.index"] = torch.arange(7, dtype=torch.int64) * 3 - 4
+    return sd
+
+
+def write_lora(path: Path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write with the real safetensors library."""
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return Path(path)
+
+
+# Names as kohya writes them (all well under 75 characters).
+LIN_A = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+LIN_NOALPHA = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+CONV1_A = "lora_unet_down_blocks_0_attentions_0_proj_in"
+CONV1_NOALPHA = "lora_unet_down_blocks_0_attentions_0_proj_out"
+CONV3_A = "lora_unet_down_blocks_0_resnets_0_conv1"
+CONV3_NOALPHA = "lora_unet_down_blocks_0_resnets_0_conv2"
+OVERSIZE = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
+ZERO = "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_ff_net_2"
+
+
+def standard_specs() -> list[Spec]:
+    """Linear, conv 1x1 and conv 3x3, with and without alpha; a layer of rank 16 but only 6 outputs; a zero layer."""
+    return [
+        Spec(LIN_A, out=96, inp=64, rank=16, alpha=8.0),
+        Spec(LIN_NOALPHA, out=48, inp=72, rank=12),
+        Spec(CONV1_A, out=40, inp=40, rank=16, kernel=1, alpha=4.0),
+        Spec(CONV1_NOALPHA, out=32, inp=24, rank=8, kernel=1),
+        Spec(CONV3_A, out=32, inp=16, rank=16, kernel=3, alpha=5.0),
+        Spec(CONV3_NOALPHA, out=24, inp=8, rank=10, kernel=3),
+        Spec(OVERSIZE, out=6, inp=40, rank=16, alpha=16.0),
+        Spec(ZERO, out=20, inp=30, rank=8, alpha=4.0, zero=True),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference computations (float64, from tensors alone)
+
+
+def layer_names(sd: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k[: -len(DOWN)] for k in sd if k.endswith(DOWN))
+
+
+def dense_dw(sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """up.reshape(out,-1) @ down.reshape(r,-1) * alpha/r (scale 1 without alpha), float64."""
+    up, down = sd[name + UP], sd[name + DOWN]
+    r = down.shape[0]
+    dw = up.reshape(up.shape[0], -1).double() @ down.reshape(r, -1).double()
+    a = sd.get(name + ALPHA)
+    return dw * (float(a) / r) if a is not None else dw
+
+
+def raw_product(sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """up @ down as matrices (no alpha scale), float64: what sd-scripts takes the SVD of."""
+    up, down = sd[name + UP], sd[name + DOWN]
+    return up.reshape(up.shape[0], -1).double() @ down.reshape(down.shape[0], -1).double()
+
+
+def best_rank_k(dw: torch.Tensor, k: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(dw.double(), full_matrices=False)
+    return (U[:, :k] * S[:k]) @ Vh[:k]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b||_F / ||b||_F (absolute error when b is zero)."""
+    nb = float(torch.linalg.norm(b))
+    d = float(torch.linalg.norm(a.double() - b.double()))
+    return d / nb if nb > 0 else d
+
+
+def load_st(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, read with the safetensors library."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def raw_header(buf: bytes) -> tuple[int, dict]:
+    """(n, header JSON with key order kept) of safetensors bytes."""
+    n = int.from_bytes(buf[:8], "little")
+    return n, json.loads(buf[8:8 + n].decode("utf-8"))
+
+
+def sha256(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def file_sha(path: Path) -> str:
+    return sha256(Path(path).read_bytes())
+
+
+MIN_SV = 1e-6  # sd-scripts' threshold for a zero layer
+
+
+# Independent reference: sd-scripts v0.10.1's rank choice as FORMATS.md §1 states it, in torch float32 like
+# sd-scripts (S: the float32 singular values of up @ down, full length min(out, in*kh*kw)).
+def kohya_reference(S32: torch.Tensor, method: str | None, param: float | None, cap: int | None) -> int:
+    n = len(S32)
+    if method is None:
+        new_rank = cap
+    else:
+        if method == "sv_ratio":
+            index = int(torch.sum(S32 > S32[0] / param).item())
+        elif method == "sv_cumulative":
+            frac = torch.cumsum(S32, dim=0) / float(torch.sum(S32))
+            index = int(torch.searchsorted(frac, param)) + 1
+        elif method == "sv_fro":
+            sq = S32.pow(2)
+            frac = torch.cumsum(sq, dim=0) / float(torch.sum(sq))
+            index = int(torch.searchsorted(frac, param ** 2)) + 1
+        else:
+            raise AssertionError(method)
+        index = max(1, min(index, n - 1))
+        new_rank = index + 1
+    if float(S32[0]) <= MIN_SV:
+        return 1
+    if cap is not None and new_rank > cap:
+        new_rank = cap
+    return new_rank
+
+
+
+def boundary_margin(S32: torch.Tensor, method: str, param: float) -> float:
+    """How far (relatively) the spectrum is from a tie with the method's threshold, in float32 and float64 alike."""
+    S64 = S32.double()
+    if method == "sv_ratio":
+        thr = float(S64[0]) / param
+        return float(((S64 - thr).abs() / thr).min())
+    if method == "sv_cumulative":
+        fr64 = torch.cumsum(S64, 0) / S64.sum()
+        fr32 = (torch.cumsum(S32, 0) / float(S32.sum())).double()
+        return float(torch.minimum((fr64 - param).abs(), (fr32 - param).abs()).min())
+    sq64 = S64 ** 2
+    fr64 = torch.cumsum(sq64, 0) / sq64.sum()
+    sq32 = S32.pow(2)
+    fr32 = (torch.cumsum(sq32, 0) / float(sq32.sum())).double()
+    t = param ** 2
+    return float(torch.minimum((fr64 - t).abs(), (fr32 - t).abs()).min())
+
+
+BLOCKY = [  # a blocky SD1.5-style LoRA: names from each SD1.5 block group, linear and conv, different alphas and spectra
+    Spec("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 48, 48, 12, alpha=6.0),
+    Spec("lora_te_text_model_encoder_layers_0_mlp_fc1", 96, 48, 12, alpha=12.0),
+    Spec("lora_unet_down_blocks_0_attentions_0_proj_in", 40, 40, 10, kernel=1, alpha=5.0),
+    Spec("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 40, 64, 10, alpha=1.0),
+    Spec("lora_unet_down_blocks_0_resnets_0_conv1", 32, 16, 12, kernel=3, alpha=3.0),
+    Spec("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q", 64, 64, 16, alpha=16.0,
+         spectrum=decaying_spectrum(16, s0=5.0, power=0.6)),
+    Spec("lora_unet_mid_block_resnets_0_conv2", 48, 24, 8, kernel=3),
+    Spec("lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v", 40, 64, 10, alpha=2.0,
+         spectrum=decaying_spectrum(10, s0=0.5, power=2.0)),
+    Spec("lora_unet_up_blocks_1_resnets_0_conv_shortcut", 24, 56, 8, kernel=1, alpha=8.0),
+    Spec("lora_unet_up_blocks_2_attentions_0_transformer_blocks_0_ff_net_2", 32, 128, 12, alpha=6.0),
+]
+
+
+@contextmanager
+def loader_messages():
+    """Collect WARNING+ records of diffusers/peft/transformers (their loggers do not propagate) and warnings
+    (deprecation notices about the libraries' own APIs left out: they say nothing about the file)."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                records.append(f"{record.name}: {record.getMessage()}")
+    handler = Keep()
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield records
+        records.extend(f"warning: {w.message}" for w in caught
+                       if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)))
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)

@@ -1,0 +1,138 @@
+"""lycoris-lora as the judge: LoHa, LoKr and Tucker-LoCon networks built and saved by lycoris-lora itself on a tiny
+model are resized by our CLI; per module, our output's update equals the update lycoris' own forward pass applies
+(exactly when the rank is not cut, the best rank-k approximation of it when it is), and lycoris loads our output
+back and reproduces the network's outputs.
+
+The judge is the module's forward pass (output with the adapter minus output without), probed with one-hot
+inputs. lycoris-lora 4.1's `get_diff_weight`/`merge_to` multiply LoHa and LoKr updates by alpha/r a second time
+(its forward, ComfyUI and A1111 apply it once), so they are not used here."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lora_resize.cli import main
+
+from helpers import ALPHA, DOWN, UP, best_rank_k, load_st, rel_err
+
+from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights  # pip install -e .[test]
+
+logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+
+
+class Tiny(nn.Module):
+    def __init__(self, pointwise: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(24, 40)
+        self.fc2 = nn.Linear(40, 30)
+        self.conv = nn.Conv2d(32, 32, 3, padding=1)
+        self.pw = nn.Conv2d(32, 16, 1) if pointwise else None
+
+    def forward(self, x, y):
+        h = self.conv(y)
+        return self.fc2(self.fc1(x)), (self.pw(h) if self.pw is not None else h)
+
+
+TARGETS = ["fc1", "fc2", "conv", "pw"]
+NETWORKS = {  # algo kwargs for create_lycoris; every module's kind noted
+    "loha": dict(algo="loha"),  # conv: kernel flattened into w_b
+    "loha_tucker": dict(algo="loha", use_tucker=True),  # conv: hada_t1/hada_t2
+    "lokr": dict(algo="lokr", factor=4),  # w1 full, w2 factored; conv: flattened w2_b
+    "lokr_tucker": dict(algo="lokr", factor=4, use_tucker=True),  # conv: lokr_t2
+    "lokr_full": dict(algo="lokr", factor=4, full_matrix=True),  # both full: alpha ignored
+    "locon_tucker": dict(algo="locon", use_tucker=True),  # conv: lora_mid
+}
+
+
+def build(kind: str, pointwise: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    model = Tiny(pointwise).eval()
+    LycorisNetwork.apply_preset({"target_module": [], "target_name": TARGETS if pointwise else TARGETS[:3]})
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2.0, conv_dim=2, conv_alpha=1.5,
+                             **NETWORKS[kind])
+    net.apply_to()
+    with torch.no_grad():  # several factors start at zero: give every one random, non-zero values
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return model, net.eval()
+
+
+@torch.no_grad()
+def applied_update(lm) -> torch.Tensor:
+    """The update lycoris' forward adds to its layer, as an out x (in*kh*kw) matrix, probed with one-hot inputs."""
+    org = lm.org_module[0]
+    if isinstance(org, nn.Linear):
+        x = torch.eye(org.in_features)
+        return (lm(x) - lm.org_forward(x)).T.double()
+    c, (kh, kw) = org.in_channels, org.kernel_size
+    n = c * kh * kw
+    x = torch.eye(n).reshape(n, c, kh, kw)  # full overlap at the centre output (the convs use 'same' padding)
+    d = lm(x) - lm.org_forward(x)
+    return d[:, :, kh // 2, kw // 2].T.double()
+
+
+def ours(out, name) -> torch.Tensor:
+    up, down = out[name + UP].double(), out[name + DOWN].double()
+    k = down.shape[0]
+    return (up.reshape(up.shape[0], -1) @ down.reshape(k, -1)) * (float(out[name + ALPHA]) / k)
+
+
+def resize(tmp_path, net, rank: int, capsys) -> dict[str, torch.Tensor]:
+    src, dst = tmp_path / "lyco.safetensors", tmp_path / f"out_{rank}.safetensors"
+    net.save_weights(str(src), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    rc = main(["resize", str(src), "-o", str(dst), "--rank", str(rank), "--precision", "float", "--quiet"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "(lycoris)" in cap.out, cap.out
+    return load_st(dst)[0]
+
+
+@pytest.mark.parametrize("kind", sorted(NETWORKS))
+def test_resized_update_matches_lycoris(tmp_path, capsys, kind):
+    model, net = build(kind)
+    saved = {k for k in net.state_dict()}
+    assert any(p in k for k in saved for p in ("hada_", "lokr_", "lora_mid")), saved  # really a LyCORIS file
+    full = resize(tmp_path, net, 64, capsys)  # 64 >= every layer's size: nothing is cut
+    cut = resize(tmp_path, net, 2, capsys)  # below every module's update rank except the rank-2 LoCon conv
+    assert len(net.loras) == 4
+    for lm in net.loras:
+        name = lm.lora_name
+        want = applied_update(lm)
+        assert float(want.norm()) > 0, name
+        assert sorted(k for k in full if k.startswith(name + ".")) == [name + ALPHA, name + DOWN, name + UP]
+        assert rel_err(ours(full, name), want) < 1e-5, (kind, name)
+        k = cut[name + DOWN].shape[0]
+        S = torch.linalg.svdvals(want)
+        assert k == min(2, int((S > 1e-6 * S[0]).sum())), (kind, name)
+        assert rel_err(ours(cut, name), best_rank_k(want, k)) < 1e-4, (kind, name)
+        err = float(torch.linalg.norm(ours(cut, name) - want))
+        assert abs(err - float(S[k:].norm())) <= 1e-4 * float(S[0]), (kind, name)  # exactly the dropped tail
+
+
+@pytest.mark.parametrize("kind", ["loha_tucker", "lokr_tucker", "locon_tucker"])
+def test_lycoris_loads_our_output(tmp_path, capsys, kind):
+    """lycoris-lora reads our resized file (plain LoRA keys) back onto a fresh copy of the model: with the rank
+    not cut, the model's outputs equal those of the original network."""
+    model, net = build(kind, pointwise=False, seed=1)
+    x, y = torch.randn(5, 24), torch.randn(2, 32, 6, 6)
+    with torch.no_grad():
+        want = model(x, y)
+    out = resize(tmp_path, net, 64, capsys)
+    net.restore()  # the bare model again
+    with torch.no_grad():
+        base = model(x, y)
+    with contextlib.redirect_stdout(io.StringIO()):
+        loaded, _ = create_lycoris_from_weights(1.0, "", model, weights_sd=out)
+    assert len(loaded.loras) == 3 and {type(m).__name__ for m in loaded.loras} == {"LoConModule"}
+    loaded.apply_to()
+    with torch.no_grad():
+        got = model(x, y)
+    for g, w, b in zip(got, want, base):
+        assert float((w - b).norm()) > 1e-3  # the adapter does something
+        assert rel_err(g - b, w - b) < 1e-5, kind

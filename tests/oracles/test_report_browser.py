@@ -1,0 +1,96 @@
+"""The HTML report in a real browser: headless Chromium (Debian `chromium` + `chromium-driver`, driven by selenium)
+opens the file, which must render without console errors and without fetching anything, with its charts, rank map,
+spectra and table present and drawn; clicking a point picks that setting; a screenshot is saved in the test's
+tmp dir. `.ci/run` installs chromium when it is missing; without it this test fails (it is the feature's test)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_resize.ops.analyze import analyze
+from lora_resize.report.html import write_html
+
+from helpers import BASE_METADATA, make_state_dict, write_lora
+from helpers import BLOCKY
+
+CHROMIUM = os.environ.get("LORA_RESIZE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+DRIVER = os.environ.get("LORA_RESIZE_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1280,1800"]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    assert Path(CHROMIUM).exists() and Path(DRIVER).exists(), (
+        "headless Chromium is needed: apt-get install -y chromium chromium-driver (.ci/run does this)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for f in FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
+        opts.add_argument(f)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_report_renders_in_chromium(tmp_path, browser):
+    sd = make_state_dict(BLOCKY, seed=99, dtype=torch.float16, passthrough=True)
+    src = write_lora(tmp_path / "blocky.safetensors", sd, dict(BASE_METADATA))
+    a = analyze(src, method="sv_fro", param=0.9, rank=8, block_rules=("lora_te_*=4",))
+    report = write_html(a, tmp_path / "report.html")
+
+    browser.get(report.as_uri())
+    assert browser.execute_script("return document.readyState") == "complete"
+    assert browser.execute_script("return document.body.getAttribute('data-ready')") == "1"  # our script ran
+
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert not errors, errors
+    # self-contained: the page loaded no resource besides itself
+    assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
+
+    def box(selector):
+        return browser.execute_script(
+            "var e = document.querySelector(arguments[0]); if (!e) return null;"
+            "var r = e.getBoundingClientRect(); return [r.width, r.height];", selector)
+
+    for sel in ("#curve-svg-fro_weighted", "#rankmap", "#spectra", "#settings"):
+        w, h = box(sel) or (0, 0)
+        assert w > 200 and h > 100, (sel, w, h)
+    drawn = browser.execute_script(
+        "return {points: document.querySelectorAll('#curve-svg-fro_weighted circle.point').length,"
+        " lines: document.querySelectorAll('#curve-svg-fro_weighted polyline').length,"
+        " chosen: document.querySelectorAll('#curve-svg-fro_weighted g.chosen').length,"
+        " bars: document.querySelectorAll('#rankmap rect.layer').length,"
+        " spectra: document.querySelectorAll('#spectra g.spectrum').length,"
+        " rows: document.querySelectorAll('#settings tbody tr').length}")
+    assert drawn == {"points": len(a.rows), "lines": 6, "chosen": 1, "bars": len(a.layers), "spectra": 6,
+                     "rows": len(a.rows) + 1}
+    assert browser.execute_script(
+        "return getComputedStyle(document.getElementById('curve-fro_global')).display") == "none"
+
+    # the fidelity tabs switch curves; clicking a point picks its row and its resize flags
+    browser.execute_script("document.querySelectorAll('.tabs button')[1].click()")
+    assert browser.execute_script(
+        "return getComputedStyle(document.getElementById('curve-fro_global')).display") != "none"
+    browser.execute_script("document.querySelectorAll('.tabs button')[0].click()")
+    point = browser.execute_script("return document.querySelector('#curve-svg-fro_weighted circle.point')")
+    row_id = point.get_attribute("data-row")
+    browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", point)
+    assert "hl" in browser.find_element("id", row_id).get_attribute("class")
+    flags = browser.find_element("id", "cmd-flags").text
+    assert flags == a.rows[int(row_id[3:])].args
+
+    shot = tmp_path / "report.png"
+    assert browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 20_000
+    assert not [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]

@@ -1,0 +1,157 @@
+"""The written file: loadable by the safetensors library, laid out byte for byte as safetensors.torch.save lays
+it out, and carrying sd-scripts' sshs_model_hash / sshs_legacy_hash, recomputed here from the written file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+import lora_resize
+from lora_resize.io.writer import TMP_PREFIX
+
+from helpers import (BASE_METADATA, Spec, best_rank_k, dense_dw, load_st, make_state_dict, raw_header, rel_err,
+                      sha256, write_lora)
+
+LEGACY_LO, LEGACY_HI = 0x100000, 0x110000
+
+
+@pytest.fixture(scope="module")
+def big_sd() -> dict[str, torch.Tensor]:
+    """Six 512x512 layers of rank 64: the float output is ~1.5 MB, past the legacy hash's 1.0-1.06 MB window."""
+    specs = [Spec(f"lora_unet_block_{i}_attn1_to_{c}", out=512, inp=512, rank=64, alpha=32.0)
+             for i, c in enumerate("qkvoab")]
+    return make_state_dict(specs, seed=99, passthrough=True)
+
+
+@pytest.fixture
+def big_lora(tmp_path, big_sd) -> Path:
+    return write_lora(tmp_path / "big.safetensors", big_sd, dict(BASE_METADATA))
+
+
+def _check_hashes(path: Path, expect_legacy_window: bool):
+    buf = path.read_bytes()
+    n = int.from_bytes(buf[:8], "little")
+    tensors, meta = load_st(path)
+    # 1) the model hash covers the tensor data section of the written file itself
+    assert meta["sshs_model_hash"] == sha256(buf[8 + n:])
+    # 2) independently: the safetensors library's own serialisation with only the ss_* metadata
+    ss_meta = {k: v for k, v in meta.items() if k.startswith("ss_")}
+    ref = st_save(tensors, ss_meta)
+    rn = int.from_bytes(ref[:8], "little")
+    assert meta["sshs_model_hash"] == sha256(ref[8 + rn:])
+    if expect_legacy_window:
+        assert len(ref) >= LEGACY_HI, "test input too small for a meaningful legacy hash"
+    assert meta["sshs_legacy_hash"] == sha256(ref[LEGACY_LO:LEGACY_HI])[:8]
+    assert len(meta["sshs_legacy_hash"]) == 8 and len(meta["sshs_model_hash"]) == 64
+
+
+@pytest.mark.parametrize("precision", ["float", "fp16"])
+def test_hashes_of_large_output(tmp_path, big_lora, precision):
+    dst = tmp_path / "out.safetensors"
+    lora_resize.resize(big_lora, dst, rank=64 if precision == "float" else 60, precision=precision)
+    if precision == "float":
+        assert dst.stat().st_size > LEGACY_HI
+    _check_hashes(dst, expect_legacy_window=precision == "float")
+
+
+def test_hashes_of_small_output(tmp_path, standard_lora):
+    dst = tmp_path / "out.safetensors"
+    lora_resize.resize(standard_lora, dst, rank=4)
+    assert dst.stat().st_size < LEGACY_LO
+    _check_hashes(dst, expect_legacy_window=False)
+
+
+@pytest.mark.parametrize("comment", ["théière \u2014 \"quoted\"\n\ttab \\ slash / \x01 \U0001F600", ""])
+def test_hashes_dynamic_and_unusual_comment(tmp_path, big_sd, comment):
+    # the legacy window's position depends on the ss_* header's exact length: escapes and UTF-8 must match the library
+    src = write_lora(tmp_path / "in.safetensors", big_sd, dict(BASE_METADATA, ss_training_comment=comment))
+    dst = tmp_path / "out.safetensors"
+    lora_resize.resize(src, dst, rank=64, method="sv_fro", param=1.0, precision="float")
+    _check_hashes(dst, expect_legacy_window=True)
+
+
+def test_stale_input_hashes_are_replaced(tmp_path, standard_sd):
+    meta = dict(BASE_METADATA, sshs_model_hash="0" * 64, sshs_legacy_hash="deadbeef")
+    src = write_lora(tmp_path / "in.safetensors", standard_sd, meta)
+    dst = tmp_path / "out.safetensors"
+    lora_resize.resize(src, dst, rank=3)
+    _, out_meta = load_st(dst)
+    assert out_meta["sshs_model_hash"] != "0" * 64
+    _check_hashes(dst, expect_legacy_window=False)
+
+
+def _ordered_header(buf: bytes):
+    n = int.from_bytes(buf[:8], "little")
+    pairs = json.loads(buf[8:8 + n].decode("utf-8"), object_pairs_hook=list)
+    return n, pairs
+
+
+@pytest.mark.parametrize("precision", ["float", "fp16", "bf16"])
+def test_layout_equals_safetensors_library(tmp_path, standard_lora, precision):
+    dst = tmp_path / "out.safetensors"
+    lora_resize.resize(standard_lora, dst, rank=5, precision=precision)
+    ours = dst.read_bytes()
+    tensors, meta = load_st(dst)  # loadable by the library
+    ref = st_save(tensors, meta)
+    n, pairs = _ordered_header(ours)
+    rn, rpairs = _ordered_header(ref)
+    assert n == rn, "header length (including padding) differs from the safetensors library's"
+    assert n % 8 == 0
+    # data section: identical bytes
+    assert ours[8 + n:] == ref[8 + rn:]
+    # header: same entries in the same order; __metadata__ compared as a mapping (its key order is free)
+    assert [k for k, _ in pairs] == [k for k, _ in rpairs]
+    assert pairs[0][0] == "__metadata__"
+    for (k, v), (_, rv) in zip(pairs, rpairs):
+        if k == "__metadata__":
+            assert dict(v) == dict(rv)
+        else:
+            assert dict(v) == dict(rv), k
+    # the same header with the metadata keys sorted: byte-identical apart from metadata order
+    assert ours[:8] == ref[:8]
+    assert sorted(ours[8:8 + n]) == sorted(ref[8:8 + rn])
+
+
+def test_large_layout_equals_safetensors_library(tmp_path, big_lora):
+    dst = tmp_path / "out.safetensors"
+    lora_resize.resize(big_lora, dst, rank=32)
+    ours = dst.read_bytes()
+    tensors, meta = load_st(dst)
+    ref = st_save(tensors, meta)
+    n, _ = raw_header(ours)
+    rn, _ = raw_header(ref)
+    assert n == rn and ours[8 + n:] == ref[8 + rn:]
+
+
+def test_output_values_survive_the_roundtrip(tmp_path, big_lora):
+    # the 512x512 layers are exact too (a check that the writer's byte layout matches the header offsets)
+    dst = tmp_path / "out.safetensors"
+    lora_resize.resize(big_lora, dst, rank=16, precision="float")
+    src_t, _ = load_st(big_lora)
+    out, _ = load_st(dst)
+    for name in ("lora_unet_block_0_attn1_to_q", "lora_unet_block_5_attn1_to_b"):
+        assert rel_err(dense_dw(out, name), best_rank_k(dense_dw(src_t, name), 16)) < 1e-5
+
+
+def test_existing_output_is_replaced_and_no_temp_left(tmp_path, standard_lora):
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"old junk that is not a tensor file")
+    lora_resize.resize(standard_lora, dst, rank=2)
+    tensors, meta = load_st(dst)
+    assert "sshs_model_hash" in meta and tensors
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lora-resize-")]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt"])
+def test_pickle_output_is_a_weights_only_state_dict(tmp_path, standard_lora, standard_sd, suffix):
+    dst = tmp_path / f"out{suffix}"
+    res = lora_resize.resize(standard_lora, dst, rank=4, precision="float")
+    sd = torch.load(dst, map_location="cpu", weights_only=True)
+    assert isinstance(sd, dict)
+    name = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    assert rel_err(dense_dw(sd, name), best_rank_k(dense_dw(standard_sd, name), 4)) < 1e-5
+    assert any("metadata" in n for n in res.notes)
