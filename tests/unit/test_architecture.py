@@ -1,0 +1,138 @@
+"""The house as ARCHITECTURE.md draws it: every import of the package (function-level ones included) read from the
+source, no import cycle between modules, and every room importing only the rooms below it."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "lora_resize"
+
+# room -> the rooms it may import (errors, units, options and results are importable from anywhere, but import
+# little themselves: options validates against the rank registries)
+ALLOWED = {
+    "errors": set(),
+    "_version": set(),
+    "units": {"errors"},
+    "core": {"errors"},
+    "ranks": {"errors", "units", "core"},
+    "options": {"errors", "units", "ranks"},
+    "results": {"errors", "units"},
+    "io": {"errors", "units", "options", "results", "_version", "core"},
+    "formats": {"errors", "units", "options", "results", "core", "io"},
+    "report": {"errors", "units", "options", "results", "_version", "ranks", "io"},
+    "testing": {"errors", "units", "core", "io"},
+    "ops": {"errors", "units", "options", "results", "_version", "core", "ranks", "io", "formats", "report",
+            "testing"},
+    "cli": {"errors", "units", "options", "results", "_version", "core", "ranks", "io", "formats", "report", "ops"},
+    "__init__": {"errors", "_version"},
+}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Package modules that `name` imports anywhere in its source (module level, functions, TYPE_CHECKING)."""
+    is_pkg = path.name == "__init__.py"
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                stem = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                stem = node.module or ""
+            targets = [f"{stem}.{a.name}" if f"{stem}.{a.name}" in known else stem for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name and t.startswith("lora_resize"):
+                found.add(t)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {n: imports_of(n, p, set(mods)) for n, p in mods.items()}
+
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    return "__init__" if len(parts) == 1 else parts[1]
+
+
+def test_the_import_graph_is_read():
+    g = graph()
+    # a few edges the code is known to have, so the reader cannot pass by seeing nothing
+    assert "lora_resize.core.decompose" in g["lora_resize.core.schedule"]
+    assert "lora_resize.ops.resize" in g["lora_resize.cli.resize"]  # a function-level import
+    assert "lora_resize.ranks.policies" in g["lora_resize.options"]
+
+
+def test_no_import_cycles():
+    g = graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(g[n]):
+            if m.startswith(n + "."):  # a package importing its own submodules is not a cycle
+                continue
+            if state.get(m) == 1 and not n.startswith(m + "."):
+                cycles.append(stack[stack.index(m):] + [m])
+            elif m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(g):
+        if n not in state:
+            visit(n)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_every_room_imports_only_the_rooms_below_it():
+    bad = []
+    for n, deps in graph().items():
+        r = room(n)
+        for d in deps:
+            if room(d) != r and room(d) not in ALLOWED[r]:
+                bad.append(f"{n} ({r}) imports {d} ({room(d)})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+@pytest.mark.parametrize("r", sorted(set(ALLOWED) - {"__init__", "errors", "_version", "units", "options",
+                                                      "results"}))
+def test_each_room_is_a_package_with_a_docstring(r):
+    init = PACKAGE / r / "__init__.py"
+    assert init.is_file() and ast.get_docstring(ast.parse(init.read_text())), r
+
+
+def test_core_uses_only_numpy_torch_and_the_errors():
+    outside = set()
+    for p in (PACKAGE / "core").rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                outside.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                outside.update(a.name.split(".")[0] for a in node.names)
+    import sys
+    assert outside - set(sys.stdlib_module_names) <= {"numpy", "torch"}
