@@ -284,3 +284,69 @@ def loader_messages():
     finally:
         for lg in loggers:
             lg.removeHandler(handler)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One small file of every key family (and its scale conventions), for tests that must hold for all of them
+
+
+def _loha_lokr(g: torch.Generator) -> dict[str, torch.Tensor]:
+    """A LyCORIS file: a LoHa (alpha), a LoKr with a factored second half (alpha) and a Tucker LoCon conv."""
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).float() * 0.3
+    n1, n2, n3 = ("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1",
+                  "lora_unet_down_blocks_0_resnets_0_conv1")
+    return {f"{n1}.hada_w1_a": r(24, 4), f"{n1}.hada_w1_b": r(4, 20), f"{n1}.hada_w2_a": r(24, 4),
+            f"{n1}.hada_w2_b": r(4, 20), f"{n1}.alpha": torch.tensor(2.0),
+            f"{n2}.lokr_w1": r(4, 4), f"{n2}.lokr_w2_a": r(8, 3), f"{n2}.lokr_w2_b": r(3, 6),
+            f"{n2}.alpha": torch.tensor(1.5),
+            f"{n3}.lora_down.weight": r(5, 6, 1, 1), f"{n3}.lora_mid.weight": r(5, 5, 3, 3),
+            f"{n3}.lora_up.weight": r(8, 5, 1, 1), f"{n3}.alpha": torch.tensor(4.0)}
+
+
+def family_files(folder: Path) -> dict[str, Path]:
+    """One small LoRA per key family and scale convention, each with trained-like spectra and copied tensors:
+    kohya (alphas, some missing), LyCORIS (LoHa, LoKr, Tucker LoCon), PEFT (adapter folder with a config using
+    rank/alpha patterns and rsLoRA), diffusers with `lora_adapter_metadata` (per component, and unprefixed),
+    diffusers without alphas (ai-toolkit), ControlLoRA."""
+    from lora_resize.testing import archs, loras
+    from lora_resize.testing.archs import ModuleShape
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    files["kohya"] = write_lora(folder / "kohya.safetensors", make_state_dict(standard_specs(), seed=11,
+                                                                                 passthrough=True),
+                                dict(BASE_METADATA))
+    files["lycoris"] = write_lora(folder / "lycoris.safetensors", _loha_lokr(torch.Generator().manual_seed(12)),
+                                  dict(BASE_METADATA))
+    peft = folder / "peft"
+    peft.mkdir()
+    shapes = archs.llama(hidden=24, kv=8, inter=40, layers=2)
+    write_lora(peft / "adapter_model.safetensors", loras.lora_state_dict(shapes, "peft", rank=8, seed=13))
+    (peft / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 8, "lora_alpha": 12, "use_rslora": True, "rank_pattern": {},
+        "alpha_pattern": {r"layers\.0\.self_attn\.q_proj": 3}, "target_modules": ["q_proj", "k_proj"]}))
+    files["peft"] = peft / "adapter_model.safetensors"
+    sd3 = archs.sd3(width=16, blocks=2)
+    te = [ModuleShape("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", 16, 16)]
+    sd = {**loras.lora_state_dict(sd3, "diffusers", rank=8, seed=14), **loras.lora_state_dict(te, "diffusers",
+                                                                                              rank=8, seed=15)}
+    cfg = {"transformer.r": 8, "transformer.lora_alpha": 16, "transformer.rank_pattern": {},
+           "transformer.alpha_pattern": {"^transformer_blocks.0.attn.to_q": 4}, "text_encoder.r": 8,
+           "text_encoder.lora_alpha": 8}
+    files["diffusers_metadata"] = write_lora(folder / "diffusers_meta.safetensors", sd,
+                                             {"lora_adapter_metadata": json.dumps(cfg), "format": "pt"})
+    bare = [ModuleShape(m.name[len("transformer."):], m.out, m.inp) for m in archs.sd3(width=16, blocks=1)]
+    files["diffusers_unprefixed"] = write_lora(
+        folder / "diffusers_unprefixed.safetensors", loras.lora_state_dict(bare, "diffusers", rank=6, seed=16),
+        {"lora_adapter_metadata": json.dumps({"r": 6, "lora_alpha": 3, "use_rslora": False})})
+    files["ai_toolkit"] = write_lora(folder / "ai_toolkit.safetensors",
+                                     loras.lora_state_dict(sd3, "diffusers", rank=8, seed=17, dtype=torch.bfloat16),
+                                     {"software": "ai-toolkit"})
+    cl = loras.lora_state_dict([ModuleShape("input_blocks.4.1.proj_in", 16, 16),
+                                ModuleShape("input_blocks.4.1.transformer_blocks.0.attn2.to_k", 16, 24)],
+                               "diffusers", rank=6, seed=18)
+    cl = {k.replace(".lora_A.weight", ".down").replace(".lora_B.weight", ".up"): v for k, v in cl.items()}
+    cl["input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(19))
+    cl["lora_controlnet"] = torch.tensor([])
+    files["controllora"] = write_lora(folder / "controllora.safetensors", cl)
+    return files
