@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import logging
+import os
+import shutil
 import warnings
 from contextlib import contextmanager
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -350,3 +353,21 @@ def family_files(folder: Path) -> dict[str, Path]:
     cl["lora_controlnet"] = torch.tensor([])
     files["controllora"] = write_lora(folder / "controllora.safetensors", cl)
     return files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The browser
+
+
+def chromium() -> tuple[str, str]:
+    """(chromium, chromedriver) for the browser tests: $LORA_RESIZE_CHROMIUM / $LORA_RESIZE_CHROMEDRIVER, else
+    the ones on PATH (Debian's chromium and chromium-driver). Where they cannot be found, the test is skipped with
+    the reason - except under CI=true, where a missing browser is a failure (CI installs it: .ci/run)."""
+    binary = os.environ.get("LORA_RESIZE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = os.environ.get("LORA_RESIZE_CHROMEDRIVER") or shutil.which("chromedriver")
+    if binary and driver and Path(binary).exists() and Path(driver).exists():
+        return binary, driver
+    why = ("headless Chromium is not installed (apt-get install -y chromium chromium-driver; .ci/run does this)")
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{why}, and CI=true needs it")
+    pytest.skip(why)

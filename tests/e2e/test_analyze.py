@@ -26,11 +26,11 @@ SETTINGS = [
     dict(rank=4),
     dict(rank=6, conv_rank=2, precision="float"),
     dict(method="sv_fro", param=0.9, rank=8),
-    dict(method="sv_ratio", param=3, rule="kohya"),
+    dict(method="sv_ratio", param=3, rank_rule="kohya"),
     dict(method="sv_cumulative", param=0.8, precision="bf16",
          block_rules=("lora_te_*=2", "*conv2=drop", "*proj_in=cap:3", "*nothing*=5")),
     dict(target_fro=0.9),
-    dict(target_fro=0.8, rule="kohya", rank=6, block_rules=("*mid_block*=cap:4",)),
+    dict(target_fro=0.8, rank_rule="kohya", rank=6, block_rules=("*mid_block*=cap:4",)),
     dict(target_size=12_000, block_rules=("lora_te_*=drop",)),
 ]
 
@@ -141,8 +141,8 @@ def test_analyze_time_is_mostly_the_decomposition(blocky_lora):
     assert np.isfinite([r.output_bytes for r in a.rows]).all()
 
 
-@pytest.mark.parametrize("fields", [dict(rank=3), dict(method="sv_ratio", param=4, rule="kohya", rank=8),
-                                    dict(target_fro=0.95, precision="fp16"), dict(target_size=14_000, rule="kohya"),
+@pytest.mark.parametrize("fields", [dict(rank=3), dict(method="sv_ratio", param=4, rank_rule="kohya", rank=8),
+                                    dict(target_fro=0.95, precision="fp16"), dict(target_size=14_000, rank_rule="kohya"),
                                     dict(target_size=17_000)],
                          ids=["fixed", "kohya", "fro", "size-kohya", "size"])
 def test_zero_oversize_and_alpha_free_layers_agree_too(tmp_path, standard_lora, fields):

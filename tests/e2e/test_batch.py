@@ -41,6 +41,7 @@ def make_tree(root: Path) -> dict[str, Path]:
     return files
 
 
+@pytest.mark.slow
 def test_mixed_folder_two_workers_then_resume_then_force(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     good = make_tree(src)
@@ -80,6 +81,7 @@ def test_mixed_folder_two_workers_then_resume_then_force(tmp_path):
     assert {f.file: f.status for f in redo.files}["a.safetensors"] == "ok"
 
 
+@pytest.mark.slow
 def test_cli_batch(tmp_path, capsys):
     src, out = tmp_path / "in", tmp_path / "out"
     make_tree(src)
@@ -111,6 +113,7 @@ def test_bad_batch_options(tmp_path):
     assert parse_size("8GiB") == 8 * 2**30 and parse_size("500 MiB") == 500 * 2**20
 
 
+@pytest.mark.slow
 def test_killed_batch_leaves_no_partial_outputs_and_resumes(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

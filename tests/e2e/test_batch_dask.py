@@ -17,6 +17,8 @@ from lora_resize.options import ResizeOptions
 
 from helpers import Spec, best_rank_k, dense_dw, load_st, make_state_dict, rel_err, write_lora
 
+pytestmark = pytest.mark.slow
+
 SPECS = [Spec(f"lora_te_l{i}", 384, 384, 48, alpha=8.0) for i in range(6)]
 
 

@@ -248,6 +248,7 @@ def _script() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "lora_resize.cli"]
 
 
+@pytest.mark.slow
 def test_console_script_subprocess(tmp_path, standard_lora, standard_sd):
     dst = tmp_path / "out.safetensors"
     proc = subprocess.run(_script() + _sd_args(standard_lora, dst), capture_output=True, text=True, timeout=120,
@@ -257,6 +258,7 @@ def test_console_script_subprocess(tmp_path, standard_lora, standard_sd):
     check_verbose(proc.stdout, standard_sd, out, dynamic=True)
 
 
+@pytest.mark.slow
 def test_module_subprocess_error_exit(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lora_resize.cli", "resize", str(tmp_path / "missing.safetensors"),
                            "-o", str(tmp_path / "o.safetensors"), "--rank", "4"],

@@ -114,7 +114,7 @@ def test_rank_above_every_layer_reproduces_input(tmp_path, standard_lora, standa
 
 
 @pytest.mark.parametrize("options", [dict(rank=4), dict(rank=8, method="sv_fro", param=0.9),
-                                     dict(rank=4, method="sv_ratio", param=4.0, rule="kohya")])
+                                     dict(rank=4, method="sv_ratio", param=4.0, rank_rule="kohya")])
 def test_zero_layer(tmp_path, standard_lora, options):
     dst = tmp_path / "out.safetensors"
     res = lora_resize.resize(standard_lora, dst, precision="float", **options)

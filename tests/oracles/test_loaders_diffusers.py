@@ -5,6 +5,8 @@ Also: a diffusers-family SD3 LoRA with per-module ranks in `lora_adapter_metadat
 metadata rebuilds every module at its new rank."""
 from __future__ import annotations
 
+import pytest
+
 import re
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from lora_resize.cli import main
 
 from helpers import best_rank_k, load_st, rel_err, write_lora
 from helpers import loader_messages
+
+pytestmark = pytest.mark.thirdparty
 
 TOL = 2e-5  # float32 merge into float32 weights
 
@@ -280,6 +284,7 @@ def test_flux_lora_with_split_qkv_loads_in_diffusers_with_exact_deltas(tmp_path)
     assert check_fused(sd, ranks, targets) == len(shapes)
 
 
+@pytest.mark.slow
 def test_flux_single_block_linear1_at_full_width_converts_to_exact_deltas(tmp_path):
     """Flux-dev's linear1 (3072 -> 21504) on one single block at the real width, through the pipeline's public
     `lora_state_dict`, which splits it into to_q/to_k/to_v/proj_mlp and bakes alpha / rank into the factors: the

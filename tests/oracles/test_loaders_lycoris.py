@@ -22,6 +22,8 @@ from helpers import ALPHA, DOWN, UP, best_rank_k, load_st, rel_err
 
 from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights  # pip install -e .[test]
 
+pytestmark = pytest.mark.thirdparty
+
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
 

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -16,6 +17,8 @@ from lora_resize.cli import main
 
 from helpers import best_rank_k, load_st, rel_err
 from helpers import loader_messages
+
+pytestmark = pytest.mark.thirdparty
 
 TOL = 2e-5
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

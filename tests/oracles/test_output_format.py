@@ -13,6 +13,8 @@ from lora_resize.formats.convert import kohya_name
 
 from helpers import best_rank_k, dense_dw, load_st, rel_err, write_lora
 
+pytestmark = pytest.mark.thirdparty
+
 DOWN_FORMS = (".lora.down.weight", "_lora.down.weight", ".lora_linear_layer.down.weight")
 
 

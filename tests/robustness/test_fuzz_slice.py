@@ -6,10 +6,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 FUZZ_DIR = Path(__file__).resolve().parents[2] / "fuzz"
 sys.path.insert(0, str(FUZZ_DIR))  # the worker processes are spawned and inherit sys.path
 
 import campaign  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 SEED = 20240601
 CASES = 300

@@ -179,6 +179,7 @@ def _split_err(stderr: str) -> str:
     return "\n".join(x for x in stderr.splitlines() if not x.startswith("MAXRSS")) + "\n"
 
 
+@pytest.mark.slow
 def test_huge_claims_in_a_capped_process(tmp_path):
     """Outside Python's allocator too (torch tensors): under a 3 GiB address-space cap, a file that claims 16 GiB or
     a pickle that expands to 4 GiB is refused cleanly, with no more memory than resizing a small valid file."""

@@ -147,6 +147,7 @@ def _differences(got: bytes, old: bytes, new: bytes) -> str:
     return "; ".join(parts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_sigkill_never_leaves_a_truncated_output(tmp_path, zygote, big_input, suffix):
     rng = random.Random(1234 if suffix == ".safetensors" else 4321)

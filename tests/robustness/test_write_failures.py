@@ -162,6 +162,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_real_file_size_limit(tmp_path, src, suffix):
     """A real short write from the kernel (as on a full disk or an exhausted quota), for both output writers:

@@ -12,7 +12,7 @@ from lora_resize.testing import loras
 
 from helpers import load_st
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def _update(t: dict[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -66,6 +66,7 @@ def test_gpu_sized_windows_give_the_one_layer_results(tmp_path, per_layer, small
         assert torch.allclose(t1[k].float(), tg[k].float(), rtol=1e-3, atol=1e-5), k  # the file is fp16
 
 
+@pytest.mark.slow
 def test_gpu_sized_windows_give_the_one_layer_analysis(per_layer, small_rank_sd15):
     got = {}
     for kind in ("one", "gpu"):

@@ -51,7 +51,7 @@ def test_fixed_mode_strings(tmp_path, standard_lora, standard_sd, rank, conv_ran
 @pytest.mark.parametrize("rule", ["exact", "kohya"])
 def test_dynamic_mode_strings(tmp_path, standard_lora, standard_sd, method, param, rule):
     dst = tmp_path / "out.safetensors"
-    lora_resize.resize(standard_lora, dst, rank=16, method=method, param=param, rule=rule)
+    lora_resize.resize(standard_lora, dst, rank=16, method=method, param=param, rank_rule=rule)
     _, meta = load_st(dst)
     assert meta["ss_training_comment"] == (
         f"Dynamic resize with {method}: {float(param)} from {old_dim(standard_sd)}; {BASE_COMMENT}")
@@ -117,7 +117,7 @@ def test_old_dim_is_largest_old_rank(tmp_path):
 
 
 @pytest.mark.parametrize("options", [dict(rank=4, conv_rank=2),
-                                     dict(rank=8, method="sv_fro", param=0.75, rule="kohya"),
+                                     dict(rank=8, method="sv_fro", param=0.75, rank_rule="kohya"),
                                      dict(rank=None, method="sv_ratio", param=3.0)])
 def test_our_record(tmp_path, standard_lora, standard_sd, options):
     dst = tmp_path / "out.safetensors"
@@ -127,7 +127,7 @@ def test_our_record(tmp_path, standard_lora, standard_sd, options):
     assert rec["version"] == lora_resize.__version__
     assert rec["method"] == (options.get("method") or "fixed")
     assert rec["param"] == options.get("param")
-    assert rec["rule"] == options.get("rule", "exact")
+    assert rec["rule"] == options.get("rank_rule", "exact")
     want_layers = {n: [standard_sd[n + DOWN].shape[0], tensors[n + DOWN].shape[0]] for n in layer_names(standard_sd)}
     assert rec["layers"] == want_layers
     assert res.metadata["lora_resize"] == meta["lora_resize"]

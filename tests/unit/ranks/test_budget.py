@@ -174,7 +174,7 @@ def test_target_fro_is_reached_on_the_written_file(tmp_path, blocky_lora):
 
 def test_budgets_respect_caps_rules_and_the_kohya_floor(tmp_path, blocky_lora):
     rules = ("*mid_block_attentions*=cap:2", "lora_te_*=3", "*up_blocks_2*=drop")
-    res = lora_resize.resize(blocky_lora, tmp_path / "o.safetensors", target_size=12_000, rank=6, rule="kohya",
+    res = lora_resize.resize(blocky_lora, tmp_path / "o.safetensors", target_size=12_000, rank=6, rank_rule="kohya",
                              block_rules=rules)
     by = {r.name: r for r in res.layers}
     assert not any("up_blocks_2" in n for n in by)

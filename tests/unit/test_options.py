@@ -1,0 +1,57 @@
+"""The options object is the single source of truth: frozen, validated again on every change, and the CLI's flags,
+help and choices are generated from its fields (so a flag cannot drift from the option it sets)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lora_resize import OptionsError, ResizeOptions
+from lora_resize.cli import build_parser
+from lora_resize.formats import output_formats
+from lora_resize.options import option_fields
+from lora_resize.ranks.policies import dynamic_methods
+
+
+def subparser(name: str):
+    p = build_parser()
+    return next(a for a in p._actions if isinstance(a, type(p._subparsers._group_actions[0]))).choices[name]
+
+
+def test_frozen_and_validated_again_on_change():
+    opts = ResizeOptions(method="sv_fro", param=0.9, rank=8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.param = 0.5
+    with pytest.raises(OptionsError, match="must be in"):
+        dataclasses.replace(opts, param=1.5)
+    assert dataclasses.replace(opts, param=0.5).param == 0.5 and opts.param == 0.9
+    assert opts.with_setting(target_size="2MB").target_size == 2_000_000
+
+
+def test_rule_is_the_old_name_of_rank_rule():
+    assert ResizeOptions(rank=4, rule="kohya").rank_rule == "kohya"
+    assert ResizeOptions(rank=4, rank_rule="kohya").rank_rule == "kohya"
+    with pytest.raises(OptionsError, match="rank rule must be one of"):
+        ResizeOptions(rank=4, rule="nearest")
+
+
+@pytest.mark.parametrize("command", ["resize", "merge", "analyze", "batch"])
+def test_every_option_is_a_flag_with_its_fields_help_and_choices(command):
+    p = subparser(command)
+    by_dest = {a.dest: a for a in p._actions}
+    for f in option_fields():
+        action = by_dest[f.name]
+        assert list(action.option_strings) == list(f.metadata["flags"]), f.name
+        assert action.help == f.metadata["help"]
+    assert by_dest["method"].choices == dynamic_methods()
+    assert by_dest["output_format"].choices == output_formats()
+    assert by_dest["rank_rule"].default == "exact" and by_dest["device"].default == "auto"
+
+
+def test_subcommands_have_only_the_flags_they_honour():
+    def flags(name):
+        return {s for a in subparser(name)._actions for s in a.option_strings if a.help != "==SUPPRESS=="}
+    assert {"--report", "--plot", "-v"} <= flags("resize") & flags("analyze")
+    assert not {"--report", "--plot", "-v", "-o"} & flags("batch")
+    assert not {"--report", "--plot"} & flags("merge") and "-o" not in flags("analyze")
+    assert not {"--rank", "--method", "--precision"} & flags("demo")
