@@ -151,11 +151,6 @@ class ResizeOptions:
         return None
 
     @property
-    def has_target(self) -> bool:
-        """A budget (--target-size or --target-fro) chooses the ranks."""
-        return self.budget is not None
-
-    @property
     def dynamic(self) -> bool:
         """Ranks may differ from layer to layer (a method, a budget or rank rules)."""
         return (self.method is not None or self.budget is not None

@@ -14,7 +14,7 @@ from lora_resize.formats.blocks import block_of
 from lora_resize.ops.analyze import analyze
 from lora_resize.cli import main
 
-from helpers import BASE_METADATA, BLOCKY, Spec, decaying_spectrum, dense_dw, load_st, make_state_dict, write_lora
+from helpers import BLOCKY, dense_dw, load_st, write_lora
 
 
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 import re
 from html.parser import HTMLParser
 
-import pytest
-import torch
 
 from lora_resize.ops.analyze import analyze
 from lora_resize.cli import main
 from lora_resize.report.html import html_report
 from lora_resize.report.png import write_png
 
-from helpers import BASE_METADATA, make_state_dict, write_lora
 from helpers import BLOCKY
 
 

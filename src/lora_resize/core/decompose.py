@@ -169,7 +169,7 @@ def _left_basis(A: torch.Tensor, GA: torch.Tensor | None
     """R (b x r x r) and, per layer, x -> Q @ x for thin QRs of the b layers of A (b x m x r) given their Gram
     matrices A^T A: Cholesky QR where it is well conditioned, Householder QR for the rest. A wide or square A
     (GA None) is its own R."""
-    b, mm, r = A.shape
+    b, _, r = A.shape
     if GA is None:
         return A, [lambda x: x] * b
     L, info = torch.linalg.cholesky_ex(GA)

@@ -23,7 +23,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from typing import Mapping, Sequence
 
 import numpy as np

@@ -19,7 +19,7 @@ from ..core.decompose import Decomposition
 from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, through_engine
 from ..core.spectrum import Spectrum
-from ..core.truncate import SAVE_DTYPES, NewFactors, on_host, retention, sd_scripts_alpha, truncated_factors
+from ..core.truncate import PRECISION_OF_DTYPE, SAVE_DTYPES, NewFactors, on_host, retention, sd_scripts_alpha, truncated_factors
 from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
 from ..io.metadata import InputRecord, output_metadata, with_hashes
@@ -166,7 +166,7 @@ def precision_of(layout: Layout, infos: Mapping[str, TensorInfo], requested: str
             if infos[k].dtype.is_floating_point and len(infos[k].shape) >= 2:
                 counts[infos[k].dtype] = counts.get(infos[k].dtype, 0) + 1
     dtype = max(counts, key=counts.get) if counts else torch.float32
-    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "float")
+    return PRECISION_OF_DTYPE.get(dtype, "float")
 
 
 @dataclass

@@ -16,7 +16,6 @@ from typing import Iterable, Sequence
 
 from ..errors import OptionsError
 
-RULE_ACTIONS = ("rank", "cap", "drop")
 RULE_EXAMPLES = "'lora_te_*=8', '*attn2*=cap:64' or 'lora_te_*=drop'"
 
 

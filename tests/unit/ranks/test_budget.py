@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 import lora_resize
 from lora_resize import OptionsError, ResizeOptions
@@ -19,7 +18,7 @@ from lora_resize.ranks.plan import budget_layers
 from lora_resize.cli import main
 from lora_resize.units import parse_size
 
-from helpers import BASE_METADATA, BLOCKY, load_st, make_state_dict, write_lora
+from helpers import BLOCKY, load_st
 
 
 def random_layers(rng: np.random.Generator, n: int) -> list[BudgetLayer]:

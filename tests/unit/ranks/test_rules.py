@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import lora_resize
 from lora_resize import OptionsError, ResizeOptions
 from lora_resize.cli import main
 from lora_resize.ranks.rules import BlockRule, parse_rule
 
-from helpers import BASE_METADATA, DOWN, load_st, make_state_dict, write_lora
+from helpers import DOWN, load_st
 from helpers import BLOCKY
 
 TE = [s.name for s in BLOCKY if s.name.startswith("lora_te_")]
