@@ -10,6 +10,7 @@ from typing import Mapping
 
 from ..errors import LoraStructureError, OptionsError
 from ..io.reader import TensorInfo
+from ..registry import Registry
 from . import convert as _convert
 from .base import Format, Layout, Module
 from .controllora import ControlLora
@@ -18,18 +19,15 @@ from .kohya import Kohya
 from .lycoris import Lycoris
 from .peft import Peft
 
-FORMATS: dict[str, Format] = {}
+FORMATS: Registry[Format] = Registry("key family")
 
 
 def register(fmt: Format) -> Format:
     """Add a key family. Raises ValueError when its name or its priority is taken (ties must be decided)."""
-    if fmt.name in FORMATS:
-        raise ValueError(f"key family {fmt.name!r} is already registered")
     clash = next((f for f in FORMATS.values() if f.priority == fmt.priority), None)
     if clash is not None:
         raise ValueError(f"key family {fmt.name!r} has the priority of {clash.name!r}; give it another")
-    FORMATS[fmt.name] = fmt
-    return fmt
+    return FORMATS.add(fmt.name, fmt)
 
 
 register(Kohya())

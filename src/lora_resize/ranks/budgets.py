@@ -24,7 +24,9 @@ from typing import Callable, Protocol
 import numpy as np
 
 from ..errors import OptionsError
+from ..registry import Registry
 from ..units import format_size, parse_size
+from .policies import FRACTIONS
 
 
 @dataclass
@@ -231,19 +233,15 @@ class Budget:
     plan: Callable[[list[BudgetLayer], object, float, Sizer], tuple[np.ndarray, str | None]]
 
 
-BUDGETS: dict[str, Budget] = {}
+BUDGETS: Registry[Budget] = Registry("budget")
 
 
 def register(budget: Budget) -> Budget:
     """Add a budget to the registry. Raises ValueError when the name is taken."""
-    if budget.name in BUDGETS:
-        raise ValueError(f"budget {budget.name!r} is already registered")
-    BUDGETS[budget.name] = budget
-    return budget
+    return BUDGETS.add(budget.name, budget)
 
 
-register(Budget("target_fro", "--target-fro", "target_fro (budget)", "#9467bd",
-                (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99), _parse_fro, lambda v: f"target_fro {v:g}",
+register(Budget("target_fro", "--target-fro", "target_fro (budget)", "#9467bd", FRACTIONS, _parse_fro, lambda v: f"target_fro {v:g}",
                 lambda v: f"target fro {v} (global, alpha/rank-scaled)", lambda v: f"{v:g}", plan_fro))
 register(Budget("target_size", "--target-size", "target_size (budget)", "#8c564b", ("auto",),
                 lambda v: parse_size(v, "--target-size"), lambda v: f"target_size {format_size(v)}",

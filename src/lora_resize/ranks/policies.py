@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import OptionsError
+from ..registry import Registry
 
 ZERO_SV = 1e-6  # sd-scripts' MIN_SV: a layer whose largest singular value is at most this is treated as zero
 RANK_RULES = ("exact", "kohya")
@@ -85,16 +86,13 @@ def _whole(S, p):
     return len(S)
 
 
-FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
-POLICIES: dict[str, Policy] = {}
+FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)  # the sweep of every fraction-valued setting
+POLICIES: Registry[Policy] = Registry("policy")
 
 
 def register(policy: Policy) -> Policy:
     """Add a policy to the registry. Raises ValueError when the name is taken."""
-    if policy.name in POLICIES:
-        raise ValueError(f"policy {policy.name!r} is already registered")
-    POLICIES[policy.name] = policy
-    return policy
+    return POLICIES.add(policy.name, policy)
 
 
 register(Policy("sv_ratio", "sv_ratio", "#1f77b4", (2, 3, 4, 5, 8, 16, 32, 64, 96, 128), _at_least_one,
