@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -139,6 +140,12 @@ class Analysis:
     decompose_seconds: float
     notes: list[str]
     rule_hits: dict[str, int]
+    _evaluate: Callable | None = field(default=None, repr=False)
+
+    def evaluate(self, options, label: str | None = None) -> SettingRow:
+        """Size and fidelity of any other setting (a ResizeOptions sharing this analysis's rank rule, precision,
+        block rules and output format), from the same spectra."""
+        return self._evaluate(options, label)
 
     def as_dict(self) -> dict:
         pick = self.chosen

@@ -179,3 +179,11 @@ def test_other_key_families_agree_too(tmp_path):
         assert a.chosen.output_bytes == dst.stat().st_size, fields
         assert [int(k) for k in a.chosen.ranks] == [r.new_rank for r in res.layers]
         assert dst.stat().st_size <= fields.get("target_size", float("inf"))
+
+
+def test_evaluate_any_other_setting_from_the_same_spectra(tmp_path, blocky_lora):
+    a = analyze(blocky_lora, sweep={})
+    row = a.evaluate(lora_resize.ResizeOptions(method="sv_ratio", param=3, precision=a.precision))
+    dst = tmp_path / "o.safetensors"
+    lora_resize.resize(blocky_lora, dst, row.options)
+    assert row.output_bytes == dst.stat().st_size and row.label == "sv_ratio 3"

@@ -179,7 +179,7 @@ def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeO
         default = shared.with_setting(**DEFAULT_PICK)
         pick = ev.evaluate(default, label=default.label() + " (default pick)")
     return Analysis(shared=shared, layers=ev.sps, blocks=[block_of(sp.name) for sp in ev.sps], rows=rows,
-                    chosen=chosen_row, pick=pick, notes=notes, **a_fields)
+                    chosen=chosen_row, pick=pick, notes=notes, _evaluate=ev.evaluate, **a_fields)
 
 
 def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress | None = None
