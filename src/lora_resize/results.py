@@ -37,7 +37,8 @@ class LayerResult:
 
 @dataclass
 class ResizeResult:
-    """The outcome of `resize`: per-layer rows, sizes, timing, and what was passed through untouched."""
+    """The outcome of `resize` or `merge`: per-layer rows, sizes, timing, and the tensors copied unchanged
+    (`passthrough`, in file order; `copied`: each one's kind, e.g. 'bias diff', 'DoRA magnitude', 'other')."""
     src: Path
     dst: Path
     format: str
@@ -50,6 +51,21 @@ class ResizeResult:
     seconds: float
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    copied: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def copied_kinds(self) -> dict[str, int]:
+        """How many tensors of each kind were copied unchanged."""
+        out: dict[str, int] = {}
+        for k in self.passthrough:
+            kind = self.copied.get(k, "other")
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
+    @property
+    def zero_layers(self) -> list[str]:
+        """Layers whose update is zero (untrained modules): kept as rank-1 zeros."""
+        return [x.name for x in self.layers if x.zero]
 
     @property
     def mean_fro(self) -> float:
@@ -79,7 +95,8 @@ class ResizeResult:
             "options": self.options, "input_bytes": self.input_bytes, "output_bytes": self.output_bytes,
             "seconds": self.seconds, "mean_fro_retained": self.mean_fro,
             "min_fro_retained": worst.fro_retained if worst else None, "min_fro_layer": worst.name if worst else None,
-            "passthrough": self.passthrough, "notes": self.notes, "layers": [x.as_dict() for x in self.layers],
+            "passthrough": self.passthrough, "copied": self.copied_kinds, "zero_layers": self.zero_layers,
+            "notes": self.notes, "layers": [x.as_dict() for x in self.layers],
         }
 
 

@@ -1,10 +1,14 @@
 """Key families as plug-ins, in one registry. `detect` asks every registered family how many keys it recognises and
-parses the file with the best (ties: the higher priority); then every tensor it leaves unowned is either known to
-it (a DoRA magnitude, a module kind that cannot be resized, ...) and copied, or an unknown tensor - and an unknown
-tensor that any family marks as part of a LoRA module is an error naming it, so LoRA factors are never copied
-through unresized without a word."""
+parses the file with the best (ties: the higher priority). Then every tensor of the file ends in exactly one of:
+a module's factor (resized), a known non-factor that is copied unchanged and listed by kind (a DoRA magnitude, a
+bias diff, a module kind that cannot be resized, ...), an unknown tensor that does not look like part of a LoRA
+(copied, listed as 'other') - or an error naming it, when it looks like part of a LoRA (a family marks it, its name
+carries a LoRA token, or it pairs with another unknown tensor as down/up factors do), so LoRA factors are never
+copied through unresized without a word."""
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -13,6 +17,7 @@ from ..io.reader import TensorInfo
 from ..registry import Registry
 from . import convert as _convert
 from .base import Format, Layout, Module
+from .companions import companion_kind
 from .controllora import ControlLora
 from .diffusers import Diffusers
 from .kohya import Kohya
@@ -66,23 +71,56 @@ def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: P
         examples = "; ".join(f"{f.name}: {f.example}" for f in FORMATS.values() if f.example)
         raise LoraStructureError(f"no LoRA layers found (keys like {sample}); supported key families: {examples}")
     layout = best.parse(infos, metadata, path)
+    unknown = {}
     for key in sorted(k for k in layout.passthrough if k not in layout.known):
-        check_unknown(best, key, infos[key])
+        kind = companion_kind(key)
+        if kind is not None:
+            layout.known[key] = kind
+        else:
+            check_unknown(best, key, infos[key])
+            unknown[key] = infos[key]
+    check_unknown_pairs(best, unknown)
     return layout
+
+
+LORA_TOKEN = re.compile(r"(?i)(^|[._])(lora|loha|lokr|lycoris|hada|dora)(\d+|_[a-z0-9]+)?([._]|$)")
+HALVES = re.compile(r"^(.*?)[._](down|up|a|b)(\.weight)?$", re.IGNORECASE)
 
 
 def check_unknown(fmt: Format, key: str, info: TensorInfo) -> None:
     """An unknown tensor in a `fmt` file: a LoraStructureError when it looks like part of a LoRA module (some
-    family marks it), since copying it unchanged would leave LoRA factors unresized."""
-    if not any(f.marks(key) for f in FORMATS.values()):
+    family marks it, or its name carries a LoRA token), since copying it unchanged would leave LoRA factors
+    unresized."""
+    if not (any(f.marks(key) for f in FORMATS.values()) or LORA_TOKEN.search(key)):
         return
     other = next((f for f in FORMATS.values() if f is not fmt and f.name not in fmt.covers
                   and f.claims({key: info})), None)
     mixed = (f" (it is a {other.name} key: mixed key families are not supported - split the file or convert it to "
              "one family)" if other is not None else "")
     raise LoraStructureError(
-        f"{key} looks like part of a LoRA layer but does not fit the {fmt.title or fmt.name} layout (no partner key, or a key "
-        f"form this tool does not know){mixed}; nothing was written - re-export the file, or report the format")
+        f"{key} looks like part of a LoRA layer but does not fit the {fmt.title or fmt.name} layout (no partner "
+        f"key, or a key form this tool does not know){mixed}; nothing was written - re-export the file, or report "
+        "the format")
+
+
+def check_unknown_pairs(fmt: Format, unknown: Mapping[str, TensorInfo]) -> None:
+    """Unknown tensors named like down/up (or A/B) halves of one module whose shapes chain as LoRA factors do
+    (down r x n, up m x r): a LoraStructureError naming them - a LoRA pair of a layout no family knows."""
+    halves: dict[str, dict[str, str]] = {}
+    for key in unknown:
+        m = HALVES.match(key)
+        if m:
+            side = {"down": "down", "a": "down", "up": "up", "b": "up"}[m.group(2).lower()]
+            halves.setdefault(m.group(1), {})[side] = key
+    for name, got in sorted(halves.items()):
+        if len(got) < 2:
+            continue
+        d, u = unknown[got["down"]].shape, unknown[got["up"]].shape
+        if len(d) >= 2 and len(u) == len(d) and d[0] == u[1] and d[0] < min(u[0], math.prod(d[1:])):
+            raise LoraStructureError(
+                f"{got['down']} and {got['up']} look like the down/up factors of a LoRA layer (shapes {list(d)} and "
+                f"{list(u)}) in a layout the {fmt.title or fmt.name} family does not know; nothing was written - "
+                "report the format (it would otherwise be copied unresized)")
 
 
 __all__ = ["FORMATS", "Format", "Layout", "Module", "convert", "detect", "key_family", "output_formats",

@@ -11,6 +11,7 @@ from .base import Format, Layout
 from .pairs import PairModule, find_pairs
 
 FORM = (".down", ".up")
+MARKER = "lora_controlnet"
 
 
 class ControlLora(Format):
@@ -28,4 +29,7 @@ class ControlLora(Format):
         pairs, owned = find_pairs(infos, [k for k in infos if k.endswith(FORM)], [FORM])
         modules = [PairModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []), p.down_key,
                               p.up_key, p.alpha_key, p.alpha_key is not None) for p in pairs]
-        return Layout(self.name, modules, [k for k in infos if k not in owned])
+        rest = [k for k in infos if k not in owned]
+        # a ControlLoRA file is a whole ControlNet whose big layers are low-rank: the rest are its own weights
+        known = {k: "ControlLoRA marker" if k == MARKER else "ControlNet weight" for k in rest}
+        return Layout(self.name, modules, rest, known=known)

@@ -47,12 +47,11 @@ DORA = "dora_scale"
 SHARED = ("alpha", DORA)
 # Kinds that cannot become low-rank up/down factors without the base model: (display name, detecting parts,
 # other parts). A module is one of these when it has a detecting part; all its parts are then copied unchanged.
+# (Full and bias diffs and norms, which any family's file may carry, are companions: formats/companions.py.)
 PASS_KINDS = (
     ("OFT/BOFT", ("oft_blocks", "oft_diag"), ("rescale",)),
     ("(IA)^3", ("on_input",), ("weight",)),
     ("GLoRA", ("a1.weight", "a2.weight", "b1.weight", "b2.weight"), ("bm.weight",)),
-    ("full diff", ("diff", "diff_b"), ()),
-    ("norm", ("w_norm", "b_norm"), ()),
     ("T-LoRA", ("lambda_layer",), ("q_layer.weight", "p_layer.weight")),
 )
 KIND_OF = {**{s: "locon" for s in LOCON}, **{s: "loha" for s in LOHA}, **{s: "lokr" for s in LOKR}}
@@ -61,7 +60,7 @@ for _kind, _det, _rest in PASS_KINDS:
 # Parts whose presence makes a module (longest first, so `x.lora_mid.weight` is never read as part `weight`).
 DETECTORS = sorted(LOCON + LOHA + LOKR + (DORA,) + tuple(s for _, det, _ in PASS_KINDS for s in det),
                    key=len, reverse=True)
-OTHER_CONV_NDIMS = (3, 5)  # conv1d/conv3d modules pass through, listed
+OTHER_CONV_NDIMS = (3, 5)  # conv1d/conv3d LoHa/LoKr modules pass through, listed (LoCon ones are resized)
 SHOWN = 3  # module names quoted in a note
 MARKERS = (re.compile(r"(^|[._])(lora_mid|dora_scale|hada_[wt]\d|lokr_[wt]\d)([._]|$)"),)
 
@@ -284,7 +283,7 @@ def _module(name: str, parts: dict[str, str], infos: Mapping[str, TensorInfo]) -
         if min(info.shape, default=0) == 0:
             raise LoraStructureError(f"{k} is empty (shape {list(info.shape)}); the file is damaged")
     shapes = {p: tuple(infos[k].shape) for p, k in factors.items()}
-    if any(len(s) in OTHER_CONV_NDIMS for s in shapes.values()):
+    if kind != "locon" and any(len(s) in OTHER_CONV_NDIMS for s in shapes.values()):
         return "conv1d/conv3d", None
     if kind != "locon" and name.startswith("base_model.model."):
         raise LoraStructureError(f"module {name} is a PEFT {kind.upper()} adapter (its scale lives in "
@@ -356,7 +355,7 @@ class Lycoris(Format):
             listed = ", ".join(f"{v} {k}" for k, v in sorted(structured.items()))
             notes.append(f"LyCORIS modules written as plain LoRA factors (lora_down/lora_up/alpha): {listed}")
         for kind, mods in passthrough_modules.items():
-            why = ("lora-resize reads only linear and conv2d layers" if kind == "conv1d/conv3d" else
+            why = ("lora-resize reads LoHa/LoKr only on linear and conv2d layers" if kind == "conv1d/conv3d" else
                    "it cannot be written as low-rank factors without the base model")
             notes.append(f"{len(mods)} {kind} module(s) copied unchanged ({why}): {_summary(mods)}")
         if dora:

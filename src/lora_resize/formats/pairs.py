@@ -17,7 +17,7 @@ from .base import Module
 
 ALPHA = ".alpha"
 MAGNITUDES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")  # DoRA, as PEFT names it
-FACTOR_NDIMS = (2, 4)  # linear and conv2d factors
+FACTOR_NDIMS = (2, 3, 4, 5)  # linear, conv1d, conv2d and conv3d factors (down (r, in, *kernel), up (out, r, 1, ...))
 
 
 def read_alpha(src: TensorSource, key: str, module: str) -> float:
@@ -41,11 +41,11 @@ def check_pair(name: str, down: TensorInfo, up: TensorInfo, alpha: TensorInfo | 
         raise LoraStructureError(f"layer {name}: down/up must be floating point, got {down.dtype} and {up.dtype}")
     if len(d) not in FACTOR_NDIMS or len(u) != len(d):
         raise LoraStructureError(f"layer {name}: down {list(d)} and up {list(u)} must both be 2-D (linear) or "
-                                 "both 4-D (conv)")
+                                 "both 3-, 4- or 5-D (conv1d, conv2d, conv3d)")
     if d[0] != u[1]:
         raise LoraStructureError(f"layer {name}: down rank {d[0]} does not match up rank {u[1]} "
                                  f"(down {list(d)}, up {list(u)}); the file is damaged")
-    if len(u) == 4 and tuple(u[2:]) != (1, 1):
+    if len(u) > 2 and any(s != 1 for s in u[2:]):
         raise LoraStructureError(f"layer {name}: conv up must have a 1x1 kernel, got {list(u)} "
                                  f"(down {list(d)}); kernel mismatch")
     if min(d) == 0 or min(u) == 0:

@@ -29,6 +29,7 @@ from ..io.writer import write_output
 from ..options import ResizeOptions
 from ..ranks.plan import layer_rank, plan
 from ..results import LayerResult
+from ..units import format_size
 
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -250,6 +251,17 @@ def clamp_notes(rows: list[LayerResult]) -> list[str]:
         notes.append(f"{len(lost)} layer(s) are too small for the save precision and were saved as zeros (e.g. "
                      f"{lost[0].name}); use --precision bf16 or float to keep them")
     return notes
+
+
+def growth_notes(input_bytes: int, output_bytes: int, rows: list[LayerResult]) -> list[str]:
+    """A warning when the output is larger than the input (a LoHa/LoKr written as plain factors at high fidelity,
+    a higher precision, ...), with what keeps the size."""
+    if output_bytes <= input_bytes:
+        return []
+    rank = max((r.old_rank for r in rows), default=1)
+    return [f"warning: the output ({format_size(output_bytes)}) is larger than the input ({format_size(input_bytes)}); "
+            f"to keep it no larger give a fixed rank (e.g. --rank {rank}, the input's), or --target-size "
+            f"{input_bytes} for the best fidelity that fits the input's size"]
 
 
 def as_options(options: ResizeOptions | None, fields: dict) -> ResizeOptions:

@@ -128,5 +128,6 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                         options={**done.options.as_dict(), "sources": [[str(s.path), s.weight] for s in srcs],
                                  "rule_hits": rules.hits},
                         layers=done.rows, passthrough=list(copied),
+                        copied={k: kind for lay in reversed(layouts) for k, kind in lay.known.items() if k in copied},
                         input_bytes=sum(s.path.stat().st_size for s in live), output_bytes=dst.stat().st_size,
                         seconds=time.perf_counter() - t0, metadata=done.metadata, notes=notes)

@@ -14,7 +14,7 @@ from ..io.reader import open_tensor_file
 from ..options import ResizeOptions
 from ..ranks.rules import apply_rules
 from ..results import LayerResult, ResizeResult
-from .job import Output, as_options, clamp_notes, module_job, precision_of, produce
+from .job import Output, as_options, clamp_notes, growth_notes, module_job, precision_of, produce
 
 
 def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOptions | None = None, *,
@@ -42,8 +42,10 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
                      [InputRecord(src.name, reader.metadata)])
         done = produce(dst, out, opts, precision, device, progress, on_layer)
     notes = list(layout.notes) + done.write_notes + clamp_notes(done.rows) + rules.notes + done.plan_notes
+    notes += growth_notes(src.stat().st_size, dst.stat().st_size, done.rows)
     return ResizeResult(src=src, dst=dst, format=layout.format, precision=precision,
                         options={**done.options.as_dict(), "rule_hits": rules.hits}, layers=done.rows,
-                        passthrough=list(layout.passthrough), input_bytes=src.stat().st_size,
+                        passthrough=list(layout.passthrough), copied=dict(layout.known),
+                        input_bytes=src.stat().st_size,
                         output_bytes=dst.stat().st_size, seconds=time.perf_counter() - t0, metadata=done.metadata,
                         notes=notes)

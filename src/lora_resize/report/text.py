@@ -67,8 +67,12 @@ def summary(result: ResizeResult) -> str:
     if o.get("rule_hits"):
         lines.append("  rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}"
                                             for r, n in o["rule_hits"].items()))
+    if result.zero_layers:
+        lines.append(f"  {len(result.zero_layers)} zero layer(s) (no update: untrained modules?) kept as rank-1 "
+                     f"zeros, e.g. {result.zero_layers[0]}")
     if result.passthrough:
-        lines.append(f"  {len(result.passthrough)} other tensor(s) copied unchanged")
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(result.copied_kinds.items(), key=lambda x: -x[1]))
+        lines.append(f"  {len(result.passthrough)} other tensor(s) copied unchanged: {kinds}")
     lines += [f"  note: {n}" for n in result.notes]
     return "\n".join(one_line(line) for line in lines)  # names from the file never drive the terminal
 

@@ -305,22 +305,31 @@ def test_unresizable_kinds_pass_through_listed(tmp_path, capsys):
         for p, shape in parts.items():
             sd[f"{n}.{p}"] = (torch.tensor(1, dtype=torch.int64) if p == "on_input" else
                               _r(g, *shape) if shape else torch.tensor(1.5))
-    sd["lycoris_conv1d.lora_down.weight"] = _r(g, 2, 6, 3)  # conv1d: not handled, copied
+    sd["lycoris_conv1d.lora_down.weight"] = _r(g, 2, 6, 3)  # a conv1d LoCon: resized like conv2d
     sd["lycoris_conv1d.lora_up.weight"] = _r(g, 8, 2, 1)
     src = write_lora(tmp_path / "in.safetensors", sd, dict(BASE_METADATA))
     dst = tmp_path / "out.safetensors"
-    rc = main(["resize", str(src), "-o", str(dst), "--rank", "2", "--precision", "float"])
+    rc = main(["resize", str(src), "-o", str(dst), "--rank", "1", "--precision", "float"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     out, _ = load_st(dst)
     for k, v in sd.items():
-        if not k.startswith(LIN):
+        if not k.startswith((LIN, "lycoris_conv1d")):
             assert torch.equal(out[k], v), k
     assert {LIN + DOWN, LIN + UP, LIN + ALPHA} <= set(out)
-    for kind, n in (("OFT/BOFT", "lycoris_oft"), ("(IA)^3", "lycoris_ia3"), ("GLoRA", "lycoris_glora"),
-                    ("full diff", "lycoris_full"), ("norm", "lycoris_norm"), ("conv1d/conv3d", "lycoris_conv1d")):
+    for kind, n in (("OFT/BOFT", "lycoris_oft"), ("(IA)^3", "lycoris_ia3"), ("GLoRA", "lycoris_glora")):
         assert any(f"1 {kind} module(s) copied unchanged" in line and n in line for line in cap.out.splitlines()), \
             (kind, cap.out)
+    # full and bias diffs and norms are companions of any family's layers: copied, and counted by kind
+    copied = next(line for line in cap.out.splitlines() if "copied unchanged:" in line)
+    assert "1 full diff" in copied and "1 bias diff" in copied and "2 norm" in copied, copied
+    assert out["lycoris_conv1d.lora_down.weight"].shape == (1, 6, 3)
+    assert out["lycoris_conv1d.lora_up.weight"].shape == (8, 1, 1)
+    want = best_rank_k(sd["lycoris_conv1d.lora_up.weight"].reshape(8, 2).double()
+                       @ sd["lycoris_conv1d.lora_down.weight"].reshape(2, 18).double(), 1)
+    got = (out["lycoris_conv1d.lora_up.weight"].reshape(8, 1).double()
+           @ out["lycoris_conv1d.lora_down.weight"].reshape(1, 18).double())
+    assert rel_err(got, want) < 1e-6
 
 
 def _drop(sd, part):
