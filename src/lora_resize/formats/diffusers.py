@@ -19,14 +19,14 @@ from ..errors import LoraStructureError
 from ..io.metadata import SideOutputs
 from ..io.reader import TensorInfo
 from .base import Format, Layout
-from .pairs import MAGNITUDES, PairModule, dora_note, find_pairs, magnitudes
-from .peft import (EMBEDDING_FORM, LINEAR_FORM, LORA_BIAS, MARKERS, PEFT_PREFIX, ScaleConfig, config_entries,
+from .pairs import PairModule, dora_note, find_pairs, magnitudes
+from .peft import (LORA_BIAS, MARKERS, PEFT_PREFIX, ScaleConfig, ab_forms, config_entries, is_ab_key,
                    rewritten_config)
 
 METADATA_KEY = "lora_adapter_metadata"
-FORMS = [LINEAR_FORM, (".lora.down.weight", ".lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"),
-         (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"), EMBEDDING_FORM]
-SUFFIXES = tuple(s for form in FORMS for s in form) + MAGNITUDES
+OLD_FORMS = [(".lora.down.weight", ".lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"),
+             (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")]
+OLD_SUFFIXES = tuple(s for form in OLD_FORMS for s in form)
 
 
 def component_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
@@ -90,13 +90,14 @@ class Diffusers(Format):
         return not key.startswith(PEFT_PREFIX)
 
     def claims(self, infos: Mapping[str, TensorInfo]) -> int:
-        return sum(1 for k in infos if self.mine(k) and k.endswith(SUFFIXES))
+        return sum(1 for k in infos if self.mine(k) and (is_ab_key(k) or k.endswith(OLD_SUFFIXES)))
 
     def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
               ) -> Layout:
         keys = [k for k in infos if self.mine(k)]
-        pairs, owned = find_pairs(infos, keys, FORMS)
-        mags = magnitudes(pairs, keys)  # copied unchanged with the other passthrough keys
+        forms, mag_suffixes = ab_forms(keys)
+        pairs, owned = find_pairs(infos, keys, forms[:1] + OLD_FORMS + forms[1:])
+        mags = magnitudes(pairs, keys, mag_suffixes)  # copied unchanged with the other passthrough keys
         comps = component_configs(metadata)
         scales = {c: ScaleConfig.from_dict(cfg, f"metadata {METADATA_KEY}" + (f" ({c})" if c else ""))
                   for c, cfg in comps.items()}

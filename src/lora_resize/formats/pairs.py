@@ -142,12 +142,12 @@ def find_pairs(infos: Mapping[str, TensorInfo], keys: Iterable[str], forms: Iter
     return pairs, owned
 
 
-def magnitudes(pairs: list[Pair], keys: Iterable[str]) -> list[str]:
+def magnitudes(pairs: list[Pair], keys: Iterable[str], suffixes: tuple[str, ...] = MAGNITUDES) -> list[str]:
     """DoRA magnitude vectors of `pairs` (kept as trained); one without a LoRA pair is a LoraStructureError."""
     names = {p.name for p in pairs}
     found = []
     for k in keys:
-        base = next((k[: -len(s)] for s in MAGNITUDES if k.endswith(s)), None)
+        base = next((k[: -len(s)] for s in suffixes if k.endswith(s)), None)
         if base is None:
             continue
         if base not in names:

@@ -32,6 +32,36 @@ LINEAR_FORM = (".lora_A.weight", ".lora_B.weight")
 EMBEDDING_FORM = (".lora_embedding_A", ".lora_embedding_B")
 LORA_BIAS = ".lora_B.bias"  # PEFT's lora_bias vectors: copied unchanged
 MARKERS = (re.compile(r"(^|[._])lora_(A|B|embedding_A|embedding_B|magnitude_vector)([._]|$)"),)
+# the same keys with PEFT's adapter name left in (raw PeftModel.state_dict() dumps, DiffSynth-Studio files):
+# <module>.lora_A.default.weight, .lora_embedding_A.default, .lora_magnitude_vector.default.weight
+ADAPTER_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.([^.]+)(\.weight)?$")
+
+
+def adapter_name(keys: Iterable[str]) -> str | None:
+    """The adapter name left in the keys (None when there is none). Raises LoraStructureError for two adapters in
+    one file."""
+    names = sorted({m.group(2) for k in keys if (m := ADAPTER_KEY.search(k)) and m.group(2) != "weight"})
+    if len(names) > 1:
+        raise LoraStructureError(f"the file holds the adapters {', '.join(names)} (keys such as ...lora_A."
+                                 f"{names[0]}.weight); save one adapter per file (PeftModel.save_pretrained)")
+    return names[0] if names else None
+
+
+def ab_forms(keys: Iterable[str]) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+    """The (down, up) key forms and DoRA magnitude suffixes of A/B files: PEFT's, and the same with the adapter
+    name left in when the keys carry one."""
+    forms, mags = [LINEAR_FORM, EMBEDDING_FORM], MAGNITUDES
+    name = adapter_name(keys)
+    if name is not None:
+        forms += [(f".lora_A.{name}.weight", f".lora_B.{name}.weight"),
+                  (f".lora_embedding_A.{name}", f".lora_embedding_B.{name}")]
+        mags += (f".lora_magnitude_vector.{name}.weight", f".lora_magnitude_vector.{name}")
+    return forms, mags
+
+
+def is_ab_key(key: str) -> bool:
+    """A PEFT-style factor or magnitude key, with or without an adapter name."""
+    return key.endswith((*LINEAR_FORM, *EMBEDDING_FORM, *MAGNITUDES)) or ADAPTER_KEY.search(key) is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,13 +216,14 @@ class Peft(Format):
         return key.startswith(PEFT_PREFIX)
 
     def claims(self, infos: Mapping[str, TensorInfo]) -> int:
-        return sum(1 for k in infos if self.mine(k) and k.endswith((*LINEAR_FORM, *EMBEDDING_FORM, *MAGNITUDES)))
+        return sum(1 for k in infos if self.mine(k) and is_ab_key(k))
 
     def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
               ) -> Layout:
         keys = [k for k in infos if self.mine(k)]
-        pairs, owned = find_pairs(infos, keys, [LINEAR_FORM, EMBEDDING_FORM])
-        mags = magnitudes(pairs, keys)  # copied unchanged with the other passthrough keys
+        forms, mag_suffixes = ab_forms(keys)
+        pairs, owned = find_pairs(infos, keys, forms)
+        mags = magnitudes(pairs, keys, mag_suffixes)  # copied unchanged with the other passthrough keys
         config, cfg_path, notes = None, None, dora_note(len(mags))
         if path is not None and (Path(path).parent / CONFIG_NAME).is_file():
             cfg_path = Path(path).parent / CONFIG_NAME

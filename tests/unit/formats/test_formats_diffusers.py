@@ -193,7 +193,7 @@ def test_stray_alpha_and_unknown_lora_keys_are_named(tmp_path):
     sd.pop("transformer.nowhere.alpha")
     sd["transformer.x.lora_A.default.weight"] = torch.zeros(2, 4)
     src = write_lora(tmp_path / "in.safetensors", sd)
-    with pytest.raises(LoraStructureError, match="lora_A.default.weight looks like part"):
+    with pytest.raises(LoraStructureError, match="lora_A.default.weight has no partner"):
         resize(src, tmp_path / "o.safetensors", rank=2)
 
 

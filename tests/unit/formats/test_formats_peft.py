@@ -191,15 +191,32 @@ def test_lora_a_without_b_is_named(tmp_path, capsys):
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_adapter_named_keys_are_refused_not_copied(tmp_path, capsys):
-    src = llama_adapter(tmp_path / "in", BASE_CFG, layers=1)
+def test_keys_with_the_adapter_name_are_read_and_written_back(tmp_path, capsys):
+    """Raw PeftModel.state_dict() dumps and DiffSynth-Studio files keep the adapter name in the keys
+    (<module>.lora_A.default.weight): read with the config's scales, resized, written under the same names."""
+    src = llama_adapter(tmp_path / "in", dict(BASE_CFG, alpha_pattern={"up_proj": 4}), layers=1)
     sd, _ = load_st(src)
+    named = {k.replace(A, ".lora_A.default.weight").replace(B, ".lora_B.default.weight"): v for k, v in sd.items()}
+    write_lora(src, named)
+    out = tmp_path / "out" / "adapter_model.safetensors"
+    out.parent.mkdir()
+    assert run(src, "-o", out, "--rank", "3") == 0
+    sd_out, _ = load_st(out)
+    assert set(sd_out) == set(named)
+    new = json.loads((out.parent / "adapter_config.json").read_text())
+    for path in paths_of(sd):
+        k, scale = cfg_scale(new, path)
+        assert k == 3 and sd_out[P + path + ".lora_A.default.weight"].shape[0] == 3
+        got = sd_out[P + path + ".lora_B.default.weight"].double() @ sd_out[P + path + ".lora_A.default.weight"].double()
+        want = best_rank_k(dw(sd, path, (4 if path.endswith("up_proj") else 16) / 8), 3)
+        assert rel_err(got * scale, want) < 1e-6, path
+    # two adapters in one file cannot be told apart: refused, naming both
     key = P + "model.layers.0.mlp.up_proj"
-    sd[key + ".lora_A.default.weight"] = sd.pop(key + A)
-    sd[key + ".lora_B.default.weight"] = sd.pop(key + B)
-    write_lora(src, sd)
+    named[key + ".lora_A.other.weight"] = named[key + ".lora_A.default.weight"].clone()
+    named[key + ".lora_B.other.weight"] = named[key + ".lora_B.default.weight"].clone()
+    write_lora(src, named)
     err = expect_error(capsys, src, "-o", tmp_path / "o.safetensors", "--rank", "2")
-    assert "lora_A.default.weight" in err and "does not fit the PEFT layout" in err
+    assert "the adapters default, other" in err
 
 
 def test_magnitude_without_pair_is_named(tmp_path, capsys):
