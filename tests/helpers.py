@@ -311,7 +311,7 @@ def family_files(folder: Path) -> dict[str, Path]:
     """One small LoRA per key family and scale convention, each with trained-like spectra and copied tensors:
     kohya (alphas, some missing), LyCORIS (LoHa, LoKr, Tucker LoCon), PEFT (adapter folder with a config using
     rank/alpha patterns and rsLoRA), diffusers with `lora_adapter_metadata` (per component, and unprefixed),
-    diffusers without alphas (ai-toolkit), ControlLoRA."""
+    diffusers without alphas (ai-toolkit), ControlLoRA, XLabs."""
     from lora_resize.testing import archs, loras
     from lora_resize.testing.archs import ModuleShape
     folder.mkdir(parents=True, exist_ok=True)
@@ -352,6 +352,13 @@ def family_files(folder: Path) -> dict[str, Path]:
     cl["input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(19))
     cl["lora_controlnet"] = torch.tensor([])
     files["controllora"] = write_lora(folder / "controllora.safetensors", cl)
+    g = torch.Generator().manual_seed(20)
+    xl = {}
+    for name, (o, i) in {"double_blocks.0.processor.qkv_lora1": (48, 16), "double_blocks.0.processor.proj_lora2":
+                         (16, 16), "single_blocks.0.processor.qkv_lora": (48, 16)}.items():
+        up, down = factors_with_spectrum(o, i, 6, decaying_spectrum(6), g)
+        xl[name + ".down.weight"], xl[name + ".up.weight"] = down.float(), up.float()
+    files["xlabs"] = write_lora(folder / "xlabs.safetensors", xl)
     return files
 
 

@@ -18,7 +18,8 @@ from lora_resize.ops.analyze import analyze
 
 from helpers import BLOCKY, family_files, load_st, write_lora
 
-FAMILIES = ["kohya", "lycoris", "peft", "diffusers_metadata", "diffusers_unprefixed", "ai_toolkit", "controllora"]
+FAMILIES = ["kohya", "lycoris", "peft", "diffusers_metadata", "diffusers_unprefixed", "ai_toolkit", "controllora",
+            "xlabs"]
 
 
 @pytest.fixture(scope="module")

@@ -46,4 +46,4 @@ def test_duplicates_are_refused():
     clone.priority = 99
     with pytest.raises(ValueError, match="key family 'kohya' is already registered"):
         register_format(clone)
-    assert list(FORMATS) == ["kohya", "lycoris", "peft", "diffusers", "controllora"]
+    assert list(FORMATS) == ["kohya", "lycoris", "peft", "diffusers", "xlabs", "controllora"]

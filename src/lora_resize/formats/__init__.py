@@ -23,6 +23,7 @@ from .diffusers import Diffusers
 from .kohya import Kohya
 from .lycoris import Lycoris
 from .peft import Peft
+from .xlabs import XLabs
 
 FORMATS: Registry[Format] = Registry("key family")
 
@@ -39,6 +40,7 @@ register(Kohya())
 register(Lycoris())  # reads kohya's keys too; on a plain kohya file the two tie and kohya (higher priority) wins
 register(Peft())  # base_model.model.*.lora_A/lora_B + adapter_config.json
 register(Diffusers())  # unet./text_encoder./transformer.*.lora_A/B, .lora.down/.up (not base_model.model.)
+register(XLabs())  # double_blocks.N.processor.qkv_lora1.down.weight / .up.weight
 register(ControlLora())  # <module>.down / <module>.up
 
 
