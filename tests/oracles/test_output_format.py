@@ -50,12 +50,28 @@ def test_diffusers_to_kohya_round_trip(tmp_path, capsys):
         assert k == min(5, min(want.shape)) and rel_err(got, best_rank_k(want, k)) < 1e-5, name
 
 
+def test_component_less_unet_files_convert_as_the_unet(tmp_path):
+    """Old `save_attn_procs` / `pytorch_lora_weights` files name UNet modules from the UNet's top
+    (down_blocks...processor.to_q_lora.down.weight): --output-format kohya names them lora_unet_..."""
+    sd, src = diffusers_file(tmp_path)
+    unet = {k[len("unet."):]: v for k, v, in load_st(src)[0].items() if k.startswith("unet.")}
+    bare = write_lora(tmp_path / "pytorch_lora_weights.safetensors", unet)
+    dst = tmp_path / "k.safetensors"
+    assert main(["resize", str(bare), "-o", str(dst), "--rank", "4", "--output-format", "kohya", "-q"]) == 0
+    names = {k[: -len(".lora_down.weight")] for k in load_st(dst)[0] if k.endswith(".lora_down.weight")}
+    original = {k[: -len(".lora_down.weight")] for k in sd if k.startswith("lora_unet_") and k.endswith(".lora_down.weight")}
+    assert names == original
+
+
 @pytest.mark.parametrize("name,two,want", [
     ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out",
      False, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"),
     ("text_encoder.text_model.encoder.layers.3.self_attn.to_k", True,
      "lora_te1_text_model_encoder_layers_3_self_attn_k_proj"),
     ("text_encoder_2.text_model.encoder.layers.0.mlp.fc1", True, "lora_te2_text_model_encoder_layers_0_mlp_fc1"),
+    ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_k", False,
+     "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"),
+    ("mid_block.resnets.0.conv1", False, "lora_unet_mid_block_resnets_0_conv1"),
 ])
 def test_kohya_names(name, two, want):
     assert kohya_name(name, two) == want

@@ -19,6 +19,7 @@ from .kohya import DOWN, kohya_module
 
 OUTPUT_FORMATS = ("kohya",)  # the layouts --output-format can write (from the layouts listed in `convert`)
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+UNET_TOP = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding")
 
 
 @dataclass
@@ -46,8 +47,11 @@ class ConvertedLayout(Layout):
 
 
 def kohya_name(name: str, two_text_encoders: bool) -> str:
-    """kohya's name for a diffusers module `<component>.<path>`."""
+    """kohya's name for a diffusers module `<component>.<path>` (a UNet's own top-level path, as old
+    `save_attn_procs` / `pytorch_lora_weights` files write it, counts as `unet.<path>`)."""
     comp, dot, path = name.partition(".")
+    if comp in UNET_TOP and dot:
+        comp, path = "unet", name
     prefix = KOHYA_PREFIX.get(comp) if dot else None
     if prefix is None:
         raise LoraStructureError(f"{name}: no kohya name is defined for this module (kohya's names for "
