@@ -155,6 +155,40 @@ def test_sd_scripts_form_kohya_rule(tmp_path, standard_lora, standard_sd, capsys
     check_verbose(cap.out, standard_sd, out, dynamic=True)
 
 
+@pytest.mark.parametrize("method, param", [("sv_fro", 1.5), ("sv_fro", -0.1), ("sv_ratio", 0.5),
+                                           ("sv_cumulative", 0.0), ("sv_cumulative", 2.0)])
+def test_sd_scripts_lines_with_any_param_give_sd_scripts_ranks(tmp_path, standard_lora, standard_sd, capsys,
+                                                               method, param):
+    """sd-scripts' formulas take any --dynamic_param; the sd-scripts form accepts the same line (with a note) and,
+    under its rank rule, gives the ranks sd-scripts gives for that very parameter."""
+    dst = tmp_path / "out.safetensors"
+    rc = main(["--model", str(standard_lora), "--save_to", str(dst), "--new_rank", "64", "--dynamic_method", method,
+               "--dynamic_param", str(param), "--rank-rule", "kohya", "--device", "cpu"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert f"--dynamic_param {param:g} for {method}" in cap.out
+    out, _ = load_st(dst)
+    for name in layer_names(standard_sd):
+        S32 = torch.linalg.svdvals(raw_product(standard_sd, name).float())
+        assert out[name + DOWN].shape[0] == kohya_reference(S32, method, param, 64), name
+
+
+def test_sd_scripts_param_without_method_is_a_fixed_rank_resize(tmp_path, standard_lora, standard_sd, capsys):
+    dst = tmp_path / "out.safetensors"
+    assert main(["--model", str(standard_lora), "--save_to", str(dst), "--new_rank", "6", "--dynamic_param", "32",
+                 "--save_precision", "float", "--device", "cuda"]) == 0
+    text = capsys.readouterr().out
+    assert "--dynamic_param 32 is ignored without --dynamic_method" in text
+    if not torch.cuda.is_available():
+        assert "CUDA is not available here; computed on the CPU" in text
+    out, meta = load_st(dst)
+    spec = {s.name: s for s in standard_specs()}
+    for name in layer_names(standard_sd):
+        s = spec[name]
+        assert out[name + DOWN].shape[0] == (1 if s.zero else min(6, s.out, s.flat_in, s.rank)), name
+    assert meta["ss_network_dim"] == "6"
+
+
 def test_sd_scripts_fixed_rank_default(tmp_path, standard_lora, standard_sd, capsys):
     # sd-scripts' --new_rank defaults to 4; fixed mode prints no dynamic part
     dst = tmp_path / "out.safetensors"

@@ -254,6 +254,16 @@ CASES: dict[str, Case] = {
 }
 
 
+SD_SCRIPTS_ACCEPTS = {  # case -> what the note says
+    "no_rank_no_method": "--new_rank defaults to 4",
+    "sv_ratio_below_one": "--dynamic_param 0.5 for sv_ratio must be >= 1",
+    "sv_fro_above_one": "--dynamic_param 1.5 for sv_fro must be in (0, 1]",
+    "sv_cumulative_zero": "--dynamic_param 0 for sv_cumulative must be in (0, 1]",
+    "sv_fro_negative": "--dynamic_param -0.1 for sv_fro must be in (0, 1]",
+    "param_without_method": "--dynamic_param 0.5 is ignored without --dynamic_method",
+}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("form", ["modern", "sd_scripts"])
 def test_bad_input(tmp_path, capsys, case, form):
@@ -277,9 +287,11 @@ def test_bad_input(tmp_path, capsys, case, form):
         if "--new_rank" not in sd_opts and "--dynamic_method" not in sd_opts and case != "no_rank_no_method":
             sd_opts += ["--new_rank", "4"]
         argv = ["--model", str(src), "--save_to", str(dst), "--device", "cpu"] + sd_opts
-    if form == "sd_scripts" and case == "no_rank_no_method":
-        # sd-scripts' --new_rank defaults to 4, so this one is valid in that form: it must succeed
+    if form == "sd_scripts" and case in SD_SCRIPTS_ACCEPTS:
+        # sd-scripts accepts these lines (its --new_rank defaults to 4; a --dynamic_param alone is ignored; its
+        # formulas take any parameter), so the sd-scripts form must succeed too, saying what it made of them
         assert main(argv) == 0, capsys.readouterr().err
+        assert SD_SCRIPTS_ACCEPTS[case] in capsys.readouterr().out
         return
     rc = main(argv)
     cap = capsys.readouterr()

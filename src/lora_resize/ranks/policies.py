@@ -25,8 +25,9 @@ FIXED = "fixed"
 @dataclass(frozen=True)
 class Policy:
     """A rank policy. `exact(S, param)` and `kohya(S, param)` return an uncapped rank for descending S;
-    `check_param(param)` says what is wrong with a parameter (None when it is fine). `sweep`: the parameters
-    `analyze` evaluates by default (for `fixed`: the ranks)."""
+    `check_param(param)` says what is wrong with a parameter (None when it is fine), `nearest(param)` gives the
+    nearest valid one (what sd-scripts' formulas do with one outside the range). `sweep`: the parameters `analyze`
+    evaluates by default (for `fixed`: the ranks)."""
     name: str
     label: str
     colour: str
@@ -35,6 +36,7 @@ class Policy:
     exact: Callable[[np.ndarray, float], int]
     kohya: Callable[[np.ndarray, float], int]
     needs_param: bool = True
+    nearest: Callable[[float], float] = float
 
 
 def _first_reaching(fraction: np.ndarray, target: float) -> int:
@@ -82,6 +84,10 @@ def _at_least_one(p: float) -> str | None:
     return None if p >= 1 else "must be >= 1 (2 or more is typical)"
 
 
+def _into_unit_interval(p: float) -> float:
+    return min(max(p, 1e-9), 1.0)
+
+
 def _whole(S, p):
     return len(S)
 
@@ -96,10 +102,11 @@ def register(policy: Policy) -> Policy:
 
 
 register(Policy("sv_ratio", "sv_ratio", "#1f77b4", (2, 3, 4, 5, 8, 16, 32, 64, 96, 128), _at_least_one,
-                _ratio_exact, _ratio_kohya))
-register(Policy("sv_fro", "sv_fro", "#ff7f0e", FRACTIONS, _unit_interval, _fro_exact, _fro_kohya))
+                _ratio_exact, _ratio_kohya, nearest=lambda p: max(p, 1.0)))
+register(Policy("sv_fro", "sv_fro", "#ff7f0e", FRACTIONS, _unit_interval, _fro_exact, _fro_kohya,
+                nearest=_into_unit_interval))
 register(Policy("sv_cumulative", "sv_cumulative", "#2ca02c", FRACTIONS, _unit_interval, _cumulative_exact,
-                _cumulative_kohya))
+                _cumulative_kohya, nearest=_into_unit_interval))
 register(Policy(FIXED, "fixed rank", "#d62728", (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256), lambda p: None,
                 _whole, _whole, needs_param=False))
 
