@@ -14,7 +14,11 @@ from ..errors import NumericalError
 from .decompose import Decomposition
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
-PRECISION_OF_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16"}  # anything else is saved as float
+# the default save precision of factors stored in a dtype: fp8 factors (LoRAs trained on fp8 bases) are saved as bf16,
+# the smallest dtype that every tested loader applies (fp8 output is not offered); anything else as float
+PRECISION_OF_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "bf16",
+                      torch.float8_e5m2: "bf16"}
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def sd_scripts_alpha(name: str, alpha: float | None, rank: int, k: int) -> float:

@@ -190,7 +190,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
     device = compute_device(shared.device)
     with open_tensor_file(src) as reader:
         layout = convert(detect(reader.infos(), reader.metadata, src), shared.output_format)
-        precision = precision_of(layout, reader.infos(), shared.precision)
+        precision, precision_notes = precision_of(layout, reader.infos(), shared.precision)
         rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
         jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
@@ -200,7 +200,8 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
         out = Output(layout, jobs, {k: reader for k in layout.passthrough}, [InputRecord(src.name, reader.metadata)])
     return Evaluator(out, sps, precision), dict(
         src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
-        seconds=0.0, decompose_seconds=t_dec, notes=rules.notes + list(layout.notes), rule_hits=rules.hits)
+        seconds=0.0, decompose_seconds=t_dec, notes=precision_notes + rules.notes + list(layout.notes),
+        rule_hits=rules.hits)
 
 
 def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, progress: Progress | None = None,

@@ -19,7 +19,7 @@ from ..core.decompose import Decomposition
 from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, through_engine
 from ..core.spectrum import Spectrum
-from ..core.truncate import PRECISION_OF_DTYPE, SAVE_DTYPES, NewFactors, on_host, retention, sd_scripts_alpha, truncated_factors
+from ..core.truncate import FP8, PRECISION_OF_DTYPE, SAVE_DTYPES, NewFactors, on_host, retention, sd_scripts_alpha, truncated_factors
 from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
 from ..io.metadata import InputRecord, output_metadata, with_hashes
@@ -157,17 +157,22 @@ def spectra(jobs: list[LayerJob], device: torch.device, threads: int | None = No
 # A whole job
 
 
-def precision_of(layout: Layout, infos: Mapping[str, TensorInfo], requested: str | None) -> str:
-    """The save precision: the requested one, else the dtype most of the LoRA factors are stored in."""
+def precision_of(layout: Layout, infos: Mapping[str, TensorInfo], requested: str | None
+                 ) -> tuple[str, list[str]]:
+    """The save precision: the requested one, else that of the dtype most of the LoRA factors are stored in
+    (fp8 factors: bf16, said in a note); and the notes."""
     if requested:
-        return requested
+        return requested, []
     counts: dict[torch.dtype, int] = {}
     for m in layout.modules:
         for k in m.keys:
             if infos[k].dtype.is_floating_point and len(infos[k].shape) >= 2:
                 counts[infos[k].dtype] = counts.get(infos[k].dtype, 0) + 1
     dtype = max(counts, key=counts.get) if counts else torch.float32
-    return PRECISION_OF_DTYPE.get(dtype, "float")
+    precision = PRECISION_OF_DTYPE.get(dtype, "float")
+    notes = [f"the factors are stored as {str(dtype).split('.')[-1]}: saved as {precision}, the smallest precision "
+             "every tested loader applies (fp8 output is not offered); --precision changes it"] if dtype in FP8 else []
+    return precision, notes
 
 
 @dataclass

@@ -105,7 +105,8 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         for s, r, lay in zip(live, readers, layouts):
             for m in lay.modules:
                 members.setdefault(m.name, []).append((s.weight, m, r))
-        precision = opts.precision or precision_of(layouts[0], readers[0].infos(), None)
+        precision, precision_notes = precision_of(layouts[0], readers[0].infos(), opts.precision)
+        notes += precision_notes
         partial = sum(1 for v in members.values() if len(v) < len(live))
         if partial:
             notes.append(f"{partial} layer(s) are in only some of the inputs and are merged from those")

@@ -34,14 +34,14 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     with open_tensor_file(src) as reader:
         check_output_path(src, dst)
         layout = convert(detect(reader.infos(), reader.metadata, src), opts.output_format)
-        precision = precision_of(layout, reader.infos(), opts.precision)
+        precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
         rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
         jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
         out = Output(layout, jobs, {k: reader for k in layout.passthrough},
                      [InputRecord(src.name, reader.metadata)])
         done = produce(dst, out, opts, precision, device, progress, on_layer)
-    notes = list(layout.notes) + done.write_notes + clamp_notes(done.rows) + rules.notes + done.plan_notes
+    notes = precision_notes + list(layout.notes) + done.write_notes + clamp_notes(done.rows) + rules.notes + done.plan_notes
     notes += growth_notes(src.stat().st_size, dst.stat().st_size, done.rows)
     return ResizeResult(src=src, dst=dst, format=layout.format, precision=precision,
                         options={**done.options.as_dict(), "rule_hits": rules.hits}, layers=done.rows,
