@@ -79,10 +79,9 @@ def test_peft_lora_resized_with_sv_fro_loads_and_merges_exactly(tmp_path):
     cfg = LoraConfig(r=64, lora_alpha=32, target_modules=TARGETS, rank_pattern={"v_proj": 32},
                      alpha_pattern={"layers.1.self_attn.o_proj": 8}, init_lora_weights=True)
     src, before = save_adapter(tmp_path, cfg, seed=1)
-    out_dir = tmp_path / "small"
-    out_dir.mkdir()
-    assert main(["resize", str(src), "-o", str(out_dir / "adapter_model.safetensors"), "-q", "--method", "sv_fro",
-                 "--param", "0.9"]) == 0
+    out_dir = tmp_path / "small"  # a folder, as save_pretrained makes: made by the resize, loaded by PEFT as is
+    assert main(["resize", f"{src}/", "-o", f"{out_dir}/", "-q", "--method", "sv_fro", "--param", "0.9"]) == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     sd_in, _ = load_st(src / "adapter_model.safetensors")
     sd_out, _ = load_st(out_dir / "adapter_model.safetensors")
     assert set(sd_out) == set(sd_in)  # PEFT keys kept

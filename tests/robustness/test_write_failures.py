@@ -91,6 +91,20 @@ def test_disk_full_mid_write(tmp_path, capsys, monkeypatch, src, suffix, budget)
     _check_failed(rc, capsys.readouterr().err, dst, src, sha, "No space left on device", "free space")
 
 
+def test_a_folder_made_for_the_output_is_removed_when_the_write_fails(tmp_path, capsys, monkeypatch, src):
+    real_open = open
+
+    def failing_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return HalfThenENOSPC(f, 100) if "w" in mode else f
+
+    monkeypatch.setattr(writer, "open", failing_open, raising=False)
+    rc = main(["resize", str(src), "-o", f"{tmp_path / 'new'}/", "--rank", "16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "No space left on device" in err and err.count("\n") == 1
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_fsync_fails(tmp_path, capsys, monkeypatch, src, suffix):
     dst = _setup(tmp_path, suffix)

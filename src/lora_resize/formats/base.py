@@ -50,6 +50,7 @@ class Layout:
     passthrough: list[str]
     notes: list[str] = field(default_factory=list)
     known: dict[str, str] = field(default_factory=dict)
+    file_name: str | None = None  # the name its consumers load from a folder (PEFT: adapter_model.safetensors)
 
     def side_outputs(self, rows: Sequence) -> SideOutputs:
         """Metadata entries and companion files for the new ranks (`rows`: the LayerResults, by module name)."""

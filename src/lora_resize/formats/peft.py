@@ -247,5 +247,5 @@ class Peft(Format):
             modules.append(PairModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []),
                                       p.down_key, p.up_key, p.alpha_key, p.alpha_key is not None, cfg_scale,
                                       ("", mpath) if scale_cfg is not None else None))
-        return PeftLayout(self.name, modules, [k for k in infos if k not in owned], notes, known, config=config,
-                          config_path=cfg_path)
+        return PeftLayout(self.name, modules, [k for k in infos if k not in owned], notes, known, ADAPTER_FILE,
+                          config=config, config_path=cfg_path)

@@ -39,16 +39,35 @@ def resolve_input(path: Path) -> Path:
                          + "; give the LoRA file itself")
 
 
-def check_output_path(src: Path, dst: Path) -> None:
-    """Refuse outputs that would lose data or cannot be written (OutputFileError), before any work is done."""
+def output_file(dst: str | os.PathLike, src: Path, file_name: str | None) -> tuple[Path, bool]:
+    """The file to write for output `dst`, and whether its folder is to be made. `dst` may name a folder (a path
+    ending in '/', or an existing folder without a tensor-file suffix, as PEFT's save_pretrained makes): the file
+    is then `file_name` in it (the input's name when None), and a missing folder is made when the output is
+    written, never when the job fails. (A folder named like a file, `out.safetensors/`, stays an error.)"""
+    text = os.fspath(dst)
+    path = Path(text)
+    folder = text.endswith(("/", os.sep)) or (path.is_dir() and not path.is_symlink()
+                                              and path.suffix.lower() not in OUTPUT_SUFFIXES)
+    if folder:
+        return path / (file_name or Path(src.name).with_suffix(".safetensors").name), not path.is_dir()
+    return path, False
+
+
+def check_output_path(src: Path, dst: Path, new_folder: bool = False) -> None:
+    """Refuse outputs that would lose data or cannot be written (OutputFileError), before any work is done.
+    `new_folder`: dst's folder is made when it is written (its parent must exist)."""
     if dst.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise OutputFileError(f"output {dst} must end in .safetensors (or .pt/.pth/.ckpt)")
+        raise OutputFileError(f"output {dst} must end in .safetensors (or .pt/.pth/.ckpt), or end in / for a folder")
     if dst.is_symlink():
         raise OutputFileError(f"output {dst} is a symbolic link; give the real path (or remove the link)")
     if dst.is_dir():
         raise OutputFileError(f"output {dst} is a directory; give a file name such as {dst / 'out.safetensors'}")
-    if not dst.parent.is_dir():
-        raise OutputFileError(f"output folder {dst.parent} does not exist; create it first")
+    if new_folder:
+        if dst.parent.exists() or not dst.parent.parent.is_dir():
+            raise OutputFileError(f"output folder {dst.parent} cannot be made here (its parent must be a folder)")
+    elif not dst.parent.is_dir():
+        raise OutputFileError(f"output folder {dst.parent} does not exist; create it first (or end the output in / "
+                              "to have it made)")
     same = src.resolve() == dst.resolve()
     if not same and dst.exists():
         try:

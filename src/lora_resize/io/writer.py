@@ -205,19 +205,33 @@ def write_pickle(dst: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def write_output(dst: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str],
-                 files: list[SideFile] = ()) -> tuple[dict[str, str], list[str]]:
+                 files: list[SideFile] = (), new_folder: bool = False) -> tuple[dict[str, str], list[str]]:
     """Write a job's output: `tensors` with `meta` and sd-scripts' hashes (safetensors; a pickle cannot hold
-    metadata), atomically, then its companion files beside it (each atomically). Returns the metadata with its
-    hashes, and notes for the user."""
+    metadata), atomically, then its companion files beside it (each atomically); `new_folder`: make dst's folder
+    first (and remove it again if the write fails). Returns the metadata with its hashes, and notes."""
     notes = []
     meta = with_hashes(meta, sshs_hashes(tensors, meta))
-    if dst.suffix.lower() in PICKLE_SUFFIXES:
-        write_pickle(dst, tensors)
-        notes.append(f"{dst.suffix} files cannot hold metadata; use .safetensors to keep it")
-    else:
-        write_safetensors(dst, tensors, meta)
-    for f in files:
-        notes += write_side_file(dst, f)
+    if new_folder:
+        try:
+            dst.parent.mkdir()
+        except OSError as e:
+            raise OutputFileError(f"cannot make the output folder {dst.parent}: {e.strerror or e}") from None
+    try:
+        if dst.suffix.lower() in PICKLE_SUFFIXES:
+            write_pickle(dst, tensors)
+            notes.append(f"{dst.suffix} files cannot hold metadata; use .safetensors to keep it")
+        else:
+            write_safetensors(dst, tensors, meta)
+        for f in files:
+            notes += write_side_file(dst, f)
+    except BaseException:
+        if new_folder:
+            for p in dst.parent.iterdir() if dst.parent.is_dir() else ():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            with contextlib.suppress(OSError):
+                dst.parent.rmdir()
+        raise
     return meta, notes
 
 

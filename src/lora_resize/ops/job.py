@@ -230,8 +230,10 @@ class Produced:
 
 
 def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device: torch.device,
-            progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None) -> Produced:
-    """Plan (a budget), run the engine, write `dst` atomically with its metadata and companion files."""
+            progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
+            new_folder: bool = False) -> Produced:
+    """Plan (a budget), run the engine, write `dst` atomically with its metadata and companion files (making its
+    folder first when `new_folder`)."""
     save_dtype = SAVE_DTYPES[precision]
     run_opts, plan_notes = with_budget_plan(out, opts, precision, device, progress)
     rows, tensors = run_jobs(out.jobs, run_opts, device, save_dtype, progress, on_layer)
@@ -240,7 +242,7 @@ def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device:
         tensors.setdefault(key, t.to(save_dtype) if t.is_floating_point() else t)
     side = out.layout.side_outputs(rows)
     meta = output_metadata(run_opts, precision, out.layout.format, rows, out.sources, side.metadata, out.merged)
-    meta, write_notes = write_output(dst, tensors, meta, side.files)
+    meta, write_notes = write_output(dst, tensors, meta, side.files, new_folder)
     return Produced(rows, meta, write_notes, plan_notes, run_opts)
 
 

@@ -17,7 +17,7 @@ from ..core.schedule import Progress, compute_device
 from ..errors import LoraStructureError, OptionsError
 from ..formats import Module, convert, detect, key_family
 from ..io.metadata import InputRecord
-from ..io.paths import check_output_path, local_path, resolve_input
+from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import TensorSource, open_tensor_file
 from ..options import ResizeOptions
 from ..ranks.rules import apply_rules
@@ -88,15 +88,17 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     live = [s for s in srcs if s.weight != 0]
     if not live:
         raise OptionsError("every input has weight 0: nothing to merge")
-    dst = local_path(dst, "output")
+    local_path(dst, "output")
     device = compute_device(opts.device)
     with ExitStack() as stack:
         readers, layouts = [], []
         for s in live:
             r = stack.enter_context(open_tensor_file(s.path))
-            check_output_path(s.path, dst)
             readers.append(r)
             layouts.append(convert(detect(r.infos(), r.metadata, s.path), opts.output_format))
+        dst, new_folder = output_file(dst, live[0].path, layouts[0].file_name)
+        for s in live:
+            check_output_path(s.path, dst, new_folder)
         families = {key_family(lay.format) for lay in layouts}
         if len(families) > 1:
             raise LoraStructureError(f"the inputs are in different key families ({', '.join(sorted(families))}); "
@@ -123,7 +125,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         layout = replace(layouts[0], modules=[j.module for j in jobs])
         out = Output(layout, jobs, copied, [InputRecord(s.path.name, r.metadata, s.weight)
                                             for s, r in zip(live, readers)], merged=True)
-        done = produce(dst, out, opts, precision, device, progress, on_layer)
+        done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
     notes += list(layouts[0].notes) + done.write_notes + clamp_notes(done.rows) + done.plan_notes
     return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
                         options={**done.options.as_dict(), "sources": [[str(s.path), s.weight] for s in srcs],

@@ -9,7 +9,7 @@ from typing import Callable
 from ..core.schedule import Progress, compute_device
 from ..formats import convert, detect
 from ..io.metadata import InputRecord
-from ..io.paths import check_output_path, local_path, resolve_input
+from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import open_tensor_file
 from ..options import ResizeOptions
 from ..ranks.rules import apply_rules
@@ -29,18 +29,20 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     Raises: OptionsError, InputFileError, LoraStructureError, NumericalError, OutputFileError, DeviceError."""
     t0 = time.perf_counter()
     opts = as_options(options, option_fields)
-    src, dst = resolve_input(local_path(src, "input")), local_path(dst, "output")
+    src = resolve_input(local_path(src, "input"))
+    local_path(dst, "output")
     device = compute_device(opts.device)
     with open_tensor_file(src) as reader:
-        check_output_path(src, dst)
         layout = convert(detect(reader.infos(), reader.metadata, src), opts.output_format)
+        dst, new_folder = output_file(dst, src, layout.file_name)
+        check_output_path(src, dst, new_folder)
         precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
         rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
         jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
         out = Output(layout, jobs, {k: reader for k in layout.passthrough},
                      [InputRecord(src.name, reader.metadata)])
-        done = produce(dst, out, opts, precision, device, progress, on_layer)
+        done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
     notes = precision_notes + list(layout.notes) + done.write_notes + clamp_notes(done.rows) + rules.notes + done.plan_notes
     notes += growth_notes(src.stat().st_size, dst.stat().st_size, done.rows)
     return ResizeResult(src=src, dst=dst, format=layout.format, precision=precision,

@@ -306,3 +306,20 @@ def test_merged_peft_adapters_get_a_config_with_the_original_scales(tmp_path):
     for path in paths_of(sd_a):
         want = best_rank_k(dw(sd_a, path, 2.0) + 0.5 * dw(sd_b, path, 2.0), 5)
         assert rel_err(dw(sd_out, path, 10 / 5), want) < 1e-6, path
+
+
+def test_a_folder_output_gets_the_adapter_files_and_nothing_when_the_run_fails(tmp_path, capsys):
+    src = llama_adapter(tmp_path / "in", BASE_CFG, layers=1)
+    # an existing folder without a file suffix, given without the slash: the adapter's files go into it
+    (tmp_path / "have").mkdir()
+    assert run(src.parent, "-o", tmp_path / "have", "--rank", "3") == 0
+    assert sorted(p.name for p in (tmp_path / "have").iterdir()) == ["adapter_config.json",
+                                                                     "adapter_model.safetensors"]
+    # a failing run makes no folder
+    err = expect_error(capsys, src.parent, "-o", f"{tmp_path / 'new'}/", "--target-size", "10")
+    assert "below the smallest file" in err and not (tmp_path / "new").exists()
+    # a non-PEFT input keeps its own file name in a folder
+    kohya = write_lora(tmp_path / "k.safetensors", loras.lora_state_dict(archs.llama(24, 8, 40, 1), "kohya", rank=4,
+                                                                          alpha=2.0))
+    assert run(kohya, "-o", f"{tmp_path / 'kf'}/", "--rank", "2") == 0
+    assert [p.name for p in (tmp_path / "kf").iterdir()] == ["k.safetensors"]
