@@ -71,7 +71,7 @@ def summary(result: ResizeResult) -> str:
         lines.append(f"  {len(result.zero_layers)} zero layer(s) (no update: untrained modules?) kept as rank-1 "
                      f"zeros, e.g. {result.zero_layers[0]}")
     if result.passthrough:
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(result.copied_kinds.items(), key=lambda x: -x[1]))
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(result.copied_kinds.items(), key=lambda x: (-x[1], x[0])))
         lines.append(f"  {len(result.passthrough)} other tensor(s) copied unchanged: {kinds}")
     lines += [f"  note: {n}" for n in result.notes]
     return "\n".join(one_line(line) for line in lines)  # names from the file never drive the terminal
