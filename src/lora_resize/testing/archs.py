@@ -19,12 +19,33 @@ from typing import Callable, Sequence
 
 @dataclass(frozen=True)
 class ModuleShape:
-    """A layer to adapt: kohya name, output features, input channels, square kernel size (1 for linear)."""
+    """A layer to adapt: its name, output features, input channels, and for a conv its kernel (a square size, or
+    the kernel's dims: (kt, kh, kw) for a conv3d)."""
     name: str
     out: int
     inp: int
-    kernel: int = 1
+    kernel: int | tuple[int, ...] = 1
     conv: bool = False
+
+    @property
+    def kernel_dims(self) -> tuple[int, ...]:
+        """The conv kernel's dims, () for a linear layer."""
+        if not self.conv:
+            return ()
+        return tuple(self.kernel) if isinstance(self.kernel, tuple) else (self.kernel, self.kernel)
+
+    @property
+    def flat_in(self) -> int:
+        """Input channels times the kernel's size: the columns of the layer's update as a matrix."""
+        n = self.inp
+        for k in self.kernel_dims:
+            n *= k
+        return n
+
+    @property
+    def spatial(self) -> bool:
+        """A conv whose kernel is more than 1x1 (what --conv-rank and LoCon's conv_dim are about)."""
+        return any(k > 1 for k in self.kernel_dims)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,6 +224,211 @@ def llama(hidden: int = 4096, kv: int = 1024, inter: int = 14336, layers: int = 
                  ModuleShape(p + "mlp.gate_proj", inter, hidden), ModuleShape(p + "mlp.up_proj", inter, hidden),
                  ModuleShape(p + "mlp.down_proj", hidden, inter)]
     return mods
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2025-26 DiTs under their native module paths (the model code's names, as ComfyUI's `diffusion_model.<path>` and
+# kohya/musubi's `lora_unet_<path with _>` key them; FORMATS.md §3b). Every size is a parameter: the defaults are
+# the real model's, and the same structure at a tiny width keeps the ratios (fused widths, MLP ratios, gated MLPs,
+# experts).
+
+
+def _lin(path: str, out: int, inp: int) -> ModuleShape:
+    return ModuleShape(path, out, inp)
+
+
+def flux1(width: int = 3072, double: int = 19, single: int = 38, mlp_ratio: int = 4, chroma: bool = False,
+          in_channels: int = 64, context: int = 4096) -> list[ModuleShape]:
+    """Flux.1 dev / Kontext (same modules) or Chroma (`chroma`: no modulation layers): per double block the image
+    and text streams' attention qkv (d -> 3d) and proj, MLP 0 (d -> 4d) and 2, modulation lin (d -> 6d); per single
+    block linear1 (d -> 3d + 4d: q, k, v, MLP), linear2 (d + 4d -> d), modulation lin (d -> 3d)."""
+    d, h = width, mlp_ratio * width
+    mods = [_lin("img_in", d, in_channels), _lin("txt_in", d, context)]
+    for i in range(double):
+        for s in ("img", "txt"):
+            p = f"double_blocks.{i}.{s}_"
+            mods += [_lin(p + "attn.qkv", 3 * d, d), _lin(p + "attn.proj", d, d), _lin(p + "mlp.0", h, d),
+                     _lin(p + "mlp.2", d, h)]
+            if not chroma:
+                mods.append(_lin(p + "mod.lin", 6 * d, d))
+    for i in range(single):
+        p = f"single_blocks.{i}."
+        mods += [_lin(p + "linear1", 3 * d + h, d), _lin(p + "linear2", d, d + h)]
+        if not chroma:
+            mods.append(_lin(p + "modulation.lin", 3 * d, d))
+    return mods
+
+
+def flux2(width: int = 6144, double: int = 8, single: int = 48, mlp_ratio: int = 3, in_channels: int = 128,
+          context: int = 15360) -> list[ModuleShape]:
+    """Flux.2 dev (Klein 9B: width 4096, 8 + 24 blocks; Klein 4B: 3072, 5 + 20): no biases, SwiGLU MLPs
+    (img_mlp.0: d -> 2 x 3d, img_mlp.2: 3d -> d), single-block linear1 d -> 3d + 6d, linear2 4d -> d, and the
+    modulations shared by all blocks of a kind."""
+    d, h = width, mlp_ratio * width
+    mods = [_lin("img_in", d, in_channels), _lin("txt_in", d, context),
+            _lin("double_stream_modulation_img.lin", 6 * d, d), _lin("double_stream_modulation_txt.lin", 6 * d, d),
+            _lin("single_stream_modulation.lin", 3 * d, d)]
+    for i in range(double):
+        for s in ("img", "txt"):
+            p = f"double_blocks.{i}.{s}_"
+            mods += [_lin(p + "attn.qkv", 3 * d, d), _lin(p + "attn.proj", d, d), _lin(p + "mlp.0", 2 * h, d),
+                     _lin(p + "mlp.2", d, h)]
+    for i in range(single):
+        p = f"single_blocks.{i}."
+        mods += [_lin(p + "linear1", 3 * d + 2 * h, d), _lin(p + "linear2", d, d + h)]
+    return mods
+
+
+def qwen_image(width: int = 3072, blocks: int = 60, text: int = 3584, in_channels: int = 64) -> list[ModuleShape]:
+    """Qwen-Image (and -Edit): the same names native and in diffusers; image and text streams per block."""
+    d = width
+    mods = [_lin("img_in", d, in_channels), _lin("txt_in", d, text)]
+    for i in range(blocks):
+        p = f"transformer_blocks.{i}."
+        mods += [_lin(p + f"attn.{n}", d, d) for n in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                       "add_k_proj", "add_v_proj", "to_add_out")]
+        for s in ("img", "txt"):
+            mods += [_lin(p + f"{s}_mod.1", 6 * d, d), _lin(p + f"{s}_mlp.net.0.proj", 4 * d, d),
+                     _lin(p + f"{s}_mlp.net.2", d, 4 * d)]
+    return mods
+
+
+def z_image(dim: int = 3840, layers: int = 30, refiners: int = 2, ffn: int = 10240) -> list[ModuleShape]:
+    """Z-Image: layers, noise refiners and context refiners (no modulation) of attention q/k/v/out and a gated
+    feed-forward (w1, w3: d -> ffn; w2); adaLN_modulation.0 reads min(d, 256) features."""
+    mods = []
+    for group, n, ada in (("layers", layers, True), ("noise_refiner", refiners, True),
+                          ("context_refiner", refiners, False)):
+        for i in range(n):
+            p = f"{group}.{i}."
+            mods += [_lin(p + f"attention.{t}", dim, dim) for t in ("to_q", "to_k", "to_v", "to_out.0")]
+            mods += [_lin(p + "feed_forward.w1", ffn, dim), _lin(p + "feed_forward.w2", dim, ffn),
+                     _lin(p + "feed_forward.w3", ffn, dim)]
+            if ada:
+                mods.append(_lin(p + "adaLN_modulation.0", 4 * dim, min(dim, 256)))
+    return mods
+
+
+def wan(width: int = 5120, ffn: int = 13824, blocks: int = 40, i2v: bool = False, text: int = 4096,
+        in_channels: int = 16, out_channels: int = 16, patch: tuple[int, int, int] = (1, 2, 2),
+        freq: int = 256) -> list[ModuleShape]:
+    """Wan 2.1 / 2.2 (14B defaults; 1.3B: 1536, 8960, 30): per block self and cross attention q, k, v, o (I2V adds
+    cross_attn.k_img / v_img), ffn.0 (d -> ffn), ffn.2; time_projection.1 (d -> 6d), the text and time
+    embeddings, head.head, and patch_embedding, a Conv3d with a (1, 2, 2) kernel."""
+    d = width
+    kernel = 1
+    for k in patch:
+        kernel *= k
+    mods = [ModuleShape("patch_embedding", d, in_channels, tuple(patch), True),
+            _lin("text_embedding.0", d, text), _lin("text_embedding.2", d, d), _lin("time_embedding.0", d, freq),
+            _lin("time_embedding.2", d, d), _lin("time_projection.1", 6 * d, d),
+            _lin("head.head", out_channels * kernel, d)]
+    for i in range(blocks):
+        p = f"blocks.{i}."
+        for a in ("self_attn", "cross_attn"):
+            mods += [_lin(p + f"{a}.{n}", d, d) for n in ("q", "k", "v", "o")]
+        if i2v:
+            mods += [_lin(p + "cross_attn.k_img", d, d), _lin(p + "cross_attn.v_img", d, d)]
+        mods += [_lin(p + "ffn.0", ffn, d), _lin(p + "ffn.2", d, ffn)]
+    return mods
+
+
+def hunyuan_video15(width: int = 2048, blocks: int = 54, mlp_ratio: int = 4) -> list[ModuleShape]:
+    """HunyuanVideo 1.5 under its native names as musubi-tuner trains it: split img_attn_q/k/v, img_attn_proj,
+    img_mlp.fc1 (d -> 4d) / fc2, img_mod.linear (d -> 6d), and the same for txt."""
+    d, h = width, mlp_ratio * width
+    mods = []
+    for i in range(blocks):
+        p = f"double_blocks.{i}."
+        for s in ("img", "txt"):
+            mods += [_lin(p + f"{s}_attn_{n}", d, d) for n in ("q", "k", "v", "proj")]
+            mods += [_lin(p + f"{s}_mlp.fc1", h, d), _lin(p + f"{s}_mlp.fc2", d, h),
+                     _lin(p + f"{s}_mod.linear", 6 * d, d)]
+    return mods
+
+
+def ltx2(width: int = 4096, audio: int = 2048, blocks: int = 48, in_channels: int = 128,
+         audio_in: int = 128) -> list[ModuleShape]:
+    """LTX-2: video and audio streams per block: self attention (attn1, audio_attn1), cross attention to text
+    (attn2, audio_attn2), audio_to_video_attn (q from video), video_to_audio_attn (k, v from video), and their
+    feed-forwards (4x); patchify_proj and audio_patchify_proj."""
+    v, a = width, audio
+    mods = [_lin("patchify_proj", v, in_channels), _lin("audio_patchify_proj", a, audio_in)]
+    for i in range(blocks):
+        p = f"transformer_blocks.{i}."
+        for att, w in (("attn1", v), ("attn2", v), ("audio_attn1", a), ("audio_attn2", a)):
+            mods += [_lin(p + f"{att}.{n}", w, w) for n in ("to_q", "to_k", "to_v", "to_out.0")]
+        mods += [_lin(p + "audio_to_video_attn.to_q", a, v), _lin(p + "audio_to_video_attn.to_k", a, a),
+                 _lin(p + "audio_to_video_attn.to_v", a, a), _lin(p + "audio_to_video_attn.to_out.0", v, a),
+                 _lin(p + "video_to_audio_attn.to_q", a, a), _lin(p + "video_to_audio_attn.to_k", a, v),
+                 _lin(p + "video_to_audio_attn.to_v", a, v), _lin(p + "video_to_audio_attn.to_out.0", a, a),
+                 _lin(p + "ff.net.0.proj", 4 * v, v), _lin(p + "ff.net.2", v, 4 * v),
+                 _lin(p + "audio_ff.net.0.proj", 4 * a, a), _lin(p + "audio_ff.net.2", a, 4 * a)]
+    return mods
+
+
+def hidream(width: int = 2560, double: int = 16, single: int = 32, experts: int = 4, ffn: int = 6912
+            ) -> list[ModuleShape]:
+    """HiDream-I1: mixture-of-experts feed-forwards (ff_i.experts.e and ff_i.shared_experts: w1, w3 d -> ffn,
+    w2), the text stream's ff_t and attention (to_q_t, ...) in double blocks; adaLN_modulation.1 (d -> 12d double,
+    6d single)."""
+    d = width
+
+    def moe(p: str) -> list[ModuleShape]:
+        out = []
+        for e in [f"experts.{j}" for j in range(experts)] + ["shared_experts"]:
+            out += [_lin(p + f"ff_i.{e}.w1", ffn, d), _lin(p + f"ff_i.{e}.w2", d, ffn), _lin(p + f"ff_i.{e}.w3", ffn, d)]
+        return out
+    mods = []
+    for i in range(double):
+        p = f"double_stream_blocks.{i}.block."
+        mods += [_lin(p + f"attn1.{n}", d, d) for n in ("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t",
+                                                        "to_v_t", "to_out_t")]
+        mods += moe(p) + [_lin(p + "ff_t.w1", ffn, d), _lin(p + "ff_t.w2", d, ffn), _lin(p + "ff_t.w3", ffn, d),
+                          _lin(p + "adaLN_modulation.1", 12 * d, d)]
+    for i in range(single):
+        p = f"single_stream_blocks.{i}.block."
+        mods += [_lin(p + f"attn1.{n}", d, d) for n in ("to_q", "to_k", "to_v", "to_out")]
+        mods += moe(p) + [_lin(p + "adaLN_modulation.1", 6 * d, d)]
+    return mods
+
+
+def sd35(width: int = 2432, blocks: int = 38) -> list[ModuleShape]:
+    """SD3.5 (Large; Medium: 1536, 24) MMDiT under its native names: per joint block x_block and context_block
+    attn.qkv (d -> 3d), attn.proj, mlp.fc1 (d -> 4d), mlp.fc2, adaLN_modulation.1 (d -> 6d); the last context
+    block is pre-only (adaLN d -> 2d, no proj or MLP)."""
+    d = width
+    mods = []
+    for i in range(blocks):
+        for b in ("x_block", "context_block"):
+            p = f"joint_blocks.{i}.{b}."
+            if b == "context_block" and i == blocks - 1:
+                mods += [_lin(p + "attn.qkv", 3 * d, d), _lin(p + "adaLN_modulation.1", 2 * d, d)]
+                continue
+            mods += [_lin(p + "attn.qkv", 3 * d, d), _lin(p + "attn.proj", d, d), _lin(p + "mlp.fc1", 4 * d, d),
+                     _lin(p + "mlp.fc2", d, 4 * d), _lin(p + "adaLN_modulation.1", 6 * d, d)]
+    return mods
+
+
+# The 2025-26 families at a tiny width, with the layouts their trainers write (loras.STYLES).
+NATIVE: dict[str, tuple[Callable[..., list[ModuleShape]], dict, tuple[str, ...]]] = {
+    "flux1": (flux1, dict(width=16, double=1, single=1, in_channels=4, context=12),
+              ("musubi", "comfy", "ai_toolkit")),
+    "chroma": (flux1, dict(width=16, double=1, single=1, chroma=True, in_channels=4, context=12),
+               ("musubi", "comfy", "ai_toolkit")),
+    "flux2": (flux2, dict(width=16, double=1, single=1, in_channels=4, context=12), ("musubi", "comfy", "ai_toolkit")),
+    "qwen_image": (qwen_image, dict(width=16, blocks=1, text=12, in_channels=16),
+                   ("musubi", "comfy", "ai_toolkit", "diffsynth")),
+    "z_image": (z_image, dict(dim=16, layers=1, refiners=1, ffn=42), ("musubi", "comfy", "ai_toolkit", "diffsynth")),
+    "wan": (wan, dict(width=16, ffn=32, blocks=1, text=12, in_channels=4, out_channels=4, freq=8),
+            ("musubi", "musubi__", "comfy", "ai_toolkit", "diffsynth", "peft_dump")),
+    "wan_i2v": (wan, dict(width=16, ffn=32, blocks=1, i2v=True, text=12, in_channels=8, out_channels=4, freq=8),
+                ("musubi", "comfy", "ai_toolkit")),
+    "hunyuan_video15": (hunyuan_video15, dict(width=16, blocks=1), ("musubi", "comfy", "ai_toolkit")),
+    "ltx2": (ltx2, dict(width=16, audio=8, blocks=1, in_channels=4, audio_in=4), ("comfy", "ai_toolkit")),
+    "hidream": (hidream, dict(width=16, double=1, single=1, ffn=256), ("comfy", "ai_toolkit")),
+    "sd35": (sd35, dict(width=16, blocks=2), ("musubi", "comfy", "ai_toolkit")),
+}
 
 
 ARCHS: dict[str, tuple[Callable[..., list[ModuleShape]], str]] = {

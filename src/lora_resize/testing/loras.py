@@ -11,17 +11,40 @@ from ..io.writer import write_safetensors
 from .archs import ModuleShape, sd15
 from .synth import synth_factors
 
-STYLES = ("kohya", "peft", "diffusers")
+# How trainers and UIs key a module `name` (FORMATS.md §3): (down/up key of <base>, base from the name).
+KOHYA_FORM = (".lora_down.weight", ".lora_up.weight")
+AB_FORM = (".lora_A.weight", ".lora_B.weight")
+STYLES = {
+    "kohya": (KOHYA_FORM, lambda n: n),                                      # names already in kohya's style
+    "peft": (AB_FORM, lambda n: "base_model.model." + n),
+    "diffusers": (AB_FORM, lambda n: n),
+    "musubi": (KOHYA_FORM, lambda n: "lora_unet_" + n.replace(".", "_")),    # kohya / musubi-tuner, native paths
+    "musubi__": (KOHYA_FORM, lambda n: "lora_unet__" + n.replace(".", "_")),  # some Wan trainers
+    "comfy": (KOHYA_FORM, lambda n: "diffusion_model." + n),                 # ComfyUI-native
+    "ai_toolkit": (AB_FORM, lambda n: "diffusion_model." + n),               # ai-toolkit, diffusion-pipe
+    "diffsynth": ((".lora_A.default.weight", ".lora_B.default.weight"), lambda n: n),
+    "peft_dump": ((".lora_A.default.weight", ".lora_B.default.weight"), lambda n: "base_model.model." + n),
+    "onetrainer": (KOHYA_FORM, lambda n: "lora_transformer_" + n.replace(".", "_")),  # diffusers paths
+    "simpletuner": (KOHYA_FORM, lambda n: "lycoris_" + n.replace(".", "_")),          # diffusers paths
+}
 
 
 def lora_keys(name: str, style: str) -> tuple[str, str, str]:
-    """(down, up, alpha) keys of module `name` in a key family."""
-    if style == "kohya":
-        return name + ".lora_down.weight", name + ".lora_up.weight", name + ".alpha"
-    base = ("base_model.model." + name) if style == "peft" else name
+    """(down, up, alpha) keys of module `name` in a layout (STYLES)."""
     if style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    return base + ".lora_A.weight", base + ".lora_B.weight", base + ".alpha"
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    (down, up), base = STYLES[style]
+    b = base(name)
+    return b + down, b + up, b + ".alpha"
+
+
+def shaped_factors(m: ModuleShape, rank: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) for layer `m` with a trained-like spectrum, in its tensor shapes (conv: down (r, in, *kernel),
+    up (out, r, 1, ...))."""
+    up, down, _ = synth_factors(m.out, m.flat_in, rank, g)
+    if m.conv:
+        up, down = up.reshape(m.out, rank, *([1] * len(m.kernel_dims))), down.reshape(rank, m.inp, *m.kernel_dims)
+    return up, down
 
 
 def lora_state_dict(shapes: Sequence[ModuleShape], style: str = "kohya", rank: int = 8, alpha: float | None = None,
@@ -32,10 +55,8 @@ def lora_state_dict(shapes: Sequence[ModuleShape], style: str = "kohya", rank: i
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     for m in shapes:
-        r = conv_rank if (conv_rank and m.kernel > 1) else rank
-        up, down, _ = synth_factors(m.out, m.inp * m.kernel * m.kernel, r, g)
-        if m.conv:
-            up, down = up.reshape(m.out, r, 1, 1), down.reshape(r, m.inp, m.kernel, m.kernel)
+        r = conv_rank if (conv_rank and m.spatial) else rank
+        up, down = shaped_factors(m, r, g)
         dk, uk, ak = lora_keys(m.name, style)
         sd[dk], sd[uk] = down.to(dtype).contiguous(), up.to(dtype).contiguous()
         if alpha is not None:
@@ -50,12 +71,10 @@ def synth_locon(shapes: list[ModuleShape], rank: int, alpha: float, conv_rank: i
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     for m in (progress(shapes, len(shapes)) if progress else shapes):
-        r, a = (conv_rank, conv_alpha) if m.kernel > 1 else (rank, alpha)
+        r, a = (conv_rank, conv_alpha) if m.spatial else (rank, alpha)
         if r <= 0:
             continue
-        up, down, _ = synth_factors(m.out, m.inp * m.kernel * m.kernel, r, g)
-        if m.conv:
-            up, down = up.reshape(m.out, r, 1, 1), down.reshape(r, m.inp, m.kernel, m.kernel)
+        up, down = shaped_factors(m, r, g)
         sd[m.name + ".lora_up.weight"] = up.to(dtype)
         sd[m.name + ".lora_down.weight"] = down.to(dtype)
         sd[m.name + ".alpha"] = torch.tensor(float(a)).to(dtype)
