@@ -1,0 +1,238 @@
+"""diffusers as the judge of the 2025-26 model families, on tiny transformers built from configs (no weights):
+
+- diffusers-layout files (`transformer.<diffusers path>.lora_A/B.weight`, as ai-toolkit and SimpleTuner write them;
+  no alpha, mixed ranks after a dynamic resize) load with the model's own `load_lora_adapter` and every module's
+  fused update is the best rank-k approximation of its input update (dense float64 SVD), for every family with a
+  diffusers transformer class;
+- native-layout files (kohya/musubi `lora_unet_`, ComfyUI-native `diffusion_model.<path>` with alphas, ai-toolkit's
+  `diffusion_model.` A/B) go through the pipeline's own `lora_state_dict` converter into a fresh tiny model, and
+  our resized file must change every weight exactly as a reference file does - the same layout, the same ranks,
+  factors from a dense float64 SVD of the input's scaled update - with the truncation visible.
+
+Only the (family, layout, modules) that diffusers' converters read are judged here (e.g. its LTX-2 and HiDream
+converters take `diffusion_model.` A/B keys only, its Wan converter no conv3d patch embedding, and its Flux
+converters split single-block linear1 at the real widths only); everything else is judged against dense float64
+references in tests/e2e/test_model_families.py."""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+import diffusers
+from lora_resize.cli import main
+from lora_resize.testing import archs, loras
+
+from helpers import best_rank_k, decaying_spectrum, factors_with_spectrum, load_st, rel_err, write_lora
+
+pytestmark = pytest.mark.thirdparty
+
+TOL = 2e-5
+
+# the tiny diffusers transformer of each family, sized as archs.NATIVE's tiny module lists
+TINY = {
+    "flux1": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=12, axes_dims_rope=(2, 2, 4))),
+    "chroma": ("ChromaTransformer2DModel", dict(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1)),
+    "flux2": ("Flux2Transformer2DModel", dict(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, timestep_guidance_channels=8, axes_dims_rope=(2, 2, 2, 2))),
+    "qwen_image": ("QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, axes_dims_rope=(2, 2, 4))),
+    "z_image": ("ZImageTransformer2DModel", dict(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=1, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=12, axes_dims=[2, 2, 4], axes_lens=[64, 32, 32])),
+    "wan": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=12,
+        freq_dim=8, ffn_dim=32, num_layers=1, rope_max_seq_len=32)),
+    "wan_i2v": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=8, out_channels=4, text_dim=12,
+        freq_dim=8, ffn_dim=32, num_layers=1, rope_max_seq_len=32, image_dim=12, added_kv_proj_dim=16)),
+    "hunyuan_video15": ("HunyuanVideo15Transformer3DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_refiner_layers=1,
+        text_embed_dim=12, text_embed_2_dim=12, image_embed_dim=12, rope_axes_dim=(2, 2, 4))),
+    "ltx2": ("LTX2VideoTransformer3DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=1, caption_channels=12)),
+    "hidream": ("HiDreamImageTransformer2DModel", dict(
+        patch_size=2, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=[12, 12], text_emb_dim=12, num_routed_experts=4, num_activated_experts=2,
+        axes_dims_rope=(4, 4), llama_layers=[0])),
+    "sd3": ("SD3Transformer2DModel", dict(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4)),
+}
+
+# (family, pipeline whose lora_state_dict converts, layouts it reads, which native modules)
+NATIVE_JUDGED = [
+    ("flux1", "FluxPipeline", ("musubi", "comfy"), lambda m: not m.name.endswith("linear1")),
+    ("chroma", "ChromaPipeline", ("musubi", "comfy"), lambda m: not m.name.endswith("linear1")),
+    ("flux2", "Flux2Pipeline", ("musubi", "ai_toolkit"), lambda m: not m.name.endswith("linear1")),
+    ("qwen_image", "QwenImagePipeline", ("musubi", "comfy", "ai_toolkit"), lambda m: True),
+    ("z_image", "ZImagePipeline", ("musubi", "comfy", "ai_toolkit"), lambda m: True),
+    ("wan", "WanPipeline", ("musubi", "comfy"), lambda m: m.name.startswith("blocks.")),
+    ("wan", "WanPipeline", ("ai_toolkit",), lambda m: not m.conv),
+    ("wan_i2v", "WanImageToVideoPipeline", ("comfy",), lambda m: m.name.startswith("blocks.")),
+    ("wan_i2v", "WanImageToVideoPipeline", ("ai_toolkit",), lambda m: not m.conv),
+    ("ltx2", "LTX2Pipeline", ("ai_toolkit",), lambda m: True),
+    ("hidream", "HiDreamImagePipeline", ("ai_toolkit",), lambda m: True),
+]
+ALPHA_LAYOUTS = ("musubi", "comfy")
+
+
+def tiny(family: str):
+    cls, cfg = TINY[family]
+    torch.manual_seed(0)
+    return getattr(diffusers, cls)(**cfg)
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            self.messages.append(record.getMessage())
+
+
+def fused(model, state, prefix="transformer") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Load `state` (a path or a state dict) into `model`, fuse it; the weight changes, by parameter name."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    w = Warnings()
+    for name in ("diffusers", "peft"):
+        logging.getLogger(name).addHandler(w)
+    try:
+        if isinstance(state, dict):
+            model.load_lora_adapter(state, prefix=prefix)
+        else:
+            model.load_lora_adapter(str(state), prefix=prefix, use_safetensors=True)
+        model.fuse_lora()
+    finally:
+        for name in ("diffusers", "peft"):
+            logging.getLogger(name).removeHandler(w)
+    after = {n.replace("base_layer.", ""): p.detach() for n, p in model.named_parameters() if "lora_" not in n}
+    return {n: after[n].double() - before[n].double() for n in before
+            if n in after and not torch.equal(after[n], before[n])}, w.messages
+
+
+def varied_factors(out: int, flat_in: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    r = min(6, out, flat_in)
+    spectrum = decaying_spectrum(r, power=0.3 + 2.5 * torch.rand((), generator=g).item(), gap=0.97)
+    up, down = factors_with_spectrum(out, flat_in, r, spectrum, g)
+    return up.float(), down.float()
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_diffusers_layout_loads_into_the_model_with_exact_updates(tmp_path, family):
+    model = tiny(family)
+    g = torch.Generator().manual_seed(1)
+    sd, targets = {}, {}
+    for n, m in model.named_modules():
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
+            continue
+        w = m.weight
+        if w.ndim == 5 and all(k == 1 for k in w.shape[2:]):
+            continue  # PEFT cannot merge a 1x1x1 Conv3d (its merge squeezes two dims only): a PEFT limitation
+        up, down = varied_factors(w.shape[0], math.prod(w.shape[1:]), g)
+        if w.ndim > 2:
+            down = down.reshape(down.shape[0], *w.shape[1:])
+            up = up.reshape(up.shape[0], up.shape[1], *([1] * (w.ndim - 2)))
+        sd[f"transformer.{n}.lora_A.weight"], sd[f"transformer.{n}.lora_B.weight"] = down, up
+        targets[n] = w.shape
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    dst = tmp_path / "out.safetensors"
+    assert main(["resize", str(src), "-o", str(dst), "-q", "--method", "sv_fro", "--param", "0.9"]) == 0
+    out, _ = load_st(dst)
+    ranks = {n: out[f"transformer.{n}.lora_A.weight"].shape[0] for n in targets}
+    assert len(set(ranks.values())) > 1  # mixed ranks, no alpha and no metadata: the loader must still be exact
+    deltas, messages = fused(model, dst)
+    assert messages == []
+    assert set(deltas) == {f"{n}.weight" for n in targets}  # every module landed
+    for n, shape in targets.items():
+        A, B = sd[f"transformer.{n}.lora_A.weight"], sd[f"transformer.{n}.lora_B.weight"]
+        want = best_rank_k(B.double().reshape(shape[0], -1) @ A.double().reshape(A.shape[0], -1), ranks[n])
+        assert rel_err(deltas[f"{n}.weight"].reshape(shape[0], -1), want) < TOL, n
+
+
+def reference(sd: dict, out: dict, shapes, layout: str) -> dict[str, torch.Tensor]:
+    """The layout's own file for the same ranks as `out`, from a dense float64 SVD of each input update: up = U S,
+    down = V^T, and the alpha that keeps the strength (alpha / rank = 1 with the scale in the factors)."""
+    ref = {}
+    for m in shapes:
+        dk, uk, ak = loras.lora_keys(m.name, layout)
+        k = out[dk].shape[0]
+        r = sd[dk].shape[0]
+        scale = float(sd[ak]) / r if ak in sd else 1.0
+        dw = sd[uk].double().reshape(m.out, -1) @ sd[dk].double().reshape(r, -1) * scale
+        U, S, Vh = torch.linalg.svd(dw, full_matrices=False)
+        ref[uk], ref[dk] = (U[:, :k] * S[:k]).float().contiguous(), Vh[:k].float().contiguous()
+        if ak in sd:
+            ref[ak] = torch.tensor(float(k))
+    return ref
+
+
+def converted(family: str, pipeline: str, path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    state = getattr(diffusers, pipeline).lora_state_dict(str(path))
+    return fused(tiny(family), state[0] if isinstance(state, tuple) else state)
+
+
+@pytest.mark.parametrize("family, pipeline, layout, keep", [
+    (f, p, layout, keep) for f, p, layouts, keep in NATIVE_JUDGED for layout in layouts],
+    ids=[f"{f}-{layout}-{i}" for i, (f, p, layouts, keep) in enumerate(NATIVE_JUDGED) for layout in layouts])
+def test_native_layouts_convert_and_load_as_the_exact_truncation(tmp_path, family, pipeline, layout, keep):
+    fn, kw, _ = archs.NATIVE[family]
+    shapes = [m for m in fn(**kw) if keep(m)]
+    g = torch.Generator().manual_seed(2)
+    sd = {}
+    for m in shapes:
+        up, down = varied_factors(m.out, m.flat_in, g)
+        dk, uk, ak = loras.lora_keys(m.name, layout)
+        sd[dk], sd[uk] = down, up
+        if layout in ALPHA_LAYOUTS:
+            sd[ak] = torch.tensor(3.0)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    dst = tmp_path / "out.safetensors"
+    assert main(["resize", str(src), "-o", str(dst), "-q", "--method", "sv_fro", "--param", "0.9"]) == 0
+    out, _ = load_st(dst)
+    ref = write_lora(tmp_path / "ref.safetensors", reference(sd, out, shapes, layout))
+    ours, messages = converted(family, pipeline, dst)
+    theirs, _ = converted(family, pipeline, ref)
+    whole, _ = converted(family, pipeline, src)
+    assert messages == []
+    assert ours and set(ours) == set(theirs) == set(whole)
+    for n in theirs:
+        assert rel_err(ours[n], theirs[n]) < TOL, n
+        assert rel_err(whole[n], theirs[n]) > 100 * TOL, n  # the judge can tell the truncation from the input
+
+
+def test_onetrainer_flux_layout_converts_as_the_exact_truncation(tmp_path):
+    """OneTrainer keys diffusers module paths kohya-style (`lora_transformer_transformer_blocks_0_attn_to_q`); its
+    Flux attention modules go through diffusers' kohya-Flux converter (which reads only those)."""
+    model = tiny("flux1")
+    shapes = [archs.ModuleShape(n, m.weight.shape[0], m.weight.shape[1]) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and "transformer_blocks" in n and ".attn." in n]
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for m in shapes:
+        up, down = varied_factors(m.out, m.flat_in, g)
+        dk, uk, ak = loras.lora_keys(m.name, "onetrainer")
+        sd[dk], sd[uk], sd[ak] = down, up, torch.tensor(2.0)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    dst = tmp_path / "out.safetensors"
+    assert main(["resize", str(src), "-o", str(dst), "-q", "--method", "sv_fro", "--param", "0.9"]) == 0
+    out, _ = load_st(dst)
+    ref = write_lora(tmp_path / "ref.safetensors", reference(sd, out, shapes, "onetrainer"))
+    ours, messages = converted("flux1", "FluxPipeline", dst)
+    theirs, _ = converted("flux1", "FluxPipeline", ref)
+    assert messages == [] and len(ours) == len(shapes) and set(ours) == set(theirs)
+    for n in theirs:
+        assert rel_err(ours[n], theirs[n]) < TOL, n
