@@ -55,18 +55,24 @@ def _check_output(dst: Path) -> str | None:
     for k, t in tensors.items():
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.float()).all()):
             return f"non-finite values in output tensor {k!r} ({t.dtype})"
-    downs = [k for k in tensors if k.endswith(DOWN)]
-    if not downs:
-        return "no LoRA pairs in output"
-    for k in downs:
-        base = k[:-len(DOWN)]
-        d, u, a = tensors.get(k), tensors.get(base + UP), tensors.get(base + ALPHA)
-        if u is None or a is None:
-            return f"{base}: missing up or alpha in output"
-        if a.numel() != 1 or u.ndim != d.ndim or u.shape[1] != d.shape[0] or d.shape[0] < 1:
-            return (f"{base}: output factors don't chain (down {list(d.shape)}, up {list(u.shape)}, "
-                    f"alpha {list(a.shape)})")
-    return None
+    pairs = 0
+    for down, up, alpha_needed in PAIR_FORMS:
+        for k in [k for k in tensors if k.endswith(down)]:
+            base = k[:-len(down)]
+            d, u, a = tensors.get(k), tensors.get(base + up), tensors.get(base + ALPHA)
+            if u is None or (alpha_needed and a is None):
+                return f"{base}: missing up or alpha in output"
+            if (a is not None and a.numel() != 1) or u.ndim != d.ndim or u.shape[1] != d.shape[0] or d.shape[0] < 1:
+                return (f"{base}: output factors don't chain (down {list(d.shape)}, up {list(u.shape)}, "
+                        f"alpha {None if a is None else list(a.shape)})")
+            pairs += 1
+    return None if pairs else "no LoRA pairs in output"
+
+
+# (down suffix, up suffix, whether the output must store an alpha): kohya writes one always, the others keep theirs
+PAIR_FORMS = ((DOWN, UP, True), (".lora_A.weight", ".lora_B.weight", False),
+              (".lora_A.default.weight", ".lora_B.default.weight", False), (".processor.qkv_lora1.down.weight",
+              ".processor.qkv_lora1.up.weight", False), ("_lora.down.weight", "_lora.up.weight", False))
 
 
 def judge(case: Case, rc, err: str, exc: str | None, src_sha: str, in_before: list[str],

@@ -106,8 +106,43 @@ def build_bases() -> dict[str, tuple[str, dict, dict | None]]:
         "mixed_pt": (".pt", mixed(torch.float32), None),
         "mixed_ckpt_state_dict": (".ckpt", mixed(torch.float16), None),
         "lin_alpha_pth": (".pth", layer(LIN_A, 12, 10, 4, g, alpha=2.0), None),
+        # the layouts and kinds found in the wild (issue 12)
+        "xlabs_f32": (".safetensors", renamed(layer("double_blocks.0.processor.qkv_lora1", 12, 4, 3, g)
+                                              | layer("single_blocks.0.processor.proj_lora", 4, 4, 2, g),
+                                              ".down.weight", ".up.weight"), None),
+        "peft_named_f16": (".safetensors", renamed(layer("base_model.model.model.layers.0.mlp.up_proj", 10, 6, 4, g,
+                                                         dtype=torch.float16),
+                                                   ".lora_A.default.weight", ".lora_B.default.weight"), None),
+        "ab_alpha_f32": (".safetensors", renamed(layer("diffusion_model.blocks.0.self_attn.q", 8, 8, 3, g, alpha=1.5),
+                                                 ".lora_A.weight", ".lora_B.weight"), dict(META)),
+        "kohya_diffs_bf16": (".safetensors", with_diffs(layer(LIN_A, 12, 10, 4, g, alpha=2.0, dtype=torch.bfloat16),
+                                                        LIN_A, g), dict(META)),
+        "conv3d_f32": (".safetensors", conv3d("lora_unet_patch_embedding", 8, 3, 4, g), None),
+        "fp8_e4m3": (".safetensors", {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 else v)
+                                      for k, v in layer(LIN_B, 10, 8, 3, g, alpha=2.0).items()}, dict(META)),
     }
     return bases
+
+
+def renamed(sd: dict, down: str, up: str) -> dict:
+    """A kohya layer's tensors under another family's down/up suffixes (its alpha kept)."""
+    return {k.replace(DOWN, down).replace(UP, up): v for k, v in sd.items()}
+
+
+def with_diffs(sd: dict, name: str, g) -> dict:
+    """Beside a LoRA pair: its bias diff, a full diff and a norm on other modules (copied unchanged)."""
+    torch = torch_module()
+    out = sd[name + UP].shape[0]
+    return {**sd, name + ".diff_b": torch.randn(out, generator=g),
+            "lora_unet_blocks_0_cross_attn_o.diff": torch.randn(6, 6, generator=g),
+            "lora_unet_blocks_0_norm3.w_norm": torch.randn(6, generator=g)}
+
+
+def conv3d(name: str, out: int, inp: int, rank: int, g) -> dict:
+    """A conv3d LoRA (Wan's patch_embedding): down (r, in, 1, 2, 2), up (out, r, 1, 1, 1)."""
+    torch = torch_module()
+    return {name + DOWN: torch.randn(rank, inp, 1, 2, 2, generator=g) / 4,
+            name + UP: torch.randn(out, rank, 1, 1, 1, generator=g) * 0.1}
 
 
 # ------------------------------------------------------------------------------------------------------------------
