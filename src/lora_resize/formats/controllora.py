@@ -8,7 +8,7 @@ from typing import Mapping
 
 from ..io.reader import TensorInfo
 from .base import Format, Layout
-from .pairs import PairModule, find_pairs
+from .pairs import find_pairs, pair_module
 
 FORM = (".down", ".up")
 MARKER = "lora_controlnet"
@@ -27,8 +27,7 @@ class ControlLora(Format):
     def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
               ) -> Layout:
         pairs, owned = find_pairs(infos, [k for k in infos if k.endswith(FORM)], [FORM])
-        modules = [PairModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []), p.down_key,
-                              p.up_key, p.alpha_key, p.alpha_key is not None) for p in pairs]
+        modules = [pair_module(p) for p in pairs]
         rest = [k for k in infos if k not in owned]
         # a ControlLoRA file is a whole ControlNet whose big layers are low-rank: the rest are its own weights
         known = {k: "ControlLoRA marker" if k == MARKER else "ControlNet weight" for k in rest}

@@ -19,7 +19,7 @@ from ..errors import LoraStructureError
 from ..io.metadata import SideOutputs
 from ..io.reader import TensorInfo
 from .base import Format, Layout
-from .pairs import PairModule, dora_note, find_pairs, magnitudes
+from .pairs import dora_note, find_pairs, magnitudes, pair_module
 from .peft import (LORA_BIAS, MARKERS, PEFT_PREFIX, ScaleConfig, ab_forms, config_entries, is_ab_key,
                    rewritten_config)
 
@@ -109,8 +109,6 @@ class Diffusers(Format):
             cfg_scale = None
             if comp is not None and p.alpha_key is None:
                 cfg_scale = scales[comp].module_scale(mpath, infos[p.down_key].shape[0], p.name)
-            modules.append(PairModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []),
-                                      p.down_key, p.up_key, p.alpha_key, p.alpha_key is not None, cfg_scale,
-                                      (comp, mpath) if comp is not None else None))
+            modules.append(pair_module(p, cfg_scale, (comp, mpath) if comp is not None else None))
         return DiffusersLayout(self.name, modules, [k for k in infos if k not in owned], dora_note(len(mags)),
                                known, configs=comps, original=metadata.get(METADATA_KEY))

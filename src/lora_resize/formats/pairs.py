@@ -111,6 +111,13 @@ class Pair:
     alpha_key: str | None
 
 
+def pair_module(p: Pair, config_scale: float | None = None, config_key: tuple[str, str] | None = None
+                ) -> PairModule:
+    """The module of a found pair, written back under its own keys (its alpha key, when the file has one)."""
+    return PairModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []), p.down_key, p.up_key,
+                      p.alpha_key, p.alpha_key is not None, config_scale, config_key)
+
+
 def find_pairs(infos: Mapping[str, TensorInfo], keys: Iterable[str], forms: Iterable[tuple[str, str]]
                ) -> tuple[list[Pair], set[str]]:
     """Group `keys` into down/up pairs by suffix (first matching (down, up) form), with `<name>.alpha` when

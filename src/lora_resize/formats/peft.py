@@ -23,7 +23,7 @@ from ..errors import InputFileError, LoraStructureError
 from ..io.metadata import SideFile, SideOutputs
 from ..io.reader import TensorInfo
 from .base import Format, Layout
-from .pairs import MAGNITUDES, PairModule, dora_note, find_pairs, magnitudes
+from .pairs import MAGNITUDES, dora_note, find_pairs, magnitudes, pair_module
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -244,8 +244,6 @@ class Peft(Format):
             cfg_scale = None
             if scale_cfg is not None and p.alpha_key is None:
                 cfg_scale = scale_cfg.module_scale(mpath, infos[p.down_key].shape[0], p.name)
-            modules.append(PairModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []),
-                                      p.down_key, p.up_key, p.alpha_key, p.alpha_key is not None, cfg_scale,
-                                      ("", mpath) if scale_cfg is not None else None))
+            modules.append(pair_module(p, cfg_scale, ("", mpath) if scale_cfg is not None else None))
         return PeftLayout(self.name, modules, [k for k in infos if k not in owned], notes, known, ADAPTER_FILE,
                           config=config, config_path=cfg_path)

@@ -10,7 +10,7 @@ from typing import Mapping
 
 from ..io.reader import TensorInfo
 from .base import Format, Layout
-from .pairs import PairModule, find_pairs
+from .pairs import find_pairs, pair_module
 
 KEY = re.compile(r"(^|\.)(double|single)_blocks\.\d+\.processor\.(qkv|proj)_lora[12]?\.(down|up)\.weight$")
 FORM = (".down.weight", ".up.weight")
@@ -29,6 +29,4 @@ class XLabs(Format):
     def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
               ) -> Layout:
         pairs, owned = find_pairs(infos, [k for k in infos if KEY.search(k)], [FORM])
-        modules = [PairModule(p.name, [p.down_key, p.up_key] + ([p.alpha_key] if p.alpha_key else []), p.down_key,
-                              p.up_key, p.alpha_key, p.alpha_key is not None) for p in pairs]
-        return Layout(self.name, modules, [k for k in infos if k not in owned])
+        return Layout(self.name, [pair_module(p) for p in pairs], [k for k in infos if k not in owned])
