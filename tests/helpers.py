@@ -167,6 +167,20 @@ def raw_product(sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return up.reshape(up.shape[0], -1).double() @ down.reshape(down.shape[0], -1).double()
 
 
+def one_alpha(sd: dict[str, torch.Tensor], rank: int) -> float:
+    """The alpha that every layer of a default (exact rank rule) kohya output carries: the most common input scale
+    (alpha / rank in float32, 1 without alpha; zero scales left out) times `rank` (the --rank flag)."""
+    scales = []
+    for name in layer_names(sd):
+        r = sd[name + DOWN].shape[0]
+        a = sd.get(name + ALPHA)
+        s = float(a.float() / r) if a is not None else 1.0
+        if s != 0:
+            scales.append(float(torch.tensor(s, dtype=torch.float32)))
+    s = max(set(scales), key=scales.count) if scales else 1.0
+    return float(torch.tensor(s, dtype=torch.float32) * rank)
+
+
 def best_rank_k(dw: torch.Tensor, k: int) -> torch.Tensor:
     U, S, Vh = torch.linalg.svd(dw.double(), full_matrices=False)
     return (U[:, :k] * S[:k]) @ Vh[:k]

@@ -16,7 +16,7 @@ from lora_resize.cli import main
 
 from helpers import (ALPHA, BASE_METADATA, CONV3_A, DOWN, LIN_A, Spec, best_rank_k, boundary_margin, dense_dw,
                       kohya_reference, layer_names, load_st, make_state_dict, raw_header, raw_product, rel_err,
-                      standard_specs, write_lora)
+                      standard_specs, write_lora, one_alpha)
 
 PCT = r"(\d+\.\d|nan)%"
 VERBOSE_RE = re.compile(
@@ -53,7 +53,8 @@ def alpha_str(sd_in, name: str, k: int) -> str:
     return str(float(scale * k))
 
 
-def check_verbose(stdout: str, sd_in, out, dynamic: bool) -> None:
+def check_verbose(stdout: str, sd_in, out, dynamic: bool, alpha: float | None = None) -> None:
+    """sd-scripts' verbose lines; `alpha`: the one alpha every layer has (None: sd-scripts' per-layer alphas)."""
     lines = stdout.splitlines()
     rows = [m for m in (VERBOSE_RE.match(x) for x in lines) if m]
     names = layer_names(sd_in)
@@ -77,7 +78,8 @@ def check_verbose(stdout: str, sd_in, out, dynamic: bool) -> None:
         if dynamic:
             assert m.group("dim") is not None, m.group(0)
             assert int(m.group("dim")) == k
-            assert m.group("alpha") == alpha_str(sd_in, name, k), name
+            want_alpha = alpha_str(sd_in, name, k) if alpha is None else str(alpha)
+            assert m.group("alpha") == want_alpha, name
         else:
             assert m.group("dim") is None
     avg = [AVERAGE_RE.match(x) for x in lines]
@@ -108,7 +110,7 @@ def test_modern_form(tmp_path, standard_lora, standard_sd, capsys):
         k = min(exact_fro_rank(S, 0.9), 2 if name in CONV_NAMES else 4)
         assert out[name + DOWN].shape[0] == k, name
         assert rel_err(dense_dw(out, name), best_rank_k(dense_dw(standard_sd, name), k)) < 2e-3
-    check_verbose(cap.out, standard_sd, out, dynamic=True)
+    check_verbose(cap.out, standard_sd, out, dynamic=True, alpha=one_alpha(standard_sd, 4))
     assert any(line.startswith(f"{standard_lora.name} -> {dst.name}:") for line in cap.out.splitlines()), cap.out
     assert meta["ss_network_dim"] == "Dynamic"
 
@@ -133,7 +135,7 @@ def test_sd_scripts_form(tmp_path, standard_lora, standard_sd, capsys):
         S = torch.linalg.svdvals(dense_dw(standard_sd, name))
         k = min(exact_fro_rank(S, 0.75), 4 if name in CONV_NAMES else 8)
         assert out[name + DOWN].shape[0] == k, name
-    check_verbose(cap.out, standard_sd, out, dynamic=True)
+    check_verbose(cap.out, standard_sd, out, dynamic=True, alpha=one_alpha(standard_sd, 8))
     assert meta["ss_training_comment"].startswith("Dynamic resize with sv_fro: 0.75 from 16; ")
 
 
@@ -289,7 +291,7 @@ def test_console_script_subprocess(tmp_path, standard_lora, standard_sd):
                           env=dict(os.environ, LORA_RESIZE_DEBUG=""))
     assert proc.returncode == 0, proc.stderr
     out, _ = load_st(dst)
-    check_verbose(proc.stdout, standard_sd, out, dynamic=True)
+    check_verbose(proc.stdout, standard_sd, out, dynamic=True, alpha=one_alpha(standard_sd, 8))
 
 
 @pytest.mark.slow

@@ -109,7 +109,12 @@ def check_fused(sd_in, ranks, targets) -> int:
 SD15_CH = (8, 16, 32, 32)
 
 
-def test_sd15_locon_loads_in_diffusers_with_exact_deltas(tmp_path):
+@pytest.mark.parametrize("args", [("--rank", "5", "--conv-rank", "4"), ("--method", "sv_fro", "--param", "0.95",
+                                                                      "--rank", "6")], ids=["fixed", "dynamic"])
+def test_sd15_locon_loads_in_diffusers_with_exact_deltas(tmp_path, args):
+    """Fixed and dynamic resizes alike: every layer carries one alpha (its own ratio in its factors), so diffusers,
+    which gives SD attention and CLIP layers the file's most common alpha, applies each at its strength (before,
+    a dynamic resize had 55 of 290 layers at 1.33x)."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8, block_out_channels=SD15_CH, layers_per_block=2, cross_attention_dim=12, attention_head_dim=2,
@@ -121,12 +126,16 @@ def test_sd15_locon_loads_in_diffusers_with_exact_deltas(tmp_path):
                                    feature_extractor=None, requires_safety_checker=False)
     shapes = archs.sd15(ch=SD15_CH, ctx=12, te=(16, 2, 32))
     sd = loras.lora_state_dict(shapes, "kohya", rank=8, alpha=4.0, conv_rank=6, seed=1)
+    for m in shapes[::3]:  # layers of several strengths, as a LoCon's conv_alpha and edited files have them
+        sd[m.name + ".alpha"] = torch.tensor(6.0)
     src = write_lora(tmp_path / "sd15.safetensors", sd)
-    # a fixed rank: diffusers 0.42 reads one alpha for all SD attention layers when alphas differ (see README)
-    out, _ = resize(src, tmp_path / "small.safetensors", "--rank", "5", "--conv-rank", "4")
+    out, _ = resize(src, tmp_path / "small.safetensors", *args)
     ranks = ranks_of(out)
     assert len(ranks) == len(shapes)
-    assert {ranks[m.name] for m in shapes if m.kernel == 3} == {4} and ranks[shapes[-1].name] == 5
+    if args[0] == "--rank":
+        assert {ranks[m.name] for m in shapes if m.kernel == 3} == {4} and ranks[shapes[-1].name] == 5
+    else:
+        assert len(set(ranks.values())) > 1  # layers of different ranks and strengths
 
     before = {**weights(unet, "lora_unet_"), **weights(te, "lora_te_")}
     with loader_messages() as msgs:

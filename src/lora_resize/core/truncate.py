@@ -5,7 +5,9 @@ between the layer's scale and the scale the output will be loaded with into the 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,6 +34,32 @@ def sd_scripts_alpha(name: str, alpha: float | None, rank: int, k: int) -> float
         raise NumericalError(f"layer {name}: alpha {alpha} times rank {k} overflows float32; the file is "
                              "damaged - re-export it")
     return value
+
+
+@dataclass(frozen=True)
+class AlphaRule:
+    """How an output's alphas are chosen (for key families that store one). `uniform` None: per layer as
+    sd-scripts does, (alpha / old rank) * k, so layers of one scale get different alphas when their ranks differ;
+    else one value for every layer, each layer's own ratio going into its factors. One alpha loads at the intended
+    strength in every consumer, including those that give layers the file's most common alpha (diffusers' kohya
+    converter does so for SD UNet attention and CLIP layers)."""
+    uniform: float | None = None
+
+    def __call__(self, name: str, alpha: float | None, rank: int, k: int) -> float:
+        return self.uniform if self.uniform is not None else sd_scripts_alpha(name, alpha, rank, k)
+
+    @classmethod
+    def one_for_all(cls, scales: Sequence[float], rank: int) -> "AlphaRule":
+        """One alpha for all: the most common input scale (float32, as sd-scripts computes alpha / rank; zero
+        scales left out) times `rank` - so a fixed-rank resize of a file whose layers share a scale writes the
+        alphas sd-scripts writes."""
+        live = [float(np.float32(s)) for s in scales if s != 0 and math.isfinite(s)]
+        s = Counter(live).most_common(1)[0][0] if live else 1.0
+        with np.errstate(over="ignore"):
+            value = float(np.float32(s) * np.float32(rank))
+        if not math.isfinite(value):
+            raise NumericalError(f"alpha {s} x rank {rank} overflows float32; the file is damaged - re-export it")
+        return cls(value)
 
 
 def retention(S: np.ndarray, k: int) -> tuple[float, float, float]:

@@ -35,6 +35,11 @@ class Module(ABC):
         """Read this module's tensors and return its low-rank form (raises LoraStructureError on bad shapes)."""
 
     @abstractmethod
+    def scale_and_rank(self, src: TensorSource) -> tuple[float, int]:
+        """The strength the model applies to this module and its trained rank (what `load` gives as the layer's
+        scale and rank), read without its factors (an alpha, a config, shapes)."""
+
+    @abstractmethod
     def emit(self, new: NewFactors) -> dict[str, torch.Tensor]:
         """The output tensors of this module, keyed in its family, for its new factors (works on meta tensors)."""
 

@@ -35,6 +35,9 @@ class Renamed(Module):
     def load(self, src):
         return self.source.load(src)
 
+    def scale_and_rank(self, src):
+        return self.source.scale_and_rank(src)
+
     def emit(self, new):
         return self.target.emit(new)
 

@@ -124,6 +124,19 @@ class LycorisModule(Module):
         key = self.parts.get(part)
         return None if key is None else src.get(key).to(torch.float64)
 
+    def scale_and_rank(self, src: TensorSource) -> tuple[float, int]:
+        """alpha / the trained rank (lora_down's rows; hada_w1_b's; lokr_w2_b's, else lokr_w1_b's); scale 1
+        without an alpha, and for a LoKr whose halves are both full (LyCORIS ignores its alpha: its rank is then
+        that of its exact pair, min of the halves' products)."""
+        infos = src.infos()
+        rank_part = {"locon": "lora_down.weight", "loha": "hada_w1_b"}.get(self.kind) or next(
+            (p for p in ("lokr_w2_b", "lokr_w1_b") if p in self.parts), None)
+        if rank_part is None:
+            return 1.0, self.load(src).rank
+        rank = infos[self.parts[rank_part]].shape[0]
+        alpha = self._alpha(src)
+        return (1.0 if alpha is None else alpha / rank), rank
+
     def _alpha(self, src: TensorSource) -> float | None:
         key = self.parts.get("alpha")
         return None if key is None else read_alpha(src, key, self.name)

@@ -98,6 +98,12 @@ class PairModule(Module):
             return LowRankLayer.with_scale(up, down, self.config_scale, kernel=kernel, in_channels=in_channels)
         return LowRankLayer.with_alpha(up, down, None, kernel=kernel, in_channels=in_channels)
 
+    def scale_and_rank(self, src: TensorSource) -> tuple[float, int]:
+        rank = src.infos()[self.down_key].shape[0]
+        if self.alpha_in_file:
+            return read_alpha(src, self.alpha_key, self.name) / rank, rank
+        return (self.config_scale if self.config_scale is not None else 1.0), rank
+
     def emit(self, new: NewFactors) -> dict[str, torch.Tensor]:
         return emit_pair(new, self.down_key, self.up_key, self.alpha_key)
 

@@ -19,7 +19,8 @@ from ..core.decompose import Decomposition
 from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, through_engine
 from ..core.spectrum import Spectrum
-from ..core.truncate import FP8, PRECISION_OF_DTYPE, SAVE_DTYPES, NewFactors, on_host, retention, sd_scripts_alpha, truncated_factors
+from ..core.truncate import (FP8, PRECISION_OF_DTYPE, SAVE_DTYPES, AlphaRule, NewFactors, on_host, retention,
+                             truncated_factors)
 from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
 from ..io.metadata import InputRecord, output_metadata, with_hashes
@@ -37,10 +38,12 @@ FLOAT32_MAX = 3.4028234663852886e38
 @dataclass
 class LayerJob:
     """One output layer to compute: its name, how to read its low-rank form, the module that writes it (its
-    `emit` and `output_scale`), and about how many bytes its factors have in float64 (sizes the windows)."""
+    `emit` and `output_scale`), its input scale and trained rank (read without the factors), and about how many
+    bytes its factors have in float64 (sizes the windows)."""
     name: str
     load: Callable[[], LowRankLayer]
     module: Module
+    scale_and_rank: Callable[[], tuple[float, int]]
     nbytes: int = 0
 
 
@@ -62,7 +65,18 @@ def factor_bytes(module: Module, infos: Mapping[str, TensorInfo]) -> int:
 def module_job(module: Module, src: TensorSource) -> LayerJob:
     """A job that reads `module` from `src` and writes it with the same module."""
     return LayerJob(module.name, lambda: checked(module.name, module.load(src)), module,
-                    factor_bytes(module, src.infos()))
+                    lambda: module.scale_and_rank(src), factor_bytes(module, src.infos()))
+
+
+def alpha_rule(opts: ResizeOptions, scales_and_ranks: list[tuple[float, int]]) -> AlphaRule:
+    """How the output's alphas are chosen: sd-scripts' per-layer alphas under `--rank-rule kohya`; otherwise one
+    alpha for every layer (AlphaRule.one_for_all), the most common input scale times --rank (else the most common
+    input rank), so every consumer applies each layer at its strength."""
+    if opts.rank_rule == "kohya" or not scales_and_ranks:
+        return AlphaRule()
+    ranks = [r for _, r in scales_and_ranks]
+    rank = opts.rank if opts.rank is not None else max(set(ranks), key=ranks.count)
+    return AlphaRule.one_for_all([s for s, _ in scales_and_ranks], rank)
 
 
 def layer_row(sp: Spectrum, k: int, new_alpha: float, **flags) -> LayerResult:
@@ -73,10 +87,9 @@ def layer_row(sp: Spectrum, k: int, new_alpha: float, **flags) -> LayerResult:
                        sum_retained=sum_kept, fro_retained=fro_kept, max_ratio=max_ratio, scale=sp.scale, **flags)
 
 
-def planned_rows(spectra: list[Spectrum], ranks) -> list[LayerResult]:
+def planned_rows(spectra: list[Spectrum], ranks, alpha: AlphaRule) -> list[LayerResult]:
     """The rows a job would report for these ranks (what the metadata records), without computing factors."""
-    return [layer_row(sp, int(k), sd_scripts_alpha(sp.name, sp.alpha, sp.rank, int(k)))
-            for sp, k in zip(spectra, ranks)]
+    return [layer_row(sp, int(k), alpha(sp.name, sp.alpha, sp.rank, int(k))) for sp, k in zip(spectra, ranks)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,17 +112,17 @@ class Queued:
 
 
 def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: ResizeOptions,
-                save_dtype: torch.dtype) -> Queued:
+                save_dtype: torch.dtype, alpha_of: AlphaRule) -> Queued:
     """Choose the layer's rank and compute its best rank-k factors in save_dtype, on the compute device.
 
-    The new alpha is scale * k (strength unchanged, sd-scripts' arithmetic); the factors absorb any difference
-    between the layer's scale and the scale its output is loaded with (the stored alpha's rounding in the save
-    dtype, or a family's fixed scale), so the output applies exactly the rank-k truncation of the scaled update
-    (to float precision)."""
+    The new alpha comes from `alpha_of` (one value for all layers, or sd-scripts' scale * k); the factors absorb
+    any difference between the layer's scale and the scale its output is loaded with (alpha / k with the stored
+    alpha's rounding in the save dtype, or a family's fixed scale), so the output applies exactly the rank-k
+    truncation of the scaled update (to float precision)."""
     sp = Spectrum.of(job.name, layer, dec.S)
     choice = layer_rank(sp, opts)
     k = choice.rank
-    alpha = sd_scripts_alpha(job.name, layer.alpha, layer.rank, k)
+    alpha = alpha_of(job.name, layer.alpha, layer.rank, k)
     alpha_t = torch.tensor(alpha, dtype=torch.float32).to(save_dtype)
     fixed = job.module.output_scale
     if fixed is None:
@@ -136,8 +149,9 @@ def run_jobs(jobs: list[LayerJob], opts: ResizeOptions, device: torch.device, sa
     """Decompose and truncate every job (in order); returns the rows and the output tensors."""
     rows: list[LayerResult] = []
     out: dict[str, torch.Tensor] = {}
+    alpha_of = alpha_rule(opts, [j.scale_and_rank() for j in jobs])
     for row, tensors in through_engine(jobs, device, lambda j, layer, dec: start_layer(j, layer, dec, opts,
-                                                                                       save_dtype),
+                                                                                       save_dtype, alpha_of),
                                        finish_layer, opts.threads, progress):
         out.update(tensors)
         rows.append(row)
@@ -193,8 +207,10 @@ def copied_stubs(out: Output, save_dtype: torch.dtype) -> dict[str, Stub]:
 def metadata_for(out: Output, sps: list[Spectrum], opts: ResizeOptions, precision: str
                  ) -> Callable[[np.ndarray], dict[str, str]]:
     """ranks -> the metadata `produce` would write for them with `opts` (hashes as placeholders)."""
+    alpha_of = alpha_rule(opts, [(sp.scale, sp.rank) for sp in sps])
+
     def meta(ranks) -> dict[str, str]:
-        rows = planned_rows(sps, ranks)
+        rows = planned_rows(sps, ranks, alpha_of)
         return with_hashes(output_metadata(opts, precision, out.layout.format, rows, out.sources,
                                            out.layout.side_outputs(rows).metadata, out.merged))
     return meta

@@ -63,10 +63,15 @@ def stacked(name: str, parts: list[tuple[float, LowRankLayer]]) -> LowRankLayer:
 
 
 def merged_job(name: str, members: list[tuple[float, Module, TensorSource]]) -> LayerJob:
-    """A job whose layer is the weighted sum of `members`' (weight, module, reader); the first one writes it."""
+    """A job whose layer is the weighted sum of `members`' (weight, module, reader); the first one writes it. Its
+    scale is 1 (the inputs' scales are in the stacked factors), its rank the sum of theirs."""
     def load() -> LowRankLayer:
         return stacked(name, [(w, checked(name, m.load(src))) for w, m, src in members])
-    return LayerJob(name, load, members[0][1], sum(factor_bytes(m, src.infos()) for _, m, src in members))
+
+    def scale_and_rank() -> tuple[float, int]:
+        return 1.0, sum(m.scale_and_rank(src)[1] for _, m, src in members)
+    return LayerJob(name, load, members[0][1], scale_and_rank,
+                    sum(factor_bytes(m, src.infos()) for _, m, src in members))
 
 
 def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, options: ResizeOptions | None = None, *,

@@ -9,7 +9,7 @@ import torch
 import lora_resize
 
 from helpers import (ALPHA, BASE_COMMENT, BASE_METADATA, DOWN, Spec, layer_names, load_st,
-                      make_state_dict, standard_specs, write_lora)
+                      make_state_dict, standard_specs, write_lora, one_alpha)
 
 SD_SCRIPTS_KEYS = ("ss_training_comment", "ss_network_dim", "ss_network_alpha", "sshs_model_hash", "sshs_legacy_hash")
 
@@ -42,6 +42,10 @@ def test_fixed_mode_strings(tmp_path, standard_lora, standard_sd, rank, conv_ran
     assert meta["ss_training_comment"] == (
         f"dimension is resized from {old_dim(standard_sd)} to {rank}{conv_desc}; {BASE_COMMENT}")
     assert meta["ss_network_dim"] == str(rank)
+    assert meta["ss_network_alpha"] == str(one_alpha(standard_sd, rank))  # the one alpha every layer carries
+    # with sd-scripts' rank rule, its alphas: the last layer's (in key order), as sd-scripts records it
+    lora_resize.resize(standard_lora, dst, rank=rank, conv_rank=conv_rank, precision="float", rank_rule="kohya")
+    tensors, meta = load_st(dst)
     last = last_layer_in_key_order(standard_sd)
     k = tensors[last + DOWN].shape[0]
     assert meta["ss_network_alpha"] == sd_scripts_alpha_str(standard_sd, last, k)
@@ -98,7 +102,7 @@ def test_network_alpha_uses_last_layer_in_sorted_key_order(tmp_path):
     sd = make_state_dict(specs, seed=4)
     src = write_lora(tmp_path / "in.safetensors", sd, {"ss_training_comment": "c"})
     dst = tmp_path / "out.safetensors"
-    lora_resize.resize(src, dst, rank=2)
+    lora_resize.resize(src, dst, rank=2, rank_rule="kohya")
     _, meta = load_st(dst)
     last = last_layer_in_key_order(sd)
     assert last == "lora_te_x"
