@@ -15,6 +15,7 @@ converters split single-block linear1 at the real widths only); everything else 
 references in tests/e2e/test_model_families.py."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 import diffusers
+from peft.utils.other import get_pattern_key
 from lora_resize.cli import main
 from lora_resize.testing import archs, loras
 
@@ -151,9 +153,16 @@ def test_diffusers_layout_loads_into_the_model_with_exact_updates(tmp_path, fami
     src = write_lora(tmp_path / "in.safetensors", sd)
     dst = tmp_path / "out.safetensors"
     assert main(["resize", str(src), "-o", str(dst), "-q", "--method", "sv_fro", "--param", "0.9"]) == 0
-    out, _ = load_st(dst)
+    out, meta = load_st(dst)
     ranks = {n: out[f"transformer.{n}.lora_A.weight"].shape[0] for n in targets}
-    assert len(set(ranks.values())) > 1  # mixed ranks, no alpha and no metadata: the loader must still be exact
+    assert len(set(ranks.values())) > 1  # mixed ranks and no alpha keys
+    # the output describes every module (a loader that infers one lora_alpha from one module's rank would
+    # mis-scale the others): its rank, and an alpha equal to it (scale 1, as the file had)
+    cfg = json.loads(meta["lora_adapter_metadata"])
+    rp, ap = cfg["transformer.rank_pattern"], cfg["transformer.alpha_pattern"]
+    for n, k in ranks.items():  # patterns resolved as PEFT resolves them
+        assert rp.get(get_pattern_key(list(rp), n), cfg["transformer.r"]) == k, n
+        assert ap.get(get_pattern_key(list(ap), n), cfg["transformer.lora_alpha"]) == k, n
     deltas, messages = fused(model, dst)
     assert messages == []
     assert set(deltas) == {f"{n}.weight" for n in targets}  # every module landed

@@ -24,6 +24,9 @@ from .peft import (LORA_BIAS, MARKERS, PEFT_PREFIX, ScaleConfig, ab_forms, confi
                    rewritten_config)
 
 METADATA_KEY = "lora_adapter_metadata"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")  # diffusers pipelines' LoRA components
+# what a described module's config holds besides its ranks and alphas (diffusers builds a LoraConfig from it)
+DESCRIBED = {"lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslora": False, "init_lora_weights": True}
 OLD_FORMS = [(".lora.down.weight", ".lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"),
              (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")]
 OLD_SUFFIXES = tuple(s for form in OLD_FORMS for s in form)
@@ -50,6 +53,17 @@ def component_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
     return {c: v for c, v in comps.items() if "r" in v}
 
 
+def described_components(pairs) -> list[str]:
+    """The diffusers components to describe in a new `lora_adapter_metadata` - for a file without alphas and
+    without one (ai-toolkit, SimpleTuner's PEFT-style files) whose modules all sit under known components: after a
+    dynamic resize their ranks differ, and a loader that infers one lora_alpha from one module's rank would
+    mis-scale the others. [] when the file does not qualify."""
+    if not pairs or any(p.alpha_key for p in pairs):
+        return []
+    comps = {p.name.split(".", 1)[0] for p in pairs}
+    return sorted(comps) if comps <= set(COMPONENTS) and all("." in p.name for p in pairs) else []
+
+
 def split_component(name: str, comps: Mapping[str, dict]) -> tuple[str | None, str]:
     """(component, path within it) of a module name; component None when no config covers it."""
     if "" in comps:
@@ -71,7 +85,7 @@ class DiffusersLayout(Layout):
             cfg = self.configs[""]
             out = rewritten_config(cfg, config_entries(self.modules, rows, ""), bool(cfg.get("use_rslora")))
         else:
-            out = json.loads(self.original)
+            out = json.loads(self.original) if self.original else {}
             for comp, cfg in self.configs.items():
                 new = rewritten_config(cfg, config_entries(self.modules, rows, comp), bool(cfg.get("use_rslora")))
                 out.update({f"{comp}.{k}": v for k, v in new.items()})
@@ -101,14 +115,20 @@ class Diffusers(Format):
         comps = component_configs(metadata)
         scales = {c: ScaleConfig.from_dict(cfg, f"metadata {METADATA_KEY}" + (f" ({c})" if c else ""))
                   for c, cfg in comps.items()}
+        described = not comps and described_components(pairs)
+        if described:  # no alphas, no config: the output describes every module, so no loader has to infer them
+            comps = {c: {**DESCRIBED, "target_modules": sorted(p.name.split(".", 1)[1] for p in pairs
+                                                               if p.name.startswith(c + "."))} for c in described}
         known = {k: "DoRA magnitude" for k in mags}
         known.update({k: "LoRA bias" for k in keys if k.endswith(LORA_BIAS)})
         modules = []
         for p in pairs:
             comp, mpath = split_component(p.name, comps)
             cfg_scale = None
-            if comp is not None and p.alpha_key is None:
+            if comp is not None and p.alpha_key is None and not described:
                 cfg_scale = scales[comp].module_scale(mpath, infos[p.down_key].shape[0], p.name)
             modules.append(pair_module(p, cfg_scale, (comp, mpath) if comp is not None else None))
-        return DiffusersLayout(self.name, modules, [k for k in infos if k not in owned], dora_note(len(mags)),
-                               known, configs=comps, original=metadata.get(METADATA_KEY))
+        notes = dora_note(len(mags)) + ([f"{METADATA_KEY} written: every module's rank and alpha, so loaders rebuild "
+                                         "each one at its rank and strength"] if described else [])
+        return DiffusersLayout(self.name, modules, [k for k in infos if k not in owned], notes, known,
+                               configs=comps, original=metadata.get(METADATA_KEY))

@@ -182,7 +182,7 @@ def config_entries(modules: list, rows: list, component: str) -> list[tuple[str,
         if key is None or key[0] != component:
             continue
         k = row.new_rank
-        entries.append((key[1], k, m.config_scale * k if m.config_scale is not None else row.new_alpha))
+        entries.append((key[1], k, m.output_scale * k if m.output_scale is not None else row.new_alpha))
     return entries
 
 
