@@ -8,6 +8,7 @@ import numbers
 from dataclasses import InitVar, dataclass, field, fields, replace
 
 from .errors import OptionsError
+from .models import architectures
 from .ranks.budgets import BUDGETS, Budget
 from .ranks.policies import RANK_RULES, dynamic_methods, get_policy
 from .ranks.rules import BlockRule, parse_rules
@@ -76,7 +77,11 @@ class ResizeOptions:
     ranks: dict[str, int] | None = None
     output_format: str | None = field(default=None, metadata=flag(
         "--output-format", group="output", choices="conversions",
-        help="write under another key family's names where the mapping is defined"))
+        help="write the output in another layout (kohya, comfy, diffusers, onetrainer; or a key family's own "
+             "names): names converted, fused/split modules rebuilt exactly"))
+    arch: str | None = field(default=None, metadata=flag(
+        "--arch", group="output", choices=lambda: architectures(),
+        help="the model the LoRA is for, for --output-format (default: detected from its keys and shapes)"))
     rule: InitVar[str | None] = None
 
     def __post_init__(self, rule: str | None) -> None:
@@ -137,6 +142,8 @@ class ResizeOptions:
             put("precision", p)
         if self.output_format is not None and not isinstance(self.output_format, str):
             raise OptionsError(f"--output-format must be a layout name, got {self.output_format!r}")
+        if self.arch is not None and self.arch not in architectures():
+            raise OptionsError(f"--arch must be one of {', '.join(architectures())}, got {self.arch!r}")
         if self.threads is not None and not _whole_at_least_one(self.threads):
             raise OptionsError(f"threads must be a whole number >= 1, got {self.threads!r}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
@@ -203,6 +210,8 @@ class ResizeOptions:
         a += [f"--rule '{r}'" for r in self.block_rules]
         if self.output_format:
             a.append(f"--output-format {self.output_format}")
+        if self.arch:
+            a.append(f"--arch {self.arch}")
         return " ".join(a)
 
     def as_dict(self) -> dict:

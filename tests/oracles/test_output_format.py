@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 
 from lora_resize.testing import archs, loras
 from lora_resize.cli import main
-from lora_resize.formats.convert import kohya_name
+from lora_resize.formats.convert import key_base, read_name
 
 from helpers import best_rank_k, dense_dw, load_st, rel_err, write_lora
 
@@ -71,25 +71,29 @@ def test_component_less_unet_files_convert_as_the_unet(tmp_path):
     ("text_encoder_2.text_model.encoder.layers.0.mlp.fc1", True, "lora_te2_text_model_encoder_layers_0_mlp_fc1"),
     ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_k", False,
      "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"),
+    ("unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k", True,  # SDXL: sd-scripts' sgm names
+     "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k"),
+    ("unet.up_blocks.0.upsamplers.0.conv", True, "lora_unet_output_blocks_2_2_conv"),
+    ("unet.mid_block.resnets.1.time_emb_proj", True, "lora_unet_middle_block_2_emb_layers_1"),
     ("mid_block.resnets.0.conv1", False, "lora_unet_mid_block_resnets_0_conv1"),
 ])
 def test_kohya_names(name, two, want):
-    assert kohya_name(name, two) == want
+    scheme = "diffusers"
+    n = read_name(name, scheme, None)
+    assert key_base("kohya", n, sdxl=two) == want
 
 
 def test_undefined_directions_are_refused(tmp_path, capsys):
     sd, src = diffusers_file(tmp_path)
     kohya = tmp_path / "kohya.safetensors"
-    for args in ([str(kohya), "--output-format", "diffusers"], [str(src), "--output-format", "peft"]):
+    llm = write_lora(tmp_path / "llm.safetensors", loras.lora_state_dict(
+        archs.llama(hidden=16, kv=8, inter=24, layers=1), "peft", rank=4, seed=2))
+    for args, why in (([str(kohya), "--output-format", "peft"], "a PEFT adapter holds one model"),
+                      ([str(llm), "--output-format", "kohya"], "reads as a known architecture"),
+                      ([str(src), "--output-format", "a1111"], "invalid choice")):
         assert main(["resize", *args, "-o", str(tmp_path / "x.safetensors"), "--rank", "4"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("lora-resize: error: --output-format") and len(err.splitlines()) == 1
+        assert err.startswith("lora-resize: error:") and why in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x.safetensors").exists()
-    flux = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 16),
-            "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(16, 4)}
-    f = write_lora(tmp_path / "flux.safetensors", flux)
-    assert main(["resize", str(f), "-o", str(tmp_path / "x.safetensors"), "--rank", "2", "--output-format",
-                 "kohya"]) == 2
-    assert "no kohya name is defined" in capsys.readouterr().err
     assert main(["resize", str(kohya), "-o", str(tmp_path / "same.safetensors"), "--rank", "2",
                  "--output-format", "kohya"]) == 0  # already kohya: nothing to convert

@@ -4,6 +4,7 @@ where errors become exit codes.
 
     lora-resize resize IN -o OUT --method sv_fro --param 0.9 --rank 64
     lora-resize --model IN --save_to OUT --new_rank 32 --dynamic_method sv_ratio --dynamic_param 8   (sd-scripts form)
+    lora-resize convert IN -o OUT --to comfy
     lora-resize demo
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .._version import __version__
 from ..errors import LoraResizeError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-COMMANDS = ("resize", "merge", "analyze", "batch", "demo")
+COMMANDS = ("resize", "convert", "merge", "analyze", "batch", "demo")
 
 
 def build_parser():

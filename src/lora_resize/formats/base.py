@@ -40,6 +40,11 @@ class Module(ABC):
         scale and rank), read without its factors (an alpha, a config, shapes)."""
 
     @abstractmethod
+    def weight_shape(self, infos: Mapping[str, TensorInfo]) -> tuple[int, tuple[int, ...]]:
+        """(out features, (in features, *kernel)) of the weight this module updates, from its keys' shapes alone
+        (conv: in channels and the kernel; linear: (in,))."""
+
+    @abstractmethod
     def emit(self, new: NewFactors) -> dict[str, torch.Tensor]:
         """The output tensors of this module, keyed in its family, for its new factors (works on meta tensors)."""
 

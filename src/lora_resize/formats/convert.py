@@ -1,97 +1,439 @@
-"""`--output-format`: writing a file's modules under another key family's names, where the mapping is defined.
+"""Layouts, and conversion between them, exactly.
 
-Defined: diffusers -> kohya for the UNet and the text encoders. kohya's SD-family names are the diffusers module
-paths with '.' turned into '_' (`unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_
-proj_in`, `text_encoder.text_model...` -> `lora_te_text_model...`, `lora_te1_`/`lora_te2_` when there are two).
-Not defined, and refused with the reason: kohya -> anything (its names do not say where the dots were), diffusers
-`transformer.` components (kohya's Flux/SD3/video names follow the original model code, not diffusers'), PEFT
-adapters (they name modules of an arbitrary model)."""
+A layout is how trainers and UIs key a module: under which name of the weight it updates (the model code's own,
+"native", or diffusers'), in which form (kohya's `lora_down/lora_up/alpha`, or PEFT-style `lora_A/lora_B`) and
+with which prefix:
+
+| layout | names | form | written by |
+|---|---|---|---|
+| kohya | `lora_unet_<native path with _>` (SD: `lora_unet_`, `lora_te_` kohya names) | kohya + alpha | sd-scripts, musubi-tuner |
+| comfy | `diffusion_model.<native path>` (SD: as kohya) | kohya + alpha | ComfyUI |
+| diffusers | `transformer.<diffusers path>` (SD: `unet.`, `text_encoder.`) | A/B, config in metadata | diffusers, ai-toolkit, SimpleTuner |
+| onetrainer | `lora_transformer_<diffusers path with _>` (SD: as kohya) | kohya + alpha | OneTrainer |
+
+Reading any of these (and ai-toolkit's / DiffSynth's native A/B files), each module becomes the weight it updates
+in its architecture (models/); writing it under another layout renames it, or splits it (a fused native weight ->
+its diffusers parts: each part's rows of up with the shared down, exact) or fuses it (diffusers parts -> the fused
+native weight: down stacked, up block-diagonal with each part's scale folded in, rank the sum, exact). The new
+alpha follows the output's convention (one alpha for every layer), so a converted file applies exactly its input's
+update, weight by weight."""
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping as TMapping
 
+import torch
+
+from ..core.layer import LowRankLayer
 from ..errors import LoraStructureError, OptionsError
 from ..io.metadata import SideOutputs
-from .base import Layout, Module
+from ..io.reader import TensorInfo, TensorSource
+from ..models import ARCH_KEY, MODELS, SD, Architecture, architectures, hinted
+from ..models import sd
+from .base import Format, Layout, Module
 from .diffusers import METADATA_KEY
-from .kohya import DOWN, kohya_module
+from .peft import PEFT_PREFIX, new_adapter
 
-OUTPUT_FORMATS = ("kohya",)  # the layouts --output-format can write (from the layouts listed in `convert`)
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-UNET_TOP = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding")
+TARGETS = ("kohya", "comfy", "diffusers", "onetrainer", "peft")
+
+
+@dataclass(frozen=True)
+class Name:
+    """A module's name read canonically: the weight it updates (`space` 'native' or 'diffusers', or 'sd' with a
+    diffusers component) and its dotted path."""
+    space: str
+    component: str
+    path: str
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a layout's names
+
+
+def scheme_of(layout: Layout) -> str:
+    """The layout a parsed file is in (kohya, comfy, diffusers, onetrainer, simpletuner, ai_toolkit, diffsynth,
+    or its key family's name when no layout conversion applies to it)."""
+    names = [m.name for m in layout.modules]
+    if layout.format in ("kohya", "lycoris"):
+        if names and all(n.startswith("diffusion_model.") for n in names):
+            return "comfy"
+        if names and all(n.startswith("lora_transformer_") for n in names):
+            return "onetrainer"
+        if names and all(n.startswith("lycoris_") for n in names):
+            return "simpletuner"
+        return "kohya"
+    if layout.format == "peft":
+        return "peft"
+    if layout.format == "diffusers":
+        if names and all(n.startswith("diffusion_model.") for n in names):
+            return "ai_toolkit"
+        if names and all(n.split(".", 1)[0] in ("transformer", *sd.KOHYA_PREFIX) for n in names):
+            return "diffusers"
+        return "diffsynth"
+    return layout.format
+
+
+def read_name(name: str, scheme: str, arch: Architecture | None) -> Name | None:
+    """The canonical reading of module `name` of a `scheme` file (None when it does not read)."""
+    if arch is None:  # Stable Diffusion
+        if scheme == "comfy" and name.startswith("diffusion_model."):  # ComfyUI's own: the sgm UNet's paths
+            name = "lora_unet_" + name.removeprefix("diffusion_model.").replace(".", "_")
+        if scheme in ("kohya", "comfy", "onetrainer"):
+            hit = sd.from_kohya(name)
+            return Name(SD, *hit) if hit else None
+        if scheme in ("diffusers", "diffsynth", "peft"):  # a pipeline's components, or one model's own paths
+            name = name.removeprefix(PEFT_PREFIX).replace(".processor.", ".")
+            comp, _, path = name.partition(".")
+            if comp in sd.KOHYA_PREFIX and path:
+                return Name(SD, comp, path)
+            if comp in sd.UNET_TOP:
+                return Name(SD, "unet", name)
+            if comp == "text_model":
+                return Name(SD, "text_encoder", name)
+        return None
+    if scheme == "kohya":
+        for prefix in ("lora_unet__", "lora_unet_"):
+            if name.startswith(prefix):
+                return _flat(arch, name[len(prefix):], "native")
+        return None
+    if scheme in ("comfy", "ai_toolkit"):
+        return _dotted(arch, name.removeprefix("diffusion_model."), "native")
+    if scheme == "onetrainer":
+        return _flat(arch, name.removeprefix("lora_transformer_"), "diffusers")
+    if scheme == "simpletuner":
+        return _flat(arch, name.removeprefix("lycoris_"), "diffusers")
+    if scheme == "diffusers":
+        return _dotted(arch, name.removeprefix(f"{arch.component}."), "diffusers")
+    if scheme in ("diffsynth", "peft"):
+        name = name.removeprefix(PEFT_PREFIX)
+        return _dotted(arch, name, "native") or _dotted(arch, name, "diffusers")
+    return None
+
+
+def tables(arch: Architecture, space: str) -> Architecture:
+    """The tables of a space: ComfyUI's own names ('comfy') where the family has them, else its native ones."""
+    return arch.comfy if space == "comfy" and arch.comfy is not None else arch
+
+
+def _native_spaces(arch: Architecture) -> tuple[str, ...]:
+    return ("native", "comfy") if arch.comfy is not None else ("native",)
+
+
+def _flat(arch: Architecture, flat: str, space: str) -> Name | None:
+    if space == "diffusers":
+        hit = arch.diffusers_of(flat, flat=True)
+        return Name(space, arch.component, hit[0]) if hit else None
+    for sp in _native_spaces(arch):
+        hit = tables(arch, sp).native_of(flat, flat=True)
+        if hit:
+            return Name(sp, arch.component, hit[0])
+    return None
+
+
+def _dotted(arch: Architecture, path: str, space: str) -> Name | None:
+    if space == "diffusers":
+        known = arch.diffusers_of(path) is not None or arch.same_names
+        return Name(space, arch.component, path) if known else None
+    for sp in _native_spaces(arch):
+        if tables(arch, sp).native_of(path) is not None:
+            return Name(sp, arch.component, path)
+    return Name("native", arch.component, path) if arch.same_names else None
+
+
+def detect_arch(layout: Layout, scheme: str, wanted: str | None, infos: TMapping[str, TensorInfo],
+                metadata: TMapping[str, str] | None = None) -> Architecture | None:
+    """The architecture a file's modules belong to (None: Stable Diffusion): `wanted` when given (--arch), else
+    the family whose names (and shapes, where families share names) read most of them; ties go to the family the
+    metadata names (models.hinted), then to the one whose own templates match more. Raises LoraStructureError
+    when none reads them or two read them alike."""
+    if wanted is not None:
+        if wanted == SD:
+            return None
+        if wanted not in MODELS:
+            raise OptionsError(f"--arch must be one of {', '.join(architectures())}, got {wanted!r}")
+        return MODELS[wanted]
+    names = [m.name for m in layout.modules]
+    shapes = {m.name: m.weight_shape(infos) for m in layout.modules}
+    hint = hinted(metadata or {})
+    scores = []
+    sd_hits = sum(1 for n in names if read_name(n, scheme, None) is not None)
+    scores.append((sd_hits, hint == SD, 1 if sd_hits else 0, SD))
+    flat = scheme in ("kohya", "onetrainer", "simpletuner")
+
+    def fits(a: Architecture, name: str) -> bool:
+        n = read_name(name, scheme, a)
+        if n is None or not _own(a, name, scheme):
+            return False
+        out, in_shape = shapes[name]
+        return n.space == "diffusers" or tables(a, n.space).shape_ok(n.path, out, in_shape[0] if in_shape else 0)
+    for a in MODELS.values():
+        hits = sum(1 for n in names if fits(a, n))
+        space = "diffusers" if scheme in ("diffusers", "onetrainer", "simpletuner") else "native"
+        scores.append((hits, hint == a.name, a.evidence(set(names), space, flat), a.name))
+    scores.sort(reverse=True)
+    best, second = scores[0], scores[1]
+    if best[0] == 0:
+        raise LoraStructureError(f"no module of this {scheme} file reads as a known architecture (keys like "
+                                 f"{names[0] if names else '?'}); conversions are defined for "
+                                 f"{', '.join(architectures())} - give --arch, or report the model")
+    if best[:3] == second[:3]:
+        raise LoraStructureError(f"this file's modules read as {best[3]} and as {second[3]} alike; give --arch "
+                                 f"{best[3]} (or {second[3]})")
+    return None if best[3] == SD else MODELS[best[3]]
+
+
+def _own(arch: Architecture, name: str, scheme: str) -> bool:
+    """A name that reads through the architecture's own tables (not only its same-names rule)."""
+    if not arch.same_names:
+        return True
+    if scheme in ("kohya", "onetrainer", "simpletuner"):
+        return True  # flattened names only read through the tables
+    base = name.removeprefix("diffusion_model.").removeprefix(f"{arch.component}.").removeprefix(PEFT_PREFIX)
+    return arch.native_of(base) is not None or arch.diffusers_of(base) is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: names, and the modules that read the source's modules into the target's
+
+
+def key_base(target: str, n: Name, sdxl: bool = False) -> str:
+    """The target layout's name for a canonical module in the target's space (`sdxl`: Stable Diffusion modules are
+    SDXL's, which kohya names by the sgm UNet's paths)."""
+    if n.space == SD:
+        if target == "diffusers":
+            return f"{n.component}.{n.path}"
+        if target == "peft":
+            return PEFT_PREFIX + n.path
+        base = sd.to_kohya(n.component, n.path, sdxl)
+        if base is None:
+            raise LoraStructureError(f"{n.component}.{n.path}: no kohya name is defined for this component")
+        return base
+    if target == "kohya":
+        return "lora_unet_" + n.path.replace(".", "_")
+    if target == "comfy":
+        return "diffusion_model." + n.path
+    if target == "diffusers":
+        return f"{n.component}.{n.path}"
+    if target == "peft":
+        return PEFT_PREFIX + n.path
+    return "lora_transformer_" + n.path.replace(".", "_")
+
+
+def target_space(target: str, arch: Architecture | None) -> str:
+    """The names a target layout keys modules by: the model code's own ('native': its trainers'), ComfyUI's
+    ('comfy', where the family's differ), or diffusers'."""
+    if target == "kohya":
+        return "native"
+    if target == "comfy":
+        return "comfy" if arch is not None and arch.comfy is not None else "native"
+    return "diffusers"
 
 
 @dataclass
-class Renamed(Module):
-    """A module read in its own family and written under another family's keys."""
-    source: Module | None = None
+class Source:
+    """A source module feeding an output module: the rows `take` (start, stop) of its update (None: all of them),
+    with their two halves swapped (`swap`), placed at rows `place` (start, stop) of the output (None: the output
+    is this part alone)."""
+    module: Module
+    place: tuple[int, int] | None = None
+    take: tuple[int, int] | None = None
+    swap: bool = False
+
+    def up(self, layer: LowRankLayer) -> torch.Tensor:
+        """The rows of the layer's up factor this source gives."""
+        up = layer.up if self.take is None else layer.up[self.take[0]:self.take[1]]
+        if self.swap:
+            half = up.shape[0] // 2
+            up = torch.cat([up[half:], up[:half]])
+        return up
+
+
+@dataclass
+class Converted(Module):
+    """An output module in the target layout: `target` writes it (its keys, its scale convention), `sources`
+    give its update: one source renamed or sliced, or several fused (block-diagonal, exact). A fused module's
+    scale is its first part's (alpha / rank), each other part's ratio to it folded into its block of up; its rank
+    is the sum of the parts' - so under `--rank-rule kohya` its alpha is that scale times the summed rank (alpha
+    x3 for a fused qkv, ComfyUI's and musubi's convention), and by default the one alpha of the whole file."""
     target: Module | None = None
+    sources: list[Source] = field(default_factory=list)
+    out_rows: int = 0
+    in_shape: tuple[int, ...] = ()
 
     @property
     def output_scale(self) -> float | None:
         return self.target.output_scale
 
-    def load(self, src):
-        return self.source.load(src)
-
-    def scale_and_rank(self, src):
-        return self.source.scale_and_rank(src)
-
     def emit(self, new):
         return self.target.emit(new)
 
+    def weight_shape(self, infos) -> tuple[int, tuple[int, ...]]:
+        return self.out_rows, self.in_shape
 
+    @property
+    def _renamed(self) -> bool:
+        return len(self.sources) == 1 and self.sources[0].place is None
+
+    def load(self, src: TensorSource) -> LowRankLayer:
+        if self._renamed:
+            s = self.sources[0]
+            layer = s.module.load(src)
+            return LowRankLayer(s.up(layer).contiguous(), layer.down, layer.rank, layer.alpha, layer.scale,
+                                layer.kernel, layer.in_channels)
+        layers = [(s, s.module.load(src)) for s in self.sources]
+        scale = next((layer.scale for _, layer in layers if layer.scale != 0), 1.0)
+        total = sum(layer.factor_size for _, layer in layers)
+        first = layers[0][1]
+        up = torch.zeros(self.out_rows, total, dtype=torch.float64)
+        downs, col = [], 0
+        for s, layer in layers:
+            f = layer.factor_size
+            up[s.place[0]:s.place[1], col:col + f] = s.up(layer).to(torch.float64) * (layer.scale / scale)
+            downs.append(layer.down.to(torch.float64))
+            col += f
+        rank = sum(layer.rank for _, layer in layers)
+        return LowRankLayer(up, torch.cat(downs), rank, scale * rank, scale, first.kernel, first.in_channels)
+
+    def scale_and_rank(self, src: TensorSource) -> tuple[float, int]:
+        if self._renamed:
+            return self.sources[0].module.scale_and_rank(src)
+        found = [s.module.scale_and_rank(src) for s in self.sources]
+        return next((sc for sc, _ in found if sc != 0), 1.0), sum(r for _, r in found)
+
+
+@dataclass
 class ConvertedLayout(Layout):
-    """The converted modules; the source family's own metadata entry is dropped (it describes the old keys)."""
+    """The target layout's modules fed by the source's; the target family's side outputs (a diffusers config),
+    and the source's own metadata entry removed (it described the old keys)."""
+    target_layout: Layout | None = None
+    arch: str = SD
 
     def side_outputs(self, rows) -> SideOutputs:
-        return SideOutputs(metadata={METADATA_KEY: None})
+        out = self.target_layout.side_outputs(rows) if self.target_layout is not None else SideOutputs()
+        return SideOutputs(metadata={METADATA_KEY: None, ARCH_KEY: self.arch, **out.metadata}, files=out.files)
 
 
-def kohya_name(name: str, two_text_encoders: bool) -> str:
-    """kohya's name for a diffusers module `<component>.<path>` (a UNet's own top-level path, as old
-    `save_attn_procs` / `pytorch_lora_weights` files write it, counts as `unet.<path>`)."""
-    comp, dot, path = name.partition(".")
-    if comp in UNET_TOP and dot:
-        comp, path = "unet", name
-    prefix = KOHYA_PREFIX.get(comp) if dot else None
-    if prefix is None:
-        raise LoraStructureError(f"{name}: no kohya name is defined for this module (kohya's names for "
-                                 f"{comp or 'component-less'} models follow the original model code); "
-                                 "leave out --output-format")
-    if comp == "text_encoder" and two_text_encoders:
-        prefix = "lora_te1_"
-    path = path.replace(".processor.", ".")  # diffusers' old attention-processor keys
-    if comp.startswith("text_encoder"):  # ... which name CLIP's q/k/v/out_proj to_q/to_k/to_v/to_out
-        path = re.sub(r"\.self_attn\.to_(q|k|v)$", r".self_attn.\1_proj", path)
-        path = re.sub(r"\.self_attn\.to_out$", ".self_attn.out_proj", path)
-    elif path.endswith(".to_out"):
-        path += ".0"
-    return prefix + path.replace(".", "_")
-
-
-def convert(layout: Layout, target: str | None, family: str) -> Layout:
-    """`layout` with its modules written under `target`'s key names (None or the layout's own key `family`:
-    unchanged). Raises OptionsError for a direction that is not defined, LoraStructureError for modules that
-    have no name in the target."""
-    if target is None or family == target:
+def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str, TensorInfo],
+            metadata: TMapping[str, str], formats: TMapping[str, Format], arch_name: str | None = None) -> Layout:
+    """`layout` (a parsed file, its key `family`) written in the `target` layout (None or its own: unchanged).
+    Raises OptionsError for a target that is not a layout or a file whose layout converts to none, and
+    LoraStructureError for modules that do not read as their architecture's weights."""
+    if target is None:
         return layout
-    if target != "kohya" or layout.format != "diffusers":
-        raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: only diffusers "
-                           "-> kohya maps module names without the model (kohya names lose the dots; PEFT names "
-                           "belong to an arbitrary model)")
+    scheme = scheme_of(layout)
+    if target == scheme or (target == family and target not in TARGETS):
+        return layout
+    if target not in TARGETS:
+        raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: the layouts are "
+                           f"{', '.join(TARGETS)} (a {target} file keeps its own names: leave out --output-format)")
+    if scheme not in (*TARGETS, "ai_toolkit", "diffsynth", "simpletuner"):
+        raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: {layout.format} "
+                           "names belong to an arbitrary model; convert kohya, ComfyUI, diffusers, ai-toolkit, "
+                           "OneTrainer or SimpleTuner files")
+    if layout.passthrough and any(layout.known.get(k) not in (None, "other") for k in layout.passthrough):
+        k = next(k for k in sorted(layout.passthrough) if layout.known.get(k) not in (None, "other"))
+        raise LoraStructureError(f"{k} ({layout.known[k]}) has no equivalent in the {target} layout here; convert a "
+                                 "file without it, or keep its layout")
     if layout.passthrough:
-        raise LoraStructureError(f"{len(layout.passthrough)} tensor(s) such as {sorted(layout.passthrough)[0]} "
-                                 "have no kohya equivalent; convert a file without them")
-    two = any(m.name.startswith("text_encoder_2.") for m in layout.modules)
-    modules, seen = [], {}
+        raise LoraStructureError(f"{len(layout.passthrough)} tensor(s) such as {sorted(layout.passthrough)[0]} have "
+                                 f"no equivalent in the {target} layout; convert a file without them")
+    arch = detect_arch(layout, scheme, arch_name, infos, metadata)
+    if arch is None and target in ("comfy", "onetrainer"):
+        target_used = "kohya"  # ComfyUI and OneTrainer key Stable Diffusion modules as kohya does
+    else:
+        target_used = target
+    return _build(layout, scheme, target_used, arch, infos, metadata, formats, target)
+
+
+def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, infos, metadata, formats,
+           asked: str) -> Layout:
+    outputs: dict[str, tuple[Name, list[Source], int, tuple]] = {}  # target base -> (name, sources, rows, shapes)
+    read = []
     for m in layout.modules:
-        k = kohya_name(m.name, two)
-        if k in seen:
-            raise LoraStructureError(f"{m.name} and {seen[k]} both map to the kohya name {k}")
-        seen[k] = m.name
-        modules.append(Renamed(k, list(m.keys), m, kohya_module(k, [], False)))
-    modules.sort(key=lambda m: m.name + DOWN)
-    notes = list(layout.notes) + [f"key names converted from {layout.format} to {target}"]
-    return ConvertedLayout(target, modules, [], notes)
+        n = read_name(m.name, scheme, arch)
+        if n is None:
+            raise LoraStructureError(f"{m.name} does not read as a {arch.title if arch else 'Stable Diffusion'} "
+                                     f"module in a {scheme} file; give --arch if the model is another, or report "
+                                     "the module")
+        read.append((m, n))
+    hint = " ".join(metadata.get(k, "") for k in ("modelspec.architecture", "ss_base_model_version"))
+    sdxl = arch is None and sd.is_sdxl([m.name for m in layout.modules], [(n.component, n.path) for _, n in read],
+                                       hint)
+    for m, n in read:
+        out_rows, in_shape = m.weight_shape(infos)
+        for tn, src, rows in _targets(n, m, arch, target, out_rows, in_shape):
+            base = key_base(target, tn, sdxl)
+            if base in outputs and src.place is None:
+                raise LoraStructureError(f"{m.name} and another module both become {base} in the {target} layout")
+            entry = outputs.setdefault(base, (tn, [], rows, in_shape))
+            entry[1].append(src)
+    if target == "peft" and arch is None and len({tn.component for tn, *_ in outputs.values()}) > 1:
+        raise LoraStructureError("a PEFT adapter holds one model, and this file has UNet and text-encoder modules; "
+                                 "convert it to diffusers (one file for the pipeline) instead")
+    # the target family's own modules, for its keys and conventions (alpha or not, a described config)
+    ab = target in ("diffusers", "peft")
+    dk, uk = (".lora_A.weight", ".lora_B.weight") if ab else (".lora_down.weight", ".lora_up.weight")
+    synthetic: dict[str, TensorInfo] = {}
+    for base, (tn, srcs, rows, in_shape) in outputs.items():
+        r = len(srcs)  # any rank: the shapes only say which keys exist
+        synthetic[base + dk] = TensorInfo((r, *in_shape), torch.float32)
+        synthetic[base + uk] = TensorInfo((rows, r, *([1] * (len(in_shape) - 1))), torch.float32)
+        if not ab:
+            synthetic[base + ".alpha"] = TensorInfo((), torch.float32)
+    target_layout = new_adapter(synthetic) if target == "peft" else formats[target if ab else "kohya"].parse(
+        synthetic, {}, None)
+    by_name = {tm.name: tm for tm in target_layout.modules}
+    modules = []
+    for base, (tn, srcs, rows, in_shape) in outputs.items():
+        _check_fused(base, srcs, rows)
+        modules.append(Converted(base, [k for s in srcs for k in s.module.keys], target=by_name[base], sources=srcs,
+                                 out_rows=rows, in_shape=in_shape))
+    modules.sort(key=lambda m: m.name)
+    notes = list(layout.notes) + [f"key names converted from {scheme} to {asked}"
+                                  + (" (kohya names: ComfyUI and OneTrainer read Stable Diffusion LoRAs so)"
+                                     if asked != target else "")]
+    return ConvertedLayout(target if ab else "kohya", modules, [], notes, file_name=target_layout.file_name,
+                           target_layout=target_layout, arch=arch.name if arch else SD)
+
+
+def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_rows: int, in_shape: tuple):
+    """(target name, source placement, target rows) for each output module that `m` (read as `n`) feeds: renamed
+    when the target keys modules in `n`'s space, else through diffusers' names - a fused weight splits into its
+    parts (rows of up, the shared down), and parts fuse into the target's fused weight (placed rows)."""
+    space = target_space(target, arch)
+    if n.space == SD or n.space == space:
+        yield Name(space if n.space != SD else SD, n.component, n.path), Source(m), out_rows
+        return
+    inp = in_shape[0] if in_shape else 0
+    if n.space == "diffusers":
+        parts = [(n.path, None, False, out_rows)]
+    else:
+        try:
+            found = tables(arch, n.space).to_diffusers(n.path, out_rows, inp)
+        except (KeyError, ValueError) as e:
+            raise LoraStructureError(f"{m.name}: {arch.title}'s {n.path} has no diffusers equivalent known here "
+                                     f"({e}); report the module") from None
+        parts = [(path, None if rows == (0, out_rows) else rows, swap, rows[1] - rows[0])
+                 for path, rows, swap in found]
+    for path, take, swap, rows in parts:
+        if space == "diffusers":
+            yield Name("diffusers", n.component, path), Source(m, take=take, swap=swap), rows
+            continue
+        found = tables(arch, space).native_for(path)
+        if found is None:
+            raise LoraStructureError(f"{m.name}: {arch.title}'s diffusers module {path} has no {space} name known "
+                                     "here; report the module")
+        native, mapping, j = found
+        if mapping is None or len(mapping.diffusers) == 1:
+            yield Name(space, n.component, native), Source(m, take=take, swap=swap != bool(mapping and mapping.swap)), rows
+            continue
+        start, total = mapping.fused(j, rows, inp)
+        yield Name(space, n.component, native), Source(m, place=(start, start + rows), take=take, swap=swap), total
+
+
+def _check_fused(base: str, srcs: list[Source], rows: int) -> None:
+    """A fused output's parts must not overlap (each diffusers part once)."""
+    placed = sorted(s.place for s in srcs if s.place is not None)
+    for (a0, a1), (b0, b1) in zip(placed, placed[1:]):
+        if b0 < a1:
+            raise LoraStructureError(f"{base}: two modules fill the same rows of the fused weight")

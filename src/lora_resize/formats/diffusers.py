@@ -20,13 +20,11 @@ from ..io.metadata import SideOutputs
 from ..io.reader import TensorInfo
 from .base import Format, Layout
 from .pairs import dora_note, find_pairs, magnitudes, pair_module
-from .peft import (LORA_BIAS, MARKERS, PEFT_PREFIX, ScaleConfig, ab_forms, config_entries, is_ab_key,
+from .peft import (LORA_BIAS, MARKERS, NEW_CONFIG, PEFT_PREFIX, ScaleConfig, ab_forms, config_entries, is_ab_key,
                    rewritten_config)
 
 METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")  # diffusers pipelines' LoRA components
-# what a described module's config holds besides its ranks and alphas (diffusers builds a LoraConfig from it)
-DESCRIBED = {"lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslora": False, "init_lora_weights": True}
 OLD_FORMS = [(".lora.down.weight", ".lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"),
              (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")]
 OLD_SUFFIXES = tuple(s for form in OLD_FORMS for s in form)
@@ -117,7 +115,7 @@ class Diffusers(Format):
                   for c, cfg in comps.items()}
         described = not comps and described_components(pairs)
         if described:  # no alphas, no config: the output describes every module, so no loader has to infer them
-            comps = {c: {**DESCRIBED, "target_modules": sorted(p.name.split(".", 1)[1] for p in pairs
+            comps = {c: {**NEW_CONFIG, "target_modules": sorted(p.name.split(".", 1)[1] for p in pairs
                                                                if p.name.startswith(c + "."))} for c in described}
         known = {k: "DoRA magnitude" for k in mags}
         known.update({k: "LoRA bias" for k in keys if k.endswith(LORA_BIAS)})

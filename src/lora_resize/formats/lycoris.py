@@ -186,6 +186,24 @@ class LycorisModule(Module):
         alpha = self._alpha(src) if rank is not None else None  # both sides full: LyCORIS uses scale 1
         return LowRankLayer.with_alpha(up, down, alpha, rank=rank, kernel=kernel, in_channels=v1.shape[1] * d)
 
+    def weight_shape(self, infos: Mapping[str, TensorInfo]) -> tuple[int, tuple[int, ...]]:
+        s = {p: tuple(infos[k].shape) for p, k in self.parts.items()}
+        if self.kind == "locon":
+            kernel = s["lora_mid.weight"][2:] if "lora_mid.weight" in s else s["lora_down.weight"][2:]
+            return s["lora_up.weight"][0], (s["lora_down.weight"][1], *kernel)
+        if self.kind == "loha":
+            if "hada_t1" in s:  # Tucker: w_a r x out, w_b r x in
+                return s["hada_w1_a"][1], (s["hada_w1_b"][1], *s["hada_t1"][2:])
+            return s["hada_w1_a"][0], tuple(s["hada_w1_b"][1:])
+        a, b = (s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1]))
+        if "lokr_w2" in s:
+            c, d, kernel = s["lokr_w2"][0], s["lokr_w2"][1], s["lokr_w2"][2:]
+        elif "lokr_t2" in s:  # Tucker: w2_a r x c, w2_b r x d
+            c, d, kernel = s["lokr_w2_a"][1], s["lokr_w2_b"][1], s["lokr_t2"][2:]
+        else:
+            c, d, kernel = s["lokr_w2_a"][0], s["lokr_w2_b"][1], s["lokr_w2_b"][2:]
+        return a * c, (b * d, *kernel)
+
     def emit(self, new: NewFactors) -> dict[str, torch.Tensor]:
         return emit_pair(new, self.name + DOWN, self.name + UP, self.name + ALPHA)
 

@@ -104,6 +104,9 @@ class PairModule(Module):
             return read_alpha(src, self.alpha_key, self.name) / rank, rank
         return (self.config_scale if self.config_scale is not None else 1.0), rank
 
+    def weight_shape(self, infos: Mapping[str, TensorInfo]) -> tuple[int, tuple[int, ...]]:
+        return infos[self.up_key].shape[0], tuple(infos[self.down_key].shape[1:])
+
     def emit(self, new: NewFactors) -> dict[str, torch.Tensor]:
         return emit_pair(new, self.down_key, self.up_key, self.alpha_key)
 

@@ -30,6 +30,8 @@ CONFIG_NAME = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 LINEAR_FORM = (".lora_A.weight", ".lora_B.weight")
 EMBEDDING_FORM = (".lora_embedding_A", ".lora_embedding_B")
+# what a new config holds besides ranks, alphas and targets (PEFT's LoraConfig defaults; diffusers builds one too)
+NEW_CONFIG = {"lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslora": False, "init_lora_weights": True}
 LORA_BIAS = ".lora_B.bias"  # PEFT's lora_bias vectors: copied unchanged
 MARKERS = (re.compile(r"(^|[._])lora_(A|B|embedding_A|embedding_B|magnitude_vector)([._]|$)"),)
 # the same keys with PEFT's adapter name left in (raw PeftModel.state_dict() dumps, DiffSynth-Studio files):
@@ -202,6 +204,19 @@ class PeftLayout(Layout):
             f", {extra} module(s) in rank_pattern" if extra else "")
         return SideOutputs(files=[SideFile(CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True) + "\n",
                                            keep=self.config_path, expects=ADAPTER_FILE, summary=summary)])
+
+
+def new_adapter(infos: Mapping[str, TensorInfo]) -> PeftLayout:
+    """A new PEFT adapter of the pairs in `infos` (a conversion's output): every module at scale 1 in a config that
+    names them all as target_modules; the config written beside the output gets each module's new rank and alpha."""
+    layout = Peft().parse(infos, {}, None)
+    paths = [m.name[len(PEFT_PREFIX):] for m in layout.modules]
+    for m, path in zip(layout.modules, paths):
+        m.config_scale, m.config_key = 1.0, ("", path)
+    layout.config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": sorted(paths),
+                     **NEW_CONFIG}
+    layout.notes = []
+    return layout
 
 
 class Peft(Format):

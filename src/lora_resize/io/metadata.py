@@ -51,6 +51,8 @@ def setting_text(opts) -> str:
     budget = opts.budget
     if budget is not None:
         return f"{budget[0].name}: {budget[1]}"
+    if opts.method is None and opts.rank is None:
+        return "ranks kept"
     return f"{opts.method}: {opts.param}" if opts.method else f"rank {opts.rank}"
 
 
@@ -65,6 +67,8 @@ def sd_scripts_fields(opts, old_dim: int, last_alpha: float, comment: str) -> di
     if ranked_rules:
         return {"ss_training_comment": f"Dynamic resize with {setting_text(opts)} and rules {', '.join(ranked_rules)} "
                                        f"from {old_dim}; {comment}", **dynamic}
+    if opts.method is None and opts.rank is None:  # a conversion that keeps every rank: the input's fields stand
+        return {}
     if opts.method is None:
         conv = "" if opts.rank == opts.conv_rank else f" (conv: {opts.conv_rank})"
         return {"ss_training_comment": f"dimension is resized from {old_dim} to {opts.rank}{conv}; {comment}",

@@ -31,7 +31,7 @@ import numpy as np
 from ..core.schedule import Progress, compute_device
 from ..core.spectrum import Spectrum
 from ..errors import OptionsError
-from ..formats import convert, detect
+from ..formats import read_layout
 from ..formats.blocks import block_of
 from ..io.metadata import InputRecord
 from ..io.paths import local_path, resolve_input
@@ -47,7 +47,8 @@ from .job import Output, metadata_for, module_job, precision_of, sizer_for, spec
 
 DEFAULT_PICK = dict(method="sv_fro", param=0.9)  # shown in the report when no setting is chosen
 SETTING_FIELDS = ("rank", "method", "param", "ranks", *BUDGETS)  # what names a chosen setting
-SHARED_FIELDS = ("rank", "conv_rank", "rank_rule", "precision", "block_rules", "device", "threads", "output_format")
+SHARED_FIELDS = ("rank", "conv_rank", "rank_rule", "precision", "block_rules", "device", "threads", "output_format",
+                 "arch")
 
 
 def default_sweep() -> dict[str, tuple]:
@@ -189,7 +190,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
     src = resolve_input(local_path(src, "input"))
     device = compute_device(shared.device)
     with open_tensor_file(src) as reader:
-        layout = convert(detect(reader.infos(), reader.metadata, src), shared.output_format)
+        layout = read_layout(reader.infos(), reader.metadata, src, shared.output_format, shared.arch)
         precision, precision_notes = precision_of(layout, reader.infos(), shared.precision)
         rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
@@ -231,7 +232,7 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
     names = {f.name for f in fields(ResizeOptions)}
     chosen = ResizeOptions(**{k: v for k, v in result.options.items() if k in names})
     with open_tensor_file(result.src) as reader:
-        layout = convert(detect(reader.infos(), reader.metadata, result.src), chosen.output_format)
+        layout = read_layout(reader.infos(), reader.metadata, result.src, chosen.output_format, chosen.arch)
         modules = {m.name: m for m in layout.modules}
         sps = []
         for row in result.layers:

@@ -15,7 +15,7 @@ import torch
 from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, compute_device
 from ..errors import LoraStructureError, OptionsError
-from ..formats import Module, convert, detect, key_family
+from ..formats import Module, key_family, read_layout
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import TensorSource, open_tensor_file
@@ -100,7 +100,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         for s in live:
             r = stack.enter_context(open_tensor_file(s.path))
             readers.append(r)
-            layouts.append(convert(detect(r.infos(), r.metadata, s.path), opts.output_format))
+            layouts.append(read_layout(r.infos(), r.metadata, s.path, opts.output_format, opts.arch))
         dst, new_folder = output_file(dst, live[0].path, layouts[0].file_name)
         for s in live:
             check_output_path(s.path, dst, new_folder)

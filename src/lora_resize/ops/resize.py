@@ -7,7 +7,7 @@ import time
 from typing import Callable
 
 from ..core.schedule import Progress, compute_device
-from ..formats import convert, detect
+from ..formats import read_layout
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import open_tensor_file
@@ -33,7 +33,7 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     local_path(dst, "output")
     device = compute_device(opts.device)
     with open_tensor_file(src) as reader:
-        layout = convert(detect(reader.infos(), reader.metadata, src), opts.output_format)
+        layout = read_layout(reader.infos(), reader.metadata, src, opts.output_format, opts.arch)
         dst, new_folder = output_file(dst, src, layout.file_name)
         check_output_path(src, dst, new_folder)
         precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)

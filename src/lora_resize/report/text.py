@@ -45,7 +45,8 @@ def summary(result: ResizeResult) -> str:
     ranks = np.array([x.new_rank for x in result.layers])
     old = np.array([x.old_rank for x in result.layers])
     method = o["method"] or "fixed"
-    setting = f"{method} {o['param']}" if o["method"] else f"rank {o['rank']}"
+    setting = (f"{method} {o['param']}" if o["method"] else
+               f"rank {o['rank']}" if o["rank"] is not None else "ranks kept")
     budget = next((b for b in BUDGETS.values() if o.get(b.name) is not None), None)
     if budget is not None:
         setting = budget.summary(o[budget.name])

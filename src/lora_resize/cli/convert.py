@@ -1,0 +1,34 @@
+"""`lora-resize convert IN -o OUT --to LAYOUT [--arch ARCH] [rank options]`: one LoRA in another layout, every
+layer's update kept (or resized in the same pass when a rank option is given)."""
+from __future__ import annotations
+
+import argparse
+
+from .flags import add_option_groups, add_output_flags, option_values, progress
+from .resize import layer_printer, render
+
+HELP = "write a LoRA in another layout (kohya, comfy, diffusers, onetrainer, peft), exactly"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="LoRA file to convert (.safetensors; .pt/.ckpt read weights-only), or an adapter "
+                                 "folder")
+    p.add_argument("-o", "--output", dest="output", required=True, help="output file (or folder for peft)")
+    p.add_argument("--to", dest="to", required=True, metavar="LAYOUT",
+                   help="kohya (sd-scripts, musubi-tuner), comfy (ComfyUI's diffusion_model.*), diffusers "
+                        "(diffusers, ai-toolkit, SimpleTuner), onetrainer, peft (adapter folder)")
+    add_option_groups(p, "rank", "output", "compute")
+    add_output_flags(p, "per-layer lines in sd-scripts' format")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import OptionsError
+    from ..ops.convert import convert
+
+    if args.output_format not in (None, args.to):
+        raise OptionsError("give the layout once, with --to")
+    fields = option_values(args)
+    fields.pop("output_format")
+    result = convert(args.input, args.output, args.to, progress=progress(args.quiet, "converting"),
+                     on_layer=layer_printer(args, fields.get("method") is not None), **fields)
+    return render(result, args, [])

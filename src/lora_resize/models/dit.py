@@ -1,0 +1,207 @@
+"""The 2025-26 diffusion transformers: native module paths and their diffusers names (facts from the model code
+and diffusers' own LoRA converters; FORMATS.md §3b)."""
+from __future__ import annotations
+
+from .base import Architecture, Mapping, QkvMlp
+
+M = Mapping
+
+
+def same(*templates: str) -> list[Mapping]:
+    """Weights with the same name natively and in diffusers (listed so kohya's flattened names can be read)."""
+    return [Mapping(t, (t,)) for t in templates]
+
+
+def each(prefix: str, *names: str) -> list[str]:
+    return [prefix + n for n in names]
+
+
+QKVO = ("to_q", "to_k", "to_v", "to_out.0")
+
+FLUX1 = Architecture("flux1", "Flux.1 (dev, Kontext, Chroma)", [
+    M("double_blocks.{i}.img_attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                        "transformer_blocks.{i}.attn.to_v")),
+    M("double_blocks.{i}.txt_attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
+                                        "transformer_blocks.{i}.attn.add_k_proj",
+                                        "transformer_blocks.{i}.attn.add_v_proj")),
+    M("double_blocks.{i}.img_attn.proj", ("transformer_blocks.{i}.attn.to_out.0",)),
+    M("double_blocks.{i}.txt_attn.proj", ("transformer_blocks.{i}.attn.to_add_out",)),
+    M("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.net.0.proj",), shape=lambda o, i: o == 4 * i),
+    M("double_blocks.{i}.img_mlp.2", ("transformer_blocks.{i}.ff.net.2",)),
+    M("double_blocks.{i}.txt_mlp.0", ("transformer_blocks.{i}.ff_context.net.0.proj",), shape=lambda o, i: o == 4 * i),
+    M("double_blocks.{i}.txt_mlp.2", ("transformer_blocks.{i}.ff_context.net.2",)),
+    M("double_blocks.{i}.img_mod.lin", ("transformer_blocks.{i}.norm1.linear",)),
+    M("double_blocks.{i}.txt_mod.lin", ("transformer_blocks.{i}.norm1_context.linear",)),
+    M("single_blocks.{i}.linear1", ("single_transformer_blocks.{i}.attn.to_q", "single_transformer_blocks.{i}.attn.to_k",
+                                    "single_transformer_blocks.{i}.attn.to_v", "single_transformer_blocks.{i}.proj_mlp"),
+      QkvMlp(4), shape=lambda o, i: o == 7 * i),
+    M("single_blocks.{i}.linear2", ("single_transformer_blocks.{i}.proj_out",)),
+    M("single_blocks.{i}.modulation.lin", ("single_transformer_blocks.{i}.norm.linear",)),
+    M("img_in", ("x_embedder",)),
+    M("txt_in", ("context_embedder",)),
+    M("time_in.in_layer", ("time_text_embed.timestep_embedder.linear_1",)),
+    M("time_in.out_layer", ("time_text_embed.timestep_embedder.linear_2",)),
+    M("vector_in.in_layer", ("time_text_embed.text_embedder.linear_1",)),
+    M("vector_in.out_layer", ("time_text_embed.text_embedder.linear_2",)),
+    M("guidance_in.in_layer", ("time_text_embed.guidance_embedder.linear_1",)),
+    M("guidance_in.out_layer", ("time_text_embed.guidance_embedder.linear_2",)),
+    M("final_layer.linear", ("proj_out",)),
+    M("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),  # native (shift, scale); diffusers swaps
+], signature=("double_blocks.{i}.img_mlp.0", "single_blocks.{i}.linear1", "double_blocks.{i}.img_attn.qkv"),
+   diffusers_signature=("single_transformer_blocks.{i}.proj_mlp", "single_transformer_blocks.{i}.attn.to_q"))
+
+FLUX2 = Architecture("flux2", "Flux.2 (dev, Klein)", [
+    M("double_blocks.{i}.img_attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                        "transformer_blocks.{i}.attn.to_v")),
+    M("double_blocks.{i}.txt_attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
+                                        "transformer_blocks.{i}.attn.add_k_proj",
+                                        "transformer_blocks.{i}.attn.add_v_proj")),
+    M("double_blocks.{i}.img_attn.proj", ("transformer_blocks.{i}.attn.to_out.0",)),
+    M("double_blocks.{i}.txt_attn.proj", ("transformer_blocks.{i}.attn.to_add_out",)),
+    M("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.linear_in",), shape=lambda o, i: o == 6 * i),
+    M("double_blocks.{i}.img_mlp.2", ("transformer_blocks.{i}.ff.linear_out",)),
+    M("double_blocks.{i}.txt_mlp.0", ("transformer_blocks.{i}.ff_context.linear_in",), shape=lambda o, i: o == 6 * i),
+    M("double_blocks.{i}.txt_mlp.2", ("transformer_blocks.{i}.ff_context.linear_out",)),
+    M("single_blocks.{i}.linear1", ("single_transformer_blocks.{i}.attn.to_qkv_mlp_proj",),
+      shape=lambda o, i: o == 9 * i),
+    M("single_blocks.{i}.linear2", ("single_transformer_blocks.{i}.attn.to_out",)),
+    M("double_stream_modulation_img.lin", ("double_stream_modulation_img.linear",)),
+    M("double_stream_modulation_txt.lin", ("double_stream_modulation_txt.linear",)),
+    M("single_stream_modulation.lin", ("single_stream_modulation.linear",)),
+    M("img_in", ("x_embedder",)),
+    M("txt_in", ("context_embedder",)),
+    M("final_layer.linear", ("proj_out",)),
+    M("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),
+], signature=("double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin"),
+   diffusers_signature=("single_transformer_blocks.{i}.attn.to_qkv_mlp_proj", "transformer_blocks.{i}.ff.linear_in",
+                        "double_stream_modulation_img.linear"))
+
+WAN = Architecture("wan", "Wan 2.1 / 2.2", [
+    *[M(f"blocks.{{i}}.self_attn.{n}", (f"blocks.{{i}}.attn1.{d}",))
+      for n, d in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"))],
+    *[M(f"blocks.{{i}}.cross_attn.{n}", (f"blocks.{{i}}.attn2.{d}",))
+      for n, d in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"), ("k_img", "add_k_proj"),
+                   ("v_img", "add_v_proj"))],
+    M("blocks.{i}.ffn.0", ("blocks.{i}.ffn.net.0.proj",)),
+    M("blocks.{i}.ffn.2", ("blocks.{i}.ffn.net.2",)),
+    M("text_embedding.0", ("condition_embedder.text_embedder.linear_1",)),
+    M("text_embedding.2", ("condition_embedder.text_embedder.linear_2",)),
+    M("time_embedding.0", ("condition_embedder.time_embedder.linear_1",)),
+    M("time_embedding.2", ("condition_embedder.time_embedder.linear_2",)),
+    M("time_projection.1", ("condition_embedder.time_proj",)),
+    M("img_emb.proj.1", ("condition_embedder.image_embedder.ff.net.0.proj",)),
+    M("img_emb.proj.3", ("condition_embedder.image_embedder.ff.net.2",)),
+    M("head.head", ("proj_out",)),
+    M("patch_embedding", ("patch_embedding",)),
+], signature=("blocks.{i}.self_attn.q", "blocks.{i}.cross_attn.q", "blocks.{i}.ffn.0"),
+   diffusers_signature=("blocks.{i}.attn1.to_q", "blocks.{i}.ffn.net.0.proj"))
+
+QWEN = Architecture("qwen_image", "Qwen-Image", same(
+    "img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
+    "time_text_embed.timestep_embedder.linear_2",
+    *each("transformer_blocks.{i}.", *(f"attn.{n}" for n in (*QKVO, "add_q_proj", "add_k_proj", "add_v_proj",
+                                                             "to_add_out")),
+          "img_mod.1", "txt_mod.1", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")),
+    same_names=True,
+                    signature=("transformer_blocks.{i}.img_mod.1", "transformer_blocks.{i}.img_mlp.net.0.proj"),
+                    diffusers_signature=("transformer_blocks.{i}.img_mod.1", "transformer_blocks.{i}.img_mlp.net.0.proj"))
+
+def _z_image(comfy: bool) -> list[Mapping]:
+    """Z-Image's weights: musubi-tuner and diffusers name them alike (attention to_q/to_k/to_v/to_out.0); ComfyUI's
+    model fuses the attention's q, k, v into `attention.qkv` and names its output `attention.out`."""
+    groups = ("layers", "noise_refiner", "context_refiner")
+    fused = []
+    if comfy:
+        for g in groups:
+            p = f"{g}.{{i}}.attention."
+            fused += [M(p + "qkv", (p + "to_q", p + "to_k", p + "to_v")), M(p + "out", (p + "to_out.0",))]
+    attn = () if comfy else QKVO
+    return fused + same(*[f"{g}.{{i}}.{n}" for g in groups
+                          for n in (*(f"attention.{t}" for t in attn), "feed_forward.w1", "feed_forward.w2",
+                                    "feed_forward.w3", "adaLN_modulation.0")],
+                        "t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.1")
+
+
+Z_IMAGE_SIGNATURE = ("layers.{i}.feed_forward.w1", "noise_refiner.{i}.", "context_refiner.{i}.")
+Z_IMAGE = Architecture("z_image", "Z-Image", _z_image(False), same_names=True, signature=Z_IMAGE_SIGNATURE,
+                       diffusers_signature=Z_IMAGE_SIGNATURE,
+                       comfy=Architecture("z_image", "Z-Image (ComfyUI)", _z_image(True), same_names=True,
+                                          signature=("layers.{i}.attention.qkv",)))
+
+LTX2 = Architecture("ltx2", "LTX-2", [
+    M("patchify_proj", ("proj_in",)),
+    M("audio_patchify_proj", ("audio_proj_in",)),
+    *[M(f"{n}adaln_single.{t}", (f"{n}time_embed.{t}",)) for n in ("", "audio_")
+      for t in ("linear", "emb.timestep_embedder.linear_1", "emb.timestep_embedder.linear_2")],
+    *same(*[f"transformer_blocks.{{i}}.{a}.{t}" for a in ("attn1", "attn2", "audio_attn1", "audio_attn2",
+                                                          "audio_to_video_attn", "video_to_audio_attn") for t in QKVO],
+          *each("transformer_blocks.{i}.", "ff.net.0.proj", "ff.net.2", "audio_ff.net.0.proj", "audio_ff.net.2"),
+          "proj_out", "audio_proj_out", "caption_projection.linear_1", "caption_projection.linear_2",
+          "audio_caption_projection.linear_1", "audio_caption_projection.linear_2"),
+], same_names=True, signature=("transformer_blocks.{i}.audio_attn1.to_q", "audio_patchify_proj"),
+   diffusers_signature=("transformer_blocks.{i}.audio_attn1.to_q", "audio_proj_in"))
+
+def _hidream_block(p: str, text: bool) -> list[str]:
+    attn = ["to_q", "to_k", "to_v", "to_out"] + (["to_q_t", "to_k_t", "to_v_t", "to_out_t"] if text else [])
+    ff = [f"ff_i.experts.{{j}}.{w}" for w in ("w1", "w2", "w3")] + [f"ff_i.shared_experts.{w}" for w in ("w1", "w2", "w3")]
+    ff += [f"ff_t.{w}" for w in ("w1", "w2", "w3")] if text else []
+    return each(p, *(f"attn1.{a}" for a in attn), *ff, "adaLN_modulation.1")
+
+
+HIDREAM = Architecture("hidream", "HiDream-I1", same(
+    *_hidream_block("double_stream_blocks.{i}.block.", True), *_hidream_block("single_stream_blocks.{i}.block.", False),
+    "x_embedder.proj", "t_embedder.timestep_embedder.linear_1", "t_embedder.timestep_embedder.linear_2",
+    "p_embedder.pooled_embedder.linear_1", "p_embedder.pooled_embedder.linear_2", "caption_projection.{i}.linear",
+    "final_layer.linear", "final_layer.adaLN_modulation.1"), same_names=True,
+                       signature=("double_stream_blocks.{i}.block.", "single_stream_blocks.{i}.block."),
+                       diffusers_signature=("double_stream_blocks.{i}.block.", "single_stream_blocks.{i}.block."))
+
+SD3 = Architecture("sd3", "SD3 / SD3.5", [
+    M("joint_blocks.{i}.x_block.attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                           "transformer_blocks.{i}.attn.to_v")),
+    M("joint_blocks.{i}.x_block.attn.proj", ("transformer_blocks.{i}.attn.to_out.0",)),
+    M("joint_blocks.{i}.x_block.attn2.qkv", ("transformer_blocks.{i}.attn2.to_q", "transformer_blocks.{i}.attn2.to_k",
+                                            "transformer_blocks.{i}.attn2.to_v")),
+    M("joint_blocks.{i}.x_block.attn2.proj", ("transformer_blocks.{i}.attn2.to_out.0",)),
+    M("joint_blocks.{i}.x_block.mlp.fc1", ("transformer_blocks.{i}.ff.net.0.proj",)),
+    M("joint_blocks.{i}.x_block.mlp.fc2", ("transformer_blocks.{i}.ff.net.2",)),
+    M("joint_blocks.{i}.x_block.adaLN_modulation.1", ("transformer_blocks.{i}.norm1.linear",)),
+    M("joint_blocks.{i}.context_block.attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
+                                                 "transformer_blocks.{i}.attn.add_k_proj",
+                                                 "transformer_blocks.{i}.attn.add_v_proj")),
+    M("joint_blocks.{i}.context_block.attn.proj", ("transformer_blocks.{i}.attn.to_add_out",)),
+    M("joint_blocks.{i}.context_block.mlp.fc1", ("transformer_blocks.{i}.ff_context.net.0.proj",)),
+    M("joint_blocks.{i}.context_block.mlp.fc2", ("transformer_blocks.{i}.ff_context.net.2",)),
+    M("joint_blocks.{i}.context_block.adaLN_modulation.1", ("transformer_blocks.{i}.norm1_context.linear",)),
+], signature=("joint_blocks.{i}.x_block.", "joint_blocks.{i}.context_block."), diffusers_signature=())
+
+def _hv15_stream(s: str, attn: tuple[str, ...], proj: str, ff: str, norm: str, comfy: bool) -> list[Mapping]:
+    """One stream (img or txt) of a HunyuanVideo 1.5 double block: musubi-tuner's split attention and `fc1/fc2`,
+    `mod.linear` names, or ComfyUI's fused `attn.qkv` and `mlp.0/2`, `mod.lin` (and the `attn_qkv` spelling its key
+    map also reads)."""
+    p, t = f"double_blocks.{{i}}.{s}_", "transformer_blocks.{i}."
+    qkv = tuple(t + f"attn.{a}" for a in attn)
+    if comfy:
+        return [M(p + "attn.qkv", qkv), M(p + "attn_qkv", qkv), M(p + "attn.proj", (t + f"attn.{proj}",)),
+                M(p + "mlp.0", (t + f"{ff}.net.0.proj",)), M(p + "mlp.2", (t + f"{ff}.net.2",)),
+                M(p + "mod.lin", (t + f"{norm}.linear",))]
+    return [*[M(p + f"attn_{n}", (d,)) for n, d in zip("qkv", qkv)], M(p + "attn_proj", (t + f"attn.{proj}",)),
+            M(p + "mlp.fc1", (t + f"{ff}.net.0.proj",)), M(p + "mlp.fc2", (t + f"{ff}.net.2",)),
+            M(p + "mod.linear", (t + f"{norm}.linear",))]
+
+
+def _hv15(comfy: bool) -> list[Mapping]:
+    return (_hv15_stream("img", ("to_q", "to_k", "to_v"), "to_out.0", "ff", "norm1", comfy)
+            + _hv15_stream("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out", "ff_context",
+                           "norm1_context", comfy))
+
+
+# ComfyUI's own HunyuanVideo 1.5 (its flux-style blocks): it maps no split q/k/v, so a ComfyUI-bound file fuses them
+# (down stacked, up block-diagonal; alpha x3 under sd-scripts' rule, as musubi-tuner's converter does)
+HUNYUAN_VIDEO15_COMFY = Architecture("hunyuan_video15", "HunyuanVideo 1.5 (ComfyUI)", _hv15(True),
+                                     signature=("double_blocks.{i}.img_attn.qkv", "double_blocks.{i}.img_mlp.0"))
+HUNYUAN_VIDEO15 = Architecture("hunyuan_video15", "HunyuanVideo 1.5", _hv15(False),
+                               signature=("double_blocks.{i}.img_attn_q", "double_blocks.{i}.img_mlp.fc1"),
+                               comfy=HUNYUAN_VIDEO15_COMFY)
+
+ARCHITECTURES = (FLUX1, FLUX2, WAN, QWEN, Z_IMAGE, LTX2, HIDREAM, SD3, HUNYUAN_VIDEO15)
