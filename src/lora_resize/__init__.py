@@ -12,12 +12,12 @@ from .errors import (DeviceError, InputFileError, LoraResizeError, LoraStructure
                      OptionsError, OutputFileError)
 
 _LAZY = {
-    "resize": "ops.resize", "merge": "ops.merge", "Source": "ops.merge", "analyze": "ops.analyze",
+    "resize": "ops.resize", "convert": "ops.convert", "merge": "ops.merge", "Source": "ops.merge", "analyze": "ops.analyze",
     "Analysis": "results", "SettingRow": "results", "ResizeResult": "results", "LayerResult": "results",
     "ResizeOptions": "options", "decompose": "core.decompose", "Decomposition": "core.decompose",
 }
 
-__all__ = ["__version__", "resize", "analyze", "Analysis", "SettingRow", "merge", "Source", "ResizeOptions",
+__all__ = ["__version__", "resize", "convert", "analyze", "Analysis", "SettingRow", "merge", "Source", "ResizeOptions",
            "ResizeResult", "LayerResult", "decompose", "Decomposition", "LoraResizeError", "OptionsError",
            "InputFileError", "LoraStructureError", "NumericalError", "OutputFileError", "DeviceError"]
 

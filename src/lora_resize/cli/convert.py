@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .flags import add_option_groups, add_output_flags, option_values, progress
+from .flags import add_option_groups, add_output_flags, choices_of, option_values, progress
 from .resize import layer_printer, render
 
 HELP = "write a LoRA in another layout (kohya, comfy, diffusers, onetrainer, peft), exactly"
@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="LoRA file to convert (.safetensors; .pt/.ckpt read weights-only), or an adapter "
                                  "folder")
     p.add_argument("-o", "--output", dest="output", required=True, help="output file (or folder for peft)")
-    p.add_argument("--to", dest="to", required=True, metavar="LAYOUT",
+    p.add_argument("--to", dest="to", required=True, metavar="LAYOUT", choices=choices_of("conversions"),
                    help="kohya (sd-scripts, musubi-tuner), comfy (ComfyUI's diffusion_model.*), diffusers "
                         "(diffusers, ai-toolkit, SimpleTuner), onetrainer, peft (adapter folder)")
     add_option_groups(p, "rank", "output", "compute")

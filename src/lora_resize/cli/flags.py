@@ -17,7 +17,7 @@ class Parser(argparse.ArgumentParser):
         raise OptionsError(f"{message} (see {self.prog} --help)")
 
 
-def _choices(spec):
+def choices_of(spec):
     if spec == "conversions":  # the layouts --output-format can write: from the formats' registry
         from ..formats import output_formats
         return output_formats()
@@ -35,7 +35,7 @@ def add_option_groups(p: argparse.ArgumentParser, *groups: str) -> None:
                 continue
             kwargs = dict(meta["argparse"])
             if "choices" in kwargs:
-                kwargs["choices"] = _choices(kwargs["choices"])
+                kwargs["choices"] = choices_of(kwargs["choices"])
             default = defaults[f.name].default
             if kwargs.get("action") == "append":
                 default = []

@@ -106,7 +106,8 @@ def read_name(name: str, scheme: str, arch: Architecture | None) -> Name | None:
         return _dotted(arch, name.removeprefix(f"{arch.component}."), "diffusers")
     if scheme in ("diffsynth", "peft"):
         name = name.removeprefix(PEFT_PREFIX)
-        return _dotted(arch, name, "native") or _dotted(arch, name, "diffusers")
+        return (_dotted(arch, name, "native", False) or _dotted(arch, name, "diffusers", False)
+                or _dotted(arch, name, "native"))
     return None
 
 
@@ -130,14 +131,16 @@ def _flat(arch: Architecture, flat: str, space: str) -> Name | None:
     return None
 
 
-def _dotted(arch: Architecture, path: str, space: str) -> Name | None:
+def _dotted(arch: Architecture, path: str, space: str, same_names: bool = True) -> Name | None:
+    """`path` read in `space` ('diffusers', or 'native': the trainers' or ComfyUI's names), through the tables or,
+    for a family that keeps diffusers' names (`same_names`), as it is."""
     if space == "diffusers":
-        known = arch.diffusers_of(path) is not None or arch.same_names
+        known = arch.diffusers_of(path) is not None or (same_names and arch.same_names)
         return Name(space, arch.component, path) if known else None
     for sp in _native_spaces(arch):
         if tables(arch, sp).native_of(path) is not None:
             return Name(sp, arch.component, path)
-    return Name("native", arch.component, path) if arch.same_names else None
+    return Name("native", arch.component, path) if same_names and arch.same_names else None
 
 
 def detect_arch(layout: Layout, scheme: str, wanted: str | None, infos: TMapping[str, TensorInfo],

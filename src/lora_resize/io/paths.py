@@ -41,13 +41,15 @@ def resolve_input(path: Path) -> Path:
 
 def output_file(dst: str | os.PathLike, src: Path, file_name: str | None) -> tuple[Path, bool]:
     """The file to write for output `dst`, and whether its folder is to be made. `dst` may name a folder (a path
-    ending in '/', or an existing folder without a tensor-file suffix, as PEFT's save_pretrained makes): the file
+    ending in '/', an existing folder without a tensor-file suffix, as PEFT's save_pretrained makes, or a new path
+    without a suffix when the layout is a folder's, `file_name` set): the file
     is then `file_name` in it (the input's name when None), and a missing folder is made when the output is
     written, never when the job fails. (A folder named like a file, `out.safetensors/`, stays an error.)"""
     text = os.fspath(dst)
     path = Path(text)
-    folder = text.endswith(("/", os.sep)) or (path.is_dir() and not path.is_symlink()
-                                              and path.suffix.lower() not in OUTPUT_SUFFIXES)
+    folder = (text.endswith(("/", os.sep)) or (path.is_dir() and not path.is_symlink()
+                                               and path.suffix.lower() not in OUTPUT_SUFFIXES)
+              or (file_name is not None and path.suffix == "" and not path.exists()))
     if folder:
         return path / (file_name or Path(src.name).with_suffix(".safetensors").name), not path.is_dir()
     return path, False

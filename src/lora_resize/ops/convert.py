@@ -38,7 +38,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, options: Re
     option_fields = {**option_fields, "output_format": to}
     if not any(option_fields.get(f) for f in RANK_SETTINGS):
         option_fields["ranks"] = full_ranks(src, to, option_fields.get("arch"))
-    return resize(src, dst, ResizeOptions(**option_fields), progress=progress, on_layer=on_layer)
+    result = resize(src, dst, ResizeOptions(**option_fields), progress=progress, on_layer=on_layer)
+    if not any(n.startswith("key names converted") for n in result.notes):
+        result.notes.append(f"{result.src.name} is already in the {to} layout: its modules keep their names")
+    return result
 
 
 def full_ranks(src: str | os.PathLike, to: str, arch: str | None) -> dict[str, int]:

@@ -15,7 +15,9 @@ import torch
 from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, compute_device
 from ..errors import LoraStructureError, OptionsError
-from ..formats import Module, key_family, read_layout
+from ..formats import Layout, Module, convert, detect, key_family
+from ..formats.convert import TARGETS, ConvertedLayout, detect_arch, scheme_of
+from ..models import SD
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import TensorSource, open_tensor_file
@@ -74,6 +76,36 @@ def merged_job(name: str, members: list[tuple[float, Module, TensorSource]]) -> 
                     sum(factor_bytes(m, src.infos()) for _, m, src in members))
 
 
+def in_one_layout(layouts: list[Layout], readers: list, opts: ResizeOptions) -> list[Layout]:
+    """The inputs' layouts written in one: --output-format's, else the first input's when they differ (a kohya and
+    an ai-toolkit Flux LoRA merge in kohya's). Raises OptionsError when the first input's layout is not one that
+    others convert to, LoraStructureError when the inputs are for different models."""
+    schemes = [scheme_of(lay) for lay in layouts]
+    target = opts.output_format
+    if target is None and len(set(schemes)) > 1:
+        if schemes[0] not in TARGETS:
+            raise OptionsError(f"the inputs are in different layouts ({', '.join(sorted(set(schemes)))}); give "
+                               f"--output-format ({', '.join(TARGETS)}) to merge them in one")
+        target = schemes[0]
+    out = [convert(lay, target, r.infos(), r.metadata, opts.arch) for lay, r in zip(layouts, readers)]
+    archs = {model_of(lay, scheme, r) for lay, scheme, r in zip(out, schemes, readers)} - {None}
+    if len(archs) > 1 and opts.arch is None:
+        raise LoraStructureError(f"the inputs are LoRAs of different models ({', '.join(sorted(archs))}); merge "
+                                 "LoRAs of one model (or give --arch when one was misread)")
+    return out
+
+
+def model_of(layout: Layout, scheme: str, reader) -> str | None:
+    """The architecture a layout's modules belong to (None when no known one reads them)."""
+    if isinstance(layout, ConvertedLayout):
+        return layout.arch
+    try:
+        arch = detect_arch(layout, scheme, None, reader.infos(), reader.metadata)
+    except LoraStructureError:
+        return None
+    return arch.name if arch is not None else SD
+
+
 def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, options: ResizeOptions | None = None, *,
           progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
           **option_fields) -> ResizeResult:
@@ -96,11 +128,9 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     local_path(dst, "output")
     device = compute_device(opts.device)
     with ExitStack() as stack:
-        readers, layouts = [], []
-        for s in live:
-            r = stack.enter_context(open_tensor_file(s.path))
-            readers.append(r)
-            layouts.append(read_layout(r.infos(), r.metadata, s.path, opts.output_format, opts.arch))
+        readers = [stack.enter_context(open_tensor_file(s.path)) for s in live]
+        layouts = in_one_layout([detect(r.infos(), r.metadata, s.path) for s, r in zip(live, readers)], readers,
+                                opts)
         dst, new_folder = output_file(dst, live[0].path, layouts[0].file_name)
         for s in live:
             check_output_path(s.path, dst, new_folder)

@@ -24,7 +24,7 @@ def layer_rank(sp: Spectrum, opts) -> RankChoice:
     """The rank of one kept layer under `opts` (a ResizeOptions) without a budget, or with the budget's plan in
     `opts.ranks`. Raises OptionsError when a fixed-rank setting gives the layer no rank."""
     if opts.ranks and sp.name in opts.ranks:  # a plan's or a conversion's: above the layer's rank keeps all of it
-        choice = choose_rank(sp.S, sp.full_size, FIXED, None, int(opts.ranks[sp.name]), opts.rank_rule)
+        choice = choose_rank(sp.S, sp.full_size, FIXED, None, int(opts.ranks[sp.name]), "exact")
         return RankChoice(choice.rank, False, choice.zero_layer)
     rule = first_match(opts.block_rules, sp.name) if opts.block_rules else None
     if rule is not None and rule.action == "rank":

@@ -1,0 +1,244 @@
+"""Layout conversion (`lora-resize convert`, `--output-format` on resize and merge), judged by dense float64
+updates: a round trip through any target layout gives back every module's exact update and rank; fused <-> split
+rows land where the model puts them (Flux, written out by hand here, not read from the tables); the alpha
+conventions; SD/SDXL kohya names; merging the same model's LoRAs across layouts. diffusers' own converters and
+loaders judge the same conversions in tests/oracles/test_convert_loaders.py."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lora_resize
+from lora_resize.cli import main
+from lora_resize.testing import archs, loras
+
+from helpers import best_rank_k, load_st, rel_err, write_lora
+
+TARGETS = ("kohya", "comfy", "diffusers", "onetrainer", "peft")
+KOHYA_LIKE = {"musubi", "musubi__", "comfy", "onetrainer"}
+EXACT = 1e-6
+
+
+def family_lora(family: str, layout: str, rank: int = 4, seed: int = 0):
+    fn, tiny, _ = archs.NATIVE[family]
+    shapes = fn(**tiny)
+    sd = loras.lora_state_dict(shapes, layout, rank=rank, alpha=2.0 if layout in KOHYA_LIKE else None, seed=seed)
+    return shapes, sd
+
+
+def dw(sd: dict, name: str, style: str) -> torch.Tensor:
+    """A module's scaled update, read the way kohya/ComfyUI (alpha / rank, none: 1) and A/B files (1) read it."""
+    dk, uk, ak = loras.lora_keys(name, style)
+    down, up = sd[dk].double(), sd[uk].double()
+    r = down.shape[0]
+    scale = float(sd[ak]) / r if ak in sd else 1.0
+    return up.reshape(up.shape[0], -1) @ down.reshape(r, -1) * scale
+
+
+def out_file(tmp_path, target: str, name: str):
+    return tmp_path / name if target == "peft" else tmp_path / f"{name}.safetensors"
+
+
+CASES = [(f, layouts[0], t) for f, (_, _, layouts) in archs.NATIVE.items() for t in TARGETS]
+CASES += [(f, layout, "diffusers") for f, (_, _, layouts) in archs.NATIVE.items() for layout in layouts[1:]]
+
+
+@pytest.mark.parametrize("family, layout, target", CASES)
+def test_a_round_trip_through_any_layout_keeps_every_update_and_rank(tmp_path, family, layout, target):
+    shapes, sd = family_lora(family, layout)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    mid = lora_resize.convert(src, out_file(tmp_path, target, "mid"), target, precision="float")
+    assert all(r.new_rank == r.old_rank for r in mid.layers)  # a conversion changes no rank
+    back = lora_resize.convert(mid.dst, tmp_path / "back.safetensors", "kohya", precision="float")
+    out, meta = load_st(back.dst)
+    assert set(out) == {k for m in shapes for k in loras.lora_keys(m.name, "musubi")}  # the trainer's names
+    for m in shapes:
+        dk, _, _ = loras.lora_keys(m.name, "musubi")
+        assert out[dk].shape[0] == sd[loras.lora_keys(m.name, layout)[0]].shape[0], m.name  # the same rank
+        assert rel_err(dw(out, m.name, "musubi"), dw(sd, m.name, layout)) < EXACT, m.name
+
+
+def test_flux_fused_and_split_rows_land_where_the_model_puts_them(tmp_path):
+    """Flux.1 at width d = 16: img_attn.qkv -> to_q, to_k, to_v (d rows each); single-block linear1 -> to_q, to_k,
+    to_v (d each) and proj_mlp (4d); final_layer.adaLN_modulation.1 -> norm_out.linear with its (shift, scale)
+    halves swapped; each part keeps the fused module's rank (its rows of up, the shared down)."""
+    d = 16
+    fn, tiny, _ = archs.NATIVE["flux1"]
+    shapes = fn(**tiny) + [archs.ModuleShape("final_layer.adaLN_modulation.1", 2 * d, d)]
+    sd = loras.lora_state_dict(shapes, "musubi", rank=4, alpha=2.0, seed=0)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    lora_resize.convert(src, tmp_path / "d.safetensors", "diffusers", precision="float")
+    out, _ = load_st(tmp_path / "d.safetensors")
+
+    def got(path):
+        a, b = out[f"transformer.{path}.lora_A.weight"].double(), out[f"transformer.{path}.lora_B.weight"].double()
+        return b @ a
+    qkv = dw(sd, "double_blocks.0.img_attn.qkv", "musubi")
+    for i, p in enumerate(("to_q", "to_k", "to_v")):
+        assert rel_err(got(f"transformer_blocks.0.attn.{p}"), qkv[i * d:(i + 1) * d]) < EXACT
+        assert out[f"transformer.transformer_blocks.0.attn.{p}.lora_A.weight"].shape[0] == 4
+    txt = dw(sd, "double_blocks.0.txt_attn.qkv", "musubi")
+    assert rel_err(got("transformer_blocks.0.attn.add_v_proj"), txt[2 * d:]) < EXACT
+    linear1 = dw(sd, "single_blocks.0.linear1", "musubi")
+    for path, rows in (("attn.to_q", (0, d)), ("attn.to_k", (d, 2 * d)), ("attn.to_v", (2 * d, 3 * d)),
+                       ("proj_mlp", (3 * d, 7 * d))):
+        assert rel_err(got(f"single_transformer_blocks.0.{path}"), linear1[rows[0]:rows[1]]) < EXACT, path
+    ada = dw(sd, "final_layer.adaLN_modulation.1", "musubi")
+    assert rel_err(got("norm_out.linear"), torch.cat([ada[ada.shape[0] // 2:], ada[:ada.shape[0] // 2]])) < EXACT
+    assert rel_err(got("transformer_blocks.0.ff.net.0.proj"), dw(sd, "double_blocks.0.img_mlp.0", "musubi")) < EXACT
+
+
+def test_split_parts_fuse_block_diagonally_with_the_alpha_convention_stated(tmp_path):
+    """Parts split from one fused module (scale 1, rank 4 each, one shared down) fuse back to its numerical rank,
+    4; under --rank-rule kohya its alpha is its scale times that rank, by default the file's one alpha."""
+    shapes, sd = family_lora("flux1", "musubi")
+    mid = lora_resize.convert(write_lora(tmp_path / "in.safetensors", sd), tmp_path / "d.safetensors", "diffusers",
+                              precision="float").dst
+    for rule, want in (("kohya", 4.0), ("exact", None)):
+        dst = tmp_path / f"k_{rule}.safetensors"
+        lora_resize.convert(mid, dst, "kohya", precision="float", rank_rule=rule)
+        out, _ = load_st(dst)
+        name = "lora_unet_double_blocks_0_img_attn_qkv"
+        assert out[name + ".lora_down.weight"].shape[0] == 4  # rank 12 of a rank-4 update: its numerical rank
+        alphas = {float(v) for k, v in out.items() if k.endswith(".alpha")}
+        if want is None:
+            assert len(alphas) == 1  # one alpha for every layer
+        else:
+            # sd-scripts' rule: the fused module's scale (1) times its new rank
+            assert float(out[name + ".alpha"]) == pytest.approx(want)
+        assert rel_err(dw(out, "double_blocks.0.img_attn.qkv", "musubi"),
+                       dw(sd, "double_blocks.0.img_attn.qkv", "musubi")) < EXACT
+
+
+def test_fused_alpha_is_three_times_a_part_alpha_when_parts_keep_their_rank(tmp_path):
+    """Three rank-4 parts with independent updates fuse to rank 12: under --rank-rule kohya the fused alpha is
+    three times the parts' (scale kept), as musubi-tuner's ComfyUI converter writes it."""
+    d, g = 16, torch.Generator().manual_seed(5)
+    sd = {}
+    for p in ("to_q", "to_k", "to_v"):
+        sd[f"transformer.transformer_blocks.0.attn.{p}.lora_A.weight"] = torch.randn(4, d, generator=g)
+        sd[f"transformer.transformer_blocks.0.attn.{p}.lora_B.weight"] = torch.randn(d, 4, generator=g)
+        sd[f"transformer.transformer_blocks.0.attn.{p}.alpha"] = torch.tensor(2.0)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    dst = tmp_path / "k.safetensors"
+    lora_resize.convert(src, dst, "kohya", arch="flux1", rank_rule="kohya", precision="float")
+    out, _ = load_st(dst)
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert out[name + ".lora_down.weight"].shape[0] == 12 and float(out[name + ".alpha"]) == pytest.approx(6.0)
+    fused = dw(out, "double_blocks.0.img_attn.qkv", "musubi")
+    for i, p in enumerate(("to_q", "to_k", "to_v")):
+        a = sd[f"transformer.transformer_blocks.0.attn.{p}.lora_A.weight"].double()
+        b = sd[f"transformer.transformer_blocks.0.attn.{p}.lora_B.weight"].double()
+        assert rel_err(fused[i * d:(i + 1) * d], b @ a * 0.5) < EXACT, p
+
+
+def test_resizing_while_converting_truncates_each_part_on_its_own(tmp_path):
+    shapes, sd = family_lora("flux1", "musubi", rank=8)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    dst = tmp_path / "d.safetensors"
+    assert main(["convert", str(src), "-o", str(dst), "--to", "diffusers", "--method", "sv_fro", "--param", "0.8",
+                 "--precision", "float", "-q"]) == 0
+    out, _ = load_st(dst)
+    qkv = dw(sd, "double_blocks.0.img_attn.qkv", "musubi")
+    ranks = set()
+    for i, p in enumerate(("to_q", "to_k", "to_v")):
+        a = out[f"transformer.transformer_blocks.0.attn.{p}.lora_A.weight"].double()
+        b = out[f"transformer.transformer_blocks.0.attn.{p}.lora_B.weight"].double()
+        ranks.add(a.shape[0])
+        assert rel_err(b @ a, best_rank_k(qkv[i * 16:(i + 1) * 16], a.shape[0])) < 1e-5, p
+
+
+def test_sd_kohya_names_round_trip_sgm_for_sdxl(tmp_path):
+    """sd-scripts' SDXL files key the UNet by the sgm model's paths (lora_unet_input_blocks_4_1_...): through
+    diffusers and back they get the same keys; SD1.5's diffusers-style kohya names likewise; to ComfyUI and
+    OneTrainer Stable Diffusion keeps kohya's names (what both read)."""
+    for name, shapes in (("sdxl", archs.sdxl(**archs.TINY["sdxl"])), ("sd15", archs.sd15(**archs.TINY["sd15"]))):
+        sd = loras.lora_state_dict(shapes, "kohya", rank=4, alpha=2.0, seed=1)
+        src = write_lora(tmp_path / f"{name}.safetensors", sd)
+        mid = lora_resize.convert(src, tmp_path / f"{name}_d.safetensors", "diffusers", precision="float").dst
+        d, _ = load_st(mid)
+        assert all(k.split(".")[0] in ("unet", "text_encoder", "text_encoder_2") for k in d)
+        back = lora_resize.convert(mid, tmp_path / f"{name}_k.safetensors", "kohya", precision="float").dst
+        out, _ = load_st(back)
+        assert set(out) == set(sd), name
+        for k in (k for k in sd if k.endswith(".lora_down.weight")):
+            base = k[: -len(".lora_down.weight")]
+            want = (sd[base + ".lora_up.weight"].double().flatten(1) @ sd[k].double().flatten(1)) * 0.5
+            got = out[base + ".lora_up.weight"].double().flatten(1) @ out[k].double().flatten(1)
+            got = got * float(out[base + ".alpha"]) / out[k].shape[0]
+            assert rel_err(got, want) < EXACT, base
+        comfy = lora_resize.convert(src, tmp_path / f"{name}_c.safetensors", "comfy")
+        assert set(load_st(comfy.dst)[0]) == set(sd)
+
+
+def test_peft_target_writes_an_adapter_folder_with_every_module_described(tmp_path):
+    shapes, sd = family_lora("wan", "musubi", rank=8)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    res = lora_resize.convert(src, tmp_path / "adapter", "peft", method="sv_fro", param=0.95, precision="float")
+    assert res.dst == tmp_path / "adapter" / "adapter_model.safetensors"
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    out, _ = load_st(res.dst)
+    assert cfg["peft_type"] == "LORA" and len(cfg["target_modules"]) == len(shapes)
+    assert all(k.startswith("base_model.model.") for k in out)
+    ranks = {k[len("base_model.model."):-len(".lora_A.weight")]: v.shape[0] for k, v in out.items()
+             if k.endswith(".lora_A.weight")}
+    assert len(set(ranks.values())) > 1
+    for path, k in ranks.items():  # each module's rank and alpha (scale 1: alpha = rank) as PEFT resolves them
+        assert cfg["rank_pattern"].get(path, cfg["r"]) == k
+        assert cfg["alpha_pattern"].get(path, cfg["lora_alpha"]) == k
+
+
+def test_merge_across_layouts_of_one_model(tmp_path):
+    """A kohya/musubi Flux LoRA and a diffusers-layout (ai-toolkit) one merge in the first input's layout, each
+    layer the exact weighted sum; LoRAs of different models, or a first input whose layout others cannot be
+    written in, are refused with the way out."""
+    shapes, a = family_lora("flux1", "musubi", seed=1)
+    _, b0 = family_lora("flux1", "musubi", seed=2)
+    fa = write_lora(tmp_path / "a.safetensors", a)
+    fb = lora_resize.convert(write_lora(tmp_path / "b0.safetensors", b0), tmp_path / "b.safetensors",
+                             "diffusers").dst
+    res = lora_resize.merge([fa, f"{fb}:0.5"], tmp_path / "m.safetensors", rank=16, precision="float")
+    assert res.format == "kohya"
+    out, _ = load_st(res.dst)
+    for m in shapes:
+        assert rel_err(dw(out, m.name, "musubi"), dw(a, m.name, "musubi") + 0.5 * dw(b0, m.name, "musubi")) < EXACT
+    res = lora_resize.merge([fb, fa], tmp_path / "m2.safetensors", rank=16, precision="float")  # diffusers first
+    assert res.format == "diffusers" and all(k.startswith("transformer.") for k in load_st(res.dst)[0])
+    _, w = family_lora("wan", "musubi")
+    fw = write_lora(tmp_path / "w.safetensors", w)
+    fbw = lora_resize.convert(fw, tmp_path / "wd.safetensors", "diffusers").dst
+    with pytest.raises(lora_resize.LoraStructureError, match="different models"):
+        lora_resize.merge([fb, fbw], tmp_path / "x.safetensors", rank=4)
+    _, t = family_lora("flux1", "ai_toolkit")
+    ft = write_lora(tmp_path / "t.safetensors", t)
+    with pytest.raises(lora_resize.OptionsError, match="give --output-format"):
+        lora_resize.merge([ft, fa], tmp_path / "x.safetensors", rank=4)
+    res = lora_resize.merge([ft, fa], tmp_path / "m3.safetensors", rank=16, output_format="comfy", precision="float")
+    assert all(k.startswith("diffusion_model.") for k in load_st(res.dst)[0])
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_convert_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    shapes, sd = family_lora("flux1", "musubi")
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    llm = write_lora(tmp_path / "llm.safetensors", loras.lora_state_dict(
+        archs.llama(hidden=16, kv=8, inter=24, layers=1), "peft", rank=4, seed=2))
+    for argv, why in (([str(src), "--to", "a1111"], "invalid choice"),
+                      ([str(llm), "--to", "kohya"], "reads as a known architecture"),
+                      ([str(src), "--to", "diffusers", "--arch", "wan"], "does not read as a Wan"),
+                      ([str(src), "--to", "diffusers", "--output-format", "kohya"], "give the layout once"),
+                      ([str(src)], "--to")):
+        capsys.readouterr()
+        assert main(["convert", *argv, "-o", str(tmp_path / "x.safetensors"), "-q"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("lora-resize: error:") and why in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.safetensors").exists()
+    # the same layout: written as it is, every update kept
+    assert main(["convert", str(src), "-o", str(tmp_path / "same.safetensors"), "--to", "kohya", "-q"]) == 0
+    assert "already in the kohya layout" in capsys.readouterr().out
+    out, _ = load_st(tmp_path / "same.safetensors")
+    assert set(out) == set(sd)
+    for m in shapes:
+        assert rel_err(dw(out, m.name, "musubi"), dw(sd, m.name, "musubi")) < EXACT
