@@ -110,7 +110,9 @@ SD15_CH = (8, 16, 32, 32)
 
 
 @pytest.mark.parametrize("args", [("--rank", "5", "--conv-rank", "4"), ("--method", "sv_fro", "--param", "0.95",
-                                                                      "--rank", "6")], ids=["fixed", "dynamic"])
+                                                                      "--rank", "6"),
+                                  ("--method", "sv_fro", "--param", "0.95", "--output-format", "diffusers")],
+                         ids=["fixed", "dynamic", "dynamic-to-diffusers"])
 def test_sd15_locon_loads_in_diffusers_with_exact_deltas(tmp_path, args):
     """Fixed and dynamic resizes alike: every layer carries one alpha (its own ratio in its factors), so diffusers,
     which gives SD attention and CLIP layers the file's most common alpha, applies each at its strength (before,
@@ -130,6 +132,10 @@ def test_sd15_locon_loads_in_diffusers_with_exact_deltas(tmp_path, args):
         sd[m.name + ".alpha"] = torch.tensor(6.0)
     src = write_lora(tmp_path / "sd15.safetensors", sd)
     out, _ = resize(src, tmp_path / "small.safetensors", *args)
+    if "--output-format" in args:  # diffusers' names: unet.<path>, text_encoder.<path> (kohya: '.' as '_')
+        assert all(k.split(".")[0] in ("unet", "text_encoder") for k in out)
+        out = {"lora_" + k.replace("text_encoder.", "te.").replace(".lora_A.weight", "").replace(".", "_")
+               + ".lora_down.weight": v for k, v in out.items() if k.endswith(".lora_A.weight")}
     ranks = ranks_of(out)
     assert len(ranks) == len(shapes)
     if args[0] == "--rank":
@@ -176,7 +182,7 @@ def sgm_to_diffusers(name: str) -> str:
     return f"up_blocks_{b}_{['resnets', 'attentions'][inner]}_{j}_{rest}"
 
 
-def test_sdxl_lora_loads_in_diffusers_with_exact_deltas(tmp_path):
+def sdxl_pipeline():
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8, block_out_channels=SDXL_CH, layers_per_block=LPB, cross_attention_dim=24,
@@ -187,23 +193,43 @@ def test_sdxl_lora_loads_in_diffusers_with_exact_deltas(tmp_path):
     pipe = StableDiffusionXLPipeline(vae=None, text_encoder=te1, text_encoder_2=te2, tokenizer=None,
                                      tokenizer_2=None, unet=unet, scheduler=EulerDiscreteScheduler(steps_offset=1))
     shapes = archs.sdxl(ch=SDXL_CH, depth=SDXL_DEPTH, ctx=24, te1=(16, 2, 32), te2=(16, 2, 40))
-    assert any("input_blocks_4_1_transformer_blocks_0_attn1_to_q" in m.name for m in shapes)
-    sd = loras.lora_state_dict(shapes, "kohya", rank=8, alpha=8.0, conv_rank=4, seed=2)
-    src = write_lora(tmp_path / "sdxl.safetensors", sd)
-    out, _ = resize(src, tmp_path / "small.safetensors", "--rank", "5", "--conv-rank", "3")
-    ranks = ranks_of(out)
-    assert {ranks[m.name] for m in shapes if m.conv and m.kernel == 3} == {3}
-
     unet_w = weights(unet, "")
     before = {**weights(te1, "lora_te1_"), **weights(te2, "lora_te2_")}
     for m in shapes:
         if m.name.startswith("lora_unet_"):
             before[m.name] = unet_w[sgm_to_diffusers(m.name)]
+    return pipe, (unet, te1, te2), shapes, before
+
+
+@pytest.mark.parametrize("to", [None, "diffusers"])
+def test_sdxl_lora_loads_in_diffusers_with_exact_deltas(tmp_path, to):
+    """sd-scripts' SDXL names (sgm), resized as they are or converted to diffusers' names in the same pass (a
+    dynamic resize: mixed ranks, described in lora_adapter_metadata): diffusers applies every layer's exact
+    truncation."""
+    pipe, models, shapes, before = sdxl_pipeline()
+    assert any("input_blocks_4_1_transformer_blocks_0_attn1_to_q" in m.name for m in shapes)
+    sd = loras.lora_state_dict(shapes, "kohya", rank=8, alpha=8.0, conv_rank=4, seed=2)
+    src = write_lora(tmp_path / "sdxl.safetensors", sd)
+    if to is None:
+        out, _ = resize(src, tmp_path / "small.safetensors", "--rank", "5", "--conv-rank", "3")
+        ranks = ranks_of(out)
+        assert {ranks[m.name] for m in shapes if m.conv and m.kernel == 3} == {3}
+    else:
+        out, meta = resize(src, tmp_path / "small.safetensors", "--method", "sv_fro", "--param", "0.9",
+                           "--output-format", to)
+        assert all(k.split(".")[0] in ("unet", "text_encoder", "text_encoder_2") for k in out)
+        flat = {k.rsplit(".lora_A.weight", 1)[0].replace(".", "_"): v.shape[0] for k, v in out.items()
+                if k.endswith(".lora_A.weight")}
+        kohya = {("unet_" + sgm_to_diffusers(m.name) if m.name.startswith("lora_unet_") else
+                  m.name.replace("lora_te1_", "text_encoder_").replace("lora_te2_", "text_encoder_2_")): m.name
+                 for m in shapes}
+        ranks = {kohya[f]: k for f, k in flat.items()}
+        assert len(ranks) == len(shapes) and len(set(ranks.values())) > 1
     with loader_messages() as msgs:
         pipe.load_lora_weights(str(tmp_path / "small.safetensors"))
         pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"])
     assert msgs == []
-    assert lora_layer_count(unet, te1, te2) == len(shapes)
+    assert lora_layer_count(*models) == len(shapes)
     targets = {m.name: [(before[m.name][0], before[m.name][1], slice(None))] for m in shapes}
     assert check_fused(sd, ranks, targets) == len(shapes)
 

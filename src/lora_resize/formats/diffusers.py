@@ -62,6 +62,13 @@ def described_components(pairs) -> list[str]:
     return sorted(comps) if comps <= set(COMPONENTS) and all("." in p.name for p in pairs) else []
 
 
+def described_path(component: str, path: str) -> str:
+    """A module's name in a described config: a text encoder's without CLIP's `text_model.` (recent transformers
+    flatten CLIPTextModel, and diffusers drops the prefix from the keys then; PEFT matches names by their ends, so
+    the shorter name fits both)."""
+    return path.removeprefix("text_model.") if component.startswith("text_encoder") else path
+
+
 def split_component(name: str, comps: Mapping[str, dict]) -> tuple[str | None, str]:
     """(component, path within it) of a module name; component None when no config covers it."""
     if "" in comps:
@@ -115,7 +122,7 @@ class Diffusers(Format):
                   for c, cfg in comps.items()}
         described = not comps and described_components(pairs)
         if described:  # no alphas, no config: the output describes every module, so no loader has to infer them
-            comps = {c: {**NEW_CONFIG, "target_modules": sorted(p.name.split(".", 1)[1] for p in pairs
+            comps = {c: {**NEW_CONFIG, "target_modules": sorted(described_path(*p.name.split(".", 1)) for p in pairs
                                                                if p.name.startswith(c + "."))} for c in described}
         known = {k: "DoRA magnitude" for k in mags}
         known.update({k: "LoRA bias" for k in keys if k.endswith(LORA_BIAS)})
@@ -125,6 +132,8 @@ class Diffusers(Format):
             cfg_scale = None
             if comp is not None and p.alpha_key is None and not described:
                 cfg_scale = scales[comp].module_scale(mpath, infos[p.down_key].shape[0], p.name)
+            if described:
+                mpath = described_path(comp, mpath)
             modules.append(pair_module(p, cfg_scale, (comp, mpath) if comp is not None else None))
         notes = dora_note(len(mags)) + ([f"{METADATA_KEY} written: every module's rank and alpha, so loaders rebuild "
                                          "each one at its rank and strength"] if described else [])
