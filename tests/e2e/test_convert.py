@@ -242,3 +242,29 @@ def test_convert_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     assert set(out) == set(sd)
     for m in shapes:
         assert rel_err(dw(out, m.name, "musubi"), dw(sd, m.name, "musubi")) < EXACT
+
+
+def test_lycoris_modules_convert_as_their_exact_updates(tmp_path):
+    """LoHa, LoKr and Tucker LoCon modules (kohya names) written as diffusers pairs: each keeps its whole update
+    (LoHa: (w1a w1b) * (w2a w2b); LoKr: kron(w1, w2a w2b); Tucker: the core between down and up; scale alpha / r),
+    so they also merge with LoRAs of another layout."""
+    from helpers import _loha_lokr
+    sd = _loha_lokr(torch.Generator().manual_seed(3))
+    src = write_lora(tmp_path / "ly.safetensors", sd)
+    lora_resize.convert(src, tmp_path / "d.safetensors", "diffusers", precision="float")
+    out, _ = load_st(tmp_path / "d.safetensors")
+    n1, n2, n3 = ("down_blocks.0.attentions.0.proj_in", "text_model.encoder.layers.0.mlp.fc1",
+                  "down_blocks.0.resnets.0.conv1")
+    g = {k: v.double() for k, v in sd.items()}
+    p1, p2, p3 = "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1", \
+        "lora_unet_down_blocks_0_resnets_0_conv1"
+    want = {
+        "unet." + n1: (g[f"{p1}.hada_w1_a"] @ g[f"{p1}.hada_w1_b"]) * (g[f"{p1}.hada_w2_a"] @ g[f"{p1}.hada_w2_b"]) * 2 / 4,
+        "text_encoder." + n2: torch.kron(g[f"{p2}.lokr_w1"], g[f"{p2}.lokr_w2_a"] @ g[f"{p2}.lokr_w2_b"]) * 1.5 / 3,
+        "unet." + n3: torch.einsum("ijkl,jr,pi->prkl", g[f"{p3}.lora_mid.weight"], g[f"{p3}.lora_down.weight"][:, :, 0, 0],
+                                   g[f"{p3}.lora_up.weight"][:, :, 0, 0]).reshape(8, -1) * 4 / 5,
+    }
+    for name, w in want.items():
+        a, b = out[name + ".lora_A.weight"].double(), out[name + ".lora_B.weight"].double()
+        assert rel_err(b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1), w) < EXACT, name
+    assert out["unet." + n3 + ".lora_A.weight"].shape[1:] == (6, 3, 3)  # the conv stays a conv
