@@ -330,9 +330,9 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
         raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: the layouts are "
                            f"{', '.join(TARGETS)} (a {target} file keeps its own names: leave out --output-format)")
     if scheme not in (*TARGETS, "ai_toolkit", "diffsynth", "simpletuner"):
-        raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: {layout.format} "
-                           "names belong to an arbitrary model; convert kohya, ComfyUI, diffusers, ai-toolkit, "
-                           "OneTrainer or SimpleTuner files")
+        raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: its module names "
+                           "are not read as a model's weights here (kohya, ComfyUI, diffusers, ai-toolkit, "
+                           "OneTrainer, SimpleTuner and PEFT files are); leave out --output-format to keep its layout")
     if layout.passthrough and any(layout.known.get(k) not in (None, "other") for k in layout.passthrough):
         k = next(k for k in sorted(layout.passthrough) if layout.known.get(k) not in (None, "other"))
         raise LoraStructureError(f"{k} ({layout.known[k]}) has no equivalent in the {target} layout here; convert a "
