@@ -39,33 +39,48 @@ def ensure_sd15_locon(path: Path, rank: int, conv_rank: int, seed: int = 0) -> P
     return path
 
 
-FLUX_BUILD = """
+DIT_BUILD = """
 import sys, torch
-from lora_resize.testing import archs, loras
+from lora_resize.testing import archs
 from lora_resize.testing.synth import synth_factors
 from lora_resize.io.writer import write_safetensors
-path, rank = sys.argv[1], int(sys.argv[2])
+path, family, rank, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)
+if family == "flux":
+    shapes = archs.flux_dev(te1=None, te3=None, **({"double": blocks, "single": 2 * blocks} if blocks else {}))
+    name = lambda n: n
+elif family == "wan":
+    shapes = archs.wan(**({"blocks": blocks} if blocks else {}))
+    name = lambda n: "lora_unet_" + n.replace(".", "_")
+else:
+    shapes = archs.qwen_image(**({"blocks": blocks} if blocks else {}))
+    name = lambda n: "lora_unet_" + n.replace(".", "_")
 sd = {}
-for m in archs.flux_dev(te1=None, te3=None):
+for m in shapes:
     up, down, _ = synth_factors(m.out, m.inp, rank, g)
-    sd[m.name + ".lora_down.weight"] = down.to(torch.bfloat16)
-    sd[m.name + ".lora_up.weight"] = up.to(torch.bfloat16)
-    sd[m.name + ".alpha"] = torch.tensor(rank / 2).to(torch.bfloat16)
-meta = {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(rank), "ss_network_alpha": str(rank / 2),
-        "ss_base_model_version": "flux1", "ss_training_comment": "synthetic Flux-dev LoRA made by the benchmarks"}
+    sd[name(m.name) + ".lora_down.weight"] = down.to(torch.bfloat16)
+    sd[name(m.name) + ".lora_up.weight"] = up.to(torch.bfloat16)
+    sd[name(m.name) + ".alpha"] = torch.tensor(rank / 2).to(torch.bfloat16)
+meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank / 2), "ss_base_model_version": family,
+        "ss_training_comment": f"synthetic {family} LoRA made by the benchmarks"}
 write_safetensors(__import__("pathlib").Path(path), sd, meta)
 """
 
 
-def ensure_flux_lora(path: Path, rank: int) -> Path:
-    """Build the Flux-dev-shaped kohya LoRA (bf16, alpha rank/2) in a child process, so this one stays small."""
+def ensure_dit_lora(path: Path, family: str, rank: int, blocks: int = 0) -> Path:
+    """Build a kohya-named LoRA of a DiT family ('flux': Flux-dev, 'wan': Wan 2.1 14B, 'qwen': Qwen-Image) at its
+    real layer sizes (bf16, alpha rank/2, trained-like spectra; `blocks` > 0: fewer blocks) in a child process."""
     if not path.exists():
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", FLUX_BUILD, str(path), str(rank)], check=True)
+        subprocess.run([sys.executable, "-c", DIT_BUILD, str(path), family, str(rank), str(blocks)], check=True)
         print(f"built {path.name} in {time.perf_counter() - t:.0f} s")
     return path
+
+
+def ensure_flux_lora(path: Path, rank: int) -> Path:
+    """The Flux-dev-shaped kohya LoRA (every double- and single-block linear)."""
+    return ensure_dit_lora(path, "flux", rank)
 
 
 def warm(path: Path) -> None:

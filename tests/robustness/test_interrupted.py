@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_resize.io.writer import TMP_PREFIX, TMP_SUFFIX
+from lora_resize.io.files import TMP_PREFIX, TMP_SUFFIX
 
 from helpers import Spec, load_st, make_state_dict, write_lora
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import lora_resize.io.files as files
 import lora_resize.io.writer as writer
 from lora_resize.cli import main
 
@@ -127,7 +128,7 @@ def test_cannot_create_the_temporary_file(tmp_path, capsys, monkeypatch, src, er
     def mkstemp(*a, **k):
         raise OSError(err_no, os.strerror(err_no))
 
-    monkeypatch.setattr(writer.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
     rc = main(_argv(src, dst))
     _check_failed(rc, capsys.readouterr().err, dst, src, sha, os.strerror(err_no), "writable output folder")
 

@@ -18,9 +18,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def choices_of(spec):
-    if spec == "conversions":  # the layouts --output-format can write: from the formats' registry
-        from ..formats import output_formats
-        return output_formats()
+    if spec == "conversions":  # the layouts --output-format can write (named without importing torch)
+        from ..models import LAYOUTS
+        return sorted(LAYOUTS)
     return list(spec()) if callable(spec) else spec
 
 

@@ -9,8 +9,6 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
-import torch
-
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -44,6 +42,7 @@ def available_cores() -> int:
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Set torch's intra-op thread count for the duration, then restore it."""
+    import torch  # here: this module is imported by batch's bookkeeping, which needs no torch
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

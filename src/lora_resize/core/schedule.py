@@ -36,11 +36,12 @@ class Loadable(Protocol):
     def load(self) -> LowRankLayer: ...
 
 
-def decompose_layers(named: list[tuple[str, LowRankLayer]], device: torch.device) -> list[Decomposition]:
+def decompose_layers(named: list[tuple[str, LowRankLayer]], device: torch.device, vectors: bool = True
+                     ) -> list[Decomposition]:
     """The engine on layers (batched by shape), with NaN/Inf in a layer's factors, or an update no save
-    precision can hold, reported as a NumericalError naming the layer."""
+    precision can hold, reported as a NumericalError naming the layer. `vectors` False: singular values only."""
     try:
-        decs = decompose_many([(layer.up, layer.down) for _, layer in named], device)
+        decs = decompose_many([(layer.up, layer.down) for _, layer in named], device, vectors)
     except NonFiniteFactors as e:
         raise NumericalError(f"layer {named[e.index][0]} {e}") from None
     for (name, _), dec in zip(named, decs):
@@ -52,16 +53,17 @@ def decompose_layers(named: list[tuple[str, LowRankLayer]], device: torch.device
 
 def through_engine(jobs: list[Loadable], device: torch.device, start: Callable[[Loadable, LowRankLayer,
                    Decomposition], H], finish: Callable[[H], X], threads: int | None = None,
-                   progress: Progress | None = None) -> Iterator[X]:
+                   progress: Progress | None = None, vectors: bool = True) -> Iterator[X]:
     """finish(start(job, layer, decomposition)) for every layer job, in order. `start` may queue device work
-    without waiting for it; a window's finishes run after all its starts."""
+    without waiting for it; a window's finishes run after all its starts. `vectors` False: the decompositions
+    hold singular values only (what planning and analysis need)."""
     cpu = device.type == "cpu"
 
     def window(batch: list[Loadable]) -> list[X]:
         try:
             layers = [u.load() for u in batch]
             with torch.no_grad():
-                decs = decompose_layers([(u.name, layer) for u, layer in zip(batch, layers)], device)
+                decs = decompose_layers([(u.name, layer) for u, layer in zip(batch, layers)], device, vectors)
                 handles = [start(u, layer, dec) for u, layer, dec in zip(batch, layers, decs)]
                 del decs, layers
                 return [finish(h) for h in handles]

@@ -100,9 +100,19 @@ def truncated_factors(dec: Decomposition, k: int, c: float, dtype: torch.dtype) 
     return (U * (sq * math.copysign(1.0, c))).to(dtype), (sq[:, None] * Vh).to(dtype)
 
 
-def on_host(name: str, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors on the CPU, checked to fit their dtype (NumericalError naming the layer when not)."""
+def largest_entry(S: np.ndarray, c: float) -> float:
+    """A bound on every entry of the factors truncated_factors makes: sqrt(|c| S_0) (the singular vectors'
+    entries are at most 1 in size)."""
+    return math.sqrt(abs(c) * float(S[0])) if S.size else 0.0
+
+
+def on_host(name: str, up: torch.Tensor, down: torch.Tensor, bound: float | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors on the CPU, checked to fit their dtype (NumericalError naming the layer when not); `bound`
+    (largest_entry) well inside the dtype's range spares the scan."""
     up, down = up.cpu(), down.cpu()
+    if bound is not None and bound < 0.5 * torch.finfo(up.dtype).max:
+        return up, down
     if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
         if up.dtype == torch.float32:
             raise NumericalError(f"layer {name} has values beyond float32's range after resizing; the file is "

@@ -52,8 +52,8 @@ def key_family(name: str) -> str:
 
 
 def output_formats() -> list[str]:
-    """What --output-format may name: every family's own keys, and the targets of the defined conversions."""
-    return sorted({key_family(n) for n in FORMATS} | set(_convert.TARGETS))
+    """What --output-format may name: the layouts a conversion writes (models.LAYOUTS)."""
+    return sorted(_convert.TARGETS)
 
 
 def convert(layout: Layout, target: str | None, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],

@@ -28,13 +28,13 @@ from ..core.layer import LowRankLayer
 from ..errors import LoraStructureError, OptionsError
 from ..io.metadata import SideOutputs
 from ..io.reader import TensorInfo, TensorSource
-from ..models import ARCH_KEY, MODELS, SD, Architecture, architectures, hinted
+from ..models import ARCH_KEY, LAYOUTS, MODELS, SD, Architecture, architectures, hinted
 from ..models import sd
 from .base import Format, Layout, Module
 from .diffusers import METADATA_KEY
 from .peft import PEFT_PREFIX, new_adapter
 
-TARGETS = ("kohya", "comfy", "diffusers", "onetrainer", "peft")
+TARGETS = LAYOUTS
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import InputFileError, OutputFileError
-from .reader import SAFETENSORS_SUFFIXES
+from .files import SAFETENSORS_SUFFIXES
 
 OUTPUT_SUFFIXES = SAFETENSORS_SUFFIXES + (".pt", ".pth", ".ckpt")
 ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapter_model.bin")

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from ..errors import InputFileError
+from .files import MAX_HEADER_BYTES, PICKLE_SUFFIXES, looks_like_pickle, looks_like_safetensors
 
 # safetensors dtype names <-> torch dtypes, in the order the safetensors library ranks them
 # (it writes tensors by descending rank, then by name).
@@ -27,9 +28,6 @@ ST_TO_TORCH = {
 }
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
 
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
 @dataclass(frozen=True)
@@ -157,28 +155,6 @@ class SafetensorsReader(_Closing):
 
     def close(self) -> None:
         self._file.close()
-
-
-def looks_like_pickle(head: bytes) -> bool:
-    """The first bytes of a torch.save zip archive or of a (legacy) pickle."""
-    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04",
-                                                                                     b"\x05"))
-
-
-def claimed_header_length(head: bytes) -> int | None:
-    """The header length claimed by a file whose first 9 bytes are `head`, if they start like safetensors (a
-    length field, then the header's opening brace); None otherwise."""
-    return int.from_bytes(head[:8], "little") if len(head) == 9 and head[8:] == b"{" else None
-
-
-def looks_like_safetensors(path: Path) -> bool:
-    """A plausible safetensors start: a length field within limits, then the header's opening brace."""
-    try:
-        with open(path, "rb") as f:
-            n = claimed_header_length(f.read(9))
-    except OSError:
-        return False
-    return n is not None and n <= MAX_HEADER_BYTES
 
 
 def is_unicode(s: str) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import OptionsError
-from .writer import atomic_output
+from .files import atomic_output
 
 CHUNK = 1 << 22
 

@@ -3,22 +3,19 @@ sd-scripts' `sshs_*` hashes, and atomic replacement of the destination."""
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 
 from ..errors import NumericalError, OutputFileError
+from .files import PICKLE_SUFFIXES, atomic_output
 from .metadata import SideFile, with_hashes
-from .reader import DTYPE_RANK, PICKLE_SUFFIXES, TORCH_TO_ST
+from .reader import DTYPE_RANK, TORCH_TO_ST
 
-TMP_PREFIX = ".lora-resize-"
-TMP_SUFFIX = ".partial"
 LEGACY_HASH_WINDOW = (0x100000, 0x110000)
 
 
@@ -82,80 +79,6 @@ def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
             legacy.update(chunk[a - pos:b - pos])
         pos += len(chunk)
     return model.hexdigest(), legacy.hexdigest()[:8]
-
-
-def remove_stale_partials(dst: Path) -> None:
-    """Remove temporary files a killed earlier run left beside `dst` (same target name, owner process gone)."""
-    for p in dst.parent.glob(f"{glob.escape(TMP_PREFIX + dst.name)}.*{TMP_SUFFIX}"):
-        try:
-            pid = int(p.name[len(TMP_PREFIX) + len(dst.name) + 1:-len(TMP_SUFFIX)].split("-")[0])
-        except ValueError:
-            continue
-        if pid == os.getpid() or not _pid_alive(pid):
-            with contextlib.suppress(OSError):
-                p.unlink()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (best effort: not every file system lets a folder be fsynced)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_output(dst: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `dst`; on success it replaces `dst` in one rename, on failure it is removed."""
-    remove_stale_partials(dst)
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dst.name}.{os.getpid()}-", suffix=TMP_SUFFIX,
-                                        dir=dst.parent)
-    except OSError as e:
-        raise OutputFileError(f"cannot create a file in {dst.parent}: {e.strerror}; "
-                              "choose a writable output folder") from None
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; an output gets the usual mode of a new file
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
-    except OSError as e:
-        raise OutputFileError(f"writing {dst} failed: {e.strerror or e}; nothing was written "
-                              "(check free space and permissions)") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def write_safetensors(dst: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:

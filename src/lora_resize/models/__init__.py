@@ -12,6 +12,9 @@ from .base import Architecture, Mapping
 from .dit import ARCHITECTURES
 
 SD = "sd"  # the Stable Diffusion UNets and their CLIP text encoders (sd.py): kohya and diffusers names only
+# the layouts a LoRA of a known architecture can be written in (formats/convert.py writes them; named here, in a
+# room without torch, so the command line can offer them without importing it)
+LAYOUTS = ("kohya", "comfy", "diffusers", "onetrainer", "peft")
 MODELS: Registry[Architecture] = Registry("architecture")
 for _a in ARCHITECTURES:
     MODELS.add(_a.name, _a)
@@ -46,4 +49,4 @@ def architectures() -> list[str]:
     return [SD, *MODELS]
 
 
-__all__ = ["ARCH_KEY", "MODELS", "SD", "Architecture", "Mapping", "architectures", "hinted"]
+__all__ = ["ARCH_KEY", "LAYOUTS", "MODELS", "SD", "Architecture", "Mapping", "architectures", "hinted"]

@@ -16,9 +16,8 @@ from typing import Callable, Iterable
 
 from ..core.parallel import available_cores
 from ..errors import LoraResizeError, OptionsError
-from ..io.reader import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, claimed_header_length
+from ..io.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TMP_PREFIX, claimed_header_length, remove_stale_partials
 from ..io.storage import Folder, local_input, local_output, sha256_of
-from ..io.writer import TMP_PREFIX, remove_stale_partials
 from ..options import ResizeOptions
 from ..report.text import strict_json
 

@@ -19,8 +19,8 @@ from ..core.decompose import Decomposition
 from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, through_engine
 from ..core.spectrum import Spectrum
-from ..core.truncate import (FP8, PRECISION_OF_DTYPE, SAVE_DTYPES, AlphaRule, NewFactors, on_host, retention,
-                             truncated_factors)
+from ..core.truncate import (FP8, PRECISION_OF_DTYPE, SAVE_DTYPES, AlphaRule, NewFactors, largest_entry, on_host,
+                             retention, truncated_factors)
 from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
 from ..io.metadata import InputRecord, output_metadata, with_hashes
@@ -109,6 +109,7 @@ class Queued:
     alpha_t: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    bound: float | None = None  # no entry of up or down is larger (core.truncate.largest_entry)
 
 
 def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: ResizeOptions,
@@ -131,12 +132,13 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
     else:
         c = layer.scale / fixed if fixed != 0 and layer.scale != 0 else 1.0
     up, down = truncated_factors(dec, k, c, save_dtype)
-    return Queued(job, layer, sp, k, choice.clamped_to_size, choice.zero_layer, alpha, alpha_t, up, down)
+    return Queued(job, layer, sp, k, choice.clamped_to_size, choice.zero_layer, alpha, alpha_t, up, down,
+                  largest_entry(dec.S, c))
 
 
 def finish_layer(q: Queued) -> tuple[LayerResult, dict[str, torch.Tensor]]:
     """The layer's row and its output tensors on the CPU, checked to fit the save precision."""
-    up, down = on_host(q.job.name, q.up, q.down)
+    up, down = on_host(q.job.name, q.up, q.down, q.bound)
     S = q.spectrum.S
     row = layer_row(q.spectrum, q.rank, q.alpha, clamped=q.clamped, zero=q.zero, singular_values=S,
                     underflow=bool(S.size and S[0] > 0 and not (bool(up.any()) and bool(down.any()))))
@@ -164,7 +166,7 @@ def spectra(jobs: list[LayerJob], device: torch.device, threads: int | None = No
             progress: Progress | None = None) -> list[Spectrum]:
     """Decompose every job; keep only its spectrum (what planning and analysis need)."""
     return list(through_engine(jobs, device, lambda j, layer, dec: Spectrum.of(j.name, layer, dec.S),
-                               lambda s: s, threads, progress))
+                               lambda s: s, threads, progress, vectors=False))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import OptionsError, OutputFileError
-from ..io.writer import atomic_output
+from ..io.files import atomic_output
 from ..ranks.budgets import BUDGETS
 from ..ranks.policies import POLICIES
 from ..units import format_size as human_bytes

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from ..errors import OptionsError
-from ..io.writer import atomic_output
+from ..io.files import atomic_output
 from ..ranks.budgets import BUDGETS
 from .html import METRICS, check_out, series
 

@@ -105,11 +105,11 @@ def test_out_of_device_memory_retries_in_halves_then_names_the_layer(tmp_path, c
     real = schedule.decompose_layers
     sizes = []
 
-    def tight(named, device):  # a device that holds at most 40 layers at once
+    def tight(named, device, vectors=True):  # a device that holds at most 40 layers at once
         sizes.append(len(named))
         if len(named) > 40:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(named, device)
+        return real(named, device, vectors)
 
     monkeypatch.setattr(schedule, "decompose_layers", tight)
     tight_out, ref_out = tmp_path / "tight.safetensors", tmp_path / "ref.safetensors"
@@ -120,7 +120,7 @@ def test_out_of_device_memory_retries_in_halves_then_names_the_layer(tmp_path, c
     resize(small_rank_sd15, ref_out, method="sv_fro", param=0.8, rank=8, device="cpu")
     assert tight_out.read_bytes() == ref_out.read_bytes()
 
-    def none_fits(named, device):
+    def none_fits(named, device, vectors=True):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(schedule, "decompose_layers", none_fits)

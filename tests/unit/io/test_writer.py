@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save as st_save
 
 import lora_resize
-from lora_resize.io.writer import TMP_PREFIX
+from lora_resize.io.files import TMP_PREFIX
 
 from helpers import (BASE_METADATA, Spec, best_rank_k, dense_dw, load_st, make_state_dict, raw_header, rel_err,
                       sha256, write_lora)
