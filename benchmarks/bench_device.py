@@ -15,6 +15,11 @@ to the CPU run's, and whether every layer got the same rank. The comparison runs
 
     python benchmarks/bench_device.py               # CPU rows only where there is no GPU
     python benchmarks/bench_device.py --repeat 5 --only sd15
+    python benchmarks/bench_device.py --big --repeat 1   # + the blog's file, Wan and Qwen-Image sizes
+
+Each input also runs the newest sd-scripts algorithm (bench_sdscripts_lowrank.their_layer: float32 merge, svd_lowrank
+where both sides exceed 2048) on the CPU and on CUDA, one layer per shape timed and scaled; its "speed" column is
+ours (default CPU) relative to it, so 0.02x means it took 50 times as long.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from common import ensure_flux_lora, ensure_sd15_locon, warm  # benchmarks/common.py
+from bench_sdscripts_lowrank import their_layer
+from common import ensure_dit_lora, ensure_flux_lora, ensure_sd15_locon, warm  # benchmarks/common.py
 
 from lora_resize import resize
 from lora_resize.core import schedule
@@ -78,10 +84,40 @@ def worst_difference(a: Path, b: Path, device: str) -> float:
     return max(float((ua[k] - ub[k]).norm() / max(float(ua[k].norm()), 1e-300)) for k in ua)
 
 
+def sdscripts_seconds(src: Path, device: str, args) -> float:
+    """The newest sd-scripts algorithm (merge in float32; svd_lowrank where both sides exceed 2048, full SVD
+    elsewhere) on `device`: one layer of every distinct shape timed, scaled by that shape's count."""
+    f = open_tensor_file(src)
+    by_shape: dict[tuple, list[str]] = {}
+    for key, info in f.infos().items():
+        if key.endswith(".lora_down.weight"):
+            name = key[: -len(".lora_down.weight")]
+            by_shape.setdefault((f.infos()[name + ".lora_up.weight"].shape[0], tuple(info.shape[1:])), []).append(name)
+    total = 0.0
+    try:
+        for names in by_shape.values():
+            n = names[0]
+            up, down = f.get(n + ".lora_up.weight"), f.get(n + ".lora_down.weight")
+            scale = float(f.get(n + ".alpha")) / down.shape[0]
+            their_layer(up, down, scale, args.method, args.param, args.cap, device)  # warm-up
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            their_layer(up, down, scale, args.method, args.param, args.cap, device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            total += (time.perf_counter() - t) * len(names)
+    finally:
+        f.close()
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=["sd15", "flux"])
+    ap.add_argument("--only", choices=["sd15", "flux", "blog", "wan", "qwen"])
+    ap.add_argument("--big", action="store_true", help="also the SD1.5 LoCon at rank 512 (the blog's 1.16 GiB "
+                    "file) and Wan 2.1 14B / Qwen-Image-sized rank-128 LoRAs (several minutes on a CPU)")
     ap.add_argument("--method", default="sv_fro")
     ap.add_argument("--param", type=float, default=0.9)
     ap.add_argument("--cap", type=int, default=64, help="rank cap for the dynamic method")
@@ -91,6 +127,10 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     inputs = {"sd15": lambda: ensure_sd15_locon(folder / "batch_one_32.safetensors", 32, 16),
               "flux": lambda: ensure_flux_lora(folder / "flux_dev_r128.safetensors", 128)}
+    if args.big or args.only in ("blog", "wan", "qwen"):
+        inputs.update({"blog": lambda: ensure_sd15_locon(folder / "sd15_locon_512_512.safetensors", 512, 512),
+                       "wan": lambda: ensure_dit_lora(folder / "wan_r128_b0.safetensors", "wan", 128),
+                       "qwen": lambda: ensure_dit_lora(folder / "qwen_r128_b0.safetensors", "qwen", 128)})
     cuda = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if cuda else "none (CUDA rows skipped)"
     print(f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} CPU cores, GPU: {gpu}; "
@@ -116,6 +156,10 @@ def main() -> None:
                 same = "same" if [x.new_rank for x in result.layers] == base[2] else "DIFFER"
             ratio = f"{base[0] / secs:.1f}x" if base is not None else ""
             print(f"{name:6} {label:28} {secs:8.2f} {first:10.2f} {ratio:>8} {diff:>13} {same:>6}", flush=True)
+        for device in ["cpu"] + (["cuda"] if cuda else []):
+            secs = sdscripts_seconds(src, device, args)
+            print(f"{name:6} {'sd-scripts (newest), ' + device:28} {secs:8.2f} {'':>10} {base[0] / secs:7.3f}x",
+                  flush=True)
     if not cuda:
         print("\nno CUDA device here: run this on a GPU machine for the cuda rows", file=sys.stderr)
 

@@ -41,18 +41,18 @@ from lora_resize.ranks.policies import get_policy
 LOWRANK_ABOVE = 2048  # both sides of dW larger than this: svd_lowrank
 
 
-def their_layer(up: torch.Tensor, down: torch.Tensor, scale: float, method: str, param: float, cap: int
-                ) -> tuple[torch.Tensor, int, float]:
-    """The newest sd-scripts resize of one layer: (its rank-k update, k, the Frobenius share its criterion
-    claims)."""
-    W = up.float() @ down.float()
+def their_layer(up: torch.Tensor, down: torch.Tensor, scale: float, method: str, param: float, cap: int,
+                device: str = "cpu") -> tuple[torch.Tensor, int, float]:
+    """The newest sd-scripts resize of one layer on `device`: (its rank-k update, k, the Frobenius share its
+    criterion claims)."""
+    W = up.to(device).float().flatten(1) @ down.to(device).float().flatten(1)
     m, n = W.shape
     if m > LOWRANK_ABOVE and n > LOWRANK_ABOVE:
         U, S, V = torch.svd_lowrank(W, q=min(2 * cap, m, n), niter=2)
         Vh = V.T
     else:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    s = S.double().numpy()
+    s = S.double().cpu().numpy()
     k = min(get_policy(method).kohya(s, param), cap, len(s))  # its off-by-one rule, over the values it has
     claimed = math.sqrt(float((s[:k] ** 2).sum() / (s ** 2).sum()))
     return (U[:, :k] * S[:k]) @ Vh[:k] * scale, k, claimed

@@ -74,6 +74,15 @@ class ResizeOptions:
         "--target-fro", group="rank", type=float, metavar="X",
         help="budget: the smallest ranks whose global Frobenius retention (all layers together, scaled by "
              "alpha/rank) reaches X in (0, 1]; --rank caps"))
+    target_error: float | None = field(default=None, metadata=flag(
+        "--target-error", group="rank", type=float, metavar="X",
+        help="budget, with --base: the smallest ranks whose loss relative to the base, sqrt(sum of every layer's "
+             "||dW - dW_k||_F^2 / sum of its base weight's ||W||_F^2), is at most X (e.g. 0.002); --rank caps"))
+    base: str | None = field(default=None, metadata=flag(
+        "--base", group="rank", metavar="MODEL",
+        help="the base model the LoRA patches (a .safetensors checkpoint or a diffusers folder): every layer's loss "
+             "is also measured against its base weight; --target-size then ranks by that loss per byte, and "
+             "--method base_fro / --target-error choose by it"))
     ranks: dict[str, int] | None = None
     output_format: str | None = field(default=None, metadata=flag(
         "--output-format", group="output", choices="conversions",
@@ -142,6 +151,13 @@ class ResizeOptions:
             put("precision", p)
         if self.output_format is not None and not isinstance(self.output_format, str):
             raise OptionsError(f"--output-format must be a layout name, got {self.output_format!r}")
+        if self.base is not None and not isinstance(self.base, str):
+            put("base", str(self.base))
+        needs_base = [f"--method {self.method}"] if policy.base else []
+        needs_base += [b.flag for b in given if b.needs_base]
+        if needs_base and self.base is None:
+            raise OptionsError(f"{needs_base[0]} measures losses against the base model: add --base MODEL (the "
+                               "checkpoint the LoRA was trained on)")
         if self.arch is not None and self.arch not in architectures():
             raise OptionsError(f"--arch must be one of {', '.join(architectures())}, got {self.arch!r}")
         if self.threads is not None and not _whole_at_least_one(self.threads):

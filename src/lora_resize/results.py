@@ -9,6 +9,15 @@ from typing import Callable
 import numpy as np
 
 
+@dataclass(frozen=True)
+class BaseNorms:
+    """The base-model weight a module patches (`key`: its key(s), with [start:stop] rows where it is part of a
+    fused weight) and its norms: Frobenius ||W||_F and spectral ||W||_2 (W flattened to out x in*kernel)."""
+    key: str
+    fro: float
+    spectral: float
+
+
 @dataclass
 class LayerResult:
     """One resized layer. Retained fractions are of sum(S) and of the Frobenius norm of dW."""
@@ -28,6 +37,14 @@ class LayerResult:
     underflow: bool = False  # non-zero layer whose saved factors are all zeros (too small for the save dtype)
     scale: float = 1.0  # the strength the model applied to the input layer: alpha / rank, a config's scale, or 1
     singular_values: np.ndarray | None = field(default=None, repr=False)
+    # with --base (None without it, or for a module whose weight the base does not have), relative to the base
+    # weight W the module patches: the LoRA's strength ||dW||_F / ||W||_F and spectral ratio ||dW||_2 / ||W||_2,
+    # and the loss of this resize ||dW - dW_k|| / ||W|| in both norms
+    base: BaseNorms | None = None
+    strength: float | None = None
+    spectral_ratio: float | None = None
+    base_loss_fro: float | None = None
+    base_loss_spectral: float | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -118,6 +135,11 @@ class SettingRow:
     ranks: np.ndarray = field(repr=False)
     options: object = field(repr=False, default=None)  # the ResizeOptions of this setting
     header_bytes: int = 0  # of output_bytes, the safetensors header (metadata included)
+    # with --base: the loss relative to the base, all layers with a base weight together (sqrt(sum ||dW - dW_k||_F^2
+    # / sum ||W||_F^2)), and the largest layer's ||dW - dW_k||_F / ||W||_F with its name
+    base_loss: float | None = None
+    base_loss_max: float | None = None
+    base_worst: str | None = None
     chosen: bool = False
     note: str | None = None
 
@@ -128,12 +150,16 @@ class SettingRow:
                 "fro_mean": self.fro_mean, "fro_global": self.fro_global, "fro_min": self.fro_min,
                 "worst_layer": self.worst_layer, "rank_min": int(r.min()) if r.size else None,
                 "rank_max": int(r.max()) if r.size else None, "rank_mean": float(r.mean()) if r.size else None,
-                "chosen": self.chosen, "note": self.note}
+                "chosen": self.chosen, "note": self.note, "base_loss": self.base_loss,
+                "base_loss_max": self.base_loss_max, "base_worst": self.base_worst}
 
 
 FIDELITY = {"fro_weighted": "mean of per-layer Frobenius retained, weighted by out*in",
             "fro_mean": "plain mean of per-layer Frobenius retained",
             "fro_global": "Frobenius retained of all layers together, scaled by alpha/rank",
+            "base_loss": "with --base: sqrt(sum over layers of ||dW - dW_k||_F^2 / sum of their base weights' "
+                         "||W||_F^2)",
+            "base_loss_max": "with --base: the largest layer's ||dW - dW_k||_F / ||W||_F",
             "fro_min": "the lowest per-layer Frobenius retained"}
 
 

@@ -23,6 +23,7 @@ class Spectrum:
     kernel: tuple[int, ...] | None
     in_channels: int
     S: np.ndarray = field(repr=False)
+    base: object | None = None  # the patched base weight's norms (results.BaseNorms: key, fro, spectral), --base
 
     def __post_init__(self) -> None:
         self.S = np.asarray(self.S, dtype=np.float64)
@@ -30,9 +31,33 @@ class Spectrum:
         self._cs2 = np.concatenate([[0.0], np.cumsum(self.S * self.S)])  # kept sum(S^2)
 
     @classmethod
-    def of(cls, name: str, layer: LowRankLayer, S: np.ndarray) -> "Spectrum":
+    def of(cls, name: str, layer: LowRankLayer, S: np.ndarray, base: object | None = None) -> "Spectrum":
         return cls(name, layer.kind, layer.up.shape[0], layer.down.shape[1], layer.rank, layer.alpha, layer.scale,
-                   layer.kernel, layer.in_channels, S)
+                   layer.kernel, layer.in_channels, S, base)
+
+    def base_losses(self, k: int) -> tuple[float, float] | None:
+        """(||dW - dW_k||_F / ||W||_F, ||dW - dW_k||_2 / ||W||_2) against the base weight W, or None without one:
+        the tail's Frobenius norm is sqrt of the dropped sum of S^2, its spectral norm the (k+1)-th singular value,
+        both scaled."""
+        if self.base is None:
+            return None
+        j = min(int(k), len(self.S))
+        tail = math.sqrt(max(0.0, float(self._cs2[-1] - self._cs2[j]))) * abs(self.scale)
+        nxt = (float(self.S[j]) if j < len(self.S) else 0.0) * abs(self.scale)
+        return _ratio(tail, self.base.fro), _ratio(nxt, self.base.spectral)
+
+    def base_strength(self) -> tuple[float, float] | None:
+        """(||dW||_F / ||W||_F, ||dW||_2 / ||W||_2), or None without a base weight."""
+        if self.base is None:
+            return None
+        top = (float(self.S[0]) if len(self.S) else 0.0) * abs(self.scale)
+        return _ratio(math.sqrt(self.energy), self.base.fro), _ratio(top, self.base.spectral)
+
+    def base_weighted_S(self) -> np.ndarray:
+        """The scaled singular values relative to the base weight's Frobenius norm (S * |scale| / ||W||_F): what
+        the base-relative method and budgets rank by."""
+        return self.S * abs(self.scale) / self.base.fro if self.base is not None and self.base.fro > 0 else \
+            np.full_like(self.S, np.inf)
 
     def kept(self, k: int) -> tuple[float, float]:
         """(sum of the k leading singular values, sum of their squares)."""
@@ -59,6 +84,15 @@ class Spectrum:
         return math.sqrt(self.kept(k)[1] / total) if total > 0 else float("nan")
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "out_features": self.out_features,
-                "in_features": self.in_features, "old_rank": self.rank, "alpha": self.alpha, "scale": self.scale,
-                "fro_norm": math.sqrt(self.energy), "numerical_rank": int(np.count_nonzero(self.S))}
+        d = {"name": self.name, "kind": self.kind, "out_features": self.out_features,
+             "in_features": self.in_features, "old_rank": self.rank, "alpha": self.alpha, "scale": self.scale,
+             "fro_norm": math.sqrt(self.energy), "numerical_rank": int(np.count_nonzero(self.S))}
+        if self.base is not None:
+            strength, spectral = self.base_strength()
+            d.update(base=self.base.key, base_fro_norm=self.base.fro, base_spectral_norm=self.base.spectral,
+                     strength=strength, spectral_ratio=spectral)
+        return d
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else (0.0 if a == 0 else float("inf"))

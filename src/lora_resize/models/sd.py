@@ -79,33 +79,47 @@ def sgm_to_flat(flat: str, layers: int = 2) -> str | None:
     return f"up_blocks_{b}_{['resnets', 'attentions'][inner]}_{j}_{rest}"
 
 
-def flat_to_sgm(flat: str) -> str:
-    """The SDXL (sgm) UNet name of a flattened diffusers UNet path (what sd-scripts' SDXL files are keyed by);
-    `flat` itself when it has none. The inverse of sgm_to_flat for SDXL (2 layers per block; only up_blocks 0 and
-    1, which have attentions, upsample)."""
-    top = {"conv_in": "input_blocks_0_0", "conv_out": "out_2", "time_embedding_linear_1": "time_embed_0",
-           "time_embedding_linear_2": "time_embed_2", "add_embedding_linear_1": "label_emb_0_0",
-           "add_embedding_linear_2": "label_emb_0_2"}
-    if flat in top:
-        return top[flat]
-    resnet = {v: k for k, v in SGM_RESNET.items()}
-    m = re.match(r"^mid_block_(resnets_0|attentions_0|resnets_1)_(.*)$", flat)
+SGM_TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+           "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+           "add_embedding.linear_2": "label_emb.0.2"}
+RESNET_SGM = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
+              "conv_shortcut": "skip_connection"}
+
+
+def unet_to_sgm(path: str, sdxl: bool) -> str | None:
+    """The original (sgm) UNet's module path of a diffusers UNet path (`down_blocks.1.attentions.0.proj_in` ->
+    `input_blocks.4.1.proj_in`), as SD checkpoints (`model.diffusion_model.<path>`) and sd-scripts' SDXL files key
+    them; None for a path it has no counterpart for. Two layers per block (SD 1.x/2.x and SDXL); an up block
+    upsamples through its third sub-block, except SD 1.x/2.x's first, which has no attentions."""
+    if path in SGM_TOP:
+        return SGM_TOP[path]
+    m = re.match(r"^mid_block\.(resnets\.0|attentions\.0|resnets\.1)\.(.*)$", path)
     if m:
-        rest = resnet.get(m.group(2), m.group(2)) if m.group(1).startswith("resnets") else m.group(2)
-        return f"middle_block_{['resnets_0', 'attentions_0', 'resnets_1'].index(m.group(1))}_{rest}"
-    m = re.match(r"^(down|up)_blocks_(\d+)_(downsamplers|upsamplers)_0_conv$", flat)
+        rest = RESNET_SGM.get(m.group(2), m.group(2)) if m.group(1).startswith("resnets") else m.group(2)
+        return f"middle_block.{['resnets.0', 'attentions.0', 'resnets.1'].index(m.group(1))}.{rest}"
+    m = re.match(r"^(down|up)_blocks\.(\d+)\.(downsamplers|upsamplers)\.0\.conv$", path)
     if m:
         b = int(m.group(2))
-        return f"input_blocks_{3 * b + 3}_0_op" if m.group(1) == "down" else f"output_blocks_{3 * b + 2}_2_conv"
-    m = re.match(r"^(down|up)_blocks_(\d+)_(resnets|attentions)_(\d+)_(.*)$", flat)
+        if m.group(1) == "down":
+            return f"input_blocks.{3 * b + 3}.0.op"
+        return f"output_blocks.{3 * b + 2}.{1 if b == 0 and not sdxl else 2}.conv"
+    m = re.match(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)$", path)
     if not m:
-        return flat
+        return None
     b, j, rest = int(m.group(2)), int(m.group(4)), m.group(5)
     inner = 0 if m.group(3) == "resnets" else 1
     if inner == 0:
-        rest = resnet.get(rest, rest)
+        rest = RESNET_SGM.get(rest, rest)
     i = 3 * b + j + 1 if m.group(1) == "down" else 3 * b + j
-    return f"{'input' if m.group(1) == 'down' else 'output'}_blocks_{i}_{inner}_{rest}"
+    return f"{'input' if m.group(1) == 'down' else 'output'}_blocks.{i}.{inner}.{rest}"
+
+
+def flat_to_sgm(flat: str) -> str:
+    """The SDXL (sgm) UNet name of a flattened diffusers UNet path (what sd-scripts' SDXL files are keyed by);
+    `flat` itself when it has none. The inverse of sgm_to_flat for SDXL."""
+    path = unet_path(flat)
+    sgm = unet_to_sgm(path, sdxl=True) if path else None
+    return sgm.replace(".", "_") if sgm else flat
 
 
 def is_sdxl(names: list[str], paths: list[tuple[str, str]], hint: str | None) -> bool:

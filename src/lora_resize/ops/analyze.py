@@ -43,17 +43,18 @@ from ..ranks.plan import budget_layers, plan
 from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
 from ..results import Analysis, SettingRow
-from .job import Output, metadata_for, module_job, precision_of, sizer_for, spectra
+from .job import Output, metadata_for, module_job, precision_of, sizer_for, spectra, with_base
 
 DEFAULT_PICK = dict(method="sv_fro", param=0.9)  # shown in the report when no setting is chosen
 SETTING_FIELDS = ("rank", "method", "param", "ranks", *BUDGETS)  # what names a chosen setting
 SHARED_FIELDS = ("rank", "conv_rank", "rank_rule", "precision", "block_rules", "device", "threads", "output_format",
-                 "arch")
+                 "arch", "base")
 
 
-def default_sweep() -> dict[str, tuple]:
-    """Every registered policy's and budget's sweep values."""
-    return {**{name: p.sweep for name, p in POLICIES.items()}, **{name: b.sweep for name, b in BUDGETS.items()}}
+def default_sweep(base: bool = False) -> dict[str, tuple]:
+    """Every registered policy's and budget's sweep values (those measured against a base model only with one)."""
+    return {**{name: p.sweep for name, p in POLICIES.items() if base or not p.base},
+            **{name: b.sweep for name, b in BUDGETS.items() if base or not b.needs_base}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,6 +91,7 @@ class Evaluator:
                 w[i] = sp.out_features * sp.in_features
             kept_e += kk * sp.scale ** 2
             tot_e += t * sp.scale ** 2
+        base = self._base_losses(ranks)
         live = ~np.isnan(fro)
         if live.any():
             worst = int(np.nanargmin(fro))
@@ -104,7 +106,25 @@ class Evaluator:
         else:
             method, param = (opts.method, opts.param) if opts.method else (FIXED, opts.rank)
         return SettingRow(label or opts.label(), method, param, opts.flags(), size, params, *stats, ranks=ranks,
-                          options=opts, header_bytes=header, note=notes[0] if notes else None)
+                          options=opts, header_bytes=header, note=notes[0] if notes else None, **base)
+
+    def _base_losses(self, ranks) -> dict:
+        """The setting's losses relative to the base (SettingRow.base_loss, base_loss_max, base_worst), over the
+        layers that have a base weight; {} without a base."""
+        dropped = base = 0.0
+        worst, worst_name = -1.0, None
+        for sp, k in zip(self.sps, ranks):
+            losses = sp.base_losses(int(k))
+            if losses is None:
+                continue
+            dropped += (losses[0] * sp.base.fro) ** 2
+            base += sp.base.fro ** 2
+            if losses[0] > worst:
+                worst, worst_name = losses[0], sp.name
+        if worst_name is None:
+            return {}
+        return dict(base_loss=math.sqrt(dropped / base) if base > 0 else float("nan"), base_loss_max=worst,
+                    base_worst=worst_name)
 
     def sweep_options(self, shared: ResizeOptions, sweep: Mapping[str, Sequence]) -> list[ResizeOptions]:
         """The options of every setting in `sweep` (fixed ranks above the cap are left out; a target_size of
@@ -167,7 +187,8 @@ def split_options(options: ResizeOptions | None, fields_: dict) -> tuple[ResizeO
 def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeOptions | None, chosen_label: str,
            sweep: Mapping[str, Sequence] | None) -> Analysis:
     """The sweep, the chosen setting and the pick, evaluated; an Analysis."""
-    rows = [ev.evaluate(o) for o in ev.sweep_options(shared, default_sweep() if sweep is None else sweep)]
+    base = any(sp.base is not None for sp in ev.sps)
+    rows = [ev.evaluate(o) for o in ev.sweep_options(shared, default_sweep(base) if sweep is None else sweep)]
     notes = list(a_fields.pop("notes"))
     chosen_row = None
     if chosen is not None:
@@ -195,13 +216,14 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
         rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
         jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
+        base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, shared)
         t1 = time.perf_counter()
         sps = spectra(jobs, device, shared.threads, progress)
         t_dec = time.perf_counter() - t1
         out = Output(layout, jobs, {k: reader for k in layout.passthrough}, [InputRecord(src.name, reader.metadata)])
     return Evaluator(out, sps, precision), dict(
         src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
-        seconds=0.0, decompose_seconds=t_dec, notes=precision_notes + rules.notes + list(layout.notes),
+        seconds=0.0, decompose_seconds=t_dec, notes=precision_notes + rules.notes + list(layout.notes) + base_notes,
         rule_hits=rules.hits)
 
 
@@ -240,7 +262,7 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
             kernel = tuple(int(x) for x in m.group(1).split("x")) if m else None
             in_ch = row.in_features // math.prod(kernel) if kernel else row.in_features
             sps.append(Spectrum(row.name, row.kind, row.out_features, row.in_features, row.old_rank, row.old_alpha,
-                                row.scale, kernel, in_ch, row.singular_values))
+                                row.scale, kernel, in_ch, row.singular_values, row.base))
         jobs = [module_job(modules[row.name], reader) for row in result.layers]
         out = Output(layout, jobs, {k: reader for k in layout.passthrough},
                      [InputRecord(result.src.name, reader.metadata)])

@@ -29,8 +29,9 @@ from ..io.sizing import OutputSizer, Stub, saved_stub
 from ..io.writer import write_output
 from ..options import ResizeOptions
 from ..ranks.plan import layer_rank, plan
-from ..results import LayerResult
+from ..results import BaseNorms, LayerResult
 from ..units import format_size
+from .base import base_norms
 
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -45,6 +46,7 @@ class LayerJob:
     module: Module
     scale_and_rank: Callable[[], tuple[float, int]]
     nbytes: int = 0
+    base: BaseNorms | None = None  # the base weight it patches (--base)
 
 
 def checked(name: str, layer: LowRankLayer) -> LowRankLayer:
@@ -68,6 +70,17 @@ def module_job(module: Module, src: TensorSource) -> LayerJob:
                     lambda: module.scale_and_rank(src), factor_bytes(module, src.infos()))
 
 
+def with_base(jobs: list[LayerJob], layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
+              opts: ResizeOptions) -> list[str]:
+    """With --base: each job's base weight norms (ops/base.py), and the notes on modules without one."""
+    if opts.base is None:
+        return []
+    norms, notes = base_norms(layout, infos, metadata, opts.base, opts.arch)
+    for j in jobs:
+        j.base = norms.get(j.name)
+    return notes
+
+
 def alpha_rule(opts: ResizeOptions, scales_and_ranks: list[tuple[float, int]]) -> AlphaRule:
     """How the output's alphas are chosen: sd-scripts' per-layer alphas under `--rank-rule kohya`; otherwise one
     alpha for every layer (AlphaRule.one_for_all), the most common input scale times --rank (else the most common
@@ -82,9 +95,15 @@ def alpha_rule(opts: ResizeOptions, scales_and_ranks: list[tuple[float, int]]) -
 def layer_row(sp: Spectrum, k: int, new_alpha: float, **flags) -> LayerResult:
     """The row of layer `sp` resized to rank k (flags: clamped, zero, underflow, singular_values)."""
     sum_kept, fro_kept, max_ratio = retention(sp.S, k)
+    base = {}
+    if sp.base is not None:
+        (strength, spectral), (loss_fro, loss_spec) = sp.base_strength(), sp.base_losses(k)
+        base = dict(base=sp.base, strength=strength, spectral_ratio=spectral, base_loss_fro=loss_fro,
+                    base_loss_spectral=loss_spec)
     return LayerResult(name=sp.name, kind=sp.kind, out_features=sp.out_features, in_features=sp.in_features,
                        old_rank=sp.rank, new_rank=k, old_alpha=sp.alpha, new_alpha=new_alpha,
-                       sum_retained=sum_kept, fro_retained=fro_kept, max_ratio=max_ratio, scale=sp.scale, **flags)
+                       sum_retained=sum_kept, fro_retained=fro_kept, max_ratio=max_ratio, scale=sp.scale, **base,
+                       **flags)
 
 
 def planned_rows(spectra: list[Spectrum], ranks, alpha: AlphaRule) -> list[LayerResult]:
@@ -120,7 +139,7 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
     any difference between the layer's scale and the scale its output is loaded with (alpha / k with the stored
     alpha's rounding in the save dtype, or a family's fixed scale), so the output applies exactly the rank-k
     truncation of the scaled update (to float precision)."""
-    sp = Spectrum.of(job.name, layer, dec.S)
+    sp = Spectrum.of(job.name, layer, dec.S, job.base)
     choice = layer_rank(sp, opts)
     k = choice.rank
     alpha = alpha_of(job.name, layer.alpha, layer.rank, k)
@@ -165,7 +184,7 @@ def run_jobs(jobs: list[LayerJob], opts: ResizeOptions, device: torch.device, sa
 def spectra(jobs: list[LayerJob], device: torch.device, threads: int | None = None,
             progress: Progress | None = None) -> list[Spectrum]:
     """Decompose every job; keep only its spectrum (what planning and analysis need)."""
-    return list(through_engine(jobs, device, lambda j, layer, dec: Spectrum.of(j.name, layer, dec.S),
+    return list(through_engine(jobs, device, lambda j, layer, dec: Spectrum.of(j.name, layer, dec.S, j.base),
                                lambda s: s, threads, progress, vectors=False))
 
 

@@ -24,7 +24,8 @@ from ..io.reader import TensorSource, open_tensor_file
 from ..options import ResizeOptions
 from ..ranks.rules import apply_rules
 from ..results import LayerResult, ResizeResult
-from .job import LayerJob, Output, as_options, checked, clamp_notes, factor_bytes, precision_of, produce
+from .job import (LayerJob, Output, as_options, checked, clamp_notes, factor_bytes, precision_of, produce,
+                  with_base)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         rules = apply_rules(opts.block_rules, sorted(members, key=lambda n: members[n][0][1].keys[0]))
         notes += rules.notes
         jobs = [merged_job(name, members[name]) for name in rules.kept]
+        infos = {k: v for r in reversed(readers) for k, v in r.infos().items()}
+        notes += with_base(jobs, replace(layouts[0], modules=[j.module for j in jobs]), infos, readers[0].metadata,
+                           opts)
         copied: dict[str, TensorSource] = {}
         for r, lay in zip(readers, layouts):
             for key in lay.passthrough:

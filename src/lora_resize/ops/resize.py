@@ -14,7 +14,7 @@ from ..io.reader import open_tensor_file
 from ..options import ResizeOptions
 from ..ranks.rules import apply_rules
 from ..results import LayerResult, ResizeResult
-from .job import Output, as_options, clamp_notes, growth_notes, module_job, precision_of, produce
+from .job import Output, as_options, clamp_notes, growth_notes, module_job, precision_of, produce, with_base
 
 
 def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOptions | None = None, *,
@@ -40,10 +40,12 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
         rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
         jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
+        base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
         out = Output(layout, jobs, {k: reader for k in layout.passthrough},
                      [InputRecord(src.name, reader.metadata)])
         done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
-    notes = precision_notes + list(layout.notes) + done.write_notes + clamp_notes(done.rows) + rules.notes + done.plan_notes
+    notes = (precision_notes + list(layout.notes) + base_notes + done.write_notes + clamp_notes(done.rows)
+             + rules.notes + done.plan_notes)
     notes += growth_notes(src.stat().st_size, dst.stat().st_size, done.rows)
     return ResizeResult(src=src, dst=dst, format=layout.format, precision=precision,
                         options={**done.options.as_dict(), "rule_hits": rules.hits}, layers=done.rows,

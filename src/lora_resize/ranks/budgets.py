@@ -14,6 +14,10 @@ each layer's gains are non-increasing, so a layer's ranks grow in order when uni
   within the budget (so no single-layer change improves the result at all).
 - Fro: take units in the same order until sqrt(kept / total) reaches the target (total: every singular value of
   every kept layer, scaled). The result keeps at most one unit (of any layer) more than a byte-minimal choice.
+- Error (with --base): the same prefix, until the dropped energy is at most X^2 times the base weights' summed
+  ||W||_F^2 (the global loss relative to the base); the same guarantee.
+- With --base, Size ranks units by base-relative gain per byte, g_ij / ||W_i||_F^2: it keeps the least summed
+  squared loss relative to each layer's base weight that fits the bytes (the same knapsack bound, in those units).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class BudgetLayer:
     hi: int
     cost: int
     gains: np.ndarray
+    base_energy: float = 0.0  # ||W||_F^2 of the base weight the layer patches (--base), else 0
 
 
 def _units(layers: list[BudgetLayer]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -201,6 +206,34 @@ def plan_fro(layers: list[BudgetLayer], target: float, total_energy: float, size
                    "(every layer at its highest allowed rank)")
 
 
+def plan_error(layers: list[BudgetLayer], target: float, total_energy: float, sizer: Sizer
+               ) -> tuple[np.ndarray, str | None]:
+    """The smallest greedy prefix whose loss relative to the base, sqrt(dropped energy / sum of the base weights'
+    ||W||_F^2), is at most `target`: plan_fro with the kept share that leaves exactly that loss."""
+    base = sum(L.base_energy for L in layers)
+    allowed = target * target * base
+    if total_energy <= 0 or allowed >= total_energy:
+        return base_ranks(layers), None
+    share = math.sqrt(1 - allowed / total_energy)
+    ranks, reached = allocate_fro(layers, share, total_energy)
+    if reached:
+        return ranks, None
+    loss = math.sqrt(max(0.0, total_energy - kept_energy(layers, ranks)) / base) if base > 0 else float("nan")
+    return ranks, (f"--target-error {target} is not reachable under the caps and rules; the best is {loss:.4g} "
+                   "(every layer at its highest allowed rank)")
+
+
+def _parse_error(value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise OptionsError(f"--target-error must be a number > 0, got {value!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise OptionsError(f"--target-error must be > 0 (e.g. 0.002: the LoRA's loss 0.2% of its base weights), "
+                           f"got {v}")
+    return v
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The registry
 
@@ -231,6 +264,8 @@ class Budget:
     summary: Callable[[object], str]
     flag_value: Callable[[object], str]
     plan: Callable[[list[BudgetLayer], object, float, Sizer], tuple[np.ndarray, str | None]]
+    base_weighted: bool = False  # with --base, its gains are base-relative: (S * scale / ||W||_F)^2 per layer
+    needs_base: bool = False
 
 
 BUDGETS: Registry[Budget] = Registry("budget")
@@ -245,4 +280,8 @@ register(Budget("target_fro", "--target-fro", "target_fro (budget)", "#9467bd", 
                 lambda v: f"target fro {v} (global, alpha/rank-scaled)", lambda v: f"{v:g}", plan_fro))
 register(Budget("target_size", "--target-size", "target_size (budget)", "#8c564b", ("auto",),
                 lambda v: parse_size(v, "--target-size"), lambda v: f"target_size {format_size(v)}",
-                lambda v: f"target size {format_size(v)} ({v} bytes)", str, plan_size))
+                lambda v: f"target size {format_size(v)} ({v} bytes)", str, plan_size, base_weighted=True))
+register(Budget("target_error", "--target-error", "target_error (budget)", "#bcbd22",
+                (0.0005, 0.001, 0.002, 0.005, 0.01), _parse_error, lambda v: f"target_error {v:g}",
+                lambda v: f"target error {v:g} (global, relative to the base)", lambda v: f"{v:g}", plan_error,
+                needs_base=True))

@@ -33,13 +33,25 @@ def layer_rank(sp: Spectrum, opts) -> RankChoice:
     policy = get_policy(opts.method)
     if not policy.needs_param and cap is None:
         raise OptionsError(f"layer {sp.name} has no rank: give --rank N (or a rule or a target that covers it)")
-    return choose_rank(sp.S, sp.full_size, policy, opts.param, cap, opts.rank_rule)
+    return choose_rank(base_relative(sp, opts.method) if policy.base else sp.S, sp.full_size, policy, opts.param, cap,
+                       opts.rank_rule)
+
+
+def base_relative(sp: Spectrum, what: str) -> np.ndarray:
+    """The layer's singular values relative to its base weight (for a base-relative method or budget); OptionsError
+    for a layer whose weight the base does not have."""
+    if sp.base is None:
+        raise OptionsError(f"layer {sp.name} has no weight in --base, so {what} cannot choose its rank: give it one "
+                           f"with --rule '{sp.name}=N', or leave it out with --rule '{sp.name}=drop'")
+    return sp.base_weighted_S()
 
 
 def budget_layers(spectra: Sequence[Spectrum], opts, sizer: Sizer) -> list[BudgetLayer]:
     """Each layer's choice for a budget: its lowest and highest allowed rank (rank rule, caps, block rules,
     explicit ranks), the bytes one more rank costs in the output and the scaled energy of each singular value."""
     out = []
+    budget = opts.budget[0] if opts.budget is not None else None
+    weighted = budget is not None and budget.base_weighted and opts.base is not None
     for i, sp in enumerate(spectra):
         rule = first_match(opts.block_rules, sp.name) if opts.block_rules else None
         pinned = (opts.ranks or {}).get(sp.name, rule.value if rule is not None and rule.action == "rank" else None)
@@ -60,8 +72,10 @@ def budget_layers(spectra: Sequence[Spectrum], opts, sizer: Sizer) -> list[Budge
             hi = limit if cap is None else max(1, min(cap, limit))
             lo = min(2, hi) if opts.rank_rule == "kohya" else 1
         gains = np.zeros(max(hi, len(S)))
-        gains[:len(S)] = (S * sp.scale) ** 2
-        out.append(BudgetLayer(lo, hi, cost, gains))
+        gains[:len(S)] = base_relative(sp, budget.flag) ** 2 if weighted else (S * sp.scale) ** 2
+        if budget is not None and budget.needs_base and sp.base is None:
+            base_relative(sp, budget.flag)  # refused: the layer has no base weight
+        out.append(BudgetLayer(lo, hi, cost, gains, sp.base.fro ** 2 if sp.base is not None else 0.0))
     return out
 
 
@@ -74,6 +88,8 @@ def plan(spectra: Sequence[Spectrum], opts, sizer: Sizer | None = None) -> tuple
     if sizer is None:
         raise ValueError("a budget needs the output's sizer")
     b, value = budget
-    total = sum(sp.energy for sp in spectra)
-    ranks, note = b.plan(budget_layers(spectra, opts, sizer), value, total, sizer)
+    layers = budget_layers(spectra, opts, sizer)
+    total = float(sum(L.gains.sum() for L in layers)) if b.base_weighted and opts.base is not None else \
+        sum(sp.energy for sp in spectra)
+    ranks, note = b.plan(layers, value, total, sizer)
     return np.asarray(ranks, dtype=np.int64), [note] if note else []

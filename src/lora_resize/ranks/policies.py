@@ -37,6 +37,7 @@ class Policy:
     kohya: Callable[[np.ndarray, float], int]
     needs_param: bool = True
     nearest: Callable[[float], float] = float
+    base: bool = False  # ranks by the loss relative to the base weight (Spectrum.base_weighted_S): needs --base
 
 
 def _first_reaching(fraction: np.ndarray, target: float) -> int:
@@ -88,6 +89,17 @@ def _into_unit_interval(p: float) -> float:
     return min(max(p, 1e-9), 1.0)
 
 
+def _base_fro(S, p):
+    """The smallest k whose dropped part, sqrt(sum_{i>=k} S_i^2), is at most p (S already base-relative)."""
+    S2 = S * S
+    tail = np.maximum(S2.sum() - np.cumsum(S2), 0.0)  # tail[j]: dropped energy when j + 1 are kept
+    return int(np.searchsorted(-np.sqrt(tail), -p * (1 + 1e-12), side="left")) + 1
+
+
+def _positive(p: float) -> str | None:
+    return None if p > 0 else "must be > 0 (e.g. 0.01: each layer's loss at most 1% of its base weight's norm)"
+
+
 def _whole(S, p):
     return len(S)
 
@@ -107,6 +119,8 @@ register(Policy("sv_fro", "sv_fro", "#ff7f0e", FRACTIONS, _unit_interval, _fro_e
                 nearest=_into_unit_interval))
 register(Policy("sv_cumulative", "sv_cumulative", "#2ca02c", FRACTIONS, _unit_interval, _cumulative_exact,
                 _cumulative_kohya, nearest=_into_unit_interval))
+register(Policy("base_fro", "base_fro", "#17becf", (0.001, 0.002, 0.005, 0.01, 0.02, 0.05), _positive, _base_fro,
+                _base_fro, nearest=lambda p: max(p, 1e-12), base=True))
 register(Policy(FIXED, "fixed rank", "#d62728", (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256), lambda p: None,
                 _whole, _whole, needs_param=False))
 

@@ -74,12 +74,24 @@ def summary(result: ResizeResult) -> str:
     if result.passthrough:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(result.copied_kinds.items(), key=lambda x: (-x[1], x[0])))
         lines.append(f"  {len(result.passthrough)} other tensor(s) copied unchanged: {kinds}")
+    based = [x for x in result.layers if x.base is not None]
+    if based:
+        strong = max(based, key=lambda x: x.strength)
+        lossy = max(based, key=lambda x: x.base_loss_fro)
+        lines.append(f"  against the base ({len(based)} of {len(result.layers)} layers): LoRA strength ||dW||/||W|| "
+                     f"median {float(np.median([x.strength for x in based])):.3g}, max {strong.strength:.3g} "
+                     f"({strong.name}); loss ||dW - dW_k||/||W|| max {lossy.base_loss_fro:.3g} ({lossy.name}), "
+                     f"spectral max {max(x.base_loss_spectral for x in based):.3g}")
     lines += [f"  note: {n}" for n in result.notes]
     return "\n".join(one_line(line) for line in lines)  # names from the file never drive the terminal
 
 
 def _pct(x: float) -> str:
     return "n/a" if x != x else f"{x:.2%}"
+
+
+def _sci(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.2e}"
 
 
 def _count(n: int) -> str:
@@ -99,14 +111,23 @@ def analysis_table(a, verbose: bool = False) -> str:
              f"{len(a.rows)} settings in {a.seconds - a.decompose_seconds:.1f} s",
              "fidelity = Frobenius norm kept: w-mean weighted by out*in per layer; global = all layers as one "
              "update (alpha/rank-scaled); min = the worst layer", ""]
-    head = f"  {'setting':<30} {'bytes':>14} {'size':>9} {'params':>8} {'w-mean':>7} {'global':>7} {'min':>7}  worst layer"
-    lines.append(head)
     rows = list(a.rows) + ([a.chosen] if a.chosen is not None else [])
+    based = any(r.base_loss is not None for r in rows)
+    if based:
+        lines.insert(-1, "vs base = loss relative to the base weights: global = sqrt(sum ||dW - dW_k||_F^2 / sum "
+                         "||W||_F^2), max = the worst layer's ||dW - dW_k||_F / ||W||_F")
+    head = f"  {'setting':<30} {'bytes':>14} {'size':>9} {'params':>8} {'w-mean':>7} {'global':>7} {'min':>7}"
+    head += f" {'vs base':>8} {'max':>8}  worst layer" if based else "  worst layer"
+    lines.append(head)
     for r in rows:
         mark = "*" if r.chosen else " "
-        lines.append(f"{mark} {r.label[:30]:<30} {r.output_bytes:>14,} {format_size(r.output_bytes):>9} "
-                     f"{_count(r.params):>8} {_pct(r.fro_weighted):>7} {_pct(r.fro_global):>7} "
-                     f"{_pct(r.fro_min):>7}  {r.worst_layer or '-'}")
+        line = (f"{mark} {r.label[:30]:<30} {r.output_bytes:>14,} {format_size(r.output_bytes):>9} "
+                f"{_count(r.params):>8} {_pct(r.fro_weighted):>7} {_pct(r.fro_global):>7} {_pct(r.fro_min):>7}")
+        if based:
+            line += f" {_sci(r.base_loss):>8} {_sci(r.base_loss_max):>8}  {r.base_worst or '-'}"
+        else:
+            line += f"  {r.worst_layer or '-'}"
+        lines.append(line)
     lines += [f"note ({r.label}): {r.note}" for r in a.rows if r.note]
     if a.chosen is not None:
         lines += ["", f"* chosen: lora-resize resize {a.src} -o OUT.safetensors {a.chosen.args}"]
