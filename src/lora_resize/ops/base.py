@@ -12,7 +12,7 @@ a fused module the concatenation of its parts. Unmatched modules are listed, nev
 do not have the LoRA's shapes is refused as another architecture's.
 
 For each matched module: ||W||_F and the spectral norm ||W||_2 (W flattened to out x in*kernel, as the update;
-||W||_2 by block power iteration with Rayleigh-Ritz, to 1e-10 relative)."""
+||W||_2 exactly from the smaller Gram matrix, or by Lanczos for sides above 256), one weight per core at a time."""
 from __future__ import annotations
 
 import math
@@ -27,12 +27,15 @@ from ..formats import Layout
 from ..formats.convert import Name, detect_arch, read_name, scheme_of, tables
 from ..io.checkpoint import Checkpoint
 from ..io.reader import TensorInfo
+from ..core.decompose import sym_gram
+from ..core.parallel import available_cores, ordered_map, torch_threads
 from ..models import SD, Architecture
 from ..models import sd as sdm
 from ..results import BaseNorms
 
 DIT_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
-SPECTRAL_TOL = 1e-10
+EXACT_SIDE = 256  # ||W||_2 from the eigenvalues of the smaller Gram matrix up to this side, Lanczos beyond
+LANCZOS_STEPS = 400
 
 
 @dataclass(frozen=True)
@@ -63,20 +66,30 @@ def base_norms(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mappin
     sdxl = arch is None and sdm.is_sdxl([m.name for m in layout.modules],
                                         [(n.component, n.path) for _, n in read if n is not None], hint)
     norms: dict[str, BaseNorms] = {}
-    unmatched, mismatched = [], []
+    unmatched, mismatched, found = [], [], []
     with Checkpoint(base) as ck:
         for m, n in read:
             out, (inp, *kernel) = m.weight_shape(infos)
-            flat_in = inp * math.prod(kernel)
             pieces = locate(n, arch, out, inp, ck, sdxl) if n is not None else None
             if pieces is None:
                 unmatched.append(m.name)
-                continue
+            else:
+                found.append((m.name, pieces, (out, inp * math.prod(kernel))))
+
+        def measure(item) -> tuple[str, list[Piece], tuple, BaseNorms | None]:
+            name, pieces, want = item
             W = matrix(ck, pieces)
-            if tuple(W.shape) != (out, flat_in):
-                mismatched.append((m.name, pieces, tuple(W.shape), (out, flat_in)))
-                continue
-            norms[m.name] = BaseNorms(", ".join(p.label() for p in pieces), float(W.norm()), spectral_norm(W))
+            if tuple(W.shape) != want:
+                return name, pieces, tuple(W.shape), None
+            return name, pieces, want, BaseNorms(", ".join(p.label() for p in pieces), float(W.norm()),
+                                                 spectral_norm(W))
+        with torch_threads(1):  # one weight per core at a time: bounded memory, no oversubscription
+            for name, pieces, shape, bn in ordered_map(measure, found, available_cores()):
+                if bn is None:
+                    want = next(w for nm, _, w in found if nm == name)
+                    mismatched.append((name, pieces, shape, want))
+                else:
+                    norms[name] = bn
     if mismatched and len(mismatched) >= len(norms):
         name, pieces, got, want = mismatched[0]
         raise LoraStructureError(f"--base {base} is not this LoRA's model: {name} updates a {want[0]} x {want[1]} "
@@ -110,23 +123,37 @@ def matrix(ck: Checkpoint, pieces: list[Piece]) -> torch.Tensor:
 
 
 def spectral_norm(W: torch.Tensor) -> float:
-    """||W||_2: exact for small matrices; else block power iteration on W^T W (4 vectors, orthonormalised each
-    step) with the Rayleigh-Ritz value sigma_max(W X), until it changes by less than 1e-10 relative."""
+    """||W||_2, exactly: the largest eigenvalue of the smaller Gram matrix (W W^T or W^T W, computed by halves) when
+    its side is at most EXACT_SIDE; else Lanczos on W^T W with full reorthogonalisation until the largest Ritz
+    value changes by less than 1e-12 relative (it converges from below)."""
     m, n = W.shape
-    if min(m, n) <= 256:
-        return float(torch.linalg.matrix_norm(W, 2))
-    A = W if m >= n else W.T
+    p = min(m, n)
+    if p <= EXACT_SIDE:
+        G = sym_gram(W if m <= n else W.T)
+        return math.sqrt(max(0.0, float(torch.linalg.eigvalsh(G)[-1])))
+    A = W if m >= n else W.T  # tall: iterate on the small side
     g = torch.Generator().manual_seed(0)
-    X = torch.linalg.qr(torch.randn(A.shape[1], 4, generator=g, dtype=torch.float64))[0]
-    sigma = 0.0
-    for _ in range(500):
-        Y = A @ X
-        new = float(torch.linalg.svdvals(Y)[0])
-        X = torch.linalg.qr(A.T @ Y)[0]
-        if abs(new - sigma) <= SPECTRAL_TOL * new:
-            return new
-        sigma = new
-    return sigma
+    q = torch.randn(A.shape[1], generator=g, dtype=torch.float64)
+    Q = [q / q.norm()]
+    alphas, betas, theta = [], [], 0.0
+    for _ in range(LANCZOS_STEPS):
+        w = A.T @ (A @ Q[-1])
+        alphas.append(float(w @ Q[-1]))
+        B = torch.stack(Q, 1)
+        for _ in range(2):
+            w = w - B @ (B.T @ w)
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        new = float(torch.linalg.eigvalsh(T)[-1])
+        beta = float(w.norm())
+        if abs(new - theta) <= 1e-12 * new or beta <= 1e-14 * math.sqrt(max(new, 0.0)):
+            return math.sqrt(max(new, 0.0))
+        theta = new
+        betas.append(beta)
+        Q.append(w / beta)
+    return math.sqrt(max(theta, 0.0))
 
 
 # ----------------------------------------------------------------------------------------------------------------

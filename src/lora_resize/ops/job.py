@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
@@ -75,10 +76,11 @@ def with_base(jobs: list[LayerJob], layout: Layout, infos: Mapping[str, TensorIn
     """With --base: each job's base weight norms (ops/base.py), and the notes on modules without one."""
     if opts.base is None:
         return []
+    t = time.perf_counter()
     norms, notes = base_norms(layout, infos, metadata, opts.base, opts.arch)
     for j in jobs:
         j.base = norms.get(j.name)
-    return notes
+    return notes + [f"{len(norms)} base weight(s) measured in {time.perf_counter() - t:.1f} s"]
 
 
 def alpha_rule(opts: ResizeOptions, scales_and_ranks: list[tuple[float, int]]) -> AlphaRule:

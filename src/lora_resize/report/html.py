@@ -20,6 +20,7 @@ from .svg import Scale, axes, esc, polyline, svg
 
 METRICS = {"fro_weighted": "size-weighted mean", "fro_global": "global (alpha/rank-scaled)",
            "fro_min": "worst layer"}
+BASE_METRICS = {"base_loss": "loss vs base, global", "base_loss_max": "loss vs base, worst layer"}  # with --base
 HEAVIEST = 6
 
 
@@ -42,47 +43,93 @@ def _block_order(block: str) -> tuple:
 
 
 def curve_svg(a, metric: str, ident: str, pick=None, width: int = 760, height: int = 420) -> str:
-    """Size (log) against fidelity, one line per method, points with tooltips, the chosen setting (`pick`) ringed."""
-    rows = [r for r in a.rows if getattr(r, metric) == getattr(r, metric)]
+    """Size (log) against fidelity, one line per method, points with tooltips, the chosen setting (`pick`) ringed.
+    A base-relative loss (BASE_METRICS) is drawn on a log scale, lower being better; a loss of 0 sits on the axis."""
+    base = metric in BASE_METRICS
+
+    def val(r):
+        v = getattr(r, metric)
+        return float("nan") if v is None else v
+    rows = [r for r in a.rows if val(r) == val(r)]
     everything = rows + ([pick] if pick is not None else [])
     sizes = [r.output_bytes for r in everything] or [1]
-    vals = [getattr(r, metric) for r in everything if getattr(r, metric) == getattr(r, metric)] or [0.0, 1.0]
-    ylo = max(0.0, math.floor(min(vals) * 20) / 20)
+    vals = [val(r) for r in everything if val(r) == val(r)] or [0.0, 1.0]
     L, R, T, B = 70, width - 180, 20, height - 50
     x = Scale(min(sizes) / 1.15, max(sizes) * 1.15, L, R, log=True)
-    y = Scale(ylo, 1.0, B, T)
-    body = [axes(x, y, lambda v: human_bytes(v), lambda v: f"{v:.0%}", "output size (log scale)",
-                 f"Frobenius retained, {METRICS[metric]}")]
+    if base:
+        pos = [v for v in vals if v > 0] or [1e-6, 1.0]
+        floor = min(pos) / 3
+        y = Scale(floor, max(pos) * 1.5, B, T, log=True)
+        plain = val
+
+        def val(r):  # noqa: F811 - a loss of 0 drawn at the floor
+            return max(plain(r), floor)
+        body = [axes(x, y, lambda v: human_bytes(v), lambda v: f"{v:.0e}", "output size (log scale)",
+                     f"{BASE_METRICS[metric]} (log scale; lower is better)")]
+    else:
+        ylo = max(0.0, math.floor(min(vals) * 20) / 20)
+        y = Scale(ylo, 1.0, B, T)
+        body = [axes(x, y, lambda v: human_bytes(v), lambda v: f"{v:.0%}", "output size (log scale)",
+                     f"Frobenius retained, {METRICS[metric]}")]
+    shown = (lambda v: f"{v:.2e}") if base else (lambda v: f"{v:.2%}")
     legend_y = T + 8
     for method, (color, name) in series().items():
         pts = sorted((r for r in rows if r.method == method), key=lambda r: r.output_bytes)
         if not pts:
             continue
         body.append(f'<g class="series" data-method="{method}">')
-        body.append(polyline([(x(r.output_bytes), y(getattr(r, metric))) for r in pts], color,
+        body.append(polyline([(x(r.output_bytes), y(val(r))) for r in pts], color,
                              dash="5,3" if method in BUDGETS else None))
         for r in pts:
             body.append(
-                f'<circle cx="{x(r.output_bytes):.1f}" cy="{y(getattr(r, metric)):.1f}" r="4" fill="{color}" '
+                f'<circle cx="{x(r.output_bytes):.1f}" cy="{y(val(r)):.1f}" r="4" fill="{color}" '
                 f'class="point" data-row="row{a.rows.index(r)}"><title>{esc(r.label)}: '
-                f'{esc(human_bytes(r.output_bytes))}, {getattr(r, metric):.2%}\n{esc(r.args)}</title></circle>')
+                f'{esc(human_bytes(r.output_bytes))}, {shown(getattr(r, metric))}\n{esc(r.args)}</title></circle>')
         body.append("</g>")
         body.append(f'<line x1="{R + 16}" y1="{legend_y}" x2="{R + 36}" y2="{legend_y}" stroke="{color}" '
                     f'class="series"/><circle cx="{R + 26}" cy="{legend_y}" r="4" fill="{color}"/>'
                     f'<text x="{R + 42}" y="{legend_y + 4}" class="legend">{esc(name)}</text>')
         legend_y += 20
-    if pick is not None and getattr(pick, metric) == getattr(pick, metric):
-        px, py = x(pick.output_bytes), y(getattr(pick, metric))
+    if pick is not None and val(pick) == val(pick):
+        px, py = x(pick.output_bytes), y(val(pick))
         body.append(f'<g class="chosen" data-row="chosen"><circle cx="{px:.1f}" cy="{py:.1f}" r="9" fill="none" '
                     f'stroke="#000" stroke-width="2.5"/><circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="#000"/>'
                     f'<text x="{px + 12:.1f}" y="{py + 16:.1f}" class="chosen-label">'
                     f'{"chosen: " if pick.chosen else ""}{esc(pick.label)}'
                     f'</text><title>chosen: {esc(pick.label)}: {esc(human_bytes(pick.output_bytes))}, '
-                    f'{getattr(pick, metric):.2%}</title></g>')
+                    f'{shown(getattr(pick, metric))}</title></g>')
         body.append(f'<circle cx="{R + 26}" cy="{legend_y}" r="7" fill="none" stroke="#000" stroke-width="2"/>'
                     f'<text x="{R + 42}" y="{legend_y + 4}" class="legend">'
                     f'{"chosen setting" if pick.chosen else "default pick"}</text>')
-    return svg(width, height, "\n".join(body), ident, f"output size against fidelity ({METRICS[metric]})")
+    return svg(width, height, "\n".join(body), ident,
+               f"output size against fidelity ({(BASE_METRICS if base else METRICS)[metric]})")
+
+
+def strength_svg(a, pick, width: int = 760, height: int = 380) -> str:
+    """With --base, one point per layer: the LoRA's strength there (||dW||_F / ||W||_F, x, log) against the
+    loss of the chosen setting relative to the base weight (||dW - dW_k||_F / ||W||_F, y, log); the layers where
+    the loss is largest are named."""
+    pts = []
+    for L, k in zip(a.layers, pick.ranks):
+        if L.base is None:
+            continue
+        strength, _ = L.base_strength()
+        pts.append((L, strength, L.base_losses(int(k))[0]))
+    pos_s = [p[1] for p in pts if p[1] > 0] or [1e-3, 1.0]
+    pos_l = [p[2] for p in pts if p[2] > 0] or [1e-6, 1.0]
+    L_, R, T, B = 70, width - 20, 20, height - 50
+    x = Scale(min(pos_s) / 1.5, max(pos_s) * 1.5, L_, R, log=True)
+    floor = min(pos_l) / 3
+    y = Scale(floor, max(pos_l) * 1.5, B, T, log=True)
+    body = [axes(x, y, lambda v: f"{v:.0e}", lambda v: f"{v:.0e}", "LoRA strength ||dW|| / ||W|| (log)",
+                 "loss ||dW - dW_k|| / ||W|| (log)")]
+    worst = sorted(pts, key=lambda p: -p[2])[:5]
+    for L, s_, loss in pts:
+        hot = any(L is w[0] for w in worst)
+        body.append(f'<circle cx="{x(max(s_, x.lo)):.1f}" cy="{y(max(loss, floor)):.1f}" r="{5 if hot else 3}" '
+                    f'fill="{"#d62728" if hot else "#1f77b4"}" class="layer-point"><title>{esc(L.name)}\nstrength '
+                    f'{s_:.3e}, loss {loss:.3e} ({esc(L.base.key)})</title></circle>')
+    return svg(width, height, "\n".join(body), "strength", f"per-layer LoRA strength against loss, {pick.label}")
 
 
 def rank_map_svg(a, pick, width: int = 980) -> str:
@@ -267,6 +314,24 @@ def html_report(a) -> str:
         rules = "<p>rules: " + "; ".join(f"<code>{esc(r)}</code>: {n} module{'s' if n != 1 else ''}"
                                           for r, n in a.rule_hits.items()) + "</p>"
     notes = "".join(f"<p class=meta>note: {esc(n)}</p>" for n in a.notes)
+    based = any(L.base is not None for L in a.layers)
+    if based:
+        for metric in BASE_METRICS:
+            curves.append(f'<div class="curve" id="curve-{metric}" style="display:none">'
+                          f'{curve_svg(a, metric, f"curve-svg-{metric}", pick)}</div>')
+        tabs += "".join(f'<button type="button" data-target="curve-{m}">{esc(t)}</button>'
+                        for m, t in BASE_METRICS.items())
+        chosen_line += (f"; loss vs base {pick.base_loss:.2e} (global), worst layer {pick.base_loss_max:.2e} "
+                        f"({esc(pick.base_worst)})" if pick.base_loss is not None else "")
+    base_section = ""
+    if based:
+        worst = sorted(((L.base_losses(int(k))[0], L.name) for L, k in zip(a.layers, pick.ranks)
+                        if L.base is not None), reverse=True)[:5]
+        base_section = (f"<h2>Against the base model ({esc(pick.label)})</h2>{strength_svg(a, pick)}"
+                        "<p class=meta>Each layer's update dW against the base weight W it patches (W flattened to "
+                        "out x in*kernel): strength ||dW||_F / ||W||_F, and the loss the setting leaves, "
+                        "||dW - dW_k||_F / ||W||_F. Largest losses: "
+                        + "; ".join(f"<code>{esc(n)}</code> {v:.2e}" for v, n in worst) + "</p>")
     title = f"lora-resize analysis: {a.src.name}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -285,6 +350,7 @@ def html_report(a) -> str:
 <p class="meta">Frobenius retained per layer: sqrt(kept sum S^2 / sum S^2). Size-weighted mean: each layer
 weighted by out x in (the model weights its update touches). Global: all layers as one update, scaled by alpha/rank.
 Budget policies (dashed) put each byte where it keeps the most global energy.</p>
+{base_section}
 <h2>Ranks per layer ({esc(pick.label)})</h2>
 {rank_map_svg(a, pick)}
 <h2>Singular values of the heaviest layers</h2>
