@@ -244,3 +244,21 @@ def test_a_base_of_another_model_or_no_base_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert why in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_merge_and_batch_take_the_base_too(tmp_path, capsys):
+    g = torch.Generator().manual_seed(7)
+    W, _, _ = flux_base(g)
+    spec = {"lora_unet_" + n.replace(".", "_"): (w.shape[0], w.shape[1], None) for n, w in W.items()}
+    a, b = lora(spec, g), lora(spec, g)
+    (tmp_path / "in").mkdir()
+    fa, fb = write_lora(tmp_path / "in" / "a.safetensors", a), write_lora(tmp_path / "in" / "b.safetensors", b)
+    ck = write_lora(tmp_path / "base.safetensors", {f"model.diffusion_model.{k}.weight": v for k, v in W.items()})
+    res = lora_resize.merge([fa, f"{fb}:0.5"], tmp_path / "m.safetensors", rank=3, base=str(ck), precision="float")
+    for r in res.layers:
+        want = dense(a, r.name) + 0.5 * dense(b, r.name)
+        Wn = W[next(n for n in W if "lora_unet_" + n.replace(".", "_") == r.name)].double()
+        assert r.strength == pytest.approx(float(want.norm() / Wn.norm()), rel=TOL)
+    assert main(["batch", str(tmp_path / "in"), str(tmp_path / "out"), "--rank", "2", "--base", str(ck), "-q"]) == 0
+    manifest = json.loads((tmp_path / "out" / "lora-resize-manifest.json").read_text())
+    assert len(manifest["files"]) == 2 and all(f["status"] == "ok" for f in manifest["files"])
