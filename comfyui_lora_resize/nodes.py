@@ -1,0 +1,209 @@
+"""The nodes, in ComfyUI's conventions: `INPUT_TYPES` (a classmethod: "required"/"optional" inputs, a list for a
+combo, ("INT"/"FLOAT"/"STRING"/"BOOLEAN", {options}) otherwise), `RETURN_TYPES`/`RETURN_NAMES`, `FUNCTION`,
+`CATEGORY`, `OUTPUT_NODE`; LoRAs listed and found with `folder_paths` ("loras"), progress on ComfyUI's bar
+(`comfy.utils.ProgressBar`). A lora-resize error becomes the node's error with our one-line message; files are
+written atomically into the first loras folder, never over an existing file."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import folder_paths  # ComfyUI's
+
+import lora_resize
+from lora_resize.models import LAYOUTS
+from lora_resize.options import PRECISIONS
+from lora_resize.ranks.policies import RANK_RULES, dynamic_methods
+
+CATEGORY = "lora-resize"
+KEEP = "same"  # keep the input's precision / layout
+FILE_LAYOUTS = [x for x in LAYOUTS if x != "peft"]  # what ComfyUI loads: single files (a PEFT adapter is a folder)
+
+
+def _lora_path(name: str) -> str:
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise FileNotFoundError(f"LoRA {name!r} is not in the loras folder")
+    return path
+
+
+def _output_path(name: str) -> Path:
+    """A new file in the first loras folder (an existing file is never replaced)."""
+    name = name.strip()
+    if not name or os.sep in name or (os.altsep and os.altsep in name) or name.startswith("."):
+        raise ValueError(f"output name {name!r} must be a plain file name")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    path = Path(folder_paths.get_folder_paths("loras")[0]) / name
+    if path.exists():
+        raise FileExistsError(f"{path.name} already exists in the loras folder; choose another output name")
+    return path
+
+
+def _progress():
+    """lora-resize's progress callable (iterable, total) on ComfyUI's progress bar."""
+    import comfy.utils
+
+    def wrap(iterable, total):
+        bar = comfy.utils.ProgressBar(total)
+        for x in iterable:
+            yield x
+            bar.update(1)
+    return wrap
+
+
+def _run(fn):
+    """A lora-resize error as the node's error, with our one-line message."""
+    try:
+        return fn()
+    except lora_resize.LoraResizeError as e:
+        raise RuntimeError(f"lora-resize: {e}") from None
+
+
+def _options(method: str, param: float, rank: int, conv_rank: int, rank_rule: str, target_size: str,
+             precision: str) -> dict:
+    """Option fields from the nodes' inputs: method 'fixed' uses rank alone; conv_rank 0 follows rank; a target
+    size replaces the method (rank still caps)."""
+    fields = dict(rank=rank, conv_rank=conv_rank or None, rank_rule=rank_rule,
+                  precision=None if precision == KEEP else precision)
+    if target_size.strip():
+        fields["target_size"] = target_size.strip()
+    elif method != "fixed":
+        fields.update(method=method, param=param)
+    return fields
+
+
+RANK_INPUTS = {
+    "method": (["fixed", *dynamic_methods()], {"default": "sv_fro"}),
+    "param": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 10000.0, "step": 0.01}),
+    "rank": ("INT", {"default": 64, "min": 1, "max": 8192, "tooltip": "fixed rank, or the cap of a method/target"}),
+    "conv_rank": ("INT", {"default": 0, "min": 0, "max": 8192, "tooltip": "0: the same as rank"}),
+    "rank_rule": (list(RANK_RULES), {"default": "exact"}),
+    "target_size": ("STRING", {"default": "", "tooltip": "e.g. 50MB: the best file that fits (replaces method)"}),
+    "precision": ([KEEP, *PRECISIONS], {"default": KEEP}),
+}
+
+
+class ResizeLora:
+    """Resize a LoRA from the loras list into a new file in the loras folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"lora_name": (folder_paths.get_filename_list("loras"),), **RANK_INPUTS,
+                             "output_layout": ([KEEP, *FILE_LAYOUTS], {"default": KEEP}),
+                             "output_name": ("STRING", {"default": "resized.safetensors"})}}
+
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("file_name", "summary")
+    FUNCTION = "resize"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    def resize(self, lora_name, method, param, rank, conv_rank, rank_rule, target_size, precision, output_layout,
+               output_name):
+        from lora_resize.report.text import summary
+        dst = _output_path(output_name)
+        fields = _options(method, param, rank, conv_rank, rank_rule, target_size, precision)
+        if output_layout != KEEP:
+            fields["output_format"] = output_layout
+        result = _run(lambda: lora_resize.resize(_lora_path(lora_name), dst, progress=_progress(), **fields))
+        return dst.name, summary(result)
+
+
+class AnalyzeLora:
+    """Which setting gives which size and fidelity, before any file is written: the size/fidelity curve as an
+    IMAGE and the table as text."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"lora_name": (folder_paths.get_filename_list("loras"),),
+                             "rank_cap": ("INT", {"default": 0, "min": 0, "max": 8192, "tooltip": "0: no cap"}),
+                             "rank_rule": (list(RANK_RULES), {"default": "exact"}),
+                             "precision": ([KEEP, *PRECISIONS], {"default": KEEP})}}
+
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("curve", "table")
+    FUNCTION = "analyze"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    def analyze(self, lora_name, rank_cap, rank_rule, precision):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from lora_resize.report.png import write_png
+        from lora_resize.report.text import analysis_table
+        a = _run(lambda: lora_resize.analyze(_lora_path(lora_name), rank=rank_cap or None, rank_rule=rank_rule,
+                                             precision=None if precision == KEEP else precision,
+                                             progress=_progress()))
+        with tempfile.TemporaryDirectory() as tmp:
+            png = write_png(a, Path(tmp) / "curve.png")
+            pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 255.0
+        return torch.from_numpy(pixels)[None], analysis_table(a)  # IMAGE: (batch, height, width, channels), 0..1
+
+
+class MergeLoras:
+    """A weighted sum of LoRAs (weights may be negative), reduced like a resize, into a new file."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        loras = folder_paths.get_filename_list("loras")
+        return {"required": {"lora_a": (loras,), "weight_a": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0,
+                                                                         "step": 0.05}),
+                             "lora_b": (loras,), "weight_b": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0,
+                                                                         "step": 0.05}),
+                             **RANK_INPUTS, "output_name": ("STRING", {"default": "merged.safetensors"})},
+                "optional": {"more": ("STRING", {"default": "", "multiline": True,
+                                                 "tooltip": "more inputs, one per line: name.safetensors:weight"})}}
+
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("file_name", "summary")
+    FUNCTION = "merge"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    def merge(self, lora_a, weight_a, lora_b, weight_b, method, param, rank, conv_rank, rank_rule, target_size,
+              precision, output_name, more=""):
+        from lora_resize.report.text import summary
+        dst = _output_path(output_name)
+        sources = [lora_resize.Source(Path(_lora_path(lora_a)), weight_a),
+                   lora_resize.Source(Path(_lora_path(lora_b)), weight_b)]
+        for line in filter(None, (x.strip() for x in more.splitlines())):
+            name, _, w = line.rpartition(":")
+            try:
+                sources.append(lora_resize.Source(Path(_lora_path(name or line)), float(w) if name else 1.0))
+            except ValueError:
+                raise ValueError(f"bad input line {line!r}: write name.safetensors:weight") from None
+        fields = _options(method, param, rank, conv_rank, rank_rule, target_size, precision)
+        result = _run(lambda: lora_resize.merge(sources, dst, progress=_progress(), **fields))
+        return dst.name, summary(result)
+
+
+class ConvertLora:
+    """A LoRA written in another layout (kohya, comfy, diffusers, onetrainer), every update kept."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"lora_name": (folder_paths.get_filename_list("loras"),),
+                             "layout": (FILE_LAYOUTS, {"default": "comfy"}),
+                             "output_name": ("STRING", {"default": "converted.safetensors"})}}
+
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("file_name", "summary")
+    FUNCTION = "convert"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    def convert(self, lora_name, layout, output_name):
+        from lora_resize.report.text import summary
+        dst = _output_path(output_name)
+        result = _run(lambda: lora_resize.convert(_lora_path(lora_name), dst, layout, progress=_progress()))
+        return dst.name, summary(result)
+
+
+NODE_CLASS_MAPPINGS = {"LoraResize": ResizeLora, "LoraResizeAnalyze": AnalyzeLora, "LoraResizeMerge": MergeLoras,
+                       "LoraResizeConvert": ConvertLora}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoraResize": "Resize LoRA", "LoraResizeAnalyze": "Analyze LoRA",
+                              "LoraResizeMerge": "Merge LoRAs", "LoraResizeConvert": "Convert LoRA"}
