@@ -6,6 +6,7 @@ where errors become exit codes.
     lora-resize --model IN --save_to OUT --new_rank 32 --dynamic_method sv_ratio --dynamic_param 8   (sd-scripts form)
     lora-resize convert IN -o OUT --to comfy
     lora-resize demo
+    lora-resize ui                      (a local web page; pip install 'lora-resize[ui]')
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from .._version import __version__
 from ..errors import LoraResizeError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-COMMANDS = ("resize", "convert", "merge", "analyze", "batch", "demo")
+COMMANDS = ("resize", "convert", "merge", "analyze", "batch", "demo", "ui")
+# the module of each subcommand: cli/<name>.py, except the web page's, which lives in the room above (ui/)
+MODULES = {**{c: f"{__name__}.{c}" for c in COMMANDS}, "ui": "lora_resize.ui.command"}
 
 
 def build_parser():
@@ -28,7 +31,7 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"lora-resize {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=Parser)
     for name in COMMANDS:
-        module = importlib.import_module(f"{__name__}.{name}")
+        module = importlib.import_module(MODULES[name])
         module.add_arguments(sub.add_parser(name, help=module.HELP))
     return p
 
@@ -41,7 +44,7 @@ def dispatch(argv: list[str]) -> int:
     if args.command is None:
         build_parser().print_help()
         return EXIT_USAGE
-    return importlib.import_module(f"{__name__}.{args.command}").run(args)
+    return importlib.import_module(MODULES[args.command]).run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
