@@ -86,11 +86,12 @@ class ResizeOptions:
     ranks: dict[str, int] | None = None
     output_format: str | None = field(default=None, metadata=flag(
         "--output-format", group="output", choices="conversions",
-        help="write the output in another layout (kohya, comfy, diffusers, onetrainer; or a key family's own "
-             "names): names converted, fused/split modules rebuilt exactly"))
+        help="write the output in another layout (kohya, comfy, diffusers, onetrainer, peft): names converted, "
+             "fused/split modules rebuilt exactly (convert: --to)"))
     arch: str | None = field(default=None, metadata=flag(
         "--arch", group="output", choices=lambda: architectures(),
-        help="the model the LoRA is for, for --output-format (default: detected from its keys and shapes)"))
+        help="the model the LoRA is for, when converting (--to, --output-format) or measuring against --base "
+             "(default: detected from its keys, shapes and metadata)"))
     rule: InitVar[str | None] = None
 
     def __post_init__(self, rule: str | None) -> None:

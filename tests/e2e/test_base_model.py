@@ -262,3 +262,19 @@ def test_merge_and_batch_take_the_base_too(tmp_path, capsys):
     assert main(["batch", str(tmp_path / "in"), str(tmp_path / "out"), "--rank", "2", "--base", str(ck), "-q"]) == 0
     manifest = json.loads((tmp_path / "out" / "lora-resize-manifest.json").read_text())
     assert len(manifest["files"]) == 2 and all(f["status"] == "ok" for f in manifest["files"])
+
+
+def test_a_damaged_base_is_refused_in_one_line(tmp_path, capsys):
+    g = torch.Generator().manual_seed(8)
+    W, _, _ = flux_base(g)
+    sd = lora({"lora_unet_" + n.replace(".", "_"): (w.shape[0], w.shape[1], None) for n, w in W.items()}, g)
+    src = write_lora(tmp_path / "l.safetensors", sd)
+    bad = {f"model.diffusion_model.{k}.weight": v.half() for k, v in W.items()}
+    bad["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"][3, 2] = float("nan")
+    ck = write_lora(tmp_path / "nan.safetensors", bad)
+    for cmd in (["analyze", str(src)], ["resize", str(src), "-o", str(tmp_path / "x.safetensors"), "--rank", "2"]):
+        capsys.readouterr()
+        assert main([*cmd, "--base", str(ck)]) == 2
+        err = capsys.readouterr().err
+        assert "holds NaN or Inf" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.safetensors").exists()

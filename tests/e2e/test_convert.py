@@ -268,3 +268,18 @@ def test_lycoris_modules_convert_as_their_exact_updates(tmp_path):
         a, b = out[name + ".lora_A.weight"].double(), out[name + ".lora_B.weight"].double()
         assert rel_err(b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1), w) < EXACT, name
     assert out["unet." + n3 + ".lora_A.weight"].shape[1:] == (6, 3, 3)  # the conv stays a conv
+
+
+def test_a_peft_output_beside_another_adapter_config_leaves_it_alone(tmp_path, capsys):
+    shapes, sd = family_lora("flux1", "musubi")
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "adapter_config.json").write_text('{"someone": "else"}')
+    assert main(["convert", str(src), "-o", str(sub / "z.safetensors"), "--to", "peft", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert (sub / "adapter_config.json").read_text() == '{"someone": "else"}'
+    assert json.loads((sub / "z_adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert "belongs to another file and is left alone" in out
+    # a conversion that grows the file (split modules, longer names) does not advise a lower rank
+    assert "no layer's rank grew" in out and "--rank 4, the input's" not in out

@@ -168,7 +168,13 @@ def write_side_file(dst: Path, f: SideFile) -> list[str]:
                      f"{target.name}; move it and {dst.name} to a folder of their own as {f.name}"
                      + (f" and {f.expects}" if f.expects else ""))
     elif f.expects is not None and dst.name != f.expects:
-        notes.append(f"loaders read {f.name} beside a file named {f.expects}: rename {dst.name} so to load it")
+        if target.exists():  # another file's companion: left alone
+            target = dst.with_name(dst.stem + "_" + f.name)
+            notes.append(f"{f.name} beside {dst.name} belongs to another file and is left alone: the new one is "
+                         f"{target.name}; move it and {dst.name} to a folder of their own as {f.name} and "
+                         f"{f.expects}")
+        else:
+            notes.append(f"loaders read {f.name} beside a file named {f.expects}: rename {dst.name} so to load it")
     with atomic_output(target) as tmp:
         tmp.write_text(f.text, encoding="utf-8")
     return [f"{target.name} written beside {dst.name}" + (f": {f.summary}" if f.summary else "")] + notes

@@ -22,7 +22,7 @@ from typing import Mapping
 
 import torch
 
-from ..errors import LoraStructureError
+from ..errors import InputFileError, LoraStructureError
 from ..formats import Layout
 from ..formats.convert import Name, detect_arch, read_name, scheme_of, tables
 from ..io.checkpoint import Checkpoint
@@ -81,6 +81,9 @@ def base_norms(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mappin
             W = matrix(ck, pieces)
             if tuple(W.shape) != want:
                 return name, pieces, tuple(W.shape), None
+            if not bool(torch.isfinite(W).all()):
+                raise InputFileError(f"--base {base}: {pieces[0].key} holds NaN or Inf values; the checkpoint is "
+                                     "damaged - use another copy")
             return name, pieces, want, BaseNorms(", ".join(p.label() for p in pieces), float(W.norm()),
                                                  spectral_norm(W))
         with torch_threads(1):  # one weight per core at a time: bounded memory, no oversubscription

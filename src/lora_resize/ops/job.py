@@ -304,10 +304,13 @@ def growth_notes(input_bytes: int, output_bytes: int, rows: list[LayerResult]) -
     a higher precision, ...), with what keeps the size."""
     if output_bytes <= input_bytes:
         return []
+    head = f"warning: the output ({format_size(output_bytes)}) is larger than the input ({format_size(input_bytes)})"
+    if all(r.new_rank <= r.old_rank for r in rows):  # not the ranks: names, metadata, split modules, precision
+        return [head + "; no layer's rank grew: the output's key names and metadata, a wider save precision, or "
+                       "fused modules written as their parts (each with the shared down) take the room"]
     rank = max((r.old_rank for r in rows), default=1)
-    return [f"warning: the output ({format_size(output_bytes)}) is larger than the input ({format_size(input_bytes)}); "
-            f"to keep it no larger give a fixed rank (e.g. --rank {rank}, the input's), or --target-size "
-            f"{input_bytes} for the best fidelity that fits the input's size"]
+    return [head + f"; to keep it no larger give a fixed rank (e.g. --rank {rank}, the input's), or --target-size "
+                   f"{input_bytes} for the best fidelity that fits the input's size"]
 
 
 def as_options(options: ResizeOptions | None, fields: dict) -> ResizeOptions:

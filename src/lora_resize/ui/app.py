@@ -186,6 +186,9 @@ def build(workdir: str | Path | None = None) -> gr.Blocks:
 def serve(host: str = "127.0.0.1", port: int | None = None, open_browser: bool = False, block: bool = True):
     """Start the page on `host`:`port` (None: the first free port from 7860); returns the launched Blocks."""
     page = build()
-    page.queue().launch(server_name=host, server_port=port, inbrowser=open_browser, prevent_thread_lock=not block,
-                        quiet=not block)
+    page.queue().launch(server_name=host, server_port=port, inbrowser=open_browser, prevent_thread_lock=True,
+                        quiet=True)
+    if block:
+        print(f"lora-resize ui: serving {page.local_url} (Ctrl+C to stop)", flush=True)
+        page.block_thread()
     return page

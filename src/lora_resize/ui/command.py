@@ -20,6 +20,20 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise OptionsError("the web page needs Gradio: pip install 'lora-resize[ui]'") from None
+    import socket
+    if args.port is not None and not 0 < args.port < 65536:
+        raise OptionsError(f"--port must be 1-65535, got {args.port}")
+    try:
+        socket.getaddrinfo(args.host, None)
+    except OSError:
+        raise OptionsError(f"--host {args.host} is not an address of this machine (e.g. 127.0.0.1)") from None
     from .app import serve
-    serve(args.host, args.port, args.browser)
+    import logging
+    logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)  # a failed bind is said once, below
+    try:
+        serve(args.host, args.port, args.browser)
+    except OSError:
+        where = f"{args.host}:{args.port}" if args.port else f"{args.host} (ports from 7860)"
+        raise OptionsError(f"cannot serve on {where}: the port is taken or the address is not this machine's; "
+                           "choose another --port (or --host)") from None
     return 0
