@@ -1,8 +1,8 @@
 """The local web page (`lora-resize ui`) in a real browser: the page is started on 127.0.0.1, headless Chromium
 uploads the demo's SD1.5 LoCon (at rank 16), runs analyze, picks a setting by clicking its point on the curve,
 resizes, and downloads the result, which must equal the CLI's output for the flags the page showed, byte for byte;
-a damaged file shows our one-line error in the page. Merge and convert run the same way. Screenshots are saved
-in the test's tmp dir."""
+a damaged file shows our one-line error in the page. Merge and convert run the same way, and a LoRA picked from the
+page's folder (`--loras DIR`) is resized into that folder. Screenshots are saved in the test's tmp dir."""
 from __future__ import annotations
 
 import urllib.request
@@ -22,9 +22,17 @@ TIMEOUT = 120
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def loras(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    (folder / "style").mkdir()
+    write_sd15_locon(folder / "style" / "picked.safetensors", rank=8, alpha=4, conv_rank=4, conv_alpha=2, seed=6)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory, loras):
     from lora_resize.ui.app import build
-    ui = build(tmp_path_factory.mktemp("ui-work")).queue()
+    ui = build(tmp_path_factory.mktemp("ui-work"), loras).queue()
     ui.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     yield ui.local_url
     ui.close()
@@ -142,3 +150,26 @@ def test_merge_and_convert_in_the_page(page, driver, tmp_path):
     assert main(["convert", str(a), "-o", str(want), "--to", "comfy", "-q"]) == 0
     assert got.read_bytes() == want.read_bytes()
     driver.save_screenshot(str(tmp_path / "ui-convert.png"))
+
+
+def test_pick_from_the_folder_resize_and_find_it_beside(page, driver, loras, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+    src = loras / "style" / "picked.safetensors"
+    driver.get(page)
+    box = wait_for(driver, "#lora-pick input")
+    box.click()
+    box.send_keys("picked")
+    option = wait_for(driver, "ul[role=listbox] li", lambda e: "style/picked.safetensors" in e.text)
+    option.click()
+    wait_for(driver, "#lora-pick input", lambda e: e.get_attribute("value") == "style/picked.safetensors")
+    box = wait_for(driver, "#flags textarea, #flags input")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys("--method sv_ratio --param 4 --rank 6")
+    click(driver, "#resize-btn")
+    got = download(driver, "result-file", tmp_path / "downloaded.safetensors")
+    want = tmp_path / "cli.safetensors"
+    assert main(["resize", str(src), "-o", str(want), "--method", "sv_ratio", "--param", "4", "--rank", "6",
+                 "-q"]) == 0
+    assert got.read_bytes() == want.read_bytes() == (loras / "style" / "picked_resized.safetensors").read_bytes()
+    assert f"saved as {loras / 'style' / 'picked_resized.safetensors'}" in value_of(driver, "status")
+    driver.save_screenshot(str(tmp_path / "ui-picked.png"))

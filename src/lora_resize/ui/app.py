@@ -1,6 +1,7 @@
-"""`lora-resize ui`: a local web page (Gradio) over the same library - pick or upload a LoRA, see the analyze table
-and the size/fidelity curve (a click on a point or a row selects that setting and shows its exact flags), run
-resize / merge / convert with a progress bar, download the result, read the HTML report in the page.
+"""`lora-resize ui`: a local web page (Gradio) over the same library - upload a LoRA or pick one from a folder
+(`--loras DIR`), see the analyze table and the size/fidelity curve (a click on a point or a row selects that setting
+and shows its exact flags), run resize / merge / convert with a progress bar, download the result, read the HTML
+report in the page. A result made from a picked file is also saved in that folder, under a new name.
 
 Every job goes through the CLI's own flag parser (cli/flags.py: the same ResizeOptions), so a file made here is
 the file `lora-resize resize IN -o OUT <the flags shown>` makes, byte for byte. Errors show as our one-line
@@ -22,10 +23,17 @@ CLICK_JS = ("element.addEventListener('click', (e) => { const p = e.target.close
 COLUMNS = ["setting", "size", "bytes", "Frobenius kept (w-mean)", "global", "worst layer", "flags"]
 
 
-def _path(upload) -> str:
-    if upload is None:
-        raise LoraResizeError("upload a LoRA file first")
+SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
+
+
+def _uploaded(upload) -> str:
     return upload if isinstance(upload, str) else upload.name
+
+
+def _done(result) -> tuple[str, str]:
+    """The status text and the file offered for download."""
+    from ..report.text import summary
+    return f"{summary(result)}\nsaved as {result.dst}", str(result.dst)
 
 
 def _progress(progress: gr.Progress, desc: str):
@@ -46,26 +54,58 @@ def _split(flags: str) -> list[str]:
 
 
 class App:
-    """The page's jobs; outputs go to `workdir` (one folder per job, under the input's name)."""
+    """The page's jobs. Inputs: an uploaded file, or a file picked from `loras` (a folder, searched recursively).
+    Outputs go to `workdir` (one folder per job, under the input's name), or, for a picked input, into `loras`
+    beside it under a free name (`<stem>_resized.safetensors`, then `_2`, `_3`...: nothing is written over)."""
 
-    def __init__(self, workdir: str | Path):
+    def __init__(self, workdir: str | Path, loras: str | Path | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.loras = Path(loras).resolve() if loras is not None else None
         self._n = 0
 
-    def _out(self, name: str) -> Path:
+    def choices(self) -> list[str]:
+        """The LoRA files under `loras`, as paths relative to it (hidden folders skipped), sorted."""
+        if self.loras is None or not self.loras.is_dir():
+            return []
+        return sorted(p.relative_to(self.loras).as_posix() for p in self.loras.rglob("*")
+                      if p.suffix.lower() in SUFFIXES and p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(self.loras).parts))
+
+    def _picked(self, name: str) -> Path:
+        if name not in self.choices():  # only what the list offers: nothing outside the folder, nothing hidden
+            raise LoraResizeError(f"{name!r} is not a LoRA file in the folder")
+        return self.loras / name
+
+    def _source(self, upload, picked) -> tuple[str, Path | None]:
+        """(the input's path, its folder if it was picked from `loras`: where its result is saved, else None)."""
+        if upload is not None:
+            return _uploaded(upload), None
+        if picked:
+            path = self._picked(picked)
+            return str(path), path.parent
+        raise LoraResizeError("upload a LoRA file or pick one from the folder first" if self.loras is not None
+                              else "upload a LoRA file first")
+
+    def _out(self, name: str, beside: Path | None = None) -> Path:
+        if beside is not None:
+            stem, n = Path(name).stem, 1
+            while (beside / name).exists():
+                n += 1
+                name = f"{stem}_{n}.safetensors"
+            return beside / name
         self._n += 1
         folder = self.workdir / f"job{self._n}"
         folder.mkdir()
         return folder / name
 
     # -- analyze ------------------------------------------------------------------------------------------------
-    def analyze(self, upload, cap, progress=gr.Progress()):
+    def analyze(self, upload, picked, cap, progress=gr.Progress()):
         from ..ops.analyze import analyze
         from ..report.html import CSS, curve_svg, html_report
         from ..units import format_size
         try:
-            a = analyze(_path(upload), rank=int(cap) if cap else None, progress=_progress(progress, "analyzing"))
+            a = analyze(self._source(upload, picked)[0], rank=int(cap) if cap else None, progress=_progress(progress, "analyzing"))
         except LoraResizeError as e:
             return "", [], [], "", f"error: {e}", ""
         rows = [[r.label, format_size(r.output_bytes), r.output_bytes, f"{r.fro_weighted:.2%}", f"{r.fro_global:.2%}",
@@ -91,27 +131,25 @@ class App:
             return gr.update()
 
     # -- jobs ---------------------------------------------------------------------------------------------------
-    def resize(self, upload, flags, progress=gr.Progress()):
+    def resize(self, upload, picked, flags, progress=gr.Progress()):
         from ..cli.flags import options_from
         from ..ops.resize import resize
-        from ..report.text import summary
         try:
-            src = _path(upload)
-            dst = self._out(Path(src).stem + "_resized.safetensors")
+            src, beside = self._source(upload, picked)
+            dst = self._out(Path(src).stem + "_resized.safetensors", beside)
             args = _parse("resize", [src, "-o", str(dst), *_split(flags)])
             result = resize(src, dst, options_from(args), progress=_progress(progress, "resizing"))
         except LoraResizeError as e:
             return f"error: {e}", None
-        return summary(result), str(result.dst)
+        return _done(result)
 
-    def merge(self, uploads, weights, flags, progress=gr.Progress()):
+    def merge(self, uploads, picked, weights, flags, progress=gr.Progress()):
         from ..cli.flags import options_from
         from ..ops.merge import Source, merge
-        from ..report.text import summary
         try:
-            paths = [_path(u) for u in (uploads or [])]
+            paths = [str(self._picked(p)) for p in (picked or [])] + [_uploaded(u) for u in (uploads or [])]
             if len(paths) < 2:
-                raise LoraResizeError("upload two or more LoRA files to merge")
+                raise LoraResizeError("pick or upload two or more LoRA files to merge (picked ones come first)")
             ws = [w.strip() for w in (weights or "").replace(",", " ").split()] or ["1"] * len(paths)
             if len(ws) != len(paths):
                 raise LoraResizeError(f"give one weight per file: {len(paths)} files, {len(ws)} weights")
@@ -119,34 +157,44 @@ class App:
                 sources = [Source(Path(p), float(w)) for p, w in zip(paths, ws)]
             except ValueError:
                 raise LoraResizeError(f"weights must be numbers, got {weights!r}") from None
-            dst = self._out("merged.safetensors")
+            dst = self._out("merged.safetensors", self.loras if picked and not uploads else None)
             args = _parse("merge", [f"{p}:{w}" for p, w in zip(paths, ws)] + ["-o", str(dst), *_split(flags)])
             result = merge(sources, dst, options_from(args), progress=_progress(progress, "merging"))
         except LoraResizeError as e:
             return f"error: {e}", None
-        return summary(result), str(result.dst)
+        return _done(result)
 
-    def convert(self, upload, layout, progress=gr.Progress()):
+    def convert(self, upload, picked, layout, progress=gr.Progress()):
         from ..ops.convert import convert
-        from ..report.text import summary
         try:
-            src = _path(upload)
-            dst = self._out(Path(src).stem + f"_{layout}.safetensors")
+            src, beside = self._source(upload, picked)
+            dst = self._out(Path(src).stem + f"_{layout}.safetensors", beside)
             result = convert(src, dst, layout, progress=_progress(progress, "converting"))
         except LoraResizeError as e:
             return f"error: {e}", None
-        return summary(result), str(result.dst)
+        return _done(result)
 
 
-def build(workdir: str | Path | None = None) -> gr.Blocks:
-    """The page (not launched)."""
-    app = App(workdir or tempfile.mkdtemp(prefix="lora-resize-ui-"))
-    types = [".safetensors", ".pt", ".pth", ".ckpt"]
-    with gr.Blocks(title="lora-resize") as page:
+def _input(app: App, label: str, prefix: str, multiple: bool = False):
+    """An upload box and, with a folder, a list to pick from; choosing one clears the other."""
+    upload = gr.File(label=label, file_count="multiple" if multiple else "single", file_types=list(SUFFIXES),
+                     elem_id=f"{prefix}-file" if not multiple else f"{prefix}-files")
+    picked = gr.Dropdown(app.choices(), value=[] if multiple else None, multiselect=multiple,
+                         label=f"or pick from {app.loras}", visible=app.loras is not None, elem_id=f"{prefix}-pick")
+    if not multiple:
+        picked.input(lambda v: None if v else gr.update(), [picked], [upload])
+        upload.upload(lambda: None, [], [picked])
+    return upload, picked
+
+
+def build(workdir: str | Path | None = None, loras: str | Path | None = None) -> gr.Blocks:
+    """The page (not launched); `loras`: a folder whose LoRAs the page lists to pick from."""
+    app = App(workdir or tempfile.mkdtemp(prefix="lora-resize-ui-"), loras)
+    with gr.Blocks(title="lora-resize", delete_cache=(3600, 86400)) as page:
         gr.Markdown("# lora-resize\nMake LoRA files smaller, exactly: analyze, pick a setting, resize; or merge "
                     "and convert.")
         with gr.Tab("Resize"):
-            lora = gr.File(label="LoRA file", file_types=types, elem_id="lora-file")
+            lora, picked = _input(app, "LoRA file", "lora")
             with gr.Row():
                 cap = gr.Number(label="rank cap (0: none)", value=0, precision=0, elem_id="cap")
                 analyze_btn = gr.Button("Analyze", elem_id="analyze-btn")
@@ -160,34 +208,37 @@ def build(workdir: str | Path | None = None) -> gr.Blocks:
             with gr.Accordion("HTML report", open=False):
                 report = gr.HTML(elem_id="report")
             by_row = gr.State({})
-            analyze_btn.click(app.analyze, [lora, cap], [curve, table, by_row, flags, status, report])
+            analyze_btn.click(app.analyze, [lora, picked, cap], [curve, table, by_row, flags, status, report])
             curve.click(app.pick_point, [by_row], [flags])
             table.select(app.pick_row, [table], [flags])
-            resize_btn.click(app.resize, [lora, flags], [status, result])
+            resize_btn.click(app.resize, [lora, picked, flags], [status, result])
         with gr.Tab("Merge"):
-            files = gr.File(label="LoRA files", file_count="multiple", file_types=types, elem_id="merge-files")
+            files, mpicked = _input(app, "LoRA files", "merge", multiple=True)
             weights = gr.Textbox(label="weights, one per file (negative subtracts)", value="", elem_id="weights")
             mflags = gr.Textbox(label="flags", value="--method sv_fro --param 0.95", elem_id="merge-flags")
             merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
             mstatus = gr.Textbox(label="status", interactive=False, elem_id="merge-status", lines=3)
             mresult = gr.File(label="merged LoRA", elem_id="merge-file", interactive=False)
-            merge_btn.click(app.merge, [files, weights, mflags], [mstatus, mresult])
+            merge_btn.click(app.merge, [files, mpicked, weights, mflags], [mstatus, mresult])
         with gr.Tab("Convert"):
-            cfile = gr.File(label="LoRA file", file_types=types, elem_id="convert-file")
+            cfile, cpicked = _input(app, "LoRA file", "convert")
             layout = gr.Dropdown([x for x in LAYOUTS if x != "peft"], value="comfy", label="to layout",
                                  elem_id="layout")
             convert_btn = gr.Button("Convert", variant="primary", elem_id="convert-btn")
             cstatus = gr.Textbox(label="status", interactive=False, elem_id="convert-status", lines=3)
             cresult = gr.File(label="converted LoRA", elem_id="convert-result", interactive=False)
-            convert_btn.click(app.convert, [cfile, layout], [cstatus, cresult])
+            convert_btn.click(app.convert, [cfile, cpicked, layout], [cstatus, cresult])
+        if app.loras is not None:  # the lists as the folder is now, each time the page opens
+            page.load(lambda: [gr.update(choices=app.choices())] * 3, [], [picked, mpicked, cpicked])
     return page
 
 
-def serve(host: str = "127.0.0.1", port: int | None = None, open_browser: bool = False, block: bool = True):
+def serve(host: str = "127.0.0.1", port: int | None = None, open_browser: bool = False, block: bool = True,
+          loras: str | Path | None = None):
     """Start the page on `host`:`port` (None: the first free port from 7860); returns the launched Blocks."""
-    page = build()
+    page = build(loras=loras)
     page.queue().launch(server_name=host, server_port=port, inbrowser=open_browser, prevent_thread_lock=True,
-                        quiet=True)
+                        quiet=True, allowed_paths=[str(Path(loras).resolve())] if loras is not None else None)
     if block:
         print(f"lora-resize ui: serving {page.local_url} (Ctrl+C to stop)", flush=True)
         page.block_thread()

@@ -1,9 +1,10 @@
-"""`lora-resize ui [--host H] [--port P]`: the local web page (Gradio; `pip install 'lora-resize[ui]'`). The
+"""`lora-resize ui [--host H] [--port P] [--loras DIR]`: the local web page (Gradio; `pip install 'lora-resize[ui]'`). The
 subcommand lives in this room, the top one (the page parses flags with the CLI's parser); cli/ dispatches to it by
 name, as to its own subcommands."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "open a local web page: analyze, pick a setting on the curve, resize, merge, convert"
 
@@ -12,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
     p.add_argument("--browser", action="store_true", help="open it in the default browser")
+    p.add_argument("--loras", metavar="DIR", default=None,
+                   help="a folder of LoRAs (e.g. ComfyUI's models/loras) to pick from, besides uploading; what is "
+                        "made from a picked file is also saved beside it, under a new name")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,11 +31,13 @@ def run(args: argparse.Namespace) -> int:
         socket.getaddrinfo(args.host, None)
     except OSError:
         raise OptionsError(f"--host {args.host} is not an address of this machine (e.g. 127.0.0.1)") from None
+    if args.loras is not None and not Path(args.loras).is_dir():
+        raise OptionsError(f"--loras {args.loras}: not a folder")
     from .app import serve
     import logging
     logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)  # a failed bind is said once, below
     try:
-        serve(args.host, args.port, args.browser)
+        serve(args.host, args.port, args.browser, loras=args.loras)
     except OSError:
         where = f"{args.host}:{args.port}" if args.port else f"{args.host} (ports from 7860)"
         raise OptionsError(f"cannot serve on {where}: the port is taken or the address is not this machine's; "
