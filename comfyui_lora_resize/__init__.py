@@ -2,6 +2,13 @@
 lora-resize` into ComfyUI's Python). The nodes call the installed `lora_resize` library; nothing of it is copied
 here. Nodes: Resize LoRA, Analyze LoRA (a size/fidelity picture and the table, before any file is written),
 Merge LoRAs, Convert LoRA - all under "lora-resize" in the node menu, reading from and writing to the loras folder."""
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+import importlib.util
+import sys
+
+if importlib.util.find_spec("lora_resize") is None:  # ComfyUI logs this line under "IMPORT FAILED"
+    raise ImportError(f"lora-resize is not installed in ComfyUI's Python ({sys.executable}): run "
+                      f"'{sys.executable} -m pip install <the lora-resize folder>' and restart ComfyUI")
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,12 +1,14 @@
 """The nodes, in ComfyUI's conventions: `INPUT_TYPES` (a classmethod: "required"/"optional" inputs, a list for a
 combo, ("INT"/"FLOAT"/"STRING"/"BOOLEAN", {options}) otherwise), `RETURN_TYPES`/`RETURN_NAMES`, `FUNCTION`,
 `CATEGORY`, `OUTPUT_NODE`; LoRAs listed and found with `folder_paths` ("loras"), progress on ComfyUI's bar
-(`comfy.utils.ProgressBar`). A lora-resize error becomes the node's error with our one-line message; files are
+(`comfy.utils.ProgressBar`: Cancel stops a job between layers, nothing written); `IS_CHANGED` from the input files'
+size and time, so an edited LoRA is read again; Analyze previews its curve on the node (a PNG in ComfyUI's temp
+folder, as PreviewImage does). A lora-resize error becomes the node's error with our one-line message; files are
 written atomically into the first loras folder, never over an existing file."""
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import folder_paths  # ComfyUI's
@@ -28,6 +30,28 @@ def _lora_path(name: str) -> str:
     return path
 
 
+def _stamp(*names: str) -> str:
+    """IS_CHANGED's value: each input file's size and modification time (ComfyUI re-runs a node when it changes)."""
+    out = []
+    for name in names:
+        path = folder_paths.get_full_path("loras", name) if name else None
+        st = os.stat(path) if path and os.path.isfile(path) else None
+        out.append((name, st.st_size, st.st_mtime_ns) if st else (name, None))
+    return repr(out)
+
+
+def _more(more: str) -> list[tuple[str, float]]:
+    """Merge's extra inputs: lines `name.safetensors:weight` (weight 1 when absent)."""
+    out = []
+    for line in filter(None, (x.strip() for x in (more or "").splitlines())):
+        name, _, w = line.rpartition(":")
+        try:
+            out.append((name, float(w)) if name else (line, 1.0))
+        except ValueError:
+            raise ValueError(f"bad input line {line!r}: write name.safetensors:weight") from None
+    return out
+
+
 def _output_path(name: str) -> Path:
     """A new file in the first loras folder (an existing file is never replaced)."""
     name = name.strip()
@@ -35,7 +59,9 @@ def _output_path(name: str) -> Path:
         raise ValueError(f"output name {name!r} must be a plain file name")
     if not name.endswith(".safetensors"):
         name += ".safetensors"
-    path = Path(folder_paths.get_folder_paths("loras")[0]) / name
+    folder = Path(folder_paths.get_folder_paths("loras")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
     if path.exists():
         raise FileExistsError(f"{path.name} already exists in the loras folder; choose another output name")
     return path
@@ -76,7 +102,7 @@ def _options(method: str, param: float, rank: int, conv_rank: int, rank_rule: st
 
 RANK_INPUTS = {
     "method": (["fixed", *dynamic_methods()], {"default": "sv_fro"}),
-    "param": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 10000.0, "step": 0.01}),
+    "param": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 10000.0, "step": 0.001}),  # 0.995 must fit
     "rank": ("INT", {"default": 64, "min": 1, "max": 8192, "tooltip": "fixed rank, or the cap of a method/target"}),
     "conv_rank": ("INT", {"default": 0, "min": 0, "max": 8192, "tooltip": "0: the same as rank"}),
     "rank_rule": (list(RANK_RULES), {"default": "exact"}),
@@ -97,6 +123,10 @@ class ResizeLora:
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("file_name", "summary")
     FUNCTION = "resize"
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name=None, **_):
+        return _stamp(lora_name)
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
 
@@ -125,6 +155,10 @@ class AnalyzeLora:
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("curve", "table")
     FUNCTION = "analyze"
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name=None, **_):
+        return _stamp(lora_name)
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
 
@@ -138,10 +172,13 @@ class AnalyzeLora:
         a = _run(lambda: lora_resize.analyze(_lora_path(lora_name), rank=rank_cap or None, rank_rule=rank_rule,
                                              precision=None if precision == KEEP else precision,
                                              progress=_progress()))
-        with tempfile.TemporaryDirectory() as tmp:
-            png = write_png(a, Path(tmp) / "curve.png")
-            pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 255.0
-        return torch.from_numpy(pixels)[None], analysis_table(a)  # IMAGE: (batch, height, width, channels), 0..1
+        temp = Path(folder_paths.get_temp_directory())
+        temp.mkdir(parents=True, exist_ok=True)
+        png = write_png(a, temp / f"lora-resize-analyze-{uuid.uuid4().hex[:12]}.png")
+        pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 255.0
+        image = torch.from_numpy(pixels)[None]  # IMAGE: (batch, height, width, channels), 0..1
+        return {"ui": {"images": [{"filename": png.name, "subfolder": "", "type": "temp"}]},
+                "result": (image, analysis_table(a))}
 
 
 class MergeLoras:
@@ -151,9 +188,9 @@ class MergeLoras:
     def INPUT_TYPES(cls):
         loras = folder_paths.get_filename_list("loras")
         return {"required": {"lora_a": (loras,), "weight_a": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0,
-                                                                         "step": 0.05}),
+                                                                         "step": 0.01}),
                              "lora_b": (loras,), "weight_b": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0,
-                                                                         "step": 0.05}),
+                                                                         "step": 0.01}),
                              **RANK_INPUTS, "output_name": ("STRING", {"default": "merged.safetensors"})},
                 "optional": {"more": ("STRING", {"default": "", "multiline": True,
                                                  "tooltip": "more inputs, one per line: name.safetensors:weight"})}}
@@ -161,6 +198,13 @@ class MergeLoras:
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("file_name", "summary")
     FUNCTION = "merge"
+
+    @classmethod
+    def IS_CHANGED(cls, lora_a=None, lora_b=None, more="", **_):
+        try:
+            return _stamp(lora_a, lora_b, *(name for name, _ in _more(more)))
+        except ValueError:
+            return float("nan")  # always run: the node says what is wrong
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
 
@@ -170,12 +214,7 @@ class MergeLoras:
         dst = _output_path(output_name)
         sources = [lora_resize.Source(Path(_lora_path(lora_a)), weight_a),
                    lora_resize.Source(Path(_lora_path(lora_b)), weight_b)]
-        for line in filter(None, (x.strip() for x in more.splitlines())):
-            name, _, w = line.rpartition(":")
-            try:
-                sources.append(lora_resize.Source(Path(_lora_path(name or line)), float(w) if name else 1.0))
-            except ValueError:
-                raise ValueError(f"bad input line {line!r}: write name.safetensors:weight") from None
+        sources += [lora_resize.Source(Path(_lora_path(name)), w) for name, w in _more(more)]
         fields = _options(method, param, rank, conv_rank, rank_rule, target_size, precision)
         result = _run(lambda: lora_resize.merge(sources, dst, progress=_progress(), **fields))
         return dst.name, summary(result)
@@ -193,6 +232,10 @@ class ConvertLora:
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("file_name", "summary")
     FUNCTION = "convert"
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name=None, **_):
+        return _stamp(lora_name)
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
 

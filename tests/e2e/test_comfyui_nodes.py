@@ -1,10 +1,15 @@
 """The ComfyUI nodes (comfyui_lora_resize/), without ComfyUI installed: stub `folder_paths` and `comfy.utils`
-modules stand in for ComfyUI's; every node's declared inputs follow ComfyUI's conventions, and each node run on the
-demo's SD1.5 LoCon (at rank 16) writes exactly the file the CLI writes for the same settings, byte for byte."""
+modules stand in for ComfyUI's (as its execution.py runs a node: inputs as keywords, inside torch.inference_mode, a
+ProgressBar whose update raises when the user presses Cancel); every node's declared inputs follow ComfyUI's
+conventions, and each node run on the demo's SD1.5 LoCon (at rank 16) writes exactly the file the CLI writes for the
+same settings, byte for byte. Analyze previews its curve on the node; IS_CHANGED follows the input files; a Cancel
+leaves nothing behind."""
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -24,27 +29,38 @@ def loras(tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
     write_sd15_locon(folder / "a.safetensors", rank=16, alpha=8, conv_rank=8, conv_alpha=4, seed=1)
     write_sd15_locon(folder / "b.safetensors", rank=16, alpha=8, conv_rank=8, conv_alpha=4, seed=2)
+    (folder / "style").mkdir()  # ComfyUI lists subfolders' files as "style/c.safetensors"
+    write_sd15_locon(folder / "style" / "c.safetensors", rank=8, alpha=4, conv_rank=4, conv_alpha=2, seed=3)
     (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     return folder
 
 
+class InterruptProcessingException(Exception):
+    """comfy.model_management's: raised from the progress hook when the user presses Cancel."""
+
+
 @pytest.fixture
-def nodes(loras, monkeypatch):
-    """The node package, imported with stub ComfyUI modules (folder_paths on `loras`, a recording ProgressBar)."""
+def nodes(loras, tmp_path, monkeypatch):
+    """The node package, imported with stub ComfyUI modules (folder_paths on `loras`, a recording ProgressBar that
+    raises InterruptProcessingException at update number `pkg.cancel_at`), run inside torch.inference_mode."""
     fp = types.ModuleType("folder_paths")
-    fp.get_filename_list = lambda kind: sorted(p.name for p in loras.glob("*.safetensors")) if kind == "loras" else []
+    fp.get_filename_list = lambda kind: (sorted(p.relative_to(loras).as_posix() for p in loras.rglob("*.safetensors"))
+                                         if kind == "loras" else [])
     fp.get_full_path = lambda kind, name: str(loras / name) if (loras / name).is_file() else None
     fp.get_folder_paths = lambda kind: [str(loras)]
+    fp.get_temp_directory = lambda: str(tmp_path / "comfy-temp")
     comfy, utils = types.ModuleType("comfy"), types.ModuleType("comfy.utils")
     bars = []
 
     class ProgressBar:
-        def __init__(self, total):
+        def __init__(self, total, node_id=None):
             self.total, self.current = total, 0
             bars.append(self)
 
         def update(self, n):
             self.current += n
+            if sum(b.current for b in bars) == getattr(pkg, "cancel_at", None):
+                raise InterruptProcessingException("cancelled")
     utils.ProgressBar = ProgressBar
     comfy.utils = utils
     monkeypatch.setitem(sys.modules, "folder_paths", fp)
@@ -55,9 +71,13 @@ def nodes(loras, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     pkg = importlib.import_module("comfyui_lora_resize")
     pkg.bars = bars
-    yield pkg
+    with torch.inference_mode():  # as ComfyUI's execution.py runs every node
+        yield pkg
     for p in loras.glob("*.safetensors"):
         if p.name not in ("a.safetensors", "b.safetensors", "broken.safetensors"):
+            p.unlink()
+    for p in loras.rglob("*.safetensors"):
+        if p.name not in ("a.safetensors", "b.safetensors", "broken.safetensors", "c.safetensors"):
             p.unlink()
 
 
@@ -79,13 +99,17 @@ def test_the_nodes_follow_comfyuis_conventions(nodes):
                     assert kind in TYPES, (key, name, kind)
                     if "default" in opts and "min" in opts:
                         assert opts["min"] <= opts["default"] <= opts.get("max", float("inf")), (key, name)
+                    if kind == "FLOAT":  # ComfyUI's frontend rounds a FLOAT widget to its step's decimals
+                        assert opts["step"] <= 0.01 and abs(opts["default"] / opts["step"] % 1) < 1e-9, (key, name)
                 names.append(name)
         assert isinstance(cls.RETURN_TYPES, tuple) and all(t in TYPES for t in cls.RETURN_TYPES), key
         assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES), key
         assert isinstance(cls.CATEGORY, str) and isinstance(cls.OUTPUT_NODE, bool), key
         params = list(inspect.signature(getattr(cls, cls.FUNCTION)).parameters)[1:]
         assert sorted(params) == sorted(names), key  # ComfyUI calls FUNCTION with the inputs as keywords
-    assert "a.safetensors" in nodes.NODE_CLASS_MAPPINGS["LoraResize"].INPUT_TYPES()["required"]["lora_name"][0]
+    resize = nodes.NODE_CLASS_MAPPINGS["LoraResize"].INPUT_TYPES()["required"]
+    assert "a.safetensors" in resize["lora_name"][0]
+    assert resize["param"][1]["step"] <= 0.001  # sv_fro 0.995, sv_cumulative 0.999 can be typed
 
 
 def test_resize_node_writes_what_the_cli_writes(nodes, loras, tmp_path):
@@ -108,9 +132,17 @@ def test_resize_node_writes_what_the_cli_writes(nodes, loras, tmp_path):
     assert (loras / name).read_bytes() == cli.read_bytes()
 
 
-def test_analyze_node_gives_the_curve_as_an_image_and_the_table(nodes, loras, capsys):
-    image, table = nodes.NODE_CLASS_MAPPINGS["LoraResizeAnalyze"]().analyze("a.safetensors", rank_cap=16,
-                                                                            rank_rule="exact", precision="same")
+def test_analyze_node_gives_the_curve_as_an_image_and_the_table(nodes, loras, tmp_path, capsys):
+    out = nodes.NODE_CLASS_MAPPINGS["LoraResizeAnalyze"]().analyze("a.safetensors", rank_cap=16, rank_rule="exact",
+                                                                   precision="same")
+    image, table = out["result"]
+    # the preview on the node: PreviewImage's form, a PNG in ComfyUI's temp folder holding the IMAGE's pixels
+    (shown,) = out["ui"]["images"]
+    assert shown["type"] == "temp" and shown["subfolder"] == ""
+    import numpy as np
+    from PIL import Image
+    png = np.asarray(Image.open(tmp_path / "comfy-temp" / shown["filename"]).convert("RGB"), dtype=np.float32)
+    assert np.array_equal(png / 255.0, image[0].numpy())
     assert isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[0] == 1 and image.shape[3] == 3
     assert image.dtype == torch.float32 and 0 <= float(image.min()) and float(image.max()) <= 1
     assert image.shape[1] > 200 and image.shape[2] > 300 and float(image.std()) > 0.01  # a picture, not a blank
@@ -150,3 +182,47 @@ def test_node_errors_are_one_line_and_leave_nothing(nodes, loras):
     with pytest.raises(ValueError):
         node.resize("a.safetensors", output_name="../x", **args)
     assert sorted(p.name for p in loras.iterdir()) == before
+
+
+def test_a_lora_in_a_subfolder_and_a_cancel_that_leaves_nothing(nodes, loras):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResize"]()
+    args = dict(method="sv_fro", param=0.995, rank=8, conv_rank=0, rank_rule="exact", target_size="",
+                precision="same", output_layout="same")
+    assert "style/c.safetensors" in node.INPUT_TYPES()["required"]["lora_name"][0]
+    name, summary = node.resize("style/c.safetensors", output_name="c_small", **args)
+    assert (loras / name).is_file() and "sv_fro 0.995" in summary
+    before = sorted(p.relative_to(loras).as_posix() for p in loras.rglob("*"))
+    merge_args = {k: v for k, v in args.items() if k != "output_layout"}
+    nodes.cancel_at = 100  # Cancel pressed while the 100th layer is done
+    for key, call in (("LoraResize", lambda n: n.resize("a.safetensors", output_name="x", **args)),
+                      ("LoraResizeConvert", lambda n: n.convert("a.safetensors", "comfy", "y")),
+                      ("LoraResizeMerge", lambda n: n.merge("a.safetensors", 1.0, "b.safetensors", 1.0,
+                                                            output_name="z", **merge_args))):
+        nodes.bars.clear()
+        with pytest.raises(InterruptProcessingException):  # ComfyUI's own: it reports "interrupted", not an error
+            call(nodes.NODE_CLASS_MAPPINGS[key]())
+        assert sorted(p.relative_to(loras).as_posix() for p in loras.rglob("*")) == before, key  # no partial
+
+
+def test_is_changed_follows_the_input_files(nodes, loras):
+    resize, merge = nodes.NODE_CLASS_MAPPINGS["LoraResize"], nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"]
+    a = loras / "a.safetensors"
+    first = resize.IS_CHANGED(lora_name="a.safetensors", rank=8)
+    assert resize.IS_CHANGED(lora_name="a.safetensors", rank=4) == first  # settings are ComfyUI's own cache key
+    m = merge.IS_CHANGED(lora_a="a.safetensors", lora_b="b.safetensors", more="style/c.safetensors:0.5")
+    st = a.stat()
+    try:
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file edited
+        assert resize.IS_CHANGED(lora_name="a.safetensors", rank=8) != first
+        assert merge.IS_CHANGED(lora_a="a.safetensors", lora_b="b.safetensors", more="style/c.safetensors:0.5") != m
+    finally:
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert resize.IS_CHANGED(lora_name="a.safetensors", rank=8) == first
+
+
+def test_without_lora_resize_installed_the_import_says_how_to_install_it():
+    """ComfyUI logs a custom node's import error: it must say what to run (here: a Python without site-packages)."""
+    p = subprocess.run([sys.executable, "-S", "-c", "import comfyui_lora_resize"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert p.returncode == 1 and "ImportError: lora-resize is not installed in ComfyUI's Python" in p.stderr, p.stderr
+    assert "-m pip install" in p.stderr
