@@ -182,8 +182,8 @@ def _input(app: App, label: str, prefix: str, multiple: bool = False):
     picked = gr.Dropdown(app.choices(), value=[] if multiple else None, multiselect=multiple,
                          label=f"or pick from {app.loras}", visible=app.loras is not None, elem_id=f"{prefix}-pick")
     if not multiple:
-        picked.input(lambda v: None if v else gr.update(), [picked], [upload])
-        upload.upload(lambda: None, [], [picked])
+        picked.input(lambda v: None if v else gr.update(), [picked], [upload], api_visibility="private")
+        upload.upload(lambda: None, [], [picked], api_visibility="private")
     return upload, picked
 
 
@@ -209,8 +209,8 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None) ->
                 report = gr.HTML(elem_id="report")
             by_row = gr.State({})
             analyze_btn.click(app.analyze, [lora, picked, cap], [curve, table, by_row, flags, status, report])
-            curve.click(app.pick_point, [by_row], [flags])
-            table.select(app.pick_row, [table], [flags])
+            curve.click(app.pick_point, [by_row], [flags], api_visibility="private")
+            table.select(app.pick_row, [table], [flags], api_visibility="private")
             resize_btn.click(app.resize, [lora, picked, flags], [status, result])
         with gr.Tab("Merge"):
             files, mpicked = _input(app, "LoRA files", "merge", multiple=True)
@@ -229,7 +229,8 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None) ->
             cresult = gr.File(label="converted LoRA", elem_id="convert-result", interactive=False)
             convert_btn.click(app.convert, [cfile, cpicked, layout], [cstatus, cresult])
         if app.loras is not None:  # the lists as the folder is now, each time the page opens
-            page.load(lambda: [gr.update(choices=app.choices())] * 3, [], [picked, mpicked, cpicked])
+            page.load(lambda: [gr.update(choices=app.choices())] * 3, [], [picked, mpicked, cpicked],
+                      api_visibility="private")
     return page
 
 
