@@ -46,25 +46,28 @@ def _more(more: str) -> list[tuple[str, float]]:
     for line in filter(None, (x.strip() for x in (more or "").splitlines())):
         name, _, w = line.rpartition(":")
         try:
-            out.append((name, float(w)) if name else (line, 1.0))
+            out.append((name.strip(), float(w)) if name.strip() else (line, 1.0))
         except ValueError:
             raise ValueError(f"bad input line {line!r}: write name.safetensors:weight") from None
     return out
 
 
 def _output_path(name: str) -> Path:
-    """A new file in the first loras folder (an existing file is never replaced)."""
+    """A new file in the first loras folder; a name any loras folder already holds is refused (the new file would
+    hide it from the LoRA lists), as are names that are not plain file names."""
     name = name.strip()
-    if not name or os.sep in name or (os.altsep and os.altsep in name) or name.startswith("."):
+    if (not name or os.sep in name or (os.altsep and os.altsep in name) or name.startswith(".")
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
         raise ValueError(f"output name {name!r} must be a plain file name")
-    if not name.endswith(".safetensors"):
+    if not name.lower().endswith(".safetensors"):
         name += ".safetensors"
-    folder = Path(folder_paths.get_folder_paths("loras")[0])
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    if path.exists():
-        raise FileExistsError(f"{path.name} already exists in the loras folder; choose another output name")
-    return path
+    if len(name.encode()) > 255:
+        raise ValueError(f"output name {name[:40]}... is too long for a file name (at most 255 bytes)")
+    folders = [Path(f) for f in folder_paths.get_folder_paths("loras")]
+    if any(os.path.lexists(f / name) for f in folders):
+        raise FileExistsError(f"{name} already exists in a loras folder; choose another output name")
+    folders[0].mkdir(parents=True, exist_ok=True)
+    return folders[0] / name
 
 
 def _progress():
@@ -173,8 +176,8 @@ class AnalyzeLora:
                                              precision=None if precision == KEEP else precision,
                                              progress=_progress()))
         temp = Path(folder_paths.get_temp_directory())
-        temp.mkdir(parents=True, exist_ok=True)
-        png = write_png(a, temp / f"lora-resize-analyze-{uuid.uuid4().hex[:12]}.png")
+        png = _run(lambda: temp.mkdir(parents=True, exist_ok=True) or
+                   write_png(a, temp / f"lora-resize-analyze-{uuid.uuid4().hex[:12]}.png"))
         pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 255.0
         image = torch.from_numpy(pixels)[None]  # IMAGE: (batch, height, width, channels), 0..1
         return {"ui": {"images": [{"filename": png.name, "subfolder": "", "type": "temp"}]},

@@ -47,7 +47,7 @@ def nodes(loras, tmp_path, monkeypatch):
     fp.get_filename_list = lambda kind: (sorted(p.relative_to(loras).as_posix() for p in loras.rglob("*.safetensors"))
                                          if kind == "loras" else [])
     fp.get_full_path = lambda kind, name: str(loras / name) if (loras / name).is_file() else None
-    fp.get_folder_paths = lambda kind: [str(loras)]
+    fp.get_folder_paths = lambda kind: [str(loras), str(loras.parent / "loras2")]  # ComfyUI may have several
     fp.get_temp_directory = lambda: str(tmp_path / "comfy-temp")
     comfy, utils = types.ModuleType("comfy"), types.ModuleType("comfy.utils")
     bars = []
@@ -179,9 +179,22 @@ def test_node_errors_are_one_line_and_leave_nothing(nodes, loras):
         node.resize("a.safetensors", output_name="x", **{**args, "param": 5.0})  # sv_fro needs (0, 1]
     with pytest.raises(FileExistsError):
         node.resize("a.safetensors", output_name="b.safetensors", **args)  # never over an existing file
-    with pytest.raises(ValueError):
-        node.resize("a.safetensors", output_name="../x", **args)
+    (loras.parent / "loras2").mkdir(exist_ok=True)
+    (loras.parent / "loras2" / "other.safetensors").write_bytes((loras / "a.safetensors").read_bytes())
+    with pytest.raises(FileExistsError, match="already exists in a loras folder"):  # it would hide the other one
+        node.resize("a.safetensors", output_name="other", **args)
+    for bad in ("../x", "x\x00y", "x\ny", "a" * 300, ".hidden", "  "):
+        with pytest.raises(ValueError) as e:
+            node.resize("a.safetensors", output_name=bad, **args)
+        assert "\n" not in str(e.value) and "output name" in str(e.value), bad
     assert sorted(p.name for p in loras.iterdir()) == before
+    name, _ = node.resize("a.safetensors", output_name="Upper.SAFETENSORS", **args)
+    assert name == "Upper.SAFETENSORS" and (loras / name).is_file()  # ComfyUI lists suffixes in any case
+    (loras / name).unlink()
+    name, _ = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"]().merge(
+        "a.safetensors", 1.0, "b.safetensors", 1.0, output_name="m", more=" style/c.safetensors : -0.5 \n",
+        **{k: v for k, v in args.items() if k != "output_layout"})
+    assert (loras / name).is_file()
 
 
 def test_a_lora_in_a_subfolder_and_a_cancel_that_leaves_nothing(nodes, loras):

@@ -123,3 +123,48 @@ def test_parse_source():
     assert parse_source("x.safetensors:-1").weight == -1
     assert parse_source("x.safetensors").weight == 1.0
     assert str(parse_source("C:/dir/x.safetensors").path) == "C:/dir/x.safetensors"
+
+
+def test_inputs_that_cancel_out_give_zero_layers_and_say_so(tmp_path):
+    """A LoRA minus itself, or two checkpoints whose untrained modules are equal: those layers are exact zeros (not
+    float64 rounding noise at some rank), and the notes say so; the other layers are the exact difference."""
+    specs = [Spec("lora_te_same", 40, 30, 8, alpha=4.0), Spec("lora_unet_conv", 24, 8, 6, kernel=3, alpha=2.0),
+             Spec("lora_te_trained", 32, 20, 4, alpha=4.0)]
+    a_sd = make_state_dict(specs, seed=3)
+    b_sd = {k: (v if "trained" not in k else make_state_dict(specs, seed=4)[k]) for k, v in a_sd.items()}
+    a = write_lora(tmp_path / "a.safetensors", a_sd)
+    b = write_lora(tmp_path / "b.safetensors", b_sd)
+    out = tmp_path / "diff.safetensors"
+    res = lora_resize.merge([f"{a}:1", f"{b}:-1"], out, method="sv_fro", param=0.999, precision="float")
+    O = load_st(out)[0]
+    for name in ("lora_te_same", "lora_unet_conv"):
+        assert not dense_dw(O, name).any(), name
+    want = dense_dw(load_st(a)[0], "lora_te_trained") - dense_dw(load_st(b)[0], "lora_te_trained")
+    assert rel_err(dense_dw(O, "lora_te_trained"), want) < 1e-3  # sv_fro 0.999 of the true difference
+    assert any(n.startswith("2 layer(s) cancel out") and "lora_te_same" in n for n in res.notes), res.notes
+    res = lora_resize.merge([f"{a}:0.5", f"{a}:-0.5"], out, rank=8, precision="float")
+    assert all(not t.any() for k, t in load_st(out)[0].items() if not k.endswith(".alpha"))
+    assert "warning: the inputs cancel out in every layer: the merged LoRA changes nothing" in res.notes
+
+
+def test_a_weight_that_is_not_a_finite_number_is_refused(tmp_path, capsys):
+    a = write_lora(tmp_path / "a.safetensors", make_state_dict([Spec("lora_te_x", 20, 16, 4)], seed=1))
+    out = tmp_path / "o.safetensors"
+    for w in ("nan", "inf", "-inf", "1e999"):
+        assert main(["merge", str(a), f"{a}:{w}", "-o", str(out), "--rank", "2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lora-resize: error: a.safetensors: weight") and "not a finite number" in err, err
+    assert not out.exists()
+
+
+def test_a_rank_cap_above_every_layer_keeps_the_alpha_of_the_largest_rank(tmp_path):
+    """--rank 100000 changes nothing in a rank-8 file: the shared alpha is the scale times the largest rank (as
+    sd-scripts clamps), not 100000 x scale, which fp16 cannot hold."""
+    specs = [Spec("lora_te_a", 40, 30, 8, alpha=4.0), Spec("lora_te_b", 24, 20, 4, alpha=2.0)]
+    src = write_lora(tmp_path / "a.safetensors", make_state_dict(specs, seed=5))
+    out = tmp_path / "o.safetensors"
+    lora_resize.resize(src, out, rank=100000, precision="fp16")
+    O, A = load_st(out)[0], load_st(src)[0]
+    assert {float(O[k]) for k in O if k.endswith(".alpha")} == {4.0}  # scale 0.5 x rank 8
+    for name in layer_names(A):
+        assert rel_err(dense_dw(O, name), dense_dw(A, name)) < 2e-3, name

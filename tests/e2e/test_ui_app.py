@@ -74,3 +74,37 @@ def test_an_upload_goes_to_the_work_folder_and_bad_picks_are_one_line_errors(fol
     assert status.startswith("error: ") and "\n" not in status
     assert files(folder) == before
     assert App(tmp_path / "work2").resize(None, None, "")[0] == "error: upload a LoRA file first"
+
+
+def test_flags_the_page_sets_itself_help_and_peft_are_refused_in_one_line(folder, tmp_path):
+    """-h would make argparse exit inside the web server; -o, --model, --report, --plot or another input would be
+    dropped without a word; a PEFT folder cannot be downloaded. Each is one line, and nothing is written."""
+    app = App(tmp_path / "work", folder)
+    before = files(folder)
+    for flags, why in (("--rank 4 -h", "the page shows no help"), ("--help", "the page shows no help"),
+                       ("--rank 4 -o x.safetensors", "-o/--output/--save_to"), ("--rank 4 --save_to x", "-o/--output"),
+                       ("--rank 4 --model b.safetensors", "--model"), ("--rank 4 --rep r.html", "--report"),
+                       ("--rank 4 --plot p.png", "--plot"), ("--rank 4 other.safetensors", "unrecognized"),
+                       ("--rank 4 --output-format peft", "--output-format peft writes a folder")):
+        status, out = app.resize(None, "b.safetensors", flags)
+        assert status.startswith("error: ") and why in status and "\n" not in status and out is None, (flags, status)
+    for flags, why in (("--rank 4 -h", "the page shows no help"), ("--rank 4 --report r.html", "--report"),
+                       ("--rank 4 -o m.safetensors", "-o/--output")):
+        status, out = app.merge(None, ["b.safetensors", "sub/a.safetensors"], "1 1", flags)
+        assert status.startswith("error: ") and why in status and out is None, (flags, status)
+    status, _ = app.merge(None, ["b.safetensors", "sub/a.safetensors"], "1 nan", "--rank 4")
+    assert status == "error: a.safetensors: weight nan is not a finite number"
+    assert files(folder) == before and not list((tmp_path / "work").rglob("*.safetensors"))
+
+
+def test_a_dangling_link_is_skipped_and_a_read_only_folder_falls_back_to_the_work_folder(folder, tmp_path,
+                                                                                          monkeypatch):
+    app = App(tmp_path / "work", folder)
+    (folder / "b_resized.safetensors").symlink_to(tmp_path / "nowhere.safetensors")
+    _, path = app.resize(None, "b.safetensors", "--rank 4")
+    assert path == str(folder / "b_resized_2.safetensors") and not (tmp_path / "nowhere.safetensors").exists()
+    import lora_resize.ui.app as ui_app
+    monkeypatch.setattr(ui_app.os, "access", lambda p, mode: Path(p) != folder / "sub")  # sub/ is read-only
+    status, path = app.resize(None, "sub/a.safetensors", "--rank 4")
+    assert Path(path).parent.parent == tmp_path / "work" and status.endswith(f"saved as {path}")
+    assert sorted(p.name for p in (folder / "sub").iterdir()) == ["a.safetensors"]

@@ -3,6 +3,7 @@ with the weighted factors stacked side by side (up = [w1 s1 up1 | w2 s2 up2 | ..
 so the resize engine reduces it without ever forming the dense update."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import ExitStack
@@ -47,9 +48,15 @@ def parse_source(text: str) -> Source:
     return Source(Path(text), 1.0)
 
 
-def stacked(name: str, parts: list[tuple[float, LowRankLayer]]) -> LowRankLayer:
+CANCELLED = 1e-10  # a merged update this small next to its inputs' is rounding noise (float64: ~1e-16)
+
+
+def stacked(name: str, parts: list[tuple[float, LowRankLayer]], cancelled: list[str] | None = None
+            ) -> LowRankLayer:
     """One low-rank layer for sum_i w_i * scale_i * up_i @ down_i (shapes checked; LoraStructureError when they
-    differ), in float64, with scale 1."""
+    differ), in float64, with scale 1. When the weighted inputs cancel out (the sum, probed with four fixed random
+    vectors, is below CANCELLED x sum_i |w_i scale_i| ||up_i||_F ||down_i||_F: a LoRA minus itself, a module two
+    checkpoints left untrained), the layer comes back as exact zeros and its name is appended to `cancelled`."""
     first = parts[0][1]
     ups, downs = [], []
     for w, layer in parts:
@@ -61,15 +68,24 @@ def stacked(name: str, parts: list[tuple[float, LowRankLayer]]) -> LowRankLayer:
                 f"(kernel {layer.kernel}); these LoRAs are for different models")
         ups.append(layer.up.to(torch.float64) * (w * layer.scale))
         downs.append(layer.down.to(torch.float64))
-    return LowRankLayer.with_alpha(torch.cat(ups, dim=1), torch.cat(downs, dim=0), None, kernel=first.kernel,
-                                   in_channels=first.in_channels)
+    up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+    if len(parts) > 1:
+        bound = sum(float(torch.linalg.vector_norm(u)) * float(torch.linalg.vector_norm(d)) for u, d in zip(ups, downs))
+        probe = torch.randn(down.shape[1], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        if bound > 0 and float(torch.linalg.vector_norm(up @ (down @ probe.to(down.device)))) / 2 <= CANCELLED * bound:
+            up = torch.zeros_like(up)
+            if cancelled is not None:
+                cancelled.append(name)
+    return LowRankLayer.with_alpha(up, down, None, kernel=first.kernel, in_channels=first.in_channels)
 
 
-def merged_job(name: str, members: list[tuple[float, Module, TensorSource]]) -> LayerJob:
+def merged_job(name: str, members: list[tuple[float, Module, TensorSource]], cancelled: list[str] | None = None
+               ) -> LayerJob:
     """A job whose layer is the weighted sum of `members`' (weight, module, reader); the first one writes it. Its
-    scale is 1 (the inputs' scales are in the stacked factors), its rank the sum of theirs."""
+    scale is 1 (the inputs' scales are in the stacked factors), its rank the sum of theirs. A layer whose inputs
+    cancel out is zero, its name appended to `cancelled`."""
     def load() -> LowRankLayer:
-        return stacked(name, [(w, checked(name, m.load(src))) for w, m, src in members])
+        return stacked(name, [(w, checked(name, m.load(src))) for w, m, src in members], cancelled)
 
     def scale_and_rank() -> tuple[float, int]:
         return 1.0, sum(m.scale_and_rank(src)[1] for _, m, src in members)
@@ -122,6 +138,9 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     srcs = [Source(resolve_input(local_path(s.path, "input")), s.weight) for s in srcs]
     if not srcs:
         raise OptionsError("merge needs at least one input: A.safetensors:0.8 B.safetensors:0.5 ...")
+    for s in srcs:
+        if not math.isfinite(s.weight):
+            raise OptionsError(f"{s.path.name}: weight {s.weight} is not a finite number")
     notes = [f"{s.path.name} has weight 0 and is left out" for s in srcs if s.weight == 0]
     live = [s for s in srcs if s.weight != 0]
     if not live:
@@ -150,7 +169,8 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
             notes.append(f"{partial} layer(s) are in only some of the inputs and are merged from those")
         rules = apply_rules(opts.block_rules, sorted(members, key=lambda n: members[n][0][1].keys[0]))
         notes += rules.notes
-        jobs = [merged_job(name, members[name]) for name in rules.kept]
+        cancelled: list[str] = []
+        jobs = [merged_job(name, members[name], cancelled) for name in rules.kept]
         infos = {k: v for r in reversed(readers) for k, v in r.infos().items()}
         notes += with_base(jobs, replace(layouts[0], modules=[j.module for j in jobs]), infos, readers[0].metadata,
                            opts)
@@ -166,6 +186,11 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                                             for s, r in zip(live, readers)], merged=True)
         done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
     notes += list(layouts[0].notes) + done.write_notes + clamp_notes(done.rows) + done.plan_notes
+    if cancelled:
+        notes.append(f"warning: the inputs cancel out in every layer: the merged LoRA changes nothing"
+                     if len(cancelled) == len(jobs) else
+                     f"{len(cancelled)} layer(s) cancel out (the weighted inputs sum to zero there, within rounding) "
+                     f"and are written as zeros, e.g. {min(cancelled)}")
     return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
                         options={**done.options.as_dict(), "sources": [[str(s.path), s.weight] for s in srcs],
                                  "rule_hits": rules.hits},

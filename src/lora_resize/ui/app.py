@@ -9,6 +9,7 @@ message in the page's status box; nothing partial is offered for download."""
 from __future__ import annotations
 
 import html
+import os
 import shlex
 import tempfile
 from pathlib import Path
@@ -40,10 +41,28 @@ def _progress(progress: gr.Progress, desc: str):
     return lambda iterable, total: progress.tqdm(iterable, total=total, desc=desc)
 
 
-def _parse(command: str, argv: list[str]):
-    """The CLI's parse of `lora-resize <command> <argv>`, with its one-line errors."""
+# what the page sets itself or shows in the page: given in the flags box, these are refused, not silently dropped
+PAGE_SETS = {"output": "-o/--output/--save_to (the page names the file)", "model": "--model (the input is the file "
+             "chosen above)", "input": "another input", "sources": "another input (add it to the files instead)",
+             "report": "--report (the report is in the page)", "plot": "--plot (the curve is in the page)"}
+
+
+def _parse(command: str, own: list[str], flags: str):
+    """The CLI's parse of `lora-resize <command> <own> <flags>` (`own`: the input and output the page chose), with
+    its one-line errors; -h, flags that would change what the page sets, and a PEFT folder are refused."""
     from ..cli import build_parser
-    return build_parser().parse_args([command, *argv])
+    try:
+        args = build_parser().parse_args([command, *own, *_split(flags)])
+        mine = build_parser().parse_args([command, *own])
+    except SystemExit:  # -h/--help: argparse printed its help and exits
+        raise LoraResizeError(f"the page shows no help: `lora-resize {command} --help` lists the flags") from None
+    for dest, what in PAGE_SETS.items():
+        if getattr(args, dest, None) != getattr(mine, dest, None):
+            raise LoraResizeError(f"{what} is not a flag for the page: drop it")
+    if getattr(args, "output_format", None) == "peft":
+        raise LoraResizeError("--output-format peft writes a folder, which the page cannot offer for download; "
+                              f"run `lora-resize {command} ... --output-format peft`")
+    return args
 
 
 def _split(flags: str) -> list[str]:
@@ -78,19 +97,20 @@ class App:
         return self.loras / name
 
     def _source(self, upload, picked) -> tuple[str, Path | None]:
-        """(the input's path, its folder if it was picked from `loras`: where its result is saved, else None)."""
+        """(the input's path, its folder if it was picked from `loras` and the folder is writable: where its result
+        is saved; else None: the work folder)."""
         if upload is not None:
             return _uploaded(upload), None
         if picked:
             path = self._picked(picked)
-            return str(path), path.parent
+            return str(path), path.parent if os.access(path.parent, os.W_OK) else None
         raise LoraResizeError("upload a LoRA file or pick one from the folder first" if self.loras is not None
                               else "upload a LoRA file first")
 
     def _out(self, name: str, beside: Path | None = None) -> Path:
         if beside is not None:
             stem, n = Path(name).stem, 1
-            while (beside / name).exists():
+            while os.path.lexists(beside / name):  # a dangling link counts: never written through
                 n += 1
                 name = f"{stem}_{n}.safetensors"
             return beside / name
@@ -137,7 +157,7 @@ class App:
         try:
             src, beside = self._source(upload, picked)
             dst = self._out(Path(src).stem + "_resized.safetensors", beside)
-            args = _parse("resize", [src, "-o", str(dst), *_split(flags)])
+            args = _parse("resize", [src, "-o", str(dst)], flags)
             result = resize(src, dst, options_from(args), progress=_progress(progress, "resizing"))
         except LoraResizeError as e:
             return f"error: {e}", None
@@ -158,7 +178,7 @@ class App:
             except ValueError:
                 raise LoraResizeError(f"weights must be numbers, got {weights!r}") from None
             dst = self._out("merged.safetensors", self.loras if picked and not uploads else None)
-            args = _parse("merge", [f"{p}:{w}" for p, w in zip(paths, ws)] + ["-o", str(dst), *_split(flags)])
+            args = _parse("merge", [f"{p}:{w}" for p, w in zip(paths, ws)] + ["-o", str(dst)], flags)
             result = merge(sources, dst, options_from(args), progress=_progress(progress, "merging"))
         except LoraResizeError as e:
             return f"error: {e}", None
@@ -196,7 +216,7 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None) ->
         with gr.Tab("Resize"):
             lora, picked = _input(app, "LoRA file", "lora")
             with gr.Row():
-                cap = gr.Number(label="rank cap (0: none)", value=0, precision=0, elem_id="cap")
+                cap = gr.Number(label="rank cap (0: none)", value=0, precision=0, minimum=0, elem_id="cap")
                 analyze_btn = gr.Button("Analyze", elem_id="analyze-btn")
             curve = gr.HTML(elem_id="curve", js_on_load=CLICK_JS)
             table = gr.Dataframe(headers=COLUMNS, elem_id="settings", interactive=False, wrap=True)
