@@ -86,12 +86,11 @@ def with_base(jobs: list[LayerJob], layout: Layout, infos: Mapping[str, TensorIn
 def alpha_rule(opts: ResizeOptions, scales_and_ranks: list[tuple[float, int]]) -> AlphaRule:
     """How the output's alphas are chosen: sd-scripts' per-layer alphas under `--rank-rule kohya`; otherwise one
     alpha for every layer (AlphaRule.one_for_all), the most common input scale times --rank (else the most common
-    input rank), so every consumer applies each layer at its strength. A --rank above every layer's rank counts as
-    the largest rank (no layer can reach it; sd-scripts clamps the same way), so `--rank 100000` keeps alphas small."""
+    input rank), so every consumer applies each layer at its strength."""
     if opts.rank_rule == "kohya" or not scales_and_ranks:
         return AlphaRule()
     ranks = [r for _, r in scales_and_ranks]
-    rank = min(opts.rank, max(ranks)) if opts.rank is not None else max(set(ranks), key=ranks.count)
+    rank = opts.rank if opts.rank is not None else max(set(ranks), key=ranks.count)
     return AlphaRule.one_for_all([s for s, _ in scales_and_ranks], rank)
 
 

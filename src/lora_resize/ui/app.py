@@ -216,7 +216,8 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None) ->
         with gr.Tab("Resize"):
             lora, picked = _input(app, "LoRA file", "lora")
             with gr.Row():
-                cap = gr.Number(label="rank cap (0: none)", value=0, precision=0, minimum=0, elem_id="cap")
+                cap = gr.Number(label="rank cap (0: none)", value=0, precision=0, minimum=0, maximum=16384,
+                                elem_id="cap")
                 analyze_btn = gr.Button("Analyze", elem_id="analyze-btn")
             curve = gr.HTML(elem_id="curve", js_on_load=CLICK_JS)
             table = gr.Dataframe(headers=COLUMNS, elem_id="settings", interactive=False, wrap=True)
