@@ -114,7 +114,30 @@ RANK_INPUTS = {
 }
 
 
-class ResizeLora:
+def _written(dst: Path, job) -> tuple[str, str]:
+    """Run `job` (a lora-resize call writing `dst`): the new file's name and the job's summary."""
+    from lora_resize.report.text import summary
+    return dst.name, summary(_run(job))
+
+
+class _Node:
+    """What every node shares: its menu category, being an output node (it acts, so ComfyUI runs it without a
+    consumer), and IS_CHANGED from the LoRA it reads (`lora_name`)."""
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name=None, **_):
+        return _stamp(lora_name)
+
+
+class _WritesLora(_Node):
+    """A node that writes a new LoRA into the loras folder: it returns the file's name and the job's summary."""
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("file_name", "summary")
+
+
+class ResizeLora(_WritesLora):
     """Resize a LoRA from the loras list into a new file in the loras folder."""
 
     @classmethod
@@ -123,28 +146,18 @@ class ResizeLora:
                              "output_layout": ([KEEP, *FILE_LAYOUTS], {"default": KEEP}),
                              "output_name": ("STRING", {"default": "resized.safetensors"})}}
 
-    RETURN_TYPES = ("STRING", "STRING")
-    RETURN_NAMES = ("file_name", "summary")
     FUNCTION = "resize"
-
-    @classmethod
-    def IS_CHANGED(cls, lora_name=None, **_):
-        return _stamp(lora_name)
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
 
     def resize(self, lora_name, method, param, rank, conv_rank, rank_rule, target_size, precision, output_layout,
                output_name):
-        from lora_resize.report.text import summary
         dst = _output_path(output_name)
         fields = _options(method, param, rank, conv_rank, rank_rule, target_size, precision)
         if output_layout != KEEP:
             fields["output_format"] = output_layout
-        result = _run(lambda: lora_resize.resize(_lora_path(lora_name), dst, progress=_progress(), **fields))
-        return dst.name, summary(result)
+        return _written(dst, lambda: lora_resize.resize(_lora_path(lora_name), dst, progress=_progress(), **fields))
 
 
-class AnalyzeLora:
+class AnalyzeLora(_Node):
     """Which setting gives which size and fidelity, before any file is written: the size/fidelity curve as an
     IMAGE and the table as text."""
 
@@ -159,12 +172,6 @@ class AnalyzeLora:
     RETURN_NAMES = ("curve", "table")
     FUNCTION = "analyze"
 
-    @classmethod
-    def IS_CHANGED(cls, lora_name=None, **_):
-        return _stamp(lora_name)
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
-
     def analyze(self, lora_name, rank_cap, rank_rule, precision):
         import numpy as np
         import torch
@@ -176,15 +183,15 @@ class AnalyzeLora:
                                              precision=None if precision == KEEP else precision,
                                              progress=_progress()))
         temp = Path(folder_paths.get_temp_directory())
-        png = _run(lambda: temp.mkdir(parents=True, exist_ok=True) or
-                   write_png(a, temp / f"lora-resize-analyze-{uuid.uuid4().hex[:12]}.png"))
+        temp.mkdir(parents=True, exist_ok=True)
+        png = _run(lambda: write_png(a, temp / f"lora-resize-analyze-{uuid.uuid4().hex[:12]}.png"))
         pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 255.0
         image = torch.from_numpy(pixels)[None]  # IMAGE: (batch, height, width, channels), 0..1
         return {"ui": {"images": [{"filename": png.name, "subfolder": "", "type": "temp"}]},
                 "result": (image, analysis_table(a))}
 
 
-class MergeLoras:
+class MergeLoras(_WritesLora):
     """A weighted sum of LoRAs (weights may be negative), reduced like a resize, into a new file."""
 
     @classmethod
@@ -198,8 +205,6 @@ class MergeLoras:
                 "optional": {"more": ("STRING", {"default": "", "multiline": True,
                                                  "tooltip": "more inputs, one per line: name.safetensors:weight"})}}
 
-    RETURN_TYPES = ("STRING", "STRING")
-    RETURN_NAMES = ("file_name", "summary")
     FUNCTION = "merge"
 
     @classmethod
@@ -208,22 +213,18 @@ class MergeLoras:
             return _stamp(lora_a, lora_b, *(name for name, _ in _more(more)))
         except ValueError:
             return float("nan")  # always run: the node says what is wrong
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
 
     def merge(self, lora_a, weight_a, lora_b, weight_b, method, param, rank, conv_rank, rank_rule, target_size,
               precision, output_name, more=""):
-        from lora_resize.report.text import summary
         dst = _output_path(output_name)
         sources = [lora_resize.Source(Path(_lora_path(lora_a)), weight_a),
                    lora_resize.Source(Path(_lora_path(lora_b)), weight_b)]
         sources += [lora_resize.Source(Path(_lora_path(name)), w) for name, w in _more(more)]
         fields = _options(method, param, rank, conv_rank, rank_rule, target_size, precision)
-        result = _run(lambda: lora_resize.merge(sources, dst, progress=_progress(), **fields))
-        return dst.name, summary(result)
+        return _written(dst, lambda: lora_resize.merge(sources, dst, progress=_progress(), **fields))
 
 
-class ConvertLora:
+class ConvertLora(_WritesLora):
     """A LoRA written in another layout (kohya, comfy, diffusers, onetrainer), every update kept."""
 
     @classmethod
@@ -232,21 +233,11 @@ class ConvertLora:
                              "layout": (FILE_LAYOUTS, {"default": "comfy"}),
                              "output_name": ("STRING", {"default": "converted.safetensors"})}}
 
-    RETURN_TYPES = ("STRING", "STRING")
-    RETURN_NAMES = ("file_name", "summary")
     FUNCTION = "convert"
 
-    @classmethod
-    def IS_CHANGED(cls, lora_name=None, **_):
-        return _stamp(lora_name)
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
-
     def convert(self, lora_name, layout, output_name):
-        from lora_resize.report.text import summary
         dst = _output_path(output_name)
-        result = _run(lambda: lora_resize.convert(_lora_path(lora_name), dst, layout, progress=_progress()))
-        return dst.name, summary(result)
+        return _written(dst, lambda: lora_resize.convert(_lora_path(lora_name), dst, layout, progress=_progress()))
 
 
 NODE_CLASS_MAPPINGS = {"LoraResize": ResizeLora, "LoraResizeAnalyze": AnalyzeLora, "LoraResizeMerge": MergeLoras,

@@ -51,9 +51,10 @@ def _parse(command: str, own: list[str], flags: str):
     """The CLI's parse of `lora-resize <command> <own> <flags>` (`own`: the input and output the page chose), with
     its one-line errors; -h, flags that would change what the page sets, and a PEFT folder are refused."""
     from ..cli import build_parser
+    parser = build_parser()
     try:
-        args = build_parser().parse_args([command, *own, *_split(flags)])
-        mine = build_parser().parse_args([command, *own])
+        args = parser.parse_args([command, *own, *_split(flags)])
+        mine = parser.parse_args([command, *own])
     except SystemExit:  # -h/--help: argparse printed its help and exits
         raise LoraResizeError(f"the page shows no help: `lora-resize {command} --help` lists the flags") from None
     for dest, what in PAGE_SETS.items():
