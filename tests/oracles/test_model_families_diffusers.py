@@ -194,13 +194,12 @@ def converted(family: str, pipeline: str, path) -> tuple[dict[str, torch.Tensor]
     return fused(tiny(family), state[0] if isinstance(state, tuple) else state)
 
 
-@pytest.mark.parametrize("family, pipeline, layout, keep", [
-    (f, p, layout, keep) for f, p, layouts, keep in NATIVE_JUDGED for layout in layouts],
-    ids=[f"{f}-{layout}-{i}" for i, (f, p, layouts, keep) in enumerate(NATIVE_JUDGED) for layout in layouts])
-def test_native_layouts_convert_and_load_as_the_exact_truncation(tmp_path, family, pipeline, layout, keep):
+def native_lora(family: str, layout: str, keep, seed: int) -> tuple[list, dict[str, torch.Tensor]]:
+    """`family`'s modules that `keep` selects, as a LoRA in a native `layout`: (their shapes, the state dict), each
+    with varied factors (seeded), alpha 3 where the layout stores one."""
     fn, kw, _ = archs.NATIVE[family]
     shapes = [m for m in fn(**kw) if keep(m)]
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     sd = {}
     for m in shapes:
         up, down = varied_factors(m.out, m.flat_in, g)
@@ -208,6 +207,14 @@ def test_native_layouts_convert_and_load_as_the_exact_truncation(tmp_path, famil
         sd[dk], sd[uk] = down, up
         if layout in ALPHA_LAYOUTS:
             sd[ak] = torch.tensor(3.0)
+    return shapes, sd
+
+
+@pytest.mark.parametrize("family, pipeline, layout, keep", [
+    (f, p, layout, keep) for f, p, layouts, keep in NATIVE_JUDGED for layout in layouts],
+    ids=[f"{f}-{layout}-{i}" for i, (f, p, layouts, keep) in enumerate(NATIVE_JUDGED) for layout in layouts])
+def test_native_layouts_convert_and_load_as_the_exact_truncation(tmp_path, family, pipeline, layout, keep):
+    shapes, sd = native_lora(family, layout, keep, seed=2)
     src = write_lora(tmp_path / "in.safetensors", sd)
     dst = tmp_path / "out.safetensors"
     assert main(["resize", str(src), "-o", str(dst), "-q", "--method", "sv_fro", "--param", "0.9"]) == 0
@@ -264,17 +271,7 @@ SKIPPED_BY_DIFFUSERS = {
 
 
 def native_file(tmp_path, family: str, layout: str, keep, seed: int = 4):
-    fn, kw, _ = archs.NATIVE[family]
-    shapes = [m for m in fn(**kw) if keep(m)]
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for m in shapes:
-        up, down = varied_factors(m.out, m.flat_in, g)
-        dk, uk, ak = loras.lora_keys(m.name, layout)
-        sd[dk], sd[uk] = down, up
-        if layout in ALPHA_LAYOUTS:
-            sd[ak] = torch.tensor(3.0)
-    return write_lora(tmp_path / "native.safetensors", sd)
+    return write_lora(tmp_path / "native.safetensors", native_lora(family, layout, keep, seed)[1])
 
 
 @pytest.mark.parametrize("family, pipeline, layout, keep", [

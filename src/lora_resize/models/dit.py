@@ -18,7 +18,8 @@ def each(prefix: str, *names: str) -> list[str]:
 
 QKVO = ("to_q", "to_k", "to_v", "to_out.0")
 
-FLUX1 = Architecture("flux1", "Flux.1 (dev, Kontext, Chroma)", [
+# Flux.1 and Flux.2 double blocks: the same attention, fused qkv natively, q/k/v in diffusers
+FLUX_DOUBLE_ATTENTION = [
     M("double_blocks.{i}.img_attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
                                         "transformer_blocks.{i}.attn.to_v")),
     M("double_blocks.{i}.txt_attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
@@ -26,6 +27,10 @@ FLUX1 = Architecture("flux1", "Flux.1 (dev, Kontext, Chroma)", [
                                         "transformer_blocks.{i}.attn.add_v_proj")),
     M("double_blocks.{i}.img_attn.proj", ("transformer_blocks.{i}.attn.to_out.0",)),
     M("double_blocks.{i}.txt_attn.proj", ("transformer_blocks.{i}.attn.to_add_out",)),
+]
+
+FLUX1 = Architecture("flux1", "Flux.1 (dev, Kontext, Chroma)", [
+    *FLUX_DOUBLE_ATTENTION,
     M("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.net.0.proj",), shape=lambda o, i: o == 4 * i),
     M("double_blocks.{i}.img_mlp.2", ("transformer_blocks.{i}.ff.net.2",)),
     M("double_blocks.{i}.txt_mlp.0", ("transformer_blocks.{i}.ff_context.net.0.proj",), shape=lambda o, i: o == 4 * i),
@@ -51,13 +56,7 @@ FLUX1 = Architecture("flux1", "Flux.1 (dev, Kontext, Chroma)", [
    diffusers_signature=("single_transformer_blocks.{i}.proj_mlp", "single_transformer_blocks.{i}.attn.to_q"))
 
 FLUX2 = Architecture("flux2", "Flux.2 (dev, Klein)", [
-    M("double_blocks.{i}.img_attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
-                                        "transformer_blocks.{i}.attn.to_v")),
-    M("double_blocks.{i}.txt_attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
-                                        "transformer_blocks.{i}.attn.add_k_proj",
-                                        "transformer_blocks.{i}.attn.add_v_proj")),
-    M("double_blocks.{i}.img_attn.proj", ("transformer_blocks.{i}.attn.to_out.0",)),
-    M("double_blocks.{i}.txt_attn.proj", ("transformer_blocks.{i}.attn.to_add_out",)),
+    *FLUX_DOUBLE_ATTENTION,
     M("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.linear_in",), shape=lambda o, i: o == 6 * i),
     M("double_blocks.{i}.img_mlp.2", ("transformer_blocks.{i}.ff.linear_out",)),
     M("double_blocks.{i}.txt_mlp.0", ("transformer_blocks.{i}.ff_context.linear_in",), shape=lambda o, i: o == 6 * i),
