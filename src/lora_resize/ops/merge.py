@@ -187,7 +187,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
     notes += list(layouts[0].notes) + done.write_notes + clamp_notes(done.rows) + done.plan_notes
     if cancelled:
-        notes.append(f"warning: the inputs cancel out in every layer: the merged LoRA changes nothing"
+        notes.append("warning: the inputs cancel out in every layer: the merged LoRA changes nothing"
                      if len(cancelled) == len(jobs) else
                      f"{len(cancelled)} layer(s) cancel out (the weighted inputs sum to zero there, within rounding) "
                      f"and are written as zeros, e.g. {min(cancelled)}")
