@@ -54,8 +54,9 @@ class LayerResult:
 
 @dataclass
 class ResizeResult:
-    """The outcome of `resize` or `merge`: per-layer rows, sizes, timing, and the tensors copied unchanged
-    (`passthrough`, in file order; `copied`: each one's kind, e.g. 'bias diff', 'DoRA magnitude', 'other')."""
+    """The outcome of `resize` or `merge`: per-layer rows, sizes, timing, and the tensors copied beside the
+    factors (`passthrough`, in file order; `copied`: each one's kind, e.g. 'bias diff', 'DoRA magnitude', 'other';
+    `cast`: those an explicit precision cast to it - the others are copied bit for bit)."""
     src: Path
     dst: Path
     format: str
@@ -69,15 +70,30 @@ class ResizeResult:
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)
     copied: dict[str, str] = field(default_factory=dict)
+    cast: list[str] = field(default_factory=list)
 
-    @property
-    def copied_kinds(self) -> dict[str, int]:
-        """How many tensors of each kind were copied unchanged."""
+    def _kinds(self, keys) -> dict[str, int]:
         out: dict[str, int] = {}
-        for k in self.passthrough:
+        for k in keys:
             kind = self.copied.get(k, "other")
             out[kind] = out.get(kind, 0) + 1
         return out
+
+    @property
+    def copied_kinds(self) -> dict[str, int]:
+        """How many tensors of each kind were copied (unchanged or cast)."""
+        return self._kinds(self.passthrough)
+
+    @property
+    def unchanged_kinds(self) -> dict[str, int]:
+        """How many tensors of each kind were copied bit for bit."""
+        cast = set(self.cast)
+        return self._kinds(k for k in self.passthrough if k not in cast)
+
+    @property
+    def cast_kinds(self) -> dict[str, int]:
+        """How many copied tensors of each kind were cast to the precision asked for."""
+        return self._kinds(self.cast)
 
     @property
     def zero_layers(self) -> list[str]:
@@ -112,7 +128,8 @@ class ResizeResult:
             "options": self.options, "input_bytes": self.input_bytes, "output_bytes": self.output_bytes,
             "seconds": self.seconds, "mean_fro_retained": self.mean_fro,
             "min_fro_retained": worst.fro_retained if worst else None, "min_fro_layer": worst.name if worst else None,
-            "passthrough": self.passthrough, "copied": self.copied_kinds, "zero_layers": self.zero_layers,
+            "passthrough": self.passthrough, "copied": self.copied_kinds,
+            "cast": self.cast_kinds, "zero_layers": self.zero_layers,
             "notes": self.notes, "layers": [x.as_dict() for x in self.layers],
         }
 

@@ -388,7 +388,7 @@ class Lycoris(Format):
         for kind, mods in passthrough_modules.items():
             why = ("lora-resize reads LoHa/LoKr only on linear and conv2d layers" if kind == "conv1d/conv3d" else
                    "it cannot be written as low-rank factors without the base model")
-            notes.append(f"{len(mods)} {kind} module(s) copied unchanged ({why}): {_summary(mods)}")
+            notes.append(f"{len(mods)} {kind} module(s) copied, not resized ({why}): {_summary(mods)}")
         if dora:
             notes.append(f"{len(dora)} DoRA magnitude vector(s) (dora_scale) kept as trained; the loader "
                          f"renormalises with the resized update, so their effect is close to, not exactly, the "

@@ -220,7 +220,8 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
         t1 = time.perf_counter()
         sps = spectra(jobs, device, shared.threads, progress)
         t_dec = time.perf_counter() - t1
-        out = Output(layout, jobs, {k: reader for k in layout.passthrough}, [InputRecord(src.name, reader.metadata)])
+        out = Output(layout, jobs, {k: reader for k in layout.passthrough}, [InputRecord(src.name, reader.metadata)],
+                     cast=shared.precision is not None)
     return Evaluator(out, sps, precision), dict(
         src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
         seconds=0.0, decompose_seconds=t_dec, notes=precision_notes + rules.notes + list(layout.notes) + base_notes,
@@ -265,7 +266,7 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
                                 row.scale, kernel, in_ch, row.singular_values, row.base))
         jobs = [module_job(modules[row.name], reader) for row in result.layers]
         out = Output(layout, jobs, {k: reader for k in layout.passthrough},
-                     [InputRecord(result.src.name, reader.metadata)])
+                     [InputRecord(result.src.name, reader.metadata)], cast=chosen.precision is not None)
         ev = Evaluator(out, sps, result.precision)
         rules = apply_rules(chosen.block_rules, [m.name for m in layout.modules])
         a = finish(ev, dict(src=result.src, format=result.format, precision=result.precision,

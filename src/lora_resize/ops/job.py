@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -27,7 +27,7 @@ from ..formats import Layout, Module
 from ..io.metadata import InputRecord, output_metadata, with_hashes
 from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
-from ..io.writer import write_output
+from ..io.writer import copied_dtype, copied_tensor, write_output
 from ..options import ResizeOptions
 from ..ranks.plan import layer_rank, plan
 from ..results import BaseNorms, LayerResult
@@ -215,16 +215,29 @@ def precision_of(layout: Layout, infos: Mapping[str, TensorInfo], requested: str
 @dataclass
 class Output:
     """What a job writes: the output layout (its modules, in order, emit the layers; it derives the side
-    outputs), the copied tensors (key -> the reader holding it), the inputs as the metadata records them."""
+    outputs), the copied tensors (key -> the reader holding it), the inputs as the metadata records them.
+    `cast`: the precision was asked for (--precision), so the copied floating-point tensors are cast to it;
+    otherwise they are copied bit for bit (io.writer.copied_dtype)."""
     layout: Layout
     jobs: list[LayerJob]
     copied: dict[str, TensorSource]
     sources: list[InputRecord]
     merged: bool = False
+    cast: bool = False
+
+    def copied_cast(self, save_dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype the copied floating-point tensors are cast to, None when they keep theirs."""
+        return save_dtype if self.cast else None
+
+    def cast_keys(self, save_dtype: torch.dtype) -> list[str]:
+        """The copied tensors whose dtype the output changes (in file order)."""
+        cast = self.copied_cast(save_dtype)
+        return [k for k, src in self.copied.items() if copied_dtype(src.infos()[k].dtype, cast) != src.infos()[k].dtype]
 
 
 def copied_stubs(out: Output, save_dtype: torch.dtype) -> dict[str, Stub]:
-    return {k: saved_stub(src.infos()[k].shape, src.infos()[k].dtype, save_dtype) for k, src in out.copied.items()}
+    cast = out.copied_cast(save_dtype)
+    return {k: saved_stub(src.infos()[k].shape, src.infos()[k].dtype, cast) for k, src in out.copied.items()}
 
 
 def metadata_for(out: Output, sps: list[Spectrum], opts: ResizeOptions, precision: str
@@ -259,13 +272,14 @@ def with_budget_plan(out: Output, opts: ResizeOptions, precision: str, device: t
 
 @dataclass
 class Produced:
-    """A written job: its rows, the metadata written, the writer's notes, the plan's notes and the options as
-    run (a budget's ranks filled in)."""
+    """A written job: its rows, the metadata written, the writer's notes, the plan's notes, the options as
+    run (a budget's ranks filled in) and the copied tensors whose dtype was changed (an explicit --precision)."""
     rows: list[LayerResult]
     metadata: dict[str, str]
     write_notes: list[str]
     plan_notes: list[str]
     options: ResizeOptions
+    cast: list[str] = field(default_factory=list)
 
 
 def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device: torch.device,
@@ -276,13 +290,13 @@ def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device:
     save_dtype = SAVE_DTYPES[precision]
     run_opts, plan_notes = with_budget_plan(out, opts, precision, device, progress)
     rows, tensors = run_jobs(out.jobs, run_opts, device, save_dtype, progress, on_layer)
+    cast = out.copied_cast(save_dtype)
     for key, src in out.copied.items():
-        t = src.get(key)
-        tensors.setdefault(key, t.to(save_dtype) if t.is_floating_point() else t)
+        tensors.setdefault(key, copied_tensor(src.get(key), cast))
     side = out.layout.side_outputs(rows)
     meta = output_metadata(run_opts, precision, out.layout.format, rows, out.sources, side.metadata, out.merged)
     meta, write_notes = write_output(dst, tensors, meta, side.files, new_folder)
-    return Produced(rows, meta, write_notes, plan_notes, run_opts)
+    return Produced(rows, meta, write_notes, plan_notes, run_opts, out.cast_keys(save_dtype))
 
 
 def clamp_notes(rows: list[LayerResult]) -> list[str]:

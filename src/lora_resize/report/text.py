@@ -71,9 +71,12 @@ def summary(result: ResizeResult) -> str:
     if result.zero_layers:
         lines.append(f"  {len(result.zero_layers)} zero layer(s) (no update: untrained modules?) kept as rank-1 "
                      f"zeros, e.g. {result.zero_layers[0]}")
-    if result.passthrough:
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(result.copied_kinds.items(), key=lambda x: (-x[1], x[0])))
-        lines.append(f"  {len(result.passthrough)} other tensor(s) copied unchanged: {kinds}")
+    unchanged, cast = result.unchanged_kinds, result.cast_kinds
+    if unchanged:
+        lines.append(f"  {sum(unchanged.values())} other tensor(s) copied unchanged: {_counted(unchanged)}")
+    if cast:
+        lines.append(f"  {sum(cast.values())} other tensor(s) cast to {result.precision} (--precision): "
+                     f"{_counted(cast)}")
     based = [x for x in result.layers if x.base is not None]
     if based:
         strong = max(based, key=lambda x: x.strength)
@@ -84,6 +87,11 @@ def summary(result: ResizeResult) -> str:
                      f"spectral max {max(x.base_loss_spectral for x in based):.3g}")
     lines += [f"  note: {n}" for n in result.notes]
     return "\n".join(one_line(line) for line in lines)  # names from the file never drive the terminal
+
+
+def _counted(kinds: dict[str, int]) -> str:
+    """'3 bias diff, 1 other': counts by kind, the most common first."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda x: (-x[1], x[0])))
 
 
 def _pct(x: float) -> str:
