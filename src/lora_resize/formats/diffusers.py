@@ -20,7 +20,7 @@ from ..io.metadata import SideOutputs
 from ..io.reader import TensorInfo
 from .base import Format, Layout
 from .pairs import dora_note, find_pairs, magnitudes, pair_module
-from .peft import (LORA_BIAS, MARKERS, NEW_CONFIG, PEFT_PREFIX, ScaleConfig, ab_forms, config_entries, is_ab_key,
+from .peft import (MARKERS, NEW_CONFIG, PEFT_PREFIX, ScaleConfig, ab_forms, config_entries, is_ab_key,
                    rewritten_config)
 
 METADATA_KEY = "lora_adapter_metadata"
@@ -114,9 +114,9 @@ class Diffusers(Format):
     def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
               ) -> Layout:
         keys = [k for k in infos if self.mine(k)]
-        forms, mag_suffixes = ab_forms(keys)
-        pairs, owned = find_pairs(infos, keys, forms[:1] + OLD_FORMS + forms[1:])
-        mags = magnitudes(pairs, keys, mag_suffixes)  # copied unchanged with the other passthrough keys
+        ab = ab_forms(keys)
+        pairs, owned = find_pairs(infos, keys, ab.forms[:1] + OLD_FORMS + ab.forms[1:])
+        mags = magnitudes(pairs, keys, ab.magnitudes)  # copied unchanged with the other passthrough keys
         comps = component_configs(metadata)
         scales = {c: ScaleConfig.from_dict(cfg, f"metadata {METADATA_KEY}" + (f" ({c})" if c else ""))
                   for c, cfg in comps.items()}
@@ -125,7 +125,7 @@ class Diffusers(Format):
             comps = {c: {**NEW_CONFIG, "target_modules": sorted(described_path(*p.name.split(".", 1)) for p in pairs
                                                                if p.name.startswith(c + "."))} for c in described}
         known = {k: "DoRA magnitude" for k in mags}
-        known.update({k: "LoRA bias" for k in keys if k.endswith(LORA_BIAS)})
+        known.update({k: "LoRA bias" for k in keys if k.endswith(ab.biases)})
         modules = []
         for p in pairs:
             comp, mpath = split_component(p.name, comps)
