@@ -18,7 +18,7 @@ from typing import Mapping
 from ..errors import LoraStructureError
 from ..io.metadata import SideOutputs
 from ..io.reader import TensorInfo
-from .base import Format, Layout
+from .base import DORA_KIND, Format, Layout
 from .pairs import dora_note, find_pairs, magnitudes, pair_module
 from .peft import (MARKERS, NEW_CONFIG, PEFT_PREFIX, ScaleConfig, ab_forms, config_entries, is_ab_key,
                    rewritten_config)
@@ -124,7 +124,7 @@ class Diffusers(Format):
         if described:  # no alphas, no config: the output describes every module, so no loader has to infer them
             comps = {c: {**NEW_CONFIG, "target_modules": sorted(described_path(*p.name.split(".", 1)) for p in pairs
                                                                if p.name.startswith(c + "."))} for c in described}
-        known = {k: "DoRA magnitude" for k in mags}
+        known = {k: DORA_KIND for k in mags}
         known.update({k: "LoRA bias" for k in keys if k.endswith(ab.biases)})
         modules = []
         for p in pairs:

@@ -36,7 +36,7 @@ from ..core.layer import LowRankLayer
 from ..core.truncate import NewFactors
 from ..errors import LoraStructureError
 from ..io.reader import TensorInfo, TensorSource
-from .base import Format, Layout, Module
+from .base import DORA_KIND, Format, Layout, Module
 from .kohya import DOWN, UP
 from .pairs import ALPHA, FACTOR_NDIMS, check_pair, check_scalar, emit_pair, matrices, read_alpha
 
@@ -378,7 +378,7 @@ class Lycoris(Format):
             converted[label] = converted.get(label, 0) + 1
             if DORA in groups[n]:
                 dora.append(n)
-                known[groups[n][DORA]] = "DoRA magnitude"
+                known[groups[n][DORA]] = DORA_KIND
 
         notes = []
         structured = {k: v for k, v in converted.items() if k != "LoCon"}
@@ -395,4 +395,4 @@ class Lycoris(Format):
                          f"original's: {_summary(dora)}")
         module_keys = {k for m in modules for k in m.keys}
         passthrough = [k for k in infos if k not in module_keys]
-        return Layout(self.name, modules, passthrough, notes, known)
+        return Layout(self.name, modules, passthrough, notes, known, copies_modules=bool(passthrough_modules))

@@ -15,6 +15,16 @@ OUR_KEY = "lora_resize"
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 HASH_PLACEHOLDERS = ("0" * 64, "0" * 8)  # sha256 hex, and its first 8 hex digits
 MERGE_KEPT = ("ss_network_module", "ss_base_model_version")  # what a merge keeps of its first input's metadata
+# The network fields of a LyCORIS file (sd-scripts' `--network_module lycoris.kohya`, its `--network_args` read by
+# lycoris/kohya.py `create_network`). What the tensors are written as decides what still holds: plain LoRA pairs
+# are sd-scripts' `networks.lora`, which ignores LyCORIS's arguments; pairs with DoRA magnitudes (`dora_scale`)
+# are LyCORIS's LoCon with weight decomposition (`dora_wd`).
+LYCORIS_MODULE = "lycoris.kohya"
+PLAIN_MODULE = "networks.lora"
+LYCORIS_FACTOR_ARGS = ("algo", "factor", "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "decompose_both",
+                       "full_matrix", "unbalanced_factorization", "use_scalar", "block_size", "rescaled",
+                       "constraint", "rs_lora", "train_norm", "bypass_mode")  # how LyCORIS builds its modules
+LYCORIS_DORA_ARGS = ("dora_wd", "wd_on_output", "preset")  # LyCORIS-only, meaningful while its loader reads the file
 
 
 @dataclass
@@ -97,11 +107,36 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
     return json.dumps(d, separators=(",", ":"))
 
 
+def network_fields(meta: Mapping[str, str], network: str | None) -> dict[str, str | None]:
+    """The network module and arguments (`ss_network_module`, `ss_network_args`) that describe the tensors
+    written, where the input's (`meta`) no longer do: a LyCORIS network (`lycoris.kohya`, any algo) written as
+    plain LoRA pairs (`network` 'lora') becomes `networks.lora` without LyCORIS's arguments; written as pairs with
+    DoRA magnitudes ('dora') it stays LyCORIS, as LoCon with `dora_wd` (lycoris/kohya.py `create_network`). The
+    arguments that still hold (conv_dim, dropouts, LoRA+ ratios, ...) are kept; None for `network` (modules are
+    copied through as they are) or any other module: nothing changes. Values None remove the entry."""
+    module = meta.get("ss_network_module", "")
+    if network is None or module.split(".")[0] != LYCORIS_MODULE.split(".")[0]:
+        return {}
+    try:
+        args = json.loads(meta.get("ss_network_args") or "{}")
+    except json.JSONDecodeError:
+        args = None
+    args = args if isinstance(args, dict) else {}
+    if network == "lora":
+        kept = {k: v for k, v in args.items() if k not in LYCORIS_FACTOR_ARGS + LYCORIS_DORA_ARGS}
+        return {"ss_network_module": PLAIN_MODULE, "ss_network_args": json.dumps(kept) if kept else None}
+    kept = {k: v for k, v in args.items() if k not in LYCORIS_FACTOR_ARGS}
+    return {"ss_network_module": module, "ss_network_args": json.dumps({**kept, "algo": "locon", "dora_wd": "True"})}
+
+
 def output_metadata(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[InputRecord],
-                    side: Mapping[str, str | None], merged: bool = False) -> dict[str, str]:
+                    side: Mapping[str, str | None], merged: bool = False, network: str | None = None
+                    ) -> dict[str, str]:
     """The metadata of the file a resize (one source) or a merge (`merged`) writes, without the sd-scripts hashes
     (`with_hashes` adds them). A resize keeps its input's metadata and overwrites sd-scripts' resize fields; a
-    merge keeps only the base model's identity and describes the recipe. `rows`: the LayerResults, in order."""
+    merge keeps only the base model's identity and describes the recipe. `rows`: the LayerResults, in order.
+    `network`: what the tensors are written as ('lora', 'dora', None: as read; formats' Layout.written_network),
+    which sets the network module and arguments (network_fields)."""
     first = sources[0].metadata
     if merged:
         ranks, alphas = {r.new_rank for r in rows}, {r.new_alpha for r in rows}
@@ -115,7 +150,7 @@ def output_metadata(opts, precision: str, fmt: str, rows: Sequence, sources: Seq
         meta.update(sd_scripts_fields(opts, max(r.old_rank for r in rows), rows[-1].new_alpha,
                                       first.get("ss_training_comment", "")))
     meta[OUR_KEY] = record(opts, precision, fmt, rows, sources, merged)
-    for k, v in side.items():
+    for k, v in {**network_fields(meta, network), **side}.items():
         if v is None:
             meta.pop(k, None)
         else:

@@ -415,3 +415,75 @@ def test_structured_pairs_are_exact_and_never_wider_than_the_layer(sizes):
     up, down = kron_pair(u1, v1, u2, v2)
     assert up.shape[1] == down.shape[0] <= min(3 * m, 2 * n)
     assert rel_err(up @ down, torch.kron(u1 @ v1, u2 @ v2)) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output's network metadata describes what is written
+
+
+LYCO_ARGS = {"conv_dim": "4", "conv_alpha": "2", "dropout": "0.1", "factor": "8", "use_tucker": "True",
+             "full_matrix": "False", "preset": "full", "rs_lora": "False"}
+STILL_HOLD = {"conv_dim": "4", "conv_alpha": "2", "dropout": "0.1"}  # sd-scripts' networks.lora reads these
+NETWORK_INPUTS = {  # kind -> (the file's modules, algo in its ss_network_args)
+    "loha": (lambda: {**loha(LIN, 20, 16, 2, alpha=1.0, seed=61), **loha(PW, 12, 10, 2, alpha=1.0, seed=62)}, "loha"),
+    "lokr": (lambda: lokr(LIN, 4, 4, 5, 4, r=2, alpha=1.0, seed=63), "lokr"),
+    "locon": (lambda: {**locon_tucker(CONV, 16, 8, 2, alpha=1.0, seed=64),
+                       **make_state_dict([Spec(LIN, 20, 16, 4, alpha=2.0)], seed=65)}, "locon"),
+    "locon_plain": (lambda: make_state_dict([Spec(LIN, 20, 16, 4, alpha=2.0)], seed=66), "locon"),  # read as kohya
+    "mixed": (lambda: {**loha(LIN, 20, 16, 2, alpha=1.0, seed=67), **lokr(PW, 4, 4, 3, 2, r=2, seed=68),
+                       **locon_tucker(CONV, 16, 8, 2, alpha=1.0, seed=69)}, "loha"),
+}
+
+
+def lycoris_metadata(algo: str, **extra) -> dict[str, str]:
+    return {**BASE_METADATA, "ss_network_module": "lycoris.kohya",
+            "ss_network_args": json.dumps({**LYCO_ARGS, "algo": algo, **extra})}
+
+
+@pytest.mark.parametrize("kind", sorted(NETWORK_INPUTS))
+def test_lycoris_written_as_plain_lora_says_so_in_its_metadata(tmp_path, kind):
+    """A LyCORIS file (any algo) written as plain LoRA pairs is sd-scripts' networks.lora: the written file's
+    ss_network_module says so and its ss_network_args keep only what networks.lora reads (conv_dim, dropouts),
+    never LyCORIS's algo/factor fields."""
+    build, algo = NETWORK_INPUTS[kind]
+    src = write_lora(tmp_path / "in.safetensors", build(), lycoris_metadata(algo))
+    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
+    _, meta = load_st(tmp_path / "out.safetensors")
+    assert meta["ss_network_module"] == "networks.lora"
+    assert json.loads(meta["ss_network_args"]) == STILL_HOLD
+    assert meta["ss_base_model_version"] == BASE_METADATA["ss_base_model_version"]  # the rest is kept
+
+
+@pytest.mark.parametrize("first", ["loha", "kohya"])
+def test_merged_lycoris_and_lora_are_described_as_plain_lora(tmp_path, first):
+    a = write_lora(tmp_path / "a.safetensors", NETWORK_INPUTS["loha"][0](), lycoris_metadata("loha"))
+    b = write_lora(tmp_path / "b.safetensors", make_state_dict([Spec(LIN, 20, 16, 4, alpha=2.0)], seed=70),
+                   dict(BASE_METADATA))
+    lora_resize.merge([a, b] if first == "loha" else [b, a], tmp_path / "m.safetensors", rank=2)
+    _, meta = load_st(tmp_path / "m.safetensors")
+    assert meta["ss_network_module"] == "networks.lora"
+    assert "algo" not in meta.get("ss_network_args", "")
+
+
+def test_lycoris_with_dora_magnitudes_is_described_as_locon_with_dora(tmp_path):
+    """Plain pairs beside DoRA magnitudes (dora_scale) are LyCORIS's LoCon with weight decomposition: the module
+    stays lycoris.kohya, the args say algo locon and dora_wd, the factor fields go."""
+    sd = {**loha(LIN, 20, 16, 2, alpha=1.0, seed=71), LIN + ".dora_scale": torch.rand(20, 1) + 0.5}
+    src = write_lora(tmp_path / "in.safetensors", sd, lycoris_metadata("loha", dora_wd="True", wd_on_output="True"))
+    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
+    _, meta = load_st(tmp_path / "out.safetensors")
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"]) == {**STILL_HOLD, "preset": "full", "algo": "locon", "dora_wd": "True",
+                                                   "wd_on_output": "True"}
+
+
+def test_lycoris_modules_copied_through_keep_the_network_metadata(tmp_path):
+    """With modules that stay LyCORIS (OFT copied as it is), the input's network fields still describe them."""
+    sd = {**loha(LIN, 20, 16, 2, alpha=1.0, seed=72), "lycoris_oft.oft_blocks": torch.randn(4, 5, 5),
+          "lycoris_oft.alpha": torch.tensor(1.0)}
+    meta_in = lycoris_metadata("oft")
+    src = write_lora(tmp_path / "in.safetensors", sd, meta_in)
+    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
+    _, meta = load_st(tmp_path / "out.safetensors")
+    assert (meta["ss_network_module"], meta["ss_network_args"]) == (meta_in["ss_network_module"],
+                                                                    meta_in["ss_network_args"])
