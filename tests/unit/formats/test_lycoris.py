@@ -155,7 +155,11 @@ CASES = {
     "locon_tucker_conv3": (lambda n: locon_tucker(n, 24, 16, 6, alpha=3.0, seed=1), ref_locon, (3, 3), 6),
     "loha_linear": (lambda n: loha(n, 40, 24, 3, alpha=2.0, seed=2), ref_loha, None, 3),
     "loha_linear_noalpha_r2": (lambda n: loha(n, 36, 30, 3, 4, seed=3), ref_loha, None, 3),
-    "loha_conv_flat": (lambda n: loha(n, 20, 8, 3, alpha=1.5, kernel=3, flat=True, seed=4), ref_loha, None, 3),
+    # a flattened conv kernel: written as conv factors where the module's name says the kernel (an SD UNet conv),
+    # as 2-D factors where nothing does
+    "loha_conv_flat": (lambda n: loha(n, 20, 8, 3, alpha=1.5, kernel=3, flat=True, seed=4), ref_loha, (3, 3), 3),
+    "loha_conv_flat_unnamed": (lambda n: loha(n, 20, 8, 3, alpha=1.5, kernel=3, flat=True, seed=4), ref_loha, None,
+                               3),
     "loha_conv_4d": (lambda n: loha(n, 20, 8, 3, alpha=1.5, kernel=3, seed=5), ref_loha, (3, 3), 3),
     "loha_tucker_conv": (lambda n: loha(n, 24, 12, 2, alpha=1.0, kernel=3, tucker=True, seed=6), ref_loha, (3, 3),
                          2),
@@ -169,8 +173,12 @@ CASES = {
                           None),
     "lokr_conv_tucker": (lambda n: lokr(n, 4, 4, 8, 8, r=2, w2="tucker", kernel=3, alpha=1.5, seed=12), ref_lokr,
                          (3, 3), 2),
-    "lokr_conv_flat": (lambda n: lokr(n, 4, 4, 8, 8, r=2, w2="flat", kernel=3, alpha=1.5, seed=13), ref_lokr, None,
+    "lokr_conv_flat": (lambda n: lokr(n, 4, 4, 8, 8, r=2, w2="flat", kernel=3, alpha=1.5, seed=13), ref_lokr, (3, 3),
                        2),
+    "lokr_conv_flat_unnamed": (lambda n: lokr(n, 4, 4, 8, 8, r=2, w2="flat", kernel=3, alpha=1.5, seed=13), ref_lokr,
+                               None, 2),
+    "lokr_conv_full_w1_factored_flat": (lambda n: lokr(n, 2, 4, 6, 8, r=2, w1_factored=True, w2="flat", kernel=3,
+                                                       alpha=1.0, seed=15), ref_lokr, (3, 3), 2),
     "lokr_conv_w2b_4d": (lambda n: lokr(n, 2, 2, 8, 6, r=3, kernel=3, alpha=0.5, seed=14), ref_lokr, (3, 3), 3),
 }
 
