@@ -19,6 +19,7 @@ from ..io.reader import TensorInfo, TensorSource
 
 
 DORA_KIND = "DoRA magnitude"  # the kind every family lists DoRA magnitude vectors as
+BIAS_KIND = "LoRA bias"  # ... and PEFT's lora_B bias vectors (lora_bias=True) as
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 from ..errors import InputFileError, LoraStructureError
 from ..io.metadata import SideFile, SideOutputs
 from ..io.reader import TensorInfo
-from .base import DORA_KIND, Format, Layout
+from .base import BIAS_KIND, DORA_KIND, Format, Layout
 from .pairs import MAGNITUDES, dora_note, find_pairs, magnitudes, pair_module
 
 PEFT_PREFIX = "base_model.model."
@@ -272,7 +272,7 @@ class Peft(Format):
                          "config written - give the output a config with its new ranks")
         scale_cfg = ScaleConfig.from_dict(config, str(cfg_path)) if config is not None else None
         known = {k: DORA_KIND for k in mags}
-        known.update({k: "LoRA bias" for k in keys if k.endswith(ab.biases)})
+        known.update({k: BIAS_KIND for k in keys if k.endswith(ab.biases)})
         modules = []
         for p in pairs:
             mpath = p.name[len(PEFT_PREFIX):]
