@@ -176,9 +176,9 @@ def non_factor_files(folder) -> dict[str, tuple[dict[str, torch.Tensor], dict[st
         key = "lora_unet_blocks_1_attn" + end
         kohya[key] = _side((32, 32) if kind == "full diff" else (32,), (torch.float32, torch.float16)[i % 2], i)
         kinds[key] = kind
-    kohya["emb_params.string_to_param.*"] = _side((2, 32), torch.float32, 20)  # a bundled embedding
+    kohya["bundle_emb.token.string_to_param.*"] = _side((2, 32), torch.float32, 20)  # a bundled embedding
     kohya["training_step"] = _side((3,), torch.int64, 21)
-    kinds.update({"emb_params.string_to_param.*": "other", "training_step": "other"})
+    kinds.update({"bundle_emb.token.string_to_param.*": "other", "training_step": "other"})
     files = {"kohya": (kohya, kinds)}
 
     lyco = make_state_dict([Spec("lora_unet_blocks_0_ffn_0", out=32, inp=16, rank=4, alpha=2.0)], seed=6,

@@ -21,6 +21,9 @@ MERGE_KEPT = ("ss_network_module", "ss_base_model_version")  # what a merge keep
 # are LyCORIS's LoCon with weight decomposition (`dora_wd`).
 LYCORIS_MODULE = "lycoris.kohya"
 PLAIN_MODULE = "networks.lora"
+# sd-scripts' LoRA module of a base model version other than SD's (ss_base_model_version as library/flux_utils.py
+# names them: MODEL_VERSION_FLUX_V1, MODEL_VERSION_CHROMA; both trained by networks/lora_flux.py)
+PLAIN_MODULE_OF = {"flux1": "networks.lora_flux", "chroma": "networks.lora_flux"}
 LYCORIS_FACTOR_ARGS = ("algo", "factor", "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "decompose_both",
                        "full_matrix", "unbalanced_factorization", "use_scalar", "block_size", "rescaled",
                        "constraint", "rs_lora", "train_norm", "bypass_mode")  # how LyCORIS builds its modules
@@ -110,7 +113,8 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
 def network_fields(meta: Mapping[str, str], network: str | None) -> dict[str, str | None]:
     """The network module and arguments (`ss_network_module`, `ss_network_args`) that describe the tensors
     written, where the input's (`meta`) no longer do: a LyCORIS network (`lycoris.kohya`, any algo) written as
-    plain LoRA pairs (`network` 'lora') becomes `networks.lora` without LyCORIS's arguments; written as pairs with
+    plain LoRA pairs (`network` 'lora') becomes sd-scripts' LoRA module for its base model (`networks.lora`;
+    Flux/Chroma: `networks.lora_flux`) without LyCORIS's arguments; written as pairs with
     DoRA magnitudes ('dora') it stays LyCORIS, as LoCon with `dora_wd` (lycoris/kohya.py `create_network`). The
     arguments that still hold (conv_dim, dropouts, LoRA+ ratios, ...) are kept; None for `network` (modules are
     copied through as they are) or any other module: nothing changes. Values None remove the entry."""
@@ -124,7 +128,8 @@ def network_fields(meta: Mapping[str, str], network: str | None) -> dict[str, st
     args = args if isinstance(args, dict) else {}
     if network == "lora":
         kept = {k: v for k, v in args.items() if k not in LYCORIS_FACTOR_ARGS + LYCORIS_DORA_ARGS}
-        return {"ss_network_module": PLAIN_MODULE, "ss_network_args": json.dumps(kept) if kept else None}
+        plain = PLAIN_MODULE_OF.get(meta.get("ss_base_model_version", ""), PLAIN_MODULE)
+        return {"ss_network_module": plain, "ss_network_args": json.dumps(kept) if kept else None}
     kept = {k: v for k, v in args.items() if k not in LYCORIS_FACTOR_ARGS}
     return {"ss_network_module": module, "ss_network_args": json.dumps({**kept, "algo": "locon", "dora_wd": "True"})}
 

@@ -462,6 +462,15 @@ def test_lycoris_written_as_plain_lora_says_so_in_its_metadata(tmp_path, kind):
     assert meta["ss_base_model_version"] == BASE_METADATA["ss_base_model_version"]  # the rest is kept
 
 
+def test_flux_lycoris_written_as_plain_lora_names_sd_scripts_flux_module(tmp_path):
+    """sd-scripts trains Flux (and Chroma) LoRAs with networks.lora_flux: a Flux LoHa written as plain LoRA says so."""
+    src = write_lora(tmp_path / "in.safetensors", NETWORK_INPUTS["loha"][0](),
+                     {**lycoris_metadata("loha"), "ss_base_model_version": "flux1"})
+    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
+    _, meta = load_st(tmp_path / "out.safetensors")
+    assert meta["ss_network_module"] == "networks.lora_flux"
+
+
 @pytest.mark.parametrize("first", ["loha", "kohya"])
 def test_merged_lycoris_and_lora_are_described_as_plain_lora(tmp_path, first):
     a = write_lora(tmp_path / "a.safetensors", NETWORK_INPUTS["loha"][0](), lycoris_metadata("loha"))
