@@ -55,7 +55,8 @@ class ResizeOptions:
              "off-by-one included"))
     precision: str | None = field(default=None, metadata=flag(
         "--precision", "--save_precision", group="output", choices=lambda: PRECISIONS,
-        help="output dtype; default: the input's (sd-scripts defaults to float)"))
+        help="output dtype (given: also of the copied non-factor tensors); default: the factors' input dtype, "
+             "copied tensors bit for bit (sd-scripts defaults to float)"))
     device: str = field(default="auto", metadata=flag(
         "--device", group="compute", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)"))
     threads: int | None = field(default=None, metadata=flag(
