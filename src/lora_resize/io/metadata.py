@@ -27,7 +27,7 @@ PLAIN_MODULE_OF = {"flux1": "networks.lora_flux", "chroma": "networks.lora_flux"
 LYCORIS_FACTOR_ARGS = ("algo", "factor", "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "decompose_both",
                        "full_matrix", "unbalanced_factorization", "use_scalar", "block_size", "rescaled",
                        "constraint", "rs_lora", "train_norm", "bypass_mode")  # how LyCORIS builds its modules
-LYCORIS_DORA_ARGS = ("dora_wd", "wd_on_output", "preset")  # LyCORIS-only, meaningful while its loader reads the file
+LYCORIS_LOADER_ARGS = ("dora_wd", "wd_on_output", "preset")  # LyCORIS-only: kept while LyCORIS reads the file
 
 
 @dataclass
@@ -127,7 +127,7 @@ def network_fields(meta: Mapping[str, str], network: str | None) -> dict[str, st
         args = None
     args = args if isinstance(args, dict) else {}
     if network == "lora":
-        kept = {k: v for k, v in args.items() if k not in LYCORIS_FACTOR_ARGS + LYCORIS_DORA_ARGS}
+        kept = {k: v for k, v in args.items() if k not in LYCORIS_FACTOR_ARGS + LYCORIS_LOADER_ARGS}
         plain = PLAIN_MODULE_OF.get(meta.get("ss_base_model_version", ""), PLAIN_MODULE)
         return {"ss_network_module": plain, "ss_network_args": json.dumps(kept) if kept else None}
     kept = {k: v for k, v in args.items() if k not in LYCORIS_FACTOR_ARGS}
