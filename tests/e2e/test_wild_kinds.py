@@ -199,12 +199,16 @@ def non_factor_files(folder) -> dict[str, tuple[dict[str, torch.Tensor], dict[st
           "input_blocks.4.1.proj_in.up": _side((16, 4), torch.bfloat16, 29),
           "input_blocks.0.0.weight": _side((8, 4, 3, 3), torch.float32, 30),
           "lora_controlnet": torch.tensor([])}
-    files["controllora"] = (cl, {"input_blocks.0.0.weight": "ControlNet weight", "lora_controlnet": "ControlLoRA marker"})
+    files["controllora"] = (cl, {"input_blocks.0.0.weight": "ControlNet weight",
+                                 "lora_controlnet": "ControlLoRA marker"})
     return {name: (write_lora(folder / f"{name}.safetensors", sd), sd, kinds) for name, (sd, kinds) in files.items()}
 
 
-@pytest.mark.parametrize("family, job", [(f, j) for f in ("kohya", "lycoris", "diffusers", "controllora")
-                                         for j in ("resize", "merge")] + [("kohya", "convert"), ("diffusers", "convert")])
+COPY_JOBS = [(f, j) for f in ("kohya", "lycoris", "diffusers", "controllora") for j in ("resize", "merge")] + [
+    ("kohya", "convert"), ("diffusers", "convert")]
+
+
+@pytest.mark.parametrize("family, job", COPY_JOBS)
 def test_copied_tensors_keep_their_bits_unless_a_precision_is_asked_for(tmp_path, capsys, family, job):
     src, sd, kinds = non_factor_files(tmp_path / "in")[family]
     out_path = tmp_path / "out.safetensors"
