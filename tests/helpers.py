@@ -308,17 +308,20 @@ def loader_messages():
 
 
 def _loha_lokr(g: torch.Generator) -> dict[str, torch.Tensor]:
-    """A LyCORIS file: a LoHa (alpha), a LoKr with a factored second half (alpha) and a Tucker LoCon conv."""
+    """A LyCORIS file: a LoHa (alpha), a LoKr with a factored second half (alpha), a Tucker LoCon conv and a LoHa
+    3x3 conv with its kernel folded into hada_w_b (as lycoris-lora stores it; written as conv factors)."""
     def r(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).float() * 0.3
-    n1, n2, n3 = ("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1",
-                  "lora_unet_down_blocks_0_resnets_0_conv1")
+    n1, n2, n3, n4 = ("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1",
+                      "lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_resnets_0_conv2")
     return {f"{n1}.hada_w1_a": r(24, 4), f"{n1}.hada_w1_b": r(4, 20), f"{n1}.hada_w2_a": r(24, 4),
             f"{n1}.hada_w2_b": r(4, 20), f"{n1}.alpha": torch.tensor(2.0),
             f"{n2}.lokr_w1": r(4, 4), f"{n2}.lokr_w2_a": r(8, 3), f"{n2}.lokr_w2_b": r(3, 6),
             f"{n2}.alpha": torch.tensor(1.5),
             f"{n3}.lora_down.weight": r(5, 6, 1, 1), f"{n3}.lora_mid.weight": r(5, 5, 3, 3),
-            f"{n3}.lora_up.weight": r(8, 5, 1, 1), f"{n3}.alpha": torch.tensor(4.0)}
+            f"{n3}.lora_up.weight": r(8, 5, 1, 1), f"{n3}.alpha": torch.tensor(4.0),
+            f"{n4}.hada_w1_a": r(8, 2), f"{n4}.hada_w1_b": r(2, 8 * 9), f"{n4}.hada_w2_a": r(8, 2),
+            f"{n4}.hada_w2_b": r(2, 8 * 9), f"{n4}.alpha": torch.tensor(1.0)}
 
 
 def family_files(folder: Path) -> dict[str, Path]:
