@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import OptionsError
+from ..errors import require
 from ..io.files import atomic_output
 from ..ranks.budgets import BUDGETS
 from .html import METRICS, check_out, series
@@ -15,13 +15,8 @@ def write_png(a, path: str | os.PathLike, metrics: tuple[str, ...] = ("fro_weigh
     one panel per fidelity measure (size-weighted mean, global)."""
     path = Path(path)
     check_out(path, (".png",))
-    try:
-        import matplotlib
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise OptionsError("--plot needs matplotlib: pip install 'lora-resize[plot]' (or pip install matplotlib)") \
-            from None
+    require("matplotlib", "--plot").use("Agg", force=True)
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
     fig, axs = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110, sharey=True)
     pick = a.pick

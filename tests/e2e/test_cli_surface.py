@@ -1,0 +1,156 @@
+"""The command line's surface: every subcommand describes itself; an unknown option says which subcommand's help to
+read and the closest known option; sd-scripts' spellings work wherever they mean the same; and a missing optional
+dependency is refused before any work, with the extra to install, leaving nothing written."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+
+from lora_resize import cli
+from lora_resize.cli import COMMANDS, build_parser, main
+from lora_resize.options import option_fields
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Descriptions
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_subcommand_has_its_description_line_in_both_helps(name, capsys):
+    line = importlib.import_module(cli.MODULES[name]).HELP
+    assert line and "\n" not in line
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    top = " ".join(capsys.readouterr().out.split())  # argparse wraps the listing
+    assert f"{name} {line}" in top
+    with pytest.raises(SystemExit):
+        main([name, "-h"])
+    own = capsys.readouterr().out
+    after_usage = own.split("\n\n", 1)[1]
+    first_paragraph = " ".join(after_usage.split("\n\n", 1)[0].split())
+    assert first_paragraph.lower() == f"{line}.".lower(), own
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unknown options
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["analyze", "{src}", "--rnak", "8"], "analyze: unknown option --rnak (did you mean --rank?); "
+                                          "see lora-resize analyze -h"),
+    (["resize", "{src}", "-o", "{out}", "--mehtod=sv_fro"], "resize: unknown option --mehtod (did you mean "
+                                                            "--method?); see lora-resize resize -h"),
+    (["merge", "{src}", "-o", "{out}", "--rank", "2", "--dynamic_parm", "0.5"],
+     "merge: unknown option --dynamic_parm (did you mean --dynamic_param?); see lora-resize merge -h"),
+    (["batch", "{dir}", "{out}", "--wrokers", "2"], "batch: unknown option --wrokers (did you mean --workers?); "
+                                                    "see lora-resize batch -h"),
+    (["convert", "{src}", "-o", "{out}", "--to", "comfy", "--xyzzy"], "convert: unknown option --xyzzy; "
+                                                                      "see lora-resize convert -h"),
+    (["--model", "{src}", "--save_to", "{out}", "--new_rnak", "4"],  # the sd-scripts form
+     "unknown option --new_rnak (did you mean --new_rank?); see lora-resize -h"),
+    (["resize", "{src}", "{src}", "-o", "{out}"], "resize: unrecognized argument {src}; see lora-resize resize -h"),
+])
+def test_an_unknown_option_points_to_its_subcommands_help(tmp_path, blocky_lora, capsys, argv, want):
+    fill = dict(src=blocky_lora, dir=blocky_lora.parent, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv], capsys)
+    assert code == 2 and err == f"lora-resize: error: {want.format(**fill)}\n", err
+    assert "Traceback" not in err and not (tmp_path / "out.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sd-scripts spellings
+
+
+def sd_scripts_spellings() -> dict[str, str]:
+    """Each option's sd-scripts spelling -> its modern one, from the options' own flags (options.py)."""
+    out = {}
+    for f in option_fields():
+        flags = f.metadata["flags"]
+        out.update({s: flags[0] for s in flags[1:] if "_" in s})
+    return out
+
+
+VALUES = {"--rank": "8", "--conv-rank": "4", "--method": "sv_fro", "--param": "0.9", "--precision": "fp16",
+          "--device": "cpu"}
+
+
+@pytest.mark.parametrize("command, own", [("resize", ["IN"]), ("analyze", ["IN"]), ("merge", ["IN:1", "-o", "O"]),
+                                          ("batch", ["DIR", "OUT"]), ("convert", ["IN", "-o", "O", "--to", "comfy"])])
+def test_sd_scripts_spellings_parse_as_the_modern_ones(command, own):
+    spellings = sd_scripts_spellings()
+    assert set(spellings) >= {"--new_rank", "--new_conv_rank", "--dynamic_method", "--dynamic_param",
+                              "--save_precision"}
+    p = build_parser()
+    for old, new in spellings.items():
+        assert p.parse_args([command, *own, old, VALUES[new]]) == p.parse_args([command, *own, new, VALUES[new]])
+    # input, output and -v where the subcommand has them (batch: folders, one line per file)
+    if command in ("resize", "analyze", "convert"):
+        rest = own[1:]
+        assert p.parse_args([command, "--model", "IN", *rest]).model == "IN"
+    if command in ("resize", "merge", "convert"):
+        swapped = [("--save_to" if a == "-o" else a) for a in (own if "-o" in own else [*own, "-o", "O"])]
+        assert p.parse_args([command, *swapped]).output == "O"
+    if command != "batch":
+        assert p.parse_args([command, *own, "--verbose"]).verbose
+
+
+def test_analyze_takes_its_input_with_model_and_sd_scripts_flags(blocky_lora, capsys):
+    code, out, err = run(["analyze", "--model", str(blocky_lora), "--new_rank", "8", "--dynamic_method", "sv_fro",
+                          "--dynamic_param", "0.9", "--save_precision", "fp16", "--device", "cpu", "--verbose", "-q"],
+                         capsys)
+    assert code == 0, err
+    want = run(["analyze", str(blocky_lora), "--rank", "8", "--method", "sv_fro", "--param", "0.9", "--precision",
+                "fp16", "--device", "cpu", "-v", "-q"], capsys)[1]
+    strip = lambda text: [ln for ln in text.splitlines() if "decomposed in" not in ln]  # noqa: E731 - timings
+    assert strip(out) == strip(want)
+    code, _, err = run(["analyze", str(blocky_lora), "--model", str(blocky_lora.with_name("other.safetensors"))],
+                       capsys)
+    assert code == 2 and "give the input once" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optional dependencies
+
+
+@pytest.mark.parametrize("argv, module, extra", [
+    (["resize", "{src}", "-o", "{out}/new.safetensors", "--rank", "2", "--plot", "{out}/p.png"], "matplotlib", "plot"),
+    (["resize", "{src}", "-o", "{out}/new.safetensors", "--rank", "2", "--report", "{out}/r.html", "--plot",
+      "{out}/p.png"], "matplotlib", "plot"),
+    (["--model", "{src}", "--save_to", "{out}/new.safetensors", "--plot", "{out}/p.png"], "matplotlib", "plot"),
+    (["analyze", "{src}", "--report", "{out}/r.html", "--plot", "{out}/p.png"], "matplotlib", "plot"),
+    (["ui", "--port", "1"], "gradio", "ui"),
+    (["batch", "{dir}", "{out}/b", "--rank", "2", "--dask", "tcp://127.0.0.1:1"], "distributed", "dask"),
+    (["batch", "{dir}", "memory://lora-resize-test/out", "--rank", "2"], "fsspec", "dask"),
+    (["batch", "file://{dir}", "{out}/b", "--rank", "2"], "fsspec", "dask"),
+])
+def test_a_missing_optional_dependency_is_refused_before_any_work(tmp_path, blocky_lora, capsys, monkeypatch, argv,
+                                                                  module, extra):
+    out = tmp_path / "out"
+    out.mkdir()
+    before = sorted(p.name for p in blocky_lora.parent.iterdir())
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    code, stdout, err = run([a.format(src=blocky_lora, dir=blocky_lora.parent, out=out) for a in argv], capsys)
+    assert code == 2
+    assert err.startswith("lora-resize: error:") and err.count("\n") == 1, err
+    assert f"pip install 'lora-resize[{extra}]'" in err and module in err
+    assert list(out.iterdir()) == [] and sorted(p.name for p in blocky_lora.parent.iterdir()) == before
+    assert stdout == ""
+
+
+def test_what_needs_no_optional_dependency_runs_without_them(tmp_path_factory, blocky_lora, capsys, monkeypatch):
+    for module in ("matplotlib", "gradio", "distributed", "fsspec"):
+        monkeypatch.setitem(sys.modules, module, None)
+    out = tmp_path_factory.mktemp("out")
+    code, _, err = run(["resize", str(blocky_lora), "-o", str(out / "r.safetensors"), "--rank", "2", "--report",
+                        str(out / "r.html"), "-q"], capsys)
+    assert code == 0 and (out / "r.html").exists(), err  # the HTML report is inline SVG: no extra
+    code, _, err = run(["batch", str(blocky_lora.parent), str(out / "b"), "--rank", "2", "-q"], capsys)
+    assert code == 0, err
