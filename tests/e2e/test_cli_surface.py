@@ -4,6 +4,8 @@ dependency is refused before any work, with the extra to install, leaving nothin
 from __future__ import annotations
 
 import importlib
+import json
+import re
 import sys
 
 import pytest
@@ -154,3 +156,46 @@ def test_what_needs_no_optional_dependency_runs_without_them(tmp_path_factory, b
     assert code == 0 and (out / "r.html").exists(), err  # the HTML report is inline SVG: no extra
     code, _, err = run(["batch", str(blocky_lora.parent), str(out / "b"), "--rank", "2", "-q"], capsys)
     assert code == 0, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One fidelity vocabulary
+
+
+FIGURE = r"(\d+\.\d+%|n/a)"
+
+
+def table_figures(table: str) -> tuple[dict[str, str], str]:
+    """The chosen row's fidelity figures by column name, and its worst layer, from `lora-resize analyze`."""
+    head = next(line for line in table.splitlines() if line.lstrip().startswith("setting"))
+    names = head.split("params", 1)[1].split("worst layer")[0].split()
+    row = next(line for line in table.splitlines() if line.startswith("* ") and "%" in line)
+    figures = re.findall(rf"\s{FIGURE}(?=\s)", row)
+    return dict(zip(names, figures, strict=True)), row.split()[-1]
+
+
+def summary_figures(summary: str) -> tuple[dict[str, str], str]:
+    line = next(line for line in summary.splitlines() if "Frobenius retained:" in line)
+    return dict(re.findall(rf"([\w-]+) {FIGURE}", line)), line.rsplit("(", 1)[1].rstrip(")")
+
+
+@pytest.mark.parametrize("setting", [["--method", "sv_fro", "--param", "0.9"], ["--rank", "4"],
+                                     ["--target-size", "30KB"], ["--method", "sv_ratio", "--param", "3", "--rank", "8"]])
+def test_analyze_and_resize_show_the_same_fidelity_for_one_setting(tmp_path, blocky_lora, capsys, setting):
+    code, table, err = run(["analyze", str(blocky_lora), *setting, "-q"], capsys)
+    assert code == 0, err
+    out = tmp_path / "out.safetensors"
+    code, summary, err = run(["resize", str(blocky_lora), "-o", str(out), *setting, "-q", "--report",
+                              str(tmp_path / "r.html")], capsys)
+    assert code == 0, err
+    figures, worst = table_figures(table)
+    assert set(figures) == {"w-mean", "mean", "global", "min"}
+    assert summary_figures(summary) == (figures, worst)
+    # the same names and figures in the HTML report's chosen line, and the same numbers in both JSONs
+    assert ", ".join(f"{k} {v}" for k, v in figures.items()) in (tmp_path / "r.html").read_text()
+    a = json.loads(run(["analyze", str(blocky_lora), *setting, "-q", "--json"], capsys)[1])["chosen"]
+    r = json.loads(run(["resize", str(blocky_lora), "-o", str(out), *setting, "-q", "--json"], capsys)[1])
+    for key in ("fro_weighted", "fro_mean", "fro_global", "fro_min"):
+        assert r[key] == pytest.approx(a[key], rel=1e-9), key
+    assert r["worst_layer"] == a["worst_layer"] == worst
+    assert r["mean_fro_retained"] == r["fro_mean"]  # sd-scripts' average, as before

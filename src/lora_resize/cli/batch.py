@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..ops.batch import run_batch
+    from ..report.text import percent
     from ..units import format_size, parse_size
 
     opts = options_from(args)
@@ -39,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             return
         if row.status == "ok":
-            detail = (f"{format_size(row.in_bytes)} -> {format_size(row.out_bytes)}, fro mean {row.mean_fro:.1%}, "
+            detail = (f"{format_size(row.in_bytes)} -> {format_size(row.out_bytes)}, Frobenius retained mean "
+                      f"{percent(row.mean_fro)}, "
                       f"{row.seconds:.1f} s")
         elif row.status == "skipped":
             detail = "already done (same input and options)"
