@@ -13,6 +13,10 @@ import pytest
 from lora_resize import cli
 from lora_resize.cli import COMMANDS, build_parser, main
 from lora_resize.options import option_fields
+from lora_resize.testing.loras import write_sd15_locon
+from lora_resize.units import GB, KB, MB, MiB, format_size, parse_size
+
+from helpers import sizes_disagreeing
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -199,3 +203,40 @@ def test_analyze_and_resize_show_the_same_fidelity_for_one_setting(tmp_path, blo
         assert r[key] == pytest.approx(a[key], rel=1e-9), key
     assert r["worst_layer"] == a["worst_layer"] == worst
     assert r["mean_fro_retained"] == r["fro_mean"]  # sd-scripts' average, as before
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One size convention
+
+def test_format_size_is_si_and_rounds_into_the_next_unit():
+    assert (KB, MB, GB, MiB) == (10 ** 3, 10 ** 6, 10 ** 9, 2 ** 20)
+    assert [format_size(n) for n in (0, 999, 1000, 32_500_000, 999_949, 999_950, 999_950_000, 2 * 10 ** 12)] == \
+        ["0 B", "999 B", "1.0 KB", "32.5 MB", "999.9 KB", "1.0 MB", "1.0 GB", "2.0 TB"]
+    for n in (1, 999, 1000, 5 * 10 ** 5, 999_950, 31 * MiB, 10 ** 9 - 1):  # what it prints reads back as about n
+        assert parse_size(format_size(n)) == pytest.approx(n, rel=0.06, abs=1)
+
+
+def test_every_printout_of_one_file_shows_its_size_one_way(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    src = write_sd15_locon(tmp_path / "in" / "a.safetensors", rank=16, alpha=8, conv_rank=8, conv_alpha=4, seed=3)
+    out = tmp_path / "out.safetensors"
+    texts = {}
+    texts["resize"] = run(["resize", str(src), "-o", str(out), "--rank", "4", "-q", "--report",
+                           str(tmp_path / "r.html")], capsys)[1]
+    files = {"input": src.stat().st_size, "output": out.stat().st_size}
+    texts["html"] = (tmp_path / "r.html").read_text()
+    texts["analyze"] = run(["analyze", str(src), "--rank", "4", "-q"], capsys)[1]
+    texts["batch"] = run(["batch", str(src.parent), str(tmp_path / "b"), "--rank", "4", "-q"], capsys)[1]
+    assert all(format_size(files["input"]) in t for t in texts.values()), texts
+    assert all(format_size(files["output"]) in texts[k] for k in ("resize", "html", "analyze", "batch"))
+    try:
+        from lora_resize.ui.app import App
+    except ImportError:  # the page's part needs the [ui] extra
+        App = None
+    if App is not None:
+        app = App(tmp_path / "work")
+        _, rows, _, _, status, report = app.analyze(str(src), None, 4)
+        texts["page analyze"] = status + "\n" + "\n".join(" ".join(map(str, r)) for r in rows) + report
+        texts["page resize"] = app.resize(str(src), None, "--rank 4")[0]
+    for name, text in texts.items():
+        assert not sizes_disagreeing(text, files), (name, sizes_disagreeing(text, files))

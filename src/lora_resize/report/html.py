@@ -20,7 +20,7 @@ from ..units import format_size as human_bytes
 from .svg import Scale, axes, esc, polyline, svg
 from .text import fidelity_figures, fidelity_legend, percent
 
-METRICS = {m: f"{MEASURES[m][0]} ({MEASURES[m][1]})" for m in ("fro_weighted", "fro_global", "fro_min")}
+METRICS = {m: MEASURES[m][0] for m in ("fro_weighted", "fro_global", "fro_min")}  # results.MEASURES' names
 BASE_METRICS = {"base_loss": "loss vs base, global", "base_loss_max": "loss vs base, worst layer"}  # with --base
 HEAVIEST = 6
 

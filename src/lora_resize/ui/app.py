@@ -24,6 +24,10 @@ CLICK_JS = ("element.addEventListener('click', (e) => { const p = e.target.close
             "if (p) { trigger('click', {row: p.getAttribute('data-row')}); } });")
 COLUMNS = ["setting", "size", "bytes", *(f"Frobenius kept ({n})" for n, _ in MEASURES.values()), "worst layer", "flags"]
 
+# Gradio's file boxes print a file's size in steps of 1024 labelled "MB" (32.5 MB shows as 31.0 MB); the page shows
+# sizes one way only (units.format_size, in its status lines and table), so the boxes' link shows no size
+PAGE_CSS = (".file-preview td.download a{visibility:hidden;white-space:nowrap} "
+            ".file-preview td.download a::after{visibility:visible;content:'download \\21E3'}")
 
 SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
 
@@ -216,6 +220,7 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None) ->
     with gr.Blocks(title="lora-resize", delete_cache=(3600, 86400)) as page:
         gr.Markdown("# lora-resize\nMake LoRA files smaller, exactly: analyze, pick a setting, resize; or merge "
                     "and convert.")
+        gr.HTML(f"<style>{PAGE_CSS}</style>", elem_id="page-style", js_on_load=None)
         with gr.Tab("Resize"):
             lora, picked = _input(app, "LoRA file", "lora")
             with gr.Row():
