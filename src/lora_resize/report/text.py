@@ -128,7 +128,8 @@ def analysis_table(a, verbose: bool = False) -> str:
     if based:
         lines.insert(-1, "vs base = loss relative to the base weights: global = sqrt(sum ||dW - dW_k||_F^2 / sum "
                          "||W||_F^2), max = the worst layer's ||dW - dW_k||_F / ||W||_F")
-    head = f"  {'setting':<30} {'bytes':>14} {'size':>9} {'params':>8} " + " ".join(f"{n:>7}" for n, _ in MEASURES.values())
+    head = (f"  {'setting':<30} {'bytes':>14} {'size':>9} {'params':>8} "
+            + " ".join(f"{name:>7}" for name, _ in MEASURES.values()))
     head += f" {'vs base':>8} {'max':>8}  worst layer" if based else "  worst layer"
     lines.append(head)
     for r in rows:
