@@ -42,7 +42,7 @@ from ..ranks.budgets import BUDGETS
 from ..ranks.plan import budget_layers, plan
 from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
-from ..results import Analysis, SettingRow
+from ..results import Analysis, SettingRow, fidelity
 from .job import Output, metadata_for, module_job, precision_of, sizer_for, spectra, with_base
 
 DEFAULT_PICK = dict(method="sv_fro", param=0.9)  # shown in the report when no setting is chosen
@@ -80,33 +80,20 @@ class Evaluator:
         sizer = self.sizer(opts)
         ranks, notes = plan(self.sps, opts, sizer)
         size, header, params = sizer.file_size(ranks)
-        fro = np.full(len(self.sps), np.nan)
-        w = np.zeros(len(self.sps))
-        kept_e = tot_e = 0.0
-        for i, (sp, k) in enumerate(zip(self.sps, ranks)):
+        layers = []
+        for sp, k in zip(self.sps, ranks):
             t = sp.kept(len(sp.S))[1]
             kk = sp.kept(k)[1]
-            if t > 0:
-                fro[i] = math.sqrt(kk / t)
-                w[i] = sp.out_features * sp.in_features
-            kept_e += kk * sp.scale ** 2
-            tot_e += t * sp.scale ** 2
+            layers.append((sp.name, math.sqrt(kk / t) if t > 0 else float("nan"), sp.out_features * sp.in_features,
+                           kk * sp.scale ** 2, t * sp.scale ** 2))
         base = self._base_losses(ranks)
-        live = ~np.isnan(fro)
-        if live.any():
-            worst = int(np.nanargmin(fro))
-            stats = (float(np.sum(fro[live] * w[live]) / np.sum(w[live])), float(np.mean(fro[live])),
-                     math.sqrt(kept_e / tot_e) if tot_e > 0 else float("nan"), float(fro[worst]),
-                     self.sps[worst].name)
-        else:
-            stats = (float("nan"),) * 4 + (None,)
         budget = opts.budget
         if budget is not None:
             method, param = budget[0].name, budget[1]
         else:
             method, param = (opts.method, opts.param) if opts.method else (FIXED, opts.rank)
-        return SettingRow(label or opts.label(), method, param, opts.flags(), size, params, *stats, ranks=ranks,
-                          options=opts, header_bytes=header, note=notes[0] if notes else None, **base)
+        return SettingRow(label or opts.label(), method, param, opts.flags(), size, params, **fidelity(layers),
+                          ranks=ranks, options=opts, header_bytes=header, note=notes[0] if notes else None, **base)
 
     def _base_losses(self, ranks) -> dict:
         """The setting's losses relative to the base (SettingRow.base_loss, base_loss_max, base_worst), over the
