@@ -19,10 +19,11 @@ DEVICES = ("auto", "cpu", "cuda")
 GROUPS = {"rank": "choosing ranks", "output": "output", "compute": "computation"}
 
 
-def flag(*names: str, group: str, help: str, **argparse_kwargs) -> dict:
+def flag(*names: str, group: str, help: str, sets_ranks: bool = False, **argparse_kwargs) -> dict:
     """Field metadata for a user-facing option: its CLI flags (modern first, sd-scripts spellings after), the
-    group it belongs to, its help and any further argparse settings. `choices` may be a callable (a registry)."""
-    return {"flags": names, "group": group, "help": help, "argparse": argparse_kwargs}
+    group it belongs to, its help, whether it sets layers' ranks (`sets_ranks`: what `ResizeOptions.rank_settings`
+    reads) and any further argparse settings. `choices` may be a callable (a registry)."""
+    return {"flags": names, "group": group, "help": help, "sets_ranks": sets_ranks, "argparse": argparse_kwargs}
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,18 @@ class ResizeOptions:
     match wins). `target_size` (bytes, or text such as '50MB' = 50 * 10^6 bytes) / `target_fro` (global Frobenius
     retained, scale-aware): budgets that choose every layer's rank together (no method then; `rank`/`conv_rank`
     still cap). `ranks`: explicit ranks for named modules (what a budget's plan fills in); they override rules and
-    the method. `rule=` is accepted as the old name of `rank_rule`.
+    the method. `keep_unranked`: a layer that no rank setting covers keeps its full (numerical) rank - what a
+    conversion does - instead of being an error. `rule=` is accepted as the old name of `rank_rule`.
 
     Raises OptionsError for any invalid value or combination."""
     rank: int | None = field(default=None, metadata=flag(
-        "--rank", "--new_rank", group="rank", type=int, metavar="N",
+        "--rank", "--new_rank", group="rank", sets_ranks=True, type=int, metavar="N",
         help="fixed rank, or the cap of a dynamic method or budget (sd-scripts form: default 4)"))
     conv_rank: int | None = field(default=None, metadata=flag(
-        "--conv-rank", "--new_conv_rank", group="rank", type=int, metavar="N",
+        "--conv-rank", "--new_conv_rank", group="rank", sets_ranks=True, type=int, metavar="N",
         help="the same for conv (4-D) layers; default: --rank"))
     method: str | None = field(default=None, metadata=flag(
-        "--method", "--dynamic_method", group="rank", choices=dynamic_methods,
+        "--method", "--dynamic_method", group="rank", sets_ranks=True, choices=dynamic_methods,
         help="choose each layer's rank from its singular values"))
     param: float | None = field(default=None, metadata=flag(
         "--param", "--dynamic_param", group="rank", type=float, metavar="X",
@@ -62,20 +64,20 @@ class ResizeOptions:
         "--threads", group="compute", type=int, metavar="N",
         help="layers to decompose at once on the CPU (default: one per core)"))
     block_rules: tuple = field(default=(), metadata=flag(
-        "--rule", group="rank", action="append", metavar="PATTERN=SPEC",
+        "--rule", group="rank", sets_ranks=True, action="append", metavar="PATTERN=SPEC",
         help="per-block rule, repeatable, first match wins: 'PATTERN=RANK' (fixed rank), 'PATTERN=cap:RANK' (the "
              "method with this cap) or 'PATTERN=drop' (leave the module out); PATTERN is a glob over module "
              "names, e.g. 'lora_te_*=8', '*attn2*=cap:64'"))
     target_size: int | str | None = field(default=None, metadata=flag(
-        "--target-size", group="rank", metavar="SIZE",
+        "--target-size", group="rank", sets_ranks=True, metavar="SIZE",
         help="budget: the best global fidelity whose file fits SIZE (50MB = 50 x 10^6 bytes, 48MiB = 48 x 2^20, "
              "or bytes); ranks allocated across layers by kept energy per byte; --rank caps"))
     target_fro: float | None = field(default=None, metadata=flag(
-        "--target-fro", group="rank", type=float, metavar="X",
+        "--target-fro", group="rank", sets_ranks=True, type=float, metavar="X",
         help="budget: the smallest ranks whose global Frobenius retention (all layers together, scaled by "
              "alpha/rank) reaches X in (0, 1]; --rank caps"))
     target_error: float | None = field(default=None, metadata=flag(
-        "--target-error", group="rank", type=float, metavar="X",
+        "--target-error", group="rank", sets_ranks=True, type=float, metavar="X",
         help="budget, with --base: the smallest ranks whose loss relative to the base, sqrt(sum of every layer's "
              "||dW - dW_k||_F^2 / sum of its base weight's ||W||_F^2), is at most X (e.g. 0.002); --rank caps"))
     base: str | None = field(default=None, metadata=flag(
@@ -83,7 +85,8 @@ class ResizeOptions:
         help="the base model the LoRA patches (a .safetensors checkpoint or a diffusers folder): every layer's loss "
              "is also measured against its base weight; --target-size then ranks by that loss per byte, and "
              "--method base_fro / --target-error choose by it"))
-    ranks: dict[str, int] | None = None
+    ranks: dict[str, int] | None = field(default=None, metadata={"sets_ranks": True})
+    keep_unranked: bool = False
     output_format: str | None = field(default=None, metadata=flag(
         "--output-format", group="output", choices="conversions",
         help="write the output in another layout (kohya, comfy, diffusers, onetrainer, peft): names converted, "
@@ -138,7 +141,7 @@ class ResizeOptions:
             if why:
                 raise OptionsError(f"--param {self.param} for {policy.name} {why}")
         else:
-            if self.rank is None and not given and not self.ranks:
+            if not self.rank_settings and not self.keep_unranked:
                 raise OptionsError("give a rank (--rank N), a dynamic method (--method sv_fro --param 0.9) or a "
                                    "budget (--target-size 50MB, --target-fro 0.95)")
             if self.param is not None:
@@ -173,6 +176,13 @@ class ResizeOptions:
             if getattr(self, b.name) is not None:
                 return b, getattr(self, b.name)
         return None
+
+    @property
+    def rank_settings(self) -> tuple[str, ...]:
+        """The fields of this object that set layers' ranks (those whose metadata says `sets_ranks`: a rank, a
+        method, a budget, explicit ranks, rank or cap block rules; `drop` rules choose modules, not ranks) and
+        that are set. A job that has no use for one of them refuses it rather than ignoring it."""
+        return tuple(f.name for f in fields(self) if f.metadata.get("sets_ranks") and _sets(f.name, getattr(self, f.name)))
 
     @property
     def dynamic(self) -> bool:
@@ -238,6 +248,17 @@ class ResizeOptions:
         return d
 
 
+def _sets(name: str, value) -> bool:
+    if name == "block_rules":
+        return any(r.action != "drop" for r in value)
+    return value is not None and value != {} and value != ()
+
+
+def rank_setting_fields() -> list:
+    """The fields that set layers' ranks (metadata `sets_ranks`), in declaration order."""
+    return [f for f in fields(ResizeOptions) if f.metadata.get("sets_ranks")]
+
+
 def _whole_at_least_one(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
 
@@ -247,4 +268,4 @@ def option_fields() -> list:
     return [f for f in fields(ResizeOptions) if "flags" in f.metadata]
 
 
-__all__ = ["ResizeOptions", "BlockRule", "PRECISIONS", "DEVICES", "GROUPS", "option_fields"]
+__all__ = ["ResizeOptions", "BlockRule", "PRECISIONS", "DEVICES", "GROUPS", "option_fields", "rank_setting_fields"]
