@@ -61,29 +61,63 @@ def default_sweep(base: bool = False) -> dict[str, tuple]:
 # Evaluating settings on the spectra
 
 
-class Evaluator:
-    """Settings evaluated on one file's spectra: ranks (the shared planning step), exact size and fidelity."""
+# what a decomposition is read under: another value needs the file read (and decomposed) again
+READ_UNDER = {"output_format": "the output layout", "arch": "the architecture", "base": "the base model"}
 
-    def __init__(self, out: Output, sps: list[Spectrum], precision: str):
+
+class Evaluator:
+    """Settings evaluated on one file's spectra: ranks (the shared planning step), exact size and fidelity.
+    `analyzed`: the options the file was read and decomposed under (its layout, architecture, base and drop rules);
+    `input_precision`: the save precision when a setting gives none (the input's, as resize takes it)."""
+
+    def __init__(self, out: Output, sps: list[Spectrum], precision: str, analyzed: ResizeOptions,
+                 input_precision: str):
         self.out, self.sps, self.precision = out, sps, precision
-        self._sizer: OutputSizer | None = None
+        self.analyzed, self.input_precision = analyzed, input_precision
+        self._sizers: dict[tuple, OutputSizer] = {}
+
+    def view(self, opts: ResizeOptions) -> tuple[Output, list[Spectrum], str]:
+        """The output, the spectra of its layers and the save precision that resize would use with `opts`, from
+        this decomposition: another precision, or drop rules that leave out more modules, are honoured; what needs
+        the file read again (another layout, architecture or base, a module the analysis left out) raises
+        OptionsError naming the fix."""
+        for name, what in READ_UNDER.items():
+            if getattr(opts, name) != getattr(self.analyzed, name):
+                raise OptionsError(f"this analysis was read with {name}={getattr(self.analyzed, name)!r}; "
+                                   f"{what} cannot change here: analyze again with {name}={getattr(opts, name)!r}")
+        precision = opts.precision or self.input_precision
+        kept = set(apply_rules(opts.block_rules, [m.name for m in self.out.layout.modules]).kept)
+        have = {sp.name for sp in self.sps}
+        missing = sorted(kept - have)
+        if missing:
+            raise OptionsError(f"module {missing[0]} was left out of this analysis by its drop rules; analyze again "
+                               "with the drop rules of this setting")
+        if kept == have:
+            return self.out, self.sps, precision
+        idx = [i for i, sp in enumerate(self.sps) if sp.name in kept]
+        return replace(self.out, jobs=[self.out.jobs[i] for i in idx]), [self.sps[i] for i in idx], precision
 
     def sizer(self, opts: ResizeOptions) -> OutputSizer:
-        """The output's sizer with the metadata of setting `opts` (the emitted shapes shared between settings)."""
-        if self._sizer is None:
-            self._sizer = sizer_for(self.out, self.sps, opts, self.precision)
-            return self._sizer
-        return self._sizer.with_metadata(metadata_for(self.out, self.sps, opts, self.precision))
+        """The output's sizer for setting `opts` (its precision, its layers, its metadata); the emitted shapes
+        are shared between settings of one precision and one set of layers."""
+        out, sps, precision = self.view(opts)
+        key = (precision, tuple(sp.name for sp in sps))
+        if key not in self._sizers:
+            self._sizers[key] = sizer_for(out, sps, opts, precision)
+            return self._sizers[key]
+        return self._sizers[key].with_metadata(metadata_for(out, sps, opts, precision))
 
     def evaluate(self, opts: ResizeOptions, label: str | None = None) -> SettingRow:
-        """Size and fidelity of the file `resize` would write with `opts`."""
+        """Size and fidelity of the file `resize` would write with `opts` (OptionsError for an option this
+        decomposition cannot honour: `view`). The row's ranks are those of the layers the setting keeps."""
+        _, sps, _ = self.view(opts)
         sizer = self.sizer(opts)
-        ranks, notes = plan(self.sps, opts, sizer)
+        ranks, notes = plan(sps, opts, sizer)
         size, header, params = sizer.file_size(ranks)
-        fro = np.full(len(self.sps), np.nan)
-        w = np.zeros(len(self.sps))
+        fro = np.full(len(sps), np.nan)
+        w = np.zeros(len(sps))
         kept_e = tot_e = 0.0
-        for i, (sp, k) in enumerate(zip(self.sps, ranks)):
+        for i, (sp, k) in enumerate(zip(sps, ranks)):
             t = sp.kept(len(sp.S))[1]
             kk = sp.kept(k)[1]
             if t > 0:
@@ -91,13 +125,13 @@ class Evaluator:
                 w[i] = sp.out_features * sp.in_features
             kept_e += kk * sp.scale ** 2
             tot_e += t * sp.scale ** 2
-        base = self._base_losses(ranks)
+        base = self._base_losses(sps, ranks)
         live = ~np.isnan(fro)
         if live.any():
             worst = int(np.nanargmin(fro))
             stats = (float(np.sum(fro[live] * w[live]) / np.sum(w[live])), float(np.mean(fro[live])),
                      math.sqrt(kept_e / tot_e) if tot_e > 0 else float("nan"), float(fro[worst]),
-                     self.sps[worst].name)
+                     sps[worst].name)
         else:
             stats = (float("nan"),) * 4 + (None,)
         budget = opts.budget
@@ -108,12 +142,13 @@ class Evaluator:
         return SettingRow(label or opts.label(), method, param, opts.flags(), size, params, *stats, ranks=ranks,
                           options=opts, header_bytes=header, note=notes[0] if notes else None, **base)
 
-    def _base_losses(self, ranks) -> dict:
+    @staticmethod
+    def _base_losses(sps: list[Spectrum], ranks) -> dict:
         """The setting's losses relative to the base (SettingRow.base_loss, base_loss_max, base_worst), over the
         layers that have a base weight; {} without a base."""
         dropped = base = 0.0
         worst, worst_name = -1.0, None
-        for sp, k in zip(self.sps, ranks):
+        for sp, k in zip(sps, ranks):
             losses = sp.base_losses(int(k))
             if losses is None:
                 continue
@@ -140,7 +175,7 @@ class Evaluator:
                 elif method in BUDGETS and v == "auto":
                     probe = shared.with_setting(**{method: 1})
                     sizer = self.sizer(probe)
-                    layers = budget_layers(self.sps, probe, sizer)
+                    layers = budget_layers(self.view(probe)[1], probe, sizer)
                     lo = sizer.file_size(np.array([L.lo for L in layers]))[0]
                     hi = sizer.file_size(np.array([L.hi for L in layers]))[0]
                     out += [shared.with_setting(**{method: s}) for s in sizes_125(lo, hi)]
@@ -213,6 +248,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
     with open_tensor_file(src) as reader:
         layout = read_layout(reader.infos(), reader.metadata, src, shared.output_format, shared.arch)
         precision, precision_notes = precision_of(layout, reader.infos(), shared.precision)
+        input_precision = precision_of(layout, reader.infos(), None)[0]
         rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
         jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
@@ -221,7 +257,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
         sps = spectra(jobs, device, shared.threads, progress)
         t_dec = time.perf_counter() - t1
         out = Output(layout, jobs, {k: reader for k in layout.passthrough}, [InputRecord(src.name, reader.metadata)])
-    return Evaluator(out, sps, precision), dict(
+    return Evaluator(out, sps, precision, replace(shared, precision=precision), input_precision), dict(
         src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
         seconds=0.0, decompose_seconds=t_dec, notes=precision_notes + rules.notes + list(layout.notes) + base_notes,
         rule_hits=rules.hits)
@@ -266,7 +302,7 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
         jobs = [module_job(modules[row.name], reader) for row in result.layers]
         out = Output(layout, jobs, {k: reader for k in layout.passthrough},
                      [InputRecord(result.src.name, reader.metadata)])
-        ev = Evaluator(out, sps, result.precision)
+        ev = Evaluator(out, sps, result.precision, chosen, precision_of(layout, reader.infos(), None)[0])
         rules = apply_rules(chosen.block_rules, [m.name for m in layout.modules])
         a = finish(ev, dict(src=result.src, format=result.format, precision=result.precision,
                             input_bytes=result.input_bytes, dropped=rules.dropped, seconds=0.0,
