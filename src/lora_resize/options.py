@@ -5,7 +5,8 @@ validates again."""
 from __future__ import annotations
 
 import numbers
-from dataclasses import InitVar, dataclass, field, fields, replace
+import shlex
+from dataclasses import MISSING, InitVar, dataclass, field, fields, replace
 
 from .errors import OptionsError
 from .models import architectures
@@ -218,34 +219,52 @@ class ResizeOptions:
             s += f", conv cap {self.conv_rank}"
         return s
 
+    def flag_words(self) -> list[str]:
+        """The `lora-resize resize` arguments that give this setting, generated from the fields' metadata: every
+        user-facing field whose value is not its default (its first flag; a repeatable one once per value, a
+        budget's value as its registration writes it; --conv-rank only where it differs from --rank), except
+        the computation group, which does not change the file. Explicit `ranks` (which have no flag) become
+        exact-name `--rule` pins ahead of the others, unless a budget set them (its flag plans them again)."""
+        words: list[str] = []
+        if self.ranks and self.budget is None:
+            words += [w for name, k in self.ranks.items() for w in ("--rule", f"{_glob_escape(name)}={k}")]
+        for f in option_fields():
+            meta, value = f.metadata, getattr(self, f.name)
+            if meta["group"] == "compute" or value == _default(f) or (f.name == "conv_rank" and value == self.rank):
+                continue
+            flag = meta["flags"][0]
+            if f.name in BUDGETS:
+                words += [flag, BUDGETS[f.name].flag_value(value)]
+            elif meta["argparse"].get("action") == "append":
+                words += [w for v in value for w in (flag, str(v))]
+            else:
+                words += [flag, _number(value) if isinstance(value, float) else str(value)]
+        return words
+
     def flags(self) -> str:
-        """The `lora-resize resize` flags that give this setting."""
-        a = []
-        budget = self.budget
-        if budget is not None:
-            a.append(f"{budget[0].flag} {budget[0].flag_value(budget[1])}")
-        elif self.method:
-            a.append(f"--method {self.method} --param {self.param:g}")
-        if self.rank is not None:
-            a.append(f"--rank {self.rank}")
-        if self.conv_rank is not None and self.conv_rank != self.rank:
-            a.append(f"--conv-rank {self.conv_rank}")
-        if self.rank_rule != "exact":
-            a.append(f"--rank-rule {self.rank_rule}")
-        if self.precision:
-            a.append(f"--precision {self.precision}")
-        a += [f"--rule '{r}'" for r in self.block_rules]
-        if self.output_format:
-            a.append(f"--output-format {self.output_format}")
-        if self.arch:
-            a.append(f"--arch {self.arch}")
-        return " ".join(a)
+        """`flag_words`, quoted for a POSIX shell (shlex.join): one line that runs as printed."""
+        return shlex.join(self.flag_words())
 
     def as_dict(self) -> dict:
         """The fields as plain data (block rules as text), for JSON and records."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["block_rules"] = [str(r) for r in self.block_rules]
         return d
+
+
+def _default(f):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _number(v: float) -> str:
+    """A float as short as it reads back exactly ('0.9', '4', '0.123456789')."""
+    short = f"{v:g}"
+    return short if float(short) == v else repr(v)
+
+
+def _glob_escape(name: str) -> str:
+    """A module name as an fnmatch pattern that matches only it ('[' , '*', '?' in brackets)."""
+    return "".join(f"[{c}]" if c in "[*?" else c for c in name)
 
 
 def _sets(name: str, value) -> bool:

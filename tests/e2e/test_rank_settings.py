@@ -136,3 +136,46 @@ def test_every_budget_and_rank_flag_is_a_rank_setting():
     assert {"rank", "conv_rank", "method", "block_rules", "ranks"} <= names
     assert ResizeOptions(rank=4, block_rules=("a*=drop",)).rank_settings == ("rank", "conv_rank")
     assert ResizeOptions(block_rules=("a*=3",)).rank_settings == ("block_rules",)  # a rank rule alone is a setting
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["plain", "base"])
+def test_every_printed_row_runs_as_printed_and_writes_what_analyze_predicted(tmp_path, wan, capsys, with_base):
+    """Each row's flags (the JSON's `args`, the text's chosen line), given to the real CLI as a shell would split
+    them, write exactly the bytes and per-layer ranks analyze predicted: --base, budgets, caps and a rule with a
+    quote in it included; the input's path has a space and a quote too."""
+    import shlex
+    import shutil
+
+    from lora_resize.ops.analyze import analyze
+
+    src0, base, *_ = wan
+    folder = tmp_path / "my lora's"
+    folder.mkdir()
+    src = folder / "in put.safetensors"
+    shutil.copy(src0, src)
+    shared = ["--rank", "5", "--rule", "*ffn[!']*=cap:3", "--target-size", "16000"]
+    if with_base:
+        shared += ["--base", str(base)]
+    assert main(["analyze", str(src), "--json", "-q", *shared]) == 0
+    import json
+    printed = json.loads(capsys.readouterr().out)
+    fields = dict(rank=5, block_rules=("*ffn[!']*=cap:3",), target_size=16000, base=str(base) if with_base else None)
+    a = analyze(src, **fields)
+    rows = a.rows + [a.chosen]
+    assert [r["args"] for r in printed["settings"]] + [printed["chosen"]["args"]] == [r.args for r in rows]
+    assert any(r.method == "target_size" for r in a.rows) and (not with_base or any("--base" in r.args for r in rows))
+    for i, row in enumerate(rows):
+        dst = tmp_path / f"row{i}.safetensors"
+        assert main(["resize", str(src), "-o", str(dst), "-q", *shlex.split(row.args)]) == 0, row.args
+        capsys.readouterr()
+        sd, _ = load_st(dst)
+        ranks = [sd[sp.name + ".lora_down.weight"].shape[0] for sp in a.layers]
+        assert (dst.stat().st_size, ranks) == (row.output_bytes, [int(k) for k in row.ranks]), row.args
+    # the text's chosen line, as printed
+    assert main(["analyze", str(src), "-q", *shared]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("* chosen: "))
+    words = shlex.split(line[len("* chosen: "):])
+    assert words[:2] == ["lora-resize", "resize"] and words[2] == str(src)
+    dst = tmp_path / "chosen.safetensors"
+    assert main([w if w != "OUT.safetensors" else str(dst) for w in words[1:]] + ["-q"]) == 0
+    assert dst.stat().st_size == a.chosen.output_bytes
