@@ -95,7 +95,13 @@ def alpha_rule(opts: ResizeOptions, scales_and_ranks: list[tuple[float, int]], s
     else:
         ranks = [r for _, r in scales_and_ranks]
         rank = opts.rank if opts.rank is not None else max(set(ranks), key=ranks.count)
-        rule = AlphaRule.one_for_all([s for s, _ in scales_and_ranks], rank)
+        try:
+            rule = AlphaRule.one_for_all([s for s, _ in scales_and_ranks], rank)
+        except NumericalError:
+            if opts.rank is None:
+                raise
+            raise NumericalError(f"--rank {opts.rank} times the layers' scale overflows float32 in the output's "
+                                 "alpha; give a --rank no larger than the layers' sizes") from None
     return lambda name, alpha, rank, k: held_alpha(rule(name, alpha, rank, k), save_dtype)
 
 
@@ -333,7 +339,10 @@ def growth_notes(input_bytes: int, output_bytes: int, rows: list[LayerResult]) -
     a higher precision, ...), with what keeps the size."""
     if output_bytes <= input_bytes:
         return []
-    head = f"warning: the output ({format_size(output_bytes)}) is larger than the input ({format_size(input_bytes)})"
+    out, inp = format_size(output_bytes), format_size(input_bytes)
+    if out == inp:  # a few bytes more (metadata): equal when rounded, so say by how much
+        out, inp = f"{output_bytes:,} bytes", f"{input_bytes:,} bytes"
+    head = f"warning: the output ({out}) is larger than the input ({inp})"
     if all(r.new_rank <= r.old_rank for r in rows):  # not the ranks: names, metadata, split modules, precision
         return [head + "; no layer's rank grew: the output's key names and metadata, a wider save precision, or "
                        "fused modules written as their parts (each with the shared down) take the room"]
