@@ -183,7 +183,7 @@ class ResizeOptions:
         """The fields of this object that set layers' ranks (those whose metadata says `sets_ranks`: a rank, a
         method, a budget, explicit ranks, rank or cap block rules; `drop` rules choose modules, not ranks) and
         that are set. A job that has no use for one of them refuses it rather than ignoring it."""
-        return tuple(f.name for f in fields(self) if f.metadata.get("sets_ranks") and _sets(f.name, getattr(self, f.name)))
+        return tuple(f.name for f in rank_setting_fields() if _sets(f.name, getattr(self, f.name)))
 
     @property
     def dynamic(self) -> bool:

@@ -73,8 +73,8 @@ def written_dims(rows: Sequence) -> tuple[tuple[int, float] | None, tuple[int, f
 
 def sd_scripts_fields(opts, rows: Sequence, comment: str) -> dict[str, str]:
     """ss_training_comment / ss_network_dim / ss_network_alpha as sd-scripts' resize_lora.py writes them
-    (`networks/resize_lora.py`: a fixed rank -> that rank and the last layer's alpha (the last row), the comment 'dimension is
-    resized from OLD to NEW (conv: C)'; a dynamic method -> 'Dynamic'), describing the file written: the ranks are
+    (`networks/resize_lora.py`: a fixed rank -> that rank and the last layer's alpha (the last row), the comment
+    'dimension is resized from OLD to NEW (conv: C)'; a dynamic method -> 'Dynamic'), describing the file written: the ranks are
     those of `rows`, so a fixed setting whose layers came out at different ranks (smaller than the rank asked for)
     is 'Dynamic' too. A budget or per-block rank rules are dynamic resizes, the comment naming them. A conversion
     that keeps every rank keeps the input's comment. `rows`: the LayerResults, in order."""

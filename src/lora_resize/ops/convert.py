@@ -20,12 +20,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, options: Re
     """Write the LoRA at `src` to `dst` in layout `to` (kohya, comfy, diffusers, onetrainer, peft, or a key
     family's own names), its architecture detected or given as arch=. Options as for `resize` (a ResizeOptions
     or its fields), every one honoured as resize honours it (--rank-rule also picks the alpha convention: one
-    alpha for all, or sd-scripts' per layer); a layer that no rank setting covers (none given, or
-    a --conv-rank or rules that leave it out) keeps its full rank (each output module's numerical rank: a renamed
-    or split module its own, a fused one the sum of its parts').
+    alpha for all, or sd-scripts' per layer); a layer that no rank setting covers (none given, or a --conv-rank
+    or rules that leave it out) keeps its full rank (each output module's numerical rank: a renamed or split
+    module its own, a fused one the sum of its parts').
 
-    Raises: OptionsError (an unknown layout, a direction that is not defined), InputFileError, LoraStructureError (modules without a name in the target layout),
-    NumericalError, OutputFileError, DeviceError."""
+    Raises: OptionsError (an unknown layout, a direction that is not defined), InputFileError, LoraStructureError
+    (modules without a name in the target layout), NumericalError, OutputFileError, DeviceError."""
     if options is not None:
         if option_fields:
             raise OptionsError("pass either options=ResizeOptions(...) or option fields, not both")

@@ -29,7 +29,7 @@ from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
 from ..io.writer import write_output
 from ..options import ResizeOptions
-from ..ranks.plan import layer_rank, plan
+from ..ranks.plan import layer_rank, pinned_rank, plan
 from ..results import BaseNorms, LayerResult
 from ..units import format_size
 from .base import base_norms
@@ -147,10 +147,12 @@ def layer_row(sp: Spectrum, k: int, new_alpha: float, **flags) -> LayerResult:
                        **flags)
 
 
-def planned_rows(spectra: list[Spectrum], ranks, alpha: Callable[[str, float | None, int, int], float]
-                 ) -> list[LayerResult]:
-    """The rows a job would report for these ranks (what the metadata records), without computing factors."""
-    return [layer_row(sp, int(k), alpha(sp.name, sp.alpha, sp.rank, int(k))) for sp, k in zip(spectra, ranks)]
+def planned_rows(spectra: list[Spectrum], ranks, alpha: Callable[[str, float | None, int, int], float],
+                 rank_rule: str) -> list[LayerResult]:
+    """The rows a job would report for these ranks (what the metadata records), without computing factors: zero
+    layers flagged as the planning step flags them under `rank_rule`."""
+    return [layer_row(sp, int(k), alpha(sp.name, sp.alpha, sp.rank, int(k)),
+                      zero=pinned_rank(sp, int(k), rank_rule).zero_layer) for sp, k in zip(spectra, ranks)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,7 +270,7 @@ def metadata_for(out: Output, sps: list[Spectrum], opts: ResizeOptions, precisio
     alpha_of = alpha_rule(opts, [(sp.scale, sp.rank) for sp in sps], SAVE_DTYPES[precision])
 
     def meta(ranks) -> dict[str, str]:
-        rows = planned_rows(sps, ranks, alpha_of)
+        rows = planned_rows(sps, ranks, alpha_of, opts.rank_rule)
         return with_hashes(output_metadata(opts, precision, out.layout.format, rows, out.sources,
                                            out.layout.side_outputs(rows).metadata, out.merged))
     return meta
