@@ -27,6 +27,9 @@ def flag(*names: str, group: str, help: str, sets_ranks: bool = False, **argpars
     return {"flags": names, "group": group, "help": help, "sets_ranks": sets_ranks, "argparse": argparse_kwargs}
 
 
+SETTING_FIELDS = ("method", "param", "ranks", *BUDGETS)  # what one setting of a sweep replaces (with_setting)
+
+
 @dataclass(frozen=True)
 class ResizeOptions:
     """How to resize. `rank` is the fixed rank, or the cap of a dynamic method or budget (None: no cap);
@@ -198,8 +201,7 @@ class ResizeOptions:
     def with_setting(self, **setting) -> "ResizeOptions":
         """A copy with another rank setting (method + param, a fixed rank, a budget or explicit ranks) and the
         same rank rule, caps, precision, block rules, device, threads and output format; validated again."""
-        cleared = dict(method=None, param=None, ranks=None, **{b: None for b in BUDGETS})
-        return replace(self, **{**cleared, **setting})
+        return replace(self, **{**{name: None for name in SETTING_FIELDS}, **setting})
 
     def label(self) -> str:
         """A short label of the setting: 'sv_ratio 8, cap 128', 'rank 32 (conv 16)', 'target_size 50.0 MB'."""
@@ -287,4 +289,5 @@ def option_fields() -> list:
     return [f for f in fields(ResizeOptions) if "flags" in f.metadata]
 
 
-__all__ = ["ResizeOptions", "BlockRule", "PRECISIONS", "DEVICES", "GROUPS", "option_fields", "rank_setting_fields"]
+__all__ = ["ResizeOptions", "BlockRule", "PRECISIONS", "DEVICES", "GROUPS", "SETTING_FIELDS", "option_fields",
+           "rank_setting_fields"]

@@ -37,7 +37,8 @@ from ..io.metadata import InputRecord
 from ..io.paths import local_path, resolve_input
 from ..io.reader import open_tensor_file
 from ..io.sizing import OutputSizer
-from ..options import ResizeOptions
+from ..options import SETTING_FIELDS as SWEPT
+from ..options import ResizeOptions, option_fields
 from ..ranks.budgets import BUDGETS
 from ..ranks.plan import budget_layers, plan
 from ..ranks.policies import FIXED, POLICIES
@@ -46,9 +47,10 @@ from ..results import Analysis, SettingRow
 from .job import Output, metadata_for, module_job, precision_of, sizer_for, spectra, with_base
 
 DEFAULT_PICK = dict(method="sv_fro", param=0.9)  # shown in the report when no setting is chosen
-SETTING_FIELDS = ("rank", "method", "param", "ranks", *BUDGETS)  # what names a chosen setting
-SHARED_FIELDS = ("rank", "conv_rank", "rank_rule", "precision", "block_rules", "device", "threads", "output_format",
-                 "arch", "base")
+# what names a chosen setting: a rank (also the cap of every setting), or what a sweep's settings replace; every
+# other user-facing option is shared by all the settings of the sweep
+SETTING_FIELDS = ("rank", *SWEPT)
+SHARED_FIELDS = tuple(f.name for f in option_fields() if f.name not in SWEPT)
 
 
 def default_sweep(base: bool = False) -> dict[str, tuple]:
