@@ -96,9 +96,10 @@ def sd_scripts_fields(opts, rows: Sequence, comment: str) -> dict[str, str]:
         desc = f" (conv: {conv[0]})" if lin and conv and conv[0] != lin[0] else ""
         fields = {"ss_training_comment": f"dimension is resized from {old_dim} to {main[0]}{desc}; {comment}"}
     else:
-        desc = f" (conv: {opts.conv_rank})" if opts.conv_rank != opts.rank else ""
-        fields = {"ss_training_comment": f"dimension is resized from {old_dim} to at most {opts.rank}{desc}, layers "
-                                         f"smaller than that keeping their own rank; {comment}"}
+        asked = f"at most {opts.rank}" if opts.rank is not None else "the ranks kept"
+        asked += f" (conv: at most {opts.conv_rank})" if opts.conv_rank not in (None, opts.rank) else ""
+        fields = {"ss_training_comment": f"dimension is resized from {old_dim} to {asked}, layers smaller than that "
+                                         f"keeping their own rank; {comment}"}
     if not uniform:
         return {**fields, **dynamic}
     return {**fields, "ss_network_dim": str(main[0]), "ss_network_alpha": str(rows[-1].new_alpha)}
