@@ -112,6 +112,11 @@ def test_every_rank_setting_on_convert_is_honoured_or_refused(tmp_path, wan, fie
             want = (min(2, k) if name in convs else k) if rule == "conv" else rule(name, k, full[name])
             assert ranks[name] == want, name
     assert ranks != full_ranks  # the setting did something
+    meta = load_st(dst)[1]
+    if field in ("rank", "conv_rank", "ranks"):  # fixed settings: the metadata states the ranks written
+        lin, cv = ({k for n, k in ranks.items() if (n in convs) == c} for c in (False, True))
+        assert meta["ss_network_dim"] == (str(min(lin)) if len(lin) == 1 and len(cv) <= 1 else "Dynamic")
+        assert "None" not in meta.get("ss_training_comment", "")
     for name, k in ranks.items():  # each module the best rank-k approximation of its full update
         U, S, Vh = torch.linalg.svd(full[name], full_matrices=False)
         best = (U[:, :k] * S[:k]) @ Vh[:k]
