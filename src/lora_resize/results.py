@@ -242,8 +242,10 @@ class Analysis:
     _evaluate: Callable | None = field(default=None, repr=False)
 
     def evaluate(self, options, label: str | None = None) -> SettingRow:
-        """Size and fidelity of any other setting (a ResizeOptions sharing this analysis's rank rule, precision,
-        block rules and output format), from the same spectra."""
+        """Size and fidelity of the file resize writes with any other ResizeOptions, from the same spectra: its
+        rank rule, precision (None: the input's) and rules are honoured, drop rules included where they leave out
+        modules the analysis kept. Raises OptionsError for what needs the file read again: another output
+        format, architecture or base, or a module this analysis dropped."""
         return self._evaluate(options, label)
 
     def as_dict(self) -> dict:

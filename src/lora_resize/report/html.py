@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from pathlib import Path
 
 from .._version import __version__
@@ -338,7 +339,7 @@ def html_report(a) -> str:
 {esc(a.precision)}, rank rule {esc(b.rank_rule)}, cap {esc(cap)}; {len(a.rows)} settings from one decomposition
 ({a.decompose_seconds:.1f} s). lora-resize {esc(__version__)}.</p>
 <p>{chosen_line}</p>{rules}{notes}
-<div id="cmd">lora-resize resize {esc(a.src.name)} -o OUT.safetensors <code id="cmd-flags">{esc(pick.args)}</code>
+<div id="cmd">lora-resize resize {esc(shlex.quote(a.src.name))} -o OUT.safetensors <code id="cmd-flags">{esc(pick.args)}</code>
 <span class="meta">(click a point or a row to pick another setting)</span></div>
 <h2>Output size against fidelity</h2>
 <div class="tabs">fidelity: {tabs}</div>

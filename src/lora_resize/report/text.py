@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import numpy as np
 
@@ -151,10 +152,10 @@ def analysis_table(a, verbose: bool = False) -> str:
         lines.append(line)
     lines += [f"note ({r.label}): {r.note}" for r in a.rows if r.note]
     if a.chosen is not None:
-        lines += ["", f"* chosen: lora-resize resize {a.src} -o OUT.safetensors {a.chosen.args}"]
+        lines += ["", f"* chosen: lora-resize resize {shlex.quote(str(a.src))} -o OUT.safetensors {a.chosen.args}"]
     else:
-        lines += ["", f"pick a row and run: lora-resize resize {a.src} -o OUT.safetensors <its flags> "
-                      "(--json lists every row's flags)"]
+        lines += ["", f"pick a row and run: lora-resize resize {shlex.quote(str(a.src))} -o OUT.safetensors "
+                      "<its flags> (--json lists every row's flags)"]
     if a.rule_hits:
         lines.append("rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}" for r, n in a.rule_hits.items()))
     if a.dropped:
