@@ -48,7 +48,7 @@ from .job import Output, metadata_for, module_job, precision_of, sizer_for, spec
 DEFAULT_PICK = dict(method="sv_fro", param=0.9)  # shown in the report when no setting is chosen
 SETTING_FIELDS = ("rank", "method", "param", "ranks", *BUDGETS)  # what names a chosen setting
 SHARED_FIELDS = ("rank", "conv_rank", "rank_rule", "precision", "block_rules", "device", "threads", "output_format",
-                 "arch", "base")
+                 "arch", "base", "base_variant")
 
 
 def default_sweep(base: bool = False) -> dict[str, tuple]:
