@@ -135,7 +135,11 @@ class Checkpoint:
                 rel = f.parent.relative_to(self.path).parts if self.folder else ()
                 prefix = ".".join(rel) + "." if rel else ""
                 for key in r.infos():
-                    self._where.setdefault(prefix + key, (r, key))
+                    if prefix + key in self._where:  # two files of one model never hold one weight
+                        raise InputFileError(f"--base {self.path}: {prefix + key} is in both "
+                                             f"{self._where[prefix + key][0].path.name} and {f.name}; give the "
+                                             "checkpoint file itself (or a folder holding one model)")
+                    self._where[prefix + key] = (r, key)
             for key in self._where:
                 stem, _, suffix = key.rpartition(".")
                 self._siblings.setdefault(stem, []).append(suffix)

@@ -161,3 +161,14 @@ def test_a_component_with_only_variant_files_is_refused_naming_the_flag(tmp_path
     save_file(t, root / "text_encoder" / "model.safetensors")
     assert sorted(p.relative_to(root).as_posix() for p in folder_files(root, "fp16")) == [
         "text_encoder/model.safetensors", "transformer/diffusion_pytorch_model.fp16.safetensors"]
+
+
+def test_a_folder_of_two_checkpoints_of_one_model_is_refused(tmp_path):
+    # flux1-dev-fp8.safetensors sorts before flux1-dev.safetensors: neither may win silently
+    folder = tmp_path / "models"
+    folder.mkdir()
+    save_file({"blk.lin.weight": torch.ones(2, 2)}, folder / "flux1-dev.safetensors")
+    save_file({"blk.lin.weight": _fp8(2, 2)}, folder / "flux1-dev-fp8.safetensors")
+    with pytest.raises(InputFileError, match="blk.lin.weight is in both flux1-dev-fp8.safetensors and "
+                                             "flux1-dev.safetensors; give the checkpoint file itself"):
+        Checkpoint(folder)
