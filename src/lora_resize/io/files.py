@@ -45,7 +45,9 @@ def looks_like_safetensors(path: Path) -> bool:
     return n is not None and n <= MAX_HEADER_BYTES
 
 
-# The temporaries this process is writing now: another thread's cleanup must never take one for a dead run's.
+# The names of the temporaries this process is writing now (unique: host, pid, random token; a name, not a path, so
+# a folder given as a relative path and as an absolute one is the same): another thread's cleanup must never take
+# one for a dead run's.
 _LIVE: set[str] = set()
 _LIVE_LOCK = threading.Lock()
 # Which machine wrote a temporary: a process id means nothing on another machine sharing the folder.
@@ -84,7 +86,7 @@ def remove_stale_partials(dst: Path) -> None:
             continue
         pid = owner[1]
         with _LIVE_LOCK:
-            if str(p) in _LIVE or (pid != os.getpid() and pid_alive(pid)):
+            if p.name in _LIVE or (pid != os.getpid() and pid_alive(pid)):
                 continue
             with contextlib.suppress(OSError):
                 p.unlink()
@@ -136,7 +138,7 @@ def _new_temp(dst: Path) -> Path:
     for _ in range(100):
         tmp = dst.parent / f"{_tmp_stem(dst)}{HOST_TAG}-{os.getpid()}-{secrets.token_hex(6)}{TMP_SUFFIX}"
         with _LIVE_LOCK:
-            _LIVE.add(str(tmp))
+            _LIVE.add(tmp.name)
         try:
             os.close(os.open(tmp, flags, 0o666))
             return tmp
@@ -150,7 +152,7 @@ def _new_temp(dst: Path) -> Path:
 
 def _forget(tmp: Path) -> None:
     with _LIVE_LOCK:
-        _LIVE.discard(str(tmp))
+        _LIVE.discard(tmp.name)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -207,3 +207,14 @@ def test_liveness_probe_without_the_windows_api_keeps_the_file(monkeypatch):
     finally:
         monkeypatch.undo()
     assert alive is True
+
+
+def test_a_write_through_a_relative_path_keeps_another_through_an_absolute_one(tmp_path, monkeypatch):
+    # one folder, named two ways by two writers of this process: still one live temporary, never removed
+    monkeypatch.chdir(tmp_path)
+    with atomic_output(tmp_path / "out.safetensors") as first:
+        first.write_bytes(b"first")
+        with atomic_output(Path("out.safetensors")) as second:
+            second.write_bytes(b"second")
+        assert first.exists()
+    assert (tmp_path / "out.safetensors").read_bytes() == b"first"
