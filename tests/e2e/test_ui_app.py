@@ -4,6 +4,9 @@ file written over, the input unchanged - and a name outside the folder, or no in
 that writes nothing. (The browser test drives the same jobs through the page.)"""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -177,59 +180,66 @@ def test_a_work_folder_the_page_made_is_removed_on_close(folder, tmp_path):
     assert given.is_dir()
 
 
-def _get(url: str) -> int:
-    import urllib.error
-    import urllib.request
+# The served page runs in a child process: a launched Gradio server leaves its event loop to the garbage collector,
+# whose warning would land in other tests' warning checks. The child serves on 127.0.0.1 only and prints what it saw.
+SERVED = r"""
+import json, sys, tempfile, urllib.error, urllib.request
+from pathlib import Path
+from gradio.utils import get_upload_folder
+from lora_resize.ui import app as ui_app
+
+def get(url):
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
 
-
-@pytest.fixture
-def served():
-    pages = []
-
-    def start(**kw):
-        from lora_resize.ui.app import serve
-        page = serve("127.0.0.1", None, block=False, **kw)
-        pages.append(page)
-        return page.local_url.rstrip("/")
-    yield start
-    for page in pages:
-        page.close(verbose=False)
-
-
-def test_the_page_serves_no_file_of_the_lora_folder(folder, served):
-    import tempfile
-
-    from gradio.utils import get_upload_folder
-    url = served(loras=folder)
-    (folder / ".env").write_text("SECRET=1")
-    for path in (folder / "readme.txt", folder / ".env", folder / "b.safetensors",
-                 folder / ".trash" / "old.safetensors"):
-        assert _get(f"{url}/gradio_api/file={path}") == 403, path
-    # the route itself works: a file where Gradio keeps what was uploaded to the page is served
+folder, case = Path(sys.argv[1]), sys.argv[2]
+out = {}
+if case == "files":
+    url = ui_app.serve("127.0.0.1", None, block=False, loras=folder).local_url.rstrip("/")
+    out["lora folder"] = {p.relative_to(folder).as_posix(): get(f"{url}/gradio_api/file={p}")
+                          for p in sorted(folder.rglob("*")) if p.is_file()}
     Path(get_upload_folder()).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=get_upload_folder()) as up:
+    with tempfile.TemporaryDirectory(dir=get_upload_folder()) as up:  # where Gradio keeps what is uploaded
         (Path(up) / "x.txt").write_text("uploaded")
-        assert _get(f"{url}/gradio_api/file={Path(up) / 'x.txt'}") == 200
+        out["upload"] = get(f"{url}/gradio_api/file={Path(up) / 'x.txt'}")
+elif case == "auth":
+    url = ui_app.serve("127.0.0.1", None, block=False, loras=folder, auth=("me", "a-long-passphrase")
+                       ).local_url.rstrip("/")
+    out["config"] = get(f"{url}/config")
+    out["file"] = get(f"{url}/gradio_api/file={folder / 'readme.txt'}")
+else:  # an address other machines reach (only loopback may be bound in tests: the check is made to say so)
+    ui_app.is_loopback = lambda host: False
+    ui_app.serve("127.0.0.1", None, block=False, loras=folder, auth=("me", "pw") if case == "reachable+auth" else None)
+print(json.dumps(out))
+"""
 
 
-def test_a_password_guards_the_page_and_serving_beyond_loopback_warns(folder, served, monkeypatch, capsys):
-    from lora_resize.ui import app as ui_app
-    url = served(loras=folder, auth=("me", "a-long-passphrase"))
-    assert _get(f"{url}/config") == 401
-    assert _get(f"{url}/gradio_api/file={folder / 'readme.txt'}") == 401
-    assert "warning" not in capsys.readouterr().err
-    # an address other machines reach (only loopback may be bound in tests: the check is made to say so)
-    monkeypatch.setattr(ui_app, "is_loopback", lambda host: False)
-    served(loras=folder)
-    err = capsys.readouterr().err
-    assert "warning" in err and "no password" in err and "--auth" in err and len(err.strip().splitlines()) == 1
-    served(loras=folder, auth=("me", "a-long-passphrase"))
-    assert "warning" not in capsys.readouterr().err
+def served(folder: Path, case: str) -> tuple[dict, str]:
+    """(what the child saw, its stderr)."""
+    p = subprocess.run([sys.executable, "-c", SERVED, str(folder), case], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
+
+
+def test_the_page_serves_no_file_of_the_lora_folder(folder):
+    (folder / ".env").write_text("SECRET=1")
+    seen, _ = served(folder, "files")
+    assert seen["lora folder"] and set(seen["lora folder"].values()) == {403}, seen
+    assert seen["upload"] == 200  # the route itself works
+
+
+def test_a_password_guards_the_page_and_serving_beyond_loopback_warns(folder):
+    seen, err = served(folder, "auth")
+    assert seen == {"config": 401, "file": 401} and "warning" not in err
+    _, err = served(folder, "reachable")
+    lines = [x for x in err.splitlines() if "warning" in x]
+    assert len(lines) == 1 and "no password" in lines[0] and "--auth" in lines[0], err
+    _, err = served(folder, "reachable+auth")
+    assert "warning" not in err
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
