@@ -14,6 +14,7 @@ from pathlib import Path
 import folder_paths  # ComfyUI's
 
 import lora_resize
+from lora_resize.io.paths import name_problem
 from lora_resize.models import LAYOUTS
 from lora_resize.options import PRECISIONS
 from lora_resize.ranks.policies import RANK_RULES, dynamic_methods
@@ -56,13 +57,11 @@ def _output_path(name: str) -> Path:
     """A new file in the first loras folder; a name any loras folder already holds is refused (the new file would
     hide it from the LoRA lists), as are names that are not plain file names."""
     name = name.strip()
-    if (not name or os.sep in name or (os.altsep and os.altsep in name) or name.startswith(".")
-            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
-        raise ValueError(f"output name {name!r} must be a plain file name")
     if not name.lower().endswith(".safetensors"):
         name += ".safetensors"
-    if len(name.encode()) > 255:
-        raise ValueError(f"output name {name[:40]}... is too long for a file name (at most 255 bytes)")
+    problem = name_problem(name) or ("it would be hidden" if name.startswith(".") else None)
+    if problem:  # on every platform, so a workflow made on one runs on the others
+        raise ValueError(f"output name {name[:60]!r} must be a plain file name: {problem}")
     folders = [Path(f) for f in folder_paths.get_folder_paths("loras")]
     if any(os.path.lexists(f / name) for f in folders):
         raise FileExistsError(f"{name} already exists in a loras folder; choose another output name")

@@ -90,6 +90,10 @@ class ResizeOptions:
         help="the base model the LoRA patches (a .safetensors checkpoint or a diffusers folder): every layer's loss "
              "is also measured against its base weight; --target-size then ranks by that loss per byte, and "
              "--method base_fro / --target-error choose by it"))
+    base_variant: str | None = field(default=None, metadata=flag(
+        "--base-variant", group="rank", metavar="NAME",
+        help="with a diffusers folder as --base: read the weight files of this variant (e.g. fp16, non_ema: "
+             "diffusion_pytorch_model.fp16.safetensors), as diffusers' variant=; default: the files without one"))
     ranks: dict[str, int] | None = field(default=None, metadata={"sets_ranks": True})
     keep_unranked: bool = False
     output_format: str | None = field(default=None, metadata=flag(
@@ -167,6 +171,8 @@ class ResizeOptions:
         if needs_base and self.base is None:
             raise OptionsError(f"{needs_base[0]} measures losses against the base model: add --base MODEL (the "
                                "checkpoint the LoRA was trained on)")
+        if self.base_variant is not None and self.base is None:
+            raise OptionsError("--base-variant chooses the weight files of --base: add --base MODEL")
         if self.arch is not None and self.arch not in architectures():
             raise OptionsError(f"--arch must be one of {', '.join(architectures())}, got {self.arch!r}")
         if self.threads is not None and not _whole_at_least_one(self.threads):

@@ -278,3 +278,54 @@ def test_a_damaged_base_is_refused_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "holds NaN or Inf" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_diffusers_folder_with_variants_is_read_as_diffusers_reads_it(tmp_path, capsys):
+    # non_ema and fp16 files sort before the plain one: the plain one is the model, unless a variant is asked for
+    g = torch.Generator().manual_seed(11)
+    W, parts, part = flux_base(g)
+    folder = tmp_path / "FLUX.1-dev"
+    (folder / "transformer").mkdir(parents=True)
+    plain = {f"{p}.weight": part(p).contiguous() for p in parts}
+    other = {k: torch.randn(v.shape, generator=g) for k, v in plain.items()}
+    write_lora(folder / "transformer" / "diffusion_pytorch_model.safetensors", plain)
+    write_lora(folder / "transformer" / "diffusion_pytorch_model.non_ema.safetensors", other)
+    write_lora(folder / "transformer" / "diffusion_pytorch_model.fp16.safetensors", {k: v.half() for k, v in
+                                                                                       plain.items()})
+    spec = {"lora_unet_double_blocks_0_img_attn_qkv": (48, 16, None), "lora_unet_single_blocks_0_linear1":
+            (112, 16, None), "lora_unet_final_layer_adaLN_modulation_1": (32, 16, None),
+            "lora_unet_double_blocks_0_img_mlp_0": (64, 16, None)}
+    sd = lora(spec, g)
+    src = write_lora(tmp_path / "musubi.safetensors", sd)
+    names = {"lora_unet_" + n.replace(".", "_"): w for n, w in W.items()}
+    res = lora_resize.resize(src, tmp_path / "o.safetensors", rank=2, base=str(folder), precision="float")
+    check(res.layers, sd, names)
+    res = lora_resize.resize(src, tmp_path / "o.safetensors", rank=2, base=str(folder), base_variant="fp16",
+                             precision="float")
+    check(res.layers, sd, {k: w.half() for k, w in names.items()})
+    assert main(["resize", str(src), "-o", str(tmp_path / "x.safetensors"), "--rank", "2", "--base", str(folder),
+                 "--base-variant", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "--base-variant bf16: no weight file of that variant" in err and len(err.strip().splitlines()) == 1
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    assert main(["analyze", str(src), "--base", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "choose one with --base-variant fp16" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_fp8_base_with_an_unknown_scale_is_refused_in_one_line(tmp_path, capsys):
+    g = torch.Generator().manual_seed(12)
+    W, _, _ = flux_base(g)
+    sd = lora({"lora_unet_" + n.replace(".", "_"): (w.shape[0], w.shape[1], None) for n, w in W.items()}, g)
+    src = write_lora(tmp_path / "l.safetensors", sd)
+    fp8 = {}
+    for n, w in W.items():
+        fp8[f"model.diffusion_model.{n}.weight"] = (w / 0.5).to(torch.float8_e4m3fn)
+        fp8[f"model.diffusion_model.{n}.weight_scale"] = torch.tensor(0.5)
+        fp8[f"model.diffusion_model.{n}.weight_scale_2"] = torch.tensor(0.01)
+    ck = write_lora(tmp_path / "nvfp4ish.safetensors", fp8)
+    dst = tmp_path / "x.safetensors"
+    assert main(["resize", str(src), "-o", str(dst), "--rank", "2", "--base", str(ck)]) == 2
+    err = capsys.readouterr().err
+    assert "weight_scale_2" in err and "meaning is not known" in err and len(err.strip().splitlines()) == 1, err
+    assert not dst.exists()

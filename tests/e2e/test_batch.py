@@ -166,3 +166,42 @@ def test_memory_budget_bounds_the_files_in_flight(tmp_path, monkeypatch, budget,
     res = run_batch(src, tmp_path / "out", ResizeOptions(rank=2), workers=4, max_memory=budget)
     assert [f.status for f in res.files] == ["ok"] * 8
     assert state["peak"] == most, state
+
+
+@pytest.mark.parametrize("names", [("a.pt", "a.safetensors"), ("x", "x.safetensors"), ("sub/M.ckpt", "sub/m.pth"),
+                                   ("Caf\u00e9.safetensors", "Cafe\u0301.pt")],
+                         ids=["suffix", "no-suffix", "case", "unicode-normalisation"])
+def test_two_inputs_for_one_output_are_refused_before_any_work(tmp_path, capsys, names):
+    src, out = tmp_path / "in", tmp_path / "out"
+    for i, name in enumerate(names):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        sd = make_state_dict(SPECS, seed=i)
+        if name.endswith((".pt", ".pth", ".ckpt")):
+            torch.save(sd, src / name)
+        else:
+            write_lora(src / name, sd)
+    write_lora(src / "other.safetensors", make_state_dict(SPECS, seed=7))
+    with pytest.raises(OptionsError) as e:
+        run_batch(src, out, ResizeOptions(rank=3))
+    assert all(n in str(e.value) for n in names) and "rename one" in str(e.value)
+    assert not [p for p in out.rglob("*") if p.is_file()]  # nothing done, not even the file without a clash
+    assert main(["batch", str(src), str(out), "--rank", "3", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "would both be written as" in err
+
+
+def test_a_rerun_skips_only_outputs_that_are_still_the_ones_written(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name, seed in (("a.safetensors", 1), ("b.safetensors", 2), ("c.safetensors", 3)):
+        write_lora(src / name, make_state_dict(SPECS, seed=seed))
+    opts = ResizeOptions(rank=3, precision="float")
+    assert {f.status for f in run_batch(src, out, opts).files} == {"ok"}
+    want = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    (out / "a.safetensors").write_bytes(want["b.safetensors"])  # another input's output put in its place
+    (out / "b.safetensors").write_bytes(want["b.safetensors"][:-4] + b"\0\0\0\0")  # changed
+    again = run_batch(src, out, opts)
+    assert {f.file: f.status for f in again.files} == {"a.safetensors": "ok", "b.safetensors": "ok",
+                                                        "c.safetensors": "skipped"}
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == want
+    assert {f.status for f in run_batch(src, out, opts).files} == {"skipped"}

@@ -4,6 +4,10 @@ file written over, the input unchanged - and a name outside the folder, or no in
 that writes nothing. (The browser test drives the same jobs through the page.)"""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,27 +35,36 @@ def files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def saved(status: str, offered: str, work: Path) -> Path:
+    """The file a job saved (its status' last line), checked against the one offered for download: a copy in the
+    work folder (the page never serves the LoRA folder)."""
+    path = Path(status.rsplit("saved as ", 1)[1])
+    assert work.resolve() in Path(offered).resolve().parents and Path(offered).read_bytes() == path.read_bytes()
+    return path
+
+
 def test_the_folder_is_listed_and_results_are_saved_beside_the_picked_file(folder, tmp_path):
-    app = App(tmp_path / "work", folder)
+    work = tmp_path / "work"
+    app = App(work, folder)
     assert app.choices() == ["b.safetensors", "sub/a.safetensors"]
     before = files(folder)
-    status, path = app.resize(None, "sub/a.safetensors", "--method sv_fro --param 0.9 --rank 6")
-    assert path == str(folder / "sub" / "a_resized.safetensors") and status.endswith(f"saved as {path}")
+    path = saved(*app.resize(None, "sub/a.safetensors", "--method sv_fro --param 0.9 --rank 6"), work)
+    assert path == folder / "sub" / "a_resized.safetensors"
     want = tmp_path / "cli.safetensors"
     assert main(["resize", str(folder / "sub" / "a.safetensors"), "-o", str(want), "--method", "sv_fro", "--param",
                  "0.9", "--rank", "6", "-q"]) == 0
-    assert Path(path).read_bytes() == want.read_bytes()
+    assert path.read_bytes() == want.read_bytes()
     # again: a new name, the first result kept
-    _, again = app.resize(None, "sub/a.safetensors", "--rank 4")
-    assert again == str(folder / "sub" / "a_resized_2.safetensors")
-    assert Path(path).read_bytes() == want.read_bytes()
-    _, converted = app.convert(None, "b.safetensors", "diffusers")
+    again = saved(*app.resize(None, "sub/a.safetensors", "--rank 4"), work)
+    assert again == folder / "sub" / "a_resized_2.safetensors"
+    assert path.read_bytes() == want.read_bytes()
+    converted = saved(*app.convert(None, "b.safetensors", "diffusers"), work)
     assert main(["convert", str(folder / "b.safetensors"), "-o", str(want), "--to", "diffusers", "-q"]) == 0
-    assert converted == str(folder / "b_diffusers.safetensors") and Path(converted).read_bytes() == want.read_bytes()
-    _, merged = app.merge(None, ["b.safetensors", "sub/a.safetensors"], "1 -0.5", "--rank 8")
+    assert converted == folder / "b_diffusers.safetensors" and converted.read_bytes() == want.read_bytes()
+    merged = saved(*app.merge(None, ["b.safetensors", "sub/a.safetensors"], "1 -0.5", "--rank 8"), work)
     assert main(["merge", f"{folder / 'b.safetensors'}:1", f"{folder / 'sub' / 'a.safetensors'}:-0.5", "-o",
                  str(want), "--rank", "8", "-q"]) == 0
-    assert merged == str(folder / "merged.safetensors") and Path(merged).read_bytes() == want.read_bytes()
+    assert merged == folder / "merged.safetensors" and merged.read_bytes() == want.read_bytes()
     after = files(folder)
     assert {k: after[k] for k in before} == before  # inputs untouched
     assert app.analyze(None, "b.safetensors", 0)[4].startswith("b.safetensors: 350 layers")
@@ -101,10 +114,136 @@ def test_a_dangling_link_is_skipped_and_a_read_only_folder_falls_back_to_the_wor
                                                                                           monkeypatch):
     app = App(tmp_path / "work", folder)
     (folder / "b_resized.safetensors").symlink_to(tmp_path / "nowhere.safetensors")
-    _, path = app.resize(None, "b.safetensors", "--rank 4")
-    assert path == str(folder / "b_resized_2.safetensors") and not (tmp_path / "nowhere.safetensors").exists()
+    path = saved(*app.resize(None, "b.safetensors", "--rank 4"), tmp_path / "work")
+    assert path == folder / "b_resized_2.safetensors" and not (tmp_path / "nowhere.safetensors").exists()
     import lora_resize.ui.app as ui_app
     monkeypatch.setattr(ui_app.os, "access", lambda p, mode: Path(p) != folder / "sub")  # sub/ is read-only
     status, path = app.resize(None, "sub/a.safetensors", "--rank 4")
     assert Path(path).parent.parent == tmp_path / "work" and status.endswith(f"saved as {path}")
     assert sorted(p.name for p in (folder / "sub").iterdir()) == ["a.safetensors"]
+
+
+def test_overlapping_jobs_never_share_a_name_or_a_folder(folder, tmp_path):
+    # two jobs at once on one picked file (two browser tabs): two results beside it, each the CLI's file; two
+    # uploads at once: two job folders
+    work = tmp_path / "work"
+    app = App(work, folder)
+    results: list[tuple[str, str | None]] = []
+    start = threading.Barrier(4)
+
+    def job(kind):
+        start.wait()
+        if kind == "picked":
+            results.append(app.resize(None, "b.safetensors", "--rank 4"))
+        else:
+            results.append(app.convert(str(folder / "b.safetensors"), None, "comfy"))
+    threads = [threading.Thread(target=job, args=(k,)) for k in ("picked", "picked", "upload", "upload")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(out is not None for _, out in results), results
+    beside = sorted(saved(st, out, work) for st, out in results if "b_resized" in st)
+    assert beside == [folder / "b_resized.safetensors", folder / "b_resized_2.safetensors"]
+    want = tmp_path / "cli.safetensors"
+    assert main(["resize", str(folder / "b.safetensors"), "-o", str(want), "--rank", "4", "-q"]) == 0
+    assert all(p.read_bytes() == want.read_bytes() for p in beside)
+    uploads = [Path(out) for st, out in results if "b_comfy" in out]
+    assert len(uploads) == 2 and uploads[0].parent != uploads[1].parent
+
+
+def test_torch_threads_of_overlapping_jobs_come_back(folder, tmp_path):
+    # each job sets torch's (process-wide) thread count while it runs; overlapping jobs must leave it as it was
+    import torch
+    app = App(tmp_path / "work", folder)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads = [threading.Thread(target=app.resize, args=(None, "b.safetensors", "--rank 4")) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_work_folder_the_page_made_is_removed_on_close(folder, tmp_path):
+    app = App(None, folder)
+    status, out = app.resize(None, "b.safetensors", "--rank 4")
+    assert app.workdir.is_dir() and app.workdir in Path(out).parents
+    app.close()
+    assert not app.workdir.exists()
+    given = tmp_path / "given"
+    App(given, folder).close()  # a folder it was given is the caller's
+    assert given.is_dir()
+
+
+# The served page runs in a child process: a launched Gradio server leaves its event loop to the garbage collector,
+# whose warning would land in other tests' warning checks. The child serves on 127.0.0.1 only and prints what it saw.
+SERVED = r"""
+import json, sys, tempfile, urllib.error, urllib.request
+from pathlib import Path
+from gradio.utils import get_upload_folder
+from lora_resize.ui import app as ui_app
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+folder, case = Path(sys.argv[1]), sys.argv[2]
+out = {}
+if case == "files":
+    url = ui_app.serve("127.0.0.1", None, block=False, loras=folder).local_url.rstrip("/")
+    out["lora folder"] = {p.relative_to(folder).as_posix(): get(f"{url}/gradio_api/file={p}")
+                          for p in sorted(folder.rglob("*")) if p.is_file()}
+    Path(get_upload_folder()).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=get_upload_folder()) as up:  # where Gradio keeps what is uploaded
+        (Path(up) / "x.txt").write_text("uploaded")
+        out["upload"] = get(f"{url}/gradio_api/file={Path(up) / 'x.txt'}")
+elif case == "auth":
+    url = ui_app.serve("127.0.0.1", None, block=False, loras=folder, auth=("me", "a-long-passphrase")
+                       ).local_url.rstrip("/")
+    out["config"] = get(f"{url}/config")
+    out["file"] = get(f"{url}/gradio_api/file={folder / 'readme.txt'}")
+else:  # an address other machines reach (only loopback may be bound in tests: the check is made to say so)
+    ui_app.is_loopback = lambda host: False
+    ui_app.serve("127.0.0.1", None, block=False, loras=folder, auth=("me", "pw") if case == "reachable+auth" else None)
+print(json.dumps(out))
+"""
+
+
+def served(folder: Path, case: str) -> tuple[dict, str]:
+    """(what the child saw, its stderr)."""
+    p = subprocess.run([sys.executable, "-c", SERVED, str(folder), case], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
+
+
+def test_the_page_serves_no_file_of_the_lora_folder(folder):
+    (folder / ".env").write_text("SECRET=1")
+    seen, _ = served(folder, "files")
+    assert seen["lora folder"] and set(seen["lora folder"].values()) == {403}, seen
+    assert seen["upload"] == 200  # the route itself works
+
+
+def test_a_password_guards_the_page_and_serving_beyond_loopback_warns(folder):
+    seen, err = served(folder, "auth")
+    assert seen == {"config": 401, "file": 401} and "warning" not in err
+    _, err = served(folder, "reachable")
+    lines = [x for x in err.splitlines() if "warning" in x]
+    assert len(lines) == 1 and "no password" in lines[0] and "--auth" in lines[0], err
+    _, err = served(folder, "reachable+auth")
+    assert "warning" not in err
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                            ("0.0.0.0", False), ("192.0.2.7", False), ("::", False)])
+def test_loopback_is_told_from_reachable_addresses(host, loopback):
+    from lora_resize.ui.app import is_loopback
+    assert is_loopback(host) is loopback

@@ -29,3 +29,41 @@ def test_bad_host_port_and_a_taken_port_are_one_line_errors():
             assert "Traceback" not in p.stderr
     finally:
         taken.close()
+
+
+def test_a_bad_auth_is_a_one_line_error():
+    import os
+    for argv, env, why in ((["--auth", "nopassword"], {}, "--auth must be USER:PASS"),
+                           (["--auth", ":pw"], {}, "--auth must be USER:PASS"),
+                           ([], {"LORA_RESIZE_UI_AUTH": "user:"}, "LORA_RESIZE_UI_AUTH must be USER:PASS")):
+        p = subprocess.run([sys.executable, "-m", "lora_resize.cli", "ui", *argv], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, **env})
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and lines[-1].startswith("lora-resize: error:") and why in lines[-1], p.stderr
+
+
+def test_the_work_folder_is_removed_when_the_page_stops(tmp_path):
+    # Ctrl+C (SIGINT) stops the page; its work folder (under the temp folder) goes with it
+    import os
+    import signal
+    import time
+    env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "lora_resize.cli", "ui", "--port", str(port)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stdout.readline()
+        assert "serving http://127.0.0.1" in line, (line, p.stderr.read() if p.poll() is not None else "")
+        assert [x.name for x in tmp_path.glob("lora-resize-ui-*")], list(tmp_path.iterdir())
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    deadline = time.monotonic() + 5
+    while list(tmp_path.glob("lora-resize-ui-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(tmp_path.glob("lora-resize-ui-*"))

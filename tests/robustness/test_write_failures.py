@@ -125,10 +125,14 @@ def test_cannot_create_the_temporary_file(tmp_path, capsys, monkeypatch, src, er
     dst = _setup(tmp_path, ".safetensors")
     sha = file_sha(src)
 
-    def mkstemp(*a, **k):
-        raise OSError(err_no, os.strerror(err_no))
+    real_open = os.open
 
-    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
+    def os_open(path, *a, **k):
+        if os.path.basename(path).startswith(files.TMP_PREFIX):
+            raise OSError(err_no, os.strerror(err_no))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(files.os, "open", os_open)
     rc = main(_argv(src, dst))
     _check_failed(rc, capsys.readouterr().err, dst, src, sha, os.strerror(err_no), "writable output folder")
 

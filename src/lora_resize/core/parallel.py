@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -39,16 +40,30 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_THREADS_LOCK = threading.Lock()
+_threads_held = 0  # torch_threads blocks open now, in any thread of the process
+_threads_before = 0  # torch's thread count before the first of them
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """Set torch's intra-op thread count for the duration, then restore it."""
+    """Set torch's intra-op thread count (a setting of the whole process) for the duration; the count from before
+    the first open block comes back when the last one closes. Jobs overlapping on threads (the page, the nodes,
+    library users) thus never restore each other's setting midway nor leave theirs behind."""
+    global _threads_held, _threads_before
     import torch  # here: this module is imported by batch's bookkeeping, which needs no torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    with _THREADS_LOCK:
+        if _threads_held == 0:
+            _threads_before = torch.get_num_threads()
+        _threads_held += 1
+        torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _THREADS_LOCK:
+            _threads_held -= 1
+            if _threads_held == 0:
+                torch.set_num_threads(_threads_before)
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:

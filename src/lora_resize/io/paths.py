@@ -9,6 +9,12 @@ from ..errors import InputFileError, OutputFileError
 from .files import SAFETENSORS_SUFFIXES
 
 OUTPUT_SUFFIXES = SAFETENSORS_SUFFIXES + (".pt", ".pth", ".ckpt")
+# Windows' rules for a file name (Microsoft's "Naming Files, Paths, and Namespaces"), the narrowest of the three
+# platforms: these characters, control characters, a trailing space or dot, and the device names, any suffix added
+WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*')
+WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                             *(f"LPT{i}" for i in range(1, 10))})
+NAME_MAX = 255  # bytes, on Linux' and macOS' file systems (and characters on NTFS)
 ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapter_model.bin")
 
 
@@ -55,11 +61,31 @@ def output_file(dst: str | os.PathLike, src: Path, file_name: str | None) -> tup
     return path, False
 
 
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be one file's name on every platform, or None. On Windows `a:b` would write an alternate
+    data stream of file `a`, `x.` is stored as `x`, `NUL.safetensors` is the null device."""
+    if not name.strip() or name in (".", ".."):
+        return "it is empty"
+    bad = sorted({c for c in name if c in WINDOWS_FORBIDDEN or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        return f"it holds {''.join(bad)!r}, which a file name cannot hold on Windows"
+    if name[-1] in " .":
+        return "it ends in a space or a dot, which Windows drops"
+    if name.split(".", 1)[0].rstrip(" ").upper() in WINDOWS_DEVICES:
+        return f"{name.split('.', 1)[0]} is a device on Windows"
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        return f"it is longer than {NAME_MAX} bytes"
+    return None
+
+
 def check_output_path(src: Path, dst: Path, new_folder: bool = False) -> None:
     """Refuse outputs that would lose data or cannot be written (OutputFileError), before any work is done.
     `new_folder`: dst's folder is made when it is written (its parent must exist)."""
     if dst.suffix.lower() not in OUTPUT_SUFFIXES:
         raise OutputFileError(f"output {dst} must end in .safetensors (or .pt/.pth/.ckpt), or end in / for a folder")
+    problem = name_problem(dst.name) if os.name == "nt" else None
+    if problem:
+        raise OutputFileError(f"output name {dst.name!r} cannot be written here: {problem}; choose another name")
     if dst.is_symlink():
         raise OutputFileError(f"output {dst} is a symbolic link; give the real path (or remove the link)")
     if dst.is_dir():

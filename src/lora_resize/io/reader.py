@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ ST_TO_TORCH = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
-
+READ_CHUNK = 1 << 26  # bytes per read where a read copies (os.pread, a seek and read)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class SafetensorsReader(_Closing):
 
     def __init__(self, path: Path):
         self.path = path
+        self._lock = threading.Lock()
         try:
             self._file = open(path, "rb")
         except OSError as e:
@@ -147,11 +149,28 @@ class SafetensorsReader(_Closing):
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
         pos = 0
         while pos < end - begin:
-            got = os.preadv(self._file.fileno(), [view[pos:]], self._data_start + begin + pos)
+            got = self._read_at(view[pos:], self._data_start + begin + pos)
             if got <= 0:
                 raise self._bad(f"tensor {key!r} is cut short (file changed or truncated while reading)")
             pos += got
         return out
+
+    def _read_at(self, view: memoryview, offset: int) -> int:
+        """Read into `view` from byte `offset` of the file; returns the bytes read (0 at the end). Positional reads
+        where the OS has them (os.preadv, os.pread: POSIX); elsewhere (Windows) a seek and read under this
+        reader's lock, so threads sharing the reader never see each other's file position."""
+        fd = self._file.fileno()
+        preadv = getattr(os, "preadv", None)
+        if preadv is not None:
+            return preadv(fd, [view], offset)
+        pread = getattr(os, "pread", None)
+        if pread is not None:
+            data = pread(fd, min(len(view), READ_CHUNK), offset)
+            view[:len(data)] = data
+            return len(data)
+        with self._lock:
+            self._file.seek(offset)
+            return self._file.readinto(view[:READ_CHUNK]) or 0
 
     def close(self) -> None:
         self._file.close()

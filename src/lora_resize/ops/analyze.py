@@ -64,7 +64,8 @@ def default_sweep(base: bool = False) -> dict[str, tuple]:
 
 
 # what a decomposition is read under: another value needs the file read (and decomposed) again
-READ_UNDER = {"output_format": "the output layout", "arch": "the architecture", "base": "the base model"}
+READ_UNDER = {"output_format": "the output layout", "arch": "the architecture", "base": "the base model",
+              "base_variant": "the base model's variant"}
 
 
 class Evaluator:

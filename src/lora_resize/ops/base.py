@@ -51,11 +51,11 @@ class Piece:
 
 
 def base_norms(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
-               base: str | os.PathLike, arch_name: str | None = None
+               base: str | os.PathLike, arch_name: str | None = None, variant: str | None = None
                ) -> tuple[dict[str, BaseNorms], list[str]]:
-    """(module name -> the norms of the base weight it patches, notes) for `layout`'s modules. Raises
-    LoraStructureError when the LoRA's model is not known, or the base is another model's; InputFileError for a
-    base that cannot be read."""
+    """(module name -> the norms of the base weight it patches, notes) for `layout`'s modules; `variant`: the
+    weight files of a diffusers folder to read (io.checkpoint.Checkpoint). Raises LoraStructureError when the
+    LoRA's model is not known, or the base is another model's; InputFileError for a base that cannot be read."""
     scheme = scheme_of(layout)
     try:
         arch = detect_arch(layout, scheme, arch_name, infos, metadata)
@@ -67,7 +67,7 @@ def base_norms(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mappin
                                         [(n.component, n.path) for _, n in read if n is not None], hint)
     norms: dict[str, BaseNorms] = {}
     unmatched, mismatched, found = [], [], []
-    with Checkpoint(base) as ck:
+    with Checkpoint(base, variant) as ck:
         for m, n in read:
             out, (inp, *kernel) = m.weight_shape(infos)
             pieces = locate(n, arch, out, inp, ck, sdxl) if n is not None else None

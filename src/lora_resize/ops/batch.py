@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import time
+import unicodedata
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class FileResult:
     error: str | None = None
     input_sha256: str | None = None
     options_key: str | None = None
+    output_sha256: str | None = None  # of the output this entry wrote: a rerun skips only while it is still there
 
 
 @dataclass
@@ -80,6 +82,24 @@ def _content_is_safetensors(folder: Folder, rel: str) -> bool:
         return False
 
 
+def output_names(files: list[str]) -> dict[str, str]:
+    """Each input's output (relative path -> the same path as .safetensors), checked to be one output per input
+    before any work starts. Raises OptionsError naming two inputs that would be written to one output: `a.pt` and
+    `a.safetensors`, `x` and `x.safetensors`, or names that differ only in case or Unicode normalisation (one file
+    on Windows' and macOS' file systems)."""
+    out: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for rel in files:
+        out_rel = Path(rel).with_suffix(".safetensors").as_posix()
+        key = unicodedata.normalize("NFC", out_rel).casefold()
+        if key in taken:
+            raise OptionsError(f"inputs {taken[key]} and {rel} would both be written as {out_rel}; rename one of "
+                               "them (each output is named after its input, as .safetensors)")
+        taken[key] = rel
+        out[rel] = out_rel
+    return out
+
+
 def options_key(opts: ResizeOptions) -> str:
     """A digest of the options that change the output (not threads or device)."""
     d = {k: v for k, v in opts.as_dict().items() if k not in ("threads", "device")}
@@ -108,6 +128,8 @@ def resize_file(src: str, dst: str, options: dict, threads: int) -> dict:
             with open(local_src, "rb") as f:
                 row.input_sha256 = sha256_of(f)  # here, in parallel, not in the scheduling process
             result = resize(local_src, local_dst, ResizeOptions(**{**options, "threads": threads}))
+            with open(local_dst, "rb") as f:
+                row.output_sha256 = sha256_of(f)
         worst = result.min_fro
         row.status, row.format, row.out_bytes = "ok", result.format, result.output_bytes
         row.mean_fro, row.min_fro = result.mean_fro, worst.fro_retained if worst else None
@@ -148,8 +170,9 @@ def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: Re
     """Resize every LoRA under `in_dir` into the same relative paths (as .safetensors) under `out_dir`. Either may
     be a local folder or an fsspec URL (s3://bucket/loras, memory://x, ...; the store's fsspec package installed).
 
-    Files whose output exists and whose manifest entry has the same input hash and options are skipped unless
-    `force`. At most `workers` processes run at once, and no more files at once than fit `max_memory` bytes.
+    Each input's output must be its own (output_names: a clash is refused before any work). A file is skipped
+    unless `force` when its manifest entry has the same input hash and options and its output is still the file
+    that entry wrote (its sha256). At most `workers` processes run at once, and no more files at once than fit `max_memory` bytes.
     With `dask` (a scheduler address such as 'tcp://host:8786', or a distributed.Client), one task per file runs on
     that cluster instead; its workers must see the same paths."""
     t0 = time.perf_counter()
@@ -162,17 +185,18 @@ def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: Re
         raise OptionsError("the output folder must not be the input folder or inside it")
     dst_root.makedirs()
     files = discover(src_root)
+    outputs = output_names(files)
     manifest = load_manifest(dst_root)
     key = options_key(options)
     result = BatchResult()
     todo: list[tuple[str, str, str, int]] = []  # relative path, output location, input sha256, input size
-    for rel in files:
-        out_rel = Path(rel).with_suffix(".safetensors").as_posix()
+    for rel, out_rel in outputs.items():
         if dst_root.local and (dst_root.root / out_rel).parent.is_dir():
             remove_stale_partials(dst_root.root / out_rel)  # left by a run killed while writing this file
         old = manifest.get(rel)
         if (not force and old and old.get("status") == "ok" and old.get("options_key") == key
-                and dst_root.exists(out_rel) and old.get("input_sha256") == src_root.sha256(rel)):
+                and dst_root.exists(out_rel) and old.get("input_sha256") == src_root.sha256(rel)
+                and old.get("output_sha256") == dst_root.sha256(out_rel)):
             result.files.append(FileResult(**{**old, "status": "skipped"}))
             continue
         todo.append((rel, dst_root.location(out_rel), src_root.size(rel)))  # the worker hashes the input

@@ -77,7 +77,7 @@ def with_base(jobs: list[LayerJob], layout: Layout, infos: Mapping[str, TensorIn
     if opts.base is None:
         return []
     t = time.perf_counter()
-    norms, notes = base_norms(layout, infos, metadata, opts.base, opts.arch)
+    norms, notes = base_norms(layout, infos, metadata, opts.base, opts.arch, opts.base_variant)
     for j in jobs:
         j.base = norms.get(j.name)
     return notes + [f"{len(norms)} base weight(s) measured in {time.perf_counter() - t:.1f} s"]

@@ -8,10 +8,16 @@ the file `lora-resize resize IN -o OUT <the flags shown>` makes, byte for byte. 
 message in the page's status box; nothing partial is offered for download."""
 from __future__ import annotations
 
+import atexit
 import html
+import ipaddress
 import os
 import shlex
+import shutil
+import socket
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -34,12 +40,6 @@ SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
 
 def _uploaded(upload) -> str:
     return upload if isinstance(upload, str) else upload.name
-
-
-def _done(result) -> tuple[str, str]:
-    """The status text and the file offered for download."""
-    from ..report.text import summary
-    return f"{summary(result)}\nsaved as {result.dst}", str(result.dst)
 
 
 def _progress(progress: gr.Progress, desc: str):
@@ -80,14 +80,24 @@ def _split(flags: str) -> list[str]:
 
 class App:
     """The page's jobs. Inputs: an uploaded file, or a file picked from `loras` (a folder, searched recursively).
-    Outputs go to `workdir` (one folder per job, under the input's name), or, for a picked input, into `loras`
-    beside it under a free name (`<stem>_resized.safetensors`, then `_2`, `_3`...: nothing is written over)."""
+    Outputs go to `workdir` (a new folder per job, under the input's name), or, for a picked input, into `loras`
+    beside it under a free name (`<stem>_resized.safetensors`, then `_2`, `_3`...: nothing is written over, also
+    when jobs overlap). The file offered for download is always in `workdir` (a copy of one saved beside its input):
+    the page serves its own outputs, never the folder. `workdir` None: a new temporary folder, which `close`
+    removes."""
 
-    def __init__(self, workdir: str | Path, loras: str | Path | None = None):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: str | Path | None = None, loras: str | Path | None = None):
+        self._own = workdir is None
+        self.workdir = Path(workdir if workdir is not None else tempfile.mkdtemp(prefix="lora-resize-ui-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.loras = Path(loras).resolve() if loras is not None else None
-        self._n = 0
+        self._lock = threading.Lock()
+        self._reserved: set[Path] = set()  # names chosen beside a picked file by jobs still running
+
+    def close(self) -> None:
+        """Remove the work folder if the page made it (the page's outputs and their copies)."""
+        if self._own:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def choices(self) -> list[str]:
         """The LoRA files under `loras`, as paths relative to it (hidden folders skipped), sorted."""
@@ -114,16 +124,32 @@ class App:
                               else "upload a LoRA file first")
 
     def _out(self, name: str, beside: Path | None = None) -> Path:
-        if beside is not None:
-            stem, n = Path(name).stem, 1
-            while os.path.lexists(beside / name):  # a dangling link counts: never written through
+        """Where a job writes `name`: a new folder of its own in the work folder, or `beside` under a free name,
+        reserved until `_release` (two jobs at once never pick the same one)."""
+        if beside is None:
+            return Path(tempfile.mkdtemp(prefix="job", dir=self.workdir)) / name
+        stem, n = Path(name).stem, 1
+        with self._lock:
+            # a dangling link counts as taken: never written through
+            while os.path.lexists(beside / name) or beside / name in self._reserved:
                 n += 1
                 name = f"{stem}_{n}.safetensors"
-            return beside / name
-        self._n += 1
-        folder = self.workdir / f"job{self._n}"
-        folder.mkdir()
-        return folder / name
+            self._reserved.add(beside / name)
+        return beside / name
+
+    def _release(self, dst: Path | None) -> None:
+        with self._lock:
+            self._reserved.discard(dst)
+
+    def _done(self, result) -> tuple[str, str]:
+        """The status text and the file offered for download: the result, or a copy in the work folder of one saved
+        beside its input (Gradio serves what a job returns; the LoRA folder is never exposed)."""
+        from ..report.text import summary
+        offered = Path(result.dst)
+        if self.workdir.resolve() not in offered.resolve().parents:
+            offered = self._out(offered.name)
+            shutil.copyfile(result.dst, offered)
+        return f"{summary(result)}\nsaved as {result.dst}", str(offered)
 
     # -- analyze ------------------------------------------------------------------------------------------------
     def analyze(self, upload, picked, cap, progress=gr.Progress()):
@@ -161,18 +187,22 @@ class App:
     def resize(self, upload, picked, flags, progress=gr.Progress()):
         from ..cli.flags import options_from
         from ..ops.resize import resize
+        dst = None
         try:
             src, beside = self._source(upload, picked)
             dst = self._out(Path(src).stem + "_resized.safetensors", beside)
             args = _parse("resize", [src, "-o", str(dst)], flags)
             result = resize(src, dst, options_from(args), progress=_progress(progress, "resizing"))
+            return self._done(result)
         except LoraResizeError as e:
             return f"error: {e}", None
-        return _done(result)
+        finally:
+            self._release(dst)
 
     def merge(self, uploads, picked, weights, flags, progress=gr.Progress()):
         from ..cli.flags import options_from
         from ..ops.merge import Source, merge
+        dst = None
         try:
             paths = [str(self._picked(p)) for p in (picked or [])] + [_uploaded(u) for u in (uploads or [])]
             if len(paths) < 2:
@@ -187,19 +217,24 @@ class App:
             dst = self._out("merged.safetensors", self.loras if picked and not uploads else None)
             args = _parse("merge", [f"{p}:{w}" for p, w in zip(paths, ws)] + ["-o", str(dst)], flags)
             result = merge(sources, dst, options_from(args), progress=_progress(progress, "merging"))
+            return self._done(result)
         except LoraResizeError as e:
             return f"error: {e}", None
-        return _done(result)
+        finally:
+            self._release(dst)
 
     def convert(self, upload, picked, layout, progress=gr.Progress()):
         from ..ops.convert import convert
+        dst = None
         try:
             src, beside = self._source(upload, picked)
             dst = self._out(Path(src).stem + f"_{layout}.safetensors", beside)
             result = convert(src, dst, layout, progress=_progress(progress, "converting"))
+            return self._done(result)
         except LoraResizeError as e:
             return f"error: {e}", None
-        return _done(result)
+        finally:
+            self._release(dst)
 
 
 def _input(app: App, label: str, prefix: str, multiple: bool = False):
@@ -214,9 +249,10 @@ def _input(app: App, label: str, prefix: str, multiple: bool = False):
     return upload, picked
 
 
-def build(workdir: str | Path | None = None, loras: str | Path | None = None) -> gr.Blocks:
-    """The page (not launched); `loras`: a folder whose LoRAs the page lists to pick from."""
-    app = App(workdir or tempfile.mkdtemp(prefix="lora-resize-ui-"), loras)
+def build(workdir: str | Path | None = None, loras: str | Path | None = None, app: App | None = None) -> gr.Blocks:
+    """The page (not launched) over `app` (default: App(workdir, loras)); `loras`: a folder whose LoRAs the page
+    lists to pick from."""
+    app = app or App(workdir, loras)
     with gr.Blocks(title="lora-resize", delete_cache=(3600, 86400)) as page:
         gr.Markdown("# lora-resize\nMake LoRA files smaller, exactly: analyze, pick a setting, resize; or merge "
                     "and convert.")
@@ -263,13 +299,45 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None) ->
     return page
 
 
+AUTH_ENV = "LORA_RESIZE_UI_AUTH"  # USER:PASS, read when --auth is not given (a flag shows in the process list)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is this machine's loopback (127.0.0.0/8, ::1): only then is the page
+    out of reach of the network."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    addresses = {info[4][0].split("%", 1)[0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
 def serve(host: str = "127.0.0.1", port: int | None = None, open_browser: bool = False, block: bool = True,
-          loras: str | Path | None = None):
-    """Start the page on `host`:`port` (None: the first free port from 7860); returns the launched Blocks."""
-    page = build(loras=loras)
-    page.queue().launch(server_name=host, server_port=port, inbrowser=open_browser, prevent_thread_lock=True,
-                        quiet=True, allowed_paths=[str(Path(loras).resolve())] if loras is not None else None)
+          loras: str | Path | None = None, auth: tuple[str, str] | None = None):
+    """Start the page on `host`:`port` (None: the first free port from 7860); returns the launched Blocks. The page
+    serves the files its jobs return (in its work folder, removed when it stops) and what is uploaded to it; never
+    the `loras` folder itself (files are picked by name from the list). `auth` (user, password): the page asks for
+    them (Gradio's login). A `host` beyond loopback without `auth` is served with a warning on stderr: anyone who
+    can reach it can use the page. Raises OSError when the address cannot be served on."""
+    app = App(None, loras)
+    atexit.register(app.close)
+    if not is_loopback(host) and auth is None:
+        print(f"lora-resize ui: warning: {host} is reachable from other machines and the page has no password: "
+              f"anyone who can reach it can upload, run jobs and download results; give --auth USER:PASS (or set "
+              f"{AUTH_ENV}), or serve on 127.0.0.1", file=sys.stderr, flush=True)
+    try:
+        page = build(app=app)
+        page.queue().launch(server_name=host, server_port=port, inbrowser=open_browser, prevent_thread_lock=True,
+                            quiet=True, auth=auth)
+    except BaseException:
+        app.close()
+        raise
     if block:
         print(f"lora-resize ui: serving {page.local_url} (Ctrl+C to stop)", flush=True)
-        page.block_thread()
+        try:
+            page.block_thread()
+        finally:
+            page.close(verbose=False)
+            app.close()
     return page

@@ -4,6 +4,7 @@ name, as to its own subcommands."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 HELP = "open a local web page: analyze, pick a setting on the curve, resize, merge, convert"
@@ -14,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
     p.add_argument("--browser", action="store_true", help="open it in the default browser")
+    p.add_argument("--auth", metavar="USER:PASS", default=None,
+                   help="ask for this user name and password before the page opens (or set LORA_RESIZE_UI_AUTH, "
+                        "which stays out of the process list); needed to serve safely beyond 127.0.0.1")
     p.add_argument("--loras", metavar="DIR", default=None,
                    help="a folder of LoRAs (e.g. ComfyUI's models/loras) to pick from, besides uploading; what is "
                         "made from a picked file is also saved beside it, under a new name")
@@ -30,13 +34,27 @@ def run(args: argparse.Namespace) -> int:
         raise OptionsError(f"--host {args.host} is not an address of this machine (e.g. 127.0.0.1)") from None
     if args.loras is not None and not Path(args.loras).is_dir():
         raise OptionsError(f"--loras {args.loras}: not a folder")
-    from .app import serve
+    from .app import AUTH_ENV, serve
+    auth = parse_auth(args.auth if args.auth is not None else os.environ.get(AUTH_ENV) or None,
+                      "--auth" if args.auth is not None else AUTH_ENV)
     import logging
     logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)  # a failed bind is said once, below
     try:
-        serve(args.host, args.port, args.browser, loras=args.loras)
+        serve(args.host, args.port, args.browser, loras=args.loras, auth=auth)
     except OSError:
         where = f"{args.host}:{args.port}" if args.port else f"{args.host} (ports from 7860)"
         raise OptionsError(f"cannot serve on {where}: the port is taken or the address is not this machine's; "
                            "choose another --port (or --host)") from None
     return 0
+
+
+def parse_auth(text: str | None, where: str) -> tuple[str, str] | None:
+    """'USER:PASS' -> (user, password) (the password may hold ':'); None for no text. Raises OptionsError for a
+    missing user or password."""
+    from ..errors import OptionsError
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise OptionsError(f"{where} must be USER:PASS with both parts, e.g. me:a-long-passphrase")
+    return user, password
