@@ -458,8 +458,20 @@ def test_lycoris_written_as_plain_lora_says_so_in_its_metadata(tmp_path, kind):
     lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
     _, meta = load_st(tmp_path / "out.safetensors")
     assert meta["ss_network_module"] == "networks.lora"
-    assert json.loads(meta["ss_network_args"]) == STILL_HOLD
+    assert json.loads(meta["ss_network_args"]) == {**STILL_HOLD, **written_conv(tmp_path / "out.safetensors")}
     assert meta["ss_base_model_version"] == BASE_METADATA["ss_base_model_version"]  # the rest is kept
+
+
+def written_conv(path) -> dict[str, str]:
+    """conv_dim / conv_alpha of the conv (4-D) pairs in the file at `path` ({} without any): what its
+    ss_network_args must say, read from the tensors written."""
+    tensors, _ = load_st(path)
+    convs = [k[: -len(".lora_down.weight")] for k, t in tensors.items() if k.endswith(".lora_down.weight") and t.dim() == 4]
+    if not convs:
+        return {}
+    name = convs[-1]
+    return {"conv_dim": str(tensors[f"{name}.lora_down.weight"].shape[0]),
+            "conv_alpha": str(float(tensors[f"{name}.alpha"]))}
 
 
 def test_flux_lycoris_written_as_plain_lora_names_sd_scripts_flux_module(tmp_path):
