@@ -50,31 +50,55 @@ class Name:
 # Reading a layout's names
 
 
-def scheme_of(layout: Layout) -> str:
-    """The layout a parsed file is in (kohya, comfy, diffusers, onetrainer, simpletuner, ai_toolkit, diffsynth,
-    or its key family's name when no layout conversion applies to it)."""
-    names = [m.name for m in layout.modules]
-    if layout.format in ("kohya", "lycoris"):
-        if names and all(n.startswith("diffusion_model.") for n in names):
-            return "comfy"
-        if names and all(n.startswith("lora_transformer_") for n in names):
-            return "onetrainer"
-        if names and all(n.startswith("lycoris_") for n in names):
-            return "simpletuner"
-        return "kohya"
-    if layout.format == "peft":
+# the layout a module's name prefix says, by key form (kohya's down/up/alpha, or A/B); a name with none of these is a
+# bare model path (DiffSynth's; Qwen-Image Lightning's and Z-Image LoKr's kohya-form files), read as "diffsynth"
+PREFIXES = {
+    "kohya": (("diffusion_model.", "comfy"), ("lora_transformer_", "onetrainer"), ("lycoris_", "simpletuner"),
+              ("lora_unet_", "kohya"), ("lora_te", "kohya")),
+    "ab": (("diffusion_model.", "ai_toolkit"), ("lora_unet_", "kohya"), ("lora_te", "kohya")),
+}
+DIFFUSERS_COMPONENTS = ("transformer", "connectors", "text_encoder_3", *sd.KOHYA_PREFIX)
+FORM = {"kohya": "kohya", "lycoris": "kohya", "comfy": "kohya", "onetrainer": "kohya", "simpletuner": "kohya",
+        "diffusers": "ab", "ai_toolkit": "ab", "diffsynth": "ab", "peft": "peft"}
+
+
+def module_scheme(name: str, form: str) -> str:
+    """The layout one module's name is in, within a file of key form `form` ('kohya', 'ab', 'peft'; or any
+    layout's name, standing for its form): a file may mix them (musubi-tuner's LTX-2 ComfyUI files key the text
+    connector without the `diffusion_model.` every other module has; OneTrainer's SD3 files hold
+    `lora_transformer_` and `lora_te1_` modules), so each module is read by its own."""
+    form = FORM.get(form, form)
+    if form == "peft":
         return "peft"
-    if layout.format == "diffusers":
-        if names and all(n.startswith("diffusion_model.") for n in names):
-            return "ai_toolkit"
-        if names and all(n.split(".", 1)[0] in ("transformer", *sd.KOHYA_PREFIX) for n in names):
-            return "diffusers"
-        return "diffsynth"
-    return layout.format
+    for prefix, scheme in PREFIXES.get(form, ()):
+        if name.startswith(prefix):
+            return scheme
+    if name.split(".", 1)[0] in DIFFUSERS_COMPONENTS and "." in name:
+        return "diffusers"
+    return "diffsynth"
+
+
+def schemes_of(layout: Layout) -> list[str]:
+    """Each module's layout (module_scheme), in the layout's order; [] for a key family no conversion reads."""
+    if layout.format not in FORM:
+        return []
+    return [module_scheme(m.name, layout.format) for m in layout.modules]
+
+
+def scheme_of(layout: Layout) -> str:
+    """The layout a parsed file is in: its modules' (kohya, comfy, diffusers, onetrainer, simpletuner, ai_toolkit,
+    diffsynth, peft), the most common one where they mix; its key family's name when no layout conversion applies
+    to it."""
+    found = schemes_of(layout)
+    if not found:
+        return layout.format
+    return max(dict.fromkeys(found), key=found.count)
 
 
 def read_name(name: str, scheme: str, arch: Architecture | None) -> Name | None:
-    """The canonical reading of module `name` of a `scheme` file (None when it does not read)."""
+    """The canonical reading of module `name` (of a file in layout `scheme`: the module's own layout is read from
+    its name, module_scheme) as a weight of `arch` (None: Stable Diffusion), or None when it does not read."""
+    scheme = module_scheme(name, scheme)
     if arch is None:  # Stable Diffusion
         if scheme == "comfy" and name.startswith("diffusion_model."):  # ComfyUI's own: the sgm UNet's paths
             name = "lora_unet_" + name.removeprefix("diffusion_model.").replace(".", "_")
@@ -91,6 +115,9 @@ def read_name(name: str, scheme: str, arch: Architecture | None) -> Name | None:
             if comp == "text_model":
                 return Name(SD, "text_encoder", name)
         return None
+    part = _read_part(arch, name, scheme)
+    if part is not None:
+        return part
     if scheme == "kohya":
         for prefix in ("lora_unet__", "lora_unet_"):
             if name.startswith(prefix):
@@ -103,12 +130,40 @@ def read_name(name: str, scheme: str, arch: Architecture | None) -> Name | None:
     if scheme == "simpletuner":
         return _flat(arch, name.removeprefix("lycoris_"), "diffusers")
     if scheme == "diffusers":
-        return _dotted(arch, name.removeprefix(f"{arch.component}."), "diffusers")
+        comp, _, path = name.partition(".")
+        return _dotted(arch, path, "diffusers") if comp == arch.component else None
     if scheme in ("diffsynth", "peft"):
         name = name.removeprefix(PEFT_PREFIX)
         return (_dotted(arch, name, "native", False) or _dotted(arch, name, "diffusers", False)
                 or _dotted(arch, name, "native"))
     return None
+
+
+def _read_part(arch: Architecture, name: str, scheme: str) -> Name | None:
+    """`name` read as a weight of one of the family's parts (a text encoder, LTX-2's text connector): by its kohya
+    or OneTrainer prefix, its diffusers component, or its native prefix; None when it is none of theirs."""
+    for part in arch.parts:
+        t = part.table
+        if scheme == "kohya" or scheme == "onetrainer":
+            for prefix in {part.kohya, part.onetrainer} - {None}:
+                hit = t.native_of(name[len(prefix):], flat=True) if name.startswith(prefix) else None
+                if hit:
+                    return Name("native", t.component, hit[0])
+        elif scheme == "diffusers" and name.startswith(t.component + "."):
+            path = name[len(t.component) + 1:]
+            if t.diffusers_of(path) is not None:
+                return Name("diffusers", t.component, path)
+        elif part.native_prefix and name.startswith(part.native_prefix):
+            path = name[len(part.native_prefix):]
+            if t.native_of(path) is not None:
+                return Name("native", t.component, path)
+    return None
+
+
+def table_of(arch: Architecture, n: Name) -> Architecture:
+    """The tables a canonical name reads in: the family's own, or its part's (n.component another model's)."""
+    part = arch.part(n.component) if n.component != arch.component else None
+    return part.table if part is not None else arch
 
 
 def tables(arch: Architecture, space: str) -> Architecture:
@@ -157,22 +212,36 @@ def detect_arch(layout: Layout, scheme: str, wanted: str | None, infos: TMapping
         return MODELS[wanted]
     names = [m.name for m in layout.modules]
     shapes = {m.name: m.weight_shape(infos) for m in layout.modules}
+    own = {n: module_scheme(n, scheme) for n in names}
     hint = hinted(metadata or {})
-    scores = []
-    sd_hits = sum(1 for n in names if read_name(n, scheme, None) is not None)
-    scores.append((sd_hits, hint == SD, 1 if sd_hits else 0, SD))
-    flat = scheme in ("kohya", "onetrainer", "simpletuner")
 
-    def fits(a: Architecture, name: str) -> bool:
-        n = read_name(name, scheme, a)
-        if n is None or not _own(a, name, scheme):
+    def denoiser(a: Architecture | None, name: str) -> bool | None:
+        """True: `name` reads as a's denoiser (the UNet, the transformer); None: as a model beside it (a text
+        encoder, which several families share: it decides nothing while a denoiser module is there)."""
+        n = read_name(name, own[name], a)
+        if n is None:
+            return False
+        if a is None:
+            return True if n.component == "unet" else None
+        if n.component != a.component:
+            return None
+        if not _own(a, name, own[name]):
             return False
         out, in_shape = shapes[name]
         return n.space == "diffusers" or tables(a, n.space).shape_ok(n.path, out, in_shape[0] if in_shape else 0)
-    for a in MODELS.values():
-        hits = sum(1 for n in names if fits(a, n))
-        space = "diffusers" if scheme in ("diffusers", "onetrainer", "simpletuner") else "native"
-        scores.append((hits, hint == a.name, a.evidence(set(names), space, flat), a.name))
+
+    def evidence(a: Architecture) -> int:
+        return sum(a.evidence({n}, "diffusers" if own[n] in ("diffusers", "onetrainer", "simpletuner") else "native",
+                              own[n] in ("kohya", "onetrainer", "simpletuner")) for n in names)
+    reads = {a: [denoiser(MODELS.get(a), n) for n in names] for a in (SD, *MODELS)}
+    anything = any(True in r for r in reads.values())
+    scores = []
+    for a, r in reads.items():
+        if anything:  # the denoiser's modules decide; the family's own text encoders are evidence
+            hits, more = r.count(True), (1 if r.count(True) else 0) if a == SD else evidence(MODELS[a]) + r.count(None)
+        else:  # a text-encoder-only file: its text encoders decide, Stable Diffusion's where others read them too
+            hits, more = r.count(None), 1 if a == SD else evidence(MODELS[a])
+        scores.append((hits, hint == a, more, a))
     scores.sort(reverse=True)
     best, second = scores[0], scores[1]
     if best[0] == 0:
@@ -199,9 +268,11 @@ def _own(arch: Architecture, name: str, scheme: str) -> bool:
 # Writing: names, and the modules that read the source's modules into the target's
 
 
-def key_base(target: str, n: Name, sdxl: bool = False) -> str:
+def key_base(target: str, n: Name, sdxl: bool = False, arch: Architecture | None = None) -> str:
     """The target layout's name for a canonical module in the target's space (`sdxl`: Stable Diffusion modules are
-    SDXL's, which kohya names by the sgm UNet's paths)."""
+    SDXL's, which kohya names by the sgm UNet's paths; `arch`: the family, whose parts - text encoders, a text
+    connector - kohya-style layouts key by their own prefixes). Raises LoraStructureError for a part the target
+    has no name for."""
     if n.space == SD:
         if target == "diffusers":
             return f"{n.component}.{n.path}"
@@ -211,24 +282,36 @@ def key_base(target: str, n: Name, sdxl: bool = False) -> str:
         if base is None:
             raise LoraStructureError(f"{n.component}.{n.path}: no kohya name is defined for this component")
         return base
-    if target == "kohya":
-        return "lora_unet_" + n.path.replace(".", "_")
-    if target == "comfy":
-        return "diffusion_model." + n.path
     if target == "diffusers":
         return f"{n.component}.{n.path}"
     if target == "peft":
         return PEFT_PREFIX + n.path
+    part = arch.part(n.component) if arch is not None and n.component != arch.component else None
+    if part is not None:
+        prefix = part.prefix(target)
+        if prefix is not None:
+            return prefix + n.path.replace(".", "_")
+        if target == "comfy" and part.native_prefix:
+            return part.native_prefix + n.path
+        raise LoraStructureError(f"{arch.title}'s {part.table.title} module {n.path} has no name known here in the "
+                                 f"{target} layout; convert to comfy or diffusers")
+    if target == "kohya":
+        return "lora_unet_" + n.path.replace(".", "_")
+    if target == "comfy":
+        return "diffusion_model." + n.path
     return "lora_transformer_" + n.path.replace(".", "_")
 
 
-def target_space(target: str, arch: Architecture | None) -> str:
+def target_space(target: str, arch: Architecture | None, component: str | None = None) -> str:
     """The names a target layout keys modules by: the model code's own ('native': its trainers'), ComfyUI's
-    ('comfy', where the family's differ), or diffusers'."""
+    ('comfy', where the family's differ; its denoiser's only), or diffusers'."""
     if target == "kohya":
         return "native"
     if target == "comfy":
-        return "comfy" if arch is not None and arch.comfy is not None else "native"
+        own = arch is not None and component in (None, arch.component)
+        return "comfy" if own and arch.comfy is not None else "native"
+    if target == "onetrainer" and arch is not None and component not in (None, arch.component):
+        return "native"  # OneTrainer keys text encoders as kohya does (lora_te1_...)
     return "diffusers"
 
 
@@ -324,7 +407,7 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
     if target is None:
         return layout
     scheme = scheme_of(layout)
-    if target == scheme or (target == family and target not in TARGETS):
+    if set(schemes_of(layout)) == {target} or (target == family and target not in TARGETS):
         return layout
     if target not in TARGETS:
         raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: the layouts are "
@@ -356,8 +439,8 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
         n = read_name(m.name, scheme, arch)
         if n is None:
             raise LoraStructureError(f"{m.name} does not read as a {arch.title if arch else 'Stable Diffusion'} "
-                                     f"module in a {scheme} file; give --arch if the model is another, or report "
-                                     "the module")
+                                     f"module in a {module_scheme(m.name, scheme)} name; give --arch if the model "
+                                     "is another, or report the module")
         read.append((m, n))
     hint = " ".join(metadata.get(k, "") for k in ("modelspec.architecture", "ss_base_model_version"))
     sdxl = arch is None and sd.is_sdxl([m.name for m in layout.modules], [(n.component, n.path) for _, n in read],
@@ -365,14 +448,16 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
     for m, n in read:
         out_rows, in_shape = m.weight_shape(infos)
         for tn, src, rows in _targets(n, m, arch, target, out_rows, in_shape):
-            base = key_base(target, tn, sdxl)
+            base = key_base(target, tn, sdxl, arch)
             if base in outputs and src.place is None:
                 raise LoraStructureError(f"{m.name} and another module both become {base} in the {target} layout")
             entry = outputs.setdefault(base, (tn, [], rows, in_shape))
             entry[1].append(src)
-    if target == "peft" and arch is None and len({tn.component for tn, *_ in outputs.values()}) > 1:
-        raise LoraStructureError("a PEFT adapter holds one model, and this file has UNet and text-encoder modules; "
-                                 "convert it to diffusers (one file for the pipeline) instead")
+    components = sorted({tn.component for tn, *_ in outputs.values()})
+    if target == "peft" and len(components) > 1:
+        raise LoraStructureError(f"a PEFT adapter holds one model, and this file has modules of {len(components)} "
+                                 f"({', '.join(components)}); convert it to diffusers (one file for the pipeline) "
+                                 "instead")
     # the target family's own modules, for its keys and conventions (alpha or not, a described config)
     ab = target in ("diffusers", "peft")
     dk, uk = (".lora_A.weight", ".lora_B.weight") if ab else (".lora_down.weight", ".lora_up.weight")
@@ -403,7 +488,7 @@ def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_row
     """(target name, source placement, target rows) for each output module that `m` (read as `n`) feeds: renamed
     when the target keys modules in `n`'s space, else through diffusers' names - a fused weight splits into its
     parts (rows of up, the shared down), and parts fuse into the target's fused weight (placed rows)."""
-    space = target_space(target, arch)
+    space = target_space(target, arch, n.component)
     if n.space == SD or n.space == space:
         yield Name(space if n.space != SD else SD, n.component, n.path), Source(m), out_rows
         return
@@ -412,7 +497,7 @@ def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_row
         parts = [(n.path, None, False, out_rows)]
     else:
         try:
-            found = tables(arch, n.space).to_diffusers(n.path, out_rows, inp)
+            found = tables(table_of(arch, n), n.space).to_diffusers(n.path, out_rows, inp)
         except (KeyError, ValueError) as e:
             raise LoraStructureError(f"{m.name}: {arch.title}'s {n.path} has no diffusers equivalent known here "
                                      f"({e}); report the module") from None
@@ -422,7 +507,7 @@ def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_row
         if space == "diffusers":
             yield Name("diffusers", n.component, path), Source(m, take=take, swap=swap), rows
             continue
-        found = tables(arch, space).native_for(path)
+        found = tables(table_of(arch, n), space).native_for(path)
         if found is None:
             raise LoraStructureError(f"{m.name}: {arch.title}'s diffusers module {path} has no {space} name known "
                                      "here; report the module")
