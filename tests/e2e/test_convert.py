@@ -283,3 +283,149 @@ def test_a_peft_output_beside_another_adapter_config_leaves_it_alone(tmp_path, c
     assert "belongs to another file and is left alone" in out
     # a conversion that grows the file (split modules, longer names) does not advise a lower rank
     assert "no layer's rank grew" in out and "--rank 4, the input's" not in out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Each module in its own layout; text encoders and text connectors; the names each consumer's key map accepts
+
+
+def _updates(sd: dict, style_of) -> dict:
+    """name -> scaled dense update of every module of a kohya-form or A/B state dict (style_of(base) -> style)."""
+    out = {}
+    for k in sd:
+        for dk, form in ((".lora_down.weight", "kohya"), (".lora_A.weight", "diffusers")):
+            if k.endswith(dk):
+                base = k[: -len(dk)]
+                out[base] = dw(sd, base, form)
+    return out
+
+
+def test_a_file_whose_modules_mix_prefixes_reads_each_by_its_own(tmp_path):
+    """musubi-tuner's LTX-2 ComfyUI files key the text connector `text_embedding_projection.aggregate_embed`
+    without the `diffusion_model.` every other module has: each module is read in its own layout, so diffusers
+    gets `transformer.<path>` and the connector as diffusers' own converter names it (`connectors.text_proj_in`,
+    lora_conversion_utils._convert_non_diffusers_ltx2_lora_to_diffusers) - never `transformer.diffusion_model.*`."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_ltx2_lora_to_diffusers as ltx2_conv
+    fn, tiny, _ = archs.NATIVE["ltx2"]
+    shapes = fn(**tiny)
+    for style, alpha in (("ai_toolkit", None), ("comfy", 2.0)):
+        sd = loras.lora_state_dict(shapes, style, rank=4, alpha=alpha, seed=3)
+        g = torch.Generator().manual_seed(4)
+        form = loras.STYLES[style][0]
+        sd["text_embedding_projection.aggregate_embed" + form[0]] = torch.randn(4, 24, generator=g)
+        sd["text_embedding_projection.aggregate_embed" + form[1]] = torch.randn(12, 4, generator=g)
+        src = write_lora(tmp_path / f"{style}.safetensors", sd)
+        res = lora_resize.convert(src, tmp_path / f"{style}_d.safetensors", "diffusers", precision="float")
+        out, _ = load_st(res.dst)
+        assert not any("diffusion_model" in k for k in out), sorted(out)[:3]
+        want = {k.rsplit(".", 2)[0] for k in ltx2_conv(sd, "text_embedding_projection")}  # diffusers' own name
+        assert want == {"connectors.text_proj_in"} and "connectors.text_proj_in.lora_A.weight" in out
+        assert {k.split(".", 1)[0] for k in out} == {"transformer", "connectors"}
+        back = lora_resize.convert(res.dst, tmp_path / f"{style}_c.safetensors", "comfy", precision="float")
+        got, _ = load_st(back.dst)
+        bases = {k.rsplit(".", 2)[0] for k in got if k.endswith("lora_down.weight")}
+        assert "text_embedding_projection.aggregate_embed" in bases
+        assert bases - {"text_embedding_projection.aggregate_embed"} == {"diffusion_model." + m.name for m in shapes}
+        a, b = _updates(sd, None), _updates(got, None)
+        for name in a:
+            assert rel_err(b[name], a[name]) < EXACT, name
+        with pytest.raises(lora_resize.LoraStructureError, match="no name known here in the kohya layout"):
+            lora_resize.convert(src, tmp_path / "k.safetensors", "kohya")
+        assert not (tmp_path / "k.safetensors").exists()
+
+
+@pytest.mark.parametrize("family, form", [("qwen_image", "kohya"), ("z_image", "kohya"), ("wan", "diffsynth"),
+                                          ("flux1", "kohya")])
+def test_bare_module_paths_convert(tmp_path, family, form):
+    """LoRAs keyed by the bare model path (Qwen-Image Lightning's `transformer_blocks.0.attn.to_q.lora_down.weight`,
+    Z-Image's; no `transformer.` / `diffusion_model.`) convert, with --arch where names are shared by families;
+    through every target and back, each module keeps its update."""
+    fn, tiny, _ = archs.NATIVE[family]
+    shapes = fn(**tiny)
+    style = "kohya" if form == "kohya" else "diffsynth"
+    sd = loras.lora_state_dict(shapes, style, rank=4, alpha=2.0 if style == "kohya" else None, seed=6)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    for target in TARGETS:
+        mid = lora_resize.convert(src, out_file(tmp_path, target, target), target, arch=family, precision="float")
+        back = lora_resize.convert(mid.dst, tmp_path / f"{target}_back.safetensors", "comfy", precision="float")
+        out, _ = load_st(back.dst)
+        for m in shapes:
+            assert rel_err(dw(out, "diffusion_model." + m.name, "kohya") if family not in ("z_image",) or
+                           "attention.to_" not in m.name else _comfy_z(out, m.name),
+                           dw(sd, m.name, style if style != "kohya" else "kohya")) < EXACT, (target, m.name)
+
+
+def _comfy_z(out: dict, name: str) -> torch.Tensor:
+    """Z-Image's q/k/v rows of ComfyUI's fused `attention.qkv` (each as wide as the layer)."""
+    p, t = name.rsplit(".", 1)
+    if t == "0":  # to_out.0 -> attention.out
+        return dw(out, "diffusion_model." + name.replace("attention.to_out.0", "attention.out"), "kohya")
+    fused = dw(out, "diffusion_model." + p + ".qkv", "kohya")
+    d = fused.shape[0] // 3
+    i = ("to_q", "to_k", "to_v").index(t)
+    return fused[i * d:(i + 1) * d]
+
+
+CLIP = dict(width=16, layers=1, mlp=24)
+
+
+def _clip(prefix: str, sep: str = "_") -> list:
+    """CLIP text-encoder modules under a prefix (kohya `lora_te1_`, flattened; diffusers `text_encoder.`, dotted)."""
+    mods = archs._clip("", CLIP["width"], CLIP["layers"], CLIP["mlp"])
+    if sep == "_":
+        return [archs.ModuleShape(prefix + m.name, m.out, m.inp) for m in mods]
+    return [archs.ModuleShape(prefix + clip_dotted(m.name), m.out, m.inp) for m in mods]
+
+
+def clip_dotted(flat: str) -> str:
+    return (flat.replace("text_model_encoder_layers_", "text_model.encoder.layers.").replace("_self_attn_", ".self_attn.")
+            .replace("_mlp_", ".mlp.").replace("layers.0_", "layers.0."))
+
+
+def test_sd3_with_its_three_text_encoders_is_detected_and_converts(tmp_path):
+    """OneTrainer's SD3 files: `lora_transformer_<diffusers path>` with `lora_te1_` (CLIP-L), `lora_te2_` (CLIP-G),
+    `lora_te3_` (T5-XXL): read as SD3 (its metadata says so), written to diffusers as `transformer.`,
+    `text_encoder.`, `text_encoder_2.`, `text_encoder_3.` (diffusers' StableDiffusion3Pipeline components) and back
+    to the same keys and updates; to kohya as sd-scripts' lora_sd3.py names them."""
+    t5 = archs._t5("lora_te3_", 16, 1, 16, 24)
+    shapes = ([archs.ModuleShape("lora_transformer_" + m.name.replace(".", "_"), m.out, m.inp)
+               for m in archs.sd3(width=16, blocks=2, prefix="")] + _clip("lora_te1_") + _clip("lora_te2_") + t5)
+    sd = loras.lora_state_dict(shapes, "kohya", rank=4, alpha=2.0, seed=7)
+    meta = {"modelspec.architecture": "stable-diffusion-v3-medium/lora"}
+    src = write_lora(tmp_path / "in.safetensors", sd, meta)
+    mid = lora_resize.convert(src, tmp_path / "d.safetensors", "diffusers", precision="float")
+    d, dmeta = load_st(mid.dst)
+    assert {k.split(".")[0] for k in d} == {"transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    assert "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight" in d
+    assert dmeta["lora_resize_arch"] == "sd3"
+    back = lora_resize.convert(mid.dst, tmp_path / "o.safetensors", "onetrainer", precision="float")
+    out, _ = load_st(back.dst)
+    assert set(out) == set(sd)
+    for m in shapes:
+        assert rel_err(dw(out, m.name, "kohya"), dw(sd, m.name, "kohya")) < EXACT, m.name
+    k = lora_resize.convert(src, tmp_path / "k.safetensors", "kohya", precision="float")
+    names = {key.rsplit(".", 2)[0] for key in load_st(k.dst)[0]}
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in names
+    assert {n for n in names if n.startswith("lora_te")} == {m.name for m in shapes if m.name.startswith("lora_te")}
+
+
+def test_flux_with_its_clip_text_encoder_is_flux_and_converts(tmp_path):
+    """diffusers' train_dreambooth_lora_flux --train_text_encoder: `transformer.*` with `text_encoder.*` (CLIP-L):
+    detected as Flux (its transformer modules decide, not the CLIP modules SD shares), the text encoder written as
+    sd-scripts' `lora_te1_` (networks/lora_flux.py) and back."""
+    sdx = loras.lora_state_dict([archs.ModuleShape("transformer.transformer_blocks.0.attn.to_out.0", 16, 16),
+                                 archs.ModuleShape("transformer.single_transformer_blocks.0.proj_out", 16, 80)]
+                                + _clip("text_encoder.", "."), "diffusers", rank=4, seed=8)
+    src = write_lora(tmp_path / "in.safetensors", sdx)
+    for target in ("kohya", "comfy"):
+        res = lora_resize.convert(src, tmp_path / f"{target}.safetensors", target, precision="float")
+        out, meta = load_st(res.dst)
+        assert meta["lora_resize_arch"] == "flux1"
+        names = {k.rsplit(".", 2)[0] for k in out if k.endswith("lora_down.weight")}
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in names, names
+        back = lora_resize.convert(res.dst, tmp_path / f"{target}_d.safetensors", "diffusers", precision="float")
+        got, _ = load_st(back.dst)
+        assert set(got) == set(sdx)
+        for k in (k for k in sdx if k.endswith("lora_A.weight")):
+            base = k[: -len(".lora_A.weight")]
+            assert rel_err(dw(got, base, "diffusers"), dw(sdx, base, "diffusers")) < EXACT, base
