@@ -429,3 +429,64 @@ def test_flux_with_its_clip_text_encoder_is_flux_and_converts(tmp_path):
         for k in (k for k in sdx if k.endswith("lora_A.weight")):
             base = k[: -len(".lora_A.weight")]
             assert rel_err(dw(got, base, "diffusers"), dw(sdx, base, "diffusers")) < EXACT, base
+
+
+# ComfyUI's key map (comfy/lora.py model_lora_keys_unet): for every model it reads a module as
+# `diffusion_model.<weight path>` and `lora_unet_<weight path, . as _>`, by the paths of ComfyUI's own model code - the
+# trainers' native paths except where ComfyUI's model fuses or renames (its HunyuanVideo 1.5 blocks: fused
+# `img_attn.qkv`, `img_mlp.0/2`, `img_mod.lin`; its Lumina2 / Z-Image: fused `attention.qkv`, `attention.out`).
+COMFY_RENAMES = {
+    "hunyuan_video15": ((r"_attn_[qkv]$", "_attn.qkv"), (r"_attn_proj$", "_attn.proj"), (r"_mlp\.fc1$", "_mlp.0"),
+                        (r"_mlp\.fc2$", "_mlp.2"), (r"_mod\.linear$", "_mod.lin")),
+    "z_image": ((r"attention\.to_[qkv]$", "attention.qkv"), (r"attention\.to_out\.0$", "attention.out")),
+}
+
+
+def comfy_weights(family: str) -> set[str]:
+    """The weight paths of ComfyUI's model of a family (archs.NATIVE's module list under ComfyUI's names)."""
+    import re
+    fn, tiny, _ = archs.NATIVE[family]
+    out = set()
+    for m in fn(**tiny):
+        name = m.name
+        for rx, to in COMFY_RENAMES.get(family, ()):
+            name = re.sub(rx, to, name)
+        out.add(name)
+    return out
+
+
+def comfy_accepts(family: str) -> set[str]:
+    """The module names ComfyUI's key map reads for a family: its weights as `diffusion_model.` and `lora_unet_`
+    names; for Z-Image (its Lumina2 branch, z_image_to_diffusers) also the diffusers names (the trainers') as
+    `diffusion_model.`, `transformer.`, bare and `lycoris_`, each mapped to its rows of the fused weight."""
+    fn, tiny, _ = archs.NATIVE[family]
+    weights = comfy_weights(family)
+    out = {"diffusion_model." + w for w in weights} | {"lora_unet_" + w.replace(".", "_") for w in weights}
+    if family == "z_image":
+        for m in fn(**tiny):
+            out |= {"diffusion_model." + m.name, "transformer." + m.name, m.name, "lycoris_" + m.name.replace(".", "_")}
+    return out
+
+
+def musubi_names(family: str) -> set[str]:
+    """sd-scripts' / musubi-tuner's names (networks/lora_flux.py, musubi's networks): `lora_unet_` + the model
+    code's module path with `_`, which their loaders match against the model's modules."""
+    fn, tiny, _ = archs.NATIVE[family]
+    return {"lora_unet_" + m.name.replace(".", "_") for m in fn(**tiny)}
+
+
+ACCEPT_CASES = [(f, layout) for f, (_, _, layouts) in archs.NATIVE.items() for layout in layouts]
+
+
+@pytest.mark.parametrize("family, layout", ACCEPT_CASES)
+def test_converted_keys_are_what_each_target_loader_reads(tmp_path, family, layout):
+    """Every family, from every layout its trainers write: the `comfy` output's modules are all in ComfyUI's key
+    map, the `kohya` output's are sd-scripts'/musubi-tuner's names of the model's modules (and so ComfyUI's where
+    its model's names are the trainers'), and every input module's update arrives (tests/oracles/
+    test_model_families_diffusers.py judges the diffusers, PEFT and OneTrainer outputs by diffusers' models)."""
+    shapes, sd = family_lora(family, layout)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    for target, accepted in (("comfy", comfy_accepts(family)), ("kohya", musubi_names(family))):
+        res = lora_resize.convert(src, tmp_path / f"{target}.safetensors", target, precision="float")
+        bases = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in load_st(res.dst)[0]}
+        assert bases and bases <= accepted, sorted(bases - accepted)[:3]

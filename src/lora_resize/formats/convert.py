@@ -407,7 +407,7 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
     if target is None:
         return layout
     scheme = scheme_of(layout)
-    if set(schemes_of(layout)) == {target} or (target == family and target not in TARGETS):
+    if target == family and target not in TARGETS:
         return layout
     if target not in TARGETS:
         raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: the layouts are "
@@ -428,7 +428,13 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
         target_used = "kohya"  # ComfyUI and OneTrainer key Stable Diffusion modules as kohya does
     else:
         target_used = target
-    return _build(layout, scheme, target_used, arch, infos, metadata, formats, target)
+    built = _build(layout, scheme, target_used, arch, infos, metadata, formats, target)
+    # a file already keyed as the target keys every module (a prefix alone does not say so: ComfyUI's HunyuanVideo
+    # 1.5 fuses what musubi's `diffusion_model.` files split) is written as it is
+    if layout.format == built.format and all(m._renamed and m.sources[0].module.name == m.name
+                                             for m in built.modules):
+        return layout
+    return built
 
 
 def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, infos, metadata, formats,
