@@ -340,3 +340,34 @@ def test_peft_adapter_folders_load_in_peft_with_the_native_update(tmp_path):
     for n in whole:
         k = out[f"base_model.model.{n[: -len('.weight')]}.lora_A.weight"].shape[0]
         assert rel_err(after[n] - before[n], best_rank_k(whole[n], k)) < TOL, n
+
+
+def _module_paths(model) -> set[str]:
+    """The paths of a model's Linear and Conv modules: what PEFT's injection (and so diffusers' load_lora_adapter)
+    can put a LoRA layer on."""
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return {name for name, mod in model.named_modules() if isinstance(mod, kinds)}
+
+
+ACCEPT = [(f, layout) for f, (_, _, layouts) in archs.NATIVE.items() for layout in layouts]
+
+
+@pytest.mark.parametrize("family, layout", ACCEPT)
+def test_diffusers_peft_and_onetrainer_outputs_name_the_models_modules(tmp_path, family, layout):
+    """Every family from every layout its trainers write, converted to diffusers (`transformer.<path>`), PEFT
+    (`base_model.model.<path>`) and OneTrainer (`lora_transformer_<path with _>`): every path is a Linear/Conv of
+    the family's diffusers transformer (the modules PEFT injects into), so no key is left unloaded."""
+    fn, tiny_cfg, _ = archs.NATIVE[family]
+    shapes = fn(**tiny_cfg)
+    sd = loras.lora_state_dict(shapes, layout, rank=2, alpha=1.0 if layout in ALPHA_LAYOUTS + ("musubi__",) else None)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    paths = _module_paths(tiny("sd3" if family == "sd35" else family))
+    for target, prefix, flat in (("diffusers", "transformer.", False), ("peft", "base_model.model.", False),
+                                 ("onetrainer", "lora_transformer_", True)):
+        dst = tmp_path / target if target == "peft" else tmp_path / f"{target}.safetensors"
+        res = main(["convert", str(src), "-o", str(dst), "--to", target, "--precision", "float", "-q"])
+        assert res == 0
+        keys = load_st(dst / "adapter_model.safetensors" if target == "peft" else dst)[0]
+        bases = {k.rsplit(".", 2)[0] for k in keys if k.endswith(".weight")}
+        want = {prefix + (p.replace(".", "_") if flat else p) for p in paths}
+        assert bases and bases <= want, (target, sorted(bases - want)[:3])
