@@ -7,7 +7,8 @@ with which prefix:
 | layout | names | form | written by |
 |---|---|---|---|
 | kohya | `lora_unet_<native path with _>` (SD: `lora_unet_`, `lora_te_` kohya names) | kohya + alpha | sd-scripts, musubi-tuner |
-| comfy | `diffusion_model.<native path>` (SD: as kohya) | kohya + alpha | ComfyUI |
+| comfy | `lora_unet_<ComfyUI's module path with _>` (ComfyUI's model_lora_keys_unet reads them for every model, and so do
+  sd-scripts, musubi-tuner and InvokeAI where ComfyUI's paths are the trainers'; SD: as kohya) | kohya + alpha | ComfyUI (reads; writes `diffusion_model.<path>`) |
 | diffusers | `transformer.<diffusers path>` (SD: `unet.`, `text_encoder.`) | A/B, config in metadata | diffusers, ai-toolkit, SimpleTuner |
 | onetrainer | `lora_transformer_<diffusers path with _>` (SD: as kohya) | kohya + alpha | OneTrainer |
 
@@ -295,10 +296,8 @@ def key_base(target: str, n: Name, sdxl: bool = False, arch: Architecture | None
             return part.native_prefix + n.path
         raise LoraStructureError(f"{arch.title}'s {part.table.title} module {n.path} has no name known here in the "
                                  f"{target} layout; convert to comfy or diffusers")
-    if target == "kohya":
-        return "lora_unet_" + n.path.replace(".", "_")
-    if target == "comfy":
-        return "diffusion_model." + n.path
+    if target in ("kohya", "comfy"):  # comfy: ComfyUI's module paths, in the one form its key map shares with
+        return "lora_unet_" + n.path.replace(".", "_")  # sd-scripts, musubi-tuner, InvokeAI and Forge
     return "lora_transformer_" + n.path.replace(".", "_")
 
 
@@ -485,9 +484,28 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
     modules.sort(key=lambda m: m.name)
     notes = list(layout.notes) + [f"key names converted from {scheme} to {asked}"
                                   + (" (kohya names: ComfyUI and OneTrainer read Stable Diffusion LoRAs so)"
-                                     if asked != target else "")]
+                                     if asked != target else "")] + _unread_by(target, arch, outputs)
     return ConvertedLayout(target if ab else "kohya", modules, [], notes, file_name=target_layout.file_name,
                            target_layout=target_layout, arch=arch.name if arch else SD)
+
+
+def _unread_by(target: str, arch: Architecture | None, outputs: dict) -> list[str]:
+    """Notes on output names a consumer of another layout will not read, where no name serves both: ComfyUI's own
+    fused names (sd-scripts and musubi-tuner key the split weights), a part with ComfyUI's name only."""
+    if target != "comfy" or arch is None:
+        return []
+    notes = []
+    own = [tn.path for tn, *_ in outputs.values() if tn.component == arch.component]
+    if arch.comfy is not None and any(arch.native_of(p) is None for p in own):
+        notes.append(f"{arch.title}: ComfyUI's model fuses what its trainers split, so these are ComfyUI's names "
+                     "(musubi-tuner and sd-scripts do not read them; --to kohya writes theirs)")
+    for tn, *_ in outputs.values():
+        part = arch.part(tn.component) if tn.component != arch.component else None
+        if part is not None and part.prefix("kohya") is None:
+            notes.append(f"{arch.title}'s {part.table.title} keeps the name ComfyUI-layout files give it "
+                         f"({part.native_prefix}...), which kohya-style loaders do not read")
+            break
+    return notes
 
 
 def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_rows: int, in_shape: tuple):
