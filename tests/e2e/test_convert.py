@@ -388,26 +388,29 @@ def clip_dotted(flat: str) -> str:
 def test_sd3_with_its_three_text_encoders_is_detected_and_converts(tmp_path):
     """OneTrainer's SD3 files: `lora_transformer_<diffusers path>` with `lora_te1_` (CLIP-L), `lora_te2_` (CLIP-G),
     `lora_te3_` (T5-XXL): read as SD3 (its metadata says so), written to diffusers as `transformer.`,
-    `text_encoder.`, `text_encoder_2.`, `text_encoder_3.` (diffusers' StableDiffusion3Pipeline components) and back
-    to the same keys and updates; to kohya as sd-scripts' lora_sd3.py names them."""
+    `text_encoder.`, `text_encoder_2.` (diffusers' StableDiffusion3Pipeline components), to kohya and back
+    to the same keys and updates; to kohya as sd-scripts' lora_sd3.py names them; the T5's modules to diffusers,
+    whose SD3 loader takes none, are refused."""
     t5 = archs._t5("lora_te3_", 16, 1, 16, 24)
     shapes = ([archs.ModuleShape("lora_transformer_" + m.name.replace(".", "_"), m.out, m.inp)
                for m in archs.sd3(width=16, blocks=2, prefix="")] + _clip("lora_te1_") + _clip("lora_te2_") + t5)
     sd = loras.lora_state_dict(shapes, "kohya", rank=4, alpha=2.0, seed=7)
     meta = {"modelspec.architecture": "stable-diffusion-v3-medium/lora"}
     src = write_lora(tmp_path / "in.safetensors", sd, meta)
-    mid = lora_resize.convert(src, tmp_path / "d.safetensors", "diffusers", precision="float")
-    d, dmeta = load_st(mid.dst)
-    assert {k.split(".")[0] for k in d} == {"transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}
-    assert "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight" in d
+    # diffusers' SD3 loader takes no T5 LoRA (_lora_loadable_modules: transformer, text_encoder, text_encoder_2)
+    with pytest.raises(lora_resize.LoraStructureError, match="no LoRA in diffusers' pipelines"):
+        lora_resize.convert(src, tmp_path / "d.safetensors", "diffusers")
+    no_t5 = write_lora(tmp_path / "no_t5.safetensors", {k: v for k, v in sd.items() if "lora_te3_" not in k}, meta)
+    d, dmeta = load_st(lora_resize.convert(no_t5, tmp_path / "d.safetensors", "diffusers", precision="float").dst)
+    assert {k.split(".")[0] for k in d} == {"transformer", "text_encoder", "text_encoder_2"}
     assert dmeta["lora_resize_arch"] == "sd3"
+    mid = lora_resize.convert(src, tmp_path / "k.safetensors", "kohya", precision="float")
     back = lora_resize.convert(mid.dst, tmp_path / "o.safetensors", "onetrainer", precision="float")
     out, _ = load_st(back.dst)
     assert set(out) == set(sd)
     for m in shapes:
         assert rel_err(dw(out, m.name, "kohya"), dw(sd, m.name, "kohya")) < EXACT, m.name
-    k = lora_resize.convert(src, tmp_path / "k.safetensors", "kohya", precision="float")
-    names = {key.rsplit(".", 2)[0] for key in load_st(k.dst)[0]}
+    names = {key.rsplit(".", 2)[0] for key in load_st(mid.dst)[0]}
     assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in names
     assert {n for n in names if n.startswith("lora_te")} == {m.name for m in shapes if m.name.startswith("lora_te")}
 
@@ -497,3 +500,56 @@ def test_converted_keys_are_what_each_target_loader_reads(tmp_path, family, layo
             assert bases <= musubi_names(family), sorted(bases - musubi_names(family))[:3]
         elif target == "comfy":  # no one name serves ComfyUI and musubi-tuner: the summary says so
             assert any("musubi-tuner and sd-scripts do not read them" in n for n in res.notes), res.notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion without a resize is lossless: factors copied bit for bit
+
+
+def _module_tensors(sd: dict, name: str, style: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(down, up, scale) of a module as stored (scale: alpha / rank, 1 without an alpha)."""
+    dk, uk, ak = loras.lora_keys(name, style)
+    return sd[dk], sd[uk], float(sd[ak]) / sd[dk].shape[0] if ak in sd else 1.0
+
+
+BITS = [(f, layout, t) for f, (_, _, layouts) in archs.NATIVE.items() for layout in layouts for t in TARGETS]
+
+
+@pytest.mark.parametrize("family, layout, target", BITS)
+def test_bf16_conversions_copy_the_factors_bit_for_bit(tmp_path, family, layout, target):
+    """A bf16 file of any family and layout, converted to any target without a resize and back to its trainers'
+    kohya names: every down comes back with the same bytes and every up with the same numbers times its scale
+    (renames, splits of a fused weight into rows of up with the shared down, fusions into stacked downs and
+    block-diagonal ups need no arithmetic; a power-of-two alpha / rank moves into up exactly where the target has
+    no alpha), and the converted file's rows say each layer was copied."""
+    fn, tiny, _ = archs.NATIVE[family]
+    shapes = fn(**tiny)
+    sd = loras.lora_state_dict(shapes, layout, rank=4, alpha=2.0 if layout in KOHYA_LIKE else None,
+                               dtype=torch.bfloat16, seed=9)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    mid = lora_resize.convert(src, out_file(tmp_path, target, "mid"), target)
+    assert all(r.conversion == "exact" for r in mid.layers), [(r.name, r.conversion) for r in mid.layers][:3]
+    back = lora_resize.convert(mid.dst, tmp_path / "back.safetensors", "kohya")
+    out, _ = load_st(back.dst)
+    for m in shapes:
+        d0, u0, s0 = _module_tensors(sd, m.name, layout)
+        d1, u1, s1 = _module_tensors(out, m.name, "musubi")
+        assert d1.dtype == torch.bfloat16 and torch.equal(d1, d0), m.name
+        # up as stored, or times a power-of-two scale where the target has no alpha (diffusers/PEFT A/B: scale 1;
+        # alpha 2 / rank 4 = 1/2 moves into up exactly)
+        assert torch.equal(u1.double() * s1, u0.double() * s0), m.name
+
+
+def test_fused_parts_of_different_scales_are_re_rounded_and_the_summary_says_so(tmp_path, capsys):
+    """Flux q/k/v parts with different alphas cannot share one fused alpha: the conversion re-rounds them once and
+    the summary names a layer and the bound."""
+    g = torch.Generator().manual_seed(2)
+    sd = {}
+    for p, a in (("to_q", 2.0), ("to_k", 4.0), ("to_v", 2.0)):
+        sd[f"transformer.transformer_blocks.0.attn.{p}.lora_A.weight"] = torch.randn(4, 16, generator=g).bfloat16()
+        sd[f"transformer.transformer_blocks.0.attn.{p}.lora_B.weight"] = torch.randn(16, 4, generator=g).bfloat16()
+        sd[f"transformer.transformer_blocks.0.attn.{p}.alpha"] = torch.tensor(a).bfloat16()
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    assert main(["convert", str(src), "-o", str(tmp_path / "k.safetensors"), "--to", "kohya", "--arch", "flux1"]) == 0
+    out = capsys.readouterr().out
+    assert "could not be copied exactly" in out and "different scales" in out and "2^-8 bf16" in out

@@ -26,6 +26,7 @@ from typing import Mapping as TMapping
 import torch
 
 from ..core.layer import LowRankLayer
+from ..core.truncate import NewFactors
 from ..errors import LoraStructureError, OptionsError
 from ..io.metadata import SideOutputs
 from ..io.reader import TensorInfo, TensorSource
@@ -33,6 +34,7 @@ from ..models import ARCH_KEY, LAYOUTS, MODELS, SD, Architecture, architectures,
 from ..models import sd
 from .base import Format, Layout, Module
 from .diffusers import METADATA_KEY
+from .pairs import PairModule
 from .peft import PEFT_PREFIX, new_adapter
 
 TARGETS = LAYOUTS
@@ -283,11 +285,15 @@ def key_base(target: str, n: Name, sdxl: bool = False, arch: Architecture | None
         if base is None:
             raise LoraStructureError(f"{n.component}.{n.path}: no kohya name is defined for this component")
         return base
+    part = arch.part(n.component) if arch is not None and n.component != arch.component else None
+    if part is not None and target == "diffusers" and not part.diffusers:
+        raise LoraStructureError(f"{arch.title}'s {part.table.title} has no LoRA in diffusers' pipelines (their "
+                                 f"loaders skip {n.component}.*); convert to kohya, comfy or onetrainer, or convert a "
+                                 "file without it")
     if target == "diffusers":
         return f"{n.component}.{n.path}"
     if target == "peft":
         return PEFT_PREFIX + n.path
-    part = arch.part(n.component) if arch is not None and n.component != arch.component else None
     if part is not None:
         prefix = part.prefix(target)
         if prefix is not None:
@@ -379,11 +385,75 @@ class Converted(Module):
         rank = sum(layer.rank for _, layer in layers)
         return LowRankLayer(up, torch.cat(downs), rank, scale * rank, scale, first.kernel, first.in_channels)
 
+    def exact(self, src: TensorSource, dtype: torch.dtype) -> tuple[NewFactors | None, str]:
+        """The output's factors by rearrangement alone, in `dtype`, with the alpha that rescales none of them:
+        renamed or split, the input's rows of up (halves swapped where the model swaps them) and its down; fused
+        parts that share one down (bit for bit), their ups stacked on it; other fused parts, their downs stacked
+        and ups block-diagonal (zeros elsewhere), rank the sum. The alpha is the input's (no alpha: scale 1,
+        alpha = rank; a PEFT config's scale: scale x rank; fused parts: their sum); a target loaded at a fixed
+        scale (diffusers' and PEFT's A/B files: 1) gets up times the ratio, when every product is exact (a power of
+        two such as alpha / rank = 1/2, barring underflow). Returns (factors, "") or (None, why not): a part that is
+        not a plain down/up pair (a LoHa/LoKr/Tucker update is a product), fused parts of different scales (alpha /
+        rank), a save precision narrower than the input's, a scale the save precision cannot hold."""
+        if not all(isinstance(s.module, PairModule) for s in self.sources):
+            return None, "its input is not a plain down/up pair (a LoHa, LoKr or Tucker update is a product)"
+        layers = [(s, s.module.load(src)) for s in self.sources]
+        if not all(_widens(t.dtype, dtype) for _, layer in layers for t in (layer.up, layer.down)):
+            return None, "the save precision is narrower than the input's"
+        first = layers[0][1]
+        if len({layer.scale for _, layer in layers}) > 1:
+            return None, "its fused parts have different scales (alpha / rank)"
+        if self._renamed:
+            up, down, rank, alpha = self.sources[0].up(first), first.down, first.rank, first.alpha
+            keep = up.any(dim=0)
+            if self.sources[0].take is not None and not bool(keep.all()) and bool(keep.any()):
+                # a part of a block-diagonal fused weight: its own columns of up and rows of down (what
+                # diffusers' converters do when the other blocks are exactly zero), if its scale fits an alpha
+                r = int(keep.sum())
+                a = torch.tensor(first.scale * r, dtype=torch.float32).to(dtype)
+                if float(a) / r == first.scale:
+                    up, down, rank, alpha = up[:, keep], down[keep], r, first.scale * r
+        else:
+            shared = all(layer.down.shape == first.down.shape and torch.equal(layer.down, first.down)
+                         for _, layer in layers)
+            widths = [first.factor_size] if shared else [layer.factor_size for _, layer in layers]
+            up = torch.zeros(self.out_rows, sum(widths), dtype=dtype)
+            col = 0
+            for (s, layer), w in zip(layers, widths * len(layers) if shared else widths):
+                up[s.place[0]:s.place[1], col:col + w] = s.up(layer)
+                col += 0 if shared else w
+            down = first.down if shared else torch.cat([layer.down for _, layer in layers])
+            rank = first.rank if shared else sum(layer.rank for _, layer in layers)
+            alphas = [layer.alpha for _, layer in layers]
+            alpha = first.alpha if shared else (None if None in alphas else sum(alphas))
+        fixed = self.output_scale
+        if fixed is not None and fixed != first.scale:  # a layout loaded at a fixed scale (A/B files: 1)
+            c = first.scale / fixed
+            scaled = up.to(torch.float64) * c
+            up = scaled.to(dtype)
+            if not bool(torch.equal(up.to(torch.float64), scaled)):
+                return None, (f"the target layout loads it at scale {fixed:g}, and its up times its own scale "
+                              f"{first.scale:g} is not exact in the save precision")
+            alpha = None  # the scale is in up now: the fixed scale's alpha
+        alpha = (fixed if fixed is not None else first.scale) * rank if alpha is None else alpha
+        alpha_t = torch.tensor(alpha, dtype=torch.float32).to(dtype)
+        if fixed is None and float(alpha_t) / rank != first.scale:
+            return None, f"its scale {first.scale:g} is no alpha / rank the save precision holds"
+        return NewFactors(up.to(dtype).contiguous(), down.to(dtype).contiguous(), alpha_t, first.kernel,
+                          first.in_channels), ""
+
     def scale_and_rank(self, src: TensorSource) -> tuple[float, int]:
         if self._renamed:
             return self.sources[0].module.scale_and_rank(src)
         found = [s.module.scale_and_rank(src) for s in self.sources]
         return next((sc for sc, _ in found if sc != 0), 1.0), sum(r for _, r in found)
+
+
+def _widens(have: torch.dtype, want: torch.dtype) -> bool:
+    """Whether every value of dtype `have` is one of `want` (a cast that changes no number)."""
+    if have == want or want == torch.float64:
+        return True
+    return want == torch.float32 and have in (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -429,10 +499,10 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
         target_used = target
     built = _build(layout, scheme, target_used, arch, infos, metadata, formats, target)
     # a file already keyed as the target keys every module (a prefix alone does not say so: ComfyUI's HunyuanVideo
-    # 1.5 fuses what musubi's `diffusion_model.` files split) is written as it is
+    # 1.5 fuses what musubi's `diffusion_model.` files split) keeps its names, and its factors (Converted.exact)
     if layout.format == built.format and all(m._renamed and m.sources[0].module.name == m.name
                                              for m in built.modules):
-        return layout
+        built.notes = list(layout.notes)
     return built
 
 

@@ -156,6 +156,7 @@ class Part:
     kohya: str | None = None
     onetrainer: str | None = None
     native_prefix: str | None = None
+    diffusers: bool = True  # diffusers' pipeline loads a LoRA on it (its _lora_loadable_modules name it)
 
     def prefix(self, target: str) -> str | None:
         """The prefix this part's flattened names carry in a kohya-style `target` layout (None: it has none)."""

@@ -73,8 +73,8 @@ FLUX1 = Architecture("flux1", "Flux.1 (dev, Kontext, Chroma)", [
    diffusers_signature=("single_transformer_blocks.{i}.proj_mlp", "single_transformer_blocks.{i}.attn.to_q"),
    # sd-scripts networks/lora_flux.py: CLIP-L `lora_te1`, T5-XXL `lora_te3`; ComfyUI comfy/lora.py
    # model_lora_keys_clip also reads OneTrainer's T5 as `lora_te2_`; diffusers FluxPipeline: text_encoder (CLIP),
-   # text_encoder_2 (T5)
-   parts=(Part(clip("text_encoder"), "lora_te1_"), Part(t5("text_encoder_2"), "lora_te3_", "lora_te2_")))
+   # text_encoder_2 (T5); diffusers' FluxLoraLoaderMixin loads transformer and text_encoder only
+   parts=(Part(clip("text_encoder"), "lora_te1_"), Part(t5("text_encoder_2"), "lora_te3_", "lora_te2_", diffusers=False)))
 
 FLUX2 = Architecture("flux2", "Flux.2 (dev, Klein)", [
     *FLUX_DOUBLE_ATTENTION,
@@ -201,9 +201,9 @@ SD3 = Architecture("sd3", "SD3 / SD3.5", [
     M("joint_blocks.{i}.context_block.adaLN_modulation.1", ("transformer_blocks.{i}.norm1_context.linear",)),
 ], signature=("joint_blocks.{i}.x_block.", "joint_blocks.{i}.context_block."), diffusers_signature=(),
    # sd-scripts networks/lora_sd3.py: CLIP-L `lora_te1`, CLIP-G `lora_te2`, T5-XXL `lora_te3` (OneTrainer the same);
-   # diffusers StableDiffusion3Pipeline: text_encoder, text_encoder_2, text_encoder_3
+   # diffusers StableDiffusion3Pipeline: text_encoder, text_encoder_2, text_encoder_3 (its LoRA loader: the first two)
    parts=(Part(clip("text_encoder"), "lora_te1_"), Part(clip("text_encoder_2"), "lora_te2_"),
-          Part(t5("text_encoder_3"), "lora_te3_")))
+          Part(t5("text_encoder_3"), "lora_te3_", diffusers=False)))
 
 def _hv15_stream(s: str, attn: tuple[str, ...], proj: str, ff: str, norm: str, comfy: bool) -> list[Mapping]:
     """One stream (img or txt) of a HunyuanVideo 1.5 double block: musubi-tuner's split attention and `fc1/fc2`,
