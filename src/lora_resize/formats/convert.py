@@ -7,17 +7,19 @@ with which prefix:
 | layout | names | form | written by |
 |---|---|---|---|
 | kohya | `lora_unet_<native path with _>` (SD: `lora_unet_`, `lora_te_` kohya names) | kohya + alpha | sd-scripts, musubi-tuner |
-| comfy | `lora_unet_<ComfyUI's module path with _>` (ComfyUI's model_lora_keys_unet reads them for every model, and so do
-  sd-scripts, musubi-tuner and InvokeAI where ComfyUI's paths are the trainers'; SD: as kohya) | kohya + alpha | ComfyUI (reads; writes `diffusion_model.<path>`) |
+| comfy | `lora_unet_<ComfyUI's module path with _>` (SD: as kohya) | kohya + alpha | read by ComfyUI |
 | diffusers | `transformer.<diffusers path>` (SD: `unet.`, `text_encoder.`) | A/B, config in metadata | diffusers, ai-toolkit, SimpleTuner |
 | onetrainer | `lora_transformer_<diffusers path with _>` (SD: as kohya) | kohya + alpha | OneTrainer |
 
 Reading any of these (and ai-toolkit's / DiffSynth's native A/B files), each module becomes the weight it updates
 in its architecture (models/); writing it under another layout renames it, or splits it (a fused native weight ->
 its diffusers parts: each part's rows of up with the shared down, exact) or fuses it (diffusers parts -> the fused
-native weight: down stacked, up block-diagonal with each part's scale folded in, rank the sum, exact). The new
-alpha follows the output's convention (one alpha for every layer), so a converted file applies exactly its input's
-update, weight by weight."""
+native weight: down stacked, up block-diagonal, rank the sum, exact). `comfy` keys ComfyUI's module paths the way
+ComfyUI's key map (comfy/lora.py model_lora_keys_unet) reads them for every model and sd-scripts, musubi-tuner,
+InvokeAI and Forge read them too wherever ComfyUI's paths are the trainers'. Each module is read by the layout its
+own name is in (module_scheme): files mix them. Without a resize the factors are copied (Converted.exact), each
+module keeping its own scale; with one, the new alpha follows the output's convention (one alpha for every layer),
+so a converted file applies exactly its input's update, weight by weight."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -151,7 +151,8 @@ class Part:
     code's paths, as kohya and ComfyUI read them; diffusers'), its `component` the diffusers pipeline component
     (`text_encoder_2`); `kohya`: the prefix sd-scripts and ComfyUI key it by (`lora_te1_` + its path with `_`;
     None: it has none); `onetrainer`: OneTrainer's where it differs; `native_prefix`: the prefix of its dotted
-    native names in a ComfyUI-layout file where it has no kohya name (LTX-2's `text_embedding_projection.`)."""
+    native names in a ComfyUI-layout file where it has no kohya name (LTX-2's `text_embedding_projection.`);
+    `diffusers`: whether diffusers' pipeline loads a LoRA on it (a T5 encoder: no)."""
     table: Architecture
     kohya: str | None = None
     onetrainer: str | None = None

@@ -74,7 +74,8 @@ FLUX1 = Architecture("flux1", "Flux.1 (dev, Kontext, Chroma)", [
    # sd-scripts networks/lora_flux.py: CLIP-L `lora_te1`, T5-XXL `lora_te3`; ComfyUI comfy/lora.py
    # model_lora_keys_clip also reads OneTrainer's T5 as `lora_te2_`; diffusers FluxPipeline: text_encoder (CLIP),
    # text_encoder_2 (T5); diffusers' FluxLoraLoaderMixin loads transformer and text_encoder only
-   parts=(Part(clip("text_encoder"), "lora_te1_"), Part(t5("text_encoder_2"), "lora_te3_", "lora_te2_", diffusers=False)))
+   parts=(Part(clip("text_encoder"), "lora_te1_"),
+          Part(t5("text_encoder_2"), "lora_te3_", "lora_te2_", diffusers=False)))
 
 FLUX2 = Architecture("flux2", "Flux.2 (dev, Klein)", [
     *FLUX_DOUBLE_ATTENTION,
