@@ -411,6 +411,8 @@ def test_sd3_with_its_three_text_encoders_is_detected_and_converts(tmp_path):
     for m in shapes:
         assert rel_err(dw(out, m.name, "kohya"), dw(sd, m.name, "kohya")) < EXACT, m.name
     names = {key.rsplit(".", 2)[0] for key in load_st(mid.dst)[0]}
+    bare = write_lora(tmp_path / "bare.safetensors", sd)  # no metadata: CLIP-G, a text encoder only SD3 has, decides
+    assert load_st(lora_resize.convert(bare, tmp_path / "b.safetensors", "kohya").dst)[1]["lora_resize_arch"] == "sd3"
     assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in names
     assert {n for n in names if n.startswith("lora_te")} == {m.name for m in shapes if m.name.startswith("lora_te")}
 
