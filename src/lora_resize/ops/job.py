@@ -156,7 +156,8 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
         if copy is not None and k >= copy.down.shape[0]:
             return Queued(job, layer, sp, copy.down.shape[0], False, False, float(copy.alpha), copy.alpha, copy.up,
                           copy.down, conversion="exact")
-        conversion = why if copy is None and k >= layer.rank else None
+        whole = k >= min(layer.rank, sp.out_features, sp.in_features)  # nothing truncated: a conversion alone
+        conversion = why if copy is None and whole else None
     alpha = alpha_of(job.name, layer.alpha, layer.rank, k)
     alpha_t = torch.tensor(alpha, dtype=torch.float32).to(save_dtype)
     fixed = job.module.output_scale
@@ -309,8 +310,9 @@ def clamp_notes(rows: list[LayerResult]) -> list[str]:
     rounded = [r for r in rows if r.conversion not in (None, "exact")]
     if rounded:
         notes.append(f"{len(rounded)} converted layer(s) could not be copied exactly and were re-rounded once to the "
-                     "save precision (each factor entry within its unit roundoff: 2^-8 bf16, 2^-11 fp16, 2^-24 "
-                     f"float; e.g. {rounded[0].name}: {rounded[0].conversion})")
+                     "save precision: each factor entry is its exact value rounded (relative error at most 2^-8 "
+                     "bf16, 2^-11 fp16, 2^-24 float; the update within about twice that) - e.g. "
+                     f"{rounded[0].name}: {rounded[0].conversion}")
     lost = [r for r in rows if r.underflow]
     if lost:
         notes.append(f"{len(lost)} layer(s) are too small for the save precision and were saved as zeros (e.g. "
