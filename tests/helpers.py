@@ -10,6 +10,7 @@ from pathlib import Path
 
 import logging
 import os
+import re
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from lora_resize.units import format_size
 
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 
@@ -308,17 +311,20 @@ def loader_messages():
 
 
 def _loha_lokr(g: torch.Generator) -> dict[str, torch.Tensor]:
-    """A LyCORIS file: a LoHa (alpha), a LoKr with a factored second half (alpha) and a Tucker LoCon conv."""
+    """A LyCORIS file: a LoHa (alpha), a LoKr with a factored second half (alpha), a Tucker LoCon conv and a LoHa
+    3x3 conv with its kernel folded into hada_w_b (as lycoris-lora stores it; written as conv factors)."""
     def r(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).float() * 0.3
-    n1, n2, n3 = ("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1",
-                  "lora_unet_down_blocks_0_resnets_0_conv1")
+    n1, n2, n3, n4 = ("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1",
+                      "lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_resnets_0_conv2")
     return {f"{n1}.hada_w1_a": r(24, 4), f"{n1}.hada_w1_b": r(4, 20), f"{n1}.hada_w2_a": r(24, 4),
             f"{n1}.hada_w2_b": r(4, 20), f"{n1}.alpha": torch.tensor(2.0),
             f"{n2}.lokr_w1": r(4, 4), f"{n2}.lokr_w2_a": r(8, 3), f"{n2}.lokr_w2_b": r(3, 6),
             f"{n2}.alpha": torch.tensor(1.5),
             f"{n3}.lora_down.weight": r(5, 6, 1, 1), f"{n3}.lora_mid.weight": r(5, 5, 3, 3),
-            f"{n3}.lora_up.weight": r(8, 5, 1, 1), f"{n3}.alpha": torch.tensor(4.0)}
+            f"{n3}.lora_up.weight": r(8, 5, 1, 1), f"{n3}.alpha": torch.tensor(4.0),
+            f"{n4}.hada_w1_a": r(8, 2), f"{n4}.hada_w1_b": r(2, 8 * 9), f"{n4}.hada_w2_a": r(8, 2),
+            f"{n4}.hada_w2_b": r(2, 8 * 9), f"{n4}.alpha": torch.tensor(1.0)}
 
 
 def family_files(folder: Path) -> dict[str, Path]:
@@ -374,6 +380,35 @@ def family_files(folder: Path) -> dict[str, Path]:
         xl[name + ".down.weight"], xl[name + ".up.weight"] = down.float(), up.float()
     files["xlabs"] = write_lora(folder / "xlabs.safetensors", xl)
     return files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sizes as printed
+
+SIZE = re.compile(r"\d+(?:\.\d+)?[\s\xa0]?(?:[KMGT]i?B|B)\b")
+EXACT = re.compile(r"\b\d{1,3}(?:,\d{3})+\b")  # a byte count as the tables print it: 9,899,876
+
+
+def other_conventions(n: int) -> set[str]:
+    """`n` bytes as other conventions write it: steps of 1024 labelled KB/MB/GB (as Gradio's file box does) or
+    KiB/MiB/GiB, and SI with another number of decimals."""
+    out = set()
+    for k, unit in enumerate(("K", "M", "G"), start=1):
+        out |= {f"{n / 1024 ** k:.1f} {unit}B", f"{n / 1024 ** k:.1f} {unit}iB", f"{n / 1000 ** k:.2f} {unit}B",
+                f"{n / 1000 ** k:.0f} {unit}B"}
+    return out - {format_size(n)}
+
+
+def sizes_disagreeing(text: str, files: dict[str, int]) -> list[str]:
+    """Sizes in `text` (a printout, a report, a page's text) that write one of `files` in another convention than
+    units.format_size (a size that is format_size of a byte count the text prints, e.g. another row of a table, is
+    that row's, not the file's)."""
+    text = text.replace("\xa0", " ")
+    legit = {format_size(int(m.replace(",", ""))) for m in EXACT.findall(text)}
+    shown = {m.replace("\xa0", " ") for m in SIZE.findall(text)} - legit
+    return sorted(f"{s} for the {name} ({n} bytes; one convention: {format_size(n)})"
+                  for name, n in files.items() for s in shown & other_conventions(n))
+
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -47,3 +47,28 @@ class DeviceError(LoraResizeError):
 
 class OutputFileError(LoraResizeError):
     """The output path is unusable (the input itself, a directory, unwritable) or writing failed."""
+
+
+# Optional dependencies: the module each optional feature imports -> the extra of pyproject.toml that installs it.
+# Every lazily imported third-party module of the package is here (tests/unit/test_extras.py reads the imports);
+# the CLI checks the ones a command line needs before any work (cli/flags.py: `requires`), the library where it
+# imports them (`require`).
+EXTRAS = {"matplotlib": "plot", "gradio": "ui", "distributed": "dask", "fsspec": "dask"}
+
+
+class MissingDependency(OptionsError):
+    """An optional dependency that a feature needs is not installed (or cannot be imported)."""
+
+
+def require(module: str, feature: str):
+    """Import and return the optional `module` that `feature` (e.g. '--plot') needs.
+
+    Raises MissingDependency, one line naming the extra to install (pip install 'lora-resize[plot]'), when it
+    cannot be imported; KeyError for a module that is not declared in EXTRAS (a bug: declare it)."""
+    from importlib import import_module
+    extra = EXTRAS[module]
+    try:
+        return import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{feature} needs {module}, which is not installed: pip install "
+                                f"'lora-resize[{extra}]'") from None

@@ -5,7 +5,8 @@ validates again."""
 from __future__ import annotations
 
 import numbers
-from dataclasses import InitVar, dataclass, field, fields, replace
+import shlex
+from dataclasses import MISSING, InitVar, dataclass, field, fields, replace
 
 from .errors import OptionsError
 from .models import architectures
@@ -19,10 +20,14 @@ DEVICES = ("auto", "cpu", "cuda")
 GROUPS = {"rank": "choosing ranks", "output": "output", "compute": "computation"}
 
 
-def flag(*names: str, group: str, help: str, **argparse_kwargs) -> dict:
+def flag(*names: str, group: str, help: str, sets_ranks: bool = False, **argparse_kwargs) -> dict:
     """Field metadata for a user-facing option: its CLI flags (modern first, sd-scripts spellings after), the
-    group it belongs to, its help and any further argparse settings. `choices` may be a callable (a registry)."""
-    return {"flags": names, "group": group, "help": help, "argparse": argparse_kwargs}
+    group it belongs to, its help, whether it sets layers' ranks (`sets_ranks`: what `ResizeOptions.rank_settings`
+    reads) and any further argparse settings. `choices` may be a callable (a registry)."""
+    return {"flags": names, "group": group, "help": help, "sets_ranks": sets_ranks, "argparse": argparse_kwargs}
+
+
+SETTING_FIELDS = ("method", "param", "ranks", *BUDGETS)  # what one setting of a sweep replaces (with_setting)
 
 
 @dataclass(frozen=True)
@@ -34,17 +39,18 @@ class ResizeOptions:
     match wins). `target_size` (bytes, or text such as '50MB' = 50 * 10^6 bytes) / `target_fro` (global Frobenius
     retained, scale-aware): budgets that choose every layer's rank together (no method then; `rank`/`conv_rank`
     still cap). `ranks`: explicit ranks for named modules (what a budget's plan fills in); they override rules and
-    the method. `rule=` is accepted as the old name of `rank_rule`.
+    the method. `keep_unranked`: a layer that no rank setting covers keeps its full (numerical) rank - what a
+    conversion does - instead of being an error. `rule=` is accepted as the old name of `rank_rule`.
 
     Raises OptionsError for any invalid value or combination."""
     rank: int | None = field(default=None, metadata=flag(
-        "--rank", "--new_rank", group="rank", type=int, metavar="N",
+        "--rank", "--new_rank", group="rank", sets_ranks=True, type=int, metavar="N",
         help="fixed rank, or the cap of a dynamic method or budget (sd-scripts form: default 4)"))
     conv_rank: int | None = field(default=None, metadata=flag(
-        "--conv-rank", "--new_conv_rank", group="rank", type=int, metavar="N",
+        "--conv-rank", "--new_conv_rank", group="rank", sets_ranks=True, type=int, metavar="N",
         help="the same for conv (4-D) layers; default: --rank"))
     method: str | None = field(default=None, metadata=flag(
-        "--method", "--dynamic_method", group="rank", choices=dynamic_methods,
+        "--method", "--dynamic_method", group="rank", sets_ranks=True, choices=dynamic_methods,
         help="choose each layer's rank from its singular values"))
     param: float | None = field(default=None, metadata=flag(
         "--param", "--dynamic_param", group="rank", type=float, metavar="X",
@@ -55,27 +61,28 @@ class ResizeOptions:
              "off-by-one included"))
     precision: str | None = field(default=None, metadata=flag(
         "--precision", "--save_precision", group="output", choices=lambda: PRECISIONS,
-        help="output dtype; default: the input's (sd-scripts defaults to float)"))
+        help="output dtype (given: also of the copied non-factor tensors); default: the factors' input dtype, "
+             "copied tensors bit for bit (sd-scripts defaults to float)"))
     device: str = field(default="auto", metadata=flag(
         "--device", group="compute", help=f"one of {', '.join(DEVICES)} (default auto: CUDA if present)"))
     threads: int | None = field(default=None, metadata=flag(
         "--threads", group="compute", type=int, metavar="N",
         help="layers to decompose at once on the CPU (default: one per core)"))
     block_rules: tuple = field(default=(), metadata=flag(
-        "--rule", group="rank", action="append", metavar="PATTERN=SPEC",
+        "--rule", group="rank", sets_ranks=True, action="append", metavar="PATTERN=SPEC",
         help="per-block rule, repeatable, first match wins: 'PATTERN=RANK' (fixed rank), 'PATTERN=cap:RANK' (the "
              "method with this cap) or 'PATTERN=drop' (leave the module out); PATTERN is a glob over module "
              "names, e.g. 'lora_te_*=8', '*attn2*=cap:64'"))
     target_size: int | str | None = field(default=None, metadata=flag(
-        "--target-size", group="rank", metavar="SIZE",
+        "--target-size", group="rank", sets_ranks=True, metavar="SIZE",
         help="budget: the best global fidelity whose file fits SIZE (50MB = 50 x 10^6 bytes, 48MiB = 48 x 2^20, "
              "or bytes); ranks allocated across layers by kept energy per byte; --rank caps"))
     target_fro: float | None = field(default=None, metadata=flag(
-        "--target-fro", group="rank", type=float, metavar="X",
+        "--target-fro", group="rank", sets_ranks=True, type=float, metavar="X",
         help="budget: the smallest ranks whose global Frobenius retention (all layers together, scaled by "
              "alpha/rank) reaches X in (0, 1]; --rank caps"))
     target_error: float | None = field(default=None, metadata=flag(
-        "--target-error", group="rank", type=float, metavar="X",
+        "--target-error", group="rank", sets_ranks=True, type=float, metavar="X",
         help="budget, with --base: the smallest ranks whose loss relative to the base, sqrt(sum of every layer's "
              "||dW - dW_k||_F^2 / sum of its base weight's ||W||_F^2), is at most X (e.g. 0.002); --rank caps"))
     base: str | None = field(default=None, metadata=flag(
@@ -83,7 +90,8 @@ class ResizeOptions:
         help="the base model the LoRA patches (a .safetensors checkpoint or a diffusers folder): every layer's loss "
              "is also measured against its base weight; --target-size then ranks by that loss per byte, and "
              "--method base_fro / --target-error choose by it"))
-    ranks: dict[str, int] | None = None
+    ranks: dict[str, int] | None = field(default=None, metadata={"sets_ranks": True})
+    keep_unranked: bool = False
     output_format: str | None = field(default=None, metadata=flag(
         "--output-format", group="output", choices="conversions",
         help="write the output in another layout (kohya, comfy, diffusers, onetrainer, peft): names converted, "
@@ -138,7 +146,7 @@ class ResizeOptions:
             if why:
                 raise OptionsError(f"--param {self.param} for {policy.name} {why}")
         else:
-            if self.rank is None and not given and not self.ranks:
+            if not self.rank_settings and not self.keep_unranked:
                 raise OptionsError("give a rank (--rank N), a dynamic method (--method sv_fro --param 0.9) or a "
                                    "budget (--target-size 50MB, --target-fro 0.95)")
             if self.param is not None:
@@ -175,6 +183,13 @@ class ResizeOptions:
         return None
 
     @property
+    def rank_settings(self) -> tuple[str, ...]:
+        """The fields of this object that set layers' ranks (those whose metadata says `sets_ranks`: a rank, a
+        method, a budget, explicit ranks, rank or cap block rules; `drop` rules choose modules, not ranks) and
+        that are set. A job that has no use for one of them refuses it rather than ignoring it."""
+        return tuple(f.name for f in rank_setting_fields() if _sets(f.name, getattr(self, f.name)))
+
+    @property
     def dynamic(self) -> bool:
         """Ranks may differ from layer to layer (a method, a budget or rank rules)."""
         return (self.method is not None or self.budget is not None
@@ -187,8 +202,7 @@ class ResizeOptions:
     def with_setting(self, **setting) -> "ResizeOptions":
         """A copy with another rank setting (method + param, a fixed rank, a budget or explicit ranks) and the
         same rank rule, caps, precision, block rules, device, threads and output format; validated again."""
-        cleared = dict(method=None, param=None, ranks=None, **{b: None for b in BUDGETS})
-        return replace(self, **{**cleared, **setting})
+        return replace(self, **{**{name: None for name in SETTING_FIELDS}, **setting})
 
     def label(self) -> str:
         """A short label of the setting: 'sv_ratio 8, cap 128', 'rank 32 (conv 16)', 'target_size 50.0 MB'."""
@@ -208,34 +222,63 @@ class ResizeOptions:
             s += f", conv cap {self.conv_rank}"
         return s
 
+    def flag_words(self) -> list[str]:
+        """The `lora-resize resize` arguments that give this setting, generated from the fields' metadata: every
+        user-facing field whose value is not its default (its first flag; a repeatable one once per value, a
+        budget's value as its registration writes it; --conv-rank only where it differs from --rank), except
+        the computation group, which does not change the file. Explicit `ranks` (which have no flag) become
+        exact-name `--rule` pins ahead of the others, unless a budget set them (its flag plans them again)."""
+        words: list[str] = []
+        if self.ranks and self.budget is None:
+            words += [w for name, k in self.ranks.items() for w in ("--rule", f"{_glob_escape(name)}={k}")]
+        for f in option_fields():
+            meta, value = f.metadata, getattr(self, f.name)
+            if meta["group"] == "compute" or value == _default(f) or (f.name == "conv_rank" and value == self.rank):
+                continue
+            flag = meta["flags"][0]
+            if f.name in BUDGETS:
+                words += [flag, BUDGETS[f.name].flag_value(value)]
+            elif meta["argparse"].get("action") == "append":
+                words += [w for v in value for w in (flag, str(v))]
+            else:
+                words += [flag, _number(value) if isinstance(value, float) else str(value)]
+        return words
+
     def flags(self) -> str:
-        """The `lora-resize resize` flags that give this setting."""
-        a = []
-        budget = self.budget
-        if budget is not None:
-            a.append(f"{budget[0].flag} {budget[0].flag_value(budget[1])}")
-        elif self.method:
-            a.append(f"--method {self.method} --param {self.param:g}")
-        if self.rank is not None:
-            a.append(f"--rank {self.rank}")
-        if self.conv_rank is not None and self.conv_rank != self.rank:
-            a.append(f"--conv-rank {self.conv_rank}")
-        if self.rank_rule != "exact":
-            a.append(f"--rank-rule {self.rank_rule}")
-        if self.precision:
-            a.append(f"--precision {self.precision}")
-        a += [f"--rule '{r}'" for r in self.block_rules]
-        if self.output_format:
-            a.append(f"--output-format {self.output_format}")
-        if self.arch:
-            a.append(f"--arch {self.arch}")
-        return " ".join(a)
+        """`flag_words`, quoted for a POSIX shell (shlex.join): one line that runs as printed."""
+        return shlex.join(self.flag_words())
 
     def as_dict(self) -> dict:
         """The fields as plain data (block rules as text), for JSON and records."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["block_rules"] = [str(r) for r in self.block_rules]
         return d
+
+
+def _default(f):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _number(v: float) -> str:
+    """A float as short as it reads back exactly ('0.9', '4', '0.123456789')."""
+    short = f"{v:g}"
+    return short if float(short) == v else repr(v)
+
+
+def _glob_escape(name: str) -> str:
+    """A module name as an fnmatch pattern that matches only it ('[' , '*', '?' in brackets)."""
+    return "".join(f"[{c}]" if c in "[*?" else c for c in name)
+
+
+def _sets(name: str, value) -> bool:
+    if name == "block_rules":
+        return any(r.action != "drop" for r in value)
+    return value is not None and value != {} and value != ()
+
+
+def rank_setting_fields() -> list:
+    """The fields that set layers' ranks (metadata `sets_ranks`), in declaration order."""
+    return [f for f in fields(ResizeOptions) if f.metadata.get("sets_ranks")]
 
 
 def _whole_at_least_one(v) -> bool:
@@ -247,4 +290,5 @@ def option_fields() -> list:
     return [f for f in fields(ResizeOptions) if "flags" in f.metadata]
 
 
-__all__ = ["ResizeOptions", "BlockRule", "PRECISIONS", "DEVICES", "GROUPS", "option_fields"]
+__all__ = ["ResizeOptions", "BlockRule", "PRECISIONS", "DEVICES", "GROUPS", "SETTING_FIELDS", "option_fields",
+           "rank_setting_fields"]

@@ -2,9 +2,10 @@
 `LayerResult` per layer) and an analysis (`Analysis`, one `SettingRow` per setting of its sweep)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -55,8 +56,9 @@ class LayerResult:
 
 @dataclass
 class ResizeResult:
-    """The outcome of `resize` or `merge`: per-layer rows, sizes, timing, and the tensors copied unchanged
-    (`passthrough`, in file order; `copied`: each one's kind, e.g. 'bias diff', 'DoRA magnitude', 'other')."""
+    """The outcome of `resize` or `merge`: per-layer rows, sizes, timing, and the tensors copied beside the
+    factors (`passthrough`, in file order; `copied`: each one's kind, e.g. 'bias diff', 'DoRA magnitude', 'other';
+    `cast`: those an explicit precision cast to it - the others are copied bit for bit)."""
     src: Path
     dst: Path
     format: str
@@ -70,15 +72,30 @@ class ResizeResult:
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)
     copied: dict[str, str] = field(default_factory=dict)
+    cast: list[str] = field(default_factory=list)
 
-    @property
-    def copied_kinds(self) -> dict[str, int]:
-        """How many tensors of each kind were copied unchanged."""
+    def _kinds(self, keys) -> dict[str, int]:
         out: dict[str, int] = {}
-        for k in self.passthrough:
+        for k in keys:
             kind = self.copied.get(k, "other")
             out[kind] = out.get(kind, 0) + 1
         return out
+
+    @property
+    def copied_kinds(self) -> dict[str, int]:
+        """How many tensors of each kind were copied (unchanged or cast)."""
+        return self._kinds(self.passthrough)
+
+    @property
+    def unchanged_kinds(self) -> dict[str, int]:
+        """How many tensors of each kind were copied bit for bit."""
+        cast = set(self.cast)
+        return self._kinds(k for k in self.passthrough if k not in cast)
+
+    @property
+    def cast_kinds(self) -> dict[str, int]:
+        """How many copied tensors of each kind were cast to the precision asked for."""
+        return self._kinds(self.cast)
 
     @property
     def zero_layers(self) -> list[str]:
@@ -90,6 +107,18 @@ class ResizeResult:
         """Plain mean of per-layer Frobenius retention (sd-scripts' 'Average Frobenius norm retention')."""
         v = [x.fro_retained for x in self.layers if x.fro_retained == x.fro_retained]
         return float(np.mean(v)) if v else float("nan")
+
+    @property
+    def fidelity(self) -> dict:
+        """The MEASURES (w-mean, mean, global, min) and the worst layer's name, as for an analyze row."""
+        def energies(x: LayerResult) -> tuple[float, float]:
+            if x.singular_values is None:
+                return float("nan"), float("nan")
+            cs2 = np.cumsum(np.asarray(x.singular_values, dtype=np.float64) ** 2)
+            if not cs2.size:
+                return 0.0, 0.0
+            return float(cs2[min(x.new_rank, cs2.size) - 1]) * x.scale ** 2, float(cs2[-1]) * x.scale ** 2
+        return fidelity((x.name, x.fro_retained, x.out_features * x.in_features, *energies(x)) for x in self.layers)
 
     @property
     def std_fro(self) -> float:
@@ -111,9 +140,11 @@ class ResizeResult:
         return {
             "src": str(self.src), "dst": str(self.dst), "format": self.format, "precision": self.precision,
             "options": self.options, "input_bytes": self.input_bytes, "output_bytes": self.output_bytes,
-            "seconds": self.seconds, "mean_fro_retained": self.mean_fro,
+            "seconds": self.seconds, **self.fidelity, "fidelity": {k: FIDELITY[k] for k in MEASURES},
+            "mean_fro_retained": self.mean_fro,
             "min_fro_retained": worst.fro_retained if worst else None, "min_fro_layer": worst.name if worst else None,
-            "passthrough": self.passthrough, "copied": self.copied_kinds, "zero_layers": self.zero_layers,
+            "passthrough": self.passthrough, "copied": self.copied_kinds,
+            "cast": self.cast_kinds, "zero_layers": self.zero_layers,
             "notes": self.notes, "layers": [x.as_dict() for x in self.layers],
         }
 
@@ -155,13 +186,38 @@ class SettingRow:
                 "base_loss_max": self.base_loss_max, "base_worst": self.base_worst}
 
 
-FIDELITY = {"fro_weighted": "mean of per-layer Frobenius retained, weighted by out*in",
-            "fro_mean": "plain mean of per-layer Frobenius retained",
-            "fro_global": "Frobenius retained of all layers together, scaled by alpha/rank",
+# The fidelity measures of a resize and of every sweep row, by field: (the name every printout, report and page
+# shows, what it is). Each layer's fidelity is fro_i = sqrt(kept sum S_i^2 / sum S_i^2), the Frobenius norm of
+# its update that the resized layer keeps; zero layers have none and are left out.
+MEASURES = {
+    "fro_weighted": ("w-mean", "the layers' mean, each weighted by out*in"),
+    "fro_mean": ("mean", "the layers' plain mean (sd-scripts' average)"),
+    "fro_global": ("global", "all layers as one alpha/rank-scaled update"),
+    "fro_min": ("min", "the worst layer"),
+}
+FIDELITY = {**{k: f"Frobenius retained: {v[1]}" for k, v in MEASURES.items()},
             "base_loss": "with --base: sqrt(sum over layers of ||dW - dW_k||_F^2 / sum of their base weights' "
                          "||W||_F^2)",
-            "base_loss_max": "with --base: the largest layer's ||dW - dW_k||_F / ||W||_F",
-            "fro_min": "the lowest per-layer Frobenius retained"}
+            "base_loss_max": "with --base: the largest layer's ||dW - dW_k||_F / ||W||_F"}
+
+
+def fidelity(layers: Iterable[tuple[str, float, float, float, float]]) -> dict:
+    """The MEASURES of layers given as (name, fro_i, weight out_i*in_i, kept energy, total energy), energies
+    scaled (s_i^2 sum S^2, s_i = alpha_i/r_i), plus `worst_layer`: the name of the layer with fro_min. fro_i NaN
+    marks a zero layer (left out; all NaN: every measure NaN, worst None). One definition for `resize` and
+    `analyze` (ResizeResult.fidelity, the analyze sweep's rows)."""
+    rows = list(layers)
+    fro = np.array([r[1] for r in rows], dtype=float)
+    w = np.array([r[2] for r in rows], dtype=float)
+    kept, total = sum(r[3] for r in rows), sum(r[4] for r in rows)
+    live = ~np.isnan(fro)
+    if not live.any():
+        return dict(fro_weighted=float("nan"), fro_mean=float("nan"), fro_global=float("nan"),
+                    fro_min=float("nan"), worst_layer=None)
+    worst = int(np.nanargmin(fro))
+    return dict(fro_weighted=float(np.sum(fro[live] * w[live]) / np.sum(w[live])), fro_mean=float(np.mean(fro[live])),
+                fro_global=math.sqrt(kept / total) if total > 0 else float("nan"), fro_min=float(fro[worst]),
+                worst_layer=rows[worst][0])
 
 
 @dataclass
@@ -187,8 +243,10 @@ class Analysis:
     _evaluate: Callable | None = field(default=None, repr=False)
 
     def evaluate(self, options, label: str | None = None) -> SettingRow:
-        """Size and fidelity of any other setting (a ResizeOptions sharing this analysis's rank rule, precision,
-        block rules and output format), from the same spectra."""
+        """Size and fidelity of the file resize writes with any other ResizeOptions, from the same spectra: its
+        rank rule, precision (None: the input's) and rules are honoured, drop rules included where they leave out
+        modules the analysis kept. Raises OptionsError for what needs the file read again: another output
+        format, architecture or base, or a module this analysis dropped."""
         return self._evaluate(options, label)
 
     def as_dict(self) -> dict:

@@ -8,9 +8,11 @@ import re
 
 from .errors import OptionsError
 
+KB, MB, GB, TB = 1000, 1000 ** 2, 1000 ** 3, 1000 ** 4
+KiB, MiB, GiB, TiB = 1024, 1024 ** 2, 1024 ** 3, 1024 ** 4
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
-          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+_UNITS = {"": 1, "b": 1, "k": KB, "kb": KB, "m": MB, "mb": MB, "g": GB, "gb": GB, "t": TB, "tb": TB,
+          "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB}
 
 
 def parse_size(value: "int | float | str", what: str = "size") -> int:
@@ -34,9 +36,12 @@ def parse_size(value: "int | float | str", what: str = "size") -> int:
 
 
 def format_size(n: float) -> str:
-    """A size for people, in SI units (steps of 1000): '512 B', '88.6 MB', '1.2 GB'."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+    """A size for people, in SI units (steps of 1000): '512 B', '88.6 MB', '1.2 GB' - the one formatter of every
+    size the tool prints (CLI, reports, the page, the nodes). A size that rounds to 1000 of a unit is shown in the
+    next one ('1.0 MB', not '1000.0 KB')."""
+    if round(abs(n)) < KB:
+        return f"{n:.0f} B"
+    for unit, size in (("KB", KB), ("MB", MB), ("GB", GB)):
+        if round(abs(n) / size, 1) < 1000:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / TB:.1f} TB"

@@ -146,3 +146,93 @@ def test_a_layer_with_fewer_outputs_than_the_rank(tmp_path, out_features):
         assert k <= out_features and res.layers[0].new_rank == k
         assert rel_err(dense_dw(out, name), best_rank_k(dense_dw(sd, name), k)) < 1e-5
         assert float(out[name + ALPHA]) == 8.0 / 16 * opts.get("rank", 16)  # one alpha: scale x (--rank or input rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Copied tensors keep their bits: a float32 bias diff in a bf16 LoRA must not be rounded to bf16
+
+
+def _side(shape, dtype, seed) -> torch.Tensor:
+    """Values that a narrower dtype cannot hold (float32 mantissas, fp16 values outside bf16's)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g, dtype=torch.float64) * (1 + 1e-3 * torch.rand(shape, generator=g,
+                                                                                       dtype=torch.float64))
+    return t.to(dtype) if dtype.is_floating_point else (t * 100).to(dtype)
+
+
+def non_factor_files(folder) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """A bf16 LoRA of each family with every kind of non-factor tensor that family's files carry beside it, in
+    other dtypes (float32, fp16, an integer): kohya with every companion kind and an embedding, LyCORIS with a
+    DoRA magnitude and an OFT module, diffusers with PEFT's lora_B.bias and DoRA magnitude, ControlLoRA with
+    ControlNet weights. Returns file -> (tensors, the kind the tool should list each non-factor tensor as)."""
+    from lora_resize.formats.companions import COMPANIONS
+    folder.mkdir(parents=True, exist_ok=True)
+    kohya = make_state_dict([Spec(NAME, out=32, inp=32, rank=8, alpha=4.0)], seed=5, dtype=torch.bfloat16)
+    kinds = {}
+    suffix = {"full diff": ".diff", "bias diff": ".diff_b", "modulation diff": ".diff_m", "set weight": ".set_weight",
+              "reshape weight": ".reshape_weight", "norm": ".w_norm", "norm scale": ".norm.scale"}
+    assert set(suffix) == {kind for _, kind in COMPANIONS}  # every companion kind the formats know
+    for i, (kind, end) in enumerate(sorted(suffix.items())):
+        key = "lora_unet_blocks_1_attn" + end
+        kohya[key] = _side((32, 32) if kind == "full diff" else (32,), (torch.float32, torch.float16)[i % 2], i)
+        kinds[key] = kind
+    kohya["bundle_emb.token.string_to_param.*"] = _side((2, 32), torch.float32, 20)  # a bundled embedding
+    kohya["training_step"] = _side((3,), torch.int64, 21)
+    kinds.update({"bundle_emb.token.string_to_param.*": "other", "training_step": "other"})
+    files = {"kohya": (kohya, kinds)}
+
+    lyco = make_state_dict([Spec("lora_unet_blocks_0_ffn_0", out=32, inp=16, rank=4, alpha=2.0)], seed=6,
+                           dtype=torch.bfloat16)
+    lyco["lora_unet_blocks_0_ffn_0.dora_scale"] = _side((32, 1), torch.float32, 22)
+    lyco["lora_unet_blocks_1_ffn_0.oft_blocks"] = _side((4, 8, 8), torch.float32, 23)
+    files["lycoris"] = (lyco, {"lora_unet_blocks_0_ffn_0.dora_scale": "DoRA magnitude",
+                               "lora_unet_blocks_1_ffn_0.oft_blocks": "OFT/BOFT module"})
+
+    base = "transformer.transformer_blocks.0.attn.to_q"
+    diff = {base + ".lora_A.weight": _side((4, 32), torch.bfloat16, 24),
+            base + ".lora_B.weight": _side((32, 4), torch.bfloat16, 25),
+            base + ".lora_B.bias": _side((32,), torch.float32, 26),
+            base + ".lora_magnitude_vector": _side((32,), torch.float32, 27)}
+    files["diffusers"] = (diff, {base + ".lora_B.bias": "LoRA bias", base + ".lora_magnitude_vector": "DoRA magnitude"})
+
+    cl = {"input_blocks.4.1.proj_in.down": _side((4, 16), torch.bfloat16, 28),
+          "input_blocks.4.1.proj_in.up": _side((16, 4), torch.bfloat16, 29),
+          "input_blocks.0.0.weight": _side((8, 4, 3, 3), torch.float32, 30),
+          "lora_controlnet": torch.tensor([])}
+    files["controllora"] = (cl, {"input_blocks.0.0.weight": "ControlNet weight",
+                                 "lora_controlnet": "ControlLoRA marker"})
+    return {name: (write_lora(folder / f"{name}.safetensors", sd), sd, kinds) for name, (sd, kinds) in files.items()}
+
+
+COPY_JOBS = [(f, j) for f in ("kohya", "lycoris", "diffusers", "controllora") for j in ("resize", "merge")] + [
+    ("kohya", "convert"), ("diffusers", "convert")]
+
+
+@pytest.mark.parametrize("family, job", COPY_JOBS)
+def test_copied_tensors_keep_their_bits_unless_a_precision_is_asked_for(tmp_path, capsys, family, job):
+    src, sd, kinds = non_factor_files(tmp_path / "in")[family]
+    out_path = tmp_path / "out.safetensors"
+    args = {"resize": ["resize", str(src), "--rank", "2"], "merge": ["merge", str(src), str(src), "--rank", "2"],
+            "convert": ["convert", str(src), "--to", family]}[job]  # (other targets refuse non-factor tensors)
+    assert main([*args, "-o", str(out_path), "--json", "-q"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    out, _ = load_st(out_path)
+    for key, kind in kinds.items():
+        assert out[key].dtype == sd[key].dtype and torch.equal(out[key], sd[key]), (key, out[key].dtype)
+    assert res["copied"] == {k: sum(1 for v in kinds.values() if v == k) for k in set(kinds.values())}
+    assert res["cast"] == {}
+
+    out_path.unlink()
+    assert main([*args, "-o", str(out_path), "--precision", "fp16", "-q"]) == 0
+    text = capsys.readouterr().out
+    out, _ = load_st(out_path)
+    cast = {k: kind for k, kind in kinds.items() if sd[k].is_floating_point() and sd[k].dtype != torch.float16}
+    for key in kinds:
+        want = sd[key].to(torch.float16) if key in cast else sd[key]
+        assert out[key].dtype == want.dtype and torch.equal(out[key], want), key
+    counted = {k: sum(1 for v in cast.values() if v == k) for k in set(cast.values())}
+    line = next(x for x in text.splitlines() if "cast to fp16" in x)
+    assert line.strip().startswith(f"{len(cast)} other tensor(s) cast to fp16"), line
+    assert all(f"{n} {kind}" in line for kind, n in counted.items()), line
+    unchanged = len(kinds) - len(cast)
+    assert (f"{unchanged} other tensor(s) copied unchanged" in text) == (unchanged > 0), text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+import math
 import re
 from pathlib import Path
 
@@ -389,3 +390,84 @@ def test_sd3_diffusers_lora_with_metadata_is_rebuilt_at_new_ranks(tmp_path):
         module, before = w[path]
         assert wrappers[path].lora_A["small"].weight.shape[0] == ranks[m.name]
         assert rel_err(delta(module, before), best_rank_k(dw, ranks[m.name])) < TOL, m.name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Features of a diffusers-layout LoRA that its config must carry through a resize (lora_bias, DoRA, rsLoRA, patterns)
+
+
+def tiny_sd3():
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                                 pooled_projection_dim=12, out_channels=4)
+
+
+def feature_file(tmp_path: Path, feature: str) -> tuple[Path, dict[str, torch.Tensor], dict[str, float]]:
+    """A diffusers-layout SD3 LoRA with one feature the loader must be told about: `lora_bias` (lora_B.bias
+    vectors, as Flux Control LoRAs and PEFT lora_bias=True adapters carry; no metadata), `dora` (DoRA
+    magnitudes; no metadata), `rslora` (a config with use_rslora), `patterns` (a config with rank_pattern and
+    alpha_pattern, one module trained at another rank). Returns the file, its tensors and each module's scale."""
+    import json
+    shapes = archs.sd3(width=16, blocks=2)
+    sd = loras.lora_state_dict(shapes, "diffusers", rank=8, seed=7)
+    paths = [m.name[len("transformer."):] for m in shapes]
+    g = torch.Generator().manual_seed(8)
+    scales = {p: 1.0 for p in paths}
+    meta = {"format": "pt"}
+    if feature == "lora_bias":
+        for m in shapes:
+            sd[m.name + ".lora_B.bias"] = torch.randn(m.out, generator=g)
+    elif feature == "dora":
+        for m in shapes:
+            sd[m.name + ".lora_magnitude_vector"] = torch.rand(m.out, generator=g) + 0.5
+    else:
+        cfg = {"r": 8, "lora_alpha": 4, "target_modules": sorted(paths), "use_rslora": feature == "rslora",
+               "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_dropout": 0.0, "bias": "none",
+               "init_lora_weights": True}
+        if feature == "patterns":
+            short = "transformer_blocks.0.attn.to_k"
+            sd["transformer." + short + ".lora_A.weight"] = sd["transformer." + short + ".lora_A.weight"][:4]
+            sd["transformer." + short + ".lora_B.weight"] = sd["transformer." + short + ".lora_B.weight"][:, :4]
+            cfg["rank_pattern"] = {short: 4}
+            cfg["alpha_pattern"] = {short: 6, "transformer_blocks.1.attn.to_q": 16}
+        for p in paths:
+            r = cfg["rank_pattern"].get(p, 8)
+            a = cfg["alpha_pattern"].get(p, 4)
+            scales[p] = a / math.sqrt(r) if cfg["use_rslora"] else a / r
+        meta["lora_adapter_metadata"] = json.dumps({f"transformer.{k}": v for k, v in cfg.items()})
+    return write_lora(tmp_path / f"{feature}.safetensors", sd, meta), sd, scales
+
+
+@pytest.mark.parametrize("feature", ["lora_bias", "dora", "rslora", "patterns"])
+def test_resized_diffusers_lora_keeps_what_its_loader_needs(tmp_path, feature):
+    """The resized file loads in diffusers (`load_lora_adapter`, which builds its PEFT LoraConfig from the
+    metadata we write) with every feature of the input: the lora_B biases and DoRA magnitudes as trained (DoRA
+    modules built as DoRA), and each module's update scaling * B @ A the best rank-k approximation of the
+    trained one under rsLoRA's and the patterns' scales."""
+    src, sd, scales = feature_file(tmp_path, feature)
+    dst = tmp_path / "small.safetensors"
+    assert main(["resize", str(src), "-o", str(dst), "-q", "--method", "sv_fro", "--param", "0.8"]) == 0
+    out, _ = load_st(dst)
+    ranks = {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in out.items() if k.endswith(".lora_A.weight")}
+    assert len(set(ranks.values())) > 1  # per-module ranks: the config must describe each one
+    transformer = tiny_sd3()
+    with loader_messages() as msgs:
+        transformer.load_lora_adapter(str(dst), prefix="transformer", adapter_name="small", use_safetensors=True)
+    assert msgs == []  # no key left unloaded (a bias or magnitude the config did not announce is dropped)
+    wrappers = dict(transformer.named_modules())
+    for name, k in ranks.items():
+        path = name[len("transformer."):]
+        layer = wrappers[path]
+        a_in, b_in = sd[name + ".lora_A.weight"].double(), sd[name + ".lora_B.weight"].double()
+        want = best_rank_k(b_in @ a_in * scales[path], k)
+        got = (layer.lora_B["small"].weight.detach().double() @ layer.lora_A["small"].weight.detach().double()
+               * layer.scaling["small"])
+        assert layer.lora_A["small"].weight.shape[0] == k and rel_err(got, want) < TOL, (name, rel_err(got, want))
+        if feature == "lora_bias":
+            assert torch.equal(layer.lora_B["small"].bias.detach(), sd[name + ".lora_B.bias"]), name
+            assert layer.scaling["small"] == pytest.approx(scales[path], rel=1e-12)  # the bias' scale is kept
+        if feature == "dora":
+            assert layer.use_dora["small"], name
+            assert torch.equal(layer.lora_magnitude_vector["small"].weight.detach(),
+                               sd[name + ".lora_magnitude_vector"]), name

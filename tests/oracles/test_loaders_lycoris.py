@@ -138,3 +138,67 @@ def test_lycoris_loads_our_output(tmp_path, capsys, kind):
     for g, w, b in zip(got, want, base):
         assert float((w - b).norm()) > 1e-3  # the adapter does something
         assert rel_err(g - b, w - b) < 1e-5, kind
+
+
+class UNetLike(nn.Module):
+    """A linear layer and a 3x3 conv at a Stable Diffusion UNet's path (down_blocks.0.resnets.0.conv1), so the
+    LyCORIS names (`lycoris_down_blocks_0_resnets_0_conv1`, SimpleTuner's) say which conv it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(24, 40)
+        resnet = nn.Module()
+        resnet.conv1 = nn.Conv2d(32, 24, 3, padding=1)
+        block = nn.Module()
+        block.resnets = nn.ModuleList([resnet])
+        self.down_blocks = nn.ModuleList([block])
+
+    def forward(self, x, y):
+        return self.fc(x), self.down_blocks[0].resnets[0].conv1(y)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_folded_conv_kernels_are_written_as_conv_factors(tmp_path, capsys, kind):
+    """lycoris-lora folds a non-Tucker LoHa/LoKr conv's kernel into hada_w1_b / lokr_w2_b; on a module named as an
+    SD UNet 3x3 conv our output writes conv factors (down k x in x 3 x 3, up out x k x 1 x 1), whose update is the
+    one lycoris' forward applies (best rank-k when cut), and lycoris loads them back as a LoCon conv module that
+    reproduces the network's outputs."""
+    torch.manual_seed(2)
+    model = UNetLike().eval()
+    LycorisNetwork.apply_preset({"target_module": [], "target_name": ["fc", "down_blocks.0.resnets.0.conv1"]})
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2.0, conv_dim=2, conv_alpha=1.5,
+                             **NETWORKS[kind])
+    net.apply_to()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    net.eval()
+    name = "lycoris_down_blocks_0_resnets_0_conv1"
+    (conv,) = [lm for lm in net.loras if lm.lora_name == name]
+    assert {k.split(".", 1)[1] for k in net.state_dict() if k.startswith(name)} & {"hada_w1_b", "lokr_w2_b"}
+    folded = next(v for k, v in net.state_dict().items() if k.startswith(name) and k.endswith(("hada_w1_b",
+                                                                                               "lokr_w2_b")))
+    assert folded.ndim == 2  # the kernel is folded into the columns: the file alone does not say it
+    want = applied_update(conv)
+    x, y = torch.randn(5, 24), torch.randn(2, 32, 6, 6)
+    with torch.no_grad():
+        want_out = model(x, y)
+    full = resize(tmp_path, net, 64, capsys)
+    cut = resize(tmp_path, net, 2, capsys)
+    for out in (full, cut):
+        k = out[name + DOWN].shape[0]
+        assert tuple(out[name + DOWN].shape) == (k, 32, 3, 3) and tuple(out[name + UP].shape) == (24, k, 1, 1)
+    assert rel_err(ours(full, name), want) < 1e-5
+    assert rel_err(ours(cut, name), best_rank_k(want, cut[name + DOWN].shape[0])) < 1e-4
+    net.restore()
+    with torch.no_grad():
+        base = model(x, y)
+    with contextlib.redirect_stdout(io.StringIO()):
+        loaded, _ = create_lycoris_from_weights(1.0, "", model, weights_sd=full)
+    loaded.apply_to()
+    with torch.no_grad():
+        got = model(x, y)
+    for g, w, b in zip(got, want_out, base):
+        assert float((w - b).norm()) > 1e-3
+        assert rel_err(g - b, w - b) < 1e-5, kind

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lora_resize.cli import main
@@ -25,11 +26,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PREFIX = "base_model.model."
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(bias: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                      bos_token_id=0, eos_token_id=1, pad_token_id=1, attention_bias=bias, mlp_bias=bias)
     return LlamaForCausalLM(cfg)
 
 
@@ -41,14 +42,14 @@ def train_like(model, seed: int) -> None:
         for name, p in model.named_parameters():
             if "lora_embedding_A" in name:  # PEFT starts embeddings with A = 0
                 p.copy_(torch.randn(p.shape, generator=g))
-            elif "lora_B" in name or "lora_embedding_B" in name:
+            elif ("lora_B" in name or "lora_embedding_B" in name) and p.ndim == 2:
                 r = p.shape[1]
                 decay = 0.80 + 0.15 * torch.rand((), generator=g).item()
                 p.copy_(torch.randn(p.shape, generator=g) * decay ** torch.arange(r) * 0.05)
 
 
-def save_adapter(tmp_path, config: LoraConfig, seed: int):
-    base = tiny_llama()
+def save_adapter(tmp_path, config: LoraConfig, seed: int, bias: bool = False):
+    base = tiny_llama(bias)
     before = copy.deepcopy(base.state_dict())
     model = get_peft_model(base, config)
     train_like(model, seed)
@@ -65,8 +66,8 @@ def resized_dw(sd_in: dict, key_base: str, scale: float, k: int, embedding: bool
     return best_rank_k(B @ A * scale, k)
 
 
-def load_merged(out_dir):
-    base = tiny_llama()
+def load_merged(out_dir, bias: bool = False):
+    base = tiny_llama(bias)
     with loader_messages() as msgs:
         model = PeftModel.from_pretrained(base, out_dir)
     ranks = {n: m.r["default"] for n, m in model.named_modules() if hasattr(m, "r") and isinstance(m.r, dict)
@@ -154,3 +155,36 @@ def test_peft_dora_adapter_keeps_magnitudes_and_merges_as_dora_does(tmp_path):
             mag = sd_in[PREFIX + path + ".lora_magnitude_vector"].double()
             want = (mag / torch.linalg.norm(W, dim=1))[:, None] * W
             assert rel_err(merged[path + ".weight"].double(), want) < TOL, path
+
+
+def test_peft_lora_bias_adapter_keeps_its_biases_and_merges_exactly(tmp_path):
+    """lora_bias=True: the lora_B biases are copied as trained and the rewritten config keeps lora_bias, so PEFT
+    loads them (no unexpected key) and merge_and_unload adds bias * scale to each bias (the scale kept through
+    the new ranks) and the best rank-k update to each weight."""
+    cfg = LoraConfig(r=16, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "up_proj"],
+                     rank_pattern={"up_proj": 12}, alpha_pattern={"layers.1.self_attn.q_proj": 20})
+    src, before = save_adapter(tmp_path, cfg, seed=4, bias=True)
+    sd_in, _ = load_st(src / "adapter_model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    biases = {k: torch.randn(v.shape, generator=g) for k, v in sd_in.items() if k.endswith("lora_B.bias")}
+    assert len(biases) == 4
+    save_file({**sd_in, **biases}, str(src / "adapter_model.safetensors"))
+    out_dir = tmp_path / "small"
+    out_dir.mkdir()
+    assert main(["resize", str(src), "-o", str(out_dir / "adapter_model.safetensors"), "-q", "--method", "sv_fro",
+                 "--param", "0.9"]) == 0
+    sd_out, _ = load_st(out_dir / "adapter_model.safetensors")
+    assert all(torch.equal(sd_out[k], v) for k, v in biases.items())
+    msgs, ranks, merged = load_merged(out_dir, bias=True)
+    assert msgs == []
+    assert len(set(ranks.values())) > 1
+    for i in range(2):
+        for m in ("self_attn.q_proj", "mlp.up_proj"):
+            path = f"model.layers.{i}.{m}"
+            r = 12 if m == "mlp.up_proj" else 16
+            scale = (20 if path == "model.layers.1.self_attn.q_proj" else 8) / r
+            k = sd_out[PREFIX + path + ".lora_A.weight"].shape[0]
+            want = before[path + ".weight"].double() + resized_dw(sd_in, PREFIX + path, scale, k)
+            assert rel_err(merged[path + ".weight"].double(), want) < TOL, path
+            want_b = before[path + ".bias"].double() + biases[PREFIX + path + ".lora_B.bias"].double() * scale
+            assert rel_err(merged[path + ".bias"].double(), want_b) < TOL, path

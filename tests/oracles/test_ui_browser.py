@@ -13,7 +13,7 @@ import pytest
 from lora_resize.cli import main
 from lora_resize.testing.loras import write_sd15_locon
 
-from helpers import chromium
+from helpers import chromium, sizes_disagreeing
 
 pytestmark = [pytest.mark.browser, pytest.mark.thirdparty]
 
@@ -108,6 +108,11 @@ def test_analyze_pick_on_the_curve_resize_and_download(page, driver, tmp_path):
     assert main(["resize", str(src), "-o", str(want), *flags.split(), "-q"]) == 0
     assert got.read_bytes() == want.read_bytes()
     assert "demo_lora.safetensors -> demo_lora_resized.safetensors" in value_of(driver, "status")
+    # every size the page shows for the two files is written one way (units.format_size), Gradio's file boxes
+    # included (they print steps of 1024 as "MB" unless the page hides it)
+    from selenium.webdriver.common.by import By
+    shown = driver.find_element(By.TAG_NAME, "body").text + value_of(driver, "status")
+    assert not sizes_disagreeing(shown, {"input": src.stat().st_size, "output": got.stat().st_size})
 
 
 def test_a_damaged_file_shows_the_one_line_error(page, driver, tmp_path):

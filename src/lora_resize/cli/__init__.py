@@ -32,8 +32,16 @@ def build_parser():
     sub = p.add_subparsers(dest="command", parser_class=Parser)
     for name in COMMANDS:
         module = importlib.import_module(MODULES[name])
-        module.add_arguments(sub.add_parser(name, help=module.HELP))
+        module.add_arguments(sub.add_parser(name, help=module.HELP, description=description(module)))
     return p
+
+
+def description(module) -> str:
+    """A subcommand's description: its HELP line (the one `lora-resize -h` lists), then its DESCRIPTION paragraph
+    where it has one."""
+    line = module.HELP[:1].upper() + module.HELP[1:] + "."
+    more = getattr(module, "DESCRIPTION", None)
+    return f"{line}\n\n{more}" if more else line
 
 
 def dispatch(argv: list[str]) -> int:

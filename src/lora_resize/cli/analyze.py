@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .flags import add_option_groups, add_output_flags, add_picture_flags, option_values, progress, refuse
+from .flags import (OUTPUT_FLAGS, add_input, add_option_groups, add_output_flags, add_picture_flags, input_of,
+                    option_values, progress, refuse)
 
 HELP = "decompose once; sizes and fidelity for a sweep of settings"
 DESCRIPTION = ("Decompose every layer once, then print the exact output size, parameter count and fidelity of a "
@@ -15,13 +16,11 @@ DESCRIPTION = ("Decompose every layer once, then print the exact output size, pa
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = DESCRIPTION
-    p.add_argument("input", help="LoRA file to analyze (.safetensors; .pt/.ckpt read weights-only), or an adapter "
-                                 "folder")
+    add_input(p, "LoRA file to analyze (.safetensors; .pt/.ckpt read weights-only), or an adapter folder")
     add_option_groups(p, "rank", "output", "compute")
     add_picture_flags(p)
     add_output_flags(p, "per-layer ranks and fidelity of the chosen setting (or the default pick)")
-    refuse(p, "-o", "--output", "--save_to", why="analyze writes no LoRA (drop it); it prints the sweep, and "
+    refuse(p, *OUTPUT_FLAGS, why="analyze writes no LoRA (drop it); it prints the sweep, and "
            "--report/--plot write pictures; run `lora-resize resize` with the flags of the row you pick")
 
 
@@ -32,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if args.report or args.plot:
         from ..report.html import check_paths
         check_paths(args.report, args.plot)
-    a = analyze(args.input, progress=progress(args.quiet, "decomposing"), **option_values(args))
+    src = input_of(args, "lora-resize analyze IN.safetensors")
+    a = analyze(src, progress=progress(args.quiet, "decomposing"), **option_values(args))
     written = []
     if args.report:
         from ..report.html import write_html

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .flags import add_option_groups, add_output_flags, options_from, progress, refuse
+from .flags import OUTPUT_FLAGS, add_option_groups, add_output_flags, is_url, options_from, progress, refuse
 
 HELP = "resize every LoRA under a folder"
 
@@ -18,15 +18,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dask", metavar="ADDRESS", help="run one task per file on a Dask cluster, e.g. "
                                                      "tcp://scheduler:8786 (pip install 'lora-resize[dask]')")
     p.add_argument("--force", action="store_true", help="redo files already done with the same options")
+    for dest in ("in_dir", "out_dir"):
+        p.requires(dest, "fsspec", "a folder given as a URL", when=is_url)
+    p.requires("dask", "distributed", "--dask")
     add_option_groups(p, "rank", "output", "compute")
     add_output_flags(p, None)
-    refuse(p, "-o", "--output", "--save_to", why="batch writes into OUT_DIR; give the folder as the second argument")
+    refuse(p, *OUTPUT_FLAGS, why="batch writes into OUT_DIR; give the folder as the second argument")
     refuse(p, "-v", "--verbose", nargs=0, why="batch prints one line per file; per-layer lines are for "
            "`lora-resize resize -v`")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..ops.batch import run_batch
+    from ..report.text import percent
     from ..units import format_size, parse_size
 
     opts = options_from(args)
@@ -36,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             return
         if row.status == "ok":
-            detail = (f"{format_size(row.in_bytes)} -> {format_size(row.out_bytes)}, fro mean {row.mean_fro:.1%}, "
+            detail = (f"{format_size(row.in_bytes)} -> {format_size(row.out_bytes)}, Frobenius retained mean "
+                      f"{percent(row.mean_fro)}, "
                       f"{row.seconds:.1f} s")
         elif row.status == "skipped":
             detail = "already done (same input and options)"

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .flags import add_option_groups, add_output_flags, choices_of, option_values, progress
+from .flags import (add_input, add_option_groups, add_output, add_output_flags, choices_of, input_of, option_values,
+                    progress)
 from .resize import layer_printer, render
 
 HELP = "write a LoRA in another layout (kohya, comfy, diffusers, onetrainer, peft), exactly"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="LoRA file to convert (.safetensors; .pt/.ckpt read weights-only), or an adapter "
-                                 "folder")
-    p.add_argument("-o", "--output", dest="output", required=True, help="output file (or folder for peft)")
+    add_input(p, "LoRA file to convert (.safetensors; .pt/.ckpt read weights-only), or an adapter folder")
+    add_output(p, "output file (or folder for peft)", required=True)
     p.add_argument("--to", dest="to", required=True, metavar="LAYOUT", choices=choices_of("conversions"),
                    help="kohya (sd-scripts, musubi-tuner), comfy (ComfyUI's diffusion_model.*), diffusers "
                         "(diffusers, ai-toolkit, SimpleTuner), onetrainer, peft (adapter folder)")
@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
         raise OptionsError("give the layout once, with --to")
     fields = option_values(args)
     fields.pop("output_format")
-    result = convert(args.input, args.output, args.to, progress=progress(args.quiet, "converting"),
+    src = input_of(args, "lora-resize convert IN.safetensors -o OUT.safetensors --to LAYOUT")
+    result = convert(src, args.output, args.to, progress=progress(args.quiet, "converting"),
                      on_layer=layer_printer(args, fields.get("method") is not None), **fields)
     return render(result, args, [])

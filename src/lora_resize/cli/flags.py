@@ -4,17 +4,113 @@ honour is refused by argparse, or with a reason where one helps (`refuse`)."""
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
+from typing import Callable
 
-from ..errors import OptionsError
+from ..errors import OptionsError, require
 from ..options import GROUPS, ResizeOptions, option_fields
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (OptionsError, which main() prints as usual)."""
+    """argparse with one-line errors (OptionsError, which main() prints as usual) that point to the parser's own
+    help; an unknown option names the closest known one (difflib); and the optional dependencies that the given
+    flags need (`requires`) are checked once the line is parsed, before any work."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Paragraphs)
+        super().__init__(*args, **kwargs)
+        self.needs: list[tuple[str, str, str, Callable | None]] = []  # (dest, module, feature, when)
 
     def error(self, message: str):  # noqa: D102
-        raise OptionsError(f"{message} (see {self.prog} --help)")
+        raise OptionsError(f"{self._subject()}{message}; see {self.prog} -h")
+
+    def _subject(self) -> str:
+        """'analyze: ' for the parser of `lora-resize analyze` (main() already says 'lora-resize: error:')."""
+        sub = self.prog.partition(" ")[2]
+        return f"{sub}: " if sub else ""
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102
+        ns, extras = self.parse_known_args(args, namespace)
+        active = self._active(ns)
+        if extras:
+            active.unknown(extras)
+        for parser in {id(p): p for p in (self, active)}.values():
+            parser.check_needs(ns)
+        return ns
+
+    def _active(self, ns: argparse.Namespace) -> "Parser":
+        """The parser of the subcommand `ns` was parsed by (self when there is none)."""
+        for a in self._actions:
+            if isinstance(a, argparse._SubParsersAction) and getattr(ns, a.dest, None) in a.choices:
+                sub = a.choices[getattr(ns, a.dest)]
+                return sub._active(ns) if isinstance(sub, Parser) else self
+        return self
+
+    def unknown(self, extras: list[str]):
+        """The error for arguments this parser does not know: the first unknown option with the closest known
+        one, else the unexpected arguments."""
+        option = next((x for x in extras if x.startswith("-") and not NUMBER.match(x)), None)
+        if option is None:
+            self.error(f"unrecognized argument{'s' if len(extras) > 1 else ''} {' '.join(extras)}")
+        name = option.partition("=")[0]
+        known = [s for a in self._actions if a.help != argparse.SUPPRESS for s in a.option_strings]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        self.error(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+    def requires(self, dest: str | None, module: str, feature: str, when: Callable | None = None) -> None:
+        """Declare that `feature` needs the optional `module` (errors.EXTRAS names its extra): always (dest None),
+        or when the flag or argument `dest` is given (and `when(value)` holds)."""
+        self.needs.append((dest, module, feature, when))
+
+    def check_needs(self, ns: argparse.Namespace) -> None:
+        """Raise MissingDependency for the first declared need of the parsed line that cannot be imported."""
+        for dest, module, feature, when in self.needs:
+            value = getattr(ns, dest, None) if dest else True
+            if value not in (None, False) and (when is None or when(value)):
+                require(module, feature)
+
+
+class Paragraphs(argparse.HelpFormatter):
+    """Help text whose descriptions keep their paragraphs (argparse joins them into one)."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(super(Paragraphs, self)._fill_text(par, width, indent) for par in text.split("\n\n"))
+
+
+NUMBER = re.compile(r"^-\d|^-\.\d")  # a negative number, not an option
+
+
+def is_url(value: str) -> bool:
+    """A location given as a URL (fsspec: s3://, memory://, file://, ...)."""
+    return "://" in str(value)
+
+
+# The input and output of a subcommand, with sd-scripts' spellings (networks/resize_lora.py: --model, --save_to),
+# added by every subcommand that takes one; `refuse` uses the same spellings where a subcommand has none.
+INPUT_FLAGS = ("--model",)
+OUTPUT_FLAGS = ("-o", "--output", "--save_to")
+
+
+def add_input(p: argparse.ArgumentParser, what: str) -> None:
+    """The input, as INPUT or with --model (read with `input_of`)."""
+    p.add_argument("input", nargs="?", help=what)
+    p.add_argument(*INPUT_FLAGS, dest="model", metavar="INPUT", help="same as INPUT (sd-scripts spelling)")
+
+
+def input_of(args: argparse.Namespace, usage: str) -> str:
+    """The input given as INPUT or --model (OptionsError when neither or two different ones are given)."""
+    if args.input and args.model and args.input != args.model:
+        raise OptionsError("give the input once: either as INPUT or with --model")
+    if not (args.input or args.model):
+        raise OptionsError(f"no input file: {usage}")
+    return args.input or args.model
+
+
+def add_output(p: argparse.ArgumentParser, what: str, required: bool = False) -> None:
+    """-o/--output (sd-scripts: --save_to)."""
+    p.add_argument(*OUTPUT_FLAGS, dest="output", required=required, help=what)
 
 
 def choices_of(spec):
@@ -75,7 +171,9 @@ def add_picture_flags(p: argparse.ArgumentParser) -> None:
     """--report / --plot: pictures of the size-vs-fidelity sweep (resize and analyze)."""
     p.add_argument("--report", metavar="OUT.html",
                    help="write a self-contained HTML report: size-vs-fidelity curves, rank map, spectra, settings")
-    p.add_argument("--plot", metavar="OUT.png", help="write the size-vs-fidelity curve as a PNG (matplotlib)")
+    p.add_argument("--plot", metavar="OUT.png", help="write the size-vs-fidelity curve as a PNG (matplotlib: pip "
+                                                     "install 'lora-resize[plot]')")
+    p.requires("plot", "matplotlib", "--plot")
 
 
 def progress(quiet: bool, desc: str, unit: str = "layer"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .flags import add_option_groups, add_output_flags, options_from, progress
+from .flags import add_option_groups, add_output, add_output_flags, options_from, progress
 
 HELP = "merge weighted LoRAs into one of a chosen size"
 DESCRIPTION = ("Merge LoRAs: each layer becomes the best rank-k approximation of the weighted sum. Example: "
@@ -11,10 +11,9 @@ DESCRIPTION = ("Merge LoRAs: each layer becomes the best rank-k approximation of
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = DESCRIPTION
     p.add_argument("sources", nargs="+", metavar="FILE[:WEIGHT]",
                    help="inputs with weights (default 1; may be negative; 0 leaves the input out)")
-    p.add_argument("-o", "--output", "--save_to", dest="output", help="output file (.safetensors or .pt/.pth/.ckpt)")
+    add_output(p, "output file (.safetensors or .pt/.pth/.ckpt)")
     add_option_groups(p, "rank", "output", "compute")
     add_output_flags(p, "per-layer lines in sd-scripts' format")
 

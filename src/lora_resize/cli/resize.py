@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from .flags import add_option_groups, add_output_flags, add_picture_flags, options_from, progress, write_line
+from .flags import (add_input, add_option_groups, add_output, add_output_flags, add_picture_flags, input_of,
+                    options_from, progress, write_line)
 
 HELP = "resize one LoRA file"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", nargs="?", help="LoRA file to resize (.safetensors; .pt/.ckpt read weights-only), or an "
-                                            "adapter folder")
-    p.add_argument("--model", dest="model", help="same as INPUT (sd-scripts spelling)")
-    p.add_argument("-o", "--output", "--save_to", dest="output", help="output file (.safetensors or .pt/.pth/.ckpt)")
+    add_input(p, "LoRA file to resize (.safetensors; .pt/.ckpt read weights-only), or an adapter folder")
+    add_output(p, "output file (.safetensors or .pt/.pth/.ckpt)")
     p.add_argument("--svd_lowrank_niter", type=int, help=argparse.SUPPRESS)  # sd-scripts flag; we are always exact
     add_option_groups(p, "rank", "output", "compute")
     add_picture_flags(p)
@@ -58,11 +57,7 @@ def run(args: argparse.Namespace, notes: list[str] | None = None, **overrides) -
     from ..errors import OptionsError
     from ..ops.resize import resize
 
-    if args.input and args.model and args.input != args.model:
-        raise OptionsError("give the input once: either as INPUT or with --model")
-    src = args.input or args.model
-    if not src:
-        raise OptionsError("no input file: lora-resize resize IN.safetensors -o OUT.safetensors")
+    src = input_of(args, "lora-resize resize IN.safetensors -o OUT.safetensors")
     if not args.output:
         raise OptionsError("no output file: add -o OUT.safetensors (--save_to)")
     notes = list(notes or [])

@@ -12,7 +12,9 @@ from .layer import LowRankLayer
 @dataclass
 class Spectrum:
     """Singular values S of up @ down (unscaled, descending, float64) of the layer `name`, its shape, rank, alpha
-    and scale (the strength the model applies: dW = scale * up @ down)."""
+    and scale (the strength the model applies: dW = scale * up @ down). A layer whose scale is 0 (alpha 0: switched
+    off in training or by hand) applies no update, so its S is all zeros (`of`): every rank rule, budget and
+    fidelity measure then treats it as a zero layer, as its loaders do."""
     name: str
     kind: str
     out_features: int
@@ -32,6 +34,7 @@ class Spectrum:
 
     @classmethod
     def of(cls, name: str, layer: LowRankLayer, S: np.ndarray, base: object | None = None) -> "Spectrum":
+        S = np.zeros_like(np.asarray(S, dtype=np.float64)) if layer.scale == 0 else S
         return cls(name, layer.kind, layer.up.shape[0], layer.down.shape[1], layer.rank, layer.alpha, layer.scale,
                    layer.kernel, layer.in_channels, S, base)
 

@@ -1,6 +1,6 @@
 """Key families as plug-ins, in one registry. `detect` asks every registered family how many keys it recognises and
 parses the file with the best (ties: the higher priority). Then every tensor of the file ends in exactly one of:
-a module's factor (resized), a known non-factor that is copied unchanged and listed by kind (a DoRA magnitude, a
+a module's factor (resized), a known non-factor that is copied (bit for bit) and listed by kind (a DoRA magnitude, a
 bias diff, a module kind that cannot be resized, ...), an unknown tensor that does not look like part of a LoRA
 (copied, listed as 'other') - or an error naming it, when it looks like part of a LoRA (a family marks it, its name
 carries a LoRA token, or it pairs with another unknown tensor as down/up factors do), so LoRA factors are never

@@ -18,6 +18,10 @@ from ..io.metadata import SideOutputs
 from ..io.reader import TensorInfo, TensorSource
 
 
+DORA_KIND = "DoRA magnitude"  # the kind every family lists DoRA magnitude vectors as
+BIAS_KIND = "LoRA bias"  # ... and PEFT's lora_B bias vectors (lora_bias=True) as
+
+
 @dataclass
 class Module(ABC):
     """One adapted layer of a LoRA file: its display name and the input keys it owns. `output_scale`: None when
@@ -61,6 +65,15 @@ class Layout:
     notes: list[str] = field(default_factory=list)
     known: dict[str, str] = field(default_factory=dict)
     file_name: str | None = None  # the name its consumers load from a folder (PEFT: adapter_model.safetensors)
+    copies_modules: bool = False  # modules of a kind that cannot be written as factors are copied through
+
+    def written_network(self) -> str | None:
+        """What the output's tensors are, for its metadata's network fields (io.metadata.network_fields): every
+        module emits plain down/up(/alpha) pairs, so 'lora', or 'dora' beside copied DoRA magnitudes; None when
+        modules of another kind are copied through as they are (the input's network fields still describe them)."""
+        if self.copies_modules:
+            return None
+        return "dora" if any(self.known.get(k) == DORA_KIND for k in self.passthrough) else "lora"
 
     def side_outputs(self, rows: Sequence) -> SideOutputs:
         """Metadata entries and companion files for the new ranks (`rows`: the LayerResults, by module name)."""

@@ -18,9 +18,9 @@ from typing import Mapping
 from ..errors import LoraStructureError
 from ..io.metadata import SideOutputs
 from ..io.reader import TensorInfo
-from .base import Format, Layout
+from .base import BIAS_KIND, DORA_KIND, Format, Layout
 from .pairs import dora_note, find_pairs, magnitudes, pair_module
-from .peft import (LORA_BIAS, MARKERS, NEW_CONFIG, PEFT_PREFIX, ScaleConfig, ab_forms, config_entries, is_ab_key,
+from .peft import (MARKERS, NEW_CONFIG, PEFT_PREFIX, ScaleConfig, ab_forms, config_entries, is_ab_key,
                    rewritten_config)
 
 METADATA_KEY = "lora_adapter_metadata"
@@ -69,6 +69,19 @@ def described_path(component: str, path: str) -> str:
     return path.removeprefix("text_model.") if component.startswith("text_encoder") else path
 
 
+def features(component: str, known: Mapping[str, str]) -> dict[str, bool]:
+    """The LoraConfig fields a described config needs for what `component`'s keys carry besides the pairs
+    (`known`: key -> kind): `lora_bias` for lora_B biases, `use_dora` for DoRA magnitudes. diffusers infers both
+    from the keys when a file has no config (`get_peft_kwargs` in diffusers' utils/peft_utils.py), but builds the
+    LoraConfig from `lora_adapter_metadata` as written when there is one - without them it drops the biases and
+    loads a DoRA as a plain LoRA."""
+    kinds = {kind for k, kind in known.items() if k.startswith(component + ".")}
+    out = {"use_dora": DORA_KIND in kinds}
+    if BIAS_KIND in kinds:
+        out["lora_bias"] = True  # only when set: a PEFT without lora_bias (< 0.14) then refuses rather than drops
+    return out
+
+
 def split_component(name: str, comps: Mapping[str, dict]) -> tuple[str | None, str]:
     """(component, path within it) of a module name; component None when no config covers it."""
     if "" in comps:
@@ -114,18 +127,19 @@ class Diffusers(Format):
     def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
               ) -> Layout:
         keys = [k for k in infos if self.mine(k)]
-        forms, mag_suffixes = ab_forms(keys)
-        pairs, owned = find_pairs(infos, keys, forms[:1] + OLD_FORMS + forms[1:])
-        mags = magnitudes(pairs, keys, mag_suffixes)  # copied unchanged with the other passthrough keys
+        ab = ab_forms(keys)
+        pairs, owned = find_pairs(infos, keys, ab.forms[:1] + OLD_FORMS + ab.forms[1:])
+        mags = magnitudes(pairs, keys, ab.magnitudes)  # copied unchanged with the other passthrough keys
         comps = component_configs(metadata)
         scales = {c: ScaleConfig.from_dict(cfg, f"metadata {METADATA_KEY}" + (f" ({c})" if c else ""))
                   for c, cfg in comps.items()}
+        known = {k: DORA_KIND for k in mags}
+        known.update({k: BIAS_KIND for k in keys if k.endswith(ab.biases)})
         described = not comps and described_components(pairs)
         if described:  # no alphas, no config: the output describes every module, so no loader has to infer them
             comps = {c: {**NEW_CONFIG, "target_modules": sorted(described_path(*p.name.split(".", 1)) for p in pairs
-                                                               if p.name.startswith(c + "."))} for c in described}
-        known = {k: "DoRA magnitude" for k in mags}
-        known.update({k: "LoRA bias" for k in keys if k.endswith(LORA_BIAS)})
+                                                               if p.name.startswith(c + ".")),
+                         **features(c, known)} for c in described}
         modules = []
         for p in pairs:
             comp, mpath = split_component(p.name, comps)

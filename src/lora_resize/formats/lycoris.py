@@ -20,11 +20,17 @@ alpha):
 When the structured pair's inner size would exceed min(out, in*kh*kw) (e.g. a LoHa whose r1*r2 is large for a small
 layer), the dense update is smaller than the factors: we form it and pair it with an identity on its shorter side.
 
-LyCORIS stores non-Tucker LoHa/LoKr conv layers with the kernel flattened into the input dimension; from the file
-alone such a layer looks linear, so it is written as 2-D factors (ComfyUI and A1111 reshape them to the layer).
+LyCORIS stores non-Tucker LoHa/LoKr conv layers with the kernel flattened into the input dimension (lycoris-lora's
+LohaModule: `hada_w1_b` (r, in*kh*kw); LokrModule: `lokr_w2_b` (r, d*kh*kw)); the columns are in conv order (in,
+kh, kw), as LyCORIS reshapes the product to the weight's shape. Where the module's name says which conv it is
+(a Stable Diffusion UNet's 3x3 convs, under kohya's, sgm's or SimpleTuner's names: `known_kernel`), it is written
+as conv factors, down (k, in, kh, kw) and up (out, k, 1, 1): sd-scripts' `networks/lora.py` and musubi-tuner build
+their modules from those shapes and fail on 2-D factors for a conv. Otherwise it is written as 2-D factors
+(ComfyUI, A1111, Forge and InvokeAI reshape them to the layer).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +42,8 @@ from ..core.layer import LowRankLayer
 from ..core.truncate import NewFactors
 from ..errors import LoraStructureError
 from ..io.reader import TensorInfo, TensorSource
-from .base import Format, Layout, Module
+from ..models.sd import sgm_to_flat, unet_path
+from .base import DORA_KIND, Format, Layout, Module
 from .kohya import DOWN, UP
 from .pairs import ALPHA, FACTOR_NDIMS, check_pair, check_scalar, emit_pair, matrices, read_alpha
 
@@ -63,6 +70,34 @@ DETECTORS = sorted(LOCON + LOHA + LOKR + (DORA,) + tuple(s for _, det, _ in PASS
 OTHER_CONV_NDIMS = (3, 5)  # conv1d/conv3d LoHa/LoKr modules pass through, listed (LoCon ones are resized)
 SHOWN = 3  # module names quoted in a note
 MARKERS = (re.compile(r"(^|[._])(lora_mid|dora_scale|hada_[wt]\d|lokr_[wt]\d)([._]|$)"),)
+
+
+UNET_PREFIXES = ("lora_unet_", "lycoris_")  # kohya's UNet modules; SimpleTuner's LyCORIS names (diffusers paths)
+CONV3X3 = ("conv1", "conv2", "conv_in", "conv_out", "conv")  # a diffusers UNet path's last part on its 3x3 convs
+
+
+def known_kernel(name: str) -> tuple[int, ...] | None:
+    """The kernel of the conv that module `name` adapts, when its name says: (3, 3) for a Stable Diffusion UNet's
+    3x3 convs (resnets' conv1/conv2, conv_in, conv_out, the down/upsamplers' conv; diffusers' `UNet2DConditionModel`)
+    under kohya's flattened diffusers or sgm names (`lora_unet_down_blocks_0_resnets_0_conv1`,
+    `lora_unet_input_blocks_1_0_in_layers_2`) or SimpleTuner's `lycoris_` ones; None otherwise (a linear layer, or
+    a 1x1 conv, which 2-D factors describe exactly)."""
+    for prefix in UNET_PREFIXES:
+        if name.startswith(prefix):
+            flat = name[len(prefix):]
+            path = unet_path(flat) or unet_path(sgm_to_flat(flat) or "")
+            if path is not None and path.rsplit(".", 1)[-1] in CONV3X3:
+                return (3, 3)
+    return None
+
+
+def unfolded(name: str, columns: int) -> tuple[tuple[int, ...] | None, int]:
+    """(kernel, in channels) of module `name` whose factors have `columns` columns with any kernel folded in: the
+    kernel its name says (known_kernel) when it divides them, else (None, columns) - a linear layer."""
+    kernel = known_kernel(name)
+    if kernel is not None and columns % math.prod(kernel) == 0:
+        return kernel, columns // math.prod(kernel)
+    return None, columns
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -162,9 +197,12 @@ class LycorisModule(Module):
             a1, b1 = w1a, w1b.reshape(w1b.shape[0], -1)
             a2, b2 = w2a, w2b.reshape(w2b.shape[0], -1)
             kernel = tuple(w1b.shape[2:]) if w1b.ndim == 4 else None
+        in_channels = w1b.shape[1]
+        if kernel is None:
+            kernel, in_channels = unfolded(self.name, b1.shape[1])
         up, down = khatri_rao_pair(a1, b1, a2, b2)
         return LowRankLayer.with_alpha(up, down, self._alpha(src), rank=w1b.shape[0], kernel=kernel,
-                                       in_channels=w1b.shape[1])
+                                       in_channels=in_channels)
 
     def _lokr(self, src: TensorSource) -> LowRankLayer:
         w1, w1a, w1b, w2, w2a, w2b, _, t2 = (self._get(src, p) for p in LOKR)
@@ -184,7 +222,10 @@ class LycorisModule(Module):
             kernel, d = (tuple(w2b.shape[2:]) if w2b.ndim == 4 else None), w2b.shape[1]
         up, down = kron_pair(u1, v1, u2, v2)
         alpha = self._alpha(src) if rank is not None else None  # both sides full: LyCORIS uses scale 1
-        return LowRankLayer.with_alpha(up, down, alpha, rank=rank, kernel=kernel, in_channels=v1.shape[1] * d)
+        in_channels = v1.shape[1] * d
+        if kernel is None:
+            kernel, in_channels = unfolded(self.name, in_channels)
+        return LowRankLayer.with_alpha(up, down, alpha, rank=rank, kernel=kernel, in_channels=in_channels)
 
     def weight_shape(self, infos: Mapping[str, TensorInfo]) -> tuple[int, tuple[int, ...]]:
         s = {p: tuple(infos[k].shape) for p, k in self.parts.items()}
@@ -194,7 +235,7 @@ class LycorisModule(Module):
         if self.kind == "loha":
             if "hada_t1" in s:  # Tucker: w_a r x out, w_b r x in
                 return s["hada_w1_a"][1], (s["hada_w1_b"][1], *s["hada_t1"][2:])
-            return s["hada_w1_a"][0], tuple(s["hada_w1_b"][1:])
+            return s["hada_w1_a"][0], self._unfolded(s["hada_w1_b"][1], s["hada_w1_b"][2:])
         a, b = (s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1]))
         if "lokr_w2" in s:
             c, d, kernel = s["lokr_w2"][0], s["lokr_w2"][1], s["lokr_w2"][2:]
@@ -202,7 +243,14 @@ class LycorisModule(Module):
             c, d, kernel = s["lokr_w2_a"][1], s["lokr_w2_b"][1], s["lokr_t2"][2:]
         else:
             c, d, kernel = s["lokr_w2_a"][0], s["lokr_w2_b"][1], s["lokr_w2_b"][2:]
-        return a * c, (b * d, *kernel)
+        return a * c, self._unfolded(b * d, kernel)
+
+    def _unfolded(self, in_channels: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
+        """(in channels, *kernel) of the weight: a kernel the factors fold in taken from the name (unfolded)."""
+        if kernel:
+            return (in_channels, *kernel)
+        kernel, in_channels = unfolded(self.name, in_channels)
+        return (in_channels, *(kernel or ()))
 
     def emit(self, new: NewFactors) -> dict[str, torch.Tensor]:
         return emit_pair(new, self.name + DOWN, self.name + UP, self.name + ALPHA)
@@ -378,7 +426,7 @@ class Lycoris(Format):
             converted[label] = converted.get(label, 0) + 1
             if DORA in groups[n]:
                 dora.append(n)
-                known[groups[n][DORA]] = "DoRA magnitude"
+                known[groups[n][DORA]] = DORA_KIND
 
         notes = []
         structured = {k: v for k, v in converted.items() if k != "LoCon"}
@@ -388,11 +436,11 @@ class Lycoris(Format):
         for kind, mods in passthrough_modules.items():
             why = ("lora-resize reads LoHa/LoKr only on linear and conv2d layers" if kind == "conv1d/conv3d" else
                    "it cannot be written as low-rank factors without the base model")
-            notes.append(f"{len(mods)} {kind} module(s) copied unchanged ({why}): {_summary(mods)}")
+            notes.append(f"{len(mods)} {kind} module(s) copied, not resized ({why}): {_summary(mods)}")
         if dora:
             notes.append(f"{len(dora)} DoRA magnitude vector(s) (dora_scale) kept as trained; the loader "
                          f"renormalises with the resized update, so their effect is close to, not exactly, the "
                          f"original's: {_summary(dora)}")
         module_keys = {k for m in modules for k in m.keys}
         passthrough = [k for k in infos if k not in module_keys]
-        return Layout(self.name, modules, passthrough, notes, known)
+        return Layout(self.name, modules, passthrough, notes, known, copies_modules=bool(passthrough_modules))

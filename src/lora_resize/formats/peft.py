@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 from ..errors import InputFileError, LoraStructureError
 from ..io.metadata import SideFile, SideOutputs
 from ..io.reader import TensorInfo
-from .base import Format, Layout
+from .base import BIAS_KIND, DORA_KIND, Format, Layout
 from .pairs import MAGNITUDES, dora_note, find_pairs, magnitudes, pair_module
 
 PEFT_PREFIX = "base_model.model."
@@ -35,34 +35,54 @@ NEW_CONFIG = {"lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslor
 LORA_BIAS = ".lora_B.bias"  # PEFT's lora_bias vectors: copied unchanged
 MARKERS = (re.compile(r"(^|[._])lora_(A|B|embedding_A|embedding_B|magnitude_vector)([._]|$)"),)
 # the same keys with PEFT's adapter name left in (raw PeftModel.state_dict() dumps, DiffSynth-Studio files):
-# <module>.lora_A.default.weight, .lora_embedding_A.default, .lora_magnitude_vector.default.weight
-ADAPTER_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.([^.]+)(\.weight)?$")
+# <module>.lora_A.default.weight, .lora_B.default.bias, .lora_embedding_A.default, .lora_magnitude_vector.default.weight
+# (PEFT's LoraLayer keeps lora_A/lora_B/lora_magnitude_vector as ModuleDicts and lora_embedding_A/B as
+# ParameterDicts keyed by adapter name, so the name sits before a Linear's `weight`/`bias` or last)
+ADAPTER_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.([^.]+)(\.weight|\.bias)?$")
+TENSOR_NAMES = ("weight", "bias")  # what follows lora_A/lora_B/lora_magnitude_vector when there is no adapter name
+
+
+def _adapter_in(key: str) -> str | None:
+    """The adapter name in one A/B key, or None (`.lora_B.bias` and `.lora_magnitude_vector.weight` carry none)."""
+    m = ADAPTER_KEY.search(key)
+    if m is None or (m.group(3) is None and m.group(2) in TENSOR_NAMES):
+        return None
+    return m.group(2)
 
 
 def adapter_name(keys: Iterable[str]) -> str | None:
     """The adapter name left in the keys (None when there is none). Raises LoraStructureError for two adapters in
     one file."""
-    names = sorted({m.group(2) for k in keys if (m := ADAPTER_KEY.search(k)) and m.group(2) != "weight"})
+    names = sorted({n for k in keys if (n := _adapter_in(k)) is not None})
     if len(names) > 1:
         raise LoraStructureError(f"the file holds the adapters {', '.join(names)} (keys such as ...lora_A."
                                  f"{names[0]}.weight); save one adapter per file (PeftModel.save_pretrained)")
     return names[0] if names else None
 
 
-def ab_forms(keys: Iterable[str]) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
-    """The (down, up) key forms and DoRA magnitude suffixes of A/B files: PEFT's, and the same with the adapter
-    name left in when the keys carry one."""
-    forms, mags = [LINEAR_FORM, EMBEDDING_FORM], MAGNITUDES
+@dataclass(frozen=True)
+class AbKeys:
+    """The key forms of an A/B (PEFT-style) file: its (down, up) suffix pairs, DoRA magnitude suffixes and
+    lora_B bias suffixes - PEFT's own, and the same with the adapter name left in when the keys carry one."""
+    forms: list[tuple[str, str]]
+    magnitudes: tuple[str, ...]
+    biases: tuple[str, ...]
+
+
+def ab_forms(keys: Iterable[str]) -> AbKeys:
+    """The A/B key forms of a file with these keys (AbKeys). Raises LoraStructureError for two adapter names."""
+    forms, mags, biases = [LINEAR_FORM, EMBEDDING_FORM], MAGNITUDES, (LORA_BIAS,)
     name = adapter_name(keys)
     if name is not None:
         forms += [(f".lora_A.{name}.weight", f".lora_B.{name}.weight"),
                   (f".lora_embedding_A.{name}", f".lora_embedding_B.{name}")]
         mags += (f".lora_magnitude_vector.{name}.weight", f".lora_magnitude_vector.{name}")
-    return forms, mags
+        biases += (f".lora_B.{name}.bias",)
+    return AbKeys(forms, mags, biases)
 
 
 def is_ab_key(key: str) -> bool:
-    """A PEFT-style factor or magnitude key, with or without an adapter name."""
+    """A PEFT-style factor, bias or magnitude key, with or without an adapter name."""
     return key.endswith((*LINEAR_FORM, *EMBEDDING_FORM, *MAGNITUDES)) or ADAPTER_KEY.search(key) is not None
 
 
@@ -236,9 +256,9 @@ class Peft(Format):
     def parse(self, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None
               ) -> Layout:
         keys = [k for k in infos if self.mine(k)]
-        forms, mag_suffixes = ab_forms(keys)
-        pairs, owned = find_pairs(infos, keys, forms)
-        mags = magnitudes(pairs, keys, mag_suffixes)  # copied unchanged with the other passthrough keys
+        ab = ab_forms(keys)
+        pairs, owned = find_pairs(infos, keys, ab.forms)
+        mags = magnitudes(pairs, keys, ab.magnitudes)  # copied unchanged with the other passthrough keys
         config, cfg_path, notes = None, None, dora_note(len(mags))
         if path is not None and (Path(path).parent / CONFIG_NAME).is_file():
             cfg_path = Path(path).parent / CONFIG_NAME
@@ -251,8 +271,8 @@ class Peft(Format):
             notes.append(f"no {CONFIG_NAME} beside the input: scale taken as 1 (or the file's .alpha keys) and no "
                          "config written - give the output a config with its new ranks")
         scale_cfg = ScaleConfig.from_dict(config, str(cfg_path)) if config is not None else None
-        known = {k: "DoRA magnitude" for k in mags}
-        known.update({k: "LoRA bias" for k in infos if self.mine(k) and k.endswith(LORA_BIAS)})
+        known = {k: DORA_KIND for k in mags}
+        known.update({k: BIAS_KIND for k in keys if k.endswith(ab.biases)})
         modules = []
         for p in pairs:
             mpath = p.name[len(PEFT_PREFIX):]

@@ -15,6 +15,19 @@ OUR_KEY = "lora_resize"
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 HASH_PLACEHOLDERS = ("0" * 64, "0" * 8)  # sha256 hex, and its first 8 hex digits
 MERGE_KEPT = ("ss_network_module", "ss_base_model_version")  # what a merge keeps of its first input's metadata
+# The network fields of a LyCORIS file (sd-scripts' `--network_module lycoris.kohya`, its `--network_args` read by
+# lycoris/kohya.py `create_network`). What the tensors are written as decides what still holds: plain LoRA pairs
+# are sd-scripts' `networks.lora`, which ignores LyCORIS's arguments; pairs with DoRA magnitudes (`dora_scale`)
+# are LyCORIS's LoCon with weight decomposition (`dora_wd`).
+LYCORIS_MODULE = "lycoris.kohya"
+PLAIN_MODULE = "networks.lora"
+# sd-scripts' LoRA module of a base model version other than SD's (ss_base_model_version as library/flux_utils.py
+# names them: MODEL_VERSION_FLUX_V1, MODEL_VERSION_CHROMA; both trained by networks/lora_flux.py)
+PLAIN_MODULE_OF = {"flux1": "networks.lora_flux", "chroma": "networks.lora_flux"}
+LYCORIS_FACTOR_ARGS = ("algo", "factor", "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "decompose_both",
+                       "full_matrix", "unbalanced_factorization", "use_scalar", "block_size", "rescaled",
+                       "constraint", "rs_lora", "train_norm", "bypass_mode")  # how LyCORIS builds its modules
+LYCORIS_LOADER_ARGS = ("dora_wd", "wd_on_output", "preset")  # LyCORIS-only: kept while LyCORIS reads the file
 
 
 @dataclass
@@ -56,10 +69,29 @@ def setting_text(opts) -> str:
     return f"{opts.method}: {opts.param}" if opts.method else f"rank {opts.rank}"
 
 
-def sd_scripts_fields(opts, old_dim: int, last_alpha: float, comment: str) -> dict[str, str]:
-    """ss_training_comment / ss_network_dim / ss_network_alpha exactly as sd-scripts' resize_lora.py writes them
-    (FORMATS.md §1). A budget or per-block rank rules make ranks differ per layer: written as a dynamic resize
-    (dim and alpha 'Dynamic'), the comment naming the budget or the rules."""
+def written_dims(rows: Sequence) -> tuple[tuple[int, float] | None, tuple[int, float] | None, bool]:
+    """(linear, conv, uniform) of the layers written: the rank and alpha (the last layer's, as sd-scripts records
+    it) of the linear layers and of the conv (4-D) layers - the two groups --rank and --conv-rank set, and
+    network_dim and conv_dim name - or None where a group has none; `uniform`: each group has one rank. Zero
+    layers (rank-1 placeholders for an update of zero) take no part unless every layer is one."""
+    live = [r for r in rows if not r.zero] or list(rows)
+    groups = []
+    for conv in (False, True):
+        g = [r for r in live if r.kind.startswith("conv") == conv]
+        groups.append(g)
+    uniform = all(len({r.new_rank for r in g}) <= 1 for g in groups)
+    lin, conv = ((g[-1].new_rank, g[-1].new_alpha) if g else None for g in groups)
+    return lin, conv, uniform
+
+
+def sd_scripts_fields(opts, rows: Sequence, comment: str) -> dict[str, str]:
+    """ss_training_comment / ss_network_dim / ss_network_alpha as sd-scripts' resize_lora.py writes them
+    (`networks/resize_lora.py`: a fixed rank -> that rank and the last layer's alpha (the last row), the comment
+    'dimension is resized from OLD to NEW (conv: C)'; a dynamic method -> 'Dynamic'), describing the file written: the ranks are
+    those of `rows`, so a fixed setting whose layers came out at different ranks (smaller than the rank asked for)
+    is 'Dynamic' too. A budget or per-block rank rules are dynamic resizes, the comment naming them. A conversion
+    that keeps every rank keeps the input's comment. `rows`: the LayerResults, in order."""
+    old_dim = max(r.old_rank for r in rows)
     ranked_rules = [str(r) for r in opts.block_rules if r.action != "drop"]
     dynamic = {"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"}
     if opts.budget is not None:
@@ -67,13 +99,39 @@ def sd_scripts_fields(opts, old_dim: int, last_alpha: float, comment: str) -> di
     if ranked_rules:
         return {"ss_training_comment": f"Dynamic resize with {setting_text(opts)} and rules {', '.join(ranked_rules)} "
                                        f"from {old_dim}; {comment}", **dynamic}
-    if opts.method is None and opts.rank is None:  # a conversion that keeps every rank: the input's fields stand
+    if opts.method is not None:
+        return {"ss_training_comment": f"Dynamic resize with {setting_text(opts)} from {old_dim}; {comment}", **dynamic}
+    lin, conv, uniform = written_dims(rows)
+    main = lin or conv
+    if opts.rank is None and opts.conv_rank is None:  # a conversion that keeps every rank: the input's comment
+        fields = {}
+    elif uniform:
+        desc = f" (conv: {conv[0]})" if lin and conv and conv[0] != lin[0] else ""
+        fields = {"ss_training_comment": f"dimension is resized from {old_dim} to {main[0]}{desc}; {comment}"}
+    else:
+        asked = f"at most {opts.rank}" if opts.rank is not None else "the ranks kept"
+        asked += f" (conv: at most {opts.conv_rank})" if opts.conv_rank not in (None, opts.rank) else ""
+        fields = {"ss_training_comment": f"dimension is resized from {old_dim} to {asked}, layers smaller than that "
+                                         f"keeping their own rank; {comment}"}
+    if not uniform:
+        return {**fields, **dynamic}
+    return {**fields, "ss_network_dim": str(main[0]), "ss_network_alpha": str(rows[-1].new_alpha)}
+
+
+def network_args(args: str | None, rows: Sequence) -> dict[str, str]:
+    """The input's `ss_network_args` (sd-scripts' JSON of --network_args) with its conv_dim / conv_alpha set to the
+    conv layers written (one rank: it and their alpha; several: 'Dynamic'); {} when it has no conv_dim."""
+    try:
+        d = json.loads(args) if args else None
+    except ValueError:
         return {}
-    if opts.method is None:
-        conv = "" if opts.rank == opts.conv_rank else f" (conv: {opts.conv_rank})"
-        return {"ss_training_comment": f"dimension is resized from {old_dim} to {opts.rank}{conv}; {comment}",
-                "ss_network_dim": str(opts.rank), "ss_network_alpha": str(last_alpha)}
-    return {"ss_training_comment": f"Dynamic resize with {setting_text(opts)} from {old_dim}; {comment}", **dynamic}
+    if not isinstance(d, dict) or "conv_dim" not in d:
+        return {}
+    _, conv, uniform = written_dims(rows)
+    if conv is None:
+        return {}
+    d["conv_dim"], d["conv_alpha"] = (str(conv[0]), str(conv[1])) if uniform else ("Dynamic", "Dynamic")
+    return {"ss_network_args": json.dumps(d)}
 
 
 def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[InputRecord], merged: bool) -> str:
@@ -97,11 +155,38 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
     return json.dumps(d, separators=(",", ":"))
 
 
+def network_fields(meta: Mapping[str, str], network: str | None) -> dict[str, str | None]:
+    """The network module and arguments (`ss_network_module`, `ss_network_args`) that describe the tensors
+    written, where the input's (`meta`) no longer do: a LyCORIS network (`lycoris.kohya`, any algo) written as
+    plain LoRA pairs (`network` 'lora') becomes sd-scripts' LoRA module for its base model (`networks.lora`;
+    Flux/Chroma: `networks.lora_flux`) without LyCORIS's arguments; written as pairs with
+    DoRA magnitudes ('dora') it stays LyCORIS, as LoCon with `dora_wd` (lycoris/kohya.py `create_network`). The
+    arguments that still hold (conv_dim, dropouts, LoRA+ ratios, ...) are kept; None for `network` (modules are
+    copied through as they are) or any other module: nothing changes. Values None remove the entry."""
+    module = meta.get("ss_network_module", "")
+    if network is None or module.split(".")[0] != LYCORIS_MODULE.split(".")[0]:
+        return {}
+    try:
+        args = json.loads(meta.get("ss_network_args") or "{}")
+    except json.JSONDecodeError:
+        args = None
+    args = args if isinstance(args, dict) else {}
+    if network == "lora":
+        kept = {k: v for k, v in args.items() if k not in LYCORIS_FACTOR_ARGS + LYCORIS_LOADER_ARGS}
+        plain = PLAIN_MODULE_OF.get(meta.get("ss_base_model_version", ""), PLAIN_MODULE)
+        return {"ss_network_module": plain, "ss_network_args": json.dumps(kept) if kept else None}
+    kept = {k: v for k, v in args.items() if k not in LYCORIS_FACTOR_ARGS}
+    return {"ss_network_module": module, "ss_network_args": json.dumps({**kept, "algo": "locon", "dora_wd": "True"})}
+
+
 def output_metadata(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[InputRecord],
-                    side: Mapping[str, str | None], merged: bool = False) -> dict[str, str]:
+                    side: Mapping[str, str | None], merged: bool = False, network: str | None = None
+                    ) -> dict[str, str]:
     """The metadata of the file a resize (one source) or a merge (`merged`) writes, without the sd-scripts hashes
     (`with_hashes` adds them). A resize keeps its input's metadata and overwrites sd-scripts' resize fields; a
-    merge keeps only the base model's identity and describes the recipe. `rows`: the LayerResults, in order."""
+    merge keeps only the base model's identity and describes the recipe. `rows`: the LayerResults, in order.
+    `network`: what the tensors are written as ('lora', 'dora', None: as read; formats' Layout.written_network),
+    which sets the network module and arguments (network_fields)."""
     first = sources[0].metadata
     if merged:
         ranks, alphas = {r.new_rank for r in rows}, {r.new_alpha for r in rows}
@@ -112,10 +197,10 @@ def output_metadata(opts, precision: str, fmt: str, rows: Sequence, sources: Seq
                      "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic"})
     else:
         meta = {k: v for k, v in first.items() if k not in HASH_KEYS}
-        meta.update(sd_scripts_fields(opts, max(r.old_rank for r in rows), rows[-1].new_alpha,
-                                      first.get("ss_training_comment", "")))
+        meta.update(sd_scripts_fields(opts, rows, first.get("ss_training_comment", "")))
+        meta.update(network_args(first.get("ss_network_args"), rows))
     meta[OUR_KEY] = record(opts, precision, fmt, rows, sources, merged)
-    for k, v in side.items():
+    for k, v in {**network_fields(meta, network), **side}.items():
         if v is None:
             meta.pop(k, None)
         else:

@@ -11,7 +11,7 @@ import torch
 
 from ..core.spectrum import Spectrum
 from ..core.truncate import NewFactors
-from .writer import header_bytes, ordered
+from .writer import copied_dtype, header_bytes, ordered
 
 META = torch.device("meta")
 
@@ -82,6 +82,7 @@ class OutputSizer:
         return len(head) + data, len(head), sum(t.numel() for t in tensors.values())
 
 
-def saved_stub(shape: tuple[int, ...], dtype: torch.dtype, save_dtype: torch.dtype) -> Stub:
-    """A copied tensor as it is saved: floating point cast to the save dtype, anything else as it is."""
-    return Stub(shape, save_dtype if dtype.is_floating_point else dtype)
+def saved_stub(shape: tuple[int, ...], dtype: torch.dtype, cast: torch.dtype | None) -> Stub:
+    """A copied tensor as it is saved (io.writer.copied_dtype): in its own dtype, or floating point cast to `cast`
+    (an explicit --precision)."""
+    return Stub(shape, copied_dtype(dtype, cast))

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import OptionsError
+from ..errors import OptionsError, require
 from .files import atomic_output
 
 CHUNK = 1 << 22
@@ -100,12 +100,9 @@ def sha256_of(f) -> str:
 
 def url_filesystem(url: str):
     """(fsspec filesystem, path) for a URL, or an OptionsError saying what is missing."""
+    fsspec = require("fsspec", "a folder given as a URL")
     try:
-        from fsspec.core import url_to_fs
-    except ImportError:
-        raise OptionsError("URLs need fsspec: pip install 'lora-resize[dask]'") from None
-    try:
-        return url_to_fs(url)
+        return fsspec.core.url_to_fs(url)
     except ImportError as e:  # fsspec knows the protocol but its package is not installed (s3fs, gcsfs, ...)
         raise OptionsError(f"cannot open {url}: {e}") from None
     except ValueError as e:

@@ -33,6 +33,20 @@ def ordered(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(tensors, key=lambda k: (-rank(k), k))
 
 
+def copied_dtype(dtype: torch.dtype, cast: torch.dtype | None) -> torch.dtype:
+    """The dtype a copied tensor (not a LoRA factor: a bias or full diff, a DoRA magnitude, an embedding, ...) is
+    written in: its own, so it is copied bit for bit, unless `cast` (an explicit --precision) is given and it is
+    floating point. Loaders add these tensors to the weights as they are, so a narrower dtype loses their values
+    (a float32 bias diff in bf16 keeps 8 of its 24 significant bits)."""
+    return cast if cast is not None and dtype.is_floating_point else dtype
+
+
+def copied_tensor(t: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
+    """`t` as it is written when copied (copied_dtype): the same tensor, or cast to `cast`."""
+    dtype = copied_dtype(t.dtype, cast)
+    return t if dtype == t.dtype else t.to(dtype)
+
+
 def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
     """Refuse to write NaN or Inf: a value that overflowed the save precision, or damage carried over from the
     input (in a tensor that is copied through, or an alpha)."""

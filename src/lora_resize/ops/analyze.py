@@ -37,18 +37,20 @@ from ..io.metadata import InputRecord
 from ..io.paths import local_path, resolve_input
 from ..io.reader import open_tensor_file
 from ..io.sizing import OutputSizer
-from ..options import ResizeOptions
+from ..options import SETTING_FIELDS as SWEPT
+from ..options import ResizeOptions, option_fields
 from ..ranks.budgets import BUDGETS
 from ..ranks.plan import budget_layers, plan
 from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
-from ..results import Analysis, SettingRow
+from ..results import Analysis, SettingRow, fidelity
 from .job import Output, metadata_for, module_job, precision_of, sizer_for, spectra, with_base
 
 DEFAULT_PICK = dict(method="sv_fro", param=0.9)  # shown in the report when no setting is chosen
-SETTING_FIELDS = ("rank", "method", "param", "ranks", *BUDGETS)  # what names a chosen setting
-SHARED_FIELDS = ("rank", "conv_rank", "rank_rule", "precision", "block_rules", "device", "threads", "output_format",
-                 "arch", "base")
+# what names a chosen setting: a rank (also the cap of every setting), or what a sweep's settings replace; every
+# other user-facing option is shared by all the settings of the sweep
+SETTING_FIELDS = ("rank", *SWEPT)
+SHARED_FIELDS = tuple(f.name for f in option_fields() if f.name not in SWEPT)
 
 
 def default_sweep(base: bool = False) -> dict[str, tuple]:
@@ -61,59 +63,83 @@ def default_sweep(base: bool = False) -> dict[str, tuple]:
 # Evaluating settings on the spectra
 
 
-class Evaluator:
-    """Settings evaluated on one file's spectra: ranks (the shared planning step), exact size and fidelity."""
+# what a decomposition is read under: another value needs the file read (and decomposed) again
+READ_UNDER = {"output_format": "the output layout", "arch": "the architecture", "base": "the base model"}
 
-    def __init__(self, out: Output, sps: list[Spectrum], precision: str):
+
+class Evaluator:
+    """Settings evaluated on one file's spectra: ranks (the shared planning step), exact size and fidelity.
+    `analyzed`: the options the file was read and decomposed under (its layout, architecture, base and drop rules);
+    `input_precision`: the save precision when a setting gives none (the input's, as resize takes it)."""
+
+    def __init__(self, out: Output, sps: list[Spectrum], precision: str, analyzed: ResizeOptions,
+                 input_precision: str):
         self.out, self.sps, self.precision = out, sps, precision
-        self._sizer: OutputSizer | None = None
+        self.analyzed, self.input_precision = analyzed, input_precision
+        self._sizers: dict[tuple, OutputSizer] = {}
+
+    def view(self, opts: ResizeOptions) -> tuple[Output, list[Spectrum], str]:
+        """The output, the spectra of its layers and the save precision that resize would use with `opts`, from
+        this decomposition: another precision, or drop rules that leave out more modules, are honoured; what needs
+        the file read again (another layout, architecture or base, a module the analysis left out) raises
+        OptionsError naming the fix."""
+        for name, what in READ_UNDER.items():
+            if getattr(opts, name) != getattr(self.analyzed, name):
+                raise OptionsError(f"this analysis was read with {name}={getattr(self.analyzed, name)!r}; "
+                                   f"{what} cannot change here: analyze again with {name}={getattr(opts, name)!r}")
+        precision = opts.precision or self.input_precision
+        kept = set(apply_rules(opts.block_rules, [m.name for m in self.out.layout.modules]).kept)
+        have = {sp.name for sp in self.sps}
+        missing = sorted(kept - have)
+        if missing:
+            raise OptionsError(f"module {missing[0]} was left out of this analysis by its drop rules; analyze again "
+                               "with the drop rules of this setting")
+        out = self.out if self.out.cast == (opts.precision is not None) else replace(
+            self.out, cast=opts.precision is not None)  # copied tensors are cast only to an asked-for precision
+        if kept == have:
+            return out, self.sps, precision
+        idx = [i for i, sp in enumerate(self.sps) if sp.name in kept]
+        return replace(out, jobs=[out.jobs[i] for i in idx]), [self.sps[i] for i in idx], precision
 
     def sizer(self, opts: ResizeOptions) -> OutputSizer:
-        """The output's sizer with the metadata of setting `opts` (the emitted shapes shared between settings)."""
-        if self._sizer is None:
-            self._sizer = sizer_for(self.out, self.sps, opts, self.precision)
-            return self._sizer
-        return self._sizer.with_metadata(metadata_for(self.out, self.sps, opts, self.precision))
+        """The output's sizer for setting `opts` (its precision, its layers, its metadata); the emitted shapes
+        are shared between settings of one precision and one set of layers."""
+        out, sps, precision = self.view(opts)
+        key = (precision, out.cast, tuple(sp.name for sp in sps))
+        if key not in self._sizers:
+            self._sizers[key] = sizer_for(out, sps, opts, precision)
+            return self._sizers[key]
+        return self._sizers[key].with_metadata(metadata_for(out, sps, opts, precision))
 
     def evaluate(self, opts: ResizeOptions, label: str | None = None) -> SettingRow:
-        """Size and fidelity of the file `resize` would write with `opts`."""
+        """Size and fidelity of the file `resize` would write with `opts` (OptionsError for an option this
+        decomposition cannot honour: `view`). The row's ranks are those of the layers the setting keeps."""
+        _, sps, _ = self.view(opts)
         sizer = self.sizer(opts)
-        ranks, notes = plan(self.sps, opts, sizer)
+        ranks, notes = plan(sps, opts, sizer)
         size, header, params = sizer.file_size(ranks)
-        fro = np.full(len(self.sps), np.nan)
-        w = np.zeros(len(self.sps))
-        kept_e = tot_e = 0.0
-        for i, (sp, k) in enumerate(zip(self.sps, ranks)):
+        layers = []
+        for sp, k in zip(sps, ranks):
             t = sp.kept(len(sp.S))[1]
             kk = sp.kept(k)[1]
-            if t > 0:
-                fro[i] = math.sqrt(kk / t)
-                w[i] = sp.out_features * sp.in_features
-            kept_e += kk * sp.scale ** 2
-            tot_e += t * sp.scale ** 2
-        base = self._base_losses(ranks)
-        live = ~np.isnan(fro)
-        if live.any():
-            worst = int(np.nanargmin(fro))
-            stats = (float(np.sum(fro[live] * w[live]) / np.sum(w[live])), float(np.mean(fro[live])),
-                     math.sqrt(kept_e / tot_e) if tot_e > 0 else float("nan"), float(fro[worst]),
-                     self.sps[worst].name)
-        else:
-            stats = (float("nan"),) * 4 + (None,)
+            layers.append((sp.name, math.sqrt(kk / t) if t > 0 else float("nan"), sp.out_features * sp.in_features,
+                           kk * sp.scale ** 2, t * sp.scale ** 2))
+        base = self._base_losses(sps, ranks)
         budget = opts.budget
         if budget is not None:
             method, param = budget[0].name, budget[1]
         else:
             method, param = (opts.method, opts.param) if opts.method else (FIXED, opts.rank)
-        return SettingRow(label or opts.label(), method, param, opts.flags(), size, params, *stats, ranks=ranks,
-                          options=opts, header_bytes=header, note=notes[0] if notes else None, **base)
+        return SettingRow(label or opts.label(), method, param, opts.flags(), size, params, **fidelity(layers),
+                          ranks=ranks, options=opts, header_bytes=header, note=notes[0] if notes else None, **base)
 
-    def _base_losses(self, ranks) -> dict:
+    @staticmethod
+    def _base_losses(sps: list[Spectrum], ranks) -> dict:
         """The setting's losses relative to the base (SettingRow.base_loss, base_loss_max, base_worst), over the
         layers that have a base weight; {} without a base."""
         dropped = base = 0.0
         worst, worst_name = -1.0, None
-        for sp, k in zip(self.sps, ranks):
+        for sp, k in zip(sps, ranks):
             losses = sp.base_losses(int(k))
             if losses is None:
                 continue
@@ -140,7 +166,7 @@ class Evaluator:
                 elif method in BUDGETS and v == "auto":
                     probe = shared.with_setting(**{method: 1})
                     sizer = self.sizer(probe)
-                    layers = budget_layers(self.sps, probe, sizer)
+                    layers = budget_layers(self.view(probe)[1], probe, sizer)
                     lo = sizer.file_size(np.array([L.lo for L in layers]))[0]
                     hi = sizer.file_size(np.array([L.hi for L in layers]))[0]
                     out += [shared.with_setting(**{method: s}) for s in sizes_125(lo, hi)]
@@ -213,6 +239,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
     with open_tensor_file(src) as reader:
         layout = read_layout(reader.infos(), reader.metadata, src, shared.output_format, shared.arch)
         precision, precision_notes = precision_of(layout, reader.infos(), shared.precision)
+        input_precision = precision_of(layout, reader.infos(), None)[0]
         rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
         jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
@@ -220,8 +247,9 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
         t1 = time.perf_counter()
         sps = spectra(jobs, device, shared.threads, progress)
         t_dec = time.perf_counter() - t1
-        out = Output(layout, jobs, {k: reader for k in layout.passthrough}, [InputRecord(src.name, reader.metadata)])
-    return Evaluator(out, sps, precision), dict(
+        out = Output(layout, jobs, {k: reader for k in layout.passthrough}, [InputRecord(src.name, reader.metadata)],
+                     cast=shared.precision is not None)
+    return Evaluator(out, sps, precision, replace(shared, precision=precision), input_precision), dict(
         src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
         seconds=0.0, decompose_seconds=t_dec, notes=precision_notes + rules.notes + list(layout.notes) + base_notes,
         rule_hits=rules.hits)
@@ -265,8 +293,8 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
                                 row.scale, kernel, in_ch, row.singular_values, row.base))
         jobs = [module_job(modules[row.name], reader) for row in result.layers]
         out = Output(layout, jobs, {k: reader for k in layout.passthrough},
-                     [InputRecord(result.src.name, reader.metadata)])
-        ev = Evaluator(out, sps, result.precision)
+                     [InputRecord(result.src.name, reader.metadata)], cast=chosen.precision is not None)
+        ev = Evaluator(out, sps, result.precision, chosen, precision_of(layout, reader.infos(), None)[0])
         rules = apply_rules(chosen.block_rules, [m.name for m in layout.modules])
         a = finish(ev, dict(src=result.src, format=result.format, precision=result.precision,
                             input_bytes=result.input_bytes, dropped=rules.dropped, seconds=0.0,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..core.parallel import available_cores
-from ..errors import LoraResizeError, OptionsError
+from ..errors import LoraResizeError, OptionsError, require
 from ..io.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TMP_PREFIX, claimed_header_length, remove_stale_partials
 from ..io.storage import Folder, local_input, local_output, sha256_of
 from ..options import ResizeOptions
@@ -247,10 +247,8 @@ def _schedule(tasks, opts, workers, threads, max_memory):
 def _schedule_dask(tasks, options_key, opts, dask, threads):
     """Yield (task index, entry) as the cluster finishes files. A task lost with a worker is run again elsewhere
     by Dask; outputs are written atomically (or uploaded whole), so a file is never left half-written."""
-    try:
-        from distributed import Client, as_completed
-    except ImportError:
-        raise OptionsError("--dask needs the optional dependency: pip install 'lora-resize[dask]'") from None
+    require("distributed", "--dask")
+    from distributed import Client, as_completed
     own = not isinstance(dask, Client)
     try:
         client = Client(dask, timeout=DASK_CONNECT_TIMEOUT) if own else dask

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -27,9 +27,9 @@ from ..formats import Layout, Module
 from ..io.metadata import InputRecord, output_metadata, with_hashes
 from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
-from ..io.writer import write_output
+from ..io.writer import copied_dtype, copied_tensor, write_output
 from ..options import ResizeOptions
-from ..ranks.plan import layer_rank, plan
+from ..ranks.plan import layer_rank, pinned_rank, plan
 from ..results import BaseNorms, LayerResult
 from ..units import format_size
 from .base import base_norms
@@ -88,15 +88,54 @@ def with_base(jobs: list[LayerJob], layout: Layout, infos: Mapping[str, TensorIn
     return notes + [f"{len(norms)} base weight(s) measured in {time.perf_counter() - t:.1f} s"]
 
 
-def alpha_rule(opts: ResizeOptions, scales_and_ranks: list[tuple[float, int]]) -> AlphaRule:
-    """How the output's alphas are chosen: sd-scripts' per-layer alphas under `--rank-rule kohya`; otherwise one
-    alpha for every layer (AlphaRule.one_for_all), the most common input scale times --rank (else the most common
-    input rank), so every consumer applies each layer at its strength."""
+def alpha_rule(opts: ResizeOptions, scales_and_ranks: list[tuple[float, int]], save_dtype: torch.dtype
+               ) -> Callable[[str, float | None, int, int], float]:
+    """How the output's alphas are chosen, as (name, alpha, old rank, new rank) -> alpha: sd-scripts' per-layer
+    alphas under `--rank-rule kohya`; otherwise one alpha for every layer (AlphaRule.one_for_all), the most common
+    input scale times --rank (else the most common input rank), so every consumer applies each layer at its
+    strength. Either is then brought into the range `save_dtype` holds (`held_alpha`); the factors absorb the
+    difference (start_layer)."""
     if opts.rank_rule == "kohya" or not scales_and_ranks:
-        return AlphaRule()
-    ranks = [r for _, r in scales_and_ranks]
-    rank = opts.rank if opts.rank is not None else max(set(ranks), key=ranks.count)
-    return AlphaRule.one_for_all([s for s, _ in scales_and_ranks], rank)
+        rule = AlphaRule()
+    else:
+        ranks = [r for _, r in scales_and_ranks]
+        rank = opts.rank if opts.rank is not None else max(set(ranks), key=ranks.count)
+        try:
+            rule = AlphaRule.one_for_all([s for s, _ in scales_and_ranks], rank)
+        except NumericalError:
+            if opts.rank is None:
+                raise
+            raise NumericalError(f"--rank {opts.rank} times the layers' scale overflows float32 in the output's "
+                                 "alpha; give a --rank no larger than the layers' sizes") from None
+    return lambda name, alpha, rank, k: held_alpha(rule(name, alpha, rank, k), save_dtype)
+
+
+def held_alpha(alpha: float, dtype: torch.dtype) -> float:
+    """`alpha` brought into the range of normal numbers `dtype` stores (fp16: 6.1e-5 to 65504), sign kept; 0 stays
+    0. A larger alpha (a huge --rank times the input's scale) would be stored as Inf, a smaller one as 0 or a
+    subnormal: either would switch the layer off or break it in every loader. An alpha in range is returned as it
+    is (the metadata states it as sd-scripts does, before the dtype's rounding)."""
+    info = torch.finfo(dtype)
+    if alpha == 0 or info.tiny <= abs(alpha) <= info.max:
+        return alpha
+    return math.copysign(min(max(abs(alpha), info.tiny), info.max), alpha)
+
+
+def output_scale(module: Module, alpha: torch.Tensor, k: int) -> float:
+    """The scale a loader applies to the module's rank-k output: its family's fixed scale, else the stored alpha
+    over k."""
+    return module.output_scale if module.output_scale is not None else float(alpha) / k
+
+
+def factor_scale(name: str, scale: float, out_scale: float) -> float:
+    """c such that out_scale * (c * up @ down) = scale * up @ down: 0 for a switched-off layer (scale 0, whatever
+    the output's scale); NumericalError when the output's scale cannot carry a live layer (0 or not finite)."""
+    if scale == 0:
+        return 0.0
+    if out_scale == 0 or not math.isfinite(out_scale):
+        raise NumericalError(f"layer {name}: the output would apply it with scale {out_scale:g}, which cannot "
+                             f"carry its update (scale {scale:g}); use --precision float")
+    return scale / out_scale
 
 
 def layer_row(sp: Spectrum, k: int, new_alpha: float, **flags) -> LayerResult:
@@ -113,9 +152,12 @@ def layer_row(sp: Spectrum, k: int, new_alpha: float, **flags) -> LayerResult:
                        **flags)
 
 
-def planned_rows(spectra: list[Spectrum], ranks, alpha: AlphaRule) -> list[LayerResult]:
-    """The rows a job would report for these ranks (what the metadata records), without computing factors."""
-    return [layer_row(sp, int(k), alpha(sp.name, sp.alpha, sp.rank, int(k))) for sp, k in zip(spectra, ranks)]
+def planned_rows(spectra: list[Spectrum], ranks, alpha: Callable[[str, float | None, int, int], float],
+                 rank_rule: str) -> list[LayerResult]:
+    """The rows a job would report for these ranks (what the metadata records), without computing factors: zero
+    layers flagged as the planning step flags them under `rank_rule`."""
+    return [layer_row(sp, int(k), alpha(sp.name, sp.alpha, sp.rank, int(k)),
+                      zero=pinned_rank(sp, int(k), rank_rule).zero_layer) for sp, k in zip(spectra, ranks)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,7 +182,7 @@ class Queued:
 
 
 def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: ResizeOptions,
-                save_dtype: torch.dtype, alpha_of: AlphaRule) -> Queued:
+                save_dtype: torch.dtype, alpha_of: Callable[[str, float | None, int, int], float]) -> Queued:
     """Choose the layer's rank and compute its best rank-k factors in save_dtype, on the compute device.
 
     The new alpha comes from `alpha_of` (one value for all layers, or sd-scripts' scale * k); the factors absorb
@@ -160,12 +202,7 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
         conversion = why if copy is None and whole else None
     alpha = alpha_of(job.name, layer.alpha, layer.rank, k)
     alpha_t = torch.tensor(alpha, dtype=torch.float32).to(save_dtype)
-    fixed = job.module.output_scale
-    if fixed is None:
-        stored = float(alpha_t)
-        c = layer.scale * k / stored if stored != 0 and layer.scale != 0 else 1.0
-    else:
-        c = layer.scale / fixed if fixed != 0 and layer.scale != 0 else 1.0
+    c = factor_scale(job.name, layer.scale, output_scale(job.module, alpha_t, k))
     up, down = truncated_factors(dec, k, c, save_dtype)
     return Queued(job, layer, sp, k, choice.clamped_to_size, choice.zero_layer, alpha, alpha_t, up, down,
                   largest_entry(dec.S, c), conversion)
@@ -187,7 +224,7 @@ def run_jobs(jobs: list[LayerJob], opts: ResizeOptions, device: torch.device, sa
     """Decompose and truncate every job (in order); returns the rows and the output tensors."""
     rows: list[LayerResult] = []
     out: dict[str, torch.Tensor] = {}
-    alpha_of = alpha_rule(opts, [j.scale_and_rank() for j in jobs])
+    alpha_of = alpha_rule(opts, [j.scale_and_rank() for j in jobs], save_dtype)
     for row, tensors in through_engine(jobs, device, lambda j, layer, dec: start_layer(j, layer, dec, opts,
                                                                                        save_dtype, alpha_of),
                                        finish_layer, opts.threads, progress):
@@ -230,27 +267,41 @@ def precision_of(layout: Layout, infos: Mapping[str, TensorInfo], requested: str
 @dataclass
 class Output:
     """What a job writes: the output layout (its modules, in order, emit the layers; it derives the side
-    outputs), the copied tensors (key -> the reader holding it), the inputs as the metadata records them."""
+    outputs), the copied tensors (key -> the reader holding it), the inputs as the metadata records them.
+    `cast`: the precision was asked for (--precision), so the copied floating-point tensors are cast to it;
+    otherwise they are copied bit for bit (io.writer.copied_dtype)."""
     layout: Layout
     jobs: list[LayerJob]
     copied: dict[str, TensorSource]
     sources: list[InputRecord]
     merged: bool = False
+    cast: bool = False
+
+    def copied_cast(self, save_dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype the copied floating-point tensors are cast to, None when they keep theirs."""
+        return save_dtype if self.cast else None
+
+    def cast_keys(self, save_dtype: torch.dtype) -> list[str]:
+        """The copied tensors whose dtype the output changes (in file order)."""
+        cast = self.copied_cast(save_dtype)
+        return [k for k, src in self.copied.items() if copied_dtype(src.infos()[k].dtype, cast) != src.infos()[k].dtype]
 
 
 def copied_stubs(out: Output, save_dtype: torch.dtype) -> dict[str, Stub]:
-    return {k: saved_stub(src.infos()[k].shape, src.infos()[k].dtype, save_dtype) for k, src in out.copied.items()}
+    cast = out.copied_cast(save_dtype)
+    return {k: saved_stub(src.infos()[k].shape, src.infos()[k].dtype, cast) for k, src in out.copied.items()}
 
 
 def metadata_for(out: Output, sps: list[Spectrum], opts: ResizeOptions, precision: str
                  ) -> Callable[[np.ndarray], dict[str, str]]:
     """ranks -> the metadata `produce` would write for them with `opts` (hashes as placeholders)."""
-    alpha_of = alpha_rule(opts, [(sp.scale, sp.rank) for sp in sps])
+    alpha_of = alpha_rule(opts, [(sp.scale, sp.rank) for sp in sps], SAVE_DTYPES[precision])
 
     def meta(ranks) -> dict[str, str]:
-        rows = planned_rows(sps, ranks, alpha_of)
+        rows = planned_rows(sps, ranks, alpha_of, opts.rank_rule)
         return with_hashes(output_metadata(opts, precision, out.layout.format, rows, out.sources,
-                                           out.layout.side_outputs(rows).metadata, out.merged))
+                                           out.layout.side_outputs(rows).metadata, out.merged,
+                                           out.layout.written_network()))
     return meta
 
 
@@ -274,13 +325,14 @@ def with_budget_plan(out: Output, opts: ResizeOptions, precision: str, device: t
 
 @dataclass
 class Produced:
-    """A written job: its rows, the metadata written, the writer's notes, the plan's notes and the options as
-    run (a budget's ranks filled in)."""
+    """A written job: its rows, the metadata written, the writer's notes, the plan's notes, the options as
+    run (a budget's ranks filled in) and the copied tensors whose dtype was changed (an explicit --precision)."""
     rows: list[LayerResult]
     metadata: dict[str, str]
     write_notes: list[str]
     plan_notes: list[str]
     options: ResizeOptions
+    cast: list[str] = field(default_factory=list)
 
 
 def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device: torch.device,
@@ -291,13 +343,14 @@ def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device:
     save_dtype = SAVE_DTYPES[precision]
     run_opts, plan_notes = with_budget_plan(out, opts, precision, device, progress)
     rows, tensors = run_jobs(out.jobs, run_opts, device, save_dtype, progress, on_layer)
+    cast = out.copied_cast(save_dtype)
     for key, src in out.copied.items():
-        t = src.get(key)
-        tensors.setdefault(key, t.to(save_dtype) if t.is_floating_point() else t)
+        tensors.setdefault(key, copied_tensor(src.get(key), cast))
     side = out.layout.side_outputs(rows)
-    meta = output_metadata(run_opts, precision, out.layout.format, rows, out.sources, side.metadata, out.merged)
+    meta = output_metadata(run_opts, precision, out.layout.format, rows, out.sources, side.metadata, out.merged,
+                           out.layout.written_network())
     meta, write_notes = write_output(dst, tensors, meta, side.files, new_folder)
-    return Produced(rows, meta, write_notes, plan_notes, run_opts)
+    return Produced(rows, meta, write_notes, plan_notes, run_opts, out.cast_keys(save_dtype))
 
 
 def clamp_notes(rows: list[LayerResult]) -> list[str]:
@@ -325,7 +378,10 @@ def growth_notes(input_bytes: int, output_bytes: int, rows: list[LayerResult]) -
     a higher precision, ...), with what keeps the size."""
     if output_bytes <= input_bytes:
         return []
-    head = f"warning: the output ({format_size(output_bytes)}) is larger than the input ({format_size(input_bytes)})"
+    out, inp = format_size(output_bytes), format_size(input_bytes)
+    if out == inp:  # a few bytes more (metadata): equal when rounded, so say by how much
+        out, inp = f"{output_bytes:,} bytes", f"{input_bytes:,} bytes"
+    head = f"warning: the output ({out}) is larger than the input ({inp})"
     if all(r.new_rank <= r.old_rank for r in rows):  # not the ranks: names, metadata, split modules, precision
         return [head + "; no layer's rank grew: the output's key names and metadata, a wider save precision, or "
                        "fused modules written as their parts (each with the shared down) take the room"]

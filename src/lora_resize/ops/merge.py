@@ -183,7 +183,8 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         # the output: the first input's layout, each layer written by the module of the first input that has it
         layout = replace(layouts[0], modules=[j.module for j in jobs])
         out = Output(layout, jobs, copied, [InputRecord(s.path.name, r.metadata, s.weight)
-                                            for s, r in zip(live, readers)], merged=True)
+                                            for s, r in zip(live, readers)], merged=True,
+                     cast=opts.precision is not None)
         done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
     notes += list(layouts[0].notes) + done.write_notes + clamp_notes(done.rows) + done.plan_notes
     if cancelled:
@@ -194,7 +195,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
                         options={**done.options.as_dict(), "sources": [[str(s.path), s.weight] for s in srcs],
                                  "rule_hits": rules.hits},
-                        layers=done.rows, passthrough=list(copied),
+                        layers=done.rows, passthrough=list(copied), cast=done.cast,
                         copied={k: kind for lay in reversed(layouts) for k, kind in lay.known.items() if k in copied},
                         input_bytes=sum(s.path.stat().st_size for s in live), output_bytes=dst.stat().st_size,
                         seconds=time.perf_counter() - t0, metadata=done.metadata, notes=notes)

@@ -42,14 +42,14 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
         jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
         out = Output(layout, jobs, {k: reader for k in layout.passthrough},
-                     [InputRecord(src.name, reader.metadata)])
+                     [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
         done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
     notes = (precision_notes + list(layout.notes) + base_notes + done.write_notes + clamp_notes(done.rows)
              + rules.notes + done.plan_notes)
     notes += growth_notes(src.stat().st_size, dst.stat().st_size, done.rows)
     return ResizeResult(src=src, dst=dst, format=layout.format, precision=precision,
                         options={**done.options.as_dict(), "rule_hits": rules.hits}, layers=done.rows,
-                        passthrough=list(layout.passthrough), copied=dict(layout.known),
+                        passthrough=list(layout.passthrough), copied=dict(layout.known), cast=done.cast,
                         input_bytes=src.stat().st_size,
                         output_bytes=dst.stat().st_size, seconds=time.perf_counter() - t0, metadata=done.metadata,
                         notes=notes)

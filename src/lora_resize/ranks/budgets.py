@@ -277,11 +277,11 @@ def register(budget: Budget) -> Budget:
 
 
 register(Budget("target_fro", "--target-fro", "target_fro (budget)", "#9467bd", FRACTIONS, _parse_fro, lambda v: f"target_fro {v:g}",
-                lambda v: f"target fro {v} (global, alpha/rank-scaled)", lambda v: f"{v:g}", plan_fro))
+                lambda v: f"target fro {v} (global, alpha/rank-scaled)", repr, plan_fro))
 register(Budget("target_size", "--target-size", "target_size (budget)", "#8c564b", ("auto",),
                 lambda v: parse_size(v, "--target-size"), lambda v: f"target_size {format_size(v)}",
                 lambda v: f"target size {format_size(v)} ({v} bytes)", str, plan_size, base_weighted=True))
 register(Budget("target_error", "--target-error", "target_error (budget)", "#bcbd22",
                 (0.0005, 0.001, 0.002, 0.005, 0.01), _parse_error, lambda v: f"target_error {v:g}",
-                lambda v: f"target error {v:g} (global, relative to the base)", lambda v: f"{v:g}", plan_error,
+                lambda v: f"target error {v:g} (global, relative to the base)", repr, plan_error,
                 needs_base=True))

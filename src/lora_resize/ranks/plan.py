@@ -20,19 +20,36 @@ from .rules import first_match
 FIXED = get_policy(None)
 
 
+def decided(sp: Spectrum, opts) -> tuple[int | None, int | None]:
+    """(pinned, cap) of one kept layer under `opts`, in order of precedence: an explicit rank (`opts.ranks`, e.g.
+    a budget's plan) or a `PATTERN=RANK` rule pins it; else a `PATTERN=cap:RANK` rule or --rank/--conv-rank caps
+    it (None: no cap). The one reading of ranks, rules and caps that every planning path shares."""
+    rule = first_match(opts.block_rules, sp.name) if opts.block_rules else None
+    pinned = (opts.ranks or {}).get(sp.name, rule.value if rule is not None and rule.action == "rank" else None)
+    cap = rule.value if rule is not None and rule.action == "cap" else opts.cap_for(sp.conv)
+    return (int(pinned) if pinned is not None else None), cap
+
+
+def pinned_rank(sp: Spectrum, k: int, rank_rule: str) -> RankChoice:
+    """A pinned rank k as it is written under the rank rule: 1 for a zero layer; else k, at most the layer's
+    numerical rank (exact) or its size (kohya: sd-scripts keeps a fixed rank above the numerical one)."""
+    return choose_rank(sp.S, sp.full_size, FIXED, None, k, rank_rule)
+
+
 def layer_rank(sp: Spectrum, opts) -> RankChoice:
     """The rank of one kept layer under `opts` (a ResizeOptions) without a budget, or with the budget's plan in
-    `opts.ranks`. Raises OptionsError when a fixed-rank setting gives the layer no rank."""
-    if opts.ranks and sp.name in opts.ranks:  # a plan's or a conversion's: above the layer's rank keeps all of it
-        choice = choose_rank(sp.S, sp.full_size, FIXED, None, int(opts.ranks[sp.name]), "exact")
-        return RankChoice(choice.rank, False, choice.zero_layer)
-    rule = first_match(opts.block_rules, sp.name) if opts.block_rules else None
-    if rule is not None and rule.action == "rank":
-        return choose_rank(sp.S, sp.full_size, FIXED, None, rule.value, opts.rank_rule)
-    cap = rule.value if rule is not None and rule.action == "cap" else opts.cap_for(sp.conv)
+    `opts.ranks`. A layer nothing gives a rank keeps its numerical rank with `opts.keep_unranked`; else it raises
+    OptionsError."""
+    pinned, cap = decided(sp, opts)
+    if pinned is not None:
+        choice = pinned_rank(sp, pinned, opts.rank_rule)
+        explicit = sp.name in (opts.ranks or {})  # a plan's: its ranks are within the layer's by construction
+        return RankChoice(choice.rank, choice.clamped_to_size and not explicit, choice.zero_layer)
     policy = get_policy(opts.method)
     if not policy.needs_param and cap is None:
-        raise OptionsError(f"layer {sp.name} has no rank: give --rank N (or a rule or a target that covers it)")
+        if not opts.keep_unranked:
+            raise OptionsError(f"layer {sp.name} has no rank: give --rank N (or a rule or a target that covers it)")
+        return choose_rank(sp.S, sp.full_size, FIXED, None, None, "exact")  # all of it: its numerical rank
     return choose_rank(base_relative(sp, opts.method) if policy.base else sp.S, sp.full_size, policy, opts.param, cap,
                        opts.rank_rule)
 
@@ -53,24 +70,15 @@ def budget_layers(spectra: Sequence[Spectrum], opts, sizer: Sizer) -> list[Budge
     budget = opts.budget[0] if opts.budget is not None else None
     weighted = budget is not None and budget.base_weighted and opts.base is not None
     for i, sp in enumerate(spectra):
-        rule = first_match(opts.block_rules, sp.name) if opts.block_rules else None
-        pinned = (opts.ranks or {}).get(sp.name, rule.value if rule is not None and rule.action == "rank" else None)
-        cap = rule.value if rule is not None and rule.action == "cap" else opts.cap_for(sp.conv)
-        S = sp.S
-        if opts.rank_rule == "kohya":
-            zero = not (S.size and S[0] > ZERO_SV)
-            limit = max(1, sp.full_size)
-        else:
-            zero = not (S.size and S[0] > 0)
-            limit = int(np.count_nonzero(S))
+        pinned, cap = decided(sp, opts)
         cost = sizer.layer_bytes(i, 2) - sizer.layer_bytes(i, 1)
-        if zero:
-            lo = hi = 1
-        elif pinned is not None:
-            lo = hi = max(1, min(pinned, limit))
+        if pinned is not None:
+            lo = hi = pinned_rank(sp, pinned, opts.rank_rule).rank
         else:
-            hi = limit if cap is None else max(1, min(cap, limit))
-            lo = min(2, hi) if opts.rank_rule == "kohya" else 1
+            top = pinned_rank(sp, cap if cap is not None else sp.full_size, opts.rank_rule)
+            hi = top.rank
+            lo = 1 if top.zero_layer or opts.rank_rule != "kohya" else min(2, hi)
+        S = sp.S
         gains = np.zeros(max(hi, len(S)))
         gains[:len(S)] = base_relative(sp, budget.flag) ** 2 if weighted else (S * sp.scale) ** 2
         if budget is not None and budget.needs_base and sp.base is None:

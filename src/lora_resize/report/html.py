@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from pathlib import Path
 
 from .._version import __version__
@@ -15,11 +16,12 @@ from ..errors import OptionsError, OutputFileError
 from ..io.files import atomic_output
 from ..ranks.budgets import BUDGETS
 from ..ranks.policies import POLICIES
+from ..results import MEASURES
 from ..units import format_size as human_bytes
 from .svg import Scale, axes, esc, polyline, svg
+from .text import fidelity_figures, fidelity_legend, percent
 
-METRICS = {"fro_weighted": "size-weighted mean", "fro_global": "global (alpha/rank-scaled)",
-           "fro_min": "worst layer"}
+METRICS = {m: MEASURES[m][0] for m in ("fro_weighted", "fro_global", "fro_min")}  # results.MEASURES' names
 BASE_METRICS = {"base_loss": "loss vs base, global", "base_loss_max": "loss vs base, worst layer"}  # with --base
 HEAVIEST = 6
 
@@ -223,14 +225,10 @@ def spectra_svg(a, pick, n: int = HEAVIEST, width: int = 980) -> str:
 # The page
 
 
-def _pct(v: float) -> str:
-    return "n/a" if v != v else f"{v:.2%}"
-
-
 def settings_table(a, pick=None) -> str:
     """Every setting of the sweep, then the chosen one (or the default pick) with id "chosen"."""
     head = ("<tr><th>setting</th><th>resize flags</th><th>bytes</th><th>size</th><th>params</th>"
-            "<th>fro w-mean</th><th>fro global</th><th>fro min</th><th>worst layer</th></tr>")
+            + "".join(f"<th>fro {name}</th>" for name, _ in MEASURES.values()) + "<th>worst layer</th></tr>")
     body = []
     rows = [(f"row{n}", r) for n, r in enumerate(a.rows)] + ([("chosen", pick)] if pick is not None else [])
     for ident, r in rows:
@@ -238,8 +236,8 @@ def settings_table(a, pick=None) -> str:
         body.append(f'<tr id="{ident}"{cls} data-method="{r.method}"><td>{esc(r.label)}</td>'
                     f'<td><code>{esc(r.args)}</code></td><td class="n">{r.output_bytes:,}</td>'
                     f'<td class="n">{esc(human_bytes(r.output_bytes))}</td><td class="n">{r.params:,}</td>'
-                    f'<td class="n">{_pct(r.fro_weighted)}</td><td class="n">{_pct(r.fro_global)}</td>'
-                    f'<td class="n">{_pct(r.fro_min)}</td><td class="w">{esc(r.worst_layer or "-")}</td></tr>')
+                    + "".join(f'<td class="n">{percent(getattr(r, key))}</td>' for key in MEASURES)
+                    + f'<td class="w">{esc(r.worst_layer or "-")}</td></tr>')
     return (f'<div class="scroll"><table id="settings"><thead>{head}</thead><tbody>\n' + "\n".join(body)
             + "\n</tbody></table></div>")
 
@@ -307,8 +305,7 @@ def html_report(a) -> str:
     tabs = "".join(f'<button type="button" data-target="curve-{m}"{" class=on" if i == 0 else ""}>{esc(t)}</button>'
                    for i, (m, t) in enumerate(METRICS.items()))
     chosen_line = (f"chosen: <b>{esc(pick.label)}</b>: {esc(human_bytes(pick.output_bytes))} "
-                   f"({pick.output_bytes:,} bytes), Frobenius kept {_pct(pick.fro_weighted)} (w-mean), "
-                   f"{_pct(pick.fro_global)} (global), min {_pct(pick.fro_min)}")
+                   f"({pick.output_bytes:,} bytes), Frobenius retained: {fidelity_figures(vars(pick))}")
     rules = ""
     if a.rule_hits:
         rules = "<p>rules: " + "; ".join(f"<code>{esc(r)}</code>: {n} module{'s' if n != 1 else ''}"
@@ -342,13 +339,12 @@ def html_report(a) -> str:
 {esc(a.precision)}, rank rule {esc(b.rank_rule)}, cap {esc(cap)}; {len(a.rows)} settings from one decomposition
 ({a.decompose_seconds:.1f} s). lora-resize {esc(__version__)}.</p>
 <p>{chosen_line}</p>{rules}{notes}
-<div id="cmd">lora-resize resize {esc(a.src.name)} -o OUT.safetensors <code id="cmd-flags">{esc(pick.args)}</code>
+<div id="cmd">lora-resize resize {esc(shlex.quote(a.src.name))} -o OUT.safetensors <code id="cmd-flags">{esc(pick.args)}</code>
 <span class="meta">(click a point or a row to pick another setting)</span></div>
 <h2>Output size against fidelity</h2>
 <div class="tabs">fidelity: {tabs}</div>
 {''.join(curves)}
-<p class="meta">Frobenius retained per layer: sqrt(kept sum S^2 / sum S^2). Size-weighted mean: each layer
-weighted by out x in (the model weights its update touches). Global: all layers as one update, scaled by alpha/rank.
+<p class="meta">Frobenius retained per layer: sqrt(kept sum S^2 / sum S^2). {esc(fidelity_legend())}.
 Budget policies (dashed) put each byte where it keeps the most global energy.</p>
 {base_section}
 <h2>Ranks per layer ({esc(pick.label)})</h2>

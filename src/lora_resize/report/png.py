@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import OptionsError
+from ..errors import require
 from ..io.files import atomic_output
 from ..ranks.budgets import BUDGETS
+from ..units import format_size
 from .html import METRICS, check_out, series
 
 
@@ -15,13 +16,8 @@ def write_png(a, path: str | os.PathLike, metrics: tuple[str, ...] = ("fro_weigh
     one panel per fidelity measure (size-weighted mean, global)."""
     path = Path(path)
     check_out(path, (".png",))
-    try:
-        import matplotlib
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise OptionsError("--plot needs matplotlib: pip install 'lora-resize[plot]' (or pip install matplotlib)") \
-            from None
+    require("matplotlib", "--plot").use("Agg", force=True)
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
     fig, axs = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110, sharey=True)
     pick = a.pick
@@ -30,16 +26,15 @@ def write_png(a, path: str | os.PathLike, metrics: tuple[str, ...] = ("fro_weigh
             pts = sorted((r for r in a.rows if r.method == method and getattr(r, m) == getattr(r, m)),
                          key=lambda r: r.output_bytes)
             if pts:
-                ax.plot([r.output_bytes / 1e6 for r in pts], [100 * getattr(r, m) for r in pts], marker="o",
+                ax.plot([r.output_bytes for r in pts], [100 * getattr(r, m) for r in pts], marker="o",
                         ms=4, color=color, ls="--" if method in BUDGETS else "-", label=name)
         if pick is not None and getattr(pick, m) == getattr(pick, m):
-            ax.plot([pick.output_bytes / 1e6], [100 * getattr(pick, m)], marker="o", ms=14, mfc="none", mec="k",
+            ax.plot([pick.output_bytes], [100 * getattr(pick, m)], marker="o", ms=14, mfc="none", mec="k",
                     mew=2, ls="none", label=f"chosen: {pick.label}" if pick.chosen else pick.label)
         ax.set_xscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
-        ax.set_xlabel("output size (MB, log scale)")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_size(v)))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: format_size(v) if f"{v:.0e}"[0] in "25" else ""))
+        ax.set_xlabel("output size (log scale)")
         ax.set_title(f"Frobenius retained, {METRICS[m]}", fontsize=11)
         ax.grid(True, which="both", alpha=0.3)
     axs[0].set_ylabel("Frobenius retained (%)")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import numpy as np
 
 from ..errors import one_line
 from ..ranks.budgets import BUDGETS
-from ..results import LayerResult, ResizeResult
+from ..results import MEASURES, LayerResult, ResizeResult
 from ..units import format_size
 
 
@@ -23,6 +24,17 @@ def strict_json(obj, indent: int | None = 1) -> str:
             return [clean(v) for v in x]
         return x
     return json.dumps(clean(obj), indent=indent, default=str, allow_nan=False)
+
+
+def fidelity_legend() -> str:
+    """What each fidelity measure is, under the names every printout uses (results.MEASURES)."""
+    return "fidelity = Frobenius norm kept per layer; " + "; ".join(f"{n}: {what}" for n, what in MEASURES.values())
+
+
+def fidelity_figures(values: dict) -> str:
+    """'w-mean 91.81%, mean 91.66%, global 91.46%, min 90.94%' from the measures' values (a result's
+    `fidelity`, a sweep row's fields)."""
+    return ", ".join(f"{name} {percent(values[key])}" for key, (name, _) in MEASURES.items())
 
 
 def verbose_line(row: LayerResult, dynamic: bool) -> str:
@@ -55,15 +67,16 @@ def summary(result: ResizeResult) -> str:
         setting += f", conv rank {o['conv_rank']}"
     elif dynamic and o["rank"] is not None:
         setting += f", cap {o['rank']}"
-    worst = result.min_fro
+    fid = result.fidelity
     lines = [
         f"{result.src.name} -> {result.dst.name}: {format_size(result.input_bytes)} -> "
         f"{format_size(result.output_bytes)} ({result.output_bytes / max(result.input_bytes, 1):.1%}), "
         f"{result.seconds:.1f} s",
         f"  {len(result.layers)} layers ({result.format}), {setting}, rule {o['rank_rule']}, saved as {result.precision}",
         f"  rank {old.min()}..{old.max()} -> {ranks.min()}..{ranks.max()} (mean {ranks.mean():.1f})",
-        f"  Frobenius retained: mean {result.mean_fro:.2%}, min {worst.fro_retained:.2%} ({worst.name})"
-        if worst else "  Frobenius retained: n/a (all layers are zero)",
+        f"  Frobenius retained: {fidelity_figures(fid)} ({fid['worst_layer']})"
+        if fid["worst_layer"] else "  Frobenius retained: n/a (all layers are zero)",
+        f"  {fidelity_legend()}",
     ]
     if o.get("rule_hits"):
         lines.append("  rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}"
@@ -71,9 +84,12 @@ def summary(result: ResizeResult) -> str:
     if result.zero_layers:
         lines.append(f"  {len(result.zero_layers)} zero layer(s) (no update: untrained modules?) kept as rank-1 "
                      f"zeros, e.g. {result.zero_layers[0]}")
-    if result.passthrough:
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(result.copied_kinds.items(), key=lambda x: (-x[1], x[0])))
-        lines.append(f"  {len(result.passthrough)} other tensor(s) copied unchanged: {kinds}")
+    unchanged, cast = result.unchanged_kinds, result.cast_kinds
+    if unchanged:
+        lines.append(f"  {sum(unchanged.values())} other tensor(s) copied unchanged: {_counted(unchanged)}")
+    if cast:
+        lines.append(f"  {sum(cast.values())} other tensor(s) cast to {result.precision} (--precision): "
+                     f"{_counted(cast)}")
     based = [x for x in result.layers if x.base is not None]
     if based:
         strong = max(based, key=lambda x: x.strength)
@@ -86,7 +102,13 @@ def summary(result: ResizeResult) -> str:
     return "\n".join(one_line(line) for line in lines)  # names from the file never drive the terminal
 
 
-def _pct(x: float) -> str:
+def _counted(kinds: dict[str, int]) -> str:
+    """'3 bias diff, 1 other': counts by kind, the most common first."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda x: (-x[1], x[0])))
+
+
+def percent(x: float) -> str:
+    """A fraction as every printout shows it: '91.81%', 'n/a' for NaN."""
     return "n/a" if x != x else f"{x:.2%}"
 
 
@@ -109,20 +131,20 @@ def analysis_table(a, verbose: bool = False) -> str:
     lines = [f"{a.src.name}: {len(a.layers)} layers ({a.format}), {format_size(a.input_bytes)}; "
              f"output {a.precision}, rule {b.rank_rule}, {cap}; decomposed in {a.decompose_seconds:.1f} s, "
              f"{len(a.rows)} settings in {a.seconds - a.decompose_seconds:.1f} s",
-             "fidelity = Frobenius norm kept: w-mean weighted by out*in per layer; global = all layers as one "
-             "update (alpha/rank-scaled); min = the worst layer", ""]
+             fidelity_legend(), ""]
     rows = list(a.rows) + ([a.chosen] if a.chosen is not None else [])
     based = any(r.base_loss is not None for r in rows)
     if based:
         lines.insert(-1, "vs base = loss relative to the base weights: global = sqrt(sum ||dW - dW_k||_F^2 / sum "
                          "||W||_F^2), max = the worst layer's ||dW - dW_k||_F / ||W||_F")
-    head = f"  {'setting':<30} {'bytes':>14} {'size':>9} {'params':>8} {'w-mean':>7} {'global':>7} {'min':>7}"
+    head = (f"  {'setting':<30} {'bytes':>14} {'size':>9} {'params':>8} "
+            + " ".join(f"{name:>7}" for name, _ in MEASURES.values()))
     head += f" {'vs base':>8} {'max':>8}  worst layer" if based else "  worst layer"
     lines.append(head)
     for r in rows:
         mark = "*" if r.chosen else " "
         line = (f"{mark} {r.label[:30]:<30} {r.output_bytes:>14,} {format_size(r.output_bytes):>9} "
-                f"{_count(r.params):>8} {_pct(r.fro_weighted):>7} {_pct(r.fro_global):>7} {_pct(r.fro_min):>7}")
+                f"{_count(r.params):>8} " + " ".join(f"{percent(getattr(r, key)):>7}" for key in MEASURES))
         if based:
             line += f" {_sci(r.base_loss):>8} {_sci(r.base_loss_max):>8}  {r.base_worst or '-'}"
         else:
@@ -130,10 +152,10 @@ def analysis_table(a, verbose: bool = False) -> str:
         lines.append(line)
     lines += [f"note ({r.label}): {r.note}" for r in a.rows if r.note]
     if a.chosen is not None:
-        lines += ["", f"* chosen: lora-resize resize {a.src} -o OUT.safetensors {a.chosen.args}"]
+        lines += ["", f"* chosen: lora-resize resize {shlex.quote(str(a.src))} -o OUT.safetensors {a.chosen.args}"]
     else:
-        lines += ["", f"pick a row and run: lora-resize resize {a.src} -o OUT.safetensors <its flags> "
-                      "(--json lists every row's flags)"]
+        lines += ["", f"pick a row and run: lora-resize resize {shlex.quote(str(a.src))} -o OUT.safetensors "
+                      "<its flags> (--json lists every row's flags)"]
     if a.rule_hits:
         lines.append("rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}" for r, n in a.rule_hits.items()))
     if a.dropped:
@@ -144,5 +166,5 @@ def analysis_table(a, verbose: bool = False) -> str:
         lines += ["", f"per layer, {pick.label}:"]
         for L, block, k in zip(a.layers, a.blocks, pick.ranks):
             lines.append(f"  {L.name:75} {block:>15} rank {L.rank:>4} -> {int(k):>4}  fro "
-                         f"{_pct(L.fro_retained(k))}")
+                         f"{percent(L.fro_retained(k))}")
     return "\n".join(one_line(line) for line in lines)

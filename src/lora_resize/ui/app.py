@@ -18,11 +18,16 @@ import gradio as gr
 
 from ..errors import LoraResizeError
 from ..models import LAYOUTS
+from ..results import MEASURES
 
 CLICK_JS = ("element.addEventListener('click', (e) => { const p = e.target.closest('[data-row]'); "
             "if (p) { trigger('click', {row: p.getAttribute('data-row')}); } });")
-COLUMNS = ["setting", "size", "bytes", "Frobenius kept (w-mean)", "global", "worst layer", "flags"]
+COLUMNS = ["setting", "size", "bytes", *(f"Frobenius kept ({n})" for n, _ in MEASURES.values()), "worst layer", "flags"]
 
+# Gradio's file boxes print a file's size in steps of 1024 labelled "MB" (32.5 MB shows as 31.0 MB); the page shows
+# sizes one way only (units.format_size, in its status lines and table), so the boxes' link shows no size
+PAGE_CSS = (".file-preview td.download a{visibility:hidden;white-space:nowrap} "
+            ".file-preview td.download a::after{visibility:visible;content:'download \\21E3'}")
 
 SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
 
@@ -124,12 +129,13 @@ class App:
     def analyze(self, upload, picked, cap, progress=gr.Progress()):
         from ..ops.analyze import analyze
         from ..report.html import CSS, curve_svg, html_report
+        from ..report.text import percent
         from ..units import format_size
         try:
             a = analyze(self._source(upload, picked)[0], rank=int(cap) if cap else None, progress=_progress(progress, "analyzing"))
         except LoraResizeError as e:
             return "", [], [], "", f"error: {e}", ""
-        rows = [[r.label, format_size(r.output_bytes), r.output_bytes, f"{r.fro_weighted:.2%}", f"{r.fro_global:.2%}",
+        rows = [[r.label, format_size(r.output_bytes), r.output_bytes, *(percent(getattr(r, key)) for key in MEASURES),
                  r.worst_layer or "-", r.args] for r in a.rows]
         flags = {f"row{i}": r.args for i, r in enumerate(a.rows)}
         flags["chosen"] = a.pick.args
@@ -214,6 +220,7 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None) ->
     with gr.Blocks(title="lora-resize", delete_cache=(3600, 86400)) as page:
         gr.Markdown("# lora-resize\nMake LoRA files smaller, exactly: analyze, pick a setting, resize; or merge "
                     "and convert.")
+        gr.HTML(f"<style>{PAGE_CSS}</style>", elem_id="page-style", js_on_load=None)
         with gr.Tab("Resize"):
             lora, picked = _input(app, "LoRA file", "lora")
             with gr.Row():

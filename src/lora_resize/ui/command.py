@@ -10,6 +10,7 @@ HELP = "open a local web page: analyze, pick a setting on the curve, resize, mer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.requires(None, "gradio", "the web page")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
     p.add_argument("--browser", action="store_true", help="open it in the default browser")
@@ -20,10 +21,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import OptionsError
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise OptionsError("the web page needs Gradio: pip install 'lora-resize[ui]'") from None
     import socket
     if args.port is not None and not 0 < args.port < 65536:
         raise OptionsError(f"--port must be 1-65535, got {args.port}")

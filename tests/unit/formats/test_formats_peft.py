@@ -323,3 +323,41 @@ def test_a_folder_output_gets_the_adapter_files_and_nothing_when_the_run_fails(t
                                                                           alpha=2.0))
     assert run(kohya, "-o", f"{tmp_path / 'kf'}/", "--rank", "2") == 0
     assert [p.name for p in (tmp_path / "kf").iterdir()] == ["k.safetensors"]
+
+
+@pytest.mark.parametrize("prefix", [P, "transformer."])  # the PEFT family, and the diffusers family's A/B keys
+@pytest.mark.parametrize("extra", ["bias", "magnitude", "alpha", "bias+magnitude"])
+def test_adapter_name_with_bias_magnitude_or_alpha_is_read(tmp_path, capsys, prefix, extra):
+    """Keys with the adapter name left in, beside PEFT's lora_B bias (`.lora_B.default.bias`), DoRA magnitude
+    (`.lora_magnitude_vector.default.weight`) or an `.alpha`: each is supported alone and so is the combination -
+    the pairs resized exactly, the bias and magnitude copied bit for bit and listed by kind."""
+    src = llama_adapter(tmp_path / "in", None, layers=1)
+    sd, _ = load_st(src)
+    named, side, alphas = {}, {}, {}
+    g = torch.Generator().manual_seed(3)
+    for path in paths_of(sd):
+        base, a, b = prefix + path, sd[P + path + A], sd[P + path + B]
+        named[base + ".lora_A.default.weight"], named[base + ".lora_B.default.weight"] = a, b
+        if "bias" in extra:
+            side[base + ".lora_B.default.bias"] = torch.randn(b.shape[0], generator=g)
+        if "magnitude" in extra:
+            side[base + ".lora_magnitude_vector.default.weight"] = torch.rand(b.shape[0], generator=g) + 0.5
+        if extra == "alpha":
+            alphas[base] = 2.0 + len(alphas)
+            named[base + ".alpha"] = torch.tensor(alphas[base])
+    src = write_lora(tmp_path / "named.safetensors", {**named, **side})
+    out = tmp_path / "out.safetensors"
+    assert main(["resize", str(src), "-o", str(out), "--rank", "3", "--json", "-q"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    kinds = {"bias": "LoRA bias", "magnitude": "DoRA magnitude"}
+    assert res["copied"] == {kinds[e]: len(paths_of(sd)) for e in extra.split("+") if e in kinds}
+    sd_out, _ = load_st(out)
+    assert set(sd_out) == set(named) | set(side)
+    for k, v in side.items():
+        assert torch.equal(sd_out[k], v), k
+    for path in paths_of(sd):
+        base = prefix + path
+        up, down = sd_out[base + ".lora_B.default.weight"].double(), sd_out[base + ".lora_A.default.weight"].double()
+        scale = float(sd_out[base + ".alpha"]) / 3 if extra == "alpha" else 1.0
+        want = best_rank_k(dw(sd, path, alphas[base] / 8 if extra == "alpha" else 1.0), 3)
+        assert rel_err(up @ down * scale, want) < 1e-6, path

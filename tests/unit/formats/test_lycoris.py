@@ -155,7 +155,11 @@ CASES = {
     "locon_tucker_conv3": (lambda n: locon_tucker(n, 24, 16, 6, alpha=3.0, seed=1), ref_locon, (3, 3), 6),
     "loha_linear": (lambda n: loha(n, 40, 24, 3, alpha=2.0, seed=2), ref_loha, None, 3),
     "loha_linear_noalpha_r2": (lambda n: loha(n, 36, 30, 3, 4, seed=3), ref_loha, None, 3),
-    "loha_conv_flat": (lambda n: loha(n, 20, 8, 3, alpha=1.5, kernel=3, flat=True, seed=4), ref_loha, None, 3),
+    # a flattened conv kernel: written as conv factors where the module's name says the kernel (an SD UNet conv),
+    # as 2-D factors where nothing does
+    "loha_conv_flat": (lambda n: loha(n, 20, 8, 3, alpha=1.5, kernel=3, flat=True, seed=4), ref_loha, (3, 3), 3),
+    "loha_conv_flat_unnamed": (lambda n: loha(n, 20, 8, 3, alpha=1.5, kernel=3, flat=True, seed=4), ref_loha, None,
+                               3),
     "loha_conv_4d": (lambda n: loha(n, 20, 8, 3, alpha=1.5, kernel=3, seed=5), ref_loha, (3, 3), 3),
     "loha_tucker_conv": (lambda n: loha(n, 24, 12, 2, alpha=1.0, kernel=3, tucker=True, seed=6), ref_loha, (3, 3),
                          2),
@@ -169,8 +173,12 @@ CASES = {
                           None),
     "lokr_conv_tucker": (lambda n: lokr(n, 4, 4, 8, 8, r=2, w2="tucker", kernel=3, alpha=1.5, seed=12), ref_lokr,
                          (3, 3), 2),
-    "lokr_conv_flat": (lambda n: lokr(n, 4, 4, 8, 8, r=2, w2="flat", kernel=3, alpha=1.5, seed=13), ref_lokr, None,
+    "lokr_conv_flat": (lambda n: lokr(n, 4, 4, 8, 8, r=2, w2="flat", kernel=3, alpha=1.5, seed=13), ref_lokr, (3, 3),
                        2),
+    "lokr_conv_flat_unnamed": (lambda n: lokr(n, 4, 4, 8, 8, r=2, w2="flat", kernel=3, alpha=1.5, seed=13), ref_lokr,
+                               None, 2),
+    "lokr_conv_full_w1_factored_flat": (lambda n: lokr(n, 2, 4, 6, 8, r=2, w1_factored=True, w2="flat", kernel=3,
+                                                       alpha=1.0, seed=15), ref_lokr, (3, 3), 2),
     "lokr_conv_w2b_4d": (lambda n: lokr(n, 2, 2, 8, 6, r=3, kernel=3, alpha=0.5, seed=14), ref_lokr, (3, 3), 3),
 }
 
@@ -319,7 +327,7 @@ def test_unresizable_kinds_pass_through_listed(tmp_path, capsys):
             assert torch.equal(out[k], v), k
     assert {LIN + DOWN, LIN + UP, LIN + ALPHA} <= set(out)
     for kind, n in (("OFT/BOFT", "lycoris_oft"), ("(IA)^3", "lycoris_ia3"), ("GLoRA", "lycoris_glora")):
-        assert any(f"1 {kind} module(s) copied unchanged" in line and n in line for line in cap.out.splitlines()), \
+        assert any(f"1 {kind} module(s) copied, not resized" in line and n in line for line in cap.out.splitlines()), \
             (kind, cap.out)
     # full and bias diffs and norms are companions of any family's layers: copied, and counted by kind
     copied = next(line for line in cap.out.splitlines() if "copied unchanged:" in line)
@@ -415,3 +423,84 @@ def test_structured_pairs_are_exact_and_never_wider_than_the_layer(sizes):
     up, down = kron_pair(u1, v1, u2, v2)
     assert up.shape[1] == down.shape[0] <= min(3 * m, 2 * n)
     assert rel_err(up @ down, torch.kron(u1 @ v1, u2 @ v2)) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output's network metadata describes what is written
+
+
+LYCO_ARGS = {"conv_dim": "4", "conv_alpha": "2", "dropout": "0.1", "factor": "8", "use_tucker": "True",
+             "full_matrix": "False", "preset": "full", "rs_lora": "False"}
+STILL_HOLD = {"conv_dim": "4", "conv_alpha": "2", "dropout": "0.1"}  # sd-scripts' networks.lora reads these
+NETWORK_INPUTS = {  # kind -> (the file's modules, algo in its ss_network_args)
+    "loha": (lambda: {**loha(LIN, 20, 16, 2, alpha=1.0, seed=61), **loha(PW, 12, 10, 2, alpha=1.0, seed=62)}, "loha"),
+    "lokr": (lambda: lokr(LIN, 4, 4, 5, 4, r=2, alpha=1.0, seed=63), "lokr"),
+    "locon": (lambda: {**locon_tucker(CONV, 16, 8, 2, alpha=1.0, seed=64),
+                       **make_state_dict([Spec(LIN, 20, 16, 4, alpha=2.0)], seed=65)}, "locon"),
+    "locon_plain": (lambda: make_state_dict([Spec(LIN, 20, 16, 4, alpha=2.0)], seed=66), "locon"),  # read as kohya
+    "mixed": (lambda: {**loha(LIN, 20, 16, 2, alpha=1.0, seed=67), **lokr(PW, 4, 4, 3, 2, r=2, seed=68),
+                       **locon_tucker(CONV, 16, 8, 2, alpha=1.0, seed=69)}, "loha"),
+}
+
+
+def lycoris_metadata(algo: str, **extra) -> dict[str, str]:
+    return {**BASE_METADATA, "ss_network_module": "lycoris.kohya",
+            "ss_network_args": json.dumps({**LYCO_ARGS, "algo": algo, **extra})}
+
+
+@pytest.mark.parametrize("kind", sorted(NETWORK_INPUTS))
+def test_lycoris_written_as_plain_lora_says_so_in_its_metadata(tmp_path, kind):
+    """A LyCORIS file (any algo) written as plain LoRA pairs is sd-scripts' networks.lora: the written file's
+    ss_network_module says so and its ss_network_args keep only what networks.lora reads (conv_dim, dropouts),
+    never LyCORIS's algo/factor fields."""
+    build, algo = NETWORK_INPUTS[kind]
+    src = write_lora(tmp_path / "in.safetensors", build(), lycoris_metadata(algo))
+    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
+    _, meta = load_st(tmp_path / "out.safetensors")
+    assert meta["ss_network_module"] == "networks.lora"
+    assert json.loads(meta["ss_network_args"]) == STILL_HOLD
+    assert meta["ss_base_model_version"] == BASE_METADATA["ss_base_model_version"]  # the rest is kept
+
+
+def test_flux_lycoris_written_as_plain_lora_names_sd_scripts_flux_module(tmp_path):
+    """sd-scripts trains Flux (and Chroma) LoRAs with networks.lora_flux: a Flux LoHa written as plain LoRA says so."""
+    src = write_lora(tmp_path / "in.safetensors", NETWORK_INPUTS["loha"][0](),
+                     {**lycoris_metadata("loha"), "ss_base_model_version": "flux1"})
+    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
+    _, meta = load_st(tmp_path / "out.safetensors")
+    assert meta["ss_network_module"] == "networks.lora_flux"
+
+
+@pytest.mark.parametrize("first", ["loha", "kohya"])
+def test_merged_lycoris_and_lora_are_described_as_plain_lora(tmp_path, first):
+    a = write_lora(tmp_path / "a.safetensors", NETWORK_INPUTS["loha"][0](), lycoris_metadata("loha"))
+    b = write_lora(tmp_path / "b.safetensors", make_state_dict([Spec(LIN, 20, 16, 4, alpha=2.0)], seed=70),
+                   dict(BASE_METADATA))
+    lora_resize.merge([a, b] if first == "loha" else [b, a], tmp_path / "m.safetensors", rank=2)
+    _, meta = load_st(tmp_path / "m.safetensors")
+    assert meta["ss_network_module"] == "networks.lora"
+    assert "algo" not in meta.get("ss_network_args", "")
+
+
+def test_lycoris_with_dora_magnitudes_is_described_as_locon_with_dora(tmp_path):
+    """Plain pairs beside DoRA magnitudes (dora_scale) are LyCORIS's LoCon with weight decomposition: the module
+    stays lycoris.kohya, the args say algo locon and dora_wd, the factor fields go."""
+    sd = {**loha(LIN, 20, 16, 2, alpha=1.0, seed=71), LIN + ".dora_scale": torch.rand(20, 1) + 0.5}
+    src = write_lora(tmp_path / "in.safetensors", sd, lycoris_metadata("loha", dora_wd="True", wd_on_output="True"))
+    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
+    _, meta = load_st(tmp_path / "out.safetensors")
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"]) == {**STILL_HOLD, "preset": "full", "algo": "locon", "dora_wd": "True",
+                                                   "wd_on_output": "True"}
+
+
+def test_lycoris_modules_copied_through_keep_the_network_metadata(tmp_path):
+    """With modules that stay LyCORIS (OFT copied as it is), the input's network fields still describe them."""
+    sd = {**loha(LIN, 20, 16, 2, alpha=1.0, seed=72), "lycoris_oft.oft_blocks": torch.randn(4, 5, 5),
+          "lycoris_oft.alpha": torch.tensor(1.0)}
+    meta_in = lycoris_metadata("oft")
+    src = write_lora(tmp_path / "in.safetensors", sd, meta_in)
+    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
+    _, meta = load_st(tmp_path / "out.safetensors")
+    assert (meta["ss_network_module"], meta["ss_network_args"]) == (meta_in["ss_network_module"],
+                                                                    meta_in["ss_network_args"])
