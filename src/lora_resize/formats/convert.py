@@ -487,6 +487,23 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
         raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: its module names "
                            "are not read as a model's weights here (kohya, ComfyUI, diffusers, ai-toolkit, "
                            "OneTrainer, SimpleTuner and PEFT files are); leave out --output-format to keep its layout")
+    try:
+        arch = detect_arch(layout, scheme, arch_name, infos, metadata)
+        target_used = "kohya" if arch is None and target in ("comfy", "onetrainer") else target  # ComfyUI and
+        built = _build(layout, scheme, target_used, arch, infos, metadata, formats, target)  # OneTrainer key SD so
+    except LoraStructureError:
+        if set(schemes_of(layout)) == {target}:  # a file of a model no table knows, already in the target's form
+            return layout
+        raise
+    # a file already keyed as the target keys every module (a prefix alone does not say so: ComfyUI's HunyuanVideo
+    # 1.5 fuses what musubi's `diffusion_model.` files split) keeps its names, its other tensors, and its factors
+    # (Converted.exact)
+    if layout.format == built.format and all(m._renamed and m.sources[0].module.name == m.name
+                                             for m in built.modules):
+        if FORM[built.format] != "kohya":  # an A/B file keeps its own config (DoRA, rsLoRA, biases described)
+            return layout
+        built.notes, built.passthrough, built.known = list(layout.notes), list(layout.passthrough), layout.known
+        return built
     if layout.passthrough and any(layout.known.get(k) not in (None, "other") for k in layout.passthrough):
         k = next(k for k in sorted(layout.passthrough) if layout.known.get(k) not in (None, "other"))
         raise LoraStructureError(f"{k} ({layout.known[k]}) has no equivalent in the {target} layout here; convert a "
@@ -494,17 +511,6 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
     if layout.passthrough:
         raise LoraStructureError(f"{len(layout.passthrough)} tensor(s) such as {sorted(layout.passthrough)[0]} have "
                                  f"no equivalent in the {target} layout; convert a file without them")
-    arch = detect_arch(layout, scheme, arch_name, infos, metadata)
-    if arch is None and target in ("comfy", "onetrainer"):
-        target_used = "kohya"  # ComfyUI and OneTrainer key Stable Diffusion modules as kohya does
-    else:
-        target_used = target
-    built = _build(layout, scheme, target_used, arch, infos, metadata, formats, target)
-    # a file already keyed as the target keys every module (a prefix alone does not say so: ComfyUI's HunyuanVideo
-    # 1.5 fuses what musubi's `diffusion_model.` files split) keeps its names, and its factors (Converted.exact)
-    if layout.format == built.format and all(m._renamed and m.sources[0].module.name == m.name
-                                             for m in built.modules):
-        built.notes = list(layout.notes)
     return built
 
 
