@@ -164,7 +164,7 @@ LTX2 = Architecture("ltx2", "LTX-2", [
    # the text connector: the checkpoint's top-level `text_embedding_projection.*` (musubi-tuner's ComfyUI files key
    # it so, without `diffusion_model.`); diffusers' LTX2 pipeline holds it as `connectors` and renames
    # aggregate_embed to text_proj_in (lora_conversion_utils._convert_non_diffusers_ltx2_lora_to_diffusers)
-   parts=(Part(Architecture("connectors", "LTX-2 text connector", [
+   parts=(Part(Architecture("connectors", "text connector", [
        M(f"{s}aggregate_embed", (f"{s}text_proj_in",)) for s in ("", "video_", "audio_")], component="connectors"),
        native_prefix="text_embedding_projection."),))
 
