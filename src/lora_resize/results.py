@@ -37,6 +37,7 @@ class LayerResult:
     zero: bool = False
     underflow: bool = False  # non-zero layer whose saved factors are all zeros (too small for the save dtype)
     scale: float = 1.0  # the strength the model applied to the input layer: alpha / rank, a config's scale, or 1
+    conversion: str | None = None  # a converted layer kept whole: "exact" (factors copied), else why re-rounded
     singular_values: np.ndarray | None = field(default=None, repr=False)
     # with --base (None without it, or for a module whose weight the base does not have), relative to the base
     # weight W the module patches: the LoRA's strength ||dW||_F / ||W||_F and spectral ratio ||dW||_2 / ||W||_2,

@@ -216,7 +216,7 @@ def test_merge_across_layouts_of_one_model(tmp_path):
     with pytest.raises(lora_resize.OptionsError, match="give --output-format"):
         lora_resize.merge([ft, fa], tmp_path / "x.safetensors", rank=4)
     res = lora_resize.merge([ft, fa], tmp_path / "m3.safetensors", rank=16, output_format="comfy", precision="float")
-    assert all(k.startswith("diffusion_model.") for k in load_st(res.dst)[0])
+    assert all(k.startswith("lora_unet_") for k in load_st(res.dst)[0])  # ComfyUI's Flux names, as kohya keys them
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -283,3 +283,275 @@ def test_a_peft_output_beside_another_adapter_config_leaves_it_alone(tmp_path, c
     assert "belongs to another file and is left alone" in out
     # a conversion that grows the file (split modules, longer names) does not advise a lower rank
     assert "no layer's rank grew" in out and "--rank 4, the input's" not in out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Each module in its own layout; text encoders and text connectors; the names each consumer's key map accepts
+
+
+def _updates(sd: dict, style_of) -> dict:
+    """name -> scaled dense update of every module of a kohya-form or A/B state dict (style_of(base) -> style)."""
+    out = {}
+    for k in sd:
+        for dk, form in ((".lora_down.weight", "kohya"), (".lora_A.weight", "diffusers")):
+            if k.endswith(dk):
+                base = k[: -len(dk)]
+                out[base] = dw(sd, base, form)
+    return out
+
+
+def test_a_file_whose_modules_mix_prefixes_reads_each_by_its_own(tmp_path):
+    """musubi-tuner's LTX-2 ComfyUI files key the text connector `text_embedding_projection.aggregate_embed`
+    without the `diffusion_model.` every other module has: each module is read in its own layout, so diffusers
+    gets `transformer.<path>` and the connector as diffusers' own converter names it (`connectors.text_proj_in`,
+    lora_conversion_utils._convert_non_diffusers_ltx2_lora_to_diffusers) - never `transformer.diffusion_model.*`."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_ltx2_lora_to_diffusers as ltx2_conv
+    fn, tiny, _ = archs.NATIVE["ltx2"]
+    shapes = fn(**tiny)
+    for style, alpha in (("ai_toolkit", None), ("comfy", 2.0)):
+        sd = loras.lora_state_dict(shapes, style, rank=4, alpha=alpha, seed=3)
+        g = torch.Generator().manual_seed(4)
+        form = loras.STYLES[style][0]
+        sd["text_embedding_projection.aggregate_embed" + form[0]] = torch.randn(4, 24, generator=g)
+        sd["text_embedding_projection.aggregate_embed" + form[1]] = torch.randn(12, 4, generator=g)
+        src = write_lora(tmp_path / f"{style}.safetensors", sd)
+        res = lora_resize.convert(src, tmp_path / f"{style}_d.safetensors", "diffusers", precision="float")
+        out, _ = load_st(res.dst)
+        assert not any("diffusion_model" in k for k in out), sorted(out)[:3]
+        want = {k.rsplit(".", 2)[0] for k in ltx2_conv(sd, "text_embedding_projection")}  # diffusers' own name
+        assert want == {"connectors.text_proj_in"} and "connectors.text_proj_in.lora_A.weight" in out
+        assert {k.split(".", 1)[0] for k in out} == {"transformer", "connectors"}
+        back = lora_resize.convert(res.dst, tmp_path / f"{style}_c.safetensors", "comfy", precision="float")
+        got, _ = load_st(back.dst)
+        bases = {k.rsplit(".", 2)[0] for k in got if k.endswith("lora_down.weight")}
+        assert "text_embedding_projection.aggregate_embed" in bases
+        assert bases - {"text_embedding_projection.aggregate_embed"} == {"lora_unet_" + m.name.replace(".", "_")
+                                                                         for m in shapes}
+        assert any("kohya-style loaders do not read" in n for n in back.notes)
+        a, b = _updates(sd, None), _updates(got, None)
+        for name in a:
+            key = name if name.startswith("text_") else "lora_unet_" + name.removeprefix("diffusion_model.").replace(".", "_")
+            assert rel_err(b[key], a[name]) < EXACT, name
+        with pytest.raises(lora_resize.LoraStructureError, match="no name known here in the kohya layout"):
+            lora_resize.convert(src, tmp_path / "k.safetensors", "kohya")
+        assert not (tmp_path / "k.safetensors").exists()
+
+
+@pytest.mark.parametrize("family, form", [("qwen_image", "kohya"), ("z_image", "kohya"), ("wan", "diffsynth"),
+                                          ("flux1", "kohya")])
+def test_bare_module_paths_convert(tmp_path, family, form):
+    """LoRAs keyed by the bare model path (Qwen-Image Lightning's `transformer_blocks.0.attn.to_q.lora_down.weight`,
+    Z-Image's; no `transformer.` / `diffusion_model.`) convert, with --arch where names are shared by families;
+    through every target and back, each module keeps its update."""
+    fn, tiny, _ = archs.NATIVE[family]
+    shapes = fn(**tiny)
+    style = "kohya" if form == "kohya" else "diffsynth"
+    sd = loras.lora_state_dict(shapes, style, rank=4, alpha=2.0 if style == "kohya" else None, seed=6)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    for target in TARGETS:
+        mid = lora_resize.convert(src, out_file(tmp_path, target, target), target, arch=family, precision="float")
+        back = lora_resize.convert(mid.dst, tmp_path / f"{target}_back.safetensors", "comfy", precision="float")
+        out, _ = load_st(back.dst)
+        for m in shapes:
+            assert rel_err(dw(out, m.name, "musubi") if family not in ("z_image",) or
+                           "attention.to_" not in m.name else _comfy_z(out, m.name),
+                           dw(sd, m.name, style)) < EXACT, (target, m.name)
+
+
+def _comfy_z(out: dict, name: str) -> torch.Tensor:
+    """Z-Image's q/k/v rows of ComfyUI's fused `attention.qkv` (each as wide as the layer)."""
+    if name.endswith("to_out.0"):  # to_out.0 -> attention.out
+        return dw(out, name.replace("attention.to_out.0", "attention.out"), "musubi")
+    p, t = name.rsplit(".", 1)
+    fused = dw(out, p + ".qkv", "musubi")
+    d = fused.shape[0] // 3
+    i = ("to_q", "to_k", "to_v").index(t)
+    return fused[i * d:(i + 1) * d]
+
+
+CLIP = dict(width=16, layers=1, mlp=24)
+
+
+def _clip(prefix: str, sep: str = "_") -> list:
+    """CLIP text-encoder modules under a prefix (kohya `lora_te1_`, flattened; diffusers `text_encoder.`, dotted)."""
+    mods = archs._clip("", CLIP["width"], CLIP["layers"], CLIP["mlp"])
+    if sep == "_":
+        return [archs.ModuleShape(prefix + m.name, m.out, m.inp) for m in mods]
+    return [archs.ModuleShape(prefix + clip_dotted(m.name), m.out, m.inp) for m in mods]
+
+
+def clip_dotted(flat: str) -> str:
+    return (flat.replace("text_model_encoder_layers_", "text_model.encoder.layers.").replace("_self_attn_", ".self_attn.")
+            .replace("_mlp_", ".mlp.").replace("layers.0_", "layers.0."))
+
+
+def test_sd3_with_its_three_text_encoders_is_detected_and_converts(tmp_path):
+    """OneTrainer's SD3 files: `lora_transformer_<diffusers path>` with `lora_te1_` (CLIP-L), `lora_te2_` (CLIP-G),
+    `lora_te3_` (T5-XXL): read as SD3 (its metadata says so), written to diffusers as `transformer.`,
+    `text_encoder.`, `text_encoder_2.` (diffusers' StableDiffusion3Pipeline components), to kohya and back
+    to the same keys and updates; to kohya as sd-scripts' lora_sd3.py names them; the T5's modules to diffusers,
+    whose SD3 loader takes none, are refused."""
+    t5 = archs._t5("lora_te3_", 16, 1, 16, 24)
+    shapes = ([archs.ModuleShape("lora_transformer_" + m.name.replace(".", "_"), m.out, m.inp)
+               for m in archs.sd3(width=16, blocks=2, prefix="")] + _clip("lora_te1_") + _clip("lora_te2_") + t5)
+    sd = loras.lora_state_dict(shapes, "kohya", rank=4, alpha=2.0, seed=7)
+    meta = {"modelspec.architecture": "stable-diffusion-v3-medium/lora"}
+    src = write_lora(tmp_path / "in.safetensors", sd, meta)
+    # diffusers' SD3 loader takes no T5 LoRA (_lora_loadable_modules: transformer, text_encoder, text_encoder_2)
+    with pytest.raises(lora_resize.LoraStructureError, match="no LoRA in diffusers' pipelines"):
+        lora_resize.convert(src, tmp_path / "d.safetensors", "diffusers")
+    no_t5 = write_lora(tmp_path / "no_t5.safetensors", {k: v for k, v in sd.items() if "lora_te3_" not in k}, meta)
+    d, dmeta = load_st(lora_resize.convert(no_t5, tmp_path / "d.safetensors", "diffusers", precision="float").dst)
+    assert {k.split(".")[0] for k in d} == {"transformer", "text_encoder", "text_encoder_2"}
+    assert dmeta["lora_resize_arch"] == "sd3"
+    mid = lora_resize.convert(src, tmp_path / "k.safetensors", "kohya", precision="float")
+    back = lora_resize.convert(mid.dst, tmp_path / "o.safetensors", "onetrainer", precision="float")
+    out, _ = load_st(back.dst)
+    assert set(out) == set(sd)
+    for m in shapes:
+        assert rel_err(dw(out, m.name, "kohya"), dw(sd, m.name, "kohya")) < EXACT, m.name
+    names = {key.rsplit(".", 2)[0] for key in load_st(mid.dst)[0]}
+    bare = write_lora(tmp_path / "bare.safetensors", sd)  # no metadata: CLIP-G, a text encoder only SD3 has, decides
+    assert load_st(lora_resize.convert(bare, tmp_path / "b.safetensors", "kohya").dst)[1]["lora_resize_arch"] == "sd3"
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in names
+    assert {n for n in names if n.startswith("lora_te")} == {m.name for m in shapes if m.name.startswith("lora_te")}
+
+
+def test_flux_with_its_clip_text_encoder_is_flux_and_converts(tmp_path):
+    """diffusers' train_dreambooth_lora_flux --train_text_encoder: `transformer.*` with `text_encoder.*` (CLIP-L):
+    detected as Flux (its transformer modules decide, not the CLIP modules SD shares), the text encoder written as
+    sd-scripts' `lora_te1_` (networks/lora_flux.py) and back."""
+    sdx = loras.lora_state_dict([archs.ModuleShape("transformer.transformer_blocks.0.attn.to_out.0", 16, 16),
+                                 archs.ModuleShape("transformer.single_transformer_blocks.0.proj_out", 16, 80)]
+                                + _clip("text_encoder.", "."), "diffusers", rank=4, seed=8)
+    src = write_lora(tmp_path / "in.safetensors", sdx)
+    for target in ("kohya", "comfy"):
+        res = lora_resize.convert(src, tmp_path / f"{target}.safetensors", target, precision="float")
+        out, meta = load_st(res.dst)
+        assert meta["lora_resize_arch"] == "flux1"
+        names = {k.rsplit(".", 2)[0] for k in out if k.endswith("lora_down.weight")}
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in names, names
+        back = lora_resize.convert(res.dst, tmp_path / f"{target}_d.safetensors", "diffusers", precision="float")
+        got, _ = load_st(back.dst)
+        assert set(got) == set(sdx)
+        for k in (k for k in sdx if k.endswith("lora_A.weight")):
+            base = k[: -len(".lora_A.weight")]
+            assert rel_err(dw(got, base, "diffusers"), dw(sdx, base, "diffusers")) < EXACT, base
+
+
+# ComfyUI's key map (comfy/lora.py model_lora_keys_unet): for every model it reads a module as
+# `diffusion_model.<weight path>` and `lora_unet_<weight path, . as _>`, by the paths of ComfyUI's own model code - the
+# trainers' native paths except where ComfyUI's model fuses or renames (its HunyuanVideo 1.5 blocks: fused
+# `img_attn.qkv`, `img_mlp.0/2`, `img_mod.lin`; its Lumina2 / Z-Image: fused `attention.qkv`, `attention.out`).
+COMFY_RENAMES = {
+    "hunyuan_video15": ((r"_attn_[qkv]$", "_attn.qkv"), (r"_attn_proj$", "_attn.proj"), (r"_mlp\.fc1$", "_mlp.0"),
+                        (r"_mlp\.fc2$", "_mlp.2"), (r"_mod\.linear$", "_mod.lin")),
+    "z_image": ((r"attention\.to_[qkv]$", "attention.qkv"), (r"attention\.to_out\.0$", "attention.out")),
+}
+
+
+def comfy_weights(family: str) -> set[str]:
+    """The weight paths of ComfyUI's model of a family (archs.NATIVE's module list under ComfyUI's names)."""
+    import re
+    fn, tiny, _ = archs.NATIVE[family]
+    out = set()
+    for m in fn(**tiny):
+        name = m.name
+        for rx, to in COMFY_RENAMES.get(family, ()):
+            name = re.sub(rx, to, name)
+        out.add(name)
+    return out
+
+
+def comfy_accepts(family: str) -> set[str]:
+    """The module names ComfyUI's key map reads for a family: its weights as `diffusion_model.` and `lora_unet_`
+    names; for Z-Image (its Lumina2 branch, z_image_to_diffusers) also the diffusers names (the trainers') as
+    `diffusion_model.`, `transformer.`, bare and `lycoris_`, each mapped to its rows of the fused weight."""
+    fn, tiny, _ = archs.NATIVE[family]
+    weights = comfy_weights(family)
+    out = {"diffusion_model." + w for w in weights} | {"lora_unet_" + w.replace(".", "_") for w in weights}
+    if family == "z_image":
+        for m in fn(**tiny):
+            out |= {"diffusion_model." + m.name, "transformer." + m.name, m.name, "lycoris_" + m.name.replace(".", "_")}
+    return out
+
+
+def musubi_names(family: str) -> set[str]:
+    """sd-scripts' / musubi-tuner's names (networks/lora_flux.py, musubi's networks): `lora_unet_` + the model
+    code's module path with `_`, which their loaders match against the model's modules."""
+    fn, tiny, _ = archs.NATIVE[family]
+    return {"lora_unet_" + m.name.replace(".", "_") for m in fn(**tiny)}
+
+
+ACCEPT_CASES = [(f, layout) for f, (_, _, layouts) in archs.NATIVE.items() for layout in layouts]
+
+
+@pytest.mark.parametrize("family, layout", ACCEPT_CASES)
+def test_converted_keys_are_what_each_target_loader_reads(tmp_path, family, layout):
+    """Every family, from every layout its trainers write: the `comfy` output's modules are all in ComfyUI's key
+    map, the `kohya` output's are sd-scripts'/musubi-tuner's names of the model's modules (and so ComfyUI's where
+    its model's names are the trainers'), and every input module's update arrives (tests/oracles/
+    test_model_families_diffusers.py judges the diffusers, PEFT and OneTrainer outputs by diffusers' models)."""
+    shapes, sd = family_lora(family, layout)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    for target, accepted in (("comfy", comfy_accepts(family)), ("kohya", musubi_names(family))):
+        res = lora_resize.convert(src, tmp_path / f"{target}.safetensors", target, precision="float")
+        bases = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in load_st(res.dst)[0]}
+        assert bases and bases <= accepted, sorted(bases - accepted)[:3]
+        if target == "comfy" and family not in COMFY_RENAMES:  # ComfyUI's names are the trainers': one file for all
+            assert bases <= musubi_names(family), sorted(bases - musubi_names(family))[:3]
+        elif target == "comfy":  # no one name serves ComfyUI and musubi-tuner: the summary says so
+            assert any("musubi-tuner and sd-scripts do not read them" in n for n in res.notes), res.notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion without a resize is lossless: factors copied bit for bit
+
+
+def _module_tensors(sd: dict, name: str, style: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(down, up, scale) of a module as stored (scale: alpha / rank, 1 without an alpha)."""
+    dk, uk, ak = loras.lora_keys(name, style)
+    return sd[dk], sd[uk], float(sd[ak]) / sd[dk].shape[0] if ak in sd else 1.0
+
+
+BITS = [(f, layout, t) for f, (_, _, layouts) in archs.NATIVE.items() for layout in layouts for t in TARGETS]
+
+
+@pytest.mark.parametrize("family, layout, target", BITS)
+def test_bf16_conversions_copy_the_factors_bit_for_bit(tmp_path, family, layout, target):
+    """A bf16 file of any family and layout, converted to any target without a resize and back to its trainers'
+    kohya names: every down comes back with the same bytes and every up with the same numbers times its scale
+    (renames, splits of a fused weight into rows of up with the shared down, fusions into stacked downs and
+    block-diagonal ups need no arithmetic; a power-of-two alpha / rank moves into up exactly where the target has
+    no alpha), and the converted file's rows say each layer was copied."""
+    fn, tiny, _ = archs.NATIVE[family]
+    shapes = fn(**tiny)
+    sd = loras.lora_state_dict(shapes, layout, rank=4, alpha=2.0 if layout in KOHYA_LIKE else None,
+                               dtype=torch.bfloat16, seed=9)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    mid = lora_resize.convert(src, out_file(tmp_path, target, "mid"), target)
+    assert all(r.conversion == "exact" for r in mid.layers), [(r.name, r.conversion) for r in mid.layers][:3]
+    back = lora_resize.convert(mid.dst, tmp_path / "back.safetensors", "kohya")
+    out, _ = load_st(back.dst)
+    for m in shapes:
+        d0, u0, s0 = _module_tensors(sd, m.name, layout)
+        d1, u1, s1 = _module_tensors(out, m.name, "musubi")
+        assert d1.dtype == torch.bfloat16 and torch.equal(d1, d0), m.name
+        # up as stored, or times a power-of-two scale where the target has no alpha (diffusers/PEFT A/B: scale 1;
+        # alpha 2 / rank 4 = 1/2 moves into up exactly)
+        assert torch.equal(u1.double() * s1, u0.double() * s0), m.name
+
+
+def test_fused_parts_of_different_scales_are_re_rounded_and_the_summary_says_so(tmp_path, capsys):
+    """Flux q/k/v parts with different alphas cannot share one fused alpha: the conversion re-rounds them once and
+    the summary names a layer and the bound."""
+    g = torch.Generator().manual_seed(2)
+    sd = {}
+    for p, a in (("to_q", 2.0), ("to_k", 4.0), ("to_v", 2.0)):
+        sd[f"transformer.transformer_blocks.0.attn.{p}.lora_A.weight"] = torch.randn(4, 16, generator=g).bfloat16()
+        sd[f"transformer.transformer_blocks.0.attn.{p}.lora_B.weight"] = torch.randn(16, 4, generator=g).bfloat16()
+        sd[f"transformer.transformer_blocks.0.attn.{p}.alpha"] = torch.tensor(a).bfloat16()
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    assert main(["convert", str(src), "-o", str(tmp_path / "k.safetensors"), "--to", "kohya", "--arch", "flux1"]) == 0
+    out = capsys.readouterr().out
+    assert "could not be copied exactly" in out and "different scales" in out and "2^-8 bf16" in out

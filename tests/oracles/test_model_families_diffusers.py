@@ -340,3 +340,94 @@ def test_peft_adapter_folders_load_in_peft_with_the_native_update(tmp_path):
     for n in whole:
         k = out[f"base_model.model.{n[: -len('.weight')]}.lora_A.weight"].shape[0]
         assert rel_err(after[n] - before[n], best_rank_k(whole[n], k)) < TOL, n
+
+
+def _module_paths(model) -> set[str]:
+    """The paths of a model's Linear and Conv modules: what PEFT's injection (and so diffusers' load_lora_adapter)
+    can put a LoRA layer on."""
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return {name for name, mod in model.named_modules() if isinstance(mod, kinds)}
+
+
+ACCEPT = [(f, layout) for f, (_, _, layouts) in archs.NATIVE.items() for layout in layouts]
+
+
+@pytest.mark.parametrize("family, layout", ACCEPT)
+def test_diffusers_peft_and_onetrainer_outputs_name_the_models_modules(tmp_path, family, layout):
+    """Every family from every layout its trainers write, converted to diffusers (`transformer.<path>`), PEFT
+    (`base_model.model.<path>`) and OneTrainer (`lora_transformer_<path with _>`): every path is a Linear/Conv of
+    the family's diffusers transformer (the modules PEFT injects into), so no key is left unloaded."""
+    fn, tiny_cfg, _ = archs.NATIVE[family]
+    shapes = fn(**tiny_cfg)
+    sd = loras.lora_state_dict(shapes, layout, rank=2, alpha=1.0 if layout in ALPHA_LAYOUTS + ("musubi__",) else None)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    paths = _module_paths(tiny("sd3" if family == "sd35" else family))
+    for target, prefix, flat in (("diffusers", "transformer.", False), ("peft", "base_model.model.", False),
+                                 ("onetrainer", "lora_transformer_", True)):
+        dst = tmp_path / target if target == "peft" else tmp_path / f"{target}.safetensors"
+        res = main(["convert", str(src), "-o", str(dst), "--to", target, "--precision", "float", "-q"])
+        assert res == 0
+        keys = load_st(dst / "adapter_model.safetensors" if target == "peft" else dst)[0]
+        bases = {k.rsplit(".", 2)[0] for k in keys if k.endswith(".weight")}
+        want = {prefix + (p.replace(".", "_") if flat else p) for p in paths}
+        assert bases and bases <= want, (target, sorted(bases - want)[:3])
+
+
+def test_flux_text_encoder_modules_convert_to_what_diffusers_loads(tmp_path):
+    """A kohya Flux file with CLIP-L modules (`lora_te1_`, sd-scripts' networks/lora_flux.py) converted to diffusers
+    (`text_encoder.<CLIP path>`) loads into a tiny FluxPipeline with no message, and fusing it changes each CLIP
+    weight by exactly the module's update (alpha / rank scaled)."""
+    import transformers
+    torch.manual_seed(0)
+    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1,
+                                                          num_heads=2))
+    pipe = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=te,
+                                  tokenizer=None, text_encoder_2=t5, tokenizer_2=None, transformer=tiny("flux1"))
+    clip_te = [archs.ModuleShape(m.name, m.out, m.inp) for m in archs._clip("lora_te1_", 16, 1, 24)]
+    sd = loras.lora_state_dict([archs.ModuleShape("lora_unet_double_blocks_0_img_attn_proj", 16, 16)] + clip_te,
+                               "kohya", rank=2, alpha=1.0, seed=3)
+    src = write_lora(tmp_path / "flux.safetensors", sd)
+    dst = tmp_path / "d.safetensors"
+    assert main(["convert", str(src), "-o", str(dst), "--to", "diffusers", "--precision", "float", "-q"]) == 0
+    assert any(k.startswith("text_encoder.") for k in load_st(dst)[0])
+    before = {n: m.weight.detach().clone().double() for n, m in te.named_modules() if isinstance(m, torch.nn.Linear)}
+    w = Warnings()
+    for name in ("diffusers", "peft"):
+        logging.getLogger(name).addHandler(w)
+    try:
+        pipe.load_lora_weights(str(dst))
+        pipe.fuse_lora(components=["transformer", "text_encoder"])
+    finally:
+        for name in ("diffusers", "peft"):
+            logging.getLogger(name).removeHandler(w)
+    assert w.messages == []
+    for m in clip_te:
+        path = m.name.removeprefix("lora_te1_text_model_").replace("encoder_layers_0_", "encoder.layers.0.")
+        path = path.replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
+        w = dict(te.named_modules())[path].weight.detach().double()
+        want = sd[m.name + ".lora_up.weight"].double() @ sd[m.name + ".lora_down.weight"].double() * 0.5
+        assert rel_err(w - before[path], want) < TOL, path
+
+
+def test_sd3_text_encoder_modules_name_the_pipelines_clip_modules(tmp_path):
+    """OneTrainer's SD3 CLIP-L and CLIP-G modules (`lora_te1_`, `lora_te2_`) converted to diffusers become
+    `text_encoder.` / `text_encoder_2.` paths of transformers' CLIP text model (StableDiffusion3Pipeline's LoRA
+    components); T5 modules are refused for diffusers, which loads none."""
+    import transformers
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=16, intermediate_size=24,
+                                                                  num_hidden_layers=1, num_attention_heads=2))
+    paths = {p if p.startswith("text_model.") else "text_model." + p for p in _module_paths(clip)}  # transformers 5
+    te = [archs.ModuleShape(m.name, m.out, m.inp) for m in archs._clip("lora_te1_", 16, 1, 24)]
+    sd3 = loras.lora_state_dict([archs.ModuleShape("lora_transformer_transformer_blocks_0_attn_to_q", 16, 16)]
+                                + te + [archs.ModuleShape(m.name, m.out, m.inp) for m in archs._clip("lora_te2_", 16, 1, 24)],
+                                "kohya", rank=2, alpha=1.0)
+    src = write_lora(tmp_path / "sd3.safetensors", sd3, {"modelspec.architecture": "stable-diffusion-v3-medium/lora"})
+    assert main(["convert", str(src), "-o", str(tmp_path / "s.safetensors"), "--to", "diffusers", "-q"]) == 0
+    keys = load_st(tmp_path / "s.safetensors")[0]
+    assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder", "text_encoder_2"}
+    for comp in ("text_encoder", "text_encoder_2"):
+        got = {k.rsplit(".", 2)[0].removeprefix(comp + ".") for k in keys if k.startswith(comp + ".")}
+        assert len(got) == len(te) and got <= paths, comp

@@ -7,16 +7,19 @@ with which prefix:
 | layout | names | form | written by |
 |---|---|---|---|
 | kohya | `lora_unet_<native path with _>` (SD: `lora_unet_`, `lora_te_` kohya names) | kohya + alpha | sd-scripts, musubi-tuner |
-| comfy | `diffusion_model.<native path>` (SD: as kohya) | kohya + alpha | ComfyUI |
+| comfy | `lora_unet_<ComfyUI's module path with _>` (SD: as kohya) | kohya + alpha | read by ComfyUI |
 | diffusers | `transformer.<diffusers path>` (SD: `unet.`, `text_encoder.`) | A/B, config in metadata | diffusers, ai-toolkit, SimpleTuner |
 | onetrainer | `lora_transformer_<diffusers path with _>` (SD: as kohya) | kohya + alpha | OneTrainer |
 
 Reading any of these (and ai-toolkit's / DiffSynth's native A/B files), each module becomes the weight it updates
 in its architecture (models/); writing it under another layout renames it, or splits it (a fused native weight ->
 its diffusers parts: each part's rows of up with the shared down, exact) or fuses it (diffusers parts -> the fused
-native weight: down stacked, up block-diagonal with each part's scale folded in, rank the sum, exact). The new
-alpha follows the output's convention (one alpha for every layer), so a converted file applies exactly its input's
-update, weight by weight."""
+native weight: down stacked, up block-diagonal, rank the sum, exact). `comfy` keys ComfyUI's module paths the way
+ComfyUI's key map (comfy/lora.py model_lora_keys_unet) reads them for every model and sd-scripts, musubi-tuner,
+InvokeAI and Forge read them too wherever ComfyUI's paths are the trainers'. Each module is read by the layout its
+own name is in (module_scheme): files mix them. Without a resize the factors are copied (Converted.exact), each
+module keeping its own scale; with one, the new alpha follows the output's convention (one alpha for every layer),
+so a converted file applies exactly its input's update, weight by weight."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from typing import Mapping as TMapping
 import torch
 
 from ..core.layer import LowRankLayer
+from ..core.truncate import NewFactors
 from ..errors import LoraStructureError, OptionsError
 from ..io.metadata import SideOutputs
 from ..io.reader import TensorInfo, TensorSource
@@ -32,6 +36,7 @@ from ..models import ARCH_KEY, LAYOUTS, MODELS, SD, Architecture, architectures,
 from ..models import sd
 from .base import Format, Layout, Module
 from .diffusers import METADATA_KEY
+from .pairs import PairModule
 from .peft import PEFT_PREFIX, new_adapter
 
 TARGETS = LAYOUTS
@@ -50,31 +55,55 @@ class Name:
 # Reading a layout's names
 
 
-def scheme_of(layout: Layout) -> str:
-    """The layout a parsed file is in (kohya, comfy, diffusers, onetrainer, simpletuner, ai_toolkit, diffsynth,
-    or its key family's name when no layout conversion applies to it)."""
-    names = [m.name for m in layout.modules]
-    if layout.format in ("kohya", "lycoris"):
-        if names and all(n.startswith("diffusion_model.") for n in names):
-            return "comfy"
-        if names and all(n.startswith("lora_transformer_") for n in names):
-            return "onetrainer"
-        if names and all(n.startswith("lycoris_") for n in names):
-            return "simpletuner"
-        return "kohya"
-    if layout.format == "peft":
+# the layout a module's name prefix says, by key form (kohya's down/up/alpha, or A/B); a name with none of these is a
+# bare model path (DiffSynth's; Qwen-Image Lightning's and Z-Image LoKr's kohya-form files), read as "diffsynth"
+PREFIXES = {
+    "kohya": (("diffusion_model.", "comfy"), ("lora_transformer_", "onetrainer"), ("lycoris_", "simpletuner"),
+              ("lora_unet_", "kohya"), ("lora_te", "kohya")),
+    "ab": (("diffusion_model.", "ai_toolkit"), ("lora_unet_", "kohya"), ("lora_te", "kohya")),
+}
+DIFFUSERS_COMPONENTS = ("transformer", "connectors", "text_encoder_3", *sd.KOHYA_PREFIX)
+FORM = {"kohya": "kohya", "lycoris": "kohya", "comfy": "kohya", "onetrainer": "kohya", "simpletuner": "kohya",
+        "diffusers": "ab", "ai_toolkit": "ab", "diffsynth": "ab", "peft": "peft"}
+
+
+def module_scheme(name: str, form: str) -> str:
+    """The layout one module's name is in, within a file of key form `form` ('kohya', 'ab', 'peft'; or any
+    layout's name, standing for its form): a file may mix them (musubi-tuner's LTX-2 ComfyUI files key the text
+    connector without the `diffusion_model.` every other module has; OneTrainer's SD3 files hold
+    `lora_transformer_` and `lora_te1_` modules), so each module is read by its own."""
+    form = FORM.get(form, form)
+    if form == "peft":
         return "peft"
-    if layout.format == "diffusers":
-        if names and all(n.startswith("diffusion_model.") for n in names):
-            return "ai_toolkit"
-        if names and all(n.split(".", 1)[0] in ("transformer", *sd.KOHYA_PREFIX) for n in names):
-            return "diffusers"
-        return "diffsynth"
-    return layout.format
+    for prefix, scheme in PREFIXES.get(form, ()):
+        if name.startswith(prefix):
+            return scheme
+    if name.split(".", 1)[0] in DIFFUSERS_COMPONENTS and "." in name:
+        return "diffusers"
+    return "diffsynth"
+
+
+def schemes_of(layout: Layout) -> list[str]:
+    """Each module's layout (module_scheme), in the layout's order; [] for a key family no conversion reads."""
+    if layout.format not in FORM:
+        return []
+    return [module_scheme(m.name, layout.format) for m in layout.modules]
+
+
+def scheme_of(layout: Layout) -> str:
+    """The layout a parsed file is in: its modules' (kohya, comfy, diffusers, onetrainer, simpletuner, ai_toolkit,
+    diffsynth, peft), the most common one where they mix; its key family's name when no layout conversion applies
+    to it."""
+    found = schemes_of(layout)
+    if not found:
+        return layout.format
+    return max(dict.fromkeys(found), key=found.count)
 
 
 def read_name(name: str, scheme: str, arch: Architecture | None) -> Name | None:
-    """The canonical reading of module `name` of a `scheme` file (None when it does not read)."""
+    """The canonical reading of module `name` (of a file in layout `scheme`: the module's own layout is read from
+    its name, module_scheme) as a weight of `arch` (None: Stable Diffusion), or None when it does not read."""
+    scheme = module_scheme(name, scheme)
     if arch is None:  # Stable Diffusion
         if scheme == "comfy" and name.startswith("diffusion_model."):  # ComfyUI's own: the sgm UNet's paths
             name = "lora_unet_" + name.removeprefix("diffusion_model.").replace(".", "_")
@@ -91,6 +120,9 @@ def read_name(name: str, scheme: str, arch: Architecture | None) -> Name | None:
             if comp == "text_model":
                 return Name(SD, "text_encoder", name)
         return None
+    part = _read_part(arch, name, scheme)
+    if part is not None:
+        return part
     if scheme == "kohya":
         for prefix in ("lora_unet__", "lora_unet_"):
             if name.startswith(prefix):
@@ -103,12 +135,40 @@ def read_name(name: str, scheme: str, arch: Architecture | None) -> Name | None:
     if scheme == "simpletuner":
         return _flat(arch, name.removeprefix("lycoris_"), "diffusers")
     if scheme == "diffusers":
-        return _dotted(arch, name.removeprefix(f"{arch.component}."), "diffusers")
+        comp, _, path = name.partition(".")
+        return _dotted(arch, path, "diffusers") if comp == arch.component else None
     if scheme in ("diffsynth", "peft"):
         name = name.removeprefix(PEFT_PREFIX)
         return (_dotted(arch, name, "native", False) or _dotted(arch, name, "diffusers", False)
                 or _dotted(arch, name, "native"))
     return None
+
+
+def _read_part(arch: Architecture, name: str, scheme: str) -> Name | None:
+    """`name` read as a weight of one of the family's parts (a text encoder, LTX-2's text connector): by its kohya
+    or OneTrainer prefix, its diffusers component, or its native prefix; None when it is none of theirs."""
+    for part in arch.parts:
+        t = part.table
+        if scheme == "kohya" or scheme == "onetrainer":
+            for prefix in {part.kohya, part.onetrainer} - {None}:
+                hit = t.native_of(name[len(prefix):], flat=True) if name.startswith(prefix) else None
+                if hit:
+                    return Name("native", t.component, hit[0])
+        elif scheme == "diffusers" and name.startswith(t.component + "."):
+            path = name[len(t.component) + 1:]
+            if t.diffusers_of(path) is not None:
+                return Name("diffusers", t.component, path)
+        elif part.native_prefix and name.startswith(part.native_prefix):
+            path = name[len(part.native_prefix):]
+            if t.native_of(path) is not None:
+                return Name("native", t.component, path)
+    return None
+
+
+def table_of(arch: Architecture, n: Name) -> Architecture:
+    """The tables a canonical name reads in: the family's own, or its part's (n.component another model's)."""
+    part = arch.part(n.component) if n.component != arch.component else None
+    return part.table if part is not None else arch
 
 
 def tables(arch: Architecture, space: str) -> Architecture:
@@ -157,22 +217,36 @@ def detect_arch(layout: Layout, scheme: str, wanted: str | None, infos: TMapping
         return MODELS[wanted]
     names = [m.name for m in layout.modules]
     shapes = {m.name: m.weight_shape(infos) for m in layout.modules}
+    own = {n: module_scheme(n, scheme) for n in names}
     hint = hinted(metadata or {})
-    scores = []
-    sd_hits = sum(1 for n in names if read_name(n, scheme, None) is not None)
-    scores.append((sd_hits, hint == SD, 1 if sd_hits else 0, SD))
-    flat = scheme in ("kohya", "onetrainer", "simpletuner")
 
-    def fits(a: Architecture, name: str) -> bool:
-        n = read_name(name, scheme, a)
-        if n is None or not _own(a, name, scheme):
+    def denoiser(a: Architecture | None, name: str) -> bool | None:
+        """True: `name` reads as a's denoiser (the UNet, the transformer); None: as a model beside it (a text
+        encoder, which several families share: it decides nothing while a denoiser module is there)."""
+        n = read_name(name, own[name], a)
+        if n is None:
+            return False
+        if a is None:
+            return True if n.component == "unet" else None
+        if n.component != a.component:
+            return None
+        if not _own(a, name, own[name]):
             return False
         out, in_shape = shapes[name]
         return n.space == "diffusers" or tables(a, n.space).shape_ok(n.path, out, in_shape[0] if in_shape else 0)
-    for a in MODELS.values():
-        hits = sum(1 for n in names if fits(a, n))
-        space = "diffusers" if scheme in ("diffusers", "onetrainer", "simpletuner") else "native"
-        scores.append((hits, hint == a.name, a.evidence(set(names), space, flat), a.name))
+
+    def evidence(a: Architecture) -> int:
+        return sum(a.evidence({n}, "diffusers" if own[n] in ("diffusers", "onetrainer", "simpletuner") else "native",
+                              own[n] in ("kohya", "onetrainer", "simpletuner")) for n in names)
+    reads = {a: [denoiser(MODELS.get(a), n) for n in names] for a in (SD, *MODELS)}
+    anything = any(True in r for r in reads.values())
+    scores = []
+    for a, r in reads.items():
+        if anything:  # the denoiser's modules decide; the family's own text encoders are evidence
+            hits, more = r.count(True), (1 if r.count(True) else 0) if a == SD else evidence(MODELS[a]) + r.count(None)
+        else:  # a text-encoder-only file: its text encoders decide, Stable Diffusion's where others read them too
+            hits, more = r.count(None), 1 if a == SD else evidence(MODELS[a])
+        scores.append((hits, hint == a, more, a))
     scores.sort(reverse=True)
     best, second = scores[0], scores[1]
     if best[0] == 0:
@@ -199,9 +273,11 @@ def _own(arch: Architecture, name: str, scheme: str) -> bool:
 # Writing: names, and the modules that read the source's modules into the target's
 
 
-def key_base(target: str, n: Name, sdxl: bool = False) -> str:
+def key_base(target: str, n: Name, sdxl: bool = False, arch: Architecture | None = None) -> str:
     """The target layout's name for a canonical module in the target's space (`sdxl`: Stable Diffusion modules are
-    SDXL's, which kohya names by the sgm UNet's paths)."""
+    SDXL's, which kohya names by the sgm UNet's paths; `arch`: the family, whose parts - text encoders, a text
+    connector - kohya-style layouts key by their own prefixes). Raises LoraStructureError for a part the target
+    has no name for."""
     if n.space == SD:
         if target == "diffusers":
             return f"{n.component}.{n.path}"
@@ -211,24 +287,38 @@ def key_base(target: str, n: Name, sdxl: bool = False) -> str:
         if base is None:
             raise LoraStructureError(f"{n.component}.{n.path}: no kohya name is defined for this component")
         return base
-    if target == "kohya":
-        return "lora_unet_" + n.path.replace(".", "_")
-    if target == "comfy":
-        return "diffusion_model." + n.path
+    part = arch.part(n.component) if arch is not None and n.component != arch.component else None
+    if part is not None and target == "diffusers" and not part.diffusers:
+        raise LoraStructureError(f"{arch.title}'s {part.table.title} has no LoRA in diffusers' pipelines (their "
+                                 f"loaders skip {n.component}.*); convert to kohya, comfy or onetrainer, or convert a "
+                                 "file without it")
     if target == "diffusers":
         return f"{n.component}.{n.path}"
     if target == "peft":
         return PEFT_PREFIX + n.path
+    if part is not None:
+        prefix = part.prefix(target)
+        if prefix is not None:
+            return prefix + n.path.replace(".", "_")
+        if target == "comfy" and part.native_prefix:
+            return part.native_prefix + n.path
+        raise LoraStructureError(f"{arch.title}'s {part.table.title} module {n.path} has no name known here in the "
+                                 f"{target} layout; convert to comfy or diffusers")
+    if target in ("kohya", "comfy"):  # comfy: ComfyUI's module paths, in the one form its key map shares with
+        return "lora_unet_" + n.path.replace(".", "_")  # sd-scripts, musubi-tuner, InvokeAI and Forge
     return "lora_transformer_" + n.path.replace(".", "_")
 
 
-def target_space(target: str, arch: Architecture | None) -> str:
+def target_space(target: str, arch: Architecture | None, component: str | None = None) -> str:
     """The names a target layout keys modules by: the model code's own ('native': its trainers'), ComfyUI's
-    ('comfy', where the family's differ), or diffusers'."""
+    ('comfy', where the family's differ; its denoiser's only), or diffusers'."""
     if target == "kohya":
         return "native"
     if target == "comfy":
-        return "comfy" if arch is not None and arch.comfy is not None else "native"
+        own = arch is not None and component in (None, arch.component)
+        return "comfy" if own and arch.comfy is not None else "native"
+    if target == "onetrainer" and arch is not None and component not in (None, arch.component):
+        return "native"  # OneTrainer keys text encoders as kohya does (lora_te1_...)
     return "diffusers"
 
 
@@ -297,11 +387,75 @@ class Converted(Module):
         rank = sum(layer.rank for _, layer in layers)
         return LowRankLayer(up, torch.cat(downs), rank, scale * rank, scale, first.kernel, first.in_channels)
 
+    def exact(self, src: TensorSource, dtype: torch.dtype) -> tuple[NewFactors | None, str]:
+        """The output's factors by rearrangement alone, in `dtype`, with the alpha that rescales none of them:
+        renamed or split, the input's rows of up (halves swapped where the model swaps them) and its down; fused
+        parts that share one down (bit for bit), their ups stacked on it; other fused parts, their downs stacked
+        and ups block-diagonal (zeros elsewhere), rank the sum. The alpha is the input's (no alpha: scale 1,
+        alpha = rank; a PEFT config's scale: scale x rank; fused parts: their sum); a target loaded at a fixed
+        scale (diffusers' and PEFT's A/B files: 1) gets up times the ratio, when every product is exact (a power of
+        two such as alpha / rank = 1/2, barring underflow). Returns (factors, "") or (None, why not): a part that is
+        not a plain down/up pair (a LoHa/LoKr/Tucker update is a product), fused parts of different scales (alpha /
+        rank), a save precision narrower than the input's, a scale the save precision cannot hold."""
+        if not all(isinstance(s.module, PairModule) for s in self.sources):
+            return None, "its input is not a plain down/up pair (a LoHa, LoKr or Tucker update is a product)"
+        layers = [(s, s.module.load(src)) for s in self.sources]
+        if not all(_widens(t.dtype, dtype) for _, layer in layers for t in (layer.up, layer.down)):
+            return None, "the save precision is narrower than the input's"
+        first = layers[0][1]
+        if len({layer.scale for _, layer in layers}) > 1:
+            return None, "its fused parts have different scales (alpha / rank)"
+        if self._renamed:
+            up, down, rank, alpha = self.sources[0].up(first), first.down, first.rank, first.alpha
+            keep = up.any(dim=0)
+            if self.sources[0].take is not None and not bool(keep.all()) and bool(keep.any()):
+                # a part of a block-diagonal fused weight: its own columns of up and rows of down (what
+                # diffusers' converters do when the other blocks are exactly zero), if its scale fits an alpha
+                r = int(keep.sum())
+                a = torch.tensor(first.scale * r, dtype=torch.float32).to(dtype)
+                if float(a) / r == first.scale:
+                    up, down, rank, alpha = up[:, keep], down[keep], r, first.scale * r
+        else:
+            shared = all(layer.down.shape == first.down.shape and torch.equal(layer.down, first.down)
+                         for _, layer in layers)
+            widths = [first.factor_size] if shared else [layer.factor_size for _, layer in layers]
+            up = torch.zeros(self.out_rows, sum(widths), dtype=dtype)
+            col = 0
+            for (s, layer), w in zip(layers, widths * len(layers) if shared else widths):
+                up[s.place[0]:s.place[1], col:col + w] = s.up(layer)
+                col += 0 if shared else w
+            down = first.down if shared else torch.cat([layer.down for _, layer in layers])
+            rank = first.rank if shared else sum(layer.rank for _, layer in layers)
+            alphas = [layer.alpha for _, layer in layers]
+            alpha = first.alpha if shared else (None if None in alphas else sum(alphas))
+        fixed = self.output_scale
+        if fixed is not None and fixed != first.scale:  # a layout loaded at a fixed scale (A/B files: 1)
+            c = first.scale / fixed
+            scaled = up.to(torch.float64) * c
+            up = scaled.to(dtype)
+            if not bool(torch.equal(up.to(torch.float64), scaled)):
+                return None, (f"the target layout loads it at scale {fixed:g}, and its up times its own scale "
+                              f"{first.scale:g} is not exact in the save precision")
+            alpha = None  # the scale is in up now: the fixed scale's alpha
+        alpha = (fixed if fixed is not None else first.scale) * rank if alpha is None else alpha
+        alpha_t = torch.tensor(alpha, dtype=torch.float32).to(dtype)
+        if fixed is None and float(alpha_t) / rank != first.scale:
+            return None, f"its scale {first.scale:g} is no alpha / rank the save precision holds"
+        return NewFactors(up.to(dtype).contiguous(), down.to(dtype).contiguous(), alpha_t, first.kernel,
+                          first.in_channels), ""
+
     def scale_and_rank(self, src: TensorSource) -> tuple[float, int]:
         if self._renamed:
             return self.sources[0].module.scale_and_rank(src)
         found = [s.module.scale_and_rank(src) for s in self.sources]
         return next((sc for sc, _ in found if sc != 0), 1.0), sum(r for _, r in found)
+
+
+def _widens(have: torch.dtype, want: torch.dtype) -> bool:
+    """Whether every value of dtype `have` is one of `want` (a cast that changes no number)."""
+    if have == want or want == torch.float64:
+        return True
+    return want == torch.float32 and have in (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -324,7 +478,7 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
     if target is None:
         return layout
     scheme = scheme_of(layout)
-    if target == scheme or (target == family and target not in TARGETS):
+    if target == family and target not in TARGETS:
         return layout
     if target not in TARGETS:
         raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: the layouts are "
@@ -333,6 +487,23 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
         raise OptionsError(f"--output-format {target} from a {layout.format} file is not defined: its module names "
                            "are not read as a model's weights here (kohya, ComfyUI, diffusers, ai-toolkit, "
                            "OneTrainer, SimpleTuner and PEFT files are); leave out --output-format to keep its layout")
+    try:
+        arch = detect_arch(layout, scheme, arch_name, infos, metadata)
+        target_used = "kohya" if arch is None and target in ("comfy", "onetrainer") else target  # ComfyUI and
+        built = _build(layout, scheme, target_used, arch, infos, metadata, formats, target)  # OneTrainer key SD so
+    except LoraStructureError:
+        if set(schemes_of(layout)) == {target}:  # a file of a model no table knows, already in the target's form
+            return layout
+        raise
+    # a file already keyed as the target keys every module (a prefix alone does not say so: ComfyUI's HunyuanVideo
+    # 1.5 fuses what musubi's `diffusion_model.` files split) keeps its names, its other tensors, and its factors
+    # (Converted.exact)
+    if layout.format == built.format and all(m._renamed and m.sources[0].module.name == m.name
+                                             for m in built.modules):
+        if FORM[built.format] != "kohya":  # an A/B file keeps its own config (DoRA, rsLoRA, biases described)
+            return layout
+        built.notes, built.passthrough, built.known = list(layout.notes), list(layout.passthrough), layout.known
+        return built
     if layout.passthrough and any(layout.known.get(k) not in (None, "other") for k in layout.passthrough):
         k = next(k for k in sorted(layout.passthrough) if layout.known.get(k) not in (None, "other"))
         raise LoraStructureError(f"{k} ({layout.known[k]}) has no equivalent in the {target} layout here; convert a "
@@ -340,12 +511,7 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
     if layout.passthrough:
         raise LoraStructureError(f"{len(layout.passthrough)} tensor(s) such as {sorted(layout.passthrough)[0]} have "
                                  f"no equivalent in the {target} layout; convert a file without them")
-    arch = detect_arch(layout, scheme, arch_name, infos, metadata)
-    if arch is None and target in ("comfy", "onetrainer"):
-        target_used = "kohya"  # ComfyUI and OneTrainer key Stable Diffusion modules as kohya does
-    else:
-        target_used = target
-    return _build(layout, scheme, target_used, arch, infos, metadata, formats, target)
+    return built
 
 
 def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, infos, metadata, formats,
@@ -356,8 +522,8 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
         n = read_name(m.name, scheme, arch)
         if n is None:
             raise LoraStructureError(f"{m.name} does not read as a {arch.title if arch else 'Stable Diffusion'} "
-                                     f"module in a {scheme} file; give --arch if the model is another, or report "
-                                     "the module")
+                                     f"module in a {module_scheme(m.name, scheme)} name; give --arch if the model "
+                                     "is another, or report the module")
         read.append((m, n))
     hint = " ".join(metadata.get(k, "") for k in ("modelspec.architecture", "ss_base_model_version"))
     sdxl = arch is None and sd.is_sdxl([m.name for m in layout.modules], [(n.component, n.path) for _, n in read],
@@ -365,14 +531,16 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
     for m, n in read:
         out_rows, in_shape = m.weight_shape(infos)
         for tn, src, rows in _targets(n, m, arch, target, out_rows, in_shape):
-            base = key_base(target, tn, sdxl)
+            base = key_base(target, tn, sdxl, arch)
             if base in outputs and src.place is None:
                 raise LoraStructureError(f"{m.name} and another module both become {base} in the {target} layout")
             entry = outputs.setdefault(base, (tn, [], rows, in_shape))
             entry[1].append(src)
-    if target == "peft" and arch is None and len({tn.component for tn, *_ in outputs.values()}) > 1:
-        raise LoraStructureError("a PEFT adapter holds one model, and this file has UNet and text-encoder modules; "
-                                 "convert it to diffusers (one file for the pipeline) instead")
+    components = sorted({tn.component for tn, *_ in outputs.values()})
+    if target == "peft" and len(components) > 1:
+        raise LoraStructureError(f"a PEFT adapter holds one model, and this file has modules of {len(components)} "
+                                 f"({', '.join(components)}); convert it to diffusers (one file for the pipeline) "
+                                 "instead")
     # the target family's own modules, for its keys and conventions (alpha or not, a described config)
     ab = target in ("diffusers", "peft")
     dk, uk = (".lora_A.weight", ".lora_B.weight") if ab else (".lora_down.weight", ".lora_up.weight")
@@ -394,16 +562,35 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
     modules.sort(key=lambda m: m.name)
     notes = list(layout.notes) + [f"key names converted from {scheme} to {asked}"
                                   + (" (kohya names: ComfyUI and OneTrainer read Stable Diffusion LoRAs so)"
-                                     if asked != target else "")]
+                                     if asked != target else "")] + _unread_by(target, arch, outputs)
     return ConvertedLayout(target if ab else "kohya", modules, [], notes, file_name=target_layout.file_name,
                            target_layout=target_layout, arch=arch.name if arch else SD)
+
+
+def _unread_by(target: str, arch: Architecture | None, outputs: dict) -> list[str]:
+    """Notes on output names a consumer of another layout will not read, where no name serves both: ComfyUI's own
+    fused names (sd-scripts and musubi-tuner key the split weights), a part with ComfyUI's name only."""
+    if target != "comfy" or arch is None:
+        return []
+    notes = []
+    own = [tn.path for tn, *_ in outputs.values() if tn.component == arch.component]
+    if arch.comfy is not None and any(arch.native_of(p) is None for p in own):
+        notes.append(f"{arch.title}: ComfyUI's model fuses what its trainers split, so these are ComfyUI's names "
+                     "(musubi-tuner and sd-scripts do not read them; --to kohya writes theirs)")
+    for tn, *_ in outputs.values():
+        part = arch.part(tn.component) if tn.component != arch.component else None
+        if part is not None and part.prefix("kohya") is None:
+            notes.append(f"{arch.title}'s {part.table.title} keeps the name ComfyUI-layout files give it "
+                         f"({part.native_prefix}...), which kohya-style loaders do not read")
+            break
+    return notes
 
 
 def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_rows: int, in_shape: tuple):
     """(target name, source placement, target rows) for each output module that `m` (read as `n`) feeds: renamed
     when the target keys modules in `n`'s space, else through diffusers' names - a fused weight splits into its
     parts (rows of up, the shared down), and parts fuse into the target's fused weight (placed rows)."""
-    space = target_space(target, arch)
+    space = target_space(target, arch, n.component)
     if n.space == SD or n.space == space:
         yield Name(space if n.space != SD else SD, n.component, n.path), Source(m), out_rows
         return
@@ -412,7 +599,7 @@ def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_row
         parts = [(n.path, None, False, out_rows)]
     else:
         try:
-            found = tables(arch, n.space).to_diffusers(n.path, out_rows, inp)
+            found = tables(table_of(arch, n), n.space).to_diffusers(n.path, out_rows, inp)
         except (KeyError, ValueError) as e:
             raise LoraStructureError(f"{m.name}: {arch.title}'s {n.path} has no diffusers equivalent known here "
                                      f"({e}); report the module") from None
@@ -422,7 +609,7 @@ def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_row
         if space == "diffusers":
             yield Name("diffusers", n.component, path), Source(m, take=take, swap=swap), rows
             continue
-        found = tables(arch, space).native_for(path)
+        found = tables(table_of(arch, n), space).native_for(path)
         if found is None:
             raise LoraStructureError(f"{m.name}: {arch.title}'s diffusers module {path} has no {space} name known "
                                      "here; report the module")

@@ -70,7 +70,8 @@ def _regex(template: str, sep: str) -> re.Pattern:
 class Architecture:
     """A model family: its mappings, native templates that only it has (`signature`, for detection), whether a
     native path with no mapping keeps its name in diffusers (`same_names`), its diffusers component, and `comfy`:
-    the same family under ComfyUI's module names where they differ from its trainers' (None: ComfyUI's are these)."""
+    the same family under ComfyUI's module names where they differ from its trainers' (None: ComfyUI's are these);
+    `parts`: the models beside the denoiser a LoRA of the family may also train (text encoders, a text connector)."""
     name: str
     title: str
     mappings: list[Mapping]
@@ -79,6 +80,7 @@ class Architecture:
     same_names: bool = False
     component: str = "transformer"
     comfy: "Architecture | None" = None
+    parts: tuple["Part", ...] = ()
     _native: list = field(default_factory=list, repr=False)
     _diffusers: list = field(default_factory=list, repr=False)
 
@@ -131,12 +133,35 @@ class Architecture:
         found = self.native_of(native)
         return found is None or found[1].shape is None or found[1].shape(out, inp)
 
+    def part(self, component: str) -> "Part | None":
+        """The part whose diffusers pipeline component is `component` (None: none of this family's)."""
+        return next((p for p in self.parts if p.table.component == component), None)
+
     def evidence(self, paths: set[str], space: str, flat: bool) -> int:
         """How many of `paths` (native or diffusers, dotted or flattened) match templates only this family has."""
         sig = (self.signature + (self.comfy.signature if self.comfy else ()) if space == "native"
                else self.diffusers_signature)
         regs = [_regex(t, "[._]" if flat else r"\.") for t in sig]
         return sum(1 for p in paths if any(r.search(p) for r in regs))
+
+
+@dataclass(frozen=True)
+class Part:
+    """A model beside a family's denoiser that its LoRAs may train: `table` holds its weights (native: the model
+    code's paths, as kohya and ComfyUI read them; diffusers'), its `component` the diffusers pipeline component
+    (`text_encoder_2`); `kohya`: the prefix sd-scripts and ComfyUI key it by (`lora_te1_` + its path with `_`;
+    None: it has none); `onetrainer`: OneTrainer's where it differs; `native_prefix`: the prefix of its dotted
+    native names in a ComfyUI-layout file where it has no kohya name (LTX-2's `text_embedding_projection.`);
+    `diffusers`: whether diffusers' pipeline loads a LoRA on it (a T5 encoder: no)."""
+    table: Architecture
+    kohya: str | None = None
+    onetrainer: str | None = None
+    native_prefix: str | None = None
+    diffusers: bool = True  # diffusers' pipeline loads a LoRA on it (its _lora_loadable_modules name it)
+
+    def prefix(self, target: str) -> str | None:
+        """The prefix this part's flattened names carry in a kohya-style `target` layout (None: it has none)."""
+        return (self.onetrainer or self.kohya) if target == "onetrainer" else self.kohya
 
 
 def _fill(template: str, hit: re.Match) -> str:

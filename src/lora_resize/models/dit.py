@@ -2,7 +2,7 @@
 and diffusers' own LoRA converters; FORMATS.md §3b)."""
 from __future__ import annotations
 
-from .base import Architecture, Mapping, QkvMlp
+from .base import Architecture, Mapping, Part, QkvMlp
 
 M = Mapping
 
@@ -17,6 +17,23 @@ def each(prefix: str, *names: str) -> list[str]:
 
 
 QKVO = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def clip(component: str) -> Architecture:
+    """A CLIP text encoder (CLIP-L, OpenCLIP bigG) as transformers' CLIPTextModel names it, in diffusers pipelines
+    and in kohya's `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` alike."""
+    return Architecture(component, f"CLIP text encoder ({component})", same(
+        *[f"text_model.encoder.layers.{{i}}.{w}" for w in ("self_attn.q_proj", "self_attn.k_proj",
+                                                            "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                                                            "mlp.fc2")]), component=component)
+
+
+def t5(component: str) -> Architecture:
+    """A T5 v1.1 encoder (T5-XXL) as transformers' T5EncoderModel names it (`encoder.block.0.layer.0.SelfAttention.q`;
+    kohya: `lora_te3_encoder_block_0_layer_0_SelfAttention_q`)."""
+    return Architecture(component, f"T5 text encoder ({component})", same(
+        *[f"encoder.block.{{i}}.layer.0.SelfAttention.{w}" for w in "qkvo"],
+        *[f"encoder.block.{{i}}.layer.1.DenseReluDense.{w}" for w in ("wi_0", "wi_1", "wo")]), component=component)
 
 # Flux.1 and Flux.2 double blocks: the same attention, fused qkv natively, q/k/v in diffusers
 FLUX_DOUBLE_ATTENTION = [
@@ -53,7 +70,12 @@ FLUX1 = Architecture("flux1", "Flux.1 (dev, Kontext, Chroma)", [
     M("final_layer.linear", ("proj_out",)),
     M("final_layer.adaLN_modulation.1", ("norm_out.linear",), swap=True),  # native (shift, scale); diffusers swaps
 ], signature=("double_blocks.{i}.img_mlp.0", "single_blocks.{i}.linear1", "double_blocks.{i}.img_attn.qkv"),
-   diffusers_signature=("single_transformer_blocks.{i}.proj_mlp", "single_transformer_blocks.{i}.attn.to_q"))
+   diffusers_signature=("single_transformer_blocks.{i}.proj_mlp", "single_transformer_blocks.{i}.attn.to_q"),
+   # sd-scripts networks/lora_flux.py: CLIP-L `lora_te1`, T5-XXL `lora_te3`; ComfyUI comfy/lora.py
+   # model_lora_keys_clip also reads OneTrainer's T5 as `lora_te2_`; diffusers FluxPipeline: text_encoder (CLIP),
+   # text_encoder_2 (T5); diffusers' FluxLoraLoaderMixin loads transformer and text_encoder only
+   parts=(Part(clip("text_encoder"), "lora_te1_"),
+          Part(t5("text_encoder_2"), "lora_te3_", "lora_te2_", diffusers=False)))
 
 FLUX2 = Architecture("flux2", "Flux.2 (dev, Klein)", [
     *FLUX_DOUBLE_ATTENTION,
@@ -138,7 +160,13 @@ LTX2 = Architecture("ltx2", "LTX-2", [
           "proj_out", "audio_proj_out", "caption_projection.linear_1", "caption_projection.linear_2",
           "audio_caption_projection.linear_1", "audio_caption_projection.linear_2"),
 ], same_names=True, signature=("transformer_blocks.{i}.audio_attn1.to_q", "audio_patchify_proj"),
-   diffusers_signature=("transformer_blocks.{i}.audio_attn1.to_q", "audio_proj_in"))
+   diffusers_signature=("transformer_blocks.{i}.audio_attn1.to_q", "audio_proj_in"),
+   # the text connector: the checkpoint's top-level `text_embedding_projection.*` (musubi-tuner's ComfyUI files key
+   # it so, without `diffusion_model.`); diffusers' LTX2 pipeline holds it as `connectors` and renames
+   # aggregate_embed to text_proj_in (lora_conversion_utils._convert_non_diffusers_ltx2_lora_to_diffusers)
+   parts=(Part(Architecture("connectors", "text connector", [
+       M(f"{s}aggregate_embed", (f"{s}text_proj_in",)) for s in ("", "video_", "audio_")], component="connectors"),
+       native_prefix="text_embedding_projection."),))
 
 def _hidream_block(p: str, text: bool) -> list[str]:
     attn = ["to_q", "to_k", "to_v", "to_out"] + (["to_q_t", "to_k_t", "to_v_t", "to_out_t"] if text else [])
@@ -172,7 +200,11 @@ SD3 = Architecture("sd3", "SD3 / SD3.5", [
     M("joint_blocks.{i}.context_block.mlp.fc1", ("transformer_blocks.{i}.ff_context.net.0.proj",)),
     M("joint_blocks.{i}.context_block.mlp.fc2", ("transformer_blocks.{i}.ff_context.net.2",)),
     M("joint_blocks.{i}.context_block.adaLN_modulation.1", ("transformer_blocks.{i}.norm1_context.linear",)),
-], signature=("joint_blocks.{i}.x_block.", "joint_blocks.{i}.context_block."), diffusers_signature=())
+], signature=("joint_blocks.{i}.x_block.", "joint_blocks.{i}.context_block."), diffusers_signature=(),
+   # sd-scripts networks/lora_sd3.py: CLIP-L `lora_te1`, CLIP-G `lora_te2`, T5-XXL `lora_te3` (OneTrainer the same);
+   # diffusers StableDiffusion3Pipeline: text_encoder, text_encoder_2, text_encoder_3 (its LoRA loader: the first two)
+   parts=(Part(clip("text_encoder"), "lora_te1_"), Part(clip("text_encoder_2"), "lora_te2_"),
+          Part(t5("text_encoder_3"), "lora_te3_", diffusers=False)))
 
 def _hv15_stream(s: str, attn: tuple[str, ...], proj: str, ff: str, norm: str, comfy: bool) -> list[Mapping]:
     """One stream (img or txt) of a HunyuanVideo 1.5 double block: musubi-tuner's split attention and `fc1/fc2`,

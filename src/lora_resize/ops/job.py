@@ -48,6 +48,9 @@ class LayerJob:
     scale_and_rank: Callable[[], tuple[float, int]]
     nbytes: int = 0
     base: BaseNorms | None = None  # the base weight it patches (--base)
+    # a converted module's factors by rearrangement alone (formats.convert.Converted.exact): save dtype ->
+    # (factors, "") or (None, why not)
+    exact: Callable[[torch.dtype], tuple[NewFactors | None, str]] | None = None
 
 
 def checked(name: str, layer: LowRankLayer) -> LowRankLayer:
@@ -67,8 +70,10 @@ def factor_bytes(module: Module, infos: Mapping[str, TensorInfo]) -> int:
 
 def module_job(module: Module, src: TensorSource) -> LayerJob:
     """A job that reads `module` from `src` and writes it with the same module."""
+    exact = getattr(module, "exact", None)
     return LayerJob(module.name, lambda: checked(module.name, module.load(src)), module,
-                    lambda: module.scale_and_rank(src), factor_bytes(module, src.infos()))
+                    lambda: module.scale_and_rank(src), factor_bytes(module, src.infos()),
+                    exact=(lambda dtype: exact(src, dtype)) if exact is not None else None)
 
 
 def with_base(jobs: list[LayerJob], layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
@@ -173,6 +178,7 @@ class Queued:
     up: torch.Tensor
     down: torch.Tensor
     bound: float | None = None  # no entry of up or down is larger (core.truncate.largest_entry)
+    conversion: str | None = None  # a converted layer kept whole: "exact" (copied), else why it was re-rounded
 
 
 def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: ResizeOptions,
@@ -186,12 +192,20 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
     sp = Spectrum.of(job.name, layer, dec.S, job.base)
     choice = layer_rank(sp, opts)
     k = choice.rank
+    conversion = None
+    if job.exact is not None:  # a conversion that keeps every singular value copies the factors, bit for bit
+        copy, why = job.exact(save_dtype)
+        if copy is not None and k >= copy.down.shape[0]:
+            return Queued(job, layer, sp, copy.down.shape[0], False, False, float(copy.alpha), copy.alpha, copy.up,
+                          copy.down, conversion="exact")
+        whole = k >= min(layer.rank, sp.out_features, sp.in_features)  # nothing truncated: a conversion alone
+        conversion = why if copy is None and whole else None
     alpha = alpha_of(job.name, layer.alpha, layer.rank, k)
     alpha_t = torch.tensor(alpha, dtype=torch.float32).to(save_dtype)
     c = factor_scale(job.name, layer.scale, output_scale(job.module, alpha_t, k))
     up, down = truncated_factors(dec, k, c, save_dtype)
     return Queued(job, layer, sp, k, choice.clamped_to_size, choice.zero_layer, alpha, alpha_t, up, down,
-                  largest_entry(dec.S, c))
+                  largest_entry(dec.S, c), conversion)
 
 
 def finish_layer(q: Queued) -> tuple[LayerResult, dict[str, torch.Tensor]]:
@@ -199,7 +213,8 @@ def finish_layer(q: Queued) -> tuple[LayerResult, dict[str, torch.Tensor]]:
     up, down = on_host(q.job.name, q.up, q.down, q.bound)
     S = q.spectrum.S
     row = layer_row(q.spectrum, q.rank, q.alpha, clamped=q.clamped, zero=q.zero, singular_values=S,
-                    underflow=bool(S.size and S[0] > 0 and not (bool(up.any()) and bool(down.any()))))
+                    underflow=bool(S.size and S[0] > 0 and not (bool(up.any()) and bool(down.any()))),
+                    conversion=q.conversion)
     return row, q.job.module.emit(NewFactors(up, down, q.alpha_t, q.layer.kernel, q.layer.in_channels))
 
 
@@ -345,6 +360,12 @@ def clamp_notes(rows: list[LayerResult]) -> list[str]:
     if clamped:
         notes.append(f"{len(clamped)} layer(s) were smaller than the rank asked for and keep their full rank "
                      f"(e.g. {clamped[0].name}: {clamped[0].new_rank})")
+    rounded = [r for r in rows if r.conversion not in (None, "exact")]
+    if rounded:
+        notes.append(f"{len(rounded)} converted layer(s) could not be copied exactly and were re-rounded once to the "
+                     "save precision: each factor entry is its exact value rounded (relative error at most 2^-8 "
+                     "bf16, 2^-11 fp16, 2^-24 float; the update within about twice that) - e.g. "
+                     f"{rounded[0].name}: {rounded[0].conversion}")
     lost = [r for r in rows if r.underflow]
     if lost:
         notes.append(f"{len(lost)} layer(s) are too small for the save precision and were saved as zeros (e.g. "
