@@ -2,7 +2,7 @@
 
 Since sd-scripts' PR #2240, resize_lora.py merges each layer (dW = up @ down, float32) and, when both sides of dW
 exceed 2048, takes `torch.svd_lowrank(dW, q=min(2 * new_rank, out, in), niter=2)` instead of a full SVD
-(FORMATS.md §1); the dynamic criteria then run over the q singular values it has. That is fast and approximate:
+(sd-scripts networks/resize_lora.py, PR #2240); the dynamic criteria then run over the q singular values it has. That is fast and approximate:
 its sv_fro / sv_cumulative fractions are over those q values only, and its factors are not exactly the best
 rank-k ones. This script runs that algorithm (re-stated here from its description, not copied) beside ours on
 kohya-named rank-128 bf16 LoRAs at the real layer sizes of Flux-dev, Wan 2.1 14B and Qwen-Image:

@@ -13,15 +13,12 @@ from pathlib import Path
 
 import folder_paths  # ComfyUI's
 
-import lora_resize
-from lora_resize.io.paths import name_problem
-from lora_resize.models import LAYOUTS
-from lora_resize.options import PRECISIONS
-from lora_resize.ranks.policies import RANK_RULES, dynamic_methods
+import lora_resize  # the public facade only (ARCHITECTURE.md): the jobs, the choices, the renderings
 
 CATEGORY = "lora-resize"
 KEEP = "same"  # keep the input's precision / layout
-FILE_LAYOUTS = [x for x in LAYOUTS if x != "peft"]  # what ComfyUI loads: single files (a PEFT adapter is a folder)
+# what ComfyUI loads: single files (a PEFT adapter is a folder)
+FILE_LAYOUTS = [x for x in lora_resize.LAYOUTS if x != "peft"]
 
 
 def _lora_path(name: str) -> str:
@@ -59,7 +56,7 @@ def _output_path(name: str) -> Path:
     name = name.strip()
     if not name.lower().endswith(".safetensors"):
         name += ".safetensors"
-    problem = name_problem(name) or ("it would be hidden" if name.startswith(".") else None)
+    problem = lora_resize.name_problem(name) or ("it would be hidden" if name.startswith(".") else None)
     if problem:  # on every platform, so a workflow made on one runs on the others
         raise ValueError(f"output name {name[:60]!r} must be a plain file name: {problem}")
     folders = [Path(f) for f in folder_paths.get_folder_paths("loras")]
@@ -103,20 +100,19 @@ def _options(method: str, param: float, rank: int, conv_rank: int, rank_rule: st
 
 
 RANK_INPUTS = {
-    "method": (["fixed", *dynamic_methods()], {"default": "sv_fro"}),
+    "method": (["fixed", *lora_resize.dynamic_methods()], {"default": "sv_fro"}),
     "param": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 10000.0, "step": 0.001}),  # 0.995 must fit
     "rank": ("INT", {"default": 64, "min": 1, "max": 8192, "tooltip": "fixed rank, or the cap of a method/target"}),
     "conv_rank": ("INT", {"default": 0, "min": 0, "max": 8192, "tooltip": "0: the same as rank"}),
-    "rank_rule": (list(RANK_RULES), {"default": "exact"}),
+    "rank_rule": (list(lora_resize.RANK_RULES), {"default": "exact"}),
     "target_size": ("STRING", {"default": "", "tooltip": "e.g. 50MB: the best file that fits (replaces method)"}),
-    "precision": ([KEEP, *PRECISIONS], {"default": KEEP}),
+    "precision": ([KEEP, *lora_resize.PRECISIONS], {"default": KEEP}),
 }
 
 
 def _written(dst: Path, job) -> tuple[str, str]:
     """Run `job` (a lora-resize call writing `dst`): the new file's name and the job's summary."""
-    from lora_resize.report.text import summary
-    return dst.name, summary(_run(job))
+    return dst.name, lora_resize.summary(_run(job))
 
 
 class _Node:
@@ -164,8 +160,8 @@ class AnalyzeLora(_Node):
     def INPUT_TYPES(cls):
         return {"required": {"lora_name": (folder_paths.get_filename_list("loras"),),
                              "rank_cap": ("INT", {"default": 0, "min": 0, "max": 8192, "tooltip": "0: no cap"}),
-                             "rank_rule": (list(RANK_RULES), {"default": "exact"}),
-                             "precision": ([KEEP, *PRECISIONS], {"default": KEEP})}}
+                             "rank_rule": (list(lora_resize.RANK_RULES), {"default": "exact"}),
+                             "precision": ([KEEP, *lora_resize.PRECISIONS], {"default": KEEP})}}
 
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("curve", "table")
@@ -176,18 +172,16 @@ class AnalyzeLora(_Node):
         import torch
         from PIL import Image
 
-        from lora_resize.report.png import write_png
-        from lora_resize.report.text import analysis_table
         a = _run(lambda: lora_resize.analyze(_lora_path(lora_name), rank=rank_cap or None, rank_rule=rank_rule,
                                              precision=None if precision == KEEP else precision,
                                              progress=_progress()))
         temp = Path(folder_paths.get_temp_directory())
         temp.mkdir(parents=True, exist_ok=True)
-        png = _run(lambda: write_png(a, temp / f"lora-resize-analyze-{uuid.uuid4().hex[:12]}.png"))
+        png = _run(lambda: lora_resize.write_png(a, temp / f"lora-resize-analyze-{uuid.uuid4().hex[:12]}.png"))
         pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 255.0
         image = torch.from_numpy(pixels)[None]  # IMAGE: (batch, height, width, channels), 0..1
         return {"ui": {"images": [{"filename": png.name, "subfolder": "", "type": "temp"}]},
-                "result": (image, analysis_table(a))}
+                "result": (image, lora_resize.analysis_table(a))}
 
 
 class MergeLoras(_WritesLora):

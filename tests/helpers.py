@@ -219,7 +219,8 @@ def file_sha(path: Path) -> str:
 MIN_SV = 1e-6  # sd-scripts' threshold for a zero layer
 
 
-# Independent reference: sd-scripts v0.10.1's rank choice as FORMATS.md §1 states it, in torch float32 like
+# Independent reference: sd-scripts v0.10.1's rank choice as networks/resize_lora.py makes it (`rank_resize`),
+# in torch float32 like
 # sd-scripts (S: the float32 singular values of up @ down, full length min(out, in*kh*kw)).
 def kohya_reference(S32: torch.Tensor, method: str | None, param: float | None, cap: int | None) -> int:
     n = len(S32)

@@ -40,7 +40,7 @@ class ResizeOptions:
     retained, scale-aware): budgets that choose every layer's rank together (no method then; `rank`/`conv_rank`
     still cap). `ranks`: explicit ranks for named modules (what a budget's plan fills in); they override rules and
     the method. `keep_unranked`: a layer that no rank setting covers keeps its full (numerical) rank - what a
-    conversion does - instead of being an error. `rule=` is accepted as the old name of `rank_rule`.
+    conversion does - instead of being an error. `rule=` (once the old name of `rank_rule`, a clash with the CLI's `--rule`) is refused, naming both.
 
     Raises OptionsError for any invalid value or combination."""
     rank: int | None = field(default=None, metadata=flag(
@@ -110,10 +110,9 @@ class ResizeOptions:
         def put(name: str, value) -> None:
             object.__setattr__(self, name, value)
 
-        if rule is not None:
-            if self.rank_rule != "exact" and self.rank_rule != rule:
-                raise OptionsError("give the rank rule once: rank_rule= (rule= is its old name)")
-            put("rank_rule", rule)
+        if rule is not None:  # its old meaning (the rank rule) clashed with the CLI's --rule (block rules)
+            raise OptionsError(f"rule={rule!r} is ambiguous: give rank_rule= (exact, kohya: how a criterion becomes "
+                               "a rank) or block_rules= (the per-block rules of --rule)")
         if self.method in (None, "", "fixed", "none"):
             put("method", None)
         put("block_rules", parse_rules(self.block_rules))

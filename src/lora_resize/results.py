@@ -253,7 +253,7 @@ class Analysis:
         pick = self.chosen
         b = self.shared
         return {
-            "src": str(self.src), "format": self.format, "precision": self.precision, "rule": b.rank_rule,
+            "src": str(self.src), "format": self.format, "precision": self.precision, "rank_rule": b.rank_rule,
             "rank_cap": b.rank, "conv_rank_cap": b.conv_rank,
             "block_rules": [str(r) for r in b.block_rules], "rule_hits": self.rule_hits,
             "input_bytes": self.input_bytes, "seconds": self.seconds, "decompose_seconds": self.decompose_seconds,

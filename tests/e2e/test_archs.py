@@ -67,8 +67,9 @@ def test_each_architecture_resizes_end_to_end_on_its_real_names(tmp_path, capsys
     assert len(ranks) > 1
 
 
-def test_sd15_list_matches_the_counts_in_formats_md():
-    """FORMATS.md §2: 350 modules (254 linear, 46 conv 1x1, 50 conv 3x3; UNet 278), sum(in*k*k + out) = 1,216,704."""
+def test_sd15_list_matches_sd_scripts_locon_counts():
+    """An SD1.5 LoCon as sd-scripts networks/lora.py targets it: 350 modules (254 linear, 46 conv 1x1, 50 conv
+    3x3; UNet 278), sum(in*k*k + out) = 1,216,704."""
     mods = archs.sd15()
     assert len(mods) == 350
     assert sum(not m.conv for m in mods) == 254

@@ -62,7 +62,7 @@ def test_merge_records_what_resize_records(tmp_path, blocky_lora):
         assert set(rec_r) - {"source"} == set(rec_m) - {"operation", "sources"}, budget
         for key in set(rec_r) - {"source", "layers"}:
             assert rec_r[key] == rec_m[key], (budget, key)
-        assert rec_m["rules"] == list(rules) and rec_m["layers"].keys() == rec_r["layers"].keys()
+        assert rec_m["block_rules"] == list(rules) and rec_m["layers"].keys() == rec_r["layers"].keys()
         if "target_size" not in budget:  # (the two files' metadata differ, so a size budget may differ by a rank)
             # a merge of a file with itself at half weight each is the file: the same new ranks
             assert [x.new_rank for x in m.layers] == [x.new_rank for x in r.layers], budget

@@ -141,3 +141,24 @@ def test_core_uses_only_numpy_torch_and_the_errors():
                 outside.update(a.name.split(".")[0] for a in node.names)
     import sys
     assert outside - set(sys.stdlib_module_names) <= {"numpy", "torch"}
+
+
+def test_the_nodes_use_only_the_public_facade():
+    """The ComfyUI nodes (outside the package) import `lora_resize` alone and use only names of its `__all__`: the
+    package's rooms can move without breaking them (ARCHITECTURE.md: the public API is their one door)."""
+    import lora_resize
+    nodes = PACKAGE.parents[1] / "comfyui_lora_resize"
+    used, imported = set(), set()
+    for path in nodes.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names if a.name.split(".")[0] == "lora_resize"}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lora_resize":
+                imported.add(node.module)
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id == "lora_resize"):
+                used.add(node.attr)
+    assert imported == {"lora_resize"}, f"the nodes reach into the package: {sorted(imported - {'lora_resize'})}"
+    assert used and used <= set(lora_resize.__all__), f"not in the public API: {sorted(used - set(lora_resize.__all__))}"
+    for name in used:
+        getattr(lora_resize, name)  # each resolves

@@ -3,9 +3,12 @@ help and choices are generated from its fields (so a flag cannot drift from the 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
+import lora_resize
+from helpers import Spec, load_st, make_state_dict, write_lora
 from lora_resize import OptionsError, ResizeOptions
 from lora_resize.cli import build_parser
 from lora_resize.formats import output_formats
@@ -28,11 +31,22 @@ def test_frozen_and_validated_again_on_change():
     assert opts.with_setting(target_size="2MB").target_size == 2_000_000
 
 
-def test_rule_is_the_old_name_of_rank_rule():
-    assert ResizeOptions(rank=4, rule="kohya").rank_rule == "kohya"
+def test_rule_is_refused_as_ambiguous_between_rank_rule_and_block_rules():
+    """`rule` means the block rules on the command line (--rule); in Python it once meant the rank rule. One name,
+    one meaning: rule= is refused, naming both fields, never read as either."""
     assert ResizeOptions(rank=4, rank_rule="kohya").rank_rule == "kohya"
-    with pytest.raises(OptionsError, match="rank rule must be one of"):
-        ResizeOptions(rank=4, rule="nearest")
+    for value in ("kohya", "*=2"):
+        with pytest.raises(OptionsError, match="ambiguous: give rank_rule=.*block_rules="):
+            ResizeOptions(rank=4, rule=value)
+    with pytest.raises(OptionsError, match="ambiguous"):
+        lora_resize.analyze("never-read.safetensors", rule="kohya")
+
+
+def test_the_record_names_the_rank_rule_and_the_block_rules_apart(tmp_path):
+    src = write_lora(tmp_path / "in.safetensors", make_state_dict([Spec("lora_unet_a", 8, 6, 4)], seed=1))
+    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2, rank_rule="kohya", block_rules=("*=cap:3",))
+    rec = json.loads(load_st(tmp_path / "out.safetensors")[1]["lora_resize"])
+    assert rec["rank_rule"] == "kohya" and rec["block_rules"] == ["*=cap:3"] and "rule" not in rec
 
 
 @pytest.mark.parametrize("command", ["resize", "merge", "analyze", "batch"])

@@ -1,5 +1,6 @@
 """The sd-scripts form: `lora-resize --model IN --save_to OUT --new_rank 32 --dynamic_method sv_ratio
---dynamic_param 8 ...`, the flags of sd-scripts' networks/resize_lora.py, verbatim (FORMATS.md §1): a resize with
+--dynamic_param 8 ...`, the flags of sd-scripts' networks/resize_lora.py, verbatim (sd-scripts v0.10.1,
+networks/resize_lora.py `setup_parser`): a resize with
 sd-scripts' defaults. Every line sd-scripts accepts is accepted, with a one-line note for what is ignored or read
 differently: --dynamic_param without --dynamic_method (sd-scripts ignores it: a fixed-rank resize), a parameter
 outside its method's range (sd-scripts' formulas then keep everything or the least: the nearest valid value gives

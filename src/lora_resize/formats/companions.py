@@ -1,5 +1,6 @@
 """Tensors that sit beside LoRA factors in every family's files but are not factors: loaders add them to the base
-weight (or bias) as they are, or set it, so a resize copies them unchanged and lists them by kind (FORMATS.md §3).
+weight (or bias) as they are, or set it, so a resize copies them unchanged and lists them by kind (ComfyUI
+comfy/lora.py `load_lora`: `.diff`, `.diff_b`, `.set_weight`).
 ComfyUI's "Extract and Save Lora" and KJNodes' extractor write `diff_b`; LyCORIS's full module writes `diff`;
 Wan lightx2v/CausVid and OneTrainer files carry bias diffs; BFL control LoRAs set norms and reshape weights."""
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """kohya-ss / sd-scripts LoRA and LoCon: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`
-(scale alpha / rank, 1 without alpha; FORMATS.md §1, §3). The output always stores an alpha, as sd-scripts does."""
+(scale alpha / rank, 1 without alpha: sd-scripts networks/lora.py `LoRAModule`, networks/resize_lora.py). The
+output always stores an alpha, as sd-scripts does."""
 from __future__ import annotations
 
 import re

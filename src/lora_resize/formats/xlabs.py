@@ -1,7 +1,8 @@
 """XLabs Flux LoRAs (x-flux): `double_blocks.N.processor.qkv_lora1.down.weight` / `.up.weight` (image stream qkv,
 h -> 3h), `proj_lora1` (its output projection), `qkv_lora2` / `proj_lora2` (the text stream); single blocks
 `single_blocks.N.processor.qkv_lora` and `proj_lora`; optionally under `diffusion_model.`. No alpha: scale 1
-(FORMATS.md §3). The output keeps the keys and writes no alpha."""
+(XLabs-AI x-flux src/flux/modules/layers.py,
+`DoubleStreamBlockLoraProcessor` / `SingleStreamBlockLoraProcessor`). The output keeps the keys and writes no alpha."""
 from __future__ import annotations
 
 import re

@@ -142,10 +142,10 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
         d["operation"] = "merge"
     else:
         d["source"] = sources[0].name
-    d.update(format=fmt, method=opts.method or "fixed", param=opts.param, rule=opts.rank_rule, rank=opts.rank,
+    d.update(format=fmt, method=opts.method or "fixed", param=opts.param, rank_rule=opts.rank_rule, rank=opts.rank,
              conv_rank=opts.conv_rank, precision=precision)
     if opts.block_rules:
-        d["rules"] = [str(r) for r in opts.block_rules]
+        d["block_rules"] = [str(r) for r in opts.block_rules]
     if opts.budget is not None:
         d[opts.budget[0].name] = opts.budget[1]
     if merged:

@@ -17,7 +17,7 @@ from .budgets import BudgetLayer, Sizer
 from .policies import ZERO_SV, RankChoice, choose_rank, get_policy
 from .rules import first_match
 
-FIXED = get_policy(None)
+FIXED_POLICY = get_policy(None)  # the policy object; ranks.policies.FIXED is its name
 
 
 def decided(sp: Spectrum, opts) -> tuple[int | None, int | None]:
@@ -33,7 +33,7 @@ def decided(sp: Spectrum, opts) -> tuple[int | None, int | None]:
 def pinned_rank(sp: Spectrum, k: int, rank_rule: str) -> RankChoice:
     """A pinned rank k as it is written under the rank rule: 1 for a zero layer; else k, at most the layer's
     numerical rank (exact) or its size (kohya: sd-scripts keeps a fixed rank above the numerical one)."""
-    return choose_rank(sp.S, sp.full_size, FIXED, None, k, rank_rule)
+    return choose_rank(sp.S, sp.full_size, FIXED_POLICY, None, k, rank_rule)
 
 
 def layer_rank(sp: Spectrum, opts) -> RankChoice:
@@ -49,7 +49,7 @@ def layer_rank(sp: Spectrum, opts) -> RankChoice:
     if not policy.needs_param and cap is None:
         if not opts.keep_unranked:
             raise OptionsError(f"layer {sp.name} has no rank: give --rank N (or a rule or a target that covers it)")
-        return choose_rank(sp.S, sp.full_size, FIXED, None, None, "exact")  # all of it: its numerical rank
+        return choose_rank(sp.S, sp.full_size, FIXED_POLICY, None, None, "exact")  # all of it: its numerical rank
     return choose_rank(base_relative(sp, opts.method) if policy.base else sp.S, sp.full_size, policy, opts.param, cap,
                        opts.rank_rule)
 

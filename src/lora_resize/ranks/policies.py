@@ -4,7 +4,8 @@ which also gives its label and colour (report legends), the values `analyze` swe
 Two rank rules turn a policy's criterion into a rank:
 - ``exact``: the smallest k that meets the criterion, at least 1, at most the layer's numerical rank.
 - ``kohya``: sd-scripts v0.10.1's choice, its off-by-one included (dynamic methods keep one more singular value
-  than the criterion needs, and never fewer than 2), so old recipes give the same ranks (FORMATS.md §1).
+  than the criterion needs, and never fewer than 2), so old recipes give the same ranks (sd-scripts v0.10.1
+  networks/resize_lora.py: `index_sv_ratio`, `index_sv_cumulative`, `index_sv_fro` and `rank_resize`).
 The rank flag (``--rank``/``--conv-rank``) caps every policy; no rule ever returns more than min(out, in*kh*kw).
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """LoRA files for the synthetic architectures (archs.py): tensors in the kohya, PEFT or diffusers key family with
-trained-like spectra (synth.py), and the demo's SD1.5 LoCon (350 modules, FORMATS.md §2)."""
+trained-like spectra (synth.py), and the demo's SD1.5 LoCon (350 modules: sd-scripts networks/lora.py's
+UNet and CLIP-L targets with conv layers, `LoRANetwork.UNET_TARGET_REPLACE_MODULE_CONV2D_3X3`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,8 @@ from ..io.writer import write_safetensors
 from .archs import ModuleShape, sd15
 from .synth import synth_factors
 
-# How trainers and UIs key a module `name` (FORMATS.md §3): (down/up key of <base>, base from the name).
+# How trainers and UIs key a module `name` (sd-scripts networks/lora.py, PEFT tuners/lora, diffusers
+# loaders/lora_conversion_utils.py): (down/up key of <base>, base from the name).
 KOHYA_FORM = (".lora_down.weight", ".lora_up.weight")
 AB_FORM = (".lora_A.weight", ".lora_B.weight")
 STYLES = {

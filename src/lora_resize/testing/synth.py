@@ -1,5 +1,6 @@
 """Factors with trained-like spectra: each layer's singular values decay as s_i ~ ((i + 3) / 3) ** -p with
-p = 1.3 jittered by +-20% (FORMATS.md §2), on random orthonormal singular vectors."""
+p = 1.3 jittered by +-20% (a flat head, then a power-law tail: the shape that
+reproduces the sizes sd-scripts' sv_ratio resize gives on trained LoCons), on random orthonormal singular vectors."""
 from __future__ import annotations
 
 import torch

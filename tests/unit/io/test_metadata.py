@@ -131,7 +131,7 @@ def test_our_record(tmp_path, standard_lora, standard_sd, options):
     assert rec["version"] == lora_resize.__version__
     assert rec["method"] == (options.get("method") or "fixed")
     assert rec["param"] == options.get("param")
-    assert rec["rule"] == options.get("rank_rule", "exact")
+    assert rec["rank_rule"] == options.get("rank_rule", "exact")
     want_layers = {n: [standard_sd[n + DOWN].shape[0], tensors[n + DOWN].shape[0]] for n in layer_names(standard_sd)}
     assert rec["layers"] == want_layers
     assert res.metadata["lora_resize"] == meta["lora_resize"]

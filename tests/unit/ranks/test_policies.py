@@ -1,5 +1,5 @@
 """Rank policies: the kohya rule against an independent float32 re-implementation of sd-scripts v0.10.1's choice
-(FORMATS.md §1), and the exact rule checked for minimality directly from its definition."""
+(networks/resize_lora.py `rank_resize`), and the exact rule checked for minimality directly from its definition."""
 from __future__ import annotations
 
 import math

@@ -63,7 +63,7 @@ def test_rules_apply_before_the_method_first_match_wins(tmp_path, blocky_lora):
     assert "rule lora_xyz_*=2 matches no module" in notes
     assert meta["ss_network_dim"] == "Dynamic"
     record = json.loads(meta["lora_resize"])
-    assert record["rules"] == list(rules)
+    assert record["block_rules"] == list(rules)
     assert "lora_unet_down_blocks_0_resnets_0_conv1" not in record["layers"]
 
 
