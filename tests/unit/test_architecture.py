@@ -162,3 +162,29 @@ def test_the_nodes_use_only_the_public_facade():
     assert used and used <= set(lora_resize.__all__), f"not in the public API: {sorted(used - set(lora_resize.__all__))}"
     for name in used:
         getattr(lora_resize, name)  # each resolves
+
+
+# The names every module of a kind defines by protocol (a subcommand's HELP/add_arguments/run, a registry's
+# register, a key family's FORM/MARKERS, a TypeVar): the same meaning in each, not a clash.
+PROTOCOL_NAMES = {"HELP", "DESCRIPTION", "add_arguments", "run", "register", "FORM", "MARKERS", "T"}
+
+
+def test_one_name_one_meaning():
+    """A public top-level name is defined in one module only (protocol names aside): no two FIXED, Source or
+    convert for a reader to confuse, and no constant written out twice instead of imported."""
+    where: dict[str, list[str]] = {}
+    for name, path in modules().items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined = [node.name]
+            elif isinstance(node, ast.Assign):
+                defined = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                defined = [node.target.id]
+            else:
+                continue
+            for d in defined:
+                if not d.startswith("_") and d not in PROTOCOL_NAMES:
+                    where.setdefault(d, []).append(name)
+    clashes = {d: ms for d, ms in where.items() if len(ms) > 1}
+    assert not clashes, f"names defined in several modules: {clashes}"

@@ -56,20 +56,20 @@ def output_formats() -> list[str]:
     return sorted(_convert.TARGETS)
 
 
-def convert(layout: Layout, target: str | None, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
+def convert_layout(layout: Layout, target: str | None, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
             arch: str | None = None) -> Layout:
     """`layout` (parsed from a file with tensors `infos` and `metadata`) written in the `target` layout
     (formats/convert.py; None: unchanged), its architecture `arch` (--arch) or detected. Raises OptionsError for
     an unknown target or a direction that is not defined, LoraStructureError for modules without a name there."""
     if target is not None and target not in output_formats():
         raise OptionsError(f"--output-format must be one of {', '.join(output_formats())}, got {target!r}")
-    return _convert.convert(layout, target, key_family(layout.format), infos, metadata, FORMATS, arch)
+    return _convert.as_layout(layout, target, key_family(layout.format), infos, metadata, FORMATS, arch)
 
 
 def read_layout(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None,
                 output_format: str | None = None, arch: str | None = None) -> Layout:
-    """A file's layout as its family parses it (detect), written in `output_format` when one is given (convert)."""
-    return convert(detect(infos, metadata, path), output_format, infos, metadata, arch)
+    """A file's layout as its family parses it (detect), written in `output_format` when one is given (convert_layout)."""
+    return convert_layout(detect(infos, metadata, path), output_format, infos, metadata, arch)
 
 
 def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None) -> Layout:
@@ -133,5 +133,5 @@ def check_unknown_pairs(fmt: Format, unknown: Mapping[str, TensorInfo]) -> None:
                 "report the format (it would otherwise be copied unresized)")
 
 
-__all__ = ["FORMATS", "Format", "Layout", "Module", "convert", "detect", "key_family", "output_formats", "read_layout",
-           "register"]
+__all__ = ["FORMATS", "Format", "Layout", "Module", "convert_layout", "detect", "key_family", "output_formats",
+           "read_layout", "register"]

@@ -63,7 +63,7 @@ PREFIXES = {
     "ab": (("diffusion_model.", "ai_toolkit"), ("lora_unet_", "kohya"), ("lora_te", "kohya")),
 }
 DIFFUSERS_COMPONENTS = ("transformer", "connectors", "text_encoder_3", *sd.KOHYA_PREFIX)
-FORM = {"kohya": "kohya", "lycoris": "kohya", "comfy": "kohya", "onetrainer": "kohya", "simpletuner": "kohya",
+KEY_FORM = {"kohya": "kohya", "lycoris": "kohya", "comfy": "kohya", "onetrainer": "kohya", "simpletuner": "kohya",
         "diffusers": "ab", "ai_toolkit": "ab", "diffsynth": "ab", "peft": "peft"}
 
 
@@ -72,7 +72,7 @@ def module_scheme(name: str, form: str) -> str:
     layout's name, standing for its form): a file may mix them (musubi-tuner's LTX-2 ComfyUI files key the text
     connector without the `diffusion_model.` every other module has; OneTrainer's SD3 files hold
     `lora_transformer_` and `lora_te1_` modules), so each module is read by its own."""
-    form = FORM.get(form, form)
+    form = KEY_FORM.get(form, form)
     if form == "peft":
         return "peft"
     for prefix, scheme in PREFIXES.get(form, ()):
@@ -85,7 +85,7 @@ def module_scheme(name: str, form: str) -> str:
 
 def schemes_of(layout: Layout) -> list[str]:
     """Each module's layout (module_scheme), in the layout's order; [] for a key family no conversion reads."""
-    if layout.format not in FORM:
+    if layout.format not in KEY_FORM:
         return []
     return [module_scheme(m.name, layout.format) for m in layout.modules]
 
@@ -323,7 +323,7 @@ def target_space(target: str, arch: Architecture | None, component: str | None =
 
 
 @dataclass
-class Source:
+class Feed:
     """A source module feeding an output module: the rows `take` (start, stop) of its update (None: all of them),
     with their two halves swapped (`swap`), placed at rows `place` (start, stop) of the output (None: the output
     is this part alone)."""
@@ -349,7 +349,7 @@ class Converted(Module):
     is the sum of the parts' - so under `--rank-rule kohya` its alpha is that scale times the summed rank (alpha
     x3 for a fused qkv, ComfyUI's and musubi's convention), and by default the one alpha of the whole file."""
     target: Module | None = None
-    sources: list[Source] = field(default_factory=list)
+    sources: list[Feed] = field(default_factory=list)
     out_rows: int = 0
     in_shape: tuple[int, ...] = ()
 
@@ -470,7 +470,7 @@ class ConvertedLayout(Layout):
         return SideOutputs(metadata={METADATA_KEY: None, ARCH_KEY: self.arch, **out.metadata}, files=out.files)
 
 
-def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str, TensorInfo],
+def as_layout(layout: Layout, target: str | None, family: str, infos: TMapping[str, TensorInfo],
             metadata: TMapping[str, str], formats: TMapping[str, Format], arch_name: str | None = None) -> Layout:
     """`layout` (a parsed file, its key `family`) written in the `target` layout (None or its own: unchanged).
     Raises OptionsError for a target that is not a layout or a file whose layout converts to none, and
@@ -500,7 +500,7 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
     # (Converted.exact)
     if layout.format == built.format and all(m._renamed and m.sources[0].module.name == m.name
                                              for m in built.modules):
-        if FORM[built.format] != "kohya":  # an A/B file keeps its own config (DoRA, rsLoRA, biases described)
+        if KEY_FORM[built.format] != "kohya":  # an A/B file keeps its own config (DoRA, rsLoRA, biases described)
             return layout
         built.notes, built.passthrough, built.known = list(layout.notes), list(layout.passthrough), layout.known
         return built
@@ -516,7 +516,7 @@ def convert(layout: Layout, target: str | None, family: str, infos: TMapping[str
 
 def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, infos, metadata, formats,
            asked: str) -> Layout:
-    outputs: dict[str, tuple[Name, list[Source], int, tuple]] = {}  # target base -> (name, sources, rows, shapes)
+    outputs: dict[str, tuple[Name, list[Feed], int, tuple]] = {}  # target base -> (name, sources, rows, shapes)
     read = []
     for m in layout.modules:
         n = read_name(m.name, scheme, arch)
@@ -592,7 +592,7 @@ def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_row
     parts (rows of up, the shared down), and parts fuse into the target's fused weight (placed rows)."""
     space = target_space(target, arch, n.component)
     if n.space == SD or n.space == space:
-        yield Name(space if n.space != SD else SD, n.component, n.path), Source(m), out_rows
+        yield Name(space if n.space != SD else SD, n.component, n.path), Feed(m), out_rows
         return
     inp = in_shape[0] if in_shape else 0
     if n.space == "diffusers":
@@ -607,7 +607,7 @@ def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_row
                  for path, rows, swap in found]
     for path, take, swap, rows in parts:
         if space == "diffusers":
-            yield Name("diffusers", n.component, path), Source(m, take=take, swap=swap), rows
+            yield Name("diffusers", n.component, path), Feed(m, take=take, swap=swap), rows
             continue
         found = tables(table_of(arch, n), space).native_for(path)
         if found is None:
@@ -615,13 +615,14 @@ def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_row
                                      "here; report the module")
         native, mapping, j = found
         if mapping is None or len(mapping.diffusers) == 1:
-            yield Name(space, n.component, native), Source(m, take=take, swap=swap != bool(mapping and mapping.swap)), rows
+            yield (Name(space, n.component, native), Feed(m, take=take, swap=swap != bool(mapping and mapping.swap)),
+                   rows)
             continue
         start, total = mapping.fused(j, rows, inp)
-        yield Name(space, n.component, native), Source(m, place=(start, start + rows), take=take, swap=swap), total
+        yield Name(space, n.component, native), Feed(m, place=(start, start + rows), take=take, swap=swap), total
 
 
-def _check_fused(base: str, srcs: list[Source], rows: int) -> None:
+def _check_fused(base: str, srcs: list[Feed], rows: int) -> None:
     """A fused output's parts must not overlap (each diffusers part once)."""
     placed = sorted(s.place for s in srcs if s.place is not None)
     for (a0, a1), (b0, b1) in zip(placed, placed[1:]):

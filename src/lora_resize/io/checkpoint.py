@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from ..core.truncate import FP8
 from ..errors import InputFileError
 from .reader import SafetensorsReader, TensorInfo
 
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # per-tensor, per-channel or per-block scales a weight is multiplied by, keyed by the module (without .weight)
 WEIGHT_SCALES = ("weight_scale", "scale_weight", "weight_scale_inv")
 ACTIVATION_SCALES = frozenset({"input_scale", "scale_input", "output_scale", "scale_output", "input_global_scale",

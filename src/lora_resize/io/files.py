@@ -19,6 +19,7 @@ from ..errors import OutputFileError
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+INPUT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES  # the names a LoRA file is listed by (batch, the page)
 TMP_PREFIX = ".lora-resize-"
 TMP_SUFFIX = ".partial"
 

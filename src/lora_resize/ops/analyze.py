@@ -49,7 +49,7 @@ from .job import Output, metadata_for, module_job, precision_of, sizer_for, spec
 DEFAULT_PICK = dict(method="sv_fro", param=0.9)  # shown in the report when no setting is chosen
 # what names a chosen setting: a rank (also the cap of every setting), or what a sweep's settings replace; every
 # other user-facing option is shared by all the settings of the sweep
-SETTING_FIELDS = ("rank", *SWEPT)
+CHOSEN_FIELDS = ("rank", *SWEPT)
 SHARED_FIELDS = tuple(f.name for f in option_fields() if f.name not in SWEPT)
 
 
@@ -202,10 +202,10 @@ def split_options(options: ResizeOptions | None, fields_: dict) -> tuple[ResizeO
         if fields_:
             raise OptionsError("pass either options=ResizeOptions(...) or option fields, not both")
         return options, options
-    unknown = set(fields_) - set(SHARED_FIELDS) - set(SETTING_FIELDS) - {"rule"}
+    unknown = set(fields_) - set(SHARED_FIELDS) - set(CHOSEN_FIELDS) - {"rule"}
     if unknown:
         raise OptionsError(f"unknown option(s) for analyze: {', '.join(sorted(unknown))}")
-    chosen = ResizeOptions(**fields_) if any(fields_.get(k) is not None for k in SETTING_FIELDS) else None
+    chosen = ResizeOptions(**fields_) if any(fields_.get(k) is not None for k in CHOSEN_FIELDS) else None
     shared = chosen or ResizeOptions(**{k: v for k, v in fields_.items() if k in SHARED_FIELDS or k == "rule"},
                                      **DEFAULT_PICK)
     return shared, chosen

@@ -17,14 +17,13 @@ from typing import Callable, Iterable
 
 from ..core.parallel import available_cores
 from ..errors import LoraResizeError, OptionsError, require
-from ..io.files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TMP_PREFIX, claimed_header_length, remove_stale_partials
+from ..io.files import INPUT_SUFFIXES, TMP_PREFIX, claimed_header_length, remove_stale_partials
 from ..io.storage import Folder, local_input, local_output, sha256_of
 from ..options import ResizeOptions
 from ..report.text import strict_json
 
 MANIFEST = "lora-resize-manifest.json"
 MANIFEST_CSV = "lora-resize-manifest.csv"
-SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 BASE_MEMORY = 400 * 2**20  # a worker process with torch loaded
 DASK_CONNECT_TIMEOUT = "20s"
 
@@ -67,7 +66,7 @@ def discover(folder: Folder | str | os.PathLike) -> list[str]:
         name = rel.rsplit("/", 1)[-1]
         if name.startswith(TMP_PREFIX) or name.startswith("lora-resize-manifest"):
             continue
-        if Path(name).suffix.lower() in SUFFIXES or _content_is_safetensors(folder, rel):
+        if Path(name).suffix.lower() in INPUT_SUFFIXES or _content_is_safetensors(folder, rel):
             found.append(rel)
     return found
 

@@ -16,7 +16,7 @@ import torch
 from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, compute_device
 from ..errors import LoraStructureError, OptionsError
-from ..formats import Layout, Module, convert, detect, key_family
+from ..formats import Layout, Module, convert_layout, detect, key_family
 from ..formats.convert import TARGETS, ConvertedLayout, detect_arch, scheme_of
 from ..models import SD
 from ..io.metadata import InputRecord
@@ -104,7 +104,7 @@ def in_one_layout(layouts: list[Layout], readers: list, opts: ResizeOptions) -> 
             raise OptionsError(f"the inputs are in different layouts ({', '.join(sorted(set(schemes)))}); give "
                                f"--output-format ({', '.join(TARGETS)}) to merge them in one")
         target = schemes[0]
-    out = [convert(lay, target, r.infos(), r.metadata, opts.arch) for lay, r in zip(layouts, readers)]
+    out = [convert_layout(lay, target, r.infos(), r.metadata, opts.arch) for lay, r in zip(layouts, readers)]
     archs = {model_of(lay, scheme, r) for lay, scheme, r in zip(out, schemes, readers)} - {None}
     if len(archs) > 1 and opts.arch is None:
         raise LoraStructureError(f"the inputs are LoRAs of different models ({', '.join(sorted(archs))}); merge "

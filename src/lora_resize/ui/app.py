@@ -23,6 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import LoraResizeError
+from ..io.files import INPUT_SUFFIXES
 from ..models import LAYOUTS
 from ..results import MEASURES
 
@@ -35,7 +36,6 @@ COLUMNS = ["setting", "size", "bytes", *(f"Frobenius kept ({n})" for n, _ in MEA
 PAGE_CSS = (".file-preview td.download a{visibility:hidden;white-space:nowrap} "
             ".file-preview td.download a::after{visibility:visible;content:'download \\21E3'}")
 
-SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
 
 
 def _uploaded(upload) -> str:
@@ -104,7 +104,7 @@ class App:
         if self.loras is None or not self.loras.is_dir():
             return []
         return sorted(p.relative_to(self.loras).as_posix() for p in self.loras.rglob("*")
-                      if p.suffix.lower() in SUFFIXES and p.is_file()
+                      if p.suffix.lower() in INPUT_SUFFIXES and p.is_file()
                       and not any(part.startswith(".") for part in p.relative_to(self.loras).parts))
 
     def _picked(self, name: str) -> Path:
@@ -239,7 +239,7 @@ class App:
 
 def _input(app: App, label: str, prefix: str, multiple: bool = False):
     """An upload box and, with a folder, a list to pick from; choosing one clears the other."""
-    upload = gr.File(label=label, file_count="multiple" if multiple else "single", file_types=list(SUFFIXES),
+    upload = gr.File(label=label, file_count="multiple" if multiple else "single", file_types=list(INPUT_SUFFIXES),
                      elem_id=f"{prefix}-file" if not multiple else f"{prefix}-files")
     picked = gr.Dropdown(app.choices(), value=[] if multiple else None, multiselect=multiple,
                          label=f"or pick from {app.loras}", visible=app.loras is not None, elem_id=f"{prefix}-pick")
