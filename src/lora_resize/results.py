@@ -58,7 +58,8 @@ class LayerResult:
 class ResizeResult:
     """The outcome of `resize` or `merge`: per-layer rows, sizes, timing, and the tensors copied beside the
     factors (`passthrough`, in file order; `copied`: each one's kind, e.g. 'bias diff', 'DoRA magnitude', 'other';
-    `cast`: those an explicit precision cast to it - the others are copied bit for bit)."""
+    `cast`: those an explicit precision cast to it - the others are copied bit for bit; `summed`: those a merge
+    wrote as the weighted sum of its inputs', as loaders add them)."""
     src: Path
     dst: Path
     format: str
@@ -73,6 +74,7 @@ class ResizeResult:
     notes: list[str] = field(default_factory=list)
     copied: dict[str, str] = field(default_factory=dict)
     cast: list[str] = field(default_factory=list)
+    summed: list[str] = field(default_factory=list)
 
     def _kinds(self, keys) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -89,8 +91,14 @@ class ResizeResult:
     @property
     def unchanged_kinds(self) -> dict[str, int]:
         """How many tensors of each kind were copied bit for bit."""
+        changed = {*self.cast, *self.summed}
+        return self._kinds(k for k in self.passthrough if k not in changed)
+
+    @property
+    def summed_kinds(self) -> dict[str, int]:
+        """How many tensors of each kind a merge wrote as the weighted sum of its inputs' (and did not cast)."""
         cast = set(self.cast)
-        return self._kinds(k for k in self.passthrough if k not in cast)
+        return self._kinds(k for k in self.summed if k not in cast)
 
     @property
     def cast_kinds(self) -> dict[str, int]:
@@ -144,7 +152,7 @@ class ResizeResult:
             "mean_fro_retained": self.mean_fro,
             "min_fro_retained": worst.fro_retained if worst else None, "min_fro_layer": worst.name if worst else None,
             "passthrough": self.passthrough, "copied": self.copied_kinds,
-            "cast": self.cast_kinds, "zero_layers": self.zero_layers,
+            "cast": self.cast_kinds, "summed": self.summed_kinds, "zero_layers": self.zero_layers,
             "notes": self.notes, "layers": [x.as_dict() for x in self.layers],
         }
 

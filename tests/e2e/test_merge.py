@@ -156,3 +156,87 @@ def test_a_weight_that_is_not_a_finite_number_is_refused(tmp_path, capsys):
         assert err.startswith("lora-resize: error: a.safetensors: weight") and "not a finite number" in err, err
     assert not out.exists()
 
+
+
+# Non-factor tensors: what loaders add (diff, diff_b, diff_m, w_norm, lora_B.bias) is merged as the LoRA updates
+# are, sum_i w_i * t_i; what they set or apply whole is kept only when it is the same (and the weights allow it).
+MOD = "lora_unet_blocks_0_attn_qkv"
+
+
+def with_companions(path, seed, dtypes, extra=None):
+    """A bf16 kohya LoRA on MOD with a full diff, a bias diff and a modulation diff in `dtypes` (one each)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = make_state_dict([Spec(MOD, 24, 16, 4, alpha=2.0)], seed=seed, dtype=torch.bfloat16)
+    for end, shape, dtype in zip((".diff", ".diff_b", ".diff_m"), ((24, 16), (24,), (6, 24)), dtypes):
+        sd[MOD + end] = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    sd.update(extra or {})
+    return write_lora(path, sd)
+
+
+@pytest.mark.parametrize("weights", [(1.0,), (-1.0,), (1.0, 1.0), (0.5, -2.0)])
+def test_added_tensors_merge_as_the_weighted_sum_like_the_updates(tmp_path, weights):
+    srcs = [with_companions(tmp_path / "a.safetensors", 1, (torch.float16, torch.float32, torch.bfloat16)),
+            with_companions(tmp_path / "b.safetensors", 2, (torch.float32, torch.bfloat16, torch.bfloat16),
+                            {MOD + ".w_norm": torch.randn(24, dtype=torch.float16)})][:len(weights)]
+    out = tmp_path / "o.safetensors"
+    res = lora_resize.merge([f"{s}:{w}" for s, w in zip(srcs, weights)], out, rank=64)  # saved as bf16
+    ins, O = [load_st(s)[0] for s in srcs], load_st(out)[0]
+    ref = sum(w * dense_dw(sd, MOD) for w, sd in zip(weights, ins))
+    assert rel_err(dense_dw(O, MOD), ref) < 1e-2  # the LoRA update is the weighted sum (to bf16) ...
+    summed = set()
+    for end in (".diff", ".diff_b", ".diff_m", ".w_norm"):  # ... and so is everything a loader adds beside it
+        held = [(w, sd[MOD + end]) for w, sd in zip(weights, ins) if MOD + end in sd]
+        if not held:
+            assert MOD + end not in O
+            continue
+        dtype = held[0][1].dtype if len({t.dtype for _, t in held}) == 1 else torch.float32  # the widest
+        want = sum(w * t.to(torch.float64) for w, t in held).to(dtype)
+        assert O[MOD + end].dtype == dtype and torch.equal(O[MOD + end], want), end
+        if [w for w, _ in held] != [1.0]:  # a lone input at weight 1 is copied bit for bit, not summed
+            summed.add(MOD + end)
+    assert set(res.summed) == summed
+
+
+def test_cli_negated_merge_negates_the_bias_diff_too(tmp_path, capsys):
+    src = with_companions(tmp_path / "k.safetensors", 3, (torch.float32,) * 3)
+    out = tmp_path / "kneg.safetensors"
+    assert main(["merge", f"{src}:-1", "-o", str(out), "--rank", "64"]) == 0
+    text = capsys.readouterr().out
+    I, O = load_st(src)[0], load_st(out)[0]
+    for end in (".diff", ".diff_b", ".diff_m"):
+        assert torch.equal(O[MOD + end], -I[MOD + end]), end
+    assert "3 other tensor(s) loaders add to the model, summed with the merge weights: 1 bias diff, 1 full diff, " \
+           "1 modulation diff" in text, text
+
+
+@pytest.mark.parametrize("weights, extra_a, extra_b, why", [
+    ((1, 1), {"x.set_weight": torch.ones(4)}, {"x.set_weight": torch.zeros(4)}, "differs"),
+    ((1, 1), {"bundle_emb.x": torch.ones(4)}, {"bundle_emb.x": torch.ones(5)}, "different shapes"),
+    ((1, 1), {MOD + ".dora_scale": torch.ones(24, 1)}, {MOD + ".dora_scale": torch.ones(24, 1)}, "summing to 2"),
+    ((-1,), {MOD + ".dora_scale": torch.ones(24, 1)}, {}, "summing to -1"),
+    ((2,), {MOD + ".diff_b": torch.arange(24)}, {}, "torch.int64"),
+    ((1, 1), {"training_step": torch.tensor([3])}, {"training_step": torch.tensor([4])}, "differs"),
+])
+def test_tensors_a_merge_cannot_combine_are_refused_in_one_line(tmp_path, capsys, weights, extra_a, extra_b, why):
+    a = write_lora(tmp_path / "a.safetensors", {**make_state_dict([Spec(MOD, 24, 16, 4)], seed=1), **extra_a})
+    b = write_lora(tmp_path / "b.safetensors", {**make_state_dict([Spec(MOD, 24, 16, 4)], seed=2), **extra_b})
+    out = tmp_path / "o.safetensors"
+    args = [f"{s}:{w}" for s, w in zip((a, b), weights)]
+    assert main(["merge", *args, "-o", str(out), "--rank", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    key = next(iter(extra_a))
+    assert err.startswith("lora-resize: error:") and key in err and why in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_set_and_whole_tensors_that_agree_are_kept_once(tmp_path):
+    keep = {"x.set_weight": torch.arange(4.0), "img_in.reshape_weight": torch.tensor([24, 32]),
+            MOD + ".dora_scale": torch.rand(24, 1, generator=torch.Generator().manual_seed(0))}
+    a = write_lora(tmp_path / "a.safetensors", {**make_state_dict([Spec(MOD, 24, 16, 4)], seed=1), **keep})
+    b = write_lora(tmp_path / "b.safetensors", {**make_state_dict([Spec(MOD, 24, 16, 4)], seed=2), **keep})
+    out = tmp_path / "o.safetensors"
+    res = lora_resize.merge([f"{a}:0.25", f"{b}:0.75"], out, rank=8)
+    O = load_st(out)[0]
+    for k, t in keep.items():
+        assert O[k].dtype == t.dtype and torch.equal(O[k], t), k
+    assert res.summed == [] and any("copied once" in n for n in res.notes)

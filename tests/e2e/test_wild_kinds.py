@@ -212,7 +212,7 @@ COPY_JOBS = [(f, j) for f in ("kohya", "lycoris", "diffusers", "controllora") fo
 def test_copied_tensors_keep_their_bits_unless_a_precision_is_asked_for(tmp_path, capsys, family, job):
     src, sd, kinds = non_factor_files(tmp_path / "in")[family]
     out_path = tmp_path / "out.safetensors"
-    args = {"resize": ["resize", str(src), "--rank", "2"], "merge": ["merge", str(src), str(src), "--rank", "2"],
+    args = {"resize": ["resize", str(src), "--rank", "2"], "merge": ["merge", str(src), "--rank", "2"],
             "convert": ["convert", str(src), "--to", family]}[job]  # (other targets refuse non-factor tensors)
     assert main([*args, "-o", str(out_path), "--json", "-q"]) == 0
     res = json.loads(capsys.readouterr().out)

@@ -16,12 +16,15 @@ import torch
 from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, compute_device
 from ..errors import LoraStructureError, OptionsError
+from ..core.truncate import FP8
 from ..formats import Layout, Module, convert_layout, detect, key_family
+from ..formats.base import BIAS_KIND
+from ..formats.companions import merge_rule
 from ..formats.convert import TARGETS, ConvertedLayout, detect_arch, scheme_of
 from ..models import SD
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
-from ..io.reader import TensorSource, open_tensor_file
+from ..io.reader import TensorInfo, TensorSource, open_tensor_file
 from ..options import ResizeOptions
 from ..ranks.rules import apply_rules
 from ..results import LayerResult, ResizeResult
@@ -123,6 +126,122 @@ def model_of(layout: Layout, scheme: str, reader) -> str | None:
     return arch.name if arch is not None else SD
 
 
+class MergedTensors:
+    """A TensorSource of the non-factor tensors a merge sums (formats.companions.merge_rule 'add'): each is
+    sum_i w_i * t_i over the inputs holding it (a missing one adds nothing), in float64, written in the inputs'
+    common dtype (differing dtypes: the one both promote to, torch.promote_types; float8: float32)."""
+
+    def __init__(self, path: Path, parts: dict[str, list[tuple[float, TensorSource]]]):
+        self.path, self.metadata, self._parts = path, {}, parts
+        self._infos = {k: TensorInfo(src[0][1].infos()[k].shape, common_dtype([s.infos()[k].dtype for _, s in src]))
+                       for k, src in parts.items()}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def get(self, key: str) -> torch.Tensor:
+        total = sum(w * src.get(key).to(torch.float64) for w, src in self._parts[key])
+        return total.to(self._infos[key].dtype)
+
+    def close(self) -> None:
+        pass
+
+
+def common_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    """The dtype that holds every one of `dtypes` (torch.promote_types: bf16 and fp16 give float32); torch
+    promotes no float8 type, so float8 ones count as float32 when the dtypes differ."""
+    if len(set(dtypes)) == 1:
+        return dtypes[0]
+    out = torch.float32 if dtypes[0] in FP8 else dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, torch.float32 if d in FP8 else d)
+    return out
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`a` and `b` hold the same values in the same dtype and shape, bit for bit (NaNs included)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+def merged_companions(live: list[Source], readers: list[TensorSource], layouts: list[Layout]
+                      ) -> tuple[dict[str, TensorSource], list[str], list[str]]:
+    """The non-factor tensors of a merge (key -> the source to copy it from), the keys summed, and the notes,
+    decided before any
+    work, by what the loader does with each kind (formats.companions.merge_rule): added kinds (full, bias and
+    modulation diffs, additive norms, PEFT lora_B biases) are summed as the LoRA updates are, sum_i w_i * t_i;
+    kinds that belong to one update (DoRA magnitudes, LyCORIS modules copied as they are) are kept when the inputs
+    holding them hold identical values and their weights sum to 1; kinds a loader sets (set weights, norm scales,
+    reshape shapes, ControlNet weights) and unknown tensors are kept when identical. Raises LoraStructureError
+    naming the key otherwise: shapes that differ, differing values, weights that change a whole update, an added
+    tensor that is not floating point, or lora_B biases of layers whose inputs' scales differ."""
+    holders: dict[str, list[tuple[float, TensorSource, Layout]]] = {}
+    for s, r, lay in zip(live, readers, layouts):
+        for key in lay.passthrough:
+            holders.setdefault(key, []).append((s.weight, r, lay))
+    copied: dict[str, TensorSource] = {}
+    added: dict[str, list[tuple[float, TensorSource]]] = {}
+    kept: dict[str, int] = {}
+    for key, held in holders.items():
+        kind = next((lay.known[key] for _, _, lay in held if key in lay.known), None)
+        rule = merge_rule(kind)
+        label = f"{key} ({kind or 'an unknown tensor'})"
+        infos = [r.infos()[key] for _, r, _ in held]
+        if any(i.shape != infos[0].shape for i in infos):
+            raise LoraStructureError(f"{label} has different shapes in the inputs ({infos[0].shape} vs "
+                                     f"{next(i.shape for i in infos if i.shape != infos[0].shape)}); these LoRAs "
+                                     "are for different models")
+        if rule == "add":
+            if not all(i.dtype.is_floating_point for i in infos):
+                raise LoraStructureError(f"{label} is added to the model but is stored as {infos[0].dtype}, so "
+                                         "it cannot be weighted; merge with weight 1 or re-export it")
+            if kind == BIAS_KIND:
+                check_bias_scales(key, held)
+            if len(held) == 1 and held[0][0] == 1:  # one input at weight 1: its tensor, bit for bit
+                copied[key] = held[0][1]
+            else:
+                added[key] = [(w, r) for w, r, _ in held]
+            continue
+        first = held[0][1].get(key)
+        for w, r, _ in held[1:]:
+            if not same_bits(first, r.get(key)):
+                raise LoraStructureError(f"{label} differs between {held[0][1].path.name} and {r.path.name}; a "
+                                         "merge cannot combine it (the loader "
+                                         + ("applies it as one update" if rule == "whole" else "sets it")
+                                         + "): merge LoRAs that share it, or leave one out")
+        total = sum(w for w, _, _ in held)
+        if rule == "whole" and abs(total - 1) > 1e-9:
+            raise LoraStructureError(f"{label} belongs to one trained update and cannot be scaled: the inputs "
+                                     f"holding it have weight(s) summing to {total:g}, not 1; merge it at weight 1 "
+                                     "(or weights that sum to 1), or convert it to plain LoRA factors first")
+        copied[key] = held[0][1]
+        kept[rule] = kept.get(rule, 0) + 1
+    if added:
+        merged = MergedTensors(live[0].path, added)
+        copied.update({k: merged for k in added})
+    copied = {k: copied[k] for k in holders}  # in the inputs' order
+    notes = []
+    if kept:
+        notes.append(f"{sum(kept.values())} non-LoRA tensor(s) that loaders set or apply whole are the same in "
+                     "every input that has them and are copied once")
+    return copied, [k for k in holders if k in added], notes
+
+
+def check_bias_scales(key: str, held: list[tuple[float, TensorSource, Layout]]) -> None:
+    """PEFT multiplies a lora_B bias by its layer's scale (peft/tuners/lora/layer.py `Linear.forward`): biases of
+    layers the inputs scale differently cannot be summed as they are (LoraStructureError naming the key)."""
+    up = key[:-len("bias")] + "weight"
+    scales = set()
+    for _, r, lay in held:
+        module = next((m for m in lay.modules if up in m.keys), None)
+        if module is not None:
+            scales.add(module.scale_and_rank(r)[0])
+    if len(scales) > 1:
+        raise LoraStructureError(f"{key} (LoRA bias): the inputs scale this layer differently "
+                                 f"({', '.join(f'{s:g}' for s in sorted(scales))}) and PEFT scales the bias with it, "
+                                 "so the biases cannot be summed; merge adapters with the same lora_alpha / r")
+
+
 def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, options: ResizeOptions | None = None, *,
           progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
           **option_fields) -> ResizeResult:
@@ -174,12 +293,8 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         infos = {k: v for r in reversed(readers) for k, v in r.infos().items()}
         notes += with_base(jobs, replace(layouts[0], modules=[j.module for j in jobs]), infos, readers[0].metadata,
                            opts)
-        copied: dict[str, TensorSource] = {}
-        for r, lay in zip(readers, layouts):
-            for key in lay.passthrough:
-                copied.setdefault(key, r)
-        if copied:
-            notes.append(f"{len(copied)} non-LoRA tensor(s) copied from the first input that has them")
+        copied, summed, companion_notes = merged_companions(live, readers, layouts)
+        notes += companion_notes
         # the output: the first input's layout, each layer written by the module of the first input that has it
         layout = replace(layouts[0], modules=[j.module for j in jobs])
         out = Output(layout, jobs, copied, [InputRecord(s.path.name, r.metadata, s.weight)
@@ -195,7 +310,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
                         options={**done.options.as_dict(), "sources": [[str(s.path), s.weight] for s in srcs],
                                  "rule_hits": rules.hits},
-                        layers=done.rows, passthrough=list(copied), cast=done.cast,
+                        layers=done.rows, passthrough=list(copied), cast=done.cast, summed=summed,
                         copied={k: kind for lay in reversed(layouts) for k, kind in lay.known.items() if k in copied},
                         input_bytes=sum(s.path.stat().st_size for s in live), output_bytes=dst.stat().st_size,
                         seconds=time.perf_counter() - t0, metadata=done.metadata, notes=notes)

@@ -87,6 +87,9 @@ def summary(result: ResizeResult) -> str:
     unchanged, cast = result.unchanged_kinds, result.cast_kinds
     if unchanged:
         lines.append(f"  {sum(unchanged.values())} other tensor(s) copied unchanged: {_counted(unchanged)}")
+    if result.summed_kinds:
+        lines.append(f"  {sum(result.summed_kinds.values())} other tensor(s) loaders add to the model, summed with the "
+                     f"merge weights: {_counted(result.summed_kinds)}")
     if cast:
         lines.append(f"  {sum(cast.values())} other tensor(s) cast to {result.precision} (--precision): "
                      f"{_counted(cast)}")
