@@ -205,3 +205,47 @@ def test_a_rerun_skips_only_outputs_that_are_still_the_ones_written(tmp_path):
                                                         "c.safetensors": "skipped"}
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == want
     assert {f.status for f in run_batch(src, out, opts).files} == {"skipped"}
+
+
+SD_BLOCK = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_"
+SD_SPECS = [Spec(SD_BLOCK + "attn1_to_q", 32, 32, 8, alpha=4.0), Spec(SD_BLOCK + "ff_net_2", 32, 64, 8, alpha=8.0)]
+
+
+def test_peft_output_is_a_folder_per_input_as_resize_writes_it_and_reruns_replace_it(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    (src / "own").mkdir()
+    ins = {"one.safetensors": write_lora(src / "one.safetensors", make_state_dict(SD_SPECS, seed=1)),
+           "sub/two.safetensors": write_lora(src / "sub" / "two.safetensors", make_state_dict(SD_SPECS, seed=2)),
+           "own/adapter_model.safetensors": write_lora(src / "own" / "adapter_model.safetensors",
+                                                       make_state_dict(SD_SPECS, seed=3))}
+    folders = {"one.safetensors": "one", "sub/two.safetensors": "sub/two", "own/adapter_model.safetensors": "own"}
+    argv = ["batch", str(src), str(out), "--rank", "4", "--output-format", "peft", "-q"]
+    assert main(argv) == 0
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    files = {f"{d}/{n}" for d in folders.values() for n in ("adapter_model.safetensors", "adapter_config.json")}
+    assert written == files | {"lora-resize-manifest.json", "lora-resize-manifest.csv"}
+    for rel, folder in folders.items():  # each folder is what `resize -o DIR/ --output-format peft` writes
+        alone = tmp_path / "alone" / folder
+        alone.parent.mkdir(parents=True, exist_ok=True)
+        assert main(["resize", str(ins[rel]), "-o", f"{alone}/", "--rank", "4", "--output-format", "peft", "-q"]) == 0
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (out / folder / name).read_bytes() == (alone / name).read_bytes(), (rel, name)
+    before = {f: (out / f).read_bytes() for f in files}
+    assert main(argv) == 0 and "3 skipped" in capsys.readouterr().out
+    (out / "one" / "adapter_config.json").unlink()  # a folder missing its config is done again
+    assert main(argv) == 0
+    assert "1 resized" in capsys.readouterr().out
+    assert main([*argv, "--force"]) == 0  # a rerun replaces each folder's files, adding none
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == written
+    assert {f: (out / f).read_bytes() for f in files} == before
+
+
+def test_two_inputs_for_one_peft_folder_are_refused_before_any_work(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "x").mkdir(parents=True)
+    write_lora(src / "x.safetensors", make_state_dict(SD_SPECS, seed=1))
+    write_lora(src / "x" / "adapter_model.safetensors", make_state_dict(SD_SPECS, seed=2))
+    with pytest.raises(OptionsError, match="x/adapter_model.safetensors.*a folder of its own"):
+        run_batch(src, out, ResizeOptions(rank=3, output_format="peft"))
+    assert not [p for p in out.rglob("*") if p.is_file()]

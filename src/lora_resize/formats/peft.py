@@ -21,13 +21,13 @@ from typing import Iterable, Mapping
 
 from ..errors import InputFileError, LoraStructureError
 from ..io.metadata import SideFile, SideOutputs
+from ..io.paths import FOLDER_LAYOUTS
 from ..io.reader import TensorInfo
 from .base import BIAS_KIND, DORA_KIND, Format, Layout
 from .pairs import MAGNITUDES, dora_note, find_pairs, magnitudes, pair_module
 
 PEFT_PREFIX = "base_model.model."
-CONFIG_NAME = "adapter_config.json"
-ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_FILE, (CONFIG_NAME,) = FOLDER_LAYOUTS["peft"]  # the folder PEFT's save_pretrained writes
 LINEAR_FORM = (".lora_A.weight", ".lora_B.weight")
 EMBEDDING_FORM = (".lora_embedding_A", ".lora_embedding_B")
 # what a new config holds besides ranks, alphas and targets (PEFT's LoraConfig defaults; diffusers builds one too)

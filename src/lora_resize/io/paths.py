@@ -3,7 +3,7 @@ checked before any work is done. Single-file jobs take local paths; only batch r
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 
 from ..errors import InputFileError, OutputFileError
 from .files import SAFETENSORS_SUFFIXES
@@ -16,6 +16,9 @@ WINDOWS_DEVICES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in ra
                              *(f"LPT{i}" for i in range(1, 10))})
 NAME_MAX = 255  # bytes, on Linux' and macOS' file systems (and characters on NTFS)
 ADAPTER_FILES = ("adapter_model.safetensors", "pytorch_lora_weights.safetensors", "adapter_model.bin")
+# layouts whose output is a folder, as PEFT's `save_pretrained` writes one: the tensor file's name in it and the
+# companion files beside it (peft/utils/constants.py SAFETENSORS_WEIGHTS_NAME, peft/config.py CONFIG_NAME)
+FOLDER_LAYOUTS = {"peft": (ADAPTER_FILES[0], ("adapter_config.json",))}
 
 
 def local_path(x: str | os.PathLike, role: str) -> Path:
@@ -57,8 +60,28 @@ def output_file(dst: str | os.PathLike, src: Path, file_name: str | None) -> tup
                                                and path.suffix.lower() not in OUTPUT_SUFFIXES)
               or (file_name is not None and path.suffix == "" and not path.exists()))
     if folder:
-        return path / (file_name or Path(src.name).with_suffix(".safetensors").name), not path.is_dir()
+        return file_in_folder(path, src.name, file_name), not path.is_dir()
     return path, False
+
+
+def file_in_folder(folder: PurePath, src_name: str, file_name: str | None) -> PurePath:
+    """The output file in output folder `folder`: `file_name` (a folder layout's, e.g. PEFT's
+    adapter_model.safetensors), else the input's name as .safetensors."""
+    return folder / (file_name or Path(src_name).with_suffix(".safetensors").name)
+
+
+def batch_output(rel: str, output_format: str | None) -> tuple[str, tuple[str, ...]]:
+    """Where batch writes input `rel` (a '/'-separated path relative to the input folder), relative to the
+    output folder, and the companion files written with it. The same path as .safetensors; in a folder layout
+    (FOLDER_LAYOUTS: --output-format peft) a folder per input, named after it (`sub/x.pt` -> `sub/x/`; an input
+    already named as the layout's file keeps its folder), holding the layout's file and companions, as
+    `resize -o DIR/` writes them (output_file, file_in_folder)."""
+    path = PurePosixPath(rel)
+    if output_format not in FOLDER_LAYOUTS:
+        return path.with_suffix(".safetensors").as_posix(), ()
+    name, companions = FOLDER_LAYOUTS[output_format]
+    folder = path.parent if path.name == name else path.with_suffix("")
+    return file_in_folder(folder, rel, name).as_posix(), tuple((folder / c).as_posix() for c in companions)
 
 
 def name_problem(name: str) -> str | None:

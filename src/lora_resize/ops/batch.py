@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 from ..core.parallel import available_cores
 from ..errors import LoraResizeError, OptionsError, require
 from ..io.files import INPUT_SUFFIXES, TMP_PREFIX, claimed_header_length, remove_stale_partials
+from ..io.paths import batch_output
 from ..io.storage import Folder, local_input, local_output, sha256_of
 from ..options import ResizeOptions
 from ..report.text import strict_json
@@ -43,6 +44,7 @@ class FileResult:
     input_sha256: str | None = None
     options_key: str | None = None
     output_sha256: str | None = None  # of the output this entry wrote: a rerun skips only while it is still there
+    companions_sha256: str | None = None  # ... and of its companion files (a PEFT folder's adapter_config.json)
 
 
 @dataclass
@@ -81,21 +83,23 @@ def _content_is_safetensors(folder: Folder, rel: str) -> bool:
         return False
 
 
-def output_names(files: list[str]) -> dict[str, str]:
-    """Each input's output (relative path -> the same path as .safetensors), checked to be one output per input
-    before any work starts. Raises OptionsError naming two inputs that would be written to one output: `a.pt` and
-    `a.safetensors`, `x` and `x.safetensors`, or names that differ only in case or Unicode normalisation (one file
-    on Windows' and macOS' file systems)."""
-    out: dict[str, str] = {}
+def output_names(files: list[str], output_format: str | None = None) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Each input's output and its companion files (relative path -> io.paths.batch_output: the same path as
+    .safetensors; with --output-format peft a folder per input holding adapter_model.safetensors and
+    adapter_config.json), checked to be one output per input before any work starts. Raises OptionsError naming
+    two inputs that would be written to one output: `a.pt` and `a.safetensors`, `x` and `x.safetensors`, or names
+    that differ only in case or Unicode normalisation (one file on Windows' and macOS' file systems)."""
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
     taken: dict[str, str] = {}
     for rel in files:
-        out_rel = Path(rel).with_suffix(".safetensors").as_posix()
+        out_rel, companions = batch_output(rel, output_format)
         key = unicodedata.normalize("NFC", out_rel).casefold()
         if key in taken:
             raise OptionsError(f"inputs {taken[key]} and {rel} would both be written as {out_rel}; rename one of "
-                               "them (each output is named after its input, as .safetensors)")
+                               "them (each output is named after its input, as .safetensors"
+                               + (", or a folder of its own)" if companions else ")"))
         taken[key] = rel
-        out[rel] = out_rel
+        out[rel] = (out_rel, companions)
     return out
 
 
@@ -129,6 +133,9 @@ def resize_file(src: str, dst: str, options: dict, threads: int) -> dict:
             result = resize(local_src, local_dst, ResizeOptions(**{**options, "threads": threads}))
             with open(local_dst, "rb") as f:
                 row.output_sha256 = sha256_of(f)
+            _, companions = batch_output(local_dst.name, options.get("output_format"))
+            row.companions_sha256 = companions_digest(local_dst.parent, companions, lambda folder, rel: open(
+                folder / rel, "rb"))
         worst = result.min_fro
         row.status, row.format, row.out_bytes = "ok", result.format, result.output_bytes
         row.mean_fro, row.min_fro = result.mean_fro, worst.fro_retained if worst else None
@@ -140,6 +147,27 @@ def resize_file(src: str, dst: str, options: dict, threads: int) -> dict:
         row.error = f"internal error: {type(e).__name__}: {e}"
     row.seconds = time.perf_counter() - t0
     return asdict(row)
+
+
+def companions_digest(folder, companions: Iterable[str], opener: Callable) -> str | None:
+    """One sha256 over an output's companion files (their relative paths under `folder`, each opened with
+    `opener(folder, rel)`), or None when it has none. Raises OSError when one is missing."""
+    companions = list(companions)
+    if not companions:
+        return None
+    h = hashlib.sha256()
+    for rel in companions:
+        with opener(folder, rel) as f:
+            h.update(f"{rel.rsplit('/', 1)[-1]}\0{sha256_of(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _companions_kept(out: Folder, companions: tuple[str, ...], digest: str | None) -> bool:
+    """The output's companion files are still the ones its manifest entry wrote."""
+    try:
+        return companions_digest(out, companions, lambda folder, rel: folder.open(rel)) == digest
+    except OSError:
+        return False
 
 
 def load_manifest(out: Folder) -> dict[str, dict]:
@@ -184,18 +212,19 @@ def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: Re
         raise OptionsError("the output folder must not be the input folder or inside it")
     dst_root.makedirs()
     files = discover(src_root)
-    outputs = output_names(files)
+    outputs = output_names(files, options.output_format)
     manifest = load_manifest(dst_root)
     key = options_key(options)
     result = BatchResult()
     todo: list[tuple[str, str, str, int]] = []  # relative path, output location, input sha256, input size
-    for rel, out_rel in outputs.items():
+    for rel, (out_rel, companions) in outputs.items():
         if dst_root.local and (dst_root.root / out_rel).parent.is_dir():
             remove_stale_partials(dst_root.root / out_rel)  # left by a run killed while writing this file
         old = manifest.get(rel)
         if (not force and old and old.get("status") == "ok" and old.get("options_key") == key
                 and dst_root.exists(out_rel) and old.get("input_sha256") == src_root.sha256(rel)
-                and old.get("output_sha256") == dst_root.sha256(out_rel)):
+                and old.get("output_sha256") == dst_root.sha256(out_rel)
+                and _companions_kept(dst_root, companions, old.get("companions_sha256"))):
             result.files.append(FileResult(**{**old, "status": "skipped"}))
             continue
         todo.append((rel, dst_root.location(out_rel), src_root.size(rel)))  # the worker hashes the input
