@@ -249,3 +249,17 @@ def test_two_inputs_for_one_peft_folder_are_refused_before_any_work(tmp_path):
     with pytest.raises(OptionsError, match="x/adapter_model.safetensors.*a folder of its own"):
         run_batch(src, out, ResizeOptions(rank=3, output_format="peft"))
     assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_a_peft_input_without_config_is_written_and_skipped_on_rerun(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    g = torch.Generator().manual_seed(0)
+    key = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    write_lora(src / "bare.safetensors", {key + ".lora_A.weight": torch.randn(8, 32, generator=g),
+                                          key + ".lora_B.weight": torch.randn(32, 8, generator=g)})
+    argv = ["batch", str(src), str(out), "--rank", "4", "--output-format", "peft", "-q"]
+    assert main(argv) == 0  # no config to write (the input has none): a folder with the file alone
+    assert sorted(p.name for p in (out / "bare").iterdir()) == ["adapter_model.safetensors"]
+    capsys.readouterr()
+    assert main(argv) == 0 and "1 skipped" in capsys.readouterr().out

@@ -188,3 +188,26 @@ def test_peft_lora_bias_adapter_keeps_its_biases_and_merges_exactly(tmp_path):
             assert rel_err(merged[path + ".weight"].double(), want) < TOL, path
             want_b = before[path + ".bias"].double() + biases[PREFIX + path + ".lora_B.bias"].double() * scale
             assert rel_err(merged[path + ".bias"].double(), want_b) < TOL, path
+
+
+def test_batch_peft_outputs_are_folders_that_peft_loads(tmp_path):
+    """batch --output-format peft: each input becomes a folder PeftModel.from_pretrained loads without a warning
+    (an input saved by save_pretrained keeps its folder; a loose file, its config beside it, gets one named after
+    it), as the resize of that one input would."""
+    cfg = LoraConfig(r=16, lora_alpha=8, target_modules=TARGETS, init_lora_weights=True)
+    src = tmp_path / "in"
+    kept, before = save_adapter(tmp_path / "in" / "kept", cfg, seed=4)
+    loose, _ = save_adapter(tmp_path / "loose", cfg, seed=5)
+    (loose / "adapter_model.safetensors").rename(src / "one.safetensors")
+    (loose / "adapter_config.json").rename(src / "adapter_config.json")
+    out = tmp_path / "out"
+    assert main(["batch", str(src), str(out), "--rank", "4", "--output-format", "peft", "-q"]) == 0
+    for folder, original in ((out / "kept" / "adapter", kept / "adapter_model.safetensors"),
+                             (out / "one", src / "one.safetensors")):
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        msgs, ranks, merged = load_merged(folder)
+        assert msgs == [] and set(ranks.values()) == {4}
+        sd_in, _ = load_st(original)
+        for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            got = merged[path + ".weight"].double() - before[path + ".weight"].double()
+            assert rel_err(got, resized_dw(sd_in, PREFIX + path, 8 / 16, 4)) < TOL, path

@@ -151,14 +151,19 @@ def resize_file(src: str, dst: str, options: dict, threads: int) -> dict:
 
 def companions_digest(folder, companions: Iterable[str], opener: Callable) -> str | None:
     """One sha256 over an output's companion files (their relative paths under `folder`, each opened with
-    `opener(folder, rel)`), or None when it has none. Raises OSError when one is missing."""
+    `opener(folder, rel)`; one that is not there counts as absent: a PEFT input without a config gets none), or
+    None when the layout has none."""
     companions = list(companions)
     if not companions:
         return None
     h = hashlib.sha256()
     for rel in companions:
-        with opener(folder, rel) as f:
-            h.update(f"{rel.rsplit('/', 1)[-1]}\0{sha256_of(f)}\n".encode())
+        try:
+            with opener(folder, rel) as f:
+                digest = sha256_of(f)
+        except FileNotFoundError:
+            digest = "absent"
+        h.update(f"{rel.rsplit('/', 1)[-1]}\0{digest}\n".encode())
     return h.hexdigest()
 
 
