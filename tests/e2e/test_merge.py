@@ -240,3 +240,39 @@ def test_set_and_whole_tensors_that_agree_are_kept_once(tmp_path):
     for k, t in keep.items():
         assert O[k].dtype == t.dtype and torch.equal(O[k], t), k
     assert res.summed == [] and any("copied once" in n for n in res.notes)
+
+
+def test_summed_tensors_are_rounded_once_to_an_explicit_precision(tmp_path):
+    a = with_companions(tmp_path / "a.safetensors", 1, (torch.bfloat16,) * 3)
+    b = with_companions(tmp_path / "b.safetensors", 2, (torch.bfloat16,) * 3)
+    out = tmp_path / "o.safetensors"
+    res = lora_resize.merge([f"{a}:0.3", f"{b}:0.7"], out, rank=8, precision="float")
+    A, B, O = load_st(a)[0], load_st(b)[0], load_st(out)[0]
+    for end in (".diff", ".diff_b", ".diff_m"):  # float32 of the exact sum, not of its bf16 rounding
+        want = (0.3 * A[MOD + end].double() + 0.7 * B[MOD + end].double()).float()
+        assert O[MOD + end].dtype == torch.float32 and torch.equal(O[MOD + end], want), end
+    assert set(res.cast) == {MOD + e for e in (".diff", ".diff_b", ".diff_m")}
+
+
+def peft_with_bias(folder, seed, alpha):
+    folder.mkdir()
+    g = torch.Generator().manual_seed(seed)
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    write_lora(folder / "adapter_model.safetensors", {key + ".lora_A.weight": torch.randn(4, 16, generator=g),
+                                                      key + ".lora_B.weight": torch.randn(24, 4, generator=g),
+                                                      key + ".lora_B.bias": torch.randn(24, generator=g)})
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": alpha,
+                                                            "target_modules": ["q_proj"], "lora_bias": True}))
+    return folder, key + ".lora_B.bias"
+
+
+def test_peft_lora_biases_are_summed_when_their_layers_scale_alike_else_refused(tmp_path):
+    (a, bias), (b, _), (c, _) = (peft_with_bias(tmp_path / n, i, alpha)
+                                 for i, (n, alpha) in enumerate((("a", 8), ("b", 8), ("c", 4))))
+    res = lora_resize.merge([f"{a}:0.5", f"{b}:-2"], tmp_path / "ab/", rank=8, precision="float")
+    want = 0.5 * load_st(a / "adapter_model.safetensors")[0][bias].double() \
+        - 2 * load_st(b / "adapter_model.safetensors")[0][bias].double()
+    assert torch.equal(load_st(res.dst)[0][bias], want.float())
+    with pytest.raises(lora_resize.LoraStructureError, match=r"lora_B\.bias.*scale this layer differently \(1, 2\)"):
+        lora_resize.merge([a, c], tmp_path / "ac/", rank=8)
+    assert not (tmp_path / "ac").exists()

@@ -15,8 +15,8 @@ import torch
 
 from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, compute_device
+from ..core.truncate import FP8, SAVE_DTYPES
 from ..errors import LoraStructureError, OptionsError
-from ..core.truncate import FP8
 from ..formats import Layout, Module, convert_layout, detect, key_family
 from ..formats.base import BIAS_KIND
 from ..formats.companions import merge_rule
@@ -25,6 +25,7 @@ from ..models import SD
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import TensorInfo, TensorSource, open_tensor_file
+from ..io.writer import copied_dtype
 from ..options import ResizeOptions
 from ..ranks.rules import apply_rules
 from ..results import LayerResult, ResizeResult
@@ -129,10 +130,12 @@ def model_of(layout: Layout, scheme: str, reader) -> str | None:
 class MergedTensors:
     """A TensorSource of the non-factor tensors a merge sums (formats.companions.merge_rule 'add'): each is
     sum_i w_i * t_i over the inputs holding it (a missing one adds nothing), in float64, written in the inputs'
-    common dtype (differing dtypes: the one both promote to, torch.promote_types; float8: float32)."""
+    common dtype (differing dtypes: the one both promote to, torch.promote_types; float8: float32), or rounded
+    once to `cast` (an explicit --precision) when given: `infos` keeps the common dtype, so the output lists the
+    tensor as cast."""
 
-    def __init__(self, path: Path, parts: dict[str, list[tuple[float, TensorSource]]]):
-        self.path, self.metadata, self._parts = path, {}, parts
+    def __init__(self, path: Path, parts: dict[str, list[tuple[float, TensorSource]]], cast: torch.dtype | None):
+        self.path, self.metadata, self._parts, self._cast = path, {}, parts, cast
         self._infos = {k: TensorInfo(src[0][1].infos()[k].shape, common_dtype([s.infos()[k].dtype for _, s in src]))
                        for k, src in parts.items()}
 
@@ -141,7 +144,7 @@ class MergedTensors:
 
     def get(self, key: str) -> torch.Tensor:
         total = sum(w * src.get(key).to(torch.float64) for w, src in self._parts[key])
-        return total.to(self._infos[key].dtype)
+        return total.to(copied_dtype(self._infos[key].dtype, self._cast))
 
     def close(self) -> None:
         pass
@@ -164,8 +167,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
             and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
 
 
-def merged_companions(live: list[Source], readers: list[TensorSource], layouts: list[Layout]
-                      ) -> tuple[dict[str, TensorSource], list[str], list[str]]:
+def merged_companions(live: list[Source], readers: list[TensorSource], layouts: list[Layout],
+                      cast: torch.dtype | None = None) -> tuple[dict[str, TensorSource], list[str], list[str]]:
     """The non-factor tensors of a merge (key -> the source to copy it from), the keys summed, and the notes,
     decided before any
     work, by what the loader does with each kind (formats.companions.merge_rule): added kinds (full, bias and
@@ -205,10 +208,11 @@ def merged_companions(live: list[Source], readers: list[TensorSource], layouts: 
         first = held[0][1].get(key)
         for w, r, _ in held[1:]:
             if not same_bits(first, r.get(key)):
-                raise LoraStructureError(f"{label} differs between {held[0][1].path.name} and {r.path.name}; a "
-                                         "merge cannot combine it (the loader "
-                                         + ("applies it as one update" if rule == "whole" else "sets it")
-                                         + "): merge LoRAs that share it, or leave one out")
+                why = ("the loader applies it as one update" if rule == "whole" else
+                       "the loader sets it, whatever the strength" if kind is not None else "what it does is unknown")
+                raise LoraStructureError(f"{label} differs between {held[0][1].path.name} and {r.path.name}, and a "
+                                         f"merge cannot combine it ({why}): merge LoRAs that share it, or leave one "
+                                         "out")
         total = sum(w for w, _, _ in held)
         if rule == "whole" and abs(total - 1) > 1e-9:
             raise LoraStructureError(f"{label} belongs to one trained update and cannot be scaled: the inputs "
@@ -217,7 +221,7 @@ def merged_companions(live: list[Source], readers: list[TensorSource], layouts: 
         copied[key] = held[0][1]
         kept[rule] = kept.get(rule, 0) + 1
     if added:
-        merged = MergedTensors(live[0].path, added)
+        merged = MergedTensors(live[0].path, added, cast)
         copied.update({k: merged for k in added})
     copied = {k: copied[k] for k in holders}  # in the inputs' order
     notes = []
@@ -293,7 +297,8 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         infos = {k: v for r in reversed(readers) for k, v in r.infos().items()}
         notes += with_base(jobs, replace(layouts[0], modules=[j.module for j in jobs]), infos, readers[0].metadata,
                            opts)
-        copied, summed, companion_notes = merged_companions(live, readers, layouts)
+        copied, summed, companion_notes = merged_companions(
+            live, readers, layouts, SAVE_DTYPES[precision] if opts.precision is not None else None)
         notes += companion_notes
         # the output: the first input's layout, each layer written by the module of the first input that has it
         layout = replace(layouts[0], modules=[j.module for j in jobs])
