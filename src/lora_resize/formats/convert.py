@@ -23,7 +23,7 @@ so a converted file applies exactly its input's update, weight by weight."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping as TMapping
+from typing import Callable, Mapping as TMapping
 
 import torch
 
@@ -388,67 +388,88 @@ class Converted(Module):
         return LowRankLayer(up, torch.cat(downs), rank, scale * rank, scale, first.kernel, first.in_channels)
 
     def exact(self, src: TensorSource, dtype: torch.dtype) -> tuple[NewFactors | None, str]:
-        """The output's factors by rearrangement alone, in `dtype`, with the alpha that rescales none of them:
-        renamed or split, the input's rows of up (halves swapped where the model swaps them) and its down; fused
-        parts that share one down (bit for bit), their ups stacked on it; other fused parts, their downs stacked
-        and ups block-diagonal (zeros elsewhere), rank the sum. The alpha is the input's (no alpha: scale 1,
-        alpha = rank; a PEFT config's scale: scale x rank; fused parts: their sum); a target loaded at a fixed
-        scale (diffusers' and PEFT's A/B files: 1) gets up times the ratio, when every product is exact (a power of
-        two such as alpha / rank = 1/2, barring underflow). Returns (factors, "") or (None, why not): a part that is
-        not a plain down/up pair (a LoHa/LoKr/Tucker update is a product), fused parts of different scales (alpha /
-        rank), a save precision narrower than the input's, a scale the save precision cannot hold."""
-        if not all(isinstance(s.module, PairModule) for s in self.sources):
-            return None, "its input is not a plain down/up pair (a LoHa, LoKr or Tucker update is a product)"
-        layers = [(s, s.module.load(src)) for s in self.sources]
-        if not all(_widens(t.dtype, dtype) for _, layer in layers for t in (layer.up, layer.down)):
-            return None, "the save precision is narrower than the input's"
-        first = layers[0][1]
-        if len({layer.scale for _, layer in layers}) > 1:
-            return None, "its fused parts have different scales (alpha / rank)"
-        if self._renamed:
-            up, down, rank, alpha = self.sources[0].up(first), first.down, first.rank, first.alpha
-            keep = up.any(dim=0)
-            if self.sources[0].take is not None and not bool(keep.all()) and bool(keep.any()):
-                # a part of a block-diagonal fused weight: its own columns of up and rows of down (what
-                # diffusers' converters do when the other blocks are exactly zero), if its scale fits an alpha
-                r = int(keep.sum())
-                a = torch.tensor(first.scale * r, dtype=torch.float32).to(dtype)
-                if float(a) / r == first.scale:
-                    up, down, rank, alpha = up[:, keep], down[keep], r, first.scale * r
-        else:
-            shared = all(layer.down.shape == first.down.shape and torch.equal(layer.down, first.down)
-                         for _, layer in layers)
-            widths = [first.factor_size] if shared else [layer.factor_size for _, layer in layers]
-            up = torch.zeros(self.out_rows, sum(widths), dtype=dtype)
-            col = 0
-            for (s, layer), w in zip(layers, widths * len(layers) if shared else widths):
-                up[s.place[0]:s.place[1], col:col + w] = s.up(layer)
-                col += 0 if shared else w
-            down = first.down if shared else torch.cat([layer.down for _, layer in layers])
-            rank = first.rank if shared else sum(layer.rank for _, layer in layers)
-            alphas = [layer.alpha for _, layer in layers]
-            alpha = first.alpha if shared else (None if None in alphas else sum(alphas))
-        fixed = self.output_scale
-        if fixed is not None and fixed != first.scale:  # a layout loaded at a fixed scale (A/B files: 1)
-            c = first.scale / fixed
-            scaled = up.to(torch.float64) * c
-            up = scaled.to(dtype)
-            if not bool(torch.equal(up.to(torch.float64), scaled)):
-                return None, (f"the target layout loads it at scale {fixed:g}, and its up times its own scale "
-                              f"{first.scale:g} is not exact in the save precision")
-            alpha = None  # the scale is in up now: the fixed scale's alpha
-        alpha = (fixed if fixed is not None else first.scale) * rank if alpha is None else alpha
-        alpha_t = torch.tensor(alpha, dtype=torch.float32).to(dtype)
-        if fixed is None and float(alpha_t) / rank != first.scale:
-            return None, f"its scale {first.scale:g} is no alpha / rank the save precision holds"
-        return NewFactors(up.to(dtype).contiguous(), down.to(dtype).contiguous(), alpha_t, first.kernel,
-                          first.in_channels), ""
+        """The output's factors by rearrangement alone (exact_factors)."""
+        return exact_factors(self.sources, self.out_rows, self.output_scale, src, dtype)
 
     def scale_and_rank(self, src: TensorSource) -> tuple[float, int]:
         if self._renamed:
             return self.sources[0].module.scale_and_rank(src)
         found = [s.module.scale_and_rank(src) for s in self.sources]
         return next((sc for sc, _ in found if sc != 0), 1.0), sum(r for _, r in found)
+
+
+def exact_factors(sources: list[Feed], out_rows: int, fixed: float | None, src: TensorSource, dtype: torch.dtype
+              ) -> tuple[NewFactors | None, str]:
+    """The output's factors by rearrangement alone, in `dtype`, with the alpha that rescales none of them:
+    renamed or split, the input's rows of up (halves swapped where the model swaps them) and its down; fused
+    parts that share one down (bit for bit), their ups stacked on it; other fused parts, their downs stacked
+    and ups block-diagonal (zeros elsewhere), rank the sum. The alpha is the input's (no alpha: scale 1,
+    alpha = rank; a PEFT config's scale: scale x rank; fused parts: their sum); a target loaded at a fixed
+    scale (diffusers' and PEFT's A/B files: 1) gets up times the ratio, when every product is exact (a power of
+    two such as alpha / rank = 1/2, barring underflow). Returns (factors, "") or (None, why not): a part that is
+    not a plain down/up pair (a LoHa/LoKr/Tucker update is a product), fused parts of different scales (alpha /
+    rank), a save precision narrower than the input's, a scale the save precision cannot hold."""
+    if not all(isinstance(s.module, PairModule) for s in sources):
+        return None, "its input is not a plain down/up pair (a LoHa, LoKr or Tucker update is a product)"
+    renamed = len(sources) == 1 and sources[0].place is None
+    layers = [(s, s.module.load(src)) for s in sources]
+    if not all(_widens(t.dtype, dtype) for _, layer in layers for t in (layer.up, layer.down)):
+        return None, "the save precision is narrower than the input's"
+    first = layers[0][1]
+    if len({layer.scale for _, layer in layers}) > 1:
+        return None, "its fused parts have different scales (alpha / rank)"
+    if renamed:
+        up, down, rank, alpha = sources[0].up(first), first.down, first.rank, first.alpha
+        keep = up.any(dim=0)
+        if sources[0].take is not None and not bool(keep.all()) and bool(keep.any()):
+            # a part of a block-diagonal fused weight: its own columns of up and rows of down (what
+            # diffusers' converters do when the other blocks are exactly zero), if its scale fits an alpha
+            r = int(keep.sum())
+            a = torch.tensor(first.scale * r, dtype=torch.float32).to(dtype)
+            if float(a) / r == first.scale:
+                up, down, rank, alpha = up[:, keep], down[keep], r, first.scale * r
+    else:
+        shared = all(layer.down.shape == first.down.shape and torch.equal(layer.down, first.down)
+                     for _, layer in layers)
+        widths = [first.factor_size] if shared else [layer.factor_size for _, layer in layers]
+        up = torch.zeros(out_rows, sum(widths), dtype=dtype)
+        col = 0
+        for (s, layer), w in zip(layers, widths * len(layers) if shared else widths):
+            up[s.place[0]:s.place[1], col:col + w] = s.up(layer)
+            col += 0 if shared else w
+        down = first.down if shared else torch.cat([layer.down for _, layer in layers])
+        rank = first.rank if shared else sum(layer.rank for _, layer in layers)
+        alphas = [layer.alpha for _, layer in layers]
+        alpha = first.alpha if shared else (None if None in alphas else sum(alphas))
+    if fixed is not None and fixed != first.scale:  # a layout loaded at a fixed scale (A/B files: 1)
+        c = first.scale / fixed
+        scaled = up.to(torch.float64) * c
+        up = scaled.to(dtype)
+        if not bool(torch.equal(up.to(torch.float64), scaled)):
+            return None, (f"the target layout loads it at scale {fixed:g}, and its up times its own scale "
+                          f"{first.scale:g} is not exact in the save precision")
+        alpha = None  # the scale is in up now: the fixed scale's alpha
+    alpha = (fixed if fixed is not None else first.scale) * rank if alpha is None else alpha
+    alpha_t = torch.tensor(alpha, dtype=torch.float32).to(dtype)
+    own = sources[0].module
+    if renamed and own.alpha_in_file and alpha == first.alpha and rank == first.rank and up.dtype == dtype:
+        alpha_t = src.get(own.alpha_key)  # the input's alpha as stored (its dtype and bits), the factors' as theirs
+    if fixed is None and float(alpha_t) / rank != first.scale:
+        return None, f"its scale {first.scale:g} is no alpha / rank the save precision holds"
+    return NewFactors(up.to(dtype).contiguous(), down.to(dtype).contiguous(), alpha_t, first.kernel,
+                      first.in_channels), ""
+
+
+def exact_copy(module: Module) -> Callable[[TensorSource, torch.dtype], tuple[NewFactors | None, str]] | None:
+    """How a conversion copies `module`'s factors without arithmetic, as (source, save dtype) -> (factors, "") or
+    (None, why not): a converted module's rearrangement (Converted.exact); a module the conversion keeps as it is
+    (a file already in the target layout), its own pair as stored at its own scale (exact_factors), so every
+    module of a conversion is copied, not only the renamed ones; None for a module of another kind."""
+    if isinstance(module, Converted):
+        return module.exact
+    if isinstance(module, PairModule):
+        return lambda src, dtype: exact_factors([Feed(module)], 0, module.output_scale, src, dtype)
+    return None
 
 
 def _widens(have: torch.dtype, want: torch.dtype) -> bool:

@@ -39,7 +39,8 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
         precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
         rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
-        jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
+        jobs = [module_job(m, reader, opts.output_format is not None) for m in layout.modules
+                if m.name in kept]
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
         out = Output(layout, jobs, {k: reader for k in layout.passthrough},
                      [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
