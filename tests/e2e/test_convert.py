@@ -623,3 +623,42 @@ def test_a_file_already_in_the_target_layout_is_copied_byte_for_byte(tmp_path, d
     assert all(r.conversion == "exact" for r in res.layers)
     differ = _same_tensors(load_st(d.dst)[0], load_st(res.dst)[0])
     assert not differ, differ[:3]
+
+
+@pytest.mark.parametrize("family", list(archs.NATIVE))
+def test_bias_and_full_diffs_follow_their_module_through_every_target(tmp_path, family):
+    """A file whose every module carries a `.diff_b` and a `.diff` (ComfyUI's load_lora adds them to the bias and
+    the weight as they are), each made from its own module's update (the diff: the update rounded; the diff_b: its
+    row sums rounded): converted to every kohya-style layout, each output module's diffs are again those of its
+    own update - renamed, split rows or fused rows, bit for bit, so the loaded update (dense float64) is the
+    input's - and converted back they are the input's bytes; diffusers and PEFT, whose loaders drop such keys,
+    refuse in one line and write nothing."""
+    fn, tiny, layouts = archs.NATIVE[family]
+    shapes, layout = fn(**tiny), layouts[0]
+    sd = loras.lora_state_dict(shapes, layout, rank=4, alpha=4.0 if layout in KOHYA_LIKE else None,
+                               dtype=torch.bfloat16, seed=4)
+    assert layout in KOHYA_LIKE  # every family's trainers write a kohya-form file (musubi-tuner's or ComfyUI's)
+    for base, w in _updates(sd, None).items():
+        down = sd[base + ".lora_down.weight"]
+        sd[base + ".diff"] = w.reshape(w.shape[0], *down.shape[1:]).bfloat16()
+        sd[base + ".diff_b"] = w.sum(1).bfloat16()
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    for target in TARGETS:
+        dst = out_file(tmp_path, target, target)
+        if target in ("diffusers", "peft"):
+            with pytest.raises(lora_resize.LoraStructureError, match="bias diff|full diff"):
+                lora_resize.convert(src, dst, target)
+            assert not dst.exists()
+            continue
+        mid, _ = load_st(lora_resize.convert(src, dst, target).dst)
+        for base, w in _updates(mid, None).items():
+            assert torch.equal(mid[base + ".diff"], w.reshape(mid[base + ".diff"].shape).bfloat16()), base
+            assert torch.equal(mid[base + ".diff_b"], w.sum(1).bfloat16()), base
+        assert {k for k in mid if k.endswith((".diff", ".diff_b"))} == {b + s for b in _updates(mid, None)
+                                                                       for s in (".diff", ".diff_b")}
+        back, _ = load_st(lora_resize.convert(dst, tmp_path / f"{target}_back.safetensors", "kohya").dst)
+        for m in shapes:
+            theirs, ours = loras.lora_keys(m.name, layout)[0], loras.lora_keys(m.name, "musubi")[0]
+            for s in (".diff", ".diff_b"):
+                k0, k1 = theirs.replace(".lora_down.weight", s), ours.replace(".lora_down.weight", s)
+                assert back[k1].dtype == torch.bfloat16 and torch.equal(back[k1], sd[k0]), k1

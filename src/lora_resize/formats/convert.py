@@ -485,6 +485,7 @@ class ConvertedLayout(Layout):
     and the source's own metadata entry removed (it described the old keys)."""
     target_layout: Layout | None = None
     arch: str = SD
+    carried: dict = field(default_factory=dict)  # output key -> Carried: the input's non-factors that follow
 
     def side_outputs(self, rows) -> SideOutputs:
         out = self.target_layout.side_outputs(rows) if self.target_layout is not None else SideOutputs()
@@ -525,14 +526,115 @@ def as_layout(layout: Layout, target: str | None, family: str, infos: TMapping[s
             return layout
         built.notes, built.passthrough, built.known = list(layout.notes), list(layout.passthrough), layout.known
         return built
-    if layout.passthrough and any(layout.known.get(k) not in (None, "other") for k in layout.passthrough):
-        k = next(k for k in sorted(layout.passthrough) if layout.known.get(k) not in (None, "other"))
-        raise LoraStructureError(f"{k} ({layout.known[k]}) has no equivalent in the {target} layout here; convert a "
-                                 "file without it, or keep its layout")
-    if layout.passthrough:
-        raise LoraStructureError(f"{len(layout.passthrough)} tensor(s) such as {sorted(layout.passthrough)[0]} have "
-                                 f"no equivalent in the {target} layout; convert a file without them")
+    carried, left = _carried(layout, built, infos)
+    built.passthrough, built.carried = list(carried), carried
+    built.known = {out: layout.known[c.pieces[0][0]] for out, c in carried.items()}
+    if left and any(layout.known.get(k) not in (None, "other") for k in left):
+        k = next(k for k in sorted(left) if layout.known.get(k) not in (None, "other"))
+        also = (" (kohya, comfy and onetrainer carry a bias or full diff with its module)"
+                if layout.known[k] in ROW_COMPANIONS.values() and KEY_FORM[built.format] != "kohya" else "")
+        raise LoraStructureError(f"{k} ({layout.known[k]}) has no equivalent in the {target} layout here{also}; "
+                                 "convert a file without it, or keep its layout")
+    if left:
+        raise LoraStructureError(f"{len(left)} tensor(s) such as {sorted(left)[0]} have no equivalent in the "
+                                 f"{target} layout; convert a file without them")
     return built
+
+
+ROW_COMPANIONS = {".diff_b": "bias diff", ".diff": "full diff"}  # added to the weight's bias / rows as they are
+
+
+def _carried(layout: Layout, built: "ConvertedLayout", infos: TMapping[str, TensorInfo]
+             ) -> tuple[dict[str, "Carried"], list[str]]:
+    """The input's non-factor tensors that follow their module into the target layout, by output key, and the
+    keys that cannot. A bias diff or full diff (`<module>.diff_b`, `<module>.diff`: ComfyUI's comfy/lora.py
+    `load_lora` adds them to the weight's bias and rows as they are) is renamed as its module is, a split module's
+    part takes its rows (halves swapped where the model swaps them), a fused module's parts are stacked at their
+    rows (zeros for a part without one): rows moved, no number changed - in the kohya-style layouts (kohya, comfy,
+    onetrainer), whose loaders read them (diffusers' and PEFT's drop such keys). DoRA magnitudes, LoRA biases,
+    other kinds and tensors of no module of the file stay behind (the caller refuses them)."""
+    if KEY_FORM[built.format] != "kohya":  # diffusers' and PEFT's loaders drop a `.diff_b` (not one of their keys)
+        return {}, list(layout.passthrough)
+    feeds: dict[str, list[tuple[Converted, Feed]]] = {}
+    for cm in built.modules:
+        for f in cm.sources:
+            feeds.setdefault(f.module.name, []).append((cm, f))
+    carried: dict[str, Carried] = {}
+    left = []
+    for k in layout.passthrough:
+        suffix = next((x for x, kind in ROW_COMPANIONS.items() if k.endswith(x) and layout.known.get(k) == kind),
+                      None)
+        base = k[:-len(suffix)] if suffix else None
+        info = infos[k]
+        ok = base in feeds and info.shape and info.shape[0] == feeds[base][0][1].module.weight_shape(infos)[0]
+        if not ok or any((cm.name + suffix) in carried and carried[cm.name + suffix].dtype != info.dtype
+                         for cm, _ in feeds[base]):
+            left.append(k)
+            continue
+        for cm, f in feeds[base]:
+            c = carried.setdefault(cm.name + suffix, Carried(cm.out_rows, tuple(info.shape[1:]), info.dtype))
+            c.pieces.append((k, f))
+    for key, c in list(carried.items()):
+        if any(tuple(infos[k].shape[1:]) != c.trailing for k, _ in c.pieces):
+            left.extend(k for k, _ in c.pieces)
+            del carried[key]
+    return carried, left
+
+
+@dataclass
+class Carried:
+    """An output tensor of rows moved from the input's (`pieces`: input key and the Feed that places its rows)."""
+    rows: int
+    trailing: tuple[int, ...]
+    dtype: torch.dtype
+    pieces: list[tuple[str, Feed]] = field(default_factory=list)
+
+    def build(self, src: TensorSource) -> torch.Tensor:
+        """The tensor: the input's as it is (renamed), or its rows taken, swapped and placed (the rest zeros)."""
+        if len(self.pieces) == 1 and self.pieces[0][1].place is None:
+            k, f = self.pieces[0]
+            t = src.get(k)
+            if f.take is None and not f.swap:
+                return t
+            return _rows(t, f).contiguous()
+        out = torch.zeros((self.rows, *self.trailing), dtype=self.dtype)
+        for k, f in self.pieces:
+            out[f.place[0]:f.place[1]] = _rows(src.get(k), f)
+        return out
+
+
+def _rows(t: torch.Tensor, f: Feed) -> torch.Tensor:
+    """The rows of `t` that Feed `f` takes, halves swapped where it swaps them (as Feed.up does to up's rows)."""
+    t = t if f.take is None else t[f.take[0]:f.take[1]]
+    if f.swap:
+        half = t.shape[0] // 2
+        t = torch.cat([t[half:], t[:half]])
+    return t
+
+
+class CarriedSource:
+    """A TensorSource of a conversion's carried tensors (Carried), read from the input `src`."""
+
+    def __init__(self, src: TensorSource, carried: dict[str, Carried]):
+        self.src, self.carried = src, carried
+        self.path, self.metadata = src.path, src.metadata
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {k: TensorInfo((c.rows, *c.trailing), c.dtype) for k, c in self.carried.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.carried[key].build(self.src)
+
+    def close(self) -> None:
+        pass
+
+
+def copied_sources(layout: Layout, src: TensorSource) -> dict[str, TensorSource]:
+    """Where each of `layout`'s passthrough keys is read: the input `src`, or, for a conversion's carried tensors
+    (renamed, split or fused rows of the input's), a CarriedSource over it."""
+    carried = getattr(layout, "carried", None) or {}
+    moved = CarriedSource(src, carried) if carried else None
+    return {k: moved if k in carried else src for k in layout.passthrough}
 
 
 def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, infos, metadata, formats,

@@ -17,7 +17,7 @@ from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, compute_device
 from ..errors import LoraStructureError, OptionsError
 from ..formats import Layout, Module, convert_layout, detect, key_family
-from ..formats.convert import TARGETS, ConvertedLayout, detect_arch, scheme_of
+from ..formats.convert import TARGETS, ConvertedLayout, copied_sources, detect_arch, scheme_of
 from ..models import SD
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
@@ -176,8 +176,8 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                            opts)
         copied: dict[str, TensorSource] = {}
         for r, lay in zip(readers, layouts):
-            for key in lay.passthrough:
-                copied.setdefault(key, r)
+            for key, source in copied_sources(lay, r).items():
+                copied.setdefault(key, source)
         if copied:
             notes.append(f"{len(copied)} non-LoRA tensor(s) copied from the first input that has them")
         # the output: the first input's layout, each layer written by the module of the first input that has it
