@@ -555,3 +555,110 @@ def test_fused_parts_of_different_scales_are_re_rounded_and_the_summary_says_so(
     assert main(["convert", str(src), "-o", str(tmp_path / "k.safetensors"), "--to", "kohya", "--arch", "flux1"]) == 0
     out = capsys.readouterr().out
     assert "could not be copied exactly" in out and "different scales" in out and "2^-8 bf16" in out
+
+
+def _same_tensors(a: dict, b: dict) -> list[str]:
+    """The keys whose tensors differ between two state dicts (in dtype or in any bit), or are in one only."""
+    return sorted(set(a) ^ set(b)) + [k for k in sorted(set(a) & set(b))
+                                      if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("family", list(archs.NATIVE))
+def test_a_chain_of_conversions_returns_every_factor_byte(tmp_path, family, dtype):
+    """A file of any family through every layout in turn (kohya -> comfy -> diffusers -> onetrainer -> peft ->
+    kohya), each hop converted twice: the second conversion, to the layout the file is already in, writes every
+    tensor with the same bytes (the layout's own modules copied, not re-decomposed), and the chain ends with the
+    input's factors and alphas, byte for byte - a zero layer and a rank-deficient one included (nothing chooses a
+    rank, so nothing is truncated to the numerical rank). Scale 1 (alpha = rank) keeps every hop exact: a target
+    loaded at scale 1 holds the factors as they are."""
+    fn, tiny, layouts = archs.NATIVE[family]
+    shapes, layout = fn(**tiny), layouts[0]
+    sd = loras.lora_state_dict(shapes, layout, rank=4, alpha=4.0 if layout in KOHYA_LIKE else None, dtype=dtype,
+                               seed=3)
+    zero, deficient = (loras.lora_keys(m.name, layout) for m in (shapes[-1], shapes[0]))
+    sd[zero[1]] = torch.zeros_like(sd[zero[1]])  # an untrained layer (one no layout fuses: a zero part of a fused
+    # weight has no columns of up of its own, so a split gives it the whole fused down - its update, not its bytes)
+    sd[deficient[0]][1] = sd[deficient[0]][0]  # numerical rank 3 of 4
+    prev = write_lora(tmp_path / "in.safetensors", sd)
+    for i, target in enumerate((*TARGETS, "kohya")):
+        first = lora_resize.convert(prev, out_file(tmp_path, target, f"{i}"), target)
+        again = lora_resize.convert(first.dst, out_file(tmp_path, target, f"{i}again"), target)
+        assert all(r.conversion == "exact" for r in again.layers), target
+        differ = _same_tensors(load_st(first.dst)[0], load_st(again.dst)[0])
+        assert not differ, (target, differ[:3])
+        prev = again.dst
+    out, _ = load_st(prev)
+    for m in shapes:
+        theirs, ours = loras.lora_keys(m.name, layout), loras.lora_keys(m.name, "musubi")
+        for k0, k1 in zip(theirs, ours):
+            if k0 in sd:
+                assert out[k1].dtype == dtype and torch.equal(out[k1], sd[k0]), (m.name, k1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_file_already_in_the_target_layout_is_copied_byte_for_byte(tmp_path, dtype):
+    """SD1.5 kohya and diffusers files converted to their own layout (and kohya's to comfy, which keys Stable
+    Diffusion by the same names) without a resize: every tensor as stored - alphas of any value (0, negative, one
+    whose scale is no power of two, float32 beside half-precision factors), an untrained layer, a rank-deficient
+    one; nothing is re-decomposed."""
+    shapes = archs.sd15(**archs.TINY["sd15"])[:6]
+    sd = loras.lora_state_dict(shapes, "kohya", rank=4, alpha=4.0, dtype=dtype, seed=5)
+    names = [m.name for m in shapes]
+    for name, alpha in zip(names, (0.0, -4.0, 2.0 ** -3, 3.0)):
+        sd[name + ".alpha"] = torch.tensor(alpha, dtype=dtype)
+    sd[names[3] + ".alpha"] = torch.tensor(3.3, dtype=torch.float32)  # 3.3 is no half-precision number
+    sd[names[4] + ".lora_up.weight"] = torch.zeros_like(sd[names[4] + ".lora_up.weight"])
+    sd[names[5] + ".lora_down.weight"][1] = sd[names[5] + ".lora_down.weight"][0]
+    src = write_lora(tmp_path / "k.safetensors", sd)
+    for target in ("kohya", "comfy"):
+        res = lora_resize.convert(src, tmp_path / f"{target}.safetensors", target)
+        assert all(r.conversion == "exact" for r in res.layers), target
+        differ = _same_tensors(sd, load_st(res.dst)[0])
+        assert not differ, (target, differ[:3])
+    for name in names[:4]:
+        sd[name + ".alpha"] = torch.tensor(4.0, dtype=dtype)  # scale 1: diffusers' A/B keys hold the factors
+    d = lora_resize.convert(write_lora(tmp_path / "k1.safetensors", sd), tmp_path / "d.safetensors", "diffusers")
+    res = lora_resize.convert(d.dst, tmp_path / "d_again.safetensors", "diffusers")
+    assert all(r.conversion == "exact" for r in res.layers)
+    differ = _same_tensors(load_st(d.dst)[0], load_st(res.dst)[0])
+    assert not differ, differ[:3]
+
+
+@pytest.mark.parametrize("family", list(archs.NATIVE))
+def test_bias_and_full_diffs_follow_their_module_through_every_target(tmp_path, family):
+    """A file whose every module carries a `.diff_b` and a `.diff` (ComfyUI's load_lora adds them to the bias and
+    the weight as they are), each made from its own module's update (the diff: the update rounded; the diff_b: its
+    row sums rounded): converted to every kohya-style layout, each output module's diffs are again those of its
+    own update - renamed, split rows or fused rows, bit for bit, so the loaded update (dense float64) is the
+    input's - and converted back they are the input's bytes; diffusers and PEFT, whose loaders drop such keys,
+    refuse in one line and write nothing."""
+    fn, tiny, layouts = archs.NATIVE[family]
+    shapes, layout = fn(**tiny), layouts[0]
+    sd = loras.lora_state_dict(shapes, layout, rank=4, alpha=4.0 if layout in KOHYA_LIKE else None,
+                               dtype=torch.bfloat16, seed=4)
+    assert layout in KOHYA_LIKE  # every family's trainers write a kohya-form file (musubi-tuner's or ComfyUI's)
+    for base, w in _updates(sd, None).items():
+        down = sd[base + ".lora_down.weight"]
+        sd[base + ".diff"] = w.reshape(w.shape[0], *down.shape[1:]).bfloat16()
+        sd[base + ".diff_b"] = w.sum(1).bfloat16()
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    for target in TARGETS:
+        dst = out_file(tmp_path, target, target)
+        if target in ("diffusers", "peft"):
+            with pytest.raises(lora_resize.LoraStructureError, match="bias diff|full diff"):
+                lora_resize.convert(src, dst, target)
+            assert not dst.exists()
+            continue
+        mid, _ = load_st(lora_resize.convert(src, dst, target).dst)
+        for base, w in _updates(mid, None).items():
+            assert torch.equal(mid[base + ".diff"], w.reshape(mid[base + ".diff"].shape).bfloat16()), base
+            assert torch.equal(mid[base + ".diff_b"], w.sum(1).bfloat16()), base
+        assert {k for k in mid if k.endswith((".diff", ".diff_b"))} == {b + s for b in _updates(mid, None)
+                                                                       for s in (".diff", ".diff_b")}
+        back, _ = load_st(lora_resize.convert(dst, tmp_path / f"{target}_back.safetensors", "kohya").dst)
+        for m in shapes:
+            theirs, ours = loras.lora_keys(m.name, layout)[0], loras.lora_keys(m.name, "musubi")[0]
+            for s in (".diff", ".diff_b"):
+                k0, k1 = theirs.replace(".lora_down.weight", s), ours.replace(".lora_down.weight", s)
+                assert back[k1].dtype == torch.bfloat16 and torch.equal(back[k1], sd[k0]), k1

@@ -23,7 +23,7 @@ so a converted file applies exactly its input's update, weight by weight."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping as TMapping
+from typing import Callable, Mapping as TMapping
 
 import torch
 
@@ -388,67 +388,88 @@ class Converted(Module):
         return LowRankLayer(up, torch.cat(downs), rank, scale * rank, scale, first.kernel, first.in_channels)
 
     def exact(self, src: TensorSource, dtype: torch.dtype) -> tuple[NewFactors | None, str]:
-        """The output's factors by rearrangement alone, in `dtype`, with the alpha that rescales none of them:
-        renamed or split, the input's rows of up (halves swapped where the model swaps them) and its down; fused
-        parts that share one down (bit for bit), their ups stacked on it; other fused parts, their downs stacked
-        and ups block-diagonal (zeros elsewhere), rank the sum. The alpha is the input's (no alpha: scale 1,
-        alpha = rank; a PEFT config's scale: scale x rank; fused parts: their sum); a target loaded at a fixed
-        scale (diffusers' and PEFT's A/B files: 1) gets up times the ratio, when every product is exact (a power of
-        two such as alpha / rank = 1/2, barring underflow). Returns (factors, "") or (None, why not): a part that is
-        not a plain down/up pair (a LoHa/LoKr/Tucker update is a product), fused parts of different scales (alpha /
-        rank), a save precision narrower than the input's, a scale the save precision cannot hold."""
-        if not all(isinstance(s.module, PairModule) for s in self.sources):
-            return None, "its input is not a plain down/up pair (a LoHa, LoKr or Tucker update is a product)"
-        layers = [(s, s.module.load(src)) for s in self.sources]
-        if not all(_widens(t.dtype, dtype) for _, layer in layers for t in (layer.up, layer.down)):
-            return None, "the save precision is narrower than the input's"
-        first = layers[0][1]
-        if len({layer.scale for _, layer in layers}) > 1:
-            return None, "its fused parts have different scales (alpha / rank)"
-        if self._renamed:
-            up, down, rank, alpha = self.sources[0].up(first), first.down, first.rank, first.alpha
-            keep = up.any(dim=0)
-            if self.sources[0].take is not None and not bool(keep.all()) and bool(keep.any()):
-                # a part of a block-diagonal fused weight: its own columns of up and rows of down (what
-                # diffusers' converters do when the other blocks are exactly zero), if its scale fits an alpha
-                r = int(keep.sum())
-                a = torch.tensor(first.scale * r, dtype=torch.float32).to(dtype)
-                if float(a) / r == first.scale:
-                    up, down, rank, alpha = up[:, keep], down[keep], r, first.scale * r
-        else:
-            shared = all(layer.down.shape == first.down.shape and torch.equal(layer.down, first.down)
-                         for _, layer in layers)
-            widths = [first.factor_size] if shared else [layer.factor_size for _, layer in layers]
-            up = torch.zeros(self.out_rows, sum(widths), dtype=dtype)
-            col = 0
-            for (s, layer), w in zip(layers, widths * len(layers) if shared else widths):
-                up[s.place[0]:s.place[1], col:col + w] = s.up(layer)
-                col += 0 if shared else w
-            down = first.down if shared else torch.cat([layer.down for _, layer in layers])
-            rank = first.rank if shared else sum(layer.rank for _, layer in layers)
-            alphas = [layer.alpha for _, layer in layers]
-            alpha = first.alpha if shared else (None if None in alphas else sum(alphas))
-        fixed = self.output_scale
-        if fixed is not None and fixed != first.scale:  # a layout loaded at a fixed scale (A/B files: 1)
-            c = first.scale / fixed
-            scaled = up.to(torch.float64) * c
-            up = scaled.to(dtype)
-            if not bool(torch.equal(up.to(torch.float64), scaled)):
-                return None, (f"the target layout loads it at scale {fixed:g}, and its up times its own scale "
-                              f"{first.scale:g} is not exact in the save precision")
-            alpha = None  # the scale is in up now: the fixed scale's alpha
-        alpha = (fixed if fixed is not None else first.scale) * rank if alpha is None else alpha
-        alpha_t = torch.tensor(alpha, dtype=torch.float32).to(dtype)
-        if fixed is None and float(alpha_t) / rank != first.scale:
-            return None, f"its scale {first.scale:g} is no alpha / rank the save precision holds"
-        return NewFactors(up.to(dtype).contiguous(), down.to(dtype).contiguous(), alpha_t, first.kernel,
-                          first.in_channels), ""
+        """The output's factors by rearrangement alone (exact_factors)."""
+        return exact_factors(self.sources, self.out_rows, self.output_scale, src, dtype)
 
     def scale_and_rank(self, src: TensorSource) -> tuple[float, int]:
         if self._renamed:
             return self.sources[0].module.scale_and_rank(src)
         found = [s.module.scale_and_rank(src) for s in self.sources]
         return next((sc for sc, _ in found if sc != 0), 1.0), sum(r for _, r in found)
+
+
+def exact_factors(sources: list[Feed], out_rows: int, fixed: float | None, src: TensorSource, dtype: torch.dtype
+              ) -> tuple[NewFactors | None, str]:
+    """The output's factors by rearrangement alone, in `dtype`, with the alpha that rescales none of them:
+    renamed or split, the input's rows of up (halves swapped where the model swaps them) and its down; fused
+    parts that share one down (bit for bit), their ups stacked on it; other fused parts, their downs stacked
+    and ups block-diagonal (zeros elsewhere), rank the sum. The alpha is the input's (no alpha: scale 1,
+    alpha = rank; a PEFT config's scale: scale x rank; fused parts: their sum); a target loaded at a fixed
+    scale (diffusers' and PEFT's A/B files: 1) gets up times the ratio, when every product is exact (a power of
+    two such as alpha / rank = 1/2, barring underflow). Returns (factors, "") or (None, why not): a part that is
+    not a plain down/up pair (a LoHa/LoKr/Tucker update is a product), fused parts of different scales (alpha /
+    rank), a save precision narrower than the input's, a scale the save precision cannot hold."""
+    if not all(isinstance(s.module, PairModule) for s in sources):
+        return None, "its input is not a plain down/up pair (a LoHa, LoKr or Tucker update is a product)"
+    renamed = len(sources) == 1 and sources[0].place is None
+    layers = [(s, s.module.load(src)) for s in sources]
+    if not all(_widens(t.dtype, dtype) for _, layer in layers for t in (layer.up, layer.down)):
+        return None, "the save precision is narrower than the input's"
+    first = layers[0][1]
+    if len({layer.scale for _, layer in layers}) > 1:
+        return None, "its fused parts have different scales (alpha / rank)"
+    if renamed:
+        up, down, rank, alpha = sources[0].up(first), first.down, first.rank, first.alpha
+        keep = up.any(dim=0)
+        if sources[0].take is not None and not bool(keep.all()) and bool(keep.any()):
+            # a part of a block-diagonal fused weight: its own columns of up and rows of down (what
+            # diffusers' converters do when the other blocks are exactly zero), if its scale fits an alpha
+            r = int(keep.sum())
+            a = torch.tensor(first.scale * r, dtype=torch.float32).to(dtype)
+            if float(a) / r == first.scale:
+                up, down, rank, alpha = up[:, keep], down[keep], r, first.scale * r
+    else:
+        shared = all(layer.down.shape == first.down.shape and torch.equal(layer.down, first.down)
+                     for _, layer in layers)
+        widths = [first.factor_size] if shared else [layer.factor_size for _, layer in layers]
+        up = torch.zeros(out_rows, sum(widths), dtype=dtype)
+        col = 0
+        for (s, layer), w in zip(layers, widths * len(layers) if shared else widths):
+            up[s.place[0]:s.place[1], col:col + w] = s.up(layer)
+            col += 0 if shared else w
+        down = first.down if shared else torch.cat([layer.down for _, layer in layers])
+        rank = first.rank if shared else sum(layer.rank for _, layer in layers)
+        alphas = [layer.alpha for _, layer in layers]
+        alpha = first.alpha if shared else (None if None in alphas else sum(alphas))
+    if fixed is not None and fixed != first.scale:  # a layout loaded at a fixed scale (A/B files: 1)
+        c = first.scale / fixed
+        scaled = up.to(torch.float64) * c
+        up = scaled.to(dtype)
+        if not bool(torch.equal(up.to(torch.float64), scaled)):
+            return None, (f"the target layout loads it at scale {fixed:g}, and its up times its own scale "
+                          f"{first.scale:g} is not exact in the save precision")
+        alpha = None  # the scale is in up now: the fixed scale's alpha
+    alpha = (fixed if fixed is not None else first.scale) * rank if alpha is None else alpha
+    alpha_t = torch.tensor(alpha, dtype=torch.float32).to(dtype)
+    own = sources[0].module
+    if renamed and own.alpha_in_file and alpha == first.alpha and rank == first.rank and up.dtype == dtype:
+        alpha_t = src.get(own.alpha_key)  # the input's alpha as stored (its dtype and bits), the factors' as theirs
+    if fixed is None and float(alpha_t) / rank != first.scale:
+        return None, f"its scale {first.scale:g} is no alpha / rank the save precision holds"
+    return NewFactors(up.to(dtype).contiguous(), down.to(dtype).contiguous(), alpha_t, first.kernel,
+                      first.in_channels), ""
+
+
+def exact_copy(module: Module) -> Callable[[TensorSource, torch.dtype], tuple[NewFactors | None, str]] | None:
+    """How a conversion copies `module`'s factors without arithmetic, as (source, save dtype) -> (factors, "") or
+    (None, why not): a converted module's rearrangement (Converted.exact); a module the conversion keeps as it is
+    (a file already in the target layout), its own pair as stored at its own scale (exact_factors), so every
+    module of a conversion is copied, not only the renamed ones; None for a module of another kind."""
+    if isinstance(module, Converted):
+        return module.exact
+    if isinstance(module, PairModule):
+        return lambda src, dtype: exact_factors([Feed(module)], 0, module.output_scale, src, dtype)
+    return None
 
 
 def _widens(have: torch.dtype, want: torch.dtype) -> bool:
@@ -464,6 +485,7 @@ class ConvertedLayout(Layout):
     and the source's own metadata entry removed (it described the old keys)."""
     target_layout: Layout | None = None
     arch: str = SD
+    carried: dict = field(default_factory=dict)  # output key -> Carried: the input's non-factors that follow
 
     def side_outputs(self, rows) -> SideOutputs:
         out = self.target_layout.side_outputs(rows) if self.target_layout is not None else SideOutputs()
@@ -504,14 +526,115 @@ def as_layout(layout: Layout, target: str | None, family: str, infos: TMapping[s
             return layout
         built.notes, built.passthrough, built.known = list(layout.notes), list(layout.passthrough), layout.known
         return built
-    if layout.passthrough and any(layout.known.get(k) not in (None, "other") for k in layout.passthrough):
-        k = next(k for k in sorted(layout.passthrough) if layout.known.get(k) not in (None, "other"))
-        raise LoraStructureError(f"{k} ({layout.known[k]}) has no equivalent in the {target} layout here; convert a "
-                                 "file without it, or keep its layout")
-    if layout.passthrough:
-        raise LoraStructureError(f"{len(layout.passthrough)} tensor(s) such as {sorted(layout.passthrough)[0]} have "
-                                 f"no equivalent in the {target} layout; convert a file without them")
+    carried, left = _carried(layout, built, infos)
+    built.passthrough, built.carried = list(carried), carried
+    built.known = {out: layout.known[c.pieces[0][0]] for out, c in carried.items()}
+    if left and any(layout.known.get(k) not in (None, "other") for k in left):
+        k = next(k for k in sorted(left) if layout.known.get(k) not in (None, "other"))
+        also = (" (kohya, comfy and onetrainer carry a bias or full diff with its module)"
+                if layout.known[k] in ROW_COMPANIONS.values() and KEY_FORM[built.format] != "kohya" else "")
+        raise LoraStructureError(f"{k} ({layout.known[k]}) has no equivalent in the {target} layout here{also}; "
+                                 "convert a file without it, or keep its layout")
+    if left:
+        raise LoraStructureError(f"{len(left)} tensor(s) such as {sorted(left)[0]} have no equivalent in the "
+                                 f"{target} layout; convert a file without them")
     return built
+
+
+ROW_COMPANIONS = {".diff_b": "bias diff", ".diff": "full diff"}  # added to the weight's bias / rows as they are
+
+
+def _carried(layout: Layout, built: "ConvertedLayout", infos: TMapping[str, TensorInfo]
+             ) -> tuple[dict[str, "Carried"], list[str]]:
+    """The input's non-factor tensors that follow their module into the target layout, by output key, and the
+    keys that cannot. A bias diff or full diff (`<module>.diff_b`, `<module>.diff`: ComfyUI's comfy/lora.py
+    `load_lora` adds them to the weight's bias and rows as they are) is renamed as its module is, a split module's
+    part takes its rows (halves swapped where the model swaps them), a fused module's parts are stacked at their
+    rows (zeros for a part without one): rows moved, no number changed - in the kohya-style layouts (kohya, comfy,
+    onetrainer), whose loaders read them (diffusers' and PEFT's drop such keys). DoRA magnitudes, LoRA biases,
+    other kinds and tensors of no module of the file stay behind (the caller refuses them)."""
+    if KEY_FORM[built.format] != "kohya":  # diffusers' and PEFT's loaders drop a `.diff_b` (not one of their keys)
+        return {}, list(layout.passthrough)
+    feeds: dict[str, list[tuple[Converted, Feed]]] = {}
+    for cm in built.modules:
+        for f in cm.sources:
+            feeds.setdefault(f.module.name, []).append((cm, f))
+    carried: dict[str, Carried] = {}
+    left = []
+    for k in layout.passthrough:
+        suffix = next((x for x, kind in ROW_COMPANIONS.items() if k.endswith(x) and layout.known.get(k) == kind),
+                      None)
+        base = k[:-len(suffix)] if suffix else None
+        info = infos[k]
+        ok = base in feeds and info.shape and info.shape[0] == feeds[base][0][1].module.weight_shape(infos)[0]
+        if not ok or any((cm.name + suffix) in carried and carried[cm.name + suffix].dtype != info.dtype
+                         for cm, _ in feeds[base]):
+            left.append(k)
+            continue
+        for cm, f in feeds[base]:
+            c = carried.setdefault(cm.name + suffix, Carried(cm.out_rows, tuple(info.shape[1:]), info.dtype))
+            c.pieces.append((k, f))
+    for key, c in list(carried.items()):
+        if any(tuple(infos[k].shape[1:]) != c.trailing for k, _ in c.pieces):
+            left.extend(k for k, _ in c.pieces)
+            del carried[key]
+    return carried, left
+
+
+@dataclass
+class Carried:
+    """An output tensor of rows moved from the input's (`pieces`: input key and the Feed that places its rows)."""
+    rows: int
+    trailing: tuple[int, ...]
+    dtype: torch.dtype
+    pieces: list[tuple[str, Feed]] = field(default_factory=list)
+
+    def build(self, src: TensorSource) -> torch.Tensor:
+        """The tensor: the input's as it is (renamed), or its rows taken, swapped and placed (the rest zeros)."""
+        if len(self.pieces) == 1 and self.pieces[0][1].place is None:
+            k, f = self.pieces[0]
+            t = src.get(k)
+            if f.take is None and not f.swap:
+                return t
+            return _rows(t, f).contiguous()
+        out = torch.zeros((self.rows, *self.trailing), dtype=self.dtype)
+        for k, f in self.pieces:
+            out[f.place[0]:f.place[1]] = _rows(src.get(k), f)
+        return out
+
+
+def _rows(t: torch.Tensor, f: Feed) -> torch.Tensor:
+    """The rows of `t` that Feed `f` takes, halves swapped where it swaps them (as Feed.up does to up's rows)."""
+    t = t if f.take is None else t[f.take[0]:f.take[1]]
+    if f.swap:
+        half = t.shape[0] // 2
+        t = torch.cat([t[half:], t[:half]])
+    return t
+
+
+class CarriedSource:
+    """A TensorSource of a conversion's carried tensors (Carried), read from the input `src`."""
+
+    def __init__(self, src: TensorSource, carried: dict[str, Carried]):
+        self.src, self.carried = src, carried
+        self.path, self.metadata = src.path, src.metadata
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {k: TensorInfo((c.rows, *c.trailing), c.dtype) for k, c in self.carried.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.carried[key].build(self.src)
+
+    def close(self) -> None:
+        pass
+
+
+def copied_sources(layout: Layout, src: TensorSource) -> dict[str, TensorSource]:
+    """Where each of `layout`'s passthrough keys is read: the input `src`, or, for a conversion's carried tensors
+    (renamed, split or fused rows of the input's), a CarriedSource over it."""
+    carried = getattr(layout, "carried", None) or {}
+    moved = CarriedSource(src, carried) if carried else None
+    return {k: moved if k in carried else src for k in layout.passthrough}
 
 
 def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, infos, metadata, formats,

@@ -33,6 +33,7 @@ from ..core.spectrum import Spectrum
 from ..errors import OptionsError
 from ..formats import read_layout
 from ..formats.blocks import block_of
+from ..formats.convert import copied_sources
 from ..io.metadata import InputRecord
 from ..io.paths import local_path, resolve_input
 from ..io.reader import open_tensor_file
@@ -248,7 +249,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
         t1 = time.perf_counter()
         sps = spectra(jobs, device, shared.threads, progress)
         t_dec = time.perf_counter() - t1
-        out = Output(layout, jobs, {k: reader for k in layout.passthrough}, [InputRecord(src.name, reader.metadata)],
+        out = Output(layout, jobs, copied_sources(layout, reader), [InputRecord(src.name, reader.metadata)],
                      cast=shared.precision is not None)
     return Evaluator(out, sps, precision, replace(shared, precision=precision), input_precision), dict(
         src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
@@ -293,7 +294,7 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
             sps.append(Spectrum(row.name, row.kind, row.out_features, row.in_features, row.old_rank, row.old_alpha,
                                 row.scale, kernel, in_ch, row.singular_values, row.base))
         jobs = [module_job(modules[row.name], reader) for row in result.layers]
-        out = Output(layout, jobs, {k: reader for k in layout.passthrough},
+        out = Output(layout, jobs, copied_sources(layout, reader),
                      [InputRecord(result.src.name, reader.metadata)], cast=chosen.precision is not None)
         ev = Evaluator(out, sps, result.precision, chosen, precision_of(layout, reader.infos(), None)[0])
         rules = apply_rules(chosen.block_rules, [m.name for m in layout.modules])

@@ -1,6 +1,7 @@
 """The convert job: a LoRA written in another layout (formats/convert.py: names converted, fused and split modules
-rebuilt exactly). Without a rank setting every layer keeps all of its rank, so each output module applies its
-input's update to float rounding; with one (ResizeOptions.rank_settings: a rank, a method, a budget, rank rules)
+rebuilt exactly). Without a rank setting every layer keeps all of its rank: its factors and alpha are copied bit
+for bit where the target layout holds them (a file already in that layout included), else re-rounded once to the
+save precision; with one (ResizeOptions.rank_settings: a rank, a method, a budget, rank rules)
 converting and resizing are one pass, and the layers it does not cover keep their full rank."""
 from __future__ import annotations
 

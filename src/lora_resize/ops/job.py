@@ -24,12 +24,13 @@ from ..core.truncate import (FP8, PRECISION_OF_DTYPE, SAVE_DTYPES, AlphaRule, Ne
                              retention, truncated_factors)
 from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
+from ..formats.convert import exact_copy
 from ..io.metadata import InputRecord, output_metadata, with_hashes
 from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
 from ..io.writer import copied_dtype, copied_tensor, write_output
 from ..options import ResizeOptions
-from ..ranks.plan import layer_rank, pinned_rank, plan
+from ..ranks.plan import layer_rank, pinned_rank, plan, unranked
 from ..results import BaseNorms, LayerResult
 from ..units import format_size
 from .base import base_norms
@@ -68,9 +69,11 @@ def factor_bytes(module: Module, infos: Mapping[str, TensorInfo]) -> int:
     return sum(8 * math.prod(infos[k].shape) for k in module.keys if k in infos)
 
 
-def module_job(module: Module, src: TensorSource) -> LayerJob:
-    """A job that reads `module` from `src` and writes it with the same module."""
-    exact = getattr(module, "exact", None)
+def module_job(module: Module, src: TensorSource, converting: bool = False) -> LayerJob:
+    """A job that reads `module` from `src` and writes it with the same module; `converting`: the layout is a
+    conversion's output (--output-format, convert), so the job may copy the module's factors as they are
+    (formats.convert.exact_copy) where its rank keeps them whole (start_layer)."""
+    exact = exact_copy(module) if converting else None
     return LayerJob(module.name, lambda: checked(module.name, module.load(src)), module,
                     lambda: module.scale_and_rank(src), factor_bytes(module, src.infos()),
                     exact=(lambda dtype: exact(src, dtype)) if exact is not None else None)
@@ -193,12 +196,12 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
     choice = layer_rank(sp, opts)
     k = choice.rank
     conversion = None
-    if job.exact is not None:  # a conversion that keeps every singular value copies the factors, bit for bit
-        copy, why = job.exact(save_dtype)
-        if copy is not None and k >= copy.down.shape[0]:
+    if job.exact is not None:  # a conversion that keeps every singular value copies the factors, bit for bit: no
+        copy, why = job.exact(save_dtype)  # rank setting covers the layer (a zero or rank-deficient one included),
+        if copy is not None and (k >= copy.down.shape[0] or unranked(sp, opts)):  # or its rank keeps them all
             return Queued(job, layer, sp, copy.down.shape[0], False, False, float(copy.alpha), copy.alpha, copy.up,
                           copy.down, conversion="exact")
-        whole = k >= min(layer.rank, sp.out_features, sp.in_features)  # nothing truncated: a conversion alone
+        whole = unranked(sp, opts) or k >= min(layer.rank, sp.out_features, sp.in_features)  # nothing truncated
         conversion = why if copy is None and whole else None
     alpha = alpha_of(job.name, layer.alpha, layer.rank, k)
     alpha_t = torch.tensor(alpha, dtype=torch.float32).to(save_dtype)

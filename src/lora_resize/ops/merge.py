@@ -20,7 +20,7 @@ from ..errors import LoraStructureError, OptionsError
 from ..formats import Layout, Module, convert_layout, detect, key_family
 from ..formats.base import BIAS_KIND
 from ..formats.companions import merge_rule
-from ..formats.convert import TARGETS, ConvertedLayout, detect_arch, scheme_of
+from ..formats.convert import TARGETS, ConvertedLayout, copied_sources, detect_arch, scheme_of
 from ..models import SD
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
@@ -180,8 +180,9 @@ def merged_companions(live: list[Source], readers: list[TensorSource], layouts: 
     tensor that is not floating point, or lora_B biases of layers whose inputs' scales differ."""
     holders: dict[str, list[tuple[float, TensorSource, Layout]]] = {}
     for s, r, lay in zip(live, readers, layouts):
+        sources = copied_sources(lay, r)  # a conversion's carried tensors are read renamed, split or fused
         for key in lay.passthrough:
-            holders.setdefault(key, []).append((s.weight, r, lay))
+            holders.setdefault(key, []).append((s.weight, sources[key], lay))
     copied: dict[str, TensorSource] = {}
     added: dict[str, list[tuple[float, TensorSource]]] = {}
     kept: dict[str, int] = {}

@@ -8,6 +8,7 @@ from typing import Callable
 
 from ..core.schedule import Progress, compute_device
 from ..formats import read_layout
+from ..formats.convert import copied_sources
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import open_tensor_file
@@ -39,9 +40,10 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
         precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
         rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
-        jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
+        jobs = [module_job(m, reader, opts.output_format is not None) for m in layout.modules
+                if m.name in kept]
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
-        out = Output(layout, jobs, {k: reader for k in layout.passthrough},
+        out = Output(layout, jobs, copied_sources(layout, reader),
                      [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
         done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
     notes = (precision_notes + list(layout.notes) + base_notes + done.write_notes + clamp_notes(done.rows)

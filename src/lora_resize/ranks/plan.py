@@ -36,6 +36,13 @@ def pinned_rank(sp: Spectrum, k: int, rank_rule: str) -> RankChoice:
     return choose_rank(sp.S, sp.full_size, FIXED_POLICY, None, k, rank_rule)
 
 
+def unranked(sp: Spectrum, opts) -> bool:
+    """No rank setting covers the layer (no explicit rank, rule, cap or method): it keeps all of its rank (with
+    `opts.keep_unranked`: a conversion copies its factors as they are) or has none (an error, layer_rank)."""
+    pinned, cap = decided(sp, opts)
+    return pinned is None and cap is None and not get_policy(opts.method).needs_param
+
+
 def layer_rank(sp: Spectrum, opts) -> RankChoice:
     """The rank of one kept layer under `opts` (a ResizeOptions) without a budget, or with the budget's plan in
     `opts.ranks`. A layer nothing gives a rank keeps its numerical rank with `opts.keep_unranked`; else it raises
@@ -46,7 +53,7 @@ def layer_rank(sp: Spectrum, opts) -> RankChoice:
         explicit = sp.name in (opts.ranks or {})  # a plan's: its ranks are within the layer's by construction
         return RankChoice(choice.rank, choice.clamped_to_size and not explicit, choice.zero_layer)
     policy = get_policy(opts.method)
-    if not policy.needs_param and cap is None:
+    if unranked(sp, opts):
         if not opts.keep_unranked:
             raise OptionsError(f"layer {sp.name} has no rank: give --rank N (or a rule or a target that covers it)")
         return choose_rank(sp.S, sp.full_size, FIXED_POLICY, None, None, "exact")  # all of it: its numerical rank
