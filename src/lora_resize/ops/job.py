@@ -210,7 +210,7 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
 
 def finish_layer(q: Queued) -> tuple[LayerResult, dict[str, torch.Tensor]]:
     """The layer's row and its output tensors on the CPU, checked to fit the save precision."""
-    up, down = on_host(q.job.name, q.up, q.down, q.bound)
+    up, down = on_host(q.job.name, q.up, q.down, q.bound, exact=q.conversion == "exact")
     S = q.spectrum.S
     row = layer_row(q.spectrum, q.rank, q.alpha, clamped=q.clamped, zero=q.zero, singular_values=S,
                     underflow=bool(S.size and S[0] > 0 and not (bool(up.any()) and bool(down.any()))),
