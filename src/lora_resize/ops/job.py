@@ -301,7 +301,7 @@ def metadata_for(out: Output, sps: list[Spectrum], opts: ResizeOptions, precisio
         rows = planned_rows(sps, ranks, alpha_of, opts.rank_rule)
         return with_hashes(output_metadata(opts, precision, out.layout.format, rows, out.sources,
                                            out.layout.side_outputs(rows).metadata, out.merged,
-                                           out.layout.written_network()))
+                                           out.layout.written_network(), out.layout.arch))
     return meta
 
 
@@ -348,7 +348,7 @@ def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device:
         tensors.setdefault(key, copied_tensor(src.get(key), cast))
     side = out.layout.side_outputs(rows)
     meta = output_metadata(run_opts, precision, out.layout.format, rows, out.sources, side.metadata, out.merged,
-                           out.layout.written_network())
+                           out.layout.written_network(), out.layout.arch)
     meta, write_notes = write_output(dst, tensors, meta, side.files, new_folder)
     return Produced(rows, meta, write_notes, plan_notes, run_opts, out.cast_keys(save_dtype))
 
