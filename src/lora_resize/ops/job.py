@@ -114,7 +114,7 @@ def held_alpha(alpha: float, dtype: torch.dtype) -> float:
     """`alpha` brought into the range of normal numbers `dtype` stores (fp16: 6.1e-5 to 65504), sign kept; 0 stays
     0. A larger alpha (a huge --rank times the input's scale) would be stored as Inf, a smaller one as 0 or a
     subnormal: either would switch the layer off or break it in every loader. An alpha in range is returned as it
-    is (the metadata states it as sd-scripts does, before the dtype's rounding)."""
+    is (the dtype rounds it when stored; the metadata states it as stored: io.metadata.written_dims)."""
     info = torch.finfo(dtype)
     if alpha == 0 or info.tiny <= abs(alpha) <= info.max:
         return alpha
