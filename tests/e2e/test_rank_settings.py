@@ -143,11 +143,15 @@ def test_every_budget_and_rank_flag_is_a_rank_setting():
     assert ResizeOptions(block_rules=("a*=3",)).rank_settings == ("block_rules",)  # a rank rule alone is a setting
 
 
-@pytest.mark.parametrize("with_base", [False, True], ids=["plain", "base"])
-def test_every_printed_row_runs_as_printed_and_writes_what_analyze_predicted(tmp_path, wan, capsys, with_base):
+@pytest.mark.parametrize("with_base, mixed", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "base", "bf16-with-float32-copied"])
+def test_every_printed_row_runs_as_printed_and_writes_what_analyze_predicted(tmp_path, wan, capsys, with_base,
+                                                                             mixed):
     """Each row's flags (the JSON's `args`, the text's chosen line), given to the real CLI as a shell would split
     them, write exactly the bytes and per-layer ranks analyze predicted: --base, budgets, caps and a rule with a
-    quote in it included; the input's path has a space and a quote too."""
+    quote in it included; the input's path has a space and a quote too. `mixed`: a bf16 LoRA holding a float32
+    diff_b, which resize copies in float32 when no precision is given - so no row may add a --precision the user
+    did not give (it would cast the copy), and the predictions must count the copy at its own dtype."""
     import shlex
     import shutil
 
@@ -157,7 +161,13 @@ def test_every_printed_row_runs_as_printed_and_writes_what_analyze_predicted(tmp
     folder = tmp_path / "my lora's"
     folder.mkdir()
     src = folder / "in put.safetensors"
-    shutil.copy(src0, src)
+    if mixed:
+        sd, _ = load_st(src0)
+        sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+        sd["lora_unet_patch_embedding.diff_b"] = torch.randn(16, generator=torch.Generator().manual_seed(2)) / 3
+        write_lora(src, sd)
+    else:
+        shutil.copy(src0, src)
     shared = ["--rank", "5", "--rule", "*ffn[!']*=cap:3", "--target-size", "16000"]
     if with_base:
         shared += ["--base", str(base)]
@@ -169,6 +179,7 @@ def test_every_printed_row_runs_as_printed_and_writes_what_analyze_predicted(tmp
     rows = a.rows + [a.chosen]
     assert [r["args"] for r in printed["settings"]] + [printed["chosen"]["args"]] == [r.args for r in rows]
     assert any(r.method == "target_size" for r in a.rows) and (not with_base or any("--base" in r.args for r in rows))
+    assert not any("--precision" in r.args for r in rows)  # none was given
     for i, row in enumerate(rows):
         dst = tmp_path / f"row{i}.safetensors"
         assert main(["resize", str(src), "-o", str(dst), "-q", *shlex.split(row.args)]) == 0, row.args
@@ -184,3 +195,5 @@ def test_every_printed_row_runs_as_printed_and_writes_what_analyze_predicted(tmp
     dst = tmp_path / "chosen.safetensors"
     assert main([w if w != "OUT.safetensors" else str(dst) for w in words[1:]] + ["-q"]) == 0
     assert dst.stat().st_size == a.chosen.output_bytes
+    if mixed:  # the copied float32 tensor kept its dtype and bits
+        assert torch.equal(load_st(dst)[0]["lora_unet_patch_embedding.diff_b"], sd["lora_unet_patch_embedding.diff_b"])

@@ -90,3 +90,114 @@ def test_the_size_warning_only_for_a_strictly_larger_output_and_in_units_that_di
     assert "121,100,345 bytes" in note and "121,100,000 bytes" in note
     (note,) = growth_notes(100_000_000, 121_100_000, [])
     assert "121.1 MB" in note and "100.0 MB" in note
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Each field equals what is read back from the tensors written
+
+
+def read_back(path) -> dict[str, str]:
+    """What the written tensors say, in sd-scripts' fields: per group (linear, conv) its rank and its alpha as
+    stored, or 'Dynamic' where the group's layers differ; zero layers (no update, which no alpha changes) aside."""
+    sd, _ = load_st(path)
+    groups: dict[bool, list[tuple[int, float]]] = {False: [], True: []}
+    for name in layer_names(sd):
+        down, up = sd[name + DOWN], sd[name + ".lora_up.weight"]
+        if not (bool(down.any()) and bool(up.any())):
+            continue
+        groups[down.dim() == 4].append((down.shape[0], float(sd[name + ".alpha"])))
+    out = {}
+    for conv, (dim, alpha) in ((False, ("ss_network_dim", "ss_network_alpha")), (True, ("conv_dim", "conv_alpha"))):
+        if groups[conv]:
+            ranks, alphas = {k for k, _ in groups[conv]}, {a for _, a in groups[conv]}
+            out[dim] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+            out[alpha] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+    return out
+
+
+def stated(meta) -> dict[str, str]:
+    out = {k: meta[k] for k in ("ss_network_dim", "ss_network_alpha")}
+    args = json.loads(meta.get("ss_network_args") or "{}")
+    return {**out, **{k: args[k] for k in ("conv_dim", "conv_alpha") if k in args}}
+
+
+MIXED = [Spec("lora_te_text_model_encoder_layers_0_mlp_fc1", 40, 32, 8, alpha=4.0),
+         Spec("lora_te_text_model_encoder_layers_0_mlp_fc2", 32, 40, 8, alpha=8.0),
+         Spec("lora_te_text_model_encoder_layers_1_mlp_fc1", 40, 32, 8, alpha=-2.0),
+         Spec("lora_te_text_model_encoder_layers_1_mlp_fc2", 32, 40, 8, alpha=4992.0),
+         Spec("lora_te_text_model_encoder_layers_2_mlp_fc1", 40, 32, 8, alpha=0.0),  # switched off
+         Spec("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k", 24, 20, 12, alpha=7.0),
+         Spec("lora_unet_down_blocks_0_resnets_0_conv1", 16, 8, 4, kernel=3, alpha=2.0),
+         Spec("lora_unet_down_blocks_0_resnets_0_conv2", 16, 16, 4, kernel=3, alpha=1.0)]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "float"])
+@pytest.mark.parametrize("case", [
+    dict(rank=6, rank_rule="kohya"), dict(rank=8, rank_rule="kohya", conv_rank=4),  # per-layer alphas: 7/12*8
+    dict(rank=6), dict(rank=3, conv_rank=2), dict(rank=6, rank_rule="kohya", block_rules=("*layers_1_*=drop",))],
+    ids=["kohya6", "kohya8", "exact6", "exact3", "kohya-dropped"])
+def test_dims_and_alphas_stated_are_those_read_back_from_the_tensors(tmp_path, case, precision):
+    """sd-scripts' network dim/alpha and the network args' conv dim/alpha say what the written layers hold: one
+    rank (alpha) per group where they share it - the alpha as stored, after the save dtype's rounding (7/12*8 is
+    4.65625 in bf16, not 4.666666507720947) - else 'Dynamic'."""
+    sd = make_state_dict(MIXED, seed=5)
+    src = write_lora(tmp_path / "in.safetensors", sd, {**BASE_METADATA, "ss_network_args": json.dumps(ARGS)})
+    res = lora_resize.resize(src, tmp_path / "out.safetensors", precision=precision, **case)
+    assert stated(res.metadata) == read_back(res.dst)
+    assert stated(load_st(res.dst)[1]) == read_back(res.dst)
+
+
+@pytest.mark.parametrize("case", [dict(rank=4), dict(rank=4, block_rules=("*fc1=2",)), dict(method="sv_fro", param=0.9),
+                                  dict(target_size=20_000)])
+def test_the_comment_names_every_rule_applied_drops_included(tmp_path, case):
+    sd = make_state_dict(LINEAR, seed=6)
+    src = write_lora(tmp_path / "in.safetensors", sd, dict(BASE_METADATA))
+    rules = (*case.pop("block_rules", ()), "*attn2*=drop")
+    res = lora_resize.resize(src, tmp_path / "out.safetensors", block_rules=rules, **case)
+    comment = load_st(res.dst)[1]["ss_training_comment"]
+    assert all(r in comment for r in rules), comment
+    assert not any("attn2" in k for k in load_st(res.dst)[0])
+
+
+@pytest.mark.parametrize("convs", [False, True], ids=["linear-only", "with-convs"])
+def test_a_loha_written_as_lora_states_conv_args_only_for_the_conv_layers_written(tmp_path, convs):
+    from helpers import _loha_lokr
+    sd = _loha_lokr(torch.Generator().manual_seed(7))
+    if not convs:
+        sd = {k: v for k, v in sd.items() if "resnets" not in k}
+    meta = {"ss_network_module": "lycoris.kohya", "ss_network_dim": "4", "ss_network_alpha": "2",
+            "ss_network_args": json.dumps({"algo": "loha", "conv_dim": "4", "conv_alpha": "2", "dropout": "0.1"})}
+    src = write_lora(tmp_path / "in.safetensors", sd, meta)
+    res = lora_resize.resize(src, tmp_path / "out.safetensors", rank=3)
+    out, written_meta, groups = written(res.dst)
+    assert bool(groups[True]) == convs
+    assert written_meta["ss_network_module"] == "networks.lora"
+    args = json.loads(written_meta["ss_network_args"])
+    assert args["dropout"] == "0.1" and "algo" not in args
+    assert stated(written_meta) == read_back(res.dst)
+    assert ("conv_dim" in args) == ("conv_alpha" in args) == convs
+
+
+@pytest.mark.parametrize("arch", ["sd", "flux1"])
+@pytest.mark.parametrize("version", ["sd_v1", "flux1"])
+def test_the_network_module_follows_the_architecture_the_keys_read_as(tmp_path, arch, version):
+    """A LyCORIS file written as plain pairs gets sd-scripts' LoRA module of the model its keys belong to (the
+    model convert reads them as), whatever base model version its metadata names."""
+    from lora_resize.formats import read_layout
+    from lora_resize.formats.convert import detect_arch, scheme_of
+    from lora_resize.io.reader import open_tensor_file
+    from lora_resize.testing import archs, loras
+    if arch == "sd":
+        sd = make_state_dict(LINEAR, seed=8)
+    else:
+        fn, tiny, _ = archs.NATIVE["flux1"]
+        sd = loras.lora_state_dict(fn(**tiny), "musubi", rank=4, alpha=2.0)
+    meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "lora"}),
+            "ss_base_model_version": version}
+    src = write_lora(tmp_path / "in.safetensors", sd, meta)
+    with open_tensor_file(src) as r:  # the architecture convert reads the keys as
+        layout = read_layout(r.infos(), r.metadata, src)
+        read_as = detect_arch(layout, scheme_of(layout), None, r.infos(), r.metadata)
+    assert (read_as.name if read_as else "sd") == arch
+    res = lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
+    assert load_st(res.dst)[1]["ss_network_module"] == ("networks.lora_flux" if arch == "flux1" else "networks.lora")

@@ -106,17 +106,53 @@ def largest_entry(S: np.ndarray, c: float) -> float:
     return math.sqrt(abs(c) * float(S[0])) if S.size else 0.0
 
 
-def on_host(name: str, up: torch.Tensor, down: torch.Tensor, bound: float | None = None
+def on_host(name: str, up: torch.Tensor, down: torch.Tensor, bound: float | None = None, exact: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors on the CPU, checked to fit their dtype (NumericalError naming the layer when not); `bound`
-    (largest_entry) well inside the dtype's range spares the scan."""
+    """The factors on the CPU, checked to fit their dtype (NumericalError naming the layer when not): no Inf or
+    NaN (`bound`, largest_entry, well inside the dtype's range spares that scan), and, in fp16 and bf16, no
+    factor of a live layer (bound > 0) rounded more than twice as coarsely as the dtype's normal numbers round
+    (`held_precision`): below the smallest normal number a factor keeps only a few bits or none, and the update
+    written would differ from the truncation the summary reports. `exact`: the factors are a bit-for-bit copy of
+    the input's (no rounding happened), so only the first check applies. float32 is the widest save dtype: its
+    subnormals (only from an input already below 1e-38) are kept as they are.
+
+    Raises: NumericalError, one line naming --precision float where that holds the factors."""
     up, down = up.cpu(), down.cpu()
-    if bound is not None and bound < 0.5 * torch.finfo(up.dtype).max:
-        return up, down
-    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
-        if up.dtype == torch.float32:
-            raise NumericalError(f"layer {name} has values beyond float32's range after resizing; the file is "
-                                 "damaged - re-export it")
-        raise NumericalError(f"layer {name} does not fit the save precision ({up.dtype}) after resizing; "
-                             "use --precision float or bf16")
+    if bound is None or bound >= 0.5 * torch.finfo(up.dtype).max:
+        if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+            if up.dtype == torch.float32:
+                raise NumericalError(f"layer {name} has values beyond float32's range after resizing; the file is "
+                                     "damaged - re-export it")
+            raise NumericalError(f"layer {name} does not fit the save precision ({up.dtype}) after resizing; "
+                                 "use --precision float or bf16")
+    if not exact and bound != 0 and up.dtype in (torch.float16, torch.bfloat16):  # bound 0: a switched-off layer
+        for what, t in (("up", up), ("down", down)):
+            worst = held_precision(t)
+            if worst > 2.0:
+                info, prec = torch.finfo(t.dtype), PRECISION_OF_DTYPE[t.dtype]
+                how = (f"rounds to zero in {prec}" if math.isinf(worst) else
+                       f"falls below {prec}'s smallest normal number ({info.tiny:.3g}) and would be rounded up to "
+                       f"{worst:.3g} times more coarsely than its normal numbers round")
+                raise NumericalError(f"layer {name} is too small for the save precision: its {what} factor {how}; "
+                                     "use --precision float")
     return up, down
+
+
+def held_precision(t: torch.Tensor) -> float:
+    """How much worse than the dtype's normal numbers a rounded factor `t` may be, as a ratio of relative error
+    bounds: 1 when every entry is a normal number (each within u = eps/2 of its exact value, so the factor within
+    u in Frobenius norm), larger when entries fell below the smallest normal number `tiny` (subnormals and zeros
+    are spaced 2u * tiny apart: each within u * tiny of its exact value, however small that was). The ratio is
+    sqrt(sum_normal t^2 + n_below * tiny^2) / ||t||, the bound the stored values prove (IEEE 754-2019, 3.4 and
+    4.3; Higham, "Accuracy and Stability of Numerical Algorithms", 2.1). An all-zero factor gives inf, a factor
+    with no entries 1."""
+    x = t.double().abs().flatten()
+    if x.numel() == 0:
+        return 1.0
+    tiny = torch.finfo(t.dtype).tiny
+    below = x < tiny
+    normal2 = float((x[~below] ** 2).sum())
+    total = float((x ** 2).sum())
+    if total == 0:
+        return float("inf")
+    return math.sqrt((normal2 + int(below.sum()) * tiny * tiny) / total)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import LoraStructureError, OptionsError
+from ..io.metadata import rewrites_module
 from ..io.reader import TensorInfo
 from ..registry import Registry
 from . import convert as _convert
@@ -69,7 +70,11 @@ def convert_layout(layout: Layout, target: str | None, infos: Mapping[str, Tenso
 def read_layout(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None,
                 output_format: str | None = None, arch: str | None = None) -> Layout:
     """A file's layout as its family parses it (detect), written in `output_format` when one is given (convert_layout)."""
-    return convert_layout(detect(infos, metadata, path), output_format, infos, metadata, arch)
+    parsed = detect(infos, metadata, path)
+    layout = convert_layout(parsed, output_format, infos, metadata, arch)
+    if layout.arch is None and rewrites_module(metadata):  # the written metadata depends on the architecture
+        layout.arch = _convert.keys_arch(parsed, infos, metadata, arch)
+    return layout
 
 
 def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None = None) -> Layout:

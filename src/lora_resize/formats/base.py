@@ -66,6 +66,9 @@ class Layout:
     known: dict[str, str] = field(default_factory=dict)
     file_name: str | None = None  # the name its consumers load from a folder (PEFT: adapter_model.safetensors)
     copies_modules: bool = False  # modules of a kind that cannot be written as factors are copied through
+    # the architecture its keys read as (a models name, 'sd': convert.keys_arch; a conversion's, its target's),
+    # read where the output's metadata depends on it (io.metadata.rewrites_module); None: not read
+    arch: str | None = None
 
     def written_network(self) -> str | None:
         """What the output's tensors are, for its metadata's network fields (io.metadata.network_fields): every

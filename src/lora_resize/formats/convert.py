@@ -203,6 +203,17 @@ def _dotted(arch: Architecture, path: str, space: str, same_names: bool = True) 
     return Name("native", arch.component, path) if same_names and arch.same_names else None
 
 
+def keys_arch(layout: Layout, infos: TMapping[str, TensorInfo], metadata: TMapping[str, str],
+              wanted: str | None = None) -> str | None:
+    """The name of the architecture the file's modules read as (detect_arch: the keys decide, the metadata only
+    breaks ties; SD for Stable Diffusion), else the one its metadata names (models.hinted), else None."""
+    try:
+        arch = detect_arch(layout, scheme_of(layout), wanted, infos, metadata)
+    except (LoraStructureError, OptionsError):
+        return hinted(metadata)
+    return SD if arch is None else arch.name
+
+
 def detect_arch(layout: Layout, scheme: str, wanted: str | None, infos: TMapping[str, TensorInfo],
                 metadata: TMapping[str, str] | None = None) -> Architecture | None:
     """The architecture a file's modules belong to (None: Stable Diffusion): `wanted` when given (--arch), else

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 from .._version import __version__
 
 OUR_KEY = "lora_resize"
+DYNAMIC = "Dynamic"  # sd-scripts' value of ss_network_dim / ss_network_alpha when the layers differ
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 HASH_PLACEHOLDERS = ("0" * 64, "0" * 8)  # sha256 hex, and its first 8 hex digits
 MERGE_KEPT = ("ss_network_module", "ss_base_model_version")  # what a merge keeps of its first input's metadata
@@ -21,8 +22,9 @@ MERGE_KEPT = ("ss_network_module", "ss_base_model_version")  # what a merge keep
 # are LyCORIS's LoCon with weight decomposition (`dora_wd`).
 LYCORIS_MODULE = "lycoris.kohya"
 PLAIN_MODULE = "networks.lora"
-# sd-scripts' LoRA module of a base model version other than SD's (ss_base_model_version as library/flux_utils.py
-# names them: MODEL_VERSION_FLUX_V1, MODEL_VERSION_CHROMA; both trained by networks/lora_flux.py)
+# sd-scripts' LoRA module of an architecture other than SD's, by its models name or, where the keys name none, the
+# base model version (ss_base_model_version as library/flux_utils.py names them: MODEL_VERSION_FLUX_V1,
+# MODEL_VERSION_CHROMA; both trained by networks/lora_flux.py)
 PLAIN_MODULE_OF = {"flux1": "networks.lora_flux", "chroma": "networks.lora_flux"}
 LYCORIS_FACTOR_ARGS = ("algo", "factor", "use_tucker", "use_cp", "use_conv_cp", "disable_conv_cp", "decompose_both",
                        "full_matrix", "unbalanced_factorization", "use_scalar", "block_size", "rescaled",
@@ -69,68 +71,92 @@ def setting_text(opts) -> str:
     return f"{opts.method}: {opts.param}" if opts.method else f"rank {opts.rank}"
 
 
-def written_dims(rows: Sequence) -> tuple[tuple[int, float] | None, tuple[int, float] | None, bool]:
-    """(linear, conv, uniform) of the layers written: the rank and alpha (the last layer's, as sd-scripts records
-    it) of the linear layers and of the conv (4-D) layers - the two groups --rank and --conv-rank set, and
-    network_dim and conv_dim name - or None where a group has none; `uniform`: each group has one rank. Zero
-    layers (rank-1 placeholders for an update of zero) take no part unless every layer is one."""
+def stored_alpha(alpha: float, precision: str) -> float:
+    """`alpha` as the file stores it: rounded to float32, then to the save dtype (ops.job.start_layer)."""
+    import torch
+
+    from ..core.truncate import SAVE_DTYPES
+    return float(torch.tensor(alpha, dtype=torch.float32).to(SAVE_DTYPES[precision]))
+
+
+def written_dims(rows: Sequence, precision: str) -> tuple[tuple[int, str] | None, tuple[int, str] | None, bool]:
+    """(linear, conv, uniform) of the layers written: the rank (the last layer's) and the alpha - as stored in the
+    save `precision`, or 'Dynamic' where the group's stored alphas differ - of the linear layers and of the conv
+    (4-D) layers: the two groups --rank and --conv-rank set, and network_dim/network_alpha and
+    conv_dim/conv_alpha name; None where a group has none. `uniform`: each group has one rank. Zero layers
+    (rank-1 placeholders for an update of zero, which no alpha changes) take no part unless every layer is one."""
     live = [r for r in rows if not r.zero] or list(rows)
-    groups = []
-    for conv in (False, True):
-        g = [r for r in live if r.kind.startswith("conv") == conv]
-        groups.append(g)
+    groups = [[r for r in live if r.kind.startswith("conv") == conv] for conv in (False, True)]
     uniform = all(len({r.new_rank for r in g}) <= 1 for g in groups)
-    lin, conv = ((g[-1].new_rank, g[-1].new_alpha) if g else None for g in groups)
+
+    def dims(g) -> tuple[int, str] | None:
+        if not g:
+            return None
+        alphas = {stored_alpha(r.new_alpha, precision) for r in g}
+        return g[-1].new_rank, str(alphas.pop()) if len(alphas) == 1 else DYNAMIC
+    lin, conv = (dims(g) for g in groups)
     return lin, conv, uniform
 
 
-def sd_scripts_fields(opts, rows: Sequence, comment: str) -> dict[str, str]:
+def rules_text(opts) -> str:
+    """' and rules R1, R2' naming every block rule applied (drops included), '' without."""
+    return f" and rules {', '.join(str(r) for r in opts.block_rules)}" if opts.block_rules else ""
+
+
+def sd_scripts_fields(opts, rows: Sequence, comment: str, precision: str) -> dict[str, str]:
     """ss_training_comment / ss_network_dim / ss_network_alpha as sd-scripts' resize_lora.py writes them
-    (`networks/resize_lora.py`: a fixed rank -> that rank and the last layer's alpha (the last row), the comment
-    'dimension is resized from OLD to NEW (conv: C)'; a dynamic method -> 'Dynamic'), describing the file written: the ranks are
-    those of `rows`, so a fixed setting whose layers came out at different ranks (smaller than the rank asked for)
-    is 'Dynamic' too. A budget or per-block rank rules are dynamic resizes, the comment naming them. A conversion
-    that keeps every rank keeps the input's comment. `rows`: the LayerResults, in order."""
+    (`networks/resize_lora.py`: a fixed rank -> that rank and the layers' alpha, the comment 'dimension is
+    resized from OLD to NEW (conv: C)'; a dynamic method -> 'Dynamic'), describing the file written: the ranks
+    and alphas are those of `rows` as stored in the save `precision` (written_dims), so a fixed setting whose
+    layers came out at different ranks (smaller than the rank asked for) has dim 'Dynamic', and layers written
+    with different alphas (sd-scripts' per-layer alphas of a file with mixed scales) alpha 'Dynamic'. A budget
+    or per-block rank rules are dynamic resizes; the comment names every block rule applied (drops included). A
+    conversion that keeps every rank and drops nothing keeps the input's comment. `rows`: the LayerResults, in
+    order."""
     old_dim = max(r.old_rank for r in rows)
-    ranked_rules = [str(r) for r in opts.block_rules if r.action != "drop"]
-    dynamic = {"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"}
-    if opts.budget is not None:
-        return {"ss_training_comment": f"Dynamic resize with {setting_text(opts)} from {old_dim}; {comment}", **dynamic}
-    if ranked_rules:
-        return {"ss_training_comment": f"Dynamic resize with {setting_text(opts)} and rules {', '.join(ranked_rules)} "
-                                       f"from {old_dim}; {comment}", **dynamic}
-    if opts.method is not None:
-        return {"ss_training_comment": f"Dynamic resize with {setting_text(opts)} from {old_dim}; {comment}", **dynamic}
-    lin, conv, uniform = written_dims(rows)
+    ranked_rules = [r for r in opts.block_rules if r.action != "drop"]
+    rules = rules_text(opts)
+    dynamic = {"ss_network_dim": DYNAMIC, "ss_network_alpha": DYNAMIC}
+    if opts.budget is not None or ranked_rules or opts.method is not None:
+        return {"ss_training_comment": f"Dynamic resize with {setting_text(opts)}{rules} from {old_dim}; {comment}",
+                **dynamic}
+    lin, conv, uniform = written_dims(rows, precision)
     main = lin or conv
     if opts.rank is None and opts.conv_rank is None:  # a conversion that keeps every rank: the input's comment
-        fields = {}
+        fields = {"ss_training_comment": f"ranks kept{rules}; {comment}"} if rules else {}
     elif uniform:
         desc = f" (conv: {conv[0]})" if lin and conv and conv[0] != lin[0] else ""
-        fields = {"ss_training_comment": f"dimension is resized from {old_dim} to {main[0]}{desc}; {comment}"}
+        fields = {"ss_training_comment": f"dimension is resized from {old_dim} to {main[0]}{desc}{rules}; {comment}"}
     else:
         asked = f"at most {opts.rank}" if opts.rank is not None else "the ranks kept"
         asked += f" (conv: at most {opts.conv_rank})" if opts.conv_rank not in (None, opts.rank) else ""
         fields = {"ss_training_comment": f"dimension is resized from {old_dim} to {asked}, layers smaller than that "
-                                         f"keeping their own rank; {comment}"}
+                                         f"keeping their own rank{rules}; {comment}"}
     if not uniform:
         return {**fields, **dynamic}
-    return {**fields, "ss_network_dim": str(main[0]), "ss_network_alpha": str(rows[-1].new_alpha)}
+    return {**fields, "ss_network_dim": str(main[0]), "ss_network_alpha": main[1]}
 
 
-def network_args(args: str | None, rows: Sequence) -> dict[str, str]:
+def network_args(args: str | None, rows: Sequence, precision: str, every_module: bool = True
+                 ) -> dict[str, str | None]:
     """The input's `ss_network_args` (sd-scripts' JSON of --network_args) with its conv_dim / conv_alpha set to the
-    conv layers written (one rank: it and their alpha; several: 'Dynamic'); {} when it has no conv_dim."""
+    conv layers written (written_dims: one rank, it, else 'Dynamic'; their stored alpha, else 'Dynamic'), or
+    removed when no conv layer is written (sd-scripts' networks/lora.py `create_network` would build conv modules
+    the file does not have) and `rows` are every module written (not when modules are copied through as they
+    are, which may be convs); None for the entry when nothing else is left; {} when it has no conv_dim."""
     try:
         d = json.loads(args) if args else None
     except ValueError:
         return {}
-    if not isinstance(d, dict) or "conv_dim" not in d:
+    if not isinstance(d, dict) or not {"conv_dim", "conv_alpha"} & set(d):
         return {}
-    _, conv, uniform = written_dims(rows)
+    _, conv, uniform = written_dims(rows, precision)
     if conv is None:
-        return {}
-    d["conv_dim"], d["conv_alpha"] = (str(conv[0]), str(conv[1])) if uniform else ("Dynamic", "Dynamic")
+        if not every_module:
+            return {}
+        d = {k: v for k, v in d.items() if k not in ("conv_dim", "conv_alpha")}
+        return {"ss_network_args": json.dumps(d) if d else None}
+    d["conv_dim"], d["conv_alpha"] = str(conv[0]) if uniform else DYNAMIC, conv[1]
     return {"ss_network_args": json.dumps(d)}
 
 
@@ -155,16 +181,23 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
     return json.dumps(d, separators=(",", ":"))
 
 
-def network_fields(meta: Mapping[str, str], network: str | None) -> dict[str, str | None]:
+def rewrites_module(meta: Mapping[str, str]) -> bool:
+    """The input's network module is LyCORIS's, which network_fields rewrites to what the tensors are written as
+    (and so needs the architecture the keys read as)."""
+    return meta.get("ss_network_module", "").split(".")[0] == LYCORIS_MODULE.split(".")[0]
+
+
+def network_fields(meta: Mapping[str, str], network: str | None, arch: str | None = None) -> dict[str, str | None]:
     """The network module and arguments (`ss_network_module`, `ss_network_args`) that describe the tensors
     written, where the input's (`meta`) no longer do: a LyCORIS network (`lycoris.kohya`, any algo) written as
-    plain LoRA pairs (`network` 'lora') becomes sd-scripts' LoRA module for its base model (`networks.lora`;
-    Flux/Chroma: `networks.lora_flux`) without LyCORIS's arguments; written as pairs with
+    plain LoRA pairs (`network` 'lora') becomes sd-scripts' LoRA module for the architecture its keys read as
+    (`arch`, a models name, formats.convert.keys_arch: Flux/Chroma `networks.lora_flux`, else `networks.lora`;
+    without one, the base model version the metadata names) without LyCORIS's arguments; written as pairs with
     DoRA magnitudes ('dora') it stays LyCORIS, as LoCon with `dora_wd` (lycoris/kohya.py `create_network`). The
     arguments that still hold (conv_dim, dropouts, LoRA+ ratios, ...) are kept; None for `network` (modules are
     copied through as they are) or any other module: nothing changes. Values None remove the entry."""
     module = meta.get("ss_network_module", "")
-    if network is None or module.split(".")[0] != LYCORIS_MODULE.split(".")[0]:
+    if network is None or not rewrites_module(meta):
         return {}
     try:
         args = json.loads(meta.get("ss_network_args") or "{}")
@@ -173,34 +206,39 @@ def network_fields(meta: Mapping[str, str], network: str | None) -> dict[str, st
     args = args if isinstance(args, dict) else {}
     if network == "lora":
         kept = {k: v for k, v in args.items() if k not in LYCORIS_FACTOR_ARGS + LYCORIS_LOADER_ARGS}
-        plain = PLAIN_MODULE_OF.get(meta.get("ss_base_model_version", ""), PLAIN_MODULE)
+        plain = PLAIN_MODULE_OF.get(arch or meta.get("ss_base_model_version", ""), PLAIN_MODULE)
         return {"ss_network_module": plain, "ss_network_args": json.dumps(kept) if kept else None}
     kept = {k: v for k, v in args.items() if k not in LYCORIS_FACTOR_ARGS}
     return {"ss_network_module": module, "ss_network_args": json.dumps({**kept, "algo": "locon", "dora_wd": "True"})}
 
 
 def output_metadata(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[InputRecord],
-                    side: Mapping[str, str | None], merged: bool = False, network: str | None = None
-                    ) -> dict[str, str]:
+                    side: Mapping[str, str | None], merged: bool = False, network: str | None = None,
+                    arch: str | None = None) -> dict[str, str]:
     """The metadata of the file a resize (one source) or a merge (`merged`) writes, without the sd-scripts hashes
     (`with_hashes` adds them). A resize keeps its input's metadata and overwrites sd-scripts' resize fields; a
     merge keeps only the base model's identity and describes the recipe. `rows`: the LayerResults, in order.
     `network`: what the tensors are written as ('lora', 'dora', None: as read; formats' Layout.written_network),
-    which sets the network module and arguments (network_fields)."""
+    which sets the network module and arguments (network_fields) with `arch`, the architecture the keys read as
+    (formats' Layout.arch)."""
     first = sources[0].metadata
     if merged:
-        ranks, alphas = {r.new_rank for r in rows}, {r.new_alpha for r in rows}
+        ranks, alphas = {r.new_rank for r in rows}, {stored_alpha(r.new_alpha, precision) for r in rows}
         recipe = " + ".join(f"{s.name} x {s.weight:g}" for s in sources)
         meta = {k: v for k, v in first.items() if k in MERGE_KEPT}
         meta.update({"ss_training_comment": f"merged with lora-resize ({setting_text(opts)}): {recipe}",
-                     "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-                     "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic"})
+                     "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else DYNAMIC,
+                     "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else DYNAMIC})
     else:
         meta = {k: v for k, v in first.items() if k not in HASH_KEYS}
-        meta.update(sd_scripts_fields(opts, rows, first.get("ss_training_comment", "")))
-        meta.update(network_args(first.get("ss_network_args"), rows))
+        meta.update(sd_scripts_fields(opts, rows, first.get("ss_training_comment", ""), precision))
+        for k, v in network_args(first.get("ss_network_args"), rows, precision, network is not None).items():
+            if v is None:
+                meta.pop(k, None)
+            else:
+                meta[k] = v
     meta[OUR_KEY] = record(opts, precision, fmt, rows, sources, merged)
-    for k, v in {**network_fields(meta, network), **side}.items():
+    for k, v in {**network_fields(meta, network, arch), **side}.items():
         if v is None:
             meta.pop(k, None)
         else:

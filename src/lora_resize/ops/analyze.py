@@ -251,7 +251,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
         t_dec = time.perf_counter() - t1
         out = Output(layout, jobs, copied_sources(layout, reader), [InputRecord(src.name, reader.metadata)],
                      cast=shared.precision is not None)
-    return Evaluator(out, sps, precision, replace(shared, precision=precision), input_precision), dict(
+    return Evaluator(out, sps, precision, shared, input_precision), dict(
         src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
         seconds=0.0, decompose_seconds=t_dec, notes=precision_notes + rules.notes + list(layout.notes) + base_notes,
         rule_hits=rules.hits)
@@ -270,8 +270,6 @@ def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
     t0 = time.perf_counter()
     shared, chosen = split_options(options, option_fields)
     ev, a_fields = decomposed(src, shared, progress)
-    shared = replace(shared, precision=ev.precision)
-    chosen = replace(chosen, precision=ev.precision) if chosen is not None else None
     a = finish(ev, a_fields, shared, chosen, chosen.label() if chosen else "", sweep)
     a.seconds = time.perf_counter() - t0
     return a

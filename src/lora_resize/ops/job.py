@@ -117,7 +117,7 @@ def held_alpha(alpha: float, dtype: torch.dtype) -> float:
     """`alpha` brought into the range of normal numbers `dtype` stores (fp16: 6.1e-5 to 65504), sign kept; 0 stays
     0. A larger alpha (a huge --rank times the input's scale) would be stored as Inf, a smaller one as 0 or a
     subnormal: either would switch the layer off or break it in every loader. An alpha in range is returned as it
-    is (the metadata states it as sd-scripts does, before the dtype's rounding)."""
+    is (the dtype rounds it when stored; the metadata states it as stored: io.metadata.written_dims)."""
     info = torch.finfo(dtype)
     if alpha == 0 or info.tiny <= abs(alpha) <= info.max:
         return alpha
@@ -213,7 +213,7 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
 
 def finish_layer(q: Queued) -> tuple[LayerResult, dict[str, torch.Tensor]]:
     """The layer's row and its output tensors on the CPU, checked to fit the save precision."""
-    up, down = on_host(q.job.name, q.up, q.down, q.bound)
+    up, down = on_host(q.job.name, q.up, q.down, q.bound, exact=q.conversion == "exact")
     S = q.spectrum.S
     row = layer_row(q.spectrum, q.rank, q.alpha, clamped=q.clamped, zero=q.zero, singular_values=S,
                     underflow=bool(S.size and S[0] > 0 and not (bool(up.any()) and bool(down.any()))),
@@ -304,7 +304,7 @@ def metadata_for(out: Output, sps: list[Spectrum], opts: ResizeOptions, precisio
         rows = planned_rows(sps, ranks, alpha_of, opts.rank_rule)
         return with_hashes(output_metadata(opts, precision, out.layout.format, rows, out.sources,
                                            out.layout.side_outputs(rows).metadata, out.merged,
-                                           out.layout.written_network()))
+                                           out.layout.written_network(), out.layout.arch))
     return meta
 
 
@@ -351,7 +351,7 @@ def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device:
         tensors.setdefault(key, copied_tensor(src.get(key), cast))
     side = out.layout.side_outputs(rows)
     meta = output_metadata(run_opts, precision, out.layout.format, rows, out.sources, side.metadata, out.merged,
-                           out.layout.written_network())
+                           out.layout.written_network(), out.layout.arch)
     meta, write_notes = write_output(dst, tensors, meta, side.files, new_folder)
     return Produced(rows, meta, write_notes, plan_notes, run_opts, out.cast_keys(save_dtype))
 

@@ -431,7 +431,8 @@ def test_structured_pairs_are_exact_and_never_wider_than_the_layer(sizes):
 
 LYCO_ARGS = {"conv_dim": "4", "conv_alpha": "2", "dropout": "0.1", "factor": "8", "use_tucker": "True",
              "full_matrix": "False", "preset": "full", "rs_lora": "False"}
-STILL_HOLD = {"conv_dim": "4", "conv_alpha": "2", "dropout": "0.1"}  # sd-scripts' networks.lora reads these
+# sd-scripts' networks.lora reads these; conv_dim / conv_alpha only while conv layers are written (written_conv)
+STILL_HOLD = {"dropout": "0.1"}
 NETWORK_INPUTS = {  # kind -> (the file's modules, algo in its ss_network_args)
     "loha": (lambda: {**loha(LIN, 20, 16, 2, alpha=1.0, seed=61), **loha(PW, 12, 10, 2, alpha=1.0, seed=62)}, "loha"),
     "lokr": (lambda: lokr(LIN, 4, 4, 5, 4, r=2, alpha=1.0, seed=63), "lokr"),
@@ -451,8 +452,8 @@ def lycoris_metadata(algo: str, **extra) -> dict[str, str]:
 @pytest.mark.parametrize("kind", sorted(NETWORK_INPUTS))
 def test_lycoris_written_as_plain_lora_says_so_in_its_metadata(tmp_path, kind):
     """A LyCORIS file (any algo) written as plain LoRA pairs is sd-scripts' networks.lora: the written file's
-    ss_network_module says so and its ss_network_args keep only what networks.lora reads (conv_dim, dropouts),
-    never LyCORIS's algo/factor fields."""
+    ss_network_module says so and its ss_network_args keep only what networks.lora reads (dropouts; conv_dim and
+    conv_alpha those of the conv layers written, none without any), never LyCORIS's algo/factor fields."""
     build, algo = NETWORK_INPUTS[kind]
     src = write_lora(tmp_path / "in.safetensors", build(), lycoris_metadata(algo))
     lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
@@ -475,12 +476,19 @@ def written_conv(path) -> dict[str, str]:
 
 
 def test_flux_lycoris_written_as_plain_lora_names_sd_scripts_flux_module(tmp_path):
-    """sd-scripts trains Flux (and Chroma) LoRAs with networks.lora_flux: a Flux LoHa written as plain LoRA says so."""
-    src = write_lora(tmp_path / "in.safetensors", NETWORK_INPUTS["loha"][0](),
-                     {**lycoris_metadata("loha"), "ss_base_model_version": "flux1"})
-    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
-    _, meta = load_st(tmp_path / "out.safetensors")
-    assert meta["ss_network_module"] == "networks.lora_flux"
+    """sd-scripts trains Flux (and Chroma) LoRAs with networks.lora_flux: a Flux LoHa (its keys Flux's) written as
+    plain LoRA says so; an SD LoHa whose metadata names Flux stays networks.lora (the keys decide, as convert
+    reads them)."""
+    from lora_resize.testing import archs
+    fn, tiny, _ = archs.NATIVE["flux1"]
+    flux = {}
+    for i, m in enumerate(s for s in fn(**tiny) if not s.spatial):
+        flux.update(loha("lora_unet_" + m.name.replace(".", "_"), m.out, m.inp, 2, alpha=1.0, seed=80 + i))
+    for sd, module in ((flux, "networks.lora_flux"), (NETWORK_INPUTS["loha"][0](), "networks.lora")):
+        src = write_lora(tmp_path / "in.safetensors", sd, {**lycoris_metadata("loha"), "ss_base_model_version": "flux1"})
+        lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
+        _, meta = load_st(tmp_path / "out.safetensors")
+        assert meta["ss_network_module"] == module
 
 
 @pytest.mark.parametrize("first", ["loha", "kohya"])
@@ -502,7 +510,8 @@ def test_lycoris_with_dora_magnitudes_is_described_as_locon_with_dora(tmp_path):
     lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
     _, meta = load_st(tmp_path / "out.safetensors")
     assert meta["ss_network_module"] == "lycoris.kohya"
-    assert json.loads(meta["ss_network_args"]) == {**STILL_HOLD, "preset": "full", "algo": "locon", "dora_wd": "True",
+    assert json.loads(meta["ss_network_args"]) == {**STILL_HOLD, **written_conv(tmp_path / "out.safetensors"),
+                                                   "preset": "full", "algo": "locon", "dora_wd": "True",
                                                    "wd_on_output": "True"}
 
 

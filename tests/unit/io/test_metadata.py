@@ -18,12 +18,6 @@ def old_dim(sd) -> int:
     return max(sd[n + DOWN].shape[0] for n in layer_names(sd))
 
 
-def last_layer_in_key_order(sd) -> str:
-    """sd-scripts iterates the loaded state dict, whose keys come sorted, and keeps the last layer's alpha."""
-    last_down = sorted(k for k in sd if k.endswith(DOWN))[-1]
-    return last_down[: -len(DOWN)]
-
-
 def sd_scripts_alpha_str(sd_in, name: str, k: int) -> str:
     """str(float(scale * new_rank)) with scale = alpha / old_rank computed in float32 (1.0 without alpha)."""
     r = sd_in[name + DOWN].shape[0]
@@ -43,12 +37,12 @@ def test_fixed_mode_strings(tmp_path, standard_lora, standard_sd, rank, conv_ran
         f"dimension is resized from {old_dim(standard_sd)} to {rank}{conv_desc}; {BASE_COMMENT}")
     assert meta["ss_network_dim"] == str(rank)
     assert meta["ss_network_alpha"] == str(one_alpha(standard_sd, rank))  # the one alpha every layer carries
-    # with sd-scripts' rank rule, its alphas: the last layer's (in key order), as sd-scripts records it
+    # with sd-scripts' rank rule, its per-layer alphas: the one the written linear layers share, else 'Dynamic'
     lora_resize.resize(standard_lora, dst, rank=rank, conv_rank=conv_rank, precision="float", rank_rule="kohya")
     tensors, meta = load_st(dst)
-    last = last_layer_in_key_order(standard_sd)
-    k = tensors[last + DOWN].shape[0]
-    assert meta["ss_network_alpha"] == sd_scripts_alpha_str(standard_sd, last, k)
+    alphas = {float(tensors[n + ALPHA]) for n in layer_names(tensors)
+              if tensors[n + DOWN].dim() == 2 and bool(tensors[n + DOWN].any()) and bool(tensors[n + ".lora_up.weight"].any())}
+    assert meta["ss_network_alpha"] == (str(alphas.pop()) if len(alphas) == 1 else "Dynamic")
 
 
 @pytest.mark.parametrize("method,param", [("sv_fro", 0.9), ("sv_ratio", 8), ("sv_cumulative", 0.5)])
@@ -84,29 +78,30 @@ def test_no_input_metadata(tmp_path, standard_sd):
 
 
 def test_network_alpha_of_fp16_input(tmp_path):
-    # alpha 3 on rank 7 (a repeating binary fraction): the float32 arithmetic shows in the string
+    # alpha 3 on rank 7 (a repeating binary fraction): the string is the alpha as stored, after sd-scripts'
+    # float32 arithmetic and the fp16 rounding of the file
     specs = [Spec("lora_te_a", 30, 20, 7, alpha=3.0), Spec("lora_unet_b", 30, 20, 7, alpha=3.0)]
     sd = make_state_dict(specs, seed=3, dtype=torch.float16)
     src = write_lora(tmp_path / "in.safetensors", sd, {"ss_training_comment": "c"})
     dst = tmp_path / "out.safetensors"
     lora_resize.resize(src, dst, rank=2)
     _, meta = load_st(dst)
-    assert meta["ss_network_alpha"] == sd_scripts_alpha_str(sd, "lora_unet_b", 2)
-    assert meta["ss_network_alpha"] == str(float(torch.tensor(3.0) / 7 * 2))
+    assert meta["ss_network_alpha"] == str(float(torch.tensor(float(sd_scripts_alpha_str(sd, "lora_unet_b", 2))).half()))
+    assert meta["ss_network_alpha"] == str(float((torch.tensor(3.0) / 7 * 2).half()))
+    assert meta["ss_network_alpha"] == str(float(load_st(dst)[0]["lora_unet_b" + ALPHA]))
 
 
-def test_network_alpha_uses_last_layer_in_sorted_key_order(tmp_path):
-    # "x-y" sorts after "x" as a layer name but before it as a key ("x-y.lora_down..." < "x.lora_down..."),
-    # so only one of the two orders matches sd-scripts' dict iteration
+def test_network_alpha_of_layers_written_with_different_alphas_is_dynamic(tmp_path):
+    # sd-scripts records the last layer's alpha ("x-y" sorts after "x" as a layer name but before it as a key);
+    # with sd-scripts' rank rule these layers are written with alphas 0.75 and 1.25: no one alpha describes them
     specs = [Spec("lora_te_x", 30, 20, 8, alpha=3.0), Spec("lora_te_x-y", 30, 20, 8, alpha=5.0)]
     sd = make_state_dict(specs, seed=4)
     src = write_lora(tmp_path / "in.safetensors", sd, {"ss_training_comment": "c"})
     dst = tmp_path / "out.safetensors"
     lora_resize.resize(src, dst, rank=2, rank_rule="kohya")
-    _, meta = load_st(dst)
-    last = last_layer_in_key_order(sd)
-    assert last == "lora_te_x"
-    assert meta["ss_network_alpha"] == sd_scripts_alpha_str(sd, last, 2)
+    tensors, meta = load_st(dst)
+    assert {float(tensors[n + ALPHA]) for n in ("lora_te_x", "lora_te_x-y")} == {0.75, 1.25}
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("2", "Dynamic")
 
 
 def test_old_dim_is_largest_old_rank(tmp_path):
