@@ -240,3 +240,24 @@ def test_every_printout_of_one_file_shows_its_size_one_way(tmp_path, capsys):
         texts["page resize"] = app.resize(str(src), None, "--rank 4")[0]
     for name, text in texts.items():
         assert not sizes_disagreeing(text, files), (name, sizes_disagreeing(text, files))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --json: stdout holds the JSON alone
+
+
+@pytest.mark.parametrize("argv", [
+    ["resize", "{src}", "-o", "{out}", "--rank", "4"],
+    ["resize", "{src}", "-o", "{out}", "--method", "sv_fro", "--param", "0.9"],
+    ["merge", "{src}:0.5", "{src}:0.25", "-o", "{out}", "--rank", "4"],
+    ["convert", "{src}", "-o", "{out}", "--to", "comfy", "--rank", "4"],
+    ["analyze", "{src}", "--rank", "4"],
+    ["--model", "{src}", "--save_to", "{out}", "--new_rank", "4"],  # the sd-scripts form
+])
+def test_json_with_verbose_prints_only_the_json_on_stdout(tmp_path, blocky_lora, capsys, argv):
+    fill = dict(src=blocky_lora, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv] + ["--json", "-v", "-q"], capsys)
+    assert code == 0, err
+    json.loads(out)  # the whole of stdout is one JSON document
+    if argv[0] != "analyze":  # the per-layer lines still come, on stderr
+        assert "fro retained:" in err

@@ -186,7 +186,8 @@ def progress(quiet: bool, desc: str, unit: str = "layer"):
     return wrap
 
 
-def write_line(line: str) -> None:
-    """A line on stdout that does not break a progress bar."""
+def write_line(line: str, args: argparse.Namespace | None = None) -> None:
+    """A line for people that does not break a progress bar: on stdout, or on stderr when the parsed line asked
+    for --json (stdout then holds the JSON alone, which a parser reads whole)."""
     from tqdm import tqdm
-    tqdm.write(line, file=sys.stdout)
+    tqdm.write(line, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
