@@ -261,3 +261,44 @@ def test_json_with_verbose_prints_only_the_json_on_stdout(tmp_path, blocky_lora,
     json.loads(out)  # the whole of stdout is one JSON document
     if argv[0] != "analyze":  # the per-layer lines still come, on stderr
         assert "fro retained:" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A mistyped subcommand
+
+
+@pytest.mark.parametrize("argv, guess", [
+    (["resiz", "{src}", "-o", "{out}", "--rank", "4"], "resize"),
+    (["resiz"], "resize"),
+    (["rezise", "-h"], "resize"),
+    (["mrege", "{src}:1", "-o", "{out}"], "merge"),
+    (["analyse", "{src}"], "analyze"),
+    (["conver", "{src}", "-o", "{out}", "--to", "comfy"], "convert"),
+    (["Batch", "{dir}", "{out}"], "batch"),
+])
+def test_a_mistyped_subcommand_names_the_closest_one(tmp_path, blocky_lora, capsys, argv, guess):
+    fill = dict(src=blocky_lora, dir=blocky_lora.parent, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv], capsys)
+    assert code == 2 and out == ""
+    assert err == (f"lora-resize: error: unknown command {argv[0]} (did you mean {guess}?); "
+                   "see lora-resize -h\n"), err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["resiz", "merg"])
+def test_an_input_named_like_a_mistyped_subcommand_is_still_an_input(tmp_path, blocky_lora, capsys, monkeypatch,
+                                                                      name):
+    """Without a subcommand the first word is the sd-scripts form's input: an existing file is never a typo."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_bytes(blocky_lora.read_bytes())
+    code, out, err = run([name, "-o", "out.safetensors", "--rank", "4", "-q"], capsys)
+    assert "unknown command" not in err
+    assert code == 0, err
+    assert (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("word", ["missing.safetensors", "resize.safetensors", "dir/resiz", "s3://bucket/resiz"])
+def test_a_missing_input_is_not_taken_for_a_command(tmp_path, capsys, monkeypatch, word):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run([word, "-o", "out.safetensors", "--rank", "4"], capsys)
+    assert code == 2 and "unknown command" not in err, err
