@@ -302,3 +302,46 @@ def test_a_missing_input_is_not_taken_for_a_command(tmp_path, capsys, monkeypatc
     monkeypatch.chdir(tmp_path)
     code, out, err = run([word, "-o", "out.safetensors", "--rank", "4"], capsys)
     assert code == 2 and "unknown command" not in err, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An option given twice
+
+
+@pytest.mark.parametrize("argv, first, second", [
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--rank", "8"], "--rank 4", "--rank 8"),
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--new_rank", "8"], "--rank 4", "--new_rank 8"),
+    (["resize", "{src}", "-o", "{out}", "-o", "{out}2", "--rank", "4"], "-o {out}", "-o {out}2"),
+    (["merge", "{src}:1", "-o", "{out}", "--method", "sv_fro", "--param", "0.9", "--param", "0.5"],
+     "--param 0.9", "--param 0.5"),
+    (["analyze", "{src}", "--precision", "fp16", "--save_precision", "bf16"], "--precision fp16",
+     "--save_precision bf16"),
+    (["batch", "{dir}", "{out}", "--rank", "4", "--workers", "2", "--workers", "3"], "--workers 2", "--workers 3"),
+    (["convert", "{src}", "-o", "{out}", "--to", "comfy", "--to", "diffusers"], "--to comfy", "--to diffusers"),
+    (["--model", "{src}", "--save_to", "{out}", "--new_rank", "4", "--new_rank", "8"], "--new_rank 4",
+     "--new_rank 8"),
+])
+def test_an_option_given_twice_with_different_values_is_refused(tmp_path, blocky_lora, capsys, argv, first, second):
+    fill = dict(src=blocky_lora, dir=blocky_lora.parent, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    flag = first.split()[0]
+    assert f"{flag} given twice with different values ({first}, {second}); give it once".format(**fill) in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_an_option_given_twice_with_the_same_value_is_harmless(tmp_path, blocky_lora, capsys):
+    out = tmp_path / "out.safetensors"
+    code, _, err = run(["resize", str(blocky_lora), "-o", str(out), "--rank", "4", "--new_rank", "4", "-q"], capsys)
+    assert code == 0 and out.exists(), err
+    rules = build_parser().parse_args(["resize", "IN", "--rule", "unet=4", "--rule", "te=2"]).block_rules
+    assert len(rules) == 2  # options meant to repeat still repeat
+
+
+@pytest.mark.parametrize("size", ["1KB", "1", "100MB", "399MiB"])
+def test_a_memory_budget_too_small_for_one_worker_is_refused(tmp_path, blocky_lora, capsys, size):
+    code, out, err = run(["batch", str(blocky_lora.parent), str(tmp_path / "b"), "--rank", "4", "--max-memory", size],
+                         capsys)
+    assert code == 2 and out == "", err
+    assert f"--max-memory {size} is too small" in err and "at least 419.4 MB" in err, err
+    assert not (tmp_path / "b").exists()

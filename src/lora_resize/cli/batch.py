@@ -29,12 +29,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ops.batch import run_batch
+    from ..errors import OptionsError
+    from ..ops.batch import BASE_MEMORY, run_batch
     from ..report.text import percent
     from ..units import format_size, parse_size
 
     opts = options_from(args)
     budget = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
+    if budget is not None and budget < BASE_MEMORY:  # not even one worker (a process with torch) fits in it
+        raise OptionsError(f"--max-memory {args.max_memory} is too small: one worker (a process with torch) "
+                           f"needs about {format_size(BASE_MEMORY)}; give at least {format_size(BASE_MEMORY)} (e.g. "
+                           "--max-memory 4GB), or leave it out for no limit")
 
     def status(row) -> None:
         if args.json:

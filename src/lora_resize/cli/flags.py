@@ -21,6 +21,8 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", Paragraphs)
         super().__init__(*args, **kwargs)
+        for name in (None, "store"):  # every plain option of every subcommand (argument groups share the registry)
+            self.register("action", name, StoreOnce)
         self.needs: list[tuple[str, str, str, Callable | None]] = []  # (dest, module, feature, when)
 
     def error(self, message: str):  # noqa: D102
@@ -33,6 +35,7 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):  # noqa: D102
         ns, extras = self.parse_known_args(args, namespace)
+        vars(ns).pop(StoreOnce.GIVEN, None)
         active = self._active(ns)
         if extras:
             active.unknown(extras)
@@ -70,6 +73,27 @@ class Parser(argparse.ArgumentParser):
             value = getattr(ns, dest, None) if dest else True
             if value not in (None, False) and (when is None or when(value)):
                 require(module, feature)
+
+
+class StoreOnce(argparse._StoreAction):
+    """argparse's `store`, refusing an option given twice with different values (under any of its spellings:
+    `--rank 4 --new_rank 8`) instead of keeping the last one silently; the same value twice is harmless.
+    Options meant to repeat use `append` (--rule)."""
+
+    GIVEN = "_given_once"  # the namespace's record of what each dest was given as; parse_args removes it
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = vars(namespace).setdefault(self.GIVEN, {})
+        if self.option_strings and self.dest in given and given[self.dest][1] != values:
+            first, value = given[self.dest]
+            parser.error(f"{first} given twice with different values ({first} {_shown(value)}, {option_string} "
+                         f"{_shown(values)}); give it once")
+        given[self.dest] = (option_string, values)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 class Paragraphs(argparse.HelpFormatter):
