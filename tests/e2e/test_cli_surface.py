@@ -345,3 +345,70 @@ def test_a_memory_budget_too_small_for_one_worker_is_refused(tmp_path, blocky_lo
     assert code == 2 and out == "", err
     assert f"--max-memory {size} is too small" in err and "at least 419.4 MB" in err, err
     assert not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hints for a bad option: the setting meant, never a look-alike
+
+
+@pytest.mark.parametrize("argv, want", [
+    # another subcommand's flag for a setting this one has under another name (convert's --to: --output-format)
+    (["batch", "{dir}", "{out}", "--rank", "4", "--to", "kohya"],
+     "batch: unknown option --to (did you mean --output-format? --to means --output-format on convert)"),
+    (["analyze", "{src}", "--to", "comfy"],
+     "analyze: unknown option --to (did you mean --output-format? --to means --output-format on convert)"),
+    # another subcommand's flag with no counterpart here: say whose it is, no look-alike (--force is not --rule)
+    (["convert", "{src}", "-o", "{out}", "--to", "comfy", "--force"],
+     "convert: unknown option --force (an option of lora-resize batch)"),
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--workers", "2"],
+     "resize: unknown option --workers (an option of lora-resize batch)"),
+    # the unknown option first, even where it stands for a missing required one
+    (["convert", "{src}", "-o", "{out}", "--too", "kohya"], "convert: unknown option --too (did you mean --to?)"),
+    (["convert", "{src}", "--to", "kohya", "--outptu", "{out}"],
+     "convert: unknown option --outptu (did you mean --output?)"),
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--xyzzy", "--frce"], "resize: unknown option --xyzzy;"),
+])
+def test_a_bad_option_gets_the_hint_that_fits(tmp_path, blocky_lora, capsys, argv, want):
+    fill = dict(src=blocky_lora, dir=blocky_lora.parent, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"lora-resize: error: {want}"), err
+    assert "did you mean --method" not in err and "did you mean --rule" not in err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["merge", "--model", "{src}", "-o", "{out}", "--rank", "2"], "--model: merge takes its inputs as FILE[:WEIGHT]"),
+    (["batch", "{dir}", "{out}", "--model", "{src}", "--rank", "2"], "--model: batch reads every LoRA under IN_DIR"),
+    (["merge", "{src}:abc", "-o", "{out}", "--rank", "2"], "bad weight abc in {src}:abc: write FILE:WEIGHT with a "
+                                                           "number"),
+    (["merge", "{src}:1", "{src}:", "-o", "{out}", "--rank", "2"], "bad weight  in {src}:"),
+    (["resize", "{src}", "-o", "{out}", "--param", "0.9"], "--param needs a dynamic method: add --method"),
+    (["--model", "{src}", "--save_to", "{out}", "--dynamic_param", "0.9", "--new_rank", "4", "--rank", "4",
+      "--param", "0.8"], "given twice"),
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--device", "cuda:x"],
+     "device must be auto, cpu, cuda or cuda:N (a GPU's index), got 'cuda:x'"),
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--device", "cuda:"], "got 'cuda:'"),
+])
+def test_a_bad_value_is_named_as_given(tmp_path, blocky_lora, capsys, argv, want):
+    fill = dict(src=blocky_lora, dir=blocky_lora.parent, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert want.format(**fill) in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_gpu_index_is_named_when_cuda_is_absent(tmp_path, blocky_lora, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(["resize", str(blocky_lora), "-o", str(tmp_path / "o.safetensors"), "--rank", "4",
+                        "--device", "cuda:1"], capsys)
+    assert code == 2 and "--device cuda:1 was asked for but CUDA is not available" in err, err
+
+
+def test_a_merge_input_whose_name_has_a_colon_is_still_an_input(tmp_path, blocky_lora, capsys):
+    named = tmp_path / "a:b.safetensors"
+    named.write_bytes(blocky_lora.read_bytes())
+    out = tmp_path / "out.safetensors"
+    code, _, err = run(["merge", str(named), f"{named}:0.5", "-o", str(out), "--rank", "2", "-q"], capsys)
+    assert code == 0 and out.exists(), err

@@ -33,6 +33,8 @@ def build_parser():
     for name in COMMANDS:
         module = importlib.import_module(MODULES[name])
         module.add_arguments(sub.add_parser(name, help=module.HELP, description=description(module)))
+    for parser in sub.choices.values():  # for the hints on an option another subcommand has
+        parser.siblings = sub.choices
     return p
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .flags import OUTPUT_FLAGS, add_option_groups, add_output_flags, is_url, options_from, progress, refuse
+from .flags import INPUT_FLAGS, OUTPUT_FLAGS, add_option_groups, add_output_flags, is_url, options_from, progress, refuse
 
 HELP = "resize every LoRA under a folder"
 
@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.requires("dask", "distributed", "--dask")
     add_option_groups(p, "rank", "output", "compute")
     add_output_flags(p, None)
+    refuse(p, *INPUT_FLAGS, why="batch reads every LoRA under IN_DIR; give the folder as the first argument")
     refuse(p, *OUTPUT_FLAGS, why="batch writes into OUT_DIR; give the folder as the second argument")
     refuse(p, "-v", "--verbose", nargs=0, why="batch prints one line per file; per-layer lines are for "
            "`lora-resize resize -v`")
