@@ -412,3 +412,23 @@ def test_a_merge_input_whose_name_has_a_colon_is_still_an_input(tmp_path, blocky
     out = tmp_path / "out.safetensors"
     code, _, err = run(["merge", str(named), f"{named}:0.5", "-o", str(out), "--rank", "2", "-q"], capsys)
     assert code == 0 and out.exists(), err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# File names never drive the terminal
+
+
+def test_batch_escapes_control_characters_in_file_names(tmp_path, blocky_lora, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    names = ["new\nline.safetensors", "red\x1b[31m.safetensors", "tab\there.safetensors"]
+    for name in names:
+        (src / name).write_bytes(blocky_lora.read_bytes())
+    (src / "bad\rname.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # a broken file: an error row
+    code, out, err = run(["batch", str(src), str(tmp_path / "out"), "--rank", "2", "-q"], capsys)
+    assert code == 2, err  # the broken file failed
+    lines = out.splitlines()
+    assert len(lines) == len(names) + 2, out  # one line per file and the total: no name split a line
+    assert all(c.isprintable() for line in lines for c in line), out
+    for shown in ("new\\nline", "red\\x1b[31m", "tab\\there", "bad\\rname"):
+        assert sum(shown in line for line in lines) == 1, (shown, out)

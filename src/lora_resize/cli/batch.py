@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import OptionsError
+    from ..errors import OptionsError, one_line
     from ..ops.batch import BASE_MEMORY, run_batch
     from ..report.text import percent
     from ..units import format_size, parse_size
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             detail = row.error
         from tqdm import tqdm
-        tqdm.write(f"{row.status:7} {row.file}: {detail}", file=sys.stdout)
+        tqdm.write(one_line(f"{row.status:7} {row.file}: {detail}"), file=sys.stdout)  # names never drive the terminal
 
     result = run_batch(args.in_dir, args.out_dir, opts, workers=args.workers, max_memory=budget, force=args.force,
                        dask=args.dask, progress=progress(args.quiet, "files", unit="file"), on_file=status)
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         total_in = sum(f.in_bytes for f in result.files if f.status == "ok")
         total_out = sum(f.out_bytes or 0 for f in result.files if f.status == "ok")
-        print(f"{len(result.files)} files: {result.count('ok')} resized ({format_size(total_in)} -> "
-              f"{format_size(total_out)}), {result.count('skipped')} skipped, {result.count('error')} failed; "
-              f"{result.seconds:.1f} s; manifest {result.manifest}")
+        print(one_line(f"{len(result.files)} files: {result.count('ok')} resized ({format_size(total_in)} -> "
+                       f"{format_size(total_out)}), {result.count('skipped')} skipped, {result.count('error')} "
+                       f"failed; {result.seconds:.1f} s; manifest {result.manifest}"))
     return 0 if result.count("error") == 0 else 2
