@@ -195,10 +195,15 @@ def analysis_table(a, verbose: bool = False) -> str:
     if a.dropped:
         lines.append(f"{len(a.dropped)} module(s) dropped by rules and left out of every setting")
     lines += [f"note: {n}" for n in a.notes]
-    if verbose:
-        pick = a.pick
-        lines += ["", f"per layer, {pick.label}:"]
-        for L, block, k in zip(a.layers, a.blocks, pick.ranks):
-            lines.append(f"  {L.name:75} {block:>15} rank {L.rank:>4} -> {int(k):>4}  fro "
-                         f"{percent(L.fro_retained(k))}")
+    text = "\n".join(one_line(line) for line in lines)
+    return f"{text}\n\n{per_layer_table(a)}" if verbose else text
+
+
+def per_layer_table(a) -> str:
+    """analyze -v: each layer's block, rank and the Frobenius norm kept under the chosen setting (or the default
+    pick)."""
+    pick = a.pick
+    lines = [f"per layer, {pick.label}:"]
+    for L, block, k in zip(a.layers, a.blocks, pick.ranks):
+        lines.append(f"  {L.name:75} {block:>15} rank {L.rank:>4} -> {int(k):>4}  fro {percent(L.fro_retained(k))}")
     return "\n".join(one_line(line) for line in lines)
