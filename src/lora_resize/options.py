@@ -149,11 +149,12 @@ class ResizeOptions:
             if why:
                 raise OptionsError(f"--param {self.param} for {policy.name} {why}")
         else:
+            if self.param is not None:  # first: the fix is the method it was meant for, not a rank
+                raise OptionsError(f"--param needs a dynamic method: add --method {'|'.join(dynamic_methods())} "
+                                   "(--dynamic_method), or drop --param")
             if not self.rank_settings and not self.keep_unranked:
                 raise OptionsError("give a rank (--rank N), a dynamic method (--method sv_fro --param 0.9) or a "
                                    "budget (--target-size 50MB, --target-fro 0.95)")
-            if self.param is not None:
-                raise OptionsError("--param is only used with a dynamic method (--method sv_ratio|sv_cumulative|sv_fro)")
         if self.rank_rule not in RANK_RULES:
             raise OptionsError(f"rank rule must be one of {', '.join(RANK_RULES)}, got {self.rank_rule!r}")
         if self.precision is not None:
@@ -176,8 +177,9 @@ class ResizeOptions:
             raise OptionsError(f"--arch must be one of {', '.join(architectures())}, got {self.arch!r}")
         if self.threads is not None and not _whole_at_least_one(self.threads):
             raise OptionsError(f"threads must be a whole number >= 1, got {self.threads!r}")
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            raise OptionsError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        device = str(self.device)
+        if self.device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdecimal()):
+            raise OptionsError(f"device must be auto, cpu, cuda or cuda:N (a GPU's index), got {self.device!r}")
 
     @property
     def budget(self) -> tuple[Budget, object] | None:

@@ -13,16 +13,18 @@ import pytest
 import torch
 
 from lora_resize.cli import main
+from lora_resize.units import format_size
 
 from helpers import (ALPHA, BASE_METADATA, CONV3_A, DOWN, LIN_A, Spec, best_rank_k, boundary_margin, dense_dw,
                       kohya_reference, layer_names, load_st, make_state_dict, raw_header, raw_product, rel_err,
-                      standard_specs, write_lora, one_alpha)
+                      standard_specs, write_lora, one_alpha, ZERO)
 
-PCT = r"(\d+\.\d|nan)%"
-VERBOSE_RE = re.compile(
-    r"^(?P<name>.{75,}) \| sum\(S\) retained: " + PCT.replace("(", "(?P<sum>", 1)
+PCT = r"(\d+\.\d)%"
+VERBOSE_RE = re.compile(  # sd-scripts' figures, or what a layer with no update is (sd-scripts: nan%)
+    r"^(?P<name>.{75,}) \| (?:(?P<zero>zero layer \(no update\): kept as rank-1 zeros)|sum\(S\) retained: "
+    + PCT.replace("(", "(?P<sum>", 1)
     + r", fro retained: " + PCT.replace("(", "(?P<fro>", 1)
-    + r", max\(S\) ratio: (?P<ratio>\d+\.\d|nan|inf)"
+    + r", max\(S\) ratio: (?P<ratio>\d+\.\d|inf))"
     + r"(?:, dynamic \| dim: (?P<dim>\d+), alpha: (?P<alpha>[-+0-9.e]+|nan|inf))?$")
 AVERAGE_RE = re.compile(r"^Average Frobenius norm retention: (?P<mean>\d+\.\d\d)% \| std: (?P<std>\d+\.\d{3})$")
 
@@ -67,11 +69,10 @@ def check_verbose(stdout: str, sd_in, out, dynamic: bool, alpha: float | None = 
         k = out[name + DOWN].shape[0]
         S = torch.linalg.svdvals(raw_product(sd_in, name))
         s_sum, s_fro, ratio = stats(S, k)
+        assert bool(m.group("zero")) == math.isnan(s_fro), m.group(0)  # said exactly of the layers with no update
         for got, want, scale in ((m.group("sum"), s_sum, 100), (m.group("fro"), s_fro, 100),
                                  (m.group("ratio"), ratio, 1)):
-            if math.isnan(want):
-                assert got == "nan", (name, got)
-            else:
+            if not m.group("zero"):
                 assert abs(float(got) - want * scale) <= 0.051 + 1e-6 * want * scale, (name, got, want)
         if not math.isnan(s_fro):
             fros.append(s_fro)
@@ -311,3 +312,46 @@ def test_json_output(tmp_path, standard_lora, capsys):
     out, _ = load_st(dst)
     assert {r["name"]: r["new_rank"] for r in data["layers"]} == {n: out[n + DOWN].shape[0]
                                                                   for n in layer_names(out)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The summary names what it did unambiguously
+
+
+def test_summary_shows_the_output_path_when_its_name_is_the_inputs(tmp_path, standard_lora, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "od").mkdir()
+    (tmp_path / "k.safetensors").write_bytes(standard_lora.read_bytes())
+    for out in ("od", "od/", str(tmp_path / "od" / "k.safetensors")):
+        assert main(["resize", "k.safetensors", "-o", out, "--rank", "3", "-q"]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.startswith(f"k.safetensors -> {os.path.join('od', 'k.safetensors')}: "), first
+    # names that differ stay short
+    assert main(["resize", "k.safetensors", "-o", "od/small.safetensors", "--rank", "3", "-q"]) == 0
+    assert capsys.readouterr().out.startswith("k.safetensors -> small.safetensors: ")
+
+
+def test_merge_summary_names_its_inputs_and_their_total(tmp_path, standard_lora, capsys):
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(standard_lora.read_bytes())
+    dst = tmp_path / "m.safetensors"
+    assert main(["merge", f"{standard_lora}:0.8", f"{other}:-0.5", "-o", str(dst), "--rank", "3", "-q"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    total = format_size(standard_lora.stat().st_size + other.stat().st_size)
+    assert first.startswith(f"{standard_lora.name}:0.8 + other.safetensors:-0.5 -> m.safetensors: {total} "
+                            "(2 inputs) -> "), first
+
+
+def test_verbose_says_zero_layer_instead_of_nan(tmp_path, capsys):
+    sd = make_state_dict([Spec(LIN_A, out=24, inp=20, rank=8, alpha=4.0),
+                          Spec(ZERO, out=16, inp=12, rank=4, alpha=2.0, zero=True),
+                          Spec(CONV3_A, out=8, inp=6, rank=4, alpha=0.0, kernel=3)], seed=5)
+    src = write_lora(tmp_path / "z.safetensors", sd)
+    for extra in ([], ["--method", "sv_fro", "--param", "0.9"]):
+        assert main(["resize", str(src), "-o", str(tmp_path / "o.safetensors"), "--rank", "4", "-v", "-q",
+                     *extra]) == 0
+        out = capsys.readouterr().out
+        assert "nan" not in out.lower(), out
+        lines = {line.split()[0]: line for line in out.splitlines() if " | " in line}
+        assert "zero layer" in lines[ZERO] and "zero layer" in lines[CONV3_A], out  # alpha 0: no update either
+        assert re.search(r"fro retained: \d+\.\d%", lines[LIN_A]), out

@@ -240,3 +240,194 @@ def test_every_printout_of_one_file_shows_its_size_one_way(tmp_path, capsys):
         texts["page resize"] = app.resize(str(src), None, "--rank 4")[0]
     for name, text in texts.items():
         assert not sizes_disagreeing(text, files), (name, sizes_disagreeing(text, files))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --json: stdout holds the JSON alone
+
+
+@pytest.mark.parametrize("argv", [
+    ["resize", "{src}", "-o", "{out}", "--rank", "4"],
+    ["resize", "{src}", "-o", "{out}", "--method", "sv_fro", "--param", "0.9"],
+    ["merge", "{src}:0.5", "{src}:0.25", "-o", "{out}", "--rank", "4"],
+    ["convert", "{src}", "-o", "{out}", "--to", "comfy", "--rank", "4"],
+    ["analyze", "{src}", "--rank", "4"],
+    ["--model", "{src}", "--save_to", "{out}", "--new_rank", "4"],  # the sd-scripts form
+])
+def test_json_with_verbose_prints_only_the_json_on_stdout(tmp_path, blocky_lora, capsys, argv):
+    fill = dict(src=blocky_lora, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv] + ["--json", "-v", "-q"], capsys)
+    assert code == 0, err
+    json.loads(out)  # the whole of stdout is one JSON document
+    assert ("per layer" if argv[0] == "analyze" else "fro retained:") in err  # the -v lines still come, on stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A mistyped subcommand
+
+
+@pytest.mark.parametrize("argv, guess", [
+    (["resiz", "{src}", "-o", "{out}", "--rank", "4"], "resize"),
+    (["resiz"], "resize"),
+    (["rezise", "-h"], "resize"),
+    (["mrege", "{src}:1", "-o", "{out}"], "merge"),
+    (["analyse", "{src}"], "analyze"),
+    (["conver", "{src}", "-o", "{out}", "--to", "comfy"], "convert"),
+    (["Batch", "{dir}", "{out}"], "batch"),
+])
+def test_a_mistyped_subcommand_names_the_closest_one(tmp_path, blocky_lora, capsys, argv, guess):
+    fill = dict(src=blocky_lora, dir=blocky_lora.parent, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv], capsys)
+    assert code == 2 and out == ""
+    assert err == (f"lora-resize: error: unknown command {argv[0]} (did you mean {guess}?); "
+                   "see lora-resize -h\n"), err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["resiz", "merg"])
+def test_an_input_named_like_a_mistyped_subcommand_is_still_an_input(tmp_path, blocky_lora, capsys, monkeypatch,
+                                                                      name):
+    """Without a subcommand the first word is the sd-scripts form's input: an existing file is never a typo."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_bytes(blocky_lora.read_bytes())
+    code, out, err = run([name, "-o", "out.safetensors", "--rank", "4", "-q"], capsys)
+    assert "unknown command" not in err
+    assert code == 0, err
+    assert (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("word", ["missing.safetensors", "resize.safetensors", "dir/resiz", "s3://bucket/resiz"])
+def test_a_missing_input_is_not_taken_for_a_command(tmp_path, capsys, monkeypatch, word):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run([word, "-o", "out.safetensors", "--rank", "4"], capsys)
+    assert code == 2 and "unknown command" not in err, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An option given twice
+
+
+@pytest.mark.parametrize("argv, first, second", [
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--rank", "8"], "--rank 4", "--rank 8"),
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--new_rank", "8"], "--rank 4", "--new_rank 8"),
+    (["resize", "{src}", "-o", "{out}", "-o", "{out}2", "--rank", "4"], "-o {out}", "-o {out}2"),
+    (["merge", "{src}:1", "-o", "{out}", "--method", "sv_fro", "--param", "0.9", "--param", "0.5"],
+     "--param 0.9", "--param 0.5"),
+    (["analyze", "{src}", "--precision", "fp16", "--save_precision", "bf16"], "--precision fp16",
+     "--save_precision bf16"),
+    (["batch", "{dir}", "{out}", "--rank", "4", "--workers", "2", "--workers", "3"], "--workers 2", "--workers 3"),
+    (["convert", "{src}", "-o", "{out}", "--to", "comfy", "--to", "diffusers"], "--to comfy", "--to diffusers"),
+    (["--model", "{src}", "--save_to", "{out}", "--new_rank", "4", "--new_rank", "8"], "--new_rank 4",
+     "--new_rank 8"),
+])
+def test_an_option_given_twice_with_different_values_is_refused(tmp_path, blocky_lora, capsys, argv, first, second):
+    fill = dict(src=blocky_lora, dir=blocky_lora.parent, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    flag = first.split()[0]
+    assert f"{flag} given twice with different values ({first}, {second}); give it once".format(**fill) in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_an_option_given_twice_with_the_same_value_is_harmless(tmp_path, blocky_lora, capsys):
+    out = tmp_path / "out.safetensors"
+    code, _, err = run(["resize", str(blocky_lora), "-o", str(out), "--rank", "4", "--new_rank", "4", "-q"], capsys)
+    assert code == 0 and out.exists(), err
+    rules = build_parser().parse_args(["resize", "IN", "--rule", "unet=4", "--rule", "te=2"]).block_rules
+    assert len(rules) == 2  # options meant to repeat still repeat
+
+
+@pytest.mark.parametrize("size", ["1KB", "1", "100MB", "399MiB"])
+def test_a_memory_budget_too_small_for_one_worker_is_refused(tmp_path, blocky_lora, capsys, size):
+    code, out, err = run(["batch", str(blocky_lora.parent), str(tmp_path / "b"), "--rank", "4", "--max-memory", size],
+                         capsys)
+    assert code == 2 and out == "", err
+    assert f"--max-memory {size} is too small" in err and "at least 419.4 MB" in err, err
+    assert not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hints for a bad option: the setting meant, never a look-alike
+
+
+@pytest.mark.parametrize("argv, want", [
+    # another subcommand's flag for a setting this one has under another name (convert's --to: --output-format)
+    (["batch", "{dir}", "{out}", "--rank", "4", "--to", "kohya"],
+     "batch: unknown option --to (did you mean --output-format? --to means --output-format on convert)"),
+    (["analyze", "{src}", "--to", "comfy"],
+     "analyze: unknown option --to (did you mean --output-format? --to means --output-format on convert)"),
+    # another subcommand's flag with no counterpart here: say whose it is, no look-alike (--force is not --rule)
+    (["convert", "{src}", "-o", "{out}", "--to", "comfy", "--force"],
+     "convert: unknown option --force (an option of lora-resize batch)"),
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--workers", "2"],
+     "resize: unknown option --workers (an option of lora-resize batch)"),
+    # the unknown option first, even where it stands for a missing required one
+    (["convert", "{src}", "-o", "{out}", "--too", "kohya"], "convert: unknown option --too (did you mean --to?)"),
+    (["convert", "{src}", "--to", "kohya", "--outptu", "{out}"],
+     "convert: unknown option --outptu (did you mean --output?)"),
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--xyzzy", "--frce"], "resize: unknown option --xyzzy;"),
+])
+def test_a_bad_option_gets_the_hint_that_fits(tmp_path, blocky_lora, capsys, argv, want):
+    fill = dict(src=blocky_lora, dir=blocky_lora.parent, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"lora-resize: error: {want}"), err
+    assert "did you mean --method" not in err and "did you mean --rule" not in err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["merge", "--model", "{src}", "-o", "{out}", "--rank", "2"], "--model: merge takes its inputs as FILE[:WEIGHT]"),
+    (["batch", "{dir}", "{out}", "--model", "{src}", "--rank", "2"], "--model: batch reads every LoRA under IN_DIR"),
+    (["merge", "{src}:abc", "-o", "{out}", "--rank", "2"], "bad weight abc in {src}:abc: write FILE:WEIGHT with a "
+                                                           "number"),
+    (["merge", "{src}:1", "{src}:", "-o", "{out}", "--rank", "2"], "bad weight  in {src}:"),
+    (["resize", "{src}", "-o", "{out}", "--param", "0.9"], "--param needs a dynamic method: add --method"),
+    (["--model", "{src}", "--save_to", "{out}", "--dynamic_param", "0.9", "--new_rank", "4", "--rank", "4",
+      "--param", "0.8"], "given twice"),
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--device", "cuda:x"],
+     "device must be auto, cpu, cuda or cuda:N (a GPU's index), got 'cuda:x'"),
+    (["resize", "{src}", "-o", "{out}", "--rank", "4", "--device", "cuda:"], "got 'cuda:'"),
+])
+def test_a_bad_value_is_named_as_given(tmp_path, blocky_lora, capsys, argv, want):
+    fill = dict(src=blocky_lora, dir=blocky_lora.parent, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert want.format(**fill) in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_gpu_index_is_named_when_cuda_is_absent(tmp_path, blocky_lora, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(["resize", str(blocky_lora), "-o", str(tmp_path / "o.safetensors"), "--rank", "4",
+                        "--device", "cuda:1"], capsys)
+    assert code == 2 and "--device cuda:1 was asked for but CUDA is not available" in err, err
+
+
+def test_a_merge_input_whose_name_has_a_colon_is_still_an_input(tmp_path, blocky_lora, capsys):
+    named = tmp_path / "a:b.safetensors"
+    named.write_bytes(blocky_lora.read_bytes())
+    out = tmp_path / "out.safetensors"
+    code, _, err = run(["merge", str(named), f"{named}:0.5", "-o", str(out), "--rank", "2", "-q"], capsys)
+    assert code == 0 and out.exists(), err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# File names never drive the terminal
+
+
+def test_batch_escapes_control_characters_in_file_names(tmp_path, blocky_lora, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    names = ["new\nline.safetensors", "red\x1b[31m.safetensors", "tab\there.safetensors"]
+    for name in names:
+        (src / name).write_bytes(blocky_lora.read_bytes())
+    (src / "bad\rname.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # a broken file: an error row
+    code, out, err = run(["batch", str(src), str(tmp_path / "out"), "--rank", "2", "-q"], capsys)
+    assert code == 2, err  # the broken file failed
+    lines = out.splitlines()
+    assert len(lines) == len(names) + 2, out  # one line per file and the total: no name split a line
+    assert all(c.isprintable() for line in lines for c in line), out
+    for shown in ("new\\nline", "red\\x1b[31m", "tab\\there", "bad\\rname"):
+        assert sum(shown in line for line in lines) == 1, (shown, out)

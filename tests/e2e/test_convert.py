@@ -228,7 +228,7 @@ def test_convert_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     for argv, why in (([str(src), "--to", "a1111"], "invalid choice"),
                       ([str(llm), "--to", "kohya"], "reads as a known architecture"),
                       ([str(src), "--to", "diffusers", "--arch", "wan"], "does not read as a Wan"),
-                      ([str(src), "--to", "diffusers", "--output-format", "kohya"], "give the layout once"),
+                      ([str(src), "--to", "diffusers", "--output-format", "kohya"], "given twice with different values"),
                       ([str(src)], "--to")):
         capsys.readouterr()
         assert main(["convert", *argv, "-o", str(tmp_path / "x.safetensors"), "-q"]) == 2, argv

@@ -133,9 +133,9 @@ def test_one_megabyte_for_every_size_flag(tmp_path, blocky_lora, monkeypatch, ca
         raise lora_resize.OptionsError("stop here")
     monkeypatch.setattr("lora_resize.ops.batch.run_batch", fake_batch)
     assert main(["batch", str(blocky_lora.parent), str(tmp_path / "o"), "--target-size", "8MB",
-                 "--max-memory", "8MB"]) == 2
-    assert seen == {"max_memory": 8_000_000, "target_size": 8_000_000}
+                 "--max-memory", "8GB"]) == 2
+    assert seen == {"max_memory": 8 * 10**9, "target_size": 8_000_000}
     assert main(["batch", str(blocky_lora.parent), str(tmp_path / "o"), "--target-size", "8MiB",
-                 "--max-memory", "8MiB"]) == 2
-    assert seen == {"max_memory": 8 * 2**20, "target_size": 8 * 2**20}
+                 "--max-memory", "8GiB"]) == 2
+    assert seen == {"max_memory": 8 * 2**30, "target_size": 8 * 2**20}
     assert len(BLOCKY) > 3

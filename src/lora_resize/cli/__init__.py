@@ -33,6 +33,8 @@ def build_parser():
     for name in COMMANDS:
         module = importlib.import_module(MODULES[name])
         module.add_arguments(sub.add_parser(name, help=module.HELP, description=description(module)))
+    for parser in sub.choices.values():  # for the hints on an option another subcommand has
+        parser.siblings = sub.choices
     return p
 
 
@@ -44,9 +46,24 @@ def description(module) -> str:
     return f"{line}\n\n{more}" if more else line
 
 
+def mistyped_command(word: str) -> str | None:
+    """The subcommand `word` (the line's first word) looks like a typo of, or None. Without a subcommand the line
+    is the sd-scripts form, whose first word is a flag or the input file: a word that is a flag, an existing path,
+    or has the look of a path (a suffix, a folder, a URL) is never taken for a command."""
+    import difflib
+    if word.startswith("-") or any(c in word for c in "./\\:") or os.path.exists(word):
+        return None
+    close = difflib.get_close_matches(word.lower(), COMMANDS, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def dispatch(argv: list[str]) -> int:
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         from . import sdscripts
+        guess = mistyped_command(argv[0])
+        if guess is not None:
+            from ..errors import OptionsError
+            raise OptionsError(f"unknown command {argv[0]} (did you mean {guess}?); see lora-resize -h")
         return sdscripts.run(argv)
     args = build_parser().parse_args(argv)
     if args.command is None:

@@ -3,6 +3,7 @@ an optional HTML report and PNG curve."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .flags import (OUTPUT_FLAGS, add_input, add_option_groups, add_output_flags, add_picture_flags, input_of,
                     option_values, progress, refuse)
@@ -26,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..ops.analyze import analyze
-    from ..report.text import analysis_table, strict_json
+    from ..report.text import analysis_table, per_layer_table, strict_json
 
     if args.report or args.plot:
         from ..report.html import check_paths
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         written.append(f"plot written to {write_png(a, args.plot)}")
     if args.json:
         print(strict_json(a.as_dict()))
+        if args.verbose:  # stdout holds the JSON alone
+            print(per_layer_table(a), file=sys.stderr)
     else:
         print(analysis_table(a, verbose=args.verbose))
         for line in written:

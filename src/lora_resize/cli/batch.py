@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .flags import OUTPUT_FLAGS, add_option_groups, add_output_flags, is_url, options_from, progress, refuse
+from .flags import INPUT_FLAGS, OUTPUT_FLAGS, add_option_groups, add_output_flags, is_url, options_from, progress, refuse
 
 HELP = "resize every LoRA under a folder"
 
@@ -23,18 +23,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.requires("dask", "distributed", "--dask")
     add_option_groups(p, "rank", "output", "compute")
     add_output_flags(p, None)
+    refuse(p, *INPUT_FLAGS, why="batch reads every LoRA under IN_DIR; give the folder as the first argument")
     refuse(p, *OUTPUT_FLAGS, why="batch writes into OUT_DIR; give the folder as the second argument")
     refuse(p, "-v", "--verbose", nargs=0, why="batch prints one line per file; per-layer lines are for "
            "`lora-resize resize -v`")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ops.batch import run_batch
+    from ..errors import OptionsError, one_line
+    from ..ops.batch import BASE_MEMORY, run_batch
     from ..report.text import percent
     from ..units import format_size, parse_size
 
     opts = options_from(args)
     budget = parse_size(args.max_memory, "--max-memory") if args.max_memory else None
+    if budget is not None and budget < BASE_MEMORY:  # not even one worker (a process with torch) fits in it
+        raise OptionsError(f"--max-memory {args.max_memory} is too small: one worker (a process with torch) "
+                           f"needs about {format_size(BASE_MEMORY)}; give at least {format_size(BASE_MEMORY)} (e.g. "
+                           "--max-memory 4GB), or leave it out for no limit")
 
     def status(row) -> None:
         if args.json:
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             detail = row.error
         from tqdm import tqdm
-        tqdm.write(f"{row.status:7} {row.file}: {detail}", file=sys.stdout)
+        tqdm.write(one_line(f"{row.status:7} {row.file}: {detail}"), file=sys.stdout)  # names never drive the terminal
 
     result = run_batch(args.in_dir, args.out_dir, opts, workers=args.workers, max_memory=budget, force=args.force,
                        dask=args.dask, progress=progress(args.quiet, "files", unit="file"), on_file=status)
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         total_in = sum(f.in_bytes for f in result.files if f.status == "ok")
         total_out = sum(f.out_bytes or 0 for f in result.files if f.status == "ok")
-        print(f"{len(result.files)} files: {result.count('ok')} resized ({format_size(total_in)} -> "
-              f"{format_size(total_out)}), {result.count('skipped')} skipped, {result.count('error')} failed; "
-              f"{result.seconds:.1f} s; manifest {result.manifest}")
+        print(one_line(f"{len(result.files)} files: {result.count('ok')} resized ({format_size(total_in)} -> "
+                       f"{format_size(total_out)}), {result.count('skipped')} skipped, {result.count('error')} "
+                       f"failed; {result.seconds:.1f} s; manifest {result.manifest}"))
     return 0 if result.count("error") == 0 else 2

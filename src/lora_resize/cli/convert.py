@@ -14,7 +14,8 @@ HELP = "write a LoRA in another layout (kohya, comfy, diffusers, onetrainer, pef
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_input(p, "LoRA file to convert (.safetensors; .pt/.ckpt read weights-only), or an adapter folder")
     add_output(p, "output file (or folder for peft)", required=True)
-    p.add_argument("--to", dest="to", required=True, metavar="LAYOUT", choices=choices_of("conversions"),
+    # the same setting as resize's --output-format (one dest: either flag sets it; two different values are refused)
+    p.add_argument("--to", dest="output_format", required=True, metavar="LAYOUT", choices=choices_of("conversions"),
                    help="kohya (sd-scripts, musubi-tuner), comfy (ComfyUI's diffusion_model.*), diffusers "
                         "(diffusers, ai-toolkit, SimpleTuner), onetrainer, peft (adapter folder)")
     add_option_groups(p, "rank", "output", "compute")
@@ -22,14 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import OptionsError
     from ..ops.convert import convert
 
-    if args.output_format not in (None, args.to):
-        raise OptionsError("give the layout once, with --to")
     fields = option_values(args)
-    fields.pop("output_format")
+    to = fields.pop("output_format")
     src = input_of(args, "lora-resize convert IN.safetensors -o OUT.safetensors --to LAYOUT")
-    result = convert(src, args.output, args.to, progress=progress(args.quiet, "converting"),
+    result = convert(src, args.output, to, progress=progress(args.quiet, "converting"),
                      on_layer=layer_printer(args, fields.get("method") is not None), **fields)
     return render(result, args, [])

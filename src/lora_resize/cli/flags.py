@@ -15,13 +15,17 @@ from ..options import GROUPS, ResizeOptions, option_fields
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (OptionsError, which main() prints as usual) that point to the parser's own
-    help; an unknown option names the closest known one (difflib); and the optional dependencies that the given
-    flags need (`requires`) are checked once the line is parsed, before any work."""
+    help; an unknown option is reported before a missing required one, with a hint (`hint`); an option given twice
+    with different values is refused (StoreOnce); and the optional dependencies that the given flags need
+    (`requires`) are checked once the line is parsed, before any work."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", Paragraphs)
         super().__init__(*args, **kwargs)
+        for name in (None, "store"):  # every plain option of every subcommand (argument groups share the registry)
+            self.register("action", name, StoreOnce)
         self.needs: list[tuple[str, str, str, Callable | None]] = []  # (dest, module, feature, when)
+        self.siblings: dict[str, argparse.ArgumentParser] = {}  # the other subcommands' parsers (build_parser)
 
     def error(self, message: str):  # noqa: D102
         raise OptionsError(f"{self._subject()}{message}; see {self.prog} -h")
@@ -33,12 +37,32 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):  # noqa: D102
         ns, extras = self.parse_known_args(args, namespace)
+        vars(ns).pop(StoreOnce.GIVEN, None)
+        missing = vars(ns).pop(MISSING, [])
         active = self._active(ns)
         if extras:
             active.unknown(extras)
+        if missing:
+            active.error(f"the following arguments are required: {', '.join(missing)}")
         for parser in {id(p): p for p in (self, active)}.values():
             parser.check_needs(ns)
         return ns
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102
+        # A required option is checked after the line is read (parse_args), so that an unknown option - maybe the
+        # required one mistyped, `--too` for `--to` - is reported first; argparse would stop at the missing one.
+        required = [a for a in self._actions if a.required and a.option_strings]
+        for a in required:
+            a.required = False
+        try:
+            ns, extras = super().parse_known_args(args, namespace)
+        finally:
+            for a in required:
+                a.required = True
+        missing = ["/".join(a.option_strings) for a in required if getattr(ns, a.dest, None) is None]
+        if missing:
+            vars(ns).setdefault(MISSING, []).extend(missing)
+        return ns, extras
 
     def _active(self, ns: argparse.Namespace) -> "Parser":
         """The parser of the subcommand `ns` was parsed by (self when there is none)."""
@@ -55,9 +79,28 @@ class Parser(argparse.ArgumentParser):
         if option is None:
             self.error(f"unrecognized argument{'s' if len(extras) > 1 else ''} {' '.join(extras)}")
         name = option.partition("=")[0]
-        known = [s for a in self._actions if a.help != argparse.SUPPRESS for s in a.option_strings]
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        self.error(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+        self.error(f"unknown option {name}{self.hint(name)}")
+
+    def hint(self, name: str) -> str:
+        """What an unknown option `name` was probably meant as: where another subcommand has it for a setting
+        this one has under another flag (convert's --to is --output-format here: the same dest), that flag;
+        else the closest known option (difflib on the names without their dashes, which would make any two
+        options look alike); else the subcommands that have it. '' when nothing fits."""
+        visible = [a for a in self._actions if a.help != argparse.SUPPRESS and a.option_strings]
+        mine = {a.dest: a for a in reversed(visible)}  # the first flag of a setting where two set it
+        elsewhere = {cmd: a for cmd, p in self.siblings.items() if p is not self for a in p._actions
+                     if name in a.option_strings}
+        same = [mine[a.dest] for a in elsewhere.values() if a.dest in mine]
+        if same:
+            flag = next((s for s in same[0].option_strings if s.startswith("--")), same[0].option_strings[0])
+            return f" (did you mean {flag}? {name} means {flag} on {' and '.join(elsewhere)})"
+        known = {s.lstrip("-"): s for a in visible for s in a.option_strings}
+        close = difflib.get_close_matches(name.lstrip("-"), known, n=1, cutoff=HINT_CUTOFF)
+        if close:
+            return f" (did you mean {known[close[0]]}?)"
+        if elsewhere:
+            return f" (an option of {' and '.join(f'lora-resize {c}' for c in elsewhere)})"
+        return ""
 
     def requires(self, dest: str | None, module: str, feature: str, when: Callable | None = None) -> None:
         """Declare that `feature` needs the optional `module` (errors.EXTRAS names its extra): always (dest None),
@@ -72,6 +115,31 @@ class Parser(argparse.ArgumentParser):
                 require(module, feature)
 
 
+class StoreOnce(argparse._StoreAction):
+    """argparse's `store`, refusing an option given twice with different values (under any of its spellings:
+    `--rank 4 --new_rank 8`) instead of keeping the last one silently; the same value twice is harmless.
+    Options meant to repeat use `append` (--rule). The OptionsError carries the setting as `dest`."""
+
+    GIVEN = "_given_once"  # the namespace's record of what each dest was given as; parse_args removes it
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = vars(namespace).setdefault(self.GIVEN, {})
+        if self.option_strings and self.dest in given and given[self.dest][1] != values:
+            first, value = given[self.dest]
+            try:
+                parser.error(f"{first} given twice with different values ({first} {_shown(value)}, {option_string} "
+                             f"{_shown(values)}); give it once")
+            except OptionsError as e:
+                e.dest = self.dest
+                raise
+        given[self.dest] = (option_string, values)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 class Paragraphs(argparse.HelpFormatter):
     """Help text whose descriptions keep their paragraphs (argparse joins them into one)."""
 
@@ -80,6 +148,8 @@ class Paragraphs(argparse.HelpFormatter):
 
 
 NUMBER = re.compile(r"^-\d|^-\.\d")  # a negative number, not an option
+HINT_CUTOFF = 0.7  # difflib ratio for "did you mean": --rnak -> --rank (0.75); --force -/-> --rule (0.44)
+MISSING = "_missing_required"  # the namespace's list of required options not given; parse_args removes it
 
 
 def is_url(value: str) -> bool:
@@ -186,7 +256,8 @@ def progress(quiet: bool, desc: str, unit: str = "layer"):
     return wrap
 
 
-def write_line(line: str) -> None:
-    """A line on stdout that does not break a progress bar."""
+def write_line(line: str, args: argparse.Namespace | None = None) -> None:
+    """A line for people that does not break a progress bar: on stdout, or on stderr when the parsed line asked
+    for --json (stdout then holds the JSON alone, which a parser reads whole)."""
     from tqdm import tqdm
-    tqdm.write(line, file=sys.stdout)
+    tqdm.write(line, file=sys.stderr if getattr(args, "json", False) else sys.stdout)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .flags import add_option_groups, add_output, add_output_flags, options_from, progress
+from .flags import INPUT_FLAGS, add_option_groups, add_output, add_output_flags, options_from, progress, refuse
 
 HELP = "merge weighted LoRAs into one of a chosen size"
 DESCRIPTION = ("Merge LoRAs: each layer becomes the best rank-k approximation of the weighted sum. Example: "
@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output(p, "output file (.safetensors or .pt/.pth/.ckpt)")
     add_option_groups(p, "rank", "output", "compute")
     add_output_flags(p, "per-layer lines in sd-scripts' format")
+    refuse(p, *INPUT_FLAGS, why="merge takes its inputs as FILE[:WEIGHT] arguments, e.g. lora-resize merge "
+           "a.safetensors:0.8 b.safetensors:0.5 -o ab.safetensors")
 
 
 def run(args: argparse.Namespace) -> int:

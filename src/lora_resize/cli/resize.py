@@ -32,9 +32,9 @@ def render(result, args: argparse.Namespace, notes: list[str]) -> int:
 
 
 def layer_printer(args: argparse.Namespace, dynamic: bool):
-    """With -v, a per-layer line in sd-scripts' format as each layer is done."""
+    """With -v, a per-layer line in sd-scripts' format as each layer is done (on stderr with --json)."""
     from ..report.text import verbose_line
-    return (lambda row: write_line(verbose_line(row, dynamic))) if args.verbose else None
+    return (lambda row: write_line(verbose_line(row, dynamic), args)) if args.verbose else None
 
 
 def write_pictures(result, report: str | None, plot: str | None) -> list[str]:

@@ -93,7 +93,7 @@ def compute_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionsError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
+        raise OptionsError(f"--device {name} was asked for but CUDA is not available here; use --device cpu or auto")
     return torch.device(name)
 
 

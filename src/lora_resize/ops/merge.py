@@ -41,14 +41,18 @@ class Source:
 
 
 def parse_source(text: str) -> Source:
-    """'file.safetensors:0.8' -> Source(file, 0.8); without ':weight' the weight is 1."""
+    """'file.safetensors:0.8' -> Source(file, 0.8); without ':weight' the weight is 1. Raises OptionsError when
+    the part after the last colon is not a number while the part before it is an existing file (a bad weight,
+    not a file name with a colon)."""
     local_path(text, "input")
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
             return Source(Path(head), float(tail))
         except ValueError:
-            pass
+            if Path(head).exists() and not Path(text).exists():
+                raise OptionsError(f"bad weight {tail} in {text}: write FILE:WEIGHT with a number, e.g. "
+                                   f"{head}:0.8") from None
     return Source(Path(text), 1.0)
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
+from pathlib import Path
 
 import numpy as np
 
@@ -38,12 +40,42 @@ def fidelity_figures(values: dict) -> str:
 
 
 def verbose_line(row: LayerResult, dynamic: bool) -> str:
-    """A per-layer line in sd-scripts' resize_lora.py --verbose format."""
-    line = (f"{one_line(row.name):75} | sum(S) retained: {row.sum_retained:.1%}, fro retained: {row.fro_retained:.1%}, "
-            f"max(S) ratio: {row.max_ratio:0.1f}")
+    """A per-layer line in sd-scripts' resize_lora.py --verbose format; a layer with no update (all zeros, or
+    alpha 0) says so instead of ratios of nothing, and a figure that is not a number prints as '-'."""
+    if row.zero:
+        line = f"{one_line(row.name):75} | zero layer (no update): kept as rank-1 zeros"
+    else:
+        line = (f"{one_line(row.name):75} | sum(S) retained: {_figure(row.sum_retained, '.1%')}, fro retained: "
+                f"{_figure(row.fro_retained, '.1%')}, max(S) ratio: {_figure(row.max_ratio, '0.1f')}")
     if dynamic:
         line += f", dynamic | dim: {row.new_rank}, alpha: {row.new_alpha}"
     return line
+
+
+def _figure(x: float, spec: str) -> str:
+    return format(x, spec) if math.isfinite(x) else "-"
+
+
+def shown_paths(paths: list[Path]) -> list[str]:
+    """How a printout names files: by their names, unless two of them share a name (`resize k.safetensors -o
+    od/`: 'k.safetensors -> k.safetensors' reads as if the input was overwritten); then by their paths, relative to
+    the working directory for those under it."""
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    cwd = Path.cwd()
+    return [os.path.relpath(p, cwd) if Path(os.path.abspath(p)).is_relative_to(cwd) else str(p) for p in paths]
+
+
+def _inputs_and_output(result: ResizeResult) -> str:
+    """'k.safetensors -> od/k.safetensors', or a merge's 'a.safetensors:0.8 + b.safetensors:0.5 -> ab.safetensors'
+    (the inputs it used, with their weights)."""
+    sources = [(Path(p), w) for p, w in result.options.get("sources") or () if w != 0]
+    if len(sources) < 2:
+        src, dst = shown_paths([result.src, result.dst])
+        return f"{src} -> {dst}"
+    *srcs, dst = shown_paths([p for p, _ in sources] + [result.dst])
+    return " + ".join(f"{s}:{w:g}" for s, (_, w) in zip(srcs, sources)) + f" -> {dst}"
 
 
 def average_line(result: ResizeResult) -> str:
@@ -68,8 +100,10 @@ def summary(result: ResizeResult) -> str:
     elif dynamic and o["rank"] is not None:
         setting += f", cap {o['rank']}"
     fid = result.fidelity
+    n_inputs = sum(1 for _, w in result.options.get("sources") or () if w != 0)
     lines = [
-        f"{result.src.name} -> {result.dst.name}: {format_size(result.input_bytes)} -> "
+        f"{_inputs_and_output(result)}: {format_size(result.input_bytes)}"
+        f"{f' ({n_inputs} inputs)' if n_inputs > 1 else ''} -> "
         f"{format_size(result.output_bytes)} ({result.output_bytes / max(result.input_bytes, 1):.1%}), "
         f"{result.seconds:.1f} s",
         f"  {len(result.layers)} layers ({result.format}), {setting}, rule {o['rank_rule']}, saved as {result.precision}",
@@ -164,10 +198,15 @@ def analysis_table(a, verbose: bool = False) -> str:
     if a.dropped:
         lines.append(f"{len(a.dropped)} module(s) dropped by rules and left out of every setting")
     lines += [f"note: {n}" for n in a.notes]
-    if verbose:
-        pick = a.pick
-        lines += ["", f"per layer, {pick.label}:"]
-        for L, block, k in zip(a.layers, a.blocks, pick.ranks):
-            lines.append(f"  {L.name:75} {block:>15} rank {L.rank:>4} -> {int(k):>4}  fro "
-                         f"{percent(L.fro_retained(k))}")
+    text = "\n".join(one_line(line) for line in lines)
+    return f"{text}\n\n{per_layer_table(a)}" if verbose else text
+
+
+def per_layer_table(a) -> str:
+    """analyze -v: each layer's block, rank and the Frobenius norm kept under the chosen setting (or the default
+    pick)."""
+    pick = a.pick
+    lines = [f"per layer, {pick.label}:"]
+    for L, block, k in zip(a.layers, a.blocks, pick.ranks):
+        lines.append(f"  {L.name:75} {block:>15} rank {L.rank:>4} -> {int(k):>4}  fro {percent(L.fro_retained(k))}")
     return "\n".join(one_line(line) for line in lines)

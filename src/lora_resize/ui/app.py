@@ -22,7 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..errors import LoraResizeError
+from ..errors import LoraResizeError, OptionsError
 from ..io.files import INPUT_SUFFIXES
 from ..models import LAYOUTS
 from ..results import MEASURES
@@ -62,6 +62,10 @@ def _parse(command: str, own: list[str], flags: str):
         mine = parser.parse_args([command, *own])
     except SystemExit:  # -h/--help: argparse printed its help and exits
         raise LoraResizeError(f"the page shows no help: `lora-resize {command} --help` lists the flags") from None
+    except OptionsError as e:  # a flag given twice: in the box, one of those the page sets (-o)
+        if getattr(e, "dest", None) in PAGE_SETS:
+            raise LoraResizeError(f"{PAGE_SETS[e.dest]} is not a flag for the page: drop it") from None
+        raise
     for dest, what in PAGE_SETS.items():
         if getattr(args, dest, None) != getattr(mine, dest, None):
             raise LoraResizeError(f"{what} is not a flag for the page: drop it")
