@@ -104,7 +104,8 @@ def judge(case: Case, rc, err: str, exc: str | None, src_sha: str, in_before: li
             return "stray_file", f"output folder now {listing(outdir)}"
         return "clean_error", err.strip()[:300]
     if rc == 0:
-        if err:
+        verbose_json = {"-v", "--verbose"} & set(case.argv) and "--json" in case.argv
+        if err and not verbose_json:  # with --json, -v's per-layer lines go to stderr (stdout holds the JSON)
             return "stderr_on_success", err[:400]
         if not case.dst.exists():
             return "invalid_output", "exit 0 but no output file"
