@@ -184,10 +184,27 @@ def test_two_inputs_for_one_output_are_refused_before_any_work(tmp_path, capsys,
     with pytest.raises(OptionsError) as e:
         run_batch(src, out, ResizeOptions(rank=3))
     assert all(n in str(e.value) for n in names) and "rename one" in str(e.value)
-    assert not [p for p in out.rglob("*") if p.is_file()]  # nothing done, not even the file without a clash
+    assert not out.exists()  # nothing done, not even the output folder or the file without a clash
     assert main(["batch", str(src), str(out), "--rank", "3", "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "would both be written as" in err
+
+
+def test_a_file_where_an_output_folder_goes_is_a_one_line_error_naming_it(tmp_path):
+    """batch --output-format peft writes a folder per input: a plain file standing at that path is reported in
+    the file's row as a path problem naming it, not as a Python exception's repr, and the other files are done."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    for name, seed in (("a.safetensors", 1), ("b.safetensors", 2)):
+        write_lora(src / name, make_state_dict(SD_SPECS, seed=seed))
+    (out / "a").write_bytes(b"not a folder")
+    res = run_batch(src, out, ResizeOptions(rank=3, output_format="peft"))
+    rows = {f.file: f for f in res.files}
+    assert rows["b.safetensors"].status == "ok"
+    err = rows["a.safetensors"].error
+    assert rows["a.safetensors"].status == "error" and str(out / "a") in err and "Error:" not in err, err
+    assert "\n" not in err and "Errno" not in err
 
 
 def test_a_rerun_skips_only_outputs_that_are_still_the_ones_written(tmp_path):

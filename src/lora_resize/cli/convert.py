@@ -16,8 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output(p, "output file (or folder for peft)", required=True)
     # the same setting as resize's --output-format (one dest: either flag sets it; two different values are refused)
     p.add_argument("--to", dest="output_format", required=True, metavar="LAYOUT", choices=choices_of("conversions"),
-                   help="kohya (sd-scripts, musubi-tuner), comfy (ComfyUI's diffusion_model.*), diffusers "
-                        "(diffusers, ai-toolkit, SimpleTuner), onetrainer, peft (adapter folder)")
+                   help="kohya (sd-scripts, musubi-tuner), comfy (lora_unet_ + ComfyUI's module paths: what ComfyUI, "
+                        "Forge, InvokeAI and sd-scripts read), diffusers (diffusers, ai-toolkit, SimpleTuner), "
+                        "onetrainer, peft (adapter folder)")
     add_option_groups(p, "rank", "output", "compute")
     add_output_flags(p, "per-layer lines in sd-scripts' format")
 

@@ -141,8 +141,9 @@ def resize_file(src: str, dst: str, options: dict, threads: int) -> dict:
         row.mean_fro, row.min_fro = result.mean_fro, worst.fro_retained if worst else None
     except LoraResizeError as e:
         row.error = str(e)
-    except OSError as e:  # reading or uploading through a store
-        row.error = f"{type(e).__name__}: {e}"
+    except OSError as e:  # reading or uploading through a store, or a file where the output's folder goes
+        where = f" ({e.filename})" if e.filename else ""
+        row.error = f"cannot read or write{where}: {e.strerror or e}; check the paths and their permissions"
     except Exception as e:  # a bug, reported per file so the batch goes on
         row.error = f"internal error: {type(e).__name__}: {e}"
     row.seconds = time.perf_counter() - t0
@@ -215,9 +216,9 @@ def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: Re
         raise OptionsError(f"--workers must be >= 1, got {workers}")
     if _inside(dst_root, src_root):
         raise OptionsError("the output folder must not be the input folder or inside it")
-    dst_root.makedirs()
     files = discover(src_root)
-    outputs = output_names(files, options.output_format)
+    outputs = output_names(files, options.output_format)  # a clash is refused before anything is made
+    dst_root.makedirs()
     manifest = load_manifest(dst_root)
     key = options_key(options)
     result = BatchResult()
