@@ -207,6 +207,25 @@ def test_a_file_where_an_output_folder_goes_is_a_one_line_error_naming_it(tmp_pa
     assert "\n" not in err and "Errno" not in err
 
 
+def test_a_file_that_fails_on_a_rerun_leaves_no_earlier_output_looking_current(tmp_path):
+    """An input replaced by a damaged file: the output made of its earlier version is removed (it no longer
+    belongs to the input); one someone edited since is left alone."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name, seed in (("a.safetensors", 1), ("b.safetensors", 2)):
+        write_lora(src / name, make_state_dict(SPECS, seed=seed))
+    opts = ResizeOptions(rank=3)
+    assert {f.status for f in run_batch(src, out, opts).files} == {"ok"}
+    (out / "b.safetensors").write_bytes((out / "b.safetensors").read_bytes() + b" ")  # edited by someone
+    for name in ("a.safetensors", "b.safetensors"):
+        (src / name).write_bytes(b"\x00" * 64)  # now damaged
+    rows = {f.file: f for f in run_batch(src, out, opts).files}
+    assert rows["a.safetensors"].status == "error" and "earlier version was removed" in rows["a.safetensors"].error
+    assert not (out / "a.safetensors").exists()
+    assert rows["b.safetensors"].status == "error" and "removed" not in rows["b.safetensors"].error
+    assert (out / "b.safetensors").exists()
+
+
 def test_a_rerun_skips_only_outputs_that_are_still_the_ones_written(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

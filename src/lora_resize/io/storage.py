@@ -74,6 +74,13 @@ class Folder:
         with self.open(rel) as f:
             return sha256_of(f)
 
+    def remove(self, rel: str) -> None:
+        """Delete file `rel` (nothing when it is not there)."""
+        if self.local:
+            (self.root / rel).unlink(missing_ok=True)
+        elif self.fs.exists(f"{self.root}/{rel}"):
+            self.fs.rm_file(f"{self.root}/{rel}")
+
     def read_text(self, rel: str) -> str | None:
         try:
             with self.open(rel) as f:

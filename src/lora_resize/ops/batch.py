@@ -246,6 +246,8 @@ def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: Re
     for i, entry in done_iter:
         entry.update(file=todo[i][0], options_key=key)
         row = FileResult(**entry)
+        if row.status == "error":
+            _remove_stale_output(row, manifest.get(row.file), dst_root, *outputs[row.file])
         result.files.append(row)
         manifest[row.file] = asdict(row)
         save_manifest(dst_root, src_root, manifest)
@@ -257,6 +259,20 @@ def run_batch(in_dir: str | os.PathLike, out_dir: str | os.PathLike, options: Re
     result.manifest = save_manifest(dst_root, src_root, manifest)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _remove_stale_output(row: FileResult, old: dict | None, out: Folder, out_rel: str,
+                         companions: tuple[str, ...]) -> None:
+    """A file that failed this time must not leave the output an earlier run made of it as it was then, looking
+    current: that output (and its companions) is removed when it is still exactly what that run wrote (its
+    sha256 in the manifest), and the row says so. A file someone changed or put there is left alone."""
+    if not (old and old.get("status") == "ok" and old.get("output_sha256") and out.exists(out_rel)
+            and out.sha256(out_rel) == old["output_sha256"]
+            and _companions_kept(out, companions, old.get("companions_sha256"))):
+        return
+    for rel in (*companions, out_rel):
+        out.remove(rel)
+    row.error = f"{row.error}; the output of its earlier version was removed"
 
 
 def _inside(inner: Folder, outer: Folder) -> bool:
