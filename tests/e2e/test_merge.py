@@ -214,6 +214,7 @@ def test_cli_negated_merge_negates_the_bias_diff_too(tmp_path, capsys):
     ((1, 1), {"bundle_emb.x": torch.ones(4)}, {"bundle_emb.x": torch.ones(5)}, "different shapes"),
     ((1, 1), {MOD + ".dora_scale": torch.ones(24, 1)}, {MOD + ".dora_scale": torch.ones(24, 1)}, "summing to 2"),
     ((-1,), {MOD + ".dora_scale": torch.ones(24, 1)}, {}, "summing to -1"),
+    ((1, 1), {MOD + ".dora_scale": torch.ones(24, 1)}, {}, "updates the same layer as plain LoRA"),
     ((2,), {MOD + ".diff_b": torch.arange(24)}, {}, "torch.int64"),
     ((1, 1), {"training_step": torch.tensor([3])}, {"training_step": torch.tensor([4])}, "differs"),
 ])

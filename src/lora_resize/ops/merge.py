@@ -18,7 +18,7 @@ from ..core.schedule import Progress, compute_device
 from ..core.truncate import FP8, SAVE_DTYPES
 from ..errors import LoraStructureError, OptionsError
 from ..formats import Layout, Module, convert_layout, detect, key_family
-from ..formats.base import BIAS_KIND
+from ..formats.base import BIAS_KIND, DORA_KIND
 from ..formats.companions import merge_rule
 from ..formats.convert import TARGETS, ConvertedLayout, copied_sources, detect_arch, scheme_of
 from ..models import SD
@@ -210,6 +210,8 @@ def merged_companions(live: list[Source], readers: list[TensorSource], layouts: 
             else:
                 added[key] = [(w, r) for w, r, _ in held]
             continue
+        if kind == DORA_KIND:
+            check_dora_alone(key, label, held, live, layouts)
         first = held[0][1].get(key)
         for w, r, _ in held[1:]:
             if not same_bits(first, r.get(key)):
@@ -234,6 +236,22 @@ def merged_companions(live: list[Source], readers: list[TensorSource], layouts: 
         notes.append(f"{sum(kept.values())} non-LoRA tensor(s) that loaders set or apply whole are the same in "
                      "every input that has them and are copied once")
     return copied, [k for k in holders if k in added], notes
+
+
+def check_dora_alone(key: str, label: str, held: list[tuple[float, TensorSource, Layout]], live: list[Source],
+                     layouts: list[Layout]) -> None:
+    """A DoRA magnitude renormalises its layer's whole update (the loader scales base + update column-wise to
+    it): an input that updates the same layer as plain LoRA would be renormalised too, changing its effect.
+    LoraStructureError naming the key and that input."""
+    holders = {id(lay) for _, _, lay in held}
+    owner = max((m.name for m in held[0][2].modules if key.startswith(m.name + ".")), key=len, default=None)
+    if owner is None:
+        return
+    for s, lay in zip(live, layouts):
+        if id(lay) not in holders and any(m.name == owner for m in lay.modules):
+            raise LoraStructureError(f"{label}: {s.path.name} updates the same layer as plain LoRA, and a DoRA "
+                                     "magnitude renormalises the whole update of its layer, so it would change that "
+                                     "input's effect; merge DoRA files only with each other, or leave one out")
 
 
 def check_bias_scales(key: str, held: list[tuple[float, TensorSource, Layout]]) -> None:
