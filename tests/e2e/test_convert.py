@@ -662,3 +662,20 @@ def test_bias_and_full_diffs_follow_their_module_through_every_target(tmp_path, 
             for s in (".diff", ".diff_b"):
                 k0, k1 = theirs.replace(".lora_down.weight", s), ours.replace(".lora_down.weight", s)
                 assert back[k1].dtype == torch.bfloat16 and torch.equal(back[k1], sd[k0]), k1
+
+
+def test_a_kohya_dora_file_converts_to_its_own_layout(tmp_path):
+    """A kohya file with DoRA magnitudes (`dora_scale`: read by the LyCORIS family, whose keys are kohya's) converted
+    to kohya is its own layout: accepted (it was refused as having 'no equivalent in the kohya layout'), its
+    magnitudes kept bit for bit, every update kept."""
+    from helpers import Spec, dense_dw, make_state_dict
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    sd = make_state_dict([Spec(name, 32, 32, 4, alpha=2.0)], seed=3, dtype=torch.bfloat16)
+    sd[name + ".dora_scale"] = torch.rand(1, 32, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    src = write_lora(tmp_path / "dora.safetensors", sd)
+    dst = tmp_path / "out.safetensors"
+    lora_resize.convert(src, dst, "kohya")
+    out = load_st(dst)[0]
+    assert out[name + ".dora_scale"].dtype == torch.bfloat16 and torch.equal(out[name + ".dora_scale"],
+                                                                             sd[name + ".dora_scale"])
+    assert rel_err(dense_dw(out, name), dense_dw(sd, name)) < 2 ** -7

@@ -531,8 +531,8 @@ def as_layout(layout: Layout, target: str | None, family: str, infos: TMapping[s
     # a file already keyed as the target keys every module (a prefix alone does not say so: ComfyUI's HunyuanVideo
     # 1.5 fuses what musubi's `diffusion_model.` files split) keeps its names, its other tensors, and its factors
     # (Converted.exact)
-    if layout.format == built.format and all(m._renamed and m.sources[0].module.name == m.name
-                                             for m in built.modules):
+    if KEY_FORM.get(layout.format) == KEY_FORM[built.format] and all(m._renamed and m.sources[0].module.name == m.name
+                                                                     for m in built.modules):  # lycoris keys as kohya
         if KEY_FORM[built.format] != "kohya":  # an A/B file keeps its own config (DoRA, rsLoRA, biases described)
             return layout
         built.notes, built.passthrough, built.known = list(layout.notes), list(layout.passthrough), layout.known
