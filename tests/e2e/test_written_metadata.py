@@ -111,7 +111,7 @@ def read_back(path) -> dict[str, str]:
         if groups[conv]:
             ranks, alphas = {k for k, _ in groups[conv]}, {a for _, a in groups[conv]}
             out[dim] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
-            out[alpha] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+            out[alpha] = str(alphas.pop()) if len(alphas) == 1 and out[dim] != "Dynamic" else "Dynamic"
     return out
 
 
@@ -134,8 +134,9 @@ MIXED = [Spec("lora_te_text_model_encoder_layers_0_mlp_fc1", 40, 32, 8, alpha=4.
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "float"])
 @pytest.mark.parametrize("case", [
     dict(rank=6, rank_rule="kohya"), dict(rank=8, rank_rule="kohya", conv_rank=4),  # per-layer alphas: 7/12*8
-    dict(rank=6), dict(rank=3, conv_rank=2), dict(rank=6, rank_rule="kohya", block_rules=("*layers_1_*=drop",))],
-    ids=["kohya6", "kohya8", "exact6", "exact3", "kohya-dropped"])
+    dict(rank=6), dict(rank=3, conv_rank=2), dict(rank=6, rank_rule="kohya", block_rules=("*layers_1_*=drop",)),
+    dict(rank=10, conv_rank=2)],  # linear ranks 8 and 10, one conv rank: conv_dim is the convs' own
+    ids=["kohya6", "kohya8", "exact6", "exact3", "kohya-dropped", "exact-linear-differ"])
 def test_dims_and_alphas_stated_are_those_read_back_from_the_tensors(tmp_path, case, precision):
     """sd-scripts' network dim/alpha and the network args' conv dim/alpha say what the written layers hold: one
     rank (alpha) per group where they share it - the alpha as stored, after the save dtype's rounding (7/12*8 is

@@ -79,23 +79,26 @@ def stored_alpha(alpha: float, precision: str) -> float:
     return float(torch.tensor(alpha, dtype=torch.float32).to(SAVE_DTYPES[precision]))
 
 
-def written_dims(rows: Sequence, precision: str) -> tuple[tuple[int, str] | None, tuple[int, str] | None, bool]:
-    """(linear, conv, uniform) of the layers written: the rank (the last layer's) and the alpha - as stored in the
-    save `precision`, or 'Dynamic' where the group's stored alphas differ - of the linear layers and of the conv
+def written_dims(rows: Sequence, precision: str
+                 ) -> tuple[tuple[int | str, str] | None, tuple[int | str, str] | None, bool]:
+    """(linear, conv, uniform) of the layers written: the rank (the last layer's; 'Dynamic', and so the alpha,
+    where the group's ranks differ) and the alpha - as stored in the save `precision`, or 'Dynamic' where the
+    group's stored alphas differ - of the linear layers and of the conv
     (4-D) layers: the two groups --rank and --conv-rank set, and network_dim/network_alpha and
     conv_dim/conv_alpha name; None where a group has none. `uniform`: each group has one rank. Zero layers
     (rank-1 placeholders for an update of zero, which no alpha changes) take no part unless every layer is one."""
     live = [r for r in rows if not r.zero] or list(rows)
     groups = [[r for r in live if r.kind.startswith("conv") == conv] for conv in (False, True)]
-    uniform = all(len({r.new_rank for r in g}) <= 1 for g in groups)
 
-    def dims(g) -> tuple[int, str] | None:
+    def dims(g) -> tuple[int | str, str] | None:
         if not g:
             return None
         alphas = {stored_alpha(r.new_alpha, precision) for r in g}
+        if len({r.new_rank for r in g}) > 1:
+            return DYNAMIC, DYNAMIC  # as sd-scripts writes a dynamic resize: both
         return g[-1].new_rank, str(alphas.pop()) if len(alphas) == 1 else DYNAMIC
     lin, conv = (dims(g) for g in groups)
-    return lin, conv, uniform
+    return lin, conv, all(d is None or d[0] != DYNAMIC for d in (lin, conv))
 
 
 def rules_text(opts) -> str:
@@ -132,9 +135,7 @@ def sd_scripts_fields(opts, rows: Sequence, comment: str, precision: str) -> dic
         asked += f" (conv: at most {opts.conv_rank})" if opts.conv_rank not in (None, opts.rank) else ""
         fields = {"ss_training_comment": f"dimension is resized from {old_dim} to {asked}, layers smaller than that "
                                          f"keeping their own rank{rules}; {comment}"}
-    if not uniform:
-        return {**fields, **dynamic}
-    return {**fields, "ss_network_dim": str(main[0]), "ss_network_alpha": main[1]}
+    return {**fields, "ss_network_dim": str(main[0]), "ss_network_alpha": main[1]}  # per group: 'Dynamic' where it varies
 
 
 def network_args(args: str | None, rows: Sequence, precision: str, every_module: bool = True
@@ -150,13 +151,13 @@ def network_args(args: str | None, rows: Sequence, precision: str, every_module:
         return {}
     if not isinstance(d, dict) or not {"conv_dim", "conv_alpha"} & set(d):
         return {}
-    _, conv, uniform = written_dims(rows, precision)
+    _, conv, _ = written_dims(rows, precision)
     if conv is None:
         if not every_module:
             return {}
         d = {k: v for k, v in d.items() if k not in ("conv_dim", "conv_alpha")}
         return {"ss_network_args": json.dumps(d) if d else None}
-    d["conv_dim"], d["conv_alpha"] = str(conv[0]) if uniform else DYNAMIC, conv[1]
+    d["conv_dim"], d["conv_alpha"] = str(conv[0]), conv[1]  # the conv layers' own: the linear ones may differ
     return {"ss_network_args": json.dumps(d)}
 
 
