@@ -279,11 +279,14 @@ def test_peft_lora_biases_are_summed_when_their_layers_scale_alike_else_refused(
 
 
 @pytest.mark.thirdparty
-def test_merged_diffusers_config_describes_every_module_written_and_diffusers_applies_each(tmp_path):
-    """A diffusers-layout SD file (its PEFT config in `lora_adapter_metadata`) merged with a kohya SD file that has
-    modules the first lacks: the written config names every module written, with its rank and alpha, so diffusers'
-    `load_lora_adapter` (which builds the LoraConfig from that metadata) patches each weight by the weighted sum.
-    Before, the config was the first input's: the other input's modules were written as tensors but left out."""
+@pytest.mark.parametrize("diffusers_first", [True, False], ids=["diffusers-first", "kohya-first-to-diffusers"])
+def test_merged_diffusers_config_describes_every_module_written_and_diffusers_applies_each(tmp_path,
+                                                                                          diffusers_first):
+    """A diffusers-layout SD file (its PEFT config in `lora_adapter_metadata`) merged with a kohya SD file, the
+    second input having modules the first lacks (kohya first: written with --output-format diffusers): the
+    written config names every module written, with its rank and alpha, so diffusers' `load_lora_adapter` (which
+    builds the LoraConfig from that metadata) patches each weight by the weighted sum. Before, the config was
+    the first input's: the other input's modules were written as tensors but left out."""
     from diffusers import UNet2DConditionModel
 
     from helpers import loader_messages
@@ -305,18 +308,19 @@ def test_merged_diffusers_config_describes_every_module_written_and_diffusers_ap
         return down, up
 
     # input A, diffusers' layout: rank 4 at lora_alpha 2 (scale 0.5), attn1.to_k at rank 6 through the patterns
-    ranks_a = {p: 6 if p.endswith("attn1.to_k") else 4 for p in shared}
+    in_a, in_b = (shared, shared + extra) if diffusers_first else (shared + extra, shared)
+    ranks_a = {p: 6 if p.endswith("attn1.to_k") else 4 for p in in_a}
     fa = {p: factors(p, r) for p, r in ranks_a.items()}
     cfg = {"r": 4, "lora_alpha": 2, "rank_pattern": {attn + "attn1.to_k": 6}, "alpha_pattern": {attn + "attn1.to_k": 3},
-           "target_modules": sorted(shared), "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
+           "target_modules": sorted(in_a), "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
            "init_lora_weights": True, "bias": "none"}
-    scale_a = {p: 3 / 6 if p.endswith("attn1.to_k") else 2 / 4 for p in shared}
+    scale_a = {p: 3 / 6 if p.endswith("attn1.to_k") else 2 / 4 for p in in_a}
     sd_a = {f"unet.{p}.lora_{ab}.weight": t for p, (down, up) in fa.items() for ab, t in (("A", down), ("B", up))}
     a = write_lora(tmp_path / "a.safetensors", sd_a,
                    {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in cfg.items()})})
-    # input B, kohya: the same modules and two more (a Linear and a 3x3 conv), rank 4 at alphas of their own
-    ranks_b = {p: 4 for p in shared + extra}
-    alpha_b = {p: float(i + 1) for i, p in enumerate(shared + extra)}
+    # input B, kohya: rank 4 at alphas of their own; the extra modules: a Linear and a 3x3 conv
+    ranks_b = {p: 4 for p in in_b}
+    alpha_b = {p: float(i + 1) for i, p in enumerate(in_b)}
     fb = {p: factors(p, r) for p, r in ranks_b.items()}
     sd_b = {}
     for p, (down, up) in fb.items():
@@ -324,7 +328,8 @@ def test_merged_diffusers_config_describes_every_module_written_and_diffusers_ap
         sd_b.update({k + ".lora_down.weight": down, k + ".lora_up.weight": up, k + ".alpha": torch.tensor(alpha_b[p])})
     b = write_lora(tmp_path / "b.safetensors", sd_b)
     out = tmp_path / "ab.safetensors"
-    assert main(["merge", f"{a}:1", f"{b}:-0.5", "-o", str(out), "--rank", "16", "--precision", "float", "-q"]) == 0
+    inputs = [f"{a}:1", f"{b}:-0.5"] if diffusers_first else [f"{b}:-0.5", f"{a}:1", "--output-format", "diffusers"]
+    assert main(["merge", *inputs, "-o", str(out), "--rank", "16", "--precision", "float", "-q"]) == 0
 
     O, meta = load_st(out)
     written = {k[len("unet."):-len(".lora_A.weight")]: v.shape[0] for k, v in O.items() if k.endswith(".lora_A.weight")}
@@ -337,9 +342,9 @@ def test_merged_diffusers_config_describes_every_module_written_and_diffusers_ap
     def dense(f, p, scale):
         down, up = f[p]
         return up.reshape(up.shape[0], -1).double() @ down.reshape(down.shape[0], -1).double() * scale
-    expected = {p: -0.5 * dense(fb, p, alpha_b[p] / ranks_b[p]) for p in written}
-    for p in shared:
-        expected[p] = expected[p] + dense(fa, p, scale_a[p])
+    expected = {p: dense(fa, p, scale_a[p]) if p in fa else 0 for p in written}
+    for p in in_b:
+        expected[p] = expected[p] - 0.5 * dense(fb, p, alpha_b[p] / ranks_b[p])
     before = {p: mods[p].weight.detach().clone() for p in written}
     with loader_messages() as msgs:
         unet.load_lora_adapter(str(out), prefix="unet", adapter_name="ab", use_safetensors=True)

@@ -165,9 +165,9 @@ def _targets(p: str, t: str) -> bool:
 
 def written_targets(old, paths: set[str]):
     """target_modules for the modules written (`paths`), from the config's own `old`: a list keeps its entries
-    that name a written module (in their order) and gains the full path of every written module none names (a merge's modules
-    from its other inputs); a regex string (PEFT fullmatches it) gains those as escaped alternatives; absent or
-    'all-linear', every written path. So the loader builds exactly the modules the file holds."""
+    that name a written module (in their order) and gains the full path of every written module none names (a
+    merge's modules from its other inputs); a regex string (PEFT fullmatches it) gains those as escaped
+    alternatives; absent or 'all-linear', every written path. So the loader builds the modules the file holds."""
     if isinstance(old, str) and old != "all-linear":
         missing = sorted(p for p in paths if re.fullmatch(old, p) is None)
         return "|".join([f"(?:{old})"] + [re.escape(p) for p in missing]) if missing else old
