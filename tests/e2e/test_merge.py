@@ -277,3 +277,80 @@ def test_peft_lora_biases_are_summed_when_their_layers_scale_alike_else_refused(
     with pytest.raises(lora_resize.LoraStructureError, match=r"lora_B\.bias.*scale this layer differently \(1, 2\)"):
         lora_resize.merge([a, c], tmp_path / "ac/", rank=8)
     assert not (tmp_path / "ac").exists()
+
+
+@pytest.mark.thirdparty
+@pytest.mark.parametrize("diffusers_first", [True, False], ids=["diffusers-first", "kohya-first-to-diffusers"])
+def test_merged_diffusers_config_describes_every_module_written_and_diffusers_applies_each(tmp_path,
+                                                                                          diffusers_first):
+    """A diffusers-layout SD file (its PEFT config in `lora_adapter_metadata`) merged with a kohya SD file, the
+    second input having modules the first lacks (kohya first: written with --output-format diffusers): the
+    written config names every module written, with its rank and alpha, so diffusers' `load_lora_adapter` (which
+    builds the LoraConfig from that metadata) patches each weight by the weighted sum. Before, the config was
+    the first input's: the other input's modules were written as tensors but left out."""
+    from diffusers import UNet2DConditionModel
+
+    from helpers import loader_messages
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(8, 16, 32, 32), layers_per_block=2, cross_attention_dim=12,
+        attention_head_dim=2, norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    mods = dict(unet.named_modules())
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0."
+    shared = [attn + "attn1.to_q", attn + "attn1.to_k", attn + "attn2.to_k"]
+    extra = [attn + "ff.net.2", "down_blocks.0.resnets.0.conv1"]
+    g = torch.Generator().manual_seed(4)
+
+    def factors(path, r):
+        w = mods[path].weight
+        down = torch.randn(r, *w.shape[1:], generator=g) * 0.3
+        up = torch.randn(w.shape[0], r, *([1] * (w.dim() - 2)), generator=g) * 0.3
+        return down, up
+
+    # input A, diffusers' layout: rank 4 at lora_alpha 2 (scale 0.5), attn1.to_k at rank 6 through the patterns
+    in_a, in_b = (shared, shared + extra) if diffusers_first else (shared + extra, shared)
+    ranks_a = {p: 6 if p.endswith("attn1.to_k") else 4 for p in in_a}
+    fa = {p: factors(p, r) for p, r in ranks_a.items()}
+    cfg = {"r": 4, "lora_alpha": 2, "rank_pattern": {attn + "attn1.to_k": 6}, "alpha_pattern": {attn + "attn1.to_k": 3},
+           "target_modules": sorted(in_a), "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
+           "init_lora_weights": True, "bias": "none"}
+    scale_a = {p: 3 / 6 if p.endswith("attn1.to_k") else 2 / 4 for p in in_a}
+    sd_a = {f"unet.{p}.lora_{ab}.weight": t for p, (down, up) in fa.items() for ab, t in (("A", down), ("B", up))}
+    a = write_lora(tmp_path / "a.safetensors", sd_a,
+                   {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in cfg.items()})})
+    # input B, kohya: rank 4 at alphas of their own; the extra modules: a Linear and a 3x3 conv
+    ranks_b = {p: 4 for p in in_b}
+    alpha_b = {p: float(i + 1) for i, p in enumerate(in_b)}
+    fb = {p: factors(p, r) for p, r in ranks_b.items()}
+    sd_b = {}
+    for p, (down, up) in fb.items():
+        k = "lora_unet_" + p.replace(".", "_")
+        sd_b.update({k + ".lora_down.weight": down, k + ".lora_up.weight": up, k + ".alpha": torch.tensor(alpha_b[p])})
+    b = write_lora(tmp_path / "b.safetensors", sd_b)
+    out = tmp_path / "ab.safetensors"
+    inputs = [f"{a}:1", f"{b}:-0.5"] if diffusers_first else [f"{b}:-0.5", f"{a}:1", "--output-format", "diffusers"]
+    assert main(["merge", *inputs, "-o", str(out), "--rank", "16", "--precision", "float", "-q"]) == 0
+
+    O, meta = load_st(out)
+    written = {k[len("unet."):-len(".lora_A.weight")]: v.shape[0] for k, v in O.items() if k.endswith(".lora_A.weight")}
+    assert set(written) == set(shared + extra)
+    got = {k[len("unet."):]: v for k, v in json.loads(meta["lora_adapter_metadata"]).items()}
+    assert sorted(got["target_modules"]) == sorted(written)
+    assert {p: got["rank_pattern"].get(p, got["r"]) for p in written} == written
+    assert set(got["rank_pattern"]) <= set(written) and set(got["alpha_pattern"]) <= set(written)
+
+    def dense(f, p, scale):
+        down, up = f[p]
+        return up.reshape(up.shape[0], -1).double() @ down.reshape(down.shape[0], -1).double() * scale
+    expected = {p: dense(fa, p, scale_a[p]) if p in fa else 0 for p in written}
+    for p in in_b:
+        expected[p] = expected[p] - 0.5 * dense(fb, p, alpha_b[p] / ranks_b[p])
+    before = {p: mods[p].weight.detach().clone() for p in written}
+    with loader_messages() as msgs:
+        unet.load_lora_adapter(str(out), prefix="unet", adapter_name="ab", use_safetensors=True)
+        unet.fuse_lora()
+    assert msgs == []
+    for p in written:
+        dw = (mods[p].weight.detach().double() - before[p].double()).reshape(before[p].shape[0], -1)
+        assert rel_err(dw, expected[p]) < 2e-5, p  # float32 factors fused into float32 weights

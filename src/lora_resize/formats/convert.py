@@ -22,7 +22,7 @@ module keeping its own scale; with one, the new alpha follows the output's conve
 so a converted file applies exactly its input's update, weight by weight."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping as TMapping
 
 import torch
@@ -368,6 +368,11 @@ class Converted(Module):
     def output_scale(self) -> float | None:
         return self.target.output_scale
 
+    @property
+    def config_key(self) -> tuple[str, str] | None:
+        """(component, module path) under which the target layout's config names it (PairModule.config_key)."""
+        return getattr(self.target, "config_key", None)
+
     def emit(self, new):
         return self.target.emit(new)
 
@@ -499,7 +504,10 @@ class ConvertedLayout(Layout):
     carried: dict = field(default_factory=dict)  # output key -> Carried: the input's non-factors that follow
 
     def side_outputs(self, rows) -> SideOutputs:
-        out = self.target_layout.side_outputs(rows) if self.target_layout is not None else SideOutputs()
+        # the target family's side outputs for the modules written (a merge's, from every input), not only those
+        # this layout was built with
+        out = (replace(self.target_layout, modules=self.modules).side_outputs(rows) if self.target_layout is not None
+               else SideOutputs())
         return SideOutputs(metadata={METADATA_KEY: None, ARCH_KEY: self.arch, **out.metadata}, files=out.files)
 
 

@@ -97,14 +97,23 @@ class DiffusersLayout(Layout):
     original: str | None = None                   # the metadata JSON as read
 
     def side_outputs(self, rows) -> SideOutputs:
-        if not self.configs:
+        """The metadata's configs rewritten to describe every module written (`self.modules`: a merge's come from
+        every input) with its new rank and alpha; a component only other inputs have gets a new config."""
+        configs = dict(self.configs)
+        if "" not in configs:
+            written = {r.name for r in rows}
+            for m in self.modules:
+                key = getattr(m, "config_key", None)
+                if key is not None and m.name in written and key[0] not in configs:
+                    configs[key[0]] = {**NEW_CONFIG, **features(key[0], self.known)}
+        if not configs:
             return SideOutputs()
-        if "" in self.configs:
-            cfg = self.configs[""]
+        if "" in configs:
+            cfg = configs[""]
             out = rewritten_config(cfg, config_entries(self.modules, rows, ""), bool(cfg.get("use_rslora")))
         else:
             out = json.loads(self.original) if self.original else {}
-            for comp, cfg in self.configs.items():
+            for comp, cfg in configs.items():
                 new = rewritten_config(cfg, config_entries(self.modules, rows, comp), bool(cfg.get("use_rslora")))
                 out.update({f"{comp}.{k}": v for k, v in new.items()})
         return SideOutputs(metadata={METADATA_KEY: json.dumps(out, indent=2, sort_keys=True)})

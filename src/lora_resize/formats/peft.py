@@ -157,15 +157,35 @@ def _pattern_for(path: str, others: set[str]) -> str:
     return pat
 
 
+def _targets(p: str, t: str) -> bool:
+    """PEFT's match of a list entry of target_modules to module path `p` (peft/tuners/tuners_utils.py
+    `check_target_module_exists`: the name itself or its last dotted parts)."""
+    return p == t or p.endswith("." + t)
+
+
+def written_targets(old, paths: set[str]):
+    """target_modules for the modules written (`paths`), from the config's own `old`: a list keeps its entries
+    that name a written module (in their order) and gains the full path of every written module none names (a
+    merge's modules from its other inputs); a regex string (PEFT fullmatches it) gains those as escaped
+    alternatives; absent or 'all-linear', every written path. So the loader builds the modules the file holds."""
+    if isinstance(old, str) and old != "all-linear":
+        missing = sorted(p for p in paths if re.fullmatch(old, p) is None)
+        return "|".join([f"(?:{old})"] + [re.escape(p) for p in missing]) if missing else old
+    kept = [t for t in old if any(_targets(p, t) for p in paths)] if isinstance(old, list) else []
+    return kept + sorted(p for p in paths if not any(_targets(p, t) for t in kept))
+
+
 def rewritten_config(old: Mapping, entries: list[tuple[str, int, float]], rslora: bool) -> dict:
     """`old` (a PEFT LoraConfig as a dict) for the new ranks. entries: (module path, new rank k, alpha such that the
-    module's scale is alpha / k). In PEFT's terms each module needs lora_alpha = alpha (use_rslora: alpha / sqrt(k));
-    r becomes the most common k, lora_alpha the most common need, and every other module gets a full-name
-    rank/alpha pattern. The other fields are kept."""
+    module's scale is alpha / k), one per module written. In PEFT's terms each module needs lora_alpha = alpha
+    (use_rslora: alpha / sqrt(k)); r becomes the most common k, lora_alpha the most common need, every other
+    module gets a full-name rank/alpha pattern, and target_modules covers the modules written (written_targets).
+    The other fields are kept."""
     cfg = dict(old)
     if not entries:
         return cfg
     paths = {p for p, _, _ in entries}
+    cfg["target_modules"] = written_targets(old.get("target_modules"), paths)
     need = [(p, k, a / math.sqrt(k) if rslora else a) for p, k, a in entries]
     r = Counter(k for _, k, _ in need).most_common(1)[0][0]
     lora_alpha = Counter(a for _, _, a in need).most_common(1)[0][0]

@@ -113,7 +113,10 @@ def test_prefixed_metadata_is_read_and_rewritten(tmp_path):
     resize_ok(src, tmp_path / "o.safetensors", "--method", "sv_fro", "--param", "0.8")
     out, meta = load_st(tmp_path / "o.safetensors")
     new = json.loads(meta["lora_adapter_metadata"])
-    assert new["transformer.target_modules"] == ["to_q", "to_k"] and meta["format"] == "pt"
+    # the config's own entries kept, and every module written that they do not name added by its full path
+    paths = [m.name[len("transformer."):] for m in shapes]
+    assert new["transformer.target_modules"] == ["to_q", "to_k"] + sorted(
+        p for p in paths if not p.endswith((".to_q", ".to_k"))) and meta["format"] == "pt"
     rp, ap = new["transformer.rank_pattern"], new["transformer.alpha_pattern"]
     ranks = set()
     for m in shapes:
