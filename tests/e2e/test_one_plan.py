@@ -74,3 +74,60 @@ def test_evaluate_honours_every_option_or_refuses_it(tmp_path, low_rank, other, 
     assert len(row.ranks) == len(res.layers)
     if ranks is not None:
         assert [r.new_rank for r in res.layers] == [ranks[r.name] for r in res.layers]
+
+
+def flux_files(folder) -> dict[str, object]:
+    """A kohya Flux LoRA with fused modules (qkv, linear1) of mixed alphas, and an ai-toolkit one (diffusers keys,
+    split q/k/v, no alpha): a conversion splits the one's modules and fuses the other's."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(5)
+    H, bf = 32, torch.bfloat16
+
+    def pair(sd, down, up, o, i, r=4):
+        sd[down] = (torch.randn(r, i, generator=g) * .1).to(bf)
+        sd[up] = (torch.randn(o, r, generator=g) * .1).to(bf)
+    fk: dict[str, torch.Tensor] = {}
+    for name, o, i, alpha in [("double_blocks_0_img_attn_qkv", 3 * H, H, 2), ("double_blocks_0_img_attn_proj", H, H, 4),
+                              ("double_blocks_0_txt_attn_qkv", 3 * H, H, 8), ("double_blocks_0_img_mlp_0", 4 * H, H, 2),
+                              ("single_blocks_0_linear1", 7 * H, H, 1), ("single_blocks_0_linear2", H, 5 * H, 4)]:
+        p = "lora_unet_" + name
+        pair(fk, p + ".lora_down.weight", p + ".lora_up.weight", o, i)
+        fk[p + ".alpha"] = torch.tensor(float(alpha)).to(bf)
+    save_file(fk, str(folder / "fk.safetensors"), metadata={"ss_network_module": "networks.lora_flux",
+                                                            "modelspec.architecture": "flux-1-dev/lora"})
+    fa: dict[str, torch.Tensor] = {}
+    for name, o, i in [*((f"transformer_blocks.0.attn.{n}", H, H) for n in ("to_q", "to_k", "to_v", "to_out.0")),
+                       *((f"single_transformer_blocks.0.attn.{n}", H, H) for n in ("to_q", "to_k", "to_v")),
+                       ("single_transformer_blocks.0.proj_mlp", 4 * H, H)]:
+        pair(fa, f"transformer.{name}.lora_A.weight", f"transformer.{name}.lora_B.weight", o, i)
+    save_file(fa, str(folder / "fa.safetensors"))
+    return {"fused": folder / "fk.safetensors", "split": folder / "fa.safetensors"}
+
+
+@pytest.mark.parametrize("to, rule", [("diffusers", "kohya"), ("kohya", "kohya"), ("comfy", "exact")])
+@pytest.mark.parametrize("which", ["fused", "split"])
+def test_every_analyze_row_of_a_conversion_under_the_kohya_rule_writes_what_it_predicts(tmp_path, capsys, which, to,
+                                                                                         rule):
+    """With --output-format (modules split or fused, copied as they are where their rank is kept) and
+    --rank-rule kohya (a fixed rank grows to the layer's size) or exact (one alpha for all, not a copy's own),
+    each printed row, run as printed, writes the predicted bytes (metadata included) and ranks."""
+    import json
+    import shlex
+
+    from lora_resize.cli import main
+    src = flux_files(tmp_path)[which]
+    flags = ["--output-format", to, "--rank-rule", rule]
+    assert main(["analyze", str(src), "--json", "-q", *flags]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    layers = analyze(src, output_format=to, rank_rule=rule).layers
+    assert rule != "kohya" or any(s["rank_max"] > 4 for s in printed["settings"])  # the rule grows some layers
+    for i, row in enumerate(printed["settings"]):
+        dst = tmp_path / f"row{i}.safetensors"
+        assert main(["resize", str(src), "-o", str(dst), "-q", *shlex.split(row["args"]), *flags]) == 0
+        capsys.readouterr()
+        sd, _ = load_st(dst)
+        ranks = sorted(v.shape[0] for k, v in sd.items() if k.endswith(("lora_down.weight", "lora_A.weight")))
+        mean = sum(ranks) / len(ranks) if to == "kohya" else row["rank_mean"]  # split parts share a layer's rank
+        assert (dst.stat().st_size, ranks[0], ranks[-1], mean) == pytest.approx(
+            (row["output_bytes"], row["rank_min"], row["rank_max"], row["rank_mean"]), abs=1e-9), row["args"]
+        assert to != "kohya" or len(ranks) == len(layers)

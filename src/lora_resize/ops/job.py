@@ -198,9 +198,18 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
     conversion = None
     if job.exact is not None:  # a conversion that keeps every singular value copies the factors, bit for bit: no
         copy, why = job.exact(save_dtype)  # rank setting covers the layer (a zero or rank-deficient one included),
-        if copy is not None and (k >= copy.down.shape[0] or unranked(sp, opts)):  # or its rank keeps them all
+        # or the planned rank is the copy's own (a larger one, the kohya rule's growth to the layer's size, is
+        # written at that rank as without a conversion: the plan analyze sizes is the rank written)
+        if copy is not None and unranked(sp, opts):
             return Queued(job, layer, sp, copy.down.shape[0], False, False, float(copy.alpha), copy.alpha, copy.up,
                           copy.down, conversion="exact")
+        if copy is not None and k == copy.down.shape[0]:  # a rank setting: the copy must write what the plan
+            planned = alpha_of(job.name, layer.alpha, layer.rank, k)  # sizes (ops.analyze, sizer_for): its
+            why = planned_copy(job.module, copy, planned, save_dtype)  # alpha, in the save precision
+            if not why:
+                return Queued(job, layer, sp, k, False, False, planned, copy.alpha, copy.up, copy.down,
+                              conversion="exact")
+            copy = None
         whole = unranked(sp, opts) or k >= min(layer.rank, sp.out_features, sp.in_features)  # nothing truncated
         conversion = why if copy is None and whole else None
     alpha = alpha_of(job.name, layer.alpha, layer.rank, k)
@@ -209,6 +218,18 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
     up, down = truncated_factors(dec, k, c, save_dtype)
     return Queued(job, layer, sp, k, choice.clamped_to_size, choice.zero_layer, alpha, alpha_t, up, down,
                   largest_entry(dec.S, c), conversion)
+
+
+def planned_copy(module: Module, copy: NewFactors, planned: float, save_dtype: torch.dtype) -> str:
+    """"" when a conversion's exact copy (formats.convert.exact_factors) writes what the plan states for its rank
+    (planned_rows, io.sizing.OutputSizer: an alpha in the save precision, of the planned value unless the output
+    is loaded at a fixed scale and stores none); else why not (the layer is then re-rounded at that rank)."""
+    if copy.alpha.dtype != save_dtype:
+        return "its alpha is stored in another precision than the save precision"
+    stored = float(torch.tensor(planned, dtype=torch.float32).to(save_dtype))
+    if module.output_scale is None and float(copy.alpha) != stored:
+        return f"its alpha {float(copy.alpha):g} is not the output's {stored:g} (--rank-rule kohya keeps each layer's)"
+    return ""
 
 
 def finish_layer(q: Queued) -> tuple[LayerResult, dict[str, torch.Tensor]]:
