@@ -4,6 +4,7 @@ arguments from them (cli/flags.py). The object is frozen: change a copy with `da
 validates again."""
 from __future__ import annotations
 
+import glob
 import numbers
 import shlex
 from dataclasses import MISSING, InitVar, dataclass, field, fields, replace
@@ -237,7 +238,7 @@ class ResizeOptions:
         exact-name `--rule` pins ahead of the others, unless a budget set them (its flag plans them again)."""
         words: list[str] = []
         if self.ranks and self.budget is None:
-            words += [w for name, k in self.ranks.items() for w in ("--rule", f"{_glob_escape(name)}={k}")]
+            words += [w for name, k in self.ranks.items() for w in ("--rule", f"{glob.escape(name)}={k}")]
         for f in option_fields():
             meta, value = f.metadata, getattr(self, f.name)
             if meta["group"] == "compute" or value == _default(f) or (f.name == "conv_rank" and value == self.rank):
@@ -270,11 +271,6 @@ def _number(v: float) -> str:
     """A float as short as it reads back exactly ('0.9', '4', '0.123456789')."""
     short = f"{v:g}"
     return short if float(short) == v else repr(v)
-
-
-def _glob_escape(name: str) -> str:
-    """A module name as an fnmatch pattern that matches only it ('[' , '*', '?' in brackets)."""
-    return "".join(f"[{c}]" if c in "[*?" else c for c in name)
 
 
 def _sets(name: str, value) -> bool:

@@ -368,12 +368,19 @@ def test_a_memory_budget_too_small_for_one_worker_is_refused(tmp_path, blocky_lo
     (["resize", "{src}", "-o", "{out}", "--rank", "4", "--xyzzy", "--frce"], "resize: unknown option --xyzzy;"),
 ])
 def test_a_bad_option_gets_the_hint_that_fits(tmp_path, blocky_lora, capsys, argv, want):
-    fill = dict(src=blocky_lora, dir=blocky_lora.parent, out=tmp_path / "out.safetensors")
-    code, out, err = run([a.format(**fill) for a in argv], capsys)
-    assert code == 2 and out == "" and err.count("\n") == 1, err
+    err, _ = refused(argv, tmp_path, blocky_lora, capsys)
     assert err.startswith(f"lora-resize: error: {want}"), err
     assert "did you mean --method" not in err and "did you mean --rule" not in err
+
+
+def refused(argv: list[str], tmp_path, lora, capsys) -> tuple[str, dict]:
+    """Run `argv` (its {src}, {dir}, {out} filled in): exit 2, one line on stderr, nothing on stdout, no output
+    file. Returns (stderr, the fill)."""
+    fill = dict(src=lora, dir=lora.parent, out=tmp_path / "out.safetensors")
+    code, out, err = run([a.format(**fill) for a in argv], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
     assert not (tmp_path / "out.safetensors").exists()
+    return err, fill
 
 
 @pytest.mark.parametrize("argv, want", [
@@ -390,11 +397,8 @@ def test_a_bad_option_gets_the_hint_that_fits(tmp_path, blocky_lora, capsys, arg
     (["resize", "{src}", "-o", "{out}", "--rank", "4", "--device", "cuda:"], "got 'cuda:'"),
 ])
 def test_a_bad_value_is_named_as_given(tmp_path, blocky_lora, capsys, argv, want):
-    fill = dict(src=blocky_lora, dir=blocky_lora.parent, out=tmp_path / "out.safetensors")
-    code, out, err = run([a.format(**fill) for a in argv], capsys)
-    assert code == 2 and out == "" and err.count("\n") == 1, err
+    err, fill = refused(argv, tmp_path, blocky_lora, capsys)
     assert want.format(**fill) in err, err
-    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_a_gpu_index_is_named_when_cuda_is_absent(tmp_path, blocky_lora, capsys, monkeypatch):

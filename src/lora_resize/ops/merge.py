@@ -25,7 +25,7 @@ from ..models import SD
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import TensorInfo, TensorSource, open_tensor_file
-from ..io.writer import copied_dtype
+from ..io.writer import copied_dtype, tensor_bytes
 from ..options import ResizeOptions
 from ..ranks.rules import apply_rules
 from ..results import LayerResult, ResizeResult
@@ -167,8 +167,7 @@ def common_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """`a` and `b` hold the same values in the same dtype and shape, bit for bit (NaNs included)."""
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+    return a.dtype == b.dtype and a.shape == b.shape and tensor_bytes(a) == tensor_bytes(b)
 
 
 def merged_companions(live: list[Source], readers: list[TensorSource], layouts: list[Layout],
