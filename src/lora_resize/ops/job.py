@@ -195,6 +195,8 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
     sp = Spectrum.of(job.name, layer, dec.S, job.base)
     choice = layer_rank(sp, opts)
     k = choice.rank
+    alpha = alpha_of(job.name, layer.alpha, layer.rank, k)
+    alpha_t = torch.tensor(alpha, dtype=torch.float32).to(save_dtype)
     conversion = None
     if job.exact is not None:  # a conversion that keeps every singular value copies the factors, bit for bit: no
         copy, why = job.exact(save_dtype)  # rank setting covers the layer (a zero or rank-deficient one included),
@@ -204,29 +206,26 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
             return Queued(job, layer, sp, copy.down.shape[0], False, False, float(copy.alpha), copy.alpha, copy.up,
                           copy.down, conversion="exact")
         if copy is not None and k == copy.down.shape[0]:  # a rank setting: the copy must write what the plan
-            planned = alpha_of(job.name, layer.alpha, layer.rank, k)  # sizes (ops.analyze, sizer_for): its
-            why = planned_copy(job.module, copy, planned, save_dtype)  # alpha, in the save precision
+            why = planned_copy(job.module, copy, alpha_t)  # sizes (ops.analyze, sizer_for): its alpha, as stored
             if not why:
-                return Queued(job, layer, sp, k, False, False, planned, copy.alpha, copy.up, copy.down,
+                return Queued(job, layer, sp, k, False, False, alpha, copy.alpha, copy.up, copy.down,
                               conversion="exact")
             copy = None
         whole = unranked(sp, opts) or k >= min(layer.rank, sp.out_features, sp.in_features)  # nothing truncated
         conversion = why if copy is None and whole else None
-    alpha = alpha_of(job.name, layer.alpha, layer.rank, k)
-    alpha_t = torch.tensor(alpha, dtype=torch.float32).to(save_dtype)
     c = factor_scale(job.name, layer.scale, output_scale(job.module, alpha_t, k))
     up, down = truncated_factors(dec, k, c, save_dtype)
     return Queued(job, layer, sp, k, choice.clamped_to_size, choice.zero_layer, alpha, alpha_t, up, down,
                   largest_entry(dec.S, c), conversion)
 
 
-def planned_copy(module: Module, copy: NewFactors, planned: float, save_dtype: torch.dtype) -> str:
+def planned_copy(module: Module, copy: NewFactors, planned: torch.Tensor) -> str:
     """"" when a conversion's exact copy (formats.convert.exact_factors) writes what the plan states for its rank
-    (planned_rows, io.sizing.OutputSizer: an alpha in the save precision, of the planned value unless the output
-    is loaded at a fixed scale and stores none); else why not (the layer is then re-rounded at that rank)."""
-    if copy.alpha.dtype != save_dtype:
+    (planned_rows, io.sizing.OutputSizer: the planned alpha `planned`, as stored in the save precision, unless the
+    output is loaded at a fixed scale and stores none); else why not (the layer is then re-rounded at that rank)."""
+    if copy.alpha.dtype != planned.dtype:
         return "its alpha is stored in another precision than the save precision"
-    stored = float(torch.tensor(planned, dtype=torch.float32).to(save_dtype))
+    stored = float(planned)
     if module.output_scale is None and float(copy.alpha) != stored:
         return f"its alpha {float(copy.alpha):g} is not the output's {stored:g} (--rank-rule kohya keeps each layer's)"
     return ""
