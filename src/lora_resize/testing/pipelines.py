@@ -8,6 +8,7 @@ diffusers and transformers are imported inside the functions: the core install d
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +39,43 @@ def _byte_chars() -> list[str]:
 
 
 def clip_tokenizer(max_length: int = _CLIP_MAX) -> Any:
-    """A CLIP tokenizer (transformers' CLIPTokenizer, byte-level BPE) over a 514-token vocabulary built here: every
-    byte character alone and at a word's end (`</w>`), and CLIP's start/end tokens; no merges (each character is a
-    token). Ids stay below 514, so any text encoder with vocab_size >= 514 takes them."""
+    """A CLIP tokenizer (transformers' CLIPTokenizer, byte-level BPE) loaded offline from a vocab.json and an empty
+    merges.txt written here: every byte character alone and at a word's end (`</w>`), and CLIP's start/end tokens
+    (each character a token). Ids stay below 514, so any text encoder with vocab_size >= 514 takes them."""
     from transformers import CLIPTokenizer
 
     chars = _byte_chars()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        Path(d, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(d, model_max_length=max_length, local_files_only=True)
 
 
 def t5_tokenizer(max_length: int = 64) -> Any:
-    """A T5 tokenizer (transformers' T5Tokenizer, a `tokenizers` Unigram model, no sentencepiece file) over a
-    vocabulary built here: T5's <pad>/</s>/<unk>, the word-start mark and the printable ASCII characters, alone and
-    after the mark."""
+    """A T5 tokenizer (transformers' T5TokenizerFast) loaded offline from a tokenizer.json written here with the
+    `tokenizers` library - a Unigram model as T5's sentencepiece one, without a sentencepiece file: T5's
+    <pad>/</s>/<unk> (ids 0, 1, 2), the word-start mark and the printable ASCII characters alone and after the
+    mark; each text ends in </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     for c in map(chr, range(33, 127)):
         pieces += [(c, -3.0), ("\u2581" + c, -3.5)]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    config = {"model_max_length": max_length, "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+              "extra_ids": 0, "tokenizer_class": "T5Tokenizer"}
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(str(Path(d, "tokenizer.json")))
+        Path(d, "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        return T5TokenizerFast.from_pretrained(d, local_files_only=True)
 
 
 def _clip(projection: bool, seed: int, act: str = "quick_gelu", width: int = _CLIP_WIDTH) -> Any:
@@ -182,6 +198,8 @@ _SD_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn
                "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
 _CLIP_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
                  "mlp.fc2")
+# sd-scripts' `ss_base_model_version` values, which models.hinted reads
+_BASE_VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 _FLUX_TARGETS = ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
                  "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")
 
@@ -296,8 +314,6 @@ def tiny_lora(pipe: Any, path: str | Path, rank: int = 8, seed: int = 0, text_en
                                  "ss_network_alpha": str(alpha), "ss_base_model_version": _BASE_VERSION[family_of(pipe)]})
     return path
 
-
-_BASE_VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 
 
 # -- Flux: diffusers <-> BFL names -----------------------------------------------------------------------------------
