@@ -182,8 +182,10 @@ def test_single_file_has_the_original_layout(tiny_base, family):
     else:
         expected |= {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
                      "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
-                     "conditioner.embedders.1.model.text_projection", "conditioner.embedders.1.model.positional_embedding",
-                     "model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.output_blocks.2.2.conv.weight",
+                     "conditioner.embedders.1.model.text_projection",
+                     "conditioner.embedders.1.model.positional_embedding",
+                     "model.diffusion_model.label_emb.0.0.weight",
+                     "model.diffusion_model.output_blocks.2.2.conv.weight",
                      "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"}
         assert not any(k.startswith("cond_stage_model.") for k in keys)
     assert expected <= keys, expected - keys

@@ -4,6 +4,11 @@ CLIP + T5), each at a few thousand parameters per module so that one 32x32 rende
 CPU; savers for the two forms users have a base model in (a diffusers folder; one single-file checkpoint in the
 original LDM / sgm / BFL key layout); and a kohya-named LoRA for each with decaying spectra.
 
+    pipe = tiny_pipeline("sd1" | "sdxl" | "flux", seed=0)
+    save_folder(pipe, path) -> path;  save_single_file(pipe, path) -> path
+    tiny_lora(pipe, path, rank=8, seed=0, text_encoder=True, strength=0.5, decay=0.7, alpha=None) -> path
+    lora_targets(pipe, text_encoder=True) -> {kohya name: base weight};  merge_lora(pipe, tensors) (the reference)
+
 diffusers and transformers are imported inside the functions: the core install does not need them."""
 from __future__ import annotations
 
@@ -133,9 +138,9 @@ def _sdxl(seed: int) -> Any:
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(vae=_vae(seed + 1, 4), text_encoder=_clip(False, seed + 2),
-                                     text_encoder_2=_clip(True, seed + 3, act="gelu", width=_CLIP2_WIDTH), tokenizer=clip_tokenizer(),
-                                     tokenizer_2=clip_tokenizer(), unet=unet, scheduler=sched,
-                                     force_zeros_for_empty_prompt=True)
+                                     text_encoder_2=_clip(True, seed + 3, act="gelu", width=_CLIP2_WIDTH),
+                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet,
+                                     scheduler=sched, force_zeros_for_empty_prompt=True)
 
 
 def _flux(seed: int) -> Any:
@@ -311,7 +316,8 @@ def tiny_lora(pipe: Any, path: str | Path, rank: int = 8, seed: int = 0, text_en
         sd[name + ".alpha"] = torch.tensor(float(alpha))
     path = Path(path)
     write_safetensors(path, sd, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                                 "ss_network_alpha": str(alpha), "ss_base_model_version": _BASE_VERSION[family_of(pipe)]})
+                                 "ss_network_alpha": str(alpha),
+                                 "ss_base_model_version": _BASE_VERSION[family_of(pipe)]})
     return path
 
 
@@ -461,9 +467,13 @@ def single_file_state(pipe: Any) -> dict[str, torch.Tensor]:
 
 
 def save_single_file(pipe: Any, path: str | Path) -> Path:
-    """Write `pipe` as one .safetensors checkpoint in its original layout (single_file_state), which diffusers'
-    `from_single_file(path, config=<the folder save_folder wrote>, local_files_only=True)` reads back to the same
-    weights bit for bit (SD1.5, SDXL; Flux: see the note in tests/unit/test_tiny_pipelines.py). Returns the path."""
+    """Write `pipe` as one .safetensors checkpoint in its original layout (single_file_state). SD1.5 / SDXL:
+    diffusers' `StableDiffusion(XL)Pipeline.from_single_file(path, config=<the folder save_folder wrote>,
+    local_files_only=True)` reads it back to the same weights bit for bit. Flux: the keys and row orders are the
+    ones diffusers' converter reads, but diffusers (0.42) cannot load the tiny file -
+    `single_file_utils.convert_flux_transformer_checkpoint_to_diffusers` splits a single block's linear1 at
+    Flux.1's width (inner_dim = 3072), whatever the config says; a loader of tiny Flux files must map the BFL
+    names itself. Returns the path."""
     path = Path(path)
     sd = {k: v.detach().contiguous() for k, v in single_file_state(pipe).items()}
     write_safetensors(path, sd, {"format": "pt"})
