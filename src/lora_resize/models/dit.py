@@ -77,6 +77,15 @@ FLUX1 = Architecture("flux1", "Flux.1 (dev, Kontext, Chroma)", [
    parts=(Part(clip("text_encoder"), "lora_te1_"),
           Part(t5("text_encoder_2"), "lora_te3_", "lora_te2_", diffusers=False)))
 
+# Flux.1's q/k RMS-norm scales, which no LoRA trains (so they are not in FLUX1's mappings): BFL's name -> diffusers'
+# (BFL flux/modules/layers.py QKNorm `query_norm.scale`; diffusers' FluxAttention `norm_q.weight`)
+FLUX1_NORMS = (("double_blocks.{i}.img_attn.norm.query_norm.scale", "transformer_blocks.{i}.attn.norm_q.weight"),
+               ("double_blocks.{i}.img_attn.norm.key_norm.scale", "transformer_blocks.{i}.attn.norm_k.weight"),
+               ("double_blocks.{i}.txt_attn.norm.query_norm.scale", "transformer_blocks.{i}.attn.norm_added_q.weight"),
+               ("double_blocks.{i}.txt_attn.norm.key_norm.scale", "transformer_blocks.{i}.attn.norm_added_k.weight"),
+               ("single_blocks.{i}.norm.query_norm.scale", "single_transformer_blocks.{i}.attn.norm_q.weight"),
+               ("single_blocks.{i}.norm.key_norm.scale", "single_transformer_blocks.{i}.attn.norm_k.weight"))
+
 FLUX2 = Architecture("flux2", "Flux.2 (dev, Klein)", [
     *FLUX_DOUBLE_ATTENTION,
     M("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.linear_in",), shape=lambda o, i: o == 6 * i),

@@ -225,3 +225,26 @@ def test_bases_that_cannot_be_loaded_are_refused_in_one_line(tmp_path, tiny_base
     folder, _ = tiny_base("sd1")
     with pytest.raises(OptionsError, match="--base-config"):
         BaseModel(folder, config=tmp_path / "empty")
+
+
+@pytest.mark.parametrize("family", pipelines.FAMILIES)
+def test_a_single_file_base_predicts_what_its_diffusers_folder_does(family, tiny_base, lora_of):
+    """The original-layout checkpoint (SD1.5 ldm, SDXL sgm, Flux.1 BFL) with --base-config: the same weights as the
+    folder's, and the same predictions bit for bit, without and with the LoRA."""
+    folder, _ = tiny_base(family)
+    single, config = tiny_base(family, "single")
+    tensors, metadata, _ = lora_of(family)
+    with BaseModel(folder) as a, BaseModel(single, config=config) as b:
+        assert a.family == b.family == family
+        assert a.weights.keys() == b.weights.keys()
+        assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+        probes = a.probes(prompts=["a red cube"], seeds=[0], timesteps=2, size=SIZE)
+        assert all(torch.equal(x, y) for x, y in zip(a.predict(probes), b.predict(probes)))
+        with a.patched(tensors, metadata), b.patched(tensors, metadata):
+            assert all(torch.equal(x, y) for x, y in zip(a.predict(probes), b.predict(probes)))
+
+
+def test_a_flux_transformer_file_without_its_config_folder_names_base_config(tiny_base):
+    single, _ = tiny_base("flux", "single")
+    with pytest.raises(OptionsError, match="--base-config DIR"):
+        BaseModel(single)
