@@ -209,9 +209,12 @@ class BaseModel:
 
     def _call(self, load):
         """Run a diffusers loader; its failures become one-line errors naming the fix."""
+        bars = [require("diffusers", FEATURE).utils.logging, require("transformers", FEATURE).utils.logging]
         try:
             with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype (still taken) to dtype
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                for b in bars:  # their loading bars: the jobs report progress their own way
+                    b.disable_progress_bar()
                 return load()
         except LoraResizeError:
             raise
@@ -224,6 +227,9 @@ class BaseModel:
             raise InputFileError(f"--base {self.base} is not a pipeline diffusers can load ({why}); give a complete "
                                  "diffusers folder or a single-file SD1.5 / SDXL / Flux.1 checkpoint (with "
                                  "--base-config for its configs)") from None
+        finally:
+            for b in bars:
+                b.enable_progress_bar()
 
     def __enter__(self) -> "BaseModel":
         return self

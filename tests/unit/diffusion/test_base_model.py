@@ -248,3 +248,19 @@ def test_a_flux_transformer_file_without_its_config_folder_names_base_config(tin
     single, _ = tiny_base("flux", "single")
     with pytest.raises(OptionsError, match="--base-config DIR"):
         BaseModel(single)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "comfy"])
+def test_a_setting_written_in_another_layout_patches_the_same_update(sd1, layout, tiny_base, lora_of):
+    """The diffusers layout (A/B, alpha in its metadata config) and ComfyUI's names are read as the same modules
+    of the same weights: the patched weights are those of the kohya file at the same rank, to float32 rounding."""
+    _, _, path = lora_of("sd1")
+    kohya = lora_resize.resized(path, rank=4)
+    other = lora_resize.resized(path, rank=4, output_format=layout)
+    assert set(other.tensors) != set(kohya.tensors) or layout == "comfy"
+    with sd1.patched(kohya.tensors, kohya.metadata):
+        want = snapshot(sd1)
+    with sd1.patched(other.tensors, other.metadata) as report:
+        assert report.matched == report.modules == len(kohya.result.layers)
+        for k, w in want.items():
+            torch.testing.assert_close(sd1.weights[k], w, rtol=1e-6, atol=1e-7)
