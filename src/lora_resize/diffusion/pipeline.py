@@ -162,9 +162,9 @@ class BaseModel:
         self.patch_report = PatchReport()
         self._patch: Patch | None = None
         self.pipe = self._load(dtype)
-        own_storage(self.pipe)
         self.dtype = self.denoiser.dtype
         self.pipe.to(self.device)
+        own_storage(self.pipe)  # after the move: a GPU copy is a fresh allocation already
         self.pipe.set_progress_bar_config(disable=True)
         self.weights = pipeline_weights(self.pipe)
 

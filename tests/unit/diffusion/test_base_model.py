@@ -264,3 +264,21 @@ def test_a_setting_written_in_another_layout_patches_the_same_update(sd1, layout
         assert report.matched == report.modules == len(kohya.result.layers)
         for k, w in want.items():
             torch.testing.assert_close(sd1.weights[k], w, rtol=1e-6, atol=1e-7)
+
+
+def test_a_dora_is_refused_rather_than_measured_without_its_magnitudes(sd1, lora_of):
+    tensors, metadata, _ = lora_of("sd1")
+    name = next(k for k in tensors if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+    out = tensors[f"{name}.lora_up.weight"].shape[0]
+    with pytest.raises(LoraStructureError, match="DoRA"):
+        with sd1.patched({**tensors, f"{name}.dora_scale": torch.ones(1, out)}, metadata):
+            pass
+
+
+def test_a_folders_weight_variant_is_loaded_as_diffusers_loads_it(tmp_path, sd1):
+    """variant='fp16': the fp16 weight files, loaded to float32 on the CPU (the default compute dtype there)."""
+    pipe = pipelines.tiny_pipeline("sd1", seed=0)
+    pipe.to(torch.float16).save_pretrained(tmp_path / "v", variant="fp16", safe_serialization=True)
+    with BaseModel(tmp_path / "v", variant="fp16") as bm:
+        assert bm.dtype == torch.float32
+        assert all(torch.equal(bm.weights[k], w.half().float()) for k, w in sd1.weights.items())
