@@ -21,7 +21,7 @@ import torch
 
 from ..io.writer import write_safetensors
 from ..models import sd as sd_names
-from ..models.dit import FLUX1
+from ..models.dit import FLUX1, FLUX1_NORMS
 
 FAMILIES = ("sd1", "sdxl", "flux")
 SIZE = 32  # the pixel size the tiny pipelines are built for (the VAE downsamples by 2: 16x16 latents)
@@ -322,17 +322,12 @@ def tiny_lora(pipe: Any, path: str | Path, rank: int = 8, seed: int = 0, text_en
 
 
 
-# -- Flux: diffusers <-> BFL names -----------------------------------------------------------------------------------
-# weights outside the LoRA table (models/dit.py FLUX1): the q/k RMS norms (BFL flux/modules/layers.py QKNorm;
-# diffusers scripts/convert_flux_to_diffusers.py)
-_FLUX_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
-               "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
-
-
+# -- Flux: diffusers -> BFL names --------------------------------------------------------------------------------
 def flux_native_state(diffusers_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A FluxTransformer2DModel state dict under the BFL (flux1-dev.safetensors) names: fused weights concatenated
-    in row order (models/dit.py FLUX1), the final adaLN's halves swapped back to (shift, scale), the q/k norms'
-    `weight` as `scale`. Raises KeyError for a weight it has no BFL name for."""
+    """A FluxTransformer2DModel state dict under the BFL (flux1-dev.safetensors) names, by the tables of
+    models/dit.py: FLUX1 (fused weights concatenated in row order, the final adaLN's halves swapped back to
+    (shift, scale)) and FLUX1_NORMS (the q/k norms' `weight` as `scale`). Raises KeyError for a weight neither
+    names."""
     groups: dict[str, dict[int, torch.Tensor]] = {}
     swap: dict[str, bool] = {}
     out: dict[str, torch.Tensor] = {}
@@ -344,14 +339,10 @@ def flux_native_state(diffusers_sd: dict[str, torch.Tensor]) -> dict[str, torch.
             groups.setdefault(f"{native}.{leaf}", {})[j] = t
             swap[f"{native}.{leaf}"] = mapping.swap
             continue
-        hit = next(((d, n) for d, n in _FLUX_NORMS.items() if module.endswith("." + d)), None)
-        if hit is None:
+        norm = FLUX1_NORMS.native_for(module)
+        if norm is None or leaf != "weight":
             raise KeyError(key)
-        block = module[:-len(hit[0]) - 1]
-        prefix = block.replace("single_transformer_blocks.", "single_blocks.").replace("transformer_blocks.",
-                                                                                        "double_blocks.")
-        norm = hit[1] if prefix.startswith("double") else hit[1].replace("img_attn.", "")
-        out[f"{prefix}.{norm}.scale"] = t
+        out[f"{norm[0]}.scale"] = t
     for key, parts in groups.items():
         t = torch.cat([parts[j] for j in sorted(parts)], 0)
         if swap[key]:
