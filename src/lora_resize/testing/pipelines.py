@@ -60,25 +60,34 @@ def clip_tokenizer(max_length: int = _CLIP_MAX) -> Any:
 
 
 def t5_tokenizer(max_length: int = 64) -> Any:
-    """A T5 tokenizer (transformers' T5TokenizerFast) loaded offline from a tokenizer.json written here with the
-    `tokenizers` library - a Unigram model as T5's sentencepiece one, without a sentencepiece file: T5's
-    <pad>/</s>/<unk> (ids 0, 1, 2), the word-start mark and the printable ASCII characters alone and after the
-    mark; each text ends in </s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    """A T5 tokenizer (transformers' T5TokenizerFast) loaded offline from a tokenizer.json written here - the
+    `tokenizers` library's serialized form (format "1.0") of a Unigram model like T5's sentencepiece one, with no
+    sentencepiece file: T5's <pad>/</s>/<unk> (ids 0, 1, 2), the word-start mark `▁` and the printable ASCII
+    characters alone and after the mark; words split and marked as sentencepiece does (Metaspace), each text
+    ending in </s>."""
     from transformers import T5TokenizerFast
 
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    mark = "\u2581"
+    vocab = [["<pad>", 0.0], ["</s>", 0.0], ["<unk>", 0.0], [mark, -2.0]]
     for c in map(chr, range(33, 127)):
-        pieces += [(c, -3.0), ("\u2581" + c, -3.5)]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
+        vocab += [[c, -3.0], [mark + c, -3.5]]
+    space = {"type": "Metaspace", "replacement": mark, "prepend_scheme": "always", "split": True}
+    eos = {"SpecialToken": {"id": "</s>", "type_id": 0}}
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, t in enumerate(("<pad>", "</s>", "<unk>"))],
+        "pre_tokenizer": space, "decoder": space,
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"Sequence": {"id": "A", "type_id": 0}}, eos],
+                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, eos,
+                                    {"Sequence": {"id": "B", "type_id": 0}}, eos],
+                           "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+        "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab, "byte_fallback": False}}
     config = {"model_max_length": max_length, "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
               "extra_ids": 0, "tokenizer_class": "T5Tokenizer"}
     with tempfile.TemporaryDirectory() as d:
-        tok.save(str(Path(d, "tokenizer.json")))
+        Path(d, "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
         Path(d, "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
         return T5TokenizerFast.from_pretrained(d, local_files_only=True)
 
