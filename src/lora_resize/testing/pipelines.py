@@ -242,13 +242,15 @@ def _targets(pipe: Any, text_encoder: bool) -> dict[str, list[tuple[torch.nn.Lin
     else:
         for path, mod in _linears(pipe.unet, _SD_TARGETS).items():
             out[sd_names.to_kohya("unet", path, fam == "sdxl")] = [(mod, (0, mod.out_features), False)]
-    if text_encoder:
-        comps = {"sd1": [("text_encoder", "lora_te_")], "sdxl": [("text_encoder", "lora_te1_"),
-                                                                 ("text_encoder_2", "lora_te2_")],
-                 "flux": [("text_encoder", FLUX1.part("text_encoder").kohya)]}[fam]
-        for comp, prefix in comps:
-            for path, mod in _linears(getattr(pipe, comp), _CLIP_TARGETS).items():
-                out[prefix + clip_module_path(path).replace(".", "_")] = [(mod, (0, mod.out_features), False)]
+    # the CLIP encoders (Flux's T5 has no LoRA diffusers loads: models/dit.py FLUX1's parts)
+    for comp in ("text_encoder", "text_encoder_2") if text_encoder else ():
+        if fam == "flux" and not (FLUX1.part(comp) and FLUX1.part(comp).diffusers) or getattr(pipe, comp, None) is None:
+            continue
+        for path, mod in _linears(getattr(pipe, comp), _CLIP_TARGETS).items():
+            path = clip_module_path(path)
+            name = (FLUX1.part(comp).kohya + path.replace(".", "_") if fam == "flux"
+                    else sd_names.to_kohya(comp, path, fam == "sdxl"))
+            out[name] = [(mod, (0, mod.out_features), False)]
     return out
 
 
