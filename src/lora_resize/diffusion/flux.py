@@ -6,7 +6,6 @@ swapped halves; FLUX1_NORMS for the q/k norm scales), at any width: diffusers' o
 whatever the config says."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -15,8 +14,6 @@ from ..errors import InputFileError
 from ..formats.weights import DIT_FILE_PREFIXES
 from ..io.checkpoint import Checkpoint
 from ..models.dit import FLUX1, FLUX1_NORMS
-
-_NORMS = [(re.compile(re.escape(b).replace(r"\{i\}", r"(\d+)") + "$"), d) for b, d in FLUX1_NORMS]
 
 
 def diffusers_state(ck: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -30,14 +27,13 @@ def diffusers_state(ck: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tenso
             raise InputFileError(f"--base: {key} is stored as {t.dtype} (a quantized format), which is not read; "
                                  "use a bf16/fp16/fp32 Flux.1 checkpoint")
         t = t.to(dtype)
-        norm = next(((rx, d) for rx, d in _NORMS if rx.match(bare)), None)
-        if norm is not None:
-            out[norm[1].replace("{i}", norm[0].match(bare).group(1))] = t
-            continue
         module, _, leaf = bare.rpartition(".")
         weight = key[: len(key) - len(leaf)] + "weight"
         shape = ck.info(weight).shape if weight in ck else t.shape
         try:
+            if FLUX1_NORMS.native_of(module) is not None and leaf == "scale":  # `weight` in diffusers
+                out[f"{FLUX1_NORMS.to_diffusers(module, t.shape[0], 0)[0][0]}.weight"] = t
+                continue
             parts = FLUX1.to_diffusers(module, shape[0], shape[1] if len(shape) > 1 else 0)
         except (KeyError, ValueError):
             raise InputFileError(f"--base: {key} is not a Flux.1 transformer weight (BFL's layout); give a Flux.1 "
