@@ -282,3 +282,32 @@ def test_a_folders_weight_variant_is_loaded_as_diffusers_loads_it(tmp_path, sd1)
     with BaseModel(tmp_path / "v", variant="fp16") as bm:
         assert bm.dtype == torch.float32
         assert all(torch.equal(bm.weights[k], w.half().float()) for k, w in sd1.weights.items())
+
+
+def test_flux_fused_qkv_and_linear1_rows_go_to_their_diffusers_parts(tiny_base):
+    """Written out by hand: a kohya Flux module of the fused img_attn.qkv updates to_q, to_k, to_v with its row
+    thirds; single_blocks.0.linear1 updates to_q, to_k, to_v (d rows each) and proj_mlp (the rest), each the float64
+    W + scale * up @ down of its rows, rounded once."""
+    folder, _ = tiny_base("flux")
+    g = torch.Generator().manual_seed(11)
+    with BaseModel(folder) as bm:
+        before = snapshot(bm)
+        d = before["transformer.transformer_blocks.0.attn.to_q.weight"].shape[1]
+        groups = {"lora_unet_double_blocks_0_img_attn_qkv": [f"transformer_blocks.0.attn.to_{x}" for x in "qkv"],
+                  "lora_unet_single_blocks_0_linear1": [f"single_transformer_blocks.0.attn.to_{x}" for x in "qkv"]
+                  + ["single_transformer_blocks.0.proj_mlp"]}
+        lora = {}
+        for name, parts in groups.items():
+            out = sum(before[f"transformer.{p}.weight"].shape[0] for p in parts)
+            lora[f"{name}.lora_down.weight"] = torch.randn(3, d, generator=g)
+            lora[f"{name}.lora_up.weight"] = torch.randn(out, 3, generator=g)
+            lora[f"{name}.alpha"] = torch.tensor(1.5)
+        with bm.patched(lora, {}) as report:
+            assert report.matched == 2 and report.weights == 7
+            for name, parts in groups.items():
+                delta = 0.5 * (lora[f"{name}.lora_up.weight"].double() @ lora[f"{name}.lora_down.weight"].double())
+                rows = [(0, d), (d, 2 * d), (2 * d, 3 * d), (3 * d, delta.shape[0])]
+                for p, (a, b) in zip(parts, rows):
+                    key = f"transformer.{p}.weight"
+                    assert torch.equal(bm.weights[key], (before[key].double() + delta[a:b]).float()), key
+        assert same(snapshot(bm), before)
