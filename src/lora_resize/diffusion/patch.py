@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -49,13 +49,15 @@ def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | Non
 
 def dense_updates(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
                   weights: Mapping[str, torch.Tensor], base: str, arch: str | None = None
-                  ) -> tuple[list[tuple[str, slice, torch.Tensor]], PatchReport]:
+                  ) -> tuple[Iterator[tuple[str, slice, torch.Tensor]], PatchReport]:
     """The updates a LoRA makes to `weights` (key -> the base's weight tensor, keyed as a diffusers folder is:
-    `unet.down_blocks.0....weight`, `text_encoder.text_model....weight`): a list of (key, rows, delta), delta =
-    scale * up @ down in float64 on the weight's device, its rows for weight[rows] in the base's order (swapped
-    halves swapped back) and shaped as weight[rows] (conv kernels included), and the report. `base` names the
-    model in errors. Raises LoraStructureError when no module matches (or a DoRA LoRA, whose magnitudes replace the updated
-    weight's column norms: applying its factors alone would measure another model)."""
+    `unet.down_blocks.0....weight`, `text_encoder.text_model....weight`) and the report, which is complete before
+    any update is computed. The updates come one module at a time (a 12B model's LoRA never has all its dense
+    updates in memory at once) as (key, rows, delta): delta = scale * up @ down in float64 on the weight's device,
+    its rows for weight[rows] in the base's order (swapped halves swapped back), shaped as weight[rows] (conv
+    kernels included). `base` names the model in errors. Raises LoraStructureError when no module matches (or
+    for a DoRA, whose magnitudes replace the updated weight's column norms: its factors alone are another
+    model)."""
     src, layout = parse(tensors, metadata)
     if any(layout.known.get(k) == DORA_KIND for k in layout.passthrough):
         raise LoraStructureError("this LoRA is a DoRA (it stores magnitude vectors): its effect is not measured "
@@ -65,37 +67,40 @@ def dense_updates(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     for k in layout.passthrough:
         kind = layout.known.get(k, "other")
         report.not_applied[kind] = report.not_applied.get(kind, 0) + 1
-    updates = []
+    matched = []
     for module, pieces in located.modules:
         if pieces is None:
             report.unmatched.append(module.name)
             continue
         out, rest = module.weight_shape(src.infos())
-        ok = _fits(pieces, weights, out, math.prod(rest))
-        if ok is not None:
-            report.mismatched.append(f"{module.name}: {ok}")
+        why = _fits(pieces, weights, out, math.prod(rest))
+        if why is not None:
+            report.mismatched.append(f"{module.name}: {why}")
             continue
-        layer = module.load(src)
-        W = weights[pieces[0].key]
-        delta = layer.scale * (layer.up.to(W.device, torch.float64) @ layer.down.to(W.device, torch.float64))
-        start = 0
-        for p in pieces:
-            target = weights[p.key]
-            rows = slice(p.start, p.stop) if p.start is not None else slice(0, target.shape[0])
-            n = rows.stop - rows.start
-            chunk = delta[start:start + n]
-            start += n
-            if p.swap:
-                h = n // 2
-                chunk = torch.cat([chunk[h:], chunk[:h]])
-            updates.append((p.key, rows, chunk.reshape(target[rows].shape)))
-        report.matched += 1
-    if not report.matched:
+        matched.append((module, pieces))
+    if not matched:
         example = (report.unmatched + report.mismatched + ["?"])[0]
         raise LoraStructureError(f"no module of this LoRA has its weight in {base} (e.g. {example}); is {base} the "
                                  "model this LoRA was trained for?")
-    report.weights = len({id(weights[key]) for key, _, _ in updates})
-    return updates, report
+    report.matched = len(matched)
+    report.weights = len({id(weights[p.key]) for _, pieces in matched for p in pieces})
+
+    def updates() -> Iterator[tuple[str, slice, torch.Tensor]]:
+        for module, pieces in matched:
+            layer = module.load(src)
+            W = weights[pieces[0].key]
+            delta = layer.scale * (layer.up.to(W.device, torch.float64) @ layer.down.to(W.device, torch.float64))
+            start = 0
+            for p in pieces:
+                target = weights[p.key]
+                rows = slice(p.start, p.stop) if p.start is not None else slice(0, target.shape[0])
+                n = rows.stop - rows.start
+                chunk = delta[start:start + n]
+                start += n
+                if p.swap:
+                    chunk = torch.cat([chunk[n // 2:], chunk[:n // 2]])
+                yield p.key, rows, chunk.reshape(target[rows].shape)
+    return updates(), report
 
 
 def _fits(pieces: list[Piece], weights: Mapping[str, torch.Tensor], out: int, inp: int) -> str | None:
@@ -117,7 +122,7 @@ class Patch:
     the touched weights saved first (once per tensor, however many keys name it); `restore` puts them back bit for
     bit."""
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], updates: list[tuple[str, slice, torch.Tensor]]):
+    def __init__(self, weights: Mapping[str, torch.Tensor], updates: Iterable[tuple[str, slice, torch.Tensor]]):
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, its copy)
         with torch.no_grad():
             try:
