@@ -183,7 +183,7 @@ def test_node_errors_are_one_line_and_leave_nothing(nodes, loras):
     (loras.parent / "loras2" / "other.safetensors").write_bytes((loras / "a.safetensors").read_bytes())
     with pytest.raises(FileExistsError, match="already exists in a loras folder"):  # it would hide the other one
         node.resize("a.safetensors", output_name="other", **args)
-    for bad in ("../x", "x\x00y", "x\ny", "a" * 300, ".hidden", "  ", "a:b", "NUL", "x?", "con.safetensors"):
+    for bad in ("../x", "x\x00y", "x\ny", "a" * 300, ".hidden", "a:b", "NUL", "x?", "con.safetensors"):
         with pytest.raises(ValueError) as e:
             node.resize("a.safetensors", output_name=bad, **args)
         assert "\n" not in str(e.value) and "output name" in str(e.value), bad
