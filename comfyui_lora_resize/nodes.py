@@ -443,9 +443,13 @@ class TileImages:
         return (torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None],)
 
 
+GAP = 8  # white pixels between the grid's cells
+
+
 def _grid(pixels: list, labels: list[str], columns: int):
     """A PIL image: the pictures (H x W x 3 uint8 arrays) in rows of `columns` (0: about square) on white cells of
-    the largest one's size, each label wrapped under its picture in black."""
+    the largest one's size (each picture centred in its cell), each label wrapped under its picture in black;
+    GAP pixels between cells."""
     import math
 
     from PIL import Image, ImageDraw, ImageFont
@@ -463,10 +467,10 @@ def _grid(pixels: list, labels: list[str], columns: int):
     wrapped = [_wrap(draw, label, font, w - 8) for label in labels]
     line = draw.textbbox((0, 0), "Ag", font=font)[3] + 4
     strip = 8 + line * max(len(x) for x in wrapped)
-    grid = Image.new("RGB", (cols * w, rows * (h + strip)), "white")
+    grid = Image.new("RGB", (cols * (w + GAP) - GAP, rows * (h + strip + GAP) - GAP), "white")
     pen = ImageDraw.Draw(grid)
     for i, (p, lines) in enumerate(zip(pixels, wrapped)):
-        x, y = (i % cols) * w, (i // cols) * (h + strip)
+        x, y = (i % cols) * (w + GAP), (i // cols) * (h + strip + GAP)
         grid.paste(Image.fromarray(p[..., :3]), (x + (w - p.shape[1]) // 2, y + (h - p.shape[0]) // 2))
         for j, text in enumerate(lines):
             pen.text((x + 4, y + h + 4 + j * line), text, fill="black", font=font)
