@@ -405,3 +405,65 @@ def test_writing_nodes_pick_a_free_name_when_none_is_given(nodes, loras):
     assert (merged, converted) == ("a_merged.safetensors", "a_comfy.safetensors")
     with pytest.raises(FileExistsError):  # a name given is that name, or refused
         resize.resize("a.safetensors", output_name="a_resized", **args)
+
+
+# ComfyUI's core nodes of the example workflow (its nodes.py): socket inputs (name, type), output types, widgets
+# (KSampler's seed gets the frontend's control_after_generate value beside it)
+CORE = {"CheckpointLoaderSimple": ([], ["MODEL", "CLIP", "VAE"], 1),
+        "CLIPTextEncode": ([("clip", "CLIP")], ["CONDITIONING"], 1),
+        "EmptyLatentImage": ([], ["LATENT"], 3),
+        "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                      ("latent_image", "LATENT")], ["LATENT"], 7),
+        "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], ["IMAGE"], 0),
+        "SaveImage": ([("images", "IMAGE")], [], 1)}
+SOCKETS = {"MODEL", "CLIP", "IMAGE", "LATENT", "CONDITIONING", "VAE"}  # types a connection gives, not a widget
+
+
+def signature(cls) -> tuple[list, list, list]:
+    """A node class's socket inputs (name, type), output types and widget names, in ComfyUI's order."""
+    sockets, widgets = [], []
+    for name, decl in {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}.items():
+        opts = decl[1] if len(decl) > 1 else {}
+        if isinstance(decl[0], str) and (decl[0] in SOCKETS or opts.get("forceInput")):
+            sockets.append((name, decl[0]))
+        else:
+            widgets.append(name)
+    return sockets, list(cls.RETURN_TYPES), widgets
+
+
+def test_the_example_workflow_is_consistent(nodes):
+    """example_workflows/compare_settings.json, in ComfyUI's workflow format, where ComfyUI lists a node pack's
+    templates (its app/custom_node_manager.py globs custom_nodes/*/example_workflows/*.json): every node type exists
+    (ours in NODE_CLASS_MAPPINGS, ComfyUI's core ones by name), its sockets and widget values fit the node, every
+    input is connected and every link joins an output to an input of the same type, as both ends record it."""
+    import json
+    wf = json.loads((REPO / "example_workflows" / "compare_settings.json").read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    assert len(by_id) == len(wf["nodes"]) and wf["last_node_id"] == max(by_id)
+    assert wf["last_link_id"] == max(link[0] for link in wf["links"])
+    kinds = [n["type"] for n in wf["nodes"]]
+    for kind in ("CheckpointLoaderSimple", "LoraResizeSweep", "CLIPTextEncode", "KSampler", "VAEDecode",
+                 "LoraResizeTile", "SaveImage"):
+        assert kind in kinds, kind
+    for n in wf["nodes"]:
+        if n["type"] in nodes.NODE_CLASS_MAPPINGS:
+            cls = nodes.NODE_CLASS_MAPPINGS[n["type"]]
+            sockets, outputs, widgets = signature(cls)
+            assert len(n["widgets_values"]) == len(widgets), n["type"]
+            given = dict(zip(widgets, n["widgets_values"]))
+            if n["type"] == "LoraResizeSweep":
+                assert len(nodes.nodes._sweep_settings(given["settings"])) == 7  # lines the node reads
+        else:
+            sockets, outputs, n_widgets = CORE[n["type"]]
+            assert len(n["widgets_values"]) == n_widgets, n["type"]
+        assert [(i["name"], i["type"]) for i in n["inputs"]] == sockets, n["type"]
+        assert [o["type"] for o in n["outputs"]] == outputs, n["type"]
+        assert all(i["link"] is not None for i in n["inputs"]), n["type"]  # every input connected
+    ids = set()
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        ids.add(link_id)
+        out, inp = by_id[src]["outputs"][src_slot], by_id[dst]["inputs"][dst_slot]
+        assert out["type"] == inp["type"] == kind and link_id in out["links"] and inp["link"] == link_id, link_id
+    assert len(ids) == len(wf["links"])
+    assert {i["link"] for n in wf["nodes"] for i in n["inputs"]} == ids  # no link recorded on one end only
+    assert {x for n in wf["nodes"] for o in n["outputs"] for x in o["links"] or ()} == ids
