@@ -467,3 +467,55 @@ def test_the_example_workflow_is_consistent(nodes):
     assert len(ids) == len(wf["links"])
     assert {i["link"] for n in wf["nodes"] for i in n["inputs"]} == ids  # no link recorded on one end only
     assert {x for n in wf["nodes"] for o in n["outputs"] for x in o["links"] or ()} == ids
+
+
+CLONE_IMPORT = r"""
+import importlib.util, os, sys, types
+clone = sys.argv[1]
+# lora-resize not installed: no entry of the path (an editable install's, PYTHONPATH's) provides it
+sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or ".", "lora_resize", "__init__.py"))
+               or os.path.isdir(os.path.join(p, "torch"))]
+fp = types.ModuleType("folder_paths")
+fp.get_filename_list = lambda kind: ["a.safetensors"]
+sys.modules["folder_paths"] = fp
+# as ComfyUI's nodes.py load_custom_node imports custom_nodes/<folder>: the folder's __init__.py as a package
+spec = importlib.util.spec_from_file_location("lora-resize", os.path.join(clone, "__init__.py"))
+module = importlib.util.module_from_spec(spec)
+sys.modules["lora-resize"] = module
+spec.loader.exec_module(module)
+import lora_resize
+print(" ".join(sorted(module.NODE_CLASS_MAPPINGS)))
+print(lora_resize.__file__)
+"""
+
+
+def test_a_clone_in_custom_nodes_loads_without_installing_lora_resize(nodes, tmp_path):
+    """ComfyUI-Manager (or `git clone`) puts the whole repository in custom_nodes/<name>/ and ComfyUI imports its
+    root __init__.py: the nodes register, with the clone's own src/ as the library, lora-resize not installed."""
+    import shutil
+    clone = tmp_path / "ComfyUI" / "custom_nodes" / "lora-resize"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(REPO / "src", clone / "src", ignore=ignore)
+    shutil.copytree(REPO / "comfyui_lora_resize", clone / "comfyui_lora_resize", ignore=ignore)
+    shutil.copy(REPO / "__init__.py", clone / "__init__.py")
+    p = subprocess.run([sys.executable, "-c", CLONE_IMPORT, str(clone)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert p.returncode == 0, p.stderr
+    names, where = p.stdout.splitlines()[-2:]
+    assert set(names.split()) == set(nodes.NODE_CLASS_MAPPINGS)
+    assert Path(where).resolve().is_relative_to(clone / "src")  # the clone's library, not an installed one
+
+
+def test_requirements_are_the_core_dependencies_without_torch():
+    """ComfyUI-Manager runs `pip install <line>` for each line of the root requirements.txt in ComfyUI's Python:
+    every dependency of the package but torch (ComfyUI's own must not be replaced), matplotlib for Analyze's curve,
+    one requirement per line (no comments: older Manager versions hand every line to pip)."""
+    import tomllib
+    from packaging.requirements import Requirement
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    wanted = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = {Requirement(r).name: str(Requirement(r)) for r in wanted["dependencies"]}
+    plot = [str(Requirement(r)) for r in wanted["optional-dependencies"]["plot"]]
+    assert all(line.strip() and "#" not in line for line in lines)
+    assert sorted(str(Requirement(line)) for line in lines) == sorted([*(v for k, v in core.items() if k != "torch"),
+                                                                       *plot])
