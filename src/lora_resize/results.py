@@ -199,6 +199,14 @@ class SettingRow:
                 "effect_error": self.effect_error, "precision": self.precision}
 
 
+# The recommendation's rules (ops.analyze.recommend; here, where the CLI's help reads them without the jobs). With
+# effect errors measured (analyze --base MODEL --effect): the smallest file that loses at most this share of the
+# LoRA's change to the model's output (--max-effect-error).
+DEFAULT_MAX_EFFECT_ERROR = 0.05
+# Without them, a rule on the weights alone: the smallest file in which every layer keeps at least this share of
+# its update's Frobenius norm (the rule of `--method sv_fro --param 0.9`, applied to every setting of the sweep).
+WEIGHT_SPACE_MIN_FRO = 0.90
+
 # The fidelity measures of a resize and of every sweep row, by field: (the name every printout, report and page
 # shows, what it is). Each layer's fidelity is fro_i = sqrt(kept sum S_i^2 / sum S_i^2), the Frobenius norm of
 # its update that the resized layer keeps; zero layers have none and are left out.

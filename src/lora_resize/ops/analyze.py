@@ -44,7 +44,7 @@ from ..ranks.budgets import BUDGETS
 from ..ranks.plan import budget_layers, plan
 from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
-from ..results import Analysis, SettingRow, fidelity
+from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
 from .job import Output, metadata_for, module_job, precision_of, sizer_for, spectra, with_base
 
 # what names a chosen setting: what a sweep's settings replace (a method and its parameter - `method="fixed"` with
@@ -55,12 +55,6 @@ SHARED_FIELDS = tuple(f.name for f in option_fields() if f.name not in SWEPT)
 # a setting that makes the shared options valid when none is named; never evaluated (every row replaces it)
 _PLACEHOLDER = dict(method="sv_ratio", param=1.0)
 
-# The recommendation (`recommend`). With effect errors measured (analyze --base MODEL --effect): the smallest file
-# that loses at most this share of the LoRA's change to the model's output (--max-effect-error).
-DEFAULT_MAX_EFFECT_ERROR = 0.05
-# Without them, a rule on the weights alone: the smallest file in which every layer keeps at least this share of
-# its update's Frobenius norm (the rule of `--method sv_fro --param 0.9`, applied to every setting of the sweep).
-WEIGHT_SPACE_MIN_FRO = 0.90
 
 
 def check_max_effect_error(x) -> float:
