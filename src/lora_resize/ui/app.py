@@ -173,7 +173,7 @@ class App:
                   f'srcdoc="{html.escape(html_report(a))}"></iframe>')
         status = (f"{a.src.name}: {len(a.layers)} layers ({a.format}), {format_size(a.input_bytes)}; "
                   f"{len(a.rows)} settings; click a point or a row to pick one")
-        curve = f'<style>{CSS}</style><div class="lr-curve">{curve_svg(a, "fro_weighted", "ui-curve", a.shown)}</div>'
+        curve = f'<style>{CSS}</style><div class="lr-curve">{curve_svg(a, "fro_weighted", "ui-curve")}</div>'
         return curve, rows, flags, flags["chosen"], status, report
 
     @staticmethod
