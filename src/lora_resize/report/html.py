@@ -291,6 +291,14 @@ def setting_line(kind: str, r) -> str:
     return line
 
 
+def recommendation_html(a, ident: str) -> str:
+    """The recommended setting, its size and fidelity, and the reason, as a paragraph with id `ident` (HTML)."""
+    if a.recommended is None:
+        return f'<p id="{ident}">recommended: none ({esc(a.recommended_reason)})</p>'
+    return (f'<p id="{ident}" class="recommendation">{setting_line("recommended", a.recommended)}<br>'
+            f'<span class="meta">why: {esc(a.recommended_reason)}</span></p>')
+
+
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
@@ -305,7 +313,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
 table{border-collapse:collapse;font-size:12.5px;margin-top:8px} th,td{padding:3px 8px;border-bottom:1px solid #e4e4e4}
 th{text-align:left;background:#f6f6f6;position:sticky;top:0} td.n{text-align:right;font-variant-numeric:tabular-nums}
 td.w{color:#666;font-size:11.5px} tr.chosen{background:#ffe9a8;font-weight:600} tr.hl{background:#d7ecff}
-tr.recommended{background:#dff3df;font-weight:600} #recommended{border-left:4px solid #2ca02c;padding-left:8px}
+tr.recommended{background:#dff3df;font-weight:600} .recommendation{border-left:4px solid #2ca02c;padding-left:8px}
 .scroll{overflow-x:auto} td code{white-space:nowrap;font-size:11.5px}
 #cmd{margin:8px 0;padding:8px 10px;background:#f4f4f4;border-radius:4px}
 """
@@ -354,12 +362,7 @@ def html_report(a) -> str:
                       f'<p class="meta">{esc(METRICS[metric])}: {esc(CURVE_NOTES[metric])}.</p></div>')
     tabs = "".join(f'<button type="button" data-target="curve-{m}"{" class=on" if i == 0 else ""}>{esc(t)}</button>'
                    for i, (m, t) in enumerate(METRICS.items()))
-    lines = []
-    if a.recommended is not None:
-        lines.append(f'<p id="recommended">{setting_line("recommended", a.recommended)}<br>'
-                     f'<span class="meta">why: {esc(a.recommended_reason)}</span></p>')
-    else:
-        lines.append(f'<p id="recommended">recommended: none ({esc(a.recommended_reason)})</p>')
+    lines = [recommendation_html(a, "recommended")]
     if a.chosen is not None:
         lines.append(f'<p id="chosen-line">{setting_line("chosen", a.chosen)}</p>')
     rules = ""
