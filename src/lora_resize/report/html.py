@@ -282,6 +282,26 @@ def settings_table(a) -> str:
             + "\n</tbody></table></div>")
 
 
+def precision_table(a) -> str:
+    """The shown setting (chosen, else recommended) at fp16, bf16 and float (Analysis.at_precisions): exact size,
+    fidelity and the rounding each precision adds, with what the rounding was measured on; "" without one."""
+    rows, note = a.at_precisions()
+    if not rows:
+        return ""
+    head = ("<tr><th>precision</th><th>resize flags</th><th>bytes</th><th>size</th>"
+            + "".join(f"<th>fro {name}</th>" for name, _ in MEASURES.values()) + "<th>rounding</th></tr>")
+    body = [f'<tr id="precision-{r.precision}"><td>{esc(r.precision)}</td><td><code>{esc(r.args)}</code></td>'
+            f'<td class="n">{r.output_bytes:,}</td><td class="n">{esc(human_bytes(r.output_bytes))}</td>'
+            + "".join(f'<td class="n">{percent(getattr(r, key))}</td>' for key in MEASURES)
+            + f'<td class="n">{"n/a" if r.rounding_error is None else f"{r.rounding_error:.2e}"}'
+            + (f' <span class="meta">({esc(r.note)})</span>' if r.note else "") + "</td></tr>" for r in rows]
+    return (f"<h2>{esc(a.shown.label)} at each precision</h2>"
+            f'<div class="scroll"><table id="precisions"><thead>{head}</thead><tbody>' + "".join(body)
+            + "</tbody></table></div><p class=meta>One decomposition: sizes exact, fidelity of the ranks each "
+            "precision gets; rounding = ||dW_k,written - dW_k||_F / ||dW||_F, what storing the factors in that "
+            f"precision adds to the truncation ({esc(note)}).</p>")
+
+
 def setting_line(kind: str, r) -> str:
     """'recommended: <b>sv_fro 0.9</b>: 13.1 MB (13,080,692 bytes), Frobenius retained: w-mean ...' (HTML)."""
     line = (f"{kind}: <b>{esc(r.label)}</b>: {esc(human_bytes(r.output_bytes))} ({r.output_bytes:,} bytes), "
@@ -408,6 +428,7 @@ def html_report(a) -> str:
 Budget policies (dashed) put each byte where it keeps the most global energy.</p>
 {base_section}
 {per_layer}
+{precision_table(a)}
 <h2>Settings</h2>
 {settings_table(a)}
 <script>{SCRIPT}</script>
