@@ -46,7 +46,7 @@ def test_report_is_self_contained_and_complete(blocky_lora):
             "settings", "chosen"} <= ids
     methods = {attrs["data-method"] for tag, attrs in doc.tags if tag == "g" and "data-method" in attrs}
     assert methods == {"sv_ratio", "sv_fro", "sv_cumulative", "fixed", "target_fro", "target_size"}
-    rows = [attrs for tag, attrs in doc.tags if tag == "tr" and attrs.get("id")]
+    rows = [attrs for tag, attrs in doc.tags if tag == "tr" and attrs.get("id") and "data-method" in attrs]
     assert len(rows) == len(a.rows) + 1
     assert sum(1 for tag, attrs in doc.tags if tag == "circle" and attrs.get("class") == "point") == 3 * len(a.rows)
     blocks = [attrs["data-block"] for tag, attrs in doc.tags if tag == "g" and "data-block" in attrs]
