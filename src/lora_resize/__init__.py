@@ -4,7 +4,8 @@
     >>> result = lora_resize.resize("in.safetensors", "out.safetensors", method="sv_fro", param=0.9)
 
 The public API is below; its names are imported on first use, so `import lora_resize` (and the CLI's start-up)
-stays cheap. It is also the one facade for consumers outside the package (the ComfyUI nodes, extensions): the jobs,
+stays cheap. It is also the one facade for consumers outside the package (the ComfyUI nodes, extensions): the jobs
+(`resized`: a resize in memory, for applying a setting without a file),
 the choices their inputs offer (`LAYOUTS`, `PRECISIONS`, `RANK_RULES`, `dynamic_methods()`), the renderings of
 results (`summary`, `analysis_table`, `write_png`) and the output-name check (`name_problem`)."""
 from importlib import import_module
@@ -14,7 +15,7 @@ from .errors import (DeviceError, InputFileError, LoraResizeError, LoraStructure
                      OptionsError, OutputFileError)
 
 _LAZY = {
-    "resize": "ops.resize", "convert": "ops.convert", "merge": "ops.merge", "Source": "ops.merge", "analyze": "ops.analyze",
+    "resize": "ops.resize", "resized": "ops.resize", "Resized": "ops.resize", "convert": "ops.convert", "merge": "ops.merge", "Source": "ops.merge", "analyze": "ops.analyze",
     "Analysis": "results", "SettingRow": "results", "ResizeResult": "results", "LayerResult": "results",
     "ResizeOptions": "options", "decompose": "core.decompose", "Decomposition": "core.decompose",
     # for consumers: choices, renderings, the output-name check
@@ -22,7 +23,7 @@ _LAZY = {
     "summary": "report.text", "analysis_table": "report.text", "write_png": "report.png", "name_problem": "io.paths",
 }
 
-__all__ = ["__version__", "resize", "convert", "analyze", "Analysis", "SettingRow", "merge", "Source", "ResizeOptions",
+__all__ = ["__version__", "resize", "resized", "Resized", "convert", "analyze", "Analysis", "SettingRow", "merge", "Source", "ResizeOptions",
            "ResizeResult", "LayerResult", "decompose", "Decomposition", "LoraResizeError", "OptionsError",
            "InputFileError", "LoraStructureError", "NumericalError", "OutputFileError", "DeviceError", "LAYOUTS",
            "PRECISIONS", "RANK_RULES", "dynamic_methods", "summary", "analysis_table", "write_png", "name_problem"]

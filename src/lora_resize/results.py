@@ -61,7 +61,7 @@ class ResizeResult:
     `cast`: those an explicit precision cast to it - the others are copied bit for bit; `summed`: those a merge
     wrote as the weighted sum of its inputs', as loaders add them)."""
     src: Path
-    dst: Path
+    dst: Path | None  # None: made in memory (ops.resize.resized)
     format: str
     precision: str
     options: dict

@@ -95,6 +95,15 @@ def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
     return model.hexdigest(), legacy.hexdigest()[:8]
 
 
+def hashed(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> tuple[dict[str, str], int]:
+    """(the metadata with its sshs hashes, the size in bytes of the safetensors file `write_safetensors` writes
+    with them), without writing: what an in-memory job hands its consumer. Raises NumericalError as the writer."""
+    check_finite(tensors)
+    meta = with_hashes(meta, sshs_hashes(tensors, meta))
+    keys = ordered(tensors)
+    return meta, len(header_bytes(tensors, keys, meta)) + sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def write_safetensors(dst: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write `tensors` and `metadata` to `dst` atomically, in the safetensors library's byte layout."""
     keys = ordered(tensors)

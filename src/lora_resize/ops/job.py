@@ -25,7 +25,7 @@ from ..core.truncate import (FP8, PRECISION_OF_DTYPE, SAVE_DTYPES, AlphaRule, Ne
 from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
 from ..formats.convert import exact_copy
-from ..io.metadata import InputRecord, output_metadata, with_hashes
+from ..io.metadata import InputRecord, SideOutputs, output_metadata, with_hashes
 from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
 from ..io.writer import copied_dtype, copied_tensor, write_output
@@ -347,6 +347,20 @@ def with_budget_plan(out: Output, opts: ResizeOptions, precision: str, device: t
 
 
 @dataclass
+class Built:
+    """A job's output in memory: its rows, the tensors `produce` writes (factors and copied tensors), the metadata
+    without its hashes, the side outputs (metadata entries are in `metadata`; companion files in `side.files`), the
+    plan's notes, the options as run (a budget's ranks filled in) and the copied tensors whose dtype was changed."""
+    rows: list[LayerResult]
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    side: SideOutputs
+    plan_notes: list[str]
+    options: ResizeOptions
+    cast: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Produced:
     """A written job: its rows, the metadata written, the writer's notes, the plan's notes, the options as
     run (a budget's ranks filled in) and the copied tensors whose dtype was changed (an explicit --precision)."""
@@ -358,11 +372,9 @@ class Produced:
     cast: list[str] = field(default_factory=list)
 
 
-def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device: torch.device,
-            progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
-            new_folder: bool = False) -> Produced:
-    """Plan (a budget), run the engine, write `dst` atomically with its metadata and companion files (making its
-    folder first when `new_folder`)."""
+def build_output(out: Output, opts: ResizeOptions, precision: str, device: torch.device,
+                 progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None) -> Built:
+    """Plan (a budget), run the engine and assemble what the job writes, in memory (nothing written)."""
     save_dtype = SAVE_DTYPES[precision]
     run_opts, plan_notes = with_budget_plan(out, opts, precision, device, progress)
     rows, tensors = run_jobs(out.jobs, run_opts, device, save_dtype, progress, on_layer)
@@ -372,8 +384,17 @@ def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device:
     side = out.layout.side_outputs(rows)
     meta = output_metadata(run_opts, precision, out.layout.format, rows, out.sources, side.metadata, out.merged,
                            out.layout.written_network(), out.layout.arch)
-    meta, write_notes = write_output(dst, tensors, meta, side.files, new_folder)
-    return Produced(rows, meta, write_notes, plan_notes, run_opts, out.cast_keys(save_dtype))
+    return Built(rows, tensors, meta, side, plan_notes, run_opts, out.cast_keys(save_dtype))
+
+
+def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device: torch.device,
+            progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
+            new_folder: bool = False) -> Produced:
+    """`build_output`, then write `dst` atomically with its metadata and companion files (making its folder first
+    when `new_folder`)."""
+    b = build_output(out, opts, precision, device, progress, on_layer)
+    meta, write_notes = write_output(dst, b.tensors, b.metadata, b.side.files, new_folder)
+    return Produced(b.rows, meta, write_notes, b.plan_notes, b.options, b.cast)
 
 
 def clamp_notes(rows: list[LayerResult]) -> list[str]:

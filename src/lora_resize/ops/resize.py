@@ -1,21 +1,62 @@
 """The resize job: check everything first (options, paths, the file's header and every module's shapes), then
-decompose the layers through the engine, then write atomically."""
+decompose the layers through the engine, then write atomically - or, `resized`, hand the same tensors and metadata
+over in memory (the preview and the ComfyUI nodes apply them without a file)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
 
 from ..core.schedule import Progress, compute_device
-from ..formats import read_layout
+from ..formats import Layout, read_layout
 from ..formats.convert import copied_sources
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
-from ..io.reader import open_tensor_file
+from ..io.reader import TensorSource, open_tensor_file
+from ..io.writer import hashed
 from ..options import ResizeOptions
-from ..ranks.rules import apply_rules
+from ..ranks.rules import RuleOutcome, apply_rules
 from ..results import LayerResult, ResizeResult
-from .job import Output, as_options, clamp_notes, growth_notes, module_job, precision_of, produce, with_base
+from .job import (Output, as_options, build_output, clamp_notes, growth_notes, module_job, precision_of, produce,
+                  with_base)
+
+
+@dataclass
+class _Prepared:
+    src: Path
+    reader: TensorSource
+    layout: Layout
+    precision: str
+    rules: RuleOutcome
+    out: Output
+    notes: list[str]
+
+
+@contextlib.contextmanager
+def _prepared(src: str | os.PathLike, opts: ResizeOptions,
+              check: Callable[[Path, Layout], None] | None = None) -> Iterator[_Prepared]:
+    """The input opened, read as its layout and checked, with the jobs of the layers to resize; `check(src,
+    layout)` runs as soon as the layout is known (the output path's checks: before any base model is read)."""
+    src = resolve_input(local_path(src, "input"))
+    with open_tensor_file(src) as reader:
+        layout = read_layout(reader.infos(), reader.metadata, src, opts.output_format, opts.arch)
+        if check is not None:
+            check(src, layout)
+        precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
+        rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
+        kept = set(rules.kept)
+        jobs = [module_job(m, reader, opts.output_format is not None) for m in layout.modules
+                if m.name in kept]
+        base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
+        out = Output(layout, jobs, copied_sources(layout, reader),
+                     [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
+        yield _Prepared(src, reader, layout, precision, rules, out,
+                        precision_notes + list(layout.notes) + base_notes)
 
 
 def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOptions | None = None, *,
@@ -30,28 +71,53 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     Raises: OptionsError, InputFileError, LoraStructureError, NumericalError, OutputFileError, DeviceError."""
     t0 = time.perf_counter()
     opts = as_options(options, option_fields)
-    src = resolve_input(local_path(src, "input"))
     local_path(dst, "output")
     device = compute_device(opts.device)
-    with open_tensor_file(src) as reader:
-        layout = read_layout(reader.infos(), reader.metadata, src, opts.output_format, opts.arch)
-        dst, new_folder = output_file(dst, src, layout.file_name)
-        check_output_path(src, dst, new_folder)
-        precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
-        rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
-        kept = set(rules.kept)
-        jobs = [module_job(m, reader, opts.output_format is not None) for m in layout.modules
-                if m.name in kept]
-        base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
-        out = Output(layout, jobs, copied_sources(layout, reader),
-                     [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
-        done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
-    notes = (precision_notes + list(layout.notes) + base_notes + done.write_notes + clamp_notes(done.rows)
-             + rules.notes + done.plan_notes)
-    notes += growth_notes(src.stat().st_size, dst.stat().st_size, done.rows)
-    return ResizeResult(src=src, dst=dst, format=layout.format, precision=precision,
-                        options={**done.options.as_dict(), "rule_hits": rules.hits}, layers=done.rows,
-                        passthrough=list(layout.passthrough), copied=dict(layout.known), cast=done.cast,
-                        input_bytes=src.stat().st_size,
+    where: dict = {}
+
+    def check(src: Path, layout: Layout) -> None:
+        where["dst"], where["new_folder"] = output_file(dst, src, layout.file_name)
+        check_output_path(src, where["dst"], where["new_folder"])
+    with _prepared(src, opts, check) as p:
+        dst = where["dst"]
+        done = produce(dst, p.out, opts, p.precision, device, progress, on_layer, where["new_folder"])
+    notes = p.notes + done.write_notes + clamp_notes(done.rows) + p.rules.notes + done.plan_notes
+    notes += growth_notes(p.src.stat().st_size, dst.stat().st_size, done.rows)
+    return ResizeResult(src=p.src, dst=dst, format=p.layout.format, precision=p.precision,
+                        options={**done.options.as_dict(), "rule_hits": p.rules.hits}, layers=done.rows,
+                        passthrough=list(p.layout.passthrough), copied=dict(p.layout.known), cast=done.cast,
+                        input_bytes=p.src.stat().st_size,
                         output_bytes=dst.stat().st_size, seconds=time.perf_counter() - t0, metadata=done.metadata,
                         notes=notes)
+
+
+@dataclass
+class Resized:
+    """A resize in memory: `tensors` and `metadata` are exactly what `resize` writes for the same input and
+    options (the same keys, dtypes and bits; the metadata with its sshs hashes); `result` describes it as
+    `resize`'s result does, with `dst` None and `output_bytes` the size of the safetensors file it would be.
+    Companion files (a PEFT folder's adapter_config.json) are not made: `result.notes` says when a layout has one."""
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    result: ResizeResult
+
+
+def resized(src: str | os.PathLike, options: ResizeOptions | None = None, *, progress: Progress | None = None,
+            **option_fields) -> Resized:
+    """The tensors and metadata `resize(src, dst, ...)` would write, in memory: nothing is written. Options and
+    errors as `resize` (no OutputFileError: there is no output path)."""
+    t0 = time.perf_counter()
+    opts = as_options(options, option_fields)
+    device = compute_device(opts.device)
+    with _prepared(src, opts) as p:
+        b = build_output(p.out, opts, p.precision, device, progress)
+    meta, nbytes = hashed(b.tensors, b.metadata)
+    notes = p.notes + clamp_notes(b.rows) + p.rules.notes + b.plan_notes
+    notes += [f"{f.name} (a companion file of this layout) is not made in memory" for f in b.side.files]
+    notes += growth_notes(p.src.stat().st_size, nbytes, b.rows)
+    result = ResizeResult(src=p.src, dst=None, format=p.layout.format, precision=p.precision,
+                          options={**b.options.as_dict(), "rule_hits": p.rules.hits}, layers=b.rows,
+                          passthrough=list(p.layout.passthrough), copied=dict(p.layout.known), cast=b.cast,
+                          input_bytes=p.src.stat().st_size, output_bytes=nbytes,
+                          seconds=time.perf_counter() - t0, metadata=meta, notes=notes)
+    return Resized(b.tensors, meta, result)
