@@ -326,7 +326,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
 .chart{max-width:100%;height:auto;background:#fff}
 .frame{fill:none;stroke:#888} .grid{stroke:#e6e6e6} .tick{font-size:11px;fill:#444} .label{font-size:12px;fill:#222}
 .legend{font-size:12px;fill:#222} .series{stroke-width:2} .point{cursor:pointer} .point:hover{r:6}
-.chosen-label{font-size:12px;font-weight:600} .old{fill:#eee;stroke:#ccc;stroke-width:.5}
+.chosen-label{font-size:12px;font-weight:600;paint-order:stroke;stroke:#fff;stroke-width:3px} .old{fill:#eee;stroke:#ccc;stroke-width:.5}
 .kept{fill:#9ecae1;opacity:.55} .cut{stroke:#c00;stroke-dasharray:4,3}
 .tabs button{margin-right:6px;padding:3px 10px;border:1px solid #999;background:#f4f4f4;border-radius:4px;cursor:pointer}
 .tabs button.on{background:#1f4e79;color:#fff;border-color:#1f4e79}
