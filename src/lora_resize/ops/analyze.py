@@ -60,7 +60,6 @@ SHARED_FIELDS = tuple(f.name for f in option_fields() if f.name not in SWEPT)
 _PLACEHOLDER = dict(method="sv_ratio", param=1.0)
 
 
-
 def check_max_effect_error(x) -> float:
     """`x` as a threshold on the effect error: a number >= 0 (a share, 0.05 = 5%); OptionsError otherwise."""
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 or math.isinf(x):
@@ -172,7 +171,7 @@ class Evaluator:
     def evaluate(self, opts: ResizeOptions, label: str | None = None) -> SettingRow:
         """Size and fidelity of the file `resize` would write with `opts` (OptionsError for an option this
         decomposition cannot honour: `view`). The row's ranks are those of the layers the setting keeps."""
-        _, sps, _ = self.view(opts)
+        _, sps, precision = self.view(opts)
         sizer = self.sizer(opts)
         ranks, notes = plan(sps, opts, sizer)
         size, header, params = sizer.file_size(ranks)
@@ -190,7 +189,7 @@ class Evaluator:
             method, param = (opts.method, opts.param) if opts.method else (FIXED, opts.rank)
         return SettingRow(label or opts.label(), method, param, opts.flags(), size, params, **fidelity(layers),
                           ranks=ranks, options=opts, header_bytes=header, note=notes[0] if notes else None,
-                          precision=self.view(opts)[2], **base)
+                          precision=precision, **base)
 
     @staticmethod
     def _base_losses(sps: list[Spectrum], ranks) -> dict:

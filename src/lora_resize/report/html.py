@@ -1,9 +1,10 @@
 """Pictures of an analysis: one self-contained HTML report (inline SVG, inline CSS and a few lines of inline
 script; nothing is fetched when it is viewed) and the main curve as a PNG (matplotlib).
 
-The report holds: the size-vs-fidelity curve of every method with the chosen setting marked (fidelity switchable
-between the size-weighted mean, the global and the worst layer), the per-layer rank map grouped by block, the
-singular-value spectra of the heaviest layers with the kept part shaded, and the table of settings."""
+The report holds: the recommended setting and why, the size-vs-fidelity curve of every method with the recommended
+and the chosen setting marked (fidelity switchable between the size-weighted mean, the global and the worst layer;
+drawn as the part lost on a log scale), the per-layer rank map grouped by block, the singular-value spectra of the
+heaviest layers with the kept part shaded, the shown setting at each precision, and the table of settings."""
 from __future__ import annotations
 
 import math
@@ -100,18 +101,19 @@ def curve_svg(a, metric: str, ident: str, width: int = 760, height: int = 420) -
         y = Scale(floor, max(pos) * 1.5, B, T, log=True)
         body = [axes(x, y, lambda v: human_bytes(v), lambda v: f"{v:.0e}", "output size (log scale)",
                      f"{BASE_METRICS[metric]} (log scale; lower is better)")]
-        shown = lambda r: f"{getattr(r, metric):.2e}"  # noqa: E731
         title = f"output size against {BASE_METRICS[metric]}"
     else:
         floor = max(min(pos) / 1.5, LOSS_FLOOR)
         y = Scale(floor, min(1.0, max(pos) * 1.5), T, B, log=True)  # losses: the smallest at the top
         body = [axes(x, y, lambda v: human_bytes(v), retained_tick, "output size (log scale)",
                      f"Frobenius retained, {METRICS[metric]} (log scale of 1 - F)")]
-        shown = lambda r: percent(getattr(r, metric))  # noqa: E731
         title = f"output size against Frobenius retained, {METRICS[metric]}: {CURVE_NOTES[metric]}"
 
     def yy(r):
         return y(max(loss(r), floor))
+
+    def shown(r):
+        return f"{getattr(r, metric):.2e}" if base else percent(getattr(r, metric))
     legend_y = T + 8
     for method, (color, name) in series().items():
         pts = sorted((r for r in rows if r.method == method), key=lambda r: r.output_bytes)
