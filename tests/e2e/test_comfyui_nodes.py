@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lora_resize
+from helpers import load_st
 from lora_resize.cli import main
 from lora_resize.testing.loras import write_sd15_locon
 
@@ -42,7 +44,9 @@ class InterruptProcessingException(Exception):
 @pytest.fixture
 def nodes(loras, tmp_path, monkeypatch):
     """The node package, imported with stub ComfyUI modules (folder_paths on `loras`, a recording ProgressBar that
-    raises InterruptProcessingException at update number `pkg.cancel_at`), run inside torch.inference_mode."""
+    raises InterruptProcessingException at update number `pkg.cancel_at`, comfy.sd.load_lora_for_models recording
+    what it is handed in `pkg.applied`, comfy.utils.load_torch_file reading safetensors), run inside
+    torch.inference_mode."""
     fp = types.ModuleType("folder_paths")
     fp.get_filename_list = lambda kind: (sorted(p.relative_to(loras).as_posix() for p in loras.rglob("*.safetensors"))
                                          if kind == "loras" else [])
@@ -62,15 +66,25 @@ def nodes(loras, tmp_path, monkeypatch):
             if sum(b.current for b in bars) == getattr(pkg, "cancel_at", None):
                 raise InterruptProcessingException("cancelled")
     utils.ProgressBar = ProgressBar
-    comfy.utils = utils
+    utils.load_torch_file = lambda path, safe_load=False: load_st(path)[0]  # ComfyUI's reads safetensors so
+    sd = types.ModuleType("comfy.sd")
+    applied = []
+
+    def load_lora_for_models(model, clip, lora, strength_model, strength_clip):  # comfy/sd.py's signature
+        applied.append(dict(model=model, clip=clip, lora=lora, strength_model=strength_model,
+                            strength_clip=strength_clip))
+        return ("patched", model, len(applied) - 1), ("patched", clip, len(applied) - 1)  # clones, as ComfyUI's
+    sd.load_lora_for_models = load_lora_for_models
+    comfy.utils, comfy.sd = utils, sd
     monkeypatch.setitem(sys.modules, "folder_paths", fp)
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+    monkeypatch.setitem(sys.modules, "comfy.sd", sd)
     monkeypatch.syspath_prepend(str(REPO))
     for name in [m for m in sys.modules if m.startswith("comfyui_lora_resize")]:
         monkeypatch.delitem(sys.modules, name)
     pkg = importlib.import_module("comfyui_lora_resize")
-    pkg.bars = bars
+    pkg.bars, pkg.applied = bars, applied
     with torch.inference_mode():  # as ComfyUI's execution.py runs every node
         yield pkg
     for p in loras.glob("*.safetensors"):
@@ -150,6 +164,7 @@ def test_analyze_node_gives_the_curve_as_an_image_and_the_table(nodes, loras, tm
     assert main(["analyze", str(loras / "a.safetensors"), "--rank", "16", "-q"]) == 0
     cli = capsys.readouterr().out.splitlines()
     assert table.splitlines()[1:] == cli[1:]  # the same rows (the first line holds the timings)
+    assert sum(line.startswith("> recommended: ") for line in cli) == 1 and "* chosen" not in table  # a cap: no chosen
 
 
 def test_merge_and_convert_nodes_write_what_the_cli_writes(nodes, loras, tmp_path):
@@ -183,7 +198,7 @@ def test_node_errors_are_one_line_and_leave_nothing(nodes, loras):
     (loras.parent / "loras2" / "other.safetensors").write_bytes((loras / "a.safetensors").read_bytes())
     with pytest.raises(FileExistsError, match="already exists in a loras folder"):  # it would hide the other one
         node.resize("a.safetensors", output_name="other", **args)
-    for bad in ("../x", "x\x00y", "x\ny", "a" * 300, ".hidden", "  ", "a:b", "NUL", "x?", "con.safetensors"):
+    for bad in ("../x", "x\x00y", "x\ny", "a" * 300, ".hidden", "a:b", "NUL", "x?", "con.safetensors"):
         with pytest.raises(ValueError) as e:
             node.resize("a.safetensors", output_name=bad, **args)
         assert "\n" not in str(e.value) and "output name" in str(e.value), bad
@@ -239,3 +254,270 @@ def test_without_lora_resize_installed_the_import_says_how_to_install_it():
                        text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert p.returncode == 1 and "ImportError: lora-resize is not installed in ComfyUI's Python" in p.stderr, p.stderr
     assert "-m pip install" in p.stderr
+
+
+def same_bits(got: dict, want: dict) -> bool:
+    """The same keys, and each tensor the same dtype, shape and bytes."""
+    return set(got) == set(want) and all(
+        got[k].dtype == t.dtype and got[k].shape == t.shape
+        and torch.equal(got[k].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)) for k, t in want.items())
+
+
+def cli_resize(src: Path, dst: Path, flags: list[str]) -> dict:
+    """The tensors `lora-resize resize SRC -o DST FLAGS` writes (read back with safetensors)."""
+    assert main(["resize", str(src), "-o", str(dst), *flags, "-q"]) == 0
+    return load_st(dst)[0]
+
+
+RANK_ARGS = dict(method="sv_fro", param=0.9, rank=12, conv_rank=0, rank_rule="exact", target_size="", precision="same")
+
+
+def test_apply_node_hands_comfyui_the_tensors_the_cli_writes(nodes, loras, tmp_path):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeApply"]()
+    for i, (args, flags) in enumerate([
+            (RANK_ARGS, ["--method", "sv_fro", "--param", "0.9", "--rank", "12"]),
+            ({**RANK_ARGS, "method": "fixed", "rank": 4, "precision": "bf16"}, ["--rank", "4", "--precision", "bf16"]),
+            ({**RANK_ARGS, "method": "fixed", "rank": 16, "conv_rank": 4, "target_size": "4MB"},
+             ["--target-size", "4MB", "--rank", "16", "--conv-rank", "4"])]):
+        model, clip, label = node.apply("model", "clip", "a.safetensors", strength_model=0.8, strength_clip=-0.5, **args)
+        call = nodes.applied[-1]
+        assert (model, clip) == (("patched", "model", i), ("patched", "clip", i))  # what ComfyUI's loader returned
+        assert (call["model"], call["clip"], call["strength_model"], call["strength_clip"]) == ("model", "clip", 0.8, -0.5)
+        dst = tmp_path / f"cli{i}.safetensors"
+        assert same_bits(call["lora"], cli_resize(loras / "a.safetensors", dst, flags)), flags
+        assert label.endswith(f" - {lora_resize.format_size(dst.stat().st_size)}"), label  # the file it would be
+    assert label.startswith("target_size 4.0 MB, cap 16/4 - ")
+    assert nodes.NODE_CLASS_MAPPINGS["LoraResizeApply"]().apply(
+        "m", "c", "a.safetensors", strength_model=1.0, strength_clip=1.0, **RANK_ARGS)[2].startswith("sv_fro 0.9, cap 12 - ")
+
+
+def test_apply_node_caches_per_file_and_setting(nodes, loras):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeApply"]()
+    node.apply("m", "c", "a.safetensors", strength_model=1.0, strength_clip=1.0, **RANK_ARGS)
+    bars = len(nodes.bars)
+    node.apply("m", "c", "a.safetensors", strength_model=0.5, strength_clip=1.0, **RANK_ARGS)  # re-queued
+    assert len(nodes.bars) == bars and nodes.applied[-1]["lora"] is nodes.applied[-2]["lora"]  # not resized again
+    node.apply("m", "c", "a.safetensors", strength_model=1.0, strength_clip=1.0, **{**RANK_ARGS, "rank": 8})
+    assert len(nodes.bars) == bars + 1  # another setting
+    a = loras / "a.safetensors"
+    st = a.stat()
+    try:
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file edited: read again
+        node.apply("m", "c", "a.safetensors", strength_model=1.0, strength_clip=1.0, **RANK_ARGS)
+        assert len(nodes.bars) == bars + 2
+    finally:
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(RuntimeError, match="--param") as e:  # a bad setting: the one-line error, nothing applied
+        node.apply("m", "c", "a.safetensors", strength_model=1.0, strength_clip=1.0, **{**RANK_ARGS, "param": 5.0})
+    assert "\n" not in str(e.value) and len(nodes.applied) == 4
+
+
+def test_sweep_gives_one_model_clip_and_label_per_setting_in_order(nodes, loras, tmp_path):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeSweep"]()
+    assert node.OUTPUT_IS_LIST == (True, True, True)
+    lines = ["--method sv_ratio --param 8", "--new_rank 8 --dynamic_method sv_fro --dynamic_param 0.9",
+             "--rank 4 --precision bf16 --output-format comfy"]
+    text = f"original\n\n# the model without the LoRA\nbase\n" + "\n".join(lines) + "\n"
+    models, clips, labels = node.sweep("model", "clip", "a.safetensors", text, strength_model=1.0, strength_clip=0.7)
+    assert len(models) == len(clips) == len(labels) == 5
+    assert models[1] == "model" and clips[1] == "clip" and labels[1] == "base (no LoRA)"  # base: unpatched
+    assert [m[2] for m in models[:1] + models[2:]] == [0, 1, 2, 3]  # the others patched, in the order given
+    assert [c["strength_clip"] for c in nodes.applied] == [0.7] * 4
+    a = loras / "a.safetensors"
+    assert same_bits(nodes.applied[0]["lora"], load_st(a)[0])  # the original: the file's tensors as Load LoRA reads
+    assert labels[0] == f"original - {lora_resize.format_size(a.stat().st_size)}"
+    for i, line in enumerate(lines):
+        dst = tmp_path / f"s{i}.safetensors"
+        assert same_bits(nodes.applied[i + 1]["lora"], cli_resize(a, dst, line.split())), line
+        assert labels[i + 2].endswith(f" - {lora_resize.format_size(dst.stat().st_size)}")
+    assert labels[2].startswith("sv_ratio 8 - ") and labels[3].startswith("sv_fro 0.9, cap 8 - ")
+    assert labels[4].startswith("rank 4, bf16 - ")
+    default = nodes.NODE_CLASS_MAPPINGS["LoraResizeSweep"].INPUT_TYPES()["required"]["settings"][1]["default"]
+    assert [s if isinstance(s, str) else s.flags() for s in nodes.nodes._sweep_settings(default)] == [
+        "base", "original", *(f"--method sv_ratio --param {r}" for r in (128, 32, 8, 4, 2))]  # the blog's
+
+
+def test_sweep_refuses_a_bad_line_before_any_work(nodes):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeSweep"]()
+    for text, why in [("base\n--method sv_ratio", "settings line 2 .*--param"),
+                      ("--rank 4\n\n--rnak 4", "settings line 3 .*did you mean --rank"),
+                      ("--rank 4 -o out.safetensors", "settings line 1 .*unknown option -o"),
+                      ("--rank 4 --output-format peft", "settings line 1 .*peft is not a layout ComfyUI applies"),
+                      ("--rank 4 'open", "settings line 1 .*cannot read the flags"),
+                      ("-h", "settings line 1 .*unknown option -h"),
+                      ("\n# nothing\n", "no settings")]:
+        with pytest.raises(ValueError, match=why) as e:
+            node.sweep("m", "c", "a.safetensors", text, strength_model=1.0, strength_clip=1.0)
+        assert "\n" not in str(e.value), text
+    assert nodes.bars == [] and nodes.applied == []
+
+
+def test_tile_makes_one_labelled_cell_per_image(nodes):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeTile"]()
+    assert node.INPUT_IS_LIST is True
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(1, 64, 96, 3, generator=g), torch.rand(2, 64, 96, 3, generator=g),
+               torch.rand(1, 48, 80, 3, generator=g)]  # a batch of two, and a smaller picture
+    labels = ["base (no LoRA)", "sv_ratio 8 - 14.2 MB", "original - 1.2 GB"]  # one per batch
+    (grid,) = node.tile(batches, labels, [0])  # ComfyUI hands every input as a list
+    assert grid.dtype == torch.float32 and grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[3] == 3
+    frames = [f for b in batches for f in b]
+    cols, rows, w, h = 2, 2, 96, 64
+    gap = grid.shape[2] - cols * w  # white between the cells
+    strip = (grid.shape[1] + gap) // rows - h - gap
+    assert 0 <= gap < 20 and grid.shape[1] == rows * (h + strip + gap) - gap and strip > 10
+    cells = []
+    for i, frame in enumerate(frames):
+        x, y = (i % cols) * (w + gap), (i // cols) * (h + strip + gap)
+        fh, fw = frame.shape[:2]
+        ox, oy = (w - fw) // 2, (h - fh) // 2
+        got = grid[0, y + oy:y + oy + fh, x + ox:x + ox + fw]
+        assert torch.equal(got, (frame * 255).round() / 255), i  # the picture, as 8-bit pixels
+        text = grid[0, y + h:y + h + strip, x:x + w]
+        assert float(text.min()) < 0.3 and float(text.max()) == 1.0, i  # dark letters on white
+        cells.append(text)
+    assert torch.equal(cells[1], cells[2]) and not torch.equal(cells[0], cells[1])  # a batch's frames share its label
+    assert not torch.equal(cells[0], cells[3])
+    (grid,) = node.tile(batches, ["a", "b", "c", "d"], [4])  # a label per image, one row
+    assert grid.shape[2] == 4 * (w + gap) - gap and h + 10 < grid.shape[1] < 2 * h
+    with pytest.raises(ValueError, match="4 images but 2 labels"):
+        node.tile(batches, ["a", "b"], [0])
+
+
+def test_writing_nodes_pick_a_free_name_when_none_is_given(nodes, loras):
+    args = dict(RANK_ARGS, output_layout="same")
+    resize = nodes.NODE_CLASS_MAPPINGS["LoraResize"]()
+    assert resize.INPUT_TYPES()["required"]["output_name"][1]["default"] == ""
+    first, _ = resize.resize("a.safetensors", output_name="", **args)
+    assert first == "a_resized.safetensors"
+    kept = (loras / first).read_bytes()
+    assert resize.resize("a.safetensors", output_name="  ", **args)[0] == "a_resized_2.safetensors"  # re-queued
+    other = loras.parent / "loras2"
+    other.mkdir(exist_ok=True)
+    (other / "a_resized_3.safetensors").symlink_to(other / "gone")  # taken in another loras folder, even dangling
+    try:
+        assert resize.resize("a.safetensors", output_name="", **args)[0] == "a_resized_4.safetensors"
+    finally:
+        (other / "a_resized_3.safetensors").unlink()
+    assert (loras / first).read_bytes() == kept  # never written over
+    assert resize.resize("style/c.safetensors", output_name="", **args)[0] == "c_resized.safetensors"
+    merged, _ = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"]().merge(
+        "a.safetensors", 1.0, "b.safetensors", 1.0, output_name="", **RANK_ARGS)
+    converted, _ = nodes.NODE_CLASS_MAPPINGS["LoraResizeConvert"]().convert("a.safetensors", "comfy", "")
+    assert (merged, converted) == ("a_merged.safetensors", "a_comfy.safetensors")
+    with pytest.raises(FileExistsError):  # a name given is that name, or refused
+        resize.resize("a.safetensors", output_name="a_resized", **args)
+
+
+# ComfyUI's core nodes of the example workflow (its nodes.py): socket inputs (name, type), output types, widgets
+# (KSampler's seed gets the frontend's control_after_generate value beside it)
+CORE = {"CheckpointLoaderSimple": ([], ["MODEL", "CLIP", "VAE"], 1),
+        "CLIPTextEncode": ([("clip", "CLIP")], ["CONDITIONING"], 1),
+        "EmptyLatentImage": ([], ["LATENT"], 3),
+        "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                      ("latent_image", "LATENT")], ["LATENT"], 7),
+        "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], ["IMAGE"], 0),
+        "SaveImage": ([("images", "IMAGE")], [], 1)}
+SOCKETS = {"MODEL", "CLIP", "IMAGE", "LATENT", "CONDITIONING", "VAE"}  # types a connection gives, not a widget
+
+
+def signature(cls) -> tuple[list, list, list]:
+    """A node class's socket inputs (name, type), output types and widget names, in ComfyUI's order."""
+    sockets, widgets = [], []
+    for name, decl in {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}.items():
+        opts = decl[1] if len(decl) > 1 else {}
+        if isinstance(decl[0], str) and (decl[0] in SOCKETS or opts.get("forceInput")):
+            sockets.append((name, decl[0]))
+        else:
+            widgets.append(name)
+    return sockets, list(cls.RETURN_TYPES), widgets
+
+
+def test_the_example_workflow_is_consistent(nodes):
+    """example_workflows/compare_settings.json, in ComfyUI's workflow format, where ComfyUI lists a node pack's
+    templates (its app/custom_node_manager.py globs custom_nodes/*/example_workflows/*.json): every node type exists
+    (ours in NODE_CLASS_MAPPINGS, ComfyUI's core ones by name), its sockets and widget values fit the node, every
+    input is connected and every link joins an output to an input of the same type, as both ends record it."""
+    import json
+    wf = json.loads((REPO / "example_workflows" / "compare_settings.json").read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    assert len(by_id) == len(wf["nodes"]) and wf["last_node_id"] == max(by_id)
+    assert wf["last_link_id"] == max(link[0] for link in wf["links"])
+    kinds = [n["type"] for n in wf["nodes"]]
+    for kind in ("CheckpointLoaderSimple", "LoraResizeSweep", "CLIPTextEncode", "KSampler", "VAEDecode",
+                 "LoraResizeTile", "SaveImage"):
+        assert kind in kinds, kind
+    for n in wf["nodes"]:
+        if n["type"] in nodes.NODE_CLASS_MAPPINGS:
+            cls = nodes.NODE_CLASS_MAPPINGS[n["type"]]
+            sockets, outputs, widgets = signature(cls)
+            assert len(n["widgets_values"]) == len(widgets), n["type"]
+            given = dict(zip(widgets, n["widgets_values"]))
+            if n["type"] == "LoraResizeSweep":
+                assert len(nodes.nodes._sweep_settings(given["settings"])) == 7  # lines the node reads
+        else:
+            sockets, outputs, n_widgets = CORE[n["type"]]
+            assert len(n["widgets_values"]) == n_widgets, n["type"]
+        assert [(i["name"], i["type"]) for i in n["inputs"]] == sockets, n["type"]
+        assert [o["type"] for o in n["outputs"]] == outputs, n["type"]
+        assert all(i["link"] is not None for i in n["inputs"]), n["type"]  # every input connected
+    ids = set()
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        ids.add(link_id)
+        out, inp = by_id[src]["outputs"][src_slot], by_id[dst]["inputs"][dst_slot]
+        assert out["type"] == inp["type"] == kind and link_id in out["links"] and inp["link"] == link_id, link_id
+    assert len(ids) == len(wf["links"])
+    assert {i["link"] for n in wf["nodes"] for i in n["inputs"]} == ids  # no link recorded on one end only
+    assert {x for n in wf["nodes"] for o in n["outputs"] for x in o["links"] or ()} == ids
+
+
+CLONE_IMPORT = r"""
+import importlib.util, os, sys, types
+clone = sys.argv[1]
+# lora-resize not installed: no entry of the path (an editable install's, PYTHONPATH's) provides it
+sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or ".", "lora_resize", "__init__.py"))
+               or os.path.isdir(os.path.join(p, "torch"))]
+fp = types.ModuleType("folder_paths")
+fp.get_filename_list = lambda kind: ["a.safetensors"]
+sys.modules["folder_paths"] = fp
+# as ComfyUI's nodes.py load_custom_node imports custom_nodes/<folder>: the folder's __init__.py as a package
+spec = importlib.util.spec_from_file_location("lora-resize", os.path.join(clone, "__init__.py"))
+module = importlib.util.module_from_spec(spec)
+sys.modules["lora-resize"] = module
+spec.loader.exec_module(module)
+import lora_resize
+print(" ".join(sorted(module.NODE_CLASS_MAPPINGS)))
+print(lora_resize.__file__)
+"""
+
+
+def test_a_clone_in_custom_nodes_loads_without_installing_lora_resize(nodes, tmp_path):
+    """ComfyUI-Manager (or `git clone`) puts the whole repository in custom_nodes/<name>/ and ComfyUI imports its
+    root __init__.py: the nodes register, with the clone's own src/ as the library, lora-resize not installed."""
+    import shutil
+    clone = tmp_path / "ComfyUI" / "custom_nodes" / "lora-resize"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(REPO / "src", clone / "src", ignore=ignore)
+    shutil.copytree(REPO / "comfyui_lora_resize", clone / "comfyui_lora_resize", ignore=ignore)
+    shutil.copy(REPO / "__init__.py", clone / "__init__.py")
+    p = subprocess.run([sys.executable, "-c", CLONE_IMPORT, str(clone)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert p.returncode == 0, p.stderr
+    names, where = p.stdout.splitlines()[-2:]
+    assert set(names.split()) == set(nodes.NODE_CLASS_MAPPINGS)
+    assert Path(where).resolve().is_relative_to(clone / "src")  # the clone's library, not an installed one
+
+
+def test_requirements_are_the_core_dependencies_without_torch():
+    """ComfyUI-Manager runs `pip install <line>` for each line of the root requirements.txt in ComfyUI's Python:
+    every dependency of the package but torch (ComfyUI's own must not be replaced), matplotlib for Analyze's curve,
+    one requirement per line (no comments: older Manager versions hand every line to pip)."""
+    import tomllib
+    from packaging.requirements import Requirement
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    wanted = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = {Requirement(r).name: str(Requirement(r)) for r in wanted["dependencies"]}
+    plot = [str(Requirement(r)) for r in wanted["optional-dependencies"]["plot"]]
+    assert all(line.strip() and "#" not in line for line in lines)
+    assert sorted(str(Requirement(line)) for line in lines) == sorted([*(v for k, v in core.items() if k != "torch"),
+                                                                       *plot])
