@@ -119,8 +119,8 @@ def _fits(pieces: list[Piece], weights: Mapping[str, torch.Tensor], out: int, in
 
 class Patch:
     """Updates applied to weights in place (each added in float64 and rounded once to the weight's dtype), with
-    the touched weights saved first (once per tensor, however many keys name it); `restore` puts them back bit for
-    bit."""
+    the touched weights saved first, in host memory (once per tensor, however many keys name it); `restore` puts
+    them back bit for bit."""
 
     def __init__(self, weights: Mapping[str, torch.Tensor], updates: Iterable[tuple[str, slice, torch.Tensor]]):
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, its copy)
@@ -128,8 +128,8 @@ class Patch:
             try:
                 for key, rows, delta in updates:
                     W = weights[key]
-                    if id(W) not in self.saved:
-                        self.saved[id(W)] = (W, W.detach().clone())
+                    if id(W) not in self.saved:  # kept in host memory: a GPU holds the model once
+                        self.saved[id(W)] = (W, W.detach().to("cpu", copy=True))
                     part = W.data[rows]
                     part.copy_((part.to(torch.float64) + delta).to(W.dtype))
             except BaseException:
