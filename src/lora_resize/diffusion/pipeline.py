@@ -256,8 +256,8 @@ class BaseModel:
         """Inside: the LoRA `tensors` (a state dict in any layout lora-resize reads, with its safetensors
         `metadata`; None or empty: the base) applied in memory - each module's scale * up @ down, computed in
         float64 on the model's device, added to the weight it updates (its rows of a fused weight; conv kernels
-        reshaped) and rounded once to the weight's dtype. Only the touched weights are saved; leaving restores
-        them bit for bit, on errors too. `arch`: the LoRA's architecture (--arch) where its keys leave it open.
+        reshaped) and rounded once to the weight's dtype, one module at a time. Only the touched weights are saved
+        (in host memory); leaving restores them bit for bit, on errors too. `arch`: the LoRA's architecture (--arch) where its keys leave it open.
         Yields the PatchReport (also `self.patch_report`). Raises LoraStructureError when none of its modules has
         its weight here; RuntimeError when nested."""
         if self._patch is not None:
