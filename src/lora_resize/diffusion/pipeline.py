@@ -257,9 +257,9 @@ class BaseModel:
         `metadata`; None or empty: the base) applied in memory - each module's scale * up @ down, computed in
         float64 on the model's device, added to the weight it updates (its rows of a fused weight; conv kernels
         reshaped) and rounded once to the weight's dtype, one module at a time. Only the touched weights are saved
-        (in host memory); leaving restores them bit for bit, on errors too. `arch`: the LoRA's architecture (--arch) where its keys leave it open.
-        Yields the PatchReport (also `self.patch_report`). Raises LoraStructureError when none of its modules has
-        its weight here; RuntimeError when nested."""
+        (in host memory); leaving restores them bit for bit, on errors too. `arch`: the LoRA's architecture
+        (--arch) where its keys leave it open. Yields the PatchReport (also `self.patch_report`). Raises
+        LoraStructureError when none of its modules has its weight here; RuntimeError when nested."""
         if self._patch is not None:
             raise RuntimeError("BaseModel.patched is already active; leave it before applying another LoRA")
         if not tensors:
