@@ -43,3 +43,24 @@ def test_resized_refuses_what_resize_refuses(tmp_path):
         lora_resize.resized(tmp_path / "missing.safetensors", rank=4)
     with pytest.raises(lora_resize.OptionsError):
         lora_resize.resized(tmp_path / "missing.safetensors", rank=-1)
+
+
+@pytest.mark.parametrize("rank_rule", ["exact", "kohya"])
+def test_a_resize_at_a_layers_own_rank_copies_it_bit_for_bit(tmp_path, rank_rule):
+    """A layer whose planned rank keeps it whole is written as stored, not re-rounded from its SVD: the full-rank
+    setting of a preview gives the original LoRA's image. Layers the rank truncates are computed as before."""
+    from helpers import CONV1_A, LIN_A, LIN_NOALPHA, Spec, make_state_dict, write_lora
+    specs = [Spec(LIN_A, out=96, inp=64, rank=16, alpha=8.0), Spec(LIN_NOALPHA, out=48, inp=72, rank=16, alpha=8.0),
+             Spec(CONV1_A, out=40, inp=40, rank=16, kernel=1, alpha=8.0)]  # one scale: one alpha fits all layers
+    src = write_lora(tmp_path / "in.safetensors", make_state_dict(specs, seed=3))
+    original, _ = load_st(src)
+    r = lora_resize.resized(src, rank=16, rank_rule=rank_rule)
+    kept = [x.name for x in r.result.layers]
+    assert len(kept) == 3
+    for name in kept:
+        for k in [k for k in original if k.startswith(name + ".") and "lora_" in k]:
+            assert torch.equal(r.tensors[k], original[k]), k
+    assert not any("converted" in n for n in r.result.notes)
+    cast = lora_resize.resized(src, rank=16, rank_rule=rank_rule, precision="bf16")  # not copied: another dtype
+    assert not any("converted" in n for n in cast.result.notes)  # ... and not called a conversion
+    assert all(x.conversion is None for x in cast.result.layers)

@@ -280,28 +280,28 @@ def at_precisions(ev: Evaluator, src: os.PathLike, row: SettingRow, sample: int 
     with open_tensor_file(src) as reader:
         layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch)
         modules = {m.name: m for m in layout.modules}
-        jobs = [module_job(modules[sps[i].name], reader) for i in heavy]
-        layers = [job.load() for job in jobs]
-    decs = decompose_layers([(job.name, layer) for job, layer in zip(jobs, layers)], device)
-    scales = [(sp.scale, sp.rank) for sp in sps]
-    sampled = sum(sps[i].energy for i in heavy)
-    for r in rows:
-        dtype = SAVE_DTYPES[r.precision]
-        alpha_of = alpha_rule(r.options, scales, dtype)
-        lost = 0.0
-        for i, job, layer, dec in zip(heavy, jobs, layers, decs):
-            k = int(r.ranks[i])
-            q = start_layer(job, layer, dec, r.options.with_setting(ranks={job.name: k}), dtype, alpha_of)
-            try:
-                up, down = on_host(job.name, q.up, q.down, q.bound, exact=q.conversion == "exact")
-            except NumericalError as e:
-                lost, r.note = float("inf"), str(e)
-                break
-            written = output_scale(job.module, q.alpha_t, q.rank) * (up.double() @ down.double())
-            U, S, Vh = dec.factors(q.rank)
-            exact = layer.scale * ((U * S) @ Vh).cpu()
-            lost += float(torch.linalg.matrix_norm(written - exact)) ** 2
-        r.rounding_error = math.sqrt(lost / sampled)
+        jobs = [module_job(modules[sps[i].name], reader, ev.analyzed.output_format is not None) for i in heavy]
+        layers = [job.load() for job in jobs]  # the reader stays open: an exact copy reads the factors again
+        decs = decompose_layers([(job.name, layer) for job, layer in zip(jobs, layers)], device)
+        scales = [(sp.scale, sp.rank) for sp in sps]
+        sampled = sum(sps[i].energy for i in heavy)
+        for r in rows:
+            dtype = SAVE_DTYPES[r.precision]
+            alpha_of = alpha_rule(r.options, scales, dtype)
+            lost = 0.0
+            for i, job, layer, dec in zip(heavy, jobs, layers, decs):
+                k = int(r.ranks[i])
+                q = start_layer(job, layer, dec, r.options.with_setting(ranks={job.name: k}), dtype, alpha_of)
+                try:
+                    up, down = on_host(job.name, q.up, q.down, q.bound, exact=q.conversion == "exact")
+                except NumericalError as e:
+                    lost, r.note = float("inf"), str(e)
+                    break
+                written = output_scale(job.module, q.alpha_t, q.rank) * (up.double() @ down.double())
+                U, S, Vh = dec.factors(q.rank)
+                exact = layer.scale * ((U * S) @ Vh).cpu()
+                lost += float(torch.linalg.matrix_norm(written - exact)) ** 2
+            r.rounding_error = math.sqrt(lost / sampled)
     return rows, (f"rounding measured on the {len(heavy)} layer{'s' if len(heavy) != 1 else ''} with the largest "
                   f"update{'s' if len(heavy) != 1 else ''} ({sampled / total:.0%} of the update's energy), "
                   "their factors made again as resize makes them")

@@ -52,6 +52,8 @@ class LayerJob:
     # a converted module's factors by rearrangement alone (formats.convert.Converted.exact): save dtype ->
     # (factors, "") or (None, why not)
     exact: Callable[[torch.dtype], tuple[NewFactors | None, str]] | None = None
+    converting: bool = False  # the output is a conversion's (--output-format, convert): a whole layer that cannot
+    # be copied says why (LayerResult.conversion, clamp_notes)
 
 
 def checked(name: str, layer: LowRankLayer) -> LowRankLayer:
@@ -70,13 +72,15 @@ def factor_bytes(module: Module, infos: Mapping[str, TensorInfo]) -> int:
 
 
 def module_job(module: Module, src: TensorSource, converting: bool = False) -> LayerJob:
-    """A job that reads `module` from `src` and writes it with the same module; `converting`: the layout is a
-    conversion's output (--output-format, convert), so the job may copy the module's factors as they are
-    (formats.convert.exact_copy) where its rank keeps them whole (start_layer)."""
-    exact = exact_copy(module) if converting else None
+    """A job that reads `module` from `src` and writes it with the same module (`converting`: in a conversion's
+    layout, LayerJob.converting). Where the planned rank keeps the
+    module whole (start_layer), the job copies its factors as they are (formats.convert.exact_copy: a conversion's
+    rearrangement, or a pair as stored), bit for bit, rather than re-rounding an equal truncation: a resize at a
+    layer's own rank writes the layer unchanged, so an image made with it is the original LoRA's."""
+    exact = exact_copy(module)
     return LayerJob(module.name, lambda: checked(module.name, module.load(src)), module,
                     lambda: module.scale_and_rank(src), factor_bytes(module, src.infos()),
-                    exact=(lambda dtype: exact(src, dtype)) if exact is not None else None)
+                    exact=(lambda dtype: exact(src, dtype)) if exact is not None else None, converting=converting)
 
 
 def with_base(jobs: list[LayerJob], layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
@@ -198,7 +202,7 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
     alpha = alpha_of(job.name, layer.alpha, layer.rank, k)
     alpha_t = torch.tensor(alpha, dtype=torch.float32).to(save_dtype)
     conversion = None
-    if job.exact is not None:  # a conversion that keeps every singular value copies the factors, bit for bit: no
+    if job.exact is not None:  # a layer that keeps every singular value copies the factors, bit for bit: no
         copy, why = job.exact(save_dtype)  # rank setting covers the layer (a zero or rank-deficient one included),
         # or the planned rank is the copy's own (a larger one, the kohya rule's growth to the layer's size, is
         # written at that rank as without a conversion: the plan analyze sizes is the rank written)
@@ -212,7 +216,7 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
                               conversion="exact")
             copy = None
         whole = unranked(sp, opts) or k >= min(layer.rank, sp.out_features, sp.in_features)  # nothing truncated
-        conversion = why if copy is None and whole else None
+        conversion = why if copy is None and whole and job.converting else None
     c = factor_scale(job.name, layer.scale, output_scale(job.module, alpha_t, k))
     up, down = truncated_factors(dec, k, c, save_dtype)
     return Queued(job, layer, sp, k, choice.clamped_to_size, choice.zero_layer, alpha, alpha_t, up, down,
