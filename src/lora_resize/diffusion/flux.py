@@ -7,6 +7,7 @@ whatever the config says."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -17,19 +18,29 @@ from ..models.dit import FLUX1, FLUX1_NORMS
 
 
 def diffusers_state(ck: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors under diffusers' FluxTransformer2DModel names, cast to `dtype`. Raises
-    InputFileError for a key that is not Flux.1's, or a weight stored as integers (a quantized format)."""
+    """The checkpoint's tensors under diffusers' FluxTransformer2DModel names, cast to `dtype` (bfl_to_diffusers).
+    Raises InputFileError as bfl_to_diffusers."""
+    return bfl_to_diffusers(ck.keys(), ck.tensor, lambda k: ck.info(k).shape, lambda k: k in ck, dtype)
+
+
+def bfl_to_diffusers(keys: Iterable[str], get: Callable[[str], torch.Tensor],
+                     shape_of: Callable[[str], Sequence[int]], has: Callable[[str], bool], dtype: torch.dtype
+                     ) -> dict[str, torch.Tensor]:
+    """BFL Flux.1 transformer tensors (`keys`, read one at a time with `get`; `shape_of`/`has` of a key without its
+    data) under diffusers' names, cast to `dtype`: a fused weight split into its parts by rows (a bias by its
+    weight's input width), swapped halves put back, the q/k norm scales renamed. Raises InputFileError for a key
+    that is not Flux.1's, or a weight stored as integers (a quantized format)."""
     out: dict[str, torch.Tensor] = {}
-    for key in ck.keys():
+    for key in keys:
         bare = next(key[len(p):] for p in DIT_FILE_PREFIXES if key.startswith(p))
-        t = ck.tensor(key)
+        t = get(key)
         if not t.is_floating_point():
             raise InputFileError(f"--base: {key} is stored as {t.dtype} (a quantized format), which is not read; "
                                  "use a bf16/fp16/fp32 Flux.1 checkpoint")
         t = t.to(dtype)
         module, _, leaf = bare.rpartition(".")
         weight = key[: len(key) - len(leaf)] + "weight"
-        shape = ck.info(weight).shape if weight in ck else t.shape
+        shape = shape_of(weight) if has(weight) else t.shape
         try:
             if FLUX1_NORMS.native_of(module) is not None and leaf == "scale":  # `weight` in diffusers
                 out[f"{FLUX1_NORMS.to_diffusers(module, t.shape[0], 0)[0][0]}.weight"] = t

@@ -362,31 +362,6 @@ def flux_native_state(diffusers_sd: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def flux_diffusers_state(native_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of flux_native_state: a BFL Flux.1 transformer state dict (flux1-dev.safetensors' keys, with or
-    without ComfyUI's `model.diffusion_model.` prefix) under FluxTransformer2DModel's names, at any width - fused
-    weights split by the row blocks of models/dit.py FLUX1 (a single block's linear1: q, k, v as wide as its input,
-    the rest the MLP), the final adaLN's halves swapped. What diffusers' own converter does at Flux.1's width only
-    (convert_flux_transformer_checkpoint_to_diffusers fixes inner_dim = 3072). Raises KeyError for a key neither
-    table names."""
-    out: dict[str, torch.Tensor] = {}
-    for key, t in native_sd.items():
-        module, leaf = key.removeprefix("model.diffusion_model.").rsplit(".", 1)
-        if FLUX1.native_of(module) is not None:
-            inp = t.shape[1] if t.ndim == 2 else None
-            if inp is None:  # a bias: the split follows its weight's input width
-                inp = native_sd[key[:-len(leaf)] + "weight"].shape[1]
-            for path, (a, b), swap in FLUX1.to_diffusers(module, t.shape[0], inp):
-                part = t[a:b]
-                out[f"{path}.{leaf}"] = torch.cat(part.chunk(2, 0)[::-1], 0) if swap else part
-            continue
-        norm = FLUX1_NORMS.to_diffusers(module, t.shape[0], t.shape[0])  # KeyError when it names none
-        if leaf != "scale":
-            raise KeyError(key)
-        out[f"{norm[0][0]}.weight"] = t
-    return out
-
-
 # -- single-file checkpoints in the original layouts --------------------------------------------------------------
 # Facts read from diffusers' single-file conversion (loaders/single_file_utils.py: convert_ldm_unet_checkpoint,
 # convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint,
