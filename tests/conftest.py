@@ -36,3 +36,32 @@ def blocky_lora(tmp_path) -> Path:
     """An fp16 SD1.5-style LoRA with a layer from each block group (helpers.BLOCKY), passthrough keys, metadata."""
     sd = make_state_dict(BLOCKY, seed=99, dtype=torch.float16, passthrough=True)
     return write_lora(tmp_path / "blocky.safetensors", sd, dict(BASE_METADATA))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """tiny_base(family, form="folder") -> (base, config_folder): a tiny pipeline of `family` ("sd1", "sdxl",
+    "flux"; lora_resize.testing.pipelines, random weights from seed 0) saved once per session as a diffusers
+    folder (form "folder": base is that folder) or as one single-file checkpoint in the original layout (form
+    "single": base is the .safetensors file); config_folder is the diffusers folder either way (the configs and
+    tokenizers from_single_file needs offline)."""
+    from lora_resize.testing import pipelines
+
+    root = tmp_path_factory.mktemp("tiny_base")
+    built: dict = {}
+
+    def get(family: str, form: str = "folder"):
+        if family not in built:
+            pipe = pipelines.tiny_pipeline(family, seed=0)
+            folder = pipelines.save_folder(pipe, root / family)
+            built[family] = (pipe, folder, {})
+        pipe, folder, singles = built[family]
+        if form == "folder":
+            return folder, folder
+        if form != "single":
+            raise ValueError(f"form must be 'folder' or 'single', got {form!r}")
+        if family not in singles:
+            singles[family] = pipelines.save_single_file(pipe, root / f"{family}.safetensors")
+        return singles[family], folder
+
+    return get

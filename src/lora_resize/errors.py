@@ -53,7 +53,8 @@ class OutputFileError(LoraResizeError):
 # Every lazily imported third-party module of the package is here (tests/unit/test_extras.py reads the imports);
 # the CLI checks the ones a command line needs before any work (cli/flags.py: `requires`), the library where it
 # imports them (`require`).
-EXTRAS = {"matplotlib": "plot", "gradio": "ui", "distributed": "dask", "fsspec": "dask"}
+EXTRAS = {"matplotlib": "plot", "gradio": "ui", "distributed": "dask", "fsspec": "dask", "diffusers": "preview",
+          "transformers": "preview", "PIL": "preview"}
 
 
 class MissingDependency(OptionsError):

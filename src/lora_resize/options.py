@@ -12,7 +12,7 @@ from dataclasses import MISSING, InitVar, dataclass, field, fields, replace
 from .errors import OptionsError
 from .models import architectures
 from .ranks.budgets import BUDGETS, Budget
-from .ranks.policies import RANK_RULES, dynamic_methods, get_policy
+from .ranks.policies import FIXED, RANK_RULES, dynamic_methods, get_policy
 from .ranks.rules import BlockRule, parse_rules
 
 PRECISIONS = ("fp16", "bf16", "float")
@@ -51,8 +51,9 @@ class ResizeOptions:
         "--conv-rank", "--new_conv_rank", group="rank", sets_ranks=True, type=int, metavar="N",
         help="the same for conv (4-D) layers; default: --rank"))
     method: str | None = field(default=None, metadata=flag(
-        "--method", "--dynamic_method", group="rank", sets_ranks=True, choices=dynamic_methods,
-        help="choose each layer's rank from its singular values"))
+        "--method", "--dynamic_method", group="rank", sets_ranks=True, choices=lambda: [FIXED, *dynamic_methods()],
+        help="choose each layer's rank from its singular values (fixed: every layer at --rank; in analyze, "
+             "--method fixed --rank N names that setting, where --rank alone only caps every setting)"))
     param: float | None = field(default=None, metadata=flag(
         "--param", "--dynamic_param", group="rank", type=float, metavar="X",
         help="the method's parameter: sv_ratio >= 1; sv_cumulative, sv_fro in (0, 1]"))

@@ -182,6 +182,10 @@ class SettingRow:
     base_worst: str | None = None
     chosen: bool = False
     note: str | None = None
+    # with --base MODEL --effect: how much of the change the LoRA makes to the model's output this setting loses,
+    # mean over probes of ||eps_setting - eps_original|| / ||eps_original - eps_base||; None: not measured
+    effect_error: float | None = None
+    precision: str | None = None  # the save precision of the file this row sizes (fp16, bf16, float)
 
     def as_dict(self) -> dict:
         r = self.ranks
@@ -191,8 +195,17 @@ class SettingRow:
                 "worst_layer": self.worst_layer, "rank_min": int(r.min()) if r.size else None,
                 "rank_max": int(r.max()) if r.size else None, "rank_mean": float(r.mean()) if r.size else None,
                 "chosen": self.chosen, "note": self.note, "base_loss": self.base_loss,
-                "base_loss_max": self.base_loss_max, "base_worst": self.base_worst}
+                "base_loss_max": self.base_loss_max, "base_worst": self.base_worst,
+                "effect_error": self.effect_error, "precision": self.precision}
 
+
+# The recommendation's rules (ops.analyze.recommend; here, where the CLI's help reads them without the jobs). With
+# effect errors measured (analyze --base MODEL --effect): the smallest file that loses at most this share of the
+# LoRA's change to the model's output (--max-effect-error).
+DEFAULT_MAX_EFFECT_ERROR = 0.05
+# Without them, a rule on the weights alone: the smallest file in which every layer keeps at least this share of
+# its update's Frobenius norm (the rule of `--method sv_fro --param 0.9`, applied to every setting of the sweep).
+WEIGHT_SPACE_MIN_FRO = 0.90
 
 # The fidelity measures of a resize and of every sweep row, by field: (the name every printout, report and page
 # shows, what it is). Each layer's fidelity is fro_i = sqrt(kept sum S_i^2 / sum S_i^2), the Frobenius norm of
@@ -206,7 +219,10 @@ MEASURES = {
 FIDELITY = {**{k: f"Frobenius retained: {v[1]}" for k, v in MEASURES.items()},
             "base_loss": "with --base: sqrt(sum over layers of ||dW - dW_k||_F^2 / sum of their base weights' "
                          "||W||_F^2)",
-            "base_loss_max": "with --base: the largest layer's ||dW - dW_k||_F / ||W||_F"}
+            "base_loss_max": "with --base: the largest layer's ||dW - dW_k||_F / ||W||_F",
+            "effect_error": "with --base MODEL --effect: the mean over probes of ||eps_setting - eps_original|| / "
+                            "||eps_original - eps_base||, the share of the LoRA's change to the model's output "
+                            "that the setting loses"}
 
 
 def fidelity(layers: Iterable[tuple[str, float, float, float, float]]) -> dict:
@@ -231,7 +247,8 @@ def fidelity(layers: Iterable[tuple[str, float, float, float, float]]) -> dict:
 @dataclass
 class Analysis:
     """Every kept layer's spectrum (core.spectrum.Spectrum), its display block, a sweep of settings evaluated on
-    them, the chosen setting (if any) and `pick`: the chosen one, else the default pick shown in reports.
+    them, the chosen setting (if any: a setting the caller named, never the cap alone), and `recommended`: the
+    sweep row `ops.analyze.recommend` names, with `recommended_reason` saying by which rule and why.
     `shared`: the options every setting shares (rank rule, caps, precision, block rules, output format)."""
     src: Path
     format: str
@@ -243,7 +260,8 @@ class Analysis:
     dropped: list[str]
     rows: list[SettingRow]
     chosen: SettingRow | None
-    pick: SettingRow
+    recommended: SettingRow | None
+    recommended_reason: str
     seconds: float
     decompose_seconds: float
     notes: list[str]
@@ -257,8 +275,14 @@ class Analysis:
         format, architecture or base, or a module this analysis dropped."""
         return self._evaluate(options, label)
 
+    @property
+    def shown(self) -> SettingRow | None:
+        """The setting the per-layer views show: the chosen one, else the recommended one."""
+        return self.chosen or self.recommended
+
     def as_dict(self) -> dict:
         pick = self.chosen
+        rec = self.recommended
         b = self.shared
         return {
             "src": str(self.src), "format": self.format, "precision": self.precision, "rank_rule": b.rank_rule,
@@ -269,5 +293,6 @@ class Analysis:
             "settings": [r.as_dict() for r in self.rows],
             "chosen": pick.as_dict() if pick else None,
             "chosen_ranks": {L.name: int(k) for L, k in zip(self.layers, pick.ranks)} if pick else None,
+            "recommended": {**rec.as_dict(), "reason": self.recommended_reason} if rec else None,
             "layers": [{"name": L.name, "block": blk, **L.as_dict()} for L, blk in zip(self.layers, self.blocks)],
         }

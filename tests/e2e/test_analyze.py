@@ -23,8 +23,8 @@ def output_numel(path) -> int:
 
 
 SETTINGS = [
-    dict(rank=4),
-    dict(rank=6, conv_rank=2, precision="float"),
+    dict(method="fixed", rank=4),
+    dict(method="fixed", rank=6, conv_rank=2, precision="float"),
     dict(method="sv_fro", param=0.9, rank=8),
     dict(method="sv_ratio", param=3, rank_rule="kohya"),
     dict(method="sv_cumulative", param=0.8, precision="bf16",
@@ -120,7 +120,7 @@ def test_cli_analyze_text_and_json(tmp_path, blocky_lora, capsys):
     chosen = [line for line in text.splitlines() if line.startswith("* ")]
     assert chosen and "sv_fro 0.9" in chosen[0]
     assert "lora-resize resize" in text and "--method sv_fro --param 0.9" in text
-    assert main(["analyze", str(blocky_lora), "--json", "-q", "--rank", "4"]) == 0
+    assert main(["analyze", str(blocky_lora), "--json", "-q", "--method", "fixed", "--rank", "4"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["chosen"]["args"].startswith("--rank 4")
     rows = d["settings"]
@@ -141,7 +141,7 @@ def test_analyze_time_is_mostly_the_decomposition(blocky_lora):
     assert np.isfinite([r.output_bytes for r in a.rows]).all()
 
 
-@pytest.mark.parametrize("fields", [dict(rank=3), dict(method="sv_ratio", param=4, rank_rule="kohya", rank=8),
+@pytest.mark.parametrize("fields", [dict(method="fixed", rank=3), dict(method="sv_ratio", param=4, rank_rule="kohya", rank=8),
                                     dict(target_fro=0.95, precision="fp16"), dict(target_size=14_000, rank_rule="kohya"),
                                     dict(target_size=17_000)],
                          ids=["fixed", "kohya", "fro", "size-kohya", "size"])
@@ -170,7 +170,7 @@ def test_other_key_families_agree_too(tmp_path):
     write_lora(folder / "adapter_model.safetensors", sd)
     (folder / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "o_proj"]}))
-    for n, fields in enumerate([dict(rank=3), dict(method="sv_fro", param=0.8), dict(target_size=6000)]):
+    for n, fields in enumerate([dict(method="fixed", rank=3), dict(method="sv_fro", param=0.8), dict(target_size=6000)]):
         a = analyze(folder, sweep={}, **fields)
         dst = tmp_path / f"out{n}" / "adapter_model.safetensors"
         dst.parent.mkdir()

@@ -57,7 +57,7 @@ def test_every_option_is_a_flag_with_its_fields_help_and_choices(command):
         action = by_dest[f.name]
         assert list(action.option_strings) == list(f.metadata["flags"]), f.name
         assert action.help == f.metadata["help"]
-    assert by_dest["method"].choices == dynamic_methods()
+    assert by_dest["method"].choices == ["fixed", *dynamic_methods()]
     assert by_dest["output_format"].choices == output_formats()
     assert by_dest["rank_rule"].default == "exact" and by_dest["device"].default == "auto"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO
 from .flags import (OUTPUT_FLAGS, add_input, add_option_groups, add_output_flags, add_picture_flags, input_of,
                     option_values, progress, refuse)
 
@@ -12,15 +13,23 @@ HELP = "decompose once; sizes and fidelity for a sweep of settings"
 DESCRIPTION = ("Decompose every layer once, then print the exact output size, parameter count and fidelity of a "
                "sweep of settings (every method's and budget's sweep: sv_ratio 2..128, sv_fro and sv_cumulative "
                "0.5..0.99, fixed ranks 1..256, target_fro and target_size budgets). --rank/--conv-rank cap every "
-               "setting as in resize; a method, rank or target names the chosen setting, marked in the table and "
-               "report; --precision and --output-format size the file that resize would write with them.")
+               "setting as in resize (alone they choose no setting); a method (--method fixed --rank N for a fixed "
+               "rank) or a target names the chosen setting, marked in the table and report; --precision and "
+               "--output-format size the file that resize would write with them. One setting is recommended, with "
+               "the reason: see --max-effect-error.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_input(p, "LoRA file to analyze (.safetensors; .pt/.ckpt read weights-only), or an adapter folder")
     add_option_groups(p, "rank", "output", "compute")
     add_picture_flags(p)
-    add_output_flags(p, "per-layer ranks and fidelity of the chosen setting (or the default pick)")
+    p.add_argument("--max-effect-error", type=float, default=DEFAULT_MAX_EFFECT_ERROR, metavar="X",
+                   help="recommend the smallest file that loses at most this share of the LoRA's change to the "
+                        f"model's output, where that is measured (--base MODEL --effect); default "
+                        f"{DEFAULT_MAX_EFFECT_ERROR}. Without it the recommendation follows the weight-space rule: "
+                        f"the smallest file in which every layer keeps >= {WEIGHT_SPACE_MIN_FRO:.0%}% of its update's "
+                        "Frobenius norm")
+    add_output_flags(p, "per-layer ranks and fidelity of the chosen setting (or the recommended one)")
     refuse(p, *OUTPUT_FLAGS, why="analyze writes no LoRA (drop it); it prints the sweep, and "
            "--report/--plot write pictures; run `lora-resize resize` with the flags of the row you pick")
 
@@ -33,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         from ..report.html import check_paths
         check_paths(args.report, args.plot)
     src = input_of(args, "lora-resize analyze IN.safetensors")
-    a = analyze(src, progress=progress(args.quiet, "decomposing"), **option_values(args))
+    a = analyze(src, progress=progress(args.quiet, "decomposing"), max_effect_error=args.max_effect_error,
+                **option_values(args))
     written = []
     if args.report:
         from ..report.html import write_html

@@ -176,6 +176,27 @@ class SafetensorsReader(_Closing):
         self._file.close()
 
 
+class MemorySource(_Closing):
+    """A LoRA held in memory (a state dict and its metadata, e.g. `lora_resize.resized(...)`'s) as a TensorSource:
+    `get` returns the tensors themselves (not copies); `path` is a placeholder (`<memory>`), so a family that reads
+    a companion file beside its input finds none."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+        self.path = Path("<memory>")
+        self.metadata = dict(metadata or {})
+        self._tensors = dict(tensors)
+        self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def close(self) -> None:
+        pass
+
+
 def is_unicode(s: str) -> bool:
     """False for strings that cannot be written as UTF-8 (lone surrogates, from JSON escapes or pickles)."""
     try:

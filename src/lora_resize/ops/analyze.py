@@ -44,14 +44,66 @@ from ..ranks.budgets import BUDGETS
 from ..ranks.plan import budget_layers, plan
 from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
-from ..results import Analysis, SettingRow, fidelity
+from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
 from .job import Output, metadata_for, module_job, precision_of, sizer_for, spectra, with_base
 
-DEFAULT_PICK = dict(method="sv_fro", param=0.9)  # shown in the report when no setting is chosen
-# what names a chosen setting: a rank (also the cap of every setting), or what a sweep's settings replace; every
-# other user-facing option is shared by all the settings of the sweep
-CHOSEN_FIELDS = ("rank", *SWEPT)
+# what names a chosen setting: what a sweep's settings replace (a method and its parameter - `method="fixed"` with
+# a rank names that fixed rank -, a budget, explicit ranks); every other user-facing option is shared by all the
+# settings of the sweep, `rank`/`conv_rank` included: alone they are the cap of every setting, not a setting
+CHOSEN_FIELDS = SWEPT
 SHARED_FIELDS = tuple(f.name for f in option_fields() if f.name not in SWEPT)
+# a setting that makes the shared options valid when none is named; never evaluated (every row replaces it)
+_PLACEHOLDER = dict(method="sv_ratio", param=1.0)
+
+
+
+def check_max_effect_error(x) -> float:
+    """`x` as a threshold on the effect error: a number >= 0 (a share, 0.05 = 5%); OptionsError otherwise."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 or math.isinf(x):
+        raise OptionsError(f"--max-effect-error must be a number >= 0 (the share of the LoRA's effect on the "
+                           f"output a setting may lose, e.g. {DEFAULT_MAX_EFFECT_ERROR}), got {x!r}")
+    return float(x)
+
+
+def recommend(rows: Sequence[SettingRow], max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR
+              ) -> tuple[SettingRow | None, str]:
+    """The setting to recommend among `rows` and why, as (row, reason); (None, reason) only for no rows. A pure
+    function of the rows' fields:
+    - with effect errors measured (some `row.effect_error` not None; only those rows compete): the smallest file
+      whose effect error is <= `max_effect_error`; if none is, the row with the smallest effect error, saying so;
+    - else the weight-space rule, labelled as such: the smallest file whose worst layer keeps >=
+      WEIGHT_SPACE_MIN_FRO of its update's Frobenius norm (`fro_min`); if none does (caps too low), the row with
+      the largest `fro_min`, saying so. With --base the base-relative losses are shown but not used: how far a
+      weight moves says nothing of how far the output does, so no threshold on them holds across models.
+    Ties on size go to the better measure, then to the earlier row. Raises OptionsError for a threshold that is
+    not a number >= 0."""
+    check_max_effect_error(max_effect_error)
+    measured = [r for r in rows if r.effect_error is not None and r.effect_error == r.effect_error]
+    if measured:
+        under = [r for r in measured if r.effect_error <= max_effect_error]
+        if under:
+            best = min(under, key=lambda r: (r.output_bytes, r.effect_error))
+            return best, (f"the smallest file whose effect error (the share of the LoRA's change to the model's "
+                          f"output it loses) is at most {max_effect_error:.1%} (--max-effect-error): "
+                          f"{best.effect_error:.2%}")
+        best = min(measured, key=lambda r: (r.effect_error, r.output_bytes))
+        return best, (f"no setting keeps the effect error at most {max_effect_error:.1%} (--max-effect-error); "
+                      f"this one has the smallest, {best.effect_error:.2%}")
+    if not rows:
+        return None, "nothing to recommend: the sweep has no settings"
+    live = [r for r in rows if r.fro_min == r.fro_min]
+    if not live:
+        best = min(rows, key=lambda r: r.output_bytes)
+        return best, "every layer's update is zero: no setting loses anything, so the smallest file"
+    hint = "; measure the model's output with --base MODEL --effect"
+    under = [r for r in live if r.fro_min >= WEIGHT_SPACE_MIN_FRO]
+    if under:
+        best = min(under, key=lambda r: (r.output_bytes, -r.fro_min))
+        return best, (f"weight-space rule: the smallest file in which every layer keeps >= "
+                      f"{WEIGHT_SPACE_MIN_FRO:.0%} of its update's Frobenius norm (min {best.fro_min:.2%}){hint}")
+    best = max(live, key=lambda r: (r.fro_min, -r.output_bytes))
+    return best, (f"weight-space rule: no setting keeps >= {WEIGHT_SPACE_MIN_FRO:.0%} of every layer's Frobenius "
+                  f"norm under these caps; this one keeps the most of its worst layer ({best.fro_min:.2%}){hint}")
 
 
 def default_sweep(base: bool = False) -> dict[str, tuple]:
@@ -133,7 +185,8 @@ class Evaluator:
         else:
             method, param = (opts.method, opts.param) if opts.method else (FIXED, opts.rank)
         return SettingRow(label or opts.label(), method, param, opts.flags(), size, params, **fidelity(layers),
-                          ranks=ranks, options=opts, header_bytes=header, note=notes[0] if notes else None, **base)
+                          ranks=ranks, options=opts, header_bytes=header, note=notes[0] if notes else None,
+                          precision=self.view(opts)[2], **base)
 
     @staticmethod
     def _base_losses(sps: list[Spectrum], ranks) -> dict:
@@ -197,24 +250,26 @@ def sizes_125(lo: int, hi: int) -> list[int]:
 
 def split_options(options: ResizeOptions | None, fields_: dict) -> tuple[ResizeOptions, ResizeOptions | None]:
     """(shared, chosen): options carrying the fields every setting shares (rank rule, caps, precision, rules,
-    device, threads, output format), and the chosen setting when the options name one (a rank, a method or a
-    budget). Only the shared fields of `shared` are read."""
+    device, threads, output format), and the chosen setting when the options name one: a method (with its
+    parameter, or `method="fixed"` with a rank), a budget or explicit ranks. A rank alone is the cap of every
+    setting, not a chosen setting. Only the shared fields of `shared` are read."""
     if options is not None:
         if fields_:
             raise OptionsError("pass either options=ResizeOptions(...) or option fields, not both")
-        return options, options
+        named = options.method is not None or options.budget is not None or options.ranks is not None
+        return options, options if named else None
     unknown = set(fields_) - set(SHARED_FIELDS) - set(CHOSEN_FIELDS) - {"rule"}
     if unknown:
         raise OptionsError(f"unknown option(s) for analyze: {', '.join(sorted(unknown))}")
     chosen = ResizeOptions(**fields_) if any(fields_.get(k) is not None for k in CHOSEN_FIELDS) else None
     shared = chosen or ResizeOptions(**{k: v for k, v in fields_.items() if k in SHARED_FIELDS or k == "rule"},
-                                     **DEFAULT_PICK)
+                                     **_PLACEHOLDER)
     return shared, chosen
 
 
 def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeOptions | None, chosen_label: str,
-           sweep: Mapping[str, Sequence] | None) -> Analysis:
-    """The sweep, the chosen setting and the pick, evaluated; an Analysis."""
+           sweep: Mapping[str, Sequence] | None, max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR) -> Analysis:
+    """The sweep and the chosen setting evaluated, and the recommendation among the sweep's rows; an Analysis."""
     base = any(sp.base is not None for sp in ev.sps)
     rows = [ev.evaluate(o) for o in ev.sweep_options(shared, default_sweep(base) if sweep is None else sweep)]
     notes = list(a_fields.pop("notes"))
@@ -224,12 +279,10 @@ def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeO
         chosen_row.chosen = True
         if chosen_row.note:
             notes.append(chosen_row.note)
-    pick = chosen_row
-    if pick is None:
-        default = shared.with_setting(**DEFAULT_PICK)
-        pick = ev.evaluate(default, label=default.label() + " (default pick)")
+    recommended, reason = recommend(rows, max_effect_error)
     return Analysis(shared=shared, layers=ev.sps, blocks=[block_of(sp.name) for sp in ev.sps], rows=rows,
-                    chosen=chosen_row, pick=pick, notes=notes, _evaluate=ev.evaluate, **a_fields)
+                    chosen=chosen_row, recommended=recommended, recommended_reason=reason, notes=notes,
+                    _evaluate=ev.evaluate, **a_fields)
 
 
 def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress | None = None
@@ -258,19 +311,22 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
 
 
 def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, progress: Progress | None = None,
-            sweep: Mapping[str, Sequence] | None = None, **option_fields) -> Analysis:
+            sweep: Mapping[str, Sequence] | None = None, max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR,
+            **option_fields) -> Analysis:
     """Decompose the LoRA at `src` once and evaluate a sweep of settings (`default_sweep()` unless given) on it.
 
     Option fields: rank / conv_rank (the cap of every dynamic and budget setting, as in resize), rank_rule
     ('exact'|'kohya'), precision (default: the input's), block_rules, output_format (sizes are those of the
-    converted file), device, threads; and optionally the chosen setting (method + param, rank, target_size or
-    target_fro), evaluated as `Analysis.chosen`.
+    converted file), device, threads; and optionally the chosen setting (method + param, a fixed rank as
+    method="fixed" + rank, target_size or target_fro, explicit ranks), evaluated as `Analysis.chosen`; a rank alone
+    caps every setting and chooses none. `Analysis.recommended` is `recommend(rows, max_effect_error)`.
 
     Raises: OptionsError, InputFileError, LoraStructureError, NumericalError, DeviceError."""
     t0 = time.perf_counter()
+    check_max_effect_error(max_effect_error)
     shared, chosen = split_options(options, option_fields)
     ev, a_fields = decomposed(src, shared, progress)
-    a = finish(ev, a_fields, shared, chosen, chosen.label() if chosen else "", sweep)
+    a = finish(ev, a_fields, shared, chosen, chosen.label() if chosen else "", sweep, max_effect_error)
     a.seconds = time.perf_counter() - t0
     return a
 

@@ -102,7 +102,7 @@ def curve_svg(a, metric: str, ident: str, pick=None, width: int = 760, height: i
                     f'{shown(getattr(pick, metric))}</title></g>')
         body.append(f'<circle cx="{R + 26}" cy="{legend_y}" r="7" fill="none" stroke="#000" stroke-width="2"/>'
                     f'<text x="{R + 42}" y="{legend_y + 4}" class="legend">'
-                    f'{"chosen setting" if pick.chosen else "default pick"}</text>')
+                    f'{"chosen setting" if pick.chosen else "recommended"}</text>')
     return svg(width, height, "\n".join(body), ident,
                f"output size against fidelity ({(BASE_METRICS if base else METRICS)[metric]})")
 
@@ -293,7 +293,7 @@ SCRIPT = """
 
 def html_report(a) -> str:
     """The whole report as one HTML string."""
-    pick = a.pick
+    pick = a.shown
     b = a.shared
     cap = "none" if b.rank is None and b.conv_rank is None else (
         f"{b.rank}" + (f" (conv {b.conv_rank})" if b.conv_rank != b.rank else ""))

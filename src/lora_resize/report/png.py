@@ -20,7 +20,7 @@ def write_png(a, path: str | os.PathLike, metrics: tuple[str, ...] = ("fro_weigh
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
     fig, axs = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110, sharey=True)
-    pick = a.pick
+    pick = a.shown
     for ax, m in zip(axs, metrics):
         for method, (color, name) in series().items():
             pts = sorted((r for r in a.rows if r.method == method and getattr(r, m) == getattr(r, m)),

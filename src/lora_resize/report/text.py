@@ -161,7 +161,8 @@ def _count(n: int) -> str:
 
 
 def analysis_table(a, verbose: bool = False) -> str:
-    """`lora-resize analyze` as text: one line per setting, the chosen one starred, then how to get it."""
+    """`lora-resize analyze` as text: one line per setting (the chosen one starred, the recommended one marked
+    '>'), then the recommendation with its reason, and how to get it."""
     b = a.shared
     cap = "no cap" if b.rank is None and b.conv_rank is None else (
         f"cap {b.rank}" + (f", conv cap {b.conv_rank}" if b.conv_rank != b.rank else ""))
@@ -179,7 +180,7 @@ def analysis_table(a, verbose: bool = False) -> str:
     head += f" {'vs base':>8} {'max':>8}  worst layer" if based else "  worst layer"
     lines.append(head)
     for r in rows:
-        mark = "*" if r.chosen else " "
+        mark = "*" if r.chosen else ">" if r is a.recommended else " "
         line = (f"{mark} {r.label[:30]:<30} {r.output_bytes:>14,} {format_size(r.output_bytes):>9} "
                 f"{_count(r.params):>8} " + " ".join(f"{percent(getattr(r, key)):>7}" for key in MEASURES))
         if based:
@@ -188,11 +189,16 @@ def analysis_table(a, verbose: bool = False) -> str:
             line += f"  {r.worst_layer or '-'}"
         lines.append(line)
     lines += [f"note ({r.label}): {r.note}" for r in a.rows if r.note]
-    if a.chosen is not None:
-        lines += ["", f"* chosen: lora-resize resize {shlex.quote(str(a.src))} -o OUT.safetensors {a.chosen.args}"]
+    resize = f"lora-resize resize {shlex.quote(str(a.src))} -o OUT.safetensors"
+    lines.append("")
+    if a.recommended is not None:
+        lines += [f"> recommended: {a.recommended.args}  ({a.recommended_reason})", f"  {resize} {a.recommended.args}"]
     else:
-        lines += ["", f"pick a row and run: lora-resize resize {shlex.quote(str(a.src))} -o OUT.safetensors "
-                      "<its flags> (--json lists every row's flags)"]
+        lines.append(f"recommended: none ({a.recommended_reason})")
+    if a.chosen is not None:
+        lines.append(f"* chosen: {resize} {a.chosen.args}")
+    else:
+        lines.append(f"or pick a row and run: {resize} <its flags> (--json lists every row's flags)")
     if a.rule_hits:
         lines.append("rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}" for r, n in a.rule_hits.items()))
     if a.dropped:
@@ -203,9 +209,11 @@ def analysis_table(a, verbose: bool = False) -> str:
 
 
 def per_layer_table(a) -> str:
-    """analyze -v: each layer's block, rank and the Frobenius norm kept under the chosen setting (or the default
-    pick)."""
-    pick = a.pick
+    """analyze -v: each layer's block, rank and the Frobenius norm kept under the chosen setting (or the
+    recommended one)."""
+    pick = a.shown
+    if pick is None:
+        return "per layer: no setting to show (every layer's update is zero)"
     lines = [f"per layer, {pick.label}:"]
     for L, block, k in zip(a.layers, a.blocks, pick.ranks):
         lines.append(f"  {L.name:75} {block:>15} rank {L.rank:>4} -> {int(k):>4}  fro {percent(L.fro_retained(k))}")

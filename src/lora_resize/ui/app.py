@@ -168,13 +168,13 @@ class App:
         rows = [[r.label, format_size(r.output_bytes), r.output_bytes, *(percent(getattr(r, key)) for key in MEASURES),
                  r.worst_layer or "-", r.args] for r in a.rows]
         flags = {f"row{i}": r.args for i, r in enumerate(a.rows)}
-        flags["chosen"] = a.pick.args
+        flags["chosen"] = a.shown.args if a.shown else ""
         report = (f'<iframe title="report" style="width:100%;height:1000px;border:0" '
                   f'srcdoc="{html.escape(html_report(a))}"></iframe>')
         status = (f"{a.src.name}: {len(a.layers)} layers ({a.format}), {format_size(a.input_bytes)}; "
                   f"{len(a.rows)} settings; click a point or a row to pick one")
-        curve = f'<style>{CSS}</style><div class="lr-curve">{curve_svg(a, "fro_weighted", "ui-curve", a.pick)}</div>'
-        return curve, rows, flags, a.pick.args, status, report
+        curve = f'<style>{CSS}</style><div class="lr-curve">{curve_svg(a, "fro_weighted", "ui-curve", a.shown)}</div>'
+        return curve, rows, flags, flags["chosen"], status, report
 
     @staticmethod
     def pick_point(flags_by_row: dict, evt: gr.EventData):

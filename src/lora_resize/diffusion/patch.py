@@ -1,0 +1,138 @@
+"""A LoRA applied in memory to a model's named weights: for each module, its dense update scale * up @ down added
+to the base weight it updates (found by formats.weights.locate_modules, the lookup `--base` uses), and every
+touched weight restored bit for bit afterwards. Needs torch only (no diffusers)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from ..errors import LoraStructureError
+from ..formats import detect
+from ..formats.base import DORA_KIND, Layout
+from ..formats.weights import Piece, locate_modules
+from ..io.reader import MemorySource
+
+
+@dataclass
+class PatchReport:
+    """What `patched` did: `modules` the LoRA's modules, `matched` how many were applied, `weights` the base
+    weights touched; `unmatched` the modules with no weight in the base, `mismatched` those whose weight there has
+    another shape (name: why) - listed, never guessed; `not_applied` the LoRA's other tensors by kind (bias diffs,
+    set weights: copied unchanged by a resize, so the same in every setting) with their counts."""
+    modules: int = 0
+    matched: int = 0
+    weights: int = 0
+    unmatched: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    not_applied: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: 'applied 12 of 14 modules (2 not in the base, e.g. ...)'."""
+        text = f"applied {self.matched} of {self.modules} LoRA modules to {self.weights} base weights"
+        left = self.unmatched + self.mismatched
+        if left:
+            text += f"; {len(left)} not applied (no weight of theirs in the base, e.g. {left[0]})"
+        if self.not_applied:
+            text += "; other tensors not applied: " + ", ".join(f"{n} {k}" for k, n in self.not_applied.items())
+        return text
+
+
+def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[MemorySource, Layout]:
+    """A LoRA state dict as a TensorSource and its parsed layout (formats.detect; LoraStructureError when it holds
+    no LoRA)."""
+    src = MemorySource(dict(tensors), dict(metadata or {}))
+    return src, detect(src.infos(), src.metadata)
+
+
+def dense_updates(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
+                  weights: Mapping[str, torch.Tensor], base: str, arch: str | None = None
+                  ) -> tuple[list[tuple[str, slice, torch.Tensor]], PatchReport]:
+    """The updates a LoRA makes to `weights` (key -> the base's weight tensor, keyed as a diffusers folder is:
+    `unet.down_blocks.0....weight`, `text_encoder.text_model....weight`): a list of (key, rows, delta), delta =
+    scale * up @ down in float64 on the weight's device, its rows for weight[rows] in the base's order (swapped
+    halves swapped back) and shaped as weight[rows] (conv kernels included), and the report. `base` names the model in errors.
+    Raises LoraStructureError when no module matches (or a DoRA LoRA, whose magnitudes replace the updated
+    weight's column norms: applying its factors alone would measure another model)."""
+    src, layout = parse(tensors, metadata)
+    if any(layout.known.get(k) == DORA_KIND for k in layout.passthrough):
+        raise LoraStructureError("this LoRA is a DoRA (it stores magnitude vectors): its effect is not measured "
+                                 "here - resize it without --effect / preview")
+    located = locate_modules(layout, src.infos(), src.metadata, weights, arch)
+    report = PatchReport(modules=len(layout.modules))
+    for k in layout.passthrough:
+        kind = layout.known.get(k, "other")
+        report.not_applied[kind] = report.not_applied.get(kind, 0) + 1
+    updates = []
+    for module, pieces in located.modules:
+        if pieces is None:
+            report.unmatched.append(module.name)
+            continue
+        out, rest = module.weight_shape(src.infos())
+        ok = _fits(pieces, weights, out, math.prod(rest))
+        if ok is not None:
+            report.mismatched.append(f"{module.name}: {ok}")
+            continue
+        layer = module.load(src)
+        W = weights[pieces[0].key]
+        delta = layer.scale * (layer.up.to(W.device, torch.float64) @ layer.down.to(W.device, torch.float64))
+        start = 0
+        for p in pieces:
+            target = weights[p.key]
+            rows = slice(p.start, p.stop) if p.start is not None else slice(0, target.shape[0])
+            n = rows.stop - rows.start
+            chunk = delta[start:start + n]
+            start += n
+            if p.swap:
+                h = n // 2
+                chunk = torch.cat([chunk[h:], chunk[:h]])
+            updates.append((p.key, rows, chunk.reshape(target[rows].shape)))
+        report.matched += 1
+    if not report.matched:
+        example = (report.unmatched + report.mismatched + ["?"])[0]
+        raise LoraStructureError(f"no module of this LoRA has its weight in {base} (e.g. {example}); is {base} the "
+                                 "model this LoRA was trained for?")
+    report.weights = len({key for key, _, _ in updates})
+    return updates, report
+
+
+def _fits(pieces: list[Piece], weights: Mapping[str, torch.Tensor], out: int, inp: int) -> str | None:
+    """None when the pieces make an out x inp weight (rows stacked, each flattened to its inputs), else why not."""
+    rows = 0
+    for p in pieces:
+        W = weights[p.key]
+        n = (p.stop - p.start) if p.start is not None else W.shape[0]
+        if p.start is not None and p.stop > W.shape[0]:
+            return f"{p.label()} is out of {p.key}'s {W.shape[0]} rows"
+        if math.prod(W.shape[1:]) != inp:
+            return f"updates {out} x {inp}, {p.key} is {W.shape[0]} x {math.prod(W.shape[1:])}"
+        rows += n
+    return None if rows == out else f"updates {out} rows, the base's {', '.join(p.label() for p in pieces)} have {rows}"
+
+
+class Patch:
+    """Updates applied to weights in place (each added in float64 and rounded once to the weight's dtype), with
+    the touched weights saved first; `restore` puts them back bit for bit."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], updates: list[tuple[str, slice, torch.Tensor]]):
+        self.saved: dict[str, torch.Tensor] = {}
+        self.weights = weights
+        with torch.no_grad():
+            try:
+                for key, rows, delta in updates:
+                    W = weights[key]
+                    if key not in self.saved:
+                        self.saved[key] = W.detach().clone()
+                    part = W.data[rows]
+                    part.copy_((part.to(torch.float64) + delta).to(W.dtype))
+            except BaseException:
+                self.restore()
+                raise
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for key, W in self.saved.items():
+                self.weights[key].data.copy_(W)
+        self.saved = {}

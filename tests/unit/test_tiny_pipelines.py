@@ -1,0 +1,139 @@
+"""The tiny test pipelines (lora_resize.testing.pipelines) every preview/effect test builds on: they load back
+through diffusers itself, their LoRA is read by lora-resize and by diffusers' own kohya loader, and it changes the
+denoiser's output."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_resize.testing import pipelines
+
+pytestmark = pytest.mark.thirdparty
+diffusers = pytest.importorskip("diffusers", reason="the [preview] extra")
+
+
+def _state(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: c.state_dict() for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+
+
+def _assert_same_weights(a, b):
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for comp in sa:
+        assert sa[comp].keys() == sb[comp].keys(), comp
+        bad = [k for k in sa[comp] if not torch.equal(sa[comp][k], sb[comp][k])]
+        assert not bad, (comp, bad[:5])
+
+
+def _eps(pipe, family: str) -> torch.Tensor:
+    """The denoiser's output on fixed inputs (latents, timestep, text embeddings from the pipeline's encoders)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        if family == "flux":
+            emb, pooled, ids = pipe.encode_prompt("a red cat", None, max_sequence_length=32)[:3]
+            lat = torch.randn(1, 4, 16, 16, generator=g)
+            packed = pipe._pack_latents(lat, 1, 4, 16, 16)
+            img_ids = pipe._prepare_latent_image_ids(1, 8, 8, lat.device, lat.dtype)
+            return pipe.transformer(hidden_states=packed, timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+                                    pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=ids,
+                                    img_ids=img_ids).sample
+        lat = torch.randn(1, 4, 16, 16, generator=g)
+        if family == "sdxl":
+            emb, _, pooled, _ = pipe.encode_prompt("a red cat", do_classifier_free_guidance=False)
+            cond = {"text_embeds": pooled, "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+            return pipe.unet(lat, 500, encoder_hidden_states=emb, added_cond_kwargs=cond).sample
+        emb = pipe.encode_prompt("a red cat", "cpu", 1, False)[0]
+        return pipe.unet(lat, 500, encoder_hidden_states=emb).sample
+
+
+@pytest.mark.parametrize("family", pipelines.FAMILIES)
+def test_folder_loads_back_bit_for_bit_through_diffusers(tiny_base, family):
+    folder, config = tiny_base(family, "folder")
+    assert folder == config and (folder / "model_index.json").is_file()
+    loaded = diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert pipelines.family_of(loaded) == family
+    _assert_same_weights(pipelines.tiny_pipeline(family, seed=0), loaded)
+    # the tokenizers came back from the folder and encode offline
+    ids = loaded.tokenizer("a red cat").input_ids
+    assert ids[0] == loaded.tokenizer.bos_token_id and ids[-1] == loaded.tokenizer.eos_token_id and len(ids) > 3
+    if family == "flux":
+        ids2 = loaded.tokenizer_2("a red cat").input_ids
+        assert ids2[-1] == loaded.tokenizer_2.eos_token_id and loaded.tokenizer_2.unk_token_id not in ids2
+
+
+@pytest.mark.parametrize("family", pipelines.FAMILIES)
+def test_build_is_deterministic_and_seeded(family):
+    a, b, c = (pipelines.tiny_pipeline(family, seed=s) for s in (0, 0, 1))
+    _assert_same_weights(a, b)
+    assert not torch.equal(_eps(a, family), _eps(c, family))
+
+
+@pytest.mark.parametrize("family", pipelines.FAMILIES)
+def test_render_is_a_32px_image_in_well_under_a_second(family):
+    import time
+
+    pipe = pipelines.tiny_pipeline(family)
+    kw = {"max_sequence_length": 32} if family == "flux" else {}
+    t0 = time.perf_counter()
+    img = pipe("a red cat", num_inference_steps=4, height=32, width=32,
+               generator=torch.Generator().manual_seed(0), **kw).images[0]
+    assert img.size == (32, 32)
+    assert time.perf_counter() - t0 < 5.0  # generous for a shared 2-core machine; ~0.1 s alone
+
+
+@pytest.mark.parametrize("family", pipelines.FAMILIES)
+def test_lora_is_read_by_analyze_with_decaying_spectra(tmp_path, family):
+    import lora_resize
+
+    pipe = pipelines.tiny_pipeline(family)
+    path = pipelines.tiny_lora(pipe, tmp_path / "l.safetensors", rank=8, decay=0.7)
+    a = lora_resize.analyze(path)
+    targets = pipelines.lora_targets(pipe)
+    assert {s.name for s in a.layers} == set(targets)
+    assert any(n.startswith("lora_te") for n in targets) and any(n.startswith("lora_unet_") for n in targets)
+    for s in a.layers:
+        sv = torch.as_tensor(s.S, dtype=torch.float64)
+        assert len(sv) == 8
+        torch.testing.assert_close(sv[1:] / sv[:-1], torch.full((7,), 0.7, dtype=torch.float64), rtol=1e-4, atol=0)
+    without = pipelines.lora_targets(pipe, text_encoder=False)
+    assert without and not any(n.startswith("lora_te") for n in without)
+
+
+@pytest.mark.parametrize("family", pipelines.FAMILIES)
+def test_lora_changes_the_denoiser_output(tmp_path, family):
+    from safetensors.torch import load_file
+
+    pipe = pipelines.tiny_pipeline(family)
+    base = _eps(pipe, family)
+    lora = load_file(pipelines.tiny_lora(pipe, tmp_path / "l.safetensors"))
+    assert pipelines.merge_lora(pipe, lora) == len(pipelines.lora_targets(pipe))
+    change = (_eps(pipe, family) - base).norm() / base.norm()
+    assert change > 0.02, change
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_reference_merge_matches_diffusers_kohya_loader(tmp_path, family):
+    """merge_lora, the dense reference, agrees with diffusers' own reading of the kohya file (for Flux, diffusers'
+    kohya converter assumes the real model's 3072 width, lora_conversion_utils._convert_sd_scripts_to_ai_toolkit,
+    so it cannot read a tiny Flux LoRA)."""
+    from safetensors.torch import load_file
+
+    path = pipelines.tiny_lora(pipelines.tiny_pipeline(family), tmp_path / "l.safetensors")
+    ref = pipelines.tiny_pipeline(family)
+    pipelines.merge_lora(ref, load_file(path))
+    pipe = pipelines.tiny_pipeline(family)
+    pipe.load_lora_weights(path)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, comp, None) is None:
+            continue
+        mine, theirs = getattr(ref, comp).state_dict(), getattr(pipe, comp).state_dict()
+        assert mine.keys() == theirs.keys()
+        for k in mine:
+            torch.testing.assert_close(theirs[k], mine[k], rtol=1e-5, atol=1e-6, msg=f"{comp}.{k}")
+
+
+def test_unknown_family_is_refused():
+    with pytest.raises(ValueError, match="sd1, sdxl, flux"):
+        pipelines.tiny_pipeline("sd3")
