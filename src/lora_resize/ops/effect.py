@@ -23,19 +23,13 @@ from typing import Iterator, Sequence
 import torch
 
 from ..core.schedule import Progress
-from ..errors import LoraStructureError, OptionsError
+from ..errors import OptionsError
 from ..io.paths import local_path, resolve_input
 from ..io.reader import open_tensor_file
 from ..options import ResizeOptions
 from ..ranks.policies import get_policy
-from ..results import SettingRow
+from ..results import DEFAULT_PROBE_STEPS, DEFAULT_SEED, SettingRow
 
-# the probes' prompts when none are given: a subject, a style and a scene, so that a LoRA of any kind changes
-# some of them (a LoRA that changes none of them has no effect to lose: its effect error is not a number)
-DEFAULT_PROMPTS = ("a photo of a cat sitting on a wooden table", "a watercolor painting of mountains at sunrise",
-                   "portrait of a woman in a red coat, city street at night")
-DEFAULT_SEED = 0
-DEFAULT_PROBE_STEPS = 4  # timesteps per prompt, spread over the sampling schedule
 
 
 @dataclass(frozen=True)
@@ -47,21 +41,23 @@ class Probing:
         config: for a single file, a diffusers folder holding that model's configs and tokenizers (read instead
             of the Hub); None: the library's own lookup.
         variant: a diffusers folder's weight variant (e.g. "fp16"), as --base-variant.
-        prompts: the probes' prompts; seed: the seed of their latents; timesteps: probes per prompt.
+        prompts: the probes' prompts; None: lora_resize.diffusion's DEFAULT_PROMPTS (a subject, a style, a scene);
+            seed: the seed of their initial latents; timesteps: the denoiser calls recorded per prompt.
         size: (width, height) in pixels of the probes' latents; None: the model's default.
         device: "auto", "cpu", "cuda" or "cuda:N" (as ResizeOptions.device)."""
     base: str
     config: str | None = None
     variant: str | None = None
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    prompts: tuple[str, ...] | None = None
     seed: int = DEFAULT_SEED
     timesteps: int = DEFAULT_PROBE_STEPS
     size: tuple[int, int] | None = None
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
-            raise OptionsError("give at least one non-empty --prompt")
+        if self.prompts is not None and not (self.prompts and all(isinstance(p, str) and p.strip()
+                                                                  for p in self.prompts)):
+            raise OptionsError("a --prompt must not be empty")
         if not (isinstance(self.timesteps, int) and self.timesteps >= 1):
             raise OptionsError(f"--probe-steps must be a whole number >= 1, got {self.timesteps!r}")
         if self.size is not None and not all(isinstance(v, int) and v >= 8 for v in self.size):
@@ -113,12 +109,11 @@ class EffectMeter:
         try:
             self.model = self._stack.enter_context(BaseModel(p.base, variant=p.variant, config=p.config,
                                                              device=str(compute_device(p.device))))
-            self.probes = self.model.probes(prompts=list(p.prompts), seeds=[p.seed], timesteps=p.timesteps,
-                                            size=p.size)
+            self.probes = self.model.probes(prompts=p.prompts, seeds=[p.seed], timesteps=p.timesteps, size=p.size)
             self.eps_base = self.model.predict(self.probes)
             tensors, metadata = as_stored(self.src)
             self.eps_original = self.predict(tensors, metadata)
-            self.notes += list(self.model.patch_notes()) if hasattr(self.model, "patch_notes") else []
+            self.report = self.model.patch_report  # what the original LoRA patched (PatchReport)
         except BaseException:
             self._stack.close()
             raise
@@ -152,9 +147,3 @@ def measure_effects(meter: EffectMeter, rows: Sequence[SettingRow], progress: Pr
         for row in same:
             row.effect_error = error
 
-
-def check_lora_fits(report) -> None:
-    """Refuse a LoRA none of whose modules the base has (LoraStructureError naming the fix)."""
-    if report is not None and getattr(report, "matched", 1) == 0:
-        raise LoraStructureError("none of this LoRA's modules is in the base model: it is for another model; give "
-                                 "the base it was trained on (--base)")
