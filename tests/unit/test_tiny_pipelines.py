@@ -95,6 +95,18 @@ def test_lora_is_read_by_analyze_with_decaying_spectra(tmp_path, family):
         sv = torch.as_tensor(s.S, dtype=torch.float64)
         assert len(sv) == 8
         torch.testing.assert_close(sv[1:] / sv[:-1], torch.full((7,), 0.7, dtype=torch.float64), rtol=1e-4, atol=0)
+    # every module carries the name its trainers give it: kohya's SD names read back to a UNet / CLIP path
+    # (text encoders always under `text_model.`, however transformers nests CLIPTextModel), Flux's to a BFL weight
+    from lora_resize.models import sd as sd_names
+    from lora_resize.models.dit import FLUX1
+
+    for name in targets:
+        if family != "flux" or name.startswith("lora_te"):
+            comp_path = sd_names.from_kohya(name.replace("lora_te1_", "lora_te_"))
+            assert comp_path is not None, name
+            assert name.startswith("lora_unet_") or comp_path[1].startswith("text_model.encoder.layers."), name
+        else:
+            assert FLUX1.native_of(name[len("lora_unet_"):], flat=True) is not None, name
     without = pipelines.lora_targets(pipe, text_encoder=False)
     assert without and not any(n.startswith("lora_te") for n in without)
 

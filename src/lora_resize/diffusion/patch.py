@@ -94,7 +94,7 @@ def dense_updates(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
         example = (report.unmatched + report.mismatched + ["?"])[0]
         raise LoraStructureError(f"no module of this LoRA has its weight in {base} (e.g. {example}); is {base} the "
                                  "model this LoRA was trained for?")
-    report.weights = len({key for key, _, _ in updates})
+    report.weights = len({id(weights[key]) for key, _, _ in updates})
     return updates, report
 
 
@@ -114,17 +114,17 @@ def _fits(pieces: list[Piece], weights: Mapping[str, torch.Tensor], out: int, in
 
 class Patch:
     """Updates applied to weights in place (each added in float64 and rounded once to the weight's dtype), with
-    the touched weights saved first; `restore` puts them back bit for bit."""
+    the touched weights saved first (once per tensor, however many keys name it); `restore` puts them back bit for
+    bit."""
 
     def __init__(self, weights: Mapping[str, torch.Tensor], updates: list[tuple[str, slice, torch.Tensor]]):
-        self.saved: dict[str, torch.Tensor] = {}
-        self.weights = weights
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, its copy)
         with torch.no_grad():
             try:
                 for key, rows, delta in updates:
                     W = weights[key]
-                    if key not in self.saved:
-                        self.saved[key] = W.detach().clone()
+                    if id(W) not in self.saved:
+                        self.saved[id(W)] = (W, W.detach().clone())
                     part = W.data[rows]
                     part.copy_((part.to(torch.float64) + delta).to(W.dtype))
             except BaseException:
@@ -133,6 +133,6 @@ class Patch:
 
     def restore(self) -> None:
         with torch.no_grad():
-            for key, W in self.saved.items():
-                self.weights[key].data.copy_(W)
+            for W, copy in self.saved.values():
+                W.data.copy_(copy)
         self.saved = {}

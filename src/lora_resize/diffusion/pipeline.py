@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,6 +102,23 @@ def stored_dtype(ck: Checkpoint, prefixes: tuple[str, ...]) -> torch.dtype:
     return best if best in FLOAT_DTYPES else torch.bfloat16 if best.is_floating_point else torch.float32
 
 
+def pipeline_weights(pipe) -> dict[str, torch.Tensor]:
+    """A pipeline's parameters keyed as a diffusers folder keys them (`<component>.<parameter>`), which is how
+    formats.weights finds a LoRA module's weight. A CLIP text encoder's also under `text_model.`: transformers 5
+    dropped CLIPTextModel's `text_model` wrapper (its parameters are `encoder.layers.0...`), while LoRAs (kohya's
+    `lora_te_text_model_encoder_...`, diffusers' `text_encoder.text_model.encoder...`) and checkpoints name it."""
+    weights: dict[str, torch.Tensor] = {}
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        clip = type(component).__name__.startswith("CLIPText")
+        for key, p in component.named_parameters():
+            weights[f"{name}.{key}"] = p
+            if clip and not key.startswith("text_model."):
+                weights[f"{name}.text_model.{key}"] = p
+    return weights
+
+
 class BaseModel:
     """A base model loaded once as a diffusers pipeline (module docstring): `family` 'sd1', 'sdxl' or 'flux',
     `pipe` the pipeline, `patch_report` what the last `patched` applied.
@@ -131,11 +149,7 @@ class BaseModel:
         self.dtype = self.denoiser.dtype
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.weights: dict[str, torch.Tensor] = {}
-        for name, component in self.pipe.components.items():
-            if isinstance(component, torch.nn.Module):
-                for key, p in component.named_parameters():
-                    self.weights[f"{name}.{key}"] = p
+        self.weights = pipeline_weights(self.pipe)
 
     # -- loading -------------------------------------------------------------------------------------------------
     def _load(self, dtype: torch.dtype | None):
@@ -180,7 +194,9 @@ class BaseModel:
     def _call(self, load):
         """Run a diffusers loader; its failures become one-line errors naming the fix."""
         try:
-            return load()
+            with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype (still taken) to dtype
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                return load()
         except LoraResizeError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever diffusers/transformers raise on a base they cannot load

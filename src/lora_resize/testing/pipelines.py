@@ -213,8 +213,16 @@ def _targets(pipe: Any, text_encoder: bool) -> dict[str, list[tuple[torch.nn.Lin
                  "flux": [("text_encoder", FLUX1.part("text_encoder").kohya)]}[fam]
         for comp, prefix in comps:
             for path, mod in _linears(getattr(pipe, comp), _CLIP_TARGETS).items():
-                out[prefix + path.replace(".", "_")] = [(mod, (0, mod.out_features), False)]
+                out[prefix + clip_module_path(path).replace(".", "_")] = [(mod, (0, mod.out_features), False)]
     return out
+
+
+def clip_module_path(path: str) -> str:
+    """A CLIP text encoder's module path as the original CLIPTextModel names it (`text_model.encoder.layers.0.
+    mlp.fc1`), which kohya's `lora_te*_` names flatten (sd-scripts networks/lora.py) and SD checkpoints key
+    (`cond_stage_model.transformer.text_model.`): transformers >= 5.6 builds CLIPTextModel without the
+    `text_model` wrapper (CLIPTextModelWithProjection keeps it), so its own paths may lack the prefix."""
+    return path if path.startswith("text_model.") or path.startswith("text_projection") else "text_model." + path
 
 
 def _fused(parts: list[tuple[torch.nn.Linear, tuple[int, int], bool]]) -> torch.Tensor:
