@@ -4,11 +4,17 @@ combo, ("INT"/"FLOAT"/"STRING"/"BOOLEAN", {options}) otherwise), `RETURN_TYPES`/
 (`comfy.utils.ProgressBar`: Cancel stops a job between layers, nothing written); `IS_CHANGED` from the input files'
 size and time, so an edited LoRA is read again; Analyze previews its curve on the node (a PNG in ComfyUI's temp
 folder, as PreviewImage does). A lora-resize error becomes the node's error with our one-line message; files are
-written atomically into the first loras folder, never over an existing file."""
+written atomically into the first loras folder, never over an existing file (no name given: a free one).
+
+Apply resized LoRA and the sweep apply a setting in memory (`lora_resize.resized`: the tensors the CLI would write)
+through ComfyUI's own LoRA loading (`comfy.sd.load_lora_for_models`), nothing written; the sweep's outputs are
+lists (OUTPUT_IS_LIST), which ComfyUI maps over the nodes downstream, and Tile lays the pictures out with their
+labels."""
 from __future__ import annotations
 
 import os
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import folder_paths  # ComfyUI's
@@ -50,20 +56,34 @@ def _more(more: str) -> list[tuple[str, float]]:
     return out
 
 
-def _output_path(name: str) -> Path:
-    """A new file in the first loras folder; a name any loras folder already holds is refused (the new file would
-    hide it from the LoRA lists), as are names that are not plain file names."""
+def _output_path(name: str, default: str) -> Path:
+    """A new file in the first loras folder. No name given: `default` (`<input>_resized`), or the first of its
+    `_2`, `_3`... that no loras folder holds (`lora_resize.free_name`), so a re-queued node writes a new file and
+    never over one. A name given that any loras folder already holds is refused (the new file would hide it from
+    the LoRA lists), as are names that are not plain file names."""
     name = name.strip()
+    given = bool(name)
+    name = name if given else default
     if not name.lower().endswith(".safetensors"):
         name += ".safetensors"
     problem = lora_resize.name_problem(name) or ("it would be hidden" if name.startswith(".") else None)
     if problem:  # on every platform, so a workflow made on one runs on the others
         raise ValueError(f"output name {name[:60]!r} must be a plain file name: {problem}")
     folders = [Path(f) for f in folder_paths.get_folder_paths("loras")]
-    if any(os.path.lexists(f / name) for f in folders):
+
+    def taken(n: str) -> bool:  # a dangling link counts: never written through
+        return any(os.path.lexists(f / n) for f in folders)
+    if not given:
+        name = lora_resize.free_name(name, taken)
+    elif taken(name):
         raise FileExistsError(f"{name} already exists in a loras folder; choose another output name")
     folders[0].mkdir(parents=True, exist_ok=True)
     return folders[0] / name
+
+
+def _stem(lora_name: str) -> str:
+    """The name of a LoRA of the list without its folder and suffix: `style/c.safetensors` -> `c`."""
+    return Path(lora_name).stem
 
 
 def _progress():
@@ -110,6 +130,9 @@ RANK_INPUTS = {
 }
 
 
+AUTO_NAME = "empty: <input>_%s.safetensors, or _2, _3... when taken (never over a file)"
+
+
 def _written(dst: Path, job) -> tuple[str, str]:
     """Run `job` (a lora-resize call writing `dst`): the new file's name and the job's summary."""
     return dst.name, lora_resize.summary(_run(job))
@@ -139,13 +162,13 @@ class ResizeLora(_WritesLora):
     def INPUT_TYPES(cls):
         return {"required": {"lora_name": (folder_paths.get_filename_list("loras"),), **RANK_INPUTS,
                              "output_layout": ([KEEP, *FILE_LAYOUTS], {"default": KEEP}),
-                             "output_name": ("STRING", {"default": "resized.safetensors"})}}
+                             "output_name": ("STRING", {"default": "", "tooltip": AUTO_NAME % "resized"})}}
 
     FUNCTION = "resize"
 
     def resize(self, lora_name, method, param, rank, conv_rank, rank_rule, target_size, precision, output_layout,
                output_name):
-        dst = _output_path(output_name)
+        dst = _output_path(output_name, f"{_stem(lora_name)}_resized")
         fields = _options(method, param, rank, conv_rank, rank_rule, target_size, precision)
         if output_layout != KEEP:
             fields["output_format"] = output_layout
@@ -194,7 +217,7 @@ class MergeLoras(_WritesLora):
                                                                          "step": 0.01}),
                              "lora_b": (loras,), "weight_b": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0,
                                                                          "step": 0.01}),
-                             **RANK_INPUTS, "output_name": ("STRING", {"default": "merged.safetensors"})},
+                             **RANK_INPUTS, "output_name": ("STRING", {"default": "", "tooltip": AUTO_NAME % "merged"})},
                 "optional": {"more": ("STRING", {"default": "", "multiline": True,
                                                  "tooltip": "more inputs, one per line: name.safetensors:weight"})}}
 
@@ -209,7 +232,7 @@ class MergeLoras(_WritesLora):
 
     def merge(self, lora_a, weight_a, lora_b, weight_b, method, param, rank, conv_rank, rank_rule, target_size,
               precision, output_name, more=""):
-        dst = _output_path(output_name)
+        dst = _output_path(output_name, f"{_stem(lora_a)}_merged")
         sources = [lora_resize.Source(Path(_lora_path(lora_a)), weight_a),
                    lora_resize.Source(Path(_lora_path(lora_b)), weight_b)]
         sources += [lora_resize.Source(Path(_lora_path(name)), w) for name, w in _more(more)]
@@ -224,16 +247,251 @@ class ConvertLora(_WritesLora):
     def INPUT_TYPES(cls):
         return {"required": {"lora_name": (folder_paths.get_filename_list("loras"),),
                              "layout": (FILE_LAYOUTS, {"default": "comfy"}),
-                             "output_name": ("STRING", {"default": "converted.safetensors"})}}
+                             "output_name": ("STRING", {"default": "", "tooltip": AUTO_NAME % "<layout>"})}}
 
     FUNCTION = "convert"
 
     def convert(self, lora_name, layout, output_name):
-        dst = _output_path(output_name)
+        dst = _output_path(output_name, f"{_stem(lora_name)}_{layout}")
         return _written(dst, lambda: lora_resize.convert(_lora_path(lora_name), dst, layout, progress=_progress()))
 
 
+# --- applying a setting in memory: no file written -------------------------------------------------------------
+
+STRENGTH = ("FLOAT", {"default": 1.0, "min": -20.0, "max": 20.0, "step": 0.01})  # as ComfyUI's Load LoRA
+BASE, ORIGINAL = "base", "original"  # the sweep's two settings that are not resizes
+# the blog's comparison (sv_ratio 128/32/8/4/2), after the model without and with the LoRA as it is
+DEFAULT_SWEEP = "\n".join([BASE, ORIGINAL, *(f"--method sv_ratio --param {r}" for r in (128, 32, 8, 4, 2))])
+CACHE_BYTES = 4 * 10**9  # the resized tensors kept for re-queued settings, newest first, at most this many bytes
+_cache: OrderedDict = OrderedDict()  # (file, size, mtime, setting) -> (tensors, bytes)
+
+
+def _cached(key: tuple, make) -> tuple[dict, int]:
+    """`make()` -> (tensors, bytes), remembered under `key` (the newest entries within CACHE_BYTES; the newest
+    always), so re-queuing a workflow or going back to a setting does not resize again."""
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    value = _cache[key] = make()
+    while len(_cache) > 1 and sum(nbytes for _, nbytes in _cache.values()) > CACHE_BYTES:
+        _cache.popitem(last=False)
+    return value
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
+def _setting_label(opts) -> str:
+    """A setting in a few words: the options' label ('sv_ratio 32', 'rank 16, cap 64') and a precision change."""
+    return opts.label() + (f", {opts.precision}" if opts.precision else "")
+
+
+def _resized(path: str, opts) -> tuple[dict, str]:
+    """The tensors `lora-resize resize` writes for `opts` (lora_resize.resized: in memory, the same bits), and the
+    label: the setting and the size its file would have ('sv_ratio 32 - 14.2 MB'). A layout ComfyUI does not read
+    from a state dict is refused."""
+    if opts.output_format is not None and opts.output_format not in FILE_LAYOUTS:
+        raise ValueError(f"--output-format {opts.output_format}: ComfyUI cannot apply that layout (its scale is in a "
+                         f"companion file); use one of {', '.join(FILE_LAYOUTS)}")
+
+    def make():
+        r = _run(lambda: lora_resize.resized(path, opts, progress=_progress()))
+        return r.tensors, r.result.output_bytes
+    tensors, nbytes = _cached((*_file_key(path), opts.flags()), make)
+    return tensors, f"{_setting_label(opts)} - {lora_resize.format_size(nbytes)}"
+
+
+def _original(path: str) -> tuple[dict, str]:
+    """The LoRA file's own tensors, read as ComfyUI's Load LoRA reads them (comfy.utils.load_torch_file), and its
+    label ('original - 1.2 GB'): the sweep's reference, exactly what Load LoRA would apply."""
+    import comfy.utils
+    key = _file_key(path)
+    tensors, nbytes = _cached((*key, ORIGINAL), lambda: (comfy.utils.load_torch_file(path, safe_load=True), key[1]))
+    return tensors, f"{ORIGINAL} - {lora_resize.format_size(nbytes)}"
+
+
+def _patched(model, clip, tensors: dict, strength_model: float, strength_clip: float):
+    """(model, clip) with the LoRA `tensors` added by ComfyUI's own loader, as Load LoRA adds a file's: clones that
+    patch their weights when sampled (comfy.sd.load_lora_for_models maps the keys with comfy/lora.py's key maps)."""
+    import comfy.sd
+    return comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)
+
+
+def _sweep_settings(text: str) -> list:
+    """The sweep's settings, one per line: `base`, `original`, or `lora-resize resize` flags (read by
+    lora_resize.options_from_flags, as the CLI reads them). Blank lines and `#` comments are skipped. Every line is
+    checked before any work; a bad one is a one-line error naming it."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.lower() in (BASE, ORIGINAL):
+            out.append(line.lower())
+            continue
+        try:
+            opts = lora_resize.options_from_flags(line)
+        except lora_resize.LoraResizeError as e:
+            raise ValueError(f"settings line {n} ({line[:80]!r}): {e}") from None
+        if opts.output_format is not None and opts.output_format not in FILE_LAYOUTS:
+            raise ValueError(f"settings line {n} ({line[:80]!r}): --output-format {opts.output_format} is not a "
+                             f"layout ComfyUI applies; use one of {', '.join(FILE_LAYOUTS)}")
+        out.append(opts)
+    if not out:
+        raise ValueError("no settings: write one per line, e.g. --method sv_ratio --param 32, or base / original")
+    return out
+
+
+class _Applies:
+    """A node that patches a MODEL and CLIP (not an output node: KSampler consumes what it returns); it runs again
+    when its LoRA file changes."""
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = False
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name=None, **_):
+        return _stamp(lora_name)
+
+
+class ApplyResizedLora(_Applies):
+    """A LoRA resized in memory and applied to MODEL and CLIP by ComfyUI's own LoRA loading, as Load LoRA applies
+    a file: see a setting's pictures before any file is written. The label names the setting and the size its file
+    would have."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",),
+                             "lora_name": (folder_paths.get_filename_list("loras"),), **RANK_INPUTS,
+                             "strength_model": STRENGTH, "strength_clip": STRENGTH}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("model", "clip", "label")
+    FUNCTION = "apply"
+
+    def apply(self, model, clip, lora_name, method, param, rank, conv_rank, rank_rule, target_size, precision,
+              strength_model, strength_clip):
+        opts = _run(lambda: lora_resize.ResizeOptions(**_options(method, param, rank, conv_rank, rank_rule,
+                                                                 target_size, precision)))
+        tensors, label = _resized(_lora_path(lora_name), opts)
+        return (*_patched(model, clip, tensors, strength_model, strength_clip), label)
+
+
+class SweepResizedLora(_Applies):
+    """One MODEL, CLIP and label per setting, as lists: ComfyUI runs what follows (CLIPTextEncode, KSampler,
+    VAEDecode) once per setting, so one queued run renders the comparison - `base` (the model without the LoRA),
+    `original` (the file as Load LoRA applies it) and each resize setting, in the order given."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",),
+                             "lora_name": (folder_paths.get_filename_list("loras"),),
+                             "settings": ("STRING", {"default": DEFAULT_SWEEP, "multiline": True,
+                                                     "tooltip": "one per line: base, original, or lora-resize "
+                                                                "resize flags, e.g. --method sv_ratio --param 32"}),
+                             "strength_model": STRENGTH, "strength_clip": STRENGTH}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("models", "clips", "labels")
+    OUTPUT_IS_LIST = (True, True, True)
+    FUNCTION = "sweep"
+
+    def sweep(self, model, clip, lora_name, settings, strength_model, strength_clip):
+        plan = _sweep_settings(settings)
+        path = _lora_path(lora_name)
+        models, clips, labels = [], [], []
+        for setting in plan:
+            if setting == BASE:
+                m, c, label = model, clip, "base (no LoRA)"
+            else:
+                tensors, label = _original(path) if setting == ORIGINAL else _resized(path, setting)
+                m, c = _patched(model, clip, tensors, strength_model, strength_clip)
+            models.append(m)
+            clips.append(c)
+            labels.append(label)
+        return models, clips, labels
+
+
+class TileImages:
+    """Images side by side in one grid, each with its label under it (the sweep's pictures with their settings):
+    a list of IMAGE batches and a list of labels - one per image, or one per batch - in, one IMAGE out."""
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = False
+    INPUT_IS_LIST = True  # ComfyUI hands every input as the list of what the upstream runs gave
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "labels": ("STRING", {"forceInput": True}),
+                             "columns": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "0: about square"})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("grid",)
+    FUNCTION = "tile"
+
+    def tile(self, images, labels, columns):
+        import torch
+        frames = [frame for batch in images for frame in batch]  # IMAGE: (batch, height, width, channels), 0..1
+        if len(labels) == len(images) and len(frames) != len(images):  # a label per batch: each of its frames
+            labels = [label for batch, label in zip(images, labels) for _ in range(len(batch))]
+        if len(labels) != len(frames):
+            raise ValueError(f"{len(frames)} images but {len(labels)} labels: connect the labels of the node that "
+                             "made the images (one per image, or one per batch)")
+        grid = _grid([(frame.cpu().numpy() * 255).round().clip(0, 255).astype("uint8") for frame in frames],
+                     [str(x) for x in labels], columns[0] if isinstance(columns, list) else columns)
+        import numpy as np
+        return (torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None],)
+
+
+GAP = 8  # white pixels between the grid's cells
+
+
+def _grid(pixels: list, labels: list[str], columns: int):
+    """A PIL image: the pictures (H x W x 3 uint8 arrays) in rows of `columns` (0: about square) on white cells of
+    the largest one's size (each picture centred in its cell), each label wrapped under its picture in black;
+    GAP pixels between cells."""
+    import math
+
+    from PIL import Image, ImageDraw, ImageFont
+    n = len(pixels)
+    cols = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    w = max(p.shape[1] for p in pixels)
+    h = max(p.shape[0] for p in pixels)
+    size = max(12, w // 28)
+    try:
+        font = ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(draw, label, font, w - 8) for label in labels]
+    line = draw.textbbox((0, 0), "Ag", font=font)[3] + 4
+    strip = 8 + line * max(len(x) for x in wrapped)
+    grid = Image.new("RGB", (cols * (w + GAP) - GAP, rows * (h + strip + GAP) - GAP), "white")
+    pen = ImageDraw.Draw(grid)
+    for i, (p, lines) in enumerate(zip(pixels, wrapped)):
+        x, y = (i % cols) * (w + GAP), (i // cols) * (h + strip + GAP)
+        grid.paste(Image.fromarray(p[..., :3]), (x + (w - p.shape[1]) // 2, y + (h - p.shape[0]) // 2))
+        for j, text in enumerate(lines):
+            pen.text((x + 4, y + h + 4 + j * line), text, fill="black", font=font)
+    return grid
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    """`text` in lines no wider than `width` pixels, broken between words (a longer word stands alone)."""
+    lines: list[str] = []
+    for word in text.split() or [""]:
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 NODE_CLASS_MAPPINGS = {"LoraResize": ResizeLora, "LoraResizeAnalyze": AnalyzeLora, "LoraResizeMerge": MergeLoras,
-                       "LoraResizeConvert": ConvertLora}
+                       "LoraResizeConvert": ConvertLora, "LoraResizeApply": ApplyResizedLora,
+                       "LoraResizeSweep": SweepResizedLora, "LoraResizeTile": TileImages}
 NODE_DISPLAY_NAME_MAPPINGS = {"LoraResize": "Resize LoRA", "LoraResizeAnalyze": "Analyze LoRA",
-                              "LoraResizeMerge": "Merge LoRAs", "LoraResizeConvert": "Convert LoRA"}
+                              "LoraResizeMerge": "Merge LoRAs", "LoraResizeConvert": "Convert LoRA",
+                              "LoraResizeApply": "Apply resized LoRA", "LoraResizeSweep": "Sweep resized LoRA",
+                              "LoraResizeTile": "Tile images with labels"}

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lora_resize
+from helpers import load_st
 from lora_resize.cli import main
 from lora_resize.testing.loras import write_sd15_locon
 
@@ -42,7 +44,9 @@ class InterruptProcessingException(Exception):
 @pytest.fixture
 def nodes(loras, tmp_path, monkeypatch):
     """The node package, imported with stub ComfyUI modules (folder_paths on `loras`, a recording ProgressBar that
-    raises InterruptProcessingException at update number `pkg.cancel_at`), run inside torch.inference_mode."""
+    raises InterruptProcessingException at update number `pkg.cancel_at`, comfy.sd.load_lora_for_models recording
+    what it is handed in `pkg.applied`, comfy.utils.load_torch_file reading safetensors), run inside
+    torch.inference_mode."""
     fp = types.ModuleType("folder_paths")
     fp.get_filename_list = lambda kind: (sorted(p.relative_to(loras).as_posix() for p in loras.rglob("*.safetensors"))
                                          if kind == "loras" else [])
@@ -62,15 +66,25 @@ def nodes(loras, tmp_path, monkeypatch):
             if sum(b.current for b in bars) == getattr(pkg, "cancel_at", None):
                 raise InterruptProcessingException("cancelled")
     utils.ProgressBar = ProgressBar
-    comfy.utils = utils
+    utils.load_torch_file = lambda path, safe_load=False: load_st(path)[0]  # ComfyUI's reads safetensors so
+    sd = types.ModuleType("comfy.sd")
+    applied = []
+
+    def load_lora_for_models(model, clip, lora, strength_model, strength_clip):  # comfy/sd.py's signature
+        applied.append(dict(model=model, clip=clip, lora=lora, strength_model=strength_model,
+                            strength_clip=strength_clip))
+        return ("patched", model, len(applied) - 1), ("patched", clip, len(applied) - 1)  # clones, as ComfyUI's
+    sd.load_lora_for_models = load_lora_for_models
+    comfy.utils, comfy.sd = utils, sd
     monkeypatch.setitem(sys.modules, "folder_paths", fp)
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+    monkeypatch.setitem(sys.modules, "comfy.sd", sd)
     monkeypatch.syspath_prepend(str(REPO))
     for name in [m for m in sys.modules if m.startswith("comfyui_lora_resize")]:
         monkeypatch.delitem(sys.modules, name)
     pkg = importlib.import_module("comfyui_lora_resize")
-    pkg.bars = bars
+    pkg.bars, pkg.applied = bars, applied
     with torch.inference_mode():  # as ComfyUI's execution.py runs every node
         yield pkg
     for p in loras.glob("*.safetensors"):
@@ -183,7 +197,7 @@ def test_node_errors_are_one_line_and_leave_nothing(nodes, loras):
     (loras.parent / "loras2" / "other.safetensors").write_bytes((loras / "a.safetensors").read_bytes())
     with pytest.raises(FileExistsError, match="already exists in a loras folder"):  # it would hide the other one
         node.resize("a.safetensors", output_name="other", **args)
-    for bad in ("../x", "x\x00y", "x\ny", "a" * 300, ".hidden", "  ", "a:b", "NUL", "x?", "con.safetensors"):
+    for bad in ("../x", "x\x00y", "x\ny", "a" * 300, ".hidden", "a:b", "NUL", "x?", "con.safetensors"):
         with pytest.raises(ValueError) as e:
             node.resize("a.safetensors", output_name=bad, **args)
         assert "\n" not in str(e.value) and "output name" in str(e.value), bad
@@ -239,3 +253,155 @@ def test_without_lora_resize_installed_the_import_says_how_to_install_it():
                        text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert p.returncode == 1 and "ImportError: lora-resize is not installed in ComfyUI's Python" in p.stderr, p.stderr
     assert "-m pip install" in p.stderr
+
+
+def same_bits(got: dict, want: dict) -> bool:
+    """The same keys, and each tensor the same dtype, shape and bytes."""
+    return set(got) == set(want) and all(
+        got[k].dtype == t.dtype and got[k].shape == t.shape
+        and torch.equal(got[k].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)) for k, t in want.items())
+
+
+def cli_resize(src: Path, dst: Path, flags: list[str]) -> dict:
+    """The tensors `lora-resize resize SRC -o DST FLAGS` writes (read back with safetensors)."""
+    assert main(["resize", str(src), "-o", str(dst), *flags, "-q"]) == 0
+    return load_st(dst)[0]
+
+
+RANK_ARGS = dict(method="sv_fro", param=0.9, rank=12, conv_rank=0, rank_rule="exact", target_size="", precision="same")
+
+
+def test_apply_node_hands_comfyui_the_tensors_the_cli_writes(nodes, loras, tmp_path):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeApply"]()
+    for i, (args, flags) in enumerate([
+            (RANK_ARGS, ["--method", "sv_fro", "--param", "0.9", "--rank", "12"]),
+            ({**RANK_ARGS, "method": "fixed", "rank": 4, "precision": "bf16"}, ["--rank", "4", "--precision", "bf16"]),
+            ({**RANK_ARGS, "method": "fixed", "rank": 16, "conv_rank": 4, "target_size": "4MB"},
+             ["--target-size", "4MB", "--rank", "16", "--conv-rank", "4"])]):
+        model, clip, label = node.apply("model", "clip", "a.safetensors", strength_model=0.8, strength_clip=-0.5, **args)
+        call = nodes.applied[-1]
+        assert (model, clip) == (("patched", "model", i), ("patched", "clip", i))  # what ComfyUI's loader returned
+        assert (call["model"], call["clip"], call["strength_model"], call["strength_clip"]) == ("model", "clip", 0.8, -0.5)
+        dst = tmp_path / f"cli{i}.safetensors"
+        assert same_bits(call["lora"], cli_resize(loras / "a.safetensors", dst, flags)), flags
+        assert label.endswith(f" - {lora_resize.format_size(dst.stat().st_size)}"), label  # the file it would be
+    assert label.startswith("target_size 4.0 MB, cap 16/4 - ")
+    assert nodes.NODE_CLASS_MAPPINGS["LoraResizeApply"]().apply(
+        "m", "c", "a.safetensors", strength_model=1.0, strength_clip=1.0, **RANK_ARGS)[2].startswith("sv_fro 0.9, cap 12 - ")
+
+
+def test_apply_node_caches_per_file_and_setting(nodes, loras):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeApply"]()
+    node.apply("m", "c", "a.safetensors", strength_model=1.0, strength_clip=1.0, **RANK_ARGS)
+    bars = len(nodes.bars)
+    node.apply("m", "c", "a.safetensors", strength_model=0.5, strength_clip=1.0, **RANK_ARGS)  # re-queued
+    assert len(nodes.bars) == bars and nodes.applied[-1]["lora"] is nodes.applied[-2]["lora"]  # not resized again
+    node.apply("m", "c", "a.safetensors", strength_model=1.0, strength_clip=1.0, **{**RANK_ARGS, "rank": 8})
+    assert len(nodes.bars) == bars + 1  # another setting
+    a = loras / "a.safetensors"
+    st = a.stat()
+    try:
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file edited: read again
+        node.apply("m", "c", "a.safetensors", strength_model=1.0, strength_clip=1.0, **RANK_ARGS)
+        assert len(nodes.bars) == bars + 2
+    finally:
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(RuntimeError, match="--param") as e:  # a bad setting: the one-line error, nothing applied
+        node.apply("m", "c", "a.safetensors", strength_model=1.0, strength_clip=1.0, **{**RANK_ARGS, "param": 5.0})
+    assert "\n" not in str(e.value) and len(nodes.applied) == 4
+
+
+def test_sweep_gives_one_model_clip_and_label_per_setting_in_order(nodes, loras, tmp_path):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeSweep"]()
+    assert node.OUTPUT_IS_LIST == (True, True, True)
+    lines = ["--method sv_ratio --param 8", "--new_rank 8 --dynamic_method sv_fro --dynamic_param 0.9",
+             "--rank 4 --precision bf16 --output-format comfy"]
+    text = f"original\n\n# the model without the LoRA\nbase\n" + "\n".join(lines) + "\n"
+    models, clips, labels = node.sweep("model", "clip", "a.safetensors", text, strength_model=1.0, strength_clip=0.7)
+    assert len(models) == len(clips) == len(labels) == 5
+    assert models[1] == "model" and clips[1] == "clip" and labels[1] == "base (no LoRA)"  # base: unpatched
+    assert [m[2] for m in models[:1] + models[2:]] == [0, 1, 2, 3]  # the others patched, in the order given
+    assert [c["strength_clip"] for c in nodes.applied] == [0.7] * 4
+    a = loras / "a.safetensors"
+    assert same_bits(nodes.applied[0]["lora"], load_st(a)[0])  # the original: the file's tensors as Load LoRA reads
+    assert labels[0] == f"original - {lora_resize.format_size(a.stat().st_size)}"
+    for i, line in enumerate(lines):
+        dst = tmp_path / f"s{i}.safetensors"
+        assert same_bits(nodes.applied[i + 1]["lora"], cli_resize(a, dst, line.split())), line
+        assert labels[i + 2].endswith(f" - {lora_resize.format_size(dst.stat().st_size)}")
+    assert labels[2].startswith("sv_ratio 8 - ") and labels[3].startswith("sv_fro 0.9, cap 8 - ")
+    assert labels[4].startswith("rank 4, bf16 - ")
+    default = nodes.NODE_CLASS_MAPPINGS["LoraResizeSweep"].INPUT_TYPES()["required"]["settings"][1]["default"]
+    assert [s if isinstance(s, str) else s.flags() for s in nodes.nodes._sweep_settings(default)] == [
+        "base", "original", *(f"--method sv_ratio --param {r}" for r in (128, 32, 8, 4, 2))]  # the blog's
+
+
+def test_sweep_refuses_a_bad_line_before_any_work(nodes):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeSweep"]()
+    for text, why in [("base\n--method sv_ratio", "settings line 2 .*--param"),
+                      ("--rank 4\n\n--rnak 4", "settings line 3 .*did you mean --rank"),
+                      ("--rank 4 -o out.safetensors", "settings line 1 .*unknown option -o"),
+                      ("--rank 4 --output-format peft", "settings line 1 .*peft is not a layout ComfyUI applies"),
+                      ("--rank 4 'open", "settings line 1 .*cannot read the flags"),
+                      ("-h", "settings line 1 .*unknown option -h"),
+                      ("\n# nothing\n", "no settings")]:
+        with pytest.raises(ValueError, match=why) as e:
+            node.sweep("m", "c", "a.safetensors", text, strength_model=1.0, strength_clip=1.0)
+        assert "\n" not in str(e.value), text
+    assert nodes.bars == [] and nodes.applied == []
+
+
+def test_tile_makes_one_labelled_cell_per_image(nodes):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeTile"]()
+    assert node.INPUT_IS_LIST is True
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(1, 64, 96, 3, generator=g), torch.rand(2, 64, 96, 3, generator=g),
+               torch.rand(1, 48, 80, 3, generator=g)]  # a batch of two, and a smaller picture
+    labels = ["base (no LoRA)", "sv_ratio 8 - 14.2 MB", "original - 1.2 GB"]  # one per batch
+    (grid,) = node.tile(batches, labels, [0])  # ComfyUI hands every input as a list
+    assert grid.dtype == torch.float32 and grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[3] == 3
+    frames = [f for b in batches for f in b]
+    cols, rows, w, h, gap = 2, 2, 96, 64, nodes.nodes.GAP
+    strip = (grid.shape[1] + gap) // rows - h - gap
+    assert grid.shape[2] == cols * (w + gap) - gap and grid.shape[1] == rows * (h + strip + gap) - gap and strip > 10
+    cells = []
+    for i, frame in enumerate(frames):
+        x, y = (i % cols) * (w + gap), (i // cols) * (h + strip + gap)
+        fh, fw = frame.shape[:2]
+        ox, oy = (w - fw) // 2, (h - fh) // 2
+        got = grid[0, y + oy:y + oy + fh, x + ox:x + ox + fw]
+        assert torch.equal(got, (frame * 255).round() / 255), i  # the picture, as 8-bit pixels
+        text = grid[0, y + h:y + h + strip, x:x + w]
+        assert float(text.min()) < 0.3 and float(text.max()) == 1.0, i  # dark letters on white
+        cells.append(text)
+    assert torch.equal(cells[1], cells[2]) and not torch.equal(cells[0], cells[1])  # a batch's frames share its label
+    assert not torch.equal(cells[0], cells[3])
+    (grid,) = node.tile(batches, ["a", "b", "c", "d"], [4])  # a label per image, one row
+    assert grid.shape[2] == 4 * (w + gap) - gap and h + 10 < grid.shape[1] < 2 * h
+    with pytest.raises(ValueError, match="4 images but 2 labels"):
+        node.tile(batches, ["a", "b"], [0])
+
+
+def test_writing_nodes_pick_a_free_name_when_none_is_given(nodes, loras):
+    args = dict(RANK_ARGS, output_layout="same")
+    resize = nodes.NODE_CLASS_MAPPINGS["LoraResize"]()
+    assert resize.INPUT_TYPES()["required"]["output_name"][1]["default"] == ""
+    first, _ = resize.resize("a.safetensors", output_name="", **args)
+    assert first == "a_resized.safetensors"
+    kept = (loras / first).read_bytes()
+    assert resize.resize("a.safetensors", output_name="  ", **args)[0] == "a_resized_2.safetensors"  # re-queued
+    other = loras.parent / "loras2"
+    other.mkdir(exist_ok=True)
+    (other / "a_resized_3.safetensors").symlink_to(other / "gone")  # taken in another loras folder, even dangling
+    try:
+        assert resize.resize("a.safetensors", output_name="", **args)[0] == "a_resized_4.safetensors"
+    finally:
+        (other / "a_resized_3.safetensors").unlink()
+    assert (loras / first).read_bytes() == kept  # never written over
+    assert resize.resize("style/c.safetensors", output_name="", **args)[0] == "c_resized.safetensors"
+    merged, _ = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"]().merge(
+        "a.safetensors", 1.0, "b.safetensors", 1.0, output_name="", **RANK_ARGS)
+    converted, _ = nodes.NODE_CLASS_MAPPINGS["LoraResizeConvert"]().convert("a.safetensors", "comfy", "")
+    assert (merged, converted) == ("a_merged.safetensors", "a_comfy.safetensors")
+    with pytest.raises(FileExistsError):  # a name given is that name, or refused
+        resize.resize("a.safetensors", output_name="a_resized", **args)

@@ -221,6 +221,23 @@ def options_from(args: argparse.Namespace, **overrides) -> ResizeOptions:
     return ResizeOptions(**{**option_values(args), **overrides})
 
 
+def options_from_flags(line: str) -> ResizeOptions:
+    """The options one line of `lora-resize resize` flags gives (`--method sv_ratio --param 32 --rank 64`), read
+    as the resize subcommand reads them: the same flags and sd-scripts spellings (shell quoting, as shlex.split),
+    the same checks and one-line errors. For consumers that take a setting as text (the ComfyUI sweep node).
+
+    Raises OptionsError: the line cannot be split, holds something that is not a resize option (an input, -o, -h),
+    or its options do not fit together."""
+    import shlex
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise OptionsError(f"cannot read the flags {line!r}: {e}") from None
+    p = Parser(prog="lora-resize resize", add_help=False)
+    add_option_groups(p, "rank", "output", "compute")
+    return options_from(p.parse_args(words))
+
+
 def refuse(p: argparse.ArgumentParser, *flags: str, why: str, nargs="?") -> None:
     """A flag this subcommand has no use for, refused with `why` rather than a bare 'unrecognized arguments'."""
     class Refuse(argparse.Action):

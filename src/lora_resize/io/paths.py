@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePath, PurePosixPath
+from typing import Callable
 
 from ..errors import InputFileError, OutputFileError
 from .files import SAFETENSORS_SUFFIXES
@@ -99,6 +100,18 @@ def name_problem(name: str) -> str | None:
     if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
         return f"it is longer than {NAME_MAX} bytes"
     return None
+
+
+def free_name(name: str, taken: Callable[[str], bool]) -> str:
+    """`name` when `taken(name)` is false, else the first free one of `<stem>_2<suffix>`, `<stem>_3<suffix>`, ...
+    (`a_resized.safetensors` -> `a_resized_2.safetensors`): a new file that is written over nothing. `taken` says
+    whether a name is in use (a file, a dangling link, a name reserved by a job still running)."""
+    stem, suffix = os.path.splitext(name)
+    n = 1
+    while taken(name):
+        n += 1
+        name = f"{stem}_{n}{suffix}"
+    return name
 
 
 def check_output_path(src: Path, dst: Path, new_folder: bool = False) -> None:

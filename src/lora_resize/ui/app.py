@@ -24,6 +24,7 @@ import gradio as gr
 
 from ..errors import LoraResizeError, OptionsError
 from ..io.files import INPUT_SUFFIXES
+from ..io.paths import free_name
 from ..models import LAYOUTS
 from ..results import MEASURES
 
@@ -132,12 +133,9 @@ class App:
         reserved until `_release` (two jobs at once never pick the same one)."""
         if beside is None:
             return Path(tempfile.mkdtemp(prefix="job", dir=self.workdir)) / name
-        stem, n = Path(name).stem, 1
         with self._lock:
             # a dangling link counts as taken: never written through
-            while os.path.lexists(beside / name) or beside / name in self._reserved:
-                n += 1
-                name = f"{stem}_{n}.safetensors"
+            name = free_name(name, lambda n: os.path.lexists(beside / n) or beside / n in self._reserved)
             self._reserved.add(beside / name)
         return beside / name
 
