@@ -232,3 +232,18 @@ def per_layer_table(a) -> str:
     for L, block, k in zip(a.layers, a.blocks, pick.ranks):
         lines.append(f"  {L.name:75} {block:>15} rank {L.rank:>4} -> {int(k):>4}  fro {percent(L.fro_retained(k))}")
     return "\n".join(one_line(line) for line in lines)
+
+
+def preview_lines(p) -> str:
+    """`lora-resize preview` as text: one line per picture (seconds, size, effect error, SSIM), the metric, the
+    recommendation among the settings."""
+    lines = [f"{p.src.name} on {p.base}: {p.prompt!r}, seed {p.seed}, {p.steps} steps, {p.size[0]}x{p.size[1]}; "
+             f"{len(p.pictures)} pictures in {p.seconds:.1f} s"]
+    for pic, s in zip(p.pictures, p.picture_seconds):
+        lines.append(f"  {pic.label().replace(chr(10), ', '):<90} {s:6.1f} s")
+    a = p.analysis
+    if a.recommended is not None:
+        lines.append(f"> recommended: {a.recommended.args}  ({a.recommended_reason})")
+    lines += [f"SSIM: structural similarity to the original-LoRA image (scikit-image, 1 = identical); effect error: "
+              f"{FIDELITY['effect_error']}"] + [f"note: {n}" for n in p.notes]
+    return "\n".join(one_line(line) for line in lines)
