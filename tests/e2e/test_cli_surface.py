@@ -183,7 +183,7 @@ def summary_figures(summary: str) -> tuple[dict[str, str], str]:
     return dict(re.findall(rf"([\w-]+) {FIGURE}", line)), line.rsplit("(", 1)[1].rstrip(")")
 
 
-@pytest.mark.parametrize("setting", [["--method", "sv_fro", "--param", "0.9"], ["--rank", "4"], ["--target-size", "30KB"],
+@pytest.mark.parametrize("setting", [["--method", "sv_fro", "--param", "0.9"], ["--method", "fixed", "--rank", "4"], ["--target-size", "30KB"],
                                      ["--method", "sv_ratio", "--param", "3", "--rank", "8"]])
 def test_analyze_and_resize_show_the_same_fidelity_for_one_setting(tmp_path, blocky_lora, capsys, setting):
     code, table, err = run(["analyze", str(blocky_lora), *setting, "-q"], capsys)

@@ -40,7 +40,7 @@ def written(path) -> tuple[int, dict[str, int]]:
 SETTINGS = [dict(target_size=6_000), dict(target_size=9_000), dict(target_fro=0.99), dict(target_fro=0.5),
             dict(target_size=8_000, block_rules=("*mlp_fc2=6", "*conv1=5")),
             dict(target_fro=0.9, rank=6, block_rules=("*proj_in=cap:7",)),
-            dict(method="sv_fro", param=0.9, block_rules=("*mlp_fc2=6",)), dict(rank=7)]
+            dict(method="sv_fro", param=0.9, block_rules=("*mlp_fc2=6",)), dict(method="fixed", rank=7)]
 
 
 @pytest.mark.parametrize("rank_rule", ["kohya", "exact"])

@@ -247,3 +247,17 @@ def test_a_password_guards_the_page_and_serving_beyond_loopback_warns(folder):
 def test_loopback_is_told_from_reachable_addresses(host, loopback):
     from lora_resize.ui.app import is_loopback
     assert is_loopback(host) is loopback
+
+
+def test_analyze_shows_the_recommendation_and_starts_the_flags_there(folder, tmp_path):
+    """The page names the recommended setting above the table with its reason, marks its row, and its flags box
+    starts at it (before: the cap made a 'chosen' row, the largest file, or an unexplained sv_fro 0.9)."""
+    from lora_resize import analyze
+    app = App(tmp_path / "work", folder)
+    curve, rows, by_row, flags, status, _ = app.analyze(None, "b.safetensors", 8)
+    a = analyze(folder / "b.safetensors", rank=8)
+    assert a.chosen is None and flags == a.recommended.args == by_row["chosen"]
+    assert 'id="ui-recommended"' in curve and curve.index("ui-recommended") < curve.index("ui-curve")
+    assert f"recommended: {a.recommended.label}" in status and a.recommended_reason in status
+    marked = [r for r in rows if r[0].endswith(" (recommended)")]
+    assert len(marked) == 1 and marked[0][-1] == a.recommended.args

@@ -64,11 +64,26 @@ def test_report_renders_in_chromium(tmp_path, browser):
         "return {points: document.querySelectorAll('#curve-svg-fro_weighted circle.point').length,"
         " lines: document.querySelectorAll('#curve-svg-fro_weighted polyline').length,"
         " chosen: document.querySelectorAll('#curve-svg-fro_weighted g.chosen').length,"
+        " recommended: document.querySelectorAll('#curve-svg-fro_weighted g.recommended').length,"
+        " recommended_row: document.querySelectorAll('#settings tr.recommended').length,"
         " bars: document.querySelectorAll('#rankmap rect.layer').length,"
         " spectra: document.querySelectorAll('#spectra g.spectrum').length,"
         " rows: document.querySelectorAll('#settings tbody tr').length}")
-    assert drawn == {"points": len(a.rows), "lines": 6, "chosen": 1, "bars": len(a.layers), "spectra": 6,
-                     "rows": len(a.rows) + 1}
+    assert drawn == {"points": len(a.rows), "lines": 6, "chosen": 1, "recommended": 1, "recommended_row": 1,
+                     "bars": len(a.layers), "spectra": 6, "rows": len(a.rows) + 1}
+    # the recommendation and its reason are shown above the curves and the table
+    rec = browser.find_element("id", "recommended")
+    assert rec.is_displayed() and a.recommended.label in rec.text and f"why: {a.recommended_reason}" in rec.text
+    assert browser.execute_script(
+        "return document.getElementById('recommended').getBoundingClientRect().bottom"
+        " < document.getElementById('settings').getBoundingClientRect().top")
+    # 99%-ish settings stand apart: the curve spans most of the plot's height, not its top edge
+    spread = browser.execute_script(
+        "var ys = Array.from(document.querySelectorAll('#curve-svg-fro_weighted circle.point'))"
+        ".map(function (c) { return c.getBoundingClientRect().top; });"
+        "var f = document.querySelector('#curve-svg-fro_weighted rect.frame').getBoundingClientRect();"
+        "return (Math.max.apply(null, ys) - Math.min.apply(null, ys)) / f.height;")
+    assert spread > 0.6, spread
     assert browser.execute_script(
         "return getComputedStyle(document.getElementById('curve-fro_global')).display") == "none"
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from lora_resize.errors import EXTRAS
 
 ROOT = Path(__file__).resolve().parents[2]
+# import names whose distribution on PyPI is named otherwise
+DISTRIBUTION = {"PIL": "pillow", "skimage": "scikit-image"}
 
 
 def third_party_imports() -> dict[str, set[str]]:
@@ -44,4 +46,5 @@ def test_every_optional_import_is_declared_with_the_extra_that_installs_it():
     undeclared = {m: files for m, files in third_party_imports().items() if m not in required and m not in EXTRAS}
     assert not undeclared, f"declare these optional imports in errors.EXTRAS: {undeclared}"
     for module, extra in EXTRAS.items():
-        assert extra in optional and module in distributions(optional[extra]), (module, extra)
+        assert extra in optional and DISTRIBUTION.get(module, module).lower() in distributions(optional[extra]), \
+            (module, extra)

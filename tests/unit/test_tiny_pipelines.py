@@ -149,3 +149,81 @@ def test_reference_merge_matches_diffusers_kohya_loader(tmp_path, family):
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="sd1, sdxl, flux"):
         pipelines.tiny_pipeline("sd3")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_single_file_loads_back_bit_for_bit_through_diffusers(tiny_base, family):
+    """diffusers' own single-file loader, offline with the folder's configs, reads the checkpoint back to every
+    weight of the pipeline (unet, vae, both text encoders) bit for bit."""
+    path, config = tiny_base(family, "single")
+    assert path.suffix == ".safetensors" and path.is_file()
+    cls = {"sd1": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline}[family]
+    loaded = cls.from_single_file(str(path), config=str(config), local_files_only=True)
+    _assert_same_weights(pipelines.tiny_pipeline(family, seed=0), loaded)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_single_file_has_the_original_layout(tiny_base, family):
+    from safetensors import safe_open
+
+    path, _ = tiny_base(family, "single")
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+        vae_q = f.get_tensor("first_stage_model.encoder.mid.attn_1.q.weight")
+    assert vae_q.ndim == 4  # the ldm VAE's attention projections are 1x1 convolutions
+    expected = {"model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.out.0.weight",
+                "model.diffusion_model.middle_block.1.proj_in.weight",
+                "model.diffusion_model.input_blocks.1.0.in_layers.0.weight",
+                "first_stage_model.decoder.up.0.block.0.conv1.weight", "first_stage_model.encoder.norm_out.weight"}
+    if family == "sd1":
+        expected |= {"cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+                     "model.diffusion_model.output_blocks.2.1.conv.weight"}
+        assert not any(k.startswith("conditioner.") for k in keys)
+    else:
+        expected |= {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                     "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
+                     "conditioner.embedders.1.model.text_projection",
+                     "conditioner.embedders.1.model.positional_embedding",
+                     "model.diffusion_model.label_emb.0.0.weight",
+                     "model.diffusion_model.output_blocks.2.2.conv.weight",
+                     "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"}
+        assert not any(k.startswith("cond_stage_model.") for k in keys)
+    assert expected <= keys, expected - keys
+
+
+def test_flux_single_file_is_the_layout_diffusers_reads():
+    """The Flux transformer's BFL keys, judged by diffusers' own converter. That converter assumes Flux.1's width
+    (single_file_utils.convert_flux_transformer_checkpoint_to_diffusers: inner_dim = 3072, mlp_ratio 4 for the
+    single blocks' linear1 split), so it cannot read the tiny model's file; the same mapping is judged here at
+    Flux.1's real shapes (from a meta-device model, two blocks of each kind) with one column per weight - the
+    conversions only move rows - every row distinct, and must come back bit for bit."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    with torch.device("meta"):
+        real = diffusers.FluxTransformer2DModel(num_layers=2, num_single_layers=2, guidance_embeds=True)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(v.shape[0], *([1] if v.ndim > 1 else []), generator=g) for k, v in real.state_dict().items()}
+    bfl = pipelines.flux_native_state(sd)
+    assert {"double_blocks.1.img_attn.qkv.weight", "single_blocks.1.linear1.bias", "img_in.weight",
+            "time_in.in_layer.weight", "guidance_in.out_layer.bias", "final_layer.adaLN_modulation.1.weight",
+            "single_blocks.0.norm.key_norm.scale", "double_blocks.0.txt_attn.norm.query_norm.scale"} <= set(bfl)
+    back = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert back.keys() == sd.keys()
+    assert [k for k in sd if not torch.equal(back[k], sd[k])] == []
+
+
+def test_flux_single_file_is_the_tiny_transformer_in_bfl_names(tiny_base):
+    """The tiny Flux single file holds the transformer alone (as flux1-dev.safetensors does), each weight the BFL
+    name flux_native_state gives it - the mapping the previous test judges - with the tiny model's tensors."""
+    from safetensors.torch import load_file
+
+    path, config = tiny_base("flux", "single")
+    stored = load_file(path)
+    transformer = diffusers.FluxTransformer2DModel.from_pretrained(config, subfolder="transformer",
+                                                                   local_files_only=True)
+    want = pipelines.flux_native_state(transformer.state_dict())
+    assert stored.keys() == want.keys()
+    assert all(torch.equal(stored[k], want[k]) for k in want)
+    adaln = transformer.norm_out.linear.weight  # diffusers (scale, shift); BFL (shift, scale)
+    torch.testing.assert_close(stored["final_layer.adaLN_modulation.1.weight"],
+                               torch.cat(adaln.chunk(2)[::-1]), rtol=0, atol=0)

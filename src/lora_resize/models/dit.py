@@ -77,6 +77,18 @@ FLUX1 = Architecture("flux1", "Flux.1 (dev, Kontext, Chroma)", [
    parts=(Part(clip("text_encoder"), "lora_te1_"),
           Part(t5("text_encoder_2"), "lora_te3_", "lora_te2_", diffusers=False)))
 
+# Flux.1's q/k RMS norms, which no LoRA trains but a whole checkpoint holds: BFL's `<attn>.norm.query_norm.scale`
+# (flux/modules/layers.py QKNorm), diffusers' `attn.norm_q.weight` (scripts/convert_flux_to_diffusers.py). Not in
+# ARCHITECTURES: only a checkpoint's conversion reads it (the weight is `scale` natively, `weight` in diffusers).
+FLUX1_NORMS = Architecture("flux1_norms", "Flux.1 q/k norms (checkpoints)", [
+    M("double_blocks.{i}.img_attn.norm.query_norm", ("transformer_blocks.{i}.attn.norm_q",)),
+    M("double_blocks.{i}.img_attn.norm.key_norm", ("transformer_blocks.{i}.attn.norm_k",)),
+    M("double_blocks.{i}.txt_attn.norm.query_norm", ("transformer_blocks.{i}.attn.norm_added_q",)),
+    M("double_blocks.{i}.txt_attn.norm.key_norm", ("transformer_blocks.{i}.attn.norm_added_k",)),
+    M("single_blocks.{i}.norm.query_norm", ("single_transformer_blocks.{i}.attn.norm_q",)),
+    M("single_blocks.{i}.norm.key_norm", ("single_transformer_blocks.{i}.attn.norm_k",)),
+])
+
 FLUX2 = Architecture("flux2", "Flux.2 (dev, Klein)", [
     *FLUX_DOUBLE_ATTENTION,
     M("double_blocks.{i}.img_mlp.0", ("transformer_blocks.{i}.ff.linear_in",), shape=lambda o, i: o == 6 * i),

@@ -48,68 +48,107 @@ def _block_order(block: str) -> tuple:
 # Charts
 
 
-def curve_svg(a, metric: str, ident: str, pick=None, width: int = 760, height: int = 420) -> str:
-    """Size (log) against fidelity, one line per method, points with tooltips, the chosen setting (`pick`) ringed.
-    A loss (LOSSES: base-relative, or the effect error) is drawn on a log scale, lower being better; a loss of 0
-    sits on the axis."""
+LOSS_FLOOR = 1e-4  # fidelity curves: a setting that loses less (keeps >= 99.99%) is drawn on the top edge
+
+
+def lost(f: float) -> float:
+    """The part of the Frobenius norm a fidelity measure F says is lost, 1 - F (>= 0; NaN stays NaN): what the
+    curves draw on a log scale, so that 99.4% and 99.8% (losses 0.6% and 0.2%) lie half a decade apart where a
+    linear axis from 50% to 100% put them two pixels apart."""
+    return f if f != f else max(0.0, 1.0 - f)
+
+
+def retained_tick(loss: float) -> str:
+    """A loss tick labelled as the fidelity it leaves, with the digits it needs: 0.002 -> '99.8%', 0.01 -> '99%'."""
+    digits = max(0, math.ceil(-math.log10(loss) - 1e-9) - 2) if loss > 0 else 2
+    return f"{1 - loss:.{digits}%}"
+
+
+# what each curve's measure is, for its panel's title: the budgets maximise the global measure, so on it they lie
+# above the policies; they reach it by cutting the layers whose update carries little energy, which the per-layer
+# measures (w-mean, min) count as much as any other, so on those they lie below: the panels answer two questions
+CURVE_NOTES = {
+    "fro_weighted": "each layer's own share, weighted by its size: budgets rank lower here, they cut weak layers",
+    "fro_global": "all layers as one update: what --target-size and --target-fro maximise",
+    "fro_min": "the worst layer: what the weight-space recommendation and --method sv_fro hold",
+}
+
+
+def marked(a) -> list[tuple[object, str]]:
+    """The settings the curves ring: (row, 'recommended' | 'chosen'), the recommended one first."""
+    return [(r, kind) for r, kind in ((a.recommended, "recommended"), (a.chosen, "chosen")) if r is not None]
+
+
+MARK_COLOURS = {"recommended": "#2ca02c", "chosen": "#000"}
+
+
+def curve_svg(a, metric: str, ident: str, width: int = 760, height: int = 420) -> str:
+    """Size (log) against what each setting loses (log), one line per method, points with tooltips, the
+    recommended setting ringed in green and the chosen one (if any) in black. A fidelity measure F (METRICS) is
+    drawn as its loss 1 - F on a log scale that rises towards 100% and is labelled in F; a base-relative loss
+    (BASE_METRICS) or the effect error (EFFECT_METRIC) as it is, lower being better. A loss of 0 sits on the edge
+    of the plot."""
     base = metric in LOSSES
 
-    def val(r):
+    def loss(r):
         v = getattr(r, metric)
-        return float("nan") if v is None else v
-    rows = [r for r in a.rows if val(r) == val(r)]
-    everything = rows + ([pick] if pick is not None else [])
+        return float("nan") if v is None else v if base else lost(v)
+    rows = [r for r in a.rows if loss(r) == loss(r)]
+    marks = [(r, kind) for r, kind in marked(a) if loss(r) == loss(r)]
+    everything = rows + [r for r, _ in marks]
     sizes = [r.output_bytes for r in everything] or [1]
-    vals = [val(r) for r in everything if val(r) == val(r)] or [0.0, 1.0]
+    pos = [loss(r) for r in everything if loss(r) > 0] or [1e-4, 1.0]
     L, R, T, B = 70, width - 180, 20, height - 50
     x = Scale(min(sizes) / 1.15, max(sizes) * 1.15, L, R, log=True)
+    floor = min(pos) / 3
     if base:
-        pos = [v for v in vals if v > 0] or [1e-6, 1.0]
-        floor = min(pos) / 3
         y = Scale(floor, max(pos) * 1.5, B, T, log=True)
-        plain = val
-
-        def val(r):  # noqa: F811 - a loss of 0 drawn at the floor
-            return max(plain(r), floor)
         body = [axes(x, y, lambda v: human_bytes(v), lambda v: f"{v:.0e}", "output size (log scale)",
                      f"{LOSSES[metric]} (log scale; lower is better)")]
+        shown = lambda r: f"{getattr(r, metric):.2e}"  # noqa: E731
+        title = f"output size against {LOSSES[metric]}"
     else:
-        ylo = max(0.0, math.floor(min(vals) * 20) / 20)
-        y = Scale(ylo, 1.0, B, T)
-        body = [axes(x, y, lambda v: human_bytes(v), lambda v: f"{v:.0%}", "output size (log scale)",
-                     f"Frobenius retained, {METRICS[metric]}")]
-    shown = (lambda v: f"{v:.2e}") if base else (lambda v: f"{v:.2%}")
+        floor = max(min(pos) / 1.5, LOSS_FLOOR)
+        y = Scale(floor, min(1.0, max(pos) * 1.5), T, B, log=True)  # losses: the smallest at the top
+        body = [axes(x, y, lambda v: human_bytes(v), retained_tick, "output size (log scale)",
+                     f"Frobenius retained, {METRICS[metric]} (log scale of 1 - F)")]
+        shown = lambda r: percent(getattr(r, metric))  # noqa: E731
+        title = f"output size against Frobenius retained, {METRICS[metric]}: {CURVE_NOTES[metric]}"
+
+    def yy(r):
+        return y(max(loss(r), floor))
     legend_y = T + 8
     for method, (color, name) in series().items():
         pts = sorted((r for r in rows if r.method == method), key=lambda r: r.output_bytes)
         if not pts:
             continue
         body.append(f'<g class="series" data-method="{method}">')
-        body.append(polyline([(x(r.output_bytes), y(val(r))) for r in pts], color,
+        body.append(polyline([(x(r.output_bytes), yy(r)) for r in pts], color,
                              dash="5,3" if method in BUDGETS else None))
         for r in pts:
             body.append(
-                f'<circle cx="{x(r.output_bytes):.1f}" cy="{y(val(r)):.1f}" r="4" fill="{color}" '
+                f'<circle cx="{x(r.output_bytes):.1f}" cy="{yy(r):.1f}" r="4" fill="{color}" '
                 f'class="point" data-row="row{a.rows.index(r)}"><title>{esc(r.label)}: '
-                f'{esc(human_bytes(r.output_bytes))}, {shown(getattr(r, metric))}\n{esc(r.args)}</title></circle>')
+                f'{esc(human_bytes(r.output_bytes))}, {shown(r)}\n{esc(r.args)}</title></circle>')
         body.append("</g>")
         body.append(f'<line x1="{R + 16}" y1="{legend_y}" x2="{R + 36}" y2="{legend_y}" stroke="{color}" '
                     f'class="series"/><circle cx="{R + 26}" cy="{legend_y}" r="4" fill="{color}"/>'
                     f'<text x="{R + 42}" y="{legend_y + 4}" class="legend">{esc(name)}</text>')
         legend_y += 20
-    if pick is not None and val(pick) == val(pick):
-        px, py = x(pick.output_bytes), y(val(pick))
-        body.append(f'<g class="chosen" data-row="chosen"><circle cx="{px:.1f}" cy="{py:.1f}" r="9" fill="none" '
-                    f'stroke="#000" stroke-width="2.5"/><circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="#000"/>'
-                    f'<text x="{px + 12:.1f}" y="{py + 16:.1f}" class="chosen-label">'
-                    f'{"chosen: " if pick.chosen else ""}{esc(pick.label)}'
-                    f'</text><title>chosen: {esc(pick.label)}: {esc(human_bytes(pick.output_bytes))}, '
-                    f'{shown(getattr(pick, metric))}</title></g>')
-        body.append(f'<circle cx="{R + 26}" cy="{legend_y}" r="7" fill="none" stroke="#000" stroke-width="2"/>'
-                    f'<text x="{R + 42}" y="{legend_y + 4}" class="legend">'
-                    f'{"chosen setting" if pick.chosen else "recommended"}</text>')
-    return svg(width, height, "\n".join(body), ident,
-               f"output size against fidelity ({(LOSSES if base else METRICS)[metric]})")
+    for n, (r, kind) in enumerate(marks):
+        px, py, colour = x(r.output_bytes), yy(r), MARK_COLOURS[kind]
+        left = px < (L + R) / 2  # the label goes on the side with room
+        ident_row = "chosen" if kind == "chosen" else f"row{a.rows.index(r)}"
+        body.append(f'<g class="{kind}" data-row="{ident_row}"><circle cx="{px:.1f}" cy="{py:.1f}" r="{9 + 4 * n}" '
+                    f'fill="none" stroke="{colour}" stroke-width="2.5"/><circle cx="{px:.1f}" cy="{py:.1f}" r="3" '
+                    f'fill="{colour}"/><text x="{px + 12 if left else px - 12:.1f}" y="{py + 16 + 14 * n:.1f}" '
+                    f'class="chosen-label" text-anchor="{"start" if left else "end"}" fill="{colour}">{kind}: '
+                    f'{esc(r.label)}</text><title>{kind}: {esc(r.label)}: '
+                    f'{esc(human_bytes(r.output_bytes))}, {shown(r)}</title></g>')
+        body.append(f'<circle cx="{R + 26}" cy="{legend_y}" r="7" fill="none" stroke="{colour}" stroke-width="2"/>'
+                    f'<text x="{R + 42}" y="{legend_y + 4}" class="legend">{kind} setting</text>')
+        legend_y += 20
+    return svg(width, height, "\n".join(body), ident, title)
 
 
 def strength_svg(a, pick, width: int = 760, height: int = 380) -> str:
@@ -230,16 +269,17 @@ def spectra_svg(a, pick, n: int = HEAVIEST, width: int = 980) -> str:
 # The page
 
 
-def settings_table(a, pick=None) -> str:
-    """Every setting of the sweep, then the chosen one (or the default pick) with id "chosen"."""
-    rows = [(f"row{n}", r) for n, r in enumerate(a.rows)] + ([("chosen", pick)] if pick is not None else [])
+def settings_table(a) -> str:
+    """Every setting of the sweep (the recommended one with class "recommended"), then the chosen one, if any, with
+    id "chosen"."""
+    rows = [(f"row{n}", r) for n, r in enumerate(a.rows)] + ([("chosen", a.chosen)] if a.chosen is not None else [])
     effect = any(r.effect_error is not None for _, r in rows)
     head = ("<tr><th>setting</th><th>resize flags</th><th>bytes</th><th>size</th><th>params</th>"
             + "".join(f"<th>fro {name}</th>" for name, _ in MEASURES.values())
             + ("<th>effect error</th>" if effect else "") + "<th>worst layer</th></tr>")
     body = []
     for ident, r in rows:
-        cls = ' class="chosen"' if ident == "chosen" else ""
+        cls = ' class="chosen"' if ident == "chosen" else ' class="recommended"' if r is a.recommended else ""
         body.append(f'<tr id="{ident}"{cls} data-method="{r.method}"><td>{esc(r.label)}</td>'
                     f'<td><code>{esc(r.args)}</code></td><td class="n">{r.output_bytes:,}</td>'
                     f'<td class="n">{esc(human_bytes(r.output_bytes))}</td><td class="n">{r.params:,}</td>'
@@ -248,6 +288,25 @@ def settings_table(a, pick=None) -> str:
                     + f'<td class="w">{esc(r.worst_layer or "-")}</td></tr>')
     return (f'<div class="scroll"><table id="settings"><thead>{head}</thead><tbody>\n' + "\n".join(body)
             + "\n</tbody></table></div>")
+
+
+def setting_line(kind: str, r) -> str:
+    """'recommended: <b>sv_fro 0.9</b>: 13.1 MB (13,080,692 bytes), Frobenius retained: w-mean ...' (HTML)."""
+    line = (f"{kind}: <b>{esc(r.label)}</b>: {esc(human_bytes(r.output_bytes))} ({r.output_bytes:,} bytes), "
+            f"Frobenius retained: {fidelity_figures(vars(r))}")
+    if r.base_loss is not None:
+        line += f"; loss vs base {r.base_loss:.2e} (global), worst layer {r.base_loss_max:.2e} ({esc(r.base_worst)})"
+    if r.effect_error is not None:
+        line += f"; effect error {effect_percent(r.effect_error)}"
+    return line
+
+
+def recommendation_html(a, ident: str) -> str:
+    """The recommended setting, its size and fidelity, and the reason, as a paragraph with id `ident` (HTML)."""
+    if a.recommended is None:
+        return f'<p id="{ident}">recommended: none ({esc(a.recommended_reason)})</p>'
+    return (f'<p id="{ident}" class="recommendation">{setting_line("recommended", a.recommended)}<br>'
+            f'<span class="meta">why: {esc(a.recommended_reason)}</span></p>')
 
 
 CSS = """
@@ -264,6 +323,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
 table{border-collapse:collapse;font-size:12.5px;margin-top:8px} th,td{padding:3px 8px;border-bottom:1px solid #e4e4e4}
 th{text-align:left;background:#f6f6f6;position:sticky;top:0} td.n{text-align:right;font-variant-numeric:tabular-nums}
 td.w{color:#666;font-size:11.5px} tr.chosen{background:#ffe9a8;font-weight:600} tr.hl{background:#d7ecff}
+tr.recommended{background:#dff3df;font-weight:600} .recommendation{border-left:4px solid #2ca02c;padding-left:8px}
 .scroll{overflow-x:auto} td code{white-space:nowrap;font-size:11.5px}
 .side{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start} .pics{display:flex;flex-wrap:wrap;gap:8px}
 .pic{margin:0;cursor:pointer;font-size:11.5px} .pic img{width:160px;image-rendering:pixelated;display:block}
@@ -301,7 +361,7 @@ SCRIPT = """
 """
 
 
-def effect_section(a, pick, pictures=None) -> str:
+def effect_section(a, pictures=None) -> str:
     """With effect errors measured: the size-vs-effect-error curve and, from `preview` (ops.preview.Preview),
     its pictures beside it, each embedded as a PNG data URI and labelled; a click on a picture of a setting picks
     it as a click on its point does. '' when nothing was measured."""
@@ -316,11 +376,11 @@ def effect_section(a, pick, pictures=None) -> str:
             uri = "data:image/png;base64," + base64.b64encode(png_bytes(p.image)).decode("ascii")
             cells.append(f'<figure class="pic"{row}><img src="{uri}" alt="{esc(p.label())}">'
                          f'<figcaption>{"<br>".join(esc(x) for x in p.label().splitlines())}</figcaption></figure>')
-        figures = (f'<h3>Pictures: {esc(pictures.prompt)!s}, seed {pictures.seed}, {pictures.steps} steps</h3>'
+        figures = (f"<h3>Pictures: {esc(pictures.prompt)}, seed {pictures.seed}, {pictures.steps} steps</h3>"
                    f'<div class="pics">{"".join(cells)}</div><p class="meta">SSIM: structural similarity to the '
                    "original-LoRA image (scikit-image, 1 = identical).</p>")
     return (f"<h2>Output size against effect error</h2><div class=side>"
-            f'<div>{curve_svg(a, "effect_error", "curve-svg-effect_error", pick)}</div><div>{figures}</div></div>'
+            f'<div>{curve_svg(a, "effect_error", "curve-svg-effect_error")}</div><div>{figures}</div></div>'
             f"<p class=meta>effect error: {esc(FIDELITY['effect_error'])}, at fixed probes of the base model.</p>")
 
 
@@ -334,14 +394,13 @@ def html_report(a, pictures=None) -> str:
     curves = []
     for n, metric in enumerate(METRICS):
         style = "" if n == 0 else ' style="display:none"'
-        curves.append(f'<div class="curve" id="curve-{metric}"{style}>{curve_svg(a, metric, f"curve-svg-{metric}", pick)}'
-                      "</div>")
+        curves.append(f'<div class="curve" id="curve-{metric}"{style}>{curve_svg(a, metric, f"curve-svg-{metric}")}'
+                      f'<p class="meta">{esc(METRICS[metric])}: {esc(CURVE_NOTES[metric])}.</p></div>')
     tabs = "".join(f'<button type="button" data-target="curve-{m}"{" class=on" if i == 0 else ""}>{esc(t)}</button>'
                    for i, (m, t) in enumerate(METRICS.items()))
-    chosen_line = (f"chosen: <b>{esc(pick.label)}</b>: {esc(human_bytes(pick.output_bytes))} "
-                   f"({pick.output_bytes:,} bytes), Frobenius retained: {fidelity_figures(vars(pick))}")
-    if pick.effect_error is not None:
-        chosen_line += f"; effect error {effect_percent(pick.effect_error)}"
+    lines = [recommendation_html(a, "recommended")]
+    if a.chosen is not None:
+        lines.append(f'<p id="chosen-line">{setting_line("chosen", a.chosen)}</p>')
     rules = ""
     if a.rule_hits:
         rules = "<p>rules: " + "; ".join(f"<code>{esc(r)}</code>: {n} module{'s' if n != 1 else ''}"
@@ -351,13 +410,14 @@ def html_report(a, pictures=None) -> str:
     if based:
         for metric in BASE_METRICS:
             curves.append(f'<div class="curve" id="curve-{metric}" style="display:none">'
-                          f'{curve_svg(a, metric, f"curve-svg-{metric}", pick)}</div>')
+                          f'{curve_svg(a, metric, f"curve-svg-{metric}")}</div>')
         tabs += "".join(f'<button type="button" data-target="curve-{m}">{esc(t)}</button>'
                         for m, t in BASE_METRICS.items())
-        chosen_line += (f"; loss vs base {pick.base_loss:.2e} (global), worst layer {pick.base_loss_max:.2e} "
-                        f"({esc(pick.base_worst)})" if pick.base_loss is not None else "")
-    base_section = ""
-    if based:
+    base_section = per_layer = ""
+    if pick is not None:
+        per_layer = (f"<h2>Ranks per layer ({esc(pick.label)})</h2>\n{rank_map_svg(a, pick)}\n"
+                     f"<h2>Singular values of the heaviest layers</h2>\n{spectra_svg(a, pick)}")
+    if based and pick is not None:
         worst = sorted(((L.base_losses(int(k))[0], L.name) for L, k in zip(a.layers, pick.ranks)
                         if L.base is not None), reverse=True)[:5]
         base_section = (f"<h2>Against the base model ({esc(pick.label)})</h2>{strength_svg(a, pick)}"
@@ -374,22 +434,19 @@ def html_report(a, pictures=None) -> str:
 <p class="meta">{len(a.layers)} layers ({esc(a.format)}), input {esc(human_bytes(a.input_bytes))}; output
 {esc(a.precision)}, rank rule {esc(b.rank_rule)}, cap {esc(cap)}; {len(a.rows)} settings from one decomposition
 ({a.decompose_seconds:.1f} s). lora-resize {esc(__version__)}.</p>
-<p>{chosen_line}</p>{rules}{notes}
-<div id="cmd">lora-resize resize {esc(shlex.quote(a.src.name))} -o OUT.safetensors <code id="cmd-flags">{esc(pick.args)}</code>
+{"".join(lines)}{rules}{notes}
+<div id="cmd">lora-resize resize {esc(shlex.quote(a.src.name))} -o OUT.safetensors <code id="cmd-flags">{esc(pick.args if pick else "")}</code>
 <span class="meta">(click a point or a row to pick another setting)</span></div>
-{effect_section(a, pick, pictures)}
+{effect_section(a, pictures)}
 <h2>Output size against fidelity</h2>
 <div class="tabs">fidelity: {tabs}</div>
 {''.join(curves)}
 <p class="meta">Frobenius retained per layer: sqrt(kept sum S^2 / sum S^2). {esc(fidelity_legend())}.
 Budget policies (dashed) put each byte where it keeps the most global energy.</p>
 {base_section}
-<h2>Ranks per layer ({esc(pick.label)})</h2>
-{rank_map_svg(a, pick)}
-<h2>Singular values of the heaviest layers</h2>
-{spectra_svg(a, pick)}
+{per_layer}
 <h2>Settings</h2>
-{settings_table(a, pick)}
+{settings_table(a)}
 <script>{SCRIPT}</script>
 </body></html>
 """

@@ -56,8 +56,10 @@ class Scale:
 
 def axes(x: Scale, y: Scale, fmt_x: Callable[[float], str], fmt_y: Callable[[float], str], x_label: str,
          y_label: str, grid: bool = True) -> str:
-    """Frame, grid lines, ticks with labels and axis titles, for a plot area spanning the two scales."""
-    left, right, bottom, top = x.a, x.b, y.a, y.b
+    """Frame, grid lines, ticks with labels and axis titles, for a plot area spanning the two scales (either
+    may run in either direction: a y scale whose lo maps to the top draws its smallest values there)."""
+    left, right = min(x.a, x.b), max(x.a, x.b)
+    top, bottom = min(y.a, y.b), max(y.a, y.b)
     parts = [f'<rect x="{left:.1f}" y="{top:.1f}" width="{right - left:.1f}" height="{bottom - top:.1f}" '
              'class="frame"/>']
     for v in x.ticks():

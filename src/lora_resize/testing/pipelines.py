@@ -4,10 +4,16 @@ CLIP + T5), each at a few thousand parameters per module so that one 32x32 rende
 CPU; savers for the two forms users have a base model in (a diffusers folder; one single-file checkpoint in the
 original LDM / sgm / BFL key layout); and a kohya-named LoRA for each with decaying spectra.
 
+    pipe = tiny_pipeline("sd1" | "sdxl" | "flux", seed=0)
+    save_folder(pipe, path) -> path;  save_single_file(pipe, path) -> path
+    tiny_lora(pipe, path, rank=8, seed=0, text_encoder=True, strength=0.5, decay=0.7, alpha=None) -> path
+    lora_targets(pipe, text_encoder=True) -> {kohya name: base weight};  merge_lora(pipe, tensors) (the reference)
+
 diffusers and transformers are imported inside the functions: the core install does not need them."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +21,12 @@ import torch
 
 from ..io.writer import write_safetensors
 from ..models import sd as sd_names
-from ..models.dit import FLUX1
+from ..models.dit import FLUX1, FLUX1_NORMS
 
 FAMILIES = ("sd1", "sdxl", "flux")
 SIZE = 32  # the pixel size the tiny pipelines are built for (the VAE downsamples by 2: 16x16 latents)
 _CLIP_WIDTH = 32
+_CLIP2_WIDTH = 48  # SDXL's second (OpenCLIP bigG-like) text encoder
 _CLIP_MAX = 77  # CLIP's context length, which SD pipelines pad every prompt to
 
 
@@ -37,35 +44,50 @@ def _byte_chars() -> list[str]:
 
 
 def clip_tokenizer(max_length: int = _CLIP_MAX) -> Any:
-    """A CLIP tokenizer (transformers' CLIPTokenizer, byte-level BPE) over a 514-token vocabulary built here: every
-    byte character alone and at a word's end (`</w>`), and CLIP's start/end tokens; no merges (each character is a
-    token). Ids stay below 514, so any text encoder with vocab_size >= 514 takes them."""
+    """A CLIP tokenizer (transformers' CLIPTokenizer, byte-level BPE) loaded offline from a vocab.json and an empty
+    merges.txt written here: every byte character alone and at a word's end (`</w>`), and CLIP's start/end tokens
+    (each character a token). Ids stay below 514, so any text encoder with vocab_size >= 514 takes them."""
     from transformers import CLIPTokenizer
 
     chars = _byte_chars()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        Path(d, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(d, model_max_length=max_length, local_files_only=True)
 
 
 def t5_tokenizer(max_length: int = 64) -> Any:
-    """A T5 tokenizer (transformers' T5Tokenizer, a `tokenizers` Unigram model, no sentencepiece file) over a
-    vocabulary built here: T5's <pad>/</s>/<unk>, the word-start mark and the printable ASCII characters, alone and
-    after the mark."""
+    """A T5 tokenizer (transformers' T5TokenizerFast) loaded offline from a tokenizer.json written here with the
+    `tokenizers` library - a Unigram model as T5's sentencepiece one, without a sentencepiece file: T5's
+    <pad>/</s>/<unk> (ids 0, 1, 2), the word-start mark and the printable ASCII characters alone and after the
+    mark; each text ends in </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     for c in map(chr, range(33, 127)):
         pieces += [(c, -3.0), ("\u2581" + c, -3.5)]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    config = {"model_max_length": max_length, "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+              "extra_ids": 0, "tokenizer_class": "T5Tokenizer"}
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(str(Path(d, "tokenizer.json")))
+        Path(d, "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        return T5TokenizerFast.from_pretrained(d, local_files_only=True)
 
 
-def _clip(projection: bool, seed: int, act: str = "quick_gelu") -> Any:
+def _clip(projection: bool, seed: int, act: str = "quick_gelu", width: int = _CLIP_WIDTH) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=_CLIP_WIDTH, intermediate_size=64, num_hidden_layers=2,
+    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=_CLIP_MAX, hidden_act=act,
                          projection_dim=_CLIP_WIDTH, bos_token_id=512, eos_token_id=513, pad_token_id=513)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
@@ -104,19 +126,21 @@ def _sdxl(seed: int) -> Any:
 
     torch.manual_seed(seed)
     # SDXL's layout: no attention in the first block, a 2-deep transformer in the second, linear proj_in/out,
-    # the added text-time embedding (pooled text 32 + 6 size/crop numbers x 8)
+    # the added text-time embedding (pooled text 32 + 6 size/crop numbers x 8); the second text encoder is wider
+    # than the first (48 and 32, as 1280 and 768), which is how diffusers' single-file loader tells them apart
+    # (single_file_utils.create_diffusers_clip_model_from_ldm compares the position embedding's width)
     unet = UNet2DConditionModel(
         sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
-        cross_attention_dim=2 * _CLIP_WIDTH, norm_num_groups=32).eval()
+        cross_attention_dim=_CLIP_WIDTH + _CLIP2_WIDTH, norm_num_groups=32).eval()
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(vae=_vae(seed + 1, 4), text_encoder=_clip(False, seed + 2),
-                                     text_encoder_2=_clip(True, seed + 3, act="gelu"), tokenizer=clip_tokenizer(),
-                                     tokenizer_2=clip_tokenizer(), unet=unet, scheduler=sched,
-                                     force_zeros_for_empty_prompt=True)
+                                     text_encoder_2=_clip(True, seed + 3, act="gelu", width=_CLIP2_WIDTH),
+                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet,
+                                     scheduler=sched, force_zeros_for_empty_prompt=True)
 
 
 def _flux(seed: int) -> Any:
@@ -179,6 +203,8 @@ _SD_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn
                "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
 _CLIP_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
                  "mlp.fc2")
+# sd-scripts' `ss_base_model_version` values, which models.hinted reads
+_BASE_VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 _FLUX_TARGETS = ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
                  "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")
 
@@ -290,24 +316,18 @@ def tiny_lora(pipe: Any, path: str | Path, rank: int = 8, seed: int = 0, text_en
         sd[name + ".alpha"] = torch.tensor(float(alpha))
     path = Path(path)
     write_safetensors(path, sd, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                                 "ss_network_alpha": str(alpha), "ss_base_model_version": _BASE_VERSION[family_of(pipe)]})
+                                 "ss_network_alpha": str(alpha),
+                                 "ss_base_model_version": _BASE_VERSION[family_of(pipe)]})
     return path
 
 
-_BASE_VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 
-
-# -- Flux: diffusers <-> BFL names -----------------------------------------------------------------------------------
-# weights outside the LoRA table (models/dit.py FLUX1): the q/k RMS norms (BFL flux/modules/layers.py QKNorm;
-# diffusers scripts/convert_flux_to_diffusers.py)
-_FLUX_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
-               "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
-
-
+# -- Flux: diffusers -> BFL names --------------------------------------------------------------------------------
 def flux_native_state(diffusers_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A FluxTransformer2DModel state dict under the BFL (flux1-dev.safetensors) names: fused weights concatenated
-    in row order (models/dit.py FLUX1), the final adaLN's halves swapped back to (shift, scale), the q/k norms'
-    `weight` as `scale`. Raises KeyError for a weight it has no BFL name for."""
+    """A FluxTransformer2DModel state dict under the BFL (flux1-dev.safetensors) names, by the tables of
+    models/dit.py: FLUX1 (fused weights concatenated in row order, the final adaLN's halves swapped back to
+    (shift, scale)) and FLUX1_NORMS (the q/k norms' `weight` as `scale`). Raises KeyError for a weight neither
+    names."""
     groups: dict[str, dict[int, torch.Tensor]] = {}
     swap: dict[str, bool] = {}
     out: dict[str, torch.Tensor] = {}
@@ -319,17 +339,133 @@ def flux_native_state(diffusers_sd: dict[str, torch.Tensor]) -> dict[str, torch.
             groups.setdefault(f"{native}.{leaf}", {})[j] = t
             swap[f"{native}.{leaf}"] = mapping.swap
             continue
-        hit = next(((d, n) for d, n in _FLUX_NORMS.items() if module.endswith("." + d)), None)
-        if hit is None:
+        norm = FLUX1_NORMS.native_for(module)
+        if norm is None or leaf != "weight":
             raise KeyError(key)
-        block = module[:-len(hit[0]) - 1]
-        prefix = block.replace("single_transformer_blocks.", "single_blocks.").replace("transformer_blocks.",
-                                                                                        "double_blocks.")
-        norm = hit[1] if prefix.startswith("double") else hit[1].replace("img_attn.", "")
-        out[f"{prefix}.{norm}.scale"] = t
+        out[f"{norm[0]}.scale"] = t
     for key, parts in groups.items():
         t = torch.cat([parts[j] for j in sorted(parts)], 0)
         if swap[key]:
             t = torch.cat(t.chunk(2, 0)[::-1], 0)
         out[key] = t
     return out
+
+
+# -- single-file checkpoints in the original layouts --------------------------------------------------------------
+# Facts read from diffusers' single-file conversion (loaders/single_file_utils.py: convert_ldm_unet_checkpoint,
+# convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint,
+# convert_flux_transformer_checkpoint_to_diffusers), written here in the other direction.
+_RESNET_NORMS = {"norm1": "in_layers.0", "norm2": "out_layers.0"}  # ldm openaimodel.ResBlock
+
+
+def _ldm_unet(unet_sd: dict[str, torch.Tensor], sdxl: bool) -> dict[str, torch.Tensor]:
+    """A diffusers UNet2DConditionModel state dict under the original (ldm / sgm) UNet's names, without the
+    `model.diffusion_model.` prefix: module paths through models/sd.py unet_to_sgm, plus the weights no LoRA
+    targets (resnet norms, the output norm)."""
+    out = {}
+    for key, t in unet_sd.items():
+        module, leaf = key.rsplit(".", 1)
+        m = module.rsplit(".", 1)
+        if len(m) == 2 and ".resnets." in module and m[1] in _RESNET_NORMS:
+            module = f"{m[0]}.{_RESNET_NORMS[m[1]]}"
+        native = "out.0" if module == "conv_norm_out" else sd_names.unet_to_sgm(module, sdxl)
+        if native is None:
+            raise KeyError(key)
+        out[f"{native}.{leaf}"] = t
+    return out
+
+
+def _ldm_vae(vae_sd: dict[str, torch.Tensor], blocks: int) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL state dict under the original (ldm `first_stage_model`) names, without the prefix:
+    down.i.block.j / up.(n-1-i).block.j / mid.block_k / mid.attn_1 with its q/k/v/proj_out as 1x1 convolutions."""
+    import re
+
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, t in vae_sd.items():
+        k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
+                   lambda m: f"decoder.up.{blocks - 1 - int(m.group(1))}.block.", k)
+        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                   lambda m: f"decoder.up.{blocks - 1 - int(m.group(1))}.upsample.", k)
+        k = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m.group(1)) + 1}.", k)
+        hit = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)$", k)
+        if hit:
+            k = f"{hit.group(1)}.mid.attn_1.{attn[hit.group(2)]}.{hit.group(3)}"
+            if t.ndim == 2:
+                t = t[:, :, None, None]
+        out[k] = t
+    return out
+
+
+def _open_clip(te_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection state dict under OpenCLIP's names (SDXL's `conditioner.embedders.1.model.`,
+    without the prefix): q/k/v fused into attn.in_proj_weight/bias, text_projection transposed."""
+    import re
+
+    top = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
+           "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+           "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
+    inner = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    out, qkv = {}, {}
+    for key, t in te_sd.items():
+        key = clip_module_path(key)
+        if key in top:
+            out[top[key]] = t
+            continue
+        if key == "text_projection.weight":
+            out["text_projection"] = t.T.contiguous()
+            continue
+        hit = re.match(r"^text_model\.encoder\.layers\.(\d+)\.(.*)\.(weight|bias)$", key)
+        if hit is None:
+            raise KeyError(key)
+        i, module, leaf = hit.groups()
+        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            qkv.setdefault(f"transformer.resblocks.{i}.attn.in_proj_{leaf}", {})[module[-6]] = t
+            continue
+        out[f"transformer.resblocks.{i}.{inner[module]}.{leaf}"] = t
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+    return out
+
+
+def _prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def single_file_state(pipe: Any) -> dict[str, torch.Tensor]:
+    """The tensors of `pipe` as the single-file checkpoint users download has them: SD1.5 (ldm:
+    `model.diffusion_model.`, `cond_stage_model.transformer.`, `first_stage_model.`), SDXL (sgm:
+    `model.diffusion_model.`, `conditioner.embedders.0.transformer.` CLIP-L, `conditioner.embedders.1.model.`
+    OpenCLIP, `first_stage_model.`) or Flux.1 (the BFL transformer alone, as flux1-dev.safetensors)."""
+    fam = family_of(pipe)
+    if fam == "flux":
+        return flux_native_state(pipe.transformer.state_dict())
+    sdxl = fam == "sdxl"
+    te = {clip_module_path(k): v for k, v in pipe.text_encoder.state_dict().items()}
+    sd = _prefixed("model.diffusion_model.", _ldm_unet(pipe.unet.state_dict(), sdxl))
+    sd.update(_prefixed("first_stage_model.",
+                        _ldm_vae(pipe.vae.state_dict(), len(pipe.vae.config.up_block_types))))
+    if sdxl:
+        sd.update(_prefixed("conditioner.embedders.0.transformer.", te))
+        sd.update(_prefixed("conditioner.embedders.1.model.", _open_clip(pipe.text_encoder_2.state_dict())))
+    else:
+        sd.update(_prefixed("cond_stage_model.transformer.", te))
+    return sd
+
+
+def save_single_file(pipe: Any, path: str | Path) -> Path:
+    """Write `pipe` as one .safetensors checkpoint in its original layout (single_file_state). SD1.5 / SDXL:
+    diffusers' `StableDiffusion(XL)Pipeline.from_single_file(path, config=<the folder save_folder wrote>,
+    local_files_only=True)` reads it back to the same weights bit for bit. Flux: the keys and row orders are the
+    ones diffusers' converter reads, but diffusers (0.42) cannot load the tiny file -
+    `single_file_utils.convert_flux_transformer_checkpoint_to_diffusers` splits a single block's linear1 at
+    Flux.1's width (inner_dim = 3072), whatever the config says; a loader of tiny Flux files must map the BFL
+    names itself. Returns the path."""
+    path = Path(path)
+    sd = {k: v.detach().contiguous() for k, v in single_file_state(pipe).items()}
+    write_safetensors(path, sd, {"format": "pt"})
+    return path

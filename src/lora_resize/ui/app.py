@@ -156,22 +156,27 @@ class App:
     # -- analyze ------------------------------------------------------------------------------------------------
     def analyze(self, upload, picked, cap, progress=gr.Progress()):
         from ..ops.analyze import analyze
-        from ..report.html import CSS, curve_svg, html_report
+        from ..report.html import CSS, curve_svg, html_report, recommendation_html
         from ..report.text import percent
         from ..units import format_size
         try:
             a = analyze(self._source(upload, picked)[0], rank=int(cap) if cap else None, progress=_progress(progress, "analyzing"))
         except LoraResizeError as e:
             return "", [], [], "", f"error: {e}", ""
-        rows = [[r.label, format_size(r.output_bytes), r.output_bytes, *(percent(getattr(r, key)) for key in MEASURES),
-                 r.worst_layer or "-", r.args] for r in a.rows]
+        rows = [[r.label + (" (recommended)" if r is a.recommended else ""), format_size(r.output_bytes),
+                 r.output_bytes, *(percent(getattr(r, key)) for key in MEASURES), r.worst_layer or "-", r.args]
+                for r in a.rows]
         flags = {f"row{i}": r.args for i, r in enumerate(a.rows)}
-        flags["chosen"] = a.shown.args if a.shown else ""
+        rec = a.recommended
+        flags["chosen"] = rec.args if rec else ""  # the flags box starts at the recommended setting
         report = (f'<iframe title="report" style="width:100%;height:1000px;border:0" '
                   f'srcdoc="{html.escape(html_report(a))}"></iframe>')
+        said = (f"recommended: {rec.label}, {format_size(rec.output_bytes)} ({a.recommended_reason})" if rec else
+                f"recommended: none ({a.recommended_reason})")
         status = (f"{a.src.name}: {len(a.layers)} layers ({a.format}), {format_size(a.input_bytes)}; "
-                  f"{len(a.rows)} settings; click a point or a row to pick one")
-        curve = f'<style>{CSS}</style><div class="lr-curve">{curve_svg(a, "fro_weighted", "ui-curve", a.shown)}</div>'
+                  f"{len(a.rows)} settings; {said}; click a point or a row to pick another")
+        curve = (f'<style>{CSS}</style>{recommendation_html(a, "ui-recommended")}'
+                 f'<div class="lr-curve">{curve_svg(a, "fro_weighted", "ui-curve")}</div>')
         return curve, rows, flags, flags["chosen"], status, report
 
     @staticmethod
@@ -267,8 +272,9 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None, ap
                 analyze_btn = gr.Button("Analyze", elem_id="analyze-btn")
             curve = gr.HTML(elem_id="curve", js_on_load=CLICK_JS)
             table = gr.Dataframe(headers=COLUMNS, elem_id="settings", interactive=False, wrap=True)
-            flags = gr.Textbox(label="resize flags: click a point or a row to pick a setting, or type them",
-                               value="--method sv_fro --param 0.9", elem_id="flags")
+            flags = gr.Textbox(label="resize flags: Analyze fills in the recommended setting; click a point or a row "
+                                     "to pick another, or type them",
+                               placeholder="e.g. --method sv_fro --param 0.9 --rank 128", elem_id="flags")
             resize_btn = gr.Button("Resize", variant="primary", elem_id="resize-btn")
             status = gr.Textbox(label="status", interactive=False, elem_id="status", lines=3)
             result = gr.File(label="resized LoRA", elem_id="result-file", interactive=False)
