@@ -76,8 +76,11 @@ def test_cli_effect_column_and_json(tiny_base, sd1_lora, capsys):
     data = json.loads(capsys.readouterr().out)
     errors = [s["effect_error"] for s in data["settings"]]
     assert errors and all(isinstance(e, float) and e >= 0 for e in errors)
-    assert data["recommended"]["effect_error"] <= data["recommended"]["effect_error"] + 0  # measured, a number
-    assert "effect error (the share" in data["recommended"]["reason"]
+    under = [s for s in data["settings"] if s["effect_error"] <= 0.05]  # the default --max-effect-error
+    least = min(errors)  # none under: the least effect error, in the smallest file that has it
+    want = min(s["output_bytes"] for s in (under or [s for s in data["settings"] if s["effect_error"] == least]))
+    assert data["recommended"]["output_bytes"] == want
+    assert "effect error" in data["recommended"]["reason"]
 
 
 def refused(capsys, argv) -> str:

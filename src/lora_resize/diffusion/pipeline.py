@@ -194,8 +194,8 @@ class BaseModel:
     def _call(self, load):
         """Run a diffusers loader; its failures become one-line errors naming the fix."""
         try:
-            with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype (still taken) to dtype
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            with warnings.catch_warnings(), quiet_loading():  # diffusers >= 0.36 renames torch_dtype (still
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)  # taken)
                 return load()
         except LoraResizeError:
             raise
@@ -342,6 +342,28 @@ class BaseModel:
         every state); size (width, height) defaults to default_size()."""
         size = tuple(size) if size is not None else self.default_size()
         return self._run(prompt, seed, steps, size, guidance, "pil").images[0]
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading progress bars and warnings silenced (their own logging switches),
+    restored after: stderr holds our progress and our one-line errors only."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        for enabled, lib in zip(bars, (dlog, tlog)):
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def _latent(args: tuple, kwargs: dict) -> tuple[torch.Tensor, int | str]:
