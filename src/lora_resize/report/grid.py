@@ -12,7 +12,7 @@ from ..errors import require
 from ..io.files import atomic_output
 
 GAP = 6  # pixels between cells
-FEATURE = "the picture grid (preview)"
+_FEATURE = "the picture grid (preview)"
 
 
 def labelled_grid(pictures: Sequence, labels: Sequence[str], columns: int = 0, min_width: int = 0):
@@ -24,7 +24,7 @@ def labelled_grid(pictures: Sequence, labels: Sequence[str], columns: int = 0, m
     Raises ValueError for no pictures or a label count that differs; MissingDependency without Pillow."""
     if not pictures or len(pictures) != len(labels):
         raise ValueError(f"a grid needs one label per picture (got {len(pictures)} pictures, {len(labels)} labels)")
-    require("PIL", FEATURE)
+    require("PIL", _FEATURE)
     from PIL import Image, ImageDraw, ImageFont
     images = [p if isinstance(p, Image.Image) else Image.fromarray(p[..., :3]) for p in pictures]
     images = [im.convert("RGB") for im in images]
