@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,3 +105,23 @@ def test_bad_input_is_one_line(sd1_lora, tiny_base, tmp_path, capsys):
     shutil.copy(sd1_lora, not_a_model)  # a safetensors file, but a LoRA, not a checkpoint
     refused(capsys, ["preview", str(sd1_lora), "--base", str(not_a_model), "-o", str(tmp_path / "g.png"), "-q"])
     assert not (tmp_path / "g.png").exists()
+
+
+def test_the_page_previews_and_a_click_picks_the_setting(tiny_base, sd1_lora, tmp_path):
+    pytest.importorskip("gradio", reason="the [ui] extra")
+    from types import SimpleNamespace
+
+    from lora_resize.ui.app import App, build
+    base, _ = tiny_base("sd1")
+    app = App(tmp_path / "work", base=base)
+    section, grid, flags, start, status = app.preview(str(sd1_lora), None, "a cat", 0, 1,
+                                                      "--method fixed --rank 2\n\n--method fixed --rank 1")
+    assert not status.startswith("error"), status
+    assert section.count('<figure class="pic"') == 4 and "curve-svg-effect_error" in section
+    assert flags == {"row0": "--rank 2", "row1": "--rank 1"}  # resize's flags for those settings
+    assert 'data-row="row1"' in section  # the pictures and points of the settings carry their row
+    assert App.pick_point(flags, SimpleNamespace(row="row1")) == "--rank 1"
+    assert Path(grid).is_file() and tmp_path / "work" in Path(grid).parents
+    assert start in flags.values()  # the Resize tab's flags start at the recommended setting
+    assert app.preview(str(sd1_lora), None, "a cat", 0, 1, "--method sv_ratio")[-1].startswith("error: ")
+    assert build(app=app) is not None  # the page with its Preview tab builds (not launched)
