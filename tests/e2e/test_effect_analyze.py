@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
+from helpers import refused_in_one_line, write_lora
 from lora_resize.cli import main
 from lora_resize.ops.analyze import analyze
 from lora_resize.ops.effect import Probing
-from lora_resize.testing import pipelines
 from lora_resize.testing.archs import flux1
 from lora_resize.testing.loras import lora_state_dict
 
@@ -20,19 +19,12 @@ pytest.importorskip("diffusers")
 PROBE = dict(prompts=("a photo of a cat",), timesteps=2)
 
 
-@pytest.fixture(scope="module")
-def sd1_lora(tmp_path_factory):
-    """A rank-8 LoRA on the tiny SD1.5-like pipeline (UNet and text encoder), spectra decaying by 0.7."""
-    pipe = pipelines.tiny_pipeline("sd1", seed=0)
-    return pipelines.tiny_lora(pipe, tmp_path_factory.mktemp("lora") / "tiny.safetensors", rank=8)
-
-
 @pytest.mark.parametrize("form", ["folder", "single"])
-def test_effect_error_grows_as_ranks_shrink_and_is_zero_for_the_original_tensors(tiny_base, sd1_lora, form):
+def test_effect_error_grows_as_ranks_shrink_and_is_zero_for_the_original_tensors(tiny_base, tiny_sd1_lora, form):
     base, config = tiny_base("sd1", form)
     # the input's own layout as --output-format: a setting at the full rank writes the factors as stored (exact
     # copies), so its file holds the original's tensors and its effect error must be exactly 0
-    a = analyze(sd1_lora, output_format="kohya", sweep={"fixed": (1, 2, 4, 8)},
+    a = analyze(tiny_sd1_lora, output_format="kohya", sweep={"fixed": (1, 2, 4, 8)},
                 effect=Probing(base=str(base), config=str(config) if form == "single" else None, **PROBE))
     by_rank = {int(r.ranks.max()): r.effect_error for r in a.rows}
     assert sorted(by_rank) == [1, 2, 4, 8]
@@ -41,17 +33,17 @@ def test_effect_error_grows_as_ranks_shrink_and_is_zero_for_the_original_tensors
     assert by_rank[1] < 1.5  # a share of the LoRA's change: rank 1 keeps some of it
 
 
-def test_full_rank_resize_loses_only_float_rounding(tiny_base, sd1_lora):
+def test_full_rank_resize_loses_only_float_rounding(tiny_base, tiny_sd1_lora):
     """Without a conversion a resize at the full rank recomputes the factors (SVD): the same update to float
     rounding, so an effect error at rounding level, not 0."""
     base, _ = tiny_base("sd1")
-    a = analyze(sd1_lora, sweep={"fixed": (8,)}, effect=Probing(base=str(base), **PROBE))
+    a = analyze(tiny_sd1_lora, sweep={"fixed": (8,)}, effect=Probing(base=str(base), **PROBE))
     assert 0.0 <= a.rows[0].effect_error < 1e-4
 
 
-def test_recommended_is_the_smallest_file_under_the_threshold(tiny_base, sd1_lora):
+def test_recommended_is_the_smallest_file_under_the_threshold(tiny_base, tiny_sd1_lora):
     base, _ = tiny_base("sd1")
-    a = analyze(sd1_lora, sweep={"fixed": (1, 2, 4, 8), "sv_ratio": (2, 4, 8)}, max_effect_error=0.3,
+    a = analyze(tiny_sd1_lora, sweep={"fixed": (1, 2, 4, 8), "sv_ratio": (2, 4, 8)}, max_effect_error=0.3,
                 effect=Probing(base=str(base), **PROBE))
     under = [r for r in a.rows if r.effect_error <= 0.3]
     assert under and len(under) < len(a.rows)  # the threshold separates the rows
@@ -65,9 +57,9 @@ def test_recommended_is_the_smallest_file_under_the_threshold(tiny_base, sd1_lor
 
 
 @pytest.mark.slow
-def test_cli_effect_column_and_json(tiny_base, sd1_lora, capsys):
+def test_cli_effect_column_and_json(tiny_base, tiny_sd1_lora, capsys):
     base, config = tiny_base("sd1", "single")
-    common = [str(sd1_lora), "--base", str(base), "--base-config", str(config), "--effect", "--rank", "2",
+    common = [str(tiny_sd1_lora), "--base", str(base), "--base-config", str(config), "--effect", "--rank", "2",
               "--prompt", "a cat", "--probe-steps", "1", "-q"]
     assert main(["analyze", *common]) == 0
     text = capsys.readouterr().out
@@ -83,31 +75,24 @@ def test_cli_effect_column_and_json(tiny_base, sd1_lora, capsys):
     assert "effect error" in data["recommended"]["reason"]
 
 
-def refused(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("lora-resize: error:"), err
-    return err
+def test_effect_without_base_is_one_line(tiny_sd1_lora, capsys):
+    assert "add --base MODEL" in refused_in_one_line(capsys, ["analyze", str(tiny_sd1_lora), "--effect"])
+    assert "add --effect" in refused_in_one_line(capsys, ["analyze", str(tiny_sd1_lora), "--prompt", "a cat"])
 
 
-def test_effect_without_base_is_one_line(sd1_lora, capsys):
-    assert "add --base MODEL" in refused(capsys, ["analyze", str(sd1_lora), "--effect"])
-    assert "add --effect" in refused(capsys, ["analyze", str(sd1_lora), "--prompt", "a cat"])
-
-
-def test_a_base_that_is_not_a_model_is_one_line(sd1_lora, tmp_path, capsys):
+def test_a_base_that_is_not_a_model_is_one_line(tiny_sd1_lora, tmp_path, capsys):
     folder = tmp_path / "not_a_model"
     folder.mkdir()
     (folder / "notes.txt").write_text("hello")
-    err = refused(capsys, ["analyze", str(sd1_lora), "--effect", "--base", str(folder), "--rank", "1", "-q"])
+    err = refused_in_one_line(capsys, ["analyze", str(tiny_sd1_lora), "--effect", "--base", str(folder), "--rank", "1", "-q"])
     assert "not_a_model" in err
 
 
 def test_a_lora_for_another_model_is_one_line(tiny_base, tmp_path, capsys):
-    from helpers import write_lora
+
     flux = write_lora(tmp_path / "flux.safetensors",
                       lora_state_dict(flux1(width=64, double=1, single=1, mlp_ratio=2), style="kohya", rank=4))
     base, _ = tiny_base("sd1")
-    refused(capsys, ["preview", str(flux), "--base", str(base), "--steps", "1", "--probe-steps", "1", "-q",
+    refused_in_one_line(capsys, ["preview", str(flux), "--base", str(base), "--steps", "1", "--probe-steps", "1", "-q",
                      "-o", str(tmp_path / "g.png")])
     assert not (tmp_path / "g.png").exists()

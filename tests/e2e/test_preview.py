@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import refused_in_one_line
 from lora_resize.cli import main
 from lora_resize.ops.effect import Probing
 from lora_resize.ops.preview import preview
 from lora_resize.options import ResizeOptions
 from lora_resize.report.grid import GAP
-from lora_resize.testing import pipelines
 
 pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
@@ -22,19 +22,13 @@ pytest.importorskip("skimage")
 RENDER = dict(prompt="a photo of a cat", steps=2)
 
 
-@pytest.fixture(scope="module")
-def sd1_lora(tmp_path_factory):
-    pipe = pipelines.tiny_pipeline("sd1", seed=0)
-    return pipelines.tiny_lora(pipe, tmp_path_factory.mktemp("lora") / "tiny.safetensors", rank=8)
-
-
 @pytest.mark.parametrize("form", ["folder", "single"])
-def test_pictures_labels_and_grid(tiny_base, sd1_lora, form):
+def test_pictures_labels_and_grid(tiny_base, tiny_sd1_lora, form):
     base, config = tiny_base("sd1", form)
     exact = ResizeOptions(method="fixed", rank=8, output_format="kohya")  # the input's own layout: exact copies
     settings = [exact, ResizeOptions(method="fixed", rank=4, output_format="kohya"),
                 ResizeOptions(method="fixed", rank=1, output_format="kohya")]
-    p = preview(sd1_lora, Probing(base=str(base), config=str(config) if form == "single" else None, timesteps=1),
+    p = preview(tiny_sd1_lora, Probing(base=str(base), config=str(config) if form == "single" else None, timesteps=1),
                 settings, **RENDER)
     assert [x.kind for x in p.pictures] == ["base", "original", "setting", "setting", "setting"]
     original, full, mid, low = (np.asarray(x.image) for x in p.pictures[1:])
@@ -63,9 +57,9 @@ def test_pictures_labels_and_grid(tiny_base, sd1_lora, form):
 
 
 @pytest.mark.slow
-def test_cli_writes_grid_beside_the_lora_under_a_free_name_and_the_report(tiny_base, sd1_lora, tmp_path, capsys):
+def test_cli_writes_grid_beside_the_lora_under_a_free_name_and_the_report(tiny_base, tiny_sd1_lora, tmp_path, capsys):
     base, config = tiny_base("sd1", "single")
-    lora = shutil.copy(sd1_lora, tmp_path / "mine.safetensors")
+    lora = shutil.copy(tiny_sd1_lora, tmp_path / "mine.safetensors")
     taken = tmp_path / "mine_preview.png"
     taken.write_bytes(b"not mine to overwrite")
     report = tmp_path / "r.html"
@@ -87,34 +81,27 @@ def test_cli_writes_grid_beside_the_lora_under_a_free_name_and_the_report(tiny_b
     assert data["image_metric"].startswith("SSIM to the original-LoRA image")
 
 
-def refused(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("lora-resize: error:"), err
-    return err
-
-
-def test_bad_input_is_one_line(sd1_lora, tiny_base, tmp_path, capsys):
-    assert "add --base MODEL" in refused(capsys, ["preview", str(sd1_lora)])
+def test_bad_input_is_one_line(tiny_sd1_lora, tiny_base, tmp_path, capsys):
+    assert "add --base MODEL" in refused_in_one_line(capsys, ["preview", str(tiny_sd1_lora)])
     base, _ = tiny_base("sd1")
-    assert "--param" in refused(capsys, ["preview", str(sd1_lora), "--base", str(base), "--setting",
+    assert "--param" in refused_in_one_line(capsys, ["preview", str(tiny_sd1_lora), "--base", str(base), "--setting",
                                          "--method sv_ratio"])
-    assert "one prompt" in refused(capsys, ["preview", str(sd1_lora), "--base", str(base), "--prompt", "a",
+    assert "one prompt" in refused_in_one_line(capsys, ["preview", str(tiny_sd1_lora), "--base", str(base), "--prompt", "a",
                                             "--prompt", "b"])
     not_a_model = tmp_path / "model.safetensors"
-    shutil.copy(sd1_lora, not_a_model)  # a safetensors file, but a LoRA, not a checkpoint
-    refused(capsys, ["preview", str(sd1_lora), "--base", str(not_a_model), "-o", str(tmp_path / "g.png"), "-q"])
+    shutil.copy(tiny_sd1_lora, not_a_model)  # a safetensors file, but a LoRA, not a checkpoint
+    refused_in_one_line(capsys, ["preview", str(tiny_sd1_lora), "--base", str(not_a_model), "-o", str(tmp_path / "g.png"), "-q"])
     assert not (tmp_path / "g.png").exists()
 
 
-def test_the_page_previews_and_a_click_picks_the_setting(tiny_base, sd1_lora, tmp_path):
+def test_the_page_previews_and_a_click_picks_the_setting(tiny_base, tiny_sd1_lora, tmp_path):
     pytest.importorskip("gradio", reason="the [ui] extra")
     from types import SimpleNamespace
 
     from lora_resize.ui.app import App, build
     base, _ = tiny_base("sd1")
     app = App(tmp_path / "work", base=base)
-    section, grid, flags, start, status = app.preview(str(sd1_lora), None, "a cat", 0, 1,
+    section, grid, flags, start, status = app.preview(str(tiny_sd1_lora), None, "a cat", 0, 1,
                                                       "--method fixed --rank 2\n\n--method fixed --rank 1")
     assert not status.startswith("error"), status
     assert section.count('<figure class="pic"') == 4 and "curve-svg-effect_error" in section
@@ -123,5 +110,5 @@ def test_the_page_previews_and_a_click_picks_the_setting(tiny_base, sd1_lora, tm
     assert App.pick_point(flags, SimpleNamespace(row="row1")) == "--rank 1"
     assert Path(grid).is_file() and tmp_path / "work" in Path(grid).parents
     assert start in flags.values()  # the Resize tab's flags start at the recommended setting
-    assert app.preview(str(sd1_lora), None, "a cat", 0, 1, "--method sv_ratio")[-1].startswith("error: ")
+    assert app.preview(str(tiny_sd1_lora), None, "a cat", 0, 1, "--method sv_ratio")[-1].startswith("error: ")
     assert build(app=app) is not None  # the page with its Preview tab builds (not launched)

@@ -15,12 +15,12 @@ GAP = 6  # pixels between cells
 _FEATURE = "the picture grid (preview)"
 
 
-def labelled_grid(pictures: Sequence, labels: Sequence[str], columns: int = 0, min_width: int = 0):
+def labelled_grid(pictures: Sequence, labels: Sequence[str], columns: int = 0, min_width: int = 0, gap: int = GAP):
     """A PIL image: the pictures (PIL images, or H x W x 3/4 uint8 arrays) in rows of `columns` (0: about square)
     on white cells of the largest one's size (each picture centred in its cell; a picture narrower than
     `min_width` pixels is first scaled up by a whole factor, nearest neighbour, so its label fits under it), each
     label (its lines split at newlines, each wrapped between words to the cell's width) under its picture in
-    black; GAP pixels between cells. So the image is columns x cell wide and rows x cell high, less one GAP each.
+    black; `gap` pixels between cells. So the image is columns x cell wide and rows x cell high, less one gap each.
     Raises ValueError for no pictures or a label count that differs; MissingDependency without Pillow."""
     if not pictures or len(pictures) != len(labels):
         raise ValueError(f"a grid needs one label per picture (got {len(pictures)} pictures, {len(labels)} labels)")
@@ -44,10 +44,10 @@ def labelled_grid(pictures: Sequence, labels: Sequence[str], columns: int = 0, m
     wrapped = [[part for line in label.split("\n") for part in _wrap(draw, line, font, w - 8)] for label in labels]
     line = draw.textbbox((0, 0), "Ag", font=font)[3] + 4
     strip = 8 + line * max(len(x) for x in wrapped)
-    grid = Image.new("RGB", (cols * (w + GAP) - GAP, rows * (h + strip + GAP) - GAP), "white")
+    grid = Image.new("RGB", (cols * (w + gap) - gap, rows * (h + strip + gap) - gap), "white")
     pen = ImageDraw.Draw(grid)
     for i, (im, lines) in enumerate(zip(images, wrapped)):
-        x, y = (i % cols) * (w + GAP), (i // cols) * (h + strip + GAP)
+        x, y = (i % cols) * (w + gap), (i // cols) * (h + strip + gap)
         grid.paste(im, (x + (w - im.width) // 2, y + (h - im.height) // 2))
         for j, text in enumerate(lines):
             pen.text((x + 4, y + h + 4 + j * line), text, fill="black", font=font)

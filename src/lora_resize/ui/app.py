@@ -330,7 +330,8 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None, ap
                     seed = gr.Number(label="seed", value=0, precision=0, minimum=0, elem_id="preview-seed")
                     steps = gr.Number(label="steps", value=20, precision=0, minimum=1, maximum=200,
                                       elem_id="preview-steps")
-                settings = gr.Textbox(label="settings, one per line (resize flags)", lines=5, elem_id="preview-settings",
+                settings = gr.Textbox(label="settings, one per line (resize flags)", lines=5,
+                                      elem_id="preview-settings",
                                       value="\n".join(f"--method {m} --param {v}" for m, v in DEFAULT_SETTINGS))
                 preview_btn = gr.Button("Preview", variant="primary", elem_id="preview-btn")
                 pstatus = gr.Textbox(label="status", interactive=False, elem_id="preview-status")
