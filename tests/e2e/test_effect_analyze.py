@@ -41,6 +41,15 @@ def test_full_rank_resize_loses_only_float_rounding(tiny_base, tiny_sd1_lora):
     assert 0.0 <= a.rows[0].effect_error < 1e-4
 
 
+def test_a_folder_base_saved_by_transformers_5_has_every_text_encoder_weight(tiny_base, tiny_sd1_lora):
+    """The tiny folder's CLIP is saved without the `text_model.` wrapper (transformers >= 5): --base still finds
+    the weight of every text-encoder module (it found none: --effect's sweep refused them)."""
+    base, _ = tiny_base("sd1")
+    a = analyze(tiny_sd1_lora, base=str(base), sweep={"fixed": (2,)})
+    missing = [sp.name for sp in a.layers if sp.base is None]
+    assert not missing and any(sp.name.startswith("lora_te_") for sp in a.layers)
+
+
 def test_recommended_is_the_smallest_file_under_the_threshold(tiny_base, tiny_sd1_lora):
     base, _ = tiny_base("sd1")
     a = analyze(tiny_sd1_lora, sweep={"fixed": (1, 2, 4, 8), "sv_ratio": (2, 4, 8)}, max_effect_error=0.3,
@@ -57,13 +66,17 @@ def test_recommended_is_the_smallest_file_under_the_threshold(tiny_base, tiny_sd
 
 
 @pytest.mark.slow
-def test_cli_effect_column_and_json(tiny_base, tiny_sd1_lora, capsys):
+def test_cli_effect_column_and_json(tiny_base, tiny_sd1_lora, tmp_path, capsys):
     base, config = tiny_base("sd1", "single")
     common = [str(tiny_sd1_lora), "--base", str(base), "--base-config", str(config), "--effect", "--rank", "2",
               "--prompt", "a cat", "--probe-steps", "1", "-q"]
-    assert main(["analyze", *common]) == 0
+    report, plot = tmp_path / "r.html", tmp_path / "r.png"
+    assert main(["analyze", *common, "--report", str(report), "--plot", str(plot)]) == 0
     text = capsys.readouterr().out
     assert " effect " in text and "effect = " in text and "> recommended:" in text
+    html = report.read_text()
+    assert "Output size against effect error" in html and "<th>effect error</th>" in html
+    assert plot.stat().st_size > 0
     assert main(["analyze", *common, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     errors = [s["effect_error"] for s in data["settings"]]
