@@ -191,6 +191,28 @@ def test_native_lora_against_a_diffusers_folder_and_an_fp8_checkpoint(tmp_path):
     check(res.layers, sd, deq)
 
 
+def test_a_flux_loras_text_encoder_modules_are_found_in_a_diffusers_folders_text_encoder(tmp_path):
+    """A Flux LoRA's CLIP modules (`lora_te1_`) are the folder's `text_encoder/` weights (the family's part, under
+    its own component), beside the transformer's."""
+    g = torch.Generator().manual_seed(8)
+    W, parts, part = flux_base(g)
+    folder = tmp_path / "FLUX.1-dev"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "text_encoder").mkdir()
+    write_lora(folder / "transformer" / "diffusion_pytorch_model.safetensors",
+               {f"{p}.weight": part(p).contiguous() for p in parts})
+    q = torch.randn(16, 16, generator=g)
+    write_lora(folder / "text_encoder" / "model.safetensors", {"text_model.encoder.layers.0.self_attn.q_proj.weight": q})
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    spec = {"lora_unet_double_blocks_0_img_attn_qkv": (48, 16, None),
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (16, 16, None)}
+    sd = lora(spec, g)
+    src = write_lora(tmp_path / "kohya.safetensors", sd)
+    res = lora_resize.resize(src, tmp_path / "o.safetensors", rank=2, base=str(folder), precision="float")
+    check(res.layers, sd, {"lora_unet_double_blocks_0_img_attn_qkv": W["double_blocks.0.img_attn.qkv"],
+                           "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": q})
+
+
 def test_base_relative_method_budget_and_analysis(tmp_path, capsys):
     g = torch.Generator().manual_seed(5)
     W, parts, part = flux_base(g)

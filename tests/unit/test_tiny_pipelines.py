@@ -227,3 +227,36 @@ def test_flux_single_file_is_the_tiny_transformer_in_bfl_names(tiny_base):
     adaln = transformer.norm_out.linear.weight  # diffusers (scale, shift); BFL (shift, scale)
     torch.testing.assert_close(stored["final_layer.adaLN_modulation.1.weight"],
                                torch.cat(adaln.chunk(2)[::-1]), rtol=0, atol=0)
+
+
+def test_flux_bfl_names_read_back_at_any_width_as_diffusers_reads_them_at_flux1s(tiny_base):
+    """flux_diffusers_state, the inverse mapping a loader of tiny Flux files needs: at Flux.1's real shapes it gives
+    what diffusers' converter gives (every row, bit for bit), and on the tiny file it gives back the tiny
+    transformer, which then loads strictly."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    with torch.device("meta"):
+        real = diffusers.FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    g = torch.Generator().manual_seed(1)
+    # one column per weight, rows drawn at random (the conversions only move rows); the single block's linear1 at
+    # its real input width, which the inverse reads to split it, as int16 (diffusers' converter copies it)
+    bfl = pipelines.flux_native_state({k: torch.randint(-2**15, 2**15, (v.shape[0], *([1] if v.ndim > 1 else [])),
+                                                        generator=g, dtype=torch.int16)
+                                       for k, v in real.state_dict().items()})
+    bfl["single_blocks.0.linear1.weight"] = bfl["single_blocks.0.linear1.weight"].expand(-1, 3072)
+    theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    mine = pipelines.flux_diffusers_state(bfl)
+    assert mine.keys() == theirs.keys()
+    assert [k for k in mine if not torch.equal(mine[k][..., :1], theirs[k][..., :1])] == []
+
+    path, config = tiny_base("flux", "single")
+    tiny = diffusers.FluxTransformer2DModel.from_pretrained(config, subfolder="transformer", local_files_only=True)
+    stored = load_file(path)
+    back = pipelines.flux_diffusers_state(stored)
+    want = tiny.state_dict()
+    assert back.keys() == want.keys() and all(torch.equal(back[k], want[k]) for k in want)
+    prefixed = pipelines.flux_diffusers_state({"model.diffusion_model." + k: v for k, v in stored.items()})
+    assert prefixed.keys() == want.keys()
+    with pytest.raises(KeyError):
+        pipelines.flux_diffusers_state({**stored, "double_blocks.0.img_attn.rope.weight": torch.zeros(1)})

@@ -53,8 +53,8 @@ def dense_updates(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     """The updates a LoRA makes to `weights` (key -> the base's weight tensor, keyed as a diffusers folder is:
     `unet.down_blocks.0....weight`, `text_encoder.text_model....weight`): a list of (key, rows, delta), delta =
     scale * up @ down in float64 on the weight's device, its rows for weight[rows] in the base's order (swapped
-    halves swapped back) and shaped as weight[rows] (conv kernels included), and the report. `base` names the model in errors.
-    Raises LoraStructureError when no module matches (or a DoRA LoRA, whose magnitudes replace the updated
+    halves swapped back) and shaped as weight[rows] (conv kernels included), and the report. `base` names the
+    model in errors. Raises LoraStructureError when no module matches (or a DoRA LoRA, whose magnitudes replace the updated
     weight's column norms: applying its factors alone would measure another model)."""
     src, layout = parse(tensors, metadata)
     if any(layout.known.get(k) == DORA_KIND for k in layout.passthrough):

@@ -4,8 +4,8 @@ at those probes with or without a LoRA applied in memory, and rendered images.
 Loading (diffusers, local files only wherever a folder is given): a diffusers folder with `DiffusionPipeline.
 from_pretrained` (`variant`: its weight files of that variant, as diffusers takes it); a single-file SD1.5/SDXL
 checkpoint with `StableDiffusion(XL)Pipeline.from_single_file(path, config=config)`; a Flux.1 transformer file
-in BFL's layout with `FluxTransformer2DModel.from_single_file(path, config=config, subfolder="transformer")`, the
-rest of the pipeline (text encoders, VAE, scheduler) from the `config` folder. `config`: a diffusers folder of
+in BFL's layout read into the `config` folder's FluxTransformer2DModel through the project's tables (flux.py),
+the rest of the pipeline (text encoders, VAE, scheduler) from the `config` folder. `config`: a diffusers folder of
 that model (its model_index.json, component configs and tokenizers); without it diffusers fetches the configs
 from the Hugging Face Hub, and where that fails the error names `--base-config`.
 
@@ -31,6 +31,7 @@ import torch
 from ..errors import DeviceError, InputFileError, LoraResizeError, OptionsError, one_line, require
 from ..io.checkpoint import Checkpoint
 from ..models import MODELS
+from .flux import load_transformer
 from .patch import Patch, PatchReport, dense_updates
 
 FEATURE = "--effect / preview"
@@ -42,6 +43,7 @@ DEFAULT_PROMPTS = ("a photo of a cat sitting on a wooden table", "a watercolor l
 MAX_SIZE = 512  # default probe/render side: the pipeline's own default, at most this and a 64 x 64 latent
 MAX_LATENT = 64
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ALIGN = 64  # bytes: what torch's CPU allocator gives a new tensor
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,20 @@ def stored_dtype(ck: Checkpoint, prefixes: tuple[str, ...]) -> torch.dtype:
     return best if best in FLOAT_DTYPES else torch.bfloat16 if best.is_floating_point else torch.float32
 
 
+def own_storage(pipe) -> None:
+    """Give every parameter and buffer its own 64-byte-aligned copy where it is not one already (a view into a
+    safetensors file mapped at an odd offset, a slice of a fused weight a single-file converter split): the CPU
+    kernels round differently at another memory alignment (seen: a Linear's output differing in the last bit),
+    and the same weights must predict the same bits however the base was stored."""
+    with torch.no_grad():
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                for t in [*component.parameters(), *component.buffers()]:
+                    if (t.data_ptr() % ALIGN or t.storage_offset() != 0
+                            or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+                        t.data = t.data.clone()
+
+
 def pipeline_weights(pipe) -> dict[str, torch.Tensor]:
     """A pipeline's parameters keyed as a diffusers folder keys them (`<component>.<parameter>`), which is how
     formats.weights finds a LoRA module's weight. A CLIP text encoder's also under `text_model.`: transformers 5
@@ -148,6 +164,7 @@ class BaseModel:
         self.pipe = self._load(dtype)
         self.dtype = self.denoiser.dtype
         self.pipe.to(self.device)
+        own_storage(self.pipe)  # after the move: a GPU copy is a fresh allocation already
         self.pipe.set_progress_bar_config(disable=True)
         self.weights = pipeline_weights(self.pipe)
 
@@ -179,8 +196,7 @@ class BaseModel:
                                    "model_index.json, configs, tokenizers, text encoders and VAE)")
 
             def flux():
-                transformer = diffusers.FluxTransformer2DModel.from_single_file(
-                    str(path), config=config, subfolder="transformer", local_files_only=True, torch_dtype=dtype)
+                transformer = load_transformer(diffusers, path, config, dtype)
                 return diffusers.FluxPipeline.from_pretrained(config, transformer=transformer, local_files_only=True,
                                                               torch_dtype=dtype)
             return self._call(flux)
@@ -193,9 +209,12 @@ class BaseModel:
 
     def _call(self, load):
         """Run a diffusers loader; its failures become one-line errors naming the fix."""
+        bars = [require("diffusers", FEATURE).utils.logging, require("transformers", FEATURE).utils.logging]
         try:
-            with warnings.catch_warnings(), quiet_loading():  # diffusers >= 0.36 renames torch_dtype (still
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)  # taken)
+            with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype (still taken) to dtype
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                for b in bars:  # their loading bars: the jobs report progress their own way
+                    b.disable_progress_bar()
                 return load()
         except LoraResizeError:
             raise
@@ -208,6 +227,9 @@ class BaseModel:
             raise InputFileError(f"--base {self.base} is not a pipeline diffusers can load ({why}); give a complete "
                                  "diffusers folder or a single-file SD1.5 / SDXL / Flux.1 checkpoint (with "
                                  "--base-config for its configs)") from None
+        finally:
+            for b in bars:
+                b.enable_progress_bar()
 
     def __enter__(self) -> "BaseModel":
         return self
@@ -342,28 +364,6 @@ class BaseModel:
         every state); size (width, height) defaults to default_size()."""
         size = tuple(size) if size is not None else self.default_size()
         return self._run(prompt, seed, steps, size, guidance, "pil").images[0]
-
-
-@contextmanager
-def quiet_loading() -> Iterator[None]:
-    """diffusers' and transformers' loading progress bars and warnings silenced (their own logging switches),
-    restored after: stderr holds our progress and our one-line errors only."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-    levels = dlog.get_verbosity(), tlog.get_verbosity()
-    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(levels[0])
-        tlog.set_verbosity(levels[1])
-        for enabled, lib in zip(bars, (dlog, tlog)):
-            if enabled:
-                lib.enable_progress_bar()
 
 
 def _latent(args: tuple, kwargs: dict) -> tuple[torch.Tensor, int | str]:

@@ -168,6 +168,10 @@ class Checkpoint:
         r, k = self._where[key]
         return r.infos()[k]
 
+    def tensor(self, key: str) -> torch.Tensor:
+        """Tensor `key` as stored (its shape and dtype, no scale applied)."""
+        return self._get(key)
+
     def _get(self, key: str) -> torch.Tensor:
         r, k = self._where[key]
         return r.get(k)

@@ -176,27 +176,6 @@ class SafetensorsReader(_Closing):
         self._file.close()
 
 
-class MemorySource(_Closing):
-    """A LoRA held in memory (a state dict and its metadata, e.g. `lora_resize.resized(...)`'s) as a TensorSource:
-    `get` returns the tensors themselves (not copies); `path` is a placeholder (`<memory>`), so a family that reads
-    a companion file beside its input finds none."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
-        self.path = Path("<memory>")
-        self.metadata = dict(metadata or {})
-        self._tensors = dict(tensors)
-        self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
-
-    def infos(self) -> dict[str, TensorInfo]:
-        return self._infos
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-    def close(self) -> None:
-        pass
-
-
 def is_unicode(s: str) -> bool:
     """False for strings that cannot be written as UTF-8 (lone surrogates, from JSON escapes or pickles)."""
     try:
@@ -223,7 +202,28 @@ def _load_error_summary(e: BaseException) -> str:
     return lines[0].split(". Please use", 1)[0].strip()
 
 
-class PickleReader(_Closing):
+class MemorySource(_Closing):
+    """A LoRA held in memory (a state dict and its metadata, e.g. `lora_resize.resized(...)`'s) as a TensorSource:
+    `get` returns the tensors themselves (not copies); `path` is a placeholder (`<memory>`), so a family that reads
+    a companion file beside its input finds none. Closing drops the references."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+        self.path = Path("<memory>")
+        self.metadata = dict(metadata or {})
+        self._tensors = dict(tensors)
+        self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+class PickleReader(MemorySource):
     """Reads a PyTorch pickle with `weights_only=True`: plain tensors load, anything executable is refused."""
 
     def __init__(self, path: Path):
@@ -267,16 +267,8 @@ class PickleReader(_Closing):
             # expanded or shared storages: a few bytes in the file that would become gigabytes on writing
             raise InputFileError(f"{path} holds tensors totalling {total} bytes from a {size}-byte file (broadcast "
                                  "or repeatedly shared storage); refusing it - re-save it with plain tensors")
-        self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
-
-    def infos(self) -> dict[str, TensorInfo]:
-        return self._infos
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-    def close(self) -> None:
-        self._tensors = {}
+        super().__init__(self._tensors, {})
+        self.path = path
 
 
 def open_tensor_file(path: str | os.PathLike) -> TensorSource:

@@ -60,25 +60,34 @@ def clip_tokenizer(max_length: int = _CLIP_MAX) -> Any:
 
 
 def t5_tokenizer(max_length: int = 64) -> Any:
-    """A T5 tokenizer (transformers' T5TokenizerFast) loaded offline from a tokenizer.json written here with the
-    `tokenizers` library - a Unigram model as T5's sentencepiece one, without a sentencepiece file: T5's
-    <pad>/</s>/<unk> (ids 0, 1, 2), the word-start mark and the printable ASCII characters alone and after the
-    mark; each text ends in </s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    """A T5 tokenizer (transformers' T5TokenizerFast) loaded offline from a tokenizer.json written here - the
+    `tokenizers` library's serialized form (format "1.0") of a Unigram model like T5's sentencepiece one, with no
+    sentencepiece file: T5's <pad>/</s>/<unk> (ids 0, 1, 2), the word-start mark `▁` and the printable ASCII
+    characters alone and after the mark; words split and marked as sentencepiece does (Metaspace), each text
+    ending in </s>."""
     from transformers import T5TokenizerFast
 
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    mark = "\u2581"
+    vocab = [["<pad>", 0.0], ["</s>", 0.0], ["<unk>", 0.0], [mark, -2.0]]
     for c in map(chr, range(33, 127)):
-        pieces += [(c, -3.0), ("\u2581" + c, -3.5)]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
+        vocab += [[c, -3.0], [mark + c, -3.5]]
+    space = {"type": "Metaspace", "replacement": mark, "prepend_scheme": "always", "split": True}
+    eos = {"SpecialToken": {"id": "</s>", "type_id": 0}}
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, t in enumerate(("<pad>", "</s>", "<unk>"))],
+        "pre_tokenizer": space, "decoder": space,
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"Sequence": {"id": "A", "type_id": 0}}, eos],
+                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, eos,
+                                    {"Sequence": {"id": "B", "type_id": 0}}, eos],
+                           "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+        "model": {"type": "Unigram", "unk_id": 2, "vocab": vocab, "byte_fallback": False}}
     config = {"model_max_length": max_length, "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
               "extra_ids": 0, "tokenizer_class": "T5Tokenizer"}
     with tempfile.TemporaryDirectory() as d:
-        tok.save(str(Path(d, "tokenizer.json")))
+        Path(d, "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
         Path(d, "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
         return T5TokenizerFast.from_pretrained(d, local_files_only=True)
 
@@ -148,10 +157,10 @@ def _flux(seed: int) -> Any:
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    # Flux.1-dev's layout: one double and one single block, head dim 16 split over the 3 rope axes, guidance
+    # Flux.1-dev's layout: two double and two single blocks, head dim 16 split over the 3 rope axes, guidance
     # embedding; 4 latent channels packed 2x2 into 16
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=_CLIP_WIDTH, guidance_embeds=True,
         axes_dims_rope=(4, 6, 6)).eval()
     torch.manual_seed(seed + 4)
@@ -233,13 +242,15 @@ def _targets(pipe: Any, text_encoder: bool) -> dict[str, list[tuple[torch.nn.Lin
     else:
         for path, mod in _linears(pipe.unet, _SD_TARGETS).items():
             out[sd_names.to_kohya("unet", path, fam == "sdxl")] = [(mod, (0, mod.out_features), False)]
-    if text_encoder:
-        comps = {"sd1": [("text_encoder", "lora_te_")], "sdxl": [("text_encoder", "lora_te1_"),
-                                                                 ("text_encoder_2", "lora_te2_")],
-                 "flux": [("text_encoder", FLUX1.part("text_encoder").kohya)]}[fam]
-        for comp, prefix in comps:
-            for path, mod in _linears(getattr(pipe, comp), _CLIP_TARGETS).items():
-                out[prefix + clip_module_path(path).replace(".", "_")] = [(mod, (0, mod.out_features), False)]
+    # the CLIP encoders (Flux's T5 has no LoRA diffusers loads: models/dit.py FLUX1's parts)
+    for comp in ("text_encoder", "text_encoder_2") if text_encoder else ():
+        if fam == "flux" and not (FLUX1.part(comp) and FLUX1.part(comp).diffusers) or getattr(pipe, comp, None) is None:
+            continue
+        for path, mod in _linears(getattr(pipe, comp), _CLIP_TARGETS).items():
+            path = clip_module_path(path)
+            name = (FLUX1.part(comp).kohya + path.replace(".", "_") if fam == "flux"
+                    else sd_names.to_kohya(comp, path, fam == "sdxl"))
+            out[name] = [(mod, (0, mod.out_features), False)]
     return out
 
 
@@ -348,6 +359,31 @@ def flux_native_state(diffusers_sd: dict[str, torch.Tensor]) -> dict[str, torch.
         if swap[key]:
             t = torch.cat(t.chunk(2, 0)[::-1], 0)
         out[key] = t
+    return out
+
+
+def flux_diffusers_state(native_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of flux_native_state: a BFL Flux.1 transformer state dict (flux1-dev.safetensors' keys, with or
+    without ComfyUI's `model.diffusion_model.` prefix) under FluxTransformer2DModel's names, at any width - fused
+    weights split by the row blocks of models/dit.py FLUX1 (a single block's linear1: q, k, v as wide as its input,
+    the rest the MLP), the final adaLN's halves swapped. What diffusers' own converter does at Flux.1's width only
+    (convert_flux_transformer_checkpoint_to_diffusers fixes inner_dim = 3072). Raises KeyError for a key neither
+    table names."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in native_sd.items():
+        module, leaf = key.removeprefix("model.diffusion_model.").rsplit(".", 1)
+        if FLUX1.native_of(module) is not None:
+            inp = t.shape[1] if t.ndim == 2 else None
+            if inp is None:  # a bias: the split follows its weight's input width
+                inp = native_sd[key[:-len(leaf)] + "weight"].shape[1]
+            for path, (a, b), swap in FLUX1.to_diffusers(module, t.shape[0], inp):
+                part = t[a:b]
+                out[f"{path}.{leaf}"] = torch.cat(part.chunk(2, 0)[::-1], 0) if swap else part
+            continue
+        norm = FLUX1_NORMS.to_diffusers(module, t.shape[0], t.shape[0])  # KeyError when it names none
+        if leaf != "scale":
+            raise KeyError(key)
+        out[f"{norm[0][0]}.weight"] = t
     return out
 
 

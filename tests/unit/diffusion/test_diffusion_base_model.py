@@ -225,3 +225,89 @@ def test_bases_that_cannot_be_loaded_are_refused_in_one_line(tmp_path, tiny_base
     folder, _ = tiny_base("sd1")
     with pytest.raises(OptionsError, match="--base-config"):
         BaseModel(folder, config=tmp_path / "empty")
+
+
+@pytest.mark.parametrize("family", pipelines.FAMILIES)
+def test_a_single_file_base_predicts_what_its_diffusers_folder_does(family, tiny_base, lora_of):
+    """The original-layout checkpoint (SD1.5 ldm, SDXL sgm, Flux.1 BFL) with --base-config: the same weights as the
+    folder's, and the same predictions bit for bit, without and with the LoRA."""
+    folder, _ = tiny_base(family)
+    single, config = tiny_base(family, "single")
+    tensors, metadata, _ = lora_of(family)
+    with BaseModel(folder) as a, BaseModel(single, config=config) as b:
+        assert a.family == b.family == family
+        assert a.weights.keys() == b.weights.keys()
+        assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+        probes = a.probes(prompts=["a red cube"], seeds=[0], timesteps=2, size=SIZE)
+        assert all(torch.equal(x, y) for x, y in zip(a.predict(probes), b.predict(probes)))
+        with a.patched(tensors, metadata), b.patched(tensors, metadata):
+            assert all(torch.equal(x, y) for x, y in zip(a.predict(probes), b.predict(probes)))
+
+
+def test_a_flux_transformer_file_without_its_config_folder_names_base_config(tiny_base):
+    single, _ = tiny_base("flux", "single")
+    with pytest.raises(OptionsError, match="--base-config DIR"):
+        BaseModel(single)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "comfy"])
+def test_a_setting_written_in_another_layout_patches_the_same_update(sd1, layout, tiny_base, lora_of):
+    """The diffusers layout (A/B, alpha in its metadata config) and ComfyUI's names are read as the same modules
+    of the same weights: the patched weights are those of the kohya file at the same rank, to float32 rounding."""
+    _, _, path = lora_of("sd1")
+    kohya = lora_resize.resized(path, rank=4)
+    other = lora_resize.resized(path, rank=4, output_format=layout)
+    assert set(other.tensors) != set(kohya.tensors) or layout == "comfy"
+    with sd1.patched(kohya.tensors, kohya.metadata):
+        want = snapshot(sd1)
+    with sd1.patched(other.tensors, other.metadata) as report:
+        assert report.matched == report.modules == len(kohya.result.layers)
+        for k, w in want.items():
+            torch.testing.assert_close(sd1.weights[k], w, rtol=1e-6, atol=1e-7)
+
+
+def test_a_dora_is_refused_rather_than_measured_without_its_magnitudes(sd1, lora_of):
+    tensors, metadata, _ = lora_of("sd1")
+    name = next(k for k in tensors if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+    out = tensors[f"{name}.lora_up.weight"].shape[0]
+    with pytest.raises(LoraStructureError, match="DoRA"):
+        with sd1.patched({**tensors, f"{name}.dora_scale": torch.ones(1, out)}, metadata):
+            pass
+
+
+def test_a_folders_weight_variant_is_loaded_as_diffusers_loads_it(tmp_path, sd1):
+    """variant='fp16': the fp16 weight files, loaded to float32 on the CPU (the default compute dtype there)."""
+    pipe = pipelines.tiny_pipeline("sd1", seed=0)
+    pipe.to(torch.float16).save_pretrained(tmp_path / "v", variant="fp16", safe_serialization=True)
+    with BaseModel(tmp_path / "v", variant="fp16") as bm:
+        assert bm.dtype == torch.float32
+        assert all(torch.equal(bm.weights[k], w.half().float()) for k, w in sd1.weights.items())
+
+
+def test_flux_fused_qkv_and_linear1_rows_go_to_their_diffusers_parts(tiny_base):
+    """Written out by hand: a kohya Flux module of the fused img_attn.qkv updates to_q, to_k, to_v with its row
+    thirds; single_blocks.0.linear1 updates to_q, to_k, to_v (d rows each) and proj_mlp (the rest), each the float64
+    W + scale * up @ down of its rows, rounded once."""
+    folder, _ = tiny_base("flux")
+    g = torch.Generator().manual_seed(11)
+    with BaseModel(folder) as bm:
+        before = snapshot(bm)
+        d = before["transformer.transformer_blocks.0.attn.to_q.weight"].shape[1]
+        groups = {"lora_unet_double_blocks_0_img_attn_qkv": [f"transformer_blocks.0.attn.to_{x}" for x in "qkv"],
+                  "lora_unet_single_blocks_0_linear1": [f"single_transformer_blocks.0.attn.to_{x}" for x in "qkv"]
+                  + ["single_transformer_blocks.0.proj_mlp"]}
+        lora = {}
+        for name, parts in groups.items():
+            out = sum(before[f"transformer.{p}.weight"].shape[0] for p in parts)
+            lora[f"{name}.lora_down.weight"] = torch.randn(3, d, generator=g)
+            lora[f"{name}.lora_up.weight"] = torch.randn(out, 3, generator=g)
+            lora[f"{name}.alpha"] = torch.tensor(1.5)
+        with bm.patched(lora, {}) as report:
+            assert report.matched == 2 and report.weights == 7
+            for name, parts in groups.items():
+                delta = 0.5 * (lora[f"{name}.lora_up.weight"].double() @ lora[f"{name}.lora_down.weight"].double())
+                rows = [(0, d), (d, 2 * d), (2 * d, 3 * d), (3 * d, delta.shape[0])]
+                for p, (a, b) in zip(parts, rows):
+                    key = f"transformer.{p}.weight"
+                    assert torch.equal(bm.weights[key], (before[key].double() + delta[a:b]).float()), key
+        assert same(snapshot(bm), before)
