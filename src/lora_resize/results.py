@@ -186,6 +186,9 @@ class SettingRow:
     # mean over probes of ||eps_setting - eps_original|| / ||eps_original - eps_base||; None: not measured
     effect_error: float | None = None
     precision: str | None = None  # the save precision of the file this row sizes (fp16, bf16, float)
+    # in Analysis.at_precisions' rows: what rounding the factors to `precision` loses, ||dW_k,written - dW_k||_F /
+    # ||dW||_F over the sampled layers (inf: resize refuses that precision, `note` says why); None: not measured
+    rounding_error: float | None = None
 
     def as_dict(self) -> dict:
         r = self.ranks
@@ -196,7 +199,8 @@ class SettingRow:
                 "rank_max": int(r.max()) if r.size else None, "rank_mean": float(r.mean()) if r.size else None,
                 "chosen": self.chosen, "note": self.note, "base_loss": self.base_loss,
                 "base_loss_max": self.base_loss_max, "base_worst": self.base_worst,
-                "effect_error": self.effect_error, "precision": self.precision}
+                "effect_error": self.effect_error, "precision": self.precision,
+                "rounding_error": self.rounding_error}
 
 
 # The recommendation's rules (ops.analyze.recommend; here, where the CLI's help reads them without the jobs). With
@@ -273,6 +277,8 @@ class Analysis:
     notes: list[str]
     rule_hits: dict[str, int]
     _evaluate: Callable | None = field(default=None, repr=False)
+    _at_precisions: Callable | None = field(default=None, repr=False)
+    _precision_rows: dict = field(default_factory=dict, repr=False)
 
     def evaluate(self, options, label: str | None = None) -> SettingRow:
         """Size and fidelity of the file resize writes with any other ResizeOptions, from the same spectra: its
@@ -281,10 +287,26 @@ class Analysis:
         format, architecture or base, or a module this analysis dropped."""
         return self._evaluate(options, label)
 
+    def at_precisions(self, row: SettingRow | None = None) -> tuple[list[SettingRow], str]:
+        """`row` (default: `shown`, the chosen else the recommended setting) saved at fp16, bf16 and float, from
+        the same decomposition: exact sizes, fidelity, and each precision's measured `rounding_error`, with a
+        sentence saying what the rounding was measured on (ops.analyze.at_precisions; computed once per row).
+        ([], why) without a row."""
+        row = row or self.shown
+        if row is None or self._at_precisions is None:
+            return [], "no setting to show"
+        if id(row) not in self._precision_rows:
+            self._precision_rows[id(row)] = (row, *self._at_precisions(row))
+        return self._precision_rows[id(row)][1:]
+
     @property
     def shown(self) -> SettingRow | None:
         """The setting the per-layer views show: the chosen one, else the recommended one."""
         return self.chosen or self.recommended
+
+    def _precisions_dict(self) -> dict | None:
+        rows, note = self.at_precisions()
+        return {"setting": self.shown.label, "rows": [r.as_dict() for r in rows], "note": note} if rows else None
 
     def as_dict(self) -> dict:
         pick = self.chosen
@@ -300,5 +322,6 @@ class Analysis:
             "chosen": pick.as_dict() if pick else None,
             "chosen_ranks": {L.name: int(k) for L, k in zip(self.layers, pick.ranks)} if pick else None,
             "recommended": {**rec.as_dict(), "reason": self.recommended_reason} if rec else None,
+            "precisions": self._precisions_dict(),
             "layers": [{"name": L.name, "block": blk, **L.as_dict()} for L, blk in zip(self.layers, self.blocks)],
         }

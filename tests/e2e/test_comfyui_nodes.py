@@ -164,6 +164,7 @@ def test_analyze_node_gives_the_curve_as_an_image_and_the_table(nodes, loras, tm
     assert main(["analyze", str(loras / "a.safetensors"), "--rank", "16", "-q"]) == 0
     cli = capsys.readouterr().out.splitlines()
     assert table.splitlines()[1:] == cli[1:]  # the same rows (the first line holds the timings)
+    assert sum(line.startswith("> recommended: ") for line in cli) == 1 and "* chosen" not in table  # a cap: no chosen
 
 
 def test_merge_and_convert_nodes_write_what_the_cli_writes(nodes, loras, tmp_path):

@@ -46,7 +46,7 @@ def test_report_is_self_contained_and_complete(blocky_lora):
             "settings", "chosen"} <= ids
     methods = {attrs["data-method"] for tag, attrs in doc.tags if tag == "g" and "data-method" in attrs}
     assert methods == {"sv_ratio", "sv_fro", "sv_cumulative", "fixed", "target_fro", "target_size"}
-    rows = [attrs for tag, attrs in doc.tags if tag == "tr" and attrs.get("id")]
+    rows = [attrs for tag, attrs in doc.tags if tag == "tr" and attrs.get("id") and "data-method" in attrs]
     assert len(rows) == len(a.rows) + 1
     assert sum(1 for tag, attrs in doc.tags if tag == "circle" and attrs.get("class") == "point") == 3 * len(a.rows)
     blocks = [attrs["data-block"] for tag, attrs in doc.tags if tag == "g" and "data-block" in attrs]
@@ -155,3 +155,9 @@ def test_the_report_shows_the_recommendation_above_the_table(blocky_lora):
     assert [m["id"] for m in marked] == [f"row{a.rows.index(a.recommended)}"]
     flags = re.search(r'<code id="cmd-flags">([^<]*)</code>', text).group(1)
     assert flags == escape(a.recommended.args)  # the command offered is the recommended one
+    # the recommended setting at each precision, from the same decomposition
+    prec = [attrs["id"] for tag, attrs in doc.tags if tag == "tr" and attrs.get("id", "").startswith("precision-")]
+    assert prec == ["precision-fp16", "precision-bf16", "precision-float"]
+    assert text.index('id="precisions"') < text.index('id="settings"')
+    for r in a.at_precisions()[0]:
+        assert f"{r.output_bytes:,}" in text and f"{r.rounding_error:.2e}" in text

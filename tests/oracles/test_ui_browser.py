@@ -94,9 +94,14 @@ def test_analyze_pick_on_the_curve_resize_and_download(page, driver, tmp_path):
     click(driver, "#analyze-btn")
     wait_for(driver, "#curve circle.point")
     driver.save_screenshot(str(tmp_path / "ui-analyze.png"))
-    # pick sv_fro 0.95 on the curve: its point carries its row; the page shows that row's exact flags
+    # the recommendation and its reason above the table; the flags box starts at its flags
     from lora_resize import analyze
-    rows = analyze(src).rows
+    a = analyze(src)
+    rec = wait_for(driver, "#ui-recommended")
+    assert a.recommended.label in rec.text and f"why: {a.recommended_reason}" in rec.text
+    wait_for(driver, "#flags textarea, #flags input", lambda e: e.get_attribute("value") == a.recommended.args)
+    # pick sv_fro 0.95 on the curve: its point carries its row; the page shows that row's exact flags
+    rows = a.rows
     i = next(j for j, r in enumerate(rows) if r.label == "sv_fro 0.95")
     click(driver, f'#curve circle.point[data-row="row{i}"]')
     wait_for(driver, "#flags textarea, #flags input", lambda e: e.get_attribute("value") == rows[i].args)

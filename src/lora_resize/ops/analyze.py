@@ -28,9 +28,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..core.schedule import Progress, compute_device
+import torch
+
+from ..core.schedule import Progress, compute_device, decompose_layers
 from ..core.spectrum import Spectrum
-from ..errors import OptionsError
+from ..core.truncate import SAVE_DTYPES, on_host
+from ..errors import NumericalError, OptionsError
 from ..formats import read_layout
 from ..formats.blocks import block_of
 from ..formats.convert import copied_sources
@@ -46,7 +49,8 @@ from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
 from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
 from .effect import Probing
-from .job import Output, metadata_for, module_job, precision_of, sizer_for, spectra, with_base
+from .job import (Output, alpha_rule, metadata_for, module_job, output_scale, precision_of, sizer_for, spectra,
+                  start_layer, with_base)
 
 # what names a chosen setting: what a sweep's settings replace (a method and its parameter - `method="fixed"` with
 # a rank names that fixed rank -, a budget, explicit ranks); every other user-facing option is shared by all the
@@ -55,7 +59,6 @@ CHOSEN_FIELDS = SWEPT
 SHARED_FIELDS = tuple(f.name for f in option_fields() if f.name not in SWEPT)
 # a setting that makes the shared options valid when none is named; never evaluated (every row replaces it)
 _PLACEHOLDER = dict(method="sv_ratio", param=1.0)
-
 
 
 def check_max_effect_error(x) -> float:
@@ -169,7 +172,7 @@ class Evaluator:
     def evaluate(self, opts: ResizeOptions, label: str | None = None) -> SettingRow:
         """Size and fidelity of the file `resize` would write with `opts` (OptionsError for an option this
         decomposition cannot honour: `view`). The row's ranks are those of the layers the setting keeps."""
-        _, sps, _ = self.view(opts)
+        _, sps, precision = self.view(opts)
         sizer = self.sizer(opts)
         ranks, notes = plan(sps, opts, sizer)
         size, header, params = sizer.file_size(ranks)
@@ -187,7 +190,7 @@ class Evaluator:
             method, param = (opts.method, opts.param) if opts.method else (FIXED, opts.rank)
         return SettingRow(label or opts.label(), method, param, opts.flags(), size, params, **fidelity(layers),
                           ranks=ranks, options=opts, header_bytes=header, note=notes[0] if notes else None,
-                          precision=self.view(opts)[2], **base)
+                          precision=precision, **base)
 
     @staticmethod
     def _base_losses(sps: list[Spectrum], ranks) -> dict:
@@ -249,6 +252,62 @@ def sizes_125(lo: int, hi: int) -> list[int]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# One setting at each save precision
+
+PRECISION_ROWS = ("fp16", "bf16", "float")
+ROUNDING_SAMPLE = 8  # the layers with the largest updates whose rounding is measured
+
+
+def at_precisions(ev: Evaluator, src: os.PathLike, row: SettingRow, sample: int = ROUNDING_SAMPLE
+                  ) -> tuple[list[SettingRow], str]:
+    """`row`'s setting saved at each of PRECISION_ROWS, from the same spectra: the exact size and the rank's
+    fidelity (`Evaluator.evaluate`; a budget's ranks may differ between precisions), and `rounding_error`: what
+    rounding the factors to that dtype loses, ||dW_k,written - dW_k||_F / ||dW||_F with all layers as one update -
+    dW_k the exact rank-k truncation (float64) and dW_k,written what the file applies (its factors made as resize
+    makes them, `ops.job.start_layer`, times the scale it is loaded with). The analysis keeps singular values only,
+    so the factors are computed again, for the `sample` layers with the largest update (NaN when none is live);
+    the returned sentence says which share of the update that covers. A layer resize would refuse in a precision
+    (NumericalError: too small or too large for it) makes that row's rounding_error inf and its note the reason.
+
+    Raises InputFileError when `src` cannot be read again."""
+    rows = [ev.evaluate(replace(row.options, precision=p), label=f"{row.label}, {p}") for p in PRECISION_ROWS]
+    _, sps, _ = ev.view(rows[0].options)
+    heavy = sorted((i for i, sp in enumerate(sps) if sp.energy > 0), key=lambda i: -sps[i].energy)[:sample]
+    total = sum(sp.energy for sp in sps)
+    if not heavy:
+        return rows, "rounding not measured: every layer's update is zero"
+    device = compute_device(ev.analyzed.device)
+    with open_tensor_file(src) as reader:
+        layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch)
+        modules = {m.name: m for m in layout.modules}
+        jobs = [module_job(modules[sps[i].name], reader) for i in heavy]
+        layers = [job.load() for job in jobs]
+    decs = decompose_layers([(job.name, layer) for job, layer in zip(jobs, layers)], device)
+    scales = [(sp.scale, sp.rank) for sp in sps]
+    sampled = sum(sps[i].energy for i in heavy)
+    for r in rows:
+        dtype = SAVE_DTYPES[r.precision]
+        alpha_of = alpha_rule(r.options, scales, dtype)
+        lost = 0.0
+        for i, job, layer, dec in zip(heavy, jobs, layers, decs):
+            k = int(r.ranks[i])
+            q = start_layer(job, layer, dec, r.options.with_setting(ranks={job.name: k}), dtype, alpha_of)
+            try:
+                up, down = on_host(job.name, q.up, q.down, q.bound, exact=q.conversion == "exact")
+            except NumericalError as e:
+                lost, r.note = float("inf"), str(e)
+                break
+            written = output_scale(job.module, q.alpha_t, q.rank) * (up.double() @ down.double())
+            U, S, Vh = dec.factors(q.rank)
+            exact = layer.scale * ((U * S) @ Vh).cpu()
+            lost += float(torch.linalg.matrix_norm(written - exact)) ** 2
+        r.rounding_error = math.sqrt(lost / sampled)
+    return rows, (f"rounding measured on the {len(heavy)} layer{'s' if len(heavy) != 1 else ''} with the largest "
+                  f"update{'s' if len(heavy) != 1 else ''} ({sampled / total:.0%} of the update's energy), "
+                  "their factors made again as resize makes them")
+
+
 def split_options(options: ResizeOptions | None, fields_: dict) -> tuple[ResizeOptions, ResizeOptions | None]:
     """(shared, chosen): options carrying the fields every setting shares (rank rule, caps, precision, rules,
     device, threads, output format), and the chosen setting when the options name one: a method (with its
@@ -281,9 +340,10 @@ def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeO
         if chosen_row.note:
             notes.append(chosen_row.note)
     recommended, reason = recommend(rows, max_effect_error)
+    src = a_fields["src"]
     return Analysis(shared=shared, layers=ev.sps, blocks=[block_of(sp.name) for sp in ev.sps], rows=rows,
                     chosen=chosen_row, recommended=recommended, recommended_reason=reason, notes=notes,
-                    _evaluate=ev.evaluate, **a_fields)
+                    _evaluate=ev.evaluate, _at_precisions=lambda row: at_precisions(ev, src, row), **a_fields)
 
 
 def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress | None = None

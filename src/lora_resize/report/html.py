@@ -1,9 +1,10 @@
 """Pictures of an analysis: one self-contained HTML report (inline SVG, inline CSS and a few lines of inline
 script; nothing is fetched when it is viewed) and the main curve as a PNG (matplotlib).
 
-The report holds: the size-vs-fidelity curve of every method with the chosen setting marked (fidelity switchable
-between the size-weighted mean, the global and the worst layer), the per-layer rank map grouped by block, the
-singular-value spectra of the heaviest layers with the kept part shaded, and the table of settings."""
+The report holds: the recommended setting and why, the size-vs-fidelity curve of every method with the recommended
+and the chosen setting marked (fidelity switchable between the size-weighted mean, the global and the worst layer;
+drawn as the part lost on a log scale), the per-layer rank map grouped by block, the singular-value spectra of the
+heaviest layers with the kept part shaded, the shown setting at each precision, and the table of settings."""
 from __future__ import annotations
 
 import base64
@@ -105,18 +106,19 @@ def curve_svg(a, metric: str, ident: str, width: int = 760, height: int = 420) -
         y = Scale(floor, max(pos) * 1.5, B, T, log=True)
         body = [axes(x, y, lambda v: human_bytes(v), lambda v: f"{v:.0e}", "output size (log scale)",
                      f"{LOSSES[metric]} (log scale; lower is better)")]
-        shown = lambda r: f"{getattr(r, metric):.2e}"  # noqa: E731
         title = f"output size against {LOSSES[metric]}"
     else:
         floor = max(min(pos) / 1.5, LOSS_FLOOR)
         y = Scale(floor, min(1.0, max(pos) * 1.5), T, B, log=True)  # losses: the smallest at the top
         body = [axes(x, y, lambda v: human_bytes(v), retained_tick, "output size (log scale)",
                      f"Frobenius retained, {METRICS[metric]} (log scale of 1 - F)")]
-        shown = lambda r: percent(getattr(r, metric))  # noqa: E731
         title = f"output size against Frobenius retained, {METRICS[metric]}: {CURVE_NOTES[metric]}"
 
     def yy(r):
         return y(max(loss(r), floor))
+
+    def shown(r):
+        return f"{getattr(r, metric):.2e}" if base else percent(getattr(r, metric))
     legend_y = T + 8
     for method, (color, name) in series().items():
         pts = sorted((r for r in rows if r.method == method), key=lambda r: r.output_bytes)
@@ -290,6 +292,26 @@ def settings_table(a) -> str:
             + "\n</tbody></table></div>")
 
 
+def precision_table(a) -> str:
+    """The shown setting (chosen, else recommended) at fp16, bf16 and float (Analysis.at_precisions): exact size,
+    fidelity and the rounding each precision adds, with what the rounding was measured on; "" without one."""
+    rows, note = a.at_precisions()
+    if not rows:
+        return ""
+    head = ("<tr><th>precision</th><th>resize flags</th><th>bytes</th><th>size</th>"
+            + "".join(f"<th>fro {name}</th>" for name, _ in MEASURES.values()) + "<th>rounding</th></tr>")
+    body = [f'<tr id="precision-{r.precision}"><td>{esc(r.precision)}</td><td><code>{esc(r.args)}</code></td>'
+            f'<td class="n">{r.output_bytes:,}</td><td class="n">{esc(human_bytes(r.output_bytes))}</td>'
+            + "".join(f'<td class="n">{percent(getattr(r, key))}</td>' for key in MEASURES)
+            + f'<td class="n">{"n/a" if r.rounding_error is None else f"{r.rounding_error:.2e}"}'
+            + (f' <span class="meta">({esc(r.note)})</span>' if r.note else "") + "</td></tr>" for r in rows]
+    return (f"<h2>{esc(a.shown.label)} at each precision</h2>"
+            f'<div class="scroll"><table id="precisions"><thead>{head}</thead><tbody>' + "".join(body)
+            + "</tbody></table></div><p class=meta>One decomposition: sizes exact, fidelity of the ranks each "
+            "precision gets; rounding = ||dW_k,written - dW_k||_F / ||dW||_F, what storing the factors in that "
+            f"precision adds to the truncation ({esc(note)}).</p>")
+
+
 def setting_line(kind: str, r) -> str:
     """'recommended: <b>sv_fro 0.9</b>: 13.1 MB (13,080,692 bytes), Frobenius retained: w-mean ...' (HTML)."""
     line = (f"{kind}: <b>{esc(r.label)}</b>: {esc(human_bytes(r.output_bytes))} ({r.output_bytes:,} bytes), "
@@ -316,7 +338,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
 .chart{max-width:100%;height:auto;background:#fff}
 .frame{fill:none;stroke:#888} .grid{stroke:#e6e6e6} .tick{font-size:11px;fill:#444} .label{font-size:12px;fill:#222}
 .legend{font-size:12px;fill:#222} .series{stroke-width:2} .point{cursor:pointer} .point:hover{r:6}
-.chosen-label{font-size:12px;font-weight:600} .old{fill:#eee;stroke:#ccc;stroke-width:.5}
+.chosen-label{font-size:12px;font-weight:600;paint-order:stroke;stroke:#fff;stroke-width:3px} .old{fill:#eee;stroke:#ccc;stroke-width:.5}
 .kept{fill:#9ecae1;opacity:.55} .cut{stroke:#c00;stroke-dasharray:4,3}
 .tabs button{margin-right:6px;padding:3px 10px;border:1px solid #999;background:#f4f4f4;border-radius:4px;cursor:pointer}
 .tabs button.on{background:#1f4e79;color:#fff;border-color:#1f4e79}
@@ -445,6 +467,7 @@ def html_report(a, pictures=None) -> str:
 Budget policies (dashed) put each byte where it keeps the most global energy.</p>
 {base_section}
 {per_layer}
+{precision_table(a)}
 <h2>Settings</h2>
 {settings_table(a)}
 <script>{SCRIPT}</script>

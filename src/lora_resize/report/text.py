@@ -213,6 +213,7 @@ def analysis_table(a, verbose: bool = False) -> str:
         lines.append(f"* chosen: {resize} {a.chosen.args}")
     else:
         lines.append(f"or pick a row and run: {resize} <its flags> (--json lists every row's flags)")
+    lines += precision_table(a)
     if a.rule_hits:
         lines.append("rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}" for r, n in a.rule_hits.items()))
     if a.dropped:
@@ -220,6 +221,22 @@ def analysis_table(a, verbose: bool = False) -> str:
     lines += [f"note: {n}" for n in a.notes]
     text = "\n".join(one_line(line) for line in lines)
     return f"{text}\n\n{per_layer_table(a)}" if verbose else text
+
+
+def precision_table(a) -> list[str]:
+    """The shown setting (chosen, else recommended) saved at fp16, bf16 and float, from the same decomposition:
+    exact sizes, fidelity, and the rounding each precision adds (Analysis.at_precisions); [] without a setting."""
+    rows, note = a.at_precisions()
+    if not rows:
+        return []
+    lines = ["", f"{a.shown.label} at each precision (rounding = ||dW_k,written - dW_k||_F / ||dW||_F; {note}):",
+             f"  {'precision':<10} {'bytes':>14} {'size':>9} "
+             + " ".join(f"{name:>7}" for name, _ in MEASURES.values()) + f" {'rounding':>9}"]
+    for r in rows:
+        lines.append(f"  {r.precision:<10} {r.output_bytes:>14,} {format_size(r.output_bytes):>9} "
+                     + " ".join(f"{percent(getattr(r, key)):>7}" for key in MEASURES)
+                     + f" {_sci(r.rounding_error):>9}" + (f"  ({r.note})" if r.note else ""))
+    return lines
 
 
 def per_layer_table(a) -> str:

@@ -84,3 +84,21 @@ def test_cli_prints_the_recommendation_and_its_command(blocky_lora, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["chosen"] is None
     assert d["recommended"]["args"] == a.recommended.args and d["recommended"]["reason"] == a.recommended_reason
+
+
+def test_effect_errors_filled_after_the_sweep_decide_the_recommendation(blocky_lora):
+    """analyze --effect fills row.effect_error after the sweep and recommends again: the same pure function."""
+    a = analyze(blocky_lora, rank=12)
+    for r in a.rows:
+        r.effect_error = 1 - r.fro_global  # a stand-in for a measurement that falls as the file grows
+    best, why = recommend(a.rows, 0.05)
+    under = [r for r in a.rows if r.effect_error <= 0.05]
+    assert best.output_bytes == min(r.output_bytes for r in under) and best.effect_error <= 0.05
+    assert "effect error" in why and "weight-space" not in why
+
+
+def test_cli_refuses_a_bad_max_effect_error(blocky_lora, capsys):
+    assert main(["analyze", str(blocky_lora), "--max-effect-error", "-0.5", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--max-effect-error must be a number >= 0" in err
+    assert main(["analyze", str(blocky_lora), "--max-effect-error", "0.2", "-q"]) == 0  # accepted
