@@ -1,7 +1,9 @@
-"""ComfyUI custom nodes for lora-resize: place or link this folder into `ComfyUI/custom_nodes/` (and `pip install
-lora-resize` into ComfyUI's Python). The nodes call the installed `lora_resize` library; nothing of it is copied
-here. Nodes: Resize LoRA, Analyze LoRA (a size/fidelity picture and the table, before any file is written),
-Merge LoRAs, Convert LoRA - all under "lora-resize" in the node menu, reading from and writing to the loras folder."""
+"""ComfyUI custom nodes for lora-resize: clone the repository into `ComfyUI/custom_nodes/` (its root `__init__.py`
+imports this package with the clone's library), or place or link this folder there and `pip install lora-resize`
+into ComfyUI's Python. The nodes call the `lora_resize` library; nothing of it is copied here. Nodes: Resize LoRA,
+Analyze LoRA (a size/fidelity picture and the table, before any file is written), Merge LoRAs, Convert LoRA, Apply
+resized LoRA and Sweep resized LoRA (a setting applied in memory, no file written), Tile images with labels - all
+under "lora-resize" in the node menu, reading from and writing to the loras folder."""
 import importlib.util
 import sys
 

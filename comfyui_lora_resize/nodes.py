@@ -290,12 +290,7 @@ def _setting_label(opts) -> str:
 
 def _resized(path: str, opts) -> tuple[dict, str]:
     """The tensors `lora-resize resize` writes for `opts` (lora_resize.resized: in memory, the same bits), and the
-    label: the setting and the size its file would have ('sv_ratio 32 - 14.2 MB'). A layout ComfyUI does not read
-    from a state dict is refused."""
-    if opts.output_format is not None and opts.output_format not in FILE_LAYOUTS:
-        raise ValueError(f"--output-format {opts.output_format}: ComfyUI cannot apply that layout (its scale is in a "
-                         f"companion file); use one of {', '.join(FILE_LAYOUTS)}")
-
+    label: the setting and the size its file would have ('sv_ratio 32 - 14.2 MB')."""
     def make():
         r = _run(lambda: lora_resize.resized(path, opts, progress=_progress()))
         return r.tensors, r.result.output_bytes
@@ -337,7 +332,8 @@ def _sweep_settings(text: str) -> list:
             raise ValueError(f"settings line {n} ({line[:80]!r}): {e}") from None
         if opts.output_format is not None and opts.output_format not in FILE_LAYOUTS:
             raise ValueError(f"settings line {n} ({line[:80]!r}): --output-format {opts.output_format} is not a "
-                             f"layout ComfyUI applies; use one of {', '.join(FILE_LAYOUTS)}")
+                             f"layout ComfyUI applies (its scale is in a companion file); use one of "
+                             f"{', '.join(FILE_LAYOUTS)}")
         out.append(opts)
     if not out:
         raise ValueError("no settings: write one per line, e.g. --method sv_ratio --param 32, or base / original")

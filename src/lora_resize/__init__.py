@@ -20,7 +20,7 @@ _LAZY = {
     "resize": "ops.resize", "resized": "ops.resize", "Resized": "ops.resize", "convert": "ops.convert", "merge": "ops.merge", "Source": "ops.merge", "analyze": "ops.analyze",
     "Analysis": "results", "SettingRow": "results", "ResizeResult": "results", "LayerResult": "results",
     "ResizeOptions": "options", "decompose": "core.decompose", "Decomposition": "core.decompose",
-    # for consumers: choices, renderings, the output-name check
+    # for consumers: choices, renderings, the output names, a setting from flags
     "LAYOUTS": "models", "PRECISIONS": "options", "RANK_RULES": "ranks.policies", "dynamic_methods": "ranks.policies",
     "summary": "report.text", "analysis_table": "report.text", "write_png": "report.png", "name_problem": "io.paths",
     "free_name": "io.paths", "format_size": "units", "options_from_flags": "cli.flags",

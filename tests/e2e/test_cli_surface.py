@@ -435,3 +435,29 @@ def test_batch_escapes_control_characters_in_file_names(tmp_path, blocky_lora, c
     assert all(c.isprintable() for line in lines for c in line), out
     for shown in ("new\\nline", "red\\x1b[31m", "tab\\there", "bad\\rname"):
         assert sum(shown in line for line in lines) == 1, (shown, out)
+
+
+@pytest.mark.parametrize("line", ["--method sv_ratio --param 32", "--new_rank 8 --dynamic_method sv_fro "
+                                  "--dynamic_param 0.9 --save_precision bf16", "--target-size 50MB --rank 64",
+                                  "--rank 16 --conv-rank 4 --rule 'lora_te_*=drop' --output-format comfy",
+                                  "--rank 4 --device cpu --threads 2"])
+def test_options_from_flags_reads_a_setting_as_resize_does(line):
+    """lora_resize.options_from_flags (the ComfyUI sweep's setting lines): the options `lora-resize resize IN -o OUT
+    LINE` runs with, and a line the CLI refuses is refused with its one-line error."""
+    import shlex
+
+    import lora_resize
+    from lora_resize.cli.flags import options_from
+    want = options_from(build_parser().parse_args(["resize", "IN", "-o", "OUT", *shlex.split(line)]))
+    assert lora_resize.options_from_flags(line) == want
+
+
+@pytest.mark.parametrize("line, why", [("--method sv_ratio", "needs a parameter"), ("--rnak 4", "did you mean --rank"),
+                                       ("IN --rank 4", "unrecognized argument IN"), ("-o x --rank 4", "unknown option -o"),
+                                       ("-h", "unknown option -h"), ("--rank 'x", "cannot read the flags"),
+                                       ("--rank 4 --rank 8", "given twice"), ("", "give a rank")])
+def test_options_from_flags_refuses_what_is_not_one_setting(line, why):
+    import lora_resize
+    with pytest.raises(lora_resize.OptionsError, match=why) as e:
+        lora_resize.options_from_flags(line)
+    assert "\n" not in str(e.value)

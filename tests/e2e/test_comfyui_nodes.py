@@ -362,9 +362,10 @@ def test_tile_makes_one_labelled_cell_per_image(nodes):
     (grid,) = node.tile(batches, labels, [0])  # ComfyUI hands every input as a list
     assert grid.dtype == torch.float32 and grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[3] == 3
     frames = [f for b in batches for f in b]
-    cols, rows, w, h, gap = 2, 2, 96, 64, nodes.nodes.GAP
+    cols, rows, w, h = 2, 2, 96, 64
+    gap = grid.shape[2] - cols * w  # white between the cells
     strip = (grid.shape[1] + gap) // rows - h - gap
-    assert grid.shape[2] == cols * (w + gap) - gap and grid.shape[1] == rows * (h + strip + gap) - gap and strip > 10
+    assert 0 <= gap < 20 and grid.shape[1] == rows * (h + strip + gap) - gap and strip > 10
     cells = []
     for i, frame in enumerate(frames):
         x, y = (i % cols) * (w + gap), (i // cols) * (h + strip + gap)
@@ -406,3 +407,117 @@ def test_writing_nodes_pick_a_free_name_when_none_is_given(nodes, loras):
     assert (merged, converted) == ("a_merged.safetensors", "a_comfy.safetensors")
     with pytest.raises(FileExistsError):  # a name given is that name, or refused
         resize.resize("a.safetensors", output_name="a_resized", **args)
+
+
+# ComfyUI's core nodes of the example workflow (its nodes.py): socket inputs (name, type), output types, widgets
+# (KSampler's seed gets the frontend's control_after_generate value beside it)
+CORE = {"CheckpointLoaderSimple": ([], ["MODEL", "CLIP", "VAE"], 1),
+        "CLIPTextEncode": ([("clip", "CLIP")], ["CONDITIONING"], 1),
+        "EmptyLatentImage": ([], ["LATENT"], 3),
+        "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                      ("latent_image", "LATENT")], ["LATENT"], 7),
+        "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], ["IMAGE"], 0),
+        "SaveImage": ([("images", "IMAGE")], [], 1)}
+SOCKETS = {"MODEL", "CLIP", "IMAGE", "LATENT", "CONDITIONING", "VAE"}  # types a connection gives, not a widget
+
+
+def signature(cls) -> tuple[list, list, list]:
+    """A node class's socket inputs (name, type), output types and widget names, in ComfyUI's order."""
+    sockets, widgets = [], []
+    for name, decl in {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}.items():
+        opts = decl[1] if len(decl) > 1 else {}
+        if isinstance(decl[0], str) and (decl[0] in SOCKETS or opts.get("forceInput")):
+            sockets.append((name, decl[0]))
+        else:
+            widgets.append(name)
+    return sockets, list(cls.RETURN_TYPES), widgets
+
+
+def test_the_example_workflow_is_consistent(nodes):
+    """example_workflows/compare_settings.json, in ComfyUI's workflow format, where ComfyUI lists a node pack's
+    templates (its app/custom_node_manager.py globs custom_nodes/*/example_workflows/*.json): every node type exists
+    (ours in NODE_CLASS_MAPPINGS, ComfyUI's core ones by name), its sockets and widget values fit the node, every
+    input is connected and every link joins an output to an input of the same type, as both ends record it."""
+    import json
+    wf = json.loads((REPO / "example_workflows" / "compare_settings.json").read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    assert len(by_id) == len(wf["nodes"]) and wf["last_node_id"] == max(by_id)
+    assert wf["last_link_id"] == max(link[0] for link in wf["links"])
+    kinds = [n["type"] for n in wf["nodes"]]
+    for kind in ("CheckpointLoaderSimple", "LoraResizeSweep", "CLIPTextEncode", "KSampler", "VAEDecode",
+                 "LoraResizeTile", "SaveImage"):
+        assert kind in kinds, kind
+    for n in wf["nodes"]:
+        if n["type"] in nodes.NODE_CLASS_MAPPINGS:
+            cls = nodes.NODE_CLASS_MAPPINGS[n["type"]]
+            sockets, outputs, widgets = signature(cls)
+            assert len(n["widgets_values"]) == len(widgets), n["type"]
+            given = dict(zip(widgets, n["widgets_values"]))
+            if n["type"] == "LoraResizeSweep":
+                assert len(nodes.nodes._sweep_settings(given["settings"])) == 7  # lines the node reads
+        else:
+            sockets, outputs, n_widgets = CORE[n["type"]]
+            assert len(n["widgets_values"]) == n_widgets, n["type"]
+        assert [(i["name"], i["type"]) for i in n["inputs"]] == sockets, n["type"]
+        assert [o["type"] for o in n["outputs"]] == outputs, n["type"]
+        assert all(i["link"] is not None for i in n["inputs"]), n["type"]  # every input connected
+    ids = set()
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        ids.add(link_id)
+        out, inp = by_id[src]["outputs"][src_slot], by_id[dst]["inputs"][dst_slot]
+        assert out["type"] == inp["type"] == kind and link_id in out["links"] and inp["link"] == link_id, link_id
+    assert len(ids) == len(wf["links"])
+    assert {i["link"] for n in wf["nodes"] for i in n["inputs"]} == ids  # no link recorded on one end only
+    assert {x for n in wf["nodes"] for o in n["outputs"] for x in o["links"] or ()} == ids
+
+
+CLONE_IMPORT = r"""
+import importlib.util, os, sys, types
+clone = sys.argv[1]
+# lora-resize not installed: no entry of the path (an editable install's, PYTHONPATH's) provides it
+sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or ".", "lora_resize", "__init__.py"))
+               or os.path.isdir(os.path.join(p, "torch"))]
+fp = types.ModuleType("folder_paths")
+fp.get_filename_list = lambda kind: ["a.safetensors"]
+sys.modules["folder_paths"] = fp
+# as ComfyUI's nodes.py load_custom_node imports custom_nodes/<folder>: the folder's __init__.py as a package
+spec = importlib.util.spec_from_file_location("lora-resize", os.path.join(clone, "__init__.py"))
+module = importlib.util.module_from_spec(spec)
+sys.modules["lora-resize"] = module
+spec.loader.exec_module(module)
+import lora_resize
+print(" ".join(sorted(module.NODE_CLASS_MAPPINGS)))
+print(lora_resize.__file__)
+"""
+
+
+def test_a_clone_in_custom_nodes_loads_without_installing_lora_resize(nodes, tmp_path):
+    """ComfyUI-Manager (or `git clone`) puts the whole repository in custom_nodes/<name>/ and ComfyUI imports its
+    root __init__.py: the nodes register, with the clone's own src/ as the library, lora-resize not installed."""
+    import shutil
+    clone = tmp_path / "ComfyUI" / "custom_nodes" / "lora-resize"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(REPO / "src", clone / "src", ignore=ignore)
+    shutil.copytree(REPO / "comfyui_lora_resize", clone / "comfyui_lora_resize", ignore=ignore)
+    shutil.copy(REPO / "__init__.py", clone / "__init__.py")
+    p = subprocess.run([sys.executable, "-c", CLONE_IMPORT, str(clone)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert p.returncode == 0, p.stderr
+    names, where = p.stdout.splitlines()[-2:]
+    assert set(names.split()) == set(nodes.NODE_CLASS_MAPPINGS)
+    assert Path(where).resolve().is_relative_to(clone / "src")  # the clone's library, not an installed one
+
+
+def test_requirements_are_the_core_dependencies_without_torch():
+    """ComfyUI-Manager runs `pip install <line>` for each line of the root requirements.txt in ComfyUI's Python:
+    every dependency of the package but torch (ComfyUI's own must not be replaced), matplotlib for Analyze's curve,
+    one requirement per line (no comments: older Manager versions hand every line to pip)."""
+    import tomllib
+    from packaging.requirements import Requirement
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    wanted = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = {Requirement(r).name: str(Requirement(r)) for r in wanted["dependencies"]}
+    plot = [str(Requirement(r)) for r in wanted["optional-dependencies"]["plot"]]
+    assert all(line.strip() and "#" not in line for line in lines)
+    assert sorted(str(Requirement(line)) for line in lines) == sorted([*(v for k, v in core.items() if k != "torch"),
+                                                                       *plot])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import shlex
 import sys
 from typing import Callable
 
@@ -228,7 +229,6 @@ def options_from_flags(line: str) -> ResizeOptions:
 
     Raises OptionsError: the line cannot be split, holds something that is not a resize option (an input, -o, -h),
     or its options do not fit together."""
-    import shlex
     try:
         words = shlex.split(line)
     except ValueError as e:

@@ -36,3 +36,11 @@ def test_the_cli_refuses_them_on_windows_only(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
     assert "out:v2.safetensors" in str(e.value) and "Windows" in str(e.value)
+
+
+def test_free_name_never_picks_a_taken_one():
+    from lora_resize.io.paths import free_name
+    taken = {"a_resized.safetensors", "a_resized_2.safetensors", "a_resized_4.safetensors"}
+    assert free_name("a_resized.safetensors", taken.__contains__) == "a_resized_3.safetensors"
+    assert free_name("b.safetensors", taken.__contains__) == "b.safetensors"
+    assert free_name("v1.0.pt", {"v1.0.pt"}.__contains__) == "v1.0_2.pt"  # the suffix kept, dots in the stem too
