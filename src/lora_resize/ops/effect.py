@@ -100,7 +100,6 @@ class EffectMeter:
     def __init__(self, src: str | os.PathLike, probing: Probing):
         self.src, self.probing = src, probing
         self._stack = contextlib.ExitStack()
-        self.notes: list[str] = []
 
     def __enter__(self) -> "EffectMeter":
         from ..core.schedule import compute_device
