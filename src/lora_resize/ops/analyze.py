@@ -380,7 +380,8 @@ def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
     ('exact'|'kohya'), precision (default: the input's), block_rules, output_format (sizes are those of the
     converted file), device, threads; and optionally the chosen setting (method + param, a fixed rank as
     method="fixed" + rank, target_size or target_fro, explicit ranks), evaluated as `Analysis.chosen`; a rank alone
-    caps every setting and chooses none. `Analysis.recommended` is `recommend(rows, max_effect_error)`.
+    caps every setting and chooses none (so does `options=ResizeOptions(rank=N)`: give the fields with
+    method="fixed" to name a fixed rank). `Analysis.recommended` is `recommend(rows, max_effect_error)`.
 
     `effect` (ops.effect.Probing: the base model, prompts, seed, timesteps): also measure every row's effect error
     on the base model's output (ops.effect; the `preview` extra), before the recommendation is made;

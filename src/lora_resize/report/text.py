@@ -213,7 +213,7 @@ def analysis_table(a, verbose: bool = False) -> str:
         lines.append(f"* chosen: {resize} {a.chosen.args}")
     else:
         lines.append(f"or pick a row and run: {resize} <its flags> (--json lists every row's flags)")
-    lines += precision_table(a)
+    lines += precision_lines(a)
     if a.rule_hits:
         lines.append("rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}" for r, n in a.rule_hits.items()))
     if a.dropped:
@@ -223,7 +223,7 @@ def analysis_table(a, verbose: bool = False) -> str:
     return f"{text}\n\n{per_layer_table(a)}" if verbose else text
 
 
-def precision_table(a) -> list[str]:
+def precision_lines(a) -> list[str]:
     """The shown setting (chosen, else recommended) saved at fp16, bf16 and float, from the same decomposition:
     exact sizes, fidelity, and the rounding each precision adds (Analysis.at_precisions); [] without a setting."""
     rows, note = a.at_precisions()
