@@ -443,45 +443,9 @@ GAP = 8  # white pixels between the grid's cells
 
 
 def _grid(pixels: list, labels: list[str], columns: int):
-    """A PIL image: the pictures (H x W x 3 uint8 arrays) in rows of `columns` (0: about square) on white cells of
-    the largest one's size (each picture centred in its cell), each label wrapped under its picture in black;
-    GAP pixels between cells."""
-    import math
-
-    from PIL import Image, ImageDraw, ImageFont
-    n = len(pixels)
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    w = max(p.shape[1] for p in pixels)
-    h = max(p.shape[0] for p in pixels)
-    size = max(12, w // 28)
-    try:
-        font = ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
-    except TypeError:
-        font = ImageFont.load_default()
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    wrapped = [_wrap(draw, label, font, w - 8) for label in labels]
-    line = draw.textbbox((0, 0), "Ag", font=font)[3] + 4
-    strip = 8 + line * max(len(x) for x in wrapped)
-    grid = Image.new("RGB", (cols * (w + GAP) - GAP, rows * (h + strip + GAP) - GAP), "white")
-    pen = ImageDraw.Draw(grid)
-    for i, (p, lines) in enumerate(zip(pixels, wrapped)):
-        x, y = (i % cols) * (w + GAP), (i // cols) * (h + strip + GAP)
-        grid.paste(Image.fromarray(p[..., :3]), (x + (w - p.shape[1]) // 2, y + (h - p.shape[0]) // 2))
-        for j, text in enumerate(lines):
-            pen.text((x + 4, y + h + 4 + j * line), text, fill="black", font=font)
-    return grid
-
-
-def _wrap(draw, text: str, font, width: int) -> list[str]:
-    """`text` in lines no wider than `width` pixels, broken between words (a longer word stands alone)."""
-    lines: list[str] = []
-    for word in text.split() or [""]:
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] += f" {word}"
-        else:
-            lines.append(word)
-    return lines
+    """A PIL image: the pictures (H x W x 3 uint8 arrays) in rows of `columns` (0: about square), each label
+    wrapped under its picture, GAP pixels between cells (lora_resize.labelled_grid, the grid of `preview`)."""
+    return lora_resize.labelled_grid(pixels, labels, columns, gap=GAP)
 
 
 NODE_CLASS_MAPPINGS = {"LoraResize": ResizeLora, "LoraResizeAnalyze": AnalyzeLora, "LoraResizeMerge": MergeLoras,

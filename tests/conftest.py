@@ -65,3 +65,13 @@ def tiny_base(tmp_path_factory):
         return singles[family], folder
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_lora(tmp_path_factory):
+    """A rank-8 kohya LoRA on the tiny SD1.5-like pipeline's UNet and text encoder (testing.pipelines.tiny_lora:
+    spectra decaying by 0.7 a rank, so the effect error grows as ranks shrink), for the base tiny_base("sd1")."""
+    from lora_resize.testing import pipelines
+
+    pipe = pipelines.tiny_pipeline("sd1", seed=0)
+    return pipelines.tiny_lora(pipe, tmp_path_factory.mktemp("tiny_lora") / "tiny.safetensors", rank=8)

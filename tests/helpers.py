@@ -428,3 +428,12 @@ def chromium() -> tuple[str, str]:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{why}, and CI=true needs it")
     pytest.skip(why)
+
+
+def refused_in_one_line(capsys, argv: list[str]) -> str:
+    """Run the CLI on `argv`; check it exits 2 (a LoraResizeError) with one line on stderr, our error's; return it."""
+    from lora_resize.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("lora-resize: error:"), err
+    return err

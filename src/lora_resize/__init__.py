@@ -5,9 +5,11 @@
 
 The public API is below; its names are imported on first use, so `import lora_resize` (and the CLI's start-up)
 stays cheap. It is also the one facade for consumers outside the package (the ComfyUI nodes, extensions): the jobs
-(`resized`: a resize in memory, for applying a setting without a file),
+(`resized`: a resize in memory, for applying a setting without a file; `preview` and `Probing`: pictures and
+effect errors on a base model),
 the choices their inputs offer (`LAYOUTS`, `PRECISIONS`, `RANK_RULES`, `dynamic_methods()`), the renderings of
-results (`summary`, `analysis_table`, `write_png`, `format_size`), a setting read from flags as the CLI reads them
+results (`summary`, `analysis_table`, `write_png`, `format_size`, `labelled_grid`: pictures with their labels), a
+setting read from flags as the CLI reads them
 (`options_from_flags`) and the output names (`name_problem`, `free_name`)."""
 from importlib import import_module
 
@@ -23,13 +25,14 @@ _LAZY = {
     "LAYOUTS": "models", "PRECISIONS": "options", "RANK_RULES": "ranks.policies", "dynamic_methods": "ranks.policies",
     "summary": "report.text", "analysis_table": "report.text", "write_png": "report.png", "name_problem": "io.paths",
     "free_name": "io.paths", "format_size": "units", "options_from_flags": "cli.flags",
+    "labelled_grid": "report.grid", "preview": "ops.preview", "Preview": "ops.preview", "Probing": "ops.effect",
 }
 
 __all__ = ["__version__", "resize", "resized", "Resized", "convert", "analyze", "Analysis", "SettingRow", "merge", "Source", "ResizeOptions",
            "ResizeResult", "LayerResult", "decompose", "Decomposition", "LoraResizeError", "OptionsError",
            "InputFileError", "LoraStructureError", "NumericalError", "OutputFileError", "DeviceError", "LAYOUTS",
            "PRECISIONS", "RANK_RULES", "dynamic_methods", "summary", "analysis_table", "write_png", "name_problem",
-           "free_name", "format_size", "options_from_flags"]
+           "free_name", "format_size", "options_from_flags", "labelled_grid", "preview", "Preview", "Probing"]
 
 
 def __getattr__(name: str):

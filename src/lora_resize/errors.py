@@ -54,7 +54,7 @@ class OutputFileError(LoraResizeError):
 # the CLI checks the ones a command line needs before any work (cli/flags.py: `requires`), the library where it
 # imports them (`require`).
 EXTRAS = {"matplotlib": "plot", "gradio": "ui", "distributed": "dask", "fsspec": "dask", "diffusers": "preview",
-          "transformers": "preview", "PIL": "preview"}
+          "transformers": "preview", "PIL": "preview", "skimage": "preview"}
 
 
 class MissingDependency(OptionsError):

@@ -210,6 +210,12 @@ DEFAULT_MAX_EFFECT_ERROR = 0.05
 # Without them, a rule on the weights alone: the smallest file in which every layer keeps at least this share of
 # its update's Frobenius norm (the rule of `--method sv_fro --param 0.9`, applied to every setting of the sweep).
 WEIGHT_SPACE_MIN_FRO = 0.90
+# How the base model is probed and rendered (analyze --effect, preview; here so the CLI's help states them without
+# importing the jobs): the seed of the probes' and pictures' initial noise, the denoiser calls recorded per prompt
+# (spread over the sampling schedule) and the sampling steps of a picture.
+DEFAULT_SEED = 0
+DEFAULT_PROBE_STEPS = 4
+DEFAULT_RENDER_STEPS = 20
 
 # The fidelity measures of a resize and of every sweep row, by field: (the name every printout, report and page
 # shows, what it is). Each layer's fidelity is fro_i = sqrt(kept sum S_i^2 / sum S_i^2), the Frobenius norm of

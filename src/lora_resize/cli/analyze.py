@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO
-from .flags import (OUTPUT_FLAGS, add_input, add_option_groups, add_output_flags, add_picture_flags, input_of,
-                    option_values, progress, refuse)
+from ..errors import OptionsError
+from ..results import DEFAULT_MAX_EFFECT_ERROR, DEFAULT_PROBE_STEPS, DEFAULT_SEED, WEIGHT_SPACE_MIN_FRO
+from .flags import (OUTPUT_FLAGS, add_input, add_model_output_flags, add_option_groups, add_output_flags,
+                    add_picture_flags, input_of, option_values, probing_from, progress, refuse)
 
 HELP = "decompose once; sizes and fidelity for a sweep of settings"
 DESCRIPTION = ("Decompose every layer once, then print the exact output size, parameter count and fidelity of a "
@@ -29,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULT_MAX_EFFECT_ERROR}. Without it the recommendation follows the weight-space rule: "
                         f"the smallest file in which every layer keeps >= {WEIGHT_SPACE_MIN_FRO:.0%}% of its update's "
                         "Frobenius norm")
+    add_model_output_flags(p, pictures=False)
     add_output_flags(p, "per-layer ranks and fidelity of the chosen setting (or the recommended one)")
     refuse(p, *OUTPUT_FLAGS, why="analyze writes no LoRA (drop it); it prints the sweep, and "
            "--report/--plot write pictures; run `lora-resize resize` with the flags of the row you pick")
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         check_paths(args.report, args.plot)
     src = input_of(args, "lora-resize analyze IN.safetensors")
     a = analyze(src, progress=progress(args.quiet, "decomposing"), max_effect_error=args.max_effect_error,
+                effect=effect_probing(args), effect_progress=progress(args.quiet, "effect", "setting"),
                 **option_values(args))
     written = []
     if args.report:
@@ -60,3 +63,23 @@ def run(args: argparse.Namespace) -> int:
         for line in written:
             print(line)
     return 0
+
+
+# the flags that only --effect reads, with their defaults (given without --effect they would be ignored: refused)
+PROBING_FLAGS = {"prompt": ("--prompt", None), "seed": ("--seed", DEFAULT_SEED),
+                 "probe_steps": ("--probe-steps", DEFAULT_PROBE_STEPS), "size": ("--size", None),
+                 "base_config": ("--base-config", None)}
+
+
+def effect_probing(args: argparse.Namespace):
+    """The Probing of `--effect` (None without it). Raises OptionsError for --effect without --base, or a probing
+    flag without --effect."""
+    if not args.effect:
+        given = [flag for dest, (flag, default) in PROBING_FLAGS.items() if getattr(args, dest) != default]
+        if given:
+            raise OptionsError(f"{given[0]} sets how --effect probes the model: add --effect (and --base MODEL)")
+        return None
+    if args.base is None:
+        raise OptionsError("--effect measures the model's output: add --base MODEL (a diffusers folder or a "
+                           "single-file SD1.5 / SDXL / Flux.1 checkpoint)")
+    return probing_from(args, args.base)

@@ -278,3 +278,56 @@ def write_line(line: str, args: argparse.Namespace | None = None) -> None:
     for --json (stdout then holds the JSON alone, which a parser reads whole)."""
     from tqdm import tqdm
     tqdm.write(line, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """--size: 'W' (a square) or 'WxH' in pixels -> (width, height). Raises argparse.ArgumentTypeError (the
+    parser's one-line error) for anything else."""
+    w, sep, h = str(text).lower().partition("x")
+    try:
+        size = (int(w), int(h if sep else w))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in pixels; write e.g. 512 or 768x512 (width x "
+                                         "height)") from None
+    if min(size) < 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: each side must be at least 8 pixels")
+    return size
+
+
+def add_model_output_flags(p: argparse.ArgumentParser, pictures: bool) -> None:
+    """The flags of what a setting does to the base model's output (lora_resize.diffusion, the `preview` extra):
+    analyze's --effect (`pictures` False) and preview's (`pictures` True: --steps for the rendered images; --base
+    is preview's own flag there). --base itself is the rank group's on analyze."""
+    from ..results import DEFAULT_PROBE_STEPS, DEFAULT_RENDER_STEPS, DEFAULT_SEED
+    g = p.add_argument_group("the model's output (--base MODEL: a diffusers folder or a single-file SD1.5, SDXL or "
+                             "Flux.1 checkpoint; pip install 'lora-resize[preview]')")
+    if not pictures:
+        g.add_argument("--effect", action="store_true",
+                       help="with --base: measure every setting's effect error, the share of the LoRA's change to "
+                            "the denoiser's prediction that the setting loses, at fixed probes (prompts, --seed, "
+                            "--probe-steps timesteps); a column, a curve, and the recommendation's measure")
+    g.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a prompt to probe (repeat for several; default: three stated prompts, a subject, a "
+                        "style and a scene)" if not pictures else "the prompt of every picture (and of the probes)")
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the initial noise (default {DEFAULT_SEED})")
+    g.add_argument("--probe-steps", type=int, default=DEFAULT_PROBE_STEPS, metavar="N",
+                   help=f"denoiser calls recorded per prompt, spread over the schedule (default {DEFAULT_PROBE_STEPS})")
+    if pictures:
+        g.add_argument("--steps", type=int, default=DEFAULT_RENDER_STEPS, metavar="N",
+                       help=f"sampling steps of each picture (default {DEFAULT_RENDER_STEPS})")
+    g.add_argument("--size", type=image_size, metavar="W[xH]",
+                   help="picture and probe size in pixels (default: the model's own, at most 512)")
+    g.add_argument("--base-config", metavar="DIR",
+                   help="with a single-file --base: a diffusers folder of that model (its configs and tokenizers), "
+                        "read instead of the Hugging Face Hub")
+    dest = None if pictures else "effect"
+    p.requires(dest, "diffusers", "the model's output (--effect, preview)")
+    p.requires(dest, "transformers", "the model's output (--effect, preview)")
+
+
+def probing_from(args: argparse.Namespace, base: str):
+    """The ops.effect.Probing the parsed model-output flags give, for `base`."""
+    from ..ops.effect import Probing
+    return Probing(base=base, config=args.base_config, variant=getattr(args, "base_variant", None),
+                   prompts=tuple(args.prompt) if args.prompt else None, seed=args.seed, timesteps=args.probe_steps,
+                   size=args.size, device=getattr(args, "device", "cpu") or "cpu")

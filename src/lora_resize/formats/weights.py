@@ -81,6 +81,8 @@ def locate(n: Name, arch: Architecture | None, out: int, inp: int, keys: Contain
 def _sd_candidates(n: Name, sdxl: bool, inp: int):
     comp, path = n.component, n.path
     yield [Piece(f"{comp}.{path}.weight")]  # a diffusers folder
+    if comp != "unet" and path.startswith("text_model."):  # one saved by transformers >= 5, whose CLIPTextModel
+        yield [Piece(f"{comp}.{path.removeprefix('text_model.')}.weight")]  # has no `text_model` wrapper
     if comp == "unet":
         sgm = sdm.unet_to_sgm(path, sdxl)
         if sgm is not None:

@@ -48,6 +48,7 @@ from ..ranks.plan import budget_layers, plan
 from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
 from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
+from .effect import Probing
 from .job import (Output, alpha_rule, metadata_for, module_job, output_scale, precision_of, sizer_for, spectra,
                   start_layer, with_base)
 
@@ -372,7 +373,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
 
 def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, progress: Progress | None = None,
             sweep: Mapping[str, Sequence] | None = None, max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR,
-            **option_fields) -> Analysis:
+            effect: Probing | None = None, effect_progress: Progress | None = None, **option_fields) -> Analysis:
     """Decompose the LoRA at `src` once and evaluate a sweep of settings (`default_sweep()` unless given) on it.
 
     Option fields: rank / conv_rank (the cap of every dynamic and budget setting, as in resize), rank_rule
@@ -382,12 +383,22 @@ def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
     caps every setting and chooses none (so does `options=ResizeOptions(rank=N)`: give the fields with
     method="fixed" to name a fixed rank). `Analysis.recommended` is `recommend(rows, max_effect_error)`.
 
+    `effect` (ops.effect.Probing: the base model, prompts, seed, timesteps): also measure every row's effect error
+    on the base model's output (ops.effect; the `preview` extra), before the recommendation is made;
+    `effect_progress(iterable, total)` wraps its loop over the distinct settings.
+
     Raises: OptionsError, InputFileError, LoraStructureError, NumericalError, DeviceError."""
     t0 = time.perf_counter()
     check_max_effect_error(max_effect_error)
     shared, chosen = split_options(options, option_fields)
     ev, a_fields = decomposed(src, shared, progress)
     a = finish(ev, a_fields, shared, chosen, chosen.label() if chosen else "", sweep, max_effect_error)
+    if effect is not None:
+        from .effect import EffectMeter, measure_effects
+        with EffectMeter(a.src, effect) as meter:
+            measure_effects(meter, a.rows + ([a.chosen] if a.chosen is not None else []), effect_progress)
+        a.notes.append(f"effect error: {meter.report.summary()}")
+        a.recommended, a.recommended_reason = recommend(a.rows, max_effect_error)
     a.seconds = time.perf_counter() - t0
     return a
 

@@ -7,6 +7,7 @@ drawn as the part lost on a log scale), the per-layer rank map grouped by block,
 heaviest layers with the kept part shaded, the shown setting at each precision, and the table of settings."""
 from __future__ import annotations
 
+import base64
 import math
 import os
 import shlex
@@ -17,13 +18,16 @@ from ..errors import OptionsError, OutputFileError
 from ..io.files import atomic_output
 from ..ranks.budgets import BUDGETS
 from ..ranks.policies import POLICIES
-from ..results import MEASURES
+from ..results import FIDELITY, MEASURES
 from ..units import format_size as human_bytes
 from .svg import Scale, axes, esc, polyline, svg
-from .text import fidelity_figures, fidelity_legend, percent
+from .text import effect_percent, fidelity_figures, fidelity_legend, percent
 
 METRICS = {m: MEASURES[m][0] for m in ("fro_weighted", "fro_global", "fro_min")}  # results.MEASURES' names
 BASE_METRICS = {"base_loss": "loss vs base, global", "base_loss_max": "loss vs base, worst layer"}  # with --base
+# with --base MODEL --effect (and in preview): a loss too, drawn as BASE_METRICS are
+EFFECT_METRIC = {"effect_error": "effect error: share of the LoRA's change to the output lost"}
+LOSSES = {**BASE_METRICS, **EFFECT_METRIC}
 HEAVIEST = 6
 
 
@@ -83,8 +87,9 @@ def curve_svg(a, metric: str, ident: str, width: int = 760, height: int = 420) -
     """Size (log) against what each setting loses (log), one line per method, points with tooltips, the
     recommended setting ringed in green and the chosen one (if any) in black. A fidelity measure F (METRICS) is
     drawn as its loss 1 - F on a log scale that rises towards 100% and is labelled in F; a base-relative loss
-    (BASE_METRICS) as it is, lower being better. A loss of 0 sits on the edge of the plot."""
-    base = metric in BASE_METRICS
+    (BASE_METRICS) or the effect error (EFFECT_METRIC) as it is, lower being better. A loss of 0 sits on the edge
+    of the plot."""
+    base = metric in LOSSES
 
     def loss(r):
         v = getattr(r, metric)
@@ -100,8 +105,8 @@ def curve_svg(a, metric: str, ident: str, width: int = 760, height: int = 420) -
     if base:
         y = Scale(floor, max(pos) * 1.5, B, T, log=True)
         body = [axes(x, y, lambda v: human_bytes(v), lambda v: f"{v:.0e}", "output size (log scale)",
-                     f"{BASE_METRICS[metric]} (log scale; lower is better)")]
-        title = f"output size against {BASE_METRICS[metric]}"
+                     f"{LOSSES[metric]} (log scale; lower is better)")]
+        title = f"output size against {LOSSES[metric]}"
     else:
         floor = max(min(pos) / 1.5, LOSS_FLOOR)
         y = Scale(floor, min(1.0, max(pos) * 1.5), T, B, log=True)  # losses: the smallest at the top
@@ -269,16 +274,19 @@ def spectra_svg(a, pick, n: int = HEAVIEST, width: int = 980) -> str:
 def settings_table(a) -> str:
     """Every setting of the sweep (the recommended one with class "recommended"), then the chosen one, if any, with
     id "chosen"."""
-    head = ("<tr><th>setting</th><th>resize flags</th><th>bytes</th><th>size</th><th>params</th>"
-            + "".join(f"<th>fro {name}</th>" for name, _ in MEASURES.values()) + "<th>worst layer</th></tr>")
-    body = []
     rows = [(f"row{n}", r) for n, r in enumerate(a.rows)] + ([("chosen", a.chosen)] if a.chosen is not None else [])
+    effect = any(r.effect_error is not None for _, r in rows)
+    head = ("<tr><th>setting</th><th>resize flags</th><th>bytes</th><th>size</th><th>params</th>"
+            + "".join(f"<th>fro {name}</th>" for name, _ in MEASURES.values())
+            + ("<th>effect error</th>" if effect else "") + "<th>worst layer</th></tr>")
+    body = []
     for ident, r in rows:
         cls = ' class="chosen"' if ident == "chosen" else ' class="recommended"' if r is a.recommended else ""
         body.append(f'<tr id="{ident}"{cls} data-method="{r.method}"><td>{esc(r.label)}</td>'
                     f'<td><code>{esc(r.args)}</code></td><td class="n">{r.output_bytes:,}</td>'
                     f'<td class="n">{esc(human_bytes(r.output_bytes))}</td><td class="n">{r.params:,}</td>'
                     + "".join(f'<td class="n">{percent(getattr(r, key))}</td>' for key in MEASURES)
+                    + (f'<td class="n">{effect_percent(r.effect_error)}</td>' if effect else "")
                     + f'<td class="w">{esc(r.worst_layer or "-")}</td></tr>')
     return (f'<div class="scroll"><table id="settings"><thead>{head}</thead><tbody>\n' + "\n".join(body)
             + "\n</tbody></table></div>")
@@ -310,6 +318,8 @@ def setting_line(kind: str, r) -> str:
             f"Frobenius retained: {fidelity_figures(vars(r))}")
     if r.base_loss is not None:
         line += f"; loss vs base {r.base_loss:.2e} (global), worst layer {r.base_loss_max:.2e} ({esc(r.base_worst)})"
+    if r.effect_error is not None:
+        line += f"; effect error {effect_percent(r.effect_error)}"
     return line
 
 
@@ -337,6 +347,8 @@ th{text-align:left;background:#f6f6f6;position:sticky;top:0} td.n{text-align:rig
 td.w{color:#666;font-size:11.5px} tr.chosen{background:#ffe9a8;font-weight:600} tr.hl{background:#d7ecff}
 tr.recommended{background:#dff3df;font-weight:600} .recommendation{border-left:4px solid #2ca02c;padding-left:8px}
 .scroll{overflow-x:auto} td code{white-space:nowrap;font-size:11.5px}
+.side{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start} .pics{display:flex;flex-wrap:wrap;gap:8px}
+.pic{margin:0;cursor:pointer;font-size:11.5px} .pic img{width:160px;image-rendering:pixelated;display:block}
 #cmd{margin:8px 0;padding:8px 10px;background:#f4f4f4;border-radius:4px}
 """
 
@@ -371,8 +383,32 @@ SCRIPT = """
 """
 
 
-def html_report(a) -> str:
-    """The whole report as one HTML string."""
+def effect_section(a, pictures=None) -> str:
+    """With effect errors measured: the size-vs-effect-error curve and, from `preview` (ops.preview.Preview),
+    its pictures beside it, each embedded as a PNG data URI and labelled; a click on a picture of a setting picks
+    it as a click on its point does. '' when nothing was measured."""
+    if not any(r.effect_error is not None for r in a.rows):
+        return ""
+    figures = ""
+    if pictures is not None:
+        from .grid import png_bytes
+        cells = []
+        for p in pictures.pictures:
+            row = f' data-row="row{a.rows.index(p.row)}"' if p.row is not None else ""
+            uri = "data:image/png;base64," + base64.b64encode(png_bytes(p.image)).decode("ascii")
+            cells.append(f'<figure class="pic"{row}><img src="{uri}" alt="{esc(p.label())}">'
+                         f'<figcaption>{"<br>".join(esc(x) for x in p.label().splitlines())}</figcaption></figure>')
+        figures = (f"<h3>Pictures: {esc(pictures.prompt)}, seed {pictures.seed}, {pictures.steps} steps</h3>"
+                   f'<div class="pics">{"".join(cells)}</div><p class="meta">SSIM: structural similarity to the '
+                   "original-LoRA image (scikit-image, 1 = identical).</p>")
+    return (f"<h2>Output size against effect error</h2><div class=side>"
+            f'<div>{curve_svg(a, "effect_error", "curve-svg-effect_error")}</div><div>{figures}</div></div>'
+            f"<p class=meta>effect error: {esc(FIDELITY['effect_error'])}, at fixed probes of the base model.</p>")
+
+
+def html_report(a, pictures=None) -> str:
+    """The whole report as one HTML string; `pictures` (ops.preview.Preview): its pictures beside the effect
+    curve."""
     pick = a.shown
     b = a.shared
     cap = "none" if b.rank is None and b.conv_rank is None else (
@@ -423,6 +459,7 @@ def html_report(a) -> str:
 {"".join(lines)}{rules}{notes}
 <div id="cmd">lora-resize resize {esc(shlex.quote(a.src.name))} -o OUT.safetensors <code id="cmd-flags">{esc(pick.args if pick else "")}</code>
 <span class="meta">(click a point or a row to pick another setting)</span></div>
+{effect_section(a, pictures)}
 <h2>Output size against fidelity</h2>
 <div class="tabs">fidelity: {tabs}</div>
 {''.join(curves)}
@@ -438,11 +475,11 @@ Budget policies (dashed) put each byte where it keeps the most global energy.</p
 """
 
 
-def write_html(a, path: str | os.PathLike) -> Path:
-    """Write the report to `path` (a .html file); returns the path."""
+def write_html(a, path: str | os.PathLike, pictures=None) -> Path:
+    """Write the report to `path` (a .html file), with `preview`'s pictures if given; returns the path."""
     path = Path(path)
     check_out(path, (".html", ".htm"))
-    text = html_report(a)
+    text = html_report(a, pictures)
     _write_text(path, text)
     return path
 

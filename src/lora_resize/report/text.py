@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import one_line
 from ..ranks.budgets import BUDGETS
-from ..results import MEASURES, LayerResult, ResizeResult
+from ..results import FIDELITY, MEASURES, LayerResult, ResizeResult
 from ..units import format_size
 
 
@@ -149,6 +149,14 @@ def percent(x: float) -> str:
     return "n/a" if x != x else f"{x:.2%}"
 
 
+def effect_percent(x: float | None) -> str:
+    """An effect error as every printout shows it: '3.21%', '3.1e-04%' below 0.01% (float rounding, not 0), '0%'
+    for none at all, 'n/a' when not measured."""
+    if x is None or x != x:
+        return "n/a"
+    return "0%" if x == 0 else f"{x:.2%}" if x >= 1e-4 else f"{x * 100:.1e}%"
+
+
 def _sci(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{x:.2e}"
 
@@ -177,12 +185,18 @@ def analysis_table(a, verbose: bool = False) -> str:
                          "||W||_F^2), max = the worst layer's ||dW - dW_k||_F / ||W||_F")
     head = (f"  {'setting':<30} {'bytes':>14} {'size':>9} {'params':>8} "
             + " ".join(f"{name:>7}" for name, _ in MEASURES.values()))
+    effect = any(r.effect_error is not None for r in rows)
+    if effect:
+        lines.insert(-1, f"effect = {FIDELITY['effect_error']}")
+        head += f" {'effect':>7}"
     head += f" {'vs base':>8} {'max':>8}  worst layer" if based else "  worst layer"
     lines.append(head)
     for r in rows:
         mark = "*" if r.chosen else ">" if r is a.recommended else " "
         line = (f"{mark} {r.label[:30]:<30} {r.output_bytes:>14,} {format_size(r.output_bytes):>9} "
                 f"{_count(r.params):>8} " + " ".join(f"{percent(getattr(r, key)):>7}" for key in MEASURES))
+        if effect:
+            line += f" {effect_percent(r.effect_error):>7}"
         if based:
             line += f" {_sci(r.base_loss):>8} {_sci(r.base_loss_max):>8}  {r.base_worst or '-'}"
         else:
@@ -234,4 +248,19 @@ def per_layer_table(a) -> str:
     lines = [f"per layer, {pick.label}:"]
     for L, block, k in zip(a.layers, a.blocks, pick.ranks):
         lines.append(f"  {L.name:75} {block:>15} rank {L.rank:>4} -> {int(k):>4}  fro {percent(L.fro_retained(k))}")
+    return "\n".join(one_line(line) for line in lines)
+
+
+def preview_lines(p) -> str:
+    """`lora-resize preview` as text: one line per picture (seconds, size, effect error, SSIM), the metric, the
+    recommendation among the settings."""
+    lines = [f"{p.src.name} on {p.base}: {p.prompt!r}, seed {p.seed}, {p.steps} steps, {p.size[0]}x{p.size[1]}; "
+             f"{len(p.pictures)} pictures in {p.seconds:.1f} s"]
+    for pic, s in zip(p.pictures, p.picture_seconds):
+        lines.append(f"  {pic.label().replace(chr(10), ', '):<90} {s:6.1f} s")
+    a = p.analysis
+    if a.recommended is not None:
+        lines.append(f"> recommended: {a.recommended.args}  ({a.recommended_reason})")
+    lines += [f"SSIM: structural similarity to the original-LoRA image (scikit-image, 1 = identical); effect error: "
+              f"{FIDELITY['effect_error']}"] + [f"note: {n}" for n in p.notes]
     return "\n".join(one_line(line) for line in lines)

@@ -91,7 +91,10 @@ class App:
     the page serves its own outputs, never the folder. `workdir` None: a new temporary folder, which `close`
     removes."""
 
-    def __init__(self, workdir: str | Path | None = None, loras: str | Path | None = None):
+    def __init__(self, workdir: str | Path | None = None, loras: str | Path | None = None,
+                 base: str | Path | None = None, base_config: str | Path | None = None):
+        self.base = str(base) if base is not None else None  # the Preview tab's model (`lora-resize ui --base`)
+        self.base_config = str(base_config) if base_config is not None else None
         self._own = workdir is None
         self.workdir = Path(workdir if workdir is not None else tempfile.mkdtemp(prefix="lora-resize-ui-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -179,6 +182,35 @@ class App:
                  f'<div class="lr-curve">{curve_svg(a, "fro_weighted", "ui-curve")}</div>')
         return curve, rows, flags, flags["chosen"], status, report
 
+    # -- preview -------------------------------------------------------------------------------------------------
+    def preview(self, upload, picked, prompt, seed, steps, settings, progress=gr.Progress()):
+        """The Preview tab (with `base`): the pictures of each setting (one per line of `settings`, as resize flags
+        read by the CLI's parser; none: the defaults) beside the size-vs-effect-error curve, a click on a point or a
+        picture picking its setting; the grid PNG; the flags by row; the status line."""
+        from ..cli.flags import options_from_flags
+        from ..ops.effect import Probing
+        from ..ops.preview import preview
+        from ..report.grid import write_grid
+        from ..report.html import CSS, effect_section, recommendation_html
+        try:
+            if self.base is None:
+                raise LoraResizeError("start the page with --base MODEL to preview pictures")
+            src = self._source(upload, picked)[0]
+            options = [options_from_flags(line) for line in (settings or "").splitlines() if line.strip()]
+            probing = Probing(base=self.base, config=self.base_config, seed=int(seed or 0))
+            p = preview(src, probing, options or None, prompt=(prompt or "").strip() or None, steps=int(steps or 20),
+                        progress=_progress(progress, "decomposing"), picture_progress=_progress(progress, "pictures"))
+            grid = write_grid(p.grid(), self._out(Path(src).stem + "_preview.png"))
+        except LoraResizeError as e:
+            return "", None, {}, gr.update(), f"error: {e}"
+        a = p.analysis
+        flags = {f"row{i}": r.args for i, r in enumerate(a.rows)}
+        section = (f'<style>{CSS}</style>{recommendation_html(a, "ui-preview-recommended")}'
+                   f"{effect_section(a, p)}")
+        status = (f"{p.src.name}: {len(p.pictures)} pictures of {p.prompt!r} in {p.seconds:.1f} s; click a point or "
+                  "a picture to pick its setting")
+        return section, str(grid), flags, a.recommended.args if a.recommended else gr.update(), status
+
     @staticmethod
     def pick_point(flags_by_row: dict, evt: gr.EventData):
         return (flags_by_row or {}).get(getattr(evt, "row", None), gr.update())
@@ -258,7 +290,8 @@ def _input(app: App, label: str, prefix: str, multiple: bool = False):
 
 def build(workdir: str | Path | None = None, loras: str | Path | None = None, app: App | None = None) -> gr.Blocks:
     """The page (not launched) over `app` (default: App(workdir, loras)); `loras`: a folder whose LoRAs the page
-    lists to pick from."""
+    lists to pick from. With `app.base` a Preview tab renders each setting's picture (ops.preview); a click there
+    picks the setting into the Resize tab's flags."""
     app = app or App(workdir, loras)
     with gr.Blocks(title="lora-resize", delete_cache=(3600, 86400)) as page:
         gr.Markdown("# lora-resize\nMake LoRA files smaller, exactly: analyze, pick a setting, resize; or merge "
@@ -285,6 +318,29 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None, ap
             curve.click(app.pick_point, [by_row], [flags], api_visibility="private")
             table.select(app.pick_row, [table], [flags], api_visibility="private")
             resize_btn.click(app.resize, [lora, picked, flags], [status, result])
+        if app.base is not None:
+            from ..ops.preview import DEFAULT_SETTINGS
+            with gr.Tab("Preview"):
+                gr.Markdown(f"Pictures of one prompt and seed with the base model `{app.base}`: the base alone, the "
+                            "original LoRA, then each setting; labels give the file size, the effect error and the "
+                            "SSIM to the original-LoRA image (scikit-image, 1 = identical).")
+                plora, ppicked = _input(app, "LoRA file", "preview")
+                with gr.Row():
+                    prompt = gr.Textbox(label="prompt", value="a photo of a cat", elem_id="preview-prompt")
+                    seed = gr.Number(label="seed", value=0, precision=0, minimum=0, elem_id="preview-seed")
+                    steps = gr.Number(label="steps", value=20, precision=0, minimum=1, maximum=200,
+                                      elem_id="preview-steps")
+                settings = gr.Textbox(label="settings, one per line (resize flags)", lines=5,
+                                      elem_id="preview-settings",
+                                      value="\n".join(f"--method {m} --param {v}" for m, v in DEFAULT_SETTINGS))
+                preview_btn = gr.Button("Preview", variant="primary", elem_id="preview-btn")
+                pstatus = gr.Textbox(label="status", interactive=False, elem_id="preview-status")
+                pictures = gr.HTML(elem_id="preview-pictures", js_on_load=CLICK_JS)
+                grid = gr.Image(label="grid", type="filepath", interactive=False, elem_id="preview-grid")
+                pby_row = gr.State({})
+                preview_btn.click(app.preview, [plora, ppicked, prompt, seed, steps, settings],
+                                  [pictures, grid, pby_row, flags, pstatus])
+                pictures.click(app.pick_point, [pby_row], [flags], api_visibility="private")
         with gr.Tab("Merge"):
             files, mpicked = _input(app, "LoRA files", "merge", multiple=True)
             weights = gr.Textbox(label="weights, one per file (negative subtracts)", value="", elem_id="weights")
@@ -322,13 +378,14 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(host: str = "127.0.0.1", port: int | None = None, open_browser: bool = False, block: bool = True,
-          loras: str | Path | None = None, auth: tuple[str, str] | None = None):
+          loras: str | Path | None = None, auth: tuple[str, str] | None = None, base: str | None = None,
+          base_config: str | None = None):
     """Start the page on `host`:`port` (None: the first free port from 7860); returns the launched Blocks. The page
     serves the files its jobs return (in its work folder, removed when it stops) and what is uploaded to it; never
     the `loras` folder itself (files are picked by name from the list). `auth` (user, password): the page asks for
     them (Gradio's login). A `host` beyond loopback without `auth` is served with a warning on stderr: anyone who
     can reach it can use the page. Raises OSError when the address cannot be served on."""
-    app = App(None, loras)
+    app = App(None, loras, base, base_config)
     atexit.register(app.close)
     if not is_loopback(host) and auth is None:
         print(f"lora-resize ui: warning: {host} is reachable from other machines and the page has no password: "

@@ -21,6 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loras", metavar="DIR", default=None,
                    help="a folder of LoRAs (e.g. ComfyUI's models/loras) to pick from, besides uploading; what is "
                         "made from a picked file is also saved beside it, under a new name")
+    p.add_argument("--base", metavar="MODEL", default=None,
+                   help="a base model (diffusers folder or single-file SD1.5/SDXL/Flux.1 checkpoint): adds a Preview "
+                        "tab with each setting's picture (pip install 'lora-resize[preview]')")
+    p.add_argument("--base-config", metavar="DIR", default=None,
+                   help="with a single-file --base: a diffusers folder of that model (configs, tokenizers)")
+    p.requires("base", "diffusers", "the Preview tab (--base)")
+    p.requires("base", "transformers", "the Preview tab (--base)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,13 +41,18 @@ def run(args: argparse.Namespace) -> int:
         raise OptionsError(f"--host {args.host} is not an address of this machine (e.g. 127.0.0.1)") from None
     if args.loras is not None and not Path(args.loras).is_dir():
         raise OptionsError(f"--loras {args.loras}: not a folder")
+    if args.base is not None and not Path(args.base).exists():
+        raise OptionsError(f"--base {args.base}: no such file or folder")
+    if args.base_config is not None and args.base is None:
+        raise OptionsError("--base-config gives the configs of a single-file --base: add --base MODEL")
     from .app import AUTH_ENV, serve
     auth = parse_auth(args.auth if args.auth is not None else os.environ.get(AUTH_ENV) or None,
                       "--auth" if args.auth is not None else AUTH_ENV)
     import logging
     logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)  # a failed bind is said once, below
     try:
-        serve(args.host, args.port, args.browser, loras=args.loras, auth=auth)
+        serve(args.host, args.port, args.browser, loras=args.loras, auth=auth, base=args.base,
+              base_config=args.base_config)
     except OSError:
         where = f"{args.host}:{args.port}" if args.port else f"{args.host} (ports from 7860)"
         raise OptionsError(f"cannot serve on {where}: the port is taken or the address is not this machine's; "

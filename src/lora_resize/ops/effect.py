@@ -1,0 +1,148 @@
+"""What a setting does to the model's output: the effect error of `analyze --effect` and `preview`.
+
+The base model's denoiser is run at a few fixed probes (prompts, a seed, timesteps spread over the sampling
+schedule: lora_resize.diffusion.BaseModel.probes) three ways: with no LoRA (eps_b), with the original LoRA as
+stored in its file (eps_o), and with the tensors a setting's resize writes (eps_s, from `lora_resize.resized`:
+exactly the file's tensors, applied in memory, nothing written). A setting's effect error is the share of the
+LoRA's change to the prediction that it loses,
+
+    mean over probes of ||eps_s - eps_o|| / ||eps_o - eps_b||      (lora_resize.diffusion.effect_error)
+
+0 when the setting's tensors are the original's. The base weights are loaded once; a setting patches only the
+LoRA's modules and restores them after (BaseModel.patched). Settings that write the same tensors (the same rank
+for every layer, the same save precision: many settings of a sweep coincide) are measured once.
+
+Everything that imports diffusers lives in lora_resize.diffusion; this module is the job around it."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+import torch
+
+from ..core.schedule import Progress
+from ..errors import OptionsError
+from ..io.paths import local_path, resolve_input
+from ..io.reader import open_tensor_file
+from ..options import ResizeOptions
+from ..ranks.policies import get_policy
+from ..results import DEFAULT_PROBE_STEPS, DEFAULT_SEED, SettingRow
+
+
+
+@dataclass(frozen=True)
+class Probing:
+    """How the base model is loaded and probed.
+
+    Attributes:
+        base: the base model: a diffusers folder, or a single-file checkpoint (.safetensors: SD1.5, SDXL, Flux.1).
+        config: for a single file, a diffusers folder holding that model's configs and tokenizers (read instead
+            of the Hub); None: the library's own lookup.
+        variant: a diffusers folder's weight variant (e.g. "fp16"), as --base-variant.
+        prompts: the probes' prompts; None: lora_resize.diffusion's DEFAULT_PROMPTS (a subject, a style, a scene);
+            seed: the seed of their initial latents; timesteps: the denoiser calls recorded per prompt.
+        size: (width, height) in pixels of the probes' latents; None: the model's default.
+        device: "auto", "cpu", "cuda" or "cuda:N" (as ResizeOptions.device)."""
+    base: str
+    config: str | None = None
+    variant: str | None = None
+    prompts: tuple[str, ...] | None = None
+    seed: int = DEFAULT_SEED
+    timesteps: int = DEFAULT_PROBE_STEPS
+    size: tuple[int, int] | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.prompts is not None and not (self.prompts and all(isinstance(p, str) and p.strip()
+                                                                  for p in self.prompts)):
+            raise OptionsError("a --prompt must not be empty")
+        if not (isinstance(self.timesteps, int) and self.timesteps >= 1):
+            raise OptionsError(f"--probe-steps must be a whole number >= 1, got {self.timesteps!r}")
+        if self.size is not None and not all(isinstance(v, int) and v >= 8 for v in self.size):
+            raise OptionsError(f"--size must be at least 8 pixels a side, got {self.size!r}")
+
+
+def as_stored(src: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The LoRA at `src` (a file, or an adapter folder holding one) as stored: every tensor and the metadata.
+    Raises InputFileError for a file that cannot be read."""
+    with open_tensor_file(resolve_input(local_path(src, "input"))) as reader:
+        return {k: reader.get(k) for k in reader.infos()}, dict(reader.metadata)
+
+
+def needs_base(opts: ResizeOptions) -> bool:
+    """Whether the setting `opts` chooses its ranks by losses measured against --base (a base policy or budget)."""
+    budget = opts.budget
+    return bool(get_policy(opts.method).base or (budget is not None and budget[0].needs_base))
+
+
+def without_base(opts: ResizeOptions) -> ResizeOptions:
+    """`opts` without its weight-space --base where the setting does not choose ranks by it: the tensors written
+    are the same, and the base's norms are not read again for every setting."""
+    return opts if opts.base is None or needs_base(opts) else replace(opts, base=None, base_variant=None)
+
+
+def written_key(row: SettingRow) -> tuple:
+    """What a setting's written tensors depend on, given the options its sweep shares: every layer's rank and the
+    save precision asked for (a resize writes the rank-k truncation of each layer, its alpha a function of k)."""
+    return tuple(int(k) for k in row.ranks), row.options.precision
+
+
+class EffectMeter:
+    """A base model loaded once, its probes, and the predictions with no LoRA and with the original one; `error`
+    measures a setting's tensors against them. Use as a context manager (the model is released on exit).
+
+    Raises OptionsError / MissingDependency for bad probing options or a missing extra ('preview'),
+    InputFileError for a base that is not a model, LoraStructureError for a LoRA none of whose modules the base
+    has (a LoRA for another model)."""
+
+    def __init__(self, src: str | os.PathLike, probing: Probing):
+        self.src, self.probing = src, probing
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "EffectMeter":
+        from ..core.schedule import compute_device
+        from ..diffusion import BaseModel
+        p = self.probing
+        try:
+            self.model = self._stack.enter_context(BaseModel(p.base, variant=p.variant, config=p.config,
+                                                             device=str(compute_device(p.device))))
+            self.probes = self.model.probes(prompts=p.prompts, seeds=[p.seed], timesteps=p.timesteps, size=p.size)
+            self.eps_base = self.model.predict(self.probes)
+            tensors, metadata = as_stored(self.src)
+            self.eps_original = self.predict(tensors, metadata)
+            self.report = self.model.patch_report  # what the original LoRA patched (PatchReport)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def predict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[torch.Tensor]:
+        """The denoiser's outputs at the probes with a LoRA's tensors applied (in memory, restored after)."""
+        with self.model.patched(tensors, metadata):
+            return self.model.predict(self.probes)
+
+    def error(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> float:
+        """The effect error of a LoRA's tensors against the original's (module docstring)."""
+        from ..diffusion import effect_error
+        return effect_error(self.predict(tensors, metadata), self.eps_original, self.eps_base)
+
+
+def measure_effects(meter: EffectMeter, rows: Sequence[SettingRow], progress: Progress | None = None) -> None:
+    """Fill `row.effect_error` for every row: each distinct written file (`written_key`) is made in memory with
+    `lora_resize.resized(src, row.options)` and measured once. Raises what `resized` raises."""
+    from .resize import resized
+    groups: dict[tuple, list[SettingRow]] = {}
+    for row in rows:
+        groups.setdefault(written_key(row), []).append(row)
+    todo = list(groups.values())
+    for same in (progress or (lambda it, total: it))(todo, len(todo)):
+        r = resized(meter.src, without_base(same[0].options))
+        error = meter.error(r.tensors, r.metadata)
+        for row in same:
+            row.effect_error = error
+
