@@ -22,9 +22,9 @@ PROBE = dict(prompts=("a photo of a cat",), timesteps=2)
 @pytest.mark.parametrize("form", ["folder", "single"])
 def test_effect_error_grows_as_ranks_shrink_and_is_zero_for_the_original_tensors(tiny_base, tiny_sd1_lora, form):
     base, config = tiny_base("sd1", form)
-    # the input's own layout as --output-format: a setting at the full rank writes the factors as stored (exact
-    # copies), so its file holds the original's tensors and its effect error must be exactly 0
-    a = analyze(tiny_sd1_lora, output_format="kohya", sweep={"fixed": (1, 2, 4, 8)},
+    # a setting at the full rank writes the factors as stored (exact copies), so its file holds the original's
+    # tensors and its effect error must be exactly 0
+    a = analyze(tiny_sd1_lora, sweep={"fixed": (1, 2, 4, 8)},
                 effect=Probing(base=str(base), config=str(config) if form == "single" else None, **PROBE))
     by_rank = {int(r.ranks.max()): r.effect_error for r in a.rows}
     assert sorted(by_rank) == [1, 2, 4, 8]
@@ -33,12 +33,11 @@ def test_effect_error_grows_as_ranks_shrink_and_is_zero_for_the_original_tensors
     assert by_rank[1] < 1.5  # a share of the LoRA's change: rank 1 keeps some of it
 
 
-def test_full_rank_resize_loses_only_float_rounding(tiny_base, tiny_sd1_lora):
-    """Without a conversion a resize at the full rank recomputes the factors (SVD): the same update to float
-    rounding, so an effect error at rounding level, not 0."""
+def test_full_rank_conversion_is_exact_too(tiny_base, tiny_sd1_lora):
+    """A conversion to the input's own layout copies the factors as well: effect error 0 at the full rank."""
     base, _ = tiny_base("sd1")
-    a = analyze(tiny_sd1_lora, sweep={"fixed": (8,)}, effect=Probing(base=str(base), **PROBE))
-    assert 0.0 <= a.rows[0].effect_error < 1e-4
+    a = analyze(tiny_sd1_lora, output_format="kohya", sweep={"fixed": (8,)}, effect=Probing(base=str(base), **PROBE))
+    assert a.rows[0].effect_error == 0.0
 
 
 def test_a_folder_base_saved_by_transformers_5_has_every_text_encoder_weight(tiny_base, tiny_sd1_lora):

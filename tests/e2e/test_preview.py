@@ -25,9 +25,8 @@ RENDER = dict(prompt="a photo of a cat", steps=2)
 @pytest.mark.parametrize("form", ["folder", "single"])
 def test_pictures_labels_and_grid(tiny_base, tiny_sd1_lora, form):
     base, config = tiny_base("sd1", form)
-    exact = ResizeOptions(method="fixed", rank=8, output_format="kohya")  # the input's own layout: exact copies
-    settings = [exact, ResizeOptions(method="fixed", rank=4, output_format="kohya"),
-                ResizeOptions(method="fixed", rank=1, output_format="kohya")]
+    exact = ResizeOptions(method="fixed", rank=8)  # the full rank: the factors copied as stored
+    settings = [exact, ResizeOptions(method="fixed", rank=4), ResizeOptions(method="fixed", rank=1)]
     p = preview(tiny_sd1_lora, Probing(base=str(base), config=str(config) if form == "single" else None, timesteps=1),
                 settings, **RENDER)
     assert [x.kind for x in p.pictures] == ["base", "original", "setting", "setting", "setting"]
