@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -40,25 +41,27 @@ class PatchReport:
         return text
 
 
-def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[MemorySource, Layout]:
+def parse(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, path: Path | None = None
+          ) -> tuple[MemorySource, Layout]:
     """A LoRA state dict as a TensorSource and its parsed layout (formats.detect; LoraStructureError when it holds
-    no LoRA)."""
+    no LoRA). `path`: where the tensors' file is (or would be), so a family that reads a companion file beside it
+    (PEFT's adapter_config.json: its scale) finds it."""
     src = MemorySource(dict(tensors), dict(metadata or {}))
-    return src, detect(src.infos(), src.metadata)
+    return src, detect(src.infos(), src.metadata, path)
 
 
 def dense_updates(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
-                  weights: Mapping[str, torch.Tensor], base: str, arch: str | None = None
-                  ) -> tuple[Iterator[tuple[str, slice, torch.Tensor]], PatchReport]:
+                  weights: Mapping[str, torch.Tensor], base: str, arch: str | None = None,
+                  path: Path | None = None) -> tuple[Iterator[tuple[str, slice, torch.Tensor]], PatchReport]:
     """The updates a LoRA makes to `weights` (key -> the base's weight tensor, keyed as a diffusers folder is:
     `unet.down_blocks.0....weight`, `text_encoder.text_model....weight`) and the report, which is complete before
     any update is computed. The updates come one module at a time (a 12B model's LoRA never has all its dense
     updates in memory at once) as (key, rows, delta): delta = scale * up @ down in float64 on the weight's device,
     its rows for weight[rows] in the base's order (swapped halves swapped back), shaped as weight[rows] (conv
-    kernels included). `base` names the model in errors. Raises LoraStructureError when no module matches (or
+    kernels included). `base` names the model in errors; `path` as `parse`. Raises LoraStructureError when no module matches (or
     for a DoRA, whose magnitudes replace the updated weight's column norms: its factors alone are another
     model)."""
-    src, layout = parse(tensors, metadata)
+    src, layout = parse(tensors, metadata, path)
     if any(layout.known.get(k) == DORA_KIND for k in layout.passthrough):
         raise LoraStructureError("this LoRA is a DoRA (it stores magnitude vectors): its effect is not measured "
                                  "here - resize it without --effect / preview")

@@ -252,13 +252,14 @@ class BaseModel:
 
     @contextmanager
     def patched(self, tensors: Mapping[str, torch.Tensor] | None, metadata: Mapping[str, str] | None = None,
-                arch: str | None = None) -> Iterator[PatchReport]:
+                arch: str | None = None, path: Path | None = None) -> Iterator[PatchReport]:
         """Inside: the LoRA `tensors` (a state dict in any layout lora-resize reads, with its safetensors
         `metadata`; None or empty: the base) applied in memory - each module's scale * up @ down, computed in
         float64 on the model's device, added to the weight it updates (its rows of a fused weight; conv kernels
         reshaped) and rounded once to the weight's dtype, one module at a time. Only the touched weights are saved
         (in host memory); leaving restores them bit for bit, on errors too. `arch`: the LoRA's architecture
-        (--arch) where its keys leave it open. Yields the PatchReport (also `self.patch_report`). Raises
+        (--arch) where its keys leave it open; `path`: where its file is, so a companion file beside it is read
+        (PEFT's adapter_config.json: without it a PEFT adapter's scale is taken as 1). Yields the PatchReport (also `self.patch_report`). Raises
         LoraStructureError when none of its modules has its weight here; RuntimeError when nested."""
         if self._patch is not None:
             raise RuntimeError("BaseModel.patched is already active; leave it before applying another LoRA")
@@ -266,7 +267,7 @@ class BaseModel:
             self.patch_report = PatchReport()
             yield self.patch_report
             return
-        updates, self.patch_report = dense_updates(tensors, metadata, self.weights, str(self.base), arch)
+        updates, self.patch_report = dense_updates(tensors, metadata, self.weights, str(self.base), arch, path)
         self._patch = Patch(self.weights, updates)
         try:
             yield self.patch_report

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from ..core.schedule import Progress
 from ..errors import OptionsError
+from ..io.metadata import SideFile
 from ..io.paths import local_path, resolve_input
 from ..io.reader import open_tensor_file
 from ..options import ResizeOptions
@@ -64,11 +67,41 @@ class Probing:
             raise OptionsError(f"--size must be at least 8 pixels a side, got {self.size!r}")
 
 
-def as_stored(src: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The LoRA at `src` (a file, or an adapter folder holding one) as stored: every tensor and the metadata.
-    Raises InputFileError for a file that cannot be read."""
-    with open_tensor_file(resolve_input(local_path(src, "input"))) as reader:
-        return {k: reader.get(k) for k in reader.infos()}, dict(reader.metadata)
+@dataclass
+class InMemory:
+    """A LoRA to apply: its tensors and metadata, and where its companion files are read from - `path`, its file
+    (the input's own, with its adapter_config.json beside it), or `files`, those a resize would write beside it
+    (Resized.files). Without them a PEFT adapter would be applied at scale 1."""
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    path: Path | None = None
+    files: Sequence[SideFile] = ()
+
+    @classmethod
+    def of(cls, r) -> "InMemory":
+        """A `lora_resize.resized` result."""
+        return cls(r.tensors, r.metadata, files=r.files)
+
+    @contextlib.contextmanager
+    def applied(self, model) -> Iterator:
+        """`model.patched(...)` with this LoRA, its companion files beside a placeholder path (a temporary
+        folder) when it has any."""
+        with contextlib.ExitStack() as stack:
+            path = self.path
+            if self.files:
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora-resize-")))
+                for f in self.files:
+                    (folder / f.name).write_text(f.text, encoding="utf-8")
+                path = folder / "adapter_model.safetensors"
+            yield stack.enter_context(model.patched(self.tensors, self.metadata, path=path))
+
+
+def as_stored(src: str | os.PathLike) -> InMemory:
+    """The LoRA at `src` (a file, or an adapter folder holding one) as stored: every tensor, the metadata, and its
+    path (its companion files are read beside it). Raises InputFileError for a file that cannot be read."""
+    path = resolve_input(local_path(src, "input"))
+    with open_tensor_file(path) as reader:
+        return InMemory({k: reader.get(k) for k in reader.infos()}, dict(reader.metadata), path)
 
 
 def needs_base(opts: ResizeOptions) -> bool:
@@ -110,8 +143,7 @@ class EffectMeter:
                                                              device=str(compute_device(p.device))))
             self.probes = self.model.probes(prompts=p.prompts, seeds=[p.seed], timesteps=p.timesteps, size=p.size)
             self.eps_base = self.model.predict(self.probes)
-            tensors, metadata = as_stored(self.src)
-            self.eps_original = self.predict(tensors, metadata)
+            self.eps_original = self.predict(as_stored(self.src))
             self.report = self.model.patch_report  # what the original LoRA patched (PatchReport)
         except BaseException:
             self._stack.close()
@@ -121,15 +153,15 @@ class EffectMeter:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def predict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[torch.Tensor]:
-        """The denoiser's outputs at the probes with a LoRA's tensors applied (in memory, restored after)."""
-        with self.model.patched(tensors, metadata):
+    def predict(self, lora: InMemory) -> list[torch.Tensor]:
+        """The denoiser's outputs at the probes with a LoRA applied (in memory, restored after)."""
+        with lora.applied(self.model):
             return self.model.predict(self.probes)
 
-    def error(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> float:
-        """The effect error of a LoRA's tensors against the original's (module docstring)."""
+    def error(self, lora: InMemory) -> float:
+        """The effect error of a LoRA against the original's (module docstring)."""
         from ..diffusion import effect_error
-        return effect_error(self.predict(tensors, metadata), self.eps_original, self.eps_base)
+        return effect_error(self.predict(lora), self.eps_original, self.eps_base)
 
 
 def measure_effects(meter: EffectMeter, rows: Sequence[SettingRow], progress: Progress | None = None) -> None:
@@ -141,8 +173,7 @@ def measure_effects(meter: EffectMeter, rows: Sequence[SettingRow], progress: Pr
         groups.setdefault(written_key(row), []).append(row)
     todo = list(groups.values())
     for same in (progress or (lambda it, total: it))(todo, len(todo)):
-        r = resized(meter.src, without_base(same[0].options))
-        error = meter.error(r.tensors, r.metadata)
+        error = meter.error(InMemory.of(resized(meter.src, without_base(same[0].options))))
         for row in same:
             row.effect_error = error
 

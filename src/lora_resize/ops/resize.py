@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,7 +15,7 @@ import torch
 from ..core.schedule import Progress, compute_device
 from ..formats import Layout, read_layout
 from ..formats.convert import copied_sources
-from ..io.metadata import InputRecord
+from ..io.metadata import InputRecord, SideFile
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import TensorSource, open_tensor_file
 from ..io.writer import hashed
@@ -96,10 +96,12 @@ class Resized:
     """A resize in memory: `tensors` and `metadata` are exactly what `resize` writes for the same input and
     options (the same keys, dtypes and bits; the metadata with its sshs hashes); `result` describes it as
     `resize`'s result does, with `dst` None and `output_bytes` the size of the safetensors file it would be.
-    Companion files (a PEFT folder's adapter_config.json) are not made: `result.notes` says when a layout has one."""
+    `files`: the companion files `resize` writes beside the file (a PEFT adapter's adapter_config.json, which holds
+    its scale), as data - not written."""
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     result: ResizeResult
+    files: list[SideFile] = field(default_factory=list)
 
 
 def resized(src: str | os.PathLike, options: ResizeOptions | None = None, *, progress: Progress | None = None,
@@ -113,11 +115,10 @@ def resized(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
         b = build_output(p.out, opts, p.precision, device, progress)
     meta, nbytes = hashed(b.tensors, b.metadata)
     notes = p.notes + clamp_notes(b.rows) + p.rules.notes + b.plan_notes
-    notes += [f"{f.name} (a companion file of this layout) is not made in memory" for f in b.side.files]
     notes += growth_notes(p.src.stat().st_size, nbytes, b.rows)
     result = ResizeResult(src=p.src, dst=None, format=p.layout.format, precision=p.precision,
                           options={**b.options.as_dict(), "rule_hits": p.rules.hits}, layers=b.rows,
                           passthrough=list(p.layout.passthrough), copied=dict(p.layout.known), cast=b.cast,
                           input_bytes=p.src.stat().st_size, output_bytes=nbytes,
                           seconds=time.perf_counter() - t0, metadata=meta, notes=notes)
-    return Resized(b.tensors, meta, result)
+    return Resized(b.tensors, meta, result, list(b.side.files))
