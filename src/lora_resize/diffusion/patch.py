@@ -58,9 +58,9 @@ def dense_updates(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     any update is computed. The updates come one module at a time (a 12B model's LoRA never has all its dense
     updates in memory at once) as (key, rows, delta): delta = scale * up @ down in float64 on the weight's device,
     its rows for weight[rows] in the base's order (swapped halves swapped back), shaped as weight[rows] (conv
-    kernels included). `base` names the model in errors; `path` as `parse`. Raises LoraStructureError when no module matches (or
-    for a DoRA, whose magnitudes replace the updated weight's column norms: its factors alone are another
-    model)."""
+    kernels included). `base` names the model in errors; `path` as `parse`. Raises LoraStructureError when no
+    module matches (or for a DoRA, whose magnitudes replace the updated weight's column norms: its factors alone
+    are another model)."""
     src, layout = parse(tensors, metadata, path)
     if any(layout.known.get(k) == DORA_KIND for k in layout.passthrough):
         raise LoraStructureError("this LoRA is a DoRA (it stores magnitude vectors): its effect is not measured "

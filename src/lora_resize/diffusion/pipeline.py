@@ -259,8 +259,8 @@ class BaseModel:
         reshaped) and rounded once to the weight's dtype, one module at a time. Only the touched weights are saved
         (in host memory); leaving restores them bit for bit, on errors too. `arch`: the LoRA's architecture
         (--arch) where its keys leave it open; `path`: where its file is, so a companion file beside it is read
-        (PEFT's adapter_config.json: without it a PEFT adapter's scale is taken as 1). Yields the PatchReport (also `self.patch_report`). Raises
-        LoraStructureError when none of its modules has its weight here; RuntimeError when nested."""
+        (PEFT's adapter_config.json: without it a PEFT adapter's scale is taken as 1). Yields the PatchReport (also
+        `self.patch_report`). Raises LoraStructureError when none of its modules has its weight here; RuntimeError when nested."""
         if self._patch is not None:
             raise RuntimeError("BaseModel.patched is already active; leave it before applying another LoRA")
         if not tensors:
