@@ -260,7 +260,8 @@ class BaseModel:
         (in host memory); leaving restores them bit for bit, on errors too. `arch`: the LoRA's architecture
         (--arch) where its keys leave it open; `path`: where its file is, so a companion file beside it is read
         (PEFT's adapter_config.json: without it a PEFT adapter's scale is taken as 1). Yields the PatchReport (also
-        `self.patch_report`). Raises LoraStructureError when none of its modules has its weight here; RuntimeError when nested."""
+        `self.patch_report`). Raises LoraStructureError when none of its modules has its weight here; RuntimeError
+        when nested."""
         if self._patch is not None:
             raise RuntimeError("BaseModel.patched is already active; leave it before applying another LoRA")
         if not tensors:
