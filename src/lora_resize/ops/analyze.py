@@ -48,6 +48,7 @@ from ..ranks.plan import budget_layers, plan
 from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
 from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
+from ..units import format_size
 from .effect import Probing
 from .job import (Output, alpha_rule, metadata_for, module_job, output_scale, precision_of, sizer_for, spectra,
                   start_layer, with_base)
@@ -69,8 +70,19 @@ def check_max_effect_error(x) -> float:
     return float(x)
 
 
-def recommend(rows: Sequence[SettingRow], max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR
-              ) -> tuple[SettingRow | None, str]:
+def recommend(rows: Sequence[SettingRow], max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR,
+              input_bytes: int | None = None) -> tuple[SettingRow | None, str]:
+    """`recommendation` (the row and why), and when the row's file would be no smaller than the input
+    (`input_bytes`), the reason says so: the input itself is then at least as good a choice."""
+    row, reason = recommendation(rows, max_effect_error)
+    if row is not None and input_bytes is not None and row.output_bytes >= input_bytes:
+        reason += (f"; it is no smaller than the input ({format_size(row.output_bytes)} vs "
+                   f"{format_size(input_bytes)}): keeping the input loses nothing")
+    return row, reason
+
+
+def recommendation(rows: Sequence[SettingRow], max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR
+                   ) -> tuple[SettingRow | None, str]:
     """The setting to recommend among `rows` and why, as (row, reason); (None, reason) only for no rows. A pure
     function of the rows' fields:
     - with effect errors measured (some `row.effect_error` not None; only those rows compete): the smallest file
@@ -339,7 +351,7 @@ def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeO
         chosen_row.chosen = True
         if chosen_row.note:
             notes.append(chosen_row.note)
-    recommended, reason = recommend(rows, max_effect_error)
+    recommended, reason = recommend(rows, max_effect_error, a_fields["input_bytes"])
     src = a_fields["src"]
     return Analysis(shared=shared, layers=ev.sps, blocks=[block_of(sp.name) for sp in ev.sps], rows=rows,
                     chosen=chosen_row, recommended=recommended, recommended_reason=reason, notes=notes,
@@ -398,7 +410,7 @@ def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
         with EffectMeter(a.src, effect) as meter:
             measure_effects(meter, a.rows + ([a.chosen] if a.chosen is not None else []), effect_progress)
         a.notes.append(f"effect error: {meter.report.summary()}")
-        a.recommended, a.recommended_reason = recommend(a.rows, max_effect_error)
+        a.recommended, a.recommended_reason = recommend(a.rows, max_effect_error, a.input_bytes)
     a.seconds = time.perf_counter() - t0
     return a
 

@@ -157,6 +157,6 @@ def preview(src: str | os.PathLike, probing: Probing, settings: Sequence[ResizeO
     for p in pictures:
         if p.kind != "original":
             p.ssim = ssim(p.image, original)
-    a.recommended, a.recommended_reason = recommend(a.rows, max_effect_error)
+    a.recommended, a.recommended_reason = recommend(a.rows, max_effect_error, a.input_bytes)
     return Preview(a.src, probing.base, prompt, probing.seed, steps, tuple(size), pictures, a,
                    time.perf_counter() - t0, seconds, [f"effect error: {report}"])

@@ -34,6 +34,14 @@ def test_effect_errors_the_smallest_file_under_the_threshold():
     assert recommend(list(reversed(rows)), 0.05)[0].label == "b"  # the order of rows does not matter
 
 
+def test_a_recommendation_no_smaller_than_the_input_says_so():
+    rows = [row("full", 1000, 1.0, 0.0), row("half", 500, 0.9, 0.3)]
+    best, why = recommend(rows, 0.05, input_bytes=900)
+    assert best.label == "full" and "no smaller than the input" in why and "keeping the input" in why
+    assert "no smaller" not in recommend(rows, 0.05, input_bytes=2000)[1]
+    assert "no smaller" not in recommend(rows, 0.05)[1]
+
+
 def test_without_effect_errors_the_weight_space_rule_labelled():
     rows = [row("big", 1000, 0.999), row("mid", 400, 0.93), row("small", 100, 0.6), row("edge", 350, 0.899)]
     best, why = recommend(rows)
