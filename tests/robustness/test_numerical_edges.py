@@ -363,9 +363,14 @@ def test_fp16_subnormal_input(tmp_path, capsys):
     up = load_st(src)[0][NAME + UP]
     assert float(up.abs().max()) < 6.1e-5 and float(up.abs().max()) > 0
     dst = tmp_path / "out.safetensors"
-    # resized factors of that size keep only a few bits in fp16 (the input's own precision): refused, not
+    # truncated factors of that size keep only a few bits in fp16 (the input's own precision): refused, not
     # written several percent off
-    _refused_for_precision(capsys, src, dst, "--rank", "8")
+    _refused_for_precision(capsys, src, dst, "--rank", "4")
+    # at the layer's own rank nothing is re-rounded: its factors are copied as stored, bit for bit
+    rc, _, err = _cli(capsys, src, dst, "--rank", "8")
+    assert rc == 0, err
+    assert all(torch.equal(load_st(dst)[0][k], v) for k, v in load_st(src)[0].items() if "lora_" in k)
+    dst.unlink()
     rep = _report(capsys, src, dst, "--rank", "8", "--precision", "float")
     _check_report(rep)
     o = _check_output(dst)
