@@ -108,9 +108,13 @@ def _run(fn):
 
 def _options(method: str, param: float, rank: int, conv_rank: int, rank_rule: str, target_size: str,
              precision: str) -> dict:
-    """Option fields from the nodes' inputs: method 'fixed' uses rank alone; conv_rank 0 follows rank; a target
-    size replaces the method (rank still caps)."""
-    fields = dict(rank=rank, conv_rank=conv_rank or None, rank_rule=rank_rule,
+    """Option fields from the nodes' inputs: method 'fixed' uses rank alone; rank 0 is no cap (as the Analyze
+    node's rank_cap, so its recommendation is what these nodes write); conv_rank 0 follows rank; a target size
+    replaces the method (rank still caps). Raises RuntimeError (one line) for method 'fixed' without a rank."""
+    if method == "fixed" and not rank and not target_size.strip():
+        raise RuntimeError("lora-resize: method 'fixed' needs a rank >= 1 (rank 0 means no cap, for the other "
+                           "methods)")
+    fields = dict(rank=rank or None, conv_rank=conv_rank or None, rank_rule=rank_rule,
                   precision=None if precision == KEEP else precision)
     if target_size.strip():
         fields["target_size"] = target_size.strip()
@@ -122,7 +126,8 @@ def _options(method: str, param: float, rank: int, conv_rank: int, rank_rule: st
 RANK_INPUTS = {
     "method": (["fixed", *lora_resize.dynamic_methods()], {"default": "sv_fro"}),
     "param": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 10000.0, "step": 0.001}),  # 0.995 must fit
-    "rank": ("INT", {"default": 64, "min": 1, "max": 8192, "tooltip": "fixed rank, or the cap of a method/target"}),
+    "rank": ("INT", {"default": 0, "min": 0, "max": 8192,
+                     "tooltip": "fixed rank, or the cap of a method/target (0: no cap, as the Analyze node)"}),
     "conv_rank": ("INT", {"default": 0, "min": 0, "max": 8192, "tooltip": "0: the same as rank"}),
     "rank_rule": (list(lora_resize.RANK_RULES), {"default": "exact"}),
     "target_size": ("STRING", {"default": "", "tooltip": "e.g. 50MB: the best file that fits (replaces method)"}),

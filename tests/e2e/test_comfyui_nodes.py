@@ -146,6 +146,24 @@ def test_resize_node_writes_what_the_cli_writes(nodes, loras, tmp_path):
     assert (loras / name).read_bytes() == cli.read_bytes()
 
 
+def test_the_rank_widget_defaults_to_no_cap_as_the_analyze_node_recommends(nodes, loras, tmp_path):
+    """The Analyze node's recommendation (rank_cap 0: no cap) is what the Resize node writes with its default rank
+    widget: before, the rank widget defaulted to 64 (min 1), silently capping a recommended method."""
+    spec = nodes.NODE_CLASS_MAPPINGS["LoraResize"].INPUT_TYPES()["required"]["rank"][1]
+    assert spec["default"] == 0 and spec["min"] == 0
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResize"]()
+    name, _ = node.resize("a.safetensors", method="sv_fro", param=0.9, rank=spec["default"], conv_rank=0,
+                          rank_rule="exact", target_size="", precision="same", output_layout="same",
+                          output_name="a_nocap")
+    cli = tmp_path / "a_nocap.safetensors"
+    assert main(["resize", str(loras / "a.safetensors"), "-o", str(cli), "--method", "sv_fro", "--param", "0.9",
+                 "-q"]) == 0
+    assert (loras / name).read_bytes() == cli.read_bytes()
+    with pytest.raises(RuntimeError, match="needs a rank"):
+        node.resize("a.safetensors", method="fixed", param=0.0, rank=0, conv_rank=0, rank_rule="exact",
+                    target_size="", precision="same", output_layout="same", output_name="a_fixed0")
+
+
 def test_analyze_node_gives_the_curve_as_an_image_and_the_table(nodes, loras, tmp_path, capsys):
     out = nodes.NODE_CLASS_MAPPINGS["LoraResizeAnalyze"]().analyze("a.safetensors", rank_cap=16, rank_rule="exact",
                                                                    precision="same")

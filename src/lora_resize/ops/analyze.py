@@ -88,9 +88,11 @@ def recommendation(rows: Sequence[SettingRow], max_effect_error: float = DEFAULT
     - with effect errors measured (some `row.effect_error` not None; only those rows compete): the smallest file
       whose effect error is <= `max_effect_error`; if none is, the row with the smallest effect error, saying so;
     - else the weight-space rule, labelled as such: the smallest file whose worst layer keeps >=
-      WEIGHT_SPACE_MIN_FRO of its update's Frobenius norm (`fro_min`); if none does (caps too low), the row with
-      the largest `fro_min`, saying so. With --base the base-relative losses are shown but not used: how far a
-      weight moves says nothing of how far the output does, so no threshold on them holds across models.
+      WEIGHT_SPACE_MIN_FRO of its update's Frobenius norm (`fro_min`); if none does (caps too low, or a layer a
+      --rule pins low sets every row's minimum), the smallest file whose size-weighted mean (`fro_weighted`) keeps
+      that much, else the row that keeps the most (`fro_min`, then `fro_weighted`), saying so. With --base the
+      base-relative losses are shown but not used: how far a weight moves says nothing of how far the output
+      does, so no threshold on them holds across models.
     Ties on size go to the better measure, then to the earlier row. Raises OptionsError for a threshold that is
     not a number >= 0."""
     check_max_effect_error(max_effect_error)
@@ -117,9 +119,16 @@ def recommendation(rows: Sequence[SettingRow], max_effect_error: float = DEFAULT
         best = min(under, key=lambda r: (r.output_bytes, -r.fro_min))
         return best, (f"weight-space rule: the smallest file in which every layer keeps >= "
                       f"{WEIGHT_SPACE_MIN_FRO:.0%} of its update's Frobenius norm (min {best.fro_min:.2%}){hint}")
-    best = max(live, key=lambda r: (r.fro_min, -r.output_bytes))
-    return best, (f"weight-space rule: no setting keeps >= {WEIGHT_SPACE_MIN_FRO:.0%} of every layer's Frobenius "
-                  f"norm under these caps; this one keeps the most of its worst layer ({best.fro_min:.2%}){hint}")
+    worst = max(r.fro_min for r in live)
+    head = (f"weight-space rule: no setting keeps >= {WEIGHT_SPACE_MIN_FRO:.0%} of every layer's Frobenius norm "
+            f"under these caps and rules (the worst layer keeps at most {worst:.2%})")
+    mean = [r for r in live if r.fro_weighted >= WEIGHT_SPACE_MIN_FRO]  # a layer pinned low (--rule, a cap) sets
+    if mean:  # every row's minimum: judge the size-weighted mean instead of tying on it
+        best = min(mean, key=lambda r: (r.output_bytes, -r.fro_weighted))
+        return best, (f"{head}; the smallest file whose size-weighted mean keeps >= {WEIGHT_SPACE_MIN_FRO:.0%} "
+                      f"(w-mean {best.fro_weighted:.2%}){hint}")
+    best = max(live, key=lambda r: (r.fro_min, r.fro_weighted, -r.output_bytes))
+    return best, f"{head}; this one keeps the most (w-mean {best.fro_weighted:.2%}){hint}"
 
 
 def default_sweep(base: bool = False) -> dict[str, tuple]:

@@ -49,6 +49,12 @@ def test_without_effect_errors_the_weight_space_rule_labelled():
     # every row under the rule: the one that keeps most of its worst layer, saying so
     best, why = recommend([row("a", 10, 0.5), row("b", 20, 0.7), row("c", 5, 0.7)])
     assert best.label == "c" and "no setting keeps" in why
+    # a layer pinned low (--rule '*attn*=2') sets every row's minimum: the size-weighted mean decides, not a tie
+    pinned = [row("tiny", 5, 0.72, fro=0.80), row("mid", 9, 0.72, fro=0.91), row("big", 20, 0.72, fro=0.99)]
+    best, why = recommend(pinned)
+    assert best.label == "mid" and "size-weighted mean" in why and "caps and rules" in why
+    best, why = recommend([row("tiny", 5, 0.72, fro=0.80), row("big", 20, 0.72, fro=0.85)])
+    assert best.label == "big" and "keeps the most" in why
     # a zero layer's NaN fidelity never wins; all zero: the smallest file
     assert recommend([row("z", 1, float("nan")), row("ok", 9, 0.95)])[0].label == "ok"
     assert recommend([row("z1", 5, float("nan")), row("z2", 3, float("nan"))])[0].label == "z2"
