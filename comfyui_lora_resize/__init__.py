@@ -11,6 +11,21 @@ if importlib.util.find_spec("lora_resize") is None:  # ComfyUI logs this line un
     raise ImportError(f"lora-resize is not installed in ComfyUI's Python ({sys.executable}): run "
                       f"'{sys.executable} -m pip install <the lora-resize folder>' and restart ComfyUI")
 
+TORCH_MINIMUM = (2, 5)  # pyproject.toml's torch>=2.5 (tests/unit/test_torch_minimum.py keeps the two equal)
+
+
+def _torch_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string such as '2.4.1+cu121'."""
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+if importlib.util.find_spec("torch") is not None:
+    import torch
+    if _torch_release(torch.__version__) < TORCH_MINIMUM:  # an old ComfyUI's torch: one line, not an AttributeError
+        raise ImportError(f"lora-resize needs torch >= {'.'.join(map(str, TORCH_MINIMUM))}; ComfyUI's Python has "
+                          f"{torch.__version__}: update ComfyUI (or its torch) and restart it")
+
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

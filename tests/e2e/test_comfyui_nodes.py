@@ -400,6 +400,11 @@ def test_tile_makes_one_labelled_cell_per_image(nodes):
     assert grid.shape[2] == 4 * (w + gap) - gap and h + 10 < grid.shape[1] < 2 * h
     with pytest.raises(ValueError, match="4 images but 2 labels"):
         node.tile(batches, ["a", "b"], [0])
+    # grey (1-channel) images tile as grey RGB (PIL refused them); a very long label is cut, not a tall strip
+    grey = [torch.rand(1, 32, 32, 1, generator=g), torch.rand(1, 32, 32, 1, generator=g)]
+    (grid,) = node.tile(grey, ["a", "word " * 200], [0])
+    assert grid.shape[3] == 3 and torch.equal(grid[0, :32, :32, 0], grid[0, :32, :32, 2])
+    assert grid.shape[1] < 32 + 12 * 40
 
 
 def test_writing_nodes_pick_a_free_name_when_none_is_given(nodes, loras):

@@ -50,3 +50,14 @@ def test_the_readme_states_the_same_minimum():
     major, minor = declared_minimum()
     readme = (ROOT / "README.md").read_text()
     assert f"torch >= {major}.{minor}" in readme and f"torch {major}.{minor} or newer" in readme
+
+
+def test_the_comfyui_nodes_check_the_same_minimum():
+    """The node pack refuses an older torch in one line (ComfyUI's log) with pyproject's minimum."""
+    text = (ROOT / "comfyui_lora_resize" / "__init__.py").read_text()
+    m = re.search(r"TORCH_MINIMUM = \((\d+), (\d+)\)", text)
+    assert m and (int(m.group(1)), int(m.group(2))) == declared_minimum()
+    ns: dict = {}  # the constant and the parser, run alone (the module itself imports the nodes)
+    exec(text[text.index("TORCH_MINIMUM ="):text.index('if importlib.util.find_spec("torch")')], ns)
+    assert ns["_torch_release"]("2.4.1+cu121") == (2, 4) < declared_minimum() <= ns["_torch_release"]("2.13.0")
+    assert ns["_torch_release"]("2.10.0a0+git") == (2, 10)
