@@ -73,16 +73,28 @@ def locate(n: Name, arch: Architecture | None, out: int, inp: int, keys: Contain
     """The pieces of the base weight module `n` (out rows, `inp` input features) patches among `keys`, or None."""
     candidates = _sd_candidates(n, sdxl, inp) if n.space == SD else _dit_candidates(n, arch, out, inp)
     for pieces in candidates:
-        if all(p.key in keys for p in pieces):
-            return pieces
+        for form in (pieces, _unwrapped(pieces)):
+            if form and all(p.key in keys for p in form):
+                return form
     return None
+
+
+def _unwrapped(pieces: list[Piece]) -> list[Piece] | None:
+    """`pieces` as a text encoder saved by transformers >= 5 names them: its CLIPTextModel has no `text_model`
+    wrapper (`text_encoder.encoder.layers.0...` for `text_encoder.text_model.encoder.layers.0...`), in any
+    family's diffusers folder; None when no piece is under such a wrapper."""
+    out = []
+    for p in pieces:
+        comp, dot, rest = p.key.partition(".")
+        if not (comp.startswith("text_encoder") and rest.startswith("text_model.")):
+            return None
+        out.append(Piece(f"{comp}.{rest.removeprefix('text_model.')}", p.start, p.stop, p.swap))
+    return out
 
 
 def _sd_candidates(n: Name, sdxl: bool, inp: int):
     comp, path = n.component, n.path
-    yield [Piece(f"{comp}.{path}.weight")]  # a diffusers folder
-    if comp != "unet" and path.startswith("text_model."):  # one saved by transformers >= 5, whose CLIPTextModel
-        yield [Piece(f"{comp}.{path.removeprefix('text_model.')}.weight")]  # has no `text_model` wrapper
+    yield [Piece(f"{comp}.{path}.weight")]  # a diffusers folder (or one saved by transformers >= 5: _unwrapped)
     if comp == "unet":
         sgm = sdm.unet_to_sgm(path, sdxl)
         if sgm is not None:
