@@ -342,9 +342,15 @@ def split_options(options: ResizeOptions | None, fields_: dict) -> tuple[ResizeO
 def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeOptions | None, chosen_label: str,
            sweep: Mapping[str, Sequence] | None, max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR) -> Analysis:
     """The sweep and the chosen setting evaluated, and the recommendation among the sweep's rows; an Analysis."""
-    base = any(sp.base is not None for sp in ev.sps)
-    rows = [ev.evaluate(o) for o in ev.sweep_options(shared, default_sweep(base) if sweep is None else sweep)]
     notes = list(a_fields.pop("notes"))
+    base = any(sp.base is not None for sp in ev.sps)
+    missing = [sp.name for sp in ev.sps if sp.base is None]
+    if sweep is None and base and missing:  # base-relative settings would refuse those layers: left out
+        left_out = [name for name in default_sweep(True) if name not in default_sweep(False)]
+        notes.append(f"the settings measured against the base ({', '.join(left_out)}) are left out of the sweep: "
+                     f"{len(missing)} module(s) have no weight in --base (e.g. {missing[0]})")
+        base = False
+    rows = [ev.evaluate(o) for o in ev.sweep_options(shared, default_sweep(base) if sweep is None else sweep)]
     chosen_row = None
     if chosen is not None:
         chosen_row = ev.evaluate(chosen, label=chosen_label)
