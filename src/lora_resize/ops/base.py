@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from ..errors import InputFileError, LoraStructureError
+from ..errors import InputFileError
 from ..formats import Layout
 from ..formats.weights import Piece, locate_modules
 from ..io.checkpoint import Checkpoint
@@ -39,7 +39,6 @@ def base_norms(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mappin
     unmatched, mismatched, found = [], [], []
     with Checkpoint(base, variant) as ck:
         located = locate_modules(layout, infos, metadata, ck, arch_name)
-        arch = located.arch
         for m, pieces in located.modules:
             out, (inp, *kernel) = m.weight_shape(infos)
             if pieces is None:
@@ -64,18 +63,13 @@ def base_norms(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mappin
                     mismatched.append((name, pieces, shape, want))
                 else:
                     norms[name] = bn
-    if mismatched and len(mismatched) >= len(norms):
-        name, pieces, got, want = mismatched[0]
-        raise LoraStructureError(f"--base {base} is not this LoRA's model: {name} updates a {want[0]} x {want[1]} "
-                                 f"weight, the base's {pieces[0].key} is {got[0]} x {got[1]} "
-                                 f"({len(mismatched)} of {len(layout.modules)} modules differ); give the base "
-                                 "the LoRA was trained on")
-    if not norms:
-        example = layout.modules[0].name if layout.modules else "?"
-        raise LoraStructureError(f"--base {base}: no module of this LoRA has its weight there (e.g. {example}); is "
-                                 f"it the {arch.title if arch else 'Stable Diffusion'} model the LoRA was trained on?")
-    notes = []
     left = unmatched + [x[0] for x in mismatched]
+    example = left[0] if left else None
+    if mismatched and len(mismatched) >= len(norms):  # the shapes differ: say which, the likeliest cause
+        name, pieces, got, want = mismatched[0]
+        example = f"{name}: {want[0]} x {want[1]}, the base's {pieces[0].key} is {got[0]} x {got[1]}"
+    located.check(len(norms), f"--base {base}", example)
+    notes = []
     if left:
         notes.append(f"{len(left)} module(s) have no weight of their shape in the base and are measured without it "
                      f"(e.g. {left[0]})")
