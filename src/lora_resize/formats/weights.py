@@ -56,8 +56,8 @@ class Located:
         total = len(self.modules)
         if 2 * matched < total:
             raise LoraStructureError(f"{base} is not this {self.model} LoRA's model: only {matched} of its {total} "
-                                     f"modules have a weight of their shape there (e.g. not {example}); give the "
-                                     "base model the LoRA was trained on")
+                                     f"modules have a weight of their shape there ({total - matched} without, e.g. "
+                                     f"{example}); give the base model the LoRA was trained on")
 
 
 def locate_modules(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],

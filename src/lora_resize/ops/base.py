@@ -67,7 +67,7 @@ def base_norms(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mappin
     example = left[0] if left else None
     if mismatched and len(mismatched) >= len(norms):  # the shapes differ: say which, the likeliest cause
         name, pieces, got, want = mismatched[0]
-        example = f"{name}: {want[0]} x {want[1]}, the base's {pieces[0].key} is {got[0]} x {got[1]}"
+        example = f"{name} updates {want[0]} x {want[1]}, the base's {pieces[0].key} is {got[0]} x {got[1]}"
     located.check(len(norms), f"--base {base}", example)
     notes = []
     if left:

@@ -57,8 +57,8 @@ def layer_rank(sp: Spectrum, opts) -> RankChoice:
         if not opts.keep_unranked:
             raise OptionsError(f"layer {sp.name} has no rank: give --rank N (or a rule or a target that covers it)")
         return choose_rank(sp.S, sp.full_size, FIXED_POLICY, None, None, "exact")  # all of it: its numerical rank
-    return choose_rank(base_relative(sp, f"--method {opts.method}") if policy.base else sp.S, sp.full_size, policy, opts.param, cap,
-                       opts.rank_rule)
+    S = base_relative(sp, f"--method {opts.method}") if policy.base else sp.S
+    return choose_rank(S, sp.full_size, policy, opts.param, cap, opts.rank_rule)
 
 
 def base_relative(sp: Spectrum, what: str) -> np.ndarray:
