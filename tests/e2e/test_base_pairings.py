@@ -118,3 +118,18 @@ def test_a_flux_loras_clip_modules_are_measured_in_the_base(tiny_base, loras, ca
         assert "32 base weight(s) measured" in out and "no weight of their shape" not in out
     else:  # the single file holds the transformer only: CLIP-L's modules are noted, not fatal
         assert "20 base weight(s) measured" in out and "lora_te1_" in out
+
+
+@pytest.mark.thirdparty
+@pytest.mark.slow
+def test_a_single_file_bases_text_encoders_come_from_its_config_folder(tiny_base, loras):
+    """The Flux.1 file holds the transformer only; with --effect's --base-config, the norms of the LoRA's CLIP-L
+    modules are read from that folder, as its pipeline loads them, and a base-relative setting is measured."""
+    pytest.importorskip("diffusers")
+    base, config = tiny_base("flux", "single")
+    a = analyze(loras("flux"), base=str(base), sweep={"target_error": (0.01,), "fixed": (4,)},
+                effect=Probing(base=str(base), config=str(config), prompts=("a cat",), timesteps=1))
+    assert all(sp.base is not None for sp in a.layers) and len(a.layers) == 32
+    assert "32 base weight(s) measured" in " ".join(a.notes)
+    assert all(r.effect_error is not None for r in a.rows)
+    assert {int(r.ranks.max()): r.effect_error for r in a.rows if r.method == "fixed"}[4] == 0.0

@@ -10,6 +10,7 @@ For each matched module: ||W||_F and the spectral norm ||W||_2 (W flattened to o
 ||W||_2 exactly from the smaller Gram matrix, or by Lanczos for sides above 256), one weight per core at a time."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Mapping
@@ -29,15 +30,35 @@ EXACT_SIDE = 256  # ||W||_2 from the eigenvalues of the smaller Gram matrix up t
 LANCZOS_STEPS = 400
 
 
+class WithTextEncoders:
+    """A single-file base (a Flux.1 transformer file holds the denoiser alone) with the text encoders of `config`,
+    the diffusers folder of its model (--base-config, where the in-memory pipeline of --effect takes them from):
+    the keys and weights (`in`, `matrix`) of the file, else the folder's under `text_encoder*.`."""
+
+    def __init__(self, ck: Checkpoint, config: Checkpoint):
+        self.ck, self.config = ck, config
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.ck or (key.startswith("text_encoder") and key in self.config)
+
+    def matrix(self, key: str) -> torch.Tensor:
+        return self.ck.matrix(key) if key in self.ck else self.config.matrix(key)
+
+
 def base_norms(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
-               base: str | os.PathLike, arch_name: str | None = None, variant: str | None = None
-               ) -> tuple[dict[str, BaseNorms], list[str]]:
+               base: str | os.PathLike, arch_name: str | None = None, variant: str | None = None,
+               config: str | os.PathLike | None = None) -> tuple[dict[str, BaseNorms], list[str]]:
     """(module name -> the norms of the base weight it patches, notes) for `layout`'s modules; `variant`: the
-    weight files of a diffusers folder to read (io.checkpoint.Checkpoint). Raises LoraStructureError when the
-    LoRA's model is not known, or the base is another model's; InputFileError for a base that cannot be read."""
+    weight files of a diffusers folder to read (io.checkpoint.Checkpoint); `config`: with a single-file base, the
+    diffusers folder of its model, whose text encoders are read where the file has none (WithTextEncoders).
+    Raises LoraStructureError when the LoRA's model is not known, or the base is another model's (formats.weights.
+    Located.check); InputFileError for a base that cannot be read."""
     norms: dict[str, BaseNorms] = {}
     unmatched, mismatched, found = [], [], []
-    with Checkpoint(base, variant) as ck:
+    with contextlib.ExitStack() as stack:
+        ck = stack.enter_context(Checkpoint(base, variant))
+        if config is not None and not os.path.isdir(base):
+            ck = WithTextEncoders(ck, stack.enter_context(Checkpoint(config)))
         located = locate_modules(layout, infos, metadata, ck, arch_name)
         for m, pieces in located.modules:
             out, (inp, *kernel) = m.weight_shape(infos)
