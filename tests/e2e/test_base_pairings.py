@@ -22,20 +22,6 @@ MODEL = {"sd1": "Stable Diffusion", "sdxl": "SDXL", "flux": "Flux.1"}
 EXTRA = "lora_unet_nonexistent_block_proj"
 
 
-@pytest.fixture(scope="module")
-def loras(tmp_path_factory):
-    from lora_resize.testing import pipelines
-    folder = tmp_path_factory.mktemp("pairing_loras")
-    made = {}
-
-    def get(family):
-        if family not in made:
-            made[family] = pipelines.tiny_lora(pipelines.tiny_pipeline(family, seed=0),
-                                               folder / f"{family}.safetensors", rank=4)
-        return made[family]
-    return get
-
-
 def with_extra(src, path):
     """`src` with one more module, whose weight no base has."""
     sd = load_file(str(src))
@@ -55,9 +41,9 @@ def refusal(err: str, base, lora_family: str) -> None:
 
 
 @pytest.mark.parametrize("lora_family,base_family", [(a, b) for a in FAMILIES for b in FAMILIES if a != b])
-def test_analyze_base_refuses_another_models_base(tiny_base, loras, capsys, lora_family, base_family):
+def test_analyze_base_refuses_another_models_base(tiny_base, tiny_loras, capsys, lora_family, base_family):
     base, _ = tiny_base(base_family)
-    lora = loras(lora_family)
+    lora = tiny_loras(lora_family)
     capsys.readouterr()
     assert main(["analyze", str(lora), "--base", str(base)]) == 2
     refusal(capsys.readouterr().err, base, lora_family)
@@ -66,22 +52,22 @@ def test_analyze_base_refuses_another_models_base(tiny_base, loras, capsys, lora
 @pytest.mark.thirdparty
 @pytest.mark.slow
 @pytest.mark.parametrize("lora_family,base_family", [(a, b) for a in FAMILIES for b in FAMILIES if a != b])
-def test_effect_and_preview_refuse_another_models_base(tiny_base, loras, lora_family, base_family):
+def test_effect_and_preview_refuse_another_models_base(tiny_base, tiny_loras, lora_family, base_family):
     pytest.importorskip("diffusers")
     pytest.importorskip("skimage")
     base, _ = tiny_base(base_family)
     probing = Probing(base=str(base), prompts=("a cat",), timesteps=1)
     with pytest.raises(LoraStructureError) as e:  # the effect alone (no weight-space --base)
-        analyze(loras(lora_family), sweep={"fixed": (1,)}, effect=probing)
+        analyze(tiny_loras(lora_family), sweep={"fixed": (1,)}, effect=probing)
     refusal(str(e.value), base, lora_family)
     with pytest.raises(LoraStructureError) as e:
-        preview(loras(lora_family), probing, [ResizeOptions(method="fixed", rank=1)], steps=1)
+        preview(tiny_loras(lora_family), probing, [ResizeOptions(method="fixed", rank=1)], steps=1)
     refusal(str(e.value), base, lora_family)
 
 
-def test_a_module_the_base_lacks_is_noted_and_base_settings_left_out(tiny_base, loras, tmp_path, capsys):
+def test_a_module_the_base_lacks_is_noted_and_base_settings_left_out(tiny_base, tiny_loras, tmp_path, capsys):
     base, _ = tiny_base("sd1")
-    src = with_extra(loras("sd1"), tmp_path / "extra.safetensors")
+    src = with_extra(tiny_loras("sd1"), tmp_path / "extra.safetensors")
     capsys.readouterr()
     assert main(["analyze", str(src), "--base", str(base), "--json"]) == 0
     out = capsys.readouterr().out
@@ -98,19 +84,19 @@ def test_a_module_the_base_lacks_is_noted_and_base_settings_left_out(tiny_base, 
 
 @pytest.mark.thirdparty
 @pytest.mark.slow
-def test_effect_with_a_module_the_base_lacks_runs(tiny_base, loras, tmp_path):
+def test_effect_with_a_module_the_base_lacks_runs(tiny_base, tiny_loras, tmp_path):
     pytest.importorskip("diffusers")
     base, _ = tiny_base("sd1")
-    src = with_extra(loras("sd1"), tmp_path / "extra.safetensors")
+    src = with_extra(tiny_loras("sd1"), tmp_path / "extra.safetensors")
     a = analyze(src, sweep={"fixed": (1, 4)}, effect=Probing(base=str(base), prompts=("a cat",), timesteps=1))
     assert any("1 not applied" in n and EXTRA in n for n in a.notes), a.notes
     assert {int(r.ranks.max()): r.effect_error for r in a.rows}[4] == 0.0
 
 
 @pytest.mark.parametrize("form", ["folder", "single"])
-def test_a_flux_loras_clip_modules_are_measured_in_the_base(tiny_base, loras, capsys, form):
+def test_a_flux_loras_clip_modules_are_measured_in_the_base(tiny_base, tiny_loras, capsys, form):
     base, _ = tiny_base("flux", form)
-    lora = loras("flux")
+    lora = tiny_loras("flux")
     capsys.readouterr()
     assert main(["analyze", str(lora), "--base", str(base), "--json"]) == 0
     out = capsys.readouterr().out
@@ -122,12 +108,12 @@ def test_a_flux_loras_clip_modules_are_measured_in_the_base(tiny_base, loras, ca
 
 @pytest.mark.thirdparty
 @pytest.mark.slow
-def test_a_single_file_bases_text_encoders_come_from_its_config_folder(tiny_base, loras):
+def test_a_single_file_bases_text_encoders_come_from_its_config_folder(tiny_base, tiny_loras):
     """The Flux.1 file holds the transformer only; with --effect's --base-config, the norms of the LoRA's CLIP-L
     modules are read from that folder, as its pipeline loads them, and a base-relative setting is measured."""
     pytest.importorskip("diffusers")
     base, config = tiny_base("flux", "single")
-    a = analyze(loras("flux"), base=str(base), sweep={"target_error": (0.01,), "fixed": (4,)},
+    a = analyze(tiny_loras("flux"), base=str(base), sweep={"target_error": (0.01,), "fixed": (4,)},
                 effect=Probing(base=str(base), config=str(config), prompts=("a cat",), timesteps=1))
     assert all(sp.base is not None for sp in a.layers) and len(a.layers) == 32
     assert "32 base weight(s) measured" in " ".join(a.notes)
