@@ -68,6 +68,24 @@ def tiny_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_loras(tmp_path_factory):
+    """tiny_loras(family) -> a rank-4 kohya LoRA (testing.pipelines.tiny_lora, text encoders included) on the tiny
+    pipeline of `family`, the one tiny_base(family) holds; made once per session."""
+    from lora_resize.testing import pipelines
+
+    folder = tmp_path_factory.mktemp("family_loras")
+    made: dict = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = pipelines.tiny_lora(pipelines.tiny_pipeline(family, seed=0),
+                                               folder / f"{family}.safetensors", rank=4)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_sd1_lora(tmp_path_factory):
     """A rank-8 kohya LoRA on the tiny SD1.5-like pipeline's UNet and text encoder (testing.pipelines.tiny_lora:
     spectra decaying by 0.7 a rank, so the effect error grows as ranks shrink), for the base tiny_base("sd1")."""

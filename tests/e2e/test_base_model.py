@@ -256,8 +256,8 @@ def test_a_base_of_another_model_or_no_base_is_refused(tmp_path, capsys):
                                                           for k in W})
     empty = write_lora(tmp_path / "sd15.safetensors", {"model.diffusion_model.input_blocks.0.0.weight":
                                                        torch.randn(8, 4, 3, 3)})
-    for argv, why in ((["--base", str(other)], "is not this LoRA's model"),
-                      (["--base", str(empty)], "no module of this LoRA has its weight there"),
+    for argv, why in ((["--base", str(other)], "LoRA's model: only 0 of its 4 modules"),
+                      (["--base", str(empty)], "LoRA's model: only 0 of its 4 modules"),
                       (["--base", str(tmp_path / "nope.safetensors")], "not a .safetensors checkpoint"),
                       (["--method", "base_fro", "--param", "0.01"], "add --base MODEL"),
                       (["--target-error", "0.01"], "add --base MODEL")):

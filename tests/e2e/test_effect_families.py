@@ -17,27 +17,13 @@ pytest.importorskip("skimage")
 pytestmark = [pytest.mark.thirdparty, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def loras(tmp_path_factory):
-    from lora_resize.testing import pipelines
-    folder = tmp_path_factory.mktemp("family_loras")
-    made = {}
-
-    def get(family):
-        if family not in made:
-            pipe = pipelines.tiny_pipeline(family, seed=0)
-            made[family] = pipelines.tiny_lora(pipe, folder / f"{family}.safetensors", rank=4)
-        return made[family]
-    return get
-
-
 @pytest.mark.parametrize("form", ["folder", "single"])
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
-def test_effect_and_preview_on_each_family(tiny_base, loras, family, form):
+def test_effect_and_preview_on_each_family(tiny_base, tiny_loras, family, form):
     base, config = tiny_base(family, form)
     probing = Probing(base=str(base), config=str(config) if form == "single" else None, prompts=("a cat",),
                       timesteps=1)
-    lora = loras(family)
+    lora = tiny_loras(family)
     a = analyze(lora, sweep={"fixed": (1, 4)}, effect=probing)
     by_rank = {int(r.ranks.max()): r.effect_error for r in a.rows}
     assert by_rank[4] == 0.0 and by_rank[1] > 0.05

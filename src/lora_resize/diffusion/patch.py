@@ -81,10 +81,7 @@ def dense_updates(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
             report.mismatched.append(f"{module.name}: {why}")
             continue
         matched.append((module, pieces))
-    if not matched:
-        example = (report.unmatched + report.mismatched + ["?"])[0]
-        raise LoraStructureError(f"no module of this LoRA has its weight in {base} (e.g. {example}); is {base} the "
-                                 "model this LoRA was trained for?")
+    located.check(len(matched), base, (report.unmatched + report.mismatched + [None])[0])
     report.matched = len(matched)
     report.weights = len({id(weights[p.key]) for _, pieces in matched for p in pieces})
 

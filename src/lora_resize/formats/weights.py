@@ -42,9 +42,22 @@ class Piece:
 @dataclass(frozen=True)
 class Located:
     """The base weights of a parsed LoRA: its architecture (None: Stable Diffusion) and, per module, the pieces
-    of the base weight it updates (None: not in the base)."""
+    of the base weight it updates (None: not in the base); `model` the LoRA's model in words."""
     arch: Architecture | None
     modules: list[tuple[Module, list[Piece] | None]]
+    model: str = "Stable Diffusion"
+
+    def check(self, matched: int, base: str, example: str | None) -> None:
+        """Refuse a base that is not the LoRA's model: LoraStructureError when fewer than half of the LoRA's
+        modules (`matched` of them) have a weight of their shape in `base` - a LoRA for another model shares a few
+        names (CLIP-L, a block's path) with it, never most; a LoRA of the base's with a few modules it lacks still
+        passes (they are listed by the caller). `example`: a module that did not match. The one rule of every
+        --base lookup (ops/base.py's norms, diffusion/patch.py's in-memory patch)."""
+        total = len(self.modules)
+        if 2 * matched < total:
+            raise LoraStructureError(f"{base} is not this {self.model} LoRA's model: only {matched} of its {total} "
+                                     f"modules have a weight of their shape there ({total - matched} without, e.g. "
+                                     f"{example}); give the base model the LoRA was trained on")
 
 
 def locate_modules(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
@@ -65,7 +78,7 @@ def locate_modules(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Ma
     for m, n in read:
         out, (inp, *_) = m.weight_shape(infos)
         found.append((m, locate(n, arch, out, inp, keys, sdxl) if n is not None else None))
-    return Located(arch, found)
+    return Located(arch, found, arch.title if arch else "SDXL" if sdxl else "Stable Diffusion")
 
 
 def locate(n: Name, arch: Architecture | None, out: int, inp: int, keys: Container[str], sdxl: bool
@@ -73,16 +86,28 @@ def locate(n: Name, arch: Architecture | None, out: int, inp: int, keys: Contain
     """The pieces of the base weight module `n` (out rows, `inp` input features) patches among `keys`, or None."""
     candidates = _sd_candidates(n, sdxl, inp) if n.space == SD else _dit_candidates(n, arch, out, inp)
     for pieces in candidates:
-        if all(p.key in keys for p in pieces):
-            return pieces
+        for form in (pieces, _unwrapped(pieces)):
+            if form and all(p.key in keys for p in form):
+                return form
     return None
+
+
+def _unwrapped(pieces: list[Piece]) -> list[Piece] | None:
+    """`pieces` as a text encoder saved by transformers >= 5 names them: its CLIPTextModel has no `text_model`
+    wrapper (`text_encoder.encoder.layers.0...` for `text_encoder.text_model.encoder.layers.0...`), in any
+    family's diffusers folder; None when no piece is under such a wrapper."""
+    out = []
+    for p in pieces:
+        comp, dot, rest = p.key.partition(".")
+        if not (comp.startswith("text_encoder") and rest.startswith("text_model.")):
+            return None
+        out.append(Piece(f"{comp}.{rest.removeprefix('text_model.')}", p.start, p.stop, p.swap))
+    return out
 
 
 def _sd_candidates(n: Name, sdxl: bool, inp: int):
     comp, path = n.component, n.path
-    yield [Piece(f"{comp}.{path}.weight")]  # a diffusers folder
-    if comp != "unet" and path.startswith("text_model."):  # one saved by transformers >= 5, whose CLIPTextModel
-        yield [Piece(f"{comp}.{path.removeprefix('text_model.')}.weight")]  # has no `text_model` wrapper
+    yield [Piece(f"{comp}.{path}.weight")]  # a diffusers folder (or one saved by transformers >= 5: _unwrapped)
     if comp == "unet":
         sgm = sdm.unet_to_sgm(path, sdxl)
         if sgm is not None:

@@ -351,9 +351,15 @@ def split_options(options: ResizeOptions | None, fields_: dict) -> tuple[ResizeO
 def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeOptions | None, chosen_label: str,
            sweep: Mapping[str, Sequence] | None, max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR) -> Analysis:
     """The sweep and the chosen setting evaluated, and the recommendation among the sweep's rows; an Analysis."""
-    base = any(sp.base is not None for sp in ev.sps)
-    rows = [ev.evaluate(o) for o in ev.sweep_options(shared, default_sweep(base) if sweep is None else sweep)]
     notes = list(a_fields.pop("notes"))
+    base = any(sp.base is not None for sp in ev.sps)
+    missing = [sp.name for sp in ev.sps if sp.base is None]
+    if sweep is None and base and missing:  # base-relative settings would refuse those layers: left out
+        left_out = [name for name in default_sweep(True) if name not in default_sweep(False)]
+        notes.append(f"the settings measured against the base ({', '.join(left_out)}) are left out of the sweep: "
+                     f"{len(missing)} module(s) have no weight in --base (e.g. {missing[0]})")
+        base = False
+    rows = [ev.evaluate(o) for o in ev.sweep_options(shared, default_sweep(base) if sweep is None else sweep)]
     chosen_row = None
     if chosen is not None:
         chosen_row = ev.evaluate(chosen, label=chosen_label)
@@ -367,10 +373,11 @@ def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeO
                     _evaluate=ev.evaluate, _at_precisions=lambda row: at_precisions(ev, src, row), **a_fields)
 
 
-def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress | None = None
-               ) -> tuple[Evaluator, dict]:
-    """The file at `src` decomposed once under `shared` (its rules, precision, output format, device): the
-    Evaluator of its settings, and the Analysis fields that describe the file."""
+def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress | None = None,
+               base_config: str | None = None) -> tuple[Evaluator, dict]:
+    """The file at `src` decomposed once under `shared` (its rules, precision, output format, device; a single-file
+    --base's text encoders also from `base_config`, ops/base.py): the Evaluator of its settings, and the Analysis
+    fields that describe the file."""
     src = resolve_input(local_path(src, "input"))
     device = compute_device(shared.device)
     with open_tensor_file(src) as reader:
@@ -380,7 +387,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
         rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
         jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
-        base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, shared)
+        base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, shared, base_config)
         t1 = time.perf_counter()
         sps = spectra(jobs, device, shared.threads, progress)
         t_dec = time.perf_counter() - t1
@@ -412,12 +419,13 @@ def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
     t0 = time.perf_counter()
     check_max_effect_error(max_effect_error)
     shared, chosen = split_options(options, option_fields)
-    ev, a_fields = decomposed(src, shared, progress)
+    ev, a_fields = decomposed(src, shared, progress, effect.config if effect is not None else None)
     a = finish(ev, a_fields, shared, chosen, chosen.label() if chosen else "", sweep, max_effect_error)
     if effect is not None:
         from .effect import EffectMeter, measure_effects
         with EffectMeter(a.src, effect) as meter:
-            measure_effects(meter, a.rows + ([a.chosen] if a.chosen is not None else []), effect_progress)
+            measure_effects(meter, a.rows + ([a.chosen] if a.chosen is not None else []), effect_progress,
+                            [sp.name for sp in a.layers])
         a.notes.append(f"effect error: {meter.report.summary()}")
         a.recommended, a.recommended_reason = recommend(a.rows, max_effect_error, a.input_bytes)
     a.seconds = time.perf_counter() - t0

@@ -10,13 +10,14 @@ For each matched module: ||W||_F and the spectral norm ||W||_2 (W flattened to o
 ||W||_2 exactly from the smaller Gram matrix, or by Lanczos for sides above 256), one weight per core at a time."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Mapping
 
 import torch
 
-from ..errors import InputFileError, LoraStructureError
+from ..errors import InputFileError
 from ..formats import Layout
 from ..formats.weights import Piece, locate_modules
 from ..io.checkpoint import Checkpoint
@@ -29,17 +30,36 @@ EXACT_SIDE = 256  # ||W||_2 from the eigenvalues of the smaller Gram matrix up t
 LANCZOS_STEPS = 400
 
 
+class WithTextEncoders:
+    """A single-file base (a Flux.1 transformer file holds the denoiser alone) with the text encoders of `config`,
+    the diffusers folder of its model (--base-config, where the in-memory pipeline of --effect takes them from):
+    the keys and weights (`in`, `matrix`) of the file, else the folder's under `text_encoder*.`."""
+
+    def __init__(self, ck: Checkpoint, config: Checkpoint):
+        self.ck, self.config = ck, config
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.ck or (key.startswith("text_encoder") and key in self.config)
+
+    def matrix(self, key: str) -> torch.Tensor:
+        return self.ck.matrix(key) if key in self.ck else self.config.matrix(key)
+
+
 def base_norms(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
-               base: str | os.PathLike, arch_name: str | None = None, variant: str | None = None
-               ) -> tuple[dict[str, BaseNorms], list[str]]:
+               base: str | os.PathLike, arch_name: str | None = None, variant: str | None = None,
+               config: str | os.PathLike | None = None) -> tuple[dict[str, BaseNorms], list[str]]:
     """(module name -> the norms of the base weight it patches, notes) for `layout`'s modules; `variant`: the
-    weight files of a diffusers folder to read (io.checkpoint.Checkpoint). Raises LoraStructureError when the
-    LoRA's model is not known, or the base is another model's; InputFileError for a base that cannot be read."""
+    weight files of a diffusers folder to read (io.checkpoint.Checkpoint); `config`: with a single-file base, the
+    diffusers folder of its model, whose text encoders are read where the file has none (WithTextEncoders).
+    Raises LoraStructureError when the LoRA's model is not known, or the base is another model's (formats.weights.
+    Located.check); InputFileError for a base that cannot be read."""
     norms: dict[str, BaseNorms] = {}
     unmatched, mismatched, found = [], [], []
-    with Checkpoint(base, variant) as ck:
+    with contextlib.ExitStack() as stack:
+        ck = stack.enter_context(Checkpoint(base, variant))
+        if config is not None and not os.path.isdir(base):
+            ck = WithTextEncoders(ck, stack.enter_context(Checkpoint(config)))
         located = locate_modules(layout, infos, metadata, ck, arch_name)
-        arch = located.arch
         for m, pieces in located.modules:
             out, (inp, *kernel) = m.weight_shape(infos)
             if pieces is None:
@@ -64,18 +84,13 @@ def base_norms(layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mappin
                     mismatched.append((name, pieces, shape, want))
                 else:
                     norms[name] = bn
-    if mismatched and len(mismatched) >= len(norms):
-        name, pieces, got, want = mismatched[0]
-        raise LoraStructureError(f"--base {base} is not this LoRA's model: {name} updates a {want[0]} x {want[1]} "
-                                 f"weight, the base's {pieces[0].key} is {got[0]} x {got[1]} "
-                                 f"({len(mismatched)} of {len(layout.modules)} modules differ); give the base "
-                                 "the LoRA was trained on")
-    if not norms:
-        example = layout.modules[0].name if layout.modules else "?"
-        raise LoraStructureError(f"--base {base}: no module of this LoRA has its weight there (e.g. {example}); is "
-                                 f"it the {arch.title if arch else 'Stable Diffusion'} model the LoRA was trained on?")
-    notes = []
     left = unmatched + [x[0] for x in mismatched]
+    example = left[0] if left else None
+    if mismatched and len(mismatched) >= len(norms):  # the shapes differ: say which, the likeliest cause
+        name, pieces, got, want = mismatched[0]
+        example = f"{name} updates {want[0]} x {want[1]}, the base's {pieces[0].key} is {got[0]} x {got[1]}"
+    located.check(len(norms), f"--base {base}", example)
+    notes = []
     if left:
         notes.append(f"{len(left)} module(s) have no weight of their shape in the base and are measured without it "
                      f"(e.g. {left[0]})")

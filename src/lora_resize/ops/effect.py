@@ -116,6 +116,18 @@ def without_base(opts: ResizeOptions) -> ResizeOptions:
     return opts if opts.base is None or needs_base(opts) else replace(opts, base=None, base_variant=None)
 
 
+def as_planned(row: SettingRow, names: Sequence[str] | None = None) -> ResizeOptions:
+    """The options that write `row`'s file again: `without_base`; a setting that ranks by --base, given `names`
+    (the analysis' layers, in the order of `row.ranks`), as the explicit ranks the analysis planned, without the
+    base - the same tensors (a budget's resize writes its plan so: ops/job.with_budget_plan), the base not read
+    again (a single-file base's text encoders came from --base-config, which a resize does not take)."""
+    opts = row.options
+    if not needs_base(opts) or names is None or len(names) != len(row.ranks):
+        return without_base(opts)
+    planned = opts.with_setting(ranks={n: int(k) for n, k in zip(names, row.ranks)})
+    return replace(planned, base=None, base_variant=None)
+
+
 def written_key(row: SettingRow) -> tuple:
     """What a setting's written tensors depend on, given the options its sweep shares: every layer's rank and the
     save precision asked for (a resize writes the rank-k truncation of each layer, its alpha a function of k)."""
@@ -164,16 +176,17 @@ class EffectMeter:
         return effect_error(self.predict(lora), self.eps_original, self.eps_base)
 
 
-def measure_effects(meter: EffectMeter, rows: Sequence[SettingRow], progress: Progress | None = None) -> None:
+def measure_effects(meter: EffectMeter, rows: Sequence[SettingRow], progress: Progress | None = None,
+                    names: Sequence[str] | None = None) -> None:
     """Fill `row.effect_error` for every row: each distinct written file (`written_key`) is made in memory with
-    `lora_resize.resized(src, row.options)` and measured once. Raises what `resized` raises."""
+    `lora_resize.resized(src, as_planned(row, names))` and measured once. Raises what `resized` raises."""
     from .resize import resized
     groups: dict[tuple, list[SettingRow]] = {}
     for row in rows:
         groups.setdefault(written_key(row), []).append(row)
     todo = list(groups.values())
     for same in (progress or (lambda it, total: it))(todo, len(todo)):
-        error = meter.error(InMemory.of(resized(meter.src, without_base(same[0].options))))
+        error = meter.error(InMemory.of(resized(meter.src, as_planned(same[0], names))))
         for row in same:
             row.effect_error = error
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -84,12 +85,13 @@ def module_job(module: Module, src: TensorSource, converting: bool = False) -> L
 
 
 def with_base(jobs: list[LayerJob], layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
-              opts: ResizeOptions) -> list[str]:
-    """With --base: each job's base weight norms (ops/base.py), and the notes on modules without one."""
+              opts: ResizeOptions, config: str | os.PathLike | None = None) -> list[str]:
+    """With --base: each job's base weight norms (ops/base.py; `config`: a single-file base's --base-config
+    folder, its text encoders read too), and the notes on modules without one."""
     if opts.base is None:
         return []
     t = time.perf_counter()
-    norms, notes = base_norms(layout, infos, metadata, opts.base, opts.arch, opts.base_variant)
+    norms, notes = base_norms(layout, infos, metadata, opts.base, opts.arch, opts.base_variant, config)
     for j in jobs:
         j.base = norms.get(j.name)
     return notes + [f"{len(norms)} base weight(s) measured in {time.perf_counter() - t:.1f} s"]

@@ -57,8 +57,8 @@ def layer_rank(sp: Spectrum, opts) -> RankChoice:
         if not opts.keep_unranked:
             raise OptionsError(f"layer {sp.name} has no rank: give --rank N (or a rule or a target that covers it)")
         return choose_rank(sp.S, sp.full_size, FIXED_POLICY, None, None, "exact")  # all of it: its numerical rank
-    return choose_rank(base_relative(sp, opts.method) if policy.base else sp.S, sp.full_size, policy, opts.param, cap,
-                       opts.rank_rule)
+    S = base_relative(sp, f"--method {opts.method}") if policy.base else sp.S
+    return choose_rank(S, sp.full_size, policy, opts.param, cap, opts.rank_rule)
 
 
 def base_relative(sp: Spectrum, what: str) -> np.ndarray:
@@ -75,7 +75,7 @@ def budget_layers(spectra: Sequence[Spectrum], opts, sizer: Sizer) -> list[Budge
     explicit ranks), the bytes one more rank costs in the output and the scaled energy of each singular value."""
     out = []
     budget = opts.budget[0] if opts.budget is not None else None
-    weighted = budget is not None and budget.base_weighted and opts.base is not None
+    weighted = based(spectra, opts)
     for i, sp in enumerate(spectra):
         pinned, cap = decided(sp, opts)
         cost = sizer.layer_bytes(i, 2) - sizer.layer_bytes(i, 1)
@@ -104,7 +104,21 @@ def plan(spectra: Sequence[Spectrum], opts, sizer: Sizer | None = None) -> tuple
         raise ValueError("a budget needs the output's sizer")
     b, value = budget
     layers = budget_layers(spectra, opts, sizer)
-    total = float(sum(L.gains.sum() for L in layers)) if b.base_weighted and opts.base is not None else \
-        sum(sp.energy for sp in spectra)
+    total = float(sum(L.gains.sum() for L in layers)) if based(spectra, opts) else sum(sp.energy for sp in spectra)
     ranks, note = b.plan(layers, value, total, sizer)
-    return np.asarray(ranks, dtype=np.int64), [note] if note else []
+    notes = [note] if note else []
+    missing = [sp.name for sp in spectra if sp.base is None]
+    if b.base_weighted and not b.needs_base and opts.base is not None and missing:
+        notes.append(f"{b.flag} ranks by each update's own energy per byte, not relative to the base: "
+                     f"{len(missing)} layer(s) have no weight in --base (e.g. {missing[0]})")
+    return np.asarray(ranks, dtype=np.int64), notes
+
+
+def based(spectra: Sequence[Spectrum], opts) -> bool:
+    """Whether `opts`' budget ranks by base-relative gains: one that does with --base (Budget.base_weighted), when
+    every layer has its base weight - a budget that only weights by the base (--target-size) ranks a LoRA with a
+    module the base lacks by the updates' own energy, as without --base (one unit for all layers); one that needs
+    the base (--target-error) refuses it (base_relative)."""
+    budget = opts.budget[0] if opts.budget is not None else None
+    return (budget is not None and budget.base_weighted and opts.base is not None
+            and (budget.needs_base or all(sp.base is not None for sp in spectra)))
