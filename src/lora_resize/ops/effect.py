@@ -117,15 +117,19 @@ def without_base(opts: ResizeOptions) -> ResizeOptions:
 
 
 def as_planned(row: SettingRow, names: Sequence[str] | None = None) -> ResizeOptions:
-    """The options that write `row`'s file again: `without_base`; a setting that ranks by --base, given `names`
-    (the analysis' layers, in the order of `row.ranks`), as the explicit ranks the analysis planned, without the
-    base - the same tensors (a budget's resize writes its plan so: ops/job.with_budget_plan), the base not read
-    again (a single-file base's text encoders came from --base-config, which a resize does not take)."""
+    """The options that write `row`'s file again without reading --base: given `names` (the analysis' layers, in
+    the order of `row.ranks`), the ranks the analysis planned pinned as explicit ranks (which win over the
+    setting's own choice, as a budget's resize writes its plan: ops/job.with_budget_plan), so the file measured
+    is the row's file even where the setting ranked by the base (--target-size with --base, a base policy; a
+    single-file base's text encoders came from --base-config, which a resize does not take); a setting that needs
+    the base keeps only the pinned ranks. Without `names`: `without_base`."""
     opts = row.options
-    if not needs_base(opts) or names is None or len(names) != len(row.ranks):
+    if names is None or len(names) != len(row.ranks):
         return without_base(opts)
-    planned = opts.with_setting(ranks={n: int(k) for n, k in zip(names, row.ranks)})
-    return replace(planned, base=None, base_variant=None)
+    pinned = {n: int(k) for n, k in zip(names, row.ranks) if int(k) >= 1}
+    if needs_base(opts):
+        return replace(opts.with_setting(ranks=pinned), base=None, base_variant=None)
+    return replace(opts, ranks={**pinned, **(opts.ranks or {})}, base=None, base_variant=None)
 
 
 def written_key(row: SettingRow) -> tuple:

@@ -16,7 +16,7 @@ from ..errors import require
 from ..options import ResizeOptions
 from ..results import DEFAULT_MAX_EFFECT_ERROR, DEFAULT_RENDER_STEPS, Analysis, SettingRow
 from ..units import format_size
-from .effect import EffectMeter, InMemory, Probing, as_stored, needs_base, without_base, written_key
+from .effect import EffectMeter, InMemory, Probing, as_planned, as_stored, needs_base, written_key
 
 # the blog's sv_ratio sweep, from the largest file to the smallest: a setting never keeps more than the input's
 # rank, so each is capped by it
@@ -132,6 +132,7 @@ def preview(src: str | os.PathLike, probing: Probing, settings: Sequence[ResizeO
         size = meter.probes.size
         jobs = ["base", "original", *range(len(a.rows))]
         done: dict[tuple, tuple] = {}
+        names = [sp.name for sp in a.layers]
         stored = as_stored(src)
         for job in (picture_progress or (lambda it, total: it))(jobs, len(jobs)):
             t = time.perf_counter()
@@ -145,7 +146,7 @@ def preview(src: str | os.PathLike, probing: Probing, settings: Sequence[ResizeO
                 row = a.rows[job]
                 key = written_key(row)
                 if key not in done:
-                    with InMemory.of(resized(src, without_base(row.options))).applied(bm):
+                    with InMemory.of(resized(src, as_planned(row, names))).applied(bm):
                         eps = bm.predict(meter.probes)
                         done[key] = (effect_error(eps, meter.eps_original, meter.eps_base),
                                      bm.render(prompt, probing.seed, steps, size))
