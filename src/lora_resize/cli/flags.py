@@ -289,9 +289,7 @@ def image_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size in pixels; write e.g. 512 or 768x512 (width x "
                                          "height)") from None
-    if min(size) < 8:
-        raise argparse.ArgumentTypeError(f"{text!r}: each side must be at least 8 pixels")
-    return size
+    return size  # its bounds are checked where every caller's are: ops.effect.Probing
 
 
 def add_model_output_flags(p: argparse.ArgumentParser, pictures: bool) -> None:

@@ -277,17 +277,34 @@ class BaseModel:
             self._patch = None
 
     # -- probes and predictions ----------------------------------------------------------------------------------
+    def size_step(self) -> int:
+        """The multiple of which each side of a picture must be, in pixels: the VAE's scale factor (8 for SD1.5,
+        SDXL and Flux.1), twice that for Flux, whose transformer takes the latent in 2 x 2 patches (diffusers'
+        FluxPipeline.check_inputs: `vae_scale_factor * 2`)."""
+        vsf = int(getattr(self.pipe, "vae_scale_factor", 8))
+        return 2 * vsf if self.family == "flux" else vsf
+
+    def check_size(self, size: Sequence[int]) -> tuple[int, int]:
+        """`size` (width, height) as a tuple; raises OptionsError naming the nearest valid sizes when a side is not
+        a multiple of size_step() (diffusers would raise ValueError deep in the pipeline)."""
+        step = self.size_step()
+        w, h = (int(v) for v in size)
+        if w % step or h % step:
+            near = f"{max(step, w // step * step)}x{max(step, h // step * step)}"
+            raise OptionsError(f"--size {w}x{h}: this model's pictures need each side a multiple of {step} pixels; "
+                               f"give e.g. --size {near}")
+        return w, h
+
     def default_size(self) -> tuple[int, int]:
         """(width, height): the pipeline's own default image side, at most MAX_SIZE pixels and a MAX_LATENT x
         MAX_LATENT latent (SD1.5: 512; SDXL and Flux.1, whose own default is 1024: 512), rounded down to what the
-        pipeline accepts (Flux: a multiple of twice the VAE's scale factor)."""
+        pipeline accepts (size_step)."""
         vsf = int(getattr(self.pipe, "vae_scale_factor", 8))
         if self.family == "flux":
             own = int(getattr(self.pipe, "default_sample_size", 128)) * vsf
-            step = 2 * vsf
         else:
             own = int(self.pipe.unet.config.sample_size) * vsf
-            step = vsf
+        step = self.size_step()
         side = max(step, min(own, MAX_SIZE, MAX_LATENT * vsf) // step * step)
         return side, side
 
@@ -304,11 +321,12 @@ class BaseModel:
                size: tuple[int, int] | None = None, guidance: float | None = None) -> Probes:
         """Record the base pipeline's own denoiser inputs (module docstring) for each (prompt, seed): prompts
         default to DEFAULT_PROMPTS, size (width, height) to default_size(). Raises OptionsError for no prompts,
-        timesteps < 1 or a size the pipeline cannot take. Run it unpatched (it records the base's trajectory)."""
+        timesteps < 1 or a size the pipeline cannot take (check_size). Run it unpatched (it records the base's
+        trajectory)."""
         prompts = tuple(prompts) if prompts else DEFAULT_PROMPTS
         if timesteps < 1 or not seeds:
             raise OptionsError(f"probes need at least one timestep and one seed (got {timesteps}, {list(seeds)})")
-        size = tuple(size) if size is not None else self.default_size()
+        size = self.check_size(size) if size is not None else self.default_size()
         if self._patch is not None:
             raise RuntimeError("record probes from the base: leave BaseModel.patched first")
         inputs = []
@@ -363,8 +381,9 @@ class BaseModel:
                guidance: float | None = None):
         """One image (PIL.Image) of `prompt` in the current patch state: the pipeline's own sampler with `steps`
         steps, the initial noise from a CPU torch.Generator seeded with `seed` (the same on every device and in
-        every state); size (width, height) defaults to default_size()."""
-        size = tuple(size) if size is not None else self.default_size()
+        every state); size (width, height) defaults to default_size(). Raises OptionsError for a size the pipeline
+        cannot take (check_size)."""
+        size = self.check_size(size) if size is not None else self.default_size()
         return self._run(prompt, seed, steps, size, guidance, "pil").images[0]
 
 
