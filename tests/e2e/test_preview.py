@@ -83,6 +83,7 @@ def test_cli_writes_grid_beside_the_lora_under_a_free_name_and_the_report(tiny_b
 def test_bad_input_is_one_line(tiny_sd1_lora, tiny_base, tmp_path, capsys):
     assert "add --base MODEL" in refused_in_one_line(capsys, ["preview", str(tiny_sd1_lora)])
     base, _ = tiny_base("sd1")
+    capsys.readouterr()  # what building the tiny base printed (when this test builds it first)
     assert "--param" in refused_in_one_line(capsys, ["preview", str(tiny_sd1_lora), "--base", str(base), "--setting",
                                          "--method sv_ratio"])
     assert "one prompt" in refused_in_one_line(capsys, ["preview", str(tiny_sd1_lora), "--base", str(base), "--prompt", "a",
