@@ -84,3 +84,28 @@ def test_the_page_refuses_bad_seeds_and_steps_in_its_status(tiny_base, tiny_sd1_
                               (0, 1.5, "--steps")):
         status = app.preview(str(tiny_sd1_lora), None, "a cat", seed, steps, "--rank 1")[-1]
         assert status.startswith("error: ") and said in status, (seed, steps, status)
+
+
+def test_a_bad_setting_is_named(tiny_base, tiny_sd1_lora, capsys):
+    base, _ = tiny_base("sd1")
+    capsys.readouterr()
+    err = refused_in_one_line(capsys, ["preview", str(tiny_sd1_lora), "--base", str(base), "--setting", "--rank 4",
+                                       "--setting", "--rank 0", "-q"])
+    assert '--setting "--rank 0": rank must be a whole number >= 1, got 0' in err
+
+
+def test_the_page_names_its_bad_settings_line(tiny_base, tiny_sd1_lora, tmp_path):
+    pytest.importorskip("gradio", reason="the [ui] extra")
+    from lora_resize.ui.app import App
+    base, _ = tiny_base("sd1")
+    status = App(tmp_path / "work", base=base).preview(str(tiny_sd1_lora), None, "a cat", 0, 1,
+                                                       "--rank 4\n\n--rank 0")[-1]
+    assert status.startswith("error: settings line 3 ('--rank 0'): rank must be"), status
+
+
+@pytest.mark.parametrize("flag", [["--max-effect-error", "0.1"], ["--seed", "0"], ["--probe-steps", "4"],
+                                  ["--size", "64"], ["--prompt", "a cat"], ["--base-config", "x"]])
+def test_every_effect_only_flag_is_refused_without_effect(tiny_sd1_lora, capsys, flag):
+    """One rule: given without --effect (even at its default value) it would be ignored."""
+    err = refused_in_one_line(capsys, ["analyze", str(tiny_sd1_lora), *flag])
+    assert f"{flag[0]} is read only with --effect" in err and "add --effect" in err

@@ -197,7 +197,8 @@ class App:
             if self.base is None:
                 raise LoraResizeError("start the page with --base MODEL to preview pictures")
             src = self._source(upload, picked)[0]
-            options = [options_from_flags(line) for line in (settings or "").splitlines() if line.strip()]
+            options = [options_from_flags(line, f"settings line {n} ({line.strip()!r})")
+                       for n, line in enumerate((settings or "").splitlines(), 1) if line.strip()]
             probing = Probing(base=self.base, config=self.base_config, seed=_count(seed, DEFAULT_SEED))
             p = preview(src, probing, options or None, prompt=(prompt or "").strip() or None,
                         steps=_count(steps, DEFAULT_RENDER_STEPS),
