@@ -2,9 +2,17 @@
 size multiple: diffusion BaseModel.check_size) and refused in one line by the CLI, the API and the page alike."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import lora_resize
+
 from helpers import refused_in_one_line
+from lora_resize.cli import main
 from lora_resize.errors import OptionsError
 from lora_resize.ops.effect import Probing, check_steps
 from lora_resize.ops.preview import preview
@@ -109,3 +117,44 @@ def test_every_effect_only_flag_is_refused_without_effect(tiny_sd1_lora, capsys,
     """One rule: given without --effect (even at its default value) it would be ignored."""
     err = refused_in_one_line(capsys, ["analyze", str(tiny_sd1_lora), *flag])
     assert f"{flag[0]} is read only with --effect" in err and "add --effect" in err
+
+
+def _cli(argv: list[str], **env) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process (a library's once-only notices are printed again there), this checkout's source
+    first on the path."""
+    src = str(Path(lora_resize.__file__).parents[1])
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), **env}
+    return subprocess.run([sys.executable, "-m", "lora_resize.cli", *argv], capture_output=True, text=True,
+                          env=environ, timeout=600)
+
+
+@pytest.mark.parametrize("form", ["folder", "single"])
+def test_nothing_but_our_lines_on_stderr(tiny_base, tiny_sd1_lora, tmp_path, form):
+    """diffusers' and transformers' notices (float32 modules, torchvision, Hub downloads) are silenced while the
+    diffusion room loads and runs pipelines (diffusion.pipeline.quiet)."""
+    base, config = tiny_base("sd1", form)
+    argv = ["preview", str(tiny_sd1_lora), "--base", str(base), "--steps", "1", "--probe-steps", "1", "-q",
+            "-o", str(tmp_path / "g.png"), "--setting", "--rank 1"]
+    run = _cli(argv + (["--base-config", str(config)] if form == "single" else []))
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+
+
+def test_quiet_restores_the_libraries_levels():
+    import diffusers
+    import transformers
+
+    from lora_resize.diffusion.pipeline import quiet
+    levels = diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()
+    with quiet():
+        assert diffusers.utils.logging.get_verbosity() == transformers.utils.logging.get_verbosity() == 40
+    assert (diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()) == levels
+
+
+def test_a_single_file_base_without_its_configs_is_one_line(tiny_base, tiny_sd1_lora):
+    """Offline (no Hub to fetch the configs from): one line, ours, naming --base-config."""
+    base, _ = tiny_base("sd1", "single")
+    run = _cli(["preview", str(tiny_sd1_lora), "--base", str(base), "--steps", "1", "--probe-steps", "1", "-q"],
+               HF_HUB_OFFLINE="1")
+    err = run.stderr.strip()
+    assert run.returncode == 2 and err.count("\n") == 0 and err.startswith("lora-resize: error:") \
+        and "--base-config" in err, err

@@ -66,6 +66,25 @@ class Probes:
         return len(self.inputs)
 
 
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Inside: diffusers' and transformers' loggers at error level and Python warnings ignored (their notices -
+    "`local_files_only` is True ... Attempting to download", "modules ... should be kept in float32",
+    "CLIPImageProcessor requires torchvision" - would go to stderr beside our one-line errors and progress); the
+    previous verbosities and warning filters are restored on leaving. Raises MissingDependency without them."""
+    logs = [require("transformers", FEATURE).utils.logging, require("diffusers", FEATURE).utils.logging]
+    before = [log.get_verbosity() for log in logs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for log in logs:
+            log.set_verbosity_error()
+        try:
+            yield
+        finally:
+            for log, level in zip(logs, before):
+                log.set_verbosity(level)
+
+
 def folder_family(folder: Path) -> str:
     """'sd1', 'sdxl' or 'flux' from a diffusers folder's model_index.json `_class_name`. Raises InputFileError for
     a folder that is not a pipeline, or another pipeline's."""
@@ -161,9 +180,10 @@ class BaseModel:
                                "model_index.json); give the folder of this model's diffusers release")
         self.patch_report = PatchReport()
         self._patch: Patch | None = None
-        self.pipe = self._load(dtype)
-        self.dtype = self.denoiser.dtype
-        self.pipe.to(self.device)
+        with quiet():  # their notices are not ours to print: our errors are one line, our output our own
+            self.pipe = self._load(dtype)
+            self.dtype = self.denoiser.dtype
+            self.pipe.to(self.device)
         own_storage(self.pipe)  # after the move: a GPU copy is a fresh allocation already
         self.pipe.set_progress_bar_config(disable=True)
         self.weights = pipeline_weights(self.pipe)
@@ -314,7 +334,7 @@ class BaseModel:
                   "generator": torch.Generator("cpu").manual_seed(seed)}
         if guidance is not None:
             kwargs["guidance_scale"] = guidance
-        with torch.no_grad():
+        with torch.no_grad(), quiet():
             return self.pipe(prompt, **kwargs)
 
     def probes(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] = (0,), timesteps: int = 4,
