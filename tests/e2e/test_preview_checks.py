@@ -158,3 +158,26 @@ def test_a_single_file_base_without_its_configs_is_one_line(tiny_base, tiny_sd1_
     err = run.stderr.strip()
     assert run.returncode == 2 and err.count("\n") == 0 and err.startswith("lora-resize: error:") \
         and "--base-config" in err, err
+
+
+def test_ui_checks_its_base_at_start_up_without_loading_it(tiny_base, tiny_sd1_lora, monkeypatch, capsys):
+    """What can be checked cheaply (a folder's model_index.json, a file's header) is refused at start-up, not when
+    Preview is pressed; a single file without --base-config is said in one line (the Hub will be asked)."""
+    pytest.importorskip("gradio", reason="the [ui] extra")
+    from lora_resize.ui import app
+    served = []
+    monkeypatch.setattr(app, "serve", lambda *a, **k: served.append(k))
+    single, config = tiny_base("sd1", "single")
+    flux, _ = tiny_base("flux", "single")
+    capsys.readouterr()
+    assert "is not a single-file SD1.5, SDXL or Flux.1 checkpoint" in refused_in_one_line(
+        capsys, ["ui", "--base", str(tiny_sd1_lora)])  # a LoRA, not a model
+    assert "give --base-config DIR" in refused_in_one_line(capsys, ["ui", "--base", str(flux)])
+    assert "not a diffusers pipeline folder" in refused_in_one_line(
+        capsys, ["ui", "--base", str(single), "--base-config", str(single.parent)])
+    assert not served
+    assert main(["ui", "--base", str(single)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "note: --base" in err and "--base-config DIR" in err, err
+    assert main(["ui", "--base", str(single), "--base-config", str(config)]) == 0
+    assert capsys.readouterr().err == "" and len(served) == 2

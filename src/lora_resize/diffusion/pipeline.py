@@ -154,6 +154,33 @@ def pipeline_weights(pipe) -> dict[str, torch.Tensor]:
     return weights
 
 
+def base_family(base: str | os.PathLike, config: str | os.PathLike | None = None) -> str:
+    """'sd1', 'sdxl' or 'flux': what BaseModel would load from `base` with the configs folder `config`, found
+    without loading it (a folder's model_index.json, a single file's safetensors header) - the checks BaseModel
+    makes first, also run where a base is named long before it is loaded (`lora-resize ui --base`). Raises
+    OptionsError for a `config` that is not a diffusers folder or a Flux.1 transformer file without one,
+    InputFileError for a base that is none of those loadable here."""
+    path = Path(base)
+    if config is not None and not (Path(config) / "model_index.json").is_file():
+        raise OptionsError(f"--base-config {config} is not a diffusers pipeline folder (no model_index.json); give "
+                           "the folder of this model's diffusers release")
+    if path.is_dir():
+        return folder_family(path)
+    if not (path.is_file() and path.suffix.lower() == ".safetensors"):
+        raise InputFileError(f"--base {path} is not a diffusers folder or a .safetensors checkpoint file; give "
+                             "one of those")
+    with Checkpoint(path) as ck:
+        family = single_file_family(ck.keys())
+    if family is None:
+        raise InputFileError(f"--base {path} is not a single-file SD1.5, SDXL or Flux.1 checkpoint (none of "
+                             "their keys); give one of those, or a diffusers folder")
+    if family == "flux" and config is None:
+        raise OptionsError(f"--base {path} is a Flux.1 transformer file, which holds no text encoders, VAE or "
+                           "configs: give --base-config DIR, a diffusers folder of Flux.1 (its model_index.json, "
+                           "configs, tokenizers, text encoders and VAE)")
+    return family
+
+
 class BaseModel:
     """A base model loaded once as a diffusers pipeline (module docstring): `family` 'sd1', 'sdxl' or 'flux',
     `pipe` the pipeline, `patch_report` what the last `patched` applied.
@@ -175,9 +202,6 @@ class BaseModel:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise DeviceError(f"device {device} was asked for, but torch sees no CUDA GPU here; use --device cpu")
-        if self.config is not None and not (self.config / "model_index.json").is_file():
-            raise OptionsError(f"--base-config {self.config} is not a diffusers pipeline folder (no "
-                               "model_index.json); give the folder of this model's diffusers release")
         self.patch_report = PatchReport()
         self._patch: Patch | None = None
         with quiet():  # their notices are not ours to print: our errors are one line, our output our own
@@ -193,28 +217,16 @@ class BaseModel:
         diffusers = require("diffusers", FEATURE)
         require("transformers", FEATURE)
         path = self.base
+        self.family = base_family(path, self.config)
         if path.is_dir():
-            self.family = folder_family(path)
             with Checkpoint(path, self.variant) as ck:
                 dtype = dtype or self._default_dtype(ck, ("unet.", "transformer."))
             return self._call(lambda: diffusers.DiffusionPipeline.from_pretrained(
                 path, local_files_only=True, variant=self.variant, torch_dtype=dtype))
-        if not (path.is_file() and path.suffix.lower() == ".safetensors"):
-            raise InputFileError(f"--base {path} is not a diffusers folder or a .safetensors checkpoint file; give "
-                                 "one of those")
         with Checkpoint(path) as ck:
-            self.family = single_file_family(ck.keys())
-            if self.family is None:
-                raise InputFileError(f"--base {path} is not a single-file SD1.5, SDXL or Flux.1 checkpoint (none of "
-                                     "their keys); give one of those, or a diffusers folder")
             dtype = dtype or self._default_dtype(ck, ("model.diffusion_model.",))
         config = str(self.config) if self.config is not None else None
         if self.family == "flux":
-            if config is None:
-                raise OptionsError(f"--base {path} is a Flux.1 transformer file, which holds no text encoders, VAE "
-                                   "or configs: give --base-config DIR, a diffusers folder of Flux.1 (its "
-                                   "model_index.json, configs, tokenizers, text encoders and VAE)")
-
             def flux():
                 transformer = load_transformer(diffusers, path, config, dtype)
                 return diffusers.FluxPipeline.from_pretrained(config, transformer=transformer, local_files_only=True,
