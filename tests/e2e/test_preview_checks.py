@@ -40,8 +40,8 @@ def test_render_steps_one_rule(steps):
 
 
 @pytest.mark.parametrize("argv, said", [
-    (["--size", "33"], "a multiple of"), (["--size", "100000"], f"8 to {MAX_SIDE} pixels"), (["--steps", "0"], "--steps"),
-    (["--steps", "-1"], "--steps"), (["--seed", "99999999999999999999999"], "--seed"),
+    (["--size", "33"], "a multiple of"), (["--size", "100000"], f"8 to {MAX_SIDE} pixels"),
+    (["--steps", "0"], "--steps"), (["--steps", "-1"], "--steps"), (["--seed", "99999999999999999999999"], "--seed"),
     (["--probe-steps", "1000"], "--probe-steps")])
 def test_preview_cli_refuses_in_one_line(tiny_base, tiny_sd1_lora, tmp_path, capsys, argv, said):
     base, config = tiny_base("sd1", "single")

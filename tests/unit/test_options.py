@@ -74,8 +74,8 @@ def test_subcommands_have_only_the_flags_they_honour():
 def test_label_names_everything_that_changes_the_file():
     """Settings that write different files have different labels (preview's cells, analyze rows, the ComfyUI
     nodes all use ResizeOptions.label): the precision, the output layout, a dynamic method's rank rule."""
-    same_rank = [ResizeOptions(rank=4), ResizeOptions(rank=4, precision="bf16"), ResizeOptions(rank=4, precision="fp16"),
-                 ResizeOptions(rank=4, output_format="comfy")]
+    same_rank = [ResizeOptions(rank=4), ResizeOptions(rank=4, precision="bf16"),
+                 ResizeOptions(rank=4, precision="fp16"), ResizeOptions(rank=4, output_format="comfy")]
     labels = [o.label() for o in same_rank]
     assert labels == ["rank 4", "rank 4, bf16", "rank 4, fp16", "rank 4, comfy layout"]
     assert ResizeOptions(method="sv_fro", param=0.9, rank=8, rank_rule="kohya", precision="float").label() == \

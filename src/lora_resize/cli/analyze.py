@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         from ..report.html import check_paths
         check_paths(args.report, args.plot)
     src = input_of(args, "lora-resize analyze IN.safetensors")
-    a = analyze(src, progress=progress(args.quiet, "decomposing"), max_effect_error=DEFAULT_MAX_EFFECT_ERROR if args.max_effect_error is None else args.max_effect_error,
+    threshold = DEFAULT_MAX_EFFECT_ERROR if args.max_effect_error is None else args.max_effect_error
+    a = analyze(src, progress=progress(args.quiet, "decomposing"), max_effect_error=threshold,
                 effect=effect_probing(args), effect_progress=progress(args.quiet, "effect", "setting"),
                 **option_values(args))
     written = []

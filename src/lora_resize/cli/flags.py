@@ -316,9 +316,10 @@ def add_model_output_flags(p: argparse.ArgumentParser, pictures: bool) -> None:
                         "style and a scene)" if not pictures else "the prompt of every picture (and of the probes)")
     # their defaults are None (applied in probing_from / the jobs), so a flag that was given is told from one that
     # was not: analyze refuses every --effect-only flag given without --effect (cli/analyze.py EFFECT_ONLY)
-    g.add_argument("--seed", type=int, help=f"seed of the initial noise (default {DEFAULT_SEED})")
+    g.add_argument("--seed", type=int, help=f"seed of the initial noise, 0 to 2**63 - 1 (default {DEFAULT_SEED})")
     g.add_argument("--probe-steps", type=int, metavar="N",
-                   help=f"denoiser calls recorded per prompt, spread over the schedule (1 to {MAX_STEPS}, default {DEFAULT_PROBE_STEPS})")
+                   help=f"denoiser calls recorded per prompt, spread over the schedule (1 to {MAX_STEPS}, default "
+                        f"{DEFAULT_PROBE_STEPS})")
     if pictures:
         g.add_argument("--steps", type=int, metavar="N",
                        help=f"sampling steps of each picture (1 to {MAX_STEPS}, default {DEFAULT_RENDER_STEPS})")

@@ -107,8 +107,9 @@ def preview(src: str | os.PathLike, probing: Probing, settings: Sequence[ResizeO
     error (probes of the same prompt) and SSIM to the original-LoRA picture. `progress` wraps the decomposition
     of the LoRA, `picture_progress(iterable, total)` the pictures.
 
-    Raises OptionsError (bad settings, probing or `steps`: check_steps), InputFileError (a LoRA or base that cannot be read; a base that
-    is not a model), LoraStructureError (a LoRA for another model), MissingDependency (the `preview` extra)."""
+    Raises OptionsError (bad settings, probing or `steps`: check_steps), InputFileError (a LoRA or base that
+    cannot be read; a base that is not a model), LoraStructureError (a LoRA for another model),
+    MissingDependency (the `preview` extra)."""
     from ..diffusion import effect_error
     from ..diffusion.pipeline import DEFAULT_PROMPTS
     from .analyze import analyze, recommend
