@@ -288,11 +288,6 @@ def _file_key(path: str) -> tuple:
     return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
 
-def _setting_label(opts) -> str:
-    """A setting in a few words: the options' label ('sv_ratio 32', 'rank 16, cap 64') and a precision change."""
-    return opts.label() + (f", {opts.precision}" if opts.precision else "")
-
-
 def _resized(path: str, opts) -> tuple[dict, str]:
     """The tensors `lora-resize resize` writes for `opts` (lora_resize.resized: in memory, the same bits), and the
     label: the setting and the size its file would have ('sv_ratio 32 - 14.2 MB')."""
@@ -300,7 +295,7 @@ def _resized(path: str, opts) -> tuple[dict, str]:
         r = _run(lambda: lora_resize.resized(path, opts, progress=_progress()))
         return r.tensors, r.result.output_bytes
     tensors, nbytes = _cached((*_file_key(path), opts.flags()), make)
-    return tensors, f"{_setting_label(opts)} - {lora_resize.format_size(nbytes)}"
+    return tensors, f"{opts.label()} - {lora_resize.format_size(nbytes)}"
 
 
 def _original(path: str) -> tuple[dict, str]:

@@ -214,7 +214,11 @@ class ResizeOptions:
         return replace(self, **{**{name: None for name in SETTING_FIELDS}, **setting})
 
     def label(self) -> str:
-        """A short label of the setting: 'sv_ratio 8, cap 128', 'rank 32 (conv 16)', 'target_size 50.0 MB'."""
+        """A short label of the setting, naming everything that changes the file it writes (the computation
+        group does not): the rank setting, its caps, then a save precision, an output layout and a rank rule
+        (for a dynamic method) where given - 'sv_ratio 8, cap 128', 'rank 32 (conv 16)', 'target_size 50.0 MB',
+        'rank 4, bf16', 'sv_fro 0.9, kohya rank rule'. The one label of a setting everywhere: analyze rows,
+        preview's pictures, the ComfyUI nodes."""
         budget = self.budget
         if budget is not None:
             s = budget[0].describe(budget[1])
@@ -224,12 +228,14 @@ class ResizeOptions:
             s = f"rank {self.rank}"
             if self.conv_rank != self.rank:
                 s += f" (conv {self.conv_rank})"
-            return s
-        if self.rank is not None:
-            s += f", cap {self.rank}" + (f"/{self.conv_rank}" if self.conv_rank != self.rank else "")
-        elif self.conv_rank is not None:
-            s += f", conv cap {self.conv_rank}"
-        return s
+        if budget is not None or self.method:
+            if self.rank is not None:
+                s += f", cap {self.rank}" + (f"/{self.conv_rank}" if self.conv_rank != self.rank else "")
+            elif self.conv_rank is not None:
+                s += f", conv cap {self.conv_rank}"
+        extras = [self.precision, self.output_format and f"{self.output_format} layout",
+                  self.method and self.rank_rule != "exact" and f"{self.rank_rule} rank rule"]
+        return ", ".join([s, *(e for e in extras if e)])
 
     def flag_words(self) -> list[str]:
         """The `lora-resize resize` arguments that give this setting, generated from the fields' metadata: every

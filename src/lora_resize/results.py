@@ -216,6 +216,13 @@ WEIGHT_SPACE_MIN_FRO = 0.90
 DEFAULT_SEED = 0
 DEFAULT_PROBE_STEPS = 4
 DEFAULT_RENDER_STEPS = 20
+# The bounds every probing and rendering option is checked against (ops.effect: Probing, check_steps): a step count
+# beyond the sampling schedules' length makes no sense (diffusers' schedulers index past their 1000 training
+# timesteps) and this many already takes minutes a picture; a side beyond MAX_SIDE pixels would allocate tens of
+# GB; a seed is what torch.Generator.manual_seed takes as a non-negative 64-bit signed integer.
+MAX_STEPS = 200
+MAX_SIDE = 2048
+MAX_SEED = 2 ** 63 - 1
 
 # The fidelity measures of a resize and of every sweep row, by field: (the name every printout, report and page
 # shows, what it is). Each layer's fidelity is fro_i = sqrt(kept sum S_i^2 / sum S_i^2), the Frobenius norm of

@@ -186,4 +186,4 @@ def test_evaluate_any_other_setting_from_the_same_spectra(tmp_path, blocky_lora)
     row = a.evaluate(lora_resize.ResizeOptions(method="sv_ratio", param=3, precision=a.precision))
     dst = tmp_path / "o.safetensors"
     lora_resize.resize(blocky_lora, dst, row.options)
-    assert row.output_bytes == dst.stat().st_size and row.label == "sv_ratio 3"
+    assert row.output_bytes == dst.stat().st_size and row.label == f"sv_ratio 3, {a.precision}"

@@ -349,7 +349,7 @@ def test_sweep_gives_one_model_clip_and_label_per_setting_in_order(nodes, loras,
         assert same_bits(nodes.applied[i + 1]["lora"], cli_resize(a, dst, line.split())), line
         assert labels[i + 2].endswith(f" - {lora_resize.format_size(dst.stat().st_size)}")
     assert labels[2].startswith("sv_ratio 8 - ") and labels[3].startswith("sv_fro 0.9, cap 8 - ")
-    assert labels[4].startswith("rank 4, bf16 - ")
+    assert labels[4].startswith("rank 4, bf16, comfy layout - ")  # ResizeOptions.label, as preview's cells
     default = nodes.NODE_CLASS_MAPPINGS["LoraResizeSweep"].INPUT_TYPES()["required"]["settings"][1]["default"]
     assert [s if isinstance(s, str) else s.flags() for s in nodes.nodes._sweep_settings(default)] == [
         "base", "original", *(f"--method sv_ratio --param {r}" for r in (128, 32, 8, 4, 2))]  # the blog's

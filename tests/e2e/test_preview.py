@@ -83,6 +83,7 @@ def test_cli_writes_grid_beside_the_lora_under_a_free_name_and_the_report(tiny_b
 def test_bad_input_is_one_line(tiny_sd1_lora, tiny_base, tmp_path, capsys):
     assert "add --base MODEL" in refused_in_one_line(capsys, ["preview", str(tiny_sd1_lora)])
     base, _ = tiny_base("sd1")
+    capsys.readouterr()  # what building the tiny base printed (when this test builds it first)
     assert "--param" in refused_in_one_line(capsys, ["preview", str(tiny_sd1_lora), "--base", str(base), "--setting",
                                          "--method sv_ratio"])
     assert "one prompt" in refused_in_one_line(capsys, ["preview", str(tiny_sd1_lora), "--base", str(base), "--prompt", "a",
@@ -111,3 +112,12 @@ def test_the_page_previews_and_a_click_picks_the_setting(tiny_base, tiny_sd1_lor
     assert start in flags.values()  # the Resize tab's flags start at the recommended setting
     assert app.preview(str(tiny_sd1_lora), None, "a cat", 0, 1, "--method sv_ratio")[-1].startswith("error: ")
     assert build(app=app) is not None  # the page with its Preview tab builds (not launched)
+
+
+def test_each_cell_names_what_makes_its_setting_distinct(tiny_base, tiny_sd1_lora):
+    """One rank at three precisions: three labels, each naming its precision (as the recommendation's flags do)."""
+    base, _ = tiny_base("sd1")
+    settings = [ResizeOptions(rank=4), ResizeOptions(rank=4, precision="bf16"), ResizeOptions(rank=4, precision="fp16")]
+    p = preview(tiny_sd1_lora, Probing(base=str(base), timesteps=1), settings, prompt="a cat", steps=1)
+    firsts = [x.label().splitlines()[0] for x in p.pictures[2:]]
+    assert firsts == ["rank 4", "rank 4, bf16", "rank 4, fp16"]

@@ -69,3 +69,16 @@ def test_subcommands_have_only_the_flags_they_honour():
     assert not {"--report", "--plot", "-v", "-o"} & flags("batch")
     assert not {"--report", "--plot"} & flags("merge") and "-o" not in flags("analyze")
     assert not {"--rank", "--method", "--precision"} & flags("demo")
+
+
+def test_label_names_everything_that_changes_the_file():
+    """Settings that write different files have different labels (preview's cells, analyze rows, the ComfyUI
+    nodes all use ResizeOptions.label): the precision, the output layout, a dynamic method's rank rule."""
+    same_rank = [ResizeOptions(rank=4), ResizeOptions(rank=4, precision="bf16"),
+                 ResizeOptions(rank=4, precision="fp16"), ResizeOptions(rank=4, output_format="comfy")]
+    labels = [o.label() for o in same_rank]
+    assert labels == ["rank 4", "rank 4, bf16", "rank 4, fp16", "rank 4, comfy layout"]
+    assert ResizeOptions(method="sv_fro", param=0.9, rank=8, rank_rule="kohya", precision="float").label() == \
+        "sv_fro 0.9, cap 8, float, kohya rank rule"
+    assert ResizeOptions(method="sv_fro", param=0.9).label() == "sv_fro 0.9"
+    assert ResizeOptions(rank=4, device="cpu", threads=1).label() == "rank 4"  # computation changes no file

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import OptionsError
-from ..results import DEFAULT_MAX_EFFECT_ERROR, DEFAULT_PROBE_STEPS, DEFAULT_SEED, WEIGHT_SPACE_MIN_FRO
+from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO
 from .flags import (OUTPUT_FLAGS, add_input, add_model_output_flags, add_option_groups, add_output_flags,
                     add_picture_flags, input_of, option_values, probing_from, progress, refuse)
 
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_input(p, "LoRA file to analyze (.safetensors; .pt/.ckpt read weights-only), or an adapter folder")
     add_option_groups(p, "rank", "output", "compute")
     add_picture_flags(p)
-    p.add_argument("--max-effect-error", type=float, default=DEFAULT_MAX_EFFECT_ERROR, metavar="X",
+    p.add_argument("--max-effect-error", type=float, metavar="X",
                    help="recommend the smallest file that loses at most this share of the LoRA's change to the "
                         f"model's output, where that is measured (--base MODEL --effect); default "
                         f"{DEFAULT_MAX_EFFECT_ERROR}. Without it the recommendation follows the weight-space rule: "
@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         from ..report.html import check_paths
         check_paths(args.report, args.plot)
     src = input_of(args, "lora-resize analyze IN.safetensors")
-    a = analyze(src, progress=progress(args.quiet, "decomposing"), max_effect_error=args.max_effect_error,
+    threshold = DEFAULT_MAX_EFFECT_ERROR if args.max_effect_error is None else args.max_effect_error
+    a = analyze(src, progress=progress(args.quiet, "decomposing"), max_effect_error=threshold,
                 effect=effect_probing(args), effect_progress=progress(args.quiet, "effect", "setting"),
                 **option_values(args))
     written = []
@@ -65,19 +66,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# the flags that only --effect reads, with their defaults (given without --effect they would be ignored: refused)
-PROBING_FLAGS = {"prompt": ("--prompt", None), "seed": ("--seed", DEFAULT_SEED),
-                 "probe_steps": ("--probe-steps", DEFAULT_PROBE_STEPS), "size": ("--size", None),
-                 "base_config": ("--base-config", None)}
+# the flags that only --effect reads (their defaults None: given without --effect they would be ignored: refused)
+EFFECT_ONLY = {"prompt": "--prompt", "seed": "--seed", "probe_steps": "--probe-steps", "size": "--size",
+               "base_config": "--base-config", "max_effect_error": "--max-effect-error"}
 
 
 def effect_probing(args: argparse.Namespace):
-    """The Probing of `--effect` (None without it). Raises OptionsError for --effect without --base, or a probing
-    flag without --effect."""
+    """The Probing of `--effect` (None without it). Raises OptionsError for --effect without --base, or one of the
+    EFFECT_ONLY flags given without --effect."""
     if not args.effect:
-        given = [flag for dest, (flag, default) in PROBING_FLAGS.items() if getattr(args, dest) != default]
+        given = [flag for dest, flag in EFFECT_ONLY.items() if getattr(args, dest) is not None]
         if given:
-            raise OptionsError(f"{given[0]} sets how --effect probes the model: add --effect (and --base MODEL)")
+            raise OptionsError(f"{given[0]} is read only with --effect (how the model's output is measured): add "
+                               f"--effect (and --base MODEL), or drop {given[0]}")
         return None
     if args.base is None:
         raise OptionsError("--effect measures the model's output: add --base MODEL (a diffusers folder or a "

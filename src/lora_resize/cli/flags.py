@@ -222,20 +222,27 @@ def options_from(args: argparse.Namespace, **overrides) -> ResizeOptions:
     return ResizeOptions(**{**option_values(args), **overrides})
 
 
-def options_from_flags(line: str) -> ResizeOptions:
+def options_from_flags(line: str, where: str | None = None) -> ResizeOptions:
     """The options one line of `lora-resize resize` flags gives (`--method sv_ratio --param 32 --rank 64`), read
     as the resize subcommand reads them: the same flags and sd-scripts spellings (shell quoting, as shlex.split),
     the same checks and one-line errors. For consumers that take a setting as text (the ComfyUI sweep node).
+    `where`: how the caller names this line (`--setting "--rank 0"`), put before the error so that a user with
+    several lines knows which one failed.
 
     Raises OptionsError: the line cannot be split, holds something that is not a resize option (an input, -o, -h),
     or its options do not fit together."""
     try:
-        words = shlex.split(line)
-    except ValueError as e:
-        raise OptionsError(f"cannot read the flags {line!r}: {e}") from None
-    p = Parser(prog="lora-resize resize", add_help=False)
-    add_option_groups(p, "rank", "output", "compute")
-    return options_from(p.parse_args(words))
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            raise OptionsError(f"cannot read the flags {line!r}: {e}") from None
+        p = Parser(prog="lora-resize resize", add_help=False)
+        add_option_groups(p, "rank", "output", "compute")
+        return options_from(p.parse_args(words))
+    except OptionsError as e:
+        if where is None:
+            raise
+        raise OptionsError(f"{where}: {e}") from None
 
 
 def refuse(p: argparse.ArgumentParser, *flags: str, why: str, nargs="?") -> None:
@@ -289,16 +296,14 @@ def image_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size in pixels; write e.g. 512 or 768x512 (width x "
                                          "height)") from None
-    if min(size) < 8:
-        raise argparse.ArgumentTypeError(f"{text!r}: each side must be at least 8 pixels")
-    return size
+    return size  # its bounds are checked where every caller's are: ops.effect.Probing
 
 
 def add_model_output_flags(p: argparse.ArgumentParser, pictures: bool) -> None:
     """The flags of what a setting does to the base model's output (lora_resize.diffusion, the `preview` extra):
     analyze's --effect (`pictures` False) and preview's (`pictures` True: --steps for the rendered images; --base
     is preview's own flag there). --base itself is the rank group's on analyze."""
-    from ..results import DEFAULT_PROBE_STEPS, DEFAULT_RENDER_STEPS, DEFAULT_SEED
+    from ..results import DEFAULT_PROBE_STEPS, DEFAULT_RENDER_STEPS, DEFAULT_SEED, MAX_SIDE, MAX_STEPS
     g = p.add_argument_group("the model's output (--base MODEL: a diffusers folder or a single-file SD1.5, SDXL or "
                              "Flux.1 checkpoint; pip install 'lora-resize[preview]')")
     if not pictures:
@@ -309,14 +314,18 @@ def add_model_output_flags(p: argparse.ArgumentParser, pictures: bool) -> None:
     g.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt to probe (repeat for several; default: three stated prompts, a subject, a "
                         "style and a scene)" if not pictures else "the prompt of every picture (and of the probes)")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the initial noise (default {DEFAULT_SEED})")
-    g.add_argument("--probe-steps", type=int, default=DEFAULT_PROBE_STEPS, metavar="N",
-                   help=f"denoiser calls recorded per prompt, spread over the schedule (default {DEFAULT_PROBE_STEPS})")
+    # their defaults are None (applied in probing_from / the jobs), so a flag that was given is told from one that
+    # was not: analyze refuses every --effect-only flag given without --effect (cli/analyze.py EFFECT_ONLY)
+    g.add_argument("--seed", type=int, help=f"seed of the initial noise, 0 to 2**63 - 1 (default {DEFAULT_SEED})")
+    g.add_argument("--probe-steps", type=int, metavar="N",
+                   help=f"denoiser calls recorded per prompt, spread over the schedule (1 to {MAX_STEPS}, default "
+                        f"{DEFAULT_PROBE_STEPS})")
     if pictures:
-        g.add_argument("--steps", type=int, default=DEFAULT_RENDER_STEPS, metavar="N",
-                       help=f"sampling steps of each picture (default {DEFAULT_RENDER_STEPS})")
+        g.add_argument("--steps", type=int, metavar="N",
+                       help=f"sampling steps of each picture (1 to {MAX_STEPS}, default {DEFAULT_RENDER_STEPS})")
     g.add_argument("--size", type=image_size, metavar="W[xH]",
-                   help="picture and probe size in pixels (default: the model's own, at most 512)")
+                   help=f"picture and probe size in pixels, 8 to {MAX_SIDE} a side and a multiple of the model's "
+                        "latent scale (8; Flux.1 16) (default: the model's own, at most 512)")
     g.add_argument("--base-config", metavar="DIR",
                    help="with a single-file --base: a diffusers folder of that model (its configs and tokenizers), "
                         "read instead of the Hugging Face Hub")
@@ -326,8 +335,12 @@ def add_model_output_flags(p: argparse.ArgumentParser, pictures: bool) -> None:
 
 
 def probing_from(args: argparse.Namespace, base: str):
-    """The ops.effect.Probing the parsed model-output flags give, for `base`."""
+    """The ops.effect.Probing the parsed model-output flags give, for `base` (the defaults where not given; the
+    values are checked there). Raises OptionsError."""
     from ..ops.effect import Probing
+    from ..results import DEFAULT_PROBE_STEPS, DEFAULT_SEED
     return Probing(base=base, config=args.base_config, variant=getattr(args, "base_variant", None),
-                   prompts=tuple(args.prompt) if args.prompt else None, seed=args.seed, timesteps=args.probe_steps,
+                   prompts=tuple(args.prompt) if args.prompt else None,
+                   seed=DEFAULT_SEED if args.seed is None else args.seed,
+                   timesteps=DEFAULT_PROBE_STEPS if args.probe_steps is None else args.probe_steps,
                    size=args.size, device=getattr(args, "device", "cpu") or "cpu")

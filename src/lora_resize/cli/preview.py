@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import OptionsError
-from ..results import DEFAULT_MAX_EFFECT_ERROR
+from ..results import DEFAULT_MAX_EFFECT_ERROR, DEFAULT_RENDER_STEPS
 from .flags import (add_input, add_model_output_flags, add_option_groups, add_output, add_output_flags, input_of,
                     options_from_flags, probing_from, progress)
 
@@ -69,9 +69,10 @@ def run(args: argparse.Namespace) -> int:
         from ..report.html import check_paths
         check_paths(args.report, None)
     out = grid_path(args, src)
-    settings = [options_from_flags(line) for line in args.setting or ()]
+    settings = [options_from_flags(line, f'--setting "{line}"') for line in args.setting or ()]
     probing = probing_from(args, args.base)
-    p = preview(src, probing, settings or None, prompt=args.prompt[0] if args.prompt else None, steps=args.steps,
+    p = preview(src, probing, settings or None, prompt=args.prompt[0] if args.prompt else None,
+                steps=DEFAULT_RENDER_STEPS if args.steps is None else args.steps,
                 max_effect_error=args.max_effect_error, progress=progress(args.quiet, "decomposing"),
                 picture_progress=progress(args.quiet, "pictures", "picture"))
     written = [f"grid written to {write_grid(p.grid(), out)}"]

@@ -66,6 +66,25 @@ class Probes:
         return len(self.inputs)
 
 
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Inside: diffusers' and transformers' loggers at error level and Python warnings ignored (their notices -
+    "`local_files_only` is True ... Attempting to download", "modules ... should be kept in float32",
+    "CLIPImageProcessor requires torchvision" - would go to stderr beside our one-line errors and progress); the
+    previous verbosities and warning filters are restored on leaving. Raises MissingDependency without them."""
+    logs = [require("transformers", FEATURE).utils.logging, require("diffusers", FEATURE).utils.logging]
+    before = [log.get_verbosity() for log in logs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for log in logs:
+            log.set_verbosity_error()
+        try:
+            yield
+        finally:
+            for log, level in zip(logs, before):
+                log.set_verbosity(level)
+
+
 def folder_family(folder: Path) -> str:
     """'sd1', 'sdxl' or 'flux' from a diffusers folder's model_index.json `_class_name`. Raises InputFileError for
     a folder that is not a pipeline, or another pipeline's."""
@@ -135,6 +154,33 @@ def pipeline_weights(pipe) -> dict[str, torch.Tensor]:
     return weights
 
 
+def base_family(base: str | os.PathLike, config: str | os.PathLike | None = None) -> str:
+    """'sd1', 'sdxl' or 'flux': what BaseModel would load from `base` with the configs folder `config`, found
+    without loading it (a folder's model_index.json, a single file's safetensors header) - the checks BaseModel
+    makes first, also run where a base is named long before it is loaded (`lora-resize ui --base`). Raises
+    OptionsError for a `config` that is not a diffusers folder or a Flux.1 transformer file without one,
+    InputFileError for a base that is none of those loadable here."""
+    path = Path(base)
+    if config is not None and not (Path(config) / "model_index.json").is_file():
+        raise OptionsError(f"--base-config {config} is not a diffusers pipeline folder (no model_index.json); give "
+                           "the folder of this model's diffusers release")
+    if path.is_dir():
+        return folder_family(path)
+    if not (path.is_file() and path.suffix.lower() == ".safetensors"):
+        raise InputFileError(f"--base {path} is not a diffusers folder or a .safetensors checkpoint file; give "
+                             "one of those")
+    with Checkpoint(path) as ck:
+        family = single_file_family(ck.keys())
+    if family is None:
+        raise InputFileError(f"--base {path} is not a single-file SD1.5, SDXL or Flux.1 checkpoint (none of "
+                             "their keys); give one of those, or a diffusers folder")
+    if family == "flux" and config is None:
+        raise OptionsError(f"--base {path} is a Flux.1 transformer file, which holds no text encoders, VAE or "
+                           "configs: give --base-config DIR, a diffusers folder of Flux.1 (its model_index.json, "
+                           "configs, tokenizers, text encoders and VAE)")
+    return family
+
+
 class BaseModel:
     """A base model loaded once as a diffusers pipeline (module docstring): `family` 'sd1', 'sdxl' or 'flux',
     `pipe` the pipeline, `patch_report` what the last `patched` applied.
@@ -156,14 +202,12 @@ class BaseModel:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise DeviceError(f"device {device} was asked for, but torch sees no CUDA GPU here; use --device cpu")
-        if self.config is not None and not (self.config / "model_index.json").is_file():
-            raise OptionsError(f"--base-config {self.config} is not a diffusers pipeline folder (no "
-                               "model_index.json); give the folder of this model's diffusers release")
         self.patch_report = PatchReport()
         self._patch: Patch | None = None
-        self.pipe = self._load(dtype)
-        self.dtype = self.denoiser.dtype
-        self.pipe.to(self.device)
+        with quiet():  # their notices are not ours to print: our errors are one line, our output our own
+            self.pipe = self._load(dtype)
+            self.dtype = self.denoiser.dtype
+            self.pipe.to(self.device)
         own_storage(self.pipe)  # after the move: a GPU copy is a fresh allocation already
         self.pipe.set_progress_bar_config(disable=True)
         self.weights = pipeline_weights(self.pipe)
@@ -173,28 +217,16 @@ class BaseModel:
         diffusers = require("diffusers", FEATURE)
         require("transformers", FEATURE)
         path = self.base
+        self.family = base_family(path, self.config)
         if path.is_dir():
-            self.family = folder_family(path)
             with Checkpoint(path, self.variant) as ck:
                 dtype = dtype or self._default_dtype(ck, ("unet.", "transformer."))
             return self._call(lambda: diffusers.DiffusionPipeline.from_pretrained(
                 path, local_files_only=True, variant=self.variant, torch_dtype=dtype))
-        if not (path.is_file() and path.suffix.lower() == ".safetensors"):
-            raise InputFileError(f"--base {path} is not a diffusers folder or a .safetensors checkpoint file; give "
-                                 "one of those")
         with Checkpoint(path) as ck:
-            self.family = single_file_family(ck.keys())
-            if self.family is None:
-                raise InputFileError(f"--base {path} is not a single-file SD1.5, SDXL or Flux.1 checkpoint (none of "
-                                     "their keys); give one of those, or a diffusers folder")
             dtype = dtype or self._default_dtype(ck, ("model.diffusion_model.",))
         config = str(self.config) if self.config is not None else None
         if self.family == "flux":
-            if config is None:
-                raise OptionsError(f"--base {path} is a Flux.1 transformer file, which holds no text encoders, VAE "
-                                   "or configs: give --base-config DIR, a diffusers folder of Flux.1 (its "
-                                   "model_index.json, configs, tokenizers, text encoders and VAE)")
-
             def flux():
                 transformer = load_transformer(diffusers, path, config, dtype)
                 return diffusers.FluxPipeline.from_pretrained(config, transformer=transformer, local_files_only=True,
@@ -277,17 +309,34 @@ class BaseModel:
             self._patch = None
 
     # -- probes and predictions ----------------------------------------------------------------------------------
+    def size_step(self) -> int:
+        """The multiple of which each side of a picture must be, in pixels: the VAE's scale factor (8 for SD1.5,
+        SDXL and Flux.1), twice that for Flux, whose transformer takes the latent in 2 x 2 patches (diffusers'
+        FluxPipeline.check_inputs: `vae_scale_factor * 2`)."""
+        vsf = int(getattr(self.pipe, "vae_scale_factor", 8))
+        return 2 * vsf if self.family == "flux" else vsf
+
+    def check_size(self, size: Sequence[int]) -> tuple[int, int]:
+        """`size` (width, height) as a tuple; raises OptionsError naming the nearest valid sizes when a side is not
+        a multiple of size_step() (diffusers would raise ValueError deep in the pipeline)."""
+        step = self.size_step()
+        w, h = (int(v) for v in size)
+        if w % step or h % step:
+            near = f"{max(step, w // step * step)}x{max(step, h // step * step)}"
+            raise OptionsError(f"--size {w}x{h}: this model's pictures need each side a multiple of {step} pixels; "
+                               f"give e.g. --size {near}")
+        return w, h
+
     def default_size(self) -> tuple[int, int]:
         """(width, height): the pipeline's own default image side, at most MAX_SIZE pixels and a MAX_LATENT x
         MAX_LATENT latent (SD1.5: 512; SDXL and Flux.1, whose own default is 1024: 512), rounded down to what the
-        pipeline accepts (Flux: a multiple of twice the VAE's scale factor)."""
+        pipeline accepts (size_step)."""
         vsf = int(getattr(self.pipe, "vae_scale_factor", 8))
         if self.family == "flux":
             own = int(getattr(self.pipe, "default_sample_size", 128)) * vsf
-            step = 2 * vsf
         else:
             own = int(self.pipe.unet.config.sample_size) * vsf
-            step = vsf
+        step = self.size_step()
         side = max(step, min(own, MAX_SIZE, MAX_LATENT * vsf) // step * step)
         return side, side
 
@@ -297,18 +346,19 @@ class BaseModel:
                   "generator": torch.Generator("cpu").manual_seed(seed)}
         if guidance is not None:
             kwargs["guidance_scale"] = guidance
-        with torch.no_grad():
+        with torch.no_grad(), quiet():
             return self.pipe(prompt, **kwargs)
 
     def probes(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] = (0,), timesteps: int = 4,
                size: tuple[int, int] | None = None, guidance: float | None = None) -> Probes:
         """Record the base pipeline's own denoiser inputs (module docstring) for each (prompt, seed): prompts
         default to DEFAULT_PROMPTS, size (width, height) to default_size(). Raises OptionsError for no prompts,
-        timesteps < 1 or a size the pipeline cannot take. Run it unpatched (it records the base's trajectory)."""
+        timesteps < 1 or a size the pipeline cannot take (check_size). Run it unpatched (it records the base's
+        trajectory)."""
         prompts = tuple(prompts) if prompts else DEFAULT_PROMPTS
         if timesteps < 1 or not seeds:
             raise OptionsError(f"probes need at least one timestep and one seed (got {timesteps}, {list(seeds)})")
-        size = tuple(size) if size is not None else self.default_size()
+        size = self.check_size(size) if size is not None else self.default_size()
         if self._patch is not None:
             raise RuntimeError("record probes from the base: leave BaseModel.patched first")
         inputs = []
@@ -363,8 +413,9 @@ class BaseModel:
                guidance: float | None = None):
         """One image (PIL.Image) of `prompt` in the current patch state: the pipeline's own sampler with `steps`
         steps, the initial noise from a CPU torch.Generator seeded with `seed` (the same on every device and in
-        every state); size (width, height) defaults to default_size()."""
-        size = tuple(size) if size is not None else self.default_size()
+        every state); size (width, height) defaults to default_size(). Raises OptionsError for a size the pipeline
+        cannot take (check_size)."""
+        size = self.check_size(size) if size is not None else self.default_size()
         return self._run(prompt, seed, steps, size, guidance, "pil").images[0]
 
 

@@ -292,7 +292,7 @@ def at_precisions(ev: Evaluator, src: os.PathLike, row: SettingRow, sample: int 
     (NumericalError: too small or too large for it) makes that row's rounding_error inf and its note the reason.
 
     Raises InputFileError when `src` cannot be read again."""
-    rows = [ev.evaluate(replace(row.options, precision=p), label=f"{row.label}, {p}") for p in PRECISION_ROWS]
+    rows = [ev.evaluate(replace(row.options, precision=p)) for p in PRECISION_ROWS]  # its label names p
     _, sps, _ = ev.view(rows[0].options)
     heavy = sorted((i for i, sp in enumerate(sps) if sp.energy > 0), key=lambda i: -sps[i].energy)[:sample]
     total = sum(sp.energy for sp in sps)

@@ -16,6 +16,7 @@ Everything that imports diffusers lives in lora_resize.diffusion; this module is
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass, replace
@@ -31,8 +32,20 @@ from ..io.paths import local_path, resolve_input
 from ..io.reader import open_tensor_file
 from ..options import ResizeOptions
 from ..ranks.policies import get_policy
-from ..results import DEFAULT_PROBE_STEPS, DEFAULT_SEED, SettingRow
+from ..results import DEFAULT_PROBE_STEPS, DEFAULT_SEED, MAX_SEED, MAX_SIDE, MAX_STEPS, SettingRow
 
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_steps(steps, flag: str = "--steps") -> int:
+    """`steps`, a count of sampling steps or probe timesteps (`flag` names it in the error), as an int; the one
+    rule for both, used by Probing, `preview` and every caller (CLI, API, page): a whole number from 1 to
+    results.MAX_STEPS. Raises OptionsError otherwise."""
+    if not (_whole(steps) and 1 <= steps <= MAX_STEPS):
+        raise OptionsError(f"{flag} must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+    return int(steps)
 
 
 @dataclass(frozen=True)
@@ -46,8 +59,13 @@ class Probing:
         variant: a diffusers folder's weight variant (e.g. "fp16"), as --base-variant.
         prompts: the probes' prompts; None: lora_resize.diffusion's DEFAULT_PROMPTS (a subject, a style, a scene);
             seed: the seed of their initial latents; timesteps: the denoiser calls recorded per prompt.
-        size: (width, height) in pixels of the probes' latents; None: the model's default.
-        device: "auto", "cpu", "cuda" or "cuda:N" (as ResizeOptions.device)."""
+        size: (width, height) in pixels of the probes' latents (8 to results.MAX_SIDE a side; the pipeline may
+            ask for a multiple of its own: BaseModel.check_size); None: the model's default.
+        device: "auto", "cpu", "cuda" or "cuda:N" (as ResizeOptions.device).
+
+    Every check of these options is made here, once, for the CLI, the API and the page: OptionsError for an empty
+    prompt, a seed outside 0..results.MAX_SEED (what torch.Generator.manual_seed takes), probe timesteps outside
+    check_steps' range or a size outside 8..MAX_SIDE pixels a side."""
     base: str
     config: str | None = None
     variant: str | None = None
@@ -61,10 +79,12 @@ class Probing:
         if self.prompts is not None and not (self.prompts and all(isinstance(p, str) and p.strip()
                                                                   for p in self.prompts)):
             raise OptionsError("a --prompt must not be empty")
-        if not (isinstance(self.timesteps, int) and self.timesteps >= 1):
-            raise OptionsError(f"--probe-steps must be a whole number >= 1, got {self.timesteps!r}")
-        if self.size is not None and not all(isinstance(v, int) and v >= 8 for v in self.size):
-            raise OptionsError(f"--size must be at least 8 pixels a side, got {self.size!r}")
+        if not (_whole(self.seed) and 0 <= self.seed <= MAX_SEED):
+            raise OptionsError(f"--seed must be a whole number from 0 to 2**63 - 1 ({MAX_SEED}), got {self.seed!r}")
+        check_steps(self.timesteps, "--probe-steps")
+        if self.size is not None and not (len(self.size) == 2 and all(_whole(v) and 8 <= v <= MAX_SIDE
+                                                                       for v in self.size)):
+            raise OptionsError(f"--size must be 8 to {MAX_SIDE} pixels a side, got {self.size!r}")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..errors import require
 from ..options import ResizeOptions
 from ..results import DEFAULT_MAX_EFFECT_ERROR, DEFAULT_RENDER_STEPS, Analysis, SettingRow
 from ..units import format_size
-from .effect import EffectMeter, InMemory, Probing, as_planned, as_stored, needs_base, written_key
+from .effect import EffectMeter, InMemory, Probing, as_planned, as_stored, check_steps, needs_base, written_key
 
 # the blog's sv_ratio sweep, from the largest file to the smallest: a setting never keeps more than the input's
 # rank, so each is capped by it
@@ -107,13 +107,15 @@ def preview(src: str | os.PathLike, probing: Probing, settings: Sequence[ResizeO
     error (probes of the same prompt) and SSIM to the original-LoRA picture. `progress` wraps the decomposition
     of the LoRA, `picture_progress(iterable, total)` the pictures.
 
-    Raises OptionsError (bad settings or probing), InputFileError (a LoRA or base that cannot be read; a base that
-    is not a model), LoraStructureError (a LoRA for another model), MissingDependency (the `preview` extra)."""
+    Raises OptionsError (bad settings, probing or `steps`: check_steps), InputFileError (a LoRA or base that
+    cannot be read; a base that is not a model), LoraStructureError (a LoRA for another model),
+    MissingDependency (the `preview` extra)."""
     from ..diffusion import effect_error
     from ..diffusion.pipeline import DEFAULT_PROMPTS
     from .analyze import analyze, recommend
     from .resize import resized
     t0 = time.perf_counter()
+    steps = check_steps(steps, "--steps")
     prompt = prompt or (probing.prompts[0] if probing.prompts else DEFAULT_PROMPTS[0])
     probing = Probing(**{**vars(probing), "prompts": (prompt,)})
     shared = ResizeOptions(method=DEFAULT_SETTINGS[0][0], param=float(DEFAULT_SETTINGS[0][1]), device=probing.device)

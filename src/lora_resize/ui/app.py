@@ -192,13 +192,16 @@ class App:
         from ..ops.preview import preview
         from ..report.grid import write_grid
         from ..report.html import CSS, effect_section, recommendation_html
+        from ..results import DEFAULT_RENDER_STEPS, DEFAULT_SEED
         try:
             if self.base is None:
                 raise LoraResizeError("start the page with --base MODEL to preview pictures")
             src = self._source(upload, picked)[0]
-            options = [options_from_flags(line) for line in (settings or "").splitlines() if line.strip()]
-            probing = Probing(base=self.base, config=self.base_config, seed=int(seed or 0))
-            p = preview(src, probing, options or None, prompt=(prompt or "").strip() or None, steps=int(steps or 20),
+            options = [options_from_flags(line, f"settings line {n} ({line.strip()!r})")
+                       for n, line in enumerate((settings or "").splitlines(), 1) if line.strip()]
+            probing = Probing(base=self.base, config=self.base_config, seed=_count(seed, DEFAULT_SEED))
+            p = preview(src, probing, options or None, prompt=(prompt or "").strip() or None,
+                        steps=_count(steps, DEFAULT_RENDER_STEPS),
                         progress=_progress(progress, "decomposing"), picture_progress=_progress(progress, "pictures"))
             grid = write_grid(p.grid(), self._out(Path(src).stem + "_preview.png"))
         except LoraResizeError as e:
@@ -364,6 +367,14 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None, ap
 
 
 AUTH_ENV = "LORA_RESIZE_UI_AUTH"  # USER:PASS, read when --auth is not given (a flag shows in the process list)
+
+
+def _count(value, default):
+    """A number box's value for a whole-number option: `default` for an empty box, a float with no fraction as an
+    int (the box may send 20.0); anything else as it came, for the option's own check to refuse in one line."""
+    if value is None:
+        return default
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def is_loopback(host: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 HELP = "open a local web page: analyze, pick a setting on the curve, resize, merge, convert"
@@ -45,6 +46,13 @@ def run(args: argparse.Namespace) -> int:
         raise OptionsError(f"--base {args.base}: no such file or folder")
     if args.base_config is not None and args.base is None:
         raise OptionsError("--base-config gives the configs of a single-file --base: add --base MODEL")
+    if args.base is not None:  # what can be checked without loading it: refused now, not when Preview is pressed
+        from ..diffusion.pipeline import base_family
+        base_family(args.base, args.base_config)
+        if Path(args.base).is_file() and args.base_config is None:
+            print(f"lora-resize ui: note: --base {args.base} is a single file: the Preview tab will fetch its "
+                  "configs and tokenizers from the Hugging Face Hub (give --base-config DIR, a diffusers folder "
+                  "of this model, to work offline)", file=sys.stderr, flush=True)
     from .app import AUTH_ENV, serve
     auth = parse_auth(args.auth if args.auth is not None else os.environ.get(AUTH_ENV) or None,
                       "--auth" if args.auth is not None else AUTH_ENV)

@@ -112,7 +112,9 @@ def test_effect_errors_filled_after_the_sweep_decide_the_recommendation(blocky_l
 
 
 def test_cli_refuses_a_bad_max_effect_error(blocky_lora, capsys):
-    assert main(["analyze", str(blocky_lora), "--max-effect-error", "-0.5", "-q"]) == 2
+    assert main(["analyze", str(blocky_lora), "--max-effect-error", "-0.5", "--effect", "--base", "nowhere", "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--max-effect-error must be a number >= 0" in err
-    assert main(["analyze", str(blocky_lora), "--max-effect-error", "0.2", "-q"]) == 0  # accepted
+    # without --effect nothing reads it (the weight-space rule has no threshold): refused, as every --effect flag
+    assert main(["analyze", str(blocky_lora), "--max-effect-error", "0.2", "-q"]) == 2
+    assert "read only with --effect" in capsys.readouterr().err
