@@ -222,7 +222,8 @@ class MergeLoras(_WritesLora):
                                                                          "step": 0.01}),
                              "lora_b": (loras,), "weight_b": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0,
                                                                          "step": 0.01}),
-                             **RANK_INPUTS, "output_name": ("STRING", {"default": "", "tooltip": AUTO_NAME % "merged"})},
+                             **RANK_INPUTS,
+                             "output_name": ("STRING", {"default": "", "tooltip": AUTO_NAME % "merged"})},
                 "optional": {"more": ("STRING", {"default": "", "multiline": True,
                                                  "tooltip": "more inputs, one per line: name.safetensors:weight"})}}
 
@@ -340,15 +341,10 @@ def _sweep_settings(text: str) -> list:
     return out
 
 
-class _Applies:
+class _Applies(_Node):
     """A node that patches a MODEL and CLIP (not an output node: KSampler consumes what it returns); it runs again
     when its LoRA file changes."""
-    CATEGORY = CATEGORY
     OUTPUT_NODE = False
-
-    @classmethod
-    def IS_CHANGED(cls, lora_name=None, **_):
-        return _stamp(lora_name)
 
 
 class ApplyResizedLora(_Applies):

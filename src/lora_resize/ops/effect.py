@@ -159,8 +159,9 @@ def written_key(row: SettingRow) -> tuple:
 
 
 class EffectMeter:
-    """A base model loaded once, its probes, and the predictions with no LoRA and with the original one; `error`
-    measures a setting's tensors against them. Use as a context manager (the model is released on exit).
+    """A base model loaded once, its probes, the original LoRA as stored (`original`) and the predictions with no
+    LoRA and with the original one; `error` measures a setting's tensors against them. Use as a context manager
+    (the model is released on exit).
 
     Raises OptionsError / MissingDependency for bad probing options or a missing extra ('preview'),
     InputFileError for a base that is not a model, LoraStructureError for a LoRA none of whose modules the base
@@ -179,7 +180,8 @@ class EffectMeter:
                                                              device=str(compute_device(p.device))))
             self.probes = self.model.probes(prompts=p.prompts, seeds=[p.seed], timesteps=p.timesteps, size=p.size)
             self.eps_base = self.model.predict(self.probes)
-            self.eps_original = self.predict(as_stored(self.src))
+            self.original = as_stored(self.src)  # read once: the preview applies it again to render
+            self.eps_original = self.predict(self.original)
             self.report = self.model.patch_report  # what the original LoRA patched (PatchReport)
         except BaseException:
             self._stack.close()
@@ -196,8 +198,12 @@ class EffectMeter:
 
     def error(self, lora: InMemory) -> float:
         """The effect error of a LoRA against the original's (module docstring)."""
+        return self.error_of(self.predict(lora))
+
+    def error_of(self, eps: list[torch.Tensor]) -> float:
+        """The effect error of predictions `eps` at the probes (made under a patch the caller holds)."""
         from ..diffusion import effect_error
-        return effect_error(self.predict(lora), self.eps_original, self.eps_base)
+        return effect_error(eps, self.eps_original, self.eps_base)
 
 
 def measure_effects(meter: EffectMeter, rows: Sequence[SettingRow], progress: Progress | None = None,

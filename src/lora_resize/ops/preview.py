@@ -16,7 +16,7 @@ from ..errors import require
 from ..options import ResizeOptions
 from ..results import DEFAULT_MAX_EFFECT_ERROR, DEFAULT_RENDER_STEPS, Analysis, SettingRow
 from ..units import format_size
-from .effect import EffectMeter, InMemory, Probing, as_planned, as_stored, check_steps, needs_base, written_key
+from .effect import EffectMeter, InMemory, Probing, as_planned, check_steps, needs_base, written_key
 
 # the blog's sv_ratio sweep, from the largest file to the smallest: a setting never keeps more than the input's
 # rank, so each is capped by it
@@ -110,7 +110,6 @@ def preview(src: str | os.PathLike, probing: Probing, settings: Sequence[ResizeO
     Raises OptionsError (bad settings, probing or `steps`: check_steps), InputFileError (a LoRA or base that
     cannot be read; a base that is not a model), LoraStructureError (a LoRA for another model),
     MissingDependency (the `preview` extra)."""
-    from ..diffusion import effect_error
     from ..diffusion.pipeline import DEFAULT_PROMPTS
     from .analyze import analyze, recommend
     from .resize import resized
@@ -135,13 +134,12 @@ def preview(src: str | os.PathLike, probing: Probing, settings: Sequence[ResizeO
         jobs = ["base", "original", *range(len(a.rows))]
         done: dict[tuple, tuple] = {}
         names = [sp.name for sp in a.layers]
-        stored = as_stored(src)
         for job in (picture_progress or (lambda it, total: it))(jobs, len(jobs)):
             t = time.perf_counter()
             if job == "base":
                 pictures.append(Picture("base", bm.render(prompt, probing.seed, steps, size)))
             elif job == "original":
-                with stored.applied(bm):
+                with meter.original.applied(bm):
                     pictures.append(Picture("original", bm.render(prompt, probing.seed, steps, size),
                                             output_bytes=a.input_bytes))
             else:
@@ -149,8 +147,7 @@ def preview(src: str | os.PathLike, probing: Probing, settings: Sequence[ResizeO
                 key = written_key(row)
                 if key not in done:
                     with InMemory.of(resized(src, as_planned(row, names))).applied(bm):
-                        eps = bm.predict(meter.probes)
-                        done[key] = (effect_error(eps, meter.eps_original, meter.eps_base),
+                        done[key] = (meter.error_of(bm.predict(meter.probes)),
                                      bm.render(prompt, probing.seed, steps, size))
                 row.effect_error, image = done[key]
                 pictures.append(Picture("setting", image, row, row.output_bytes))
