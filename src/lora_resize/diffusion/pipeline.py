@@ -242,12 +242,10 @@ class BaseModel:
     def _call(self, load):
         """Run a diffusers loader; its failures become one-line errors naming the fix."""
         bars = [require("diffusers", FEATURE).utils.logging, require("transformers", FEATURE).utils.logging]
-        try:
-            with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype (still taken) to dtype
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                for b in bars:  # their loading bars: the jobs report progress their own way
-                    b.disable_progress_bar()
-                return load()
+        try:  # called under quiet() (BaseModel.__init__): their warnings, e.g. torch_dtype's rename, are ignored
+            for b in bars:  # their loading bars: the jobs report progress their own way
+                b.disable_progress_bar()
+            return load()
         except LoraResizeError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever diffusers/transformers raise on a base they cannot load
