@@ -678,6 +678,9 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
                 raise LoraStructureError(f"{m.name} and another module both become {base} in the {target} layout")
             entry = outputs.setdefault(base, (tn, [], rows, in_shape))
             entry[1].append(src)
+    for base, (tn, srcs, rows, in_shape) in outputs.items():
+        if _one_weight(srcs, rows, infos):
+            srcs[:] = [Feed(srcs[0].module)]
     components = sorted({tn.component for tn, *_ in outputs.values()})
     if target == "peft" and len(components) > 1:
         raise LoraStructureError(f"a PEFT adapter holds one model, and this file has modules of {len(components)} "
@@ -762,6 +765,18 @@ def _targets(n: Name, m: Module, arch: Architecture | None, target: str, out_row
             continue
         start, total = mapping.fused(j, rows, inp)
         yield Name(space, n.component, native), Feed(m, place=(start, start + rows), take=take, swap=swap), total
+
+
+def _one_weight(srcs: list[Feed], rows: int, infos) -> bool:
+    """Parts of one source module, each placed at the rows it is taken from, filling the output and the source
+    alike: the same fused weight in both layouts (HunyuanImage 2.1's qkv, sd-scripts' `img_attn_qkv` and ComfyUI's
+    `img_attn.qkv`), which is renamed - its factors as they are, its rank kept - not split and fused again."""
+    first = srcs[0].module
+    if len(srcs) < 2 or any(s.module is not first or s.swap or s.place is None or s.take != s.place for s in srcs):
+        return False
+    bounds = sorted(s.place for s in srcs)
+    tiled = bounds[0][0] == 0 and bounds[-1][1] == rows and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    return tiled and first.weight_shape(infos)[0] == rows
 
 
 def _check_fused(base: str, srcs: list[Feed], rows: int) -> None:

@@ -26,7 +26,10 @@ ARCH_KEY = "lora_resize_arch"  # the metadata entry where a converted file names
 # `ss_base_model_version`, e.g. "flux-1-dev/lora", "stable-diffusion-xl-v1-base", "sd_v1", "wan2.1-t2v-14b"),
 # most specific first
 HINTS = [(re.compile(p, re.IGNORECASE), name) for p, name in (
-    (r"hunyuan[-_ ]?video[-_ ]?1[._]?5|hv15", "hunyuan_video15"), (r"flux[-_.]?2|klein", "flux2"),
+    (r"hunyuan[-_ ]?video[-_ ]?1[._]?5|hv15", "hunyuan_video15"),
+    # sd-scripts library/sai_model_spec.py: "hunyuan-image-2.1", "anima-preview"; Krea 2, Kandinsky 5 by name
+    (r"hunyuan[-_ ]?image", "hunyuan_image"), (r"krea[-_ ]?2", "krea2"), (r"kandinsky[-_ ]?5", "kandinsky5"),
+    (r"(^|[^a-z])anima([^a-z]|$)", "anima"), (r"flux[-_.]?2|klein", "flux2"),
     (r"flux|chroma|kontext", "flux1"), (r"stable-diffusion-(v)?3|sd3", "sd3"), (r"wan", "wan"),
     (r"qwen", "qwen_image"), (r"z[-_]?image", "z_image"), (r"ltx[-_]?2", "ltx2"), (r"hidream", "hidream"),
     (r"stable-diffusion-(v1|v2|xl)|sd_?v?[12]|sdxl", SD))]

@@ -247,4 +247,130 @@ HUNYUAN_VIDEO15 = Architecture("hunyuan_video15", "HunyuanVideo 1.5", _hv15(Fals
                                signature=("double_blocks.{i}.img_attn_q", "double_blocks.{i}.img_mlp.fc1"),
                                comfy=HUNYUAN_VIDEO15_COMFY)
 
-ARCHITECTURES = (FLUX1, FLUX2, WAN, QWEN, Z_IMAGE, LTX2, HIDREAM, SD3, HUNYUAN_VIDEO15)
+
+
+# ---- the 2026 families (issue 22) ---------------------------------------------------------------------------------
+
+def _krea2_attn_mlp(native: str, diffusers: str) -> list[Mapping]:
+    """A Krea 2 block's attention (wq, wk, wv, wo and the output gate) and SwiGLU MLP (gate, up, down), natively and
+    in diffusers (Krea2Attention to_q/to_k/to_v/to_out.0/to_gate, Krea2SwiGLU ff.gate/up/down)."""
+    attn = (("wq", "to_q"), ("wk", "to_k"), ("wv", "to_v"), ("wo", "to_out.0"), ("gate", "to_gate"))
+    return ([M(f"{native}attn.{n}", (f"{diffusers}attn.{d}",)) for n, d in attn]
+            + [M(f"{native}mlp.{n}", (f"{diffusers}ff.{n}",)) for n in ("gate", "up", "down")])
+
+
+# Krea 2 (krea-ai/krea-2): a single-stream DiT with grouped-query attention (wk, wv narrower than wq) and a small
+# text-fusion transformer (`txtfusion`: layerwise and refiner blocks, a projector over the tapped text-encoder
+# layers). Native names: diffusers' loaders/single_file_utils.py convert_krea2_transformer_checkpoint_to_diffusers;
+# the LoRA names (ComfyUI / the reference trainer `diffusion_model.`, ai-toolkit `base_model.model.`) and their
+# diffusers names: loaders/lora_conversion_utils.py _convert_non_diffusers_krea2_lora_to_diffusers;
+# diffusers' model: models/transformers/transformer_krea2.py Krea2Transformer2DModel.
+KREA2 = Architecture("krea2", "Krea 2", [
+    *_krea2_attn_mlp("blocks.{i}.", "transformer_blocks.{i}."),
+    *_krea2_attn_mlp("txtfusion.layerwise_blocks.{i}.", "text_fusion.layerwise_blocks.{i}."),
+    *_krea2_attn_mlp("txtfusion.refiner_blocks.{i}.", "text_fusion.refiner_blocks.{i}."),
+    M("txtfusion.projector", ("text_fusion.projector",)),
+    M("first", ("img_in",)),
+    M("tmlp.0", ("time_embed.linear_1",)),
+    M("tmlp.2", ("time_embed.linear_2",)),
+    M("tproj.1", ("time_mod_proj",)),
+    M("txtmlp.1", ("txt_in.linear_1",)),
+    M("txtmlp.3", ("txt_in.linear_2",)),
+    M("last.linear", ("final_layer.linear",)),
+], signature=("blocks.{i}.attn.wq", "blocks.{i}.attn.gate", "txtfusion.refiner_blocks.{i}.attn.wq"),
+   diffusers_signature=("transformer_blocks.{i}.attn.to_gate", "transformer_blocks.{i}.ff.gate",
+                        "text_fusion.refiner_blocks.{i}.attn.to_q"))
+
+# Kandinsky 5 (kandinskylab/kandinsky-5; Lite 2B, Pro 19B): text (encoder) blocks and visual (decoder) blocks with
+# to_query/to_key/to_value/out_layer attention, in_layer/out_layer feed-forwards and per-block modulations. The
+# model code, musubi-tuner (src/musubi_tuner/kandinsky5/models/dit.py, nn.py; networks/lora_kandinsky.py trains the
+# blocks' attention and feed-forwards, `lora_unet_`) and diffusers (models/transformers/transformer_kandinsky.py
+# Kandinsky5Transformer3DModel) use the same module paths.
+KANDINSKY5 = Architecture("kandinsky5", "Kandinsky 5", same(
+    *each("text_transformer_blocks.{i}.", "text_modulation.out_layer",
+          *(f"self_attention.{t}" for t in ("to_query", "to_key", "to_value", "out_layer")),
+          "feed_forward.in_layer", "feed_forward.out_layer"),
+    *each("visual_transformer_blocks.{i}.", "visual_modulation.out_layer",
+          *(f"{a}.{t}" for a in ("self_attention", "cross_attention")
+            for t in ("to_query", "to_key", "to_value", "out_layer")),
+          "feed_forward.in_layer", "feed_forward.out_layer"),
+    "time_embeddings.in_layer", "time_embeddings.out_layer", "text_embeddings.in_layer",
+    "pooled_text_embeddings.in_layer", "visual_embeddings.in_layer", "out_layer.modulation.out_layer",
+    "out_layer.out_layer"), same_names=True,
+    signature=("visual_transformer_blocks.{i}.cross_attention.to_query",
+               "visual_transformer_blocks.{i}.visual_modulation.out_layer",
+               "text_transformer_blocks.{i}.self_attention.to_query"),
+    diffusers_signature=("visual_transformer_blocks.{i}.cross_attention.to_query",
+                         "visual_transformer_blocks.{i}.visual_modulation.out_layer",
+                         "text_transformer_blocks.{i}.self_attention.to_query"))
+
+
+def _anima() -> list[Mapping]:
+    """Anima's DiT (NVIDIA Cosmos-Predict2's MiniTrainDIT) under its model code's names and diffusers'
+    CosmosTransformer3DModel's (the renames of diffusers' loaders/lora_conversion_utils.py
+    _convert_non_diffusers_anima_lora_to_diffusers)."""
+    p, t = "blocks.{i}.", "transformer_blocks.{i}."
+    attn = (("q_proj", "to_q"), ("k_proj", "to_k"), ("v_proj", "to_v"), ("output_proj", "to_out.0"))
+    ada = (("self_attn", "norm1"), ("cross_attn", "norm2"), ("mlp", "norm3"))
+    return [*[M(f"{p}{a}.{n}", (f"{t}{d_a}.{d}",)) for a, d_a in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+              for n, d in attn],
+            M(p + "mlp.layer1", (t + "ff.net.0.proj",)), M(p + "mlp.layer2", (t + "ff.net.2",)),
+            *[M(f"{p}adaln_modulation_{a}.{j}", (f"{t}{n}.linear_{j}",)) for a, n in ada for j in (1, 2)],
+            M("x_embedder.proj.1", ("patch_embed.proj",)),
+            M("t_embedder.1.linear_1", ("time_embed.t_embedder.linear_1",)),
+            M("t_embedder.1.linear_2", ("time_embed.t_embedder.linear_2",)),
+            M("final_layer.linear", ("proj_out",)),
+            M("final_layer.adaln_modulation.1", ("norm_out.linear_1",)),
+            M("final_layer.adaln_modulation.2", ("norm_out.linear_2",))]
+
+
+# Anima (circlestone-labs): the Cosmos-Predict2 2B DiT with an LLM adapter. sd-scripts (networks/lora_anima.py:
+# `lora_unet_` + the module path, its blocks by default) and its ComfyUI converter (networks/
+# convert_anima_lora_to_comfy.py: `diffusion_model.<path>`); ComfyUI's model: comfy/ldm/anima/model.py. The LLM
+# adapter (`llm_adapter.*`, diffusers' separate `text_conditioner` component) and the Qwen3 text encoder
+# (`lora_te_`) are not mapped: their modules resize, but do not convert.
+ANIMA = Architecture("anima", "Anima", _anima(),
+                     signature=("blocks.{i}.self_attn.output_proj", "blocks.{i}.mlp.layer1",
+                                "blocks.{i}.cross_attn.output_proj"),
+                     diffusers_signature=("transformer_blocks.{i}.norm1.linear_1",
+                                          "transformer_blocks.{i}.norm3.linear_2"))
+
+
+def _hunyuan_image(comfy: bool) -> list[Mapping]:
+    """HunyuanImage 2.1's double blocks (image and text streams: fused attention qkv, proj, MLP, modulation) and
+    single blocks (linear1 = q, k, v and the MLP in, 3d + 4d rows; linear2; modulation), under sd-scripts' names
+    (library/hunyuan_image_modules.py MMDoubleStreamBlock / MMSingleStreamBlock: `img_attn_qkv`, `img_mlp.fc1`,
+    `img_mod.linear`, `modulation.linear`) or ComfyUI's (`img_attn.qkv`, `img_mlp.0`, `img_mod.lin`,
+    `modulation.lin`: sd-scripts' networks/convert_hunyuan_image_lora_to_comfy.py), and diffusers'
+    (models/transformers/transformer_hunyuanimage.py HunyuanImageTransformerBlock / SingleTransformerBlock)."""
+    d, s = "double_blocks.{i}.", "single_blocks.{i}."
+    t, u = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
+    qkv, proj, fc1, fc2, mod, smod = (("attn.qkv", "attn.proj", "mlp.0", "mlp.2", "mod.lin", "modulation.lin") if comfy
+                                      else ("attn_qkv", "attn_proj", "mlp.fc1", "mlp.fc2", "mod.linear",
+                                            "modulation.linear"))
+    out = []
+    for stream, attn, o, ff, norm in (("img", ("to_q", "to_k", "to_v"), "to_out.0", "ff", "norm1"),
+                                      ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out", "ff_context",
+                                       "norm1_context")):
+        out += [M(f"{d}{stream}_{qkv}", tuple(f"{t}attn.{a}" for a in attn)),
+                M(f"{d}{stream}_{proj}", (f"{t}attn.{o}",)),
+                M(f"{d}{stream}_{fc1}", (f"{t}{ff}.net.0.proj",), shape=lambda o_, i_: o_ == 4 * i_),
+                M(f"{d}{stream}_{fc2}", (f"{t}{ff}.net.2",)),
+                M(f"{d}{stream}_{mod}", (f"{t}{norm}.linear",))]
+    return out + [M(s + "linear1", (u + "attn.to_q", u + "attn.to_k", u + "attn.to_v", u + "proj_mlp"), QkvMlp(4),
+                    shape=lambda o_, i_: o_ == 7 * i_),
+                  M(s + "linear2", (u + "proj_out",)),
+                  M(s + smod, (u + "norm.linear",))]
+
+
+# ComfyUI's names are Flux.1's (its HunyuanImage 2.1 runs on flux-style blocks): a ComfyUI-named file without
+# metadata reads as Flux.1, which keys the same diffusers weights; the metadata (sd-scripts' modelspec
+# `hunyuan-image-2.1`) or --arch tells them apart.
+HUNYUAN_IMAGE_COMFY = Architecture("hunyuan_image", "HunyuanImage 2.1 (ComfyUI)", _hunyuan_image(True))
+HUNYUAN_IMAGE = Architecture("hunyuan_image", "HunyuanImage 2.1", _hunyuan_image(False),
+                             signature=("double_blocks.{i}.img_attn_qkv", "double_blocks.{i}.txt_attn_qkv",
+                                        "single_blocks.{i}.modulation.linear"),
+                             comfy=HUNYUAN_IMAGE_COMFY)
+
+ARCHITECTURES = (FLUX1, FLUX2, WAN, QWEN, Z_IMAGE, LTX2, HIDREAM, SD3, HUNYUAN_VIDEO15, KREA2, KANDINSKY5, ANIMA,
+                 HUNYUAN_IMAGE)

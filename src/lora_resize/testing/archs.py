@@ -410,6 +410,98 @@ def sd35(width: int = 2432, blocks: int = 38) -> list[ModuleShape]:
     return mods
 
 
+
+# 2026 families (issue 22): sources cited at each family's Architecture in models/dit.py.
+
+
+def krea2(width: int = 6144, heads: int = 48, kv_heads: int = 12, blocks: int = 28, ffn: int = 16384,
+          text: int = 2560, text_heads: int = 20, text_kv_heads: int = 20, text_ffn: int = 6912, text_layers: int = 12,
+          fusion_blocks: int = 2, in_channels: int = 64, freq: int = 256) -> list[ModuleShape]:
+    """Krea 2 under its native names: per block grouped-query attention (wq, wo, gate: d -> d; wk, wv: d -> d *
+    kv_heads / heads) and a SwiGLU MLP (gate, up: d -> ffn; down); the text fusion's layerwise and refiner blocks
+    (the same at the text width) and its projector over the `text_layers` tapped layers (text_layers -> 1); the
+    embedders first (in -> d), tmlp (freq -> d -> d), tproj.1 (d -> 6d), txtmlp (text -> d -> d) and last.linear."""
+    d = width
+
+    def block(p: str, w: int, h: int, kv: int, f: int) -> list[ModuleShape]:
+        return ([_lin(p + "attn.wq", w, w), _lin(p + "attn.wk", w * kv // h, w), _lin(p + "attn.wv", w * kv // h, w),
+                 _lin(p + "attn.wo", w, w), _lin(p + "attn.gate", w, w)]
+                + [_lin(p + f"mlp.{n}", f, w) for n in ("gate", "up")] + [_lin(p + "mlp.down", w, f)])
+    mods = [_lin("first", d, in_channels), _lin("tmlp.0", d, freq), _lin("tmlp.2", d, d), _lin("tproj.1", 6 * d, d),
+            _lin("txtmlp.1", d, text), _lin("txtmlp.3", d, d), _lin("last.linear", in_channels, d),
+            _lin("txtfusion.projector", 1, text_layers)]
+    for kind in ("layerwise_blocks", "refiner_blocks"):
+        for i in range(fusion_blocks):
+            mods += block(f"txtfusion.{kind}.{i}.", text, text_heads, text_kv_heads, text_ffn)
+    for i in range(blocks):
+        mods += block(f"blocks.{i}.", d, heads, kv_heads, ffn)
+    return mods
+
+
+def kandinsky5(width: int = 2048, ffn: int = 5120, time: int = 512, text: int = 3584, pooled: int = 768,
+               text_blocks: int = 2, visual_blocks: int = 32, visual_in: int = 132, visual_out: int = 64
+               ) -> list[ModuleShape]:
+    """Kandinsky 5 (Lite defaults; its T2V model's visual input is 2 x 16 + 1 channels of a 1x2x2 patch): text
+    blocks (text_modulation.out_layer: time -> 6d, self attention, feed-forward d -> ffn -> d), visual blocks
+    (visual_modulation.out_layer: time -> 9d, self and cross attention, feed-forward), the embeddings
+    (time_embeddings d -> time -> time, text text -> d, pooled -> time, visual) and the out layer."""
+    d = width
+    attn = ("to_query", "to_key", "to_value", "out_layer")
+    mods = [_lin("time_embeddings.in_layer", time, d), _lin("time_embeddings.out_layer", time, time),
+            _lin("text_embeddings.in_layer", d, text), _lin("pooled_text_embeddings.in_layer", time, pooled),
+            _lin("visual_embeddings.in_layer", d, visual_in), _lin("out_layer.modulation.out_layer", 2 * d, time),
+            _lin("out_layer.out_layer", visual_out, d)]
+    ff = [("feed_forward.in_layer", ffn, d), ("feed_forward.out_layer", d, ffn)]
+    for i in range(text_blocks):
+        p = f"text_transformer_blocks.{i}."
+        mods += [_lin(p + "text_modulation.out_layer", 6 * d, time)]
+        mods += [_lin(p + f"self_attention.{t}", d, d) for t in attn] + [_lin(p + n, o, k) for n, o, k in ff]
+    for i in range(visual_blocks):
+        p = f"visual_transformer_blocks.{i}."
+        mods += [_lin(p + "visual_modulation.out_layer", 9 * d, time)]
+        mods += [_lin(p + f"{a}.{t}", d, d) for a in ("self_attention", "cross_attention") for t in attn]
+        mods += [_lin(p + n, o, k) for n, o, k in ff]
+    return mods
+
+
+def anima(width: int = 2048, blocks: int = 28, context: int = 1024, adaln: int = 256, in_flat: int = 68,
+          out_flat: int = 64, mlp_ratio: int = 4) -> list[ModuleShape]:
+    """Anima's DiT (Cosmos-Predict2 2B): per block self attention q/k/v/output_proj (d -> d), cross attention
+    (k_proj, v_proj read the `context`-wide text), mlp.layer1 (d -> 4d) / layer2, and the three low-rank adaLN
+    modulations (.1: d -> adaln, .2: adaln -> 3d); x_embedder.proj.1 ((16 + 1 mask channels) x 1x2x2 -> d),
+    t_embedder.1 (d -> d -> 3d), the final layer (linear d -> 64, adaLN d -> adaln -> 2d)."""
+    d, h = width, mlp_ratio * width
+    mods = [_lin("x_embedder.proj.1", d, in_flat), _lin("t_embedder.1.linear_1", d, d),
+            _lin("t_embedder.1.linear_2", 3 * d, d), _lin("final_layer.linear", out_flat, d),
+            _lin("final_layer.adaln_modulation.1", adaln, d), _lin("final_layer.adaln_modulation.2", 2 * d, adaln)]
+    for i in range(blocks):
+        p = f"blocks.{i}."
+        mods += [_lin(p + f"self_attn.{n}", d, d) for n in ("q_proj", "k_proj", "v_proj", "output_proj")]
+        mods += [_lin(p + "cross_attn.q_proj", d, d), _lin(p + "cross_attn.k_proj", d, context),
+                 _lin(p + "cross_attn.v_proj", d, context), _lin(p + "cross_attn.output_proj", d, d),
+                 _lin(p + "mlp.layer1", h, d), _lin(p + "mlp.layer2", d, h)]
+        for a in ("self_attn", "cross_attn", "mlp"):
+            mods += [_lin(p + f"adaln_modulation_{a}.1", adaln, d), _lin(p + f"adaln_modulation_{a}.2", 3 * d, adaln)]
+    return mods
+
+
+def hunyuan_image(width: int = 3584, double: int = 20, single: int = 40, mlp_ratio: int = 4) -> list[ModuleShape]:
+    """HunyuanImage 2.1 under sd-scripts' names (networks/lora_hunyuan_image.py trains the double and single
+    blocks): per double block img/txt mod.linear (d -> 6d), attn_qkv (d -> 3d), attn_proj, mlp.fc1 (d -> 4d), fc2;
+    per single block linear1 (d -> 3d + 4d), linear2 (d + 4d -> d), modulation.linear (d -> 3d)."""
+    d, h = width, mlp_ratio * width
+    mods = []
+    for i in range(double):
+        for s in ("img", "txt"):
+            p = f"double_blocks.{i}.{s}_"
+            mods += [_lin(p + "mod.linear", 6 * d, d), _lin(p + "attn_qkv", 3 * d, d), _lin(p + "attn_proj", d, d),
+                     _lin(p + "mlp.fc1", h, d), _lin(p + "mlp.fc2", d, h)]
+    for i in range(single):
+        p = f"single_blocks.{i}."
+        mods += [_lin(p + "linear1", 3 * d + h, d), _lin(p + "linear2", d, d + h), _lin(p + "modulation.linear", 3 * d, d)]
+    return mods
+
+
 # The 2025-26 families at a tiny width, with the layouts their trainers write (loras.STYLES).
 NATIVE: dict[str, tuple[Callable[..., list[ModuleShape]], dict, tuple[str, ...]]] = {
     "flux1": (flux1, dict(width=16, double=1, single=1, in_channels=4, context=12),
@@ -428,6 +520,16 @@ NATIVE: dict[str, tuple[Callable[..., list[ModuleShape]], dict, tuple[str, ...]]
     "ltx2": (ltx2, dict(width=16, audio=8, blocks=1, in_channels=4, audio_in=4), ("comfy", "ai_toolkit")),
     "hidream": (hidream, dict(width=16, double=1, single=1, ffn=256), ("comfy", "ai_toolkit")),
     "sd35": (sd35, dict(width=16, blocks=2), ("musubi", "comfy", "ai_toolkit")),
+    # ComfyUI / Krea's trainer `diffusion_model.`, ai-toolkit `diffusion_model.` A/B and `base_model.model.`
+    "krea2": (krea2, dict(width=16, heads=2, kv_heads=1, blocks=1, ffn=40, text=8, text_heads=2, text_kv_heads=2,
+                          text_ffn=24, text_layers=3, fusion_blocks=1, in_channels=4, freq=8),
+              ("comfy", "ai_toolkit", "peft")),
+    "kandinsky5": (kandinsky5, dict(width=16, ffn=40, time=8, text=12, pooled=12, text_blocks=1, visual_blocks=1,
+                                    visual_in=16, visual_out=16), ("musubi", "comfy")),
+    # sd-scripts `lora_unet_`, its ComfyUI converter's `diffusion_model.` (written here in both key forms)
+    "anima": (anima, dict(width=16, blocks=1, context=12, adaln=8, in_flat=20, out_flat=16),
+              ("musubi", "comfy", "ai_toolkit")),
+    "hunyuan_image": (hunyuan_image, dict(width=16, double=1, single=1), ("musubi",)),
 }
 
 
