@@ -68,6 +68,22 @@ TINY = {
         patch_size=2, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         caption_channels=[12, 12], text_emb_dim=12, num_routed_experts=4, num_activated_experts=2,
         axes_dims_rope=(4, 4), llama_layers=[0])),
+    "krea2": ("Krea2Transformer2DModel", dict(
+        in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=40, timestep_embed_dim=8, text_hidden_dim=8, num_text_layers=3, text_num_attention_heads=2,
+        text_num_key_value_heads=2, text_intermediate_size=24, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+        axes_dims_rope=(2, 2, 4))),
+    "kandinsky5": ("Kandinsky5Transformer3DModel", dict(
+        in_visual_dim=4, in_text_dim=12, in_text_dim2=12, time_dim=8, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=16, ff_dim=40, num_text_blocks=1, num_visual_blocks=1, axes_dims=(2, 2, 4))),
+    # Anima's DiT is diffusers' Cosmos-Predict2 transformer (one 16-wide head: its rope needs head_dim // 6 > 1)
+    "anima": ("CosmosTransformer3DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=1, attention_head_dim=16, num_layers=1, mlp_ratio=4.0,
+        text_embed_dim=12, adaln_lora_dim=8, max_size=(4, 16, 16), patch_size=(1, 2, 2), concat_padding_mask=True,
+        extra_pos_embed_type=None)),
+    "hunyuan_image": ("HunyuanImageTransformer2DModel", dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, text_embed_dim=12, rope_axes_dim=(4, 4))),
     "sd3": ("SD3Transformer2DModel", dict(
         sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4)),
@@ -86,6 +102,10 @@ NATIVE_JUDGED = [
     ("wan_i2v", "WanImageToVideoPipeline", ("ai_toolkit",), lambda m: not m.conv),
     ("ltx2", "LTX2Pipeline", ("ai_toolkit",), lambda m: True),
     ("hidream", "HiDreamImagePipeline", ("ai_toolkit",), lambda m: True),
+    # Krea 2's converter reads `diffusion_model.` and `base_model.model.` A/B keys; its text fusion's projector
+    # (text_layers -> 1) has rank 1, which no truncation changes
+    ("krea2", "Krea2Pipeline", ("ai_toolkit", "peft"), lambda m: m.name != "txtfusion.projector"),
+    ("anima", "AnimaModularPipeline", ("ai_toolkit",), lambda m: True),
 ]
 ALPHA_LAYOUTS = ("musubi", "comfy")
 
