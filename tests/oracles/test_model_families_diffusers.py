@@ -369,7 +369,9 @@ def _module_paths(model) -> set[str]:
     return {name for name, mod in model.named_modules() if isinstance(mod, kinds)}
 
 
-ACCEPT = [(f, layout) for f, (_, _, layouts) in archs.NATIVE.items() for layout in layouts]
+# every family with a diffusers transformer (HiDream-O1's is in no released diffusers: transformers' Qwen3-VL model
+# judges its names in tests/e2e/test_families_2026.py)
+ACCEPT = [(f, layout) for f, (_, _, layouts) in archs.NATIVE.items() for layout in layouts if f in TINY or f == "sd35"]
 
 
 @pytest.mark.parametrize("family, layout", ACCEPT)

@@ -372,5 +372,33 @@ HUNYUAN_IMAGE = Architecture("hunyuan_image", "HunyuanImage 2.1", _hunyuan_image
                                         "single_blocks.{i}.modulation.linear"),
                              comfy=HUNYUAN_IMAGE_COMFY)
 
+def _hidream_o1(prefix: str) -> list[Mapping]:
+    """HiDream-O1's weights under `prefix` + the model's paths: the Qwen3-VL decoder layers' attention and MLP, the
+    pixel patch embedding (x_embedder: proj1 down to a bottleneck, proj2 up), the timestep embedder and the final
+    layer; diffusers' HiDreamO1Transformer2DModel keeps them under `model.`, as musubi-tuner's does."""
+    layer = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+    paths = [f"language_model.layers.{{i}}.{w}" for w in layer] + [
+        "x_embedder.proj1", "x_embedder.proj2", "t_embedder1.mlp.0", "t_embedder1.mlp.2", "final_layer2.linear"]
+    return [M(prefix + p, ("model." + p,)) for p in paths]
+
+
+# HiDream-O1-Image (HiDream-ai): a pixel-space DiT on the Qwen3-VL-8B decoder. musubi-tuner trains the decoder
+# layers and the pixel patch embedding / final layer (networks/lora_hidream_o1.py) of its Qwen3VLForConditional-
+# Generation, so its names carry `model.` (`lora_unet_model_language_model_layers_0_self_attn_q_proj`; its
+# hidream_o1_utils.py normalize_single_checkpoint_state_dict adds `model.` to Comfy-Org's checkpoint keys); ComfyUI's
+# model (comfy/ldm/hidream_o1/model.py HiDreamO1Transformer) has the same modules without it; diffusers' model:
+# models/transformers/transformer_hidream_o1.py (no LoRA loader there). The vision tower (reference-image
+# training) is not mapped.
+HIDREAM_O1_COMFY = Architecture("hidream_o1", "HiDream-O1 (ComfyUI)", _hidream_o1(""),
+                                signature=("language_model.layers.{i}.self_attn.q_proj", "x_embedder.proj1",
+                                           "final_layer2.linear"))
+HIDREAM_O1 = Architecture("hidream_o1", "HiDream-O1", _hidream_o1("model."),
+                          signature=("model.language_model.layers.{i}.self_attn.q_proj", "model.x_embedder.proj1",
+                                     "model.final_layer2.linear"),
+                          diffusers_signature=("model.language_model.layers.{i}.self_attn.q_proj",
+                                               "model.x_embedder.proj1"),
+                          comfy=HIDREAM_O1_COMFY)
+
 ARCHITECTURES = (FLUX1, FLUX2, WAN, QWEN, Z_IMAGE, LTX2, HIDREAM, SD3, HUNYUAN_VIDEO15, KREA2, KANDINSKY5, ANIMA,
-                 HUNYUAN_IMAGE)
+                 HUNYUAN_IMAGE, HIDREAM_O1)

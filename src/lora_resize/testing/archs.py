@@ -502,6 +502,25 @@ def hunyuan_image(width: int = 3584, double: int = 20, single: int = 40, mlp_rat
     return mods
 
 
+
+def hidream_o1(width: int = 4096, heads: int = 32, kv_heads: int = 8, layers: int = 36, ffn: int = 12288,
+               patch: int = 32, freq: int = 256, prefix: str = "model.") -> list[ModuleShape]:
+    """HiDream-O1 (Qwen3-VL-8B decoder) under musubi-tuner's names (`prefix` "model."; ComfyUI's model: ""): per
+    decoder layer q_proj, o_proj (d -> d), k_proj, v_proj (d -> d * kv_heads / heads), the SwiGLU MLP (gate, up:
+    d -> ffn; down); x_embedder.proj1 (3 x patch^2 RGB values -> d / 4), proj2 (d / 4 -> d), t_embedder1.mlp
+    (freq -> d -> d) and final_layer2.linear (d -> 3 x patch^2)."""
+    d, kv, pix = width, width * kv_heads // heads, 3 * patch * patch
+    mods = [_lin(prefix + "x_embedder.proj1", d // 4, pix), _lin(prefix + "x_embedder.proj2", d, d // 4),
+            _lin(prefix + "t_embedder1.mlp.0", d, freq), _lin(prefix + "t_embedder1.mlp.2", d, d),
+            _lin(prefix + "final_layer2.linear", pix, d)]
+    for i in range(layers):
+        p = f"{prefix}language_model.layers.{i}."
+        mods += [_lin(p + "self_attn.q_proj", d, d), _lin(p + "self_attn.k_proj", kv, d),
+                 _lin(p + "self_attn.v_proj", kv, d), _lin(p + "self_attn.o_proj", d, d),
+                 _lin(p + "mlp.gate_proj", ffn, d), _lin(p + "mlp.up_proj", ffn, d), _lin(p + "mlp.down_proj", d, ffn)]
+    return mods
+
+
 # The 2025-26 families at a tiny width, with the layouts their trainers write (loras.STYLES).
 NATIVE: dict[str, tuple[Callable[..., list[ModuleShape]], dict, tuple[str, ...]]] = {
     "flux1": (flux1, dict(width=16, double=1, single=1, in_channels=4, context=12),
@@ -520,16 +539,19 @@ NATIVE: dict[str, tuple[Callable[..., list[ModuleShape]], dict, tuple[str, ...]]
     "ltx2": (ltx2, dict(width=16, audio=8, blocks=1, in_channels=4, audio_in=4), ("comfy", "ai_toolkit")),
     "hidream": (hidream, dict(width=16, double=1, single=1, ffn=256), ("comfy", "ai_toolkit")),
     "sd35": (sd35, dict(width=16, blocks=2), ("musubi", "comfy", "ai_toolkit")),
-    # ComfyUI / Krea's trainer `diffusion_model.`, ai-toolkit `diffusion_model.` A/B and `base_model.model.`
+    # musubi-tuner (networks.lora_krea2: every Linear), ComfyUI / Krea's trainer `diffusion_model.`, ai-toolkit
+    # `diffusion_model.` A/B and `base_model.model.`
     "krea2": (krea2, dict(width=16, heads=2, kv_heads=1, blocks=1, ffn=40, text=8, text_heads=2, text_kv_heads=2,
                           text_ffn=24, text_layers=3, fusion_blocks=1, in_channels=4, freq=8),
-              ("comfy", "ai_toolkit", "peft")),
+              ("musubi", "comfy", "ai_toolkit", "peft")),
     "kandinsky5": (kandinsky5, dict(width=16, ffn=40, time=8, text=12, pooled=12, text_blocks=1, visual_blocks=1,
                                     visual_in=16, visual_out=16), ("musubi", "comfy")),
     # sd-scripts `lora_unet_`, its ComfyUI converter's `diffusion_model.` (written here in both key forms)
     "anima": (anima, dict(width=16, blocks=1, context=12, adaln=8, in_flat=20, out_flat=16),
               ("musubi", "comfy", "ai_toolkit")),
     "hunyuan_image": (hunyuan_image, dict(width=16, double=1, single=1), ("musubi",)),
+    "hidream_o1": (hidream_o1, dict(width=16, heads=2, kv_heads=1, layers=1, ffn=40, patch=2, freq=8),
+                   ("musubi",)),
 }
 
 
