@@ -222,3 +222,20 @@ def test_real_sizes_of_the_new_module_lists(family):
         assert mods[name] == shape, (family, name)
     if family == "krea2":
         assert len(mods) == 264
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_new_families_merge_across_their_layouts(tmp_path, family):
+    """Two LoRAs of a new family, one in its trainers' layout and one converted to diffusers' names, merge in the
+    first one's layout: every module is the exact weighted sum of the two updates (dense float64)."""
+    layout = archs.NATIVE[family][2][0]
+    shapes, a = family_lora(family, layout, seed=1)
+    _, b = family_lora(family, layout, seed=2)
+    fa = write_lora(tmp_path / "a.safetensors", a)
+    fb = lora_resize.convert(write_lora(tmp_path / "b0.safetensors", b), tmp_path / "b.safetensors", "diffusers",
+                             precision="float").dst
+    res = lora_resize.merge([fa, f"{fb}:0.5"], tmp_path / "m.safetensors", rank=16, precision="float")
+    out, meta = load_st(res.dst)
+    assert {k for k in out if not k.endswith(".alpha")} == {k for k in a if not k.endswith(".alpha")}
+    for m in shapes:
+        assert rel_err(dw(out, m.name, layout), dw(a, m.name, layout) + 0.5 * dw(b, m.name, layout)) < EXACT, m.name
