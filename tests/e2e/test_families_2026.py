@@ -239,3 +239,32 @@ def test_new_families_merge_across_their_layouts(tmp_path, family):
     assert {k for k in out if not k.endswith(".alpha")} == {k for k in a if not k.endswith(".alpha")}
     for m in shapes:
         assert rel_err(dw(out, m.name, layout), dw(a, m.name, layout) + 0.5 * dw(b, m.name, layout)) < EXACT, m.name
+
+
+def _arch(tmp_path, shapes, layout: str, meta: dict | None = None) -> str:
+    """The architecture a file of `shapes` in `layout` reads as (converted to diffusers), or the refusal."""
+    sd = loras.lora_state_dict(shapes, layout, rank=2, alpha=1.0)
+    src = write_lora(tmp_path / "p.safetensors", sd, meta)
+    try:
+        return load_st(lora_resize.convert(src, tmp_path / "p_d.safetensors", "diffusers").dst)[1]["lora_resize_arch"]
+    except lora_resize.LoraStructureError as e:
+        return "refused: " + str(e)
+
+
+def test_partial_files_of_shared_names_keep_their_old_reading(tmp_path):
+    """Files of only some blocks, whose names several families share (Flux.1's and HunyuanVideo 1.5's double
+    blocks, HunyuanImage 2.1's sd-scripts names), read as they did before HunyuanImage 2.1 was tabled: its
+    signature is the one name only it has (the single blocks' `modulation.linear`), so it takes no Flux.1 or
+    HunyuanVideo 1.5 file; its own double-block-only files need their metadata (sd-scripts writes it)."""
+    f1 = archs.flux1(width=16, double=1, single=1, in_channels=4, context=12)
+    double = [m for m in f1 if m.name.startswith("double_blocks")]
+    assert _arch(tmp_path, [m for m in f1 if m.name.startswith("single_blocks")], "musubi") == "flux1"
+    for part in (double, [m for m in double if "attn" in m.name]):  # ambiguous before, and still refused
+        got = _arch(tmp_path, part, "musubi")
+        assert got.startswith("refused") and "flux1" in got and "hunyuan_video15" in got, got
+    hv = archs.hunyuan_video15(width=16, blocks=1)
+    assert _arch(tmp_path, [m for m in hv if "mlp" in m.name or "mod" in m.name], "musubi") == "hunyuan_video15"
+    hi = archs.hunyuan_image(width=16, double=1, single=1)
+    assert _arch(tmp_path, [m for m in hi if m.name.startswith("single_blocks")], "musubi") == "hunyuan_image"
+    meta = {"modelspec.architecture": "hunyuan-image-2.1/lora"}
+    assert _arch(tmp_path, [m for m in hi if m.name.startswith("double_blocks")], "musubi", meta) == "hunyuan_image"

@@ -363,14 +363,13 @@ def _hunyuan_image(comfy: bool) -> list[Mapping]:
                   M(s + smod, (u + "norm.linear",))]
 
 
-# ComfyUI's names are Flux.1's (its HunyuanImage 2.1 runs on flux-style blocks): a ComfyUI-named file without
-# metadata reads as Flux.1, which keys the same diffusers weights; the metadata (sd-scripts' modelspec
-# `hunyuan-image-2.1`) or --arch tells them apart.
+# ComfyUI's names are Flux.1's (its HunyuanImage 2.1 runs on flux-style blocks), and sd-scripts' double-block names
+# are HunyuanVideo 1.5's (flattened, `img_attn_qkv` too): only the single blocks' `modulation.linear` is this
+# family's own. A file without it and without metadata reads as Flux.1 or HunyuanVideo 1.5, which key the same
+# diffusers weights; the metadata (sd-scripts' modelspec `hunyuan-image-2.1`) or --arch tells them apart.
 HUNYUAN_IMAGE_COMFY = Architecture("hunyuan_image", "HunyuanImage 2.1 (ComfyUI)", _hunyuan_image(True))
 HUNYUAN_IMAGE = Architecture("hunyuan_image", "HunyuanImage 2.1", _hunyuan_image(False),
-                             signature=("double_blocks.{i}.img_attn_qkv", "double_blocks.{i}.txt_attn_qkv",
-                                        "single_blocks.{i}.modulation.linear"),
-                             comfy=HUNYUAN_IMAGE_COMFY)
+                             signature=("single_blocks.{i}.modulation.linear",), comfy=HUNYUAN_IMAGE_COMFY)
 
 def _hidream_o1(prefix: str) -> list[Mapping]:
     """HiDream-O1's weights under `prefix` + the model's paths: the Qwen3-VL decoder layers' attention and MLP, the
