@@ -449,7 +449,8 @@ COMFY_RENAMES = {
     "z_image": ((r"attention\.to_[qkv]$", "attention.qkv"), (r"attention\.to_out\.0$", "attention.out")),
     # sd-scripts networks/convert_hunyuan_image_lora_to_comfy.py (and the dotted paths of ComfyUI's flux-style blocks)
     "hunyuan_image": ((r"_attn_qkv$", "_attn.qkv"), (r"_attn_proj$", "_attn.proj"), (r"_mlp\.fc1$", "_mlp.0"),
-                      (r"_mlp\.fc2$", "_mlp.2"), (r"_mod\.linear$", "_mod.lin"), (r"modulation\.linear$", "modulation.lin")),
+                      (r"_mlp\.fc2$", "_mlp.2"), (r"_mod\.linear$", "_mod.lin"),
+                      (r"modulation\.linear$", "modulation.lin")),
     # ComfyUI's HiDreamO1Transformer holds the Qwen3-VL modules at the top (comfy/ldm/hidream_o1/model.py);
     # musubi-tuner's model keeps them under `model.`
     "hidream_o1": ((r"^model\.", ""),),

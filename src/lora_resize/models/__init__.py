@@ -31,7 +31,8 @@ HINTS = [(re.compile(p, re.IGNORECASE), name) for p, name in (
     (r"hunyuan[-_ ]?image", "hunyuan_image"), (r"krea[-_ ]?2", "krea2"), (r"kandinsky[-_ ]?5", "kandinsky5"),
     (r"(^|[^a-z])anima([^a-z]|$)", "anima"), (r"flux[-_.]?2|klein", "flux2"),
     (r"flux|chroma|kontext", "flux1"), (r"stable-diffusion-(v)?3|sd3", "sd3"), (r"wan", "wan"),
-    (r"qwen", "qwen_image"), (r"z[-_]?image", "z_image"), (r"ltx[-_]?2", "ltx2"), (r"hidream[-_ ]?o1", "hidream_o1"), (r"hidream", "hidream"),
+    (r"qwen", "qwen_image"), (r"z[-_]?image", "z_image"), (r"ltx[-_]?2", "ltx2"), (r"hidream[-_ ]?o1", "hidream_o1"),
+    (r"hidream", "hidream"),
     (r"stable-diffusion-(v1|v2|xl)|sd_?v?[12]|sdxl", SD))]
 
 

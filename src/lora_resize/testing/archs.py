@@ -498,7 +498,8 @@ def hunyuan_image(width: int = 3584, double: int = 20, single: int = 40, mlp_rat
                      _lin(p + "mlp.fc1", h, d), _lin(p + "mlp.fc2", d, h)]
     for i in range(single):
         p = f"single_blocks.{i}."
-        mods += [_lin(p + "linear1", 3 * d + h, d), _lin(p + "linear2", d, d + h), _lin(p + "modulation.linear", 3 * d, d)]
+        mods += [_lin(p + "linear1", 3 * d + h, d), _lin(p + "linear2", d, d + h),
+                 _lin(p + "modulation.linear", 3 * d, d)]
     return mods
 
 
