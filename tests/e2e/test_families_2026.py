@@ -199,7 +199,8 @@ def test_hidream_o1_decoder_is_transformers_qwen3_vl(tmp_path):
 @pytest.mark.parametrize("family", NEW)
 def test_real_sizes_of_the_new_module_lists(family):
     """The lists at their default (real) sizes: Krea 2's 264 Linears (musubi-tuner docs/krea2.md: every Linear of
-    the DiT), its grouped-query k/v (48 heads, 12 kv heads of 128); Kandinsky 5 Lite; Anima (Cosmos-Predict2 2B);
+    the DiT), its grouped-query k/v (48 heads, 12 kv heads of 128); Kandinsky 5 Video Lite's config (musubi-tuner's
+    Kandinsky 5 pipelines: width 1792, ff 7168, 2 + 32 blocks); Anima (Cosmos-Predict2 2B);
     HunyuanImage 2.1 (sd-scripts' split dims 3 x 3584 + 14336); HiDream-O1's Qwen3-VL-8B decoder."""
     fn = archs.NATIVE[family][0]
     mods = {m.name: (m.out, m.inp) for m in fn()}
@@ -207,9 +208,10 @@ def test_real_sizes_of_the_new_module_lists(family):
         "krea2": {"blocks.27.attn.wk": (1536, 6144), "blocks.0.mlp.down": (6144, 16384), "tproj.1": (36864, 6144),
                   "txtfusion.refiner_blocks.1.attn.wq": (2560, 2560), "txtfusion.projector": (1, 12),
                   "txtmlp.1": (6144, 2560), "first": (6144, 64)},
-        "kandinsky5": {"visual_transformer_blocks.31.visual_modulation.out_layer": (18432, 512),
-                       "text_transformer_blocks.1.feed_forward.in_layer": (5120, 2048),
-                       "text_embeddings.in_layer": (2048, 3584)},
+        "kandinsky5": {"visual_transformer_blocks.31.visual_modulation.out_layer": (16128, 512),
+                       "text_transformer_blocks.1.feed_forward.in_layer": (7168, 1792),
+                       "text_embeddings.in_layer": (1792, 3584), "visual_embeddings.in_layer": (1792, 132),
+                       "out_layer.out_layer": (64, 1792)},
         "anima": {"blocks.27.cross_attn.k_proj": (2048, 1024), "blocks.0.mlp.layer1": (8192, 2048),
                   "blocks.0.adaln_modulation_mlp.2": (6144, 256), "x_embedder.proj.1": (2048, 68)},
         "hunyuan_image": {"double_blocks.19.img_attn_qkv": (10752, 3584), "single_blocks.39.linear1": (25088, 3584),

@@ -438,12 +438,12 @@ def krea2(width: int = 6144, heads: int = 48, kv_heads: int = 12, blocks: int = 
     return mods
 
 
-def kandinsky5(width: int = 2048, ffn: int = 5120, time: int = 512, text: int = 3584, pooled: int = 768,
+def kandinsky5(width: int = 1792, ffn: int = 7168, time: int = 512, text: int = 3584, pooled: int = 768,
                text_blocks: int = 2, visual_blocks: int = 32, visual_in: int = 132, visual_out: int = 64
                ) -> list[ModuleShape]:
-    """Kandinsky 5 (Lite defaults; its T2V model's visual input is 2 x 16 + 1 channels of a 1x2x2 patch): text
-    blocks (text_modulation.out_layer: time -> 6d, self attention, feed-forward d -> ffn -> d), visual blocks
-    (visual_modulation.out_layer: time -> 9d, self and cross attention, feed-forward), the embeddings
+    """Kandinsky 5 (Video Lite's config: width 1792, 28 heads of 64; its visual input is 2 x 16 + 1 channels of a
+    1x2x2 patch): text blocks (text_modulation.out_layer: time -> 6d, self attention, feed-forward d -> ffn -> d),
+    visual blocks (visual_modulation.out_layer: time -> 9d, self and cross attention, feed-forward), the embeddings
     (time_embeddings d -> time -> time, text text -> d, pooled -> time, visual) and the out layer."""
     d = width
     attn = ("to_query", "to_key", "to_value", "out_layer")
