@@ -12,6 +12,7 @@ from dataclasses import MISSING, InitVar, dataclass, field, fields, replace
 from .errors import OptionsError
 from .models import architectures
 from .ranks.budgets import BUDGETS, Budget
+from .ranks.constraints import CONSTRAINTS, refusal
 from .ranks.policies import FIXED, RANK_RULES, dynamic_methods, get_policy
 from .ranks.rules import BlockRule, parse_rules
 
@@ -106,6 +107,19 @@ class ResizeOptions:
         "--arch", group="output", choices=lambda: architectures(),
         help="the model the LoRA is for, when converting (--to, --output-format) or measuring against --base "
              "(default: detected from its keys, shapes and metadata)"))
+    # --- constraints: the ranks a server or loader accepts (ranks/constraints.py), applied to whatever chose them
+    rank_multiple: int | None = field(default=None, metadata=flag(
+        "--rank-multiple", group="rank", type=int, metavar="N",
+        help="round each chosen rank up to a multiple of N (e.g. 16), at most the layer's size: a layer whose size "
+             "is not a multiple keeps its size; budgets plan within it"))
+    allowed_ranks: tuple | None = field(default=None, metadata=flag(
+        "--allowed-ranks", group="rank", metavar="R,R,...",
+        help="round each chosen rank up to the next of these ranks (e.g. 8,16,32,64); above the largest: the largest "
+             "(a cap); at most the layer's size; budgets plan within them"))
+    uniform_rank: bool = field(default=False, metadata=flag(
+        "--uniform-rank", group="rank", action="store_true",
+        help="every layer at one rank (torch.compile, diffusers hotswap, vLLM): the largest any layer chose (with a "
+             "budget: the best single rank under it); layers of lower rank padded with zero directions (exact)"))
     rule: InitVar[str | None] = None
 
     def __post_init__(self, rule: str | None) -> None:
@@ -179,6 +193,11 @@ class ResizeOptions:
             raise OptionsError(f"--arch must be one of {', '.join(architectures())}, got {self.arch!r}")
         if self.threads is not None and not _whole_at_least_one(self.threads):
             raise OptionsError(f"threads must be a whole number >= 1, got {self.threads!r}")
+        for c in CONSTRAINTS.values():
+            put(c.name, c.parse(getattr(self, c.name)))
+        why = refusal(self)
+        if why:
+            raise OptionsError(why)
         device = str(self.device)
         if self.device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdecimal()):
             raise OptionsError(f"device must be auto, cpu, cuda or cuda:N (a GPU's index), got {self.device!r}")
@@ -215,7 +234,8 @@ class ResizeOptions:
 
     def label(self) -> str:
         """A short label of the setting, naming everything that changes the file it writes (the computation
-        group does not): the rank setting, its caps, then a save precision, an output layout and a rank rule
+        group does not): the rank setting, its caps, then the rank constraints, a save precision, an output
+        layout and a rank rule
         (for a dynamic method) where given - 'sv_ratio 8, cap 128', 'rank 32 (conv 16)', 'target_size 50.0 MB',
         'rank 4, bf16', 'sv_fro 0.9, kohya rank rule'. The one label of a setting everywhere: analyze rows,
         preview's pictures, the ComfyUI nodes."""
@@ -233,7 +253,8 @@ class ResizeOptions:
                 s += f", cap {self.rank}" + (f"/{self.conv_rank}" if self.conv_rank != self.rank else "")
             elif self.conv_rank is not None:
                 s += f", conv cap {self.conv_rank}"
-        extras = [self.precision, self.output_format and f"{self.output_format} layout",
+        extras = [*(c.describe(v) for c in CONSTRAINTS.values() if (v := getattr(self, c.name))),
+                  self.precision, self.output_format and f"{self.output_format} layout",
                   self.method and self.rank_rule != "exact" and f"{self.rank_rule} rank rule"]
         return ", ".join([s, *(e for e in extras if e)])
 
@@ -253,6 +274,8 @@ class ResizeOptions:
             flag = meta["flags"][0]
             if f.name in BUDGETS:
                 words += [flag, BUDGETS[f.name].flag_value(value)]
+            elif f.name in CONSTRAINTS:
+                words += CONSTRAINTS[f.name].words(value)
             elif meta["argparse"].get("action") == "append":
                 words += [w for v in value for w in (flag, str(v))]
             else:

@@ -44,6 +44,7 @@ from ..io.sizing import OutputSizer
 from ..options import SETTING_FIELDS as SWEPT
 from ..options import ResizeOptions, option_fields
 from ..ranks.budgets import BUDGETS
+from ..ranks.constraints import accepts
 from ..ranks.plan import budget_layers, plan
 from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
@@ -233,13 +234,14 @@ class Evaluator:
                     base_worst=worst_name)
 
     def sweep_options(self, shared: ResizeOptions, sweep: Mapping[str, Sequence]) -> list[ResizeOptions]:
-        """The options of every setting in `sweep` (fixed ranks above the cap are left out; a target_size of
-        'auto' becomes 1-2-5 sizes between the smallest and the largest file the caps allow)."""
+        """The options of every setting in `sweep` (fixed ranks above the cap, or that a rank constraint does not
+        accept, are left out; a target_size of 'auto' becomes 1-2-5 sizes between the smallest and the largest file
+        the caps allow)."""
         out = []
         for method, values in sweep.items():
             for v in values:
                 if method == FIXED:
-                    if shared.rank is not None and v > shared.rank:
+                    if (shared.rank is not None and v > shared.rank) or not accepts(shared, v):
                         continue
                     conv = v if shared.conv_rank is None else min(v, shared.conv_rank)
                     out.append(shared.with_setting(rank=int(v), conv_rank=int(conv)))
