@@ -218,6 +218,11 @@ class ResizeOptions:
         return tuple(f.name for f in rank_setting_fields() if _sets(f.name, getattr(self, f.name)))
 
     @property
+    def constraints(self) -> dict:
+        """The rank constraints set (ranks/constraints.py), by field name: what the metadata record states."""
+        return {c.name: getattr(self, c.name) for c in CONSTRAINTS.values() if getattr(self, c.name)}
+
+    @property
     def dynamic(self) -> bool:
         """Ranks may differ from layer to layer (a method, a budget or rank rules)."""
         return (self.method is not None or self.budget is not None

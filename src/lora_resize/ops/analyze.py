@@ -26,8 +26,6 @@ import time
 from dataclasses import fields, replace
 from typing import Mapping, Sequence
 
-import numpy as np
-
 import torch
 
 from ..core.schedule import Progress, compute_device, decompose_layers
@@ -45,7 +43,7 @@ from ..options import SETTING_FIELDS as SWEPT
 from ..options import ResizeOptions, option_fields
 from ..ranks.budgets import BUDGETS
 from ..ranks.constraints import accepts
-from ..ranks.plan import budget_layers, plan
+from ..ranks.plan import budget_bounds, plan
 from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
 from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
@@ -248,9 +246,7 @@ class Evaluator:
                 elif method in BUDGETS and v == "auto":
                     probe = shared.with_setting(**{method: 1})
                     sizer = self.sizer(probe)
-                    layers = budget_layers(self.view(probe)[1], probe, sizer)
-                    lo = sizer.file_size(np.array([L.lo for L in layers]))[0]
-                    hi = sizer.file_size(np.array([L.hi for L in layers]))[0]
+                    lo, hi = (sizer.file_size(r)[0] for r in budget_bounds(self.view(probe)[1], probe, sizer))
                     out += [shared.with_setting(**{method: s}) for s in sizes_125(lo, hi)]
                 elif method in BUDGETS:
                     out.append(shared.with_setting(**{method: v}))

@@ -145,6 +145,16 @@ def plan(spectra: Sequence[Spectrum], opts, sizer: Sizer | None = None) -> tuple
     return np.asarray(ranks, dtype=np.int64), notes
 
 
+def budget_bounds(spectra: Sequence[Spectrum], opts, sizer: Sizer) -> tuple[np.ndarray, np.ndarray]:
+    """The ranks of the smallest and of the largest file a budget can plan under `opts` (with --uniform-rank: one
+    rank for every layer, as `plan` gives)."""
+    layers = budget_layers(spectra, opts, sizer)
+    if uniform(opts) and layers:
+        one = one_rank(layers, lambda k: round_rank(opts, k, None))
+        return np.full(len(layers), one.lo, dtype=np.int64), np.full(len(layers), one.hi, dtype=np.int64)
+    return (np.array([L.lo for L in layers], dtype=np.int64), np.array([L.hi for L in layers], dtype=np.int64))
+
+
 def whole_file(opts) -> bool:
     """The ranks need every layer's spectrum first (a budget, --uniform-rank): a planning pass before the writing
     one (ops.job.with_budget_plan)."""
