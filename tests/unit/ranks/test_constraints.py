@@ -1,0 +1,103 @@
+"""Rank constraints as plug-ins (ranks/constraints.py) and the budgets' steps between accepted ranks: rounding up
+to a multiple / the next allowed rank, at most the layer's size; a budget's plan takes only accepted ranks, keeps
+within one skipped step of the optimum (dynamic programming over the steps), and never takes a narrower later
+step of a layer whose earlier step did not fit (the registry: tests/unit/test_registries.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lora_resize import ResizeOptions
+from lora_resize.ranks.budgets import BudgetLayer, allocate_fro, allocate_size, kept_energy, one_rank
+from lora_resize.ranks.constraints import levels, round_rank
+
+
+@pytest.mark.parametrize("opts,cases", [
+    (dict(rank_multiple=16), [(1, 320, 16), (16, 320, 16), (17, 320, 32), (310, 320, 320), (33, 40, 40),
+                              (5, 6, 6), (40, None, 48)]),
+    (dict(allowed_ranks=(8, 16, 32, 64)), [(1, 320, 8), (8, 320, 8), (9, 320, 16), (33, 320, 64), (100, 320, 64),
+                                           (20, 24, 24), (5, 6, 6), (100, None, 64)]),
+    (dict(uniform_rank=True), [(7, 320, 7)]),
+])
+def test_rounding_up_at_most_the_layer_size(opts, cases):
+    o = ResizeOptions(method="sv_fro", param=0.9, **opts)
+    for k, size, want in cases:
+        assert round_rank(o, k, size) == want, (k, size)
+    ks = np.arange(1, 50)  # the same, vectorised (what a budget's levels use)
+    assert list(round_rank(o, ks, 40)) == [round_rank(o, int(k), 40) for k in ks]
+
+
+def test_levels_are_the_accepted_ranks_between_lo_and_hi():
+    o = ResizeOptions(method="sv_fro", param=0.9, rank_multiple=4)
+    assert list(levels(o, 4, 10, 10)) == [4, 8, 10]
+    assert list(levels(ResizeOptions(method="sv_fro", param=0.9, allowed_ranks="8,2,4"), 2, 8, 6)) == [2, 4, 6]
+    assert levels(ResizeOptions(method="sv_fro", param=0.9), 1, 5, 8) is None
+
+
+def random_stepped(rng: np.random.Generator, n: int) -> list[BudgetLayer]:
+    """Layers whose ranks are multiples of 2 or 3 up to their size (which need not be one)."""
+    out = []
+    for _ in range(n):
+        size = int(rng.integers(3, 12))
+        s = np.sort(rng.gamma(1.0, 1.0, size))[::-1] * rng.uniform(0.1, 3)
+        m = int(rng.integers(2, 4))
+        lv = np.unique(np.minimum(np.arange(m, size + m, m), size))
+        out.append(BudgetLayer(lo=int(lv[0]), hi=int(lv[-1]), cost=int(rng.integers(3, 30)), gains=s * s,
+                               levels=lv))
+    return out
+
+
+def best_stepped(layers: list[BudgetLayer], budget: int) -> float:
+    """The true optimum over the accepted ranks, by dynamic programming over bytes (integer costs)."""
+    cap = budget - sum(L.cost * L.lo for L in layers)
+    best = np.full(cap + 1, -np.inf)
+    best[0] = 0.0
+    for L in layers:
+        new = np.full_like(best, -np.inf)
+        for k in L.levels:
+            c = int(k - L.lo) * L.cost
+            if c > cap:
+                break
+            g = float(np.sum(L.gains[L.lo:k]))
+            new[c:] = np.maximum(new[c:], best[:cap + 1 - c] + g)
+        best = new
+    return float(best.max()) + sum(float(np.sum(L.gains[:L.lo])) for L in layers)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_size_plan_takes_accepted_ranks_within_one_skipped_step_of_the_optimum(seed):
+    rng = np.random.default_rng(seed)
+    layers = random_stepped(rng, int(rng.integers(3, 6)))
+    lo_bytes = sum(L.cost * L.lo for L in layers)
+    hi_bytes = sum(L.cost * L.hi for L in layers)
+    for budget in np.linspace(lo_bytes, hi_bytes, 9).astype(int):
+        plan = allocate_size(layers, int(budget))
+        assert plan.bytes_used <= budget
+        assert all(k in L.levels for L, k in zip(layers, plan.ranks)), plan.ranks
+        got, opt = kept_energy(layers, plan.ranks), best_stepped(layers, int(budget))
+        assert got <= opt + 1e-9
+        assert opt - got <= plan.skipped_gain + 1e-9, (opt, got, plan.skipped_gain)
+        slack = budget - plan.bytes_used
+        for L, k in zip(layers, plan.ranks):  # no layer's next step fits what is left
+            nxt = L.next_rank(int(k))
+            assert nxt is None or L.cost * (nxt - k) > slack
+
+
+def test_a_step_that_does_not_fit_blocks_the_narrower_steps_after_it():
+    """Layer 0 (levels 4, 8, 10): its step 4->8 does not fit once layer 1 took its unit; its last step 8->10 is
+    narrower and would fit, but taking it without 4->8 would write rank 6, which is not accepted."""
+    a = BudgetLayer(lo=4, hi=10, cost=10, gains=np.array([9.0] * 4 + [1.0] * 4 + [0.9] * 2),
+                    levels=np.array([4, 8, 10]))
+    b = BudgetLayer(lo=1, hi=2, cost=10, gains=np.array([5.0, 4.9]))
+    plan = allocate_size([a, b], 4 * 10 + 1 * 10 + 10 + 25)  # room for b's step (10) and 25 bytes more
+    assert list(plan.ranks) == [4, 2]
+    ranks, reached = allocate_fro([a, b], 1.0, kept_energy([a, b], np.array([10, 2])))
+    assert reached and list(ranks) == [10, 2]
+
+
+def test_one_rank_is_the_whole_file_as_one_layer():
+    a = BudgetLayer(lo=1, hi=3, cost=2, gains=np.array([4.0, 1.0, 0.5]))
+    b = BudgetLayer(lo=1, hi=5, cost=3, gains=np.array([3.0, 2.0, 1.0, 0.5, 0.25]))
+    one = one_rank([a, b], lambda k: -(-np.asarray(k) // 2) * 2)  # multiples of 2, no size limit
+    assert (one.lo, one.hi, one.cost) == (2, 6, 5) and list(one.levels) == [2, 4, 6]
+    assert list(one.gains) == [7.0, 3.0, 1.5, 0.5, 0.25, 0.0]  # past a layer's own rank: zero (padding)
