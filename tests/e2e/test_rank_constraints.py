@@ -11,10 +11,12 @@ import lora_resize
 from lora_resize.cli import main
 from lora_resize.cli.flags import options_from_flags
 from lora_resize.ops.analyze import analyze, decomposed
+from lora_resize.ops.merge import Source
 from lora_resize.options import ResizeOptions
 
 from helpers import (DOWN, UP, best_rank_k, dense_dw, layer_names, load_st, refused_in_one_line, rel_err,
                      standard_specs)
+from test_rank_settings import TO, budget_check, ranks_of, updates, wan  # noqa: F401 (wan: the fixture)
 
 EXACT = 2e-6  # float32 factors of a float64 truncation
 SIZES = {s.name: min(s.out, s.flat_in) for s in standard_specs()}
@@ -218,3 +220,46 @@ def test_api_values_are_checked_like_the_flags():
     with pytest.raises(lora_resize.OptionsError, match="explicit ranks differ"):
         ResizeOptions(ranks={"a": 4, "b": 8}, uniform_rank=True)
     assert ResizeOptions(rank=8, allowed_ranks=[16, 8, 8.0]).allowed_ranks == (8, 16)
+
+
+@pytest.mark.parametrize("constraint", [dict(rank_multiple=4), dict(allowed_ranks=(2, 3, 6)),
+                                        dict(uniform_rank=True)], ids=["multiple4", "allowed", "uniform"])
+@pytest.mark.parametrize("setting", [dict(target_error=0.01), dict(method="base_fro", param=0.005)],
+                         ids=["target_error", "base_fro"])
+def test_settings_against_the_base_plan_within_the_constraint(tmp_path, wan, constraint, setting):
+    """Measured against a base checkpoint (a musubi Wan LoRA written in the diffusers layout): the ranks meet the
+    constraint, target_error keeps its promise, each module is the best rank-k approximation, and analyze
+    predicts the file."""
+    src, base, full, full_ranks, _, _ = wan
+    fields = dict(base=str(base), precision="float", **setting, **constraint)
+    a = analyze(src, sweep={}, output_format=TO, **fields)
+    res = lora_resize.convert(src, tmp_path / "o.safetensors", TO, **fields)
+    got, ranks = updates(res.dst), ranks_of(res.dst)
+    sizes = {n: min(d.shape) for n, d in full.items()}
+    if constraint.get("uniform_rank"):
+        assert len(set(ranks.values())) == 1
+    for n, k in ranks.items():
+        if "rank_multiple" in constraint:
+            assert k % 4 == 0 or k == sizes[n], (n, k)
+        if "allowed_ranks" in constraint:
+            assert k in (2, 3, 6) or k == sizes[n] < 6, (n, k)
+        best = best_rank_k(full[n], k)
+        assert rel_err(got[n], best) < 1e-5 or float((got[n] - best).norm()) < 1e-9, n
+    if "target_error" in setting:
+        budget_check(setting, got, full, res.output_bytes, base)
+    assert a.chosen.output_bytes == res.dst.stat().st_size
+    assert list(map(int, a.chosen.ranks)) == [r.new_rank for r in res.layers]
+
+
+def test_merge_plans_its_layers_within_the_constraint(tmp_path, standard_lora, standard_sd):
+    """A merge's layers (the weighted sum, stacked) at one rank, a multiple of 4: each the best rank-k
+    approximation of the weighted sum of the inputs' updates."""
+    res = lora_resize.merge([Source(standard_lora, 0.25), Source(standard_lora, 0.5)], tmp_path / "m.safetensors",
+                            method="sv_fro", param=0.9, uniform_rank=True, rank_multiple=4, precision="float")
+    sd_out, _ = load_st(res.dst)
+    ranks = written_ranks(sd_out)
+    (k,) = set(ranks.values())
+    assert k % 4 == 0
+    for name in layer_names(standard_sd):
+        want = best_rank_k(0.75 * dense_dw(standard_sd, name), k)
+        assert rel_err(dense_dw(sd_out, name), want) < EXACT, name
