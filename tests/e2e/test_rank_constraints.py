@@ -95,6 +95,22 @@ def test_written_ranks_meet_the_constraint_exactly_and_as_predicted(tmp_path, st
         assert any(n.startswith("--uniform-rank: every layer is written at rank") for n in res.notes)
 
 
+@pytest.mark.parametrize("setting", [dict(method="sv_fro", param=0.9), dict(target_size=20_000)],
+                         ids=["sv_fro", "target_size"])
+@pytest.mark.parametrize("constraint", [dict(rank_multiple=4), dict(uniform_rank=True)], ids=["multiple4", "uniform"])
+def test_kohya_rank_rule_is_constrained_too(tmp_path, standard_lora, standard_sd, constraint, setting):
+    """sd-scripts' rank rule (it keeps at least 2, and a fixed rank up to the layer's size) under a constraint."""
+    fields = dict(rank_rule="kohya", precision="float", **setting, **constraint)
+    a = analyze(standard_lora, sweep={}, **fields)
+    res = lora_resize.resize(standard_lora, tmp_path / "o.safetensors", **fields)
+    sd_out, _ = load_st(res.dst)
+    ranks = written_ranks(sd_out)
+    satisfied(constraint, ranks)
+    exact_and_padded(standard_sd, sd_out)
+    assert a.chosen.output_bytes == res.dst.stat().st_size
+    assert dict(zip([sp.name for sp in a.layers], map(int, a.chosen.ranks))) == ranks
+
+
 @pytest.mark.parametrize("constraint", [dict(rank_multiple=4), dict(allowed_ranks=(2, 4, 8, 12))],
                          ids=["multiple4", "allowed"])
 @pytest.mark.parametrize("target", [17_000, 20_000, 24_000, 30_000])
