@@ -192,6 +192,17 @@ def test_convert_with_uniform_rank_pads_every_module_without_a_rank_setting(tmp_
     exact_and_padded(standard_sd, sd_out, copied)
 
 
+def test_the_summary_states_the_constraint_and_what_it_padded(capsys, tmp_path, standard_lora):
+    out = tmp_path / "o.safetensors"
+    assert main(["resize", str(standard_lora), "-o", str(out), "--rank", "8", "--uniform-rank", "-v"]) == 0
+    text = capsys.readouterr().out
+    assert "rank 8, uniform rank, rule exact" in text
+    assert "zero layer (no update): kept as rank-8 zeros" in text  # the per-layer line, and the summary's
+    assert "1 zero layer(s) (no update: untrained modules?) kept as rank-8 zeros" in text
+    assert ("--uniform-rank: every layer is written at rank 8; 1 layer(s) whose numerical rank is lower are padded "
+            "with zero directions") in text  # the 6-output layer (the zero layer is counted above)
+
+
 def test_flags_normalise_and_round_trip():
     opts = options_from_flags("--rank 16 --allowed-ranks 64,8,16,8 --uniform-rank")
     assert opts.allowed_ranks == (8, 16, 64) and opts.uniform_rank

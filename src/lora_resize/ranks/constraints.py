@@ -226,7 +226,7 @@ def constraint_notes(opts, rows: Sequence) -> list[str]:
             notes.append(f"{what.flag} {' '.join(what.words(value)[1:])}: {len(odd)} layer(s) have no accepted "
                          f"rank between their choice and their size, and keep their size (e.g. {odd[0].name}: "
                          f"{odd[0].new_rank})")
-    padded = [r for r in rows if r.singular_values is not None
+    padded = [r for r in rows if r.singular_values is not None and not r.zero  # (zero layers: stated apart)
               and r.new_rank > int(np.count_nonzero(np.asarray(r.singular_values)))]
     if uniform(opts) and rows:
         k = rows[0].new_rank
