@@ -42,7 +42,9 @@ class ResizeOptions:
     retained, scale-aware): budgets that choose every layer's rank together (no method then; `rank`/`conv_rank`
     still cap). `ranks`: explicit ranks for named modules (what a budget's plan fills in); they override rules and
     the method. `keep_unranked`: a layer that no rank setting covers keeps its full (numerical) rank - what a
-    conversion does - instead of being an error. `rule=` (once the old name of `rank_rule`, a clash with the CLI's `--rule`) is refused, naming both.
+    conversion does - instead of being an error. `rank_multiple` / `allowed_ranks` / `uniform_rank`: the ranks a
+    consumer accepts (ranks/constraints.py): every chosen rank is rounded up to one (explicit `ranks` too), or all
+    layers get one rank. `rule=` (once the old name of `rank_rule`, a clash with the CLI's `--rule`) is refused, naming both.
 
     Raises OptionsError for any invalid value or combination."""
     rank: int | None = field(default=None, metadata=flag(
@@ -268,9 +270,10 @@ class ResizeOptions:
         user-facing field whose value is not its default (its first flag; a repeatable one once per value, a
         budget's value as its registration writes it; --conv-rank only where it differs from --rank), except
         the computation group, which does not change the file. Explicit `ranks` (which have no flag) become
-        exact-name `--rule` pins ahead of the others, unless a budget set them (its flag plans them again)."""
+        exact-name `--rule` pins ahead of the others, unless a budget or --uniform-rank set them (its flag plans
+        them again)."""
         words: list[str] = []
-        if self.ranks and self.budget is None:
+        if self.ranks and self.budget is None and not self.uniform_rank:
             words += [w for name, k in self.ranks.items() for w in ("--rule", f"{glob.escape(name)}={k}")]
         for f in option_fields():
             meta, value = f.metadata, getattr(self, f.name)

@@ -10,7 +10,7 @@ import torch
 import lora_resize
 from lora_resize.cli import main
 from lora_resize.cli.flags import options_from_flags
-from lora_resize.ops.analyze import analyze, decomposed
+from lora_resize.ops.analyze import analysis_from_result, analyze, decomposed
 from lora_resize.ops.merge import Source
 from lora_resize.options import ResizeOptions
 
@@ -201,6 +201,17 @@ def test_the_summary_states_the_constraint_and_what_it_padded(capsys, tmp_path, 
     assert "1 zero layer(s) (no update: untrained modules?) kept as rank-8 zeros" in text
     assert ("--uniform-rank: every layer is written at rank 8; 1 layer(s) whose numerical rank is lower are padded "
             "with zero directions") in text  # the 6-output layer (the zero layer is counted above)
+
+
+def test_a_uniform_resize_s_own_row_prints_a_command_that_writes_it(tmp_path, standard_lora):
+    """The options a uniform resize ran with (every layer's planned rank filled in) print as the flags that plan
+    them again - not as one pinning rule per layer, which --uniform-rank refuses."""
+    res = lora_resize.resize(standard_lora, tmp_path / "o.safetensors", method="sv_fro", param=0.9,
+                             uniform_rank=True)
+    a = analysis_from_result(res, sweep={})
+    assert a.chosen.args == "--method sv_fro --param 0.9 --uniform-rank"
+    assert options_from_flags(a.chosen.args).flags() == a.chosen.args
+    assert a.chosen.output_bytes == res.output_bytes
 
 
 def test_flags_normalise_and_round_trip():
