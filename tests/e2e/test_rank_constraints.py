@@ -223,6 +223,18 @@ def test_flags_normalise_and_round_trip():
     assert ResizeOptions(method="sv_fro", param=0.9, rank_multiple=16).label() == "sv_fro 0.9, ranks multiple of 16"
 
 
+def test_rules_that_the_constraint_accepts_are_honoured_and_rounded_within_the_layer(tmp_path, standard_lora):
+    """A rule's rank the constraint accepts pins its modules (clamped to a layer's size, as without one); a cap
+    rule caps the method's choice before it is rounded up."""
+    res = lora_resize.resize(standard_lora, tmp_path / "o.safetensors", method="sv_fro", param=0.99,
+                             rank_multiple=4, block_rules=("lora_te_*=8", "*conv*=cap:4"))
+    ranks = {r.name: r.new_rank for r in res.layers}
+    assert {n: k for n, k in ranks.items() if n.startswith("lora_te_")} == {
+        n: 8 for n in ranks if n.startswith("lora_te_")}
+    assert {k for n, k in ranks.items() if "conv" in n} == {4}
+    satisfied(dict(rank_multiple=4), ranks)
+
+
 @pytest.mark.parametrize("argv,says", [
     (["--rank", "8", "--rank-multiple", "0"], "--rank-multiple must be a whole number >= 1"),
     (["--rank", "8", "--rank-multiple", "-4"], "--rank-multiple must be a whole number >= 1"),
