@@ -52,7 +52,8 @@ def unranked(sp: Spectrum, opts) -> bool:
 def layer_rank(sp: Spectrum, opts) -> RankChoice:
     """The rank of one kept layer under `opts` (a ResizeOptions) without a budget, or with the budget's plan in
     `opts.ranks`. A layer nothing gives a rank keeps its numerical rank with `opts.keep_unranked`; else it raises
-    OptionsError."""
+    OptionsError. The rank is then rounded up by a per-layer rank constraint (at most the layer's size); under
+    --uniform-rank the plan's one rank (in `opts.ranks`) is the rank, whatever the layer's own (zero-padded)."""
     pinned, cap = decided(sp, opts)
     if pinned is not None and uniform(opts) and sp.name in (opts.ranks or {}):  # the plan's one rank: written as
         return RankChoice(pinned, False, pinned_rank(sp, pinned, opts.rank_rule).zero_layer)  # it is, zero-padded
