@@ -242,8 +242,9 @@ class ResizeOptions:
     def label(self) -> str:
         """A short label of the setting, naming everything that changes the file it writes (the computation
         group does not): the rank setting, its caps, then the rank constraints, a save precision, an output
-        layout and a rank rule (for a dynamic method) where given - 'sv_ratio 8, cap 128', 'rank 32 (conv 16)', 'target_size 50.0 MB',
-        'rank 4, bf16', 'sv_fro 0.9, kohya rank rule'. The one label of a setting everywhere: analyze rows,
+        layout and a rank rule (for a dynamic method) where given - 'sv_ratio 8, cap 128', 'rank 32 (conv 16)',
+        'target_size 50.0 MB', 'rank 4, bf16', 'sv_fro 0.9, kohya rank rule', 'sv_fro 0.9, ranks multiple of 16'.
+        The one label of a setting everywhere: analyze rows,
         preview's pictures, the ComfyUI nodes."""
         budget = self.budget
         if budget is not None:
