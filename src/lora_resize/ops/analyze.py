@@ -42,7 +42,7 @@ from ..io.sizing import OutputSizer
 from ..options import SETTING_FIELDS as SWEPT
 from ..options import ResizeOptions, option_fields
 from ..ranks.budgets import BUDGETS
-from ..ranks.constraints import accepts
+from ..ranks.constraints import accepts_rank
 from ..ranks.plan import budget_bounds, plan
 from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
@@ -239,7 +239,7 @@ class Evaluator:
         for method, values in sweep.items():
             for v in values:
                 if method == FIXED:
-                    if (shared.rank is not None and v > shared.rank) or not accepts(shared, v):
+                    if (shared.rank is not None and v > shared.rank) or not accepts_rank(shared, v):
                         continue
                     conv = v if shared.conv_rank is None else min(v, shared.conv_rank)
                     out.append(shared.with_setting(rank=int(v), conv_rank=int(conv)))

@@ -31,7 +31,7 @@ from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
 from ..io.writer import copied_dtype, copied_tensor, write_output
 from ..options import ResizeOptions
-from ..ranks.constraints import constraint_notes, given
+from ..ranks.constraints import active_constraints, constraint_notes
 from ..ranks.plan import layer_rank, pinned_rank, plan, unranked, whole_file
 from ..results import BaseNorms, LayerResult
 from ..units import format_size
@@ -209,7 +209,7 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
         copy, why = job.exact(save_dtype)  # rank setting covers the layer (a zero or rank-deficient one included),
         # or the planned rank is the copy's own (a larger one, the kohya rule's growth to the layer's size, is
         # written at that rank as without a conversion: the plan analyze sizes is the rank written)
-        if copy is not None and unranked(sp, opts) and not given(opts):  # (a rank constraint may pad it)
+        if copy is not None and unranked(sp, opts) and not active_constraints(opts):  # (a constraint may pad it)
             return Queued(job, layer, sp, copy.down.shape[0], False, False, float(copy.alpha), copy.alpha, copy.up,
                           copy.down, conversion="exact")
         if copy is not None and k == copy.down.shape[0]:  # a rank setting: the copy must write what the plan

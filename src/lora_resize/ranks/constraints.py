@@ -136,19 +136,19 @@ register(Constraint("uniform_rank", "--uniform-rank", _parse_uniform, _as_int(la
 # The constraints of an options object
 
 
-def given(opts) -> list[tuple[Constraint, object]]:
+def active_constraints(opts) -> list[tuple[Constraint, object]]:
     """The constraints `opts` sets, with their values, in registration order."""
     return [(c, getattr(opts, c.name)) for c in CONSTRAINTS.values() if getattr(opts, c.name, None)]
 
 
 def per_layer(opts) -> tuple[Constraint, object] | None:
     """The constraint that rounds each layer's rank (--rank-multiple or --allowed-ranks), or None."""
-    return next(((c, v) for c, v in given(opts) if not c.whole_file), None)
+    return next(((c, v) for c, v in active_constraints(opts) if not c.whole_file), None)
 
 
-def uniform(opts) -> bool:
+def uniform_rank_set(opts) -> bool:
     """Every layer at one rank (--uniform-rank)."""
-    return any(c.whole_file for c, _ in given(opts))
+    return any(c.whole_file for c, _ in active_constraints(opts))
 
 
 def round_rank(opts, k, size: int | None):
@@ -158,7 +158,7 @@ def round_rank(opts, k, size: int | None):
     return k if c is None else c[0].round_up(c[1], k, size)
 
 
-def accepts(opts, k: int) -> bool:
+def accepts_rank(opts, k: int) -> bool:
     """Whether `opts`' per-layer constraint accepts rank k (True without one)."""
     c = per_layer(opts)
     return c is None or c[0].accepts(c[1], int(k))
@@ -169,7 +169,7 @@ def refusal(opts) -> str | None:
     per-layer constraints; a --rank, --conv-rank or rule rank the constraint does not accept (it would be rounded
     past what was asked, or past the cap); with --uniform-rank, rank rules or a --conv-rank of its own (layers
     would get different ranks) and explicit ranks that differ."""
-    cs = given(opts)
+    cs = active_constraints(opts)
     both = [c.flag for c, _ in cs if not c.whole_file]
     if len(both) > 1:
         return (f"give one of {' or '.join(both)}: both restrict each rank (list the multiples you want with "
@@ -185,7 +185,7 @@ def refusal(opts) -> str | None:
             if r.value is not None and not what.accepts(value, r.value):
                 return (f"rule {r} gives a rank {what.flag} {' '.join(what.words(value)[1:])} does not accept: "
                         f"use {nearest_accepted(what, value, r.value)}")
-    if uniform(opts):
+    if uniform_rank_set(opts):
         ranked = [r for r in opts.block_rules if r.action != "drop"]
         if ranked:
             return (f"rule {ranked[0]} gives its modules a rank of their own, but --uniform-rank writes every layer "
@@ -205,7 +205,7 @@ def nearest_accepted(c: Constraint, value, k: int) -> str:
     return f"{down} or {up}" if down is not None and up > k else str(up)
 
 
-def levels(opts, lo: int, hi: int, size: int) -> np.ndarray | None:
+def accepted_levels(opts, lo: int, hi: int, size: int) -> np.ndarray | None:
     """The ranks a layer of `size` may take between lo and hi (both accepted) under the per-layer constraint,
     ascending - what a budget's steps move between; None without one (every rank)."""
     if per_layer(opts) is None:
@@ -228,7 +228,7 @@ def constraint_notes(opts, rows: Sequence) -> list[str]:
                          f"{odd[0].new_rank})")
     padded = [r for r in rows if r.singular_values is not None and not r.zero  # (zero layers: stated apart)
               and r.new_rank > int(np.count_nonzero(np.asarray(r.singular_values)))]
-    if uniform(opts) and rows:
+    if uniform_rank_set(opts) and rows:
         k = rows[0].new_rank
         notes.append(f"--uniform-rank: every layer is written at rank {k}" + (
             f"; {len(padded)} layer(s) whose numerical rank is lower are padded with zero directions (their "
@@ -240,5 +240,5 @@ def constraint_notes(opts, rows: Sequence) -> list[str]:
     return notes
 
 
-__all__ = ["Constraint", "CONSTRAINTS", "register", "given", "per_layer", "uniform", "round_rank", "accepts",
-           "refusal", "levels", "constraint_notes"]
+__all__ = ["Constraint", "CONSTRAINTS", "register", "active_constraints", "per_layer", "uniform_rank_set",
+           "round_rank", "accepts_rank", "refusal", "accepted_levels", "constraint_notes"]

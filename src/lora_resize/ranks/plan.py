@@ -19,7 +19,7 @@ import numpy as np
 from ..core.spectrum import Spectrum
 from ..errors import OptionsError
 from .budgets import BudgetLayer, OneRankSizer, Sizer, one_rank
-from .constraints import levels, round_rank, uniform
+from .constraints import accepted_levels, round_rank, uniform_rank_set
 from .policies import ZERO_SV, RankChoice, choose_rank, get_policy
 from .rules import first_match
 
@@ -55,8 +55,8 @@ def layer_rank(sp: Spectrum, opts) -> RankChoice:
     OptionsError. The rank is then rounded up by a per-layer rank constraint (at most the layer's size); under
     --uniform-rank the plan's one rank (in `opts.ranks`) is the rank, whatever the layer's own (zero-padded)."""
     pinned, cap = decided(sp, opts)
-    if pinned is not None and uniform(opts) and sp.name in (opts.ranks or {}):  # the plan's one rank: written as
-        return RankChoice(pinned, False, pinned_rank(sp, pinned, opts.rank_rule).zero_layer)  # it is, zero-padded
+    if pinned is not None and uniform_rank_set(opts) and sp.name in (opts.ranks or {}):  # the plan's one rank:
+        return RankChoice(pinned, False, pinned_rank(sp, pinned, opts.rank_rule).zero_layer)  # as it is, zero-padded
     choice = unconstrained_rank(sp, opts, pinned, cap)
     k = round_rank(opts, choice.rank, sp.full_size)
     return choice if k == choice.rank else RankChoice(k, choice.clamped_to_size, choice.zero_layer)
@@ -109,7 +109,7 @@ def budget_layers(spectra: Sequence[Spectrum], opts, sizer: Sizer) -> list[Budge
         if budget is not None and budget.needs_base and sp.base is None:
             base_relative(sp, budget.flag)  # refused: the layer has no base weight
         out.append(BudgetLayer(lo, hi, cost, gains, sp.base.fro ** 2 if sp.base is not None else 0.0,
-                               levels(opts, lo, hi, sp.full_size)))
+                               accepted_levels(opts, lo, hi, sp.full_size)))
     return out
 
 
@@ -121,7 +121,7 @@ def plan(spectra: Sequence[Spectrum], opts, sizer: Sizer | None = None) -> tuple
     are the accepted ranks). Raises OptionsError (a layer without a rank; a --target-size below the smallest
     file)."""
     budget = opts.budget
-    one = uniform(opts) and bool(spectra)
+    one = uniform_rank_set(opts) and bool(spectra)
     if (budget is None and not one) or (opts.ranks and all(sp.name in opts.ranks for sp in spectra)):
         return np.array([layer_rank(sp, opts).rank for sp in spectra], dtype=np.int64), []
     if one and (budget is None or opts.ranks):
@@ -150,7 +150,7 @@ def budget_bounds(spectra: Sequence[Spectrum], opts, sizer: Sizer) -> tuple[np.n
     """The ranks of the smallest and of the largest file a budget can plan under `opts` (with --uniform-rank: one
     rank for every layer, as `plan` gives)."""
     layers = budget_layers(spectra, opts, sizer)
-    if uniform(opts) and layers:
+    if uniform_rank_set(opts) and layers:
         one = one_rank(layers, lambda k: round_rank(opts, k, None))
         return np.full(len(layers), one.lo, dtype=np.int64), np.full(len(layers), one.hi, dtype=np.int64)
     return (np.array([L.lo for L in layers], dtype=np.int64), np.array([L.hi for L in layers], dtype=np.int64))
@@ -159,7 +159,7 @@ def budget_bounds(spectra: Sequence[Spectrum], opts, sizer: Sizer) -> tuple[np.n
 def whole_file(opts) -> bool:
     """The ranks need every layer's spectrum first (a budget, --uniform-rank): a planning pass before the writing
     one (ops.job.with_budget_plan)."""
-    return opts.budget is not None or uniform(opts)
+    return opts.budget is not None or uniform_rank_set(opts)
 
 
 def based(spectra: Sequence[Spectrum], opts) -> bool:

@@ -9,7 +9,7 @@ import pytest
 
 from lora_resize import ResizeOptions
 from lora_resize.ranks.budgets import BudgetLayer, allocate_fro, allocate_size, kept_energy, one_rank
-from lora_resize.ranks.constraints import levels, round_rank
+from lora_resize.ranks.constraints import accepted_levels, round_rank
 
 
 @pytest.mark.parametrize("opts,cases", [
@@ -29,9 +29,10 @@ def test_rounding_up_at_most_the_layer_size(opts, cases):
 
 def test_levels_are_the_accepted_ranks_between_lo_and_hi():
     o = ResizeOptions(method="sv_fro", param=0.9, rank_multiple=4)
-    assert list(levels(o, 4, 10, 10)) == [4, 8, 10]
-    assert list(levels(ResizeOptions(method="sv_fro", param=0.9, allowed_ranks="8,2,4"), 2, 8, 6)) == [2, 4, 6]
-    assert levels(ResizeOptions(method="sv_fro", param=0.9), 1, 5, 8) is None
+    assert list(accepted_levels(o, 4, 10, 10)) == [4, 8, 10]
+    o = ResizeOptions(method="sv_fro", param=0.9, allowed_ranks="8,2,4")
+    assert list(accepted_levels(o, 2, 8, 6)) == [2, 4, 6]
+    assert accepted_levels(ResizeOptions(method="sv_fro", param=0.9), 1, 5, 8) is None
 
 
 def test_a_step_that_does_not_fit_blocks_the_narrower_steps_after_it():
