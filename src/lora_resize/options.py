@@ -12,6 +12,7 @@ from dataclasses import MISSING, InitVar, dataclass, field, fields, replace
 from .errors import OptionsError
 from .models import architectures
 from .ranks.budgets import BUDGETS, Budget
+from .ranks.constraints import CONSTRAINTS, refusal
 from .ranks.policies import FIXED, RANK_RULES, dynamic_methods, get_policy
 from .ranks.rules import BlockRule, parse_rules
 
@@ -41,7 +42,9 @@ class ResizeOptions:
     retained, scale-aware): budgets that choose every layer's rank together (no method then; `rank`/`conv_rank`
     still cap). `ranks`: explicit ranks for named modules (what a budget's plan fills in); they override rules and
     the method. `keep_unranked`: a layer that no rank setting covers keeps its full (numerical) rank - what a
-    conversion does - instead of being an error. `rule=` (once the old name of `rank_rule`, a clash with the CLI's `--rule`) is refused, naming both.
+    conversion does - instead of being an error. `rank_multiple` / `allowed_ranks` / `uniform_rank`: the ranks a
+    consumer accepts (ranks/constraints.py): every chosen rank is rounded up to one (explicit `ranks` too), or all
+    layers get one rank. `rule=` (once the old name of `rank_rule`, a clash with the CLI's `--rule`) is refused, naming both.
 
     Raises OptionsError for any invalid value or combination."""
     rank: int | None = field(default=None, metadata=flag(
@@ -106,6 +109,19 @@ class ResizeOptions:
         "--arch", group="output", choices=lambda: architectures(),
         help="the model the LoRA is for, when converting (--to, --output-format) or measuring against --base "
              "(default: detected from its keys, shapes and metadata)"))
+    # --- constraints: the ranks a server or loader accepts (ranks/constraints.py), applied to whatever chose them
+    rank_multiple: int | None = field(default=None, metadata=flag(
+        "--rank-multiple", group="rank", type=int, metavar="N",
+        help="round each chosen rank up to a multiple of N (e.g. 16), at most the layer's size: a layer whose size "
+             "is not a multiple keeps its size; budgets plan within it"))
+    allowed_ranks: tuple | None = field(default=None, metadata=flag(
+        "--allowed-ranks", group="rank", metavar="R,R,...",
+        help="round each chosen rank up to the next of these ranks (e.g. 8,16,32,64); above the largest: the largest "
+             "(a cap); at most the layer's size; budgets plan within them"))
+    uniform_rank: bool = field(default=False, metadata=flag(
+        "--uniform-rank", group="rank", action="store_true",
+        help="every layer at one rank (torch.compile, diffusers hotswap, vLLM): the largest any layer chose (with a "
+             "budget: the best single rank under it); layers of lower rank padded with zero directions (exact)"))
     rule: InitVar[str | None] = None
 
     def __post_init__(self, rule: str | None) -> None:
@@ -179,6 +195,11 @@ class ResizeOptions:
             raise OptionsError(f"--arch must be one of {', '.join(architectures())}, got {self.arch!r}")
         if self.threads is not None and not _whole_at_least_one(self.threads):
             raise OptionsError(f"threads must be a whole number >= 1, got {self.threads!r}")
+        for c in CONSTRAINTS.values():
+            put(c.name, c.parse(getattr(self, c.name)))
+        why = refusal(self)
+        if why:
+            raise OptionsError(why)
         device = str(self.device)
         if self.device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdecimal()):
             raise OptionsError(f"device must be auto, cpu, cuda or cuda:N (a GPU's index), got {self.device!r}")
@@ -199,6 +220,11 @@ class ResizeOptions:
         return tuple(f.name for f in rank_setting_fields() if _sets(f.name, getattr(self, f.name)))
 
     @property
+    def constraints(self) -> dict:
+        """The rank constraints set (ranks/constraints.py), by field name: what the metadata record states."""
+        return {c.name: getattr(self, c.name) for c in CONSTRAINTS.values() if getattr(self, c.name)}
+
+    @property
     def dynamic(self) -> bool:
         """Ranks may differ from layer to layer (a method, a budget or rank rules)."""
         return (self.method is not None or self.budget is not None
@@ -215,9 +241,10 @@ class ResizeOptions:
 
     def label(self) -> str:
         """A short label of the setting, naming everything that changes the file it writes (the computation
-        group does not): the rank setting, its caps, then a save precision, an output layout and a rank rule
-        (for a dynamic method) where given - 'sv_ratio 8, cap 128', 'rank 32 (conv 16)', 'target_size 50.0 MB',
-        'rank 4, bf16', 'sv_fro 0.9, kohya rank rule'. The one label of a setting everywhere: analyze rows,
+        group does not): the rank setting, its caps, then the rank constraints, a save precision, an output
+        layout and a rank rule (for a dynamic method) where given - 'sv_ratio 8, cap 128', 'rank 32 (conv 16)',
+        'target_size 50.0 MB', 'rank 4, bf16', 'sv_fro 0.9, kohya rank rule', 'sv_fro 0.9, ranks multiple of 16'.
+        The one label of a setting everywhere: analyze rows,
         preview's pictures, the ComfyUI nodes."""
         budget = self.budget
         if budget is not None:
@@ -233,7 +260,8 @@ class ResizeOptions:
                 s += f", cap {self.rank}" + (f"/{self.conv_rank}" if self.conv_rank != self.rank else "")
             elif self.conv_rank is not None:
                 s += f", conv cap {self.conv_rank}"
-        extras = [self.precision, self.output_format and f"{self.output_format} layout",
+        extras = [*(c.describe(v) for c in CONSTRAINTS.values() if (v := getattr(self, c.name))),
+                  self.precision, self.output_format and f"{self.output_format} layout",
                   self.method and self.rank_rule != "exact" and f"{self.rank_rule} rank rule"]
         return ", ".join([s, *(e for e in extras if e)])
 
@@ -242,9 +270,10 @@ class ResizeOptions:
         user-facing field whose value is not its default (its first flag; a repeatable one once per value, a
         budget's value as its registration writes it; --conv-rank only where it differs from --rank), except
         the computation group, which does not change the file. Explicit `ranks` (which have no flag) become
-        exact-name `--rule` pins ahead of the others, unless a budget set them (its flag plans them again)."""
+        exact-name `--rule` pins ahead of the others, unless a budget or --uniform-rank set them (its flag plans
+        them again)."""
         words: list[str] = []
-        if self.ranks and self.budget is None:
+        if self.ranks and self.budget is None and not self.uniform_rank:
             words += [w for name, k in self.ranks.items() for w in ("--rule", f"{glob.escape(name)}={k}")]
         for f in option_fields():
             meta, value = f.metadata, getattr(self, f.name)
@@ -253,6 +282,8 @@ class ResizeOptions:
             flag = meta["flags"][0]
             if f.name in BUDGETS:
                 words += [flag, BUDGETS[f.name].flag_value(value)]
+            elif f.name in CONSTRAINTS:
+                words += CONSTRAINTS[f.name].words(value)
             elif meta["argparse"].get("action") == "append":
                 words += [w for v in value for w in (flag, str(v))]
             else:

@@ -8,7 +8,9 @@ from lora_resize.formats import FORMATS, register as register_format
 from lora_resize.formats.kohya import Kohya
 from lora_resize.ops.analyze import analyze, default_sweep
 from lora_resize.ranks import policies
+from lora_resize.options import option_fields
 from lora_resize.ranks.budgets import BUDGETS, register as register_budget
+from lora_resize.ranks.constraints import CONSTRAINTS, register as register_constraint
 from lora_resize.report.html import series
 
 from test_options import subparser
@@ -47,3 +49,13 @@ def test_duplicates_are_refused():
     with pytest.raises(ValueError, match="key family 'kohya' is already registered"):
         register_format(clone)
     assert list(FORMATS) == ["kohya", "lycoris", "peft", "diffusers", "xlabs", "controllora"]
+
+
+def test_each_rank_constraint_is_one_registration_with_its_option_field_and_flag():
+    fields = {f.name: f for f in option_fields()}
+    flags = {s for a in subparser("resize")._actions for s in a.option_strings}
+    assert list(CONSTRAINTS) == ["rank_multiple", "allowed_ranks", "uniform_rank"]
+    for name, c in CONSTRAINTS.items():
+        assert name in fields and c.flag == fields[name].metadata["flags"][0] and c.flag in flags
+    with pytest.raises(ValueError, match="rank constraint 'rank_multiple' is already registered"):
+        register_constraint(CONSTRAINTS["rank_multiple"])

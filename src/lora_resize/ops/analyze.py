@@ -26,8 +26,6 @@ import time
 from dataclasses import fields, replace
 from typing import Mapping, Sequence
 
-import numpy as np
-
 import torch
 
 from ..core.schedule import Progress, compute_device, decompose_layers
@@ -44,7 +42,8 @@ from ..io.sizing import OutputSizer
 from ..options import SETTING_FIELDS as SWEPT
 from ..options import ResizeOptions, option_fields
 from ..ranks.budgets import BUDGETS
-from ..ranks.plan import budget_layers, plan
+from ..ranks.constraints import accepts_rank
+from ..ranks.plan import budget_bounds, plan
 from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
 from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
@@ -233,22 +232,21 @@ class Evaluator:
                     base_worst=worst_name)
 
     def sweep_options(self, shared: ResizeOptions, sweep: Mapping[str, Sequence]) -> list[ResizeOptions]:
-        """The options of every setting in `sweep` (fixed ranks above the cap are left out; a target_size of
-        'auto' becomes 1-2-5 sizes between the smallest and the largest file the caps allow)."""
+        """The options of every setting in `sweep` (fixed ranks above the cap, or that a rank constraint does not
+        accept, are left out; a target_size of 'auto' becomes 1-2-5 sizes between the smallest and the largest file
+        the caps allow)."""
         out = []
         for method, values in sweep.items():
             for v in values:
                 if method == FIXED:
-                    if shared.rank is not None and v > shared.rank:
+                    if (shared.rank is not None and v > shared.rank) or not accepts_rank(shared, v):
                         continue
                     conv = v if shared.conv_rank is None else min(v, shared.conv_rank)
                     out.append(shared.with_setting(rank=int(v), conv_rank=int(conv)))
                 elif method in BUDGETS and v == "auto":
                     probe = shared.with_setting(**{method: 1})
                     sizer = self.sizer(probe)
-                    layers = budget_layers(self.view(probe)[1], probe, sizer)
-                    lo = sizer.file_size(np.array([L.lo for L in layers]))[0]
-                    hi = sizer.file_size(np.array([L.hi for L in layers]))[0]
+                    lo, hi = (sizer.file_size(r)[0] for r in budget_bounds(self.view(probe)[1], probe, sizer))
                     out += [shared.with_setting(**{method: s}) for s in sizes_125(lo, hi)]
                 elif method in BUDGETS:
                     out.append(shared.with_setting(**{method: v}))

@@ -31,7 +31,8 @@ from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
 from ..io.writer import copied_dtype, copied_tensor, write_output
 from ..options import ResizeOptions
-from ..ranks.plan import layer_rank, pinned_rank, plan, unranked
+from ..ranks.constraints import active_constraints, constraint_notes
+from ..ranks.plan import layer_rank, pinned_rank, plan, unranked, whole_file
 from ..results import BaseNorms, LayerResult
 from ..units import format_size
 from .base import base_norms
@@ -208,7 +209,7 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
         copy, why = job.exact(save_dtype)  # rank setting covers the layer (a zero or rank-deficient one included),
         # or the planned rank is the copy's own (a larger one, the kohya rule's growth to the layer's size, is
         # written at that rank as without a conversion: the plan analyze sizes is the rank written)
-        if copy is not None and unranked(sp, opts):
+        if copy is not None and unranked(sp, opts) and not active_constraints(opts):  # (a constraint may pad it)
             return Queued(job, layer, sp, copy.down.shape[0], False, False, float(copy.alpha), copy.alpha, copy.up,
                           copy.down, conversion="exact")
         if copy is not None and k == copy.down.shape[0]:  # a rank setting: the copy must write what the plan
@@ -343,9 +344,10 @@ def sizer_for(out: Output, sps: list[Spectrum], opts: ResizeOptions, precision: 
 
 def with_budget_plan(out: Output, opts: ResizeOptions, precision: str, device: torch.device,
                      progress: Progress | None) -> tuple[ResizeOptions, list[str]]:
-    """For a budget: a first pass for every layer's spectrum, the plan, and the options with the planned ranks
-    (explicit ranks the user gave still win). Without a budget: the options as they are."""
-    if opts.budget is None:
+    """For a budget or --uniform-rank (ranks.plan.whole_file): a first pass for every layer's spectrum, the plan,
+    and the options with the planned ranks (explicit ranks the user gave still win). Else: the options as they
+    are."""
+    if not whole_file(opts):
         return opts, []
     sps = spectra(out.jobs, device, opts.threads, progress)
     ranks, notes = plan(sps, opts, sizer_for(out, sps, opts, precision))
@@ -390,7 +392,8 @@ def build_output(out: Output, opts: ResizeOptions, precision: str, device: torch
     side = out.layout.side_outputs(rows)
     meta = output_metadata(run_opts, precision, out.layout.format, rows, out.sources, side.metadata, out.merged,
                            out.layout.written_network(), out.layout.arch)
-    return Built(rows, tensors, meta, side, plan_notes, run_opts, out.cast_keys(save_dtype))
+    return Built(rows, tensors, meta, side, plan_notes + constraint_notes(run_opts, rows), run_opts,
+                 out.cast_keys(save_dtype))
 
 
 def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device: torch.device,

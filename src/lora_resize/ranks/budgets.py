@@ -18,6 +18,13 @@ each layer's gains are non-increasing, so a layer's ranks grow in order when uni
   ||W||_F^2 (the global loss relative to the base); the same guarantee.
 - With --base, Size ranks units by base-relative gain per byte, g_ij / ||W_i||_F^2: it keeps the least summed
   squared loss relative to each layer's base weight that fits the bytes (the same knapsack bound, in those units).
+
+Under a rank constraint (ranks/constraints.py) a layer may take only some ranks (`BudgetLayer.levels`): a unit is
+then one step between two consecutive allowed ranks a < b, with gain sum(g_i[a:b]) and cost (b - a) * c_i, its
+true cost in bytes and energy. The steps' gains per byte are block means of a non-increasing sequence, so they are
+non-increasing too and a layer's steps are still taken in order; a step that does not fit blocks the rest of its
+layer (a later, narrower step - the last one, up to the layer's size - is never taken without it). Every rank
+(--uniform-rank) is one layer whose units are the whole file's (`one_rank`, `OneRankSizer`).
 """
 from __future__ import annotations
 
@@ -42,26 +49,60 @@ class BudgetLayer:
     cost: int
     gains: np.ndarray
     base_energy: float = 0.0  # ||W||_F^2 of the base weight the layer patches (--base), else 0
+    levels: np.ndarray | None = None  # the ranks it may take, ascending, lo and hi included (None: every one)
+
+    def next_rank(self, k: int) -> int | None:
+        """The next rank the layer may take above k (None at its highest)."""
+        if k >= self.hi:
+            return None
+        if self.levels is None:
+            return k + 1
+        return int(self.levels[np.searchsorted(self.levels, k, side="right")])
+
+    def steps(self) -> tuple[np.ndarray, np.ndarray]:
+        """(start rank, width) of every step from lo to hi."""
+        if self.levels is None:
+            return np.arange(self.lo, self.hi, dtype=np.int64), np.ones(max(0, self.hi - self.lo), dtype=np.int64)
+        b = np.asarray(self.levels, dtype=np.int64)
+        return b[:-1], np.diff(b)
 
 
-def _units(layers: list[BudgetLayer]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(layer index, gain, cost) of every optional unit with positive gain, in the order the greedy takes them:
-    decreasing gain per byte, ties by layer then by position (so a layer's units stay in order)."""
-    idx, gain, cost = [], [], []
+@dataclass
+class Units:
+    """Every optional unit (a step of one layer with positive gain) in the order the greedy takes them: its
+    layer, gain, cost in bytes, the rank it starts from and its width in ranks."""
+    idx: np.ndarray
+    gain: np.ndarray
+    cost: np.ndarray
+    start: np.ndarray
+    width: np.ndarray
+
+
+def _units(layers: list[BudgetLayer]) -> Units:
+    """The units of `layers`, by decreasing gain per byte, ties by layer then by position (so a layer's units stay
+    in order)."""
+    idx, gain, cost, start, width = [], [], [], [], []
     for i, L in enumerate(layers):
         if L.hi > L.lo:
-            g = np.asarray(L.gains[L.lo:L.hi], dtype=np.float64)
-            g = g[g > 0]  # S is descending: the positive gains are a prefix (zeros past the numerical rank)
-            idx.append(np.full(len(g), i, dtype=np.int64))
-            gain.append(g)
-            cost.append(np.full(len(g), L.cost, dtype=np.float64))
+            a, w = L.steps()
+            if L.levels is None:
+                g = np.asarray(L.gains[L.lo:L.hi], dtype=np.float64)
+            else:
+                cg = np.concatenate([[0.0], np.cumsum(np.asarray(L.gains, dtype=np.float64))])
+                g = cg[np.minimum(a + w, len(cg) - 1)] - cg[np.minimum(a, len(cg) - 1)]
+            keep = g > 0  # S is descending: the positive gains are a prefix (zeros past the numerical rank)
+            idx.append(np.full(int(keep.sum()), i, dtype=np.int64))
+            gain.append(g[keep])
+            cost.append(w[keep] * float(L.cost))
+            start.append(a[keep])
+            width.append(w[keep])
     if not idx:
-        e = np.zeros(0)
-        return np.zeros(0, dtype=np.int64), e, e, np.zeros(0, dtype=np.int64)
+        e, z = np.zeros(0), np.zeros(0, dtype=np.int64)
+        return Units(z, e, e, z, z)
     idx, gain, cost = np.concatenate(idx), np.concatenate(gain), np.concatenate(cost)
     ratio = gain / np.maximum(cost, 1e-300)
     order = np.lexsort((np.arange(len(idx)), -ratio))  # stable: ties keep layer/position order
-    return idx[order], gain[order], cost[order], order
+    return Units(idx[order], gain[order], cost[order], np.concatenate(start)[order], np.concatenate(width)[order])
 
 
 def base_ranks(layers: list[BudgetLayer]) -> np.ndarray:
@@ -90,26 +131,33 @@ def allocate_size(layers: list[BudgetLayer], budget: float) -> SizePlan | None:
     used = float(np.dot(costs, ranks))
     if used > budget:
         return None
-    idx, gain, cost, _ = _units(layers)
+    u = _units(layers)
+    idx, gain, cost = u.idx, u.gain, u.cost
     slack = budget - used
     cum = np.cumsum(cost)
     n = int(np.searchsorted(cum, slack, side="right"))  # the prefix that fits as a whole
-    np.add.at(ranks, idx[:n], 1)
+    np.add.at(ranks, idx[:n], u.width[:n])
     slack -= float(cum[n - 1]) if n else 0.0
     skipped = float(gain[n]) if n < len(idx) else 0.0
     rest = np.nonzero(cost[n:] <= slack)[0] + n
-    for u in rest:  # units after the first that did not fit: take those that still fit, in order
-        c = cost[u]
-        if c <= slack:
-            ranks[idx[u]] += 1
+    for j in rest:  # units after the first that did not fit: take those that still fit, in order, each only
+        c = cost[j]  # where its layer took every step before it (a skipped step blocks the rest of its layer)
+        if c <= slack and ranks[idx[j]] == u.start[j]:
+            ranks[idx[j]] += u.width[j]
             slack -= c
     return SizePlan(ranks, int(round(float(np.dot(costs, ranks)))), skipped)
 
 
 def next_units(layers: list[BudgetLayer], ranks: np.ndarray) -> list[int]:
-    """Layers whose next singular value has positive gain and is allowed, best gain per byte first."""
-    cand = [i for i, (L, k) in enumerate(zip(layers, ranks)) if k < L.hi and L.gains[k] > 0]
-    return sorted(cand, key=lambda i: (-layers[i].gains[ranks[i]] / max(layers[i].cost, 1e-300), i))
+    """Layers whose next step (to their next allowed rank) has positive gain, best gain per byte first."""
+    per_byte = {}
+    for i, (L, k) in enumerate(zip(layers, ranks)):
+        nxt = L.next_rank(int(k))
+        if nxt is not None:
+            g = float(L.gains[k]) if nxt == k + 1 else float(np.sum(L.gains[k:nxt]))
+            if g > 0:
+                per_byte[i] = g / max(L.cost * (nxt - k), 1e-300)
+    return sorted(per_byte, key=lambda i: (-per_byte[i], i))
 
 
 def allocate_fro(layers: list[BudgetLayer], target: float, total_energy: float) -> tuple[np.ndarray, bool]:
@@ -120,13 +168,13 @@ def allocate_fro(layers: list[BudgetLayer], target: float, total_energy: float) 
     have = kept_energy(layers, ranks)
     if have >= need:
         return ranks, True
-    idx, gain, _, _ = _units(layers)
-    cum = have + np.cumsum(gain)
+    u = _units(layers)
+    cum = have + np.cumsum(u.gain)
     n = int(np.searchsorted(cum, need, side="left"))
-    if n >= len(idx):
-        np.add.at(ranks, idx, 1)
+    if n >= len(u.idx):
+        np.add.at(ranks, u.idx, u.width)
         return ranks, False
-    np.add.at(ranks, idx[:n + 1], 1)
+    np.add.at(ranks, u.idx[:n + 1], u.width[:n + 1])
     return ranks, True
 
 
@@ -140,6 +188,35 @@ class Sizer(Protocol):
     def layer_bytes(self, i: int, k: int) -> int: ...
 
     def file_size(self, ranks) -> tuple[int, int, int]: ...  # (file bytes, header bytes, parameters)
+
+
+class OneRankSizer:
+    """A sizer of the whole file as one layer (every layer at one rank, --uniform-rank): layer 0 at rank k is every
+    layer at rank k."""
+
+    def __init__(self, sizer: Sizer, n: int):
+        self.sizer, self.n = sizer, n
+
+    def layer_bytes(self, i: int, k: int) -> int:
+        return sum(self.sizer.layer_bytes(j, k) for j in range(self.n))
+
+    def file_size(self, ranks) -> tuple[int, int, int]:
+        return self.sizer.file_size(np.full(self.n, int(np.asarray(ranks)[0]), dtype=np.int64))
+
+
+def one_rank(layers: list[BudgetLayer], round_up: Callable[[np.ndarray], np.ndarray]) -> BudgetLayer:
+    """`layers` as one layer whose rank is every layer's (--uniform-rank): at least the highest of their lowest
+    ranks, at most the highest of their highest (a layer of lower rank is padded with zero directions), each rank
+    the sum of the layers' gains and costs; `round_up` (ranks -> the accepted ranks at or above them, with no size
+    limit) gives the ranks it may take."""
+    lo = int(round_up(np.array([max(L.lo for L in layers)]))[0])
+    hi = max(lo, int(round_up(np.array([max(L.hi for L in layers)]))[0]))
+    gains = np.zeros(hi)
+    for L in layers:
+        g = np.asarray(L.gains[:hi], dtype=np.float64)
+        gains[:len(g)] += g
+    levels = np.unique(np.asarray(round_up(np.arange(lo, hi + 1)), dtype=np.int64))
+    return BudgetLayer(lo, hi, sum(L.cost for L in layers), gains, sum(L.base_energy for L in layers), levels)
 
 
 def plan_size(layers: list[BudgetLayer], target: int, total_energy: float, sizer: Sizer
@@ -181,14 +258,16 @@ def plan_size(layers: list[BudgetLayer], target: int, total_energy: float, sizer
         slack = target - size
         grew = False
         for i in next_units(layers, ranks):
-            if layers[i].cost > slack:
+            k = int(ranks[i])
+            nxt = layers[i].next_rank(k)
+            if layers[i].cost * (nxt - k) > slack:
                 continue
-            ranks[i] += 1
+            ranks[i] = nxt
             s2 = sizer.file_size(ranks)[0]
             if s2 <= target:
                 size, slack, grew = s2, target - s2, True
             else:
-                ranks[i] -= 1
+                ranks[i] = k
         if not grew:
             break
     return ranks, None

@@ -4,7 +4,12 @@ For one layer, in order of precedence: an explicit rank (`ResizeOptions.ranks`, 
 `PATTERN=RANK` or `PATTERN=cap:RANK` block rule, then the method (policy) with the --rank/--conv-rank cap. A budget
 (--target-size, --target-fro) plans every layer together from all their spectra (budgets.py), after which the
 layers' ranks are explicit. Every path goes through policies.choose_rank, so the rank rule, zero layers and the
-layer's size are handled alike. (`drop` rules are applied before planning: ranks.rules.apply_rules.)"""
+layer's size are handled alike. (`drop` rules are applied before planning: ranks.rules.apply_rules.)
+
+Rank constraints (ranks/constraints.py) come last: a per-layer one (--rank-multiple, --allowed-ranks) rounds each
+layer's rank up (`layer_rank`; a budget's steps move between the ranks it accepts, `budget_layers`); --uniform-rank
+plans every layer together (`plan`: the largest rank any layer chose, or the best one rank under a budget) and the
+layers are then written at that rank, padded with zero directions past their numerical rank."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -13,7 +18,8 @@ import numpy as np
 
 from ..core.spectrum import Spectrum
 from ..errors import OptionsError
-from .budgets import BudgetLayer, Sizer
+from .budgets import BudgetLayer, OneRankSizer, Sizer, one_rank
+from .constraints import accepted_levels, round_rank, uniform_rank_set
 from .policies import ZERO_SV, RankChoice, choose_rank, get_policy
 from .rules import first_match
 
@@ -46,8 +52,18 @@ def unranked(sp: Spectrum, opts) -> bool:
 def layer_rank(sp: Spectrum, opts) -> RankChoice:
     """The rank of one kept layer under `opts` (a ResizeOptions) without a budget, or with the budget's plan in
     `opts.ranks`. A layer nothing gives a rank keeps its numerical rank with `opts.keep_unranked`; else it raises
-    OptionsError."""
+    OptionsError. The rank is then rounded up by a per-layer rank constraint (at most the layer's size); under
+    --uniform-rank the plan's one rank (in `opts.ranks`) is the rank, whatever the layer's own (zero-padded)."""
     pinned, cap = decided(sp, opts)
+    if pinned is not None and uniform_rank_set(opts) and sp.name in (opts.ranks or {}):  # the plan's one rank:
+        return RankChoice(pinned, False, pinned_rank(sp, pinned, opts.rank_rule).zero_layer)  # as it is, zero-padded
+    choice = unconstrained_rank(sp, opts, pinned, cap)
+    k = round_rank(opts, choice.rank, sp.full_size)
+    return choice if k == choice.rank else RankChoice(k, choice.clamped_to_size, choice.zero_layer)
+
+
+def unconstrained_rank(sp: Spectrum, opts, pinned: int | None, cap: int | None) -> RankChoice:
+    """layer_rank before the rank constraints round it."""
     if pinned is not None:
         choice = pinned_rank(sp, pinned, opts.rank_rule)
         explicit = sp.name in (opts.ranks or {})  # a plan's: its ranks are within the layer's by construction
@@ -72,7 +88,8 @@ def base_relative(sp: Spectrum, what: str) -> np.ndarray:
 
 def budget_layers(spectra: Sequence[Spectrum], opts, sizer: Sizer) -> list[BudgetLayer]:
     """Each layer's choice for a budget: its lowest and highest allowed rank (rank rule, caps, block rules,
-    explicit ranks), the bytes one more rank costs in the output and the scaled energy of each singular value."""
+    explicit ranks; rounded by a per-layer rank constraint, with the ranks it accepts in between as `levels`), the
+    bytes one more rank costs in the output and the scaled energy of each singular value."""
     out = []
     budget = opts.budget[0] if opts.budget is not None else None
     weighted = based(spectra, opts)
@@ -85,33 +102,64 @@ def budget_layers(spectra: Sequence[Spectrum], opts, sizer: Sizer) -> list[Budge
             top = pinned_rank(sp, cap if cap is not None else sp.full_size, opts.rank_rule)
             hi = top.rank
             lo = 1 if top.zero_layer or opts.rank_rule != "kohya" else min(2, hi)
+        lo, hi = round_rank(opts, lo, sp.full_size), round_rank(opts, hi, sp.full_size)
         S = sp.S
         gains = np.zeros(max(hi, len(S)))
         gains[:len(S)] = base_relative(sp, budget.flag) ** 2 if weighted else (S * sp.scale) ** 2
         if budget is not None and budget.needs_base and sp.base is None:
             base_relative(sp, budget.flag)  # refused: the layer has no base weight
-        out.append(BudgetLayer(lo, hi, cost, gains, sp.base.fro ** 2 if sp.base is not None else 0.0))
+        out.append(BudgetLayer(lo, hi, cost, gains, sp.base.fro ** 2 if sp.base is not None else 0.0,
+                               accepted_levels(opts, lo, hi, sp.full_size)))
     return out
 
 
 def plan(spectra: Sequence[Spectrum], opts, sizer: Sizer | None = None) -> tuple[np.ndarray, list[str]]:
     """Every layer's rank under `opts`, and notes for the user. A budget needs `sizer` (the exact output size
-    for given ranks). Raises OptionsError (a layer without a rank; a --target-size below the smallest file)."""
+    for given ranks). With --uniform-rank every layer gets one rank: the given explicit ranks' (all equal), else
+    the largest any layer chose, rounded up by a per-layer constraint (no size limit: the smaller layers are
+    padded), or with a budget the best one rank under it (the budget planned on the file as one layer whose steps
+    are the accepted ranks). Raises OptionsError (a layer without a rank; a --target-size below the smallest
+    file)."""
     budget = opts.budget
-    if budget is None or (opts.ranks and all(sp.name in opts.ranks for sp in spectra)):
+    one = uniform_rank_set(opts) and bool(spectra)
+    if (budget is None and not one) or (opts.ranks and all(sp.name in opts.ranks for sp in spectra)):
         return np.array([layer_rank(sp, opts).rank for sp in spectra], dtype=np.int64), []
+    if one and (budget is None or opts.ranks):
+        r = next(iter(opts.ranks.values())) if opts.ranks else max(layer_rank(sp, opts).rank for sp in spectra)
+        return np.full(len(spectra), round_rank(opts, int(r), None), dtype=np.int64), []
     if sizer is None:
         raise ValueError("a budget needs the output's sizer")
     b, value = budget
     layers = budget_layers(spectra, opts, sizer)
     total = float(sum(L.gains.sum() for L in layers)) if based(spectra, opts) else sum(sp.energy for sp in spectra)
-    ranks, note = b.plan(layers, value, total, sizer)
+    if one:
+        ranks, note = b.plan([one_rank(layers, lambda k: round_rank(opts, k, None))], value, total,
+                             OneRankSizer(sizer, len(spectra)))
+        ranks = np.full(len(spectra), int(ranks[0]), dtype=np.int64)
+    else:
+        ranks, note = b.plan(layers, value, total, sizer)
     notes = [note] if note else []
     missing = [sp.name for sp in spectra if sp.base is None]
     if b.base_weighted and not b.needs_base and opts.base is not None and missing:
         notes.append(f"{b.flag} ranks by each update's own energy per byte, not relative to the base: "
                      f"{len(missing)} layer(s) have no weight in --base (e.g. {missing[0]})")
     return np.asarray(ranks, dtype=np.int64), notes
+
+
+def budget_bounds(spectra: Sequence[Spectrum], opts, sizer: Sizer) -> tuple[np.ndarray, np.ndarray]:
+    """The ranks of the smallest and of the largest file a budget can plan under `opts` (with --uniform-rank: one
+    rank for every layer, as `plan` gives)."""
+    layers = budget_layers(spectra, opts, sizer)
+    if uniform_rank_set(opts) and layers:
+        one = one_rank(layers, lambda k: round_rank(opts, k, None))
+        return np.full(len(layers), one.lo, dtype=np.int64), np.full(len(layers), one.hi, dtype=np.int64)
+    return (np.array([L.lo for L in layers], dtype=np.int64), np.array([L.hi for L in layers], dtype=np.int64))
+
+
+def whole_file(opts) -> bool:
+    """The ranks need every layer's spectrum first (a budget, --uniform-rank): a planning pass before the writing
+    one (ops.job.with_budget_plan)."""
+    return opts.budget is not None or uniform_rank_set(opts)
 
 
 def based(spectra: Sequence[Spectrum], opts) -> bool:

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import one_line
 from ..ranks.budgets import BUDGETS
+from ..ranks.constraints import CONSTRAINTS
 from ..results import FIDELITY, MEASURES, LayerResult, ResizeResult
 from ..units import format_size
 
@@ -43,7 +44,7 @@ def verbose_line(row: LayerResult, dynamic: bool) -> str:
     """A per-layer line in sd-scripts' resize_lora.py --verbose format; a layer with no update (all zeros, or
     alpha 0) says so instead of ratios of nothing, and a figure that is not a number prints as '-'."""
     if row.zero:
-        line = f"{one_line(row.name):75} | zero layer (no update): kept as rank-1 zeros"
+        line = f"{one_line(row.name):75} | zero layer (no update): kept as rank-{row.new_rank} zeros"
     else:
         line = (f"{one_line(row.name):75} | sum(S) retained: {_figure(row.sum_retained, '.1%')}, fro retained: "
                 f"{_figure(row.fro_retained, '.1%')}, max(S) ratio: {_figure(row.max_ratio, '0.1f')}")
@@ -99,6 +100,7 @@ def summary(result: ResizeResult) -> str:
         setting += f", conv rank {o['conv_rank']}"
     elif dynamic and o["rank"] is not None:
         setting += f", cap {o['rank']}"
+    setting += "".join(f", {c.describe(o[c.name])}" for c in CONSTRAINTS.values() if o.get(c.name))
     fid = result.fidelity
     n_inputs = sum(1 for _, w in result.options.get("sources") or () if w != 0)
     lines = [
@@ -116,8 +118,9 @@ def summary(result: ResizeResult) -> str:
         lines.append("  rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}"
                                             for r, n in o["rule_hits"].items()))
     if result.zero_layers:
-        lines.append(f"  {len(result.zero_layers)} zero layer(s) (no update: untrained modules?) kept as rank-1 "
-                     f"zeros, e.g. {result.zero_layers[0]}")
+        zero_ranks = "/".join(str(k) for k in sorted({x.new_rank for x in result.layers if x.zero})) or "1"
+        lines.append(f"  {len(result.zero_layers)} zero layer(s) (no update: untrained modules?) kept as "
+                     f"rank-{zero_ranks} zeros, e.g. {result.zero_layers[0]}")
     unchanged, cast = result.unchanged_kinds, result.cast_kinds
     if unchanged:
         lines.append(f"  {sum(unchanged.values())} other tensor(s) copied unchanged: {_counted(unchanged)}")

@@ -32,14 +32,16 @@ def random_layers(rng: np.random.Generator, n: int) -> list[BudgetLayer]:
 
 
 def best_energy(layers: list[BudgetLayer], budget: int) -> float:
-    """The true optimum by dynamic programming over bytes (integer costs)."""
+    """The true optimum by dynamic programming over bytes (integer costs), over each layer's allowed ranks (its
+    `levels` under a rank constraint, else every rank from lo to hi)."""
     base = sum(L.cost * L.lo for L in layers)
     cap = budget - base
     best = np.full(cap + 1, -np.inf)
     best[0] = 0.0
     for L in layers:
         new = np.full_like(best, -np.inf)
-        for extra in range(L.hi - L.lo + 1):
+        for k in (L.levels if L.levels is not None else range(L.lo, L.hi + 1)):
+            extra = int(k) - L.lo
             c = extra * L.cost
             if c > cap:
                 break
@@ -64,26 +66,46 @@ def fractional_optimum(layers: list[BudgetLayer], budget: int) -> tuple[float, f
     return value, 0.0
 
 
+def random_stepped(rng: np.random.Generator, n: int) -> list[BudgetLayer]:
+    """Layers under a rank constraint (ranks/constraints.py): ranks that are multiples of 2 or 3 up to the layer's
+    size, which need not be one (the last step is then narrower)."""
+    out = []
+    for _ in range(n):
+        size = int(rng.integers(3, 12))
+        s = np.sort(rng.gamma(1.0, 1.0, size))[::-1] * rng.uniform(0.1, 3)
+        m = int(rng.integers(2, 4))
+        lv = np.unique(np.minimum(np.arange(m, size + m, m), size))
+        out.append(BudgetLayer(lo=int(lv[0]), hi=int(lv[-1]), cost=int(rng.integers(3, 30)), gains=s * s,
+                               levels=lv))
+    return out
+
+
+@pytest.mark.parametrize("make", [random_layers, random_stepped], ids=["every-rank", "stepped"])
 @pytest.mark.parametrize("seed", range(12))
-def test_greedy_is_within_one_skipped_value_of_the_optimum(seed):
+def test_greedy_is_within_one_skipped_value_of_the_optimum(seed, make):
+    """Every rank allowed, or only a constraint's (then a unit is a step between two accepted ranks, and the
+    tolerance one skipped step's gain)."""
     rng = np.random.default_rng(seed)
-    layers = random_layers(rng, int(rng.integers(3, 7)))
+    layers = make(rng, int(rng.integers(3, 7)))
+    stepped = layers[0].levels is not None
     lo_bytes = sum(L.cost * L.lo for L in layers)
     hi_bytes = sum(L.cost * L.hi for L in layers)
     for budget in np.linspace(lo_bytes, hi_bytes, 7).astype(int):
         plan = allocate_size(layers, int(budget))
         assert plan is not None and plan.bytes_used <= budget
-        assert all(L.lo <= k <= L.hi for L, k in zip(layers, plan.ranks))
+        assert all(L.lo <= k <= L.hi and (not stepped or k in L.levels) for L, k in zip(layers, plan.ranks))
         got = kept_energy(layers, plan.ranks)
         opt = best_energy(layers, int(budget))
         frac, partial = fractional_optimum(layers, int(budget))
         assert got <= opt + 1e-9 <= frac + 2e-9
-        assert frac - got <= partial + 1e-9, (frac, got, partial)  # the documented tolerance, independently
-        assert plan.skipped_gain == pytest.approx(partial)
+        if not stepped:
+            assert frac - got <= partial + 1e-9, (frac, got, partial)  # the documented tolerance, independently
+            assert plan.skipped_gain == pytest.approx(partial)
         assert opt - got <= plan.skipped_gain + 1e-9, (opt, got, plan.skipped_gain)
         slack = budget - plan.bytes_used
-        for L, k in zip(layers, plan.ranks):  # no single layer can grow within the budget
-            assert k == L.hi or L.cost > slack
+        for L, k in zip(layers, plan.ranks):  # no single layer can take its next allowed rank within the budget
+            nxt = L.next_rank(int(k))
+            assert nxt is None or L.cost * (nxt - k) > slack
     assert allocate_size(layers, lo_bytes - 1) is None
 
 
