@@ -19,18 +19,20 @@ output and are left out too.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import time
 from dataclasses import fields, replace
-from typing import Mapping, Sequence
+from functools import partial
+from typing import Callable, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
 
 import torch
 
-from ..core.schedule import Progress, compute_device, decompose_layers
+from ..core.schedule import Progress, compute_device, decompositions
 from ..core.spectrum import Spectrum
 from ..core.truncate import SAVE_DTYPES, on_host
 from ..errors import NumericalError, OptionsError
@@ -50,7 +52,7 @@ from ..ranks.rules import apply_rules
 from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
 from ..units import format_size
 from .effect import Probing
-from .job import (Output, alpha_rule, metadata_for, module_job, output_scale, precision_of, sizer_for, spectra,
+from .job import (LayerJob, Output, alpha_rule, metadata_for, module_job, output_scale, precision_of, sizer_for, spectra,
                   start_layer, with_base)
 
 # what names a chosen setting: what a sweep's settings replace (a method and its parameter - `method="fixed"` with
@@ -280,14 +282,27 @@ PRECISION_ROWS = ("fp16", "bf16", "float")
 ROUNDING_SAMPLE = 8  # the layers with the largest updates whose rounding is measured
 
 
-def at_precisions(ev: Evaluator, src: os.PathLike, row: SettingRow, sample: int = ROUNDING_SAMPLE
+Reopen = Callable[[list[str]], ContextManager[list[LayerJob]]]  # layer names -> their jobs, their source open
+
+
+@contextlib.contextmanager
+def reread(src: os.PathLike, ev: Evaluator, names: list[str]) -> Iterator[list[LayerJob]]:
+    """The jobs of layers `names` of the LoRA file `src`, read again as `ev` read it (its source open meanwhile)."""
+    with open_tensor_file(src) as reader:
+        layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch)
+        modules = {m.name: m for m in layout.modules}
+        yield [module_job(modules[n], reader, ev.analyzed.output_format is not None) for n in names]
+
+
+def at_precisions(ev: Evaluator, src: os.PathLike | Reopen, row: SettingRow, sample: int = ROUNDING_SAMPLE
                   ) -> tuple[list[SettingRow], str]:
     """`row`'s setting saved at each of PRECISION_ROWS, from the same spectra: the exact size and the rank's
     fidelity (`Evaluator.evaluate`; a budget's ranks may differ between precisions), and `rounding_error`: what
     rounding the factors to that dtype loses, ||dW_k,written - dW_k||_F / ||dW||_F with all layers as one update -
     dW_k the exact rank-k truncation (float64) and dW_k,written what the file applies (its factors made as resize
     makes them, `ops.job.start_layer`, times the scale it is loaded with). The analysis keeps singular values only,
-    so the factors are computed again, for the `sample` layers with the largest update (NaN when none is live);
+    so the factors are computed again (from the LoRA file `src`, or through `src(names)`: the jobs of those layers,
+    e.g. an extraction's), for the `sample` layers with the largest update (NaN when none is live);
     the returned sentence says which share of the update that covers. A layer resize would refuse in a precision
     (NumericalError: too small or too large for it) makes that row's rounding_error inf and its note the reason.
 
@@ -299,12 +314,10 @@ def at_precisions(ev: Evaluator, src: os.PathLike, row: SettingRow, sample: int 
     if not heavy:
         return rows, "rounding not measured: every layer's update is zero"
     device = compute_device(ev.analyzed.device)
-    with open_tensor_file(src) as reader:
-        layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch)
-        modules = {m.name: m for m in layout.modules}
-        jobs = [module_job(modules[sps[i].name], reader, ev.analyzed.output_format is not None) for i in heavy]
+    reopen = src if callable(src) else partial(reread, src, ev)
+    with reopen([sps[i].name for i in heavy]) as jobs:
         layers = [job.load() for job in jobs]  # the reader stays open: an exact copy reads the factors again
-        decs = decompose_layers([(job.name, layer) for job, layer in zip(jobs, layers)], device)
+        decs = decompositions(jobs, layers, device, True)
         scales = [(sp.scale, sp.rank) for sp in sps]
         sampled = sum(sps[i].energy for i in heavy)
         for r in rows:
@@ -349,8 +362,10 @@ def split_options(options: ResizeOptions | None, fields_: dict) -> tuple[ResizeO
 
 
 def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeOptions | None, chosen_label: str,
-           sweep: Mapping[str, Sequence] | None, max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR) -> Analysis:
-    """The sweep and the chosen setting evaluated, and the recommendation among the sweep's rows; an Analysis."""
+           sweep: Mapping[str, Sequence] | None, max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR,
+           reopen: Reopen | None = None) -> Analysis:
+    """The sweep and the chosen setting evaluated, and the recommendation among the sweep's rows; an Analysis.
+    `reopen`: how its layers are read again for the rounding rows (at_precisions; default: the LoRA file)."""
     notes = list(a_fields.pop("notes"))
     base = any(sp.base is not None for sp in ev.sps)
     missing = [sp.name for sp in ev.sps if sp.base is None]
@@ -370,7 +385,7 @@ def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeO
     src = a_fields["src"]
     return Analysis(shared=shared, layers=ev.sps, blocks=[block_of(sp.name) for sp in ev.sps], rows=rows,
                     chosen=chosen_row, recommended=recommended, recommended_reason=reason, notes=notes,
-                    _evaluate=ev.evaluate, _at_precisions=lambda row: at_precisions(ev, src, row), **a_fields)
+                    _evaluate=ev.evaluate, _at_precisions=lambda row: at_precisions(ev, reopen or src, row), **a_fields)
 
 
 def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress | None = None,

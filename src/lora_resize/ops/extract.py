@@ -1,0 +1,422 @@
+"""The extract job: a LoRA of W_tuned - W_base for every weight of a model that a fine-tune (or a distillation)
+changed, with every rank setting resize has.
+
+    base, tuned (io.checkpoint: one weight at a time) -> the differing weights, paired by name
+    -> a dense difference per module (DiffSource: a LoRA "of full rank" whose pair is the difference and an
+       identity on its smaller side, so the key families, the model tables and the layout conversions read it as
+       any LoRA file) -> formats.read_layout (the architecture detected, the output layout)
+    -> LayerJob with its own decomposition (core.dense.decompose_dense: the SVD of the difference itself)
+    -> ops.job.build_output (a budget's planning pass, truncation, metadata) -> io.writer.write_output
+
+Which weights: 2-D (linear) and 3- to 5-D (conv) weights of the denoiser and of the text encoders that LoRA
+layouts name (formats.convert.read_name); a differing bias of such a module becomes its `.diff_b` (ComfyUI's
+comfy/lora.py `load_lora` adds it to the bias) unless `bias_diffs` is off or the layout has no such key (diffusers,
+PEFT); differing norms, embeddings and weights of no LoRA module (a VAE) are listed in a note and left out."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from ..core.dense import decompose_dense
+from ..core.layer import LowRankLayer
+from ..core.schedule import Progress, compute_device
+from ..core.truncate import FP8
+from ..errors import InputFileError, LoraStructureError, OptionsError, OutputFileError
+from ..formats import Layout, detect, read_layout
+from ..formats.convert import KEY_FORM, copied_sources, detect_arch, read_name, scheme_of
+from ..formats.kohya import DOWN, UP
+from ..io.checkpoint import ACTIVATION_SCALES, COMFY_QUANT, WEIGHT_SCALES, Checkpoint
+from ..io.metadata import PLAIN_MODULE, PLAIN_MODULE_OF, InputRecord
+from ..io.paths import check_output_path, local_path, output_file
+from ..io.reader import TensorInfo
+from ..models import SD
+from ..options import ResizeOptions
+from ..ranks.plan import values_needed
+from ..ranks.rules import RuleOutcome, apply_rules
+from ..results import DEFAULT_MAX_EFFECT_ERROR, Analysis, LayerResult, ResizeResult
+from .analyze import Evaluator, finish, split_options
+from .job import (LayerJob, Output, as_options, checked, clamp_notes, factor_bytes, precision_of, produce,
+                  spectra)
+
+BIAS_DIFF = ".diff_b"
+# single-file checkpoints' prefixes, and the name each weight's module is read under (formats.convert.read_name):
+# the denoiser's native (or SD's original UNet) paths as ComfyUI keys them, the CLIP text encoder as diffusers does
+FILE_PREFIXES = (("model.diffusion_model.", "diffusion_model."), ("diffusion_model.", "diffusion_model."),
+                 ("cond_stage_model.transformer.", "text_encoder."),
+                 ("conditioner.embedders.0.transformer.", "text_encoder."))
+CLIP_UNWRAPPED = ("encoder.layers.", "embeddings.", "final_layer_norm.")
+EMBEDDING = re.compile(r"(^|[._])(token_embedding|position_embedding|embed_tokens|embed_positions|wte|wpe|shared|"
+                       r"word_embeddings|position_embeddings)$")
+# sd-scripts' ss_base_model_version of the architectures it trains (library/sdxl_model_util.py, flux_utils.py)
+BASE_VERSIONS = {"flux1": "flux1", "sd3": "sd3"}
+
+
+@dataclass
+class Difference:
+    """A differing weight of the two checkpoints: its key, the module name it is read under, its shape."""
+    key: str
+    module: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class DiffSource:
+    """A TensorSource of the dense differences as a kohya-form LoRA of full rank: module `<name>` has
+    `<name>.lora_up.weight` @ `<name>.lora_down.weight` = W_tuned - W_base, one of the two the identity on the
+    smaller side (so the key families and layout conversions read, rename, split and fuse it like any LoRA, and no
+    identity larger than the difference is ever made), and `<name>.diff_b` = b_tuned - b_base. Data is read from
+    the checkpoints when asked for, one weight at a time. Infos state the tuned weights' dtypes (fp8: bf16), which
+    set the default save precision."""
+
+    def __init__(self, base: Checkpoint, tuned: Checkpoint, diffs: list[Difference], biases: dict[str, str]):
+        self.base, self.tuned = base, tuned
+        self.path = tuned.path
+        self.metadata: dict[str, str] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        self._where: dict[str, tuple[str, str]] = {}  # key -> (checkpoint key, what: up / down / up_eye / ...)
+        for d in diffs:
+            out, n = d.shape[0], math.prod(d.shape[1:])
+            r = min(out, n)
+            dtype = torch.bfloat16 if d.dtype in FP8 else d.dtype
+            kernel = tuple(d.shape[2:])
+            self._infos[d.module + UP] = TensorInfo((out, r, *([1] * len(kernel))), dtype)
+            self._infos[d.module + DOWN] = TensorInfo((r, *d.shape[1:]), dtype)
+            self._where[d.module + UP] = (d.key, "eye" if out <= n else "diff")
+            self._where[d.module + DOWN] = (d.key, "diff" if out <= n else "eye")
+        for module, key in biases.items():
+            info = tuned.info(key)
+            self._infos[module + BIAS_DIFF] = TensorInfo(tuple(info.shape),
+                                                         torch.bfloat16 if info.dtype in FP8 else info.dtype)
+            self._where[module + BIAS_DIFF] = (key, "bias")
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def get(self, key: str) -> torch.Tensor:
+        ckpt_key, what = self._where[key]
+        info = self._infos[key]
+        if what == "eye":
+            return torch.eye(info.shape[0], dtype=torch.float64).reshape(info.shape)
+        diff = self.difference(ckpt_key)
+        if what == "bias":
+            return diff.reshape(info.shape).to(info.dtype)
+        return diff.reshape(info.shape)
+
+    def difference(self, key: str) -> torch.Tensor:
+        """W_tuned - W_base of checkpoint key `key` as a float64 matrix (fp8 weights with their scales)."""
+        d = self.tuned.matrix(key) - self.base.matrix(key)
+        if not bool(torch.isfinite(d).all()):
+            raise InputFileError(f"{key} holds NaN or Inf in --base or --tuned; the checkpoint is damaged")
+        return d
+
+    def close(self) -> None:
+        pass
+
+
+def module_name(key: str, folder: bool) -> str | None:
+    """The LoRA module name checkpoint weight `key` (without `.weight`) is read under: a diffusers folder's
+    `<component>.<path>` as it is; a single file's by its prefix (FILE_PREFIXES), a bare DiT path as ComfyUI's
+    `diffusion_model.<path>`; None for a key of no known part (a VAE's, a second OpenCLIP encoder's)."""
+    stem = key[: -len(".weight")]
+    if folder and "." in stem and stem.split(".", 1)[0] in ("unet", "transformer", "text_encoder", "text_encoder_2",
+                                                             "text_encoder_3", "connectors"):
+        comp, _, rest = stem.partition(".")
+        if comp.startswith("text_encoder") and rest.startswith(CLIP_UNWRAPPED):  # transformers >= 5 saves CLIP
+            return f"{comp}.text_model.{rest}"  # without its text_model wrapper (formats.weights._unwrapped)
+        return stem
+    for prefix, name in FILE_PREFIXES:
+        if stem.startswith(prefix):
+            return name + stem[len(prefix):]
+    if stem.startswith(("first_stage_model.", "vae.", "conditioner.", "cond_stage_model.", "text_encoders.")):
+        return None
+    return "diffusion_model." + stem
+
+
+@dataclass
+class Pairing:
+    """The differing weights (`diffs`), their modules' differing biases (module -> bias key), and what was left
+    out, as notes."""
+    diffs: list[Difference]
+    biases: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+    left: dict[str, list[str]] = field(default_factory=dict)  # why -> keys
+
+
+def _scale_like(key: str) -> bool:
+    suffix = key.rpartition(".")[2]
+    return suffix in WEIGHT_SCALES or suffix in ACTIVATION_SCALES or suffix == COMFY_QUANT
+
+
+def pair_weights(base: Checkpoint, tuned: Checkpoint, bias_diffs: bool) -> Pairing:
+    """The weights of `tuned` that differ from `base`'s, paired by name. Raises LoraStructureError when the two
+    are different models (a shared weight of another shape, or under half the weights shared) or identical."""
+    bkeys, tkeys = set(base.keys()), set(tuned.keys())
+    shared = sorted(k for k in bkeys & tkeys if not _scale_like(k))
+    for k in shared:
+        if tuple(base.info(k).shape) != tuple(tuned.info(k).shape):
+            raise LoraStructureError(f"--base and --tuned are different models: {k} is {list(base.info(k).shape)} "
+                                     f"in one and {list(tuned.info(k).shape)} in the other; give the checkpoint the "
+                                     "fine-tune started from")
+    tensors = max(sum(1 for k in bkeys if not _scale_like(k)), sum(1 for k in tkeys if not _scale_like(k)))
+    if 2 * len(shared) < tensors:
+        raise LoraStructureError(f"--base and --tuned are different models (or layouts): only {len(shared)} of "
+                                 f"{tensors} weights have the same name in both; give two checkpoints of one model in "
+                                 "one layout (both single files, or both diffusers folders)")
+    p = Pairing([], {})
+    changed_bias: dict[str, str] = {}
+    for k in shared:
+        if not _differs(base, tuned, k):
+            continue
+        stem, _, suffix = k.rpartition(".")
+        ndim = len(base.info(k).shape)
+        name = module_name(k, base.folder) if suffix == "weight" else None
+        if suffix == "bias":
+            changed_bias[stem] = k
+        elif suffix != "weight" or ndim < 2:
+            p.left.setdefault("1-D weights (norms, scales) and other tensors", []).append(k)
+        elif ndim > 5 or EMBEDDING.search(stem):
+            p.left.setdefault("embeddings", []).append(k)
+        elif name is None:
+            p.left.setdefault("weights of no LoRA module (VAE, other encoders)", []).append(k)
+        else:
+            p.diffs.append(Difference(k, name, tuple(base.info(k).shape), tuned.info(k).dtype))
+    if not p.diffs and not changed_bias and not p.left:
+        raise LoraStructureError("--base and --tuned hold the same weights (no difference): there is nothing to "
+                                 "extract; nothing was written")
+    modules = {d.key[: -len(".weight")]: d.module for d in p.diffs}
+    for stem, k in changed_bias.items():
+        if stem in modules and bias_diffs:
+            p.biases[modules[stem]] = k
+        else:
+            p.left.setdefault("biases" + ("" if bias_diffs else " (--no-bias-diffs)"), []).append(k)
+    return p
+
+
+def _differs(base: Checkpoint, tuned: Checkpoint, key: str) -> bool:
+    """The tensor differs: bit for bit as stored, or, for a weight beside a scale (fp8), as read with it."""
+    stem = key.rpartition(".")[0]
+    if key.endswith(".weight") and any(f"{stem}.{s}" in c for s in WEIGHT_SCALES for c in (base, tuned)):
+        return not torch.equal(base.matrix(key), tuned.matrix(key))
+    a, b = base.tensor(key), tuned.tensor(key)
+    return not (torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.to(torch.float64), b.to(torch.float64)))
+
+
+def dense_of(layer: LowRankLayer) -> torch.Tensor:
+    """The dense difference a DiffSource layer holds: its non-identity factor, or (a fused output module's
+    block-diagonal stack) the product."""
+    up, down = layer.up, layer.down
+    for eye, other in ((up, down), (down, up)):
+        n = eye.shape[0]
+        if eye.shape == (n, n) and torch.equal(eye, torch.eye(n, dtype=eye.dtype, device=eye.device)):
+            return other.to(torch.float64)
+    return up.to(torch.float64) @ down.to(torch.float64)
+
+
+@dataclass
+class Certified:
+    """What each layer's decomposition certified: name -> (complete, excess, fallback)."""
+    layers: dict[str, tuple[bool, float, bool]] = field(default_factory=dict)
+
+    def decomposer(self, name: str, need: int | None) -> Callable:
+        def decompose(layer: LowRankLayer, device: torch.device, vectors: bool):
+            dec = decompose_dense(dense_of(layer), need if vectors else None, device)
+            self.layers[name] = (dec.complete, dec.excess, dec.fallback)
+            return dec
+        return decompose
+
+    def notes(self) -> list[str]:
+        if not self.layers:
+            return []
+        exact = [n for n, (complete, excess, _) in self.layers.items() if complete and excess == 0]
+        if len(exact) == len(self.layers):
+            return [f"all {len(exact)} layer(s) decomposed exactly (the whole spectrum): each writes the best rank-k "
+                    "approximation of its difference"]
+        worst = max(self.layers.items(), key=lambda kv: kv[1][1])
+        fell = sum(1 for c in self.layers.values() if c[2])
+        return [f"{len(exact)} layer(s) exact, {len(self.layers) - len(exact)} certified: each written layer's "
+                f"squared error is at most (1 + {worst[1][1]:.2g}) x the best rank-k's (worst: {worst[0]})"
+                + (f"; {fell} fell back to the exact route" if fell else "")]
+
+
+@dataclass
+class Extraction:
+    """An extraction ready to run: the output, its precision, notes, the rule outcome and the certificates."""
+    out: Output
+    precision: str
+    notes: list[str]
+    rules: RuleOutcome
+    certified: Certified
+    tuned: Path
+    layout: Layout
+    input_precision: str
+
+
+def _open(path: str, role: str, variant: str | None) -> Checkpoint:
+    try:
+        return Checkpoint(local_path(path, "input"), variant)
+    except InputFileError as e:
+        raise InputFileError(str(e).replace("--base", role)) from None
+
+
+def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs: bool = True) -> Extraction:
+    """The differences read as a LoRA in the output layout (opts.output_format, default kohya: the trainers'
+    native names), with the jobs; nothing decomposed yet."""
+    p = pair_weights(base, tuned, bias_diffs)
+    target = opts.output_format or "kohya"
+    if KEY_FORM.get(target) != "kohya" and p.biases:  # diffusers' and PEFT's loaders have no bias-diff key
+        p.left.setdefault(f"biases (the {target} layout has no bias-diff key)", []).extend(p.biases.values())
+        p.biases = {}
+    if not p.diffs:
+        raise LoraStructureError("no linear or conv weight differs between --base and --tuned (only "
+                                 f"{', '.join(p.left)}); there is no LoRA to extract - nothing was written")
+    src = DiffSource(base, tuned, p.diffs, p.biases)
+    parsed = detect(src.infos(), {})
+    arch = detect_arch(parsed, scheme_of(parsed), opts.arch, src.infos())
+    scheme = scheme_of(parsed)
+    unread = [m.name for m in parsed.modules if read_name(m.name, scheme, arch) is None]
+    if unread:
+        keep = [d for d in p.diffs if d.module not in set(unread)]
+        p.left.setdefault(f"weights no {arch.title if arch else 'Stable Diffusion'} LoRA names", []).extend(
+            d.key for d in p.diffs if d.module in set(unread))
+        p.diffs = keep
+        p.biases = {m: k for m, k in p.biases.items() if m not in set(unread)}
+        if not keep:
+            raise LoraStructureError(f"none of the differing weights is a module a LoRA names (e.g. {unread[0]}); "
+                                     "give --arch if the model is another - nothing was written")
+        src = DiffSource(base, tuned, p.diffs, p.biases)
+    arch_name = SD if arch is None else arch.name
+    src.metadata = _input_metadata(arch_name, target, any(len(d.shape) > 2 for d in p.diffs), tuned.path, base.path)
+    layout = read_layout(src.infos(), src.metadata, None, target, arch_name)
+    rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
+    kept = set(rules.kept)
+    certified = Certified()
+    jobs = []
+    for m in layout.modules:
+        if m.name not in kept:
+            continue
+        conv = len(m.weight_shape(src.infos())[1]) > 1
+        jobs.append(LayerJob(m.name, (lambda m=m: checked(m.name, m.load(src))), m,
+                             (lambda m=m: m.scale_and_rank(src)), factor_bytes(m, src.infos()),
+                             decompose=certified.decomposer(m.name, values_needed(opts, conv))))
+    precision, precision_notes = precision_of(layout, src.infos(), opts.precision)
+    out = Output(layout, jobs, copied_sources(layout, src), [InputRecord(tuned.path.name, src.metadata)],
+                 cast=opts.precision is not None)
+    notes = precision_notes + [f"{len(p.diffs)} weight(s) differ: extracted as {len(jobs)} layer(s) "
+                               f"({arch.title if arch else 'Stable Diffusion'}, {target} layout)"]
+    notes += [f"left out: {len(keys)} differing {why} (e.g. {keys[0]})" for why, keys in p.left.items()]
+    if p.biases:
+        notes.append(f"{len(p.biases)} differing bias(es) written as `.diff_b` (added to the bias by ComfyUI; "
+                     "--no-bias-diffs leaves them out)")
+    return Extraction(out, precision, notes + list(layout.notes), rules, certified, tuned.path, layout,
+                      precision_of(layout, src.infos(), None)[0])
+
+
+def _input_metadata(arch: str, target: str, conv: bool, tuned: Path, base: Path) -> dict[str, str]:
+    """What the output's metadata starts from (io.metadata.output_metadata keeps it): sd-scripts' network module
+    and base model version where known, and conv_dim in ss_network_args when conv layers are written (rewritten to
+    the ranks written)."""
+    meta = {"ss_training_comment": f"extracted by lora-resize: {tuned.name} - {base.name}"}
+    if KEY_FORM.get(target) == "kohya":
+        meta["ss_network_module"] = PLAIN_MODULE_OF.get(arch, PLAIN_MODULE)
+        if conv:
+            meta["ss_network_args"] = json.dumps({"conv_dim": "1", "conv_alpha": "1"})
+    version = BASE_VERSIONS.get(arch)
+    if version:
+        meta["ss_base_model_version"] = version
+    return meta
+
+
+@contextlib.contextmanager
+def _extraction(base: str | os.PathLike, tuned: str | os.PathLike, opts: ResizeOptions, bias_diffs: bool,
+                base_variant: str | None) -> Iterator[tuple[Extraction, Checkpoint, Checkpoint]]:
+    """Both checkpoints open and the extraction prepared (prepare); closed on the way out."""
+    if opts.base is not None:
+        raise OptionsError("extract reads its base model from its own base argument; the rank options' base (a "
+                           "model to measure a LoRA against) does not apply")
+    with _open(base, "--base", base_variant) as b, _open(tuned, "--tuned", base_variant) as t:
+        yield prepare(b, t, opts, bias_diffs), b, t
+
+
+def extract(base: str | os.PathLike, tuned: str | os.PathLike, dst: str | os.PathLike,
+            options: ResizeOptions | None = None, *, bias_diffs: bool = True, base_variant: str | None = None,
+            progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
+            **option_fields) -> ResizeResult:
+    """A LoRA of `tuned` - `base` written to `dst` (atomically; neither input is modified): every linear and conv
+    weight that differs, as the best rank-k factors of its difference under the rank options (rank=, method=,
+    param=, target_size=, target_fro=, block_rules=, output_format=, arch=, precision=, ...; `bias_diffs`:
+    differing biases as `.diff_b`; `base_variant`: the weight files of a diffusers folder's variant, in both).
+    Each layer's alpha follows resize's rule (ops.job.alpha_rule): with --rank N, alpha = N (scale 1).
+
+    `base`, `tuned`: .safetensors checkpoints (single files: SD/SDXL original, DiT native or ComfyUI keys) or
+    diffusers model folders, in one layout. Raises OptionsError, InputFileError, LoraStructureError (different
+    models, identical ones, nothing a LoRA names), NumericalError, OutputFileError, DeviceError."""
+    t0 = time.perf_counter()
+    opts = as_options(options, option_fields)
+    local_path(dst, "output")
+    device = compute_device(opts.device)
+    with _extraction(base, tuned, opts, bias_diffs, base_variant) as (x, b, t):
+        dst_path, new_folder = output_file(dst, t.path, x.layout.file_name)
+        for src in (b.path, t.path):
+            check_output_path(src, dst_path, new_folder)
+            if src.is_dir() and dst_path.resolve().is_relative_to(src.resolve()):
+                raise OutputFileError(f"output {dst_path} is inside the input folder {src}; write it elsewhere")
+        done = produce(dst_path, x.out, opts, x.precision, device, progress, on_layer, new_folder)
+    notes = (x.notes + x.certified.notes() + done.write_notes + clamp_notes(done.rows) + x.rules.notes
+             + done.plan_notes)
+    return ResizeResult(src=x.tuned, dst=dst_path, format=x.out.layout.format, precision=x.precision,
+                        options={**done.options.as_dict(), "rule_hits": x.rules.hits, "extracted_from": str(b.path)},
+                        layers=done.rows, passthrough=list(x.out.copied), copied=dict(x.out.layout.known),
+                        cast=done.cast, input_bytes=_size(x.tuned), output_bytes=dst_path.stat().st_size,
+                        seconds=time.perf_counter() - t0, metadata=done.metadata, notes=notes)
+
+
+def extraction_analysis(base: str | os.PathLike, tuned: str | os.PathLike, options: ResizeOptions | None = None, *,
+                        bias_diffs: bool = True, base_variant: str | None = None, progress: Progress | None = None,
+                        sweep: Mapping[str, Sequence] | None = None,
+                        max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR, **option_fields) -> Analysis:
+    """`extract --analyze`: every differing layer decomposed once, then the sizes and fidelities of a sweep of
+    settings (ops.analyze's: `default_sweep()` unless given; a chosen setting as in `analyze`) for the LoRA
+    `extract` would write - nothing is written. Options and errors as `extract` and `analyze`."""
+    t0 = time.perf_counter()
+    shared, chosen = split_options(options, option_fields)
+    device = compute_device(shared.device)
+    with _extraction(base, tuned, shared, bias_diffs, base_variant) as (x, b, t):
+        t1 = time.perf_counter()
+        sps = spectra(x.out.jobs, device, shared.threads, progress)
+        t_dec = time.perf_counter() - t1
+        ev = Evaluator(x.out, sps, x.precision, shared, x.input_precision)
+        a = finish(ev, dict(src=x.tuned, format=x.out.layout.format, precision=x.precision,
+                            input_bytes=_size(x.tuned), dropped=x.rules.dropped, seconds=0.0,
+                            decompose_seconds=t_dec, notes=x.notes + x.certified.notes() + x.rules.notes,
+                            rule_hits=x.rules.hits),
+                   shared, chosen, chosen.label() if chosen else "", sweep, max_effect_error,
+                   reopen=partial(_reopened, base, tuned, shared, bias_diffs, base_variant))
+    a.command = shlex.join(["lora-resize", "extract", "--base", os.fspath(base), "--tuned", os.fspath(tuned),
+                            "-o", "OUT.safetensors"])
+    a.seconds = time.perf_counter() - t0
+    return a
+
+
+@contextlib.contextmanager
+def _reopened(base, tuned, opts: ResizeOptions, bias_diffs: bool, base_variant: str | None, names: list[str]
+              ) -> Iterator[list[LayerJob]]:
+    """The jobs of layers `names` of the extraction, both checkpoints open again (ops.analyze.at_precisions)."""
+    with _extraction(base, tuned, opts, bias_diffs, base_variant) as (x, _, _):
+        jobs = {j.name: j for j in x.out.jobs}
+        yield [jobs[n] for n in names]
+
+
+def _size(path: Path) -> int:
+    """The bytes of a checkpoint: its file, or a diffusers folder's .safetensors files."""
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) if path.is_dir() else path.stat().st_size
