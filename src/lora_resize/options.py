@@ -106,6 +106,11 @@ class ResizeOptions:
         "--arch", group="output", choices=lambda: architectures(),
         help="the model the LoRA is for, when converting (--to, --output-format) or measuring against --base "
              "(default: detected from its keys, shapes and metadata)"))
+    # --- extract: full diffs inside LoRA files
+    diffs_to_lora: bool = field(default=False, metadata=flag(
+        "--diffs-to-lora", group="output", action="store_true",
+        help="write each module stored as a full diff (`<module>.diff`) as a low-rank pair under the rank options "
+             "(the SVD of the diff), instead of copying it as it is"))
     rule: InitVar[str | None] = None
 
     def __post_init__(self, rule: str | None) -> None:
@@ -234,7 +239,8 @@ class ResizeOptions:
             elif self.conv_rank is not None:
                 s += f", conv cap {self.conv_rank}"
         extras = [self.precision, self.output_format and f"{self.output_format} layout",
-                  self.method and self.rank_rule != "exact" and f"{self.rank_rule} rank rule"]
+                  self.method and self.rank_rule != "exact" and f"{self.rank_rule} rank rule",
+                  self.diffs_to_lora and "diffs to LoRA"]
         return ", ".join([s, *(e for e in extras if e)])
 
     def flag_words(self) -> list[str]:
@@ -255,6 +261,8 @@ class ResizeOptions:
                 words += [flag, BUDGETS[f.name].flag_value(value)]
             elif meta["argparse"].get("action") == "append":
                 words += [w for v in value for w in (flag, str(v))]
+            elif meta["argparse"].get("action") == "store_true":
+                words.append(flag)
             else:
                 words += [flag, _number(value) if isinstance(value, float) else str(value)]
         return words

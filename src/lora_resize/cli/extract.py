@@ -11,9 +11,9 @@ DESCRIPTION = ("Write a LoRA of TUNED - BASE: every linear and conv weight of th
                "with every rank option resize has (--rank, --method/--param, --target-size, --target-fro, --rule). "
                "Both checkpoints in one layout: .safetensors single files (SD/SDXL, DiT native, ComfyUI) or "
                "diffusers folders, fp8 with scales read as stored; read one weight at a time. Differing biases are "
-               "written as `.diff_b` (ComfyUI adds them); norms, embeddings and other weights are listed and left "
-               "out. Default layout: the trainers' (kohya names; --output-format for another). --analyze prints "
-               "the sizes and fidelities of the default sweep instead of writing a file.")
+               "left out (--bias-diffs: written as `.diff_b`, which ComfyUI adds), as are norms, embeddings and other "
+               "weights, each listed in a note. Default layout: the trainers' (kohya names; --output-format for "
+               "another). --analyze prints the sizes and fidelities of the default sweep instead of writing a file.")
 EXTRACT_BASE_HELP = "the checkpoint the fine-tune started from (.safetensors file or diffusers folder)"
 
 
@@ -23,8 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output(p, "output LoRA file (.safetensors)")
     p.add_argument("--analyze", action="store_true",
                    help="print the sizes and fidelities of the default sweep of settings; write nothing")
-    p.add_argument("--no-bias-diffs", dest="bias_diffs", action="store_false",
-                   help="leave differing biases out (default: written as `<module>.diff_b`)")
+    p.add_argument("--bias-diffs", action="store_true",
+                   help="write differing biases as `<module>.diff_b` (ComfyUI adds them to the bias; diffusers' "
+                        "kohya loader refuses such a file); default: left out, listed in a note")
     add_option_groups(p, "rank", "output", "compute")
     for a in p._actions:  # the rank group's --base (a base to measure a LoRA against) is extract's base model
         if a.dest == "base":

@@ -51,9 +51,10 @@ from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
 from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
 from ..units import format_size
+from .diffs import Certified, full_diffs_as_pairs, layer_job
 from .effect import Probing
-from .job import (LayerJob, Output, alpha_rule, metadata_for, module_job, output_scale, precision_of, sizer_for, spectra,
-                  start_layer, with_base)
+from .job import (LayerJob, Output, alpha_rule, metadata_for, output_scale, precision_of, sizer_for,
+                  spectra, start_layer, with_base)
 
 # what names a chosen setting: what a sweep's settings replace (a method and its parameter - `method="fixed"` with
 # a rank names that fixed rank -, a budget, explicit ranks); every other user-facing option is shared by all the
@@ -145,7 +146,7 @@ def default_sweep(base: bool = False) -> dict[str, tuple]:
 
 # what a decomposition is read under: another value needs the file read (and decomposed) again
 READ_UNDER = {"output_format": "the output layout", "arch": "the architecture", "base": "the base model",
-              "base_variant": "the base model's variant"}
+              "base_variant": "the base model's variant", "diffs_to_lora": "whether full diffs are pairs"}
 
 
 class Evaluator:
@@ -288,10 +289,12 @@ Reopen = Callable[[list[str]], ContextManager[list[LayerJob]]]  # layer names ->
 @contextlib.contextmanager
 def reread(src: os.PathLike, ev: Evaluator, names: list[str]) -> Iterator[list[LayerJob]]:
     """The jobs of layers `names` of the LoRA file `src`, read again as `ev` read it (its source open meanwhile)."""
-    with open_tensor_file(src) as reader:
+    with open_tensor_file(src) as file:
+        reader, _ = full_diffs_as_pairs(file) if ev.analyzed.diffs_to_lora else (file, [])
         layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch)
         modules = {m.name: m for m in layout.modules}
-        yield [module_job(modules[n], reader, ev.analyzed.output_format is not None) for n in names]
+        yield [layer_job(modules[n], reader, ev.analyzed, Certified(), ev.analyzed.output_format is not None)
+               for n in names]
 
 
 def at_precisions(ev: Evaluator, src: os.PathLike | Reopen, row: SettingRow, sample: int = ROUNDING_SAMPLE
@@ -395,13 +398,14 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
     fields that describe the file."""
     src = resolve_input(local_path(src, "input"))
     device = compute_device(shared.device)
-    with open_tensor_file(src) as reader:
+    with open_tensor_file(src) as file:
+        reader, diff_notes = full_diffs_as_pairs(file) if shared.diffs_to_lora else (file, [])
         layout = read_layout(reader.infos(), reader.metadata, src, shared.output_format, shared.arch)
         precision, precision_notes = precision_of(layout, reader.infos(), shared.precision)
         input_precision = precision_of(layout, reader.infos(), None)[0]
         rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
-        jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
+        jobs = [layer_job(m, reader, shared, Certified()) for m in layout.modules if m.name in kept]
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, shared, base_config)
         t1 = time.perf_counter()
         sps = spectra(jobs, device, shared.threads, progress)
@@ -410,7 +414,8 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
                      cast=shared.precision is not None)
     return Evaluator(out, sps, precision, shared, input_precision), dict(
         src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
-        seconds=0.0, decompose_seconds=t_dec, notes=precision_notes + rules.notes + list(layout.notes) + base_notes,
+        seconds=0.0, decompose_seconds=t_dec,
+        notes=precision_notes + rules.notes + list(layout.notes) + base_notes + diff_notes,
         rule_hits=rules.hits)
 
 
@@ -453,7 +458,8 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
     t0 = time.perf_counter()
     names = {f.name for f in fields(ResizeOptions)}
     chosen = ResizeOptions(**{k: v for k, v in result.options.items() if k in names})
-    with open_tensor_file(result.src) as reader:
+    with open_tensor_file(result.src) as file:
+        reader, _ = full_diffs_as_pairs(file) if chosen.diffs_to_lora else (file, [])
         layout = read_layout(reader.infos(), reader.metadata, result.src, chosen.output_format, chosen.arch)
         modules = {m.name: m for m in layout.modules}
         sps = []
@@ -463,7 +469,7 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
             in_ch = row.in_features // math.prod(kernel) if kernel else row.in_features
             sps.append(Spectrum(row.name, row.kind, row.out_features, row.in_features, row.old_rank, row.old_alpha,
                                 row.scale, kernel, in_ch, row.singular_values, row.base))
-        jobs = [module_job(modules[row.name], reader) for row in result.layers]
+        jobs = [layer_job(modules[row.name], reader, chosen, Certified()) for row in result.layers]
         out = Output(layout, jobs, copied_sources(layout, reader),
                      [InputRecord(result.src.name, reader.metadata)], cast=chosen.precision is not None)
         ev = Evaluator(out, sps, result.precision, chosen, precision_of(layout, reader.infos(), None)[0])

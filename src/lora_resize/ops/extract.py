@@ -2,7 +2,7 @@
 changed, with every rank setting resize has.
 
     base, tuned (io.checkpoint: one weight at a time) -> the differing weights, paired by name
-    -> a dense difference per module (DiffSource: a LoRA "of full rank" whose pair is the difference and an
+    -> a dense difference per module (DenseSource: a LoRA "of full rank" whose pair is the difference and an
        identity on its smaller side, so the key families, the model tables and the layout conversions read it as
        any LoRA file) -> formats.read_layout (the architecture detected, the output layout)
     -> LayerJob with its own decomposition (core.dense.decompose_dense: the SVD of the difference itself)
@@ -10,13 +10,13 @@ changed, with every rank setting resize has.
 
 Which weights: 2-D (linear) and 3- to 5-D (conv) weights of the denoiser and of the text encoders that LoRA
 layouts name (formats.convert.read_name); a differing bias of such a module becomes its `.diff_b` (ComfyUI's
-comfy/lora.py `load_lora` adds it to the bias) unless `bias_diffs` is off or the layout has no such key (diffusers,
-PEFT); differing norms, embeddings and weights of no LoRA module (a VAE) are listed in a note and left out."""
+comfy/lora.py `load_lora` adds it to the bias) with `bias_diffs` in the kohya-style layouts (off by default:
+diffusers' kohya loader refuses a file with such keys; diffusers' and PEFT's layouts have none); differing norms,
+embeddings and weights of no LoRA module (a VAE) are listed in a note and left out."""
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shlex
@@ -28,26 +28,20 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from ..core.dense import decompose_dense
-from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, compute_device
-from ..core.truncate import FP8
 from ..errors import InputFileError, LoraStructureError, OptionsError, OutputFileError
 from ..formats import Layout, detect, read_layout
 from ..formats.convert import KEY_FORM, copied_sources, detect_arch, read_name, scheme_of
-from ..formats.kohya import DOWN, UP
 from ..io.checkpoint import ACTIVATION_SCALES, COMFY_QUANT, WEIGHT_SCALES, Checkpoint
 from ..io.metadata import PLAIN_MODULE, PLAIN_MODULE_OF, InputRecord
 from ..io.paths import check_output_path, local_path, output_file
-from ..io.reader import TensorInfo
 from ..models import SD
 from ..options import ResizeOptions
-from ..ranks.plan import values_needed
 from ..ranks.rules import RuleOutcome, apply_rules
 from ..results import DEFAULT_MAX_EFFECT_ERROR, Analysis, LayerResult, ResizeResult
 from .analyze import Evaluator, finish, split_options
-from .job import (LayerJob, Output, as_options, checked, clamp_notes, factor_bytes, precision_of, produce,
-                  spectra)
+from .diffs import Certified, Dense, DenseSource, layer_job
+from .job import LayerJob, Output, as_options, clamp_notes, precision_of, produce, spectra
 
 BIAS_DIFF = ".diff_b"
 # single-file checkpoints' prefixes, and the name each weight's module is read under (formats.convert.read_name):
@@ -71,57 +65,26 @@ class Difference:
     dtype: torch.dtype
 
 
-class DiffSource:
-    """A TensorSource of the dense differences as a kohya-form LoRA of full rank: module `<name>` has
-    `<name>.lora_up.weight` @ `<name>.lora_down.weight` = W_tuned - W_base, one of the two the identity on the
-    smaller side (so the key families and layout conversions read, rename, split and fuse it like any LoRA, and no
-    identity larger than the difference is ever made), and `<name>.diff_b` = b_tuned - b_base. Data is read from
-    the checkpoints when asked for, one weight at a time. Infos state the tuned weights' dtypes (fp8: bf16), which
-    set the default save precision."""
+def difference_source(base: Checkpoint, tuned: Checkpoint, diffs: list["Difference"], biases: dict[str, str]
+                      ) -> DenseSource:
+    """The differences as a DenseSource: module `<name>` of each differing weight W_tuned - W_base (its tuned
+    dtype stated), and `<name>.diff_b` = b_tuned - b_base for `biases` (module -> bias key)."""
+    def reader(key: str) -> Callable[[], torch.Tensor]:
+        return lambda: _difference(base, tuned, key)
+    return DenseSource(tuned.path, {}, {d.module: Dense(d.shape, d.dtype, reader(d.key)) for d in diffs},
+                       {m + BIAS_DIFF: Dense(tuple(tuned.info(k).shape), tuned.info(k).dtype, reader(k))
+                        for m, k in biases.items()})
 
-    def __init__(self, base: Checkpoint, tuned: Checkpoint, diffs: list[Difference], biases: dict[str, str]):
-        self.base, self.tuned = base, tuned
-        self.path = tuned.path
-        self.metadata: dict[str, str] = {}
-        self._infos: dict[str, TensorInfo] = {}
-        self._where: dict[str, tuple[str, str]] = {}  # key -> (checkpoint key, what: up / down / up_eye / ...)
-        for d in diffs:
-            out, n = d.shape[0], math.prod(d.shape[1:])
-            r = min(out, n)
-            dtype = torch.bfloat16 if d.dtype in FP8 else d.dtype
-            kernel = tuple(d.shape[2:])
-            self._infos[d.module + UP] = TensorInfo((out, r, *([1] * len(kernel))), dtype)
-            self._infos[d.module + DOWN] = TensorInfo((r, *d.shape[1:]), dtype)
-            self._where[d.module + UP] = (d.key, "eye" if out <= n else "diff")
-            self._where[d.module + DOWN] = (d.key, "diff" if out <= n else "eye")
-        for module, key in biases.items():
-            info = tuned.info(key)
-            self._infos[module + BIAS_DIFF] = TensorInfo(tuple(info.shape),
-                                                         torch.bfloat16 if info.dtype in FP8 else info.dtype)
-            self._where[module + BIAS_DIFF] = (key, "bias")
 
-    def infos(self) -> dict[str, TensorInfo]:
-        return self._infos
-
-    def get(self, key: str) -> torch.Tensor:
-        ckpt_key, what = self._where[key]
-        info = self._infos[key]
-        if what == "eye":
-            return torch.eye(info.shape[0], dtype=torch.float64).reshape(info.shape)
-        diff = self.difference(ckpt_key)
-        if what == "bias":
-            return diff.reshape(info.shape).to(info.dtype)
-        return diff.reshape(info.shape)
-
-    def difference(self, key: str) -> torch.Tensor:
-        """W_tuned - W_base of checkpoint key `key` as a float64 matrix (fp8 weights with their scales)."""
-        d = self.tuned.matrix(key) - self.base.matrix(key)
-        if not bool(torch.isfinite(d).all()):
-            raise InputFileError(f"{key} holds NaN or Inf in --base or --tuned; the checkpoint is damaged")
-        return d
-
-    def close(self) -> None:
-        pass
+def _difference(base: Checkpoint, tuned: Checkpoint, key: str) -> torch.Tensor:
+    """W_tuned - W_base of checkpoint key `key`, float64 (a weight as a matrix, fp8 with its scale)."""
+    if key.endswith(".weight"):
+        d = tuned.matrix(key) - base.matrix(key)
+    else:
+        d = tuned.tensor(key).to(torch.float64) - base.tensor(key).to(torch.float64)
+    if not bool(torch.isfinite(d).all()):
+        raise InputFileError(f"{key} holds NaN or Inf in --base or --tuned; the checkpoint is damaged")
+    return d
 
 
 def module_name(key: str, folder: bool) -> str | None:
@@ -199,7 +162,7 @@ def pair_weights(base: Checkpoint, tuned: Checkpoint, bias_diffs: bool) -> Pairi
         if stem in modules and bias_diffs:
             p.biases[modules[stem]] = k
         else:
-            p.left.setdefault("biases" + ("" if bias_diffs else " (--no-bias-diffs)"), []).append(k)
+            p.left.setdefault("biases" + ("" if bias_diffs else " (--bias-diffs writes them as .diff_b)"), []).append(k)
     return p
 
 
@@ -210,43 +173,6 @@ def _differs(base: Checkpoint, tuned: Checkpoint, key: str) -> bool:
         return not torch.equal(base.matrix(key), tuned.matrix(key))
     a, b = base.tensor(key), tuned.tensor(key)
     return not (torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.to(torch.float64), b.to(torch.float64)))
-
-
-def dense_of(layer: LowRankLayer) -> torch.Tensor:
-    """The dense difference a DiffSource layer holds: its non-identity factor, or (a fused output module's
-    block-diagonal stack) the product."""
-    up, down = layer.up, layer.down
-    for eye, other in ((up, down), (down, up)):
-        n = eye.shape[0]
-        if eye.shape == (n, n) and torch.equal(eye, torch.eye(n, dtype=eye.dtype, device=eye.device)):
-            return other.to(torch.float64)
-    return up.to(torch.float64) @ down.to(torch.float64)
-
-
-@dataclass
-class Certified:
-    """What each layer's decomposition certified: name -> (complete, excess, fallback)."""
-    layers: dict[str, tuple[bool, float, bool]] = field(default_factory=dict)
-
-    def decomposer(self, name: str, need: int | None) -> Callable:
-        def decompose(layer: LowRankLayer, device: torch.device, vectors: bool):
-            dec = decompose_dense(dense_of(layer), need if vectors else None, device)
-            self.layers[name] = (dec.complete, dec.excess, dec.fallback)
-            return dec
-        return decompose
-
-    def notes(self) -> list[str]:
-        if not self.layers:
-            return []
-        exact = [n for n, (complete, excess, _) in self.layers.items() if complete and excess == 0]
-        if len(exact) == len(self.layers):
-            return [f"all {len(exact)} layer(s) decomposed exactly (the whole spectrum): each writes the best rank-k "
-                    "approximation of its difference"]
-        worst = max(self.layers.items(), key=lambda kv: kv[1][1])
-        fell = sum(1 for c in self.layers.values() if c[2])
-        return [f"{len(exact)} layer(s) exact, {len(self.layers) - len(exact)} certified: each written layer's "
-                f"squared error is at most (1 + {worst[1][1]:.2g}) x the best rank-k's (worst: {worst[0]})"
-                + (f"; {fell} fell back to the exact route" if fell else "")]
 
 
 @dataclass
@@ -269,7 +195,7 @@ def _open(path: str, role: str, variant: str | None) -> Checkpoint:
         raise InputFileError(str(e).replace("--base", role)) from None
 
 
-def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs: bool = True) -> Extraction:
+def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs: bool = False) -> Extraction:
     """The differences read as a LoRA in the output layout (opts.output_format, default kohya: the trainers'
     native names), with the jobs; nothing decomposed yet."""
     p = pair_weights(base, tuned, bias_diffs)
@@ -280,7 +206,7 @@ def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs
     if not p.diffs:
         raise LoraStructureError("no linear or conv weight differs between --base and --tuned (only "
                                  f"{', '.join(p.left)}); there is no LoRA to extract - nothing was written")
-    src = DiffSource(base, tuned, p.diffs, p.biases)
+    src = difference_source(base, tuned, p.diffs, p.biases)
     parsed = detect(src.infos(), {})
     arch = detect_arch(parsed, scheme_of(parsed), opts.arch, src.infos())
     scheme = scheme_of(parsed)
@@ -294,21 +220,14 @@ def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs
         if not keep:
             raise LoraStructureError(f"none of the differing weights is a module a LoRA names (e.g. {unread[0]}); "
                                      "give --arch if the model is another - nothing was written")
-        src = DiffSource(base, tuned, p.diffs, p.biases)
+        src = difference_source(base, tuned, p.diffs, p.biases)
     arch_name = SD if arch is None else arch.name
     src.metadata = _input_metadata(arch_name, target, any(len(d.shape) > 2 for d in p.diffs), tuned.path, base.path)
     layout = read_layout(src.infos(), src.metadata, None, target, arch_name)
     rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
     kept = set(rules.kept)
     certified = Certified()
-    jobs = []
-    for m in layout.modules:
-        if m.name not in kept:
-            continue
-        conv = len(m.weight_shape(src.infos())[1]) > 1
-        jobs.append(LayerJob(m.name, (lambda m=m: checked(m.name, m.load(src))), m,
-                             (lambda m=m: m.scale_and_rank(src)), factor_bytes(m, src.infos()),
-                             decompose=certified.decomposer(m.name, values_needed(opts, conv))))
+    jobs = [layer_job(m, src, opts, certified) for m in layout.modules if m.name in kept]
     precision, precision_notes = precision_of(layout, src.infos(), opts.precision)
     out = Output(layout, jobs, copied_sources(layout, src), [InputRecord(tuned.path.name, src.metadata)],
                  cast=opts.precision is not None)
@@ -316,8 +235,8 @@ def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs
                                f"({arch.title if arch else 'Stable Diffusion'}, {target} layout)"]
     notes += [f"left out: {len(keys)} differing {why} (e.g. {keys[0]})" for why, keys in p.left.items()]
     if p.biases:
-        notes.append(f"{len(p.biases)} differing bias(es) written as `.diff_b` (added to the bias by ComfyUI; "
-                     "--no-bias-diffs leaves them out)")
+        notes.append(f"{len(p.biases)} differing bias(es) written as `.diff_b` (ComfyUI adds them to the bias; "
+                     "diffusers' kohya loader refuses a file with them)")
     return Extraction(out, precision, notes + list(layout.notes), rules, certified, tuned.path, layout,
                       precision_of(layout, src.infos(), None)[0])
 
@@ -341,6 +260,9 @@ def _input_metadata(arch: str, target: str, conv: bool, tuned: Path, base: Path)
 def _extraction(base: str | os.PathLike, tuned: str | os.PathLike, opts: ResizeOptions, bias_diffs: bool,
                 base_variant: str | None) -> Iterator[tuple[Extraction, Checkpoint, Checkpoint]]:
     """Both checkpoints open and the extraction prepared (prepare); closed on the way out."""
+    if opts.diffs_to_lora:
+        raise OptionsError("--diffs-to-lora turns the full diffs inside a LoRA file into pairs (resize); extract "
+                           "writes every difference as a pair already: drop it")
     if opts.base is not None:
         raise OptionsError("extract reads its base model from its own base argument; the rank options' base (a "
                            "model to measure a LoRA against) does not apply")
@@ -349,13 +271,14 @@ def _extraction(base: str | os.PathLike, tuned: str | os.PathLike, opts: ResizeO
 
 
 def extract(base: str | os.PathLike, tuned: str | os.PathLike, dst: str | os.PathLike,
-            options: ResizeOptions | None = None, *, bias_diffs: bool = True, base_variant: str | None = None,
+            options: ResizeOptions | None = None, *, bias_diffs: bool = False, base_variant: str | None = None,
             progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
             **option_fields) -> ResizeResult:
     """A LoRA of `tuned` - `base` written to `dst` (atomically; neither input is modified): every linear and conv
     weight that differs, as the best rank-k factors of its difference under the rank options (rank=, method=,
     param=, target_size=, target_fro=, block_rules=, output_format=, arch=, precision=, ...; `bias_diffs`:
-    differing biases as `.diff_b`; `base_variant`: the weight files of a diffusers folder's variant, in both).
+    differing biases as `.diff_b`, which ComfyUI reads and diffusers' kohya loader refuses; `base_variant`: the
+    weight files of a diffusers folder's variant, in both).
     Each layer's alpha follows resize's rule (ops.job.alpha_rule): with --rank N, alpha = N (scale 1).
 
     `base`, `tuned`: .safetensors checkpoints (single files: SD/SDXL original, DiT native or ComfyUI keys) or
@@ -382,7 +305,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, dst: str | os.Pat
 
 
 def extraction_analysis(base: str | os.PathLike, tuned: str | os.PathLike, options: ResizeOptions | None = None, *,
-                        bias_diffs: bool = True, base_variant: str | None = None, progress: Progress | None = None,
+                        bias_diffs: bool = False, base_variant: str | None = None, progress: Progress | None = None,
                         sweep: Mapping[str, Sequence] | None = None,
                         max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR, **option_fields) -> Analysis:
     """`extract --analyze`: every differing layer decomposed once, then the sizes and fidelities of a sweep of

@@ -22,8 +22,8 @@ from ..io.writer import hashed
 from ..options import ResizeOptions
 from ..ranks.rules import RuleOutcome, apply_rules
 from ..results import LayerResult, ResizeResult
-from .job import (Output, as_options, build_output, clamp_notes, growth_notes, module_job, precision_of, produce,
-                  with_base)
+from .diffs import Certified, full_diffs_as_pairs, layer_job
+from .job import (Output, as_options, build_output, clamp_notes, growth_notes, precision_of, produce, with_base)
 
 
 @dataclass
@@ -43,20 +43,22 @@ def _prepared(src: str | os.PathLike, opts: ResizeOptions,
     """The input opened, read as its layout and checked, with the jobs of the layers to resize; `check(src,
     layout)` runs as soon as the layout is known (the output path's checks: before any base model is read)."""
     src = resolve_input(local_path(src, "input"))
-    with open_tensor_file(src) as reader:
+    with open_tensor_file(src) as file:
+        reader, diff_notes = full_diffs_as_pairs(file) if opts.diffs_to_lora else (file, [])
         layout = read_layout(reader.infos(), reader.metadata, src, opts.output_format, opts.arch)
         if check is not None:
             check(src, layout)
         precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
         rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
-        jobs = [module_job(m, reader, opts.output_format is not None) for m in layout.modules
+        certified = Certified()
+        jobs = [layer_job(m, reader, opts, certified, opts.output_format is not None) for m in layout.modules
                 if m.name in kept]
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
         out = Output(layout, jobs, copied_sources(layout, reader),
                      [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
         yield _Prepared(src, reader, layout, precision, rules, out,
-                        precision_notes + list(layout.notes) + base_notes)
+                        precision_notes + list(layout.notes) + base_notes + diff_notes)
 
 
 def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOptions | None = None, *,
