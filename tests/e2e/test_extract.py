@@ -243,30 +243,31 @@ def test_half_and_fp8_inputs(sd1, tmp_path, dtype):
 
 
 @pytest.mark.thirdparty
-def test_diffusers_loads_the_extracted_lora(sd1, tmp_path):
-    """diffusers' load_lora_weights + fuse_lora on the base pipeline: each patched weight is base + the best rank-k
-    approximation of the difference."""
+@pytest.mark.parametrize("layout", [None, "diffusers"])
+def test_diffusers_loads_the_extracted_lora(sd1, tmp_path, layout):
+    """diffusers' load_lora_weights + fuse_lora on the base pipeline, the default (kohya) layout and diffusers':
+    every linear and conv weight of the UNet and the text encoder becomes base + the best rank-k approximation of
+    its difference."""
     from helpers import loader_messages
     base, tuned, root = sd1
-    extract(root / "base", root / "tuned", tmp_path / "x.safetensors", rank=2)  # the default: no bias diffs
-    tensors, _ = load_st(tmp_path / "x.safetensors")
+    extract(root / "base", root / "tuned", tmp_path / "x.safetensors", rank=2, output_format=layout)
     pipe = copy.deepcopy(base)
     with loader_messages() as msgs:
         pipe.load_lora_weights(str(tmp_path / "x.safetensors"))
         pipe.fuse_lora(components=["unet", "text_encoder"])
     assert msgs == []
     checked = 0
-    for name in names_of(tensors):
-        comp, path = sd.from_kohya(name)
-        model = getattr(pipe, comp)
-        mods = dict(model.named_modules())
-        mod = mods.get(path) or mods.get(path.removeprefix("text_model."))
-        w0 = dict(getattr(base, comp).named_modules())[path if path in mods else
-                                                       path.removeprefix("text_model.")].weight
-        got = (mod.weight.detach().double() - w0.detach().double()).reshape(w0.shape[0], -1)
-        assert rel_err(got, best_rank_k(true_delta(base, tuned, name), 2)) < 1e-4, name
-        checked += 1
-    assert checked == len(names_of(tensors))
+    for comp in ("unet", "text_encoder"):
+        fused, before, after = (dict(getattr(p, comp).named_modules()) for p in (pipe, base, tuned))
+        for path, mod in before.items():
+            if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            w0 = mod.weight.detach().double()
+            got = (fused[path].weight.detach().double() - w0).reshape(w0.shape[0], -1)
+            D = (after[path].weight.detach().double() - w0).reshape(w0.shape[0], -1)
+            assert rel_err(got, best_rank_k(D, 2)) < 1e-4, (comp, path)
+            checked += 1
+    assert checked == 133
 
 
 def test_flux_native_and_diffusers_layouts(tmp_path):

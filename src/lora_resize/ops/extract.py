@@ -52,8 +52,8 @@ FILE_PREFIXES = (("model.diffusion_model.", "diffusion_model."), ("diffusion_mod
 CLIP_UNWRAPPED = ("encoder.layers.", "embeddings.", "final_layer_norm.")
 EMBEDDING = re.compile(r"(^|[._])(token_embedding|position_embedding|embed_tokens|embed_positions|wte|wpe|shared|"
                        r"word_embeddings|position_embeddings)$")
-# sd-scripts' ss_base_model_version of the architectures it trains (library/sdxl_model_util.py, flux_utils.py)
-BASE_VERSIONS = {"flux1": "flux1", "sd3": "sd3"}
+# sd-scripts' ss_base_model_version where the keys tell it (library/flux_utils.py MODEL_VERSION_FLUX_V1)
+BASE_VERSIONS = {"flux1": "flux1"}
 
 
 @dataclass
