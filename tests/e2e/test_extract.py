@@ -301,3 +301,36 @@ def test_flux_native_and_diffusers_layouts(tmp_path):
         results[form] = set(names)
         assert r.layers
     assert results["single"] == results["folder"]
+
+
+def test_sdxl_single_file_open_clip_thirds(tmp_path):
+    """SDXL's single file keeps its second text encoder as OpenCLIP (q, k, v as thirds of attn.in_proj_weight):
+    each third is its own module under CLIP's name (lora_te2_..._q_proj), the best rank-k of its rows'
+    difference; its biases' thirds are the modules' .diff_b."""
+    base = pipelines.tiny_pipeline("sdxl", seed=0)
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for mod in tuned.text_encoder_2.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.weight.shape[0] == mod.weight.shape[1]:
+                mod.weight += 0.01 * torch.randn(mod.weight.shape, generator=g)
+                mod.bias += 0.01 * torch.randn(mod.bias.shape, generator=g)
+        q = tuned.text_encoder_2.text_model.encoder.layers[0].self_attn.v_proj
+        q.weight -= 0.01 * torch.randn(q.weight.shape, generator=g)  # one more change on v
+    for name, pipe in (("base", base), ("tuned", tuned)):
+        pipelines.save_single_file(pipe, tmp_path / f"{name}.safetensors")
+    r = extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "x.safetensors", rank=2,
+                bias_diffs=True)
+    tensors, _ = load_st(tmp_path / "x.safetensors")
+    names = names_of(tensors)
+    assert names and all(n.startswith("lora_te2_text_model_encoder_layers_") for n in names)
+    assert {n.rsplit("_", 2)[-2] for n in names if "self_attn" in n} >= {"q", "k", "v", "out"}
+    sdt, sdb = tuned.text_encoder_2.state_dict(), base.text_encoder_2.state_dict()
+    for name in names:
+        path = sd.from_kohya(name)[1]
+        key = path if path + ".weight" in sdt else path.removeprefix("text_model.")
+        D = sdt[key + ".weight"].double() - sdb[key + ".weight"].double()
+        assert rel_err(written(tensors, name), best_rank_k(D, 2)) < 1e-5, name
+        assert torch.allclose(tensors[name + ".diff_b"].double(), sdt[key + ".bias"].double()
+                              - sdb[key + ".bias"].double(), atol=1e-7), name
+    assert len(r.layers) == len(names)

@@ -49,6 +49,11 @@ BIAS_DIFF = ".diff_b"
 FILE_PREFIXES = (("model.diffusion_model.", "diffusion_model."), ("diffusion_model.", "diffusion_model."),
                  ("cond_stage_model.transformer.", "text_encoder."),
                  ("conditioner.embedders.0.transformer.", "text_encoder."))
+# OpenCLIP text encoders in single files (SD2's, SDXL's second): prefix -> the diffusers component they are
+OPEN_CLIP = (("conditioner.embedders.1.model.", "text_encoder_2"), ("cond_stage_model.model.", "text_encoder"))
+OPEN_CLIP_TENSOR = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)"
+                              r"[._](weight|bias)$")
+OPEN_CLIP_NAMES = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 CLIP_UNWRAPPED = ("encoder.layers.", "embeddings.", "final_layer_norm.")
 EMBEDDING = re.compile(r"(^|[._])(token_embedding|position_embedding|embed_tokens|embed_positions|wte|wpe|shared|"
                        r"word_embeddings|position_embeddings)$")
@@ -58,22 +63,28 @@ BASE_VERSIONS = {"flux1": "flux1"}
 
 @dataclass
 class Difference:
-    """A differing weight of the two checkpoints: its key, the module name it is read under, its shape."""
+    """A differing tensor of the two checkpoints: its key, the module name it is read under, its shape and dtype
+    (tuned's), and its rows of the stored tensor (None: all; an OpenCLIP q, k or v is a third of in_proj)."""
     key: str
     module: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    rows: tuple[int, int] | None = None
+
+    def dense(self, base: Checkpoint, tuned: Checkpoint) -> Dense:
+        """What a DenseSource serves for it: the difference's rows, read when asked for."""
+        def read() -> torch.Tensor:
+            d = _difference(base, tuned, self.key)
+            return d if self.rows is None else d[self.rows[0]:self.rows[1]]
+        return Dense(self.shape, self.dtype, read)
 
 
-def difference_source(base: Checkpoint, tuned: Checkpoint, diffs: list["Difference"], biases: dict[str, str]
+def difference_source(base: Checkpoint, tuned: Checkpoint, diffs: list[Difference], biases: list[Difference]
                       ) -> DenseSource:
-    """The differences as a DenseSource: module `<name>` of each differing weight W_tuned - W_base (its tuned
-    dtype stated), and `<name>.diff_b` = b_tuned - b_base for `biases` (module -> bias key)."""
-    def reader(key: str) -> Callable[[], torch.Tensor]:
-        return lambda: _difference(base, tuned, key)
-    return DenseSource(tuned.path, {}, {d.module: Dense(d.shape, d.dtype, reader(d.key)) for d in diffs},
-                       {m + BIAS_DIFF: Dense(tuple(tuned.info(k).shape), tuned.info(k).dtype, reader(k))
-                        for m, k in biases.items()})
+    """The differences as a DenseSource: module `<name>` of each differing weight W_tuned - W_base, and
+    `<name>.diff_b` = b_tuned - b_base for its differing bias."""
+    return DenseSource(tuned.path, {}, {d.module: d.dense(base, tuned) for d in diffs},
+                       {b.module + BIAS_DIFF: b.dense(base, tuned) for b in biases})
 
 
 def _difference(base: Checkpoint, tuned: Checkpoint, key: str) -> torch.Tensor:
@@ -108,17 +119,32 @@ def module_name(key: str, folder: bool) -> str | None:
 
 @dataclass
 class Pairing:
-    """The differing weights (`diffs`), their modules' differing biases (module -> bias key), and what was left
-    out, as notes."""
+    """The differing weights (`diffs`), their modules' differing biases (`biases`), and what was left out (why ->
+    keys)."""
     diffs: list[Difference]
-    biases: dict[str, str]
-    notes: list[str] = field(default_factory=list)
-    left: dict[str, list[str]] = field(default_factory=dict)  # why -> keys
+    biases: list[Difference]
+    left: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _scale_like(key: str) -> bool:
     suffix = key.rpartition(".")[2]
     return suffix in WEIGHT_SCALES or suffix in ACTIVATION_SCALES or suffix == COMFY_QUANT
+
+
+def open_clip_parts(key: str, shape: tuple[int, ...]) -> tuple[str, list[tuple[str, tuple[int, int] | None]]] | None:
+    """('weight' or 'bias', [(module, rows)]) of an OpenCLIP text-encoder tensor in a single-file checkpoint (SD2's
+    encoder, SDXL's second) under CLIP's diffusers names, q, k and v as thirds of attn.in_proj (the inverse of
+    formats.weights._open_clip); None for another key."""
+    for prefix, comp in OPEN_CLIP:
+        hit = OPEN_CLIP_TENSOR.match(key[len(prefix):]) if key.startswith(prefix) else None
+        if hit is None:
+            continue
+        layer = f"{comp}.text_model.encoder.layers.{hit.group(1)}."
+        if hit.group(2) == "attn.in_proj":
+            w = shape[0] // 3
+            return hit.group(3), [(f"{layer}self_attn.{x}_proj", (j * w, (j + 1) * w)) for j, x in enumerate("qkv")]
+        return hit.group(3), [(layer + OPEN_CLIP_NAMES[hit.group(2)], None)]
+    return None
 
 
 def pair_weights(base: Checkpoint, tuned: Checkpoint, bias_diffs: bool) -> Pairing:
@@ -136,43 +162,56 @@ def pair_weights(base: Checkpoint, tuned: Checkpoint, bias_diffs: bool) -> Pairi
         raise LoraStructureError(f"--base and --tuned are different models (or layouts): only {len(shared)} of "
                                  f"{tensors} weights have the same name in both; give two checkpoints of one model in "
                                  "one layout (both single files, or both diffusers folders)")
-    p = Pairing([], {})
-    changed_bias: dict[str, str] = {}
+    p = Pairing([], [])
+    biases: list[Difference] = []
     for k in shared:
         if not _differs(base, tuned, k):
             continue
+        shape, dtype = tuple(base.info(k).shape), tuned.info(k).dtype
         stem, _, suffix = k.rpartition(".")
-        ndim = len(base.info(k).shape)
-        name = module_name(k, base.folder) if suffix == "weight" else None
-        if suffix == "bias":
-            changed_bias[stem] = k
-        elif suffix != "weight" or ndim < 2:
+        clip = open_clip_parts(k, shape)
+        if clip is not None:
+            kind, parts = clip
+            found = [Difference(k, m, (r[1] - r[0], *shape[1:]) if r else shape, dtype, r) for m, r in parts
+                     if r is None or _differs(base, tuned, k, r)]
+            (biases if kind == "bias" else p.diffs).extend(found)
+        elif suffix == "bias":
+            name = module_name(stem + ".weight", base.folder)
+            biases.append(Difference(k, name or stem, shape, dtype))
+        elif suffix != "weight" or len(shape) < 2:
             p.left.setdefault("1-D weights (norms, scales) and other tensors", []).append(k)
-        elif ndim > 5 or EMBEDDING.search(stem):
+        elif len(shape) > 5 or EMBEDDING.search(stem):
             p.left.setdefault("embeddings", []).append(k)
-        elif name is None:
+        elif module_name(k, base.folder) is None:
             p.left.setdefault("weights of no LoRA module (VAE, other encoders)", []).append(k)
         else:
-            p.diffs.append(Difference(k, name, tuple(base.info(k).shape), tuned.info(k).dtype))
-    if not p.diffs and not changed_bias and not p.left:
+            p.diffs.append(Difference(k, module_name(k, base.folder), shape, dtype))
+    if not p.diffs and not biases and not p.left:
         raise LoraStructureError("--base and --tuned hold the same weights (no difference): there is nothing to "
                                  "extract; nothing was written")
-    modules = {d.key[: -len(".weight")]: d.module for d in p.diffs}
-    for stem, k in changed_bias.items():
-        if stem in modules and bias_diffs:
-            p.biases[modules[stem]] = k
+    modules = {d.module for d in p.diffs}
+    for b in biases:
+        if b.module in modules and bias_diffs:
+            p.biases.append(b)
         else:
-            p.left.setdefault("biases" + ("" if bias_diffs else " (--bias-diffs writes them as .diff_b)"), []).append(k)
+            why = "biases" + ("" if bias_diffs else " (--bias-diffs writes them as .diff_b)")
+            p.left.setdefault(why, []).append(b.key)
     return p
 
 
-def _differs(base: Checkpoint, tuned: Checkpoint, key: str) -> bool:
-    """The tensor differs: bit for bit as stored, or, for a weight beside a scale (fp8), as read with it."""
+def _differs(base: Checkpoint, tuned: Checkpoint, key: str, rows: tuple[int, int] | None = None) -> bool:
+    """The tensor (its `rows`) differs: bit for bit as stored, or, for a weight beside a scale (fp8), as read with
+    it."""
     stem = key.rpartition(".")[0]
     if key.endswith(".weight") and any(f"{stem}.{s}" in c for s in WEIGHT_SCALES for c in (base, tuned)):
-        return not torch.equal(base.matrix(key), tuned.matrix(key))
-    a, b = base.tensor(key), tuned.tensor(key)
-    return not (torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.to(torch.float64), b.to(torch.float64)))
+        a, b = base.matrix(key), tuned.matrix(key)
+    else:
+        a, b = base.tensor(key), tuned.tensor(key)
+        if a.dtype != b.dtype:
+            a, b = a.to(torch.float64), b.to(torch.float64)
+    if rows is not None:
+        a, b = a[rows[0]:rows[1]], b[rows[0]:rows[1]]
+    return not torch.equal(a, b)
 
 
 @dataclass
@@ -201,8 +240,8 @@ def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs
     p = pair_weights(base, tuned, bias_diffs)
     target = opts.output_format or "kohya"
     if KEY_FORM.get(target) != "kohya" and p.biases:  # diffusers' and PEFT's loaders have no bias-diff key
-        p.left.setdefault(f"biases (the {target} layout has no bias-diff key)", []).extend(p.biases.values())
-        p.biases = {}
+        p.left.setdefault(f"biases (the {target} layout has no bias-diff key)", []).extend(b.key for b in p.biases)
+        p.biases = []
     if not p.diffs:
         raise LoraStructureError("no linear or conv weight differs between --base and --tuned (only "
                                  f"{', '.join(p.left)}); there is no LoRA to extract - nothing was written")
@@ -216,7 +255,7 @@ def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs
         p.left.setdefault(f"weights no {arch.title if arch else 'Stable Diffusion'} LoRA names", []).extend(
             d.key for d in p.diffs if d.module in set(unread))
         p.diffs = keep
-        p.biases = {m: k for m, k in p.biases.items() if m not in set(unread)}
+        p.biases = [b for b in p.biases if b.module not in set(unread)]
         if not keep:
             raise LoraStructureError(f"none of the differing weights is a module a LoRA names (e.g. {unread[0]}); "
                                      "give --arch if the model is another - nothing was written")
