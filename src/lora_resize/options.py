@@ -41,7 +41,8 @@ class ResizeOptions:
     retained, scale-aware): budgets that choose every layer's rank together (no method then; `rank`/`conv_rank`
     still cap). `ranks`: explicit ranks for named modules (what a budget's plan fills in); they override rules and
     the method. `keep_unranked`: a layer that no rank setting covers keeps its full (numerical) rank - what a
-    conversion does - instead of being an error. `rule=` (once the old name of `rank_rule`, a clash with the CLI's `--rule`) is refused, naming both.
+    conversion does - instead of being an error. `diffs_to_lora`: modules stored as full diffs (`<module>.diff`)
+    are planned and written as low-rank pairs (ops/diffs.py) instead of copied. `rule=` (once the old name of `rank_rule`, a clash with the CLI's `--rule`) is refused, naming both.
 
     Raises OptionsError for any invalid value or combination."""
     rank: int | None = field(default=None, metadata=flag(

@@ -100,3 +100,19 @@ def test_a_file_of_full_diffs_only(tmp_path):
     t, _ = load_st(tmp_path / "b.safetensors")
     assert sorted(t) == sorted(n + s for n in (LIN, CONV) for s in (DOWN, UP, ALPHA))
     assert rel_err(written(t, LIN), best_rank_k(sd[LIN + ".diff"].double(), 2)) < 1e-6
+
+
+def test_merge_sums_a_diff_with_the_other_inputs_factors(lora, tmp_path):
+    """merge --diffs-to-lora: a module one input stores as a full diff and another as factors is their weighted
+    sum, truncated exactly (the best rank-k of w1 * diff + w2 * up @ down * scale)."""
+    from lora_resize import merge
+    src, sd = lora
+    g = torch.Generator().manual_seed(9)
+    other = {LIN + DOWN: torch.randn(4, 40, generator=g), LIN + UP: torch.randn(48, 4, generator=g),
+             LIN + ALPHA: torch.tensor(2.0)}
+    b = write_lora(tmp_path / "b.safetensors", other)
+    r = merge([f"{src}:0.5", f"{b}:2"], tmp_path / "m.safetensors", rank=3, diffs_to_lora=True)
+    t, _ = load_st(tmp_path / "m.safetensors")
+    want = 0.5 * sd[LIN + ".diff"].double() + 2 * (other[LIN + UP].double() @ other[LIN + DOWN].double()) * 2 / 4
+    assert rel_err(written(t, LIN), best_rank_k(want, 3)) < 1e-6
+    assert LIN + ".diff" not in t and any("--diffs-to-lora" in n for n in r.notes)
