@@ -9,8 +9,8 @@ import torch
 from lora_resize import analyze, resize
 from lora_resize.cli import main
 
-from helpers import (ALPHA, DOWN, UP, best_rank_k, file_sha, load_st, make_state_dict, rel_err, standard_specs,
-                     write_lora)
+from helpers import (ALPHA, CONV3_A, DOWN, LIN_A, UP, best_rank_k, dense_dw, file_sha, load_st, make_state_dict,
+                     rel_err, standard_specs, write_lora)
 
 LIN = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 CONV = "lora_unet_down_blocks_0_resnets_1_conv1"
@@ -62,6 +62,8 @@ def test_diffs_become_best_rank_k_pairs(lora, tmp_path, rank):
         assert t[name + DOWN].shape == (rank, *shape[1:])
         D = sd[name + ".diff"].double().reshape(shape[0], -1)
         assert rel_err(written(t, name), best_rank_k(D, rank)) < 1e-6
+    for name in (LIN_A, CONV3_A):  # the factored layers beside them (same windows) are their own truncations
+        assert rel_err(written(t, name), best_rank_k(dense_dw(sd, name), rank)) < 1e-6
     assert torch.equal(t[BESIDE + ".diff"], sd[BESIDE + ".diff"])  # beside factors: copied, said so
     assert torch.equal(t[LIN + ".diff_b"], sd[LIN + ".diff_b"])  # a bias diff stays with its module
     assert any("2 full diff(s)" in n and "--diffs-to-lora" in n for n in r.notes)

@@ -193,6 +193,9 @@ def test_refusals_write_nothing(sd1, tmp_path, capsys):
     err = refused_in_one_line(capsys, ["extract", "--base", str(root / "base"), "--tuned", str(root / "tuned"),
                                        "-o", str(dst)])
     assert "--rank" in err and not dst.exists()
+    err = refused_in_one_line(capsys, ["extract", "--base", str(root / "base"), "--tuned", str(root / "tuned"),
+                                       "-o", str(root / "tuned" / "x.safetensors"), "--rank", "2"])
+    assert "inside the input folder" in err and not (root / "tuned" / "x.safetensors").exists()
     # a damaged tuned weight (NaN) is found mid-job: one line, nothing written
     t, meta = load_st(root / "tuned.safetensors")
     key = next(k for k in sorted(t) if k.startswith("model.diffusion_model.") and k.endswith("proj_in.weight"))
