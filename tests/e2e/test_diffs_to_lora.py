@@ -68,6 +68,7 @@ def test_diffs_become_best_rank_k_pairs(lora, tmp_path, rank):
     assert torch.equal(t[LIN + ".diff_b"], sd[LIN + ".diff_b"])  # a bias diff stays with its module
     assert any("2 full diff(s)" in n and "--diffs-to-lora" in n for n in r.notes)
     assert any("beside factors" in n for n in r.notes)
+    assert any("2 dense layer(s) decomposed exactly" in n for n in r.notes)
     assert {x.name for x in r.layers} >= {LIN, CONV}
     assert file_sha(src) == before
 

@@ -293,8 +293,8 @@ def reread(src: os.PathLike, ev: Evaluator, names: list[str]) -> Iterator[list[L
         reader, _ = full_diffs_as_pairs(file) if ev.analyzed.diffs_to_lora else (file, [])
         layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch)
         modules = {m.name: m for m in layout.modules}
-        yield [layer_job(modules[n], reader, ev.analyzed, Certified(), ev.analyzed.output_format is not None)
-               for n in names]
+        yield [layer_job(modules[n], reader, ev.analyzed, Certified(), ev.analyzed.output_format is not None,
+                         partial=False) for n in names]
 
 
 def at_precisions(ev: Evaluator, src: os.PathLike | Reopen, row: SettingRow, sample: int = ROUNDING_SAMPLE

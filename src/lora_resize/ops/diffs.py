@@ -16,9 +16,9 @@ from ..core.dense import decompose_dense
 from ..core.layer import LowRankLayer
 from ..core.truncate import FP8
 from ..errors import LoraStructureError, NumericalError
+from ..formats import detect
 from ..formats.base import Module
 from ..formats.companions import companion_kind
-from ..formats import detect
 from ..formats.kohya import DOWN, UP
 from ..io.reader import TensorInfo, TensorSource
 from ..options import ResizeOptions
@@ -114,17 +114,17 @@ def full_diffs_as_pairs(reader: TensorSource) -> tuple[TensorSource, list[str]]:
                        inner=reader, hidden=frozenset(alone)), notes
 
 
-def layer_job(m: Module, src: TensorSource, opts: ResizeOptions, certified: "Certified", converting: bool = False
-              ) -> LayerJob:
+def layer_job(m: Module, src: TensorSource, opts: ResizeOptions, certified: "Certified", converting: bool = False,
+              partial: bool = True) -> LayerJob:
     """The job of output module `m`: a module fed by a DenseSource's pairs decomposes its dense update
-    (core.dense.decompose_dense, recorded in `certified`) and is never copied as stored; any other, as resize's
-    (ops.job.module_job)."""
+    (core.dense.decompose_dense, recorded in `certified`; `partial`: only the leading values and vectors `opts`
+    needs, ranks.plan.values_needed - False where factors are made at other settings' ranks) and is never copied
+    as stored; any other, as resize's (ops.job.module_job)."""
     if not set(m.keys) & getattr(src, "dense_keys", frozenset()):
         return module_job(m, src, converting)
-    conv = len(m.weight_shape(src.infos())[1]) > 1
+    need = values_needed(opts, len(m.weight_shape(src.infos())[1]) > 1) if partial else None
     return LayerJob(m.name, lambda: checked(m.name, m.load(src)), m, lambda: m.scale_and_rank(src),
-                    factor_bytes(m, src.infos()), decompose=certified.decomposer(m.name, values_needed(opts, conv)),
-                    converting=converting)
+                    factor_bytes(m, src.infos()), decompose=certified.decomposer(m.name, need), converting=converting)
 
 
 def dense_of(layer: LowRankLayer) -> torch.Tensor:
@@ -140,7 +140,7 @@ def dense_of(layer: LowRankLayer) -> torch.Tensor:
 
 @dataclass
 class Certified:
-    """What each layer's decomposition certified: name -> (complete, excess, fallback)."""
+    """What each dense layer's decomposition certified: name -> (complete, excess, fallback); `notes` says it."""
     layers: dict[str, tuple[bool, float, bool]] = field(default_factory=dict)
 
     def decomposer(self, name: str, need: int | None) -> Callable:
@@ -155,10 +155,10 @@ class Certified:
             return []
         exact = [n for n, (complete, excess, _) in self.layers.items() if complete and excess == 0]
         if len(exact) == len(self.layers):
-            return [f"all {len(exact)} layer(s) decomposed exactly (the whole spectrum): each writes the best rank-k "
-                    "approximation of its difference"]
+            return [f"all {len(exact)} dense layer(s) decomposed exactly (the whole spectrum): each writes the best "
+                    "rank-k approximation of its update"]
         worst = max(self.layers.items(), key=lambda kv: kv[1][1])
         fell = sum(1 for c in self.layers.values() if c[2])
-        return [f"{len(exact)} layer(s) exact, {len(self.layers) - len(exact)} certified: each written layer's "
+        return [f"{len(exact)} dense layer(s) exact, {len(self.layers) - len(exact)} certified: each written layer's "
                 f"squared error is at most (1 + {worst[1][1]:.2g}) x the best rank-k's (worst: {worst[0]})"
                 + (f"; {fell} fell back to the exact route" if fell else "")]

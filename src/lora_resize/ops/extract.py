@@ -234,9 +234,10 @@ def _open(path: str, role: str, variant: str | None) -> Checkpoint:
         raise InputFileError(str(e).replace("--base", role)) from None
 
 
-def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs: bool = False) -> Extraction:
+def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs: bool = False,
+            partial: bool = True) -> Extraction:
     """The differences read as a LoRA in the output layout (opts.output_format, default kohya: the trainers'
-    native names), with the jobs; nothing decomposed yet."""
+    native names), with the jobs (`partial`: ops.diffs.layer_job's); nothing decomposed yet."""
     p = pair_weights(base, tuned, bias_diffs)
     target = opts.output_format or "kohya"
     if KEY_FORM.get(target) != "kohya" and p.biases:  # diffusers' and PEFT's loaders have no bias-diff key
@@ -266,7 +267,7 @@ def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs
     rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
     kept = set(rules.kept)
     certified = Certified()
-    jobs = [layer_job(m, src, opts, certified) for m in layout.modules if m.name in kept]
+    jobs = [layer_job(m, src, opts, certified, partial=partial) for m in layout.modules if m.name in kept]
     precision, precision_notes = precision_of(layout, src.infos(), opts.precision)
     out = Output(layout, jobs, copied_sources(layout, src), [InputRecord(tuned.path.name, src.metadata)],
                  cast=opts.precision is not None)
@@ -297,7 +298,7 @@ def _input_metadata(arch: str, target: str, conv: bool, tuned: Path, base: Path)
 
 @contextlib.contextmanager
 def _extraction(base: str | os.PathLike, tuned: str | os.PathLike, opts: ResizeOptions, bias_diffs: bool,
-                base_variant: str | None) -> Iterator[tuple[Extraction, Checkpoint, Checkpoint]]:
+                base_variant: str | None, partial: bool = True) -> Iterator[tuple[Extraction, Checkpoint, Checkpoint]]:
     """Both checkpoints open and the extraction prepared (prepare); closed on the way out."""
     if opts.diffs_to_lora:
         raise OptionsError("--diffs-to-lora turns the full diffs inside a LoRA file into pairs (resize); extract "
@@ -306,7 +307,7 @@ def _extraction(base: str | os.PathLike, tuned: str | os.PathLike, opts: ResizeO
         raise OptionsError("extract reads its base model from its own base argument; the rank options' base (a "
                            "model to measure a LoRA against) does not apply")
     with _open(base, "--base", base_variant) as b, _open(tuned, "--tuned", base_variant) as t:
-        yield prepare(b, t, opts, bias_diffs), b, t
+        yield prepare(b, t, opts, bias_diffs, partial), b, t
 
 
 def extract(base: str | os.PathLike, tuned: str | os.PathLike, dst: str | os.PathLike,
@@ -374,7 +375,7 @@ def extraction_analysis(base: str | os.PathLike, tuned: str | os.PathLike, optio
 def _reopened(base, tuned, opts: ResizeOptions, bias_diffs: bool, base_variant: str | None, names: list[str]
               ) -> Iterator[list[LayerJob]]:
     """The jobs of layers `names` of the extraction, both checkpoints open again (ops.analyze.at_precisions)."""
-    with _extraction(base, tuned, opts, bias_diffs, base_variant) as (x, _, _):
+    with _extraction(base, tuned, opts, bias_diffs, base_variant, partial=False) as (x, _, _):
         jobs = {j.name: j for j in x.out.jobs}
         yield [jobs[n] for n in names]
 

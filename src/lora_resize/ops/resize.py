@@ -35,6 +35,7 @@ class _Prepared:
     rules: RuleOutcome
     out: Output
     notes: list[str]
+    certified: Certified
 
 
 @contextlib.contextmanager
@@ -58,7 +59,7 @@ def _prepared(src: str | os.PathLike, opts: ResizeOptions,
         out = Output(layout, jobs, copied_sources(layout, reader),
                      [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
         yield _Prepared(src, reader, layout, precision, rules, out,
-                        precision_notes + list(layout.notes) + base_notes + diff_notes)
+                        precision_notes + list(layout.notes) + base_notes + diff_notes, certified)
 
 
 def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOptions | None = None, *,
@@ -83,7 +84,7 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     with _prepared(src, opts, check) as p:
         dst = where["dst"]
         done = produce(dst, p.out, opts, p.precision, device, progress, on_layer, where["new_folder"])
-    notes = p.notes + done.write_notes + clamp_notes(done.rows) + p.rules.notes + done.plan_notes
+    notes = p.notes + p.certified.notes() + done.write_notes + clamp_notes(done.rows) + p.rules.notes + done.plan_notes
     notes += growth_notes(p.src.stat().st_size, dst.stat().st_size, done.rows)
     return ResizeResult(src=p.src, dst=dst, format=p.layout.format, precision=p.precision,
                         options={**done.options.as_dict(), "rule_hits": p.rules.hits}, layers=done.rows,
@@ -116,7 +117,7 @@ def resized(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
     with _prepared(src, opts) as p:
         b = build_output(p.out, opts, p.precision, device, progress)
     meta, nbytes = hashed(b.tensors, b.metadata)
-    notes = p.notes + clamp_notes(b.rows) + p.rules.notes + b.plan_notes
+    notes = p.notes + p.certified.notes() + clamp_notes(b.rows) + p.rules.notes + b.plan_notes
     notes += growth_notes(p.src.stat().st_size, nbytes, b.rows)
     result = ResizeResult(src=p.src, dst=None, format=p.layout.format, precision=p.precision,
                           options={**b.options.as_dict(), "rule_hits": p.rules.hits}, layers=b.rows,
