@@ -3,6 +3,8 @@ becomes a low-rank pair under the rank options - the best rank-k factors of the 
 of being copied; without the flag it is copied bit for bit."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -69,6 +71,7 @@ def test_diffs_become_best_rank_k_pairs(lora, tmp_path, rank):
     assert any("2 full diff(s)" in n and "--diffs-to-lora" in n for n in r.notes)
     assert any("beside factors" in n for n in r.notes)
     assert any("2 dense layer(s) decomposed exactly" in n for n in r.notes)
+    assert json.loads(r.metadata["lora_resize"])["diffs_to_lora"] is True
     assert {x.name for x in r.layers} >= {LIN, CONV}
     assert file_sha(src) == before
 

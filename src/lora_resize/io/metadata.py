@@ -175,6 +175,8 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
         d["block_rules"] = [str(r) for r in opts.block_rules]
     if opts.budget is not None:
         d[opts.budget[0].name] = opts.budget[1]
+    if opts.diffs_to_lora:
+        d["diffs_to_lora"] = True
     if merged:
         d["sources"] = [{"file": s.name, "weight": s.weight, "sshs_model_hash": s.metadata.get("sshs_model_hash")}
                         for s in sources]
