@@ -30,7 +30,8 @@ CPU_ALONE_ABOVE = 4 << 20  # on the CPU, a layer with more float64 factor bytes 
 
 class Loadable(Protocol):
     """A layer job: its name, how to read its low-rank form, and about how many bytes of float64 factors it has
-    (`nbytes`, optional: it sizes the windows)."""
+    (`nbytes`, optional: it sizes the windows); optionally its own `decompose(layer, device, vectors)` (a dense
+    update's: decompositions)."""
     name: str
 
     def load(self) -> LowRankLayer: ...
