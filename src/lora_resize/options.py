@@ -44,7 +44,9 @@ class ResizeOptions:
     the method. `keep_unranked`: a layer that no rank setting covers keeps its full (numerical) rank - what a
     conversion does - instead of being an error. `rank_multiple` / `allowed_ranks` / `uniform_rank`: the ranks a
     consumer accepts (ranks/constraints.py): every chosen rank is rounded up to one (explicit `ranks` too), or all
-    layers get one rank. `rule=` (once the old name of `rank_rule`, a clash with the CLI's `--rule`) is refused, naming both.
+    layers get one rank. `diffs_to_lora`: modules stored as full diffs (`<module>.diff`) are planned and written as
+    low-rank pairs (ops/diffs.py) instead of copied. `rule=` (once the old name of `rank_rule`, a clash with the
+    CLI's `--rule`) is refused, naming both.
 
     Raises OptionsError for any invalid value or combination."""
     rank: int | None = field(default=None, metadata=flag(
@@ -122,6 +124,11 @@ class ResizeOptions:
         "--uniform-rank", group="rank", action="store_true",
         help="every layer at one rank (torch.compile, diffusers hotswap, vLLM): the largest any layer chose (with a "
              "budget: the best single rank under it); layers of lower rank padded with zero directions (exact)"))
+    # --- extract: full diffs inside LoRA files
+    diffs_to_lora: bool = field(default=False, metadata=flag(
+        "--diffs-to-lora", group="output", action="store_true",
+        help="write each module stored as a full diff (`<module>.diff`) as a low-rank pair under the rank options "
+             "(the SVD of the diff), instead of copying it as it is"))
     rule: InitVar[str | None] = None
 
     def __post_init__(self, rule: str | None) -> None:
@@ -262,7 +269,8 @@ class ResizeOptions:
                 s += f", conv cap {self.conv_rank}"
         extras = [*(c.describe(v) for c in CONSTRAINTS.values() if (v := getattr(self, c.name))),
                   self.precision, self.output_format and f"{self.output_format} layout",
-                  self.method and self.rank_rule != "exact" and f"{self.rank_rule} rank rule"]
+                  self.method and self.rank_rule != "exact" and f"{self.rank_rule} rank rule",
+                  self.diffs_to_lora and "diffs to LoRA"]
         return ", ".join([s, *(e for e in extras if e)])
 
     def flag_words(self) -> list[str]:
@@ -286,6 +294,8 @@ class ResizeOptions:
                 words += CONSTRAINTS[f.name].words(value)
             elif meta["argparse"].get("action") == "append":
                 words += [w for v in value for w in (flag, str(v))]
+            elif meta["argparse"].get("action") == "store_true":
+                words.append(flag)
             else:
                 words += [flag, _number(value) if isinstance(value, float) else str(value)]
         return words

@@ -283,6 +283,7 @@ class Analysis:
     decompose_seconds: float
     notes: list[str]
     rule_hits: dict[str, int]
+    command: str | None = None  # what writes a row's file, before its flags (None: `lora-resize resize SRC -o OUT`)
     _evaluate: Callable | None = field(default=None, repr=False)
     _at_precisions: Callable | None = field(default=None, repr=False)
     _precision_rows: dict = field(default_factory=dict, repr=False)

@@ -30,7 +30,8 @@ CPU_ALONE_ABOVE = 4 << 20  # on the CPU, a layer with more float64 factor bytes 
 
 class Loadable(Protocol):
     """A layer job: its name, how to read its low-rank form, and about how many bytes of float64 factors it has
-    (`nbytes`, optional: it sizes the windows)."""
+    (`nbytes`, optional: it sizes the windows); optionally its own `decompose(layer, device, vectors)` (a dense
+    update's: decompositions)."""
     name: str
 
     def load(self) -> LowRankLayer: ...
@@ -51,6 +52,15 @@ def decompose_layers(named: list[tuple[str, LowRankLayer]], device: torch.device
     return decs
 
 
+def decompositions(batch: list[Loadable], layers: list[LowRankLayer], device: torch.device, vectors: bool) -> list:
+    """Each job's decomposition, in order: a job with its own `decompose(layer, device, vectors)` (a dense weight
+    difference: core.dense) through it, the others through the engine, batched (decompose_layers)."""
+    own = [getattr(u, "decompose", None) for u in batch]
+    engine = iter(decompose_layers([(u.name, layer) for u, layer, d in zip(batch, layers, own) if d is None],
+                                   device, vectors))
+    return [next(engine) if d is None else d(layer, device, vectors) for d, layer in zip(own, layers)]
+
+
 def through_engine(jobs: list[Loadable], device: torch.device, start: Callable[[Loadable, LowRankLayer,
                    Decomposition], H], finish: Callable[[H], X], threads: int | None = None,
                    progress: Progress | None = None, vectors: bool = True) -> Iterator[X]:
@@ -63,7 +73,7 @@ def through_engine(jobs: list[Loadable], device: torch.device, start: Callable[[
         try:
             layers = [u.load() for u in batch]
             with torch.no_grad():
-                decs = decompose_layers([(u.name, layer) for u, layer in zip(batch, layers)], device, vectors)
+                decs = decompositions(batch, layers, device, vectors)
                 handles = [start(u, layer, dec) for u, layer, dec in zip(batch, layers, decs)]
                 del decs, layers
                 return [finish(h) for h in handles]

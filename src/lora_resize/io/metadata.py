@@ -176,6 +176,8 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
     if opts.budget is not None:
         d[opts.budget[0].name] = opts.budget[1]
     d.update(opts.constraints)
+    if opts.diffs_to_lora:
+        d["diffs_to_lora"] = True
     if merged:
         d["sources"] = [{"file": s.name, "weight": s.weight, "sshs_model_hash": s.metadata.get("sshs_model_hash")}
                         for s in sources]

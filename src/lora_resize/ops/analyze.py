@@ -19,16 +19,18 @@ output and are left out too.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import time
 from dataclasses import fields, replace
-from typing import Mapping, Sequence
+from functools import partial
+from typing import Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 
-from ..core.schedule import Progress, compute_device, decompose_layers
+from ..core.schedule import Progress, compute_device, decompositions
 from ..core.spectrum import Spectrum
 from ..core.truncate import SAVE_DTYPES, on_host
 from ..errors import NumericalError, OptionsError
@@ -48,9 +50,10 @@ from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import apply_rules
 from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
 from ..units import format_size
+from .diffs import Certified, full_diffs_as_pairs, layer_job
 from .effect import Probing
-from .job import (Output, alpha_rule, metadata_for, module_job, output_scale, precision_of, sizer_for, spectra,
-                  start_layer, with_base)
+from .job import (LayerJob, Output, alpha_rule, metadata_for, output_scale, precision_of, sizer_for,
+                  spectra, start_layer, with_base)
 
 # what names a chosen setting: what a sweep's settings replace (a method and its parameter - `method="fixed"` with
 # a rank names that fixed rank -, a budget, explicit ranks); every other user-facing option is shared by all the
@@ -142,7 +145,7 @@ def default_sweep(base: bool = False) -> dict[str, tuple]:
 
 # what a decomposition is read under: another value needs the file read (and decomposed) again
 READ_UNDER = {"output_format": "the output layout", "arch": "the architecture", "base": "the base model",
-              "base_variant": "the base model's variant"}
+              "base_variant": "the base model's variant", "diffs_to_lora": "whether full diffs are pairs"}
 
 
 class Evaluator:
@@ -278,14 +281,29 @@ PRECISION_ROWS = ("fp16", "bf16", "float")
 ROUNDING_SAMPLE = 8  # the layers with the largest updates whose rounding is measured
 
 
-def at_precisions(ev: Evaluator, src: os.PathLike, row: SettingRow, sample: int = ROUNDING_SAMPLE
+Reopen = Callable[[list[str]], ContextManager[list[LayerJob]]]  # layer names -> their jobs, their source open
+
+
+@contextlib.contextmanager
+def reread(src: os.PathLike, ev: Evaluator, names: list[str]) -> Iterator[list[LayerJob]]:
+    """The jobs of layers `names` of the LoRA file `src`, read again as `ev` read it (its source open meanwhile)."""
+    with open_tensor_file(src) as file:
+        reader, _ = full_diffs_as_pairs(file) if ev.analyzed.diffs_to_lora else (file, [])
+        layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch)
+        modules = {m.name: m for m in layout.modules}
+        yield [layer_job(modules[n], reader, ev.analyzed, Certified(), ev.analyzed.output_format is not None,
+                         partial=False) for n in names]
+
+
+def at_precisions(ev: Evaluator, src: os.PathLike | Reopen, row: SettingRow, sample: int = ROUNDING_SAMPLE
                   ) -> tuple[list[SettingRow], str]:
     """`row`'s setting saved at each of PRECISION_ROWS, from the same spectra: the exact size and the rank's
     fidelity (`Evaluator.evaluate`; a budget's ranks may differ between precisions), and `rounding_error`: what
     rounding the factors to that dtype loses, ||dW_k,written - dW_k||_F / ||dW||_F with all layers as one update -
     dW_k the exact rank-k truncation (float64) and dW_k,written what the file applies (its factors made as resize
     makes them, `ops.job.start_layer`, times the scale it is loaded with). The analysis keeps singular values only,
-    so the factors are computed again, for the `sample` layers with the largest update (NaN when none is live);
+    so the factors are computed again (from the LoRA file `src`, or through `src(names)`: the jobs of those layers,
+    e.g. an extraction's), for the `sample` layers with the largest update (NaN when none is live);
     the returned sentence says which share of the update that covers. A layer resize would refuse in a precision
     (NumericalError: too small or too large for it) makes that row's rounding_error inf and its note the reason.
 
@@ -297,12 +315,10 @@ def at_precisions(ev: Evaluator, src: os.PathLike, row: SettingRow, sample: int 
     if not heavy:
         return rows, "rounding not measured: every layer's update is zero"
     device = compute_device(ev.analyzed.device)
-    with open_tensor_file(src) as reader:
-        layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch)
-        modules = {m.name: m for m in layout.modules}
-        jobs = [module_job(modules[sps[i].name], reader, ev.analyzed.output_format is not None) for i in heavy]
+    reopen = src if callable(src) else partial(reread, src, ev)
+    with reopen([sps[i].name for i in heavy]) as jobs:
         layers = [job.load() for job in jobs]  # the reader stays open: an exact copy reads the factors again
-        decs = decompose_layers([(job.name, layer) for job, layer in zip(jobs, layers)], device)
+        decs = decompositions(jobs, layers, device, True)
         scales = [(sp.scale, sp.rank) for sp in sps]
         sampled = sum(sps[i].energy for i in heavy)
         for r in rows:
@@ -347,8 +363,10 @@ def split_options(options: ResizeOptions | None, fields_: dict) -> tuple[ResizeO
 
 
 def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeOptions | None, chosen_label: str,
-           sweep: Mapping[str, Sequence] | None, max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR) -> Analysis:
-    """The sweep and the chosen setting evaluated, and the recommendation among the sweep's rows; an Analysis."""
+           sweep: Mapping[str, Sequence] | None, max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR,
+           reopen: Reopen | None = None) -> Analysis:
+    """The sweep and the chosen setting evaluated, and the recommendation among the sweep's rows; an Analysis.
+    `reopen`: how its layers are read again for the rounding rows (at_precisions; default: the LoRA file)."""
     notes = list(a_fields.pop("notes"))
     base = any(sp.base is not None for sp in ev.sps)
     missing = [sp.name for sp in ev.sps if sp.base is None]
@@ -368,7 +386,7 @@ def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeO
     src = a_fields["src"]
     return Analysis(shared=shared, layers=ev.sps, blocks=[block_of(sp.name) for sp in ev.sps], rows=rows,
                     chosen=chosen_row, recommended=recommended, recommended_reason=reason, notes=notes,
-                    _evaluate=ev.evaluate, _at_precisions=lambda row: at_precisions(ev, src, row), **a_fields)
+                    _evaluate=ev.evaluate, _at_precisions=lambda row: at_precisions(ev, reopen or src, row), **a_fields)
 
 
 def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress | None = None,
@@ -378,13 +396,14 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
     fields that describe the file."""
     src = resolve_input(local_path(src, "input"))
     device = compute_device(shared.device)
-    with open_tensor_file(src) as reader:
+    with open_tensor_file(src) as file:
+        reader, diff_notes = full_diffs_as_pairs(file) if shared.diffs_to_lora else (file, [])
         layout = read_layout(reader.infos(), reader.metadata, src, shared.output_format, shared.arch)
         precision, precision_notes = precision_of(layout, reader.infos(), shared.precision)
         input_precision = precision_of(layout, reader.infos(), None)[0]
         rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
-        jobs = [module_job(m, reader) for m in layout.modules if m.name in kept]
+        jobs = [layer_job(m, reader, shared, Certified()) for m in layout.modules if m.name in kept]
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, shared, base_config)
         t1 = time.perf_counter()
         sps = spectra(jobs, device, shared.threads, progress)
@@ -393,7 +412,8 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
                      cast=shared.precision is not None)
     return Evaluator(out, sps, precision, shared, input_precision), dict(
         src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
-        seconds=0.0, decompose_seconds=t_dec, notes=precision_notes + rules.notes + list(layout.notes) + base_notes,
+        seconds=0.0, decompose_seconds=t_dec,
+        notes=precision_notes + rules.notes + list(layout.notes) + base_notes + diff_notes,
         rule_hits=rules.hits)
 
 
@@ -436,7 +456,8 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
     t0 = time.perf_counter()
     names = {f.name for f in fields(ResizeOptions)}
     chosen = ResizeOptions(**{k: v for k, v in result.options.items() if k in names})
-    with open_tensor_file(result.src) as reader:
+    with open_tensor_file(result.src) as file:
+        reader, _ = full_diffs_as_pairs(file) if chosen.diffs_to_lora else (file, [])
         layout = read_layout(reader.infos(), reader.metadata, result.src, chosen.output_format, chosen.arch)
         modules = {m.name: m for m in layout.modules}
         sps = []
@@ -446,7 +467,7 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
             in_ch = row.in_features // math.prod(kernel) if kernel else row.in_features
             sps.append(Spectrum(row.name, row.kind, row.out_features, row.in_features, row.old_rank, row.old_alpha,
                                 row.scale, kernel, in_ch, row.singular_values, row.base))
-        jobs = [module_job(modules[row.name], reader) for row in result.layers]
+        jobs = [layer_job(modules[row.name], reader, chosen, Certified()) for row in result.layers]
         out = Output(layout, jobs, copied_sources(layout, reader),
                      [InputRecord(result.src.name, reader.metadata)], cast=chosen.precision is not None)
         ev = Evaluator(out, sps, result.precision, chosen, precision_of(layout, reader.infos(), None)[0])

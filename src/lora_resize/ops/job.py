@@ -56,6 +56,9 @@ class LayerJob:
     exact: Callable[[torch.dtype], tuple[NewFactors | None, str]] | None = None
     converting: bool = False  # the output is a conversion's (--output-format, convert): a whole layer that cannot
     # be copied says why (LayerResult.conversion, clamp_notes)
+    # a dense weight difference (extract, --diffs-to-lora): (layer, device, vectors) -> its decomposition
+    # (core.dense.DenseDecomposition) instead of the factored engine's (core.schedule.decompositions)
+    decompose: Callable | None = None
 
 
 def checked(name: str, layer: LowRankLayer) -> LowRankLayer:
@@ -191,6 +194,14 @@ class Queued:
     conversion: str | None = None  # a converted layer kept whole: "exact" (copied), else why it was re-rounded
 
 
+def layer_spectrum(job: LayerJob, layer: LowRankLayer, dec) -> Spectrum:
+    """The job's spectrum from its decomposition; a dense one's partial spectrum keeps the energy past its leading
+    values (core.dense.DenseDecomposition.tail_energy), so retention and budgets count the whole update."""
+    sp = Spectrum.of(job.name, layer, dec.S, job.base)
+    tail = getattr(dec, "tail_energy", 0.0)
+    return replace(sp, tail_energy=tail) if tail else sp
+
+
 def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: ResizeOptions,
                 save_dtype: torch.dtype, alpha_of: Callable[[str, float | None, int, int], float]) -> Queued:
     """Choose the layer's rank and compute its best rank-k factors in save_dtype, on the compute device.
@@ -199,7 +210,7 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
     any difference between the layer's scale and the scale its output is loaded with (alpha / k with the stored
     alpha's rounding in the save dtype, or a family's fixed scale), so the output applies exactly the rank-k
     truncation of the scaled update (to float precision)."""
-    sp = Spectrum.of(job.name, layer, dec.S, job.base)
+    sp = layer_spectrum(job, layer, dec)
     choice = layer_rank(sp, opts)
     k = choice.rank
     alpha = alpha_of(job.name, layer.alpha, layer.rank, k)
@@ -268,7 +279,7 @@ def run_jobs(jobs: list[LayerJob], opts: ResizeOptions, device: torch.device, sa
 def spectra(jobs: list[LayerJob], device: torch.device, threads: int | None = None,
             progress: Progress | None = None) -> list[Spectrum]:
     """Decompose every job; keep only its spectrum (what planning and analysis need)."""
-    return list(through_engine(jobs, device, lambda j, layer, dec: Spectrum.of(j.name, layer, dec.S, j.base),
+    return list(through_engine(jobs, device, lambda j, layer, dec: layer_spectrum(j, layer, dec),
                                lambda s: s, threads, progress, vectors=False))
 
 

@@ -29,6 +29,7 @@ from ..io.writer import copied_dtype, tensor_bytes
 from ..options import ResizeOptions
 from ..ranks.rules import apply_rules
 from ..results import LayerResult, ResizeResult
+from .diffs import full_diffs_as_pairs
 from .job import (LayerJob, Output, as_options, checked, clamp_notes, factor_bytes, precision_of, produce,
                   with_base)
 
@@ -294,6 +295,10 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     device = compute_device(opts.device)
     with ExitStack() as stack:
         readers = [stack.enter_context(open_tensor_file(s.path)) for s in live]
+        if opts.diffs_to_lora:  # full diffs as pairs of full rank, merged with the other inputs' factors
+            pairs = [full_diffs_as_pairs(r) for r in readers]
+            readers = [r for r, _ in pairs]
+            notes += [f"{s.path.name}: {n}" for s, (_, ns) in zip(live, pairs) for n in ns]
         layouts = in_one_layout([detect(r.infos(), r.metadata, s.path) for s, r in zip(live, readers)], readers,
                                 opts)
         dst, new_folder = output_file(dst, live[0].path, layouts[0].file_name)

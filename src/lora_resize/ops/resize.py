@@ -22,8 +22,8 @@ from ..io.writer import hashed
 from ..options import ResizeOptions
 from ..ranks.rules import RuleOutcome, apply_rules
 from ..results import LayerResult, ResizeResult
-from .job import (Output, as_options, build_output, clamp_notes, growth_notes, module_job, precision_of, produce,
-                  with_base)
+from .diffs import Certified, full_diffs_as_pairs, layer_job
+from .job import (Output, as_options, build_output, clamp_notes, growth_notes, precision_of, produce, with_base)
 
 
 @dataclass
@@ -35,6 +35,7 @@ class _Prepared:
     rules: RuleOutcome
     out: Output
     notes: list[str]
+    certified: Certified
 
 
 @contextlib.contextmanager
@@ -43,20 +44,22 @@ def _prepared(src: str | os.PathLike, opts: ResizeOptions,
     """The input opened, read as its layout and checked, with the jobs of the layers to resize; `check(src,
     layout)` runs as soon as the layout is known (the output path's checks: before any base model is read)."""
     src = resolve_input(local_path(src, "input"))
-    with open_tensor_file(src) as reader:
+    with open_tensor_file(src) as file:
+        reader, diff_notes = full_diffs_as_pairs(file) if opts.diffs_to_lora else (file, [])
         layout = read_layout(reader.infos(), reader.metadata, src, opts.output_format, opts.arch)
         if check is not None:
             check(src, layout)
         precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
         rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
         kept = set(rules.kept)
-        jobs = [module_job(m, reader, opts.output_format is not None) for m in layout.modules
+        certified = Certified()
+        jobs = [layer_job(m, reader, opts, certified, opts.output_format is not None) for m in layout.modules
                 if m.name in kept]
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
         out = Output(layout, jobs, copied_sources(layout, reader),
                      [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
         yield _Prepared(src, reader, layout, precision, rules, out,
-                        precision_notes + list(layout.notes) + base_notes)
+                        precision_notes + list(layout.notes) + base_notes + diff_notes, certified)
 
 
 def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOptions | None = None, *,
@@ -81,7 +84,7 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     with _prepared(src, opts, check) as p:
         dst = where["dst"]
         done = produce(dst, p.out, opts, p.precision, device, progress, on_layer, where["new_folder"])
-    notes = p.notes + done.write_notes + clamp_notes(done.rows) + p.rules.notes + done.plan_notes
+    notes = p.notes + p.certified.notes() + done.write_notes + clamp_notes(done.rows) + p.rules.notes + done.plan_notes
     notes += growth_notes(p.src.stat().st_size, dst.stat().st_size, done.rows)
     return ResizeResult(src=p.src, dst=dst, format=p.layout.format, precision=p.precision,
                         options={**done.options.as_dict(), "rule_hits": p.rules.hits}, layers=done.rows,
@@ -114,7 +117,7 @@ def resized(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
     with _prepared(src, opts) as p:
         b = build_output(p.out, opts, p.precision, device, progress)
     meta, nbytes = hashed(b.tensors, b.metadata)
-    notes = p.notes + clamp_notes(b.rows) + p.rules.notes + b.plan_notes
+    notes = p.notes + p.certified.notes() + clamp_notes(b.rows) + p.rules.notes + b.plan_notes
     notes += growth_notes(p.src.stat().st_size, nbytes, b.rows)
     result = ResizeResult(src=p.src, dst=None, format=p.layout.format, precision=p.precision,
                           options={**b.options.as_dict(), "rule_hits": p.rules.hits}, layers=b.rows,

@@ -170,3 +170,8 @@ def based(spectra: Sequence[Spectrum], opts) -> bool:
     budget = opts.budget[0] if opts.budget is not None else None
     return (budget is not None and budget.base_weighted and opts.base is not None
             and (budget.needs_base or all(sp.base is not None for sp in spectra)))
+
+
+def values_needed(opts, conv: bool) -> int | None:  # SHIM - replaced by branch dense
+    """How many leading singular values the options' decision for a layer needs (None: the whole spectrum)."""
+    return None

@@ -457,7 +457,7 @@ def html_report(a, pictures=None) -> str:
 {esc(a.precision)}, rank rule {esc(b.rank_rule)}, cap {esc(cap)}; {len(a.rows)} settings from one decomposition
 ({a.decompose_seconds:.1f} s). lora-resize {esc(__version__)}.</p>
 {"".join(lines)}{rules}{notes}
-<div id="cmd">lora-resize resize {esc(shlex.quote(a.src.name))} -o OUT.safetensors <code id="cmd-flags">{esc(pick.args if pick else "")}</code>
+<div id="cmd">{esc(a.command or f"lora-resize resize {shlex.quote(a.src.name)} -o OUT.safetensors")} <code id="cmd-flags">{esc(pick.args if pick else "")}</code>
 <span class="meta">(click a point or a row to pick another setting)</span></div>
 {effect_section(a, pictures)}
 <h2>Output size against fidelity</h2>

@@ -206,7 +206,7 @@ def analysis_table(a, verbose: bool = False) -> str:
             line += f"  {r.worst_layer or '-'}"
         lines.append(line)
     lines += [f"note ({r.label}): {r.note}" for r in a.rows if r.note]
-    resize = f"lora-resize resize {shlex.quote(str(a.src))} -o OUT.safetensors"
+    resize = a.command or f"lora-resize resize {shlex.quote(str(a.src))} -o OUT.safetensors"
     lines.append("")
     if a.recommended is not None:
         lines += [f"> recommended: {a.recommended.args}  ({a.recommended_reason})", f"  {resize} {a.recommended.args}"]

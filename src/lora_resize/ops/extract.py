@@ -1,0 +1,385 @@
+"""The extract job: a LoRA of W_tuned - W_base for every weight of a model that a fine-tune (or a distillation)
+changed, with every rank setting resize has.
+
+    base, tuned (io.checkpoint: one weight at a time) -> the differing weights, paired by name
+    -> a dense difference per module (DenseSource: a LoRA "of full rank" whose pair is the difference and an
+       identity on its smaller side, so the key families, the model tables and the layout conversions read it as
+       any LoRA file) -> formats.read_layout (the architecture detected, the output layout)
+    -> LayerJob with its own decomposition (core.dense.decompose_dense: the SVD of the difference itself)
+    -> ops.job.build_output (a budget's planning pass, truncation, metadata) -> io.writer.write_output
+
+Which weights: 2-D (linear) and 3- to 5-D (conv) weights of the denoiser and of the text encoders that LoRA
+layouts name (formats.convert.read_name); a differing bias of such a module becomes its `.diff_b` (ComfyUI's
+comfy/lora.py `load_lora` adds it to the bias) with `bias_diffs` in the kohya-style layouts (off by default:
+diffusers' kohya loader refuses a file with such keys; diffusers' and PEFT's layouts have none); differing norms,
+embeddings and weights of no LoRA module (a VAE) are listed in a note and left out."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from ..core.schedule import Progress, compute_device
+from ..errors import InputFileError, LoraStructureError, OptionsError, OutputFileError
+from ..formats import Layout, detect, read_layout
+from ..formats.convert import KEY_FORM, copied_sources, detect_arch, read_name, scheme_of
+from ..io.checkpoint import ACTIVATION_SCALES, COMFY_QUANT, WEIGHT_SCALES, Checkpoint
+from ..io.metadata import PLAIN_MODULE, PLAIN_MODULE_OF, InputRecord
+from ..io.paths import check_output_path, local_path, output_file
+from ..models import SD
+from ..options import ResizeOptions
+from ..ranks.rules import RuleOutcome, apply_rules
+from ..results import DEFAULT_MAX_EFFECT_ERROR, Analysis, LayerResult, ResizeResult
+from .analyze import Evaluator, finish, split_options
+from .diffs import Certified, Dense, DenseSource, layer_job
+from .job import LayerJob, Output, as_options, clamp_notes, precision_of, produce, spectra
+
+BIAS_DIFF = ".diff_b"
+# single-file checkpoints' prefixes, and the name each weight's module is read under (formats.convert.read_name):
+# the denoiser's native (or SD's original UNet) paths as ComfyUI keys them, the CLIP text encoder as diffusers does
+FILE_PREFIXES = (("model.diffusion_model.", "diffusion_model."), ("diffusion_model.", "diffusion_model."),
+                 ("cond_stage_model.transformer.", "text_encoder."),
+                 ("conditioner.embedders.0.transformer.", "text_encoder."))
+# OpenCLIP text encoders in single files (SD2's, SDXL's second): prefix -> the diffusers component they are
+OPEN_CLIP = (("conditioner.embedders.1.model.", "text_encoder_2"), ("cond_stage_model.model.", "text_encoder"))
+OPEN_CLIP_TENSOR = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.in_proj|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)"
+                              r"[._](weight|bias)$")
+OPEN_CLIP_NAMES = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+CLIP_UNWRAPPED = ("encoder.layers.", "embeddings.", "final_layer_norm.")
+EMBEDDING = re.compile(r"(^|[._])(token_embedding|position_embedding|embed_tokens|embed_positions|wte|wpe|shared|"
+                       r"word_embeddings|position_embeddings)$")
+# sd-scripts' ss_base_model_version where the keys tell it (library/flux_utils.py MODEL_VERSION_FLUX_V1)
+BASE_VERSIONS = {"flux1": "flux1"}
+
+
+@dataclass
+class Difference:
+    """A differing tensor of the two checkpoints: its key, the module name it is read under, its shape and dtype
+    (tuned's), and its rows of the stored tensor (None: all; an OpenCLIP q, k or v is a third of in_proj)."""
+    key: str
+    module: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    rows: tuple[int, int] | None = None
+
+    def dense(self, base: Checkpoint, tuned: Checkpoint) -> Dense:
+        """What a DenseSource serves for it: the difference's rows, read when asked for."""
+        def read() -> torch.Tensor:
+            d = _difference(base, tuned, self.key)
+            return d if self.rows is None else d[self.rows[0]:self.rows[1]]
+        return Dense(self.shape, self.dtype, read)
+
+
+def difference_source(base: Checkpoint, tuned: Checkpoint, diffs: list[Difference], biases: list[Difference]
+                      ) -> DenseSource:
+    """The differences as a DenseSource: module `<name>` of each differing weight W_tuned - W_base, and
+    `<name>.diff_b` = b_tuned - b_base for its differing bias."""
+    return DenseSource(tuned.path, {}, {d.module: d.dense(base, tuned) for d in diffs},
+                       {b.module + BIAS_DIFF: b.dense(base, tuned) for b in biases})
+
+
+def _difference(base: Checkpoint, tuned: Checkpoint, key: str) -> torch.Tensor:
+    """W_tuned - W_base of checkpoint key `key`, float64 (a weight as a matrix, fp8 with its scale)."""
+    if key.endswith(".weight"):
+        d = tuned.matrix(key) - base.matrix(key)
+    else:
+        d = tuned.tensor(key).to(torch.float64) - base.tensor(key).to(torch.float64)
+    if not bool(torch.isfinite(d).all()):
+        raise InputFileError(f"{key} holds NaN or Inf in --base or --tuned; the checkpoint is damaged")
+    return d
+
+
+def module_name(key: str, folder: bool) -> str | None:
+    """The LoRA module name checkpoint weight `key` (without `.weight`) is read under: a diffusers folder's
+    `<component>.<path>` as it is; a single file's by its prefix (FILE_PREFIXES), a bare DiT path as ComfyUI's
+    `diffusion_model.<path>`; None for a key of no known part (a VAE's, a second OpenCLIP encoder's)."""
+    stem = key[: -len(".weight")]
+    if folder and "." in stem and stem.split(".", 1)[0] in ("unet", "transformer", "text_encoder", "text_encoder_2",
+                                                             "text_encoder_3", "connectors"):
+        comp, _, rest = stem.partition(".")
+        if comp.startswith("text_encoder") and rest.startswith(CLIP_UNWRAPPED):  # transformers >= 5 saves CLIP
+            return f"{comp}.text_model.{rest}"  # without its text_model wrapper (formats.weights._unwrapped)
+        return stem
+    for prefix, name in FILE_PREFIXES:
+        if stem.startswith(prefix):
+            return name + stem[len(prefix):]
+    if stem.startswith(("first_stage_model.", "vae.", "conditioner.", "cond_stage_model.", "text_encoders.")):
+        return None
+    return "diffusion_model." + stem
+
+
+@dataclass
+class Pairing:
+    """The differing weights (`diffs`), their modules' differing biases (`biases`), and what was left out (why ->
+    keys)."""
+    diffs: list[Difference]
+    biases: list[Difference]
+    left: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _scale_like(key: str) -> bool:
+    suffix = key.rpartition(".")[2]
+    return suffix in WEIGHT_SCALES or suffix in ACTIVATION_SCALES or suffix == COMFY_QUANT
+
+
+def open_clip_parts(key: str, shape: tuple[int, ...]) -> tuple[str, list[tuple[str, tuple[int, int] | None]]] | None:
+    """('weight' or 'bias', [(module, rows)]) of an OpenCLIP text-encoder tensor in a single-file checkpoint (SD2's
+    encoder, SDXL's second) under CLIP's diffusers names, q, k and v as thirds of attn.in_proj (the inverse of
+    formats.weights._open_clip); None for another key."""
+    for prefix, comp in OPEN_CLIP:
+        hit = OPEN_CLIP_TENSOR.match(key[len(prefix):]) if key.startswith(prefix) else None
+        if hit is None:
+            continue
+        layer = f"{comp}.text_model.encoder.layers.{hit.group(1)}."
+        if hit.group(2) == "attn.in_proj":
+            w = shape[0] // 3
+            return hit.group(3), [(f"{layer}self_attn.{x}_proj", (j * w, (j + 1) * w)) for j, x in enumerate("qkv")]
+        return hit.group(3), [(layer + OPEN_CLIP_NAMES[hit.group(2)], None)]
+    return None
+
+
+def pair_weights(base: Checkpoint, tuned: Checkpoint, bias_diffs: bool) -> Pairing:
+    """The weights of `tuned` that differ from `base`'s, paired by name. Raises LoraStructureError when the two
+    are different models (a shared weight of another shape, or under half the weights shared) or identical."""
+    bkeys, tkeys = set(base.keys()), set(tuned.keys())
+    shared = sorted(k for k in bkeys & tkeys if not _scale_like(k))
+    for k in shared:
+        if tuple(base.info(k).shape) != tuple(tuned.info(k).shape):
+            raise LoraStructureError(f"--base and --tuned are different models: {k} is {list(base.info(k).shape)} "
+                                     f"in one and {list(tuned.info(k).shape)} in the other; give the checkpoint the "
+                                     "fine-tune started from")
+    tensors = max(sum(1 for k in bkeys if not _scale_like(k)), sum(1 for k in tkeys if not _scale_like(k)))
+    if 2 * len(shared) < tensors:
+        raise LoraStructureError(f"--base and --tuned are different models (or layouts): only {len(shared)} of "
+                                 f"{tensors} weights have the same name in both; give two checkpoints of one model in "
+                                 "one layout (both single files, or both diffusers folders)")
+    p = Pairing([], [])
+    biases: list[Difference] = []
+    for k in shared:
+        if not _differs(base, tuned, k):
+            continue
+        shape, dtype = tuple(base.info(k).shape), tuned.info(k).dtype
+        stem, _, suffix = k.rpartition(".")
+        clip = open_clip_parts(k, shape)
+        if clip is not None:
+            kind, parts = clip
+            found = [Difference(k, m, (r[1] - r[0], *shape[1:]) if r else shape, dtype, r) for m, r in parts
+                     if r is None or _differs(base, tuned, k, r)]
+            (biases if kind == "bias" else p.diffs).extend(found)
+        elif suffix == "bias":
+            name = module_name(stem + ".weight", base.folder)
+            biases.append(Difference(k, name or stem, shape, dtype))
+        elif suffix != "weight" or len(shape) < 2:
+            p.left.setdefault("1-D weights (norms, scales) and other tensors", []).append(k)
+        elif len(shape) > 5 or EMBEDDING.search(stem):
+            p.left.setdefault("embeddings", []).append(k)
+        elif module_name(k, base.folder) is None:
+            p.left.setdefault("weights of no LoRA module (VAE, other encoders)", []).append(k)
+        else:
+            p.diffs.append(Difference(k, module_name(k, base.folder), shape, dtype))
+    if not p.diffs and not biases and not p.left:
+        raise LoraStructureError("--base and --tuned hold the same weights (no difference): there is nothing to "
+                                 "extract; nothing was written")
+    modules = {d.module for d in p.diffs}
+    for b in biases:
+        if b.module in modules and bias_diffs:
+            p.biases.append(b)
+        else:
+            why = "biases" + ("" if bias_diffs else " (--bias-diffs writes them as .diff_b)")
+            p.left.setdefault(why, []).append(b.key)
+    return p
+
+
+def _differs(base: Checkpoint, tuned: Checkpoint, key: str, rows: tuple[int, int] | None = None) -> bool:
+    """The tensor (its `rows`) differs: bit for bit as stored, or, for a weight beside a scale (fp8), as read with
+    it."""
+    stem = key.rpartition(".")[0]
+    if key.endswith(".weight") and any(f"{stem}.{s}" in c for s in WEIGHT_SCALES for c in (base, tuned)):
+        a, b = base.matrix(key), tuned.matrix(key)
+    else:
+        a, b = base.tensor(key), tuned.tensor(key)
+        if a.dtype != b.dtype:
+            a, b = a.to(torch.float64), b.to(torch.float64)
+    if rows is not None:
+        a, b = a[rows[0]:rows[1]], b[rows[0]:rows[1]]
+    return not torch.equal(a, b)
+
+
+@dataclass
+class Extraction:
+    """An extraction ready to run: the output, its precision, notes, the rule outcome and the certificates."""
+    out: Output
+    precision: str
+    notes: list[str]
+    rules: RuleOutcome
+    certified: Certified
+    tuned: Path
+    layout: Layout
+    input_precision: str
+
+
+def _open(path: str, role: str, variant: str | None) -> Checkpoint:
+    try:
+        return Checkpoint(local_path(path, "input"), variant)
+    except InputFileError as e:
+        raise InputFileError(str(e).replace("--base", role)) from None
+
+
+def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs: bool = False,
+            partial: bool = True) -> Extraction:
+    """The differences read as a LoRA in the output layout (opts.output_format, default kohya: the trainers'
+    native names), with the jobs (`partial`: ops.diffs.layer_job's); nothing decomposed yet."""
+    p = pair_weights(base, tuned, bias_diffs)
+    target = opts.output_format or "kohya"
+    if KEY_FORM.get(target) != "kohya" and p.biases:  # diffusers' and PEFT's loaders have no bias-diff key
+        p.left.setdefault(f"biases (the {target} layout has no bias-diff key)", []).extend(b.key for b in p.biases)
+        p.biases = []
+    if not p.diffs:
+        raise LoraStructureError("no linear or conv weight differs between --base and --tuned (only "
+                                 f"{', '.join(p.left)}); there is no LoRA to extract - nothing was written")
+    src = difference_source(base, tuned, p.diffs, p.biases)
+    parsed = detect(src.infos(), {})
+    arch = detect_arch(parsed, scheme_of(parsed), opts.arch, src.infos())
+    scheme = scheme_of(parsed)
+    unread = [m.name for m in parsed.modules if read_name(m.name, scheme, arch) is None]
+    if unread:
+        keep = [d for d in p.diffs if d.module not in set(unread)]
+        p.left.setdefault(f"weights no {arch.title if arch else 'Stable Diffusion'} LoRA names", []).extend(
+            d.key for d in p.diffs if d.module in set(unread))
+        p.diffs = keep
+        p.biases = [b for b in p.biases if b.module not in set(unread)]
+        if not keep:
+            raise LoraStructureError(f"none of the differing weights is a module a LoRA names (e.g. {unread[0]}); "
+                                     "give --arch if the model is another - nothing was written")
+        src = difference_source(base, tuned, p.diffs, p.biases)
+    arch_name = SD if arch is None else arch.name
+    src.metadata = _input_metadata(arch_name, target, any(len(d.shape) > 2 for d in p.diffs), tuned.path, base.path)
+    layout = read_layout(src.infos(), src.metadata, None, target, arch_name)
+    rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
+    kept = set(rules.kept)
+    certified = Certified()
+    jobs = [layer_job(m, src, opts, certified, partial=partial) for m in layout.modules if m.name in kept]
+    precision, precision_notes = precision_of(layout, src.infos(), opts.precision)
+    out = Output(layout, jobs, copied_sources(layout, src), [InputRecord(tuned.path.name, src.metadata)],
+                 cast=opts.precision is not None)
+    notes = precision_notes + [f"{len(p.diffs)} weight(s) differ: extracted as {len(jobs)} layer(s) "
+                               f"({arch.title if arch else 'Stable Diffusion'}, {target} layout)"]
+    notes += [f"left out: {len(keys)} differing {why} (e.g. {keys[0]})" for why, keys in p.left.items()]
+    if p.biases:
+        notes.append(f"{len(p.biases)} differing bias(es) written as `.diff_b` (ComfyUI adds them to the bias; "
+                     "diffusers' kohya loader refuses a file with them)")
+    return Extraction(out, precision, notes + list(layout.notes), rules, certified, tuned.path, layout,
+                      precision_of(layout, src.infos(), None)[0])
+
+
+def _input_metadata(arch: str, target: str, conv: bool, tuned: Path, base: Path) -> dict[str, str]:
+    """What the output's metadata starts from (io.metadata.output_metadata keeps it): sd-scripts' network module
+    and base model version where known, and conv_dim in ss_network_args when conv layers are written (rewritten to
+    the ranks written)."""
+    meta = {"ss_training_comment": f"extracted by lora-resize: {tuned.name} - {base.name}"}
+    if KEY_FORM.get(target) == "kohya":
+        meta["ss_network_module"] = PLAIN_MODULE_OF.get(arch, PLAIN_MODULE)
+        if conv:
+            meta["ss_network_args"] = json.dumps({"conv_dim": "1", "conv_alpha": "1"})
+    version = BASE_VERSIONS.get(arch)
+    if version:
+        meta["ss_base_model_version"] = version
+    return meta
+
+
+@contextlib.contextmanager
+def _extraction(base: str | os.PathLike, tuned: str | os.PathLike, opts: ResizeOptions, bias_diffs: bool,
+                base_variant: str | None, partial: bool = True) -> Iterator[tuple[Extraction, Checkpoint, Checkpoint]]:
+    """Both checkpoints open and the extraction prepared (prepare); closed on the way out."""
+    if opts.diffs_to_lora:
+        raise OptionsError("--diffs-to-lora turns the full diffs inside a LoRA file into pairs (resize); extract "
+                           "writes every difference as a pair already: drop it")
+    if opts.base is not None:
+        raise OptionsError("extract reads its base model from its own base argument; the rank options' base (a "
+                           "model to measure a LoRA against) does not apply")
+    with _open(base, "--base", base_variant) as b, _open(tuned, "--tuned", base_variant) as t:
+        yield prepare(b, t, opts, bias_diffs, partial), b, t
+
+
+def extract(base: str | os.PathLike, tuned: str | os.PathLike, dst: str | os.PathLike,
+            options: ResizeOptions | None = None, *, bias_diffs: bool = False, base_variant: str | None = None,
+            progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
+            **option_fields) -> ResizeResult:
+    """A LoRA of `tuned` - `base` written to `dst` (atomically; neither input is modified): every linear and conv
+    weight that differs, as the best rank-k factors of its difference under the rank options (rank=, method=,
+    param=, target_size=, target_fro=, block_rules=, output_format=, arch=, precision=, ...; `bias_diffs`:
+    differing biases as `.diff_b`, which ComfyUI reads and diffusers' kohya loader refuses; `base_variant`: the
+    weight files of a diffusers folder's variant, in both).
+    Each layer's alpha follows resize's rule (ops.job.alpha_rule): with --rank N, alpha = N (scale 1).
+
+    `base`, `tuned`: .safetensors checkpoints (single files: SD/SDXL original, DiT native or ComfyUI keys) or
+    diffusers model folders, in one layout. Raises OptionsError, InputFileError, LoraStructureError (different
+    models, identical ones, nothing a LoRA names), NumericalError, OutputFileError, DeviceError."""
+    t0 = time.perf_counter()
+    opts = as_options(options, option_fields)
+    local_path(dst, "output")
+    device = compute_device(opts.device)
+    with _extraction(base, tuned, opts, bias_diffs, base_variant) as (x, b, t):
+        dst_path, new_folder = output_file(dst, t.path, x.layout.file_name)
+        for src in (b.path, t.path):
+            check_output_path(src, dst_path, new_folder)
+            if src.is_dir() and dst_path.resolve().is_relative_to(src.resolve()):
+                raise OutputFileError(f"output {dst_path} is inside the input folder {src}; write it elsewhere")
+        done = produce(dst_path, x.out, opts, x.precision, device, progress, on_layer, new_folder)
+    notes = (x.notes + x.certified.notes() + done.write_notes + clamp_notes(done.rows) + x.rules.notes
+             + done.plan_notes)
+    return ResizeResult(src=x.tuned, dst=dst_path, format=x.out.layout.format, precision=x.precision,
+                        options={**done.options.as_dict(), "rule_hits": x.rules.hits, "extracted_from": str(b.path)},
+                        layers=done.rows, passthrough=list(x.out.copied), copied=dict(x.out.layout.known),
+                        cast=done.cast, input_bytes=_size(x.tuned), output_bytes=dst_path.stat().st_size,
+                        seconds=time.perf_counter() - t0, metadata=done.metadata, notes=notes)
+
+
+def extraction_analysis(base: str | os.PathLike, tuned: str | os.PathLike, options: ResizeOptions | None = None, *,
+                        bias_diffs: bool = False, base_variant: str | None = None, progress: Progress | None = None,
+                        sweep: Mapping[str, Sequence] | None = None,
+                        max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR, **option_fields) -> Analysis:
+    """`extract --analyze`: every differing layer decomposed once, then the sizes and fidelities of a sweep of
+    settings (ops.analyze's: `default_sweep()` unless given; a chosen setting as in `analyze`) for the LoRA
+    `extract` would write - nothing is written. Options and errors as `extract` and `analyze`."""
+    t0 = time.perf_counter()
+    shared, chosen = split_options(options, option_fields)
+    device = compute_device(shared.device)
+    with _extraction(base, tuned, shared, bias_diffs, base_variant) as (x, b, t):
+        t1 = time.perf_counter()
+        sps = spectra(x.out.jobs, device, shared.threads, progress)
+        t_dec = time.perf_counter() - t1
+        ev = Evaluator(x.out, sps, x.precision, shared, x.input_precision)
+        a = finish(ev, dict(src=x.tuned, format=x.out.layout.format, precision=x.precision,
+                            input_bytes=_size(x.tuned), dropped=x.rules.dropped, seconds=0.0,
+                            decompose_seconds=t_dec, notes=x.notes + x.certified.notes() + x.rules.notes,
+                            rule_hits=x.rules.hits),
+                   shared, chosen, chosen.label() if chosen else "", sweep, max_effect_error,
+                   reopen=partial(_reopened, base, tuned, shared, bias_diffs, base_variant))
+    a.command = shlex.join(["lora-resize", "extract", "--base", os.fspath(base), "--tuned", os.fspath(tuned),
+                            "-o", "OUT.safetensors"])
+    a.seconds = time.perf_counter() - t0
+    return a
+
+
+@contextlib.contextmanager
+def _reopened(base, tuned, opts: ResizeOptions, bias_diffs: bool, base_variant: str | None, names: list[str]
+              ) -> Iterator[list[LayerJob]]:
+    """The jobs of layers `names` of the extraction, both checkpoints open again (ops.analyze.at_precisions)."""
+    with _extraction(base, tuned, opts, bias_diffs, base_variant, partial=False) as (x, _, _):
+        jobs = {j.name: j for j in x.out.jobs}
+        yield [jobs[n] for n in names]
+
+
+def _size(path: Path) -> int:
+    """The bytes of a checkpoint: its file, or a diffusers folder's .safetensors files."""
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) if path.is_dir() else path.stat().st_size
