@@ -106,6 +106,11 @@ class ResizeOptions:
         "--arch", group="output", choices=lambda: architectures(),
         help="the model the LoRA is for, when converting (--to, --output-format) or measuring against --base "
              "(default: detected from its keys, shapes and metadata)"))
+    # --- lokr: the form LyCORIS LoKr modules are written in
+    as_lora: bool = field(default=False, metadata=flag(
+        "--as-lora", group="output", action="store_true",
+        help="write every LyCORIS module as plain LoRA factors (lora_down/lora_up/alpha); default: a LoKr module "
+             "stays LoKr (lokr_w1 as stored, lokr_w2 truncated exactly) where that is smaller"))
     rule: InitVar[str | None] = None
 
     def __post_init__(self, rule: str | None) -> None:
@@ -168,6 +173,8 @@ class ResizeOptions:
             raise OptionsError(f"--output-format must be a layout name, got {self.output_format!r}")
         if self.base is not None and not isinstance(self.base, str):
             put("base", str(self.base))
+        if not isinstance(self.as_lora, bool):
+            raise OptionsError(f"as_lora must be True or False, got {self.as_lora!r}")
         needs_base = [f"--method {self.method}"] if policy.base else []
         needs_base += [b.flag for b in given if b.needs_base]
         if needs_base and self.base is None:
@@ -234,7 +241,8 @@ class ResizeOptions:
             elif self.conv_rank is not None:
                 s += f", conv cap {self.conv_rank}"
         extras = [self.precision, self.output_format and f"{self.output_format} layout",
-                  self.method and self.rank_rule != "exact" and f"{self.rank_rule} rank rule"]
+                  self.method and self.rank_rule != "exact" and f"{self.rank_rule} rank rule",
+                  self.as_lora and "LyCORIS as LoRA"]
         return ", ".join([s, *(e for e in extras if e)])
 
     def flag_words(self) -> list[str]:
@@ -253,6 +261,8 @@ class ResizeOptions:
             flag = meta["flags"][0]
             if f.name in BUDGETS:
                 words += [flag, BUDGETS[f.name].flag_value(value)]
+            elif meta["argparse"].get("action") == "store_true":
+                words += [flag]
             elif meta["argparse"].get("action") == "append":
                 words += [w for v in value for w in (flag, str(v))]
             else:

@@ -143,7 +143,7 @@ def default_sweep(base: bool = False) -> dict[str, tuple]:
 
 # what a decomposition is read under: another value needs the file read (and decomposed) again
 READ_UNDER = {"output_format": "the output layout", "arch": "the architecture", "base": "the base model",
-              "base_variant": "the base model's variant"}
+              "base_variant": "the base model's variant", "as_lora": "the form LoKr modules are written in"}
 
 
 class Evaluator:
@@ -300,7 +300,8 @@ def at_precisions(ev: Evaluator, src: os.PathLike, row: SettingRow, sample: int 
         return rows, "rounding not measured: every layer's update is zero"
     device = compute_device(ev.analyzed.device)
     with open_tensor_file(src) as reader:
-        layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch)
+        layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch,
+                             ev.analyzed.as_lora)
         modules = {m.name: m for m in layout.modules}
         jobs = [module_job(modules[sps[i].name], reader, ev.analyzed.output_format is not None) for i in heavy]
         layers = [job.load() for job in jobs]  # the reader stays open: an exact copy reads the factors again
@@ -319,7 +320,7 @@ def at_precisions(ev: Evaluator, src: os.PathLike, row: SettingRow, sample: int 
                 except NumericalError as e:
                     lost, r.note = float("inf"), str(e)
                     break
-                written = output_scale(job.module, q.alpha_t, q.rank) * (up.double() @ down.double())
+                written = output_scale(job.module, q.alpha_t, q.rank, layer) * (up.double() @ down.double())
                 U, S, Vh = dec.factors(q.rank)
                 exact = layer.scale * ((U * S) @ Vh).cpu()
                 lost += float(torch.linalg.matrix_norm(written - exact)) ** 2
@@ -381,7 +382,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
     src = resolve_input(local_path(src, "input"))
     device = compute_device(shared.device)
     with open_tensor_file(src) as reader:
-        layout = read_layout(reader.infos(), reader.metadata, src, shared.output_format, shared.arch)
+        layout = read_layout(reader.infos(), reader.metadata, src, shared.output_format, shared.arch, shared.as_lora)
         precision, precision_notes = precision_of(layout, reader.infos(), shared.precision)
         input_precision = precision_of(layout, reader.infos(), None)[0]
         rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
@@ -439,7 +440,8 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
     names = {f.name for f in fields(ResizeOptions)}
     chosen = ResizeOptions(**{k: v for k, v in result.options.items() if k in names})
     with open_tensor_file(result.src) as reader:
-        layout = read_layout(reader.infos(), reader.metadata, result.src, chosen.output_format, chosen.arch)
+        layout = read_layout(reader.infos(), reader.metadata, result.src, chosen.output_format, chosen.arch,
+                             chosen.as_lora)
         modules = {m.name: m for m in layout.modules}
         sps = []
         for row in result.layers:

@@ -44,7 +44,7 @@ def _prepared(src: str | os.PathLike, opts: ResizeOptions,
     layout)` runs as soon as the layout is known (the output path's checks: before any base model is read)."""
     src = resolve_input(local_path(src, "input"))
     with open_tensor_file(src) as reader:
-        layout = read_layout(reader.infos(), reader.metadata, src, opts.output_format, opts.arch)
+        layout = read_layout(reader.infos(), reader.metadata, src, opts.output_format, opts.arch, opts.as_lora)
         if check is not None:
             check(src, layout)
         precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
