@@ -235,3 +235,19 @@ def test_a_zero_w1_is_a_zero_layer(tmp_path):
     out, _ = load_st(tmp_path / "out.safetensors")
     assert res.layers[0].zero
     assert float(comfy_update(out, LIN).abs().max()) == 0.0 and all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_merge_of_a_lokr_and_a_lora_sums_plain_factors(tmp_path):
+    """A merge sums the inputs' updates as plain factors, so a LoKr input is read as its exact plain pair (never
+    kept as LoKr there) and the merged file is the best rank-k approximation of the weighted sum."""
+    from helpers import Spec, dense_dw, make_state_dict
+    sd1 = lokr(LIN, 4, 4, 6, 5, r=2, alpha=3.0, seed=12)
+    sd2 = make_state_dict([Spec(LIN, 24, 20, 4, alpha=2.0)], seed=13)
+    a = write_lora(tmp_path / "a.safetensors", sd1, dict(BASE_METADATA))
+    b = write_lora(tmp_path / "b.safetensors", sd2, dict(BASE_METADATA))
+    lora_resize.merge([str(a), str(b) + ":0.5"], tmp_path / "m.safetensors", rank=6, precision="float")
+    out, _ = load_st(tmp_path / "m.safetensors")
+    assert not any("lokr_" in k for k in out)
+    want = best_rank_k(ref_lokr(sd1, LIN) + 0.5 * dense_dw(sd2, LIN), 6)
+    got = (out[LIN + UP].double() @ out[LIN + DOWN].double()) * float(out[LIN + ALPHA]) / 6
+    assert rel_err(got, want) < 1e-6
