@@ -513,6 +513,28 @@ class KeptLokr(LycorisModule):
             kernel, d = unfolded(self.name, v2.shape[1])
         return KronLayer(u2 * g, v2, rank, self._alpha(src), scale if g > 0 else 0.0, kernel, d, w1=w1, w1_norm=g)
 
+    def stored_factors(self, src: TensorSource, dtype: torch.dtype) -> tuple[NewFactors | None, str]:
+        """W2's factors as stored (lokr_w2_a, lokr_w2_b as a matrix) with the stored alpha, in `dtype`, for a copy
+        bit for bit at the module's own rank (ops.job.start_layer, as formats.convert.exact_copy gives plain
+        pairs; the caller checks that `dtype` holds every stored value); (None, why not) for a W2 stored whole or
+        with a Tucker core, or a scale alpha / rank the save precision does not hold. W1 reaches `emit` from the
+        loaded layer (KronLayer.kept)."""
+        if "lokr_w2_a" not in self.parts or "lokr_t2" in self.parts:
+            return None, "its W2 is not stored as a lokr_w2_a/_b pair"
+        up, down = src.get(self.parts["lokr_w2_a"]), src.get(self.parts["lokr_w2_b"])
+        alpha, rank = self._alpha(src), down.shape[0]
+        alpha_t = torch.tensor(alpha if alpha is not None else float(rank), dtype=torch.float32).to(dtype)
+        if float(alpha_t) / rank != self.scale_and_rank(src)[0]:
+            return None, "its scale alpha / rank is not one the save precision holds"
+        kernel, d = self.kernel_of(down)
+        return NewFactors(up.to(dtype), down.reshape(rank, -1).to(dtype), alpha_t, kernel, d), ""
+
+    def kernel_of(self, w2b: torch.Tensor) -> tuple[tuple[int, ...] | None, int]:
+        """(kernel, in channels) of W2 from a stored lokr_w2_b (r x d[ x kh x kw], or with the kernel folded)."""
+        if w2b.ndim == 4:
+            return tuple(w2b.shape[2:]), w2b.shape[1]
+        return unfolded(self.name, w2b.shape[1])
+
     def emit(self, new: NewFactors) -> dict[str, torch.Tensor]:
         n, k = self.name, new.down.shape[0]
         w1 = new.kept.get("lokr_w1")

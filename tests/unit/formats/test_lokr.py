@@ -251,3 +251,15 @@ def test_merge_of_a_lokr_and_a_lora_sums_plain_factors(tmp_path):
     want = best_rank_k(ref_lokr(sd1, LIN) + 0.5 * dense_dw(sd2, LIN), 6)
     got = (out[LIN + UP].double() @ out[LIN + DOWN].double()) * float(out[LIN + ALPHA]) / 6
     assert rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_kept_lokr_at_its_own_rank_is_copied_bit_for_bit(tmp_path, dtype):
+    """As a plain pair at its own rank is copied, not re-rounded (ops.job.start_layer): a LoKr kept at the rank of
+    its stored lokr_w2_a/_b, with the alpha the output states, writes every tensor of the module as stored."""
+    sd = {k: v.to(dtype) for k, v in lokr(LIN, 4, 4, 24, 20, r=8, alpha=4.0, seed=14).items()}
+    src = write_lora(tmp_path / "in.safetensors", sd, dict(BASE_METADATA))
+    res = lora_resize.resize(src, tmp_path / "out.safetensors", rank=8)
+    out, _ = load_st(tmp_path / "out.safetensors")
+    assert sorted(out) == sorted(sd) and all(torch.equal(out[k], sd[k]) for k in sd)
+    assert res.layers[0].conversion == "exact"
