@@ -110,8 +110,8 @@ class ResizeOptions:
     as_lora: bool = field(default=False, metadata=flag(
         "--as-lora", group="output", action="store_true",
         help="write every LyCORIS module as plain LoRA factors (lora_down/lora_up/alpha); default: a LoKr module "
-             "stays LoKr (lokr_w1 as stored, lokr_w2 truncated exactly) where that is smaller; a merge always "
-             "writes plain factors"))
+             "stays LoKr (lokr_w1 as stored, lokr_w2 truncated exactly) where that is smaller; a merge and a "
+             "conversion (convert, --output-format) always write plain factors"))
     rule: InitVar[str | None] = None
 
     def __post_init__(self, rule: str | None) -> None:
