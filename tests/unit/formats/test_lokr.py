@@ -263,3 +263,15 @@ def test_a_kept_lokr_at_its_own_rank_is_copied_bit_for_bit(tmp_path, dtype):
     out, _ = load_st(tmp_path / "out.safetensors")
     assert sorted(out) == sorted(sd) and all(torch.equal(out[k], sd[k]) for k in sd)
     assert res.layers[0].conversion == "exact"
+
+
+@pytest.mark.parametrize("part", ["lokr_w1", "lokr_w2_a"])
+def test_a_non_finite_lokr_is_refused_and_nothing_written(tmp_path, capsys, part):
+    """NaN in W1 (which the kept route copies) or W2 is a one-line error naming the layer; nothing is written."""
+    sd = lokr(LIN, 4, 4, 24, 20, r=8, alpha=4.0, seed=15)
+    sd[f"{LIN}.{part}"][1, 1] = float("nan")
+    src = write_lora(tmp_path / "in.safetensors", sd, dict(BASE_METADATA))
+    rc = main(["resize", str(src), "-o", str(tmp_path / "out.safetensors"), "--rank", "3"])
+    err = capsys.readouterr().err
+    assert rc != 0 and LIN in err and "NaN" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
