@@ -275,3 +275,23 @@ def test_a_non_finite_lokr_is_refused_and_nothing_written(tmp_path, capsys, part
     err = capsys.readouterr().err
     assert rc != 0 and LIN in err and "NaN" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", ["w2_factored", "both_whole"])
+def test_a_kept_lokr_reads_back_as_its_update(tmp_path, case):
+    """What reads our output again (preview and --effect patch a base through formats.detect; a second resize)
+    sees the kept LoKr's own update, scale * kron(W1, W2_k): whole W2 at scale 1, factored at alpha / k."""
+    from lora_resize.formats import detect
+    from lora_resize.io.reader import open_tensor_file
+    build, name, asked = CASES[case]
+    sd = build(name)
+    src = write_lora(tmp_path / "in.safetensors", sd, dict(BASE_METADATA))
+    w1, w2, scale = input_w1_w2(sd, name)
+    for k in asked:
+        dst = tmp_path / f"out{k}.safetensors"
+        res = lora_resize.resize(src, dst, rank=k, precision="float")
+        k = res.layers[0].new_rank
+        with open_tensor_file(dst) as r:
+            (m,) = detect(r.infos(), r.metadata).modules
+            layer = m.load(r)
+        assert rel_err(layer.scale * (layer.up @ layer.down), scale * torch.kron(w1, best_rank_k(w2, k))) < 1e-6
