@@ -1,5 +1,7 @@
 """LyCORIS (KohakuBlueleaf/LyCORIS) networks: LoCon with a Tucker core, LoHa and LoKr, each resized exactly into
-plain LoRA factors; kinds that need the base model to be written as low-rank factors pass through untouched.
+plain LoRA factors - except a LoKr that stays LoKr (its W2 truncated exactly: KeptLokr, at the end of this module,
+chosen by `kept_lokr` unless --as-lora); kinds that need the base model to be written as low-rank factors pass
+through untouched.
 
 Keys are `<name>.<part>` with kohya-style names (`lora_unet_...`, `lora_te_...`, `lycoris_...`). Every resizable
 module becomes one up/down pair whose product is the module's update, built from its factors without the dense
@@ -15,7 +17,8 @@ alpha):
 - LoKr (`lokr_w1` or `lokr_w1_a/_b`, `lokr_w2` or `lokr_w2_a/_b`, Tucker `lokr_t2`): dW = kron(W1, W2) with W2
   flattened to (c x d*kh*kw). kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2) gives the pair; a full side M is
   I @ M or M @ I, whichever is thinner. r = lokr_w2_b.shape[0] (else lokr_w1_b.shape[0]); with both sides full
-  LyCORIS ignores alpha, and so do we (scale 1).
+  LyCORIS ignores alpha, and so do we (scale 1). (The plain form, for --as-lora, conversions and merges.)
+- LoHa stays plain factors: (A1 B1) * (A2 B2) has no truncation that keeps its form exactly (LOHA_WHY).
 
 When the structured pair's inner size would exceed min(out, in*kh*kw) (e.g. a LoHa whose r1*r2 is large for a small
 layer), the dense update is smaller than the factors: we form it and pair it with an identity on its shorter side.
