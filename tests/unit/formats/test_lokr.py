@@ -295,3 +295,15 @@ def test_a_kept_lokr_reads_back_as_its_update(tmp_path, case):
             (m,) = detect(r.infos(), r.metadata).modules
             layer = m.load(r)
         assert rel_err(layer.scale * (layer.up @ layer.down), scale * torch.kron(w1, best_rank_k(w2, k))) < 1e-6
+
+
+def test_a_whole_w2_beyond_the_save_precision_is_refused(tmp_path, capsys):
+    """W2 written whole is the product of the new factors: where it leaves fp16's range though the factors fit,
+    the writer's check refuses it in one line naming the tensor and --precision float; nothing is written."""
+    sd = lokr(LIN, 4, 4, 10, 6, w2="full", seed=16)
+    sd[LIN + ".lokr_w2"] = sd[LIN + ".lokr_w2"] * 1e5
+    src = write_lora(tmp_path / "in.safetensors", sd, dict(BASE_METADATA))
+    rc = main(["resize", str(src), "-o", str(tmp_path / "out.safetensors"), "--rank", "99", "--precision", "fp16"])
+    err = capsys.readouterr().err
+    assert rc != 0 and LIN in err and "--precision float" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.safetensors").exists()
