@@ -129,6 +129,12 @@ class ResizeOptions:
         "--diffs-to-lora", group="output", action="store_true",
         help="write each module stored as a full diff (`<module>.diff`) as a low-rank pair under the rank options "
              "(the SVD of the diff), instead of copying it as it is"))
+    # --- lokr: the form LyCORIS LoKr modules are written in
+    as_lora: bool = field(default=False, metadata=flag(
+        "--as-lora", group="output", action="store_true",
+        help="write every LyCORIS module as plain LoRA factors (lora_down/lora_up/alpha); default: a LoKr module "
+             "stays LoKr (lokr_w1 as stored, lokr_w2 truncated exactly) where that is smaller; a merge and a "
+             "conversion (convert, --output-format) always write plain factors"))
     rule: InitVar[str | None] = None
 
     def __post_init__(self, rule: str | None) -> None:
@@ -191,6 +197,8 @@ class ResizeOptions:
             raise OptionsError(f"--output-format must be a layout name, got {self.output_format!r}")
         if self.base is not None and not isinstance(self.base, str):
             put("base", str(self.base))
+        if not isinstance(self.as_lora, bool):
+            raise OptionsError(f"as_lora must be True or False, got {self.as_lora!r}")
         needs_base = [f"--method {self.method}"] if policy.base else []
         needs_base += [b.flag for b in given if b.needs_base]
         if needs_base and self.base is None:
@@ -270,7 +278,7 @@ class ResizeOptions:
         extras = [*(c.describe(v) for c in CONSTRAINTS.values() if (v := getattr(self, c.name))),
                   self.precision, self.output_format and f"{self.output_format} layout",
                   self.method and self.rank_rule != "exact" and f"{self.rank_rule} rank rule",
-                  self.diffs_to_lora and "diffs to LoRA"]
+                  self.diffs_to_lora and "diffs to LoRA", self.as_lora and "LyCORIS as LoRA"]
         return ", ".join([s, *(e for e in extras if e)])
 
     def flag_words(self) -> list[str]:

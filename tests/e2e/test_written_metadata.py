@@ -169,7 +169,7 @@ def test_a_loha_written_as_lora_states_conv_args_only_for_the_conv_layers_writte
     meta = {"ss_network_module": "lycoris.kohya", "ss_network_dim": "4", "ss_network_alpha": "2",
             "ss_network_args": json.dumps({"algo": "loha", "conv_dim": "4", "conv_alpha": "2", "dropout": "0.1"})}
     src = write_lora(tmp_path / "in.safetensors", sd, meta)
-    res = lora_resize.resize(src, tmp_path / "out.safetensors", rank=3)
+    res = lora_resize.resize(src, tmp_path / "out.safetensors", rank=3, as_lora=True)  # the LoKr too
     out, written_meta, groups = written(res.dst)
     assert bool(groups[True]) == convs
     assert written_meta["ss_network_module"] == "networks.lora"

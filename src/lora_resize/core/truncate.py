@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -76,12 +76,15 @@ def retention(S: np.ndarray, k: int) -> tuple[float, float, float]:
 class NewFactors:
     """A resized layer's tensors in the save dtype: up (out x k) and down (k x in*prod(kernel)) as matrices, and
     its alpha as a 0-d tensor (alpha / k is the scale the factors were made for, unless the output's key family
-    loads it with a fixed scale). `kernel` and `in_channels` give the conv shapes back."""
+    loads it with a fixed scale). `kernel` and `in_channels` give the conv shapes back. `kept`: tensors of the
+    module written beside the factors with their values as read (a LoKr's W1, formats/lycoris.py), by part name;
+    empty when sizing on meta tensors (the module then emits their shapes)."""
     up: torch.Tensor
     down: torch.Tensor
     alpha: torch.Tensor
     kernel: tuple[int, ...] | None
     in_channels: int
+    kept: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def shaped(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(up, down) in the layer's tensor shapes: conv down (k, in, *kernel), up (out, k, 1, ...)."""

@@ -22,7 +22,7 @@ from .companions import companion_kind
 from .controllora import ControlLora
 from .diffusers import Diffusers
 from .kohya import Kohya
-from .lycoris import Lycoris
+from .lycoris import Lycoris, kept_lokr
 from .peft import Peft
 from .xlabs import XLabs
 
@@ -68,9 +68,12 @@ def convert_layout(layout: Layout, target: str | None, infos: Mapping[str, Tenso
 
 
 def read_layout(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str], path: Path | None,
-                output_format: str | None = None, arch: str | None = None) -> Layout:
-    """A file's layout as its family parses it (detect), written in `output_format` when one is given (convert_layout)."""
+                output_format: str | None = None, arch: str | None = None, as_lora: bool = False) -> Layout:
+    """A file's layout as its family parses it (detect), written in `output_format` when one is given (convert_layout);
+    without one, and unless `as_lora`, a LyCORIS LoKr module that is smaller so stays LoKr (lycoris.kept_lokr)."""
     parsed = detect(infos, metadata, path)
+    if output_format is None and not as_lora:
+        parsed = kept_lokr(parsed, infos)
     layout = convert_layout(parsed, output_format, infos, metadata, arch)
     if layout.arch is None and rewrites_module(metadata):  # the written metadata depends on the architecture
         layout.arch = _convert.keys_arch(parsed, infos, metadata, arch)

@@ -34,6 +34,11 @@ class Module(ABC):
     def output_scale(self) -> float | None:
         return None
 
+    def output_scale_at(self, k: int) -> float | None:
+        """`output_scale` for the output written at rank k: the same at every rank, except for a module whose
+        written form changes with k (a LoKr kept as LoKr whose W2 is written whole: scale 1, formats/lycoris.py)."""
+        return self.output_scale
+
     @abstractmethod
     def load(self, src: TensorSource) -> LowRankLayer:
         """Read this module's tensors and return its low-rank form (raises LoraStructureError on bad shapes)."""

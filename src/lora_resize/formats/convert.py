@@ -36,6 +36,7 @@ from ..models import ARCH_KEY, LAYOUTS, MODELS, SD, Architecture, architectures,
 from ..models import sd
 from .base import Format, Layout, Module
 from .diffusers import METADATA_KEY
+from .lycoris import KeptLokr
 from .pairs import PairModule
 from .peft import PEFT_PREFIX, new_adapter
 
@@ -485,6 +486,14 @@ def exact_copy(module: Module) -> Callable[[TensorSource, torch.dtype], tuple[Ne
         return module.exact
     if isinstance(module, PairModule):
         return lambda src, dtype: exact_factors([Feed(module)], 0, module.output_scale, src, dtype)
+    if isinstance(module, KeptLokr):  # a LoKr kept as LoKr: its W2 pair as stored, beside W1 as stored
+        factors = [module.parts[p] for p in ("lokr_w1", "lokr_w2_a", "lokr_w2_b") if p in module.parts]
+
+        def stored(src: TensorSource, dtype: torch.dtype) -> tuple[NewFactors | None, str]:
+            if not all(_widens(src.infos()[k].dtype, dtype) for k in factors):
+                return None, "the save precision is narrower than the input's"
+            return module.stored_factors(src, dtype)
+        return stored
     return None
 
 

@@ -1,5 +1,7 @@
 """LyCORIS (KohakuBlueleaf/LyCORIS) networks: LoCon with a Tucker core, LoHa and LoKr, each resized exactly into
-plain LoRA factors; kinds that need the base model to be written as low-rank factors pass through untouched.
+plain LoRA factors - except a LoKr that stays LoKr (its W2 truncated exactly: KeptLokr, at the end of this module,
+chosen by `kept_lokr` unless --as-lora); kinds that need the base model to be written as low-rank factors pass
+through untouched.
 
 Keys are `<name>.<part>` with kohya-style names (`lora_unet_...`, `lora_te_...`, `lycoris_...`). Every resizable
 module becomes one up/down pair whose product is the module's update, built from its factors without the dense
@@ -15,7 +17,8 @@ alpha):
 - LoKr (`lokr_w1` or `lokr_w1_a/_b`, `lokr_w2` or `lokr_w2_a/_b`, Tucker `lokr_t2`): dW = kron(W1, W2) with W2
   flattened to (c x d*kh*kw). kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2) gives the pair; a full side M is
   I @ M or M @ I, whichever is thinner. r = lokr_w2_b.shape[0] (else lokr_w1_b.shape[0]); with both sides full
-  LyCORIS ignores alpha, and so do we (scale 1).
+  LyCORIS ignores alpha, and so do we (scale 1). (The plain form, for --as-lora, conversions and merges.)
+- LoHa stays plain factors: (A1 B1) * (A2 B2) has no truncation that keeps its form exactly (LOHA_WHY).
 
 When the structured pair's inner size would exceed min(out, in*kh*kw) (e.g. a LoHa whose r1*r2 is large for a small
 layer), the dense update is smaller than the factors: we form it and pair it with an identity on its shorter side.
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -154,6 +157,7 @@ class LycorisModule(Module):
     """One LyCORIS module that becomes plain LoRA factors. `parts` maps part name (`hada_w1_a`, ...) to its key."""
     kind: str = ""
     parts: dict[str, str] = field(default_factory=dict)
+    label: str = ""  # what the notes call it: 'LoKr', 'Tucker LoHa', ...
 
     def _get(self, src: TensorSource, part: str) -> torch.Tensor | None:
         key = self.parts.get(part)
@@ -204,22 +208,28 @@ class LycorisModule(Module):
         return LowRankLayer.with_alpha(up, down, self._alpha(src), rank=w1b.shape[0], kernel=kernel,
                                        in_channels=in_channels)
 
+    def _w2(self, src: TensorSource) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None, int, int | None]:
+        """A LoKr's W2 as an exact pair (u2 @ v2 = W2, c x d*kh*kw with the kernel in the columns), its kernel
+        (None: linear, or folded into lokr_w2_b's columns), its in channels d, and its rank (lokr_w2_b's rows;
+        None when W2 is stored whole)."""
+        w2, w2a, w2b, t2 = (self._get(src, p) for p in ("lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"))
+        if w2 is not None:
+            u2, v2 = dense_pair(w2.reshape(w2.shape[0], -1))
+            return u2, v2, (tuple(w2.shape[2:]) if w2.ndim == 4 else None), w2.shape[1], None
+        if t2 is not None:  # Tucker: w2_a is (r x c), w2_b (r x d), t2 (r x r x kh x kw)
+            return w2a.T, tucker_down(t2, w2b), tuple(t2.shape[2:]), w2b.shape[1], w2b.shape[0]
+        return (w2a, w2b.reshape(w2b.shape[0], -1), (tuple(w2b.shape[2:]) if w2b.ndim == 4 else None), w2b.shape[1],
+                w2b.shape[0])
+
     def _lokr(self, src: TensorSource) -> LowRankLayer:
-        w1, w1a, w1b, w2, w2a, w2b, _, t2 = (self._get(src, p) for p in LOKR)
+        w1, w1a, w1b = (self._get(src, p) for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b"))
         rank = None
         if w1 is not None:
             u1, v1 = dense_pair(w1)
         else:
             u1, v1, rank = w1a, w1b, w1b.shape[0]
-        if w2 is not None:
-            u2, v2 = dense_pair(w2.reshape(w2.shape[0], -1))
-            kernel, d = (tuple(w2.shape[2:]) if w2.ndim == 4 else None), w2.shape[1]
-        elif t2 is not None:  # Tucker: w2_a is (r x c), w2_b (r x d), t2 (r x r x kh x kw)
-            u2, v2, rank = w2a.T, tucker_down(t2, w2b), w2b.shape[0]
-            kernel, d = tuple(t2.shape[2:]), w2b.shape[1]
-        else:
-            u2, v2, rank = w2a, w2b.reshape(w2b.shape[0], -1), w2b.shape[0]
-            kernel, d = (tuple(w2b.shape[2:]) if w2b.ndim == 4 else None), w2b.shape[1]
+        u2, v2, kernel, d, w2_rank = self._w2(src)
+        rank = w2_rank if w2_rank is not None else rank
         up, down = kron_pair(u1, v1, u2, v2)
         alpha = self._alpha(src) if rank is not None else None  # both sides full: LyCORIS uses scale 1
         in_channels = v1.shape[1] * d
@@ -378,7 +388,7 @@ def _module(name: str, parts: dict[str, str], infos: Mapping[str, TensorInfo]) -
         _check_lokr(name, shapes)
         label = "Tucker LoKr" if "lokr_t2" in parts else "LoKr"
     keys = list(factors.values()) + ([parts["alpha"]] if "alpha" in parts else [])
-    return label, LycorisModule(name, keys, kind, {p: k for p, k in parts.items() if p != DORA})
+    return label, LycorisModule(name, keys, kind, {p: k for p, k in parts.items() if p != DORA}, label)
 
 
 def _summary(names: list[str]) -> str:
@@ -414,7 +424,6 @@ class Lycoris(Format):
         modules: list[Module] = []
         passthrough_modules: dict[str, list[str]] = {}
         dora: list[str] = []
-        converted: dict[str, int] = {}
         known: dict[str, str] = {}
         for n in names:
             label, module = _module(n, groups[n], infos)
@@ -423,16 +432,11 @@ class Lycoris(Format):
                 known.update({k: f"{label} module" for k in groups[n].values()})
                 continue
             modules.append(module)
-            converted[label] = converted.get(label, 0) + 1
             if DORA in groups[n]:
                 dora.append(n)
                 known[groups[n][DORA]] = DORA_KIND
 
-        notes = []
-        structured = {k: v for k, v in converted.items() if k != "LoCon"}
-        if structured:
-            listed = ", ".join(f"{v} {k}" for k, v in sorted(structured.items()))
-            notes.append(f"LyCORIS modules written as plain LoRA factors (lora_down/lora_up/alpha): {listed}")
+        notes = form_notes(modules, {})
         for kind, mods in passthrough_modules.items():
             why = ("lora-resize reads LoHa/LoKr only on linear and conv2d layers" if kind == "conv1d/conv3d" else
                    "it cannot be written as low-rank factors without the base model")
@@ -443,4 +447,205 @@ class Lycoris(Format):
                          f"original's: {_summary(dora)}")
         module_keys = {k for m in modules for k in m.keys}
         passthrough = [k for k in infos if k not in module_keys]
-        return Layout(self.name, modules, passthrough, notes, known, copies_modules=bool(passthrough_modules))
+        return LycorisLayout(self.name, modules, passthrough, notes, known, copies_modules=bool(passthrough_modules))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoKr kept as LoKr: W1 as stored, W2 truncated exactly
+#
+# dW = scale * kron(W1, W2). For every X, ||kron(W1, W2 - X)||_F = ||W1||_F ||W2 - X||_F (the Frobenius norm of a
+# Kronecker product is the product of the norms), so the best update of the form kron(W1, X) with rank(X) <= k is
+# kron(W1, W2_k), W2_k the truncated SVD of W2 (Eckart-Young), and its squared error is
+# scale^2 ||W1||_F^2 sum_{j>k} s_j(W2)^2. The layer the engine decomposes is therefore ||W1||_F * W2 (c x d*kh*kw):
+# its singular values ||W1||_F s_j(W2) are what every rank policy and budget reads for the module (a rank is W2's
+# rank; the energy of a step k -> k+1 is scale^2 ||W1||_F^2 s_{k+1}(W2)^2, its bytes c + d*kh*kw), and their squares
+# sum to ||dW||_F^2 / scale^2, so retention and budgets measure the update as applied. (The singular values of dW
+# itself are the products s_i(W1) s_j(W2); the plain route reads those.)
+
+
+@dataclass(frozen=True)
+class KronLayer(LowRankLayer):
+    """A LoKr kept as LoKr, as the engine decomposes it: up @ down = ||W1||_F * W2 (c x d*kh*kw, `kernel` and
+    `in_channels` W2's), with the module's scale and rank (`rank`: W2's). `w1`: lokr_w1 as stored, written again
+    as it is (cast to the save precision); `w1_norm`: ||W1||_F in float64, what a loader's kron(W1, .) multiplies
+    the written W2 factors' product by (ops.job.output_scale folds it out of the new factors)."""
+    w1: torch.Tensor | None = None
+    w1_norm: float = 1.0
+
+    @property
+    def kept(self) -> dict[str, torch.Tensor]:
+        """The tensors written as read (NewFactors.kept): W1."""
+        return {"lokr_w1": self.w1}
+
+
+@dataclass
+class KeptLokr(LycorisModule):
+    """A LoKr module (lokr_w1 whole) written as LoKr: `lokr_w1` as stored, W2 truncated to rank k, written as
+    LyCORIS builds a module of lora_dim k (lycoris-lora modules/lokr.py `LokrModule.__init__`): factored,
+    `lokr_w2_a` (c x k) and `lokr_w2_b` (k x d*kh*kw, a conv's kernel folded in as LyCORIS stores it), while
+    k < max(c, d) / 2, loaded with scale alpha / k (ComfyUI comfy/weight_adapter/lokr.py: dim = lokr_w2_b's rows);
+    else whole, `lokr_w2` (c x d[ x kh x kw]) = W2_k, loaded with scale 1 (both halves whole: LyCORIS and ComfyUI
+    ignore alpha) - the product of the rounded factors, rounded once more. A Tucker module (lokr_t2) is written
+    without its core (lokr_w2_b holds the core contracted with it), which both loaders read as a non-Tucker conv.
+    `w1_shape`: lokr_w1's shape; `w2_rows`, `w2_channels`, `w2_cols`: c, d and d*kh*kw."""
+    w1_shape: tuple[int, ...] = ()
+    w2_rows: int = 0
+    w2_channels: int = 0
+    w2_cols: int = 0
+
+    def whole_at(self, k: int) -> bool:
+        """Whether W2 is written whole at rank k (LyCORIS's rule: lora_dim >= max(c, d) / 2)."""
+        return 2 * k >= max(self.w2_rows, self.w2_channels)
+
+    def output_scale_at(self, k: int) -> float | None:
+        return 1.0 if self.whole_at(k) else None
+
+    def scale_and_rank(self, src: TensorSource) -> tuple[float, int]:
+        """alpha / lokr_w2_b's rows (1 without alpha); W2 stored whole: scale 1 (both halves whole) and the rank
+        W2 can have, min(c, d*kh*kw)."""
+        if "lokr_w2" in self.parts:
+            return 1.0, min(self.w2_rows, self.w2_cols)
+        return super().scale_and_rank(src)
+
+    def load(self, src: TensorSource) -> KronLayer:
+        w1 = src.get(self.parts["lokr_w1"])
+        u2, v2, kernel, d, _ = self._w2(src)
+        scale, rank = self.scale_and_rank(src)
+        g = float(torch.linalg.matrix_norm(w1.to(torch.float64)))
+        if kernel is None:
+            kernel, d = unfolded(self.name, v2.shape[1])
+        return KronLayer(u2 * g, v2, rank, self._alpha(src), scale if g > 0 else 0.0, kernel, d, w1=w1, w1_norm=g)
+
+    def stored_factors(self, src: TensorSource, dtype: torch.dtype) -> tuple[NewFactors | None, str]:
+        """W2's factors as stored (lokr_w2_a, lokr_w2_b as a matrix) with the stored alpha, in `dtype`, for a copy
+        bit for bit at the module's own rank (ops.job.start_layer, as formats.convert.exact_copy gives plain
+        pairs; the caller checks that `dtype` holds every stored value); (None, why not) for a W2 stored whole or
+        with a Tucker core, or a scale alpha / rank the save precision does not hold. W1 reaches `emit` from the
+        loaded layer (KronLayer.kept)."""
+        if "lokr_w2_a" not in self.parts or "lokr_t2" in self.parts:
+            return None, "its W2 is not stored as a lokr_w2_a/_b pair"
+        up, down = src.get(self.parts["lokr_w2_a"]), src.get(self.parts["lokr_w2_b"])
+        alpha, rank = self._alpha(src), down.shape[0]
+        alpha_t = torch.tensor(alpha if alpha is not None else float(rank), dtype=torch.float32).to(dtype)
+        if float(alpha_t) / rank != self.scale_and_rank(src)[0]:
+            return None, "its scale alpha / rank is not one the save precision holds"
+        kernel, d = self.kernel_of(down)
+        return NewFactors(up.to(dtype), down.reshape(rank, -1).to(dtype), alpha_t, kernel, d), ""
+
+    def kernel_of(self, w2b: torch.Tensor) -> tuple[tuple[int, ...] | None, int]:
+        """(kernel, in channels) of W2 from a stored lokr_w2_b (r x d[ x kh x kw], or with the kernel folded)."""
+        if w2b.ndim == 4:
+            return tuple(w2b.shape[2:]), w2b.shape[1]
+        return unfolded(self.name, w2b.shape[1])
+
+    def emit(self, new: NewFactors) -> dict[str, torch.Tensor]:
+        n, k = self.name, new.down.shape[0]
+        w1 = new.kept.get("lokr_w1")
+        out = {f"{n}.lokr_w1": (torch.empty(self.w1_shape, dtype=new.up.dtype, device=new.up.device) if w1 is None
+                                else w1.to(new.up.dtype))}
+        if self.whole_at(k):
+            w2 = (new.up.to(torch.float64) @ new.down.to(torch.float64)).to(new.up.dtype)
+            out[f"{n}.lokr_w2"] = w2.reshape(w2.shape[0], new.in_channels, *new.kernel) if new.kernel else w2
+        else:
+            out[f"{n}.lokr_w2_a"], out[f"{n}.lokr_w2_b"] = new.up, new.down
+        out[n + ALPHA] = new.alpha
+        return out
+
+
+def lokr_smaller(w1_shape: tuple[int, ...], c: int, d: int, cols: int) -> bool:
+    """Whether a LoKr with W1 (a x b) and W2 (c x d, d*kh*kw = `cols` columns) is smaller kept as LoKr than as
+    plain factors at the same fidelity, for every rank k of W2: kept, it writes kron(W1, W2_k) in a*b + k*(c + cols)
+    elements (c*cols once W2 is written whole, KeptLokr.whole_at); plain factors that hold the same update need
+    its rank, rank(W1) * k (rank(W1) taken as min(a, b), what W1's shape allows), at most min(a*c, b*cols), at
+    a*c + b*cols elements per rank. (Plain factors of a lower rank hold less of the update: whatever rank a
+    criterion picks on the plain route, its update is no closer to kron(W1, W2_k) than that one.)"""
+    a, b = w1_shape
+    full, per = min(a * c, b * cols), a * c + b * cols
+    for k in range(1, min(c, cols) + 1):
+        kept = a * b + (c * cols if 2 * k >= max(c, d) else k * (c + cols))
+        if kept > min(min(a, b) * k, full) * per:
+            return False
+    return True
+
+
+def _kept(m: Module, infos: Mapping[str, TensorInfo]) -> tuple[KeptLokr | None, str]:
+    """`m` as a KeptLokr, or (None, why it is written as plain factors) for a LoKr that stays plain ("" for any
+    other module)."""
+    if not isinstance(m, LycorisModule) or m.kind != "lokr":
+        return None, ""
+    if "lokr_w1" not in m.parts:  # LyCORIS builds w1_a/_b and w2_a/_b with one lora_dim: W2 alone cannot shrink
+        return None, "lokr_w1 factored (LyCORIS loads lokr_w1_a/_b only beside a lokr_w2_a/_b of the same rank)"
+    s = {p: tuple(infos[k].shape) for p, k in m.parts.items()}
+    if "lokr_w2" in s:
+        c, d, kernel = s["lokr_w2"][0], s["lokr_w2"][1], s["lokr_w2"][2:]
+    elif "lokr_t2" in s:
+        c, d, kernel = s["lokr_w2_a"][1], s["lokr_w2_b"][1], s["lokr_t2"][2:]
+    else:
+        c, d, kernel = s["lokr_w2_a"][0], s["lokr_w2_b"][1], s["lokr_w2_b"][2:]
+    cols = d * math.prod(kernel)
+    if not kernel:
+        d = unfolded(m.name, d)[1]
+    if not lokr_smaller(s["lokr_w1"], c, d, cols):
+        return None, "not smaller as LoKr than as plain factors holding the same update"
+    return KeptLokr(m.name, m.keys, m.kind, m.parts, m.label, s["lokr_w1"], c, d, cols), ""
+
+
+PLAIN_NOTE = "LyCORIS modules written as plain LoRA factors (lora_down/lora_up/alpha)"
+LOHA_WHY = ("a LoHa's update (A1 B1) * (A2 B2) has no truncation that keeps its form exactly - its best rank-k "
+            "approximation is not a Hadamard product of two low-rank halves - so it is written as that best "
+            "approximation, plain factors")
+
+
+def form_notes(modules: list[Module], plain_why: Mapping[str, str]) -> list[str]:
+    """What the LyCORIS modules are written as: the plain ones counted by kind (why, for LoHa and for a LoKr that
+    stays plain: `plain_why`, module name -> reason), and the LoKr modules kept as LoKr."""
+    lyco = [m for m in modules if isinstance(m, LycorisModule)]
+    plain = [m for m in lyco if not isinstance(m, KeptLokr) and m.label != "LoCon"]
+    kept = [m.name for m in lyco if isinstance(m, KeptLokr)]
+    notes = []
+    if plain:
+        counts: dict[str, int] = {}
+        for m in plain:
+            counts[m.label] = counts.get(m.label, 0) + 1
+        listed = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        whys = ([f"LoHa: {LOHA_WHY}"] if any(m.kind == "loha" for m in plain) else [])
+        reasons = sorted({plain_why[m.name] for m in plain if m.name in plain_why})
+        whys += [f"LoKr with {r}" for r in reasons]
+        lokr = [m for m in plain if m.kind == "lokr" and m.name not in plain_why]
+        if lokr:
+            whys.append("LoKr: plain factors asked for - --as-lora, a conversion or a merge")
+        notes.append(f"{PLAIN_NOTE}: {listed}" + (f" ({'; '.join(whys)})" if whys else ""))
+    if kept:
+        notes.append(f"{len(kept)} LoKr module(s) kept as LoKr, smaller than plain factors holding the same update: "
+                     "lokr_w1 as stored, W2 truncated exactly (the best kron(W1, X) of rank(X) <= k is kron(W1, W2_k); "
+                     "their rank is W2's, chosen on ||W1||_F times W2's singular values); --as-lora writes plain "
+                     f"factors: {_summary(kept)}")
+    return notes
+
+
+@dataclass
+class LycorisLayout(Layout):
+    """A LyCORIS file's layout: with a LoKr kept as LoKr, the output is still a LyCORIS network (its input's
+    network fields hold), else as Layout.written_network."""
+
+    def written_network(self) -> str | None:
+        if any(isinstance(m, KeptLokr) for m in self.modules):
+            return None
+        return super().written_network()
+
+
+def kept_lokr(layout: Layout, infos: Mapping[str, TensorInfo]) -> Layout:
+    """`layout` with each LoKr module that is smaller kept as LoKr (lokr_smaller, with lokr_w1 whole) written as
+    LoKr (KeptLokr), the notes saying which and why the others are plain factors; any other layout unchanged."""
+    if not isinstance(layout, LycorisLayout):
+        return layout
+    modules, why = [], {}
+    for m in layout.modules:
+        kept, reason = _kept(m, infos)
+        modules.append(kept or m)
+        if reason:
+            why[m.name] = reason
+    if not any(isinstance(m, KeptLokr) for m in modules) and not why:
+        return layout
+    notes = form_notes(modules, why) + [n for n in layout.notes if not n.startswith(PLAIN_NOTE)]
+    return replace(layout, modules=modules, notes=notes)

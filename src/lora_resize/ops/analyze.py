@@ -145,7 +145,8 @@ def default_sweep(base: bool = False) -> dict[str, tuple]:
 
 # what a decomposition is read under: another value needs the file read (and decomposed) again
 READ_UNDER = {"output_format": "the output layout", "arch": "the architecture", "base": "the base model",
-              "base_variant": "the base model's variant", "diffs_to_lora": "whether full diffs are pairs"}
+              "base_variant": "the base model's variant", "diffs_to_lora": "whether full diffs are pairs",
+              "as_lora": "the form LoKr modules are written in"}
 
 
 class Evaluator:
@@ -289,7 +290,8 @@ def reread(src: os.PathLike, ev: Evaluator, names: list[str]) -> Iterator[list[L
     """The jobs of layers `names` of the LoRA file `src`, read again as `ev` read it (its source open meanwhile)."""
     with open_tensor_file(src) as file:
         reader, _ = full_diffs_as_pairs(file) if ev.analyzed.diffs_to_lora else (file, [])
-        layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch)
+        layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch,
+                             ev.analyzed.as_lora)
         modules = {m.name: m for m in layout.modules}
         yield [layer_job(modules[n], reader, ev.analyzed, Certified(), ev.analyzed.output_format is not None,
                          partial=False) for n in names]
@@ -333,7 +335,7 @@ def at_precisions(ev: Evaluator, src: os.PathLike | Reopen, row: SettingRow, sam
                 except NumericalError as e:
                     lost, r.note = float("inf"), str(e)
                     break
-                written = output_scale(job.module, q.alpha_t, q.rank) * (up.double() @ down.double())
+                written = output_scale(job.module, q.alpha_t, q.rank, layer) * (up.double() @ down.double())
                 U, S, Vh = dec.factors(q.rank)
                 exact = layer.scale * ((U * S) @ Vh).cpu()
                 lost += float(torch.linalg.matrix_norm(written - exact)) ** 2
@@ -398,7 +400,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
     device = compute_device(shared.device)
     with open_tensor_file(src) as file:
         reader, diff_notes = full_diffs_as_pairs(file) if shared.diffs_to_lora else (file, [])
-        layout = read_layout(reader.infos(), reader.metadata, src, shared.output_format, shared.arch)
+        layout = read_layout(reader.infos(), reader.metadata, src, shared.output_format, shared.arch, shared.as_lora)
         precision, precision_notes = precision_of(layout, reader.infos(), shared.precision)
         input_precision = precision_of(layout, reader.infos(), None)[0]
         rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
@@ -458,7 +460,8 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
     chosen = ResizeOptions(**{k: v for k, v in result.options.items() if k in names})
     with open_tensor_file(result.src) as file:
         reader, _ = full_diffs_as_pairs(file) if chosen.diffs_to_lora else (file, [])
-        layout = read_layout(reader.infos(), reader.metadata, result.src, chosen.output_format, chosen.arch)
+        layout = read_layout(reader.infos(), reader.metadata, result.src, chosen.output_format, chosen.arch,
+                             chosen.as_lora)
         modules = {m.name: m for m in layout.modules}
         sps = []
         for row in result.layers:

@@ -26,6 +26,7 @@ from ..core.truncate import (FP8, PRECISION_OF_DTYPE, SAVE_DTYPES, AlphaRule, Ne
 from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
 from ..formats.convert import exact_copy
+from ..formats.lycoris import KronLayer
 from ..io.metadata import InputRecord, SideOutputs, output_metadata, with_hashes
 from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
@@ -134,10 +135,14 @@ def held_alpha(alpha: float, dtype: torch.dtype) -> float:
     return math.copysign(min(max(abs(alpha), info.tiny), info.max), alpha)
 
 
-def output_scale(module: Module, alpha: torch.Tensor, k: int) -> float:
-    """The scale a loader applies to the module's rank-k output: its family's fixed scale, else the stored alpha
-    over k."""
-    return module.output_scale if module.output_scale is not None else float(alpha) / k
+def output_scale(module: Module, alpha: torch.Tensor, k: int, layer: LowRankLayer | None = None) -> float:
+    """The scale a loader applies to the module's rank-k output: its family's fixed scale at that rank
+    (Module.output_scale_at), else the stored alpha over k; for a `layer` read as a LoKr kept as LoKr
+    (formats.lycoris.KronLayer, whose up @ down is ||W1||_F * W2), times ||W1||_F, which the loader's kron(W1, .)
+    multiplies the written W2 factors by: the scale in the units of the layer's up @ down."""
+    fixed = module.output_scale_at(k)
+    scale = fixed if fixed is not None else float(alpha) / k
+    return scale * layer.w1_norm if isinstance(layer, KronLayer) else scale
 
 
 def factor_scale(name: str, scale: float, out_scale: float) -> float:
@@ -231,7 +236,7 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
             copy = None
         whole = unranked(sp, opts) or k >= min(layer.rank, sp.out_features, sp.in_features)  # nothing truncated
         conversion = why if copy is None and whole and job.converting else None
-    c = factor_scale(job.name, layer.scale, output_scale(job.module, alpha_t, k))
+    c = factor_scale(job.name, layer.scale, output_scale(job.module, alpha_t, k, layer))
     up, down = truncated_factors(dec, k, c, save_dtype)
     return Queued(job, layer, sp, k, choice.clamped_to_size, choice.zero_layer, alpha, alpha_t, up, down,
                   largest_entry(dec.S, c), conversion)
@@ -256,7 +261,8 @@ def finish_layer(q: Queued) -> tuple[LayerResult, dict[str, torch.Tensor]]:
     row = layer_row(q.spectrum, q.rank, q.alpha, clamped=q.clamped, zero=q.zero, singular_values=S,
                     underflow=bool(S.size and S[0] > 0 and not (bool(up.any()) and bool(down.any()))),
                     conversion=q.conversion)
-    return row, q.job.module.emit(NewFactors(up, down, q.alpha_t, q.layer.kernel, q.layer.in_channels))
+    kept = q.layer.kept if isinstance(q.layer, KronLayer) else {}
+    return row, q.job.module.emit(NewFactors(up, down, q.alpha_t, q.layer.kernel, q.layer.in_channels, kept))
 
 
 def run_jobs(jobs: list[LayerJob], opts: ResizeOptions, device: torch.device, save_dtype: torch.dtype,

@@ -46,7 +46,7 @@ def _prepared(src: str | os.PathLike, opts: ResizeOptions,
     src = resolve_input(local_path(src, "input"))
     with open_tensor_file(src) as file:
         reader, diff_notes = full_diffs_as_pairs(file) if opts.diffs_to_lora else (file, [])
-        layout = read_layout(reader.infos(), reader.metadata, src, opts.output_format, opts.arch)
+        layout = read_layout(reader.infos(), reader.metadata, src, opts.output_format, opts.arch, opts.as_lora)
         if check is not None:
             check(src, layout)
         precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)

@@ -200,7 +200,7 @@ def test_kind_matches_dense_reference(tmp_path, capsys, case, cut):
     src = write_lora(tmp_path / "in.safetensors", sd, dict(BASE_METADATA))
     dst = tmp_path / "out.safetensors"
     rc = main(["resize", str(src), "-o", str(dst), "--rank", str(k), "--conv-rank", str(k), "--precision", "float",
-               "--json"])
+               "--json", "--as-lora"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     out, meta = load_st(dst)
@@ -240,7 +240,7 @@ def test_mixed_file_dynamic_fp16(tmp_path):
     sd = {k: v.half() for k, v in sd.items()}
     src = write_lora(tmp_path / "mix.safetensors", sd, dict(BASE_METADATA))
     dst = tmp_path / "out.safetensors"
-    res = lora_resize.resize(src, dst, method="sv_fro", param=0.9)
+    res = lora_resize.resize(src, dst, method="sv_fro", param=0.9, as_lora=True)
     assert res.format == "lycoris" and res.precision == "fp16"
     out, meta = load_st(dst)
     assert {v.dtype for v in out.values()} == {torch.float16}
@@ -456,7 +456,7 @@ def test_lycoris_written_as_plain_lora_says_so_in_its_metadata(tmp_path, kind):
     conv_alpha those of the conv layers written, none without any), never LyCORIS's algo/factor fields."""
     build, algo = NETWORK_INPUTS[kind]
     src = write_lora(tmp_path / "in.safetensors", build(), lycoris_metadata(algo))
-    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2)
+    lora_resize.resize(src, tmp_path / "out.safetensors", rank=2, as_lora=True)
     _, meta = load_st(tmp_path / "out.safetensors")
     assert meta["ss_network_module"] == "networks.lora"
     assert json.loads(meta["ss_network_args"]) == {**STILL_HOLD, **written_conv(tmp_path / "out.safetensors")}
