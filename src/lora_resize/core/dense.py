@@ -63,11 +63,11 @@ from .decompose import CHOLESKY_MAX_CONDITION, ZERO_RELATIVE, sym_gram
 
 TOLERANCE = 1e-3  # the certified excess (squared error over the best rank-k one, minus 1) the fast route may have
 SEED = 0x5EED  # the sketches' seed: the same W gives the same factors
-POWER_STEPS = (2, 4)  # subspace iterations q: the first try, the retry
-OVERSAMPLE = (10, 1.0)  # l = need + 1 + max(10, need) on the first try; the retry doubles the oversampling
+POWER_STEPS = (3, 5)  # subspace iterations q: the first try, the retry
+OVERSAMPLE = (10, 2.0)  # l = need + 1 + max(10, 2 * need) on the first try; the retry doubles the oversampling
 FAST_SHARE = 0.25  # the fast route only when the sketch has at most this share of min(m, n) columns
 NORM_FAILURE = 1e-10  # the probability that the randomized bound on ||(I - QQ^T) X||_2 does not hold
-NORM_VECTORS, NORM_STEPS = 16, 8  # r test vectors, t power steps for that bound (factor (a*sqrt(2/pi))^(1/(2t+1)))
+NORM_VECTORS, NORM_STEPS = 32, 6  # r test vectors, t power steps for that bound (factor (a*sqrt(2/pi))^(1/(2t+1)))
 DENSE_NAN_MESSAGE = ("the weight difference holds NaN or Inf values: one of the two checkpoints is damaged "
                "(re-download or re-export it)")
 Decide = Callable[[np.ndarray, float], int]
