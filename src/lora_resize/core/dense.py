@@ -128,9 +128,9 @@ def decompose_dense(W: torch.Tensor, need: int | None = None, device: str | torc
 
     Args:
         W: (m, n), any float dtype (a conv weight flattened to (out, in*kh*kw) by the caller).
-        need: None for the whole spectrum, exact; k for at least the k+1 leading values and the k leading
-            vectors (len(S) = min(k + 1, min(m, n))), certified (module docstring), exact when the fast route is
-            not worth it or its certificate fails.
+        need: None for the whole spectrum, exact; k for at least the k+1 leading values and their vectors
+            (the fast route: exactly min(k + 1, min(m, n)) of them, certified, module docstring; the exact route,
+            when the fast one is not worth it or its certificate fails: all of them).
         device: where the arithmetic runs (float64 throughout).
         decide: optional; the rank the caller's planning gives for (leading values, tail_energy). With it the
             fast route is kept only when that rank is the same at every spectrum the certificate allows.
