@@ -7,10 +7,11 @@ decaying spectrum, not pure noise), for each rank k:
 
 - ours: core.dense.decompose_dense(W, need=k) then its rank-k factors (float64; the fast route when its certificate
   holds, else the exact one), with the certified excess it reports;
-- svd32: sd-scripts networks/extract_lora_from_models.py and ComfyUI's "Extract and Save Lora" algorithm (one
-  dense torch.linalg.svd per layer in float32, U_k diag(S_k) and Vh_k, then both clamped to +-the 0.99 quantile
-  of their entries' values: `clamp` column), re-stated from its description; also without the clamp (`noclamp`);
-  full_matrices=False here (they take the full U and Vh: slower, same factors);
+- svd32: sd-scripts networks/extract_lora_from_models.py (`svd`) and ComfyUI's "Extract and Save Lora"
+  (comfy_extras/nodes_lora_extract.py, `extract_lora`) algorithm: one dense torch.linalg.svd per layer in float32,
+  up = U_k diag(S_k), down = Vh_k, then both clamped to +-(the 0.99 quantile of their entries' signed values):
+  the `clamp` column, re-stated from that description; also without the clamp (`noclamp`); full_matrices=False
+  here (they take the full U and Vh: slower, the same factors);
 - lowrank: torch.svd_lowrank(W, q=min(2k, m, n), niter=2), sd-scripts' newer option (networks/resize_lora.py,
   PR #2240: `--svd_lowrank_niter`, default 2), truncated to k.
 

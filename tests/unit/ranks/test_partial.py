@@ -97,3 +97,29 @@ def test_rank_decider_is_layer_rank_on_other_values():
     decide = rank_decider(sp, opts)
     assert decide(sp.S, sp.tail_energy) == layer_rank(sp, opts).rank == 4
     assert decide(sp.S * np.r_[1.0, np.full(32, 2.0)], sp.tail_energy) == 8
+
+
+@pytest.mark.parametrize("opts", [ResizeOptions(rank=8), ResizeOptions(rank=8, rank_rule="kohya"),
+                                  ResizeOptions(method="sv_ratio", param=5, rank=8),
+                                  ResizeOptions(method="sv_fro", param=0.6, rank=8),
+                                  ResizeOptions(method="sv_fro", param=0.6, rank=8, rank_rule="kohya")])
+def test_dense_partial_spectrum_plans_the_exact_rank(opts):
+    """The seam end to end: decompose_dense(W, need=values_needed(...), decide=rank_decider(...)) and the plan on
+    its partial Spectrum give the rank the exact whole spectrum gives."""
+    import torch
+
+    from lora_resize.core.dense import decompose_dense
+
+    g = torch.Generator().manual_seed(2)
+    m, n = 150, 260
+    U = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64)).Q
+    W = (U * (1.0 + torch.arange(m, dtype=torch.float64)) ** -1.2) @ V.T
+    need = values_needed(opts, conv=False, name="lora_unet_x")
+    exact = decompose_dense(W)
+    whole = spectrum(exact.S, out=m, inp=n)
+    template = spectrum(np.zeros(need + 1), out=m, inp=n)
+    dec = decompose_dense(W, need=need, decide=rank_decider(template, opts))
+    assert not dec.complete  # the fast route held
+    partial = spectrum(dec.S, tail=dec.tail_energy, out=m, inp=n)
+    assert layer_rank(partial, opts) == layer_rank(whole, opts)
