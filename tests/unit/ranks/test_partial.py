@@ -12,6 +12,7 @@ from lora_resize.core.spectrum import Spectrum
 from lora_resize.options import ResizeOptions
 from lora_resize.ranks.plan import layer_rank, rank_decider, values_needed
 from lora_resize.ranks.policies import POLICIES
+from lora_resize.results import BaseNorms
 
 
 def spectrum(S: np.ndarray, name: str = "lora_unet_x", tail: float = 0.0, out: int = 300, inp: int = 400,
@@ -88,6 +89,10 @@ def test_base_losses_and_energy_count_the_tail():
     vals = part.with_tail()
     assert len(vals) == part.full_size and float(np.sum(vals ** 2)) == pytest.approx(float(np.sum(full ** 2)))
     assert np.all(np.diff(vals) <= 0)
+    base = BaseNorms("w", 10.0, 3.0)
+    part.base, whole.base = base, base
+    assert np.allclose(part.base_losses(2), whole.base_losses(2), rtol=1e-12)
+    assert np.allclose(part.base_strength(), whole.base_strength(), rtol=1e-12)
 
 
 def test_rank_decider_is_layer_rank_on_other_values():
