@@ -19,9 +19,11 @@ Error: the relative excess err_k / best_k - 1, err_k = ||W - W_k||_F^2 in float6
 k leading singular values squared (the float64 Gram + eigh values, which tests/unit/core/test_dense.py checks
 against numpy's float64 SVD). Times: the decomposition and the rank-k factors, per layer; totals per method.
 
-    python benchmarks/bench_extract.py                  # SD1.5 shapes + Flux shapes (one layer each), k = 32 64 128
+    python benchmarks/bench_extract.py                  # SD1.5 shapes + Flux 3072x3072 (one layer each), k = 32 64 128
+    python benchmarks/bench_extract.py --full           # + Flux 12288x3072, 3072x12288, 21504x3072 (about 30 min
+                                                        #   on 2 cores: the dense SVDs of the baseline dominate)
     python benchmarks/bench_extract.py --quick          # CI size: SD1.5 shapes only, k = 32
-    python benchmarks/bench_extract.py --cases flux --ranks 64
+    python benchmarks/bench_extract.py --cases flux --full --ranks 64
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ SHAPES = {
     "sd15": [(320, 320), (640, 640), (1280, 1280), (1280, 5120), (5120, 1280), (320, 2880)],  # last: conv 3x3
     "flux": [(3072, 3072), (12288, 3072), (3072, 12288), (21504, 3072)],
 }
+DEFAULT_FLUX = 1  # shapes of the Flux list in the default run (--full: all)
 CLAMP_QUANTILE = 0.99  # sd-scripts' and ComfyUI's default
 SIGNAL_RANK, DECAY = 256, 0.8
 
@@ -97,6 +100,7 @@ def main() -> None:
     ap.add_argument("--cases", default="sd15,flux", help="comma list of: sd15, flux")
     ap.add_argument("--ranks", default="32,64,128")
     ap.add_argument("--quick", action="store_true", help="SD1.5 shapes only, rank 32")
+    ap.add_argument("--full", action="store_true", help="every Flux shape (default: 3072x3072 only)")
     args = ap.parse_args()
     cases = ["sd15"] if args.quick else args.cases.split(",")
     ranks = [32] if args.quick else [int(r) for r in args.ranks.split(",")]
@@ -108,7 +112,8 @@ def main() -> None:
     worst = {"ours": 0.0, "clamp": 0.0, "noclamp": 0.0, "lowrank": 0.0}
     start = time.perf_counter()
     for case in cases:
-        for i, (m, n) in enumerate(SHAPES[case]):
+        shapes = SHAPES[case] if args.full or case != "flux" else SHAPES[case][:DEFAULT_FLUX]
+        for i, (m, n) in enumerate(shapes):
             W = finetune_diff(m, n, seed=i)
             W64 = W.double()
             S_ref = reference_values(W)
