@@ -68,8 +68,8 @@ OVERSAMPLE = (10, 2.0)  # l = need + 1 + max(10, 2 * need) on the first try; the
 FAST_SHARE = 0.25  # the fast route only when the sketch has at most this share of min(m, n) columns
 NORM_FAILURE = 1e-10  # the probability that the randomized bound on ||(I - QQ^T) X||_2 does not hold
 NORM_VECTORS, NORM_STEPS = 32, 6  # r test vectors, t power steps for that bound (factor (a*sqrt(2/pi))^(1/(2t+1)))
-DENSE_NAN_MESSAGE = ("the weight difference holds NaN or Inf values: one of the two checkpoints is damaged "
-               "(re-download or re-export it)")
+DENSE_NAN_MESSAGE = ("the dense update holds NaN or Inf values: the file it comes from is damaged "
+                     "(re-download or re-export it)")
 Decide = Callable[[np.ndarray, float], int]
 
 
@@ -146,7 +146,7 @@ def decompose_dense(W: torch.Tensor, need: int | None = None, device: str | torc
     m, n = W.shape
     transposed = n < m
     X = (W.T if transposed else W).to(device=device).to(dtype=torch.float64)  # s x L, s <= L
-    total = float((X * X).sum()) if X.numel() else 0.0  # ||W||_F^2 in float64
+    total = float(torch.linalg.vector_norm(X)) ** 2 if X.numel() else 0.0  # ||W||_F^2 in float64, no temporary
     if not math.isfinite(total):
         raise NumericalError(DENSE_NAN_MESSAGE)
     s = X.shape[0]
