@@ -14,7 +14,12 @@ class Spectrum:
     """Singular values S of up @ down (unscaled, descending, float64) of the layer `name`, its shape, rank, alpha
     and scale (the strength the model applies: dW = scale * up @ down). A layer whose scale is 0 (alpha 0: switched
     off in training or by hand) applies no update, so its S is all zeros (`of`): every rank rule, budget and
-    fidelity measure then treats it as a zero layer, as its loaders do."""
+    fidelity measure then treats it as a zero layer, as its loaders do.
+
+    A partial spectrum (a dense difference decomposed for its leading values only, core.dense) holds those leading
+    values in S and the rest of the energy, sum of the remaining S^2, in `tail_energy` (0.0: S is the whole
+    spectrum): `energy`, `fro_retained` and `base_losses` count it, `kept(k)` is exact for k <= len(S), and
+    planning reads `with_tail()`."""
     name: str
     kind: str
     out_features: int
@@ -26,6 +31,7 @@ class Spectrum:
     in_channels: int
     S: np.ndarray = field(repr=False)
     base: object | None = None  # the patched base weight's norms (results.BaseNorms: key, fro, spectral), --base
+    tail_energy: float = 0.0  # sum of S^2 past the leading values S of a partial spectrum (unscaled)
 
     def __post_init__(self) -> None:
         self.S = np.asarray(self.S, dtype=np.float64)
@@ -45,7 +51,7 @@ class Spectrum:
         if self.base is None:
             return None
         j = min(int(k), len(self.S))
-        tail = math.sqrt(max(0.0, float(self._cs2[-1] - self._cs2[j]))) * abs(self.scale)
+        tail = math.sqrt(max(0.0, float(self._cs2[-1] + self.tail_energy - self._cs2[j]))) * abs(self.scale)
         nxt = (float(self.S[j]) if j < len(self.S) else 0.0) * abs(self.scale)
         return _ratio(tail, self.base.fro), _ratio(nxt, self.base.spectral)
 
@@ -63,9 +69,19 @@ class Spectrum:
             np.full_like(self.S, np.inf)
 
     def kept(self, k: int) -> tuple[float, float]:
-        """(sum of the k leading singular values, sum of their squares)."""
+        """(sum of the k leading singular values, sum of their squares); of a partial spectrum, for k <= len(S)."""
         j = min(int(k), len(self.S))
         return float(self._cs[j]), float(self._cs2[j])
+
+    def with_tail(self) -> np.ndarray:
+        """full_size values for planning: S, then (a partial spectrum) full_size - len(S) equal values that carry
+        tail_energy, each at most S[-1] so the order holds. A rank decided within the leading values (a count of
+        values above a fraction of S_0, a share of the total energy) is then the one the whole spectrum gives;
+        ranks.plan.values_needed says which decisions those are. A complete spectrum is returned as it is."""
+        rest = self.full_size - len(self.S)
+        if self.tail_energy <= 0 or rest <= 0 or not len(self.S) or self.S[-1] <= 0:
+            return self.S
+        return np.concatenate([self.S, np.full(rest, min(math.sqrt(self.tail_energy / rest), float(self.S[-1])))])
 
     @property
     def conv(self) -> bool:
@@ -78,12 +94,12 @@ class Spectrum:
 
     @property
     def energy(self) -> float:
-        """Squared Frobenius norm of the scaled update dW = scale * up @ down."""
-        return float(self._cs2[-1]) * self.scale ** 2
+        """Squared Frobenius norm of the scaled update dW = scale * up @ down (a partial spectrum's tail included)."""
+        return (float(self._cs2[-1]) + self.tail_energy) * self.scale ** 2
 
     def fro_retained(self, k: int) -> float:
-        """sqrt(kept sum S^2 / sum S^2) at rank k (NaN for a zero layer)."""
-        total = float(self._cs2[-1])
+        """sqrt(kept sum S^2 / sum S^2) at rank k (NaN for a zero layer; a partial spectrum's tail in the sum)."""
+        total = float(self._cs2[-1]) + self.tail_energy
         return math.sqrt(self.kept(k)[1] / total) if total > 0 else float("nan")
 
     def as_dict(self) -> dict:

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 
 from ..core.decompose import NAN_MESSAGE
 from ..core.dense import decompose_dense
 from ..core.layer import LowRankLayer
+from ..core.spectrum import Spectrum
 from ..core.truncate import FP8
 from ..errors import LoraStructureError, NumericalError
 from ..formats import detect
@@ -22,7 +24,7 @@ from ..formats.companions import companion_kind
 from ..formats.kohya import DOWN, UP
 from ..io.reader import TensorInfo, TensorSource
 from ..options import ResizeOptions
-from ..ranks.plan import values_needed
+from ..ranks.plan import rank_decider, values_needed
 from .job import LayerJob, checked, factor_bytes, module_job
 
 
@@ -122,9 +124,10 @@ def layer_job(m: Module, src: TensorSource, opts: ResizeOptions, certified: "Cer
     as stored; any other, as resize's (ops.job.module_job)."""
     if not set(m.keys) & getattr(src, "dense_keys", frozenset()):
         return module_job(m, src, converting)
-    need = values_needed(opts, len(m.weight_shape(src.infos())[1]) > 1) if partial else None
+    need = values_needed(opts, len(m.weight_shape(src.infos())[1]) > 1, m.name) if partial else None
     return LayerJob(m.name, lambda: checked(m.name, m.load(src)), m, lambda: m.scale_and_rank(src),
-                    factor_bytes(m, src.infos()), decompose=certified.decomposer(m.name, need), converting=converting)
+                    factor_bytes(m, src.infos()), decompose=certified.decomposer(m.name, need, opts),
+                    converting=converting)
 
 
 def dense_of(layer: LowRankLayer) -> torch.Tensor:
@@ -143,9 +146,11 @@ class Certified:
     """What each dense layer's decomposition certified: name -> (complete, excess, fallback); `notes` says it."""
     layers: dict[str, tuple[bool, float, bool]] = field(default_factory=dict)
 
-    def decomposer(self, name: str, need: int | None) -> Callable:
+    def decomposer(self, name: str, need: int | None, opts: ResizeOptions) -> Callable:
         def decompose(layer: LowRankLayer, device: torch.device, vectors: bool):
-            dec = decompose_dense(dense_of(layer), need if vectors else None, device)
+            # a rank within the certified values' error of a threshold (a near-tie) sends the layer the exact route
+            decide = rank_decider(Spectrum.of(name, layer, np.zeros(0)), opts) if need is not None else None
+            dec = decompose_dense(dense_of(layer), need if vectors else None, device, decide)
             self.layers[name] = (dec.complete, dec.excess, dec.fallback)
             return dec
         return decompose

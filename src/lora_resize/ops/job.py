@@ -157,8 +157,12 @@ def factor_scale(name: str, scale: float, out_scale: float) -> float:
 
 
 def layer_row(sp: Spectrum, k: int, new_alpha: float, **flags) -> LayerResult:
-    """The row of layer `sp` resized to rank k (flags: clamped, zero, underflow, singular_values)."""
-    sum_kept, fro_kept, max_ratio = retention(sp.S, k)
+    """The row of layer `sp` resized to rank k (flags: clamped, zero, underflow, singular_values). A partial
+    spectrum (a dense layer's leading values, core.dense): the Frobenius retention counts its tail energy exactly;
+    the sum retention is read on Spectrum.with_tail, whose equal tail values give the largest sum that energy
+    allows, so it is a lower bound."""
+    sum_kept, _, max_ratio = retention(sp.with_tail(), k)
+    fro_kept = sp.fro_retained(k)
     base = {}
     if sp.base is not None:
         (strength, spectral), (loss_fro, loss_spec) = sp.base_strength(), sp.base_losses(k)

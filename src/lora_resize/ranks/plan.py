@@ -12,7 +12,8 @@ plans every layer together (`plan`: the largest rank any layer chose, or the bes
 layers are then written at that rank, padded with zero directions past their numerical rank."""
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import replace
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -30,9 +31,14 @@ def decided(sp: Spectrum, opts) -> tuple[int | None, int | None]:
     """(pinned, cap) of one kept layer under `opts`, in order of precedence: an explicit rank (`opts.ranks`, e.g.
     a budget's plan) or a `PATTERN=RANK` rule pins it; else a `PATTERN=cap:RANK` rule or --rank/--conv-rank caps
     it (None: no cap). The one reading of ranks, rules and caps that every planning path shares."""
-    rule = first_match(opts.block_rules, sp.name) if opts.block_rules else None
-    pinned = (opts.ranks or {}).get(sp.name, rule.value if rule is not None and rule.action == "rank" else None)
-    cap = rule.value if rule is not None and rule.action == "cap" else opts.cap_for(sp.conv)
+    return decided_for(sp.name, sp.conv, opts)
+
+
+def decided_for(name: str, conv: bool, opts) -> tuple[int | None, int | None]:
+    """`decided` for the layer called `name` (a conv layer or not), before its spectrum is known."""
+    rule = first_match(opts.block_rules, name) if opts.block_rules else None
+    pinned = (opts.ranks or {}).get(name, rule.value if rule is not None and rule.action == "rank" else None)
+    cap = rule.value if rule is not None and rule.action == "cap" else opts.cap_for(conv)
     return (int(pinned) if pinned is not None else None), cap
 
 
@@ -73,7 +79,7 @@ def unconstrained_rank(sp: Spectrum, opts, pinned: int | None, cap: int | None) 
         if not opts.keep_unranked:
             raise OptionsError(f"layer {sp.name} has no rank: give --rank N (or a rule or a target that covers it)")
         return choose_rank(sp.S, sp.full_size, FIXED_POLICY, None, None, "exact")  # all of it: its numerical rank
-    S = base_relative(sp, f"--method {opts.method}") if policy.base else sp.S
+    S = base_relative(sp, f"--method {opts.method}") if policy.base else sp.with_tail()
     return choose_rank(S, sp.full_size, policy, opts.param, cap, opts.rank_rule)
 
 
@@ -172,6 +178,44 @@ def based(spectra: Sequence[Spectrum], opts) -> bool:
             and (budget.needs_base or all(sp.base is not None for sp in spectra)))
 
 
-def values_needed(opts, conv: bool) -> int | None:  # SHIM - replaced by branch dense
-    """How many leading singular values the options' decision for a layer needs (None: the whole spectrum)."""
-    return None
+PARTIAL_POLICIES = ("fixed", "sv_ratio", "sv_fro")  # decided by the leading values and the total energy
+
+
+def values_needed(opts, conv: bool, name: str | None = None) -> int | None:
+    """How many leading singular values decide a layer's rank under `opts` exactly as its whole spectrum would,
+    or None when the decision needs the whole spectrum. With `name`, for that layer (its rules and explicit rank);
+    without, for any linear (conv False) or conv layer: the largest such count.
+
+    A pinned rank k (--rank with the fixed method, a `PATTERN=RANK` rule, an explicit rank) needs k: the exact rule
+    counts the nonzero values among the first k, the kohya rule only S_0. A cap k with sv_ratio (the count of
+    values >= S_0 / ratio, capped at k) or sv_fro (the first k whose cumulative share of the total energy reaches
+    the fraction: the total is known exactly, Spectrum.tail_energy) needs k. sv_cumulative (its total is sum(S),
+    not known from the leading values), base-relative methods, budgets (all layers' spectra together) and a layer
+    without a cap need the whole spectrum. core.dense.decompose_dense(W, need=k) gives k + 1 values (the next one
+    for the spectral loss) and the k leading vectors; planning on its partial Spectrum (`layer_rank`, through
+    Spectrum.with_tail) then gives the rank the full spectrum gives, and `rank_decider` lets it check near-ties."""
+    if opts.budget is not None or uniform_rank_set(opts):  # a uniform rank is every layer's choice together
+        return None
+    k = _leading(opts, conv, name)
+    return None if k is None else int(round_rank(opts, k, None))  # a per-layer constraint rounds the rank up: its
+    #                                                               vectors are needed (the decision is within k)
+
+
+def _leading(opts, conv: bool, name: str | None) -> int | None:
+    """values_needed before a rank constraint rounds it."""
+    policy = get_policy(opts.method)
+    if name is not None:
+        pinned, cap = decided_for(name, conv, opts)
+        if pinned is not None:
+            return pinned
+        return cap if policy.name in PARTIAL_POLICIES else None
+    if policy.name not in PARTIAL_POLICIES or opts.cap_for(conv) is None:
+        return None
+    rules = [r.value for r in opts.block_rules if r.action in ("rank", "cap")]
+    return max([opts.cap_for(conv), *rules, *(opts.ranks or {}).values()])
+
+
+def rank_decider(sp: Spectrum, opts) -> Callable[[np.ndarray, float], int]:
+    """(leading values, tail energy) -> the rank `layer_rank` gives the layer `sp` under `opts` with those values:
+    what core.dense.decompose_dense(..., decide=) checks at the corners of its certified values."""
+    return lambda S, tail: layer_rank(replace(sp, S=S, tail_energy=tail), opts).rank
