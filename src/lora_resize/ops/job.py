@@ -25,13 +25,16 @@ from ..core.truncate import (FP8, PRECISION_OF_DTYPE, SAVE_DTYPES, AlphaRule, Ne
                              retention, truncated_factors)
 from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
+from ..formats.blocks import module_blocks
 from ..formats.convert import exact_copy
 from ..io.metadata import InputRecord, SideOutputs, output_metadata, with_hashes
 from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
 from ..io.writer import copied_dtype, copied_tensor, write_output
 from ..options import ResizeOptions
+from ..ranks.block_weights import parse_block_weights
 from ..ranks.plan import layer_rank, pinned_rank, plan, unranked
+from ..ranks.rules import RuleOutcome, apply_rules
 from ..results import BaseNorms, LayerResult
 from ..units import format_size
 from .base import base_norms
@@ -82,6 +85,40 @@ def module_job(module: Module, src: TensorSource, converting: bool = False) -> L
     return LayerJob(module.name, lambda: checked(module.name, module.load(src)), module,
                     lambda: module.scale_and_rank(src), factor_bytes(module, src.infos()),
                     exact=(lambda dtype: exact(src, dtype)) if exact is not None else None, converting=converting)
+
+
+def with_strength(job: LayerJob, strength: float) -> LayerJob:
+    """`job` with its update multiplied by `strength` (a scale rule's or --block-weights'): the loaded layer's
+    scale (and the scale `scale_and_rank` reports) is multiplied, so its spectrum, a budget's plan, the sizes and
+    the truncation all see the scaled update and the factors written carry it (start_layer folds the layer's scale
+    into them); a strength other than 1 cannot be a bit-for-bit copy (`exact` None). Strength 1: `job` itself."""
+    if strength == 1:
+        return job
+    load, scale_and_rank = job.load, job.scale_and_rank
+
+    def scaled() -> LowRankLayer:
+        layer = load()
+        return replace(layer, scale=layer.scale * strength)
+
+    def scaled_scale_and_rank() -> tuple[float, int]:
+        scale, rank = scale_and_rank()
+        return scale * strength, rank
+    return replace(job, load=scaled, scale_and_rank=scaled_scale_and_rank, exact=None)
+
+
+def rules_outcome(opts: ResizeOptions, layout: Layout, infos: Mapping[str, TensorInfo],
+                  metadata: Mapping[str, str], names: list[str] | None = None) -> RuleOutcome:
+    """The block rules applied to the modules `names` (default: the layout's, in order), with the strengths of
+    `opts.block_weights` (read on `layout`'s module names, formats.blocks) ahead of the scale rules. Raises
+    OptionsError for a preset of another model than the LoRA's, or when every module is dropped."""
+    names = [m.name for m in layout.modules] if names is None else names
+    preset = None
+    if opts.block_weights is not None:
+        weights = parse_block_weights(opts.block_weights)
+        found = module_blocks(layout, infos, metadata, opts.arch)
+        weights.check_model(found.model, found.title)
+        preset = {name: s for name, block in found.blocks.items() if (s := weights.strength(block)) is not None}
+    return apply_rules(opts.block_rules, names, preset)
 
 
 def with_base(jobs: list[LayerJob], layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],

@@ -20,10 +20,10 @@ from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import TensorSource, open_tensor_file
 from ..io.writer import hashed
 from ..options import ResizeOptions
-from ..ranks.rules import RuleOutcome, apply_rules
+from ..ranks.rules import RuleOutcome
 from ..results import LayerResult, ResizeResult
 from .job import (Output, as_options, build_output, clamp_notes, growth_notes, module_job, precision_of, produce,
-                  with_base)
+                  rules_outcome, with_base, with_strength)
 
 
 @dataclass
@@ -48,10 +48,10 @@ def _prepared(src: str | os.PathLike, opts: ResizeOptions,
         if check is not None:
             check(src, layout)
         precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
-        rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
+        rules = rules_outcome(opts, layout, reader.infos(), reader.metadata)
         kept = set(rules.kept)
-        jobs = [module_job(m, reader, opts.output_format is not None) for m in layout.modules
-                if m.name in kept]
+        jobs = [with_strength(module_job(m, reader, opts.output_format is not None), rules.strengths.get(m.name, 1))
+                for m in layout.modules if m.name in kept]
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
         out = Output(layout, jobs, copied_sources(layout, reader),
                      [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
