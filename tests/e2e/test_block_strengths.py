@@ -112,24 +112,24 @@ def test_merge_scales_the_weighted_sum(tmp_path, blocky):
 # Presets: which block each module is in, by an independent table
 
 
+SD15_TABLE = [  # the original UNet numbers its input blocks 1..11 (three per down block: two layers, then the
+    # downsampler) and its output blocks 0..11 (three per up block: three layers, the upsampler in the third)
+    (r"lora_te_", lambda b, j: "BASE"),
+    (r"lora_unet_down_blocks_(\d)_(?:attentions|resnets)_(\d)_", lambda b, j: f"IN{3 * b + j + 1:02d}"),
+    (r"lora_unet_down_blocks_(\d)_downsamplers_0_conv", lambda b, j: f"IN{3 * b + 3:02d}"),
+    (r"lora_unet_mid_block_", lambda b, j: "MID"),
+    (r"lora_unet_up_blocks_(\d)_(?:attentions|resnets)_(\d)_", lambda b, j: f"OUT{3 * b + j:02d}"),
+    (r"lora_unet_up_blocks_(\d)_upsamplers_0_conv", lambda b, j: f"OUT{3 * b + 2:02d}"),
+]
+
+
 def sd15_block(name: str) -> str | None:
-    """LBW's block of an SD1.5 kohya module named by the diffusers UNet: the original UNet numbers its input blocks
-    1..11 (three per down block: two layers, then the downsampler), output blocks 0..11 (three per up block)."""
-    if name.startswith("lora_te_"):
-        return "BASE"
-    m = re.match(r"lora_unet_down_blocks_(\d)_(attentions|resnets)_(\d)_", name)
-    if m:
-        return f"IN{3 * int(m.group(1)) + int(m.group(3)) + 1:02d}"
-    m = re.match(r"lora_unet_down_blocks_(\d)_downsamplers_0_conv", name)
-    if m:
-        return f"IN{3 * int(m.group(1)) + 3:02d}"
-    if name.startswith("lora_unet_mid_block_"):
-        return "MID"
-    m = re.match(r"lora_unet_up_blocks_(\d)_(attentions|resnets)_(\d)_", name)
-    if m:
-        return f"OUT{3 * int(m.group(1)) + int(m.group(3)):02d}"
-    m = re.match(r"lora_unet_up_blocks_(\d)_upsamplers_0_conv", name)
-    return f"OUT{3 * int(m.group(1)) + 2:02d}" if m else None
+    """LBW's block of an SD1.5 kohya module named by the diffusers UNet (SD15_TABLE)."""
+    for pattern, block in SD15_TABLE:
+        m = re.match(pattern, name)
+        if m:
+            return block(*(int(g) for g in m.groups()), *(None,) * (2 - len(m.groups())))
+    return None
 
 
 def sgm_block(name: str) -> str | None:
