@@ -431,7 +431,7 @@ def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
     a = finish(ev, a_fields, shared, chosen, chosen.label() if chosen else "", sweep, max_effect_error)
     if effect is not None:
         from .effect import EffectMeter, measure_effects
-        with EffectMeter(a.src, effect) as meter:
+        with EffectMeter(a.src, effect, shared) as meter:
             measure_effects(meter, a.rows + ([a.chosen] if a.chosen is not None else []), effect_progress,
                             [sp.name for sp in a.layers])
         a.notes.append(f"effect error: {meter.report.summary()}")
