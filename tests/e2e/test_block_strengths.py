@@ -65,6 +65,19 @@ def test_scale_rules_give_the_best_rank_k_of_the_scaled_update(tmp_path, blocky,
     assert "strengths baked into the factors: x-1: 2 modules; x0.5: 2 modules; x2: 2 modules; x0: 1 module dropped" in text
 
 
+def test_a_negative_strength_goes_into_the_factors_not_the_alpha(tmp_path, family):
+    """Every layer scaled by -1: the written alphas stay positive (the sign is in the factors; diffusers' kohya Flux
+    converter loops forever on a negative alpha), and each update is -dW."""
+    dst = tmp_path / "neg.safetensors"
+    lora_resize.resize(family["flux"], dst, rank=64, block_rules=["*=scale:-1"])
+    sd, _ = load_st(family["flux"])
+    out, meta = load_st(dst)
+    assert {float(v) for k, v in out.items() if k.endswith(".alpha")} == {32.0}  # 2 / 4 x --rank 64, positive
+    assert meta["ss_network_alpha"] == "32.0"
+    for name in layer_names(sd)[::7]:
+        assert rel_err(dense_dw(out, name), -dense_dw(sd, name)) < 2e-6, name
+
+
 def test_a_budget_plans_the_scaled_updates_to_the_byte(tmp_path, blocky):
     """--target-size ranks the layers by their scaled energy per byte: analyze's predicted size is the written
     file's; scaling one layer up gives it more of the budget than it gets at strength 1."""

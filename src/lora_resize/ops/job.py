@@ -138,16 +138,18 @@ def alpha_rule(opts: ResizeOptions, scales_and_ranks: list[tuple[float, int]], s
                ) -> Callable[[str, float | None, int, int], float]:
     """How the output's alphas are chosen, as (name, alpha, old rank, new rank) -> alpha: sd-scripts' per-layer
     alphas under `--rank-rule kohya`; otherwise one alpha for every layer (AlphaRule.one_for_all), the most common
-    input scale times --rank (else the most common input rank), so every consumer applies each layer at its
-    strength. Either is then brought into the range `save_dtype` holds (`held_alpha`); the factors absorb the
-    difference (start_layer)."""
+    input scale's magnitude times --rank (else the most common input rank), so every consumer applies each layer
+    at its strength; a sign (a negative strength, ops.job.with_strength) goes into the factors, never the alpha:
+    diffusers' kohya Flux converter (`_convert_kohya_flux_lora_to_diffusers`: `while scale_down * 2 < scale_up`)
+    never ends on a negative alpha. Either is then brought into the range `save_dtype` holds (`held_alpha`); the
+    factors absorb the difference (start_layer)."""
     if opts.rank_rule == "kohya" or not scales_and_ranks:
         rule = AlphaRule()
     else:
         ranks = [r for _, r in scales_and_ranks]
         rank = opts.rank if opts.rank is not None else max(set(ranks), key=ranks.count)
         try:
-            rule = AlphaRule.one_for_all([s for s, _ in scales_and_ranks], rank)
+            rule = AlphaRule.one_for_all([abs(s) for s, _ in scales_and_ranks], rank)
         except NumericalError:
             if opts.rank is None:
                 raise
