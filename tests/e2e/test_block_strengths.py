@@ -11,6 +11,7 @@ import re
 from collections import Counter
 
 import pytest
+import torch
 
 import lora_resize
 from helpers import (BLOCKY, best_rank_k, dense_dw, layer_names, load_st, make_state_dict, refused_in_one_line,
@@ -76,6 +77,40 @@ def test_a_negative_strength_goes_into_the_factors_not_the_alpha(tmp_path, famil
     assert meta["ss_network_alpha"] == "32.0"
     for name in layer_names(sd)[::7]:
         assert rel_err(dense_dw(out, name), -dense_dw(sd, name)) < 2e-6, name
+
+
+def test_what_a_loader_adds_beside_a_module_takes_its_strength(tmp_path, blocky):
+    """A module's bias and full diffs (`.diff_b`, `.diff`: ComfyUI's load_lora adds them with the strength) are
+    multiplied by its strength, left out at 0; a tensor a loader sets is copied as it is; a DoRA magnitude of a
+    scaled module is refused in one line (it renormalises the whole scaled update). Sizes stay exact."""
+    _, sd = blocky
+    sd = dict(sd)
+    names = layer_names(sd)
+    for name in names:
+        sd[name + ".diff_b"] = torch.linspace(-1, 1, sd[name + ".lora_up.weight"].shape[0]).bfloat16()
+    sd["lora_unet_up_blocks_2_attentions_0_transformer_blocks_0_ff_net_2.set_weight"] = torch.ones(3)
+    src = write_lora(tmp_path / "diffs.safetensors", sd)
+    dst = tmp_path / "o.safetensors"
+    a = lora_resize.analyze(src, method="fixed", rank=4, block_rules=SCALES)
+    res = lora_resize.resize(src, dst, rank=4, block_rules=SCALES)
+    out, _ = load_st(dst)
+    assert a.chosen.output_bytes == res.output_bytes == dst.stat().st_size
+    for name in names:
+        s = expected_strength(name)
+        if s == 0:
+            assert name + ".diff_b" not in out
+        else:
+            want = (sd[name + ".diff_b"].double() * s).bfloat16()
+            assert out[name + ".diff_b"].dtype == torch.bfloat16 and torch.equal(out[name + ".diff_b"], want), name
+    key = "lora_unet_up_blocks_2_attentions_0_transformer_blocks_0_ff_net_2.set_weight"
+    assert torch.equal(out[key], sd[key])  # set whatever the strength
+    dora = dict(sd)
+    dora["lora_unet_up_blocks_2_attentions_0_transformer_blocks_0_ff_net_2.dora_scale"] = torch.ones(1, 128)
+    src = write_lora(tmp_path / "dora.safetensors", dora)
+    with pytest.raises(lora_resize.OptionsError, match="has a DoRA magnitude .* a strength of 2 cannot be baked"):
+        lora_resize.resize(src, tmp_path / "never.safetensors", rank=4, block_rules=SCALES)
+    assert not (tmp_path / "never.safetensors").exists()
+    lora_resize.resize(src, tmp_path / "d1.safetensors", rank=4, block_rules=("*ff_net_2=scale:1", *SCALES))
 
 
 def test_a_budget_plans_the_scaled_updates_to_the_byte(tmp_path, blocky):

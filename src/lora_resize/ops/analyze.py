@@ -51,7 +51,8 @@ from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, 
 from ..units import format_size
 from .effect import Probing
 from .job import (Output, alpha_rule, metadata_for, module_job, output_scale, precision_of, sizer_for, spectra,
-                  rules_outcome, start_layer, with_base, with_strength)
+                  rules_outcome, start_layer, strengthened_companions, with_base,
+                  with_strength)
 
 # what names a chosen setting: what a sweep's settings replace (a method and its parameter - `method="fixed"` with
 # a rank names that fixed rank -, a budget, explicit ranks); every other user-facing option is shared by all the
@@ -399,7 +400,8 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
         t1 = time.perf_counter()
         sps = spectra(jobs, device, shared.threads, progress)
         t_dec = time.perf_counter() - t1
-        out = Output(layout, jobs, copied_sources(layout, reader), [InputRecord(src.name, reader.metadata)],
+        out = Output(layout, jobs, strengthened_companions(copied_sources(layout, reader), layout.known, rules),
+                     [InputRecord(src.name, reader.metadata)],
                      cast=shared.precision is not None)
     return Evaluator(out, sps, precision, shared, input_precision, rules), dict(
         src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
@@ -459,7 +461,7 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
         rules = rules_outcome(chosen, layout, reader.infos(), reader.metadata)
         jobs = [with_strength(module_job(modules[row.name], reader), rules.strengths.get(row.name, 1))
                 for row in result.layers]
-        out = Output(layout, jobs, copied_sources(layout, reader),
+        out = Output(layout, jobs, strengthened_companions(copied_sources(layout, reader), layout.known, rules),
                      [InputRecord(result.src.name, reader.metadata)], cast=chosen.precision is not None)
         ev = Evaluator(out, sps, result.precision, chosen, precision_of(layout, reader.infos(), None)[0], rules)
         a = finish(ev, dict(src=result.src, format=result.format, precision=result.precision,

@@ -26,6 +26,7 @@ from ..core.truncate import (FP8, PRECISION_OF_DTYPE, SAVE_DTYPES, AlphaRule, Ne
 from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
 from ..formats.blocks import module_blocks
+from ..formats.companions import merge_rule
 from ..formats.convert import exact_copy
 from ..io.metadata import InputRecord, SideOutputs, output_metadata, with_hashes
 from ..io.reader import TensorInfo, TensorSource
@@ -104,6 +105,57 @@ def with_strength(job: LayerJob, strength: float) -> LayerJob:
         scale, rank = scale_and_rank()
         return scale * strength, rank
     return replace(job, load=scaled, scale_and_rank=scaled_scale_and_rank, exact=None)
+
+
+class ScaledSource:
+    """A TensorSource whose keys in `factors` read multiplied by their factor (in float64, back in their dtype: the
+    sizes stay those of the input's tensors); every other key as `src` holds it."""
+
+    def __init__(self, src: TensorSource, factors: Mapping[str, float]):
+        self.src, self.factors = src, dict(factors)
+        self.path, self.metadata = getattr(src, "path", None), getattr(src, "metadata", {})
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self.src.infos()
+
+    def get(self, key: str) -> torch.Tensor:
+        t = self.src.get(key)
+        return t if key not in self.factors else (t.double() * self.factors[key]).to(t.dtype)
+
+    def close(self) -> None:
+        self.src.close()
+
+
+def strengthened_companions(copied: Mapping[str, TensorSource], known: Mapping[str, str], rules: RuleOutcome
+                            ) -> dict[str, TensorSource]:
+    """The copied non-factor tensors with each module's strength applied to its own (a key under the module's name,
+    `<module>.diff_b`), as a loader applies its strength (formats.companions.merge_rule): a kind it adds to the
+    model (bias, full and modulation diffs, additive norms, PEFT lora_B biases) is multiplied by the strength, and
+    left out at strength 0; a kind it sets whatever the strength, or an unknown tensor, is copied as it is. Raises
+    OptionsError for a kind that belongs to one update (a DoRA magnitude) of a module whose strength is not 1: it
+    renormalises the whole scaled update, so no tensor of the file can carry the strength."""
+    scaled = {n: s for n, s in rules.strengths.items() if s != 1}
+    if not scaled:
+        return dict(copied)
+    owners = sorted(scaled, key=len, reverse=True)
+    out: dict[str, TensorSource] = {}
+    wrappers: dict[int, ScaledSource] = {}
+    for key, src in copied.items():
+        owner = next((n for n in owners if key.startswith(n + ".")), None)
+        kind = known.get(key)
+        rule = merge_rule(kind) if owner is not None else "same"
+        if rule == "whole":
+            raise OptionsError(f"module {owner} has a {kind} ({key}), which renormalises its whole update: a "
+                               f"strength of {scaled[owner]:g} cannot be baked into it; give it strength 1, or 0 to "
+                               "leave it out")
+        if rule == "add" and scaled[owner] == 0:
+            continue  # 0 x what the loader adds: nothing
+        out[key] = src
+        if rule == "add":  # one wrapper per source, reading its scaled keys
+            wrapper = wrappers.setdefault(id(src), ScaledSource(src, {}))
+            wrapper.factors[key] = scaled[owner]
+            out[key] = wrapper
+    return out
 
 
 def rules_outcome(opts: ResizeOptions, layout: Layout, infos: Mapping[str, TensorInfo],

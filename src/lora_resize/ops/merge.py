@@ -29,7 +29,7 @@ from ..io.writer import copied_dtype, tensor_bytes
 from ..options import ResizeOptions
 from ..results import LayerResult, ResizeResult
 from .job import (LayerJob, Output, as_options, checked, clamp_notes, factor_bytes, precision_of, produce,
-                  rules_outcome, with_base, with_strength)
+                  rules_outcome, strengthened_companions, with_base, with_strength)
 
 
 @dataclass(frozen=True)
@@ -323,6 +323,8 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                            opts)
         copied, summed, companion_notes = merged_companions(
             live, readers, layouts, SAVE_DTYPES[precision] if opts.precision is not None else None)
+        copied = strengthened_companions(copied, {k: kind for lay in reversed(layouts) for k, kind in lay.known.items()},
+                                         rules)
         notes += companion_notes
         # the output: the first input's layout, each layer written by the module of the first input that has it
         layout = replace(layouts[0], modules=[j.module for j in jobs])

@@ -23,7 +23,7 @@ from ..options import ResizeOptions
 from ..ranks.rules import RuleOutcome
 from ..results import LayerResult, ResizeResult
 from .job import (Output, as_options, build_output, clamp_notes, growth_notes, module_job, precision_of, produce,
-                  rules_outcome, with_base, with_strength)
+                  rules_outcome, strengthened_companions, with_base, with_strength)
 
 
 @dataclass
@@ -53,7 +53,7 @@ def _prepared(src: str | os.PathLike, opts: ResizeOptions,
         jobs = [with_strength(module_job(m, reader, opts.output_format is not None), rules.strengths.get(m.name, 1))
                 for m in layout.modules if m.name in kept]
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
-        out = Output(layout, jobs, copied_sources(layout, reader),
+        out = Output(layout, jobs, strengthened_companions(copied_sources(layout, reader), layout.known, rules),
                      [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
         yield _Prepared(src, reader, layout, precision, rules, out,
                         precision_notes + list(layout.notes) + base_notes)

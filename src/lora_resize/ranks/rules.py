@@ -179,7 +179,8 @@ def is_dropped(rules: Sequence[BlockRule], name: str, preset: Mapping[str, float
 class RuleOutcome:
     """What the rules make of a file's modules: the names kept (in order), those dropped, each rule's hits, the
     warnings for rules that decide nothing (and a line counting the modules per strength), and `strengths`: the
-    strength of each kept module whose strength is not 1 (module name -> X)."""
+    strength of each module whose strength is not 1 (module name -> X; 0: dropped by it), a drop rule's modules
+    left out."""
     kept: list[str]
     dropped: list[str]
     hits: dict[str, int]
@@ -197,18 +198,18 @@ def apply_rules(rules: Sequence[BlockRule], names: Sequence[str], preset: Mappin
     kept = [n for n in names if n not in set(dropped)]
     if names and not kept:
         raise OptionsError("every module is dropped by the rules (or has strength 0); nothing would be left to write")
-    strengths = {n: s for n in kept if (s := strength_of(rules, n, preset)) != 1}
+    ruled_out = {n for n in names if (r := first_match(rules, n)) is not None and r.action == "drop"}
+    strengths = {n: s for n in names if n not in ruled_out and (s := strength_of(rules, n, preset)) != 1}
     return RuleOutcome(kept, dropped, rule_hits(rules, names, preset), rule_notes(rules, names, preset) +
-                       strength_notes(strengths, [n for n in dropped if strength_of(rules, n, preset) == 0]),
-                       strengths, preset)
+                       strength_notes(strengths), strengths, preset)
 
 
-def strength_notes(strengths: Mapping[str, float], zeroed: Sequence[str]) -> list[str]:
+def strength_notes(strengths: Mapping[str, float]) -> list[str]:
     """One line counting the modules baked in at each strength other than 1 (those at 0 are dropped), or []."""
     counts: dict[float, int] = {}
     for s in strengths.values():
         counts[s] = counts.get(s, 0) + 1
-    parts = [f"x{number_text(s)}: {n} module{'s' if n != 1 else ''}" for s, n in sorted(counts.items())]
-    if zeroed:
-        parts.append(f"x0: {len(zeroed)} module{'s' if len(zeroed) != 1 else ''} dropped")
+    parts = [f"x{number_text(s)}: {n} module{'s' if n != 1 else ''}" for s, n in sorted(counts.items()) if s != 0]
+    if counts.get(0.0):
+        parts.append(f"x0: {counts[0.0]} module{'s' if counts[0.0] != 1 else ''} dropped")
     return [f"strengths baked into the factors: {'; '.join(parts)}"] if parts else []

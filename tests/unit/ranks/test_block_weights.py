@@ -95,7 +95,8 @@ def test_a_strength_of_zero_drops_and_the_preset_comes_first():
     assert out.kept == ["te_a", "unet_b", "unet_c"]  # the preset's 0.5 wins over the scale rule's 0 for te_a
     assert out.strengths == {"te_a": 0.5, "unet_b": -1.0, "unet_c": 3.0}
     out = apply_rules(rules, ["te_a", "unet_b", "unet_c"], preset={"unet_b": 0.0})
-    assert out.dropped == ["te_a", "unet_b"] and out.kept == ["unet_c"] and out.strengths == {"unet_c": 3.0}
+    assert out.dropped == ["te_a", "unet_b"] and out.kept == ["unet_c"]
+    assert out.strengths == {"te_a": 0.0, "unet_b": 0.0, "unet_c": 3.0}  # 0: dropped by its strength
     assert "strengths baked into the factors: x3: 1 module; x0: 2 modules dropped" in out.notes
     with pytest.raises(OptionsError, match="every module is dropped"):
         apply_rules(rules, ["te_a", "unet_b"], preset={"unet_b": 0.0})
