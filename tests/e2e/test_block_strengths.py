@@ -111,6 +111,9 @@ def test_what_a_loader_adds_beside_a_module_takes_its_strength(tmp_path, blocky)
         lora_resize.resize(src, tmp_path / "never.safetensors", rank=4, block_rules=SCALES)
     assert not (tmp_path / "never.safetensors").exists()
     lora_resize.resize(src, tmp_path / "d1.safetensors", rank=4, block_rules=("*ff_net_2=scale:1", *SCALES))
+    res = lora_resize.resize(src, tmp_path / "d0.safetensors", rank=4, block_rules=("*ff_net_2=scale:0", *SCALES))
+    left = {k for k in load_st(res.dst)[0] if "ff_net_2" in k}
+    assert left == {key}  # the module, its diff and its magnitude left out; what a loader sets is copied
 
 
 def test_a_budget_plans_the_scaled_updates_to_the_byte(tmp_path, blocky):

@@ -131,9 +131,10 @@ def strengthened_companions(copied: Mapping[str, TensorSource], known: Mapping[s
     """The copied non-factor tensors with each module's strength applied to its own (a key under the module's name,
     `<module>.diff_b`), as a loader applies its strength (formats.companions.merge_rule): a kind it adds to the
     model (bias, full and modulation diffs, additive norms, PEFT lora_B biases) is multiplied by the strength, and
-    left out at strength 0; a kind it sets whatever the strength, or an unknown tensor, is copied as it is. Raises
-    OptionsError for a kind that belongs to one update (a DoRA magnitude) of a module whose strength is not 1: it
-    renormalises the whole scaled update, so no tensor of the file can carry the strength."""
+    left out at strength 0 (so is a DoRA magnitude); a kind it sets whatever the strength, or an unknown tensor, is
+    copied as it is. Raises OptionsError for a kind that belongs to one update (a DoRA magnitude) of a module whose
+    strength is neither 1 nor 0: it renormalises the whole scaled update, so no tensor of the file can carry the
+    strength."""
     scaled = {n: s for n, s in rules.strengths.items() if s != 1}
     if not scaled:
         return dict(copied)
@@ -144,12 +145,12 @@ def strengthened_companions(copied: Mapping[str, TensorSource], known: Mapping[s
         owner = next((n for n in owners if key.startswith(n + ".")), None)
         kind = known.get(key)
         rule = merge_rule(kind) if owner is not None else "same"
-        if rule == "whole":
+        if rule == "whole" and scaled[owner] != 0:
             raise OptionsError(f"module {owner} has a {kind} ({key}), which renormalises its whole update: a "
                                f"strength of {scaled[owner]:g} cannot be baked into it; give it strength 1, or 0 to "
                                "leave it out")
-        if rule == "add" and scaled[owner] == 0:
-            continue  # 0 x what the loader adds: nothing
+        if rule in ("add", "whole") and scaled[owner] == 0:
+            continue  # 0 x what the loader adds: nothing; the magnitude of a module left out: nothing to apply
         out[key] = src
         if rule == "add":  # one wrapper per source, reading its scaled keys
             wrapper = wrappers.setdefault(id(src), ScaledSource(src, {}))
