@@ -271,6 +271,10 @@ def test_sd15_preset_every_block_and_the_text_encoder(family):
     seen = check_preset(family["sd15"], "SD15", SD26, sd15_block, True)
     assert {"BASE", "IN03", "MID", "OUT00", "OUT11"} <= seen
     check_preset(family["sd15"], "SD15", SD17, sd15_block, True)
+    notes = lora_resize.resized(family["sd15"], rank=4, block_weights="SD15:ALL").result.notes
+    assert ("--block-weights SD15 with 17 values does not list block(s) IN03, IN06, IN09, IN10, IN11, OUT00, OUT01, "
+            "OUT02: their 22 module(s) are left out, as the LoRA Block Weight extension applies them at 0; give 26 "
+            "values to set them") in notes
 
 
 def test_sd15_preset_is_exact_against_the_dense_reference(tmp_path, family):

@@ -165,13 +165,15 @@ def rules_outcome(opts: ResizeOptions, layout: Layout, infos: Mapping[str, Tenso
     `opts.block_weights` (read on `layout`'s module names, formats.blocks) ahead of the scale rules. Raises
     OptionsError for a preset of another model than the LoRA's, or when every module is dropped."""
     names = [m.name for m in layout.modules] if names is None else names
-    preset = None
-    if opts.block_weights is not None:
-        weights = parse_block_weights(opts.block_weights)
-        found = module_blocks(layout, infos, metadata, opts.arch)
-        weights.check_model(found.model, found.title)
-        preset = {name: s for name, block in found.blocks.items() if (s := weights.strength(block)) is not None}
-    return apply_rules(opts.block_rules, names, preset)
+    if opts.block_weights is None:
+        return apply_rules(opts.block_rules, names)
+    weights = parse_block_weights(opts.block_weights)
+    found = module_blocks(layout, infos, metadata, opts.arch)
+    weights.check_model(found.model, found.title)
+    preset = {name: s for name, block in found.blocks.items() if (s := weights.strength(block)) is not None}
+    outcome = apply_rules(opts.block_rules, names, preset)
+    return replace(outcome, notes=outcome.notes + weights.unlisted_note(
+        {n: b for n, b in found.blocks.items() if n in set(names)}))
 
 
 def with_base(jobs: list[LayerJob], layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],

@@ -28,6 +28,7 @@ ALL0.5), `SDXL:OUTALL` (Inspire's SDXL-NONE, -ALL, -INALL, -MIDALL, -OUTALL), `F
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from ..errors import OptionsError
 from .rules import number_text, parse_strength
@@ -110,6 +111,21 @@ class BlockWeights:
         if form.rest is not None:
             return self.values[form.blocks.index(form.rest)]
         return 0.0 if block in self.preset.zero_fill else None
+
+    def unlisted_note(self, blocks: Mapping[str, str | None]) -> list[str]:
+        """A note naming the blocks of modules (`blocks`: module name -> block) this form leaves at 0 because it
+        does not list them (LBW's to26), with the fix; [] when there are none."""
+        form = self.preset.form(len(self.values))
+        if form.rest is not None:
+            return []
+        missed = sorted({b for b in blocks.values() if b in self.preset.zero_fill and b not in form.blocks})
+        if not missed:
+            return []
+        n = sum(1 for b in blocks.values() if b in missed)
+        full = max(len(f.blocks) for f in self.preset.forms)
+        return [f"--block-weights {self.preset.name} with {len(self.values)} values does not list block(s) "
+                f"{', '.join(missed)}: their {n} module(s) are left out, as the LoRA Block Weight extension applies "
+                f"them at 0; give {full} values to set them"]
 
     def check_model(self, model: str, title: str) -> None:
         """OptionsError naming the fix when the LoRA's model (`model` as formats.blocks reads it, `title` in words)
