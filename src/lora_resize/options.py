@@ -38,7 +38,9 @@ class ResizeOptions:
     `conv_rank` the same for 4-D (conv) layers, defaulting to `rank`; `precision` None keeps the input's dtype.
 
     `block_rules`: per-block rules 'PATTERN=RANK' / 'PATTERN=cap:RANK' / 'PATTERN=drop' (ranks/rules.py; first
-    match wins). `target_size` (bytes, or text such as '50MB' = 50 * 10^6 bytes) / `target_fro` (global Frobenius
+    match wins) and 'PATTERN=scale:X' (the module's update times X; matched apart, first match wins).
+    `block_weights`: 'PRESET:W1,...' block strengths in the LoRA Block Weight notation (ranks/block_weights.py),
+    ahead of the scale rules; kept as its normalised text. `target_size` (bytes, or text such as '50MB' = 50 * 10^6 bytes) / `target_fro` (global Frobenius
     retained, scale-aware): budgets that choose every layer's rank together (no method then; `rank`/`conv_rank`
     still cap). `ranks`: explicit ranks for named modules (what a budget's plan fills in); they override rules and
     the method. `keep_unranked`: a layer that no rank setting covers keeps its full (numerical) rank - what a
@@ -108,7 +110,7 @@ class ResizeOptions:
         "--arch", group="output", choices=lambda: architectures(),
         help="the model the LoRA is for, when converting (--to, --output-format) or measuring against --base "
              "(default: detected from its keys, shapes and metadata)"))
-    # --- blocks: per-block strengths baked into the factors (models/blocks.py), ahead of the scale rules
+    # --- blocks: per-block strengths baked into the factors (ranks/block_weights.py), ahead of the scale rules
     block_weights: str | None = field(default=None, metadata=flag(
         "--block-weights", group="rank", metavar="PRESET:W1,W2,...",
         help="bake block strengths into the file, in the LoRA Block Weight notation: 'SD15:1,0,0,0,0,0,0,0,1,1,1,1,"

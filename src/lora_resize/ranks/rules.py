@@ -10,7 +10,7 @@ the spectrum, budgets, sizes and the factors written all see the scaled update).
 Two independent first-match lists: the rank/cap/drop rules are tried in the order given and the first one whose
 pattern matches a module decides its rank (or drops it); the scale rules are tried in the order given and the first
 one that matches gives its strength (1 when none does). So ``--rule '*attn2*=scale:0.5' --rule '*=cap:32'`` halves
-every attn2 module and caps every module at 32. Strengths a `--block-weights` preset gives (models/blocks.py) come
+every attn2 module and caps every module at 32. Strengths a `--block-weights` preset gives (block_weights.py) come
 before every scale rule: a module its preset covers takes the preset's strength.
 
 Order of precedence for one layer: a ``drop`` rule (or a strength of 0), then an explicit rank
