@@ -107,15 +107,18 @@ def _run(fn):
 
 
 def _options(method: str, param: float, rank: int, conv_rank: int, rank_rule: str, target_size: str,
-             precision: str) -> dict:
+             precision: str, block_weights: str = "") -> dict:
     """Option fields from the nodes' inputs: method 'fixed' uses rank alone; rank 0 is no cap (as the Analyze
     node's rank_cap, so its recommendation is what these nodes write); conv_rank 0 follows rank; a target size
-    replaces the method (rank still caps). Raises RuntimeError (one line) for method 'fixed' without a rank."""
+    replaces the method (rank still caps); `block_weights` (empty: none) is --block-weights. Raises RuntimeError
+    (one line) for method 'fixed' without a rank."""
     if method == "fixed" and not rank and not target_size.strip():
         raise RuntimeError("lora-resize: method 'fixed' needs a rank >= 1 (rank 0 means no cap, for the other "
                            "methods)")
     fields = dict(rank=rank or None, conv_rank=conv_rank or None, rank_rule=rank_rule,
                   precision=None if precision == KEEP else precision)
+    if block_weights.strip():
+        fields["block_weights"] = block_weights.strip()
     if target_size.strip():
         fields["target_size"] = target_size.strip()
     elif method != "fixed":
@@ -133,6 +136,11 @@ RANK_INPUTS = {
     "target_size": ("STRING", {"default": "", "tooltip": "e.g. 50MB: the best file that fits (replaces method)"}),
     "precision": ([KEEP, *lora_resize.PRECISIONS], {"default": KEEP}),
 }
+
+
+BLOCK_WEIGHTS = {"block_weights": ("STRING", {  # optional: workflows saved before it load unchanged
+    "default": "", "tooltip": "bake block strengths in (LoRA Block Weight notation), e.g. "
+                              "SD15:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1, SDXL:OUTALL or FLUX:<58 values>; empty: none"})}
 
 
 AUTO_NAME = "empty: <input>_%s.safetensors, or _2, _3... when taken (never over a file)"
@@ -167,14 +175,15 @@ class ResizeLora(_WritesLora):
     def INPUT_TYPES(cls):
         return {"required": {"lora_name": (folder_paths.get_filename_list("loras"),), **RANK_INPUTS,
                              "output_layout": ([KEEP, *FILE_LAYOUTS], {"default": KEEP}),
-                             "output_name": ("STRING", {"default": "", "tooltip": AUTO_NAME % "resized"})}}
+                             "output_name": ("STRING", {"default": "", "tooltip": AUTO_NAME % "resized"})},
+                "optional": BLOCK_WEIGHTS}
 
     FUNCTION = "resize"
 
     def resize(self, lora_name, method, param, rank, conv_rank, rank_rule, target_size, precision, output_layout,
-               output_name):
+               output_name, block_weights=""):
         dst = _output_path(output_name, f"{_stem(lora_name)}_resized")
-        fields = _options(method, param, rank, conv_rank, rank_rule, target_size, precision)
+        fields = _options(method, param, rank, conv_rank, rank_rule, target_size, precision, block_weights)
         if output_layout != KEEP:
             fields["output_format"] = output_layout
         return _written(dst, lambda: lora_resize.resize(_lora_path(lora_name), dst, progress=_progress(), **fields))
@@ -356,16 +365,17 @@ class ApplyResizedLora(_Applies):
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",), "clip": ("CLIP",),
                              "lora_name": (folder_paths.get_filename_list("loras"),), **RANK_INPUTS,
-                             "strength_model": STRENGTH, "strength_clip": STRENGTH}}
+                             "strength_model": STRENGTH, "strength_clip": STRENGTH},
+                "optional": BLOCK_WEIGHTS}
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("model", "clip", "label")
     FUNCTION = "apply"
 
     def apply(self, model, clip, lora_name, method, param, rank, conv_rank, rank_rule, target_size, precision,
-              strength_model, strength_clip):
+              strength_model, strength_clip, block_weights=""):
         opts = _run(lambda: lora_resize.ResizeOptions(**_options(method, param, rank, conv_rank, rank_rule,
-                                                                 target_size, precision)))
+                                                                 target_size, precision, block_weights)))
         tensors, label = _resized(_lora_path(lora_name), opts)
         return (*_patched(model, clip, tensors, strength_model, strength_clip), label)
 

@@ -11,10 +11,11 @@ from dataclasses import MISSING, InitVar, dataclass, field, fields, replace
 
 from .errors import OptionsError
 from .models import architectures
+from .ranks.block_weights import parse_block_weights
 from .ranks.budgets import BUDGETS, Budget
 from .ranks.constraints import CONSTRAINTS, refusal
 from .ranks.policies import FIXED, RANK_RULES, dynamic_methods, get_policy
-from .ranks.rules import BlockRule, parse_rules
+from .ranks.rules import BlockRule, number_text, parse_rules
 
 PRECISIONS = ("fp16", "bf16", "float")
 PRECISION_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "fp32": "float", "float32": "float"}
@@ -38,7 +39,9 @@ class ResizeOptions:
     `conv_rank` the same for 4-D (conv) layers, defaulting to `rank`; `precision` None keeps the input's dtype.
 
     `block_rules`: per-block rules 'PATTERN=RANK' / 'PATTERN=cap:RANK' / 'PATTERN=drop' (ranks/rules.py; first
-    match wins). `target_size` (bytes, or text such as '50MB' = 50 * 10^6 bytes) / `target_fro` (global Frobenius
+    match wins) and 'PATTERN=scale:X' (the module's update times X; matched apart, first match wins).
+    `block_weights`: 'PRESET:W1,...' block strengths in the LoRA Block Weight notation (ranks/block_weights.py),
+    ahead of the scale rules; kept as its normalised text. `target_size` (bytes, or text such as '50MB' = 50 * 10^6 bytes) / `target_fro` (global Frobenius
     retained, scale-aware): budgets that choose every layer's rank together (no method then; `rank`/`conv_rank`
     still cap). `ranks`: explicit ranks for named modules (what a budget's plan fills in); they override rules and
     the method. `keep_unranked`: a layer that no rank setting covers keeps its full (numerical) rank - what a
@@ -78,8 +81,9 @@ class ResizeOptions:
     block_rules: tuple = field(default=(), metadata=flag(
         "--rule", group="rank", sets_ranks=True, action="append", metavar="PATTERN=SPEC",
         help="per-block rule, repeatable, first match wins: 'PATTERN=RANK' (fixed rank), 'PATTERN=cap:RANK' (the "
-             "method with this cap) or 'PATTERN=drop' (leave the module out); PATTERN is a glob over module "
-             "names, e.g. 'lora_te_*=8', '*attn2*=cap:64'"))
+             "method with this cap), 'PATTERN=drop' (leave the module out) or 'PATTERN=scale:X' (multiply the "
+             "module's update by X before resizing; 0 drops it; scale rules are matched apart from the others); "
+             "PATTERN is a glob over module names, e.g. 'lora_te_*=8', '*attn2*=cap:64', '*attn2*=scale:0.5'"))
     target_size: int | str | None = field(default=None, metadata=flag(
         "--target-size", group="rank", sets_ranks=True, metavar="SIZE",
         help="budget: the best global fidelity whose file fits SIZE (50MB = 50 x 10^6 bytes, 48MiB = 48 x 2^20, "
@@ -135,6 +139,12 @@ class ResizeOptions:
         help="write every LyCORIS module as plain LoRA factors (lora_down/lora_up/alpha); default: a LoKr module "
              "stays LoKr (lokr_w1 as stored, lokr_w2 truncated exactly) where that is smaller; a merge and a "
              "conversion (convert, --output-format) always write plain factors"))
+    # --- blocks: per-block strengths baked into the factors (ranks/block_weights.py), ahead of the scale rules
+    block_weights: str | None = field(default=None, metadata=flag(
+        "--block-weights", group="rank", metavar="PRESET:W1,W2,...",
+        help="bake block strengths into the file, in the LoRA Block Weight notation: 'SD15:1,0,0,0,0,0,0,0,1,1,1,1,"
+             "1,1,1,1,1' (17 or 26 values), 'SDXL:...' (12 or 20), 'FLUX:...' (58: base + 19 double + 38 single "
+             "blocks, or 61) or a named preset such as 'SD15:OUTALL'; before any scale rule"))
     rule: InitVar[str | None] = None
 
     def __post_init__(self, rule: str | None) -> None:
@@ -147,6 +157,8 @@ class ResizeOptions:
         if self.method in (None, "", "fixed", "none"):
             put("method", None)
         put("block_rules", parse_rules(self.block_rules))
+        if self.block_weights is not None:
+            put("block_weights", parse_block_weights(self.block_weights).text)
         given = [b for b in BUDGETS.values() if getattr(self, b.name) is not None]
         if len(given) > 1:
             raise OptionsError(f"give one budget: {' or '.join(b.flag for b in given)}, not both")
@@ -243,7 +255,7 @@ class ResizeOptions:
     def dynamic(self) -> bool:
         """Ranks may differ from layer to layer (a method, a budget or rank rules)."""
         return (self.method is not None or self.budget is not None
-                or any(r.action != "drop" for r in self.block_rules))
+                or any(r.action in ("rank", "cap") for r in self.block_rules))
 
     def cap_for(self, conv: bool) -> int | None:
         """The rank (fixed) or cap (dynamic) for a linear or a conv layer."""
@@ -305,7 +317,7 @@ class ResizeOptions:
             elif meta["argparse"].get("action") == "store_true":
                 words.append(flag)
             else:
-                words += [flag, _number(value) if isinstance(value, float) else str(value)]
+                words += [flag, number_text(value) if isinstance(value, float) else str(value)]
         return words
 
     def flags(self) -> str:
@@ -323,15 +335,9 @@ def _default(f):
     return f.default_factory() if f.default is MISSING else f.default
 
 
-def _number(v: float) -> str:
-    """A float as short as it reads back exactly ('0.9', '4', '0.123456789')."""
-    short = f"{v:g}"
-    return short if float(short) == v else repr(v)
-
-
 def _sets(name: str, value) -> bool:
     if name == "block_rules":
-        return any(r.action != "drop" for r in value)
+        return any(r.action in ("rank", "cap") for r in value)
     return value is not None and value != {} and value != ()
 
 

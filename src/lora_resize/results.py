@@ -323,7 +323,8 @@ class Analysis:
         return {
             "src": str(self.src), "format": self.format, "precision": self.precision, "rank_rule": b.rank_rule,
             "rank_cap": b.rank, "conv_rank_cap": b.conv_rank,
-            "block_rules": [str(r) for r in b.block_rules], "rule_hits": self.rule_hits,
+            "block_rules": [str(r) for r in b.block_rules], "block_weights": b.block_weights,
+            "rule_hits": self.rule_hits,
             "input_bytes": self.input_bytes, "seconds": self.seconds, "decompose_seconds": self.decompose_seconds,
             "fidelity": dict(FIDELITY), "dropped": self.dropped, "notes": self.notes,
             "settings": [r.as_dict() for r in self.rows],

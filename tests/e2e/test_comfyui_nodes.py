@@ -544,3 +544,27 @@ def test_requirements_are_the_core_dependencies_without_torch():
     assert all(line.strip() and "#" not in line for line in lines)
     assert sorted(str(Requirement(line)) for line in lines) == sorted([*(v for k, v in core.items() if k != "torch"),
                                                                        *plot])
+
+
+def test_block_weights_input_reaches_the_options(nodes, loras, tmp_path):
+    """The Resize and Apply nodes' optional `block_weights` (empty: none) is --block-weights: the same file, the
+    same tensors as the CLI; a bad one is the node's one-line error."""
+    weights = "SD15:1,0,0.5,0.5,-1,1,1,2,1,1,1,1,0.25,1,1,1,1"
+    for cls in ("LoraResize", "LoraResizeApply"):
+        spec = nodes.NODE_CLASS_MAPPINGS[cls].INPUT_TYPES()["optional"]["block_weights"]
+        assert spec[0] == "STRING" and spec[1]["default"] == ""
+    cli = tmp_path / "bw.safetensors"
+    assert main(["resize", str(loras / "a.safetensors"), "-o", str(cli), "--method", "sv_fro", "--param", "0.9",
+                 "--rank", "12", "--block-weights", weights, "-q"]) == 0
+    name, _ = nodes.NODE_CLASS_MAPPINGS["LoraResize"]().resize("a.safetensors", output_layout="same", output_name="a_bw",
+                                                               block_weights=f" {weights} ", **RANK_ARGS)
+    assert (loras / name).read_bytes() == cli.read_bytes()
+    nodes.NODE_CLASS_MAPPINGS["LoraResizeApply"]().apply("m", "c", "a.safetensors", strength_model=1.0,
+                                                         strength_clip=1.0, block_weights=weights, **RANK_ARGS)
+    assert same_bits(nodes.applied[-1]["lora"], load_st(cli)[0])
+    plain = nodes.NODE_CLASS_MAPPINGS["LoraResize"]().resize("a.safetensors", output_layout="same", output_name="a_plain",
+                                                             block_weights="", **RANK_ARGS)[0]
+    assert (loras / plain).read_bytes() != cli.read_bytes()
+    with pytest.raises(RuntimeError, match="lora-resize: --block-weights SDXL is for SDXL LoRAs"):
+        nodes.NODE_CLASS_MAPPINGS["LoraResize"]().resize("a.safetensors", output_layout="same", output_name="a_x",
+                                                         block_weights="SDXL:ALL", **RANK_ARGS)

@@ -108,3 +108,15 @@ def test_a_lora_for_another_model_is_one_line(tiny_base, tmp_path, capsys):
     refused_in_one_line(capsys, ["preview", str(flux), "--base", str(base), "--steps", "1", "--probe-steps", "1", "-q",
                      "-o", str(tmp_path / "g.png")])
     assert not (tmp_path / "g.png").exists()
+
+
+def test_baked_strengths_are_in_the_reference_not_in_the_error(tiny_base, tiny_sd1_lora):
+    """With scale rules the effect error measures the resize against the LoRA with the strengths asked for (at full
+    rank), not the strengths themselves: at the full rank it is 0 to rounding (before, every setting carried the
+    whole change the strengths make); a smaller rank still costs effect."""
+    base, _ = tiny_base("sd1")
+    a = analyze(tiny_sd1_lora, sweep={"fixed": (1, 8)}, block_rules=["*=scale:0.5"],
+                effect=Probing(base=str(base), **PROBE))
+    by_rank = {int(r.ranks.max()): r.effect_error for r in a.rows}
+    plain = analyze(tiny_sd1_lora, sweep={"fixed": (1,)}, effect=Probing(base=str(base), **PROBE)).rows[0]
+    assert by_rank[8] < 1e-3 * by_rank[1] and by_rank[1] > 0.1 * plain.effect_error

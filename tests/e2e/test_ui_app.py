@@ -5,6 +5,7 @@ that writes nothing. (The browser test drives the same jobs through the page.)""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import threading
@@ -261,3 +262,22 @@ def test_analyze_shows_the_recommendation_and_starts_the_flags_there(folder, tmp
     assert f"recommended: {a.recommended.label}" in status and a.recommended_reason in status
     marked = [r for r in rows if r[0].endswith(" (recommended)")]
     assert len(marked) == 1 and marked[0][-1] == a.recommended.args
+
+
+def test_block_strengths_box_carries_into_every_setting_and_the_file(folder, tmp_path):
+    """The block strengths box (--block-weights and scale rules) reaches analyze: every row's flags carry them, and
+    the file Resize writes from the flags box is the CLI's with them; anything else in the box is refused in one
+    line."""
+    app = App(tmp_path / "work", folder)
+    box = "--block-weights SD15:OUTALL --rule '*attn1*=scale:-0.5'"
+    _, rows, by_row, flags, status, _ = app.analyze(None, "b.safetensors", 8, box)
+    assert rows and all("--rule '*attn1*=scale:-0.5'" in r[-1] and "--block-weights SD15:OUTALL" in r[-1]
+                        for r in rows), status
+    status, offered = app.resize(None, "b.safetensors", flags)
+    cli = tmp_path / "cli.safetensors"
+    assert main(["resize", str(folder / "b.safetensors"), "-o", str(cli), *shlex.split(flags), "-q"]) == 0
+    assert Path(offered).read_bytes() == cli.read_bytes()
+    for bad in ("--rank 4", "--rule '*=8'", "--block-weights"):
+        assert app.analyze(None, "b.safetensors", 8, bad)[4].startswith("error: the block strengths box takes")
+    assert app.analyze(None, "b.safetensors", 8, "--block-weights SDXL:ALL")[4].startswith(
+        "error: --block-weights SDXL is for SDXL LoRAs")

@@ -102,8 +102,10 @@ def written_dims(rows: Sequence, precision: str
 
 
 def rules_text(opts) -> str:
-    """' and rules R1, R2' naming every block rule applied (drops included), '' without."""
-    return f" and rules {', '.join(str(r) for r in opts.block_rules)}" if opts.block_rules else ""
+    """' and rules R1, R2' naming every block rule applied (drops and scales included) and the --block-weights,
+    '' without."""
+    text = f" and rules {', '.join(str(r) for r in opts.block_rules)}" if opts.block_rules else ""
+    return text + (f" and block weights {opts.block_weights}" if opts.block_weights else "")
 
 
 def sd_scripts_fields(opts, rows: Sequence, comment: str, precision: str) -> dict[str, str]:
@@ -117,7 +119,7 @@ def sd_scripts_fields(opts, rows: Sequence, comment: str, precision: str) -> dic
     conversion that keeps every rank and drops nothing keeps the input's comment. `rows`: the LayerResults, in
     order."""
     old_dim = max(r.old_rank for r in rows)
-    ranked_rules = [r for r in opts.block_rules if r.action != "drop"]
+    ranked_rules = [r for r in opts.block_rules if r.action in ("rank", "cap")]
     rules = rules_text(opts)
     dynamic = {"ss_network_dim": DYNAMIC, "ss_network_alpha": DYNAMIC}
     if opts.budget is not None or ranked_rules or opts.method is not None:
@@ -173,6 +175,8 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
              conv_rank=opts.conv_rank, precision=precision)
     if opts.block_rules:
         d["block_rules"] = [str(r) for r in opts.block_rules]
+    if opts.block_weights:
+        d["block_weights"] = opts.block_weights
     if opts.budget is not None:
         d[opts.budget[0].name] = opts.budget[1]
     d.update(opts.constraints)

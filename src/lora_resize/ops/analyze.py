@@ -47,13 +47,13 @@ from ..ranks.budgets import BUDGETS
 from ..ranks.constraints import accepts_rank
 from ..ranks.plan import budget_bounds, plan
 from ..ranks.policies import FIXED, POLICIES
-from ..ranks.rules import apply_rules
+from ..ranks.rules import RuleOutcome, apply_rules
 from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
 from ..units import format_size
 from .diffs import Certified, full_diffs_as_pairs, layer_job
 from .effect import Probing
-from .job import (LayerJob, Output, alpha_rule, metadata_for, output_scale, precision_of, sizer_for,
-                  spectra, start_layer, with_base)
+from .job import (LayerJob, Output, alpha_rule, metadata_for, output_scale, precision_of, rules_outcome, sizer_for,
+                  spectra, start_layer, strengthened_companions, with_base, with_strength)
 
 # what names a chosen setting: what a sweep's settings replace (a method and its parameter - `method="fixed"` with
 # a rank names that fixed rank -, a budget, explicit ranks); every other user-facing option is shared by all the
@@ -146,7 +146,7 @@ def default_sweep(base: bool = False) -> dict[str, tuple]:
 # what a decomposition is read under: another value needs the file read (and decomposed) again
 READ_UNDER = {"output_format": "the output layout", "arch": "the architecture", "base": "the base model",
               "base_variant": "the base model's variant", "diffs_to_lora": "whether full diffs are pairs",
-              "as_lora": "the form LoKr modules are written in"}
+              "as_lora": "the form LoKr modules are written in", "block_weights": "the block strengths"}
 
 
 class Evaluator:
@@ -155,9 +155,10 @@ class Evaluator:
     `input_precision`: the save precision when a setting gives none (the input's, as resize takes it)."""
 
     def __init__(self, out: Output, sps: list[Spectrum], precision: str, analyzed: ResizeOptions,
-                 input_precision: str):
+                 input_precision: str, rules: RuleOutcome | None = None):
         self.out, self.sps, self.precision = out, sps, precision
         self.analyzed, self.input_precision = analyzed, input_precision
+        self.rules = rules  # the analysed modules' strengths (scale rules, --block-weights)
         self._sizers: dict[tuple, OutputSizer] = {}
 
     def view(self, opts: ResizeOptions) -> tuple[Output, list[Spectrum], str]:
@@ -169,8 +170,12 @@ class Evaluator:
             if getattr(opts, name) != getattr(self.analyzed, name):
                 raise OptionsError(f"this analysis was read with {name}={getattr(self.analyzed, name)!r}; "
                                    f"{what} cannot change here: analyze again with {name}={getattr(opts, name)!r}")
+        if [r for r in opts.block_rules if r.scales] != [r for r in self.analyzed.block_rules if r.scales]:
+            raise OptionsError("this analysis was read with other scale rules; the strengths cannot change here: "
+                               "analyze again with the scale rules of this setting")
         precision = opts.precision or self.input_precision
-        kept = set(apply_rules(opts.block_rules, [m.name for m in self.out.layout.modules]).kept)
+        kept = set(apply_rules(opts.block_rules, [m.name for m in self.out.layout.modules],
+                               self.rules.preset if self.rules else None).kept)
         have = {sp.name for sp in self.sps}
         missing = sorted(kept - have)
         if missing:
@@ -293,8 +298,9 @@ def reread(src: os.PathLike, ev: Evaluator, names: list[str]) -> Iterator[list[L
         layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch,
                              ev.analyzed.as_lora)
         modules = {m.name: m for m in layout.modules}
-        yield [layer_job(modules[n], reader, ev.analyzed, Certified(), ev.analyzed.output_format is not None,
-                         partial=False) for n in names]
+        strengths = ev.rules.strengths if ev.rules else {}
+        yield [with_strength(layer_job(modules[n], reader, ev.analyzed, Certified(), ev.analyzed.output_format
+                                       is not None, partial=False), strengths.get(n, 1)) for n in names]
 
 
 def at_precisions(ev: Evaluator, src: os.PathLike | Reopen, row: SettingRow, sample: int = ROUNDING_SAMPLE
@@ -403,16 +409,18 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
         layout = read_layout(reader.infos(), reader.metadata, src, shared.output_format, shared.arch, shared.as_lora)
         precision, precision_notes = precision_of(layout, reader.infos(), shared.precision)
         input_precision = precision_of(layout, reader.infos(), None)[0]
-        rules = apply_rules(shared.block_rules, [m.name for m in layout.modules])
+        rules = rules_outcome(shared, layout, reader.infos(), reader.metadata)
         kept = set(rules.kept)
-        jobs = [layer_job(m, reader, shared, Certified()) for m in layout.modules if m.name in kept]
+        jobs = [with_strength(layer_job(m, reader, shared, Certified()), rules.strengths.get(m.name, 1))
+                for m in layout.modules if m.name in kept]
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, shared, base_config)
         t1 = time.perf_counter()
         sps = spectra(jobs, device, shared.threads, progress)
         t_dec = time.perf_counter() - t1
-        out = Output(layout, jobs, copied_sources(layout, reader), [InputRecord(src.name, reader.metadata)],
+        out = Output(layout, jobs, strengthened_companions(copied_sources(layout, reader), layout.known, rules),
+                     [InputRecord(src.name, reader.metadata)],
                      cast=shared.precision is not None)
-    return Evaluator(out, sps, precision, shared, input_precision), dict(
+    return Evaluator(out, sps, precision, shared, input_precision, rules), dict(
         src=src, format=layout.format, precision=precision, input_bytes=src.stat().st_size, dropped=rules.dropped,
         seconds=0.0, decompose_seconds=t_dec,
         notes=precision_notes + rules.notes + list(layout.notes) + base_notes + diff_notes,
@@ -443,7 +451,7 @@ def analyze(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
     a = finish(ev, a_fields, shared, chosen, chosen.label() if chosen else "", sweep, max_effect_error)
     if effect is not None:
         from .effect import EffectMeter, measure_effects
-        with EffectMeter(a.src, effect) as meter:
+        with EffectMeter(a.src, effect, shared) as meter:
             measure_effects(meter, a.rows + ([a.chosen] if a.chosen is not None else []), effect_progress,
                             [sp.name for sp in a.layers])
         a.notes.append(f"effect error: {meter.report.summary()}")
@@ -470,11 +478,12 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
             in_ch = row.in_features // math.prod(kernel) if kernel else row.in_features
             sps.append(Spectrum(row.name, row.kind, row.out_features, row.in_features, row.old_rank, row.old_alpha,
                                 row.scale, kernel, in_ch, row.singular_values, row.base))
-        jobs = [layer_job(modules[row.name], reader, chosen, Certified()) for row in result.layers]
-        out = Output(layout, jobs, copied_sources(layout, reader),
+        rules = rules_outcome(chosen, layout, reader.infos(), reader.metadata)
+        jobs = [with_strength(layer_job(modules[row.name], reader, chosen, Certified()), rules.strengths.get(row.name, 1))
+                for row in result.layers]
+        out = Output(layout, jobs, strengthened_companions(copied_sources(layout, reader), layout.known, rules),
                      [InputRecord(result.src.name, reader.metadata)], cast=chosen.precision is not None)
-        ev = Evaluator(out, sps, result.precision, chosen, precision_of(layout, reader.infos(), None)[0])
-        rules = apply_rules(chosen.block_rules, [m.name for m in layout.modules])
+        ev = Evaluator(out, sps, result.precision, chosen, precision_of(layout, reader.infos(), None)[0], rules)
         a = finish(ev, dict(src=result.src, format=result.format, precision=result.precision,
                             input_bytes=result.input_bytes, dropped=rules.dropped, seconds=0.0,
                             decompose_seconds=0.0, notes=[], rule_hits=result.options.get("rule_hits") or {}),

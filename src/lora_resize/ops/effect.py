@@ -124,6 +124,17 @@ def as_stored(src: str | os.PathLike) -> InMemory:
         return InMemory({k: reader.get(k) for k in reader.infos()}, dict(reader.metadata), path)
 
 
+def strengths_only(opts: ResizeOptions | None) -> ResizeOptions | None:
+    """The options that write a LoRA with `opts`' block strengths (its scale rules and --block-weights) baked in
+    and every layer kept whole, in float (no rank setting: each layer its numerical rank, ops.job.with_strength);
+    None when `opts` gives no strength (the original as stored is the reference)."""
+    if opts is None or (opts.block_weights is None and not any(r.scales for r in opts.block_rules)):
+        return None
+    return ResizeOptions(block_rules=tuple(r for r in opts.block_rules if r.scales),
+                         block_weights=opts.block_weights, arch=opts.arch, keep_unranked=True, precision="float",
+                         device=opts.device)
+
+
 def needs_base(opts: ResizeOptions) -> bool:
     """Whether the setting `opts` chooses its ranks by losses measured against --base (a base policy or budget)."""
     budget = opts.budget
@@ -161,26 +172,30 @@ def written_key(row: SettingRow) -> tuple:
 class EffectMeter:
     """A base model loaded once, its probes, the original LoRA as stored (`original`) and the predictions with no
     LoRA and with the original one; `error` measures a setting's tensors against them. Use as a context manager
-    (the model is released on exit).
+    (the model is released on exit). `options`: the options the settings share; where they bake block strengths
+    in (scale rules, --block-weights) the original is the LoRA with those strengths at full rank (strengths_only),
+    so the effect error measures the resize, not the strengths asked for.
 
     Raises OptionsError / MissingDependency for bad probing options or a missing extra ('preview'),
     InputFileError for a base that is not a model, LoraStructureError for a LoRA none of whose modules the base
     has (a LoRA for another model)."""
 
-    def __init__(self, src: str | os.PathLike, probing: Probing):
-        self.src, self.probing = src, probing
+    def __init__(self, src: str | os.PathLike, probing: Probing, options: ResizeOptions | None = None):
+        self.src, self.probing, self.strengths = src, probing, strengths_only(options)
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "EffectMeter":
         from ..core.schedule import compute_device
         from ..diffusion import BaseModel
+        from .resize import resized
         p = self.probing
         try:
             self.model = self._stack.enter_context(BaseModel(p.base, variant=p.variant, config=p.config,
                                                              device=str(compute_device(p.device))))
             self.probes = self.model.probes(prompts=p.prompts, seeds=[p.seed], timesteps=p.timesteps, size=p.size)
             self.eps_base = self.model.predict(self.probes)
-            self.original = as_stored(self.src)  # read once: the preview applies it again to render
+            self.original = (as_stored(self.src) if self.strengths is None else  # read once: the preview
+                             InMemory.of(resized(self.src, self.strengths)))  # applies it again to render
             self.eps_original = self.predict(self.original)
             self.report = self.model.patch_report  # what the original LoRA patched (PatchReport)
         except BaseException:

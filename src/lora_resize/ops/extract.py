@@ -37,11 +37,12 @@ from ..io.metadata import PLAIN_MODULE, PLAIN_MODULE_OF, InputRecord
 from ..io.paths import check_output_path, local_path, output_file
 from ..models import SD
 from ..options import ResizeOptions
-from ..ranks.rules import RuleOutcome, apply_rules
+from ..ranks.rules import RuleOutcome
 from ..results import DEFAULT_MAX_EFFECT_ERROR, Analysis, LayerResult, ResizeResult
 from .analyze import Evaluator, finish, split_options
 from .diffs import Certified, Dense, DenseSource, layer_job
-from .job import LayerJob, Output, as_options, clamp_notes, precision_of, produce, spectra
+from .job import (LayerJob, Output, as_options, clamp_notes, precision_of, produce, rules_outcome, spectra,
+                  strengthened_companions, with_strength)
 
 BIAS_DIFF = ".diff_b"
 # single-file checkpoints' prefixes, and the name each weight's module is read under (formats.convert.read_name):
@@ -264,12 +265,14 @@ def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs
     arch_name = SD if arch is None else arch.name
     src.metadata = _input_metadata(arch_name, target, any(len(d.shape) > 2 for d in p.diffs), tuned.path, base.path)
     layout = read_layout(src.infos(), src.metadata, None, target, arch_name)
-    rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
+    rules = rules_outcome(opts, layout, src.infos(), src.metadata)  # rank/drop rules, scale rules, block weights
     kept = set(rules.kept)
     certified = Certified()
-    jobs = [layer_job(m, src, opts, certified, partial=partial) for m in layout.modules if m.name in kept]
+    jobs = [with_strength(layer_job(m, src, opts, certified, partial=partial), rules.strengths.get(m.name, 1))
+            for m in layout.modules if m.name in kept]
     precision, precision_notes = precision_of(layout, src.infos(), opts.precision)
-    out = Output(layout, jobs, copied_sources(layout, src), [InputRecord(tuned.path.name, src.metadata)],
+    out = Output(layout, jobs, strengthened_companions(copied_sources(layout, src), layout.known, rules),
+                 [InputRecord(tuned.path.name, src.metadata)],
                  cast=opts.precision is not None)
     notes = precision_notes + [f"{len(p.diffs)} weight(s) differ: extracted as {len(jobs)} layer(s) "
                                f"({arch.title if arch else 'Stable Diffusion'}, {target} layout)"]
@@ -358,7 +361,7 @@ def extraction_analysis(base: str | os.PathLike, tuned: str | os.PathLike, optio
         t1 = time.perf_counter()
         sps = spectra(x.out.jobs, device, shared.threads, progress)
         t_dec = time.perf_counter() - t1
-        ev = Evaluator(x.out, sps, x.precision, shared, x.input_precision)
+        ev = Evaluator(x.out, sps, x.precision, shared, x.input_precision, x.rules)
         a = finish(ev, dict(src=x.tuned, format=x.out.layout.format, precision=x.precision,
                             input_bytes=_size(x.tuned), dropped=x.rules.dropped, seconds=0.0,
                             decompose_seconds=t_dec, notes=x.notes + x.certified.notes() + x.rules.notes,

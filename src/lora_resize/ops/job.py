@@ -25,6 +25,8 @@ from ..core.truncate import (FP8, PRECISION_OF_DTYPE, SAVE_DTYPES, AlphaRule, Ne
                              retention, truncated_factors)
 from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
+from ..formats.blocks import module_blocks
+from ..formats.companions import merge_rule
 from ..formats.convert import exact_copy
 from ..formats.lycoris import KronLayer
 from ..io.metadata import InputRecord, SideOutputs, output_metadata, with_hashes
@@ -32,8 +34,10 @@ from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
 from ..io.writer import copied_dtype, copied_tensor, write_output
 from ..options import ResizeOptions
+from ..ranks.block_weights import parse_block_weights
 from ..ranks.constraints import active_constraints, constraint_notes
 from ..ranks.plan import layer_rank, pinned_rank, plan, unranked, whole_file
+from ..ranks.rules import RuleOutcome, apply_rules
 from ..results import BaseNorms, LayerResult
 from ..units import format_size
 from .base import base_norms
@@ -89,6 +93,94 @@ def module_job(module: Module, src: TensorSource, converting: bool = False) -> L
                     exact=(lambda dtype: exact(src, dtype)) if exact is not None else None, converting=converting)
 
 
+def with_strength(job: LayerJob, strength: float) -> LayerJob:
+    """`job` with its update multiplied by `strength` (a scale rule's or --block-weights'): the loaded layer's
+    scale (and the scale `scale_and_rank` reports) is multiplied, so its spectrum, a budget's plan, the sizes and
+    the truncation all see the scaled update and the factors written carry it (start_layer folds the layer's scale
+    into them); a strength other than 1 cannot be a bit-for-bit copy (`exact` None). Strength 1: `job` itself."""
+    if strength == 1:
+        return job
+    load, scale_and_rank = job.load, job.scale_and_rank
+
+    def scaled() -> LowRankLayer:
+        layer = load()
+        return replace(layer, scale=layer.scale * strength)
+
+    def scaled_scale_and_rank() -> tuple[float, int]:
+        scale, rank = scale_and_rank()
+        return scale * strength, rank
+    return replace(job, load=scaled, scale_and_rank=scaled_scale_and_rank, exact=None)
+
+
+class ScaledSource:
+    """A TensorSource whose keys in `factors` read multiplied by their factor (in float64, back in their dtype: the
+    sizes stay those of the input's tensors); every other key as `src` holds it."""
+
+    def __init__(self, src: TensorSource, factors: Mapping[str, float]):
+        self.src, self.factors = src, dict(factors)
+        self.path, self.metadata = getattr(src, "path", None), getattr(src, "metadata", {})
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self.src.infos()
+
+    def get(self, key: str) -> torch.Tensor:
+        t = self.src.get(key)
+        return t if key not in self.factors else (t.double() * self.factors[key]).to(t.dtype)
+
+    def close(self) -> None:
+        self.src.close()
+
+
+def strengthened_companions(copied: Mapping[str, TensorSource], known: Mapping[str, str], rules: RuleOutcome
+                            ) -> dict[str, TensorSource]:
+    """The copied non-factor tensors with each module's strength applied to its own (a key under the module's name,
+    `<module>.diff_b`), as a loader applies its strength (formats.companions.merge_rule): a kind it adds to the
+    model (bias, full and modulation diffs, additive norms, PEFT lora_B biases) is multiplied by the strength, and
+    left out at strength 0 (so is a DoRA magnitude); a kind it sets whatever the strength, or an unknown tensor, is
+    copied as it is. Raises OptionsError for a kind that belongs to one update (a DoRA magnitude) of a module whose
+    strength is neither 1 nor 0: it renormalises the whole scaled update, so no tensor of the file can carry the
+    strength."""
+    scaled = {n: s for n, s in rules.strengths.items() if s != 1}
+    if not scaled:
+        return dict(copied)
+    owners = sorted(scaled, key=len, reverse=True)
+    out: dict[str, TensorSource] = {}
+    wrappers: dict[int, ScaledSource] = {}
+    for key, src in copied.items():
+        owner = next((n for n in owners if key.startswith(n + ".")), None)
+        kind = known.get(key)
+        rule = merge_rule(kind) if owner is not None else "same"
+        if rule == "whole" and scaled[owner] != 0:
+            raise OptionsError(f"module {owner} has a {kind} ({key}), which renormalises its whole update: a "
+                               f"strength of {scaled[owner]:g} cannot be baked into it; give it strength 1, or 0 to "
+                               "leave it out")
+        if rule in ("add", "whole") and scaled[owner] == 0:
+            continue  # 0 x what the loader adds: nothing; the magnitude of a module left out: nothing to apply
+        out[key] = src
+        if rule == "add":  # one wrapper per source, reading its scaled keys
+            wrapper = wrappers.setdefault(id(src), ScaledSource(src, {}))
+            wrapper.factors[key] = scaled[owner]
+            out[key] = wrapper
+    return out
+
+
+def rules_outcome(opts: ResizeOptions, layout: Layout, infos: Mapping[str, TensorInfo],
+                  metadata: Mapping[str, str], names: list[str] | None = None) -> RuleOutcome:
+    """The block rules applied to the modules `names` (default: the layout's, in order), with the strengths of
+    `opts.block_weights` (read on `layout`'s module names, formats.blocks) ahead of the scale rules. Raises
+    OptionsError for a preset of another model than the LoRA's, or when every module is dropped."""
+    names = [m.name for m in layout.modules] if names is None else names
+    if opts.block_weights is None:
+        return apply_rules(opts.block_rules, names)
+    weights = parse_block_weights(opts.block_weights)
+    found = module_blocks(layout, infos, metadata, opts.arch)
+    weights.check_model(found.model, found.title)
+    preset = {name: s for name, block in found.blocks.items() if (s := weights.strength(block)) is not None}
+    outcome = apply_rules(opts.block_rules, names, preset)
+    return replace(outcome, notes=outcome.notes + weights.unlisted_note(
+        {n: b for n, b in found.blocks.items() if n in set(names)}))
+
+
 def with_base(jobs: list[LayerJob], layout: Layout, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
               opts: ResizeOptions, config: str | os.PathLike | None = None) -> list[str]:
     """With --base: each job's base weight norms (ops/base.py; `config`: a single-file base's --base-config
@@ -106,16 +198,18 @@ def alpha_rule(opts: ResizeOptions, scales_and_ranks: list[tuple[float, int]], s
                ) -> Callable[[str, float | None, int, int], float]:
     """How the output's alphas are chosen, as (name, alpha, old rank, new rank) -> alpha: sd-scripts' per-layer
     alphas under `--rank-rule kohya`; otherwise one alpha for every layer (AlphaRule.one_for_all), the most common
-    input scale times --rank (else the most common input rank), so every consumer applies each layer at its
-    strength. Either is then brought into the range `save_dtype` holds (`held_alpha`); the factors absorb the
-    difference (start_layer)."""
+    input scale's magnitude times --rank (else the most common input rank), so every consumer applies each layer
+    at its strength; a sign (a negative strength, ops.job.with_strength) goes into the factors, never the alpha:
+    diffusers' kohya Flux converter (`_convert_kohya_flux_lora_to_diffusers`: `while scale_down * 2 < scale_up`)
+    never ends on a negative alpha. Either is then brought into the range `save_dtype` holds (`held_alpha`); the
+    factors absorb the difference (start_layer)."""
     if opts.rank_rule == "kohya" or not scales_and_ranks:
         rule = AlphaRule()
     else:
         ranks = [r for _, r in scales_and_ranks]
         rank = opts.rank if opts.rank is not None else max(set(ranks), key=ranks.count)
         try:
-            rule = AlphaRule.one_for_all([s for s, _ in scales_and_ranks], rank)
+            rule = AlphaRule.one_for_all([abs(s) for s, _ in scales_and_ranks], rank)
         except NumericalError:
             if opts.rank is None:
                 raise

@@ -27,11 +27,10 @@ from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import TensorInfo, TensorSource, open_tensor_file
 from ..io.writer import copied_dtype, tensor_bytes
 from ..options import ResizeOptions
-from ..ranks.rules import apply_rules
 from ..results import LayerResult, ResizeResult
 from .diffs import full_diffs_as_pairs
 from .job import (LayerJob, Output, as_options, checked, clamp_notes, factor_bytes, precision_of, produce,
-                  with_base)
+                  rules_outcome, strengthened_companions, with_base, with_strength)
 
 
 @dataclass(frozen=True)
@@ -317,15 +316,20 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         partial = sum(1 for v in members.values() if len(v) < len(live))
         if partial:
             notes.append(f"{partial} layer(s) are in only some of the inputs and are merged from those")
-        rules = apply_rules(opts.block_rules, sorted(members, key=lambda n: members[n][0][1].keys[0]))
+        names = sorted(members, key=lambda n: members[n][0][1].keys[0])
+        infos = {k: v for r in reversed(readers) for k, v in r.infos().items()}
+        rules = rules_outcome(opts, replace(layouts[0], modules=[members[n][0][1] for n in names]), infos,
+                              readers[0].metadata)
         notes += rules.notes
         cancelled: list[str] = []
-        jobs = [merged_job(name, members[name], cancelled) for name in rules.kept]
-        infos = {k: v for r in reversed(readers) for k, v in r.infos().items()}
+        jobs = [with_strength(merged_job(name, members[name], cancelled), rules.strengths.get(name, 1))
+                for name in rules.kept]
         notes += with_base(jobs, replace(layouts[0], modules=[j.module for j in jobs]), infos, readers[0].metadata,
                            opts)
         copied, summed, companion_notes = merged_companions(
             live, readers, layouts, SAVE_DTYPES[precision] if opts.precision is not None else None)
+        copied = strengthened_companions(copied, {k: kind for lay in reversed(layouts) for k, kind in lay.known.items()},
+                                         rules)
         notes += companion_notes
         # the output: the first input's layout, each layer written by the module of the first input that has it
         layout = replace(layouts[0], modules=[j.module for j in jobs])

@@ -128,7 +128,7 @@ def preview(src: str | os.PathLike, probing: Probing, settings: Sequence[ResizeO
     a.chosen = None
     pictures: list[Picture] = []
     seconds: list[float] = []
-    with EffectMeter(src, probing) as meter:
+    with EffectMeter(src, probing, settings[0]) as meter:
         bm = meter.model
         size = meter.probes.size
         jobs = ["base", "original", *range(len(a.rows))]

@@ -20,10 +20,11 @@ from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import TensorSource, open_tensor_file
 from ..io.writer import hashed
 from ..options import ResizeOptions
-from ..ranks.rules import RuleOutcome, apply_rules
+from ..ranks.rules import RuleOutcome
 from ..results import LayerResult, ResizeResult
 from .diffs import Certified, full_diffs_as_pairs, layer_job
-from .job import (Output, as_options, build_output, clamp_notes, growth_notes, precision_of, produce, with_base)
+from .job import (Output, as_options, build_output, clamp_notes, growth_notes, precision_of, produce, rules_outcome,
+                  strengthened_companions, with_base, with_strength)
 
 
 @dataclass
@@ -50,13 +51,13 @@ def _prepared(src: str | os.PathLike, opts: ResizeOptions,
         if check is not None:
             check(src, layout)
         precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
-        rules = apply_rules(opts.block_rules, [m.name for m in layout.modules])
+        rules = rules_outcome(opts, layout, reader.infos(), reader.metadata)
         kept = set(rules.kept)
         certified = Certified()
-        jobs = [layer_job(m, reader, opts, certified, opts.output_format is not None) for m in layout.modules
-                if m.name in kept]
+        jobs = [with_strength(layer_job(m, reader, opts, certified, opts.output_format is not None),
+                              rules.strengths.get(m.name, 1)) for m in layout.modules if m.name in kept]
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
-        out = Output(layout, jobs, copied_sources(layout, reader),
+        out = Output(layout, jobs, strengthened_companions(copied_sources(layout, reader), layout.known, rules),
                      [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
         yield _Prepared(src, reader, layout, precision, rules, out,
                         precision_notes + list(layout.notes) + base_notes + diff_notes, certified)

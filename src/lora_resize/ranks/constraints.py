@@ -182,11 +182,11 @@ def refusal(opts) -> str | None:
                 return (f"{flag} {k} is not a rank {what.flag} {' '.join(what.words(value)[1:])} accepts: give "
                         f"{flag} {nearest_accepted(what, value, k)}")
         for r in opts.block_rules:
-            if r.value is not None and not what.accepts(value, r.value):
+            if r.action in ("rank", "cap") and not what.accepts(value, r.value):
                 return (f"rule {r} gives a rank {what.flag} {' '.join(what.words(value)[1:])} does not accept: "
                         f"use {nearest_accepted(what, value, r.value)}")
     if uniform_rank_set(opts):
-        ranked = [r for r in opts.block_rules if r.action != "drop"]
+        ranked = [r for r in opts.block_rules if r.action in ("rank", "cap")]  # drop and scale rules still apply
         if ranked:
             return (f"rule {ranked[0]} gives its modules a rank of their own, but --uniform-rank writes every layer "
                     "at one rank: cap them all with --rank N, or leave modules out with 'PATTERN=drop'")

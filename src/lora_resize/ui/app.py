@@ -26,6 +26,7 @@ from ..errors import LoraResizeError, OptionsError
 from ..io.files import INPUT_SUFFIXES
 from ..io.paths import free_name
 from ..models import LAYOUTS
+from ..ranks.rules import parse_rule
 from ..results import MEASURES
 
 CLICK_JS = ("element.addEventListener('click', (e) => { const p = e.target.closest('[data-row]'); "
@@ -74,6 +75,23 @@ def _parse(command: str, own: list[str], flags: str):
         raise LoraResizeError("--output-format peft writes a folder, which the page cannot offer for download; "
                               f"run `lora-resize {command} ... --output-format peft`")
     return args
+
+
+def strength_fields(text: str) -> dict:
+    """The block strengths box: `--block-weights PRESET:W1,...` and scale rules `--rule 'PATTERN=scale:X'`, as
+    option fields (what every analysed setting, and so the flags it fills in, carries). Raises LoraResizeError (one
+    line) for anything else in it."""
+    words, fields = _split(text), {"block_rules": []}
+    while words:
+        flag, value = words.pop(0), words.pop(0) if words else None
+        if flag == "--block-weights" and value is not None:
+            fields["block_weights"] = value
+        elif flag == "--rule" and value is not None and parse_rule(value).scales:
+            fields["block_rules"].append(value)
+        else:
+            raise LoraResizeError(f"the block strengths box takes --block-weights PRESET:W1,... and --rule "
+                                  f"'PATTERN=scale:X' only, not {flag!r}{f' {value!r}' if value else ''}")
+    return {k: v for k, v in fields.items() if v}
 
 
 def _split(flags: str) -> list[str]:
@@ -157,13 +175,14 @@ class App:
         return f"{summary(result)}\nsaved as {result.dst}", str(offered)
 
     # -- analyze ------------------------------------------------------------------------------------------------
-    def analyze(self, upload, picked, cap, progress=gr.Progress()):
+    def analyze(self, upload, picked, cap, strengths="", progress=gr.Progress()):
         from ..ops.analyze import analyze
         from ..report.html import CSS, curve_svg, html_report, recommendation_html
         from ..report.text import percent
         from ..units import format_size
         try:
-            a = analyze(self._source(upload, picked)[0], rank=int(cap) if cap else None, progress=_progress(progress, "analyzing"))
+            a = analyze(self._source(upload, picked)[0], rank=int(cap) if cap else None,
+                        progress=_progress(progress, "analyzing"), **strength_fields(strengths))
         except LoraResizeError as e:
             return "", [], [], "", f"error: {e}", ""
         rows = [[r.label + (" (recommended)" if r is a.recommended else ""), format_size(r.output_bytes),
@@ -306,6 +325,9 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None, ap
                 cap = gr.Number(label="rank cap (0: none)", value=0, precision=0, minimum=0, maximum=16384,
                                 elem_id="cap")
                 analyze_btn = gr.Button("Analyze", elem_id="analyze-btn")
+            strengths = gr.Textbox(label="block strengths, baked in (Analyze carries them into every setting's flags)",
+                                   placeholder="e.g. --block-weights SD15:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1 "
+                                               "--rule '*attn2*=scale:0.5'", elem_id="strengths")
             curve = gr.HTML(elem_id="curve", js_on_load=CLICK_JS)
             table = gr.Dataframe(headers=COLUMNS, elem_id="settings", interactive=False, wrap=True)
             flags = gr.Textbox(label="resize flags: Analyze fills in the recommended setting; click a point or a row "
@@ -317,7 +339,8 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None, ap
             with gr.Accordion("HTML report", open=False):
                 report = gr.HTML(elem_id="report")
             by_row = gr.State({})
-            analyze_btn.click(app.analyze, [lora, picked, cap], [curve, table, by_row, flags, status, report])
+            analyze_btn.click(app.analyze, [lora, picked, cap, strengths], [curve, table, by_row, flags, status,
+                                                                             report])
             curve.click(app.pick_point, [by_row], [flags], api_visibility="private")
             table.select(app.pick_row, [table], [flags], api_visibility="private")
             resize_btn.click(app.resize, [lora, picked, flags], [status, result])
