@@ -337,3 +337,21 @@ def test_sdxl_single_file_open_clip_thirds(tmp_path):
         assert torch.allclose(tensors[name + ".diff_b"].double(), sdt[key + ".bias"].double()
                               - sdb[key + ".bias"].double(), atol=1e-7), name
     assert len(r.layers) == len(names)
+
+
+def test_extract_bakes_scale_rules_and_obeys_rank_constraints(sd1, tmp_path):
+    """Issue 22's parts together: a scale rule multiplies a module's difference before its rank is chosen, and
+    --rank-multiple rounds every chosen rank up: each written update is the best rank-k of strength * D, k a
+    multiple of 4 (or the layer's size)."""
+    base, tuned, root = sd1
+    r = extract(root / "base.safetensors", root / "tuned.safetensors", tmp_path / "x.safetensors", method="sv_fro",
+                param=0.9, rank=8, rank_multiple=4, block_rules=("*attn1_to_q=scale:-0.5",), precision="float")
+    tensors, _ = load_st(tmp_path / "x.safetensors")
+    scaled = [n for n in names_of(tensors) if n.endswith("attn1_to_q")]
+    assert scaled and len(r.layers) == len(names_of(tensors))
+    for row in r.layers:
+        k = tensors[row.name + DOWN].shape[0]
+        D = true_delta(base, tuned, row.name)
+        assert k == row.new_rank and (k % 4 == 0 or k == min(D.shape)), (row.name, k)
+        strength = -0.5 if row.name in scaled else 1.0
+        assert rel_err(written(tensors, row.name), best_rank_k(strength * D, k)) < 1e-5, row.name

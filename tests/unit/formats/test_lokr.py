@@ -307,3 +307,28 @@ def test_a_whole_w2_beyond_the_save_precision_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0 and LIN in err and "--precision float" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("strength", [-1.0, 0.5])
+def test_a_kept_lokr_takes_its_strength_and_a_rank_constraint(tmp_path, strength):
+    """Issue 22's parts together: a scale rule on a kept LoKr multiplies its update (folded into W2's factors, W1
+    as stored), and --rank-multiple rounds W2's rank up; the result is strength * scale * kron(W1, W2_k), k the
+    rounded rank, and analyze predicts the written bytes."""
+    sd = lokr(LIN, 4, 4, 24, 20, r=8, alpha=4.0, seed=11)
+    src = write_lora(tmp_path / "in.safetensors", sd, dict(BASE_METADATA))
+    fields = dict(method="sv_fro", param=0.6, rank_multiple=4, block_rules=(f"{LIN}=scale:{strength}",),
+                  precision="float")
+    res = lora_resize.resize(src, tmp_path / "out.safetensors", **fields)
+    out, _ = load_st(tmp_path / "out.safetensors")
+    assert torch.equal(out[LIN + ".lokr_w1"], sd[LIN + ".lokr_w1"])
+    w1, w2, scale = input_w1_w2(sd, LIN)
+    (row,) = res.layers
+    k = row.new_rank
+    assert k % 4 == 0 and out[LIN + ".lokr_w2_b"].shape[0] == k
+    S = torch.linalg.svdvals(w2)
+    fro = torch.sqrt(torch.cumsum(S ** 2, 0) / (S ** 2).sum())
+    assert k == -(-(int((fro < 0.6 - 1e-12).sum()) + 1) // 4) * 4  # sv_fro's rank, rounded up to a multiple of 4
+    want = strength * scale * torch.kron(w1, best_rank_k(w2, k))
+    assert rel_err(comfy_update(out, LIN), want) < 1e-6
+    a = lora_resize.analyze(src, **{k_: v for k_, v in fields.items() if k_ != "precision"}, precision="float")
+    assert a.chosen.output_bytes == (tmp_path / "out.safetensors").stat().st_size
