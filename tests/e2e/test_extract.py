@@ -15,7 +15,7 @@ import torch
 
 from lora_resize import ResizeOptions, extract
 from lora_resize.cli import main
-from lora_resize.errors import InputFileError, LoraStructureError
+from lora_resize.errors import InputFileError, LoraStructureError, OptionsError
 from lora_resize.io.writer import write_safetensors
 from lora_resize.models import MODELS, sd
 from lora_resize.ops.extract import extraction_analysis
@@ -355,3 +355,133 @@ def test_extract_bakes_scale_rules_and_obeys_rank_constraints(sd1, tmp_path):
         assert k == row.new_rank and (k % 4 == 0 or k == min(D.shape)), (row.name, k)
         strength = -0.5 if row.name in scaled else 1.0
         assert rel_err(written(tensors, row.name), best_rank_k(strength * D, k)) < 1e-5, row.name
+
+
+def _state(root: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_st(root / f"{name}.safetensors")[0]
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+
+
+def test_dtype_rounding_is_told_from_the_fine_tune(sd1, tmp_path, capsys):
+    """Checkpoints whose dtypes differ: a note says so; a tensor whose every element differs by at most the coarser
+    dtype's rounding (eps x max|W|) is the cast, not the fine-tune - left out, and refused when that is all."""
+    _, _, root = sd1
+    base, tuned = _state(root, "base"), _state(root, "tuned")
+    write_safetensors(tmp_path / "b16.safetensors", _cast(base, torch.float16), {})
+    dst = tmp_path / "x.safetensors"
+    # the same weights cast to fp16: only rounding - refused, nothing written
+    err = refused_in_one_line(capsys, ["extract", "--base", str(root / "base.safetensors"), "--tuned",
+                                       str(tmp_path / "b16.safetensors"), "-o", str(dst), "--rank", "4"])
+    assert "only by the rounding" in err and "float32 in --base and float16 in --tuned" in err and not dst.exists()
+    # fp16 vs bf16 casts of one model: rounding as well (the coarser dtype, bf16, bounds it)
+    write_safetensors(tmp_path / "bbf.safetensors", _cast(base, torch.bfloat16), {})
+    err = refused_in_one_line(capsys, ["extract", "--base", str(tmp_path / "b16.safetensors"), "--tuned",
+                                       str(tmp_path / "bbf.safetensors"), "-o", str(dst), "--rank", "4"])
+    assert "only by the rounding" in err and "bfloat16's rounding" in err
+    # one element moved past the bound (3 eps of fp16) is a difference: that one weight is extracted, with a note
+    key = next(k for k in sorted(base) if k.startswith("model.diffusion_model.") and k.endswith("proj_in.weight"))
+    moved = _cast(base, torch.float16)
+    moved[key] = moved[key].clone()
+    moved[key][0, 0] = (moved[key][0, 0].double() * (1 + 3 * torch.finfo(torch.float16).eps)).half()
+    write_safetensors(tmp_path / "m16.safetensors", moved, {})
+    r = extract(root / "base.safetensors", tmp_path / "m16.safetensors", dst, rank=1)
+    note = next(n for n in r.notes if n.startswith("dtypes differ"))
+    assert f"{len(base)} tensor(s) are float32 in --base and float16 in --tuned" in note
+    cast = [k for k in base if k != key and not torch.equal(base[k].double(), base[k].half().double())]
+    assert cast and f"{len(cast)} of them differ only so" in note
+    assert any(n.startswith("1 weight(s) differ") for n in r.notes)
+    assert not any("VAE" in n or n.startswith("left out") and "biases" in n for n in r.notes), r.notes
+    # a real fine-tune across dtypes (fp16 base, bf16 tuned) is extracted, the note telling of the cast
+    write_safetensors(tmp_path / "tbf.safetensors", _cast(tuned, torch.bfloat16), {})
+    r = extract(tmp_path / "b16.safetensors", tmp_path / "tbf.safetensors", dst, rank=2)
+    assert any(n.startswith("dtypes differ") and "float16 in --base and bfloat16 in --tuned" in n for n in r.notes)
+    assert r.layers
+
+
+def test_wrong_arch_is_refused(sd1, tmp_path, capsys):
+    """An --arch that names few of the differing weights is refused, not a LoRA of the few it names."""
+    _, _, root = sd1
+    dst = tmp_path / "x.safetensors"
+    err = refused_in_one_line(capsys, ["extract", "--base", str(root / "base.safetensors"), "--tuned",
+                                       str(root / "tuned.safetensors"), "-o", str(dst), "--rank", "4",
+                                       "--arch", "flux1"])
+    assert "--arch flux1 is not these checkpoints' model" in err and not dst.exists()
+
+
+def test_lora_files_are_not_checkpoints(sd1, tmp_path, capsys):
+    """A LoRA file (kohya pairs, LyCORIS LoKr) given as --base or --tuned is named as such."""
+    _, _, root = sd1
+    lora = tmp_path / "lora.safetensors"
+    extract(root / "base.safetensors", root / "tuned.safetensors", lora, rank=2)
+    lokr = tmp_path / "lokr.safetensors"
+    write_safetensors(lokr, {f"lora_unet_m{i}.{k}": torch.randn(4, 4) for i in range(3)
+                             for k in ("lokr_w1", "lokr_w2")} | {f"lora_unet_m{i}.alpha": torch.tensor(1.0)
+                                                                 for i in range(3)}, {})
+    dst = tmp_path / "x.safetensors"
+    for b, t, role, bad in ((root / "base.safetensors", lora, "--tuned", lora), (lora, lora, "--base", lora),
+                            (lokr, lokr, "--base", lokr)):
+        err = refused_in_one_line(capsys, ["extract", "--base", str(b), "--tuned", str(t), "-o", str(dst),
+                                           "--rank", "4"])
+        assert f"{role} {bad} is a LoRA file, not a checkpoint" in err and not dst.exists()
+
+
+def test_unpaired_weights_are_noted(sd1, tmp_path):
+    _, _, root = sd1
+    tuned = _state(root, "tuned")
+    gone = sorted(k for k in tuned if k.startswith("model.diffusion_model.output_blocks."))[:5]
+    for k in gone:
+        del tuned[k]
+    tuned["model.diffusion_model.extra.weight"] = torch.randn(4, 4)
+    write_safetensors(tmp_path / "t.safetensors", tuned, {})
+    r = extract(root / "base.safetensors", tmp_path / "t.safetensors", tmp_path / "x.safetensors", rank=2)
+    assert any(f"left out: {len(gone)} differing weights only in --base" in n and gone[0] in n for n in r.notes)
+    assert any("left out: 1 differing weights only in --tuned" in n and "extra.weight" in n for n in r.notes)
+
+
+def test_options_extract_cannot_honour_are_refused(sd1, tmp_path, capsys):
+    _, _, root = sd1
+    b, t, dst = root / "base.safetensors", root / "tuned.safetensors", tmp_path / "x.safetensors"
+    cmd = ["extract", "--base", str(b), "--tuned", str(t), "-o", str(dst)]
+    assert "--as-lora" in refused_in_one_line(capsys, cmd + ["--rank", "4", "--as-lora"])
+    err = refused_in_one_line(capsys, cmd + ["--rank", "4", "--base-variant", "fp16"])
+    assert "--base-variant" in err and "single file" in err
+    for extra in (["--method", "base_fro", "--param", "0.01"], ["--target-error", "0.01"]):
+        err = refused_in_one_line(capsys, cmd + extra)
+        assert "extract has no base model to measure against" in err and not dst.exists()
+    with pytest.raises(OptionsError, match="no base model"):  # the library refuses as the CLI does
+        extract(b, t, dst, method="base_fro", param=0.01)
+    with pytest.raises(OptionsError, match="no base model"):
+        extraction_analysis(b, t, target_error=0.01)
+
+
+def test_analyze_points_to_a_measure_extract_has(sd1, capsys):
+    _, _, root = sd1
+    a = extraction_analysis(root / "base.safetensors", root / "tuned.safetensors")
+    assert "--base MODEL --effect" not in a.recommended_reason
+    assert f"lora-resize analyze OUT.safetensors --base {root / 'base.safetensors'} --effect" in a.recommended_reason
+
+
+def test_missing_and_damaged_inputs_are_named(sd1, tmp_path, capsys):
+    _, _, root = sd1
+    dst = tmp_path / "x.safetensors"
+    for role in ("--base", "--tuned"):
+        paths = {"--base": str(root / "base.safetensors"), "--tuned": str(root / "tuned.safetensors")}
+        paths[role] = str(tmp_path / "nope.safetensors")
+        err = refused_in_one_line(capsys, ["extract", "--base", paths["--base"], "--tuned", paths["--tuned"],
+                                           "-o", str(dst), "--rank", "2"])
+        assert f"{role} {tmp_path / 'nope.safetensors'} not found" in err
+    from safetensors.torch import save
+    for role in ("base", "tuned"):
+        t, meta = load_st(root / f"{role}.safetensors")
+        key = next(k for k in sorted(t) if k.startswith("model.diffusion_model.") and k.endswith("proj_in.weight"))
+        t[key] = t[key].clone()
+        t[key][0, 0] = float("inf")
+        (tmp_path / f"{role}.safetensors").write_bytes(save(t, meta))
+        paths = {"base": root / "base.safetensors", "tuned": root / "tuned.safetensors"}
+        paths[role] = tmp_path / f"{role}.safetensors"
+        with pytest.raises(InputFileError, match=f"NaN or Inf in --{role} {paths[role]}"):
+            extract(paths["base"], paths["tuned"], dst, rank=2)
+        assert not dst.exists()

@@ -37,14 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import OptionsError
-    from ..ops.extract import extract, extraction_analysis
+    from ..ops.extract import extract, extraction_analysis, refuse_base_measures
     from .resize import layer_printer, render
 
     fields = option_values(args)
     base, variant = fields.pop("base"), fields.pop("base_variant")
-    if fields.get("target_error") is not None or (fields.get("method") or "").startswith("base"):
-        raise OptionsError("extract: --target-error and the base-relative methods measure a LoRA against a base "
-                           "model; use --target-fro, --target-size, a method or --rank")
+    refuse_base_measures(fields.get("method"), fields.get("target_error"))
     if args.analyze:
         from ..report.text import analysis_table, strict_json
         if args.output:

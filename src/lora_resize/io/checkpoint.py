@@ -111,7 +111,8 @@ class Checkpoint:
     """A base model's weights by key: a single file's keys as they are, a diffusers folder's as
     `<component>.<key>` (`unet.down_blocks.0...weight`; a folder holding one model's files directly: bare keys),
     from the files of `variant` (None: those without one; module docstring). `folder` says which. Raises
-    InputFileError for a path that is neither, a folder without safetensors, or a variant it does not hold."""
+    InputFileError for a path that does not exist, one that is neither, a folder without safetensors, or a variant
+    it does not hold."""
 
     def __init__(self, path: str | os.PathLike, variant: str | None = None):
         self.path = Path(path)
@@ -119,6 +120,9 @@ class Checkpoint:
         self._readers: list[SafetensorsReader] = []
         self._where: dict[str, tuple[SafetensorsReader, str]] = {}
         self._siblings: dict[str, list[str]] = {}  # module -> the suffixes of its keys (weight, weight_scale...)
+        if not self.path.exists():
+            raise InputFileError(f"--base {self.path} not found; give an existing .safetensors checkpoint or "
+                                 "diffusers model folder")
         if self.folder:
             files = folder_files(self.path, variant)
             if not files:

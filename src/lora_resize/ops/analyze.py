@@ -72,19 +72,23 @@ def check_max_effect_error(x) -> float:
     return float(x)
 
 
+EFFECT_HINT = "; measure the model's output with --base MODEL --effect"
+
+
 def recommend(rows: Sequence[SettingRow], max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR,
-              input_bytes: int | None = None) -> tuple[SettingRow | None, str]:
-    """`recommendation` (the row and why), and when the row's file would be no smaller than the input
-    (`input_bytes`), the reason says so: the input itself is then at least as good a choice."""
-    row, reason = recommendation(rows, max_effect_error)
+              input_bytes: int | None = None, hint: str = EFFECT_HINT) -> tuple[SettingRow | None, str]:
+    """`recommendation` (the row and why; `hint`: how to measure the output instead), and when the row's file
+    would be no smaller than the input (`input_bytes`), the reason says so: the input itself is then at least as
+    good a choice."""
+    row, reason = recommendation(rows, max_effect_error, hint)
     if row is not None and input_bytes is not None and row.output_bytes >= input_bytes:
         reason += (f"; it is no smaller than the input ({format_size(row.output_bytes)} vs "
                    f"{format_size(input_bytes)}): keeping the input loses nothing")
     return row, reason
 
 
-def recommendation(rows: Sequence[SettingRow], max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR
-                   ) -> tuple[SettingRow | None, str]:
+def recommendation(rows: Sequence[SettingRow], max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR,
+                   hint: str = EFFECT_HINT) -> tuple[SettingRow | None, str]:
     """The setting to recommend among `rows` and why, as (row, reason); (None, reason) only for no rows. A pure
     function of the rows' fields:
     - with effect errors measured (some `row.effect_error` not None; only those rows compete): the smallest file
@@ -115,7 +119,6 @@ def recommendation(rows: Sequence[SettingRow], max_effect_error: float = DEFAULT
     if not live:
         best = min(rows, key=lambda r: r.output_bytes)
         return best, "every layer's update is zero: no setting loses anything, so the smallest file"
-    hint = "; measure the model's output with --base MODEL --effect"
     under = [r for r in live if r.fro_min >= WEIGHT_SPACE_MIN_FRO]
     if under:
         best = min(under, key=lambda r: (r.output_bytes, -r.fro_min))
@@ -372,9 +375,10 @@ def split_options(options: ResizeOptions | None, fields_: dict) -> tuple[ResizeO
 
 def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeOptions | None, chosen_label: str,
            sweep: Mapping[str, Sequence] | None, max_effect_error: float = DEFAULT_MAX_EFFECT_ERROR,
-           reopen: Reopen | None = None) -> Analysis:
+           reopen: Reopen | None = None, hint: str = EFFECT_HINT) -> Analysis:
     """The sweep and the chosen setting evaluated, and the recommendation among the sweep's rows; an Analysis.
-    `reopen`: how its layers are read again for the rounding rows (at_precisions; default: the LoRA file)."""
+    `reopen`: how its layers are read again for the rounding rows (at_precisions; default: the LoRA file);
+    `hint`: the weight-space recommendation's pointer to measuring the model's output (recommendation)."""
     notes = list(a_fields.pop("notes"))
     base = any(sp.base is not None for sp in ev.sps)
     missing = [sp.name for sp in ev.sps if sp.base is None]
@@ -390,7 +394,7 @@ def finish(ev: Evaluator, a_fields: dict, shared: ResizeOptions, chosen: ResizeO
         chosen_row.chosen = True
         if chosen_row.note:
             notes.append(chosen_row.note)
-    recommended, reason = recommend(rows, max_effect_error, a_fields["input_bytes"])
+    recommended, reason = recommend(rows, max_effect_error, a_fields["input_bytes"], hint)
     src = a_fields["src"]
     return Analysis(shared=shared, layers=ev.sps, blocks=[block_of(sp.name) for sp in ev.sps], rows=rows,
                     chosen=chosen_row, recommended=recommended, recommended_reason=reason, notes=notes,

@@ -30,13 +30,14 @@ import torch
 
 from ..core.schedule import Progress, compute_device
 from ..errors import InputFileError, LoraStructureError, OptionsError, OutputFileError
-from ..formats import Layout, detect, read_layout
+from ..formats import FORMATS, LORA_TOKEN, Layout, detect, read_layout
 from ..formats.convert import KEY_FORM, copied_sources, detect_arch, read_name, scheme_of
 from ..io.checkpoint import ACTIVATION_SCALES, COMFY_QUANT, WEIGHT_SCALES, Checkpoint
 from ..io.metadata import PLAIN_MODULE, PLAIN_MODULE_OF, InputRecord
 from ..io.paths import check_output_path, local_path, output_file
 from ..models import SD
 from ..options import ResizeOptions
+from ..ranks.policies import POLICIES
 from ..ranks.rules import RuleOutcome
 from ..results import DEFAULT_MAX_EFFECT_ERROR, Analysis, LayerResult, ResizeResult
 from .analyze import Evaluator, finish, split_options
@@ -89,14 +90,19 @@ def difference_source(base: Checkpoint, tuned: Checkpoint, diffs: list[Differenc
 
 
 def _difference(base: Checkpoint, tuned: Checkpoint, key: str) -> torch.Tensor:
-    """W_tuned - W_base of checkpoint key `key`, float64 (a weight as a matrix, fp8 with its scale)."""
-    if key.endswith(".weight"):
-        d = tuned.matrix(key) - base.matrix(key)
-    else:
-        d = tuned.tensor(key).to(torch.float64) - base.tensor(key).to(torch.float64)
-    if not bool(torch.isfinite(d).all()):
-        raise InputFileError(f"{key} holds NaN or Inf in --base or --tuned; the checkpoint is damaged")
-    return d
+    """W_tuned - W_base of checkpoint key `key`, float64 (a weight as a matrix, fp8 with its scale). Raises
+    InputFileError naming --base or --tuned when that one holds NaN or Inf."""
+    return _read(tuned, key, "--tuned") - _read(base, key, "--base")
+
+
+def _read(ck: Checkpoint, key: str, role: str) -> torch.Tensor:
+    """Tensor `key` of checkpoint `ck` (passed as `role`) in float64, a weight as a matrix (fp8 with its scale).
+    Raises InputFileError naming `role` when it holds NaN or Inf."""
+    t = ck.matrix(key) if key.endswith(".weight") else ck.tensor(key).to(torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        raise InputFileError(f"{key} holds NaN or Inf in {role} {ck.path}; that checkpoint is damaged - "
+                             "re-download or re-save it")
+    return t
 
 
 def module_name(key: str, folder: bool) -> str | None:
@@ -120,11 +126,12 @@ def module_name(key: str, folder: bool) -> str | None:
 
 @dataclass
 class Pairing:
-    """The differing weights (`diffs`), their modules' differing biases (`biases`), and what was left out (why ->
-    keys)."""
+    """The differing weights (`diffs`), their modules' differing biases (`biases`), what was left out (why ->
+    keys), and notes (dtypes that differ, tensors that differ only by rounding)."""
     diffs: list[Difference]
     biases: list[Difference]
     left: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def _scale_like(key: str) -> bool:
@@ -149,8 +156,11 @@ def open_clip_parts(key: str, shape: tuple[int, ...]) -> tuple[str, list[tuple[s
 
 
 def pair_weights(base: Checkpoint, tuned: Checkpoint, bias_diffs: bool) -> Pairing:
-    """The weights of `tuned` that differ from `base`'s, paired by name. Raises LoraStructureError when the two
-    are different models (a shared weight of another shape, or under half the weights shared) or identical."""
+    """The weights of `tuned` that differ from `base`'s, paired by name; weights in only one of them are left out
+    (unpaired). Where a tensor's dtypes differ, a difference within the coarser dtype's rounding (_compare) is not
+    the fine-tune's: such a tensor is left out and a note says how many. Raises LoraStructureError when the two are
+    different models (a shared weight of another shape, or under half the weights shared), identical, or differ
+    only by rounding."""
     bkeys, tkeys = set(base.keys()), set(tuned.keys())
     shared = sorted(k for k in bkeys & tkeys if not _scale_like(k))
     for k in shared:
@@ -165,8 +175,11 @@ def pair_weights(base: Checkpoint, tuned: Checkpoint, bias_diffs: bool) -> Pairi
                                  "one layout (both single files, or both diffusers folders)")
     p = Pairing([], [])
     biases: list[Difference] = []
+    rounding: list[str] = []
     for k in shared:
-        if not _differs(base, tuned, k):
+        seen = _compare(base, tuned, k)
+        if seen != DIFFERS:
+            rounding += [k] if seen == ROUNDING else []
             continue
         shape, dtype = tuple(base.info(k).shape), tuned.info(k).dtype
         stem, _, suffix = k.rpartition(".")
@@ -174,7 +187,7 @@ def pair_weights(base: Checkpoint, tuned: Checkpoint, bias_diffs: bool) -> Pairi
         if clip is not None:
             kind, parts = clip
             found = [Difference(k, m, (r[1] - r[0], *shape[1:]) if r else shape, dtype, r) for m, r in parts
-                     if r is None or _differs(base, tuned, k, r)]
+                     if r is None or _compare(base, tuned, k, r) == DIFFERS]
             (biases if kind == "bias" else p.diffs).extend(found)
         elif suffix == "bias":
             name = module_name(stem + ".weight", base.folder)
@@ -187,9 +200,18 @@ def pair_weights(base: Checkpoint, tuned: Checkpoint, bias_diffs: bool) -> Pairi
             p.left.setdefault("weights of no LoRA module (VAE, other encoders)", []).append(k)
         else:
             p.diffs.append(Difference(k, module_name(k, base.folder), shape, dtype))
+    p.notes = _dtype_notes(base, tuned, shared, rounding)
+    if not p.diffs and rounding:
+        raise LoraStructureError(f"--base and --tuned differ only by the rounding of a cast: no linear or conv "
+                                 f"weight differs beyond it ({'; '.join(p.notes)}) - there is nothing to extract; "
+                                 "nothing was written")
     if not p.diffs and not biases and not p.left:
         raise LoraStructureError("--base and --tuned hold the same weights (no difference): there is nothing to "
                                  "extract; nothing was written")
+    for role, keys in (("--base", bkeys - tkeys), ("--tuned", tkeys - bkeys)):
+        alone = sorted(k for k in keys if not _scale_like(k))
+        if alone:
+            p.left[f"weights only in {role} (unpaired: nothing to subtract)"] = alone
     modules = {d.module for d in p.diffs}
     for b in biases:
         if b.module in modules and bias_diffs:
@@ -200,11 +222,33 @@ def pair_weights(base: Checkpoint, tuned: Checkpoint, bias_diffs: bool) -> Pairi
     return p
 
 
-def _differs(base: Checkpoint, tuned: Checkpoint, key: str, rows: tuple[int, int] | None = None) -> bool:
-    """The tensor (its `rows`) differs: bit for bit as stored, or, for a weight beside a scale (fp8), as read with
-    it."""
+SAME, ROUNDING, DIFFERS = "same", "rounding", "differs"
+
+
+def _coarser(base: Checkpoint, tuned: Checkpoint, key: str) -> torch.dtype | None:
+    """The coarser (larger machine epsilon) of `key`'s two stored dtypes when they differ and both are floating
+    point; None otherwise."""
+    a, b = base.info(key).dtype, tuned.info(key).dtype
+    if a == b or not (a.is_floating_point and b.is_floating_point):
+        return None
+    return max((a, b), key=lambda t: torch.finfo(t).eps)
+
+
+def _compare(base: Checkpoint, tuned: Checkpoint, key: str, rows: tuple[int, int] | None = None) -> str:
+    """Whether the tensor (its `rows`) is the SAME in both (bit for bit as stored, or, for a weight beside a scale
+    (fp8), as read with it), differs only by ROUNDING, or DIFFERS.
+
+    ROUNDING: the two dtypes differ and every element's difference is within the coarser dtype's rounding,
+    |W_tuned - W_base| <= eps * max(|W_base|, |W_tuned|) + s (eps = torch.finfo(coarser).eps; s the larger of the
+    two dtypes' subnormal spacings, finfo.tiny * finfo.eps, where fp16's gradual underflow is coarser than bf16's;
+    no s for a scaled fp8 weight), judged elementwise.
+    Rounding to nearest moves a value by at most eps/2 of it (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2nd ed., section 2.1), so a cast of one weight (fp32 -> fp16), or two casts of one weight (fp16 and
+    bf16), always stays within this bound; a fine-tune's change that no element shows beyond it cannot be told
+    from the cast."""
     stem = key.rpartition(".")[0]
-    if key.endswith(".weight") and any(f"{stem}.{s}" in c for s in WEIGHT_SCALES for c in (base, tuned)):
+    scaled = key.endswith(".weight") and any(f"{stem}.{s}" in c for s in WEIGHT_SCALES for c in (base, tuned))
+    if scaled:
         a, b = base.matrix(key), tuned.matrix(key)
     else:
         a, b = base.tensor(key), tuned.tensor(key)
@@ -212,7 +256,37 @@ def _differs(base: Checkpoint, tuned: Checkpoint, key: str, rows: tuple[int, int
             a, b = a.to(torch.float64), b.to(torch.float64)
     if rows is not None:
         a, b = a[rows[0]:rows[1]], b[rows[0]:rows[1]]
-    return not torch.equal(a, b)
+    if torch.equal(a, b):
+        return SAME
+    coarse = _coarser(base, tuned, key)
+    if coarse is None:
+        return DIFFERS
+    spacing = 0.0 if scaled else max(torch.finfo(c.info(key).dtype).tiny * torch.finfo(c.info(key).dtype).eps
+                                     for c in (base, tuned))
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    bound = torch.finfo(coarse).eps * torch.maximum(a.abs(), b.abs()) + spacing
+    return ROUNDING if bool(((a - b).abs() <= bound).all()) else DIFFERS
+
+
+def _dtype_notes(base: Checkpoint, tuned: Checkpoint, shared: list[str], rounding: list[str]) -> list[str]:
+    """A note per pair of dtypes that the shared tensors are stored in (--base's, --tuned's) where they differ:
+    how many tensors, the rounding bound (_compare), and how many differ only by it (left out)."""
+    pairs: dict[tuple[torch.dtype, torch.dtype], list[str]] = {}
+    for k in shared:
+        if _coarser(base, tuned, k) is not None:
+            pairs.setdefault((base.info(k).dtype, tuned.info(k).dtype), []).append(k)
+    notes = []
+    for (bd, td), keys in pairs.items():
+        coarse = max((bd, td), key=lambda t: torch.finfo(t).eps)
+        only = sorted(set(keys) & set(rounding))
+        notes.append(f"dtypes differ: {len(keys)} tensor(s) are {str(bd).removeprefix('torch.')} in --base and "
+                     f"{str(td).removeprefix('torch.')} in --tuned; a difference within "
+                     f"{str(coarse).removeprefix('torch.')}'s rounding (|W_tuned - W_base| <= "
+                     f"{torch.finfo(coarse).eps:.2g} x max(|W_base|, |W_tuned|) in every element) is the cast, not the "
+                     f"fine-tune: {len(only)} of them differ only so (left out"
+                     + (f", e.g. {only[0]}" if only else "") + f"), the other differing ones are extracted whole "
+                     "(the rounding included)")
+    return notes
 
 
 @dataclass
@@ -229,10 +303,24 @@ class Extraction:
 
 
 def _open(path: str, role: str, variant: str | None) -> Checkpoint:
+    """Checkpoint `path` given as `role` (--base, --tuned), its errors naming that role. Raises InputFileError also
+    for a variant asked of a single file (only a diffusers folder has variants) and for a LoRA file."""
     try:
-        return Checkpoint(local_path(path, "input"), variant)
+        ck = Checkpoint(local_path(path, "input"), variant)
     except InputFileError as e:
         raise InputFileError(str(e).replace("--base", role)) from None
+    if variant is not None and not ck.folder:
+        ck.close()
+        raise InputFileError(f"--base-variant reads a diffusers folder's variant weight files; {role} {ck.path} is a "
+                             "single file: drop --base-variant")
+    infos = {k: ck.info(k) for k in ck.keys()}
+    lora = [k for k in infos if LORA_TOKEN.search(k) or any(f.marks(k) for f in FORMATS.values())]
+    if infos and 2 * len(lora) > len(infos):
+        ck.close()
+        raise InputFileError(f"{role} {ck.path} is a LoRA file, not a checkpoint (keys like {lora[0]}): extract "
+                             "subtracts two full models; give the model checkpoints (resize, merge or convert read "
+                             "LoRA files)")
+    return ck
 
 
 def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs: bool = False,
@@ -252,15 +340,18 @@ def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs
     arch = detect_arch(parsed, scheme_of(parsed), opts.arch, src.infos())
     scheme = scheme_of(parsed)
     unread = [m.name for m in parsed.modules if read_name(m.name, scheme, arch) is None]
+    if 2 * len(unread) > len(parsed.modules):  # a wrong --arch (or model) would quietly drop most of the model
+        title = arch.title if arch else "Stable Diffusion"
+        fix = (f"--arch {opts.arch} is not these checkpoints' model: drop --arch, or give the right one"
+               if opts.arch else "give --arch if the model is another")
+        raise LoraStructureError(f"{len(unread)} of the {len(parsed.modules)} differing linear/conv weights are no "
+                                 f"module a {title} LoRA names (e.g. {unread[0]}); {fix} - nothing was written")
     if unread:
         keep = [d for d in p.diffs if d.module not in set(unread)]
         p.left.setdefault(f"weights no {arch.title if arch else 'Stable Diffusion'} LoRA names", []).extend(
             d.key for d in p.diffs if d.module in set(unread))
         p.diffs = keep
         p.biases = [b for b in p.biases if b.module not in set(unread)]
-        if not keep:
-            raise LoraStructureError(f"none of the differing weights is a module a LoRA names (e.g. {unread[0]}); "
-                                     "give --arch if the model is another - nothing was written")
         src = difference_source(base, tuned, p.diffs, p.biases)
     arch_name = SD if arch is None else arch.name
     src.metadata = _input_metadata(arch_name, target, any(len(d.shape) > 2 for d in p.diffs), tuned.path, base.path)
@@ -274,7 +365,7 @@ def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs
     out = Output(layout, jobs, strengthened_companions(copied_sources(layout, src), layout.known, rules),
                  [InputRecord(tuned.path.name, src.metadata)],
                  cast=opts.precision is not None)
-    notes = precision_notes + [f"{len(p.diffs)} weight(s) differ: extracted as {len(jobs)} layer(s) "
+    notes = precision_notes + p.notes + [f"{len(p.diffs)} weight(s) differ: extracted as {len(jobs)} layer(s) "
                                f"({arch.title if arch else 'Stable Diffusion'}, {target} layout)"]
     notes += [f"left out: {len(keys)} differing {why} (e.g. {keys[0]})" for why, keys in p.left.items()]
     if p.biases:
@@ -299,6 +390,25 @@ def _input_metadata(arch: str, target: str, conv: bool, tuned: Path, base: Path)
     return meta
 
 
+def refuse_base_measures(method: str | None, target_error: float | None) -> None:
+    """OptionsError for the rank settings that measure a LoRA against a base model (a base-relative --method,
+    --target-error): extract has none - its --base is the checkpoint the difference is taken from."""
+    if target_error is not None or (method in POLICIES and POLICIES[method].base):
+        what = "--target-error" if target_error is not None else f"--method {method}"
+        raise OptionsError(f"{what} measures a LoRA's loss relative to a base model's weights, and extract has no base "
+                           "model to measure against (its --base is the checkpoint the difference is taken from): use "
+                           "--target-fro, --target-size, another --method or --rank")
+
+
+def _options(options: ResizeOptions | None, fields: dict) -> None:
+    """The base-relative settings refused (refuse_base_measures) before the options are built (ResizeOptions would
+    ask for a base model)."""
+    if options is not None:
+        refuse_base_measures(options.method, options.target_error)
+    else:
+        refuse_base_measures(fields.get("method"), fields.get("target_error"))
+
+
 @contextlib.contextmanager
 def _extraction(base: str | os.PathLike, tuned: str | os.PathLike, opts: ResizeOptions, bias_diffs: bool,
                 base_variant: str | None, partial: bool = True) -> Iterator[tuple[Extraction, Checkpoint, Checkpoint]]:
@@ -309,6 +419,9 @@ def _extraction(base: str | os.PathLike, tuned: str | os.PathLike, opts: ResizeO
     if opts.base is not None:
         raise OptionsError("extract reads its base model from its own base argument; the rank options' base (a "
                            "model to measure a LoRA against) does not apply")
+    if opts.as_lora:
+        raise OptionsError("--as-lora turns a LoKr/LoHa file's modules into plain pairs (resize); extract writes "
+                           "plain pairs already: drop it")
     with _open(base, "--base", base_variant) as b, _open(tuned, "--tuned", base_variant) as t:
         yield prepare(b, t, opts, bias_diffs, partial), b, t
 
@@ -328,6 +441,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, dst: str | os.Pat
     diffusers model folders, in one layout. Raises OptionsError, InputFileError, LoraStructureError (different
     models, identical ones, nothing a LoRA names), NumericalError, OutputFileError, DeviceError."""
     t0 = time.perf_counter()
+    _options(options, option_fields)
     opts = as_options(options, option_fields)
     local_path(dst, "output")
     device = compute_device(opts.device)
@@ -355,6 +469,7 @@ def extraction_analysis(base: str | os.PathLike, tuned: str | os.PathLike, optio
     settings (ops.analyze's: `default_sweep()` unless given; a chosen setting as in `analyze`) for the LoRA
     `extract` would write - nothing is written. Options and errors as `extract` and `analyze`."""
     t0 = time.perf_counter()
+    _options(options, option_fields)
     shared, chosen = split_options(options, option_fields)
     device = compute_device(shared.device)
     with _extraction(base, tuned, shared, bias_diffs, base_variant) as (x, b, t):
@@ -367,7 +482,9 @@ def extraction_analysis(base: str | os.PathLike, tuned: str | os.PathLike, optio
                             decompose_seconds=t_dec, notes=x.notes + x.certified.notes() + x.rules.notes,
                             rule_hits=x.rules.hits),
                    shared, chosen, chosen.label() if chosen else "", sweep, max_effect_error,
-                   reopen=partial(_reopened, base, tuned, shared, bias_diffs, base_variant))
+                   reopen=partial(_reopened, base, tuned, shared, bias_diffs, base_variant),
+                   hint=f"; extract measures no model output: write the LoRA, then `lora-resize analyze "
+                        f"OUT.safetensors --base {shlex.quote(os.fspath(base))} --effect` measures it")
     a.command = shlex.join(["lora-resize", "extract", "--base", os.fspath(base), "--tuned", os.fspath(tuned),
                             "-o", "OUT.safetensors"])
     a.seconds = time.perf_counter() - t0
