@@ -258,7 +258,7 @@ def test_a_base_of_another_model_or_no_base_is_refused(tmp_path, capsys):
                                                        torch.randn(8, 4, 3, 3)})
     for argv, why in ((["--base", str(other)], "LoRA's model: only 0 of its 4 modules"),
                       (["--base", str(empty)], "LoRA's model: only 0 of its 4 modules"),
-                      (["--base", str(tmp_path / "nope.safetensors")], "not a .safetensors checkpoint"),
+                      (["--base", str(tmp_path / "nope.safetensors")], "nope.safetensors not found"),
                       (["--method", "base_fro", "--param", "0.01"], "add --base MODEL"),
                       (["--target-error", "0.01"], "add --base MODEL")):
         capsys.readouterr()
