@@ -202,9 +202,12 @@ def pair_weights(base: Checkpoint, tuned: Checkpoint, bias_diffs: bool) -> Pairi
             p.diffs.append(Difference(k, module_name(k, base.folder), shape, dtype))
     p.notes = _dtype_notes(base, tuned, shared, rounding)
     if not p.diffs and rounding:
-        raise LoraStructureError(f"--base and --tuned differ only by the rounding of a cast: no linear or conv "
-                                 f"weight differs beyond it ({'; '.join(p.notes)}) - there is nothing to extract; "
-                                 "nothing was written")
+        casts = sorted({f"{_dtype_name(base.info(k).dtype)} in --base, {_dtype_name(tuned.info(k).dtype)} in "
+                        f"--tuned" for k in rounding})
+        raise LoraStructureError(f"--base and --tuned differ only by the rounding of a cast ({'; '.join(casts)}): "
+                                 f"{len(rounding)} tensor(s) differ, each element by at most the coarser dtype's "
+                                 "rounding (eps x max(|W_base|, |W_tuned|)), and no linear or conv weight beyond it "
+                                 "- there is nothing to extract; nothing was written")
     if not p.diffs and not biases and not p.left:
         raise LoraStructureError("--base and --tuned hold the same weights (no difference): there is nothing to "
                                  "extract; nothing was written")
@@ -268,6 +271,10 @@ def _compare(base: Checkpoint, tuned: Checkpoint, key: str, rows: tuple[int, int
     return ROUNDING if bool(((a - b).abs() <= bound).all()) else DIFFERS
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _dtype_notes(base: Checkpoint, tuned: Checkpoint, shared: list[str], rounding: list[str]) -> list[str]:
     """A note per pair of dtypes that the shared tensors are stored in (--base's, --tuned's) where they differ:
     how many tensors, the rounding bound (_compare), and how many differ only by it (left out)."""
@@ -279,13 +286,12 @@ def _dtype_notes(base: Checkpoint, tuned: Checkpoint, shared: list[str], roundin
     for (bd, td), keys in pairs.items():
         coarse = max((bd, td), key=lambda t: torch.finfo(t).eps)
         only = sorted(set(keys) & set(rounding))
-        notes.append(f"dtypes differ: {len(keys)} tensor(s) are {str(bd).removeprefix('torch.')} in --base and "
-                     f"{str(td).removeprefix('torch.')} in --tuned; a difference within "
-                     f"{str(coarse).removeprefix('torch.')}'s rounding (|W_tuned - W_base| <= "
+        notes.append(f"dtypes differ: {len(keys)} tensor(s) are {_dtype_name(bd)} in --base and {_dtype_name(td)} "
+                     f"in --tuned; a difference within {_dtype_name(coarse)}'s rounding (|W_tuned - W_base| <= "
                      f"{torch.finfo(coarse).eps:.2g} x max(|W_base|, |W_tuned|) in every element) is the cast, not the "
                      f"fine-tune: {len(only)} of them differ only so (left out"
-                     + (f", e.g. {only[0]}" if only else "") + f"), the other differing ones are extracted whole "
-                     "(the rounding included)")
+                     + (f", e.g. {only[0]}" if only else "") + "); a tensor that differs beyond it keeps its rounding "
+                     "in the difference")
     return notes
 
 
