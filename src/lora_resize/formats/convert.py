@@ -22,8 +22,10 @@ module keeping its own scale; with one, the new alpha follows the output's conve
 so a converted file applies exactly its input's update, weight by weight."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping as TMapping
+from fnmatch import fnmatchcase
+from typing import Callable, Iterable, Mapping as TMapping
 
 import torch
 
@@ -364,6 +366,7 @@ class Converted(Module):
     sources: list[Feed] = field(default_factory=list)
     out_rows: int = 0
     in_shape: tuple[int, ...] = ()
+    component: str | None = None  # the model it adapts (the pipeline's component: unet, text_encoder, ...)
 
     @property
     def output_scale(self) -> float | None:
@@ -569,6 +572,33 @@ def as_layout(layout: Layout, target: str | None, family: str, infos: TMapping[s
     return built
 
 
+def check_one_model(layout: Layout, kept: Iterable[str]) -> None:
+    """A PEFT adapter adapts one model (PEFT's `get_peft_model` wraps one `nn.Module`): raise LoraStructureError
+    when the modules of `layout` (converted to PEFT) named in `kept` - those the rules leave - are of several
+    models, naming a drop rule that leaves one. Other layouts, and a file read as PEFT, pass."""
+    if layout.format != "peft":
+        return
+    kept = set(kept)
+    by: dict[str, list[str]] = {}
+    for m in layout.modules:
+        if m.name in kept and isinstance(m, Converted) and m.component is not None:
+            by.setdefault(m.component, []).append(m.name)
+    if len(by) < 2:
+        return
+    main = max(by, key=lambda c: len(by[c]))
+    rules = []
+    for c in sorted(c for c in by if c != main):
+        prefix = os.path.commonprefix(by[c])
+        pattern = (prefix[: prefix.rfind(".") + 1] if "." in prefix else prefix) + "*"
+        if any(fnmatchcase(n, pattern) for n in by[main]):
+            rules = []
+            break
+        rules.append(f"--rule '{pattern}=drop'")
+    keep = f"; keep {main}'s alone with {' '.join(rules)}" if rules else ""
+    raise LoraStructureError(f"a PEFT adapter holds one model, and the modules written are of {len(by)} "
+                             f"({', '.join(sorted(by))}){keep}, or convert to diffusers (one file for the pipeline)")
+
+
 ROW_COMPANIONS = {".diff_b": "bias diff", ".diff": "full diff"}  # added to the weight's bias / rows as they are
 
 
@@ -690,11 +720,6 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
     for base, (tn, srcs, rows, in_shape) in outputs.items():
         if _one_weight(srcs, rows, infos):
             srcs[:] = [Feed(srcs[0].module)]
-    components = sorted({tn.component for tn, *_ in outputs.values()})
-    if target == "peft" and len(components) > 1:
-        raise LoraStructureError(f"a PEFT adapter holds one model, and this file has modules of {len(components)} "
-                                 f"({', '.join(components)}); convert it to diffusers (one file for the pipeline) "
-                                 "instead")
     # the target family's own modules, for its keys and conventions (alpha or not, a described config)
     ab = target in ("diffusers", "peft")
     dk, uk = (".lora_A.weight", ".lora_B.weight") if ab else (".lora_down.weight", ".lora_up.weight")
@@ -712,7 +737,7 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
     for base, (tn, srcs, rows, in_shape) in outputs.items():
         _check_fused(base, srcs, rows)
         modules.append(Converted(base, [k for s in srcs for k in s.module.keys], target=by_name[base], sources=srcs,
-                                 out_rows=rows, in_shape=in_shape))
+                                 out_rows=rows, in_shape=in_shape, component=tn.component))
     modules.sort(key=lambda m: m.name)
     notes = list(layout.notes) + [f"key names converted from {scheme} to {asked}"
                                   + (" (kohya names: ComfyUI and OneTrainer read Stable Diffusion LoRAs so)"

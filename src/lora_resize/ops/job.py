@@ -27,7 +27,7 @@ from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
 from ..formats.blocks import module_blocks
 from ..formats.companions import merge_rule
-from ..formats.convert import exact_copy
+from ..formats.convert import check_one_model, exact_copy
 from ..formats.lycoris import KronLayer
 from ..io.metadata import InputRecord, SideOutputs, output_metadata, with_hashes
 from ..io.reader import TensorInfo, TensorSource
@@ -168,7 +168,15 @@ def rules_outcome(opts: ResizeOptions, layout: Layout, infos: Mapping[str, Tenso
                   metadata: Mapping[str, str], names: list[str] | None = None) -> RuleOutcome:
     """The block rules applied to the modules `names` (default: the layout's, in order), with the strengths of
     `opts.block_weights` (read on `layout`'s module names, formats.blocks) ahead of the scale rules. Raises
-    OptionsError for a preset of another model than the LoRA's, or when every module is dropped."""
+    OptionsError for a preset of another model than the LoRA's, or when every module is dropped;
+    LoraStructureError when a PEFT output's kept modules are of several models (formats.convert.check_one_model)."""
+    outcome = _rules_outcome(opts, layout, infos, metadata, names)
+    check_one_model(layout, outcome.kept)  # a PEFT output: the modules kept must be of one model
+    return outcome
+
+
+def _rules_outcome(opts: ResizeOptions, layout: Layout, infos: Mapping[str, TensorInfo],
+                   metadata: Mapping[str, str], names: list[str] | None) -> RuleOutcome:
     names = [m.name for m in layout.modules] if names is None else names
     if opts.block_weights is None:
         return apply_rules(opts.block_rules, names)
