@@ -739,11 +739,28 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
         modules.append(Converted(base, [k for s in srcs for k in s.module.keys], target=by_name[base], sources=srcs,
                                  out_rows=rows, in_shape=in_shape, component=tn.component))
     modules.sort(key=lambda m: m.name)
-    notes = list(layout.notes) + [f"key names converted from {scheme} to {asked}"
-                                  + (" (kohya names: ComfyUI and OneTrainer read Stable Diffusion LoRAs so)"
-                                     if asked != target else "")] + _unread_by(target, arch, outputs)
+    same_form = KEY_FORM.get(layout.format) == KEY_FORM[target if ab else "kohya"]
+    notes = (list(layout.notes) + _converted_note(modules, scheme, asked, target, same_form)
+             + _unread_by(target, arch, outputs))
     return ConvertedLayout(target if ab else "kohya", modules, [], notes, file_name=target_layout.file_name,
                            target_layout=target_layout, arch=arch.name if arch else SD)
+
+
+def _converted_note(modules: list[Converted], scheme: str, asked: str, target: str, same_form: bool) -> list[str]:
+    """The note saying how the key names were converted - from one layout to another, or rewritten within one (a
+    `diffusion_model.` file written with ComfyUI's `lora_unet_` names; one with a malformed name), with an
+    example - or [] where every module keeps its name and its keys their form (`same_form`)."""
+    changed = [m for m in modules if not (m._renamed and m.sources[0].module.name == m.name)]
+    if not changed and same_form:
+        return []
+    if not changed:
+        return [f"key names written in the {asked} layout's key form (every module keeps its name)"]
+    if scheme == asked:
+        m = changed[0]
+        return [f"key names rewritten in the {asked} layout's form for {len(changed)} of {len(modules)} module(s) "
+                f"(e.g. {m.sources[0].module.name} -> {m.name})"]
+    return [f"key names converted from {scheme} to {asked}"
+            + (" (kohya names: ComfyUI and OneTrainer read Stable Diffusion LoRAs so)" if asked != target else "")]
 
 
 def _unread_by(target: str, arch: Architecture | None, outputs: dict) -> list[str]:
@@ -752,10 +769,15 @@ def _unread_by(target: str, arch: Architecture | None, outputs: dict) -> list[st
     if target != "comfy" or arch is None:
         return []
     notes = []
-    own = [tn.path for tn, *_ in outputs.values() if tn.component == arch.component]
-    if arch.comfy is not None and any(arch.native_of(p) is None for p in own):
+    own = [(tn.path, srcs) for tn, srcs, *_ in outputs.values() if tn.component == arch.component]
+    unread = [(p, srcs) for p, srcs in own if arch.comfy is not None and arch.native_of(p) is None]
+    if any(f.place is not None for _, srcs in unread for f in srcs):  # rows placed into a fused weight
         notes.append(f"{arch.title}: ComfyUI's model fuses what its trainers split, so these are ComfyUI's names "
                      "(musubi-tuner and sd-scripts do not read them; --to kohya writes theirs)")
+    elif unread:  # renamed only (HiDream-O1: ComfyUI's model holds its trainers' `model.` modules at the top)
+        notes.append(f"{arch.title}: these are ComfyUI's names for its model's modules, which differ from its "
+                     f"trainers' (e.g. {unread[0][0]}; musubi-tuner and sd-scripts do not read them; --to kohya writes "
+                     "theirs)")
     for tn, *_ in outputs.values():
         part = arch.part(tn.component) if tn.component != arch.component else None
         if part is not None and part.prefix("kohya") is None:
