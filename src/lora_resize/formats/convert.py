@@ -594,7 +594,8 @@ def check_one_model(layout: Layout, kept: Iterable[str]) -> None:
             rules = []
             break
         rules.append(f"--rule '{pattern}=drop'")
-    keep = f"; keep {main}'s alone with {' '.join(rules)}" if rules else ""
+    keep = (f"; keep {main}'s alone with {' '.join(rules)} (rules match the output's PEFT names)" if rules
+            else "")
     raise LoraStructureError(f"a PEFT adapter holds one model, and the modules written are of {len(by)} "
                              f"({', '.join(sorted(by))}){keep}, or convert to diffusers (one file for the pipeline)")
 
