@@ -130,6 +130,21 @@ def test_cli_analyze_text_and_json(tmp_path, blocky_lora, capsys):
     assert d["chosen_ranks"] and max(d["chosen_ranks"].values()) <= 4
 
 
+def test_cli_analyze_rows_show_whole_labels(blocky_lora, capsys):
+    """Labels that differ only at their end (rank constraints, --uniform-rank) are shown whole: every row's label
+    is on its line, and the rows stay a table (the columns after the label line up)."""
+    assert main(["analyze", str(blocky_lora), "--allowed-ranks", "2,4", "--uniform-rank", "-q", "--json"]) == 0
+    labels = [r["label"] for r in json.loads(capsys.readouterr().out)["settings"]]
+    assert max(map(len, labels)) > 30
+    assert main(["analyze", str(blocky_lora), "--allowed-ranks", "2,4", "--uniform-rank", "-q"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(text) if line.lstrip().startswith("setting"))
+    rows = text[head + 1: head + 1 + len(labels)]
+    width = max(map(len, labels))  # one column for the label: each whole, padded to the longest
+    assert [row[2:2 + width].rstrip() for row in rows] == labels and all(row[2 + width] == " " for row in rows)
+    assert len(set(labels)) == len(labels)
+
+
 def test_cli_analyze_refuses_an_output(blocky_lora, capsys):
     assert main(["analyze", str(blocky_lora), "-o", "x.safetensors"]) == 2
     assert "analyze writes no LoRA" in capsys.readouterr().err

@@ -511,6 +511,28 @@ def test_converted_keys_are_what_each_target_loader_reads(tmp_path, family, layo
             assert any("musubi-tuner and sd-scripts do not read them" in n for n in res.notes), res.notes
 
 
+FUSED_IN_COMFY = {"hunyuan_video15", "z_image"}  # COMFY_RENAMES that fuse split weights; the others only rename
+
+
+@pytest.mark.parametrize("family, layout", [(f, layout) for f, layout in ACCEPT_CASES if layout in ("musubi", "comfy")])
+def test_conversion_notes_say_what_happened(tmp_path, family, layout):
+    """The notes name a conversion only where names changed - from one layout to another, or rewritten within one
+    (never 'from comfy to comfy') - and ComfyUI's fusing only where the output fuses what the input split."""
+    _, sd = family_lora(family, layout)
+    src = write_lora(tmp_path / "in.safetensors", sd)
+    for target in ("comfy", "kohya"):
+        res = lora_resize.convert(src, tmp_path / f"{target}.safetensors", target)
+        out = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in load_st(res.dst)[0]}
+        inp = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in sd}
+        said = [n for n in res.notes if n.startswith("key names")]
+        assert not any(f"from {t} to {t}" in n for n in said for t in ("comfy", "kohya", "diffusers")), said
+        assert bool(said) == (out != inp), (said, sorted(out - inp)[:2])
+        fused = [n for n in res.notes if "fuses what its trainers split" in n]
+        assert bool(fused) == (target == "comfy" and len(out) < len(inp)), res.notes  # fewer modules: fused
+        if target == "comfy" and family in COMFY_RENAMES and family not in FUSED_IN_COMFY and layout == "musubi":
+            assert any("differ from its trainers'" in n for n in res.notes), res.notes  # renamed only
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Conversion without a resize is lossless: factors copied bit for bit
 

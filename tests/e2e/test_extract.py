@@ -160,6 +160,18 @@ def test_rules_and_analysis_command(sd1, tmp_path, capsys):
     assert not any(p.suffix == ".safetensors" for p in tmp_path.iterdir() if p.name != "x.safetensors")
 
 
+def test_peft_output_of_one_model_kept_by_the_rules(sd1, tmp_path):
+    """A PEFT adapter holds one model: refused while the UNet and the text encoder are both kept, written once a
+    drop rule (the one the refusal names) leaves the UNet alone."""
+    _, _, root = sd1
+    with pytest.raises(LoraStructureError, match="holds one model") as e:
+        extract(root / "base", root / "tuned", tmp_path / "a", rank=2, output_format="peft")
+    rule = str(e.value).split("--rule '")[1].split("'")[0]
+    extract(root / "base", root / "tuned", tmp_path / "a", rank=2, output_format="peft", block_rules=(rule,))
+    tensors, _ = load_st(tmp_path / "a" / "adapter_model.safetensors")
+    assert tensors and not any("text_model" in k for k in tensors) and any("down_blocks" in k for k in tensors)
+
+
 def test_cli_writes_and_summarises(sd1, tmp_path, capsys):
     _, _, root = sd1
     dst = tmp_path / "x.safetensors"

@@ -7,6 +7,7 @@ difference."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 import lora_resize
 from lora_resize.errors import NumericalError
 from lora_resize.ops.job import growth_notes
+from lora_resize.testing import archs, loras
 
 from helpers import (BASE_METADATA, DOWN, Spec, dense_dw, layer_names, load_st, make_state_dict, rel_err,
                      standard_specs, write_lora)
@@ -90,6 +92,29 @@ def test_the_size_warning_only_for_a_strictly_larger_output_and_in_units_that_di
     assert "121,100,345 bytes" in note and "121,100,000 bytes" in note
     (note,) = growth_notes(100_000_000, 121_100_000, [])
     assert "121.1 MB" in note and "100.0 MB" in note
+
+
+@pytest.mark.parametrize("constraint", [dict(rank_multiple=16), dict(allowed_ranks="2,5,16"),
+                                        dict(rank_multiple=16, uniform_rank=True), {}],
+                         ids=["multiple", "allowed", "uniform", "none"])
+def test_the_size_warning_advises_settings_the_constraint_accepts(tmp_path, constraint):
+    """Every setting the growth warning advises runs under the same rank constraint, and a --target-size it
+    advises is met: the input's size when a file that small is possible, else the smallest file possible."""
+    sd = loras.lora_state_dict(archs.sd15(ch=(32, 64, 64, 64), ctx=32, te=(32, 2, 64)), "kohya", rank=8, alpha=4.0,
+                               seed=1)
+    src = write_lora(tmp_path / "in.safetensors", sd, dict(BASE_METADATA))
+    setting = dict(method="sv_fro", param=0.99) if constraint else dict(rank=12)  # (kohya: 12 > the input's 8)
+    grown = lora_resize.resize(src, tmp_path / "o.safetensors", **setting, rank_rule="kohya", **constraint)
+    (note,) = [n for n in grown.notes if "larger than the input" in n]
+    advised = re.findall(r"--(rank|target-size) (\d+)", note)
+    assert advised, note
+    for flag, value in advised:
+        field = flag.replace("-", "_")
+        res = lora_resize.resize(src, tmp_path / f"{field}.safetensors", **{field: int(value)},
+                                 rank_rule="kohya", **constraint)
+        if field == "target_size":
+            assert res.output_bytes <= int(value)
+            assert (int(value) == res.input_bytes) == (res.output_bytes <= res.input_bytes), note
 
 
 # ----------------------------------------------------------------------------------------------------------------

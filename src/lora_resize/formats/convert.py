@@ -22,8 +22,10 @@ module keeping its own scale; with one, the new alpha follows the output's conve
 so a converted file applies exactly its input's update, weight by weight."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping as TMapping
+from fnmatch import fnmatchcase
+from typing import Callable, Iterable, Mapping as TMapping
 
 import torch
 
@@ -364,6 +366,7 @@ class Converted(Module):
     sources: list[Feed] = field(default_factory=list)
     out_rows: int = 0
     in_shape: tuple[int, ...] = ()
+    component: str | None = None  # the model it adapts (the pipeline's component: unet, text_encoder, ...)
 
     @property
     def output_scale(self) -> float | None:
@@ -569,6 +572,34 @@ def as_layout(layout: Layout, target: str | None, family: str, infos: TMapping[s
     return built
 
 
+def check_one_model(layout: Layout, kept: Iterable[str]) -> None:
+    """A PEFT adapter adapts one model (PEFT's `get_peft_model` wraps one `nn.Module`): raise LoraStructureError
+    when the modules of `layout` (converted to PEFT) named in `kept` - those the rules leave - are of several
+    models, naming a drop rule that leaves one. Other layouts, and a file read as PEFT, pass."""
+    if layout.format != "peft":
+        return
+    kept = set(kept)
+    by: dict[str, list[str]] = {}
+    for m in layout.modules:
+        if m.name in kept and isinstance(m, Converted) and m.component is not None:
+            by.setdefault(m.component, []).append(m.name)
+    if len(by) < 2:
+        return
+    main = max(by, key=lambda c: len(by[c]))
+    rules = []
+    for c in sorted(c for c in by if c != main):
+        prefix = os.path.commonprefix(by[c])
+        pattern = (prefix[: prefix.rfind(".") + 1] if "." in prefix else prefix) + "*"
+        if any(fnmatchcase(n, pattern) for n in by[main]):
+            rules = []
+            break
+        rules.append(f"--rule '{pattern}=drop'")
+    keep = (f"; keep {main}'s alone with {' '.join(rules)} (rules match the output's PEFT names)" if rules
+            else "")
+    raise LoraStructureError(f"a PEFT adapter holds one model, and the modules written are of {len(by)} "
+                             f"({', '.join(sorted(by))}){keep}, or convert to diffusers (one file for the pipeline)")
+
+
 ROW_COMPANIONS = {".diff_b": "bias diff", ".diff": "full diff"}  # added to the weight's bias / rows as they are
 
 
@@ -690,11 +721,6 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
     for base, (tn, srcs, rows, in_shape) in outputs.items():
         if _one_weight(srcs, rows, infos):
             srcs[:] = [Feed(srcs[0].module)]
-    components = sorted({tn.component for tn, *_ in outputs.values()})
-    if target == "peft" and len(components) > 1:
-        raise LoraStructureError(f"a PEFT adapter holds one model, and this file has modules of {len(components)} "
-                                 f"({', '.join(components)}); convert it to diffusers (one file for the pipeline) "
-                                 "instead")
     # the target family's own modules, for its keys and conventions (alpha or not, a described config)
     ab = target in ("diffusers", "peft")
     dk, uk = (".lora_A.weight", ".lora_B.weight") if ab else (".lora_down.weight", ".lora_up.weight")
@@ -712,13 +738,30 @@ def _build(layout: Layout, scheme: str, target: str, arch: Architecture | None, 
     for base, (tn, srcs, rows, in_shape) in outputs.items():
         _check_fused(base, srcs, rows)
         modules.append(Converted(base, [k for s in srcs for k in s.module.keys], target=by_name[base], sources=srcs,
-                                 out_rows=rows, in_shape=in_shape))
+                                 out_rows=rows, in_shape=in_shape, component=tn.component))
     modules.sort(key=lambda m: m.name)
-    notes = list(layout.notes) + [f"key names converted from {scheme} to {asked}"
-                                  + (" (kohya names: ComfyUI and OneTrainer read Stable Diffusion LoRAs so)"
-                                     if asked != target else "")] + _unread_by(target, arch, outputs)
+    same_form = KEY_FORM.get(layout.format) == KEY_FORM[target if ab else "kohya"]
+    notes = (list(layout.notes) + _converted_note(modules, scheme, asked, target, same_form)
+             + _unread_by(target, arch, outputs))
     return ConvertedLayout(target if ab else "kohya", modules, [], notes, file_name=target_layout.file_name,
                            target_layout=target_layout, arch=arch.name if arch else SD)
+
+
+def _converted_note(modules: list[Converted], scheme: str, asked: str, target: str, same_form: bool) -> list[str]:
+    """The note saying how the key names were converted - from one layout to another, or rewritten within one (a
+    `diffusion_model.` file written with ComfyUI's `lora_unet_` names; one with a malformed name), with an
+    example - or [] where every module keeps its name and its keys their form (`same_form`)."""
+    changed = [m for m in modules if not (m._renamed and m.sources[0].module.name == m.name)]
+    if not changed and same_form:
+        return []
+    if not changed:
+        return [f"key names written in the {asked} layout's key form (every module keeps its name)"]
+    if scheme == asked:
+        m = changed[0]
+        return [f"key names rewritten in the {asked} layout's form for {len(changed)} of {len(modules)} module(s) "
+                f"(e.g. {m.sources[0].module.name} -> {m.name})"]
+    return [f"key names converted from {scheme} to {asked}"
+            + (" (kohya names: ComfyUI and OneTrainer read Stable Diffusion LoRAs so)" if asked != target else "")]
 
 
 def _unread_by(target: str, arch: Architecture | None, outputs: dict) -> list[str]:
@@ -727,10 +770,15 @@ def _unread_by(target: str, arch: Architecture | None, outputs: dict) -> list[st
     if target != "comfy" or arch is None:
         return []
     notes = []
-    own = [tn.path for tn, *_ in outputs.values() if tn.component == arch.component]
-    if arch.comfy is not None and any(arch.native_of(p) is None for p in own):
+    own = [(tn.path, srcs) for tn, srcs, *_ in outputs.values() if tn.component == arch.component]
+    unread = [(p, srcs) for p, srcs in own if arch.comfy is not None and arch.native_of(p) is None]
+    if any(f.place is not None for _, srcs in unread for f in srcs):  # rows placed into a fused weight
         notes.append(f"{arch.title}: ComfyUI's model fuses what its trainers split, so these are ComfyUI's names "
                      "(musubi-tuner and sd-scripts do not read them; --to kohya writes theirs)")
+    elif unread:  # renamed only (HiDream-O1: ComfyUI's model holds its trainers' `model.` modules at the top)
+        notes.append(f"{arch.title}: these are ComfyUI's names for its model's modules, which differ from its "
+                     f"trainers' (e.g. {unread[0][0]}; musubi-tuner and sd-scripts do not read them; --to kohya writes "
+                     "theirs)")
     for tn, *_ in outputs.values():
         part = arch.part(tn.component) if tn.component != arch.component else None
         if part is not None and part.prefix("kohya") is None:

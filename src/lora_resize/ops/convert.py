@@ -35,6 +35,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, options: Re
         raise OptionsError(f"give the layout once: to={to!r} (--to), not also output_format=")
     opts = ResizeOptions(**{**option_fields, "output_format": to, "keep_unranked": True})
     result = resize(src, dst, opts, progress=progress, on_layer=on_layer)
-    if not any(n.startswith("key names converted") for n in result.notes):
+    if not any(n.startswith("key names") for n in result.notes):
         result.notes.append(f"{result.src.name} is already in the {to} layout: its modules keep their names")
     return result

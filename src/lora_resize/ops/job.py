@@ -27,16 +27,16 @@ from ..errors import NumericalError, OptionsError
 from ..formats import Layout, Module
 from ..formats.blocks import module_blocks
 from ..formats.companions import merge_rule
-from ..formats.convert import exact_copy
-from ..formats.lycoris import KronLayer
+from ..formats.convert import check_one_model, exact_copy
+from ..formats.lycoris import KeptLokr, KronLayer, LycorisModule
 from ..io.metadata import InputRecord, SideOutputs, output_metadata, with_hashes
 from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
 from ..io.writer import copied_dtype, copied_tensor, write_output
 from ..options import ResizeOptions
 from ..ranks.block_weights import parse_block_weights
-from ..ranks.constraints import active_constraints, constraint_notes
-from ..ranks.plan import layer_rank, pinned_rank, plan, unranked, whole_file
+from ..ranks.constraints import accepts_rank, active_constraints, constraint_notes
+from ..ranks.plan import budget_bounds, layer_rank, pinned_rank, plan, unranked, whole_file
 from ..ranks.rules import RuleOutcome, apply_rules
 from ..results import BaseNorms, LayerResult
 from ..units import format_size
@@ -168,7 +168,15 @@ def rules_outcome(opts: ResizeOptions, layout: Layout, infos: Mapping[str, Tenso
                   metadata: Mapping[str, str], names: list[str] | None = None) -> RuleOutcome:
     """The block rules applied to the modules `names` (default: the layout's, in order), with the strengths of
     `opts.block_weights` (read on `layout`'s module names, formats.blocks) ahead of the scale rules. Raises
-    OptionsError for a preset of another model than the LoRA's, or when every module is dropped."""
+    OptionsError for a preset of another model than the LoRA's, or when every module is dropped;
+    LoraStructureError when a PEFT output's kept modules are of several models (formats.convert.check_one_model)."""
+    outcome = _rules_outcome(opts, layout, infos, metadata, names)
+    check_one_model(layout, outcome.kept)  # a PEFT output: the modules kept must be of one model
+    return outcome
+
+
+def _rules_outcome(opts: ResizeOptions, layout: Layout, infos: Mapping[str, TensorInfo],
+                   metadata: Mapping[str, str], names: list[str] | None) -> RuleOutcome:
     names = [m.name for m in layout.modules] if names is None else names
     if opts.block_weights is None:
         return apply_rules(opts.block_rules, names)
@@ -541,21 +549,86 @@ def clamp_notes(rows: list[LayerResult]) -> list[str]:
     return notes
 
 
-def growth_notes(input_bytes: int, output_bytes: int, rows: list[LayerResult]) -> list[str]:
-    """A warning when the output is larger than the input (a LoHa/LoKr written as plain factors at high fidelity,
-    a higher precision, ...), with what keeps the size."""
+def growth_notes(input_bytes: int, output_bytes: int, rows: list[LayerResult], opts: ResizeOptions | None = None,
+                 out: Output | None = None, precision: str | None = None) -> list[str]:
+    """A warning when the output is larger than the input, with its cause - LoKr/LoHa modules written as plain
+    factors (`out`'s layout), else the names, metadata or precision when no rank grew - and, when ranks grew,
+    settings that keep the size which `opts` accepts: the input's rank or the nearest below it that a rank
+    constraint accepts (ranks/constraints.py), and a --target-size of the input's size, raised to the smallest
+    file a budget can plan under `opts` (`smallest_file`, needing `out` and `precision`) when that is larger."""
     if output_bytes <= input_bytes:
         return []
-    out, inp = format_size(output_bytes), format_size(input_bytes)
-    if out == inp:  # a few bytes more (metadata): equal when rounded, so say by how much
-        out, inp = f"{output_bytes:,} bytes", f"{input_bytes:,} bytes"
-    head = f"warning: the output ({out}) is larger than the input ({inp})"
+    out_text, inp = format_size(output_bytes), format_size(input_bytes)
+    if out_text == inp:  # a few bytes more (metadata): equal when rounded, so say by how much
+        out_text, inp = f"{output_bytes:,} bytes", f"{input_bytes:,} bytes"
+    head = f"warning: the output ({out_text}) is larger than the input ({inp})"
+    plain = expanded_lycoris(out.layout.modules) if out is not None else {}
+    if plain:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(plain.items()))
+        keep = (" (leave out --as-lora and --output-format: a LoKr that is smaller stays LoKr)"
+                if "LoKr" in plain else "")
+        head += (f"; {kinds} module(s) are written as plain factors, which hold their update in more numbers than "
+                 f"the Kronecker/Hadamard form{keep}")
     if all(r.new_rank <= r.old_rank for r in rows):  # not the ranks: names, metadata, split modules, precision
+        if plain:
+            return [head]
         return [head + "; no layer's rank grew: the output's key names and metadata, a wider save precision, or "
                        "fused modules written as their parts (each with the shared down) take the room"]
+    opts = opts if opts is not None else ResizeOptions(rank=1)
     rank = max((r.old_rank for r in rows), default=1)
-    return [head + f"; to keep it no larger give a fixed rank (e.g. --rank {rank}, the input's), or --target-size "
-                   f"{input_bytes} for the best fidelity that fits the input's size"]
+    fits = next((k for k in range(rank, 0, -1) if accepts_rank(opts, k)), None)
+    floor = smallest_file(out, rows, opts, precision, input_bytes) if out is not None and precision is not None else None
+    advice = []
+    if fits is not None:
+        advice.append(f"a fixed rank (e.g. --rank {fits}, " + ("the input's)" if fits == rank else
+                                                             "the largest the rank constraint accepts up to the "
+                                                             "input's)"))
+    if floor is None or floor <= input_bytes:
+        advice.append(f"--target-size {input_bytes} for the best fidelity that fits the input's size")
+    if advice:
+        return [head + "; to keep it no larger give " + ", or ".join(advice)]
+    return [head + f"; these options allow no file as small as the input (the rank constraint accepts no rank up "
+                   f"to the input's {rank}): the smallest they allow is {floor} bytes (--target-size {floor}); "
+                   "loosen the rank constraint or leave modules out with --rule 'PATTERN=drop'"]
+
+
+def expanded_lycoris(modules: list[Module]) -> dict[str, int]:
+    """How many LoKr / LoHa modules among `modules` (or fed into them: a conversion's, a merge's) are written
+    as plain factors, by label ('LoKr', 'LoHa', 'Tucker LoHa', ...); a LoKr kept as LoKr is not counted."""
+    counts: dict[str, int] = {}
+    for m in modules:
+        for src in [f.module for f in getattr(m, "sources", [])] or [m]:
+            if isinstance(src, LycorisModule) and not isinstance(src, KeptLokr) and src.kind in ("lokr", "loha"):
+                counts[src.label] = counts.get(src.label, 0) + 1
+    return counts
+
+
+def smallest_file(out: Output, rows: list[LayerResult], opts: ResizeOptions, precision: str, near: int
+                  ) -> int | None:
+    """The bytes of the smallest file a --target-size near `near` bytes can plan for `out`'s layers under `opts`'
+    other settings (caps, rules, rank constraints, --uniform-rank: ranks.plan.budget_bounds), sized exactly
+    (sizer_for: the metadata written with that --target-size, found again at the floor until it holds); None when
+    a budget does not go with them. Reads every layer's factors again (for its shape)."""
+    try:
+        opts.with_setting(target_size=near)
+    except OptionsError:
+        return None
+    by = {r.name: r for r in rows}
+    sps = []
+    for j in out.jobs:
+        layer = j.load()
+        row = by.get(j.name)
+        S = row.singular_values if row is not None and row.singular_values is not None else np.ones(layer.rank)
+        sps.append(Spectrum.of(j.name, layer, S, j.base))
+    target, floor = near, None
+    for _ in range(3):  # the metadata names the target: size the floor with the target it advises
+        budget = opts.with_setting(target_size=target)
+        sizer = sizer_for(out, sps, budget, precision)
+        floor = int(sizer.file_size(budget_bounds(sps, budget, sizer)[0])[0])
+        if floor <= target:
+            break
+        target = floor
+    return floor
 
 
 def as_options(options: ResizeOptions | None, fields: dict) -> ResizeOptions:

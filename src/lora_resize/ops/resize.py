@@ -85,8 +85,9 @@ def resize(src: str | os.PathLike, dst: str | os.PathLike, options: ResizeOption
     with _prepared(src, opts, check) as p:
         dst = where["dst"]
         done = produce(dst, p.out, opts, p.precision, device, progress, on_layer, where["new_folder"])
+        grown = growth_notes(p.src.stat().st_size, dst.stat().st_size, done.rows, done.options, p.out, p.precision)
     notes = p.notes + p.certified.notes() + done.write_notes + clamp_notes(done.rows) + p.rules.notes + done.plan_notes
-    notes += growth_notes(p.src.stat().st_size, dst.stat().st_size, done.rows)
+    notes += grown
     return ResizeResult(src=p.src, dst=dst, format=p.layout.format, precision=p.precision,
                         options={**done.options.as_dict(), "rule_hits": p.rules.hits}, layers=done.rows,
                         passthrough=list(p.layout.passthrough), copied=dict(p.layout.known), cast=done.cast,
@@ -117,9 +118,9 @@ def resized(src: str | os.PathLike, options: ResizeOptions | None = None, *, pro
     device = compute_device(opts.device)
     with _prepared(src, opts) as p:
         b = build_output(p.out, opts, p.precision, device, progress)
-    meta, nbytes = hashed(b.tensors, b.metadata)
-    notes = p.notes + p.certified.notes() + clamp_notes(b.rows) + p.rules.notes + b.plan_notes
-    notes += growth_notes(p.src.stat().st_size, nbytes, b.rows)
+        meta, nbytes = hashed(b.tensors, b.metadata)
+        grown = growth_notes(p.src.stat().st_size, nbytes, b.rows, b.options, p.out, p.precision)
+    notes = p.notes + p.certified.notes() + clamp_notes(b.rows) + p.rules.notes + b.plan_notes + grown
     result = ResizeResult(src=p.src, dst=None, format=p.layout.format, precision=p.precision,
                           options={**b.options.as_dict(), "rule_hits": p.rules.hits}, layers=b.rows,
                           passthrough=list(p.layout.passthrough), copied=dict(p.layout.known), cast=b.cast,

@@ -189,6 +189,9 @@ class Sizer(Protocol):
 
     def file_size(self, ranks) -> tuple[int, int, int]: ...  # (file bytes, header bytes, parameters)
 
+    # the factors' save dtype (a torch.dtype; OutputSizer.dtype), for what a refusal may advise
+    dtype: object
+
 
 class OneRankSizer:
     """A sizer of the whole file as one layer (every layer at one rank, --uniform-rank): layer 0 at rank k is every
@@ -196,6 +199,7 @@ class OneRankSizer:
 
     def __init__(self, sizer: Sizer, n: int):
         self.sizer, self.n = sizer, n
+        self.dtype = getattr(sizer, "dtype", None)
 
     def layer_bytes(self, i: int, k: int) -> int:
         return sum(self.sizer.layer_bytes(j, k) for j in range(self.n))
@@ -228,10 +232,11 @@ def plan_size(layers: list[BudgetLayer], target: int, total_energy: float, sizer
     size_lo, head_lo, _ = sizer.file_size(lo)
     if size_lo > target:
         lowest = {L.lo for L in layers}
+        wide = getattr(getattr(sizer, "dtype", None), "itemsize", 4) > 2  # fp16/bf16 would halve the factors
         raise OptionsError(
             f"--target-size {target} bytes is below the smallest file these options allow: {size_lo} bytes (every "
-            f"layer at rank {min(lowest) if len(lowest) == 1 else 'its lowest'}); raise the target, save in "
-            "fp16/bf16, or leave modules out with --rule 'PATTERN=drop'")
+            f"layer at rank {min(lowest) if len(lowest) == 1 else 'its lowest'}); raise the target"
+            + (", save in fp16/bf16," if wide else "") + " or leave modules out with --rule 'PATTERN=drop'")
     hi = np.array([L.hi for L in layers])
     costs = np.array([L.cost for L in layers], dtype=np.float64)
     # file = constant bytes (alphas, copied tensors) + header + sum(cost * rank); the header grows with the ranks

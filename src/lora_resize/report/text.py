@@ -186,7 +186,8 @@ def analysis_table(a, verbose: bool = False) -> str:
     if based:
         lines.insert(-1, "vs base = loss relative to the base weights: global = sqrt(sum ||dW - dW_k||_F^2 / sum "
                          "||W||_F^2), max = the worst layer's ||dW - dW_k||_F / ||W||_F")
-    head = (f"  {'setting':<30} {'bytes':>14} {'size':>9} {'params':>8} "
+    width = max([30, *(len(r.label) for r in rows)])  # the whole label: settings differ at its end (constraints)
+    head = (f"  {'setting':<{width}} {'bytes':>14} {'size':>9} {'params':>8} "
             + " ".join(f"{name:>7}" for name, _ in MEASURES.values()))
     effect = any(r.effect_error is not None for r in rows)
     if effect:
@@ -196,7 +197,7 @@ def analysis_table(a, verbose: bool = False) -> str:
     lines.append(head)
     for r in rows:
         mark = "*" if r.chosen else ">" if r is a.recommended else " "
-        line = (f"{mark} {r.label[:30]:<30} {r.output_bytes:>14,} {format_size(r.output_bytes):>9} "
+        line = (f"{mark} {r.label:<{width}} {r.output_bytes:>14,} {format_size(r.output_bytes):>9} "
                 f"{_count(r.params):>8} " + " ".join(f"{percent(getattr(r, key)):>7}" for key in MEASURES))
         if effect:
             line += f" {effect_percent(r.effect_error):>7}"

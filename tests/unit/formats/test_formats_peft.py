@@ -361,3 +361,23 @@ def test_adapter_name_with_bias_magnitude_or_alpha_is_read(tmp_path, capsys, pre
         scale = float(sd_out[base + ".alpha"]) / 3 if extra == "alpha" else 1.0
         want = best_rank_k(dw(sd, path, alphas[base] / 8 if extra == "alpha" else 1.0), 3)
         assert rel_err(up @ down * scale, want) < 1e-6, path
+
+
+def test_peft_output_counts_only_the_modules_the_rules_keep(tmp_path, capsys):
+    """The one-model check of a PEFT output looks at the modules the rules leave (resize, convert, merge, analyze
+    alike), and its refusal names a drop rule that leaves one model."""
+    shapes = archs.sd15(ch=(8, 16, 32, 32), ctx=12, te=(16, 2, 32))
+    src = write_lora(tmp_path / "k.safetensors", loras.lora_state_dict(shapes, "kohya", rank=4, alpha=4.0, seed=1))
+    assert main(["resize", str(src), "-o", str(tmp_path / "no"), "--rank", "2", "--output-format", "peft"]) == 2
+    err = capsys.readouterr().err
+    assert "holds one model" in err and len(err.splitlines()) == 1, err
+    rule = err.split("--rule '")[1].split("'")[0]
+    runs = {"resize": ["resize", str(src), "--rank", "2", "--output-format", "peft"],
+            "convert": ["convert", str(src), "--to", "peft"],
+            "merge": ["merge", str(src), str(src), "--rank", "2", "--output-format", "peft"]}
+    for cmd, args in runs.items():
+        dst = tmp_path / cmd
+        assert main([*args, "-o", str(dst), "--rule", rule]) == 0, capsys.readouterr().err
+        out, _ = load_st(dst / "adapter_model.safetensors")
+        assert out and not any("text_model" in k for k in out) and any("down_blocks" in k for k in out)
+    assert main(["analyze", str(src), "--output-format", "peft", "--rule", rule]) == 0, capsys.readouterr().err

@@ -140,7 +140,12 @@ def test_resized_lokr_is_smaller_than_its_input(tmp_path):
     plain = lora_resize.resize(src, tmp_path / "plain.safetensors", rank=8, as_lora=True)
     assert kept.output_bytes < kept.input_bytes
     assert plain.output_bytes > 3 * plain.input_bytes
-    assert any("larger than the input" in n for n in plain.notes)
+    (grown,) = [n for n in plain.notes if "larger than the input" in n]
+    assert "2 LoKr module(s) are written as plain factors" in grown and "key names and metadata" not in grown
+    converted = lora_resize.resize(src, tmp_path / "conv.safetensors", rank=8, output_format="kohya")
+    (grown,) = [n for n in converted.notes if "larger than the input" in n]  # a conversion's plain factors too
+    assert "LoKr module(s) are written as plain factors" in grown and "--output-format" in grown
+    assert not any("larger than the input" in n for n in kept.notes)
     _, meta = load_st(tmp_path / "kept.safetensors")
     assert meta["ss_network_module"] == "lycoris.kohya"  # still a LyCORIS LoKr network
     assert json.loads(meta["ss_network_args"])["algo"] == "lokr"

@@ -209,6 +209,14 @@ def test_budgets_respect_caps_rules_and_the_kohya_floor(tmp_path, blocky_lora):
 def test_impossible_budgets_are_refused_or_reported(tmp_path, blocky_lora):
     with pytest.raises(OptionsError, match="smallest file these options allow: \\d+ bytes"):
         lora_resize.resize(blocky_lora, tmp_path / "o.safetensors", target_size=1000)
+    for precision, halving in (("float", True), ("fp16", False), ("bf16", False)):  # advised only where it halves
+        with pytest.raises(OptionsError) as e:
+            lora_resize.resize(blocky_lora, tmp_path / "o.safetensors", target_size=1000, precision=precision)
+        assert ("fp16/bf16" in str(e.value)) == halving, (precision, str(e.value))
+        with pytest.raises(OptionsError) as e:
+            lora_resize.resize(blocky_lora, tmp_path / "o.safetensors", target_size=1000, precision=precision,
+                               uniform_rank=True)
+        assert ("fp16/bf16" in str(e.value)) == halving, (precision, str(e.value))
     assert not (tmp_path / "o.safetensors").exists()
     res = lora_resize.resize(blocky_lora, tmp_path / "o.safetensors", target_fro=0.999, rank=2)
     assert any("not reachable" in n for n in res.notes)
