@@ -497,3 +497,14 @@ def test_missing_and_damaged_inputs_are_named(sd1, tmp_path, capsys):
         with pytest.raises(InputFileError, match=f"NaN or Inf in --{role} {paths[role]}"):
             extract(paths["base"], paths["tuned"], dst, rank=2)
         assert not dst.exists()
+
+
+@pytest.mark.parametrize("form", ["folder", "single"])
+def test_no_conversion_note_for_names_the_user_never_had(sd1, tmp_path, form):
+    """The differences are read under an internal LoRA naming: the summary must not say the user's key names were
+    converted (it said 'key names converted from comfy to kohya' for an original SD checkpoint)."""
+    _, _, root = sd1
+    b, t = (root / "base", root / "tuned") if form == "folder" else (root / "base.safetensors",
+                                                                      root / "tuned.safetensors")
+    r = extract(b, t, tmp_path / "x.safetensors", rank=2)
+    assert not [n for n in r.notes if n.startswith("key names ")], r.notes

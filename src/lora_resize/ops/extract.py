@@ -377,7 +377,10 @@ def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs
     if p.biases:
         notes.append(f"{len(p.biases)} differing bias(es) written as `.diff_b` (ComfyUI adds them to the bias; "
                      "diffusers' kohya loader refuses a file with them)")
-    return Extraction(out, precision, notes + list(layout.notes), rules, certified, tuned.path, layout,
+    # the checkpoint's differences are read under an internal LoRA naming; how those names became the output's is
+    # not something the user's files did (formats.convert's "key names ..." note), so it is not said
+    shown = [n for n in layout.notes if not n.startswith("key names ")]
+    return Extraction(out, precision, notes + shown, rules, certified, tuned.path, layout,
                       precision_of(layout, src.infos(), None)[0])
 
 
