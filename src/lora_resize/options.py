@@ -41,7 +41,7 @@ class ResizeOptions:
     `block_rules`: per-block rules 'PATTERN=RANK' / 'PATTERN=cap:RANK' / 'PATTERN=drop' (ranks/rules.py; first
     match wins) and 'PATTERN=scale:X' (the module's update times X; matched apart, first match wins).
     `block_weights`: 'PRESET:W1,...' block strengths in the LoRA Block Weight notation (ranks/block_weights.py),
-    ahead of the scale rules; kept as its normalised text. `target_size` (bytes, or text such as '50MB' = 50 * 10^6 bytes) / `target_fro` (global Frobenius
+    times a matching scale rule's; kept as its normalised text. `target_size` (bytes, or text such as '50MB' = 50 * 10^6 bytes) / `target_fro` (global Frobenius
     retained, scale-aware): budgets that choose every layer's rank together (no method then; `rank`/`conv_rank`
     still cap). `ranks`: explicit ranks for named modules (what a budget's plan fills in); they override rules and
     the method. `keep_unranked`: a layer that no rank setting covers keeps its full (numerical) rank - what a
@@ -139,12 +139,12 @@ class ResizeOptions:
         help="write every LyCORIS module as plain LoRA factors (lora_down/lora_up/alpha); default: a LoKr module "
              "stays LoKr (lokr_w1 as stored, lokr_w2 truncated exactly) where that is smaller; a merge and a "
              "conversion (convert, --output-format) always write plain factors"))
-    # --- blocks: per-block strengths baked into the factors (ranks/block_weights.py), ahead of the scale rules
+    # --- blocks: per-block strengths baked into the factors (ranks/block_weights.py), times the scale rules'
     block_weights: str | None = field(default=None, metadata=flag(
         "--block-weights", group="rank", metavar="PRESET:W1,W2,...",
         help="bake block strengths into the file, in the LoRA Block Weight notation: 'SD15:1,0,0,0,0,0,0,0,1,1,1,1,"
              "1,1,1,1,1' (17 or 26 values), 'SDXL:...' (12 or 20), 'FLUX:...' (58: base + 19 double + 38 single "
-             "blocks, or 61) or a named preset such as 'SD15:OUTALL'; before any scale rule"))
+             "blocks, or 61) or a named preset such as 'SD15:OUTALL'; times a matching scale rule's"))
     rule: InitVar[str | None] = None
 
     def __post_init__(self, rule: str | None) -> None:

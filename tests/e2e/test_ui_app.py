@@ -281,3 +281,17 @@ def test_block_strengths_box_carries_into_every_setting_and_the_file(folder, tmp
         assert app.analyze(None, "b.safetensors", 8, bad)[4].startswith("error: the block strengths box takes")
     assert app.analyze(None, "b.safetensors", 8, "--block-weights SDXL:ALL")[4].startswith(
         "error: --block-weights SDXL is for SDXL LoRAs")
+
+
+def test_the_block_strengths_box_takes_the_bare_forms_users_paste():
+    """'SDXL:OUTALL' (as LoRA Block Weight users write it, and as the ComfyUI input takes it) and a bare scale rule
+    are read like their flag forms; anything else is still refused in one line."""
+    from lora_resize.errors import LoraResizeError
+    from lora_resize.ui.app import strength_fields
+    assert strength_fields("SDXL:OUTALL '*attn2*=scale:0.5'") == strength_fields(
+        "--block-weights SDXL:OUTALL --rule '*attn2*=scale:0.5'") == {
+            "block_weights": "SDXL:OUTALL", "block_rules": ["*attn2*=scale:0.5"]}
+    with pytest.raises(LoraResizeError):
+        strength_fields("--rank 4")
+    with pytest.raises(LoraResizeError):
+        strength_fields("'*attn2*=cap:4'")

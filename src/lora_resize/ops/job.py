@@ -167,7 +167,7 @@ def strengthened_companions(copied: Mapping[str, TensorSource], known: Mapping[s
 def rules_outcome(opts: ResizeOptions, layout: Layout, infos: Mapping[str, TensorInfo],
                   metadata: Mapping[str, str], names: list[str] | None = None) -> RuleOutcome:
     """The block rules applied to the modules `names` (default: the layout's, in order), with the strengths of
-    `opts.block_weights` (read on `layout`'s module names, formats.blocks) ahead of the scale rules. Raises
+    `opts.block_weights` (read on `layout`'s module names, formats.blocks) multiplying the scale rules'. Raises
     OptionsError for a preset of another model than the LoRA's, or when every module is dropped;
     LoraStructureError when a PEFT output's kept modules are of several models (formats.convert.check_one_model)."""
     outcome = _rules_outcome(opts, layout, infos, metadata, names)

@@ -10,8 +10,9 @@ the spectrum, budgets, sizes and the factors written all see the scaled update).
 Two independent first-match lists: the rank/cap/drop rules are tried in the order given and the first one whose
 pattern matches a module decides its rank (or drops it); the scale rules are tried in the order given and the first
 one that matches gives its strength (1 when none does). So ``--rule '*attn2*=scale:0.5' --rule '*=cap:32'`` halves
-every attn2 module and caps every module at 32. Strengths a `--block-weights` preset gives (block_weights.py) come
-before every scale rule: a module its preset covers takes the preset's strength.
+every attn2 module and caps every module at 32. A `--block-weights` preset's strength (block_weights.py) and the
+first matching scale rule's multiply: a module at 1 in the preset under '*attn2*=scale:0.5' is halved, at 0.5 it
+is quartered (as a UI applies a block weight and a LoRA strength together).
 
 Order of precedence for one layer: a ``drop`` rule (or a strength of 0), then an explicit rank
 (``ResizeOptions.ranks``, e.g. the plan of --target-size), then a ``RANK`` or ``cap:RANK`` rule, then the method
@@ -20,6 +21,7 @@ with the --rank/--conv-rank cap.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Iterable, Mapping, Sequence
@@ -94,15 +96,21 @@ def parse_rules(rules: "Iterable[str | BlockRule] | str | None") -> tuple[BlockR
     return tuple(parse_rule(r) for r in rules)
 
 
+STRENGTH = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # a decimal number (no '1_0', 'inf', '0x10')
+
+
 def parse_strength(text: str, what: str) -> float:
-    """A strength ('0.5', '-1', '2') as a finite float; OptionsError naming `what` otherwise."""
-    try:
-        value = float(text.strip())
-    except ValueError:
-        value = float("nan")
+    """A strength ('0.5', '-1', '2', '1e-3') as a finite float; OptionsError naming `what` for anything else: not a
+    decimal number, beyond float64's range, or a nonzero number so small it would read as 0 (and drop the
+    module)."""
+    t = text.strip()
+    value = float(t) if STRENGTH.fullmatch(t) else float("nan")
     if not math.isfinite(value):
-        raise OptionsError(f"{what}: {text.strip()!r} is not a strength; give a finite number such as 0.5, -1 or 0 "
+        raise OptionsError(f"{what}: {t!r} is not a strength; give a finite decimal number such as 0.5, -1 or 0 "
                            "(0 drops the module)")
+    if value == 0 and re.search(r"[1-9]", re.split(r"[eE]", t)[0]):
+        raise OptionsError(f"{what}: {t!r} is too small to be told from 0; give 0 to drop the module, or a strength "
+                           "of at least 1e-300")
     return value
 
 
@@ -125,24 +133,20 @@ def first_scale(rules: Sequence[BlockRule], name: str) -> BlockRule | None:
 
 def strength_of(rules: Sequence[BlockRule], name: str, preset: Mapping[str, float] | None = None) -> float:
     """Module `name`'s strength: its `--block-weights` preset's (`preset`: module name -> strength, for the modules
-    the preset covers), else its first scale rule's, else 1."""
-    if preset and name in preset:
-        return float(preset[name])
+    the preset covers; 1 elsewhere) times its first scale rule's (1 without one)."""
     r = first_scale(rules, name)
-    return float(r.value) if r is not None else 1.0
+    return float((preset or {}).get(name, 1.0)) * (float(r.value) if r is not None else 1.0)
 
 
 def _decider(r: BlockRule, rules: Sequence[BlockRule], name: str, preset: Mapping[str, float] | None
              ) -> BlockRule | None:
-    """The rule of `r`'s kind that decides `name` (a preset-covered module has no deciding scale rule)."""
-    if r.scales:
-        return None if preset and name in preset else first_scale(rules, name)
-    return first_match(rules, name)
+    """The rule of `r`'s kind that decides `name` (a scale rule multiplies a preset's strength: it decides too)."""
+    return first_scale(rules, name) if r.scales else first_match(rules, name)
 
 
 def rule_hits(rules: Sequence[BlockRule], names: Sequence[str], preset: Mapping[str, float] | None = None
               ) -> dict[str, int]:
-    """How many modules each rule decides (first match wins, the scale rules among themselves after the preset),
+    """How many modules each rule decides (first match wins; the scale rules among themselves),
     keyed by the rule's text, in the rules' order."""
     hits = {str(r): 0 for r in rules}
     for n in names:
@@ -154,7 +158,7 @@ def rule_hits(rules: Sequence[BlockRule], names: Sequence[str], preset: Mapping[
 def rule_notes(rules: Sequence[BlockRule], names: Sequence[str], preset: Mapping[str, float] | None = None
                ) -> list[str]:
     """Warnings for rules that decide nothing: a pattern that matches no module, or only modules an earlier
-    rule of its kind (or, for a scale rule, the --block-weights preset) already decides."""
+    rule of its kind already decides."""
     notes = []
     hits = rule_hits(rules, names, preset)
     sample = names[0] if names else "?"
@@ -192,7 +196,7 @@ class RuleOutcome:
 def apply_rules(rules: Sequence[BlockRule], names: Sequence[str], preset: Mapping[str, float] | None = None
                 ) -> RuleOutcome:
     """Split `names` by the drop rules and strengths of 0, and give each kept module its strength (`preset`: the
-    strengths of --block-weights, module name -> X, ahead of the scale rules). Raises OptionsError when every
+    strengths of --block-weights, module name -> X, multiplied by the scale rules'). Raises OptionsError when every
     module would be dropped."""
     dropped = [n for n in names if is_dropped(rules, n, preset)]
     kept = [n for n in names if n not in set(dropped)]

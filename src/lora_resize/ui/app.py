@@ -78,11 +78,14 @@ def _parse(command: str, own: list[str], flags: str):
 
 
 def strength_fields(text: str) -> dict:
-    """The block strengths box: `--block-weights PRESET:W1,...` and scale rules `--rule 'PATTERN=scale:X'`, as
+    """The block strengths box: `--block-weights PRESET:W1,...` (or the bare `PRESET:W1,...`, as the ComfyUI input
+    takes it) and scale rules `--rule 'PATTERN=scale:X'` (or the bare rule), as
     option fields (what every analysed setting, and so the flags it fills in, carries). Raises LoraResizeError (one
     line) for anything else in it."""
     words, fields = _split(text), {"block_rules": []}
     while words:
+        if ":" in words[0] and not words[0].startswith("-"):  # a bare PRESET:W1,... as LBW users paste it
+            words.insert(0, "--block-weights" if "=" not in words[0] else "--rule")
         flag, value = words.pop(0), words.pop(0) if words else None
         if flag == "--block-weights" and value is not None:
             fields["block_weights"] = value

@@ -89,11 +89,11 @@ def test_scale_rules_are_matched_apart_from_rank_rules():
     assert "strengths baked into the factors: x0.5: 1 module; x2: 1 module" in out.notes
 
 
-def test_a_strength_of_zero_drops_and_the_preset_comes_first():
+def test_a_strength_of_zero_drops_and_the_preset_multiplies():
     rules = parse_rules(["*te*=scale:0", "*=scale:3"])
     out = apply_rules(rules, ["te_a", "unet_b", "unet_c"], preset={"unet_b": -1.0, "te_a": 0.5})
-    assert out.kept == ["te_a", "unet_b", "unet_c"]  # the preset's 0.5 wins over the scale rule's 0 for te_a
-    assert out.strengths == {"te_a": 0.5, "unet_b": -1.0, "unet_c": 3.0}
+    assert out.kept == ["unet_b", "unet_c"]  # the preset's 0.5 times the scale rule's 0 drops te_a
+    assert out.strengths == {"te_a": 0.0, "unet_b": -3.0, "unet_c": 3.0}
     out = apply_rules(rules, ["te_a", "unet_b", "unet_c"], preset={"unet_b": 0.0})
     assert out.dropped == ["te_a", "unet_b"] and out.kept == ["unet_c"]
     assert out.strengths == {"te_a": 0.0, "unet_b": 0.0, "unet_c": 3.0}  # 0: dropped by its strength
@@ -110,3 +110,29 @@ def test_scale_rules_set_no_rank():
     o = ResizeOptions(rank=8, block_rules=["*=scale:0.5"], block_weights="sdxl:outall")
     assert not o.dynamic and o.rank_settings == ("rank", "conv_rank")
     assert o.flag_words() == ["--rank", "8", "--rule", "*=scale:0.5", "--block-weights", "SDXL:OUTALL"]
+
+
+@pytest.mark.parametrize("text", ["1_0", "1e-400", "-1e-400", "0x10", "inf", " ", "1e400"])
+def test_a_strength_that_is_not_a_plain_finite_number_is_refused(text):
+    """'1_0' read as 10 and '1e-400' as 0 (dropping the module) through Python's float(); a strength is a decimal
+    number within float64's range, and a nonzero one is never read as 0."""
+    with pytest.raises(OptionsError):
+        parse_rule(f"*=scale:{text}")
+    with pytest.raises(OptionsError):
+        parse_block_weights("SD15:" + ",".join([text] + ["1"] * 16))
+
+
+@pytest.mark.parametrize("text,value", [("0", 0.0), ("-0.0", 0.0), ("1e-300", 1e-300), (".5", 0.5), ("+2", 2.0)])
+def test_plain_strengths_are_read(text, value):
+    assert parse_rule(f"*=scale:{text}").value == value
+
+
+def test_a_preset_strength_and_a_scale_rule_multiply():
+    """A module a --block-weights preset covers still takes a matching scale rule: the two strengths multiply (it
+    took the preset's alone, so the README's example '*attn2*=scale:0.5' beside an SD15 preset halved nothing)."""
+    rules = parse_rules(["*attn2*=scale:0.5", "*=cap:8"])
+    preset = {"a_attn2": 1.0, "b_attn2": 0.5, "c_attn1": 0.25, "d_attn2": 0.0}
+    out = apply_rules(rules, ["a_attn2", "b_attn2", "c_attn1", "d_attn2", "e_attn2"], preset)
+    assert out.strengths == {"a_attn2": 0.5, "b_attn2": 0.25, "c_attn1": 0.25, "d_attn2": 0.0, "e_attn2": 0.5}
+    assert out.dropped == ["d_attn2"]
+    assert out.hits["*attn2*=scale:0.5"] == 4
