@@ -50,10 +50,10 @@ from ..ranks.policies import FIXED, POLICIES
 from ..ranks.rules import RuleOutcome, apply_rules
 from ..results import DEFAULT_MAX_EFFECT_ERROR, WEIGHT_SPACE_MIN_FRO, Analysis, SettingRow, fidelity
 from ..units import format_size
-from .diffs import Certified, full_diffs_as_pairs, layer_job
+from .diffs import full_diffs_as_pairs, ruled_jobs
 from .effect import Probing
 from .job import (LayerJob, Output, alpha_rule, metadata_for, output_scale, precision_of, rules_outcome, sizer_for,
-                  spectra, start_layer, strengthened_companions, with_base, with_strength)
+                  spectra, start_layer, strengthened_companions, with_base)
 
 # what names a chosen setting: what a sweep's settings replace (a method and its parameter - `method="fixed"` with
 # a rank names that fixed rank -, a budget, explicit ranks); every other user-facing option is shared by all the
@@ -301,9 +301,8 @@ def reread(src: os.PathLike, ev: Evaluator, names: list[str]) -> Iterator[list[L
         layout = read_layout(reader.infos(), reader.metadata, src, ev.analyzed.output_format, ev.analyzed.arch,
                              ev.analyzed.as_lora)
         modules = {m.name: m for m in layout.modules}
-        strengths = ev.rules.strengths if ev.rules else {}
-        yield [with_strength(layer_job(modules[n], reader, ev.analyzed, Certified(), ev.analyzed.output_format
-                                       is not None, partial=False), strengths.get(n, 1)) for n in names]
+        yield ruled_jobs([modules[n] for n in names], reader, ev.analyzed, ev.rules,
+                         converting=ev.analyzed.output_format is not None, partial=False)
 
 
 def at_precisions(ev: Evaluator, src: os.PathLike | Reopen, row: SettingRow, sample: int = ROUNDING_SAMPLE
@@ -414,9 +413,7 @@ def decomposed(src: str | os.PathLike, shared: ResizeOptions, progress: Progress
         precision, precision_notes = precision_of(layout, reader.infos(), shared.precision)
         input_precision = precision_of(layout, reader.infos(), None)[0]
         rules = rules_outcome(shared, layout, reader.infos(), reader.metadata)
-        kept = set(rules.kept)
-        jobs = [with_strength(layer_job(m, reader, shared, Certified()), rules.strengths.get(m.name, 1))
-                for m in layout.modules if m.name in kept]
+        jobs = ruled_jobs(layout.modules, reader, shared, rules)
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, shared, base_config)
         t1 = time.perf_counter()
         sps = spectra(jobs, device, shared.threads, progress)
@@ -483,8 +480,7 @@ def analysis_from_result(result, sweep: Mapping[str, Sequence] | None = None) ->
             sps.append(Spectrum(row.name, row.kind, row.out_features, row.in_features, row.old_rank, row.old_alpha,
                                 row.scale, kernel, in_ch, row.singular_values, row.base))
         rules = rules_outcome(chosen, layout, reader.infos(), reader.metadata)
-        jobs = [with_strength(layer_job(modules[row.name], reader, chosen, Certified()), rules.strengths.get(row.name, 1))
-                for row in result.layers]
+        jobs = ruled_jobs([modules[row.name] for row in result.layers], reader, chosen, rules)
         out = Output(layout, jobs, strengthened_companions(copied_sources(layout, reader), layout.known, rules),
                      [InputRecord(result.src.name, reader.metadata)], cast=chosen.precision is not None)
         ev = Evaluator(out, sps, result.precision, chosen, precision_of(layout, reader.infos(), None)[0], rules)

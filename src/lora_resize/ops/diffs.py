@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ from ..formats.kohya import DOWN, UP
 from ..io.reader import TensorInfo, TensorSource
 from ..options import ResizeOptions
 from ..ranks.plan import rank_decider, values_needed
-from .job import LayerJob, checked, factor_bytes, module_job
+from ..ranks.rules import RuleOutcome
+from .job import LayerJob, checked, factor_bytes, module_job, with_strength
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,19 @@ def layer_job(m: Module, src: TensorSource, opts: ResizeOptions, certified: "Cer
     return LayerJob(m.name, lambda: checked(m.name, m.load(src)), m, lambda: m.scale_and_rank(src),
                     factor_bytes(m, src.infos()), decompose=certified.decomposer(m.name, need, opts),
                     converting=converting)
+
+
+def ruled_jobs(modules: Iterable[Module], src: TensorSource, opts: ResizeOptions, rules: RuleOutcome | None,
+               certified: "Certified | None" = None, converting: bool = False, partial: bool = True
+               ) -> list[LayerJob]:
+    """The jobs (`layer_job`) of the `modules` that `rules` keeps, each at the strength `rules` gives it
+    (ops.job.with_strength: scale rules, --block-weights); `rules` None: every module, at strength 1. The one way
+    resize, analyze and extract turn a layout's modules into jobs."""
+    kept = None if rules is None else set(rules.kept)
+    strengths = {} if rules is None else rules.strengths
+    certified = Certified() if certified is None else certified
+    return [with_strength(layer_job(m, src, opts, certified, converting, partial), strengths.get(m.name, 1))
+            for m in modules if kept is None or m.name in kept]
 
 
 def dense_of(layer: LowRankLayer) -> torch.Tensor:

@@ -41,9 +41,9 @@ from ..ranks.policies import POLICIES
 from ..ranks.rules import RuleOutcome
 from ..results import DEFAULT_MAX_EFFECT_ERROR, Analysis, LayerResult, ResizeResult
 from .analyze import Evaluator, finish, split_options
-from .diffs import Certified, Dense, DenseSource, layer_job
+from .diffs import Certified, Dense, DenseSource, ruled_jobs
 from .job import (LayerJob, Output, as_options, clamp_notes, precision_of, produce, rules_outcome, spectra,
-                  strengthened_companions, with_strength)
+                  strengthened_companions)
 
 BIAS_DIFF = ".diff_b"
 # single-file checkpoints' prefixes, and the name each weight's module is read under (formats.convert.read_name):
@@ -363,10 +363,8 @@ def prepare(base: Checkpoint, tuned: Checkpoint, opts: ResizeOptions, bias_diffs
     src.metadata = _input_metadata(arch_name, target, any(len(d.shape) > 2 for d in p.diffs), tuned.path, base.path)
     layout = read_layout(src.infos(), src.metadata, None, target, arch_name)
     rules = rules_outcome(opts, layout, src.infos(), src.metadata)  # rank/drop rules, scale rules, block weights
-    kept = set(rules.kept)
     certified = Certified()
-    jobs = [with_strength(layer_job(m, src, opts, certified, partial=partial), rules.strengths.get(m.name, 1))
-            for m in layout.modules if m.name in kept]
+    jobs = ruled_jobs(layout.modules, src, opts, rules, certified, partial=partial)
     precision, precision_notes = precision_of(layout, src.infos(), opts.precision)
     out = Output(layout, jobs, strengthened_companions(copied_sources(layout, src), layout.known, rules),
                  [InputRecord(tuned.path.name, src.metadata)],

@@ -22,9 +22,9 @@ from ..io.writer import hashed
 from ..options import ResizeOptions
 from ..ranks.rules import RuleOutcome
 from ..results import LayerResult, ResizeResult
-from .diffs import Certified, full_diffs_as_pairs, layer_job
+from .diffs import Certified, full_diffs_as_pairs, ruled_jobs
 from .job import (Output, as_options, build_output, clamp_notes, growth_notes, precision_of, produce, rules_outcome,
-                  strengthened_companions, with_base, with_strength)
+                  strengthened_companions, with_base)
 
 
 @dataclass
@@ -52,10 +52,8 @@ def _prepared(src: str | os.PathLike, opts: ResizeOptions,
             check(src, layout)
         precision, precision_notes = precision_of(layout, reader.infos(), opts.precision)
         rules = rules_outcome(opts, layout, reader.infos(), reader.metadata)
-        kept = set(rules.kept)
         certified = Certified()
-        jobs = [with_strength(layer_job(m, reader, opts, certified, opts.output_format is not None),
-                              rules.strengths.get(m.name, 1)) for m in layout.modules if m.name in kept]
+        jobs = ruled_jobs(layout.modules, reader, opts, rules, certified, opts.output_format is not None)
         base_notes = with_base(jobs, layout, reader.infos(), reader.metadata, opts)
         out = Output(layout, jobs, strengthened_companions(copied_sources(layout, reader), layout.known, rules),
                      [InputRecord(src.name, reader.metadata)], cast=opts.precision is not None)
