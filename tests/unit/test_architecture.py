@@ -16,7 +16,7 @@ ALLOWED = {
     "_version": set(),
     "units": {"errors"},
     "registry": set(),
-    "core": {"errors"},
+    "core": {"errors", "registry"},
     "ranks": {"errors", "units", "registry", "core"},
     "models": {"registry"},
     "options": {"errors", "units", "ranks", "models"},

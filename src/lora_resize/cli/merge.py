@@ -14,10 +14,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", metavar="FILE[:WEIGHT]",
                    help="inputs with weights (default 1; may be negative; 0 leaves the input out)")
     add_output(p, "output file (.safetensors or .pt/.pth/.ckpt)")
+    add_merge_method(p)
     add_option_groups(p, "rank", "output", "compute")
     add_output_flags(p, "per-layer lines in sd-scripts' format")
     refuse(p, *INPUT_FLAGS, why="merge takes its inputs as FILE[:WEIGHT] arguments, e.g. lora-resize merge "
            "a.safetensors:0.8 b.safetensors:0.5 -o ab.safetensors")
+
+
+def add_merge_method(p: argparse.ArgumentParser) -> None:
+    """--merge-method and the parameters the methods read, from their registry (core.merging)."""
+    from ..core.merging import MERGE_METHODS, MERGE_PARAMS
+
+    g = p.add_argument_group("merge method")
+    g.add_argument("--merge-method", choices=list(MERGE_METHODS), default="sum",
+                   help="how the weighted inputs' updates combine: "
+                        + "; ".join(f"{m.name}: {m.help}" for m in MERGE_METHODS.values()))
+    for param in MERGE_PARAMS.values():
+        readers = ", ".join(n for n, m in MERGE_METHODS.items() if param.name in m.params) or "no method yet"
+        g.add_argument(param.flag, dest=param.name, type=param.type, metavar=param.metavar, default=None,
+                       help=f"{param.help} (read by {readers})")
+
+
+def merge_settings(args: argparse.Namespace):
+    """The MergeSettings of parsed arguments (OptionsError for a parameter the method does not read)."""
+    from ..core.merging import MERGE_PARAMS, MergeSettings
+
+    return MergeSettings(args.merge_method, **{p: getattr(args, p) for p in MERGE_PARAMS})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
         raise OptionsError("no output file: add -o OUT.safetensors")
     opts = options_from(args)
     result = merge(args.sources, args.output, opts, progress=progress(args.quiet, "merging"),
-                   on_layer=layer_printer(args, opts.dynamic))
+                   on_layer=layer_printer(args, opts.dynamic), merge_method=merge_settings(args))
     return render(result, args, [])

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..core.layer import LowRankLayer
+from ..core.merging import MERGE_PARAMS, MergeSettings, merged_layer
 from ..core.schedule import Progress, compute_device
 from ..core.truncate import FP8, SAVE_DTYPES
 from ..errors import LoraStructureError, OptionsError
@@ -56,44 +57,14 @@ def parse_source(text: str) -> Source:
     return Source(Path(text), 1.0)
 
 
-CANCELLED = 1e-10  # a merged update this small next to its inputs' is rounding noise (float64: ~1e-16)
-
-
-def stacked(name: str, parts: list[tuple[float, LowRankLayer]], cancelled: list[str] | None = None
-            ) -> LowRankLayer:
-    """One low-rank layer for sum_i w_i * scale_i * up_i @ down_i (shapes checked; LoraStructureError when they
-    differ), in float64, with scale 1. When the weighted inputs cancel out (the sum, probed with four fixed random
-    vectors, is below CANCELLED x sum_i |w_i scale_i| ||up_i||_F ||down_i||_F: a LoRA minus itself, a module two
-    checkpoints left untrained), the layer comes back as exact zeros and its name is appended to `cancelled`."""
-    first = parts[0][1]
-    ups, downs = [], []
-    for w, layer in parts:
-        if (layer.up.shape[0], layer.down.shape[1], layer.kernel) != (first.up.shape[0], first.down.shape[1],
-                                                                       first.kernel):
-            raise LoraStructureError(
-                f"layer {name} has different shapes in the inputs: out x in {first.up.shape[0]} x "
-                f"{first.down.shape[1]} (kernel {first.kernel}) vs {layer.up.shape[0]} x {layer.down.shape[1]} "
-                f"(kernel {layer.kernel}); these LoRAs are for different models")
-        ups.append(layer.up.to(torch.float64) * (w * layer.scale))
-        downs.append(layer.down.to(torch.float64))
-    up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
-    if len(parts) > 1:
-        bound = sum(float(torch.linalg.vector_norm(u)) * float(torch.linalg.vector_norm(d)) for u, d in zip(ups, downs))
-        probe = torch.randn(down.shape[1], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        if bound > 0 and float(torch.linalg.vector_norm(up @ (down @ probe.to(down.device)))) / 2 <= CANCELLED * bound:
-            up = torch.zeros_like(up)
-            if cancelled is not None:
-                cancelled.append(name)
-    return LowRankLayer.with_alpha(up, down, None, kernel=first.kernel, in_channels=first.in_channels)
-
-
-def merged_job(name: str, members: list[tuple[float, Module, TensorSource]], cancelled: list[str] | None = None
-               ) -> LayerJob:
-    """A job whose layer is the weighted sum of `members`' (weight, module, reader); the first one writes it. Its
-    scale is 1 (the inputs' scales are in the stacked factors), its rank the sum of theirs. A layer whose inputs
-    cancel out is zero, its name appended to `cancelled`."""
+def merged_job(name: str, members: list[tuple[float, Module, TensorSource]], settings: MergeSettings,
+               cancelled: list[str] | None = None) -> LayerJob:
+    """A job whose layer is `members`' (weight, module, reader) merged by `settings`
+    (core.merging.merged_layer: the weighted sum by default); the first one writes it. Its scale is 1 (the inputs'
+    scales are in the merged factors), its rank at most the sum of theirs. A sum whose inputs cancel out is zero,
+    its name appended to `cancelled`."""
     def load() -> LowRankLayer:
-        return stacked(name, [(w, checked(name, m.load(src))) for w, m, src in members], cancelled)
+        return merged_layer(name, [(w, checked(name, m.load(src))) for w, m, src in members], settings, cancelled)
 
     def scale_and_rank() -> tuple[float, int]:
         return 1.0, sum(m.scale_and_rank(src)[1] for _, m, src in members)
@@ -270,13 +241,23 @@ def check_bias_scales(key: str, held: list[tuple[float, TensorSource, Layout]]) 
 
 def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, options: ResizeOptions | None = None, *,
           progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
-          **option_fields) -> ResizeResult:
+          merge_method: str | MergeSettings = "sum", **option_fields) -> ResizeResult:
     """Merge `sources` (weighted LoRAs of the same model) into one LoRA at `dst`, reduced with the resize options
     (a budget included: --target-size plans the merged layers together).
 
-    Each layer of the result is the best rank-k approximation of sum_i w_i * dW_i. Layers present in only some
-    inputs are merged from those. A weight of 0 drops that input. Raises the same errors as `resize`."""
+    `merge_method`: a registered method's name (core.merging.MERGE_METHODS; its parameters, e.g. `density=0.2`,
+    `seed=1`, as keywords beside the option fields) or a MergeSettings. Each layer of the result is the best
+    rank-k approximation of the method's merged update: for `sum` (the default) sum_i w_i * dW_i. Layers present in
+    only some inputs are merged from those. A weight of 0 drops that input. Raises the same errors as `resize`, and
+    OptionsError for an unknown method or a parameter it does not read."""
     t0 = time.perf_counter()
+    params = {p: option_fields.pop(p) for p in MERGE_PARAMS if p in option_fields}
+    if isinstance(merge_method, MergeSettings):
+        if params:
+            raise OptionsError(f"give {', '.join(params)} in the MergeSettings, not beside it")
+        settings = merge_method
+    else:
+        settings = MergeSettings(merge_method, **params)
     opts = as_options(options, option_fields)
     srcs = [s if isinstance(s, Source) else parse_source(s) if isinstance(s, str) else Source(Path(s))
             for s in sources]
@@ -322,7 +303,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                               readers[0].metadata)
         notes += rules.notes
         cancelled: list[str] = []
-        jobs = [with_strength(merged_job(name, members[name], cancelled), rules.strengths.get(name, 1))
+        jobs = [with_strength(merged_job(name, members[name], settings, cancelled), rules.strengths.get(name, 1))
                 for name in rules.kept]
         notes += with_base(jobs, replace(layouts[0], modules=[j.module for j in jobs]), infos, readers[0].metadata,
                            opts)
@@ -344,7 +325,8 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                      f"{len(cancelled)} layer(s) cancel out (the weighted inputs sum to zero there, within rounding) "
                      f"and are written as zeros, e.g. {min(cancelled)}")
     return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
-                        options={**done.options.as_dict(), "sources": [[str(s.path), s.weight] for s in srcs],
+                        options={**done.options.as_dict(), **settings.as_dict(),
+                                 "sources": [[str(s.path), s.weight] for s in srcs],
                                  "rule_hits": rules.hits},
                         layers=done.rows, passthrough=list(copied), cast=done.cast, summed=summed,
                         copied={k: kind for lay in reversed(layouts) for k, kind in lay.known.items() if k in copied},
