@@ -137,6 +137,11 @@ class MergeSettings:
         return {"merge_method": self.method,
                 **{p: self.value(p) for p in MERGE_METHODS[self.method].params}}
 
+    def label(self) -> str:
+        """The method and the values of the parameters it reads, for a summary: 'ties, density 0.3', 'sum'."""
+        values = [(p, self.value(p)) for p in MERGE_METHODS[self.method].params]
+        return ", ".join([self.method] + [f"{p} {v:g}" for p, v in values if v is not None])
+
     def flags(self) -> list[str]:
         """The settings as CLI words (none for the default sum)."""
         if self.method == "sum":
