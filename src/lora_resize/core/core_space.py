@@ -218,7 +218,9 @@ def tsv(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRank
 def iso(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRankLayer:
     """Iso-C (Marczak et al., ICML 2025, arXiv 2502.04959): the SVD of the sum of the updates with every singular
     value of its numerical rank replaced by their mean (the nuclear norm kept). From the SVD of the summed cores
-    (the sum is U (sum_i M_i) V^T), so it is the paper's method on the dense updates, to rounding."""
+    (the sum is U (sum_i M_i) V^T), so it is the paper's method on the dense updates, to rounding. Its spectrum is
+    flat, so below its rank every choice of that many directions is a best rank-k approximation (README: Merge
+    methods)."""
     first = parts[0][1]
     m, n = first.up.shape[0], first.down.shape[1]
 
