@@ -177,9 +177,23 @@ def test_zero_inputs_give_a_zero_layer_and_so_do_cancelling_ones_where_the_metho
     if method in ("ties", "magnitude_prune", "iso"):  # a LoRA and its negative: the cores cancel entry by entry
         cases.append([(1.0, a), (-1.0, a)])
     for parts in cases:
-        got = merged_layer(NAME, parts, MergeSettings(method))
+        cancelled: list[str] = []
+        got = merged_layer(NAME, parts, MergeSettings(method), cancelled)
         assert (got.up.shape[0], got.down.shape[1], got.scale) == (20, 30, 1)
         assert not bool((got.up @ got.down).any()), method
+        assert cancelled == ([] if parts[0][1] is zero else [NAME])  # a zero layer is no cancellation
+
+
+@pytest.mark.parametrize("method", ["magnitude_prune", "iso"])
+def test_inputs_that_cancel_to_rounding_noise_give_exact_zeros(method):
+    """(ties does not cancel here, by its definition: the sign elected from the noise keeps the agreeing inputs'
+    mean; dare's independent masks do not cancel either.)"""
+    a, b = layer(20, 30, 4, 1, alpha=2.0), layer(20, 30, 3, 2)
+    for parts in ([(0.1, a), (0.2, a), (-0.3, a)], [(0.5, a), (1.0, b), (0.5, a), (-1.0, a), (-1.0, b)]):
+        assert float(torch.linalg.norm(sum(taus(parts)))) > 0  # rounding noise, not zeros
+        cancelled: list[str] = []
+        got = merged_layer(NAME, parts, MergeSettings(method), cancelled)
+        assert not bool(got.up.any()) and cancelled == [NAME], method
 
 
 @pytest.mark.parametrize("method", ELEMENTWISE)
