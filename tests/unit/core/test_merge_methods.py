@@ -35,6 +35,8 @@ CASES = {
                 (1.3, layer(24, 56, 2, 5))],
     "conv4": [(w, layer(32, 6 * 9, r, 10 + i, alpha=r / 2, kernel=(3, 3), in_channels=6))
               for i, (w, r) in enumerate([(0.6, 4), (0.9, 2), (-0.4, 5), (1.1, 3)])],
+    # the ranks sum past out: U spans the whole output space
+    "wide3": [(0.9, layer(12, 40, 6, 20, alpha=3.0)), (0.8, layer(12, 40, 5, 21)), (-1.2, layer(12, 40, 4, 22))],
 }
 
 
