@@ -152,6 +152,26 @@ def test_order_from_metadata_names_and_steps(tmp_path):
     assert res.options["steps_from"] is None and [r["file"] for r in res.options["order"]] == [p.name for p in paths]
 
 
+@pytest.mark.parametrize("stem,step", [
+    ("flux-000004", 4), ("flux_000001000", 1000), ("flux-step00001000", 1000), ("lora_e10", 10),
+    ("2025-01-02_03-04-05-save-1200-3-100", 1200),  # OneTrainer: global step, epoch, epoch step
+    ("no-number", None)])
+def test_step_from_a_file_name(stem, step):
+    from pathlib import Path
+
+    from lora_resize.ops.average import name_step
+    assert name_step(Path(stem + ".safetensors"))[0] == step
+
+
+def test_names_numbering_epochs_and_steps_are_not_mixed(tmp_path, capsys):
+    """sd-scripts names epoch saves x-000004 and step saves x-step00001000: two counts, refused for an order."""
+    paths = checkpoints(tmp_path, steps=[1, 2, 3], meta=lambda s: None,
+                        name=lambda i, s: ["x-000002", "x-step00000500", "x-000004"][i])
+    err = refused_in_one_line(capsys, ["average", *map(str, paths), "-o", str(tmp_path / "o.safetensors"),
+                                       "--rank", "2", "--weighting", "linear"])
+    assert "number them in different ways" in err and "--steps" in err
+
+
 def test_one_step_source_for_all_never_a_mix(tmp_path):
     """One file without ss_steps: the names' numbers (epochs) order them all, not steps for some, epochs for
     others."""
@@ -170,8 +190,7 @@ def test_metadata_records_order_weights_and_steps(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "average of 4 checkpoints (ema, beta 0.6), in step order from ss_steps: run-1.safetensors (step 100)" in printed
     meta = load_st(out)[1]
-    record = json.loads(meta["lora_resize"]) if "lora_resize" in meta else next(
-        json.loads(v) for k, v in meta.items() if k.startswith("lora_resize"))
+    record = json.loads(meta["lora_resize"])
     assert record["operation"] == "average"
     assert [(s["file"], s["step"]) for s in record["sources"]] == [("run-1.safetensors", 100), ("run-3.safetensors", 200),
                                                                   ("run-0.safetensors", 300), ("run-2.safetensors", 500)]

@@ -135,11 +135,23 @@ def metadata_step(metadata: Mapping[str, str]) -> tuple[int | None, str | None]:
     return None, None
 
 
-def name_step(path: Path) -> int | None:
-    """The last number in a file's name (its stem): trainers number the checkpoints they save, e.g.
-    sd-scripts' 'x-000004' (epoch), 'x-step00001000', ai-toolkit's 'x_000001000' (step); None without one."""
-    found = re.findall(r"\d+", path.stem)
-    return int(found[-1]) if found else None
+# How trainers number the checkpoints they save, first match wins; each a different count, never mixed:
+# OneTrainer (modules/trainer/GenericTrainer.py: '<prefix><date_time>-save-<global step>-<epoch>-<epoch step>',
+# TrainProgress.filename_string), sd-scripts' step saves ('<name>-step00001000', train_util.py
+# STEP_FILE_NAME), then any last number: sd-scripts' epoch saves ('<name>-000004'), ai-toolkit's ('<name>_000001000')
+NAME_FORMS = (("OneTrainer step", re.compile(r"-save-(\d+)-\d+-\d+$")),
+              ("step", re.compile(r"step[-_]?(\d+)$", re.IGNORECASE)),
+              ("number", re.compile(r"(\d+)(?!.*\d)")))
+
+
+def name_step(path: Path) -> tuple[int | None, str | None]:
+    """The checkpoint number in a file's name (its stem) by NAME_FORMS, and which form it is; (None, None)
+    without a number."""
+    for form, pattern in NAME_FORMS:
+        found = pattern.search(path.stem)
+        if found:
+            return int(found.group(1)), form
+    return None, None
 
 
 @dataclass(frozen=True)
@@ -157,7 +169,7 @@ def checkpoint_steps(paths: Sequence[Path], metadata: Sequence[Mapping[str, str]
     every checkpoint's metadata records (one key for all: metadata_step), else the last number of every file
     name; one source for all of them, never a mix (names often count epochs, metadata steps). Uniform needs no
     order: without steps it keeps the order given. Raises OptionsError when a weighting that needs the order has
-    no steps for every checkpoint, when `steps` has the wrong count, a negative step, or two checkpoints share a
+    no steps for every checkpoint (or names that number them in different ways), when `steps` has the wrong count, a negative step, or two checkpoints share a
     step."""
     if steps is not None:
         if len(steps) != len(paths):
@@ -170,12 +182,17 @@ def checkpoint_steps(paths: Sequence[Path], metadata: Sequence[Mapping[str, str]
         read = [metadata_step(m) for m in metadata]
         keys = {k for _, k in read}
         named = [name_step(p) for p in paths]
+        forms = {f for _, f in named}
         if None not in keys and len(keys) == 1:
             found, origin = [s for s, _ in read], keys.pop()
-        elif None not in named:
-            found, origin = named, "file names"
+        elif None not in forms and len(forms) == 1:
+            found, origin = [n for n, _ in named], "file names"
         elif weighting in ORDERED:
-            lacking = next(p.name for p, (s, _), n in zip(paths, read, named) if s is None and n is None)
+            if None not in forms:
+                raise OptionsError(f"--weighting {weighting} needs the checkpoints' order, and their names number "
+                                   f"them in different ways ({', '.join(sorted(forms))}: steps and epochs?): give "
+                                   "--steps 100,200,... (one per file, in the order given)")
+            lacking = next(p.name for p, (s, _), (n, _) in zip(paths, read, named) if s is None and n is None)
             raise OptionsError(f"--weighting {weighting} needs the checkpoints' order, and {lacking} records no step "
                                "(no ss_steps or training_info in its metadata, no number in its name): give "
                                "--steps 100,200,... (one per file, in the order given)")
