@@ -117,9 +117,11 @@ def main() -> None:
             secs = time.perf_counter() - t
             err, worst = errors(ref, read(out))
             print(f"  {what:<32} rel. Frobenius error {err:.2e} (worst layer {worst:.2e}), {secs:.2f} s")
-        t = time.perf_counter()
-        factor_wise = {k: sum(wi * sd[k].float() for wi, sd in zip(w, sds)) for k in sds[0]}
-        secs = time.perf_counter() - t
+        secs = math.inf
+        for _ in range(3):  # the best of 3: it is milliseconds of work, easily drowned by a busy machine
+            t = time.perf_counter()
+            factor_wise = {k: sum(wi * sd[k].float() for wi, sd in zip(w, sds)) for k in sds[0]}
+            secs = min(secs, time.perf_counter() - t)
         err, worst = errors(ref, factor_wise)
         print(f"  {f'factor-wise, rank {args.rank}, float32':<32} rel. Frobenius error {err:.2e} (worst layer "
               f"{worst:.2e}), {secs:.2f} s (in memory, not written)")
