@@ -188,12 +188,13 @@ def test_metadata_records_order_weights_and_steps(tmp_path, capsys):
     assert main(["average", *map(str, paths), "-o", str(out), "--weighting", "ema", "--beta", "0.6",
                  "--rank", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "average of 4 checkpoints (ema, beta 0.6), in step order from ss_steps: run-1.safetensors (step 100)" in printed
+    assert ("average of 4 checkpoints (ema, beta 0.6), in step order from ss_steps: run-1.safetensors (step 100)"
+            in printed)
     meta = load_st(out)[1]
     record = json.loads(meta["lora_resize"])
     assert record["operation"] == "average"
-    assert [(s["file"], s["step"]) for s in record["sources"]] == [("run-1.safetensors", 100), ("run-3.safetensors", 200),
-                                                                  ("run-0.safetensors", 300), ("run-2.safetensors", 500)]
+    assert [(s["file"], s["step"]) for s in record["sources"]] == [
+        ("run-1.safetensors", 100), ("run-3.safetensors", 200), ("run-0.safetensors", 300), ("run-2.safetensors", 500)]
     assert [s["weight"] for s in record["sources"]] == pytest.approx(reference_weights("ema", 4, None, beta=0.6))
     assert meta["ss_steps"] == "500"
     assert meta["ss_training_comment"].startswith("averaged with lora-resize")
@@ -209,8 +210,8 @@ def test_metadata_records_order_weights_and_steps(tmp_path, capsys):
     (["--weighting", "ema", "--beta", "nan"], "strictly between 0 and 1"),
     (["--beta", "0.9"], "read only by --weighting ema"),
     (["--weighting", "power", "--beta", "0.9"], "read only by --weighting ema"),
-    (["--weighting", "power", "--sigma-rel", "0.31"], "0 < sigma_rel <= 0.3003"),
-    (["--weighting", "power", "--sigma-rel", "0"], "0 < sigma_rel <= 0.3003"),
+    (["--weighting", "power", "--sigma-rel", "0.31"], "0 < sigma_rel <= 0.300283;"),
+    (["--weighting", "power", "--sigma-rel", "0"], "0 < sigma_rel <= 0.300283;"),
     (["--weighting", "power"], "needs --sigma-rel"),
     (["--weighting", "linear", "--steps", "1,2"], "2 value(s) for 4 checkpoint(s)"),
     (["--weighting", "linear", "--steps", "1,x,3,4"], "'x' is not a whole number"),
@@ -230,10 +231,12 @@ def test_refusals_about_the_order(tmp_path, capsys):
     paths = checkpoints(tmp_path, meta=lambda s: None, name=lambda i, s: "abcd"[i])
     for w in (["--weighting", "linear"], ["--weighting", "ema", "--beta", "0.5"],
               ["--weighting", "power", "--sigma-rel", "0.1"]):
-        err = refused_in_one_line(capsys, ["average", *map(str, paths), "-o", str(tmp_path / "o.safetensors"), "--rank", "2", *w])
+        err = refused_in_one_line(capsys, ["average", *map(str, paths), "-o", str(tmp_path / "o.safetensors"),
+                                           "--rank", "2", *w])
         assert "records no step" in err and "--steps 100,200,..." in err
     same = checkpoints(tmp_path / "s", steps=[100, 100, 200, 300])
-    err = refused_in_one_line(capsys, ["average", *map(str, same), "-o", str(tmp_path / "o.safetensors"), "--rank", "2"])
+    err = refused_in_one_line(capsys, ["average", *map(str, same), "-o", str(tmp_path / "o.safetensors"),
+                                       "--rank", "2"])
     assert "both at step 100 (from ss_steps)" in err
     err = refused_in_one_line(capsys, ["average", str(paths[0]), "-o", str(tmp_path / "o.safetensors"), "--rank", "2"])
     assert "two or more checkpoints" in err

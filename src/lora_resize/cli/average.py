@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, metavar="B", default=None,
                    help="the EMA's decay, in (0, 1), for --weighting ema (higher: more of the early checkpoints)")
     g.add_argument("--sigma-rel", dest="sigma_rel", type=float, metavar="S", default=None,
-                   help="the power-function EMA's relative width (Karras et al. 2024, EDM2), in (0, 0.3003], for "
+                   help="the power-function EMA's relative width (Karras et al. 2024, EDM2), in (0, 0.300283], for "
                         "--weighting power (smaller: more of the late checkpoints; EDM2 uses 0.05-0.15)")
     g.add_argument("--steps", metavar="S1,S2,...", default=None,
                    help="each checkpoint's training step, in the order of the files (overrides metadata and names)")

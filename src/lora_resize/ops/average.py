@@ -51,7 +51,7 @@ def edm2_sigma_rel(gamma: float) -> float:
     return math.sqrt(gamma + 1) / ((gamma + 2) * math.sqrt(gamma + 3))
 
 
-SIGMA_REL_MAX = edm2_sigma_rel(GAMMA_PEAK)  # 0.3003...
+SIGMA_REL_MAX = edm2_sigma_rel(GAMMA_PEAK)  # 0.300283...
 
 
 def sigma_rel_gamma(sigma_rel: float) -> float:
@@ -62,7 +62,8 @@ def sigma_rel_gamma(sigma_rel: float) -> float:
     (0, SIGMA_REL_MAX]."""
     if not (isinstance(sigma_rel, (int, float)) and 0 < sigma_rel <= SIGMA_REL_MAX):
         raise OptionsError(f"--sigma-rel {sigma_rel} is out of range: the power-function EMA (Karras et al. 2024) "
-                           f"allows 0 < sigma_rel <= {SIGMA_REL_MAX:.4f}; EDM2 uses 0.05-0.15, e.g. --sigma-rel 0.1")
+                           f"allows 0 < sigma_rel <= {math.floor(SIGMA_REL_MAX * 1e6) / 1e6}; EDM2 uses 0.05-0.15, "
+                           "e.g. --sigma-rel 0.1")
     lo, hi = GAMMA_PEAK, max(GAMMA_PEAK, 1 / sigma_rel)  # edm2_sigma_rel(g) < 1 / (g + 2), so it is below at hi
     for _ in range(200):
         mid = (lo + hi) / 2
@@ -166,11 +167,11 @@ class Ordered:
 def checkpoint_steps(paths: Sequence[Path], metadata: Sequence[Mapping[str, str]], weighting: str,
                      steps: Sequence[int] | None = None) -> Ordered:
     """Order checkpoints by training step: `steps` when given (one per path, in the order given), else the step
-    every checkpoint's metadata records (one key for all: metadata_step), else the last number of every file
-    name; one source for all of them, never a mix (names often count epochs, metadata steps). Uniform needs no
-    order: without steps it keeps the order given. Raises OptionsError when a weighting that needs the order has
-    no steps for every checkpoint (or names that number them in different ways), when `steps` has the wrong count, a negative step, or two checkpoints share a
-    step."""
+    every checkpoint's metadata records (one key for all: metadata_step), else every file name's number in one
+    form (name_step); one source for all of them, never a mix (names often count epochs, metadata steps).
+    Uniform needs no order: without steps it keeps the order given. Raises OptionsError when a weighting that
+    needs the order has no steps for every checkpoint (or names that number them in different ways), when `steps`
+    has the wrong count or a negative step, or when two checkpoints share a step."""
     if steps is not None:
         if len(steps) != len(paths):
             raise OptionsError(f"--steps has {len(steps)} value(s) for {len(paths)} checkpoint(s): give one step "
