@@ -255,6 +255,49 @@ class MergeLoras(_WritesLora):
         return _written(dst, lambda: lora_resize.merge(sources, dst, progress=_progress(), **fields))
 
 
+class AverageLoraCheckpoints(_WritesLora):
+    """The weighted mean of one training run's checkpoints' updates (lora_resize.average: uniform, linear, EMA,
+    power EMA over their steps), reduced like a resize, into a new file."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "checkpoints": ("STRING", {"default": "", "multiline": True,
+                                       "tooltip": "two or more LoRAs of the loras folder, one name per line"}),
+            "weighting": (list(lora_resize.WEIGHTINGS), {"default": "uniform", "tooltip": "; ".join(
+                f"{k}: {v}" for k, v in lora_resize.WEIGHTINGS.items())}),
+            "beta": ("FLOAT", {"default": 0.9, "min": 0.01, "max": 0.99, "step": 0.01,
+                               "tooltip": "the EMA's decay (weighting ema only)"}),
+            "sigma_rel": ("FLOAT", {"default": 0.1, "min": 0.01, "max": 0.3, "step": 0.01,
+                                    "tooltip": "the power EMA's relative width, EDM2 (weighting power only)"}),
+            "steps": ("STRING", {"default": "", "tooltip": "each checkpoint's training step, in the order of the "
+                                                           "lines, e.g. 500,1000,1500; empty: from metadata or names"}),
+            **RANK_INPUTS,
+            "output_name": ("STRING", {"default": "", "tooltip": AUTO_NAME % "averaged"})}}
+
+    FUNCTION = "average"
+
+    @classmethod
+    def IS_CHANGED(cls, checkpoints="", **_):
+        return _stamp(*_lines(checkpoints))
+
+    def average(self, checkpoints, weighting, beta, sigma_rel, steps, method, param, rank, conv_rank, rank_rule,
+                target_size, precision, output_name):
+        names = _lines(checkpoints)
+        paths = [Path(_lora_path(name)) for name in names]
+        dst = _output_path(output_name, f"{_stem(names[0]) if names else 'checkpoints'}_averaged")
+        fields = _options(method, param, rank, conv_rank, rank_rule, target_size, precision)
+        return _written(dst, lambda: lora_resize.average(
+            paths, dst, weighting=weighting, beta=beta if weighting == "ema" else None,
+            sigma_rel=sigma_rel if weighting == "power" else None, steps=steps.strip() or None,
+            progress=_progress(), **fields))
+
+
+def _lines(text: str) -> list[str]:
+    """The non-empty lines of a multiline input, stripped."""
+    return [x.strip() for x in (text or "").splitlines() if x.strip()]
+
+
 class ConvertLora(_WritesLora):
     """A LoRA written in another layout (kohya, comfy, diffusers, onetrainer), every update kept."""
 
@@ -456,8 +499,10 @@ def _grid(pixels: list, labels: list[str], columns: int):
 
 NODE_CLASS_MAPPINGS = {"LoraResize": ResizeLora, "LoraResizeAnalyze": AnalyzeLora, "LoraResizeMerge": MergeLoras,
                        "LoraResizeConvert": ConvertLora, "LoraResizeApply": ApplyResizedLora,
-                       "LoraResizeSweep": SweepResizedLora, "LoraResizeTile": TileImages}
+                       "LoraResizeSweep": SweepResizedLora, "LoraResizeTile": TileImages,
+                       "LoraResizeAverage": AverageLoraCheckpoints}
 NODE_DISPLAY_NAME_MAPPINGS = {"LoraResize": "Resize LoRA", "LoraResizeAnalyze": "Analyze LoRA",
                               "LoraResizeMerge": "Merge LoRAs", "LoraResizeConvert": "Convert LoRA",
                               "LoraResizeApply": "Apply resized LoRA", "LoraResizeSweep": "Sweep resized LoRA",
-                              "LoraResizeTile": "Tile images with labels"}
+                              "LoraResizeTile": "Tile images with labels",
+                              "LoraResizeAverage": "Average LoRA checkpoints"}

@@ -18,7 +18,7 @@ from .errors import (DeviceError, InputFileError, LoraResizeError, LoraStructure
                      OptionsError, OutputFileError)
 
 _LAZY = {
-    "resize": "ops.resize", "resized": "ops.resize", "Resized": "ops.resize", "convert": "ops.convert", "extract": "ops.extract", "merge": "ops.merge", "Source": "ops.merge", "analyze": "ops.analyze",
+    "resize": "ops.resize", "resized": "ops.resize", "Resized": "ops.resize", "convert": "ops.convert", "extract": "ops.extract", "merge": "ops.merge", "Source": "ops.merge", "average": "ops.average", "WEIGHTINGS": "ops.average", "analyze": "ops.analyze",
     "Analysis": "results", "SettingRow": "results", "ResizeResult": "results", "LayerResult": "results",
     "ResizeOptions": "options", "decompose": "core.decompose", "Decomposition": "core.decompose",
     # for consumers: choices, renderings, the output names, a setting from flags
@@ -28,7 +28,7 @@ _LAZY = {
     "labelled_grid": "report.grid", "preview": "ops.preview", "Preview": "ops.preview", "Probing": "ops.effect",
 }
 
-__all__ = ["__version__", "resize", "resized", "Resized", "convert", "extract", "analyze", "Analysis", "SettingRow", "merge", "Source", "ResizeOptions",
+__all__ = ["__version__", "resize", "resized", "Resized", "convert", "extract", "analyze", "Analysis", "SettingRow", "merge", "Source", "average", "WEIGHTINGS", "ResizeOptions",
            "ResizeResult", "LayerResult", "decompose", "Decomposition", "LoraResizeError", "OptionsError",
            "InputFileError", "LoraStructureError", "NumericalError", "OutputFileError", "DeviceError", "LAYOUTS",
            "PRECISIONS", "RANK_RULES", "dynamic_methods", "summary", "analysis_table", "write_png", "name_problem",

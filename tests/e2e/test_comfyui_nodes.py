@@ -568,3 +568,24 @@ def test_block_weights_input_reaches_the_options(nodes, loras, tmp_path):
     with pytest.raises(RuntimeError, match="lora-resize: --block-weights SDXL is for SDXL LoRAs"):
         nodes.NODE_CLASS_MAPPINGS["LoraResize"]().resize("a.safetensors", output_layout="same", output_name="a_x",
                                                          block_weights="SDXL:ALL", **RANK_ARGS)
+
+
+def test_average_node_writes_what_the_cli_writes(nodes, loras, tmp_path):
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeAverage"]()
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["LoraResizeAverage"] == "Average LoRA checkpoints"
+    name, summary = node.average("b.safetensors\n a.safetensors\n", weighting="ema", beta=0.8, sigma_rel=0.1,
+                                 steps="200,100", method="sv_fro", param=0.95, rank=16, conv_rank=0,
+                                 rank_rule="exact", target_size="", precision="same", output_name="")
+    assert name == "b_averaged.safetensors"
+    cli = tmp_path / "avg.safetensors"
+    assert main(["average", str(loras / "b.safetensors"), str(loras / "a.safetensors"), "-o", str(cli),
+                 "--weighting", "ema", "--beta", "0.8", "--steps", "200,100", "--method", "sv_fro", "--param",
+                 "0.95", "--rank", "16", "-q"]) == 0
+    assert (loras / name).read_bytes() == cli.read_bytes()
+    assert "a.safetensors (step 100) x 0.8, b.safetensors (step 200) x 0.2" in summary
+    with pytest.raises(RuntimeError) as e:  # names without numbers, no steps: an ordered weighting refuses
+        node.average("a.safetensors\nb.safetensors", weighting="linear", beta=0.8, sigma_rel=0.1, steps="",
+                     method="sv_fro", param=0.95, rank=16, conv_rank=0, rank_rule="exact", target_size="",
+                     precision="same", output_name="")
+    assert "--steps 100,200" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in loras.glob("*_averaged*")) == ["b_averaged.safetensors"]

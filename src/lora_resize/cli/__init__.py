@@ -5,6 +5,7 @@ where errors become exit codes.
     lora-resize resize IN -o OUT --method sv_fro --param 0.9 --rank 64
     lora-resize --model IN --save_to OUT --new_rank 32 --dynamic_method sv_ratio --dynamic_param 8   (sd-scripts form)
     lora-resize convert IN -o OUT --to comfy
+    lora-resize average A-000004 A-000008 -o OUT --weighting ema --beta 0.8    (one run's checkpoints, averaged)
     lora-resize extract --base BASE --tuned TUNED -o OUT --rank 32    (a LoRA of a fine-tune's difference)
     lora-resize preview IN --base MODEL --prompt "a cat"    (pictures per setting; pip install 'lora-resize[preview]')
     lora-resize demo
@@ -21,7 +22,7 @@ from .._version import __version__
 from ..errors import LoraResizeError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-COMMANDS = ("resize", "extract", "convert", "merge", "analyze", "preview", "batch", "demo", "ui")
+COMMANDS = ("resize", "extract", "convert", "merge", "average", "analyze", "preview", "batch", "demo", "ui")
 # the module of each subcommand: cli/<name>.py, except the web page's, which lives in the room above (ui/)
 MODULES = {**{c: f"{__name__}.{c}" for c in COMMANDS}, "ui": "lora_resize.ui.command"}
 

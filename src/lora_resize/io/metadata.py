@@ -16,6 +16,9 @@ DYNAMIC = "Dynamic"  # sd-scripts' value of ss_network_dim / ss_network_alpha wh
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 HASH_PLACEHOLDERS = ("0" * 64, "0" * 8)  # sha256 hex, and its first 8 hex digits
 MERGE_KEPT = ("ss_network_module", "ss_base_model_version")  # what a merge keeps of its first input's metadata
+# what an average of one run's checkpoints also keeps of its last checkpoint's (sd-scripts train_network.py
+# `save_model` writes ss_steps and ss_epoch at each save; the average's ss_steps is the last checkpoint's step)
+AVERAGE_KEPT = ("ss_epoch", "ss_output_name")
 # The network fields of a LyCORIS file (sd-scripts' `--network_module lycoris.kohya`, its `--network_args` read by
 # lycoris/kohya.py `create_network`). What the tensors are written as decides what still holds: plain LoRA pairs
 # are sd-scripts' `networks.lora`, which ignores LyCORIS's arguments; pairs with DoRA magnitudes (`dora_scale`)
@@ -55,10 +58,17 @@ class SideOutputs:
 
 @dataclass(frozen=True)
 class InputRecord:
-    """What the output's metadata says about one input: its file name, metadata and (merge) weight."""
+    """What the output's metadata says about one input: its file name, metadata, (merge) weight and, for a
+    checkpoint an average takes (ops.average), the training step it was saved at."""
     name: str
     metadata: Mapping[str, str]
     weight: float | None = None
+    step: int | None = None
+
+
+def averaged(sources: Sequence[InputRecord]) -> bool:
+    """The inputs are checkpoints of one run at known steps (ops.average), not LoRAs merged."""
+    return bool(sources) and all(s.step is not None for s in sources)
 
 
 def setting_text(opts) -> str:
@@ -171,7 +181,7 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
     {"merge_method": "ties", "density": 0.3})."""
     d: dict = {"version": __version__}
     if merged:
-        d["operation"] = "merge"
+        d["operation"] = "average" if averaged(sources) else "merge"
         d.update(merged if isinstance(merged, Mapping) else {})
     else:
         d["source"] = sources[0].name
@@ -187,8 +197,8 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
     if opts.diffs_to_lora:
         d["diffs_to_lora"] = True
     if merged:
-        d["sources"] = [{"file": s.name, "weight": s.weight, "sshs_model_hash": s.metadata.get("sshs_model_hash")}
-                        for s in sources]
+        d["sources"] = [{"file": s.name, "weight": s.weight, "sshs_model_hash": s.metadata.get("sshs_model_hash"),
+                         **({"step": s.step} if s.step is not None else {})} for s in sources]
     d["layers"] = {x.name: [x.old_rank, x.new_rank] for x in rows}
     return json.dumps(d, separators=(",", ":"))
 
@@ -237,9 +247,15 @@ def output_metadata(opts, precision: str, fmt: str, rows: Sequence, sources: Seq
     first = sources[0].metadata
     if merged:
         ranks, alphas = {r.new_rank for r in rows}, {stored_alpha(r.new_alpha, precision) for r in rows}
-        recipe = " + ".join(f"{s.name} x {s.weight:g}" for s in sources)
+        recipe = " + ".join(f"{s.name}{'' if s.step is None else f' (step {s.step})'} x {s.weight:g}"
+                            for s in sources)
         meta = {k: v for k, v in first.items() if k in MERGE_KEPT}
-        meta.update({"ss_training_comment": f"merged with lora-resize ({setting_text(opts)}): {recipe}",
+        if averaged(sources):  # one run's checkpoints: where the run is at the last of them, as sd-scripts counts
+            last = max(sources, key=lambda s: s.step)
+            meta.update({"ss_steps": str(last.step),
+                         **{k: last.metadata[k] for k in AVERAGE_KEPT if k in last.metadata}})
+        verb = "averaged" if averaged(sources) else "merged"
+        meta.update({"ss_training_comment": f"{verb} with lora-resize ({setting_text(opts)}): {recipe}",
                      "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else DYNAMIC,
                      "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else DYNAMIC})
     else:

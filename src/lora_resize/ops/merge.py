@@ -36,9 +36,11 @@ from .job import (LayerJob, Output, as_options, checked, clamp_notes, factor_byt
 
 @dataclass(frozen=True)
 class Source:
-    """One input of a merge and its weight."""
+    """One input of a merge and its weight; `step`: the training step it was saved at, when it is one checkpoint
+    of a run that ops.average averages (recorded in the output's metadata), else None."""
     path: Path
     weight: float = 1.0
+    step: int | None = None
 
 
 def parse_source(text: str) -> Source:
@@ -261,7 +263,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     opts = as_options(options, option_fields)
     srcs = [s if isinstance(s, Source) else parse_source(s) if isinstance(s, str) else Source(Path(s))
             for s in sources]
-    srcs = [Source(resolve_input(local_path(s.path, "input")), s.weight) for s in srcs]
+    srcs = [replace(s, path=resolve_input(local_path(s.path, "input"))) for s in srcs]
     if not srcs:
         raise OptionsError("merge needs at least one input: A.safetensors:0.8 B.safetensors:0.5 ...")
     for s in srcs:
@@ -314,7 +316,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         notes += companion_notes
         # the output: the first input's layout, each layer written by the module of the first input that has it
         layout = replace(layouts[0], modules=[j.module for j in jobs])
-        out = Output(layout, jobs, copied, [InputRecord(s.path.name, r.metadata, s.weight)
+        out = Output(layout, jobs, copied, [InputRecord(s.path.name, r.metadata, s.weight, s.step)
                                             for s, r in zip(live, readers)], merged=settings.as_dict(),
                      cast=opts.precision is not None)
         done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
