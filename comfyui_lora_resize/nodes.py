@@ -81,17 +81,13 @@ def _stack(lora_stack) -> list[tuple[str, float]]:
 
 
 def _merge_settings(merge_method: str, values: dict):
-    """The MergeSettings of the Merge node's inputs: `merge_method` and the MERGE_PARAMS widgets' `values`. A widget
-    always holds a value, so a parameter the method does not read is ignored (the method list may change under a
-    saved workflow); a FLOAT parameter's 0 means the method's default (density's valid values are in (0, 1]). Raises
+    """The MergeSettings of the Merge node's inputs: `merge_method` and the MERGE_PARAMS widgets' `values`
+    (lora_resize.MergeSettings.given: a widget always holds a value, so a parameter the method does not read is
+    ignored); a FLOAT parameter's 0 means the method's default (density's valid values are in (0, 1]). Raises
     OptionsError (unknown method, bad value) and ValueError (an input that is no parameter)."""
-    unknown = sorted(set(values) - set(lora_resize.MERGE_PARAMS))
-    if unknown:
-        raise ValueError(f"Merge LoRAs has no input {unknown[0]!r}")
-    reads = lora_resize.MergeSettings(merge_method).as_dict()  # the method and the parameters it reads
-    given = {name: v for name, v in values.items()
-             if name in reads and not (lora_resize.MERGE_PARAMS[name].type is float and v == 0)}
-    return lora_resize.MergeSettings(merge_method, **given)
+    floats = {name for name, p in lora_resize.MERGE_PARAMS.items() if p.type is float}
+    return lora_resize.MergeSettings.given(merge_method, {name: None if name in floats and v == 0 else v
+                                                          for name, v in values.items()})
 
 
 def _output_path(name: str, default: str) -> Path:
