@@ -444,7 +444,7 @@ class Output:
     jobs: list[LayerJob]
     copied: dict[str, TensorSource]
     sources: list[InputRecord]
-    merged: bool = False
+    merged: bool | dict = False  # a merge: True, or its MergeSettings.as_dict(), which the metadata records
     cast: bool = False
 
     def copied_cast(self, save_dtype: torch.dtype) -> torch.dtype | None:

@@ -382,7 +382,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         # the output: the first input's layout, each layer written by the module of the first input that has it
         layout = replace(layouts[0], modules=[j.module for j in jobs])
         out = Output(layout, jobs, copied, [InputRecord(s.path.name, r.metadata, s.weight)
-                                            for s, r in zip(live, readers)], merged=True,
+                                            for s, r in zip(live, readers)], merged=settings.as_dict(),
                      cast=opts.precision is not None)
         done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
     notes += list(layouts[0].notes) + done.write_notes + clamp_notes(done.rows) + done.plan_notes
@@ -392,7 +392,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                      f"{len(cancelled)} layer(s) cancel out (the weighted inputs sum to zero there, within rounding) "
                      f"and are written as zeros, e.g. {min(cancelled)}")
     return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
-                        options={**done.options.as_dict(), **settings.as_dict(),
+                        options={**done.options.as_dict(), **settings.as_dict(), "merge_label": settings.label(),
                                  "sources": [[str(s.path), s.weight] for s in srcs],
                                  "rule_hits": rules.hits, "input_rules": input_rules},
                         layers=done.rows, passthrough=list(copied), cast=done.cast, summed=summed,

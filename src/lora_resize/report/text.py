@@ -70,13 +70,20 @@ def shown_paths(paths: list[Path]) -> list[str]:
 
 def _inputs_and_output(result: ResizeResult) -> str:
     """'k.safetensors -> od/k.safetensors', or a merge's 'a.safetensors:0.8 + b.safetensors:0.5 -> ab.safetensors'
-    (the inputs it used, with their weights)."""
+    (the inputs it used, with their weights; its merge method when not the sum)."""
     sources = [(Path(p), w) for p, w in result.options.get("sources") or () if w != 0]
     if len(sources) < 2:
         src, dst = shown_paths([result.src, result.dst])
         return f"{src} -> {dst}"
     *srcs, dst = shown_paths([p for p, _ in sources] + [result.dst])
-    return " + ".join(f"{s}:{w:g}" for s, (_, w) in zip(srcs, sources)) + f" -> {dst}"
+    return " + ".join(f"{s}:{w:g}" for s, (_, w) in zip(srcs, sources)) + f" -> {dst}" + _merge_method(result)
+
+
+def _merge_method(result: ResizeResult) -> str:
+    """' (merge method ties, density 0.3)': a merge's method other than the sum, with the parameters it read (the
+    result's `merge_label`, core.merging.MergeSettings.label())."""
+    label = result.options.get("merge_label")
+    return f" (merge method {label})" if label and result.options.get("merge_method", "sum") != "sum" else ""
 
 
 def average_line(result: ResizeResult) -> str:
