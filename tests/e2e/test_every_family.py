@@ -59,7 +59,7 @@ def test_merge_records_what_resize_records(tmp_path, blocky_lora):
         m = lora_resize.merge([f"{blocky_lora}:0.5", f"{blocky_lora}:0.5"], tmp_path / "m.safetensors",
                               block_rules=rules, **budget)
         rec_r, rec_m = json.loads(r.metadata["lora_resize"]), json.loads(m.metadata["lora_resize"])
-        assert set(rec_r) - {"source"} == set(rec_m) - {"operation", "sources"}, budget
+        assert set(rec_r) - {"source"} == set(rec_m) - {"operation", "merge_method", "sources"}, budget
         for key in set(rec_r) - {"source", "layers"}:
             assert rec_r[key] == rec_m[key], (budget, key)
         assert rec_m["block_rules"] == list(rules) and rec_m["layers"].keys() == rec_r["layers"].keys()

@@ -137,6 +137,11 @@ class MergeSettings:
         return {"merge_method": self.method,
                 **{p: self.value(p) for p in MERGE_METHODS[self.method].params}}
 
+    def label(self) -> str:
+        """The method and the values of the parameters it reads, for a summary: 'ties, density 0.3', 'sum'."""
+        values = [(p, self.value(p)) for p in MERGE_METHODS[self.method].params]
+        return ", ".join([self.method] + [f"{p} {v:g}" for p, v in values if v is not None])
+
     def flags(self) -> list[str]:
         """The settings as CLI words (none for the default sum)."""
         if self.method == "sum":
@@ -176,3 +181,18 @@ def merged_layer(name: str, parts: list[tuple[float, LowRankLayer]], settings: M
 
 register(MergeMethod("sum", "the weighted sum of the updates, exact (the default)",
                      maths("summed")))
+register(MergeMethod("ties", "TIES-Merging (Yadav et al., arXiv 2306.01708): trim each input to its largest --density "
+                     "fraction, elect signs, disjoint mean; in the core space (default density 0.2)",
+                     maths("ties"), params=("density",), defaults={"density": 0.2}, basis_invariant=False))
+register(MergeMethod("dare", "DARE (Yu et al., arXiv 2311.03099): keep each entry with probability --density, rescale "
+                     "by 1/density, sum; seeded by --seed, in the core space (defaults 0.5, 0)",
+                     maths("dare"), params=("density", "seed"), defaults={"density": 0.5, "seed": 0},
+                     basis_invariant=False))
+register(MergeMethod("magnitude_prune", "PEFT's magnitude_prune: trim each input to its largest --density fraction, "
+                     "then sum; in the core space (default density 0.5)",
+                     maths("magnitude_prune"), params=("density",), defaults={"density": 0.5}, basis_invariant=False))
+register(MergeMethod("tsv", "TSV-Merge (Gargiulo et al., arXiv 2412.00081): each input's leading --density fraction "
+                     "of singular directions (default 1/number of inputs), decorrelated; exact",
+                     maths("tsv"), params=("density",), defaults={"density": None}))
+register(MergeMethod("iso", "Iso-C (Marczak et al., arXiv 2502.04959): the sum with its singular values flattened to "
+                     "their mean; exact", maths("iso")))

@@ -163,12 +163,16 @@ def network_args(args: str | None, rows: Sequence, precision: str, every_module:
     return {"ss_network_args": json.dumps(d)}
 
 
-def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[InputRecord], merged: bool) -> str:
+def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[InputRecord],
+           merged: bool | Mapping) -> str:
     """JSON for our metadata key: the job's settings (block rules and budget included) and every layer's old and
-    new rank; a resize names its source, a merge its sources with weights and sd-scripts hashes."""
+    new rank; a resize names its source, a merge its sources with weights and sd-scripts hashes, and its merge
+    method with the parameters it read (`merged`: a merge's core.merging.MergeSettings.as_dict(), e.g.
+    {"merge_method": "ties", "density": 0.3})."""
     d: dict = {"version": __version__}
     if merged:
         d["operation"] = "merge"
+        d.update(merged if isinstance(merged, Mapping) else {})
     else:
         d["source"] = sources[0].name
     d.update(format=fmt, method=opts.method or "fixed", param=opts.param, rank_rule=opts.rank_rule, rank=opts.rank,
@@ -221,11 +225,12 @@ def network_fields(meta: Mapping[str, str], network: str | None, arch: str | Non
 
 
 def output_metadata(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[InputRecord],
-                    side: Mapping[str, str | None], merged: bool = False, network: str | None = None,
+                    side: Mapping[str, str | None], merged: bool | Mapping = False, network: str | None = None,
                     arch: str | None = None) -> dict[str, str]:
     """The metadata of the file a resize (one source) or a merge (`merged`) writes, without the sd-scripts hashes
     (`with_hashes` adds them). A resize keeps its input's metadata and overwrites sd-scripts' resize fields; a
-    merge keeps only the base model's identity and describes the recipe. `rows`: the LayerResults, in order.
+    merge keeps only the base model's identity and describes the recipe (`merged`: True, or the merge's
+    MergeSettings.as_dict(), whose method and parameters the record states). `rows`: the LayerResults, in order.
     `network`: what the tensors are written as ('lora', 'dora', None: as read; formats' Layout.written_network),
     which sets the network module and arguments (network_fields) with `arch`, the architecture the keys read as
     (formats' Layout.arch)."""
