@@ -195,17 +195,22 @@ def _param_widget(p) -> tuple:
 
 def _merge_inputs() -> dict:
     """The Merge node's optional inputs after `more`: the merge method (every registered one,
-    lora_resize.merge_methods()), one widget per merge parameter (lora_resize.MERGE_PARAMS) and a LORA_STACK
-    socket. Optional and last, so a workflow saved before them loads with its widget values in place (sum: the
-    file it made then)."""
+    lora_resize.merge_methods()), the per-input strengths, a LORA_STACK socket, then one widget per merge parameter
+    (lora_resize.MERGE_PARAMS, last: a parameter declared later is appended). Optional and after the older inputs,
+    so a workflow saved before them loads with its widget values in place (sum: the file it made then)."""
     return {"merge_method": (lora_resize.merge_methods(), {
                 "default": "sum", "tooltip": "how the weighted inputs combine (lora-resize merge --merge-method): "
                                              "sum is the exact weighted sum; the README's Merge methods lists the "
                                              "others"}),
-            **{p.name: _param_widget(p) for p in lora_resize.MERGE_PARAMS.values()},
+            "input_strengths": ("STRING", {"default": "", "multiline": True, "tooltip": (
+                "block strengths of single inputs, applied before the merge method, one per line: "
+                "N:PRESET:W1,... or N:PATTERN=scale:X (N: lora_a 1, lora_b 2, then the more lines, then the "
+                "stack's LoRAs), e.g. 2:SDXL:OUTALL or 1:*attn2*=scale:0.5; the CLI's --input-block-weights / "
+                "--input-rule")}),
             "lora_stack": ("LORA_STACK", {"tooltip": "more inputs from a LoRA stack node (name, model strength, "
                                                      "clip strength): the model strength is the weight, the two "
-                                                     "must be equal; 'None' slots are skipped"})}
+                                                     "must be equal; 'None' slots are skipped"}),
+            **{p.name: _param_widget(p) for p in lora_resize.MERGE_PARAMS.values()}}
 
 
 AUTO_NAME = "empty: <input>_%s.safetensors, or _2, _3... when taken (never over a file)"
@@ -290,7 +295,7 @@ class MergeLoras(_WritesLora):
     """LoRAs merged by a merge method (default: the exact weighted sum; weights may be negative), reduced like a
     resize, into a new file. Inputs: lora_a and lora_b, then as many as wanted as `more` lines
     (name.safetensors:weight) and from a LoRA stack node (`lora_stack`), in that order; a weight of 0 leaves that
-    input out."""
+    input out; `input_strengths` gives single inputs block strengths (lora_resize.with_input_strengths)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -316,10 +321,12 @@ class MergeLoras(_WritesLora):
             return float("nan")  # always run: the node says what is wrong
 
     def merge(self, lora_a, weight_a, lora_b, weight_b, method, param, rank, conv_rank, rank_rule, target_size,
-              precision, output_name, more="", merge_method="sum", lora_stack=None, **merge_params):
+              precision, output_name, more="", merge_method="sum", input_strengths="", lora_stack=None,
+              **merge_params):
         settings = _run(lambda: _merge_settings(merge_method, merge_params))  # checked before any work
         inputs = [(lora_a, weight_a), (lora_b, weight_b), *_more(more), *_stack(lora_stack)]
-        sources = [lora_resize.Source(Path(_lora_path(name)), w) for name, w in inputs]
+        sources = _run(lambda: lora_resize.with_input_strengths(
+            [lora_resize.Source(Path(_lora_path(name)), w) for name, w in inputs], input_strengths))
         dst = _output_path(output_name, f"{_stem(lora_a)}_merged")
         fields = _options(method, param, rank, conv_rank, rank_rule, target_size, precision)
         return _written(dst, lambda: lora_resize.merge(sources, dst, progress=_progress(), merge_method=settings,

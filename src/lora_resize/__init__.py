@@ -8,7 +8,8 @@ stays cheap. It is also the one facade for consumers outside the package (the Co
 (`resized`: a resize in memory, for applying a setting without a file; `preview` and `Probing`: pictures and
 effect errors on a base model),
 the choices their inputs offer (`LAYOUTS`, `PRECISIONS`, `RANK_RULES`, `dynamic_methods()`; the merge methods
-`merge_methods()`, the parameters they read `MERGE_PARAMS` and a merge's `MergeSettings`), the renderings of
+`merge_methods()`, the parameters they read `MERGE_PARAMS` and a merge's `MergeSettings`; per-input strengths
+from lines, `with_input_strengths`), the renderings of
 results (`summary`, `analysis_table`, `write_png`, `format_size`, `labelled_grid`: pictures with their labels), a
 setting read from flags as the CLI reads them
 (`options_from_flags`) and the output names (`name_problem`, `free_name`)."""
@@ -28,6 +29,7 @@ _LAZY = {
     "free_name": "io.paths", "format_size": "units", "options_from_flags": "cli.flags",
     "labelled_grid": "report.grid", "preview": "ops.preview", "Preview": "ops.preview", "Probing": "ops.effect",
     "merge_methods": "core.merging", "MERGE_PARAMS": "core.merging", "MergeSettings": "core.merging",
+    "with_input_strengths": "cli.merge",
 }
 
 __all__ = ["__version__", "resize", "resized", "Resized", "convert", "extract", "analyze", "Analysis", "SettingRow", "merge", "Source", "ResizeOptions",
@@ -35,7 +37,7 @@ __all__ = ["__version__", "resize", "resized", "Resized", "convert", "extract", 
            "InputFileError", "LoraStructureError", "NumericalError", "OutputFileError", "DeviceError", "LAYOUTS",
            "PRECISIONS", "RANK_RULES", "dynamic_methods", "summary", "analysis_table", "write_png", "name_problem",
            "free_name", "format_size", "options_from_flags", "labelled_grid", "preview", "Preview", "Probing",
-           "merge_methods", "MERGE_PARAMS", "MergeSettings"]
+           "merge_methods", "MERGE_PARAMS", "MergeSettings", "with_input_strengths"]
 
 
 def __getattr__(name: str):

@@ -688,3 +688,36 @@ def test_the_merge_node_takes_twelve_loras_from_lines_and_a_lora_stack(nodes, lo
                        rank_rule="exact", target_size="", precision="same", output_name="nope", lora_stack=bad)
         assert "\n" not in str(e.value)
     assert sorted(p.name for p in loras.iterdir()) == before
+
+
+def test_the_merge_node_s_per_input_strengths_and_a_seeded_method_make_the_cli_s_file(nodes, loras, tmp_path):
+    """input_strengths lines (N:PRESET:W1,... and N:PATTERN=scale:X) are the CLI's --input-block-weights and
+    --input-rule, N counting lora_a, lora_b, the more lines, then the stack; dare's density and seed reach the
+    method: the CLI's file for the same flags, byte for byte. A bad line is a one-line error, nothing written."""
+    assert nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]["input_strengths"][1]["default"] == ""
+    widgets = merge_widgets(nodes)
+    assert widgets[len(SAVED_MERGE_WIDGETS):] == ["merge_method", "input_strengths", *lora_resize.MERGE_PARAMS]
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"]()
+    args = dict(method="fixed", param=0.0, rank=12, conv_rank=0, rank_rule="exact", target_size="", precision="same")
+    srcs = [f"{loras / 'a.safetensors'}:1", f"{loras / 'b.safetensors'}:-0.5", f"{loras / 'style/c.safetensors'}:0.5"]
+    lines = "2:SD15:OUTALL\n\n# the first one's cross-attention at half\n1:*attn2*=scale:0.5\n3:*attn2*=drop"
+    name, _ = node.merge("a.safetensors", 1.0, "b.safetensors", -0.5, output_name="strong", input_strengths=lines,
+                         lora_stack=[("style/c.safetensors", 0.5, 0.5)], merge_method="dare", density=0.3, seed=7,
+                         **args)
+    cli = tmp_path / "strong.safetensors"
+    assert main(["merge", *srcs, "-o", str(cli), "--rank", "12", "--input-block-weights", "2:SD15:OUTALL",
+                 "--input-rule", "1:*attn2*=scale:0.5", "--input-rule", "3:*attn2*=drop", "--merge-method", "dare",
+                 "--density", "0.3", "--seed", "7", "-q"]) == 0
+    assert (loras / name).read_bytes() == cli.read_bytes()
+    plain = tmp_path / "plain.safetensors"
+    assert main(["merge", *srcs, "-o", str(plain), "--rank", "12", "--merge-method", "dare", "--density", "0.3",
+                 "--seed", "7", "-q"]) == 0
+    assert (loras / name).read_bytes() != plain.read_bytes()  # the strengths changed the merge
+    before = sorted(p.name for p in loras.iterdir())
+    for bad, why in (("3:SD15:OUTALL", "there is no input 3"), ("SD15:OUTALL", "write N:PRESET"),
+                     ("1:SD15:OUTALL\n1:SD15:INALL", "input 1 has 2 block weights presets"),
+                     ("1:SDXL:ALL", "--block-weights SDXL is for SDXL LoRAs")):
+        with pytest.raises(RuntimeError, match=why) as e:
+            node.merge("a.safetensors", 1.0, "b.safetensors", 1.0, output_name="nope", input_strengths=bad, **args)
+        assert str(e.value).startswith("lora-resize: ") and "\n" not in str(e.value), bad
+    assert sorted(p.name for p in loras.iterdir()) == before

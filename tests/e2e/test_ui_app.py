@@ -335,7 +335,7 @@ def test_the_merge_tab_offers_every_registered_method_and_shows_the_parameters_i
     # the job takes one box per parameter, in MERGE_PARAMS' order, after the method (the page wires them so)
     params = list(inspect.signature(App.merge).parameters)
     at = params.index("merge_method") + 1
-    assert params[at:at + len(MERGE_PARAMS)] == list(MERGE_PARAMS) and params[at + len(MERGE_PARAMS)] == "progress"
+    assert params[at:at + len(MERGE_PARAMS)] == list(MERGE_PARAMS)
     app.close()
 
 
@@ -393,3 +393,34 @@ def test_the_merge_tab_merges_twelve_files_with_their_weights(folder, tmp_path):
     assert Path(offered).read_bytes() == cli.read_bytes(), status
     status, _ = app.merge(None, names, "1 2 3", "")
     assert status == "error: give one weight per file: 12 files, 3 weights"
+
+
+def test_the_merge_tab_s_per_input_strengths_and_a_seeded_method_are_the_command_s(folder, tmp_path):
+    """The per-input strengths box (N:PRESET:W1,... and N:PATTERN=scale:X lines, N in the files' order) and dare's
+    density and seed become the command's --input-block-weights, --input-rule, --merge-method, --density and
+    --seed: the CLI's file for it. Before, the page built its inputs itself, so --input-rule in the flags box was
+    parsed and dropped; now the flags box's per-input flags reach the merge too."""
+    app = App(tmp_path / "work", folder)
+    a, b = folder / "sub" / "a.safetensors", folder / "b.safetensors"
+    for method, density, seed, box, flags, want in (
+            ("dare", 0.4, 11, "1:*attn1*=scale:1.5\n# half the second's cross-attention\n2:*attn2*=scale:0.5",
+             "--rank 8 --input-rule '2:*attn1*=scale:2'",
+             ["--merge-method", "dare", "--density", "0.4", "--seed", "11", "--input-rule", "1:*attn1*=scale:1.5",
+              "--input-rule", "2:*attn2*=scale:0.5", "--input-rule", "2:*attn1*=scale:2"]),
+            ("sum", None, None, "1:SD15:OUTALL", "--rank 8", ["--input-block-weights", "1:SD15:OUTALL"])):
+        status, offered = app.merge(None, ["b.safetensors", "sub/a.safetensors"], "1 -0.5", flags, method, density,
+                                    seed, box)
+        command = status.split("\ncommand: ", 1)[1].split("\n")[0]
+        assert all(shlex.join(want[i:i + 2]) in command for i in range(0, len(want), 2)), (want, command)
+        cli = tmp_path / f"cli_{method}.safetensors"
+        assert main(["merge", f"{b}:1", f"{a}:-0.5", "-o", str(cli), "--rank", "8", *want, "-q"]) == 0
+        assert Path(offered).read_bytes() == cli.read_bytes()
+        plain = tmp_path / f"plain_{method}.safetensors"
+        assert main(["merge", f"{b}:1", f"{a}:-0.5", "-o", str(plain), "--rank", "8", *want[:6 if density else 0],
+                     "-q"]) == 0
+        assert Path(offered).read_bytes() != plain.read_bytes()  # the strengths changed the merge
+    before = files(folder)
+    for box, why in (("3:SD15:OUTALL", "there is no input 3"), ("SD15:OUTALL", "write N:PRESET")):
+        status, out = app.merge(None, ["b.safetensors", "sub/a.safetensors"], "", "--rank 4", "sum", None, None, box)
+        assert status.startswith("error: ") and why in status and "\n" not in status and out is None, status
+    assert files(folder) == before

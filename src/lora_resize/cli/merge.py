@@ -88,6 +88,38 @@ def merge_sources(args: argparse.Namespace) -> list:
             for n, s in enumerate(sources, 1)]
 
 
+def input_strength_flags(text: str) -> list[str]:
+    """The per-input strengths box of the page and the ComfyUI Merge node, one per line - 'N:PATTERN=scale:X' (a
+    scale rule: a line with '=' after N) or 'N:PRESET:W1,...' (block weights) - as the flags that say the same:
+    ['--input-rule', '2:*attn2*=scale:0.5', '--input-block-weights', '1:SDXL:OUTALL']. Blank lines and '#'
+    comments are skipped."""
+    words = []
+    for line in (x.strip() for x in (text or "").splitlines()):
+        if line and not line.startswith("#"):
+            words += ["--input-rule" if "=" in line.partition(":")[2] else "--input-block-weights", line]
+    return words
+
+
+def with_input_strengths(sources: list, text: str) -> list:
+    """`sources` (ops.merge.Source, in input order, numbered from 1) with the per-input strengths of `text`
+    (`input_strength_flags`'s lines) added to their own. Raises OptionsError (one line) for a line without a valid
+    N, an N past the last input, or two presets for one input."""
+    from dataclasses import replace
+
+    from ..errors import OptionsError
+
+    words = input_strength_flags(text)
+    given = {flag: numbered([v for f, v in zip(words[::2], words[1::2]) if f == flag], len(sources), flag)
+             for flag in ("--input-rule", "--input-block-weights")}
+    rules, presets = given["--input-rule"], given["--input-block-weights"]
+    for n, values in presets.items():
+        if len(values) + (sources[n - 1].block_weights is not None) > 1:
+            raise OptionsError(f"input {n} has {len(values)} block weights presets; give one per input (and scale "
+                               "rules as N:PATTERN=scale:X)")
+    return [replace(s, rules=(*s.rules, *rules.get(n, ())), block_weights=presets.get(n, [s.block_weights])[0])
+            for n, s in enumerate(sources, 1)]
+
+
 def merge_settings(args: argparse.Namespace):
     """The MergeSettings of parsed arguments (OptionsError for a parameter the method does not read)."""
     from ..core.merging import MERGE_PARAMS, MergeSettings

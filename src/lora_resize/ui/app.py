@@ -276,16 +276,18 @@ class App:
             self._release(dst)
 
     def merge(self, uploads, picked, weights, flags, merge_method="sum", density=None, seed=None,
-              progress=gr.Progress()):
+              input_strengths="", progress=gr.Progress()):
         """The merge tab: the files (picked ones first) with their weights (one per file, or none: all 1), the merge
         method and its parameters' boxes (core.merging.MergeSettings.given: empty is the method's default, a box the
-        method does not read is ignored; one argument per MERGE_PARAMS entry, in its order), and the flags box (rank
-        options; a method or parameter there is refused: the boxes set them). Returns (the status: the summary, where
-        the file was saved and the command that makes the same file; the file offered for download, or None)."""
+        method does not read is ignored; one argument per MERGE_PARAMS entry, in its order), the per-input strengths
+        box (cli.merge.input_strength_flags: 'N:PRESET:W1,...' or 'N:PATTERN=scale:X' lines) and the flags box (rank
+        options; a method or parameter there is refused: the boxes set them). All of it becomes one `lora-resize
+        merge` command, run as the CLI runs it. Returns (the status: the summary, the command, where the file was
+        saved; the file offered for download, or None)."""
         from ..cli.flags import options_from
-        from ..cli.merge import merge_settings
+        from ..cli.merge import input_strength_flags, merge_settings, merge_sources
         from ..core.merging import MergeSettings
-        from ..ops.merge import Source, merge
+        from ..ops.merge import merge
         dst = None
         try:
             paths = [str(self._picked(p)) for p in (picked or [])] + [_uploaded(u) for u in (uploads or [])]
@@ -295,16 +297,17 @@ class App:
             if len(ws) != len(paths):
                 raise LoraResizeError(f"give one weight per file: {len(paths)} files, {len(ws)} weights")
             try:
-                sources = [Source(Path(p), float(w)) for p, w in zip(paths, ws)]
+                [float(w) for w in ws]  # checked here to name the box; the command carries them as typed
             except ValueError:
                 raise LoraResizeError(f"weights must be numbers, got {weights!r}") from None
             boxes = dict(zip(MERGE_PARAMS, (density, seed)))  # the boxes, as the signature lists them
             method = MergeSettings.given(merge_method or "sum", {
                 name: _count(v, None) if MERGE_PARAMS[name].type is int else v for name, v in boxes.items()})
             dst = self._out("merged.safetensors", self.loras if picked and not uploads else None)
-            own = [f"{p}:{w}" for p, w in zip(paths, ws)] + ["-o", str(dst), *method.flags()]
+            own = [f"{p}:{w}" for p, w in zip(paths, ws)] + ["-o", str(dst), *method.flags(),
+                                                              *input_strength_flags(input_strengths)]
             args = _parse("merge", own, flags, merge_sets())
-            result = merge(sources, dst, options_from(args), progress=_progress(progress, "merging"),
+            result = merge(merge_sources(args), dst, options_from(args), progress=_progress(progress, "merging"),
                            merge_method=merge_settings(args))
             return self._done(result, ["lora-resize", "merge", *own, *_split(flags)])
         except LoraResizeError as e:
@@ -413,12 +416,17 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None, ap
                                      precision=0 if p.type is int else None, minimum=0, visible=False,
                                      elem_id=f"merge-{p.name}") for p in MERGE_PARAMS.values()]
             mmethod.change(method_params, [mmethod], mparams, api_visibility="private")
+            mstrengths = gr.Textbox(label="per-input block strengths, one per line: N:PRESET:W1,... or "
+                                          "N:PATTERN=scale:X (N: the file's place in the order above)",
+                                    placeholder="e.g. 2:SDXL:OUTALL\n1:*attn2*=scale:0.5", lines=2,
+                                    elem_id="merge-strengths")
             mflags = gr.Textbox(label="flags (rank options)", value="--method sv_fro --param 0.95",
                                 elem_id="merge-flags")
             merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
             mstatus = gr.Textbox(label="status", interactive=False, elem_id="merge-status", lines=3)
             mresult = gr.File(label="merged LoRA", elem_id="merge-file", interactive=False)
-            merge_btn.click(app.merge, [files, mpicked, weights, mflags, mmethod, *mparams], [mstatus, mresult])
+            merge_btn.click(app.merge, [files, mpicked, weights, mflags, mmethod, *mparams, mstrengths],
+                            [mstatus, mresult])
         with gr.Tab("Convert"):
             cfile, cpicked = _input(app, "LoRA file", "convert")
             layout = gr.Dropdown([x for x in LAYOUTS if x != "peft"], value="comfy", label="to layout",
