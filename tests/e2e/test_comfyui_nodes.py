@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lora_resize
-from helpers import load_st, make_state_dict, standard_specs, write_lora
+from helpers import load_st, make_state_dict, scaled_sum, standard_specs, write_lora
 from lora_resize.cli import main
 from lora_resize.testing.loras import write_sd15_locon
 
@@ -602,19 +602,14 @@ def test_a_merge_saved_before_the_merge_method_loads_and_makes_the_same_file(nod
     assert (loras / name).read_bytes() == cli.read_bytes()
 
 
-def scaled_sum(name, parts, settings):
-    """A merge method for the tests: the weighted sum with every weight times `density`."""
-    from lora_resize.core.core_space import stacked
-    return stacked(name, [(w * settings.value("density"), layer) for w, layer in parts])
-
-
 def test_the_merge_node_offers_every_registered_method_and_passes_what_it_reads(nodes, loras, tmp_path):
     """A method registered after the nodes were written is in the merge_method list, with its parameters, and the
     node writes the CLI's file for it: density 0 is the method's default, a parameter it does not read is
     ignored; the list loses it when it is removed."""
     from lora_resize.core.merging import MERGE_METHODS, MergeMethod, register
     optional = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]
-    assert optional["merge_method"][0] == lora_resize.merge_methods() and optional["merge_method"][1]["default"] == "sum"
+    assert optional["merge_method"][0] == lora_resize.merge_methods()
+    assert optional["merge_method"][1]["default"] == "sum"
     assert set(lora_resize.MERGE_PARAMS) <= set(optional)
     assert optional["density"][0] == "FLOAT" and optional["density"][1]["default"] == 0.0
     assert "0: the method's default" in optional["density"][1]["tooltip"]
@@ -624,7 +619,8 @@ def test_the_merge_node_offers_every_registered_method_and_passes_what_it_reads(
     try:
         optional = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]
         assert "scaled_test" in optional["merge_method"][0]
-        assert "scaled_test" in optional["density"][1]["tooltip"] and "scaled_test" not in optional["seed"][1]["tooltip"]
+        assert "scaled_test" in optional["density"][1]["tooltip"]
+        assert "scaled_test" not in optional["seed"][1]["tooltip"]
         node = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"]()
         args = dict(method="fixed", param=0.0, rank=24, conv_rank=0, rank_rule="exact", target_size="",
                     precision="same")
@@ -655,7 +651,8 @@ def test_the_merge_node_offers_every_registered_method_and_passes_what_it_reads(
         assert not (loras / "bad.safetensors").exists()
     finally:
         del MERGE_METHODS["scaled_test"]
-    assert "scaled_test" not in nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]["merge_method"][0]
+    optional = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]
+    assert "scaled_test" not in optional["merge_method"][0]
 
 
 def test_the_merge_node_takes_twelve_loras_from_lines_and_a_lora_stack(nodes, loras, tmp_path):
@@ -694,7 +691,8 @@ def test_the_merge_node_s_per_input_strengths_and_a_seeded_method_make_the_cli_s
     """input_strengths lines (N:PRESET:W1,... and N:PATTERN=scale:X) are the CLI's --input-block-weights and
     --input-rule, N counting lora_a, lora_b, the more lines, then the stack; dare's density and seed reach the
     method: the CLI's file for the same flags, byte for byte. A bad line is a one-line error, nothing written."""
-    assert nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]["input_strengths"][1]["default"] == ""
+    optional = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]
+    assert optional["input_strengths"][0] == "STRING" and optional["input_strengths"][1]["default"] == ""
     widgets = merge_widgets(nodes)
     assert widgets[len(SAVED_MERGE_WIDGETS):] == ["merge_method", "input_strengths", *lora_resize.MERGE_PARAMS]
     node = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"]()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import load_st
+from helpers import load_st, scaled_sum
 from lora_resize.cli import main
 from lora_resize.testing.loras import write_sd15_locon
 
@@ -297,12 +297,6 @@ def test_the_block_strengths_box_takes_the_bare_forms_users_paste():
         strength_fields("--rank 4")
     with pytest.raises(LoraResizeError):
         strength_fields("'*attn2*=cap:4'")
-
-
-def scaled_sum(name, parts, settings):
-    """A merge method for the tests: the weighted sum with every weight times `density`."""
-    from lora_resize.core.core_space import stacked
-    return stacked(name, [(w * settings.value("density"), layer) for w, layer in parts])
 
 
 @pytest.fixture
