@@ -82,8 +82,16 @@ def merged_job(name: str, members: list[tuple[float, Module, TensorSource]], set
         parts = [(w, checked(name, m.load(src))) for w, m, src in members]
         layer = merged_layer(name, parts, settings, cancelled)
         inputs: list = [(None, None, None)] * n_inputs
+        stacked = layer.up.shape[1] == sum(p.up.shape[1] for _, p in parts) and layer.scale == 1 and \
+            settings.method == "sum" and bool(layer.up.any())
+        at = 0
         for slot, (w, part) in zip(slots, parts):
-            inputs[slot] = (w * part.scale, part.up, part.down)
+            r = part.up.shape[1]
+            # the sum's stacked factors hold each input's weighted factors side by side: views, no second copy
+            inputs[slot] = ((1.0, layer.up[:, at:at + r], layer.down[at:at + r]) if stacked else
+                            (w * part.scale, part.up, part.down))
+            at += r
+        del parts
         return MergedLayer(**{f.name: getattr(layer, f.name) for f in fields(LowRankLayer)}, inputs=tuple(inputs))
 
     def scale_and_rank() -> tuple[float, int]:
