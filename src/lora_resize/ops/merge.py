@@ -118,6 +118,8 @@ def input_strengths(n: int, src: Source, reader: TensorSource, layout: Layout, o
         return rules_outcome(replace(opts, block_rules=rules, block_weights=src.block_weights), layout,
                              reader.infos(), reader.metadata)
     except OptionsError as e:
+        if str(e).startswith("every module is dropped"):  # apply_rules' refusal, said of one input
+            e = OptionsError("its own rules leave out every module; give it weight 0 to leave it out")
         raise OptionsError(f"input {n} ({src.path.name}): {e}") from None
 
 
