@@ -305,8 +305,13 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     `merge_method`: a registered method's name (core.merging.MERGE_METHODS; its parameters, e.g. `density=0.2`,
     `seed=1`, as keywords beside the option fields) or a MergeSettings. Each layer of the result is the best
     rank-k approximation of the method's merged update: for `sum` (the default) sum_i w_i * dW_i. Layers present in
-    only some inputs are merged from those. A weight of 0 drops that input. Raises the same errors as `resize`, and
-    OptionsError for an unknown method or a parameter it does not read."""
+    only some inputs are merged from those. A weight of 0 drops that input. A Source's own `rules` /
+    `block_weights` multiply its weight per layer before the method (input_strengths). Each row of the result
+    carries every input's share of the written layer and the energy of it kept (LayerResult.input_shares,
+    input_kept, input_energy: core.contributions). Memory: the inputs are read per layer, one window of layers at a
+    time (core.schedule), nothing per input held across layers. Raises the same errors as `resize`, and
+    OptionsError for an unknown method or a parameter it does not read, or for an input's own rules (one line
+    naming the input)."""
     t0 = time.perf_counter()
     params = {p: option_fields.pop(p) for p in MERGE_PARAMS if p in option_fields}
     if isinstance(merge_method, MergeSettings):
