@@ -136,7 +136,9 @@ def test_input_block_weights_equal_that_input_resized_with_them(tmp_path):
                                           "the merged layer: give it with --rule"),
     (["--input-rule", "1:*=8"], "input 1 (a.safetensors): rule *=8 sets a rank"),
     (["--input-rule", "1:*=scale:x"], "input 1 (a.safetensors): rule '*=scale:x': 'x' is not a strength"),
-    (["--input-rule", "1:*=drop"], "input 1 (a.safetensors): every module is dropped"),
+    (["--input-rule", "1:*=drop"], "input 1 (a.safetensors): its own rules leave out every module; give it "
+                                    "weight 0 to leave it out"),
+    (["--input-rule", "1:*=scale:0"], "input 1 (a.safetensors): its own rules leave out every module"),
     (["--input-block-weights", "1:SD15:1,1"], "input 1 (a.safetensors): --block-weights SD15 takes 17 or 26"),
     (["--input-block-weights", "2:SD15:ALL", "--input-block-weights", "2:SD15:OUTALL"],
      "--input-block-weights is given 2 times for input 2"),
@@ -189,3 +191,21 @@ def test_a_ten_input_merge_loads_no_more_than_a_window_of_layers_at_once(tmp_pat
         res = lora_resize.merge(paths, tmp_path / "o.safetensors", rank=3, threads=1, **budget)
         assert len(res.layers) == 12 and all(len(r.input_shares) == 10 for r in res.layers)
         assert most[0] <= 2 * 10, (budget, most[0])
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.0])
+def test_an_inputs_strength_scales_its_added_tensors_too(tmp_path, strength):
+    """The tensors a loader adds beside a module's factors (full, bias and modulation diffs) are that input's
+    update too: input 2's own scale rule multiplies them before the weighted sum (at 0 they are left out of it),
+    as the global strengths do (ops.job.strengthened_companions)."""
+    from test_merge import MOD, with_companions
+
+    other = make_state_dict([Spec("lora_unet_blocks_1_attn_qkv", 24, 16, 4)], seed=3)  # not left out
+    a = with_companions(tmp_path / "a.safetensors", 1, (torch.float32,) * 3, other)
+    b = with_companions(tmp_path / "b.safetensors", 2, (torch.float32,) * 3, other)
+    out = tmp_path / "o.safetensors"
+    lora_resize.merge([Source(a, 0.5), Source(b, -2.0, rules=(f"{MOD}=scale:{strength}",))], out, rank=64)
+    A, B, O = load_st(a)[0], load_st(b)[0], load_st(out)[0]
+    for end in (".diff", ".diff_b", ".diff_m"):
+        want = 0.5 * A[MOD + end].double() + (-2.0 * strength) * B[MOD + end].double()
+        assert torch.allclose(O[MOD + end].double(), want, rtol=1e-6, atol=0), end

@@ -119,10 +119,16 @@ def _from_core(parts: list[tuple[float, LowRankLayer]], u: torch.Tensor, core: t
 
 def _in_core_space(parts: list[tuple[float, LowRankLayer]], merge) -> LowRankLayer:
     """The layer U merge([M_1, ..., M_T]) V^T: `merge` (a list of p x q cores -> the merged p x q core) applied in
-    the canonical core space."""
+    the canonical core space. A merged core below CANCELLED x sum_i ||M_i||_F (inputs that cancel, e.g. 0.5 a +
+    0.5 a - a, whose rounding noise a method such as iso would otherwise keep as directions) is exact zeros."""
     u, v = core_bases(parts)
-    return _from_core(parts, u, merge(cores(parts, u, v)) if u.shape[1] and v.shape[1]
-                      else torch.zeros(u.shape[1], v.shape[1], dtype=torch.float64), v)
+    if not (u.shape[1] and v.shape[1]):
+        return _from_core(parts, u, torch.zeros(u.shape[1], v.shape[1], dtype=torch.float64), v)
+    ms = cores(parts, u, v)
+    merged = merge(ms)
+    if float(torch.linalg.vector_norm(merged)) <= CANCELLED * sum(float(torch.linalg.vector_norm(m)) for m in ms):
+        merged = torch.zeros_like(merged)
+    return _from_core(parts, u, merged, v)
 
 
 def trimmed(core: torch.Tensor, density: float) -> torch.Tensor:
@@ -218,7 +224,9 @@ def tsv(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRank
 def iso(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRankLayer:
     """Iso-C (Marczak et al., ICML 2025, arXiv 2502.04959): the SVD of the sum of the updates with every singular
     value of its numerical rank replaced by their mean (the nuclear norm kept). From the SVD of the summed cores
-    (the sum is U (sum_i M_i) V^T), so it is the paper's method on the dense updates, to rounding."""
+    (the sum is U (sum_i M_i) V^T), so it is the paper's method on the dense updates, to rounding. Its spectrum is
+    flat, so below its rank every choice of that many directions is a best rank-k approximation (README: Merge
+    methods)."""
     first = parts[0][1]
     m, n = first.up.shape[0], first.down.shape[1]
 

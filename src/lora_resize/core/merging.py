@@ -169,14 +169,20 @@ class MergeSettings:
 def merged_layer(name: str, parts: list[tuple[float, LowRankLayer]], settings: MergeSettings | None = None,
                  cancelled: list[str] | None = None) -> LowRankLayer:
     """One layer's merged update under `settings` (None: the sum), a layer of scale 1. Raises LoraStructureError
-    when the inputs' shapes differ. A sum whose inputs cancel out is zeros, its name appended to `cancelled`."""
+    when the inputs' shapes differ. A merge of nonzero inputs that comes out zero (a sum whose inputs cancel out;
+    any method whose merged update is zero or rounding noise next to its inputs') is exact zeros, its name appended
+    to `cancelled`."""
     from .core_space import check_shapes, stacked
 
     settings = settings or MergeSettings()
     if settings.method == "sum":
         return stacked(name, parts, cancelled)
     check_shapes(name, parts)
-    return MERGE_METHODS[settings.method].combine(name, parts, settings)
+    out = MERGE_METHODS[settings.method].combine(name, parts, settings)
+    if cancelled is not None and not bool(out.up.any()) and any(bool(lay.up.any()) and bool(lay.down.any())
+                                                               for _, lay in parts):
+        cancelled.append(name)  # nonzero inputs, a zero merge (they cancel, or everything was dropped)
+    return out
 
 
 register(MergeMethod("sum", "the weighted sum of the updates, exact (the default)",

@@ -82,8 +82,16 @@ def merged_job(name: str, members: list[tuple[float, Module, TensorSource]], set
         parts = [(w, checked(name, m.load(src))) for w, m, src in members]
         layer = merged_layer(name, parts, settings, cancelled)
         inputs: list = [(None, None, None)] * n_inputs
+        stacked = layer.up.shape[1] == sum(p.up.shape[1] for _, p in parts) and layer.scale == 1 and \
+            settings.method == "sum" and bool(layer.up.any())
+        at = 0
         for slot, (w, part) in zip(slots, parts):
-            inputs[slot] = (w * part.scale, part.up, part.down)
+            r = part.up.shape[1]
+            # the sum's stacked factors hold each input's weighted factors side by side: views, no second copy
+            inputs[slot] = ((1.0, layer.up[:, at:at + r], layer.down[at:at + r]) if stacked else
+                            (w * part.scale, part.up, part.down))
+            at += r
+        del parts
         return MergedLayer(**{f.name: getattr(layer, f.name) for f in fields(LowRankLayer)}, inputs=tuple(inputs))
 
     def scale_and_rank() -> tuple[float, int]:
@@ -110,6 +118,8 @@ def input_strengths(n: int, src: Source, reader: TensorSource, layout: Layout, o
         return rules_outcome(replace(opts, block_rules=rules, block_weights=src.block_weights), layout,
                              reader.infos(), reader.metadata)
     except OptionsError as e:
+        if str(e).startswith("every module is dropped"):  # apply_rules' refusal, said of one input
+            e = OptionsError("its own rules leave out every module; give it weight 0 to leave it out")
         raise OptionsError(f"input {n} ({src.path.name}): {e}") from None
 
 
@@ -295,8 +305,13 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     `merge_method`: a registered method's name (core.merging.MERGE_METHODS; its parameters, e.g. `density=0.2`,
     `seed=1`, as keywords beside the option fields) or a MergeSettings. Each layer of the result is the best
     rank-k approximation of the method's merged update: for `sum` (the default) sum_i w_i * dW_i. Layers present in
-    only some inputs are merged from those. A weight of 0 drops that input. Raises the same errors as `resize`, and
-    OptionsError for an unknown method or a parameter it does not read."""
+    only some inputs are merged from those. A weight of 0 drops that input. A Source's own `rules` /
+    `block_weights` multiply its weight per layer before the method (input_strengths). Each row of the result
+    carries every input's share of the written layer and the energy of it kept (LayerResult.input_shares,
+    input_kept, input_energy: core.contributions). Memory: the inputs are read per layer, one window of layers at a
+    time (core.schedule), nothing per input held across layers. Raises the same errors as `resize`, and
+    OptionsError for an unknown method or a parameter it does not read, or for an input's own rules (one line
+    naming the input)."""
     t0 = time.perf_counter()
     params = {p: option_fields.pop(p) for p in MERGE_PARAMS if p in option_fields}
     if isinstance(merge_method, MergeSettings):
