@@ -56,6 +56,40 @@ def _more(more: str) -> list[tuple[str, float]]:
     return out
 
 
+NO_LORA = "None"  # a LoRA stack's empty slot, as the stacker nodes name it
+
+
+def _stack(lora_stack) -> list[tuple[str, float]]:
+    """Merge's inputs from a LORA_STACK (the type LoRA stacker packs pass between nodes - Comfyroll's CR LoRA Stack,
+    Efficiency Nodes' LoRA Stacker, Easy-Use's loraStack: a list of (lora_name, strength_model, strength_clip)):
+    (name, weight) with the model strength as the weight; empty slots ('None') skipped. A merge gives an input one
+    weight for all its layers, so an entry whose clip strength differs from its model strength is refused (it would
+    be applied otherwise than the stack applies it). Raises ValueError (one line)."""
+    out = []
+    for entry in lora_stack or ():
+        if not isinstance(entry, (tuple, list)) or len(entry) < 2 or not isinstance(entry[0], (str, type(None))):
+            raise ValueError(f"lora_stack entry {str(entry)[:80]!r} is not (lora_name, strength_model, "
+                             "strength_clip): connect a LoRA stack node's LORA_STACK output")
+        name, model = entry[0], float(entry[1])
+        if not name or name == NO_LORA:
+            continue
+        if len(entry) > 2 and float(entry[2]) != model:
+            raise ValueError(f"lora_stack entry {name}: clip strength {entry[2]} differs from model strength "
+                             f"{entry[1]}; a merge gives each LoRA one weight: set both strengths to the weight")
+        out.append((name, model))
+    return out
+
+
+def _merge_settings(merge_method: str, values: dict):
+    """The MergeSettings of the Merge node's inputs: `merge_method` and the MERGE_PARAMS widgets' `values`
+    (lora_resize.MergeSettings.given: a widget always holds a value, so a parameter the method does not read is
+    ignored); a FLOAT parameter's 0 means the method's default (density's valid values are in (0, 1]). Raises
+    OptionsError (unknown method, bad value) and ValueError (an input that is no parameter)."""
+    floats = {name for name, p in lora_resize.MERGE_PARAMS.items() if p.type is float}
+    return lora_resize.MergeSettings.given(merge_method, {name: None if name in floats and v == 0 else v
+                                                          for name, v in values.items()})
+
+
 def _output_path(name: str, default: str) -> Path:
     """A new file in the first loras folder. No name given: `default` (`<input>_resized`), or the first of its
     `_2`, `_3`... that no loras folder holds (`lora_resize.free_name`), so a re-queued node writes a new file and
@@ -143,6 +177,42 @@ BLOCK_WEIGHTS = {"block_weights": ("STRING", {  # optional: workflows saved befo
                               "SD15:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1, SDXL:OUTALL or FLUX:<58 values>; empty: none"})}
 
 
+def _param_widget(p) -> tuple:
+    """The Merge node's widget of a merge parameter (lora_resize.MERGE_PARAMS): FLOAT with 0 for the method's
+    default, or INT; its tooltip names the methods that read it."""
+    readers = [m for m in lora_resize.merge_methods() if p.name in lora_resize.MergeSettings(m).as_dict()]
+    read = (f"read by {', '.join(readers)}; ignored by the other methods" if readers else
+            "read by no method yet")
+    if p.type is float:
+        top = 1.0 if p.name == "density" else 10000.0
+        return ("FLOAT", {"default": 0.0, "min": 0.0, "max": top, "step": 0.01,
+                          "tooltip": f"{p.help}; 0: the method's default ({read})"})
+    # an INT named seed would get the frontend's control_after_generate, 'randomize' by default (its useIntWidget):
+    # a new file on every queue and one more saved widget value; the seed stays as set
+    return ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
+                    "tooltip": f"{p.help} ({read})"})
+
+
+def _merge_inputs() -> dict:
+    """The Merge node's optional inputs after `more`: the merge method (every registered one,
+    lora_resize.merge_methods()), the per-input strengths, a LORA_STACK socket, then one widget per merge parameter
+    (lora_resize.MERGE_PARAMS, last: a parameter declared later is appended). Optional and after the older inputs,
+    so a workflow saved before them loads with its widget values in place (sum: the file it made then)."""
+    return {"merge_method": (lora_resize.merge_methods(), {
+                "default": "sum", "tooltip": "how the weighted inputs combine (lora-resize merge --merge-method): "
+                                             "sum is the exact weighted sum; the README's Merge methods lists the "
+                                             "others"}),
+            "input_strengths": ("STRING", {"default": "", "multiline": True, "tooltip": (
+                "block strengths of single inputs, applied before the merge method, one per line: "
+                "N:PRESET:W1,... or N:PATTERN=scale:X (N: lora_a 1, lora_b 2, then the more lines, then the "
+                "stack's LoRAs), e.g. 2:SDXL:OUTALL or 1:*attn2*=scale:0.5; the CLI's --input-block-weights / "
+                "--input-rule")}),
+            "lora_stack": ("LORA_STACK", {"tooltip": "more inputs from a LoRA stack node (name, model strength, "
+                                                     "clip strength): the model strength is the weight, the two "
+                                                     "must be equal; 'None' slots are skipped"}),
+            **{p.name: _param_widget(p) for p in lora_resize.MERGE_PARAMS.values()}}
+
+
 AUTO_NAME = "empty: <input>_%s.safetensors, or _2, _3... when taken (never over a file)"
 
 
@@ -222,7 +292,10 @@ class AnalyzeLora(_Node):
 
 
 class MergeLoras(_WritesLora):
-    """A weighted sum of LoRAs (weights may be negative), reduced like a resize, into a new file."""
+    """LoRAs merged by a merge method (default: the exact weighted sum; weights may be negative), reduced like a
+    resize, into a new file. Inputs: lora_a and lora_b, then as many as wanted as `more` lines
+    (name.safetensors:weight) and from a LoRA stack node (`lora_stack`), in that order; a weight of 0 leaves that
+    input out; `input_strengths` gives single inputs block strengths (lora_resize.with_input_strengths)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -234,25 +307,30 @@ class MergeLoras(_WritesLora):
                              **RANK_INPUTS,
                              "output_name": ("STRING", {"default": "", "tooltip": AUTO_NAME % "merged"})},
                 "optional": {"more": ("STRING", {"default": "", "multiline": True,
-                                                 "tooltip": "more inputs, one per line: name.safetensors:weight"})}}
+                                                 "tooltip": "more inputs, one per line: name.safetensors:weight "
+                                                            "(as many as wanted; weight 1 when absent)"}),
+                             **_merge_inputs()}}
 
     FUNCTION = "merge"
 
     @classmethod
-    def IS_CHANGED(cls, lora_a=None, lora_b=None, more="", **_):
+    def IS_CHANGED(cls, lora_a=None, lora_b=None, more="", lora_stack=None, **_):
         try:
-            return _stamp(lora_a, lora_b, *(name for name, _ in _more(more)))
+            return _stamp(lora_a, lora_b, *(name for name, _ in _more(more) + _stack(lora_stack)))
         except ValueError:
             return float("nan")  # always run: the node says what is wrong
 
     def merge(self, lora_a, weight_a, lora_b, weight_b, method, param, rank, conv_rank, rank_rule, target_size,
-              precision, output_name, more=""):
+              precision, output_name, more="", merge_method="sum", input_strengths="", lora_stack=None,
+              **merge_params):
+        settings = _run(lambda: _merge_settings(merge_method, merge_params))  # checked before any work
+        inputs = [(lora_a, weight_a), (lora_b, weight_b), *_more(more), *_stack(lora_stack)]
+        sources = _run(lambda: lora_resize.with_input_strengths(
+            [lora_resize.Source(Path(_lora_path(name)), w) for name, w in inputs], input_strengths))
         dst = _output_path(output_name, f"{_stem(lora_a)}_merged")
-        sources = [lora_resize.Source(Path(_lora_path(lora_a)), weight_a),
-                   lora_resize.Source(Path(_lora_path(lora_b)), weight_b)]
-        sources += [lora_resize.Source(Path(_lora_path(name)), w) for name, w in _more(more)]
         fields = _options(method, param, rank, conv_rank, rank_rule, target_size, precision)
-        return _written(dst, lambda: lora_resize.merge(sources, dst, progress=_progress(), **fields))
+        return _written(dst, lambda: lora_resize.merge(sources, dst, progress=_progress(), merge_method=settings,
+                                                       **fields))
 
 
 class AverageLoraCheckpoints(_WritesLora):

@@ -437,3 +437,10 @@ def refused_in_one_line(capsys, argv: list[str]) -> str:
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("lora-resize: error:"), err
     return err
+
+
+def scaled_sum(name, parts, settings):
+    """A merge method for tests that register one of their own (the nodes and the page must offer it): the
+    weighted sum with every weight times `density`."""
+    from lora_resize.core.core_space import stacked
+    return stacked(name, [(w * settings.value("density"), layer) for w, layer in parts])

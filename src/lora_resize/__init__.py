@@ -7,7 +7,9 @@ The public API is below; its names are imported on first use, so `import lora_re
 stays cheap. It is also the one facade for consumers outside the package (the ComfyUI nodes, extensions): the jobs
 (`resized`: a resize in memory, for applying a setting without a file; `preview` and `Probing`: pictures and
 effect errors on a base model),
-the choices their inputs offer (`LAYOUTS`, `PRECISIONS`, `RANK_RULES`, `dynamic_methods()`), the renderings of
+the choices their inputs offer (`LAYOUTS`, `PRECISIONS`, `RANK_RULES`, `dynamic_methods()`; the merge methods
+`merge_methods()`, the parameters they read `MERGE_PARAMS` and a merge's `MergeSettings`; per-input strengths
+from lines, `with_input_strengths`), the renderings of
 results (`summary`, `analysis_table`, `write_png`, `format_size`, `labelled_grid`: pictures with their labels), a
 setting read from flags as the CLI reads them
 (`options_from_flags`) and the output names (`name_problem`, `free_name`)."""
@@ -26,13 +28,16 @@ _LAZY = {
     "summary": "report.text", "analysis_table": "report.text", "write_png": "report.png", "name_problem": "io.paths",
     "free_name": "io.paths", "format_size": "units", "options_from_flags": "cli.flags",
     "labelled_grid": "report.grid", "preview": "ops.preview", "Preview": "ops.preview", "Probing": "ops.effect",
+    "merge_methods": "core.merging", "MERGE_PARAMS": "core.merging", "MergeSettings": "core.merging",
+    "with_input_strengths": "cli.merge",
 }
 
 __all__ = ["__version__", "resize", "resized", "Resized", "convert", "extract", "analyze", "Analysis", "SettingRow", "merge", "Source", "average", "WEIGHTINGS", "ResizeOptions",
            "ResizeResult", "LayerResult", "decompose", "Decomposition", "LoraResizeError", "OptionsError",
            "InputFileError", "LoraStructureError", "NumericalError", "OutputFileError", "DeviceError", "LAYOUTS",
            "PRECISIONS", "RANK_RULES", "dynamic_methods", "summary", "analysis_table", "write_png", "name_problem",
-           "free_name", "format_size", "options_from_flags", "labelled_grid", "preview", "Preview", "Probing"]
+           "free_name", "format_size", "options_from_flags", "labelled_grid", "preview", "Preview", "Probing",
+           "merge_methods", "MERGE_PARAMS", "MergeSettings", "with_input_strengths"]
 
 
 def __getattr__(name: str):

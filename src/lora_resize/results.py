@@ -47,6 +47,13 @@ class LayerResult:
     spectral_ratio: float | None = None
     base_loss_fro: float | None = None
     base_loss_spectral: float | None = None
+    # a merge's inputs, in input order (core.contributions): each one's share of the written layer W,
+    # <tau_i, W>_F / ||W||_F^2 (they add up to 1 for the weighted sum), and the fraction of its energy ||tau_i||_F^2
+    # inside W's column and row spaces, and that energy (what weighs kept over layers); an input without the layer:
+    # share 0, kept NaN, energy 0. None outside a merge.
+    input_shares: tuple[float, ...] | None = None
+    input_kept: tuple[float, ...] | None = None
+    input_energy: tuple[float, ...] | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)

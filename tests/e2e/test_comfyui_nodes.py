@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import lora_resize
-from helpers import load_st
+from helpers import load_st, make_state_dict, scaled_sum, standard_specs, write_lora
 from lora_resize.cli import main
 from lora_resize.testing.loras import write_sd15_locon
 
 REPO = Path(__file__).resolve().parents[2]
-TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "MODEL", "CLIP", "LATENT", "CONDITIONING"}
+TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "MODEL", "CLIP", "LATENT", "CONDITIONING", "LORA_STACK"}
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +115,18 @@ def test_the_nodes_follow_comfyuis_conventions(nodes):
                         assert opts["min"] <= opts["default"] <= opts.get("max", float("inf")), (key, name)
                     if kind == "FLOAT":  # ComfyUI's frontend rounds a FLOAT widget to its step's decimals
                         assert opts["step"] <= 0.01 and abs(opts["default"] / opts["step"] % 1) < 1e-9, (key, name)
+                    if kind == "INT" and name in ("seed", "noise_seed"):  # else the frontend adds 'randomize'
+                        assert "control_after_generate" in opts, (key, name)
                 names.append(name)
         assert isinstance(cls.RETURN_TYPES, tuple) and all(t in TYPES for t in cls.RETURN_TYPES), key
         assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES), key
         assert isinstance(cls.CATEGORY, str) and isinstance(cls.OUTPUT_NODE, bool), key
-        params = list(inspect.signature(getattr(cls, cls.FUNCTION)).parameters)[1:]
-        assert sorted(params) == sorted(names), key  # ComfyUI calls FUNCTION with the inputs as keywords
+        params = list(inspect.signature(getattr(cls, cls.FUNCTION)).parameters.values())[1:]
+        named = [p.name for p in params if p.kind is not p.VAR_KEYWORD]
+        if any(p.kind is p.VAR_KEYWORD for p in params):  # Merge: the merge parameters, whichever are declared
+            assert set(named) <= set(names) and set(names) - set(named) == set(lora_resize.MERGE_PARAMS), key
+        else:
+            assert sorted(named) == sorted(names), key  # ComfyUI calls FUNCTION with the inputs as keywords
     resize = nodes.NODE_CLASS_MAPPINGS["LoraResize"].INPUT_TYPES()["required"]
     assert "a.safetensors" in resize["lora_name"][0]
     assert resize["param"][1]["step"] <= 0.001  # sv_fro 0.995, sv_cumulative 0.999 can be typed
@@ -441,7 +447,7 @@ CORE = {"CheckpointLoaderSimple": ([], ["MODEL", "CLIP", "VAE"], 1),
                       ("latent_image", "LATENT")], ["LATENT"], 7),
         "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], ["IMAGE"], 0),
         "SaveImage": ([("images", "IMAGE")], [], 1)}
-SOCKETS = {"MODEL", "CLIP", "IMAGE", "LATENT", "CONDITIONING", "VAE"}  # types a connection gives, not a widget
+SOCKETS = {"MODEL", "CLIP", "IMAGE", "LATENT", "CONDITIONING", "VAE", "LORA_STACK"}  # types a connection gives, not a widget
 
 
 def signature(cls) -> tuple[list, list, list]:
@@ -589,3 +595,146 @@ def test_average_node_writes_what_the_cli_writes(nodes, loras, tmp_path):
                      precision="same", output_name="")
     assert "--steps 100,200" in str(e.value) and "\n" not in str(e.value)
     assert sorted(p.name for p in loras.glob("*_averaged*")) == ["b_averaged.safetensors"]
+def merge_widgets(nodes) -> list[str]:
+    return signature(nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"])[2]
+
+
+# The Merge node's widgets before the merge method (as a saved workflow's widgets_values holds them, in order)
+SAVED_MERGE_WIDGETS = ["lora_a", "weight_a", "lora_b", "weight_b", "method", "param", "rank", "conv_rank",
+                       "rank_rule", "target_size", "precision", "output_name", "more"]
+
+
+def test_a_merge_saved_before_the_merge_method_loads_and_makes_the_same_file(nodes, loras, tmp_path):
+    """ComfyUI fills a node's widgets from a saved workflow's widgets_values in order and leaves the rest at their
+    defaults: the new inputs come after the old ones, and their defaults make the weighted sum, the CLI's file."""
+    widgets = merge_widgets(nodes)
+    assert widgets[:len(SAVED_MERGE_WIDGETS)] == SAVED_MERGE_WIDGETS
+    saved = ["a.safetensors", 1.0, "b.safetensors", -0.5, "sv_fro", 0.95, 16, 0, "exact", "", "same", "old", ""]
+    spec = {**nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["required"],
+            **nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]}
+    values = {**{w: spec[w][1]["default"] for w in widgets[len(saved):]}, **dict(zip(widgets, saved))}
+    assert values["merge_method"] == "sum"
+    name, _ = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"]().merge(**values)
+    cli = tmp_path / "old.safetensors"
+    assert main(["merge", f"{loras / 'a.safetensors'}:1", f"{loras / 'b.safetensors'}:-0.5", "-o", str(cli),
+                 "--method", "sv_fro", "--param", "0.95", "--rank", "16", "-q"]) == 0
+    assert (loras / name).read_bytes() == cli.read_bytes()
+
+
+def test_the_merge_node_offers_every_registered_method_and_passes_what_it_reads(nodes, loras, tmp_path):
+    """A method registered after the nodes were written is in the merge_method list, with its parameters, and the
+    node writes the CLI's file for it: density 0 is the method's default, a parameter it does not read is
+    ignored; the list loses it when it is removed."""
+    from lora_resize.core.merging import MERGE_METHODS, MergeMethod, register
+    optional = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]
+    assert optional["merge_method"][0] == lora_resize.merge_methods()
+    assert optional["merge_method"][1]["default"] == "sum"
+    assert set(lora_resize.MERGE_PARAMS) <= set(optional)
+    assert optional["density"][0] == "FLOAT" and optional["density"][1]["default"] == 0.0
+    assert "0: the method's default" in optional["density"][1]["tooltip"]
+    assert optional["seed"][0] == "INT" and optional["seed"][1]["control_after_generate"] is False
+    register(MergeMethod("scaled_test", "the sum times density", scaled_sum, params=("density",),
+                         defaults={"density": 0.5}))
+    try:
+        optional = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]
+        assert "scaled_test" in optional["merge_method"][0]
+        assert "scaled_test" in optional["density"][1]["tooltip"]
+        assert "scaled_test" not in optional["seed"][1]["tooltip"]
+        node = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"]()
+        args = dict(method="fixed", param=0.0, rank=24, conv_rank=0, rank_rule="exact", target_size="",
+                    precision="same")
+        srcs = [f"{loras / 'a.safetensors'}:1", f"{loras / 'b.safetensors'}:-0.5"]
+        for density, seed, flags in ((0.25, 7, ["--density", "0.25"]), (0.0, 0, [])):  # 0: the default, 0.5
+            name, _ = node.merge("a.safetensors", 1.0, "b.safetensors", -0.5, output_name=f"s{seed}",
+                                 merge_method="scaled_test", density=density, seed=seed, **args)
+            cli = tmp_path / f"s{seed}.safetensors"
+            assert main(["merge", *srcs, "-o", str(cli), "--rank", "24", "--merge-method", "scaled_test", *flags,
+                         "-q"]) == 0
+            assert (loras / name).read_bytes() == cli.read_bytes(), density  # seed ignored: the CLI refuses it
+            d = density or 0.5  # judged by the plain sum of the scaled weights
+            summed = tmp_path / f"sum{seed}.safetensors"
+            assert main(["merge", f"{loras / 'a.safetensors'}:{d}", f"{loras / 'b.safetensors'}:{-0.5 * d}", "-o",
+                         str(summed), "--rank", "24", "-q"]) == 0
+            assert same_bits(load_st(loras / name)[0], load_st(summed)[0]), density
+        # sum reads neither parameter: both ignored, the plain sum's file
+        name, _ = node.merge("a.safetensors", 1.0, "b.safetensors", -0.5, output_name="plain", merge_method="sum",
+                             density=0.3, seed=5, **args)
+        cli = tmp_path / "plain.safetensors"
+        assert main(["merge", *srcs, "-o", str(cli), "--rank", "24", "-q"]) == 0
+        assert (loras / name).read_bytes() == cli.read_bytes()
+        for bad, why in (({"merge_method": "nope"}, "lora-resize: merge method must be one of"),
+                         ({"merge_method": "scaled_test", "density": 1.5}, "lora-resize: --density must be")):
+            with pytest.raises(RuntimeError, match=why) as e:
+                node.merge("a.safetensors", 1.0, "b.safetensors", 1.0, output_name="bad", **args, **bad)
+            assert "\n" not in str(e.value)
+        assert not (loras / "bad.safetensors").exists()
+    finally:
+        del MERGE_METHODS["scaled_test"]
+    optional = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]
+    assert "scaled_test" not in optional["merge_method"][0]
+
+
+def test_the_merge_node_takes_twelve_loras_from_lines_and_a_lora_stack(nodes, loras, tmp_path):
+    """Ten and more inputs, each with its weight: lora_a, lora_b, `more` lines and a LORA_STACK (a stacker node's
+    [(name, model strength, clip strength)], 'None' slots skipped) - the CLI's file for the same inputs in that
+    order. A stack entry whose clip strength differs is a one-line error, nothing written; IS_CHANGED follows the
+    stack's files."""
+    names = [f"tiny{i:02d}.safetensors" for i in range(12)]
+    for i, n in enumerate(names):
+        write_lora(loras / n, make_state_dict(standard_specs(), seed=100 + i))
+    weights = [1.0, -0.5, 0.25, 2.0, 0.75, -1.0, 0.5, 1.5, -0.25, 0.125, 1.0, 0.3]
+    more = "\n".join(f"{n}:{w}" for n, w in zip(names[2:7], weights[2:7]))
+    stack = [(n, w, w) for n, w in zip(names[7:], weights[7:])]
+    stack.insert(2, ("None", 1.0, 1.0))
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"]()
+    name, summary = node.merge(names[0], weights[0], names[1], weights[1], method="sv_fro", param=0.99, rank=0,
+                               conv_rank=0, rank_rule="exact", target_size="", precision="same", output_name="twelve",
+                               more=more, lora_stack=stack)
+    cli = tmp_path / "twelve.safetensors"
+    assert main(["merge", *(f"{loras / n}:{w}" for n, w in zip(names, weights)), "-o", str(cli), "--method", "sv_fro",
+                 "--param", "0.99", "-q"]) == 0
+    assert (loras / name).read_bytes() == cli.read_bytes()
+    stamp = node.IS_CHANGED(lora_a=names[0], lora_b=names[1], more=more, lora_stack=stack)
+    assert all(n in stamp for n in names)
+    before = sorted(p.name for p in loras.iterdir())
+    for bad, why in (([(names[7], 1.0, 0.5)], "clip strength 0.5 differs from model strength 1.0"),
+                     (["tiny07.safetensors"], "is not \\(lora_name, strength_model, strength_clip\\)")):
+        with pytest.raises(ValueError, match=why) as e:
+            node.merge(names[0], 1.0, names[1], 1.0, method="fixed", param=0.0, rank=4, conv_rank=0,
+                       rank_rule="exact", target_size="", precision="same", output_name="nope", lora_stack=bad)
+        assert "\n" not in str(e.value)
+    assert sorted(p.name for p in loras.iterdir()) == before
+
+
+def test_the_merge_node_s_per_input_strengths_and_a_seeded_method_make_the_cli_s_file(nodes, loras, tmp_path):
+    """input_strengths lines (N:PRESET:W1,... and N:PATTERN=scale:X) are the CLI's --input-block-weights and
+    --input-rule, N counting lora_a, lora_b, the more lines, then the stack; dare's density and seed reach the
+    method: the CLI's file for the same flags, byte for byte. A bad line is a one-line error, nothing written."""
+    optional = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"].INPUT_TYPES()["optional"]
+    assert optional["input_strengths"][0] == "STRING" and optional["input_strengths"][1]["default"] == ""
+    widgets = merge_widgets(nodes)
+    assert widgets[len(SAVED_MERGE_WIDGETS):] == ["merge_method", "input_strengths", *lora_resize.MERGE_PARAMS]
+    node = nodes.NODE_CLASS_MAPPINGS["LoraResizeMerge"]()
+    args = dict(method="fixed", param=0.0, rank=12, conv_rank=0, rank_rule="exact", target_size="", precision="same")
+    srcs = [f"{loras / 'a.safetensors'}:1", f"{loras / 'b.safetensors'}:-0.5", f"{loras / 'style/c.safetensors'}:0.5"]
+    lines = "2:SD15:OUTALL\n\n# the first one's cross-attention at half\n1:*attn2*=scale:0.5\n3:*attn2*=drop"
+    name, _ = node.merge("a.safetensors", 1.0, "b.safetensors", -0.5, output_name="strong", input_strengths=lines,
+                         lora_stack=[("style/c.safetensors", 0.5, 0.5)], merge_method="dare", density=0.3, seed=7,
+                         **args)
+    cli = tmp_path / "strong.safetensors"
+    assert main(["merge", *srcs, "-o", str(cli), "--rank", "12", "--input-block-weights", "2:SD15:OUTALL",
+                 "--input-rule", "1:*attn2*=scale:0.5", "--input-rule", "3:*attn2*=drop", "--merge-method", "dare",
+                 "--density", "0.3", "--seed", "7", "-q"]) == 0
+    assert (loras / name).read_bytes() == cli.read_bytes()
+    plain = tmp_path / "plain.safetensors"
+    assert main(["merge", *srcs, "-o", str(plain), "--rank", "12", "--merge-method", "dare", "--density", "0.3",
+                 "--seed", "7", "-q"]) == 0
+    assert (loras / name).read_bytes() != plain.read_bytes()  # the strengths changed the merge
+    before = sorted(p.name for p in loras.iterdir())
+    for bad, why in (("3:SD15:OUTALL", "there is no input 3"), ("SD15:OUTALL", "write N:PRESET"),
+                     ("1:SD15:OUTALL\n1:SD15:INALL", "input 1 has 2 block weights presets"),
+                     ("1:SDXL:ALL", "--block-weights SDXL is for SDXL LoRAs")):
+        with pytest.raises(RuntimeError, match=why) as e:
+            node.merge("a.safetensors", 1.0, "b.safetensors", 1.0, output_name="nope", input_strengths=bad, **args)
+        assert str(e.value).startswith("lora-resize: ") and "\n" not in str(e.value), bad
+    assert sorted(p.name for p in loras.iterdir()) == before

@@ -12,7 +12,9 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
+from helpers import load_st, scaled_sum
 from lora_resize.cli import main
 from lora_resize.testing.loras import write_sd15_locon
 
@@ -295,3 +297,124 @@ def test_the_block_strengths_box_takes_the_bare_forms_users_paste():
         strength_fields("--rank 4")
     with pytest.raises(LoraResizeError):
         strength_fields("'*attn2*=cap:4'")
+
+
+@pytest.fixture
+def scaled_method():
+    """A merge method registered for one test (the page must offer it with no change of its own), removed after."""
+    from lora_resize.core.merging import MERGE_METHODS, MergeMethod, register
+    register(MergeMethod("scaled_test", "the sum times density", scaled_sum, params=("density",),
+                         defaults={"density": 0.5}))
+    yield "scaled_test"
+    del MERGE_METHODS["scaled_test"]
+
+
+def component(page, elem_id: str):
+    (found,) = [b for b in page.blocks.values() if getattr(b, "elem_id", None) == elem_id]
+    return found
+
+
+def test_the_merge_tab_offers_every_registered_method_and_shows_the_parameters_it_reads(scaled_method, tmp_path):
+    import inspect
+
+    from lora_resize import MERGE_PARAMS, merge_methods
+    from lora_resize.ui.app import App, build, method_params
+    app = App(tmp_path / "work")
+    page = build(app=app)
+    choices = [c[1] if isinstance(c, tuple) else c for c in component(page, "merge-method").choices]
+    assert choices == merge_methods() and "scaled_test" in choices
+    assert [component(page, f"merge-{p}").visible for p in MERGE_PARAMS] == [False] * len(MERGE_PARAMS)  # sum
+    assert [u["visible"] for u in method_params("scaled_test")] == [p == "density" for p in MERGE_PARAMS]
+    assert [u["visible"] for u in method_params("sum")] == [False] * len(MERGE_PARAMS)
+    # the job takes one box per parameter, in MERGE_PARAMS' order, after the method (the page wires them so)
+    params = list(inspect.signature(App.merge).parameters)
+    at = params.index("merge_method") + 1
+    assert params[at:at + len(MERGE_PARAMS)] == list(MERGE_PARAMS)
+    app.close()
+
+
+def test_the_merge_tab_writes_the_method_s_file_and_shows_its_command(folder, tmp_path, scaled_method):
+    """The method and its density reach the merge (the CLI's file for the command the status shows, judged by the
+    plain sum at the scaled weights); an empty box is the method's default; a box the method does not read is
+    ignored; a method or parameter in the flags box is refused in one line (before, the page dropped a
+    --merge-method or --density there without a word and wrote the plain sum)."""
+    app = App(tmp_path / "work", folder)
+    a, b = folder / "sub" / "a.safetensors", folder / "b.safetensors"
+    for density, want in ((0.25, 0.25), (None, 0.5)):
+        status, offered = app.merge(None, ["b.safetensors", "sub/a.safetensors"], "1 -0.5", "--rank 12",
+                                    "scaled_test", density, 3)
+        command = status.split("\ncommand: ", 1)[1].split("\n")[0]
+        words = shlex.split(command)
+        assert words[:2] == ["lora-resize", "merge"] and "--merge-method scaled_test" in command
+        assert ("--density 0.25" in command) == (density is not None) and "--seed" not in command  # seed: unread
+        cli = tmp_path / f"cli{want}.safetensors"
+        words[words.index("-o") + 1] = str(cli)
+        assert main([*words[1:], "-q"]) == 0
+        assert Path(offered).read_bytes() == cli.read_bytes()
+        judge = tmp_path / f"judge{want}.safetensors"
+        assert main(["merge", f"{b}:{want}", f"{a}:{-0.5 * want}", "-o", str(judge), "--rank", "12", "-q"]) == 0
+        assert load_st(Path(offered))[0].keys() == load_st(judge)[0].keys()
+        assert all(torch.equal(t, load_st(judge)[0][k]) for k, t in load_st(Path(offered))[0].items())
+    status, offered = app.merge(None, ["b.safetensors", "sub/a.safetensors"], "1 -0.5", "--rank 12", "sum", 0.3, 5)
+    plain = tmp_path / "plain.safetensors"
+    assert main(["merge", f"{b}:1", f"{a}:-0.5", "-o", str(plain), "--rank", "12", "-q"]) == 0
+    assert Path(offered).read_bytes() == plain.read_bytes() and "--merge-method" not in status
+    before = files(folder)
+    for method, flags, why in (("sum", "--rank 4 --merge-method scaled_test", "--merge-method (choose it in the"),
+                               ("scaled_test", "--rank 4 --merge-method sum", "--merge-method (choose it in the"),
+                               ("sum", "--rank 4 --density 0.5", "--density (the merge tab's density box"),
+                               ("scaled_test", "--rank 4 --density 0.5", "--density (the merge tab's density box"),
+                               ("nope", "--rank 4", "merge method must be one of"),
+                               ("scaled_test", "--rank 4", "--density must be a number in (0, 1]")):
+        status, out = app.merge(None, ["b.safetensors", "sub/a.safetensors"], "1 1", flags, method,
+                                1.5 if why.startswith("--density must") else None, None)
+        assert status.startswith("error: ") and why in status and "\n" not in status and out is None, (flags, status)
+    assert files(folder) == before
+
+
+def test_the_merge_tab_merges_twelve_files_with_their_weights(folder, tmp_path):
+    from helpers import make_state_dict, standard_specs, write_lora
+    names = [f"many/t{i:02d}.safetensors" for i in range(12)]
+    (folder / "many").mkdir()
+    for i, n in enumerate(names):
+        write_lora(folder / n, make_state_dict(standard_specs(), seed=200 + i))
+    weights = [1, -0.5, 0.25, 2, 0.75, -1, 0.5, 1.5, -0.25, 0.125, 1, 0.3]
+    app = App(tmp_path / "work", folder)
+    status, offered = app.merge(None, names, ", ".join(map(str, weights)), "--method sv_fro --param 0.99")
+    cli = tmp_path / "cli.safetensors"
+    assert main(["merge", *(f"{folder / n}:{w}" for n, w in zip(names, weights)), "-o", str(cli), "--method",
+                 "sv_fro", "--param", "0.99", "-q"]) == 0
+    assert Path(offered).read_bytes() == cli.read_bytes(), status
+    status, _ = app.merge(None, names, "1 2 3", "")
+    assert status == "error: give one weight per file: 12 files, 3 weights"
+
+
+def test_the_merge_tab_s_per_input_strengths_and_a_seeded_method_are_the_command_s(folder, tmp_path):
+    """The per-input strengths box (N:PRESET:W1,... and N:PATTERN=scale:X lines, N in the files' order) and dare's
+    density and seed become the command's --input-block-weights, --input-rule, --merge-method, --density and
+    --seed: the CLI's file for it. Before, the page built its inputs itself, so --input-rule in the flags box was
+    parsed and dropped; now the flags box's per-input flags reach the merge too."""
+    app = App(tmp_path / "work", folder)
+    a, b = folder / "sub" / "a.safetensors", folder / "b.safetensors"
+    for method, density, seed, box, flags, want in (
+            ("dare", 0.4, 11, "1:*attn1*=scale:1.5\n# half the second's cross-attention\n2:*attn2*=scale:0.5",
+             "--rank 8 --input-rule '2:*attn1*=scale:2'",
+             ["--merge-method", "dare", "--density", "0.4", "--seed", "11", "--input-rule", "1:*attn1*=scale:1.5",
+              "--input-rule", "2:*attn2*=scale:0.5", "--input-rule", "2:*attn1*=scale:2"]),
+            ("sum", None, None, "1:SD15:OUTALL", "--rank 8", ["--input-block-weights", "1:SD15:OUTALL"])):
+        status, offered = app.merge(None, ["b.safetensors", "sub/a.safetensors"], "1 -0.5", flags, method, density,
+                                    seed, box)
+        command = status.split("\ncommand: ", 1)[1].split("\n")[0]
+        assert all(shlex.join(want[i:i + 2]) in command for i in range(0, len(want), 2)), (want, command)
+        cli = tmp_path / f"cli_{method}.safetensors"
+        assert main(["merge", f"{b}:1", f"{a}:-0.5", "-o", str(cli), "--rank", "8", *want, "-q"]) == 0
+        assert Path(offered).read_bytes() == cli.read_bytes()
+        plain = tmp_path / f"plain_{method}.safetensors"
+        assert main(["merge", f"{b}:1", f"{a}:-0.5", "-o", str(plain), "--rank", "8", *want[:6 if density else 0],
+                     "-q"]) == 0
+        assert Path(offered).read_bytes() != plain.read_bytes()  # the strengths changed the merge
+    before = files(folder)
+    for box, why in (("3:SD15:OUTALL", "there is no input 3"), ("SD15:OUTALL", "write N:PRESET")):
+        status, out = app.merge(None, ["b.safetensors", "sub/a.safetensors"], "", "--rank 4", "sum", None, None, box)
+        assert status.startswith("error: ") and why in status and "\n" not in status and out is None, status
+    assert files(folder) == before

@@ -151,6 +151,24 @@ def test_merge_and_convert_in_the_page(page, driver, tmp_path):
     assert main(["merge", f"{a}:1", f"{b}:-0.5", "-o", str(want), "--method", "sv_fro", "--param", "0.95",
                  "-q"]) == 0
     assert got.read_bytes() == want.read_bytes()
+    # a merge method from the list: its density box shows (seed, which ties does not read, stays hidden)
+    assert not driver.find_elements(By.CSS_SELECTOR, "#merge-density input")
+    box = wait_for(driver, "#merge-method input")
+    box.click()  # the list opens with every method
+    wait_for(driver, "ul[role=listbox] li", lambda e: e.text.strip() == "ties").click()
+    wait_for(driver, "#merge-method input", lambda e: e.get_attribute("value") == "ties")
+    density = wait_for(driver, "#merge-density input")
+    assert not driver.find_elements(By.CSS_SELECTOR, "#merge-seed input")
+    density.send_keys("0.3")
+    click(driver, "#merge-btn")
+    status = wait_for(driver, "#merge-status textarea", lambda e: "--merge-method ties --density 0.3" in
+                      (e.get_attribute("value") or ""))
+    got = download(driver, "merge-file", tmp_path / "ties_dl.safetensors")
+    want = tmp_path / "ties_cli.safetensors"
+    assert main(["merge", f"{a}:1", f"{b}:-0.5", "-o", str(want), "--method", "sv_fro", "--param", "0.95",
+                 "--merge-method", "ties", "--density", "0.3", "-q"]) == 0
+    assert got.read_bytes() == want.read_bytes(), status.get_attribute("value")
+    driver.save_screenshot(str(tmp_path / "ui-merge-method.png"))
     next(t for t in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == "Convert").click()
     upload(driver, "convert-file", a)
     wait_for(driver, "#convert-file", lambda e: ".safetensors" in e.text)

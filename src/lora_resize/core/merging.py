@@ -153,6 +153,18 @@ class MergeSettings:
                           else str(getattr(self, p))]
         return words
 
+    @classmethod
+    def given(cls, method: str, values: dict) -> "MergeSettings":
+        """The settings of a form that shows every parameter's box whatever the method (the page's merge tab, the
+        ComfyUI Merge node): `values` maps MERGE_PARAMS names to values, None for an empty box (the method's
+        default); a parameter `method` does not read is ignored, not refused as on the command line. Raises
+        OptionsError for an unknown method or a bad value, ValueError for a name that is no parameter."""
+        unknown = sorted(set(values) - set(MERGE_PARAMS))
+        if unknown:
+            raise ValueError(f"no merge parameter {unknown[0]!r} (parameters: {', '.join(MERGE_PARAMS)})")
+        reads = cls(method).as_dict()  # the method (checked) and the parameters it reads
+        return cls(method, **{p: v for p, v in values.items() if p in reads and v is not None})
+
 
 def merged_layer(name: str, parts: list[tuple[float, LowRankLayer]], settings: MergeSettings | None = None,
                  cancelled: list[str] | None = None) -> LowRankLayer:

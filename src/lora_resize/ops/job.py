@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from ..core.contributions import MergedLayer, input_contributions
 from ..core.decompose import Decomposition
 from ..core.layer import LowRankLayer
 from ..core.schedule import Progress, through_engine
@@ -303,6 +304,7 @@ class Queued:
     down: torch.Tensor
     bound: float | None = None  # no entry of up or down is larger (core.truncate.largest_entry)
     conversion: str | None = None  # a converted layer kept whole: "exact" (copied), else why it was re-rounded
+    inputs: tuple | None = None  # a merged layer's (shares, kept, energy) per input (core.contributions)
 
 
 def layer_spectrum(job: LayerJob, layer: LowRankLayer, dec) -> Spectrum:
@@ -345,7 +347,17 @@ def start_layer(job: LayerJob, layer: LowRankLayer, dec: Decomposition, opts: Re
     c = factor_scale(job.name, layer.scale, output_scale(job.module, alpha_t, k, layer))
     up, down = truncated_factors(dec, k, c, save_dtype)
     return Queued(job, layer, sp, k, choice.clamped_to_size, choice.zero_layer, alpha, alpha_t, up, down,
-                  largest_entry(dec.S, c), conversion)
+                  largest_entry(dec.S, c), conversion, merged_inputs(layer, dec, k))
+
+
+def merged_inputs(layer: LowRankLayer, dec: Decomposition, k: int) -> tuple | None:
+    """A merged layer's (shares, kept, energy) per input at its written rank k (core.contributions, from the rank-k
+    truncation's bases: the written layer before rounding to the save dtype); None for any other layer. A zero
+    layer is written as zeros: its shares are NaN."""
+    if not isinstance(layer, MergedLayer) or not layer.inputs:
+        return None
+    U, S, Vh = dec.factors(max(k, 1))
+    return input_contributions(layer.inputs, U, S, Vh)
 
 
 def planned_copy(module: Module, copy: NewFactors, planned: torch.Tensor) -> str:
@@ -360,13 +372,18 @@ def planned_copy(module: Module, copy: NewFactors, planned: torch.Tensor) -> str
     return ""
 
 
+def input_fields(inputs: tuple | None) -> dict:
+    """LayerResult's input_shares / input_kept / input_energy from merged_inputs' triple ({} without one)."""
+    return {} if inputs is None else dict(zip(("input_shares", "input_kept", "input_energy"), inputs))
+
+
 def finish_layer(q: Queued) -> tuple[LayerResult, dict[str, torch.Tensor]]:
     """The layer's row and its output tensors on the CPU, checked to fit the save precision."""
     up, down = on_host(q.job.name, q.up, q.down, q.bound, exact=q.conversion == "exact")
     S = q.spectrum.S
     row = layer_row(q.spectrum, q.rank, q.alpha, clamped=q.clamped, zero=q.zero, singular_values=S,
                     underflow=bool(S.size and S[0] > 0 and not (bool(up.any()) and bool(down.any()))),
-                    conversion=q.conversion)
+                    conversion=q.conversion, **input_fields(q.inputs))
     kept = q.layer.kept if isinstance(q.layer, KronLayer) else {}
     return row, q.job.module.emit(NewFactors(up, down, q.alpha_t, q.layer.kernel, q.layer.in_channels, kept))
 

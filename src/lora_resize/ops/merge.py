@@ -7,12 +7,13 @@ import math
 import os
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..core.contributions import MergedLayer
 from ..core.layer import LowRankLayer
 from ..core.merging import MERGE_PARAMS, MergeSettings, merged_layer
 from ..core.schedule import Progress, compute_device
@@ -28,6 +29,7 @@ from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import TensorInfo, TensorSource, open_tensor_file
 from ..io.writer import copied_dtype, tensor_bytes
 from ..options import ResizeOptions
+from ..ranks.rules import RuleOutcome, parse_rules
 from ..results import LayerResult, ResizeResult
 from .diffs import full_diffs_as_pairs
 from .job import (LayerJob, Output, as_options, checked, clamp_notes, factor_bytes, precision_of, produce,
@@ -36,10 +38,16 @@ from .job import (LayerJob, Output, as_options, checked, clamp_notes, factor_byt
 
 @dataclass(frozen=True)
 class Source:
-    """One input of a merge and its weight; `step`: the training step it was saved at, when it is one checkpoint
-    of a run that ops.average averages (recorded in the output's metadata), else None."""
+    """One input of a merge and its weight, with its own block strengths: `rules`, scale rules 'PATTERN=scale:X'
+    (ranks/rules.py; 'PATTERN=drop' is strength 0: this input leaves those layers out) and `block_weights`,
+    'PRESET:W1,...' (ranks/block_weights.py), both read on the output layout's module names. They multiply this
+    input's weight per layer before the merge method combines the inputs (the global --rule / --block-weights
+    then apply to the merged layer). `step`: the training step it was saved at, when it is one checkpoint of a run
+    that ops.average averages (recorded in the output's metadata), else None."""
     path: Path
     weight: float = 1.0
+    rules: tuple[str, ...] = ()
+    block_weights: str | None = None
     step: int | None = None
 
 
@@ -60,18 +68,61 @@ def parse_source(text: str) -> Source:
 
 
 def merged_job(name: str, members: list[tuple[float, Module, TensorSource]], settings: MergeSettings,
-               cancelled: list[str] | None = None) -> LayerJob:
+               cancelled: list[str] | None = None, slots: list[int] | None = None, n_inputs: int | None = None
+               ) -> LayerJob:
     """A job whose layer is `members`' (weight, module, reader) merged by `settings`
     (core.merging.merged_layer: the weighted sum by default); the first one writes it. Its scale is 1 (the inputs'
     scales are in the merged factors), its rank at most the sum of theirs. A sum whose inputs cancel out is zero,
-    its name appended to `cancelled`."""
+    its name appended to `cancelled`. The layer loaded is a core.contributions.MergedLayer carrying the members'
+    weighted factors for the report (LayerResult.input_shares / input_kept), in the order of the merge's
+    `n_inputs` inputs (`slots`: each member's position among them; default: the members are the inputs); they are
+    dropped with the layer."""
+    slots = list(range(len(members))) if slots is None else slots
+    n_inputs = len(members) if n_inputs is None else n_inputs
+
     def load() -> LowRankLayer:
-        return merged_layer(name, [(w, checked(name, m.load(src))) for w, m, src in members], settings, cancelled)
+        parts = [(w, checked(name, m.load(src))) for w, m, src in members]
+        layer = merged_layer(name, parts, settings, cancelled)
+        inputs: list = [(None, None, None)] * n_inputs
+        stacked = layer.up.shape[1] == sum(p.up.shape[1] for _, p in parts) and layer.scale == 1 and \
+            settings.method == "sum" and bool(layer.up.any())
+        at = 0
+        for slot, (w, part) in zip(slots, parts):
+            r = part.up.shape[1]
+            # the sum's stacked factors hold each input's weighted factors side by side: views, no second copy
+            inputs[slot] = ((1.0, layer.up[:, at:at + r], layer.down[at:at + r]) if stacked else
+                            (w * part.scale, part.up, part.down))
+            at += r
+        del parts
+        return MergedLayer(**{f.name: getattr(layer, f.name) for f in fields(LowRankLayer)}, inputs=tuple(inputs))
 
     def scale_and_rank() -> tuple[float, int]:
         return 1.0, sum(m.scale_and_rank(src)[1] for _, m, src in members)
     return LayerJob(name, load, members[0][1], scale_and_rank,
                     sum(factor_bytes(m, src.infos()) for _, m, src in members))
+
+
+def input_strengths(n: int, src: Source, reader: TensorSource, layout: Layout, opts: ResizeOptions
+                    ) -> RuleOutcome | None:
+    """Input number `n`'s own strengths per module (its Source.rules and block_weights, read on `layout`, the
+    input's modules under the output layout's names, by ops.job.rules_outcome as the global ones are), or None
+    when it has none. Raises OptionsError, one line naming the input: a rank, cap or 'RANK' rule (a rank belongs to
+    the merged layer: --rule), a malformed rule or preset, a preset of another model, or rules that leave out every
+    module of the input (give it weight 0 instead)."""
+    if not src.rules and src.block_weights is None:
+        return None
+    try:
+        rules = parse_rules(src.rules)
+        ranked = next((r for r in rules if r.action not in ("scale", "drop")), None)
+        if ranked is not None:
+            raise OptionsError(f"rule {ranked} sets a rank, which belongs to the merged layer: give it with --rule; "
+                               "an input's own rules take PATTERN=scale:X (or PATTERN=drop, strength 0)")
+        return rules_outcome(replace(opts, block_rules=rules, block_weights=src.block_weights), layout,
+                             reader.infos(), reader.metadata)
+    except OptionsError as e:
+        if str(e).startswith("every module is dropped"):  # apply_rules' refusal, said of one input
+            e = OptionsError("its own rules leave out every module; give it weight 0 to leave it out")
+        raise OptionsError(f"input {n} ({src.path.name}): {e}") from None
 
 
 def in_one_layout(layouts: list[Layout], readers: list, opts: ResizeOptions) -> list[Layout]:
@@ -144,7 +195,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def merged_companions(live: list[Source], readers: list[TensorSource], layouts: list[Layout],
-                      cast: torch.dtype | None = None) -> tuple[dict[str, TensorSource], list[str], list[str]]:
+                      cast: torch.dtype | None = None, own: list[RuleOutcome | None] | None = None
+                      ) -> tuple[dict[str, TensorSource], list[str], list[str]]:
     """The non-factor tensors of a merge (key -> the source to copy it from), the keys summed, and the notes,
     decided before any
     work, by what the loader does with each kind (formats.companions.merge_rule): added kinds (full, bias and
@@ -153,12 +205,17 @@ def merged_companions(live: list[Source], readers: list[TensorSource], layouts: 
     holding them hold identical values and their weights sum to 1; kinds a loader sets (set weights, norm scales,
     reshape shapes, ControlNet weights) and unknown tensors are kept when identical. Raises LoraStructureError
     naming the key otherwise: shapes that differ, differing values, weights that change a whole update, an added
-    tensor that is not floating point, or lora_B biases of layers whose inputs' scales differ."""
+    tensor that is not floating point, or lora_B biases of layers whose inputs' scales differ. `own`: each input's
+    own strengths (input_strengths), applied to its tensors first as to the global ones
+    (ops.job.strengthened_companions: an added kind scaled, left out at 0)."""
     holders: dict[str, list[tuple[float, TensorSource, Layout]]] = {}
-    for s, r, lay in zip(live, readers, layouts):
+    for s, r, lay, rules_i in zip(live, readers, layouts, own or [None] * len(live)):
         sources = copied_sources(lay, r)  # a conversion's carried tensors are read renamed, split or fused
+        if rules_i is not None:
+            sources = strengthened_companions({k: sources[k] for k in lay.passthrough}, lay.known, rules_i)
         for key in lay.passthrough:
-            holders.setdefault(key, []).append((s.weight, sources[key], lay))
+            if key in sources:
+                holders.setdefault(key, []).append((s.weight, sources[key], lay))
     copied: dict[str, TensorSource] = {}
     added: dict[str, list[tuple[float, TensorSource]]] = {}
     kept: dict[str, int] = {}
@@ -250,8 +307,13 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     `merge_method`: a registered method's name (core.merging.MERGE_METHODS; its parameters, e.g. `density=0.2`,
     `seed=1`, as keywords beside the option fields) or a MergeSettings. Each layer of the result is the best
     rank-k approximation of the method's merged update: for `sum` (the default) sum_i w_i * dW_i. Layers present in
-    only some inputs are merged from those. A weight of 0 drops that input. Raises the same errors as `resize`, and
-    OptionsError for an unknown method or a parameter it does not read."""
+    only some inputs are merged from those. A weight of 0 drops that input. A Source's own `rules` /
+    `block_weights` multiply its weight per layer before the method (input_strengths). Each row of the result
+    carries every input's share of the written layer and the energy of it kept (LayerResult.input_shares,
+    input_kept, input_energy: core.contributions). Memory: the inputs are read per layer, one window of layers at a
+    time (core.schedule), nothing per input held across layers. Raises the same errors as `resize`, and
+    OptionsError for an unknown method or a parameter it does not read, or for an input's own rules (one line
+    naming the input)."""
     t0 = time.perf_counter()
     params = {p: option_fields.pop(p) for p in MERGE_PARAMS if p in option_fields}
     if isinstance(merge_method, MergeSettings):
@@ -263,7 +325,8 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     opts = as_options(options, option_fields)
     srcs = [s if isinstance(s, Source) else parse_source(s) if isinstance(s, str) else Source(Path(s))
             for s in sources]
-    srcs = [replace(s, path=resolve_input(local_path(s.path, "input"))) for s in srcs]
+    srcs = [replace(s, path=resolve_input(local_path(s.path, "input")),
+                    rules=(s.rules,) if isinstance(s.rules, str) else tuple(s.rules)) for s in srcs]
     if not srcs:
         raise OptionsError("merge needs at least one input: A.safetensors:0.8 B.safetensors:0.5 ...")
     for s in srcs:
@@ -271,6 +334,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
             raise OptionsError(f"{s.path.name}: weight {s.weight} is not a finite number")
     notes = [f"{s.path.name} has weight 0 and is left out" for s in srcs if s.weight == 0]
     live = [s for s in srcs if s.weight != 0]
+    numbers = [n for n, s in enumerate(srcs, 1) if s.weight != 0]  # each input's position among those given
     if not live:
         raise OptionsError("every input has weight 0: nothing to merge")
     local_path(dst, "output")
@@ -290,10 +354,28 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         if len(families) > 1:
             raise LoraStructureError(f"the inputs are in different key families ({', '.join(sorted(families))}); "
                                      "merge files of one family")
+        own = [input_strengths(n, s, r, lay, opts) for n, s, r, lay in zip(numbers, live, readers, layouts)]
         members: dict[str, list[tuple[float, Module, TensorSource]]] = {}
-        for s, r, lay in zip(live, readers, layouts):
+        slots: dict[str, list[int]] = {}
+        for i, (s, r, lay, rules_i) in enumerate(zip(live, readers, layouts, own)):
             for m in lay.modules:
-                members.setdefault(m.name, []).append((s.weight, m, r))
+                strength = 1.0 if rules_i is None else 0.0 if m.name in rules_i.dropped else \
+                    rules_i.strengths.get(m.name, 1.0)
+                if strength != 0:
+                    members.setdefault(m.name, []).append((s.weight * strength, m, r))
+                    slots.setdefault(m.name, []).append(i)
+        left_out = {m.name for lay in layouts for m in lay.modules} - set(members)
+        if not members:
+            raise OptionsError("the inputs' own rules leave out every layer: nothing to merge")
+        if left_out:
+            notes.append(f"{len(left_out)} layer(s) are left out: every input holding them has strength 0 there "
+                         f"(its own rules), e.g. {min(left_out)}")
+        input_rules = [{"input": n, "file": s.path.name, "rules": [str(x) for x in parse_rules(s.rules)],
+                        "block_weights": s.block_weights, "hits": rules_i.hits,
+                        "preset_modules": len(rules_i.preset or {})}
+                       for n, s, rules_i in zip(numbers, live, own) if rules_i is not None]
+        notes += [f"input {n} ({s.path.name}): {note}" for n, s, rules_i in zip(numbers, live, own)
+                  if rules_i is not None for note in rules_i.notes]
         precision, precision_notes = precision_of(layouts[0], readers[0].infos(), opts.precision)
         notes += precision_notes
         partial = sum(1 for v in members.values() if len(v) < len(live))
@@ -305,12 +387,12 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                               readers[0].metadata)
         notes += rules.notes
         cancelled: list[str] = []
-        jobs = [with_strength(merged_job(name, members[name], settings, cancelled), rules.strengths.get(name, 1))
-                for name in rules.kept]
+        jobs = [with_strength(merged_job(name, members[name], settings, cancelled, slots[name], len(live)),
+                              rules.strengths.get(name, 1)) for name in rules.kept]
         notes += with_base(jobs, replace(layouts[0], modules=[j.module for j in jobs]), infos, readers[0].metadata,
                            opts)
         copied, summed, companion_notes = merged_companions(
-            live, readers, layouts, SAVE_DTYPES[precision] if opts.precision is not None else None)
+            live, readers, layouts, SAVE_DTYPES[precision] if opts.precision is not None else None, own)
         copied = strengthened_companions(copied, {k: kind for lay in reversed(layouts) for k, kind in lay.known.items()},
                                          rules)
         notes += companion_notes
@@ -329,7 +411,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
     return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
                         options={**done.options.as_dict(), **settings.as_dict(), "merge_label": settings.label(),
                                  "sources": [[str(s.path), s.weight] for s in srcs],
-                                 "rule_hits": rules.hits},
+                                 "rule_hits": rules.hits, "input_rules": input_rules},
                         layers=done.rows, passthrough=list(copied), cast=done.cast, summed=summed,
                         copied={k: kind for lay in reversed(layouts) for k, kind in lay.known.items() if k in copied},
                         input_bytes=sum(s.path.stat().st_size for s in live), output_bytes=dst.stat().st_size,

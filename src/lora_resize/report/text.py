@@ -124,6 +124,7 @@ def summary(result: ResizeResult) -> str:
     if o.get("rule_hits"):
         lines.append("  rules: " + "; ".join(f"{r}: {n} module{'s' if n != 1 else ''}"
                                             for r, n in o["rule_hits"].items()))
+    lines += input_rules_lines(result) + input_lines(result)
     if result.zero_layers:
         zero_ranks = "/".join(str(k) for k in sorted({x.new_rank for x in result.layers if x.zero})) or "1"
         lines.append(f"  {len(result.zero_layers)} zero layer(s) (no update: untrained modules?) kept as "
@@ -147,6 +148,37 @@ def summary(result: ResizeResult) -> str:
                      f"spectral max {max(x.base_loss_spectral for x in based):.3g}")
     lines += [f"  note: {n}" for n in result.notes]
     return "\n".join(one_line(line) for line in lines)  # names from the file never drive the terminal
+
+
+def input_rules_lines(result: ResizeResult) -> list[str]:
+    """A merge's per-input strengths (ops.merge.Source.rules / block_weights): what each input's rules hit."""
+    lines = []
+    for x in result.options.get("input_rules") or ():
+        hits = [f"{r}: {n} module{'s' if n != 1 else ''}" for r, n in x["hits"].items()]
+        if x.get("block_weights"):
+            n = x.get("preset_modules", 0)
+            hits.append(f"{x['block_weights']}: {n} module{'s' if n != 1 else ''}")
+        lines.append(f"  input {x['input']} ({x['file']}) rules: " + "; ".join(hits))
+    return lines
+
+
+def input_lines(result: ResizeResult) -> list[str]:
+    """A merge's inputs in the written layers (LayerResult.input_shares / input_kept): per input, the layers it
+    dominates (largest share) and the energy it keeps, sum_l kept_l ||tau_l||^2 / sum_l ||tau_l||^2."""
+    rows = [x for x in result.layers if x.input_shares is not None]
+    sources = [(Path(p), w) for p, w in result.options.get("sources") or () if w != 0]
+    if not rows or len(sources) < 2 or len(rows[0].input_shares) != len(sources):
+        return []
+    names = shown_paths([p for p, _ in sources])
+    parts = []
+    for i, name in enumerate(names):
+        dominated = sum(1 for x in rows if all(s == s for s in x.input_shares)
+                        and max(range(len(names)), key=lambda j: x.input_shares[j]) == i)
+        energy = sum(x.input_energy[i] for x in rows if x.input_kept[i] == x.input_kept[i])
+        kept = sum(x.input_kept[i] * x.input_energy[i] for x in rows if x.input_kept[i] == x.input_kept[i])
+        parts.append(f"{name} dominates {dominated} of {len(rows)} layers, keeps "
+                     f"{percent(kept / energy if energy > 0 else math.nan)}")
+    return ["  inputs (largest share of a layer; energy kept in the written layers): " + "; ".join(parts)]
 
 
 def _counted(kinds: dict[str, int]) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..core.merging import MERGE_METHODS, MERGE_PARAMS, merge_methods
 from ..errors import LoraResizeError, OptionsError
 from ..io.files import INPUT_SUFFIXES
 from ..io.paths import free_name
@@ -54,9 +55,18 @@ PAGE_SETS = {"output": "-o/--output/--save_to (the page names the file)", "model
              "report": "--report (the report is in the page)", "plot": "--plot (the curve is in the page)"}
 
 
-def _parse(command: str, own: list[str], flags: str):
-    """The CLI's parse of `lora-resize <command> <own> <flags>` (`own`: the input and output the page chose), with
-    its one-line errors; -h, flags that would change what the page sets, and a PEFT folder are refused."""
+def merge_sets() -> dict[str, str]:
+    """What the merge tab sets in its own boxes (the method list, one box per merge parameter): given in the flags
+    box too, refused like PAGE_SETS."""
+    return {"merge_method": "--merge-method (choose it in the merge method list)",
+            **{p.name: f"{p.flag} (the merge tab's {p.name} box sets it)" for p in MERGE_PARAMS.values()}}
+
+
+def _parse(command: str, own: list[str], flags: str, sets: dict[str, str] | None = None):
+    """The CLI's parse of `lora-resize <command> <own> <flags>` (`own`: the input and output the page chose, and
+    what its boxes set), with its one-line errors; -h, flags that would change what the page sets (PAGE_SETS, and
+    `sets`), and a PEFT folder are refused."""
+    page_sets = {**PAGE_SETS, **(sets or {})}
     from ..cli import build_parser
     parser = build_parser()
     try:
@@ -65,10 +75,10 @@ def _parse(command: str, own: list[str], flags: str):
     except SystemExit:  # -h/--help: argparse printed its help and exits
         raise LoraResizeError(f"the page shows no help: `lora-resize {command} --help` lists the flags") from None
     except OptionsError as e:  # a flag given twice: in the box, one of those the page sets (-o)
-        if getattr(e, "dest", None) in PAGE_SETS:
-            raise LoraResizeError(f"{PAGE_SETS[e.dest]} is not a flag for the page: drop it") from None
+        if getattr(e, "dest", None) in page_sets:
+            raise LoraResizeError(f"{page_sets[e.dest]} is not a flag for the page: drop it") from None
         raise
-    for dest, what in PAGE_SETS.items():
+    for dest, what in page_sets.items():
         if getattr(args, dest, None) != getattr(mine, dest, None):
             raise LoraResizeError(f"{what} is not a flag for the page: drop it")
     if getattr(args, "output_format", None) == "peft":
@@ -167,15 +177,17 @@ class App:
         with self._lock:
             self._reserved.discard(dst)
 
-    def _done(self, result) -> tuple[str, str]:
-        """The status text and the file offered for download: the result, or a copy in the work folder of one saved
-        beside its input (Gradio serves what a job returns; the LoRA folder is never exposed)."""
+    def _done(self, result, command: list[str] | None = None) -> tuple[str, str]:
+        """The status text (the summary, the `command` that makes the same file when given, where it was saved) and
+        the file offered for download: the result, or a copy in the work folder of one saved beside its input
+        (Gradio serves what a job returns; the LoRA folder is never exposed)."""
         from ..report.text import summary
         offered = Path(result.dst)
         if self.workdir.resolve() not in offered.resolve().parents:
             offered = self._out(offered.name)
             shutil.copyfile(result.dst, offered)
-        return f"{summary(result)}\nsaved as {result.dst}", str(offered)
+        said = f"\ncommand: {shlex.join(command)}" if command else ""
+        return f"{summary(result)}{said}\nsaved as {result.dst}", str(offered)
 
     # -- analyze ------------------------------------------------------------------------------------------------
     def analyze(self, upload, picked, cap, strengths="", progress=gr.Progress()):
@@ -263,9 +275,19 @@ class App:
         finally:
             self._release(dst)
 
-    def merge(self, uploads, picked, weights, flags, progress=gr.Progress()):
+    def merge(self, uploads, picked, weights, flags, merge_method="sum", density=None, seed=None,
+              input_strengths="", progress=gr.Progress()):
+        """The merge tab: the files (picked ones first) with their weights (one per file, or none: all 1), the merge
+        method and its parameters' boxes (core.merging.MergeSettings.given: empty is the method's default, a box the
+        method does not read is ignored; one argument per MERGE_PARAMS entry, in its order), the per-input strengths
+        box (cli.merge.input_strength_flags: 'N:PRESET:W1,...' or 'N:PATTERN=scale:X' lines) and the flags box (rank
+        options; a method or parameter there is refused: the boxes set them). All of it becomes one `lora-resize
+        merge` command, run as the CLI runs it. Returns (the status: the summary, the command, where the file was
+        saved; the file offered for download, or None)."""
         from ..cli.flags import options_from
-        from ..ops.merge import Source, merge
+        from ..cli.merge import input_strength_flags, merge_settings, merge_sources
+        from ..core.merging import MergeSettings
+        from ..ops.merge import merge
         dst = None
         try:
             paths = [str(self._picked(p)) for p in (picked or [])] + [_uploaded(u) for u in (uploads or [])]
@@ -275,13 +297,19 @@ class App:
             if len(ws) != len(paths):
                 raise LoraResizeError(f"give one weight per file: {len(paths)} files, {len(ws)} weights")
             try:
-                sources = [Source(Path(p), float(w)) for p, w in zip(paths, ws)]
+                [float(w) for w in ws]  # checked here to name the box; the command carries them as typed
             except ValueError:
                 raise LoraResizeError(f"weights must be numbers, got {weights!r}") from None
+            boxes = dict(zip(MERGE_PARAMS, (density, seed)))  # the boxes, as the signature lists them
+            method = MergeSettings.given(merge_method or "sum", {
+                name: _count(v, None) if MERGE_PARAMS[name].type is int else v for name, v in boxes.items()})
             dst = self._out("merged.safetensors", self.loras if picked and not uploads else None)
-            args = _parse("merge", [f"{p}:{w}" for p, w in zip(paths, ws)] + ["-o", str(dst)], flags)
-            result = merge(sources, dst, options_from(args), progress=_progress(progress, "merging"))
-            return self._done(result)
+            own = [f"{p}:{w}" for p, w in zip(paths, ws)] + ["-o", str(dst), *method.flags(),
+                                                              *input_strength_flags(input_strengths)]
+            args = _parse("merge", own, flags, merge_sets())
+            result = merge(merge_sources(args), dst, options_from(args), progress=_progress(progress, "merging"),
+                           merge_method=merge_settings(args))
+            return self._done(result, ["lora-resize", "merge", *own, *_split(flags)])
         except LoraResizeError as e:
             return f"error: {e}", None
         finally:
@@ -299,6 +327,12 @@ class App:
             return f"error: {e}", None
         finally:
             self._release(dst)
+
+
+def method_params(method: str) -> list:
+    """The merge parameters' boxes for `method`, in MERGE_PARAMS order: shown where the method reads it."""
+    reads = MERGE_METHODS[method].params if method in MERGE_METHODS else ()
+    return [gr.update(visible=p in reads) for p in MERGE_PARAMS]
 
 
 def _input(app: App, label: str, prefix: str, multiple: bool = False):
@@ -372,12 +406,27 @@ def build(workdir: str | Path | None = None, loras: str | Path | None = None, ap
                 pictures.click(app.pick_point, [pby_row], [flags], api_visibility="private")
         with gr.Tab("Merge"):
             files, mpicked = _input(app, "LoRA files", "merge", multiple=True)
-            weights = gr.Textbox(label="weights, one per file (negative subtracts)", value="", elem_id="weights")
-            mflags = gr.Textbox(label="flags", value="--method sv_fro --param 0.95", elem_id="merge-flags")
+            weights = gr.Textbox(label="weights, one per file in order - picked files first, then uploads (negative "
+                                       "subtracts, 0 leaves a file out; empty: all 1), e.g. 1 0.5 -0.25",
+                                 value="", elem_id="weights")
+            with gr.Row():
+                mmethod = gr.Dropdown(merge_methods(), value="sum", label="merge method", elem_id="merge-method",
+                                      info="; ".join(f"{m.name}: {m.help}" for m in MERGE_METHODS.values()))
+                mparams = [gr.Number(label=f"{p.name} (empty: the method's default)", value=None, info=p.help,
+                                     precision=0 if p.type is int else None, minimum=0, visible=False,
+                                     elem_id=f"merge-{p.name}") for p in MERGE_PARAMS.values()]
+            mmethod.change(method_params, [mmethod], mparams, api_visibility="private")
+            mstrengths = gr.Textbox(label="per-input block strengths, one per line: N:PRESET:W1,... or "
+                                          "N:PATTERN=scale:X (N: the file's place in the order above)",
+                                    placeholder="e.g. 2:SDXL:OUTALL\n1:*attn2*=scale:0.5", lines=2,
+                                    elem_id="merge-strengths")
+            mflags = gr.Textbox(label="flags (rank options)", value="--method sv_fro --param 0.95",
+                                elem_id="merge-flags")
             merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
             mstatus = gr.Textbox(label="status", interactive=False, elem_id="merge-status", lines=3)
             mresult = gr.File(label="merged LoRA", elem_id="merge-file", interactive=False)
-            merge_btn.click(app.merge, [files, mpicked, weights, mflags], [mstatus, mresult])
+            merge_btn.click(app.merge, [files, mpicked, weights, mflags, mmethod, *mparams, mstrengths],
+                            [mstatus, mresult])
         with gr.Tab("Convert"):
             cfile, cpicked = _input(app, "LoRA file", "convert")
             layout = gr.Dropdown([x for x in LAYOUTS if x != "peft"], value="comfy", label="to layout",
