@@ -270,7 +270,7 @@ def average(checkpoints: Sequence[str | os.PathLike], dst: str | os.PathLike, op
     order = checkpoint_steps(paths, metadata, weighting, steps)
     weights = average_weights(weighting, len(paths), order.steps, beta, sigma_rel)
     known = order.steps or [None] * len(paths)
-    result = merge([Source(p, w, s) for p, w, s in zip(order.paths, weights, known)], dst, options,
+    result = merge([Source(p, w, step=s) for p, w, s in zip(order.paths, weights, known)], dst, options,
                    progress=progress, on_layer=on_layer, merge_method="sum", **option_fields)
     rows = [{"file": p.name, "step": s, "weight": w} for p, s, w in zip(order.paths, known, weights)]
     result.options.update(weighting=weighting, beta=beta, sigma_rel=sigma_rel,
