@@ -55,10 +55,13 @@ class SideOutputs:
 
 @dataclass(frozen=True)
 class InputRecord:
-    """What the output's metadata says about one input: its file name, metadata and (merge) weight."""
+    """What the output's metadata says about one input: its file name, metadata and (merge) weight, and a merge
+    input's own strengths (ops.merge.Source.rules / block_weights), recorded when given."""
     name: str
     metadata: Mapping[str, str]
     weight: float | None = None
+    rules: tuple[str, ...] = ()
+    block_weights: str | None = None
 
 
 def setting_text(opts) -> str:
@@ -187,8 +190,9 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
     if opts.diffs_to_lora:
         d["diffs_to_lora"] = True
     if merged:
-        d["sources"] = [{"file": s.name, "weight": s.weight, "sshs_model_hash": s.metadata.get("sshs_model_hash")}
-                        for s in sources]
+        d["sources"] = [{"file": s.name, "weight": s.weight, "sshs_model_hash": s.metadata.get("sshs_model_hash"),
+                         **({"rules": list(s.rules)} if s.rules else {}),
+                         **({"block_weights": s.block_weights} if s.block_weights else {})} for s in sources]
     d["layers"] = {x.name: [x.old_rank, x.new_rank] for x in rows}
     return json.dumps(d, separators=(",", ":"))
 
