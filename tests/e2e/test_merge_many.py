@@ -105,6 +105,8 @@ def test_input_scale_and_drop_rules_apply_to_that_input_before_the_sum(tmp_path)
                                            "hits": {own[0]: 1, own[1]: 1, own[2]: 1}}]
     assert ("input 2 (in1.safetensors) rules: lora_te_*=scale:0.5: 1 module; *attn2*=scale:-2: 1 module; "
             "*conv*=drop: 1 module") in lora_resize.summary(res)
+    sources = json.loads(load_st(tmp_path / "o.safetensors")[1]["lora_resize"])["sources"]  # the file's record
+    assert [s.get("rules") for s in sources] == [None, list(own)]
 
 
 def test_input_block_weights_equal_that_input_resized_with_them(tmp_path):
@@ -119,6 +121,7 @@ def test_input_block_weights_equal_that_input_resized_with_them(tmp_path):
     out = tmp_path / "ab.safetensors"
     assert main(["merge", str(a), f"{b}:0.5", "-o", str(out), "--rank", "3", "--precision", "float",
                  "--input-block-weights", f"1:{preset}", "--quiet"]) == 0
+    assert json.loads(load_st(out)[1]["lora_resize"])["sources"][0]["block_weights"] == preset
     S, B, O = load_st(alone)[0], load_st(b)[0], load_st(out)[0]
     for name in layer_names(B):
         ref = 0.5 * dense_dw(B, name)

@@ -58,11 +58,14 @@ class SideOutputs:
 
 @dataclass(frozen=True)
 class InputRecord:
-    """What the output's metadata says about one input: its file name, metadata, (merge) weight and, for a
-    checkpoint an average takes (ops.average), the training step it was saved at."""
+    """What the output's metadata says about one input: its file name, metadata and (merge) weight, a merge
+    input's own strengths (ops.merge.Source.rules / block_weights), recorded when given, and, for a checkpoint an
+    average takes (ops.average), the training step it was saved at."""
     name: str
     metadata: Mapping[str, str]
     weight: float | None = None
+    rules: tuple[str, ...] = ()
+    block_weights: str | None = None
     step: int | None = None
 
 
@@ -198,6 +201,8 @@ def record(opts, precision: str, fmt: str, rows: Sequence, sources: Sequence[Inp
         d["diffs_to_lora"] = True
     if merged:
         d["sources"] = [{"file": s.name, "weight": s.weight, "sshs_model_hash": s.metadata.get("sshs_model_hash"),
+                         **({"rules": list(s.rules)} if s.rules else {}),
+                         **({"block_weights": s.block_weights} if s.block_weights else {}),
                          **({"step": s.step} if s.step is not None else {})} for s in sources]
     d["layers"] = {x.name: [x.old_rank, x.new_rank] for x in rows}
     return json.dumps(d, separators=(",", ":"))

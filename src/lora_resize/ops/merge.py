@@ -29,6 +29,7 @@ from ..io.paths import check_output_path, local_path, output_file, resolve_input
 from ..io.reader import TensorInfo, TensorSource, open_tensor_file
 from ..io.writer import copied_dtype, tensor_bytes
 from ..options import ResizeOptions
+from ..ranks.block_weights import parse_block_weights
 from ..ranks.rules import RuleOutcome, parse_rules
 from ..results import LayerResult, ResizeResult
 from .diffs import full_diffs_as_pairs
@@ -398,7 +399,10 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         notes += companion_notes
         # the output: the first input's layout, each layer written by the module of the first input that has it
         layout = replace(layouts[0], modules=[j.module for j in jobs])
-        out = Output(layout, jobs, copied, [InputRecord(s.path.name, r.metadata, s.weight, s.step)
+        out = Output(layout, jobs, copied, [InputRecord(s.path.name, r.metadata, s.weight,
+                                                        tuple(str(x) for x in parse_rules(s.rules)),
+                                                        s.block_weights and parse_block_weights(s.block_weights).text,
+                                                        s.step)
                                             for s, r in zip(live, readers)], merged=settings.as_dict(),
                      cast=opts.precision is not None)
         done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
