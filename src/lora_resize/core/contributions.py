@@ -32,7 +32,8 @@ class MergedLayer(LowRankLayer):
 
 def input_contributions(inputs: tuple, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor
                         ) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
-    """(shares, kept, energy ||tau_i||_F^2) of each input (module docstring) for the written layer g * U diag(S) Vh (U (m, k), S (k,),
+    """(shares, kept, energy ||tau_i||_F^2) of each input (module docstring) for the written layer
+    g * U diag(S) Vh (U (m, k), S (k,),
     Vh (k, n), float64; g: the merged layer's own strength, a global scale rule's, which multiplies every input's
     contribution as written and the layer alike, so both figures are independent of it). `inputs`:
     MergedLayer.inputs. An input without the layer has share 0, kept NaN and energy 0; a zero written layer gives

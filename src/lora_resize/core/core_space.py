@@ -47,7 +47,8 @@ def stacked(name: str, parts: list[tuple[float, LowRankLayer]], cancelled: list[
 
 
 def summed(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRankLayer:
-    """The `sum` method: `stacked` (MergeMethod.combine's signature; `settings`, a core.merging.MergeSettings, unread)."""
+    """The `sum` method: `stacked` (MergeMethod.combine's signature; `settings`, a core.merging.MergeSettings,
+    unread)."""
     return stacked(name, parts)
 
 
