@@ -439,7 +439,7 @@ def refused_in_one_line(capsys, argv: list[str]) -> str:
     return err
 
 
-def scaled_sum(name, parts, settings):
+def scaled_sum(name, parts, settings, positions=None):
     """A merge method for tests that register one of their own (the nodes and the page must offer it): the
     weighted sum with every weight times `density`."""
     from lora_resize.core.core_space import stacked

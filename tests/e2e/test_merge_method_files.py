@@ -131,3 +131,25 @@ def test_merge_help_shows_every_method_and_its_help_line(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for m in MERGE_METHODS.values():
         assert f"{m.name}: {' '.join(m.help.split())}" in text, m.name
+
+
+def test_an_inputs_dare_masks_do_not_move_when_another_input_lacks_the_layer_or_has_weight_0(tmp_path):
+    """DARE seeds each input's masks by its place among the inputs given: in a layer that input 2 lacks (and with
+    input 2 at weight 0), input 3 keeps the masks it has where every input holds the layer."""
+    a, b = sd15_pair(tmp_path)
+    c = write_lora(tmp_path / "c.safetensors", make_state_dict(standard_specs(), seed=3), dict(BASE_METADATA))
+    sd_b, meta_b = load_st(b)
+    gone = layer_names(sd_b)[0]
+    lacking = write_lora(tmp_path / "b_lacking.safetensors", {k: v for k, v in sd_b.items()
+                                                               if not k.startswith(gone + ".")}, meta_b)
+    sds = [load_st(f)[0] for f in (a, c)]
+    for second, weight in ((lacking, 1.0), (b, 0.0)):
+        out = tmp_path / f"o{weight}.safetensors"
+        res = lora_resize.merge([a, f"{second}:{weight}", c], out, rank=64, precision="float",
+                                merge_method="dare", density=0.5, seed=9)
+        row = next(r for r in res.layers if r.name == gone)
+        taus = [dense_dw(sd, gone) for sd in sds]
+        u, v = dense_core_bases(taus)
+        want = u @ dense_merge("dare", [u.T @ t @ v for t in taus], density=0.5, seed=9, name=gone,
+                               positions=[0, 2]) @ v.T
+        assert rel_err(dense_dw(load_st(out)[0], row.name), want) < 2e-5

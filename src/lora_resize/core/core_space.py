@@ -46,7 +46,8 @@ def stacked(name: str, parts: list[tuple[float, LowRankLayer]], cancelled: list[
     return LowRankLayer.with_alpha(up, down, None, kernel=first.kernel, in_channels=first.in_channels)
 
 
-def summed(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRankLayer:
+def summed(name: str, parts: list[tuple[float, LowRankLayer]], settings, positions: list[int] | None = None
+           ) -> LowRankLayer:
     """The `sum` method: `stacked` (MergeMethod.combine's signature; `settings`, a core.merging.MergeSettings,
     unread)."""
     return stacked(name, parts)
@@ -141,7 +142,8 @@ def trimmed(core: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(keep, flat, torch.zeros_like(flat)).reshape(core.shape)
 
 
-def ties(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRankLayer:
+def ties(name: str, parts: list[tuple[float, LowRankLayer]], settings, positions: list[int] | None = None
+         ) -> LowRankLayer:
     """TIES-Merging (Yadav et al., NeurIPS 2023, arXiv 2306.01708) on the cores: trim each core to its top
     `density` fraction of magnitudes, elect each entry's sign as the sign of the trimmed cores' sum, and take the
     mean of the trimmed entries that are nonzero and of the elected sign (0 where none). Elementwise, so it depends
@@ -163,24 +165,28 @@ def drop_seed(seed: int, name: str, index: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def dare(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRankLayer:
+def dare(name: str, parts: list[tuple[float, LowRankLayer]], settings, positions: list[int] | None = None
+         ) -> LowRankLayer:
     """DARE (Yu et al., ICML 2024, arXiv 2311.03099) on the cores: keep each entry of input i's core with
     probability `density` (mask: torch.rand(core.shape, float64, CPU generator seeded with
-    drop_seed(seed, name, i)) < density; reproducible on every machine and thread count), rescale the kept by
-    1 / density, and sum. Elementwise: in the canonical core space (README: Merge methods)."""
+    drop_seed(seed, name, p_i)) < density, with p_i = positions[i], the input's place among the merge's given
+    inputs (default i), so an input's masks do not move when another lacks the layer; reproducible on every
+    machine and thread count), rescale the kept by 1 / density, and sum. Elementwise: in the canonical core space (README: Merge methods)."""
     density, seed = settings.value("density"), settings.value("seed")
 
     def merge(ms: list[torch.Tensor]) -> torch.Tensor:
         out = torch.zeros_like(ms[0])
         for i, c in enumerate(ms):
-            gen = torch.Generator("cpu").manual_seed(drop_seed(seed, name, i))
+            place = i if positions is None else positions[i]
+            gen = torch.Generator("cpu").manual_seed(drop_seed(seed, name, place))
             keep = torch.rand(tuple(c.shape), dtype=torch.float64, generator=gen).to(c.device) < density
             out += torch.where(keep, c / density, torch.zeros_like(c))
         return out
     return _in_core_space(parts, merge)
 
 
-def magnitude_prune(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRankLayer:
+def magnitude_prune(name: str, parts: list[tuple[float, LowRankLayer]], settings, positions: list[int] | None = None
+                    ) -> LowRankLayer:
     """PEFT's magnitude_prune (huggingface/peft, src/peft/utils/merge_utils.py `magnitude_prune`) on the cores:
     trim each core to its top `density` fraction of magnitudes, then sum (no rescale). Elementwise: in the
     canonical core space (README: Merge methods)."""
@@ -194,7 +200,8 @@ def _polar(x: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def tsv(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRankLayer:
+def tsv(name: str, parts: list[tuple[float, LowRankLayer]], settings, positions: list[int] | None = None
+        ) -> LowRankLayer:
     """TSV-Merge (Gargiulo et al., CVPR 2025, arXiv 2412.00081): each input keeps its
     k_i = min(rank(tau_i), max(1, floor(density * min(m, n)))) leading singular triplets (density None: 1/T, i.e.
     floor(min(m, n) / T)); the concatenated left and right singular vectors are each replaced by their orthogonal
@@ -222,7 +229,8 @@ def tsv(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRank
     return _in_core_space(parts, merge)
 
 
-def iso(name: str, parts: list[tuple[float, LowRankLayer]], settings) -> LowRankLayer:
+def iso(name: str, parts: list[tuple[float, LowRankLayer]], settings, positions: list[int] | None = None
+        ) -> LowRankLayer:
     """Iso-C (Marczak et al., ICML 2025, arXiv 2502.04959): the SVD of the sum of the updates with every singular
     value of its numerical rank replaced by their mean (the nuclear norm kept). From the SVD of the summed cores
     (the sum is U (sum_i M_i) V^T), so it is the paper's method on the dense updates, to rounding. Its spectrum is

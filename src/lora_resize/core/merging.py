@@ -62,7 +62,9 @@ MERGE_PARAMS: dict[str, MergeParam] = {p.name: p for p in (
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A merge method. `combine(name, parts, settings) -> LowRankLayer` merges one layer's weighted inputs (parts:
+    """A merge method. `combine(name, parts, settings, positions) -> LowRankLayer` merges one layer's weighted
+    inputs (positions: each part's 0-based place among the merge's given inputs, or None for 0, 1, ...: what seeds a
+    random method per input; parts:
     [(weight, layer)], shapes already checked equal; settings: the MergeSettings, whose `value(p)` gives each
     parameter) into a layer of scale 1. `params`: the MERGE_PARAMS it reads (any other, given, is refused);
     `defaults`: their values when not given (None: the method decides, e.g. from the number of inputs).
@@ -71,7 +73,7 @@ class MergeMethod:
     method applied to the cores' entries (README: Merge methods). `help`: one line for the CLI, page and docs."""
     name: str
     help: str
-    combine: Callable[[str, list[tuple[float, LowRankLayer]], "MergeSettings"], LowRankLayer]
+    combine: Callable[[str, list[tuple[float, LowRankLayer]], "MergeSettings", "list[int] | None"], LowRankLayer]
     params: tuple[str, ...] = ()
     defaults: dict = field(default_factory=dict)
     basis_invariant: bool = True
@@ -167,9 +169,10 @@ class MergeSettings:
 
 
 def merged_layer(name: str, parts: list[tuple[float, LowRankLayer]], settings: MergeSettings | None = None,
-                 cancelled: list[str] | None = None) -> LowRankLayer:
-    """One layer's merged update under `settings` (None: the sum), a layer of scale 1. Raises LoraStructureError
-    when the inputs' shapes differ. A merge of nonzero inputs that comes out zero (a sum whose inputs cancel out;
+                 cancelled: list[str] | None = None, positions: list[int] | None = None) -> LowRankLayer:
+    """One layer's merged update under `settings` (None: the sum), a layer of scale 1; `positions`: each part's
+    0-based place among the merge's given inputs (None: 0, 1, ...; DARE seeds its masks by it). Raises
+    LoraStructureError when the inputs' shapes differ. A merge of nonzero inputs that comes out zero (a sum whose inputs cancel out;
     any method whose merged update is zero or rounding noise next to its inputs') is exact zeros, its name appended
     to `cancelled`."""
     from .core_space import check_shapes, stacked
@@ -178,7 +181,7 @@ def merged_layer(name: str, parts: list[tuple[float, LowRankLayer]], settings: M
     if settings.method == "sum":
         return stacked(name, parts, cancelled)
     check_shapes(name, parts)
-    out = MERGE_METHODS[settings.method].combine(name, parts, settings)
+    out = MERGE_METHODS[settings.method].combine(name, parts, settings, positions)
     if cancelled is not None and not bool(out.up.any()) and any(bool(lay.up.any()) and bool(lay.down.any())
                                                                for _, lay in parts):
         cancelled.append(name)  # nonzero inputs, a zero merge (they cancel, or everything was dropped)

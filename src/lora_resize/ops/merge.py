@@ -69,21 +69,22 @@ def parse_source(text: str) -> Source:
 
 
 def merged_job(name: str, members: list[tuple[float, Module, TensorSource]], settings: MergeSettings,
-               cancelled: list[str] | None = None, slots: list[int] | None = None, n_inputs: int | None = None
-               ) -> LayerJob:
+               cancelled: list[str] | None = None, slots: list[int] | None = None, n_inputs: int | None = None,
+               positions: list[int] | None = None) -> LayerJob:
     """A job whose layer is `members`' (weight, module, reader) merged by `settings`
     (core.merging.merged_layer: the weighted sum by default); the first one writes it. Its scale is 1 (the inputs'
     scales are in the merged factors), its rank at most the sum of theirs. A sum whose inputs cancel out is zero,
     its name appended to `cancelled`. The layer loaded is a core.contributions.MergedLayer carrying the members'
     weighted factors for the report (LayerResult.input_shares / input_kept), in the order of the merge's
     `n_inputs` inputs (`slots`: each member's position among them; default: the members are the inputs); they are
-    dropped with the layer."""
+    dropped with the layer. `positions`: each member's 0-based place among the inputs given (weight 0 ones
+    included; default: `slots`), what a random method (DARE) seeds each input's masks by."""
     slots = list(range(len(members))) if slots is None else slots
     n_inputs = len(members) if n_inputs is None else n_inputs
 
     def load() -> LowRankLayer:
         parts = [(w, checked(name, m.load(src))) for w, m, src in members]
-        layer = merged_layer(name, parts, settings, cancelled)
+        layer = merged_layer(name, parts, settings, cancelled, slots if positions is None else positions)
         inputs: list = [(None, None, None)] * n_inputs
         stacked = layer.up.shape[1] == sum(p.up.shape[1] for _, p in parts) and layer.scale == 1 and \
             settings.method == "sum" and bool(layer.up.any())
@@ -388,7 +389,8 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                               readers[0].metadata)
         notes += rules.notes
         cancelled: list[str] = []
-        jobs = [with_strength(merged_job(name, members[name], settings, cancelled, slots[name], len(live)),
+        jobs = [with_strength(merged_job(name, members[name], settings, cancelled, slots[name], len(live),
+                                         [numbers[i] - 1 for i in slots[name]]),
                               rules.strengths.get(name, 1)) for name in rules.kept]
         notes += with_base(jobs, replace(layouts[0], modules=[j.module for j in jobs]), infos, readers[0].metadata,
                            opts)

@@ -125,12 +125,14 @@ def _iso(taus: list[torch.Tensor]) -> torch.Tensor:
 
 
 def dense_merge(method: str, taus: list[torch.Tensor], *, density: float | None = None, seed: int = 0,
-                masks: list[torch.Tensor] | None = None, name: str = "") -> torch.Tensor:
+                masks: list[torch.Tensor] | None = None, name: str = "", positions: list[int] | None = None
+                ) -> torch.Tensor:
     """The merged update of the dense weighted updates taus (each m x n, any float dtype; math in float64) by
     `method` ('sum', 'ties', 'dare', 'magnitude_prune', 'tsv', 'iso'; definitions and sources in the module
     docstring). density: the fraction kept (None: the method's default: ties 0.2, dare and magnitude_prune 0.5,
     tsv 1/T of min(m, n) directions per input; iso and sum read none). seed, name: DARE's masks are
-    dare_mask(tau.shape, density, seed, name, i) for input i, unless `masks` (bool, one per input) gives them.
+    dare_mask(tau.shape, density, seed, name, p_i) for input i at place p_i among the merge's given inputs
+    (`positions`; default i), unless `masks` (bool, one per input) gives them.
     Returns the m x n float64 merged update. Raises ValueError for an unknown method."""
     taus = [t.to(torch.float64) for t in taus]
     if method == "sum":
@@ -143,7 +145,8 @@ def dense_merge(method: str, taus: list[torch.Tensor], *, density: float | None 
         return torch.stack([top_magnitude(t, density) for t in taus]).sum(dim=0)
     if method == "dare":
         if masks is None:
-            masks = [dare_mask(tuple(t.shape), density, seed, name, i) for i, t in enumerate(taus)]
+            places = range(len(taus)) if positions is None else positions
+            masks = [dare_mask(tuple(t.shape), density, seed, name, p) for p, t in zip(places, taus)]
         return torch.stack([torch.where(k, t / density, torch.zeros_like(t)) for k, t in zip(masks, taus)]).sum(dim=0)
     if method == "tsv":
         return _tsv(taus, density)
