@@ -153,3 +153,11 @@ def test_an_inputs_dare_masks_do_not_move_when_another_input_lacks_the_layer_or_
         want = u @ dense_merge("dare", [u.T @ t @ v for t in taus], density=0.5, seed=9, name=gone,
                                positions=[0, 2]) @ v.T
         assert rel_err(dense_dw(load_st(out)[0], row.name), want) < 2e-5
+
+
+def test_a_method_whose_merge_is_zero_says_so_without_calling_it_a_sum(tmp_path):
+    a, _ = sd15_pair(tmp_path)
+    res = lora_resize.merge([f"{a}:0.5", f"{a}:0.5", f"{a}:-1"], tmp_path / "o.safetensors", rank=4,
+                            merge_method="iso")
+    zero = [n for n in res.notes if "zero" in n]
+    assert len(zero) == 1 and "iso" in zero[0] and "sum to zero" not in zero[0], res.notes

@@ -409,11 +409,17 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                      cast=opts.precision is not None)
         done = produce(dst, out, opts, precision, device, progress, on_layer, new_folder)
     notes += list(layouts[0].notes) + done.write_notes + clamp_notes(done.rows) + done.plan_notes
-    if cancelled:
+    if cancelled and settings.method == "sum":
         notes.append("warning: the inputs cancel out in every layer: the merged LoRA changes nothing"
                      if len(cancelled) == len(jobs) else
                      f"{len(cancelled)} layer(s) cancel out (the weighted inputs sum to zero there, within rounding) "
                      f"and are written as zeros, e.g. {min(cancelled)}")
+    elif cancelled:
+        why = f"{settings.label()} makes them zero: the inputs cancel, or every entry was trimmed or dropped"
+        notes.append(f"warning: the merged update is zero in every layer ({why}): the merged LoRA changes nothing"
+                     if len(cancelled) == len(jobs) else
+                     f"{len(cancelled)} layer(s) come out zero ({why}) and are written as zeros, e.g. "
+                     f"{min(cancelled)}")
     return ResizeResult(src=live[0].path, dst=dst, format=layouts[0].format, precision=precision,
                         options={**done.options.as_dict(), **settings.as_dict(), "merge_label": settings.label(),
                                  "sources": [[str(s.path), s.weight] for s in srcs],
