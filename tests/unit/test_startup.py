@@ -19,7 +19,8 @@ def imports_torch(*argv: str) -> bool:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["resize", "--bogus"], ["convert", "--help"],
-                                  ["resize", "--help"], ["analyze", "--help"], []])
+                                  ["resize", "--help"], ["analyze", "--help"], ["merge", "--help"],
+                                  ["average", "--help"], ["merge", "a.safetensors", "--merge-method", "bogus"], []])
 def test_the_command_line_starts_without_torch(argv):
     assert not imports_torch(*argv)
 
