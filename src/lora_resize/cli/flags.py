@@ -23,6 +23,10 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", Paragraphs)
         super().__init__(*args, **kwargs)
+        # a value that starts with a minus and a digit (`--steps -5,1`, `--beta -1e-3`) is a value, never an option
+        # (no flag of ours looks like one): argparse's own test takes only plain numbers, then says "expected one
+        # argument" instead of our message about the value
+        self._negative_number_matcher = NUMBER
         for name in (None, "store"):  # every plain option of every subcommand (argument groups share the registry)
             self.register("action", name, StoreOnce)
         self.needs: list[tuple[str, str, str, Callable | None]] = []  # (dest, module, feature, when)
