@@ -16,9 +16,10 @@ DYNAMIC = "Dynamic"  # sd-scripts' value of ss_network_dim / ss_network_alpha wh
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 HASH_PLACEHOLDERS = ("0" * 64, "0" * 8)  # sha256 hex, and its first 8 hex digits
 MERGE_KEPT = ("ss_network_module", "ss_base_model_version")  # what a merge keeps of its first input's metadata
-# what an average of one run's checkpoints also keeps of its last checkpoint's (sd-scripts train_network.py
-# `save_model` writes ss_steps and ss_epoch at each save; the average's ss_steps is the last checkpoint's step)
-AVERAGE_KEPT = ("ss_epoch", "ss_output_name")
+# what an average of one run's checkpoints also keeps of its last checkpoint's metadata, as that file has them
+# (sd-scripts train_network.py `save_model` writes ss_steps and ss_epoch at each save): never a step from another
+# source - a file name's number is often the epoch (sd-scripts' x-000004) - which our record keeps per source
+AVERAGE_KEPT = ("ss_steps", "ss_epoch", "ss_output_name")
 # The network fields of a LyCORIS file (sd-scripts' `--network_module lycoris.kohya`, its `--network_args` read by
 # lycoris/kohya.py `create_network`). What the tensors are written as decides what still holds: plain LoRA pairs
 # are sd-scripts' `networks.lora`, which ignores LyCORIS's arguments; pairs with DoRA magnitudes (`dora_scale`)
@@ -255,10 +256,9 @@ def output_metadata(opts, precision: str, fmt: str, rows: Sequence, sources: Seq
         recipe = " + ".join(f"{s.name}{'' if s.step is None else f' (step {s.step})'} x {s.weight:g}"
                             for s in sources)
         meta = {k: v for k, v in first.items() if k in MERGE_KEPT}
-        if averaged(sources):  # one run's checkpoints: where the run is at the last of them, as sd-scripts counts
+        if averaged(sources):  # one run's checkpoints: where the run is at the last of them, as its file says
             last = max(sources, key=lambda s: s.step)
-            meta.update({"ss_steps": str(last.step),
-                         **{k: last.metadata[k] for k in AVERAGE_KEPT if k in last.metadata}})
+            meta.update({k: last.metadata[k] for k in AVERAGE_KEPT if k in last.metadata})
         verb = "averaged" if averaged(sources) else "merged"
         meta.update({"ss_training_comment": f"{verb} with lora-resize ({setting_text(opts)}): {recipe}",
                      "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else DYNAMIC,
