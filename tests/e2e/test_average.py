@@ -217,6 +217,9 @@ def test_metadata_records_order_weights_and_steps(tmp_path, capsys):
     (["--weighting", "linear", "--steps", "1,x,3,4"], "'x' is not a whole number"),
     (["--weighting", "linear", "--steps", "1,2,2,4"], "both at step 2"),
     (["--weighting", "linear", "--steps", "1,2,-3,4"], ">= 0"),
+    # a value starting with a minus and a digit is the flag's value, judged by our check, not a missing argument
+    (["--weighting", "linear", "--steps", "-5,1,2,3"], ">= 0"),
+    (["--weighting", "ema", "--beta", "-1e-3"], "strictly between 0 and 1"),
     (["--weighting", "power", "--sigma-rel", "0.1", "--steps", "0,0,0,0"], "both at step 0"),
 ])
 def test_bad_settings_are_refused_in_one_line(tmp_path, capsys, argv, words):
@@ -243,6 +246,89 @@ def test_refusals_about_the_order(tmp_path, capsys):
     with pytest.raises(lora_resize.OptionsError, match="takes no density"):
         lora_resize.average(paths, tmp_path / "o.safetensors", density=0.5)
     assert not (tmp_path / "o.safetensors").exists()
+
+
+MIXED_SOURCES = {  # (metadata, name) per file: each file has a step, no one source has all of them
+    "two metadata keys": [({"ss_steps": "50"}, "eqA"), ({"training_info": json.dumps({"step": 700})}, "ti1")],
+    "metadata or name": [({"ss_steps": "50"}, "eqA"), (None, "b-000003")],
+    "name form or metadata": [(None, "x-step00000500"), ({"training_info": json.dumps({"step": 9})}, "y")],
+}
+
+
+@pytest.mark.parametrize("kind", MIXED_SOURCES)
+@pytest.mark.parametrize("weighting", [["--weighting", "linear"], ["--weighting", "ema", "--beta", "0.5"],
+                                       ["--weighting", "power", "--sigma-rel", "0.1"]])
+def test_steps_from_different_sources_are_refused(tmp_path, capsys, kind, weighting):
+    """ss_steps for one file and ai-toolkit's training_info for another (two trainers, maybe two counts), or a
+    step some files have only in metadata and others only in their names: refused in one line asking for --steps
+    (it was an internal StopIteration), nothing written; uniform needs no order and keeps the order given."""
+    files = MIXED_SOURCES[kind]
+    paths = checkpoints(tmp_path, steps=[1, 2], meta=lambda s: files[s - 1][0], name=lambda i, s: files[i][1])
+    out = tmp_path / "o.safetensors"
+    err = refused_in_one_line(capsys, ["average", *map(str, paths), "-o", str(out), "--rank", "8", *weighting])
+    assert "steps come from different sources" in err and "--steps 100,200,..." in err
+    assert paths[0].name in err and paths[1].name in err
+    assert not out.exists()
+    res = lora_resize.average(paths, out, rank=8)
+    assert res.options["steps_from"] is None and [r["file"] for r in res.options["order"]] == [p.name for p in paths]
+
+
+def test_ss_steps_and_ss_epoch_are_the_last_checkpoints_own(tmp_path, capsys):
+    """The output's ss_steps / ss_epoch are the last checkpoint's metadata values, never the number that ordered
+    it (a name's number is the epoch in sd-scripts' x-000010); our record keeps that number as each source's step."""
+    # no metadata: ordered by the names' numbers, no ss_steps or ss_epoch written
+    paths = checkpoints(tmp_path / "a", steps=[10, 2, 4], meta=lambda s: None, name=lambda i, s: f"x-{s}")
+    out = tmp_path / "a.safetensors"
+    assert main(["average", *map(str, paths), "-o", str(out), "--weighting", "ema", "--beta", "0.8",
+                 "--rank", "12"]) == 0
+    meta = load_st(out)[1]
+    assert "ss_steps" not in meta and "ss_epoch" not in meta
+    assert [(s["file"], s["step"]) for s in json.loads(meta["lora_resize"])["sources"]] == [
+        ("x-2.safetensors", 2), ("x-4.safetensors", 4), ("x-10.safetensors", 10)]
+    # ordered by epoch names (the middle file has no ss_steps): the last file's own ss_steps and ss_epoch
+    own = {1: {"ss_steps": "400", "ss_epoch": "1"}, 2: {"ss_epoch": "2"}, 3: {"ss_steps": "1200", "ss_epoch": "3"}}
+    paths = checkpoints(tmp_path / "b", steps=[3, 1, 2], meta=lambda s: own[s], name=lambda i, s: f"x-{s:06d}")
+    res = lora_resize.average(paths, tmp_path / "b.safetensors", weighting="linear", rank=2)
+    assert res.options["steps_from"] == "file names"
+    meta = load_st(tmp_path / "b.safetensors")[1]
+    assert (meta["ss_steps"], meta["ss_epoch"]) == ("1200", "3")
+    # ai-toolkit's training_info: no sd-scripts field to keep
+    paths = checkpoints(tmp_path / "c", meta=lambda s: {"training_info": json.dumps({"step": s})})
+    lora_resize.average(paths, tmp_path / "c.safetensors", weighting="linear", rank=2)
+    assert "ss_steps" not in load_st(tmp_path / "c.safetensors")[1]
+    # --steps puts the file at ss_steps 100 last: its own ss_steps, not the --steps value
+    paths = checkpoints(tmp_path / "d")
+    lora_resize.average(paths, tmp_path / "d.safetensors", weighting="linear", rank=2, steps=[4, 7, 2, 9])
+    assert load_st(tmp_path / "d.safetensors")[1]["ss_steps"] == str(STEPS[3])
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"weighting": "ema", "beta": "0.8"}, "--beta must be a number, got '0.8' (str)"),
+    ({"weighting": "ema", "beta": True}, "--beta must be a number"),
+    ({"weighting": "power", "sigma_rel": "0.1"}, "--sigma-rel must be a number, got '0.1' (str)"),
+    ({"weighting": "linear", "steps": [100, "200", 300, 400]}, "'200' (str) is not a whole number"),
+    ({"weighting": "linear", "steps": [100.0, 200, 300, 400]}, "100.0 (float) is not a whole number"),
+    ({"weighting": "linear", "steps": [True, 2, 3, 4]}, "True (bool) is not a whole number"),
+    ({"weighting": "linear", "steps": 100}, "one whole number per file"),
+    ({"weighting": "linear", "steps": [1, 2, 3, None]}, "None (NoneType) is not a whole number"),
+])
+def test_python_parameters_of_the_wrong_type_are_refused(tmp_path, kwargs, words):
+    """From Python a string or a bool is not a number: said so, not 'out of range' or an internal TypeError."""
+    paths = checkpoints(tmp_path)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(lora_resize.OptionsError) as e:
+        lora_resize.average(paths, out, rank=2, **kwargs)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists()
+
+
+def test_steps_as_numpy_integers(tmp_path):
+    import numpy as np
+    paths = checkpoints(tmp_path)
+    res = lora_resize.average(paths, tmp_path / "o.safetensors", weighting="linear", rank=2,
+                              steps=np.array([4, 3, 2, 1]))
+    assert [r["step"] for r in res.options["order"]] == [1, 2, 3, 4]
+    assert json.loads(load_st(tmp_path / "o.safetensors")[1]["lora_resize"])["sources"][0]["step"] == 1
 
 
 def test_factor_wise_average_differs_from_the_mean_of_the_updates(tmp_path):

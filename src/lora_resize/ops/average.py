@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -54,13 +55,26 @@ def edm2_sigma_rel(gamma: float) -> float:
 SIGMA_REL_MAX = edm2_sigma_rel(GAMMA_PEAK)  # 0.300283...
 
 
+def is_number(value) -> bool:
+    """A real number given as one (int, float, numpy's), not a string or a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_number(flag: str, value, example: str) -> None:
+    """Refuse (OptionsError, one line) a parameter `flag` given as anything but a number (a string from Python,
+    a bool), before its range is judged."""
+    if not is_number(value):
+        raise OptionsError(f"{flag} must be a number, got {value!r} ({type(value).__name__}): e.g. {flag} {example}")
+
+
 def sigma_rel_gamma(sigma_rel: float) -> float:
     """The exponent gamma of the power-function EMA with relative width `sigma_rel` (Karras et al. 2024,
     Algorithm 2 solves the same cubic gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2) = 0 and takes its
     largest real root): the root of edm2_sigma_rel(gamma) = sigma_rel on gamma >= GAMMA_PEAK, where the width
-    falls as gamma grows, found by bisection to float64 precision. Raises OptionsError outside
-    (0, SIGMA_REL_MAX]."""
-    if not (isinstance(sigma_rel, (int, float)) and 0 < sigma_rel <= SIGMA_REL_MAX):
+    falls as gamma grows, found by bisection to float64 precision. Raises OptionsError for a value that is not a
+    number or lies outside (0, SIGMA_REL_MAX]."""
+    check_number("--sigma-rel", sigma_rel, "0.1")
+    if not 0 < sigma_rel <= SIGMA_REL_MAX:
         raise OptionsError(f"--sigma-rel {sigma_rel} is out of range: the power-function EMA (Karras et al. 2024) "
                            f"allows 0 < sigma_rel <= {math.floor(SIGMA_REL_MAX * 1e6) / 1e6}; EDM2 uses 0.05-0.15, "
                            "e.g. --sigma-rel 0.1")
@@ -74,8 +88,8 @@ def sigma_rel_gamma(sigma_rel: float) -> float:
 
 
 def check_weighting(weighting: str, beta: float | None = None, sigma_rel: float | None = None) -> None:
-    """Refuse (OptionsError, one line) an unknown weighting, a parameter it does not read, a missing one, beta
-    outside (0, 1) or sigma_rel out of the power function's range."""
+    """Refuse (OptionsError, one line) an unknown weighting, a parameter it does not read, a missing one, a
+    parameter that is not a number, beta outside (0, 1) or sigma_rel out of the power function's range."""
     if weighting not in WEIGHTINGS:
         raise OptionsError(f"unknown weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
     for name, flag, value, owner in (("beta", "--beta", beta, "ema"), ("sigma_rel", "--sigma-rel", sigma_rel,
@@ -86,7 +100,9 @@ def check_weighting(weighting: str, beta: float | None = None, sigma_rel: float 
         if value is None and weighting == owner:
             raise OptionsError(f"--weighting {owner} needs {flag}, e.g. "
                                f"{'--beta 0.9' if owner == 'ema' else '--sigma-rel 0.1'}")
-    if beta is not None and not (isinstance(beta, (int, float)) and 0 < beta < 1):
+    if beta is not None:
+        check_number("--beta", beta, "0.9")
+    if beta is not None and not 0 < beta < 1:
         raise OptionsError(f"--beta {beta} is out of range: the EMA's decay must be strictly between 0 and 1, "
                            "e.g. --beta 0.9")
     if sigma_rel is not None:
@@ -168,17 +184,18 @@ def checkpoint_steps(paths: Sequence[Path], metadata: Sequence[Mapping[str, str]
                      steps: Sequence[int] | None = None) -> Ordered:
     """Order checkpoints by training step: `steps` when given (one per path, in the order given), else the step
     every checkpoint's metadata records (one key for all: metadata_step), else every file name's number in one
-    form (name_step); one source for all of them, never a mix (names often count epochs, metadata steps).
-    Uniform needs no order: without steps it keeps the order given. Raises OptionsError when a weighting that
-    needs the order has no steps for every checkpoint (or names that number them in different ways), when `steps`
-    has the wrong count or a negative step, or when two checkpoints share a step."""
+    form (name_step); one source for all of them, never a mix (names often count epochs, metadata steps; two
+    metadata keys, two trainers). Uniform needs no order: without steps it keeps the order given. Raises
+    OptionsError when a weighting that needs the order has no step for some checkpoint, or no one source that
+    gives every checkpoint's (names that number them in different ways, steps under different metadata keys, or
+    some only in metadata and others only in names), when `steps` is not whole numbers >= 0 (checkpoint_step_list) or has
+    the wrong count, or when two checkpoints share a step."""
     if steps is not None:
+        steps = checkpoint_step_list(steps)
         if len(steps) != len(paths):
             raise OptionsError(f"--steps has {len(steps)} value(s) for {len(paths)} checkpoint(s): give one step "
                                "per checkpoint, in the order of the files")
-        if any(s < 0 for s in steps):
-            raise OptionsError(f"--steps must be whole numbers >= 0, got {', '.join(map(str, steps))}")
-        found, origin = list(steps), "--steps"
+        found, origin = steps, "--steps"
     else:
         read = [metadata_step(m) for m in metadata]
         keys = {k for _, k in read}
@@ -189,14 +206,22 @@ def checkpoint_steps(paths: Sequence[Path], metadata: Sequence[Mapping[str, str]
         elif None not in forms and len(forms) == 1:
             found, origin = [n for n, _ in named], "file names"
         elif weighting in ORDERED:
+            lacking = [p.name for p, (s, _), (n, _) in zip(paths, read, named) if s is None and n is None]
+            if lacking:
+                raise OptionsError(f"--weighting {weighting} needs the checkpoints' order, and {lacking[0]} records "
+                                   "no step (no ss_steps or training_info in its metadata, no number in its name): "
+                                   "give --steps 100,200,... (one per file, in the order given)")
             if None not in forms:
                 raise OptionsError(f"--weighting {weighting} needs the checkpoints' order, and their names number "
                                    f"them in different ways ({', '.join(sorted(forms))}: steps and epochs?): give "
                                    "--steps 100,200,... (one per file, in the order given)")
-            lacking = next(p.name for p, (s, _), (n, _) in zip(paths, read, named) if s is None and n is None)
-            raise OptionsError(f"--weighting {weighting} needs the checkpoints' order, and {lacking} records no step "
-                               "(no ss_steps or training_info in its metadata, no number in its name): give "
-                               "--steps 100,200,... (one per file, in the order given)")
+            # every checkpoint has a step, but no one source has all of them: each file's own, metadata first
+            first: dict[str, str] = {}
+            for p, (_, key), (_, form) in zip(paths, read, named):
+                first.setdefault(key or f"the {form} in its name", p.name)
+            raise OptionsError(f"--weighting {weighting} needs the checkpoints' order, and their steps come from "
+                               f"different sources ({'; '.join(f'{p}: {k}' for k, p in first.items())}), which may "
+                               "count differently: give --steps 100,200,... (one per file, in the order given)")
         else:
             return Ordered(list(paths), None, None)
     seen: dict[int, Path] = {}
@@ -207,6 +232,25 @@ def checkpoint_steps(paths: Sequence[Path], metadata: Sequence[Mapping[str, str]
         seen[s] = p
     order = sorted(range(len(paths)), key=lambda i: found[i])
     return Ordered([paths[i] for i in order], [found[i] for i in order], origin)
+
+
+def checkpoint_step_list(steps) -> list[int]:
+    """`steps` (a list, tuple or other iterable of whole numbers >= 0: ints, numpy's included) as a list of ints;
+    OptionsError (one line) for anything else: a string, a float, a bool, a negative step, a lone number."""
+    try:
+        if isinstance(steps, (str, bytes)):
+            raise TypeError
+        steps = list(steps)
+    except TypeError:
+        raise OptionsError(f"--steps must be one whole number per file, e.g. '100,200,300' or [100, 200, 300]; got "
+                           f"{steps!r} ({type(steps).__name__})") from None
+    for s in steps:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise OptionsError(f"--steps: {s!r} ({type(s).__name__}) is not a whole number; give the steps as "
+                               "'100,200,300' or [100, 200, 300] (one per file)")
+    if any(s < 0 for s in steps):
+        raise OptionsError(f"--steps must be whole numbers >= 0, got {', '.join(map(str, steps))}")
+    return [int(s) for s in steps]
 
 
 def parse_steps(text: str) -> list[int]:
@@ -236,16 +280,16 @@ def average(checkpoints: Sequence[str | os.PathLike], dst: str | os.PathLike, op
         dst: the output file.
         options: ResizeOptions, or the option fields as keywords (rank=, method=, param=, target_size=, ...).
         weighting: 'uniform', 'linear', 'ema' (with `beta` in (0, 1)) or 'power' (with `sigma_rel`).
-        steps: each checkpoint's training step, in the order of `checkpoints` ('100,200,...' or a sequence);
-            without it, from metadata or names.
+        steps: each checkpoint's training step, in the order of `checkpoints` ('100,200,...' or a sequence of
+            ints); without it, from metadata or names.
 
     Returns:
         merge's ResizeResult; its options also hold 'weighting', 'beta', 'sigma_rel', 'gamma' (power), 'steps_from'
         and 'order' ([{'file', 'step', 'weight'}] in step order); a note lists the order and weights.
 
     Raises:
-        OptionsError: fewer than two checkpoints, a bad weighting or parameter, no order for an ordered weighting,
-            two checkpoints at one step, a merge method or its parameters (an average is the weighted sum).
+        OptionsError: fewer than two checkpoints, a bad weighting or parameter (a string for a number included),
+            steps that are not whole numbers >= 0, no order for an ordered weighting, two checkpoints at one step, a merge method or its parameters (an average is the weighted sum).
         And whatever merge raises (LoraStructureError for checkpoints of different models, ...)."""
     from ..core.merging import MERGE_PARAMS
     from ..io.paths import local_path, resolve_input
@@ -259,6 +303,8 @@ def average(checkpoints: Sequence[str | os.PathLike], dst: str | os.PathLike, op
                            "lora-resize merge for other merge methods")
     if isinstance(steps, str):
         steps = parse_steps(steps)
+    if steps is not None:
+        steps = checkpoint_step_list(steps)  # before any file is read
     paths = [resolve_input(local_path(c, "input")) for c in checkpoints]
     if len(paths) < 2:
         raise OptionsError(f"average needs two or more checkpoints, got {len(paths)}; to resize one, use "
