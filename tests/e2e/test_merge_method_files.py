@@ -161,3 +161,39 @@ def test_a_method_whose_merge_is_zero_says_so_without_calling_it_a_sum(tmp_path)
                             merge_method="iso")
     zero = [n for n in res.notes if "zero" in n]
     assert len(zero) == 1 and "iso" in zero[0] and "sum to zero" not in zero[0], res.notes
+
+
+@pytest.mark.parametrize("method", ["sum", "ties", "dare", "magnitude_prune", "tsv", "iso"])
+@pytest.mark.parametrize("single", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_input_with_nan_or_inf_is_refused_in_one_line_by_every_method(tmp_path, capsys, method, single, bad):
+    a, _ = sd15_pair(tmp_path)
+    sd = make_state_dict(standard_specs(), seed=2)
+    name = layer_names(sd)[1]
+    key = next(k for k in sd if k.startswith(name) and "lora_up" in k)
+    sd[key][0, 0] = bad
+    nan = write_lora(tmp_path / "nan.safetensors", sd, dict(BASE_METADATA))
+    before = file_sha(a), file_sha(nan)
+    out = tmp_path / "o.safetensors"
+    inputs = [f"{nan}:0.5"] if single else [str(a), str(nan)]
+    err = refused_in_one_line(capsys, ["merge", *inputs, "--merge-method", method, "--rank", "8", "-o", str(out)])
+    assert f"layer {name} in nan.safetensors holds NaN or Inf values" in err, err
+    assert not out.exists() and (file_sha(a), file_sha(nan)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "nan.safetensors"]
+
+
+def test_a_single_input_merge_names_its_weight_and_method_and_a_long_seed_prints_exactly(tmp_path, capsys):
+    a, _ = sd15_pair(tmp_path)
+    out = tmp_path / "one.safetensors"
+    assert main(["merge", f"{a}:0.5", "-o", str(out), "--merge-method", "ties", "--rank", "8"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "a.safetensors:0.5 -> one.safetensors (merge method ties, density 0.2)" in first, first
+    seed = 99999999999999999999
+    assert main(["merge", str(a), f"{a}:0.5", "-o", str(tmp_path / "two.safetensors"), "--merge-method", "dare", "--seed",
+                 str(seed), "--rank", "8"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"(merge method dare, density 0.5, seed {seed})" in first, first
+    from lora_resize.core.merging import MergeSettings
+    settings = MergeSettings("dare", density=0.25, seed=seed)
+    assert settings.label() == f"dare, density 0.25, seed {seed}"
+    assert settings.flags() == ["--merge-method", "dare", "--density", "0.25", "--seed", str(seed)]

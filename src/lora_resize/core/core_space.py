@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from ..errors import LoraStructureError
+from ..errors import LoraStructureError, NumericalError
+from .decompose import NAN_MESSAGE
 from .layer import LowRankLayer
 
 CANCELLED = 1e-10  # a merged update this small next to its inputs' is rounding noise (float64: ~1e-16)
@@ -23,6 +24,15 @@ def check_shapes(name: str, parts: list[tuple[float, LowRankLayer]]) -> None:
                 f"layer {name} has different shapes in the inputs: out x in {first.up.shape[0]} x "
                 f"{first.down.shape[1]} (kernel {first.kernel}) vs {layer.up.shape[0]} x {layer.down.shape[1]} "
                 f"(kernel {layer.kernel}); these LoRAs are for different models")
+
+
+def check_finite(name: str, parts: list[tuple[float, LowRankLayer]], files: list[str] | None = None) -> None:
+    """NumericalError naming the layer (and the input's file, `files[i]` for parts[i], when given) when an input's
+    factors hold NaN or Inf: checked before any method decomposes them (an SVD of NaN does not converge)."""
+    for i, (_, layer) in enumerate(parts):
+        if not (bool(torch.isfinite(layer.up).all()) and bool(torch.isfinite(layer.down).all())):
+            where = f" in {files[i]}" if files is not None else ""
+            raise NumericalError(f"layer {name}{where} {NAN_MESSAGE}")
 
 
 def stacked(name: str, parts: list[tuple[float, LowRankLayer]], cancelled: list[str] | None = None

@@ -84,7 +84,8 @@ def merged_job(name: str, members: list[tuple[float, Module, TensorSource]], set
 
     def load() -> LowRankLayer:
         parts = [(w, checked(name, m.load(src))) for w, m, src in members]
-        layer = merged_layer(name, parts, settings, cancelled, slots if positions is None else positions)
+        layer = merged_layer(name, parts, settings, cancelled, slots if positions is None else positions,
+                             [src.path.name for _, _, src in members])
         inputs: list = [(None, None, None)] * n_inputs
         stacked = layer.up.shape[1] == sum(p.up.shape[1] for _, p in parts) and layer.scale == 1 and \
             settings.method == "sum" and bool(layer.up.any())
