@@ -197,3 +197,21 @@ def test_a_single_input_merge_names_its_weight_and_method_and_a_long_seed_prints
     settings = MergeSettings("dare", density=0.25, seed=seed)
     assert settings.label() == f"dare, density 0.25, seed {seed}"
     assert settings.flags() == ["--merge-method", "dare", "--density", "0.25", "--seed", str(seed)]
+
+
+@pytest.mark.parametrize("dtypes, want", [((torch.float16, torch.bfloat16), torch.float32),
+                                          ((torch.bfloat16, torch.float32), torch.float32),
+                                          ((torch.float16, torch.float32), torch.float32),
+                                          ((torch.bfloat16, torch.bfloat16), torch.bfloat16),
+                                          ((torch.float16, torch.float16), torch.float16)])
+def test_inputs_in_different_dtypes_merge_into_the_one_that_holds_both_in_either_order(tmp_path, dtypes, want):
+    files = [write_lora(tmp_path / f"{i}.safetensors", make_state_dict(standard_specs(), seed=i, dtype=d),
+                        dict(BASE_METADATA)) for i, d in enumerate(dtypes)]
+    for order in (files, files[::-1]):
+        out = tmp_path / f"o_{order[0].stem}.safetensors"
+        res = lora_resize.merge(order, out, rank=8)
+        written = load_st(out)[0]
+        assert {t.dtype for k, t in written.items() if "lora_up" in k or "lora_down" in k} == {want}
+        differ = [n for n in res.notes if "different precisions" in n]
+        assert len(differ) == (dtypes[0] != dtypes[1]), res.notes
+        assert not differ or f"saved as {res.precision}" in differ[0]

@@ -17,7 +17,7 @@ from ..core.contributions import MergedLayer
 from ..core.layer import LowRankLayer
 from ..core.merging import MERGE_PARAMS, MergeSettings, merged_layer
 from ..core.schedule import Progress, compute_device
-from ..core.truncate import FP8, SAVE_DTYPES
+from ..core.truncate import FP8, PRECISION_OF_DTYPE, SAVE_DTYPES
 from ..errors import LoraStructureError, OptionsError
 from ..formats import Layout, Module, convert_layout, detect, key_family
 from ..formats.base import BIAS_KIND, DORA_KIND
@@ -190,6 +190,23 @@ def common_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     for d in dtypes[1:]:
         out = torch.promote_types(out, torch.float32 if d in FP8 else d)
     return out
+
+
+def merged_precision(live: list[Source], layouts: list[Layout], readers: list[TensorSource], requested: str | None
+                     ) -> tuple[str, list[str]]:
+    """A merge's save precision and its notes: the requested one, else the one that holds every input's factors
+    (each input's own, ops.job.precision_of, combined by common_dtype: fp16 and bf16 inputs give float, whatever
+    their order), with a note when the inputs' precisions differ."""
+    found = [precision_of(lay, r.infos(), requested) for lay, r in zip(layouts, readers)]
+    notes = list(dict.fromkeys(n for _, ns in found for n in ns))
+    names = [p for p, _ in found]
+    if len(set(names)) == 1:
+        return names[0], notes
+    precision = PRECISION_OF_DTYPE.get(common_dtype([SAVE_DTYPES[p] for p in names]), "float")
+    each = ", ".join(f"{s.path.name}: {p}" for s, p in zip(live, names))
+    notes.append(f"the inputs' factors are in different precisions ({each}): saved as {precision}, which holds each "
+                 "of them; --precision changes it")
+    return precision, notes
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -379,7 +396,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                        for n, s, rules_i in zip(numbers, live, own) if rules_i is not None]
         notes += [f"input {n} ({s.path.name}): {note}" for n, s, rules_i in zip(numbers, live, own)
                   if rules_i is not None for note in rules_i.notes]
-        precision, precision_notes = precision_of(layouts[0], readers[0].infos(), opts.precision)
+        precision, precision_notes = merged_precision(live, layouts, readers, opts.precision)
         notes += precision_notes
         partial = sum(1 for v in members.values() if len(v) < len(live))
         if partial:
