@@ -215,3 +215,23 @@ def test_inputs_in_different_dtypes_merge_into_the_one_that_holds_both_in_either
         differ = [n for n in res.notes if "different precisions" in n]
         assert len(differ) == (dtypes[0] != dtypes[1]), res.notes
         assert not differ or f"saved as {res.precision}" in differ[0]
+
+
+def test_a_method_notes_that_it_works_on_the_output_layouts_modules_when_an_input_was_fused_or_split(tmp_path):
+    shapes = archs.flux1(width=16, double=1, single=1, in_channels=4, context=12)
+    k = write_lora(tmp_path / "k.safetensors", loras.lora_state_dict(shapes, "musubi", rank=4, alpha=2.0, seed=1))
+    k2 = write_lora(tmp_path / "k2.safetensors", loras.lora_state_dict(shapes, "musubi", rank=4, alpha=2.0, seed=2))
+    d = tmp_path / "d.safetensors"
+    assert main(["convert", str(k2), "-o", str(d), "--to", "diffusers", "--precision", "float", "-q"]) == 0
+
+    def notes(files, method, **kw):
+        res = lora_resize.merge(files, tmp_path / f"o{len(list(tmp_path.iterdir()))}.safetensors", rank=4,
+                                merge_method=method, **kw)
+        return [n for n in res.notes if "--output-format chooses it" in n]
+    fused = notes([k, d], "tsv")
+    assert len(fused) == 1 and "d.safetensors" in fused[0] and "fused" in fused[0] and "as one matrix" in fused[0]
+    split = notes([d, k], "ties")
+    assert len(split) == 1 and "k.safetensors" in split[0] and "split" in split[0] and "apart" in split[0]
+    assert len(notes([k, k2], "iso", output_format="diffusers")) == 1  # both split by --output-format
+    assert notes([k, d], "sum") == [] and notes([d, k], "sum") == []
+    assert notes([k, k2], "tsv") == []  # one layout: nothing converted

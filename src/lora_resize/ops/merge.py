@@ -22,7 +22,7 @@ from ..errors import LoraStructureError, OptionsError
 from ..formats import Layout, Module, convert_layout, detect, key_family
 from ..formats.base import BIAS_KIND, DORA_KIND
 from ..formats.companions import merge_rule
-from ..formats.convert import TARGETS, ConvertedLayout, copied_sources, detect_arch, scheme_of
+from ..formats.convert import TARGETS, Converted, ConvertedLayout, copied_sources, detect_arch, scheme_of
 from ..models import SD
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
@@ -145,6 +145,33 @@ def in_one_layout(layouts: list[Layout], readers: list, opts: ResizeOptions) -> 
         raise LoraStructureError(f"the inputs are LoRAs of different models ({', '.join(sorted(archs))}); merge "
                                  "LoRAs of one model (or give --arch when one was misread)")
     return out
+
+
+def regrouped(layout: Layout) -> str | None:
+    """How a conversion to the output layout regrouped `layout`'s modules: 'fused' (parts placed into one output
+    module, e.g. diffusers' to_q/to_k/to_v into a fused qkv), 'split' (an output module takes some rows of an
+    input's, e.g. a fused qkv into to_q/to_k/to_v), or None (renamed at most, or not converted)."""
+    feeds = [f for m in layout.modules if isinstance(m, Converted) for f in m.sources]
+    return ("fused" if any(f.place is not None for f in feeds) else
+            "split" if any(f.take is not None for f in feeds) else None)
+
+
+def layout_note(live: list[Source], layouts: list[Layout], settings: MergeSettings, opts: ResizeOptions) -> list[str]:
+    """A note for a method other than the (linear) sum when an input was converted to the output layout with
+    modules fused or split: the method works on the output layout's modules, so which layout that is (the first
+    input's, or --output-format's) changes the result."""
+    if settings.method == "sum":
+        return []
+    how = [(s.path.name, regrouped(lay)) for s, lay in zip(live, layouts) if isinstance(lay, ConvertedLayout)]
+    how = [(name, h) for name, h in how if h is not None]
+    if not how:
+        return []
+    layout = opts.output_format or scheme_of(layouts[0])
+    what = ("fused modules, e.g. a qkv, merged as one matrix" if how[0][1] == "fused" else
+            "fused modules' parts, e.g. q, k, v, merged apart")
+    return [f"{how[0][0]} was converted to the {layout} layout with modules {how[0][1]}: {settings.method} works on "
+            f"the {layout} layout's modules ({what}), so another layout gives another result; --output-format "
+            "chooses it (the sum is the same in any)"]
 
 
 def model_of(layout: Layout, scheme: str, reader) -> str | None:
@@ -374,6 +401,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         if len(families) > 1:
             raise LoraStructureError(f"the inputs are in different key families ({', '.join(sorted(families))}); "
                                      "merge files of one family")
+        notes += layout_note(live, layouts, settings, opts)
         own = [input_strengths(n, s, r, lay, opts) for n, s, r, lay in zip(numbers, live, readers, layouts)]
         members: dict[str, list[tuple[float, Module, TensorSource]]] = {}
         slots: dict[str, list[int]] = {}
