@@ -182,11 +182,11 @@ def merged_layer(name: str, parts: list[tuple[float, LowRankLayer]], settings: M
     layer (and file) when an input's factors hold NaN or Inf, for every method, before any decomposition. A merge of nonzero inputs that comes out zero (a sum whose inputs cancel out;
     any method whose merged update is zero or rounding noise next to its inputs') is exact zeros, its name appended
     to `cancelled`."""
-    from .core_space import check_finite, check_shapes, stacked
+    from .core_space import check_shapes, finite_inputs, stacked
 
     settings = settings or MergeSettings()
     check_shapes(name, parts)
-    check_finite(name, parts, files)
+    finite_inputs(name, parts, files)
     if settings.method == "sum":
         return stacked(name, parts, cancelled)
     out = MERGE_METHODS[settings.method].combine(name, parts, settings, positions)
