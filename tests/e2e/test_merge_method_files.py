@@ -189,8 +189,8 @@ def test_a_single_input_merge_names_its_weight_and_method_and_a_long_seed_prints
     first = capsys.readouterr().out.splitlines()[0]
     assert "a.safetensors:0.5 -> one.safetensors (merge method ties, density 0.2)" in first, first
     seed = 99999999999999999999
-    assert main(["merge", str(a), f"{a}:0.5", "-o", str(tmp_path / "two.safetensors"), "--merge-method", "dare", "--seed",
-                 str(seed), "--rank", "8"]) == 0
+    assert main(["merge", str(a), f"{a}:0.5", "-o", str(tmp_path / "two.safetensors"), "--merge-method", "dare",
+                 "--seed", str(seed), "--rank", "8"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert f"(merge method dare, density 0.5, seed {seed})" in first, first
     from lora_resize.core.merging import MergeSettings

@@ -30,7 +30,8 @@ def finite_inputs(name: str, parts: list[tuple[float, LowRankLayer]], files: lis
     """NumericalError naming the layer (and the input's file, `files[i]` for parts[i], when given) when an input's
     factors hold NaN or Inf: checked before any method decomposes them (an SVD of NaN does not converge)."""
     for i, (_, layer) in enumerate(parts):
-        if not all(bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()) for t in (layer.up, layer.down)):
+        factors = (t if t.element_size() > 1 else t.float() for t in (layer.up, layer.down))  # fp8: no isfinite
+        if not all(bool(torch.isfinite(t).all()) for t in factors):
             where = f" in {files[i]}" if files is not None else ""
             raise NumericalError(f"layer {name}{where} {NAN_MESSAGE}")
 

@@ -179,9 +179,9 @@ def merged_layer(name: str, parts: list[tuple[float, LowRankLayer]], settings: M
     """One layer's merged update under `settings` (None: the sum), a layer of scale 1; `positions`: each part's
     0-based place among the merge's given inputs (None: 0, 1, ...; DARE seeds its masks by it); `files`: each part's
     file name, for the errors. Raises LoraStructureError when the inputs' shapes differ, NumericalError naming the
-    layer (and file) when an input's factors hold NaN or Inf, for every method, before any decomposition. A merge of nonzero inputs that comes out zero (a sum whose inputs cancel out;
-    any method whose merged update is zero or rounding noise next to its inputs') is exact zeros, its name appended
-    to `cancelled`."""
+    layer (and file) when an input's factors hold NaN or Inf, for every method, before any decomposition. A merge
+    of nonzero inputs that comes out zero (a sum whose inputs cancel out; any method whose merged update is zero or
+    rounding noise next to its inputs') is exact zeros, its name appended to `cancelled`."""
     from .core_space import check_shapes, finite_inputs, stacked
 
     settings = settings or MergeSettings()
