@@ -235,3 +235,18 @@ def test_a_method_notes_that_it_works_on_the_output_layouts_modules_when_an_inpu
     assert len(notes([k, k2], "iso", output_format="diffusers")) == 1  # both split by --output-format
     assert notes([k, d], "sum") == [] and notes([d, k], "sum") == []
     assert notes([k, k2], "tsv") == []  # one layout: nothing converted
+
+
+def test_tsv_of_a_lora_and_itself_writes_the_mean_of_the_weighted_updates(tmp_path):
+    a, _ = sd15_pair(tmp_path)
+    out = tmp_path / "aa.safetensors"
+    assert main(["merge", str(a), f"{a}:0.5", "--merge-method", "tsv", "--rank", "64", "--precision", "float",
+                 "-o", str(out), "-q"]) == 0
+    sd, written = load_st(a)[0], load_st(out)[0]
+    for name in layer_names(sd):
+        dw = dense_dw(sd, name)
+        # each input's leading min(out, in) // 2 directions (tsv's default density, 1/2), then (1 + 0.5) / 2 of
+        # them: README, tsv where inputs share directions (a truncated layer included: the 6 x 40 one)
+        want = 0.75 * best_rank_k(dw, min(dw.shape) // 2)
+        got = dense_dw(written, name)
+        assert rel_err(got, want) < 2e-5 if bool(want.any()) else not bool(got.any()), name
