@@ -161,3 +161,92 @@ def test_a_method_whose_merge_is_zero_says_so_without_calling_it_a_sum(tmp_path)
                             merge_method="iso")
     zero = [n for n in res.notes if "zero" in n]
     assert len(zero) == 1 and "iso" in zero[0] and "sum to zero" not in zero[0], res.notes
+
+
+@pytest.mark.parametrize("method", ["sum", "ties", "dare", "magnitude_prune", "tsv", "iso"])
+@pytest.mark.parametrize("single", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_input_with_nan_or_inf_is_refused_in_one_line_by_every_method(tmp_path, capsys, method, single, bad):
+    a, _ = sd15_pair(tmp_path)
+    sd = make_state_dict(standard_specs(), seed=2)
+    name = layer_names(sd)[1]
+    key = next(k for k in sd if k.startswith(name) and "lora_up" in k)
+    sd[key][0, 0] = bad
+    nan = write_lora(tmp_path / "nan.safetensors", sd, dict(BASE_METADATA))
+    before = file_sha(a), file_sha(nan)
+    out = tmp_path / "o.safetensors"
+    inputs = [f"{nan}:0.5"] if single else [str(a), str(nan)]
+    err = refused_in_one_line(capsys, ["merge", *inputs, "--merge-method", method, "--rank", "8", "-o", str(out)])
+    assert f"layer {name} in nan.safetensors holds NaN or Inf values" in err, err
+    assert not out.exists() and (file_sha(a), file_sha(nan)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "nan.safetensors"]
+
+
+def test_a_single_input_merge_names_its_weight_and_method_and_a_long_seed_prints_exactly(tmp_path, capsys):
+    a, _ = sd15_pair(tmp_path)
+    out = tmp_path / "one.safetensors"
+    assert main(["merge", f"{a}:0.5", "-o", str(out), "--merge-method", "ties", "--rank", "8"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "a.safetensors:0.5 -> one.safetensors (merge method ties, density 0.2)" in first, first
+    seed = 99999999999999999999
+    assert main(["merge", str(a), f"{a}:0.5", "-o", str(tmp_path / "two.safetensors"), "--merge-method", "dare",
+                 "--seed", str(seed), "--rank", "8"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"(merge method dare, density 0.5, seed {seed})" in first, first
+    from lora_resize.core.merging import MergeSettings
+    settings = MergeSettings("dare", density=0.25, seed=seed)
+    assert settings.label() == f"dare, density 0.25, seed {seed}"
+    assert settings.flags() == ["--merge-method", "dare", "--density", "0.25", "--seed", str(seed)]
+
+
+@pytest.mark.parametrize("dtypes, want", [((torch.float16, torch.bfloat16), torch.float32),
+                                          ((torch.bfloat16, torch.float32), torch.float32),
+                                          ((torch.float16, torch.float32), torch.float32),
+                                          ((torch.bfloat16, torch.bfloat16), torch.bfloat16),
+                                          ((torch.float16, torch.float16), torch.float16)])
+def test_inputs_in_different_dtypes_merge_into_the_one_that_holds_both_in_either_order(tmp_path, dtypes, want):
+    files = [write_lora(tmp_path / f"{i}.safetensors", make_state_dict(standard_specs(), seed=i, dtype=d),
+                        dict(BASE_METADATA)) for i, d in enumerate(dtypes)]
+    for order in (files, files[::-1]):
+        out = tmp_path / f"o_{order[0].stem}.safetensors"
+        res = lora_resize.merge(order, out, rank=8)
+        written = load_st(out)[0]
+        assert {t.dtype for k, t in written.items() if "lora_up" in k or "lora_down" in k} == {want}
+        differ = [n for n in res.notes if "different precisions" in n]
+        assert len(differ) == (dtypes[0] != dtypes[1]), res.notes
+        assert not differ or f"saved as {res.precision}" in differ[0]
+
+
+def test_a_method_notes_that_it_works_on_the_output_layouts_modules_when_an_input_was_fused_or_split(tmp_path):
+    shapes = archs.flux1(width=16, double=1, single=1, in_channels=4, context=12)
+    k = write_lora(tmp_path / "k.safetensors", loras.lora_state_dict(shapes, "musubi", rank=4, alpha=2.0, seed=1))
+    k2 = write_lora(tmp_path / "k2.safetensors", loras.lora_state_dict(shapes, "musubi", rank=4, alpha=2.0, seed=2))
+    d = tmp_path / "d.safetensors"
+    assert main(["convert", str(k2), "-o", str(d), "--to", "diffusers", "--precision", "float", "-q"]) == 0
+
+    def notes(files, method, **kw):
+        res = lora_resize.merge(files, tmp_path / f"o{len(list(tmp_path.iterdir()))}.safetensors", rank=4,
+                                merge_method=method, **kw)
+        return [n for n in res.notes if "--output-format chooses it" in n]
+    fused = notes([k, d], "tsv")
+    assert len(fused) == 1 and "d.safetensors" in fused[0] and "fused" in fused[0] and "as one matrix" in fused[0]
+    split = notes([d, k], "ties")
+    assert len(split) == 1 and "k.safetensors" in split[0] and "split" in split[0] and "apart" in split[0]
+    assert len(notes([k, k2], "iso", output_format="diffusers")) == 1  # both split by --output-format
+    assert notes([k, d], "sum") == [] and notes([d, k], "sum") == []
+    assert notes([k, k2], "tsv") == []  # one layout: nothing converted
+
+
+def test_tsv_of_a_lora_and_itself_writes_the_mean_of_the_weighted_updates(tmp_path):
+    a, _ = sd15_pair(tmp_path)
+    out = tmp_path / "aa.safetensors"
+    assert main(["merge", str(a), f"{a}:0.5", "--merge-method", "tsv", "--rank", "64", "--precision", "float",
+                 "-o", str(out), "-q"]) == 0
+    sd, written = load_st(a)[0], load_st(out)[0]
+    for name in layer_names(sd):
+        dw = dense_dw(sd, name)
+        # each input's leading min(out, in) // 2 directions (tsv's default density, 1/2), then (1 + 0.5) / 2 of
+        # them: README, tsv where inputs share directions (a truncated layer included: the 6 x 40 one)
+        want = 0.75 * best_rank_k(dw, min(dw.shape) // 2)
+        got = dense_dw(written, name)
+        assert rel_err(got, want) < 2e-5 if bool(want.any()) else not bool(got.any()), name

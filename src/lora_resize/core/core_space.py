@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from ..errors import LoraStructureError
+from ..errors import LoraStructureError, NumericalError
+from .decompose import NAN_MESSAGE
 from .layer import LowRankLayer
 
 CANCELLED = 1e-10  # a merged update this small next to its inputs' is rounding noise (float64: ~1e-16)
@@ -23,6 +24,16 @@ def check_shapes(name: str, parts: list[tuple[float, LowRankLayer]]) -> None:
                 f"layer {name} has different shapes in the inputs: out x in {first.up.shape[0]} x "
                 f"{first.down.shape[1]} (kernel {first.kernel}) vs {layer.up.shape[0]} x {layer.down.shape[1]} "
                 f"(kernel {layer.kernel}); these LoRAs are for different models")
+
+
+def finite_inputs(name: str, parts: list[tuple[float, LowRankLayer]], files: list[str] | None = None) -> None:
+    """NumericalError naming the layer (and the input's file, `files[i]` for parts[i], when given) when an input's
+    factors hold NaN or Inf: checked before any method decomposes them (an SVD of NaN does not converge)."""
+    for i, (_, layer) in enumerate(parts):
+        factors = (t if t.element_size() > 1 else t.float() for t in (layer.up, layer.down))  # fp8: no isfinite
+        if not all(bool(torch.isfinite(t).all()) for t in factors):
+            where = f" in {files[i]}" if files is not None else ""
+            raise NumericalError(f"layer {name}{where} {NAN_MESSAGE}")
 
 
 def stacked(name: str, parts: list[tuple[float, LowRankLayer]], cancelled: list[str] | None = None
@@ -194,10 +205,19 @@ def magnitude_prune(name: str, parts: list[tuple[float, LowRankLayer]], settings
     return _in_core_space(parts, lambda ms: torch.stack([trimmed(c, density) for c in ms]).sum(dim=0))
 
 
+POLAR_RANGE = 1e-8  # singular values of concatenated singular vectors below this fraction of the largest: shared
+
+
 def _polar(x: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor P Q^T of x = P S Q^T (thin SVD)."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    """The orthogonal polar factor of x = P S Q^T on its numerical range: P_r Q_r^T over the r singular values above
+    POLAR_RANGE x the largest. Where x has full column rank (concatenated singular vectors of inputs with
+    independent directions) that is the polar factor P Q^T itself; where it does not (inputs that share directions:
+    the same LoRA twice), the polar factor is not unique - the paper's method is undefined there - and this one, the
+    partial isometry on x's range, is the choice: inputs that share every direction merge to the mean of their
+    weighted updates (README: Merge methods)."""
+    p, s, qh = torch.linalg.svd(x, full_matrices=False)
+    r = int((s > POLAR_RANGE * s[0]).sum()) if s.numel() and float(s[0]) > 0 else 0
+    return p[:, :r] @ qh[:r]
 
 
 def tsv(name: str, parts: list[tuple[float, LowRankLayer]], settings, positions: list[int] | None = None

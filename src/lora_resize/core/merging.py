@@ -105,6 +105,12 @@ def merge_methods() -> list[str]:
     return list(MERGE_METHODS)
 
 
+def _shown(value) -> str:
+    """A parameter's value as printed and as a CLI word: a whole number exactly (a seed of 20 digits stays 20
+    digits), a float shortest (0.3)."""
+    return str(value) if isinstance(value, numbers.Integral) else f"{value:g}"
+
+
 @dataclass(frozen=True)
 class MergeSettings:
     """How a merge combines its inputs: the method's name and its parameters (None: not given, the method's
@@ -142,7 +148,7 @@ class MergeSettings:
     def label(self) -> str:
         """The method and the values of the parameters it reads, for a summary: 'ties, density 0.3', 'sum'."""
         values = [(p, self.value(p)) for p in MERGE_METHODS[self.method].params]
-        return ", ".join([self.method] + [f"{p} {v:g}" for p, v in values if v is not None])
+        return ", ".join([self.method] + [f"{p} {_shown(v)}" for p, v in values if v is not None])
 
     def flags(self) -> list[str]:
         """The settings as CLI words (none for the default sum)."""
@@ -151,8 +157,7 @@ class MergeSettings:
         words = ["--merge-method", self.method]
         for p in MERGE_METHODS[self.method].params:
             if getattr(self, p) is not None:
-                words += [MERGE_PARAMS[p].flag, f"{getattr(self, p):g}" if isinstance(getattr(self, p), float)
-                          else str(getattr(self, p))]
+                words += [MERGE_PARAMS[p].flag, _shown(getattr(self, p))]
         return words
 
     @classmethod
@@ -169,18 +174,21 @@ class MergeSettings:
 
 
 def merged_layer(name: str, parts: list[tuple[float, LowRankLayer]], settings: MergeSettings | None = None,
-                 cancelled: list[str] | None = None, positions: list[int] | None = None) -> LowRankLayer:
+                 cancelled: list[str] | None = None, positions: list[int] | None = None,
+                 files: list[str] | None = None) -> LowRankLayer:
     """One layer's merged update under `settings` (None: the sum), a layer of scale 1; `positions`: each part's
-    0-based place among the merge's given inputs (None: 0, 1, ...; DARE seeds its masks by it). Raises
-    LoraStructureError when the inputs' shapes differ. A merge of nonzero inputs that comes out zero (a sum whose inputs cancel out;
-    any method whose merged update is zero or rounding noise next to its inputs') is exact zeros, its name appended
-    to `cancelled`."""
-    from .core_space import check_shapes, stacked
+    0-based place among the merge's given inputs (None: 0, 1, ...; DARE seeds its masks by it); `files`: each part's
+    file name, for the errors. Raises LoraStructureError when the inputs' shapes differ, NumericalError naming the
+    layer (and file) when an input's factors hold NaN or Inf, for every method, before any decomposition. A merge
+    of nonzero inputs that comes out zero (a sum whose inputs cancel out; any method whose merged update is zero or
+    rounding noise next to its inputs') is exact zeros, its name appended to `cancelled`."""
+    from .core_space import check_shapes, finite_inputs, stacked
 
     settings = settings or MergeSettings()
+    check_shapes(name, parts)
+    finite_inputs(name, parts, files)
     if settings.method == "sum":
         return stacked(name, parts, cancelled)
-    check_shapes(name, parts)
     out = MERGE_METHODS[settings.method].combine(name, parts, settings, positions)
     if cancelled is not None and not bool(out.up.any()) and any(bool(lay.up.any()) and bool(lay.down.any())
                                                                for _, lay in parts):

@@ -17,12 +17,12 @@ from ..core.contributions import MergedLayer
 from ..core.layer import LowRankLayer
 from ..core.merging import MERGE_PARAMS, MergeSettings, merged_layer
 from ..core.schedule import Progress, compute_device
-from ..core.truncate import FP8, SAVE_DTYPES
+from ..core.truncate import FP8, PRECISION_OF_DTYPE, SAVE_DTYPES
 from ..errors import LoraStructureError, OptionsError
 from ..formats import Layout, Module, convert_layout, detect, key_family
 from ..formats.base import BIAS_KIND, DORA_KIND
 from ..formats.companions import merge_rule
-from ..formats.convert import TARGETS, ConvertedLayout, copied_sources, detect_arch, scheme_of
+from ..formats.convert import TARGETS, Converted, ConvertedLayout, copied_sources, detect_arch, scheme_of
 from ..models import SD
 from ..io.metadata import InputRecord
 from ..io.paths import check_output_path, local_path, output_file, resolve_input
@@ -84,7 +84,8 @@ def merged_job(name: str, members: list[tuple[float, Module, TensorSource]], set
 
     def load() -> LowRankLayer:
         parts = [(w, checked(name, m.load(src))) for w, m, src in members]
-        layer = merged_layer(name, parts, settings, cancelled, slots if positions is None else positions)
+        layer = merged_layer(name, parts, settings, cancelled, slots if positions is None else positions,
+                             [src.path.name for _, _, src in members])
         inputs: list = [(None, None, None)] * n_inputs
         stacked = layer.up.shape[1] == sum(p.up.shape[1] for _, p in parts) and layer.scale == 1 and \
             settings.method == "sum" and bool(layer.up.any())
@@ -146,6 +147,33 @@ def in_one_layout(layouts: list[Layout], readers: list, opts: ResizeOptions) -> 
     return out
 
 
+def regrouped(layout: Layout) -> str | None:
+    """How a conversion to the output layout regrouped `layout`'s modules: 'fused' (parts placed into one output
+    module, e.g. diffusers' to_q/to_k/to_v into a fused qkv), 'split' (an output module takes some rows of an
+    input's, e.g. a fused qkv into to_q/to_k/to_v), or None (renamed at most, or not converted)."""
+    feeds = [f for m in layout.modules if isinstance(m, Converted) for f in m.sources]
+    return ("fused" if any(f.place is not None for f in feeds) else
+            "split" if any(f.take is not None for f in feeds) else None)
+
+
+def layout_note(live: list[Source], layouts: list[Layout], settings: MergeSettings, opts: ResizeOptions) -> list[str]:
+    """A note for a method other than the (linear) sum when an input was converted to the output layout with
+    modules fused or split: the method works on the output layout's modules, so which layout that is (the first
+    input's, or --output-format's) changes the result."""
+    if settings.method == "sum":
+        return []
+    how = [(s.path.name, regrouped(lay)) for s, lay in zip(live, layouts) if isinstance(lay, ConvertedLayout)]
+    how = [(name, h) for name, h in how if h is not None]
+    if not how:
+        return []
+    layout = opts.output_format or scheme_of(layouts[0])
+    what = ("fused modules, e.g. a qkv, merged as one matrix" if how[0][1] == "fused" else
+            "fused modules' parts, e.g. q, k, v, merged apart")
+    return [f"{how[0][0]} was converted to the {layout} layout with modules {how[0][1]}: {settings.method} works on "
+            f"the {layout} layout's modules ({what}), so another layout gives another result; --output-format "
+            "chooses it (the sum is the same in any)"]
+
+
 def model_of(layout: Layout, scheme: str, reader) -> str | None:
     """The architecture a layout's modules belong to (None when no known one reads them)."""
     if isinstance(layout, ConvertedLayout):
@@ -189,6 +217,23 @@ def common_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     for d in dtypes[1:]:
         out = torch.promote_types(out, torch.float32 if d in FP8 else d)
     return out
+
+
+def merged_precision(live: list[Source], layouts: list[Layout], readers: list[TensorSource], requested: str | None
+                     ) -> tuple[str, list[str]]:
+    """A merge's save precision and its notes: the requested one, else the one that holds every input's factors
+    (each input's own, ops.job.precision_of, combined by common_dtype: fp16 and bf16 inputs give float, whatever
+    their order), with a note when the inputs' precisions differ."""
+    found = [precision_of(lay, r.infos(), requested) for lay, r in zip(layouts, readers)]
+    notes = list(dict.fromkeys(n for _, ns in found for n in ns))
+    names = [p for p, _ in found]
+    if len(set(names)) == 1:
+        return names[0], notes
+    precision = PRECISION_OF_DTYPE.get(common_dtype([SAVE_DTYPES[p] for p in names]), "float")
+    each = ", ".join(f"{s.path.name}: {p}" for s, p in zip(live, names))
+    notes.append(f"the inputs' factors are in different precisions ({each}): saved as {precision}, which holds each "
+                 "of them; --precision changes it")
+    return precision, notes
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -356,6 +401,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
         if len(families) > 1:
             raise LoraStructureError(f"the inputs are in different key families ({', '.join(sorted(families))}); "
                                      "merge files of one family")
+        notes += layout_note(live, layouts, settings, opts)
         own = [input_strengths(n, s, r, lay, opts) for n, s, r, lay in zip(numbers, live, readers, layouts)]
         members: dict[str, list[tuple[float, Module, TensorSource]]] = {}
         slots: dict[str, list[int]] = {}
@@ -378,7 +424,7 @@ def merge(sources: list[Source | str | os.PathLike], dst: str | os.PathLike, opt
                        for n, s, rules_i in zip(numbers, live, own) if rules_i is not None]
         notes += [f"input {n} ({s.path.name}): {note}" for n, s, rules_i in zip(numbers, live, own)
                   if rules_i is not None for note in rules_i.notes]
-        precision, precision_notes = precision_of(layouts[0], readers[0].infos(), opts.precision)
+        precision, precision_notes = merged_precision(live, layouts, readers, opts.precision)
         notes += precision_notes
         partial = sum(1 for v in members.values() if len(v) < len(live))
         if partial:

@@ -70,9 +70,9 @@ def shown_paths(paths: list[Path]) -> list[str]:
 
 def _inputs_and_output(result: ResizeResult) -> str:
     """'k.safetensors -> od/k.safetensors', or a merge's 'a.safetensors:0.8 + b.safetensors:0.5 -> ab.safetensors'
-    (the inputs it used, with their weights; its merge method when not the sum)."""
+    (the inputs it used, with their weights, however many; its merge method when not the sum)."""
     sources = [(Path(p), w) for p, w in result.options.get("sources") or () if w != 0]
-    if len(sources) < 2:
+    if not sources:  # not a merge (a merge of one input is named as one, with its weight and method)
         src, dst = shown_paths([result.src, result.dst])
         return f"{src} -> {dst}"
     *srcs, dst = shown_paths([p for p, _ in sources] + [result.dst])

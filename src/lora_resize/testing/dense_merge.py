@@ -12,7 +12,8 @@ Sources (the definitions followed, one per method):
 - magnitude_prune: PEFT's `magnitude_prune` (huggingface/peft, src/peft/utils/merge_utils.py, `magnitude_prune` and
   `magnitude_based_pruning`): keep the top-k magnitudes of each input, then the (already weighted) sum, no rescale.
 - tsv: Task Singular Vectors, Gargiulo et al., CVPR 2025, arXiv 2412.00081, Sec. 4 (TSV-Merge: each task's leading
-  singular triplets, the concatenated singular vectors decorrelated by their orthogonal polar factor, Eq. 5-7).
+  singular triplets, the concatenated singular vectors decorrelated by their orthogonal polar factor, Eq. 5-7; on
+  their numerical range, the documented choice where inputs share directions and the polar factor is not unique).
 - iso: Iso-C, Marczak et al., ICML 2025, arXiv 2502.04959, Sec. 4 (the sum's singular values all replaced by
   their mean, the nuclear norm kept).
 The weights w_i are already in tau_i (the papers' scaling coefficient lambda is the weights).
@@ -108,8 +109,12 @@ def _tsv(taus: list[torch.Tensor], density: float | None) -> torch.Tensor:
         return torch.zeros(m, n, dtype=torch.float64)
 
     def polar(x: torch.Tensor) -> torch.Tensor:
-        p, _, qh = torch.linalg.svd(x, full_matrices=False)
-        return p @ qh
+        # on x's numerical range (singular values above 1e-8 of the largest): the polar factor where x has full
+        # column rank; where inputs share directions (the paper's polar factor is not unique) the partial isometry
+        # on the range, the documented choice (README: Merge methods, tsv)
+        p, s, qh = torch.linalg.svd(x, full_matrices=False)
+        r = int((s > 1e-8 * s[0]).sum()) if s.numel() and float(s[0]) > 0 else 0
+        return p[:, :r] @ qh[:r]
 
     return polar(u_hat) @ torch.diag(sigma) @ polar(v_hat).T
 

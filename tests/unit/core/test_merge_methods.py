@@ -221,3 +221,17 @@ def test_settings_refuse_what_a_method_does_not_read_or_a_bad_value():
     assert s.as_dict() == {"merge_method": "ties", "density": 0.3} and s.label() == "ties, density 0.3"
     assert MergeSettings("dare").as_dict() == {"merge_method": "dare", "density": 0.5, "seed": 0}
     assert MergeSettings("tsv").label() == "tsv" and MergeSettings("iso").as_dict() == {"merge_method": "iso"}
+
+
+@pytest.mark.parametrize("weights", [(1.0, 0.5), (1.0, 0.5, -0.25), (0.8, 0.8)])
+def test_tsv_of_inputs_sharing_their_directions_is_the_mean_of_their_weighted_updates_as_the_judge_says(weights):
+    a, c = layer(40, 30, 4, 1, alpha=2.0), layer(40, 30, 3, 7)
+    refactored = LowRankLayer.with_alpha(a.up * 3, a.down / 3, a.alpha)  # the same update, factored otherwise
+    parts = [(w, a if i % 2 == 0 else refactored) for i, w in enumerate(weights)]
+    got = dense(merged_layer(NAME, parts, MergeSettings("tsv")))
+    want = sum(taus(parts)) / len(parts)
+    assert rel(got, want) < 1e-10
+    assert rel(dense_merge("tsv", taus(parts), name=NAME), want) < 1e-10
+    mixed = parts + [(0.7, c)]  # shared and independent directions: ours is the judge's
+    ours = dense(merged_layer(NAME, mixed, MergeSettings("tsv")))
+    assert rel(ours, dense_merge("tsv", taus(mixed), name=NAME)) < 1e-9
