@@ -182,7 +182,8 @@ def dare(name: str, parts: list[tuple[float, LowRankLayer]], settings, positions
     probability `density` (mask: torch.rand(core.shape, float64, CPU generator seeded with
     drop_seed(seed, name, p_i)) < density, with p_i = positions[i], the input's place among the merge's given
     inputs (default i), so an input's masks do not move when another lacks the layer; reproducible on every
-    machine and thread count), rescale the kept by 1 / density, and sum. Elementwise: in the canonical core space (README: Merge methods)."""
+    machine and thread count), rescale the kept by 1 / density, and sum. Elementwise: in the canonical core space
+    (README: Merge methods)."""
     density, seed = settings.value("density"), settings.value("seed")
 
     def merge(ms: list[torch.Tensor]) -> torch.Tensor:

@@ -188,8 +188,8 @@ def checkpoint_steps(paths: Sequence[Path], metadata: Sequence[Mapping[str, str]
     metadata keys, two trainers). Uniform needs no order: without steps it keeps the order given. Raises
     OptionsError when a weighting that needs the order has no step for some checkpoint, or no one source that
     gives every checkpoint's (names that number them in different ways, steps under different metadata keys, or
-    some only in metadata and others only in names), when `steps` is not whole numbers >= 0 (checkpoint_step_list) or has
-    the wrong count, or when two checkpoints share a step."""
+    some only in metadata and others only in names), when `steps` is not whole numbers >= 0 (checkpoint_step_list)
+    or has the wrong count, or when two checkpoints share a step."""
     if steps is not None:
         steps = checkpoint_step_list(steps)
         if len(steps) != len(paths):
@@ -289,7 +289,8 @@ def average(checkpoints: Sequence[str | os.PathLike], dst: str | os.PathLike, op
 
     Raises:
         OptionsError: fewer than two checkpoints, a bad weighting or parameter (a string for a number included),
-            steps that are not whole numbers >= 0, no order for an ordered weighting, two checkpoints at one step, a merge method or its parameters (an average is the weighted sum).
+            steps that are not whole numbers >= 0, no order for an ordered weighting, two checkpoints at one step,
+            a merge method or its parameters (an average is the weighted sum).
         And whatever merge raises (LoraStructureError for checkpoints of different models, ...)."""
     from ..core.merging import MERGE_PARAMS
     from ..io.paths import local_path, resolve_input
