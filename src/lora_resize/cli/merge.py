@@ -72,19 +72,27 @@ def numbered(texts: list[str], count: int, flag: str) -> dict[int, list[str]]:
 def merge_sources(args: argparse.Namespace) -> list:
     """The inputs as ops.merge.Source, each with its own --input-rule / --input-block-weights. Raises
     OptionsError for a bad N, or two --input-block-weights for one input."""
-    from dataclasses import replace
-
-    from ..errors import OptionsError
     from ..ops.merge import parse_source
 
     sources = [parse_source(t) for t in args.sources]
-    rules = numbered(args.input_rule, len(sources), "--input-rule")
-    weights = numbered(args.input_block_weights, len(sources), "--input-block-weights")
-    for n, given in weights.items():
-        if len(given) > 1:
-            raise OptionsError(f"--input-block-weights is given {len(given)} times for input {n}; give one preset "
-                               "per input (and scale rules with --input-rule)")
-    return [replace(s, rules=tuple(rules.get(n, ())), block_weights=weights.get(n, [None])[0])
+    return strengthened(sources, numbered(args.input_rule, len(sources), "--input-rule"),
+                        numbered(args.input_block_weights, len(sources), "--input-block-weights"),
+                        lambda n, count: f"--input-block-weights is given {count} times for input {n}; give one "
+                                         "preset per input (and scale rules with --input-rule)")
+
+
+def strengthened(sources: list, rules: dict[int, list[str]], presets: dict[int, list[str]], too_many) -> list:
+    """`sources` (numbered from 1) with the scale rules `rules` added to their own and the block weights preset of
+    `presets` (by input number, `numbered`'s form); OptionsError(too_many(n, count)) when input n would have more
+    than one preset (its own counted)."""
+    from dataclasses import replace
+
+    from ..errors import OptionsError
+
+    for n, values in presets.items():
+        if len(values) + (sources[n - 1].block_weights is not None) > 1:
+            raise OptionsError(too_many(n, len(values)))
+    return [replace(s, rules=(*s.rules, *rules.get(n, ())), block_weights=presets.get(n, [s.block_weights])[0])
             for n, s in enumerate(sources, 1)]
 
 
@@ -104,20 +112,12 @@ def with_input_strengths(sources: list, text: str) -> list:
     """`sources` (ops.merge.Source, in input order, numbered from 1) with the per-input strengths of `text`
     (`input_strength_flags`'s lines) added to their own. Raises OptionsError (one line) for a line without a valid
     N, an N past the last input, or two presets for one input."""
-    from dataclasses import replace
-
-    from ..errors import OptionsError
-
     words = input_strength_flags(text)
     given = {flag: numbered([v for f, v in zip(words[::2], words[1::2]) if f == flag], len(sources), flag)
              for flag in ("--input-rule", "--input-block-weights")}
-    rules, presets = given["--input-rule"], given["--input-block-weights"]
-    for n, values in presets.items():
-        if len(values) + (sources[n - 1].block_weights is not None) > 1:
-            raise OptionsError(f"input {n} has {len(values)} block weights presets; give one per input (and scale "
-                               "rules as N:PATTERN=scale:X)")
-    return [replace(s, rules=(*s.rules, *rules.get(n, ())), block_weights=presets.get(n, [s.block_weights])[0])
-            for n, s in enumerate(sources, 1)]
+    return strengthened(sources, given["--input-rule"], given["--input-block-weights"],
+                        lambda n, count: f"input {n} has {count} block weights presets; give one per input (and "
+                                         "scale rules as N:PATTERN=scale:X)")
 
 
 def merge_settings(args: argparse.Namespace):
