@@ -149,13 +149,21 @@ def held_precision(t: torch.Tensor) -> float:
     sqrt(sum_normal t^2 + n_below * tiny^2) / ||t||, the bound the stored values prove (IEEE 754-2019, 3.4 and
     4.3; Higham, "Accuracy and Stability of Numerical Algorithms", 2.1). An all-zero factor gives inf, a factor
     with no entries 1."""
-    x = t.double().abs().flatten()
-    if x.numel() == 0:
+    if t.numel() == 0:
         return 1.0
     tiny = torch.finfo(t.dtype).tiny
+    x = t.float().abs().flatten()  # exact: float32 holds every fp16 and bf16 value
+    top = float(x.max())
+    if top == 0 or not math.isfinite(top):
+        return float("inf") if top == 0 else float("nan")
     below = x < tiny
-    normal2 = float((x[~below] ** 2).sum())
-    total = float((x ** 2).sum())
-    if total == 0:
-        return float("inf")
-    return math.sqrt((normal2 + int(below.sum()) * tiny * tiny) / total)
+    n_below = int(below.sum())
+    if n_below == 0:  # every entry a normal number
+        return 1.0
+    e = -math.frexp(top)[1]  # x * 2**e: the largest in [0.5, 1), so the squares stay within float32's range;
+    half = e // 2  # in two exact steps (a bf16 subnormal's 2**133 is beyond float32)
+    scale = math.ldexp(1.0, e)
+    x2 = (x * math.ldexp(1.0, half) * math.ldexp(1.0, e - half)).square()
+    total = float(x2.sum(dtype=torch.float64))
+    normal2 = float(torch.where(below, 0.0, x2).sum(dtype=torch.float64))
+    return math.sqrt((normal2 + n_below * (tiny * scale) ** 2) / total)
