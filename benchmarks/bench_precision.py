@@ -1,13 +1,11 @@
-"""Benchmark: could the engine's heavy products run in float32 and be *certified* per layer (issue 24)? For a
-sample of layers, the engine's steps (core/decompose.py: Gram matrices, Cholesky, core K = R GB R^T, eigenvalues)
-run in float64 and in float32; a rigorous bound E >= max_i |lam32_i - lam_i| on the float32 eigenvalues is computed
-from what the float32 path has, and a layer is certified when (a) its policy's rank is the same for every set of
-eigenvalues within +-E and (b) the Davis-Kahan bound on the kept subspace is within the save dtype's unit roundoff.
-Prints per setting how many layers pass, how loose E is (E / actual error), the decision margins, and the seconds
-per step float64 vs float32 (one thread; the float64 steps are the engine's with vectors=False, checked against it).
+"""Benchmark: could the engine's heavy products run in float32 and be *certified* per layer (issue 24)? The engine's
+steps (core/decompose.py: Grams, Cholesky, core K = R GB R^T, eigenvalues) run in float64 and float32 on sampled
+layers; a rigorous E >= max_i |lam32_i - lam_i| is computed from what the float32 path has; a layer is certified when
+(a) its policy's rank is the same for all eigenvalues within +-E and (b) the Davis-Kahan bound on the kept subspace
+is within the save dtype's unit roundoff. Prints per setting the layers that pass, E / actual error, the decision
+margins, the actual difference of the rank-k approximations, and seconds per step float64 vs float32 (one thread).
 
-    python benchmarks/bench_precision.py                   # both files (the blog's SD1.5 LoCon, Flux rank 128)
-    python benchmarks/bench_precision.py --every 1 --only flux --json /tmp/prec.json
+    python benchmarks/bench_precision.py [--every 1] [--only flux] [--json OUT]   # both files: blog LoCon, Flux
 
 The bound (u = 2^-24, gamma_k = k u / (1 - k u); N. J. Higham, Accuracy and Stability of Numerical Algorithms, 2nd
 ed. 2002). A (m x r) is the up side, B (r x n) the down side, of dW or of dW^T when n < m, both exact in float32.
@@ -23,13 +21,12 @@ ed. 2002). A (m x r) is the up side, B (r x n) the down side, of dW or of dW^T w
   its own R (exact): no dGA, dC, R~ = A. The float64 eigensolver on K32 is backward stable: 10 p 2^-53 ||K32||_F.
   E = (||dGA|| + ||dC||)(||GB32||_F + ||dGB||) + ||R~||_F^2 ||dGB|| + ||dK|| + 10 p 2^-53 ||K32||_F (p: core size).
   Self-check: no layer may have max |lam32 - lam64| > E (lam64, the engine's, is within ~1e-13 lam0 of exact).
-Certificate (a): intervals [max(lam32 - E, 0), lam32 + E] through the policy's exact rule (ranks/policies.py,
-choose_rank): sv_ratio p keeps lam >= lam0 / p^2 (lam0's own interval moves the threshold); sv_fro f keeps the first
-k with (1 - g) cum_k >= g tail_k, g = (f - 1e-12)^2; the numerical rank (S >= ZERO_RELATIVE S0) and the cap enter
-as min(); certain when the lowest and highest possible ranks agree. (b): E / (lam32_{k-1} - lam32_k - 2E) <= the
-save dtype's unit roundoff (fp16 2^-11, bf16 2^-8; k = p: 0) - lenient: for a tall A the cores live in different
-bases (R, R~), and the vectors also carry Q = A R~^-1's loss of orthogonality. Decision margin: the largest
-per-eigenvalue uncertainty under which the float64 eigenvalues still give one rank (bisection) - (a) ~ E < margin.
+(a): [max(lam32 - E, 0), lam32 + E] through choose_rank's exact rule (ranks/policies.py): sv_ratio p keeps lam >=
+lam0 / p^2 (lam0's interval moves the threshold), sv_fro f the first k with (1 - g) cum_k >= g tail_k, g = (f -
+1e-12)^2, then min() with the numerical rank (S >= ZERO_RELATIVE S0) and the cap: certain when the lowest and highest
+possible ranks agree. (b): E / (lam32_{k-1} - lam32_k - 2E) <= unit roundoff (fp16 2^-11, bf16 2^-8; k = p: 0),
+lenient (a tall A's cores live in different bases R, R~; the vectors also carry Q = A R~^-1's loss of orthogonality).
+Decision margin: the largest per-eigenvalue uncertainty under which lam64 still gives one rank; (a) ~ E < margin.
 """
 from __future__ import annotations
 
@@ -64,8 +61,7 @@ mirror = lambda G: torch.tril(G) + torch.tril(G, -1).mT  # noqa: E731  symmetric
 
 
 def pipeline(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, times: dict):
-    """The engine's steps in `dtype` (the eigenvalues always in float64): (lam descending, R, GB, K) or None when
-    Cholesky fails; adds each step's seconds to `times`."""
+    """The engine's steps in `dtype`, eigenvalues in float64: (lam descending, R, GB, K), None if Cholesky fails."""
     t0 = time.perf_counter()
     A, B = A.to(dtype), B.to(dtype)
     GA = mirror(sym_gram(A.mT)) if A.shape[0] > A.shape[1] else None
@@ -85,26 +81,17 @@ def pipeline(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, times: dict):
 def bound(A: torch.Tensor, B: torch.Tensor, R: torch.Tensor, GB: torch.Tensor, K: torch.Tensor, lam0: float):
     """(E >= max_i |lam32_i - lam_i| (the module docstring), its largest term, the heuristic E', ||R~||_F^2 /
     ||R~||_2^2) from the float32 R~, GB32, K32. E' is NOT a bound: sqrt(k) u for gamma_k (Higham and Mary, SIAM J.
-    Sci. Comput. 41(5), 2019, probabilistic), 2-norms (power iteration) for the |X||Y| and Frobenius norms."""
+    Sci. Comput. 41(5), 2019, probabilistic), 2-norms for the |X||Y| and Frobenius norms."""
     (m, r), n = A.shape, B.shape[1]
     fro2 = lambda X: float(X.double().square().sum())  # noqa: E731
     dGB, R2, GBf = gamma(n) * fro2(B), fro2(R), fro2(GB) ** 0.5
     dX = gamma(m) * fro2(A) + gamma(r + 1) * R2 if m > r else 0.0
     terms = {"GA+chol": dX * (GBf + dGB), "GB": R2 * dGB, "core": gamma(2 * r) * R2 * GBf,
              "eig": 10 * K.shape[0] * U64 * fro2(K) ** 0.5}
-    a2, g2 = norm2sq(R.double()), norm2sq(GB.double()) ** 0.5
+    a2, g2 = (float(torch.linalg.matrix_norm(X.double(), 2)) ** e for X, e in ((R, 2), (GB, 1)))
     h = U32 * a2 * g2 * ((m ** 0.5 + (r + 1) ** 0.5 if m > r else 0.0) + n ** 0.5 + (2 * r) ** 0.5)
     E = sum(terms.values()) * (1 + 1e-9)  # 1e-9: the float64 norms' own rounding
     return E, max(terms, key=terms.get), h + 10 * K.shape[0] * U64 * lam0, R2 / a2
-
-
-def norm2sq(X: torch.Tensor, steps: int = 30) -> float:
-    """||X||_2^2 by power iteration on X^T X (from below; for the heuristic E' only)."""
-    v = torch.ones(X.shape[1], dtype=X.dtype)
-    for _ in range(steps):
-        w = X.mT @ (X @ v)
-        v = w / w.norm()
-    return float((X @ v).square().sum())
 
 
 def ratio_range(lo, hi, p):
@@ -125,24 +112,34 @@ def rank_range(lo, hi, name, param, cap, clamp=True):
     p = len(lo)
     limit = ratio_range(lo, hi, 1 / ZERO_RELATIVE) if clamp else (p, p)
     crit = {"sv_ratio": lambda: ratio_range(lo, hi, param), "sv_fro": lambda: reach_range(lo, hi, (param - 1e-12) ** 2),
-            "sv_cumulative": lambda: reach_range(np.sqrt(lo), np.sqrt(hi), param - 1e-12)}.get(name, lambda: (p, p))()
+            "fixed": lambda: (p, p)}[name]()
     return tuple(max(1, min(crit[i], limit[i], p if cap is None else cap)) for i in (0, 1))
 
 
 def certain(lam, eps, setting, clamp=True) -> bool:
-    lo, hi = rank_range(np.maximum(lam - eps, 0.0), lam + eps, *setting, clamp=clamp)
-    return lo == hi
+    return len(set(rank_range(np.maximum(lam - eps, 0.0), lam + eps, *setting, clamp=clamp))) == 1
 
 
 def margin(lam, setting) -> float:
-    """The largest eps for which lam +- eps gives one rank (bisection in log scale), / lam0."""
+    """The largest eps for which lam +- eps gives one rank, / lam0 (bisection in log scale between 1e-20 and 10)."""
     a, b = lam[0] * 1e-20, lam[0] * 10
-    if not certain(lam, a, setting) or certain(lam, b, setting):  # no eps works / every eps works
-        return 0.0 if not certain(lam, a, setting) else float("inf")
     for _ in range(60):
         mid = (a * b) ** 0.5
         a, b = (mid, b) if certain(lam, mid, setting) else (a, mid)
     return a / lam[0]
+
+
+def approx_diff(k: int, tall: bool, lam64, R64, GB64, K64, R32, K32) -> float:
+    """||dW_k32 - dW_k64||_F / ||dW_k64||_F for the rank-k approximations the factors give, dW_k = A R^-1 W_k W_k^T
+    R B (A not tall: W_k W_k^T A B), formed in float64 from each path's R and core eigenvectors W."""
+    W64, W32 = (torch.linalg.eigh(K.double())[1].flip(-1)[:, :k] for K in (K64, K32))
+    if not tall:  # ||D A B||_F^2 = tr(D^T D K)
+        D = W32 @ W32.mT - W64 @ W64.mT
+        return float((D.mT @ D @ K64).trace() / lam64[:k].sum()) ** 0.5
+    X32, X64 = (torch.linalg.solve_triangular(R, W @ (W.mT @ R), upper=True) for R, W in ((R32.double(), W32),
+                                                                                       (R64, W64)))
+    D = X32 - X64  # ||A D B||_F^2 = tr(D^T GA D GB)
+    return float((D.mT @ (R64.mT @ R64) @ D @ GB64).trace() / lam64[:k].sum()) ** 0.5
 
 
 def to_rank(lam, full, setting) -> int:
@@ -153,20 +150,18 @@ def to_rank(lam, full, setting) -> int:
 
 def measure(mod, reader, settings, t64: dict, t32: dict) -> dict:
     """One layer's figures: both pipelines (step seconds added to t64/t32), E, the certificates per setting."""
-    layer = mod.load(reader)
-    up, down = layer.up, layer.down
+    up, down = (layer := mod.load(reader)).up, layer.down
     lam64 = decompose(up, down, vectors=False).S ** 2
     m, n = up.shape[0], down.shape[1]
     A, B = (down.T, up.T) if n < m else (up, down)
     p, l64, l32 = len(lam64), dict.fromkeys(STEPS, 0.0), dict.fromkeys(STEPS, 0.0)
-    mine = pipeline(A, B, torch.float64, l64)[0][:p]
-    res = pipeline(A, B, torch.float32, l32)
+    res64, res = pipeline(A, B, torch.float64, l64), pipeline(A, B, torch.float32, l32)
     t, _ = time.perf_counter(), res and torch.linalg.eigvalsh(res[3])
     l32[EIG32] = time.perf_counter() - t  # a float32 eigensolver's time (unused: K32's eigenvalues are float64's)
     t64.update({s: t64[s] + v for s, v in l64.items()})
     t32.update({s: t32[s] + v for s, v in l32.items()})
     row = dict(name=mod.name, mnr=[m, n, A.shape[1]], t64=sum(l64.values()), t32=sum(l32[s] for s in STEPS),
-               save_u=SAVE_U.get(up.dtype, U32), mine_vs_engine=float(np.abs(mine - lam64).max() / lam64[0]))
+               save_u=SAVE_U.get(up.dtype, U32), mine_vs_engine=float(np.abs(res64[0][:p] - lam64).max() / lam64[0]))
     if res is None:
         return row | dict(cholesky_failed=True)
     lam32 = res[0][:p]
@@ -184,6 +179,8 @@ def measure(mod, reader, settings, t64: dict, t32: dict) -> dict:
             k64=k64, k32=k32, sin=sin[0], margin=margin(lam64, setting), a=a, b=b, both=a and b,
             a_noclamp=certain(lam32, E, setting, clamp=False), ah=ah, bh=bh, both_h=ah and bh, differ=k32 != k64,
             certified_wrong=a and k32 != k64)
+    k = row["settings"][str(settings[0])]["k64"]
+    row["diff"] = approx_diff(k, A.shape[0] > A.shape[1], lam64, *res64[1:], res[1], res[3]) if k < p else 0.0
     return row
 
 
@@ -205,8 +202,7 @@ def run_file(key: str, folder: Path, every: int, out: dict) -> None:
     print(f"max|lam32 - lam64| / lam0 median {med('actual'):.1e} max {max(r['actual'] for r in ok):.1e}; E / lam0 "
           f"median {med('E'):.1e}; E / actual median {med('loose'):.1e} min {min(r['loose'] for r in ok):.1e}; "
           f"largest term of E: {dict(Counter(r['top'] for r in ok))}; ||R~||_F^2 / ||R~||_2^2 median "
-          f"{med('srank'):.0f}; "
-          f"heuristic E' / lam0 median {med('Eh'):.1e}, layers with actual > E': "
+          f"{med('srank'):.0f}; heuristic E' / lam0 median {med('Eh'):.1e}, actual > E': "
           f"{sum(r['actual'] > r['Eh'] for r in ok)}")
     summary = {}
     for setting in settings:
@@ -222,11 +218,14 @@ def run_file(key: str, folder: Path, every: int, out: dict) -> None:
               f"/ lam0 {med('E'):.1e}; float32 rank differs (uncertified) {d['differ']}, certified but wrong "
               f"{d['certified_wrong']}; float64 time saved {d['save_share']:.0%} (net {d['net_share']:+.0%}); "
               f"with E' (heuristic): (a) {d['ah']}, (b) {d['bh']}, both {d['both_h']}")
+    sin = np.median([r["settings"][str(settings[0])]["sin"] for r in ok])
+    print(f"{next(iter(summary))}: actual ||dW_k32 - dW_k64||_F / ||dW_k64||_F median {med('diff'):.1e} max "
+          f"{max(r['diff'] for r in ok):.1e} vs (b)'s sin theta bound median {sin:.1e} (unit roundoff "
+          f"{ok[0]['save_u']:.1e})")
     print(f"{'step (1 thread)':28} {'float64 s':>10} {'float32 s':>10} {'64/32':>6}")
+    t64["total"], t32["total"] = sum(t64[x] for x in STEPS), sum(t32[x] for x in STEPS)
     for s in (*STEPS, EIG32, "total"):
-        a = sum(t64[x] for x in STEPS) if s == "total" else t64[s]
-        b = sum(t32[x] for x in STEPS) if s == "total" else t32[s]
-        print(f"{s:28} {a:10.3f} {b:10.3f} {a / b if a and b else float('nan'):6.2f}")
+        print(f"{s:28} {t64[s]:10.3f} {t32[s]:10.3f} {t64[s] / t32[s] if t64[s] else float('nan'):6.2f}")
     out[key] = dict(summary=summary, t64=dict(t64), t32=dict(t32), layers=rows)
 
 
