@@ -5,14 +5,14 @@ layers; a rigorous E >= max_i |lam32_i - lam_i| is computed from what the float3
 is within the save dtype's unit roundoff. Prints per setting the layers that pass, E / actual error, the decision
 margins, the actual difference of the rank-k approximations, and seconds per step float64 vs float32 (one thread).
 
-    python benchmarks/bench_precision.py [--every 1] [--only flux] [--json OUT]   # both files: blog LoCon, Flux
+    python benchmarks/bench_precision.py [--every N] [--only flux] [--json OUT]   # both files: blog LoCon, Flux
 
 The bound (u = 2^-24, gamma_k = k u / (1 - k u); N. J. Higham, Accuracy and Stability of Numerical Algorithms, 2nd
 ed. 2002). A (m x r) is the up side, B (r x n) the down side, of dW or of dW^T when n < m, both exact in float32.
 - Products, (3.13): |fl(X Y) - X Y| <= gamma_k |X| |Y| entrywise (k the inner dimension, any summation order),
   || |X| |Y| ||_2 <= ||X||_F ||Y||_F. Grams: ||dGA|| <= gamma_m ||A||_F^2, ||dGB|| <= gamma_n ||B||_F^2
   (symmetrised by mirroring the lower triangle: a copy, no rounding; the entrywise bound is symmetric).
-- Cholesky, Theorem 10.3: R~^T R~ = GA32 + dC, ||dC|| <= gamma_{r+1} ||R~||_F^2 (whenever it completes).
+- Cholesky, Thm 10.3 (any inner-product order): R~^T R~ = GA32 + dC, ||dC|| <= gamma_{r+1} ||R~||_F^2 if it completes.
 - Core, two products of inner dimension r, Lemma 3.3 (gamma_a + gamma_b + gamma_a gamma_b <= gamma_{a+b}):
   ||dK|| = ||K32 - R~ GB32 R~^T|| <= gamma_{2r} ||R~||_F^2 ||GB32||_F (K32 mirrored as above).
 - Weyl (|lam_i(X + F) - lam_i(X)| <= ||F||_2, symmetric X, F, sorted): lam(R~ GB32 R~^T) vs lam(R~ GB R~^T): moved
@@ -232,7 +232,7 @@ def run_file(key: str, folder: Path, every: int, out: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "lora-resize-bench"))
-    ap.add_argument("--every", type=int, default=2, help="sample every N-th layer (1: all; 2: ~2 min here)")
+    ap.add_argument("--every", type=int, default=1, help="every N-th layer only (1: all, ~2.5 min here)")
     ap.add_argument("--only", choices=sorted(FILES), help="one file only")
     ap.add_argument("--json", help="write the per-layer figures here")
     args = ap.parse_args()
