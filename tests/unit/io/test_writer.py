@@ -155,3 +155,28 @@ def test_pickle_output_is_a_weights_only_state_dict(tmp_path, standard_lora, sta
     name = "lora_te_text_model_encoder_layers_0_mlp_fc1"
     assert rel_err(dense_dw(sd, name), best_rank_k(dense_dw(standard_sd, name), 4)) < 1e-5
     assert any("metadata" in n for n in res.notes)
+
+
+def test_finite_check_runs_on_one_thread(monkeypatch):
+    """The writer's NaN/Inf check is one small parallel region per tensor: on the process's torch threads each
+    waits for every thread to be scheduled (seconds for a file's hundreds of tensors on a busy machine, issue 24);
+    it runs on one, and the process's setting is as it was afterwards."""
+    from lora_resize.io import writer
+    seen = []
+    real = torch.isfinite
+
+    def isfinite(t):
+        seen.append(torch.get_num_threads())
+        return real(t)
+    monkeypatch.setattr(torch, "isfinite", isfinite)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        writer.check_finite({"a": torch.ones(3, dtype=torch.float16), "b": torch.zeros(2, 2)})
+        assert seen == [1, 1]
+        assert torch.get_num_threads() == 2
+        with pytest.raises(lora_resize.NumericalError, match="'c' would hold NaN"):
+            writer.check_finite({"c": torch.tensor([1.0, float("nan")])})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
