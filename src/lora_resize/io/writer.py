@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import tempfile
+from itertools import chain
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
+import numpy as np
 import torch
 
 from ..core.parallel import torch_threads
 from ..errors import NumericalError, OutputFileError
-from .files import PICKLE_SUFFIXES, atomic_output
+from .files import PICKLE_SUFFIXES, TMP_PREFIX, atomic_output
 from .metadata import SideFile, with_hashes
 from .reader import DTYPE_RANK, TORCH_TO_ST
 
@@ -23,6 +27,74 @@ LEGACY_HASH_WINDOW = (0x100000, 0x110000)
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, without copying when it is already contiguous."""
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class HeldTensors(MutableMapping):
+    """A job's output tensors held in an unnamed scratch file until the atomic write, instead of in memory (issue 24:
+    the SD1.5 LoCon 512 resize's 268 MB of output were resident through the whole run). Each tensor is written when
+    it is added; looking one up maps its bytes back (copy-on-write, no copy made), so its dtype and shape cost no
+    reading and the pages the writer reads are let go with the tensor. The file is made in `folder` (beside the
+    output: the same disk, never a RAM-backed /tmp), gone when closed or when the process ends (a context manager).
+
+    Raises OutputFileError, as atomic_output, when the scratch file cannot be made or written (no room, no
+    permission)."""
+
+    def __init__(self, folder: Path):
+        self._folder = folder
+        try:
+            self._file = tempfile.TemporaryFile(dir=folder, prefix=TMP_PREFIX)
+        except OSError as e:
+            raise OutputFileError(f"cannot create a file in {folder}: {e.strerror or e}; choose a writable output "
+                                  "folder") from None
+        self._where: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        self._end = 0
+
+    def _error(self, e: OSError) -> OutputFileError:
+        return OutputFileError(f"keeping the output in a scratch file in {self._folder} failed: {e.strerror or e}; "
+                               "nothing was written (check free space and permissions)")
+
+    def __setitem__(self, key: str, t: torch.Tensor) -> None:
+        data = tensor_bytes(t.detach().cpu())
+        pad = -len(data) % 8  # every tensor's bytes start 8-aligned, as in memory
+        try:
+            self._file.write(data)
+            self._file.write(bytes(pad))
+        except OSError as e:
+            raise self._error(e) from None
+        self._where[key] = (self._end, tuple(t.shape), t.dtype)
+        self._end += len(data) + pad
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        at, shape, dtype = self._where[key]
+        n = math.prod(shape) * dtype.itemsize
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        try:
+            self._file.flush()
+        except OSError as e:
+            raise self._error(e) from None
+        raw = np.memmap(self._file, dtype=np.uint8, mode="c", offset=at, shape=(n,))
+        return torch.from_numpy(raw).view(dtype).reshape(shape)
+
+    def __delitem__(self, key: str) -> None:
+        del self._where[key]
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        self._where = {}
+        with contextlib.suppress(OSError):  # what it still buffers is thrown away with it
+            self._file.close()
+
+    def __enter__(self) -> "HeldTensors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def ordered(tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -89,7 +161,7 @@ def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
     legacy = hashlib.sha256()
     lo, hi = LEGACY_HASH_WINDOW
     pos = 0
-    for chunk in [memoryview(head)] + [tensor_bytes(tensors[k]) for k in keys]:
+    for chunk in chain([memoryview(head)], (tensor_bytes(tensors[k]) for k in keys)):  # one tensor at a time
         if pos >= len(head):
             model.update(chunk)
         a, b = max(lo, pos), min(hi, pos + len(chunk))

@@ -180,3 +180,68 @@ def test_finite_check_runs_on_one_thread(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_resize_holds_no_finished_layer_in_memory(tmp_path, standard_lora, monkeypatch):
+    """The layers' tensors wait for the write in a scratch file, not in memory (issue 24: the SD1.5 LoCon 512
+    resize held its 268 MB of output through the whole run): when the write starts, no tensor a layer emitted is
+    alive any more; the file written is byte for byte the in-memory job's (`resized`)."""
+    import weakref
+
+    from lora_resize.ops import job
+    emitted: list = []
+    finish, write = job.finish_layer, job.write_output
+
+    def recorded(q):
+        row, tensors = finish(q)
+        emitted.extend(weakref.ref(t) for t in tensors.values())
+        return row, tensors
+
+    def counted(*args, **kwargs):
+        alive.append(sum(r() is not None for r in emitted))
+        return write(*args, **kwargs)
+    alive: list[int] = []
+    monkeypatch.setattr(job, "finish_layer", recorded)
+    monkeypatch.setattr(job, "write_output", counted)
+    lora_resize.resize(standard_lora, tmp_path / "out.safetensors", rank=4)
+    assert len(emitted) > 10 and alive == [0]
+    mem = lora_resize.resized(standard_lora, rank=4)
+    assert (tmp_path / "out.safetensors").read_bytes() == _file_bytes(mem)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out.safetensors"]
+
+
+def _file_bytes(mem) -> bytes:
+    """The file write_safetensors makes of an in-memory job's tensors and metadata."""
+    import tempfile
+
+    from lora_resize.io.writer import write_safetensors
+    with tempfile.TemporaryDirectory() as d:
+        write_safetensors(Path(d) / "m.safetensors", mem.tensors, mem.metadata)
+        return (Path(d) / "m.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64,
+                                   torch.bool, torch.uint8, torch.float8_e4m3fn])
+def test_held_tensors_read_back_as_added(tmp_path, dtype):
+    """HeldTensors gives back each tensor as added (dtype, shape, bits), whatever the sizes before it (odd byte
+    counts included), in the order added; its scratch file leaves no name in the folder."""
+    from lora_resize.io.writer import HeldTensors
+    g = torch.Generator().manual_seed(0)
+    made = {"a": torch.randn(3, 5, generator=g).to(dtype), "odd": torch.ones(3, dtype=torch.uint8),
+            "b": torch.randn(7, 1, 3, 3, generator=g).to(dtype), "scalar": torch.tensor(2.5).to(dtype),
+            "empty": torch.empty(0, 4, dtype=dtype)}
+    with HeldTensors(tmp_path) as held:
+        for k, t in made.items():
+            held[k] = t
+        assert list(held) == list(made) and len(held) == len(made)
+        for k, t in made.items():
+            back = held[k]
+            assert back.dtype == t.dtype and back.shape == t.shape
+            assert torch.equal(back.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_held_tensors_in_an_unwritable_folder_name_the_fix(tmp_path):
+    from lora_resize.io.writer import HeldTensors
+    with pytest.raises(lora_resize.OutputFileError, match="cannot create a file in .*missing.*choose a writable"):
+        HeldTensors(tmp_path / "missing")
