@@ -40,9 +40,10 @@ def share_one_heap() -> None:
     """Have every thread of the process allocate from one glibc heap (mallopt M_ARENA_MAX 1; glibc's default gives
     each new thread a heap of its own, up to 8 per core). The engine's workers take turns at layers whose float64
     temporaries reach ~100 MB: with a heap each, the memory one worker frees cannot serve the other's next layer, so
-    each heap grows to the largest working set it has met and keeps it resident (measured: peak RSS of the SD1.5
-    LoCon 512 resize 0.93-1.03 GB with two workers, 0.84-0.88 GB with one heap, same CPU time). Threads that
-    already have a heap keep it; a setting of the whole process, made before the workers start. No-op elsewhere."""
+    each heap grows to the largest working set it has met and keeps it resident (measured, issue 24: peak RSS of
+    the SD1.5 LoCon 512 resize with two workers 0.73-0.74 GB with a heap each, 0.65 GB with one, the same CPU
+    time). Threads that already have a heap keep it; a setting of the whole process, made before the workers
+    start. No-op elsewhere."""
     if _MALLOPT is not None:
         _MALLOPT(M_ARENA_MAX, 1)
 

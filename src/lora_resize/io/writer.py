@@ -34,7 +34,8 @@ class HeldTensors(MutableMapping):
     the SD1.5 LoCon 512 resize's 268 MB of output were resident through the whole run). Each tensor is written when
     it is added; looking one up maps its bytes back (copy-on-write, no copy made), so its dtype and shape cost no
     reading and the pages the writer reads are let go with the tensor. The file is made in `folder` (beside the
-    output: the same disk, never a RAM-backed /tmp), gone when closed or when the process ends (a context manager).
+    output: the disk it goes to, not a temp folder that may be in RAM), gone when closed or when the process ends
+    (a context manager).
 
     Raises OutputFileError, as atomic_output, when the scratch file cannot be made or written (no room, no
     permission)."""
