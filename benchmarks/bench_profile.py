@@ -63,27 +63,37 @@ class StepTimer:
         setattr(owner, name, timed)
 
 
+# (module, object in it or "", function, step): where the resize path looks each function up
+WRAPPED = [("lora_resize.io.reader", "SafetensorsReader", "get", "read"),
+           ("lora_resize.core.decompose", "", "_stacked", "to float64"),
+           ("lora_resize.core.decompose", "", "_grams", "Gram matrices"),
+           ("lora_resize.core.decompose", "", "sym_gram", "Gram matrices"),
+           ("lora_resize.core.decompose", "", "_left_basis", "Cholesky/QR"),
+           ("lora_resize.core.decompose", "", "_decompose_stack", "core (rest)"),
+           ("lora_resize.core.decompose", "Decomposition", "factors", "factors"),
+           ("lora_resize.ops.job", "", "truncated_factors", "factors"),
+           ("lora_resize.ops.job", "", "on_host", "checks"),
+           ("lora_resize.core.truncate", "", "held_precision", "checks"),
+           ("lora_resize.io.writer", "", "check_finite", "checks"),
+           ("lora_resize.ops.job", "", "write_output", "write")]
+
+
 def instrument() -> StepTimer:
-    """Wrap the package's functions where the resize path calls them (the names its modules imported)."""
+    """Wrap the package's functions where the resize path calls them (the names its modules imported); a name
+    the code no longer has is said, and its time counts as its caller's step."""
+    import importlib
+
     import torch
-    from lora_resize.core import decompose, truncate
-    from lora_resize.io import reader, writer
-    from lora_resize.ops import job
     t = StepTimer()
-    t.wrap(reader.SafetensorsReader, "get", "read")
-    t.wrap(decompose, "_stacked", "to float64")
-    t.wrap(decompose, "_grams", "Gram matrices")
-    t.wrap(decompose, "sym_gram", "Gram matrices")
-    t.wrap(decompose, "_left_basis", "Cholesky/QR")
-    t.wrap(decompose, "_decompose_stack", "core (rest)")
+    for module, obj, name, step in WRAPPED:
+        owner = importlib.import_module(module)
+        owner = getattr(owner, obj) if obj else owner
+        if hasattr(owner, name):
+            t.wrap(owner, name, step)
+        else:
+            print(f"note: {module}.{obj + '.' if obj else ''}{name} not found: its time counts as its caller's")
     for name in ("eigh", "eigvalsh"):  # torch's, timed only when called from the engine's core
         t.wrap(torch.linalg, name, "eigh", only_inside="core (rest)")
-    t.wrap(decompose.Decomposition, "factors", "factors")
-    t.wrap(job, "truncated_factors", "factors")
-    t.wrap(job, "on_host", "checks")
-    t.wrap(truncate, "held_precision", "checks")
-    t.wrap(writer, "check_finite", "checks")
-    t.wrap(job, "write_output", "write")
     return t
 
 
