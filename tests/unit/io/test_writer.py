@@ -224,7 +224,8 @@ def _file_bytes(mem) -> bytes:
                                    torch.bool, torch.uint8, torch.float8_e4m3fn])
 def test_held_tensors_read_back_as_added(tmp_path, dtype):
     """HeldTensors gives back each tensor as added (dtype, shape, bits), whatever the sizes before it (odd byte
-    counts included), in the order added; its scratch file leaves no name in the folder."""
+    counts included), in the order added, and refuses NaN or Inf as the writer does; its scratch file leaves no
+    name in the folder."""
     from lora_resize.io.writer import HeldTensors
     g = torch.Generator().manual_seed(0)
     made = {"a": torch.randn(3, 5, generator=g).to(dtype), "odd": torch.ones(3, dtype=torch.uint8),
@@ -238,6 +239,9 @@ def test_held_tensors_read_back_as_added(tmp_path, dtype):
             back = held[k]
             assert back.dtype == t.dtype and back.shape == t.shape
             assert torch.equal(back.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+        with pytest.raises(lora_resize.NumericalError, match="'nan' would hold NaN or Inf"):
+            held["nan"] = torch.tensor([1.0, float("nan")]).to(dtype if dtype.is_floating_point else torch.float16)
+        assert "nan" not in held
         assert list(tmp_path.iterdir()) == []
 
 
