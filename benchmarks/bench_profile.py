@@ -75,6 +75,7 @@ WRAPPED = [("lora_resize.io.reader", "SafetensorsReader", "get", "read"),
            ("lora_resize.ops.job", "", "on_host", "checks"),
            ("lora_resize.core.truncate", "", "held_precision", "checks"),
            ("lora_resize.io.writer", "", "check_finite", "checks"),
+           ("lora_resize.io.writer", "HeldTensors", "__setitem__", "write"),  # a layer's tensors to the scratch file
            ("lora_resize.ops.job", "", "write_output", "write")]
 
 
@@ -87,7 +88,7 @@ def instrument() -> StepTimer:
     t = StepTimer()
     for module, obj, name, step in WRAPPED:
         owner = importlib.import_module(module)
-        owner = getattr(owner, obj) if obj else owner
+        owner = getattr(owner, obj, None) if obj else owner
         if hasattr(owner, name):
             t.wrap(owner, name, step)
         else:
