@@ -92,6 +92,18 @@ def test_disk_full_mid_write(tmp_path, capsys, monkeypatch, src, suffix, budget)
     _check_failed(rc, capsys.readouterr().err, dst, src, sha, "No space left on device", "free space")
 
 
+@pytest.mark.parametrize("budget", [0, 100, 60_000])
+def test_disk_full_while_the_output_waits_for_the_write(tmp_path, capsys, monkeypatch, src, budget):
+    """The layers' tensors wait in a scratch file beside the output (writer.HeldTensors): a full disk there is the
+    same one line, with nothing written."""
+    dst = _setup(tmp_path, ".safetensors")
+    sha = file_sha(src)
+    real = writer.tempfile.TemporaryFile
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", lambda *a, **k: HalfThenENOSPC(real(*a, **k), budget))
+    rc = main(_argv(src, dst))
+    _check_failed(rc, capsys.readouterr().err, dst, src, sha, "No space left on device", "nothing was written")
+
+
 def test_a_folder_made_for_the_output_is_removed_when_the_write_fails(tmp_path, capsys, monkeypatch, src):
     real_open = open
 

@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, MutableMapping
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from ..formats.lycoris import KeptLokr, KronLayer, LycorisModule
 from ..io.metadata import InputRecord, SideOutputs, output_metadata, with_hashes
 from ..io.reader import TensorInfo, TensorSource
 from ..io.sizing import OutputSizer, Stub, saved_stub
-from ..io.writer import copied_dtype, copied_tensor, write_output
+from ..io.writer import HeldTensors, copied_dtype, copied_tensor, write_output
 from ..options import ResizeOptions
 from ..ranks.block_weights import parse_block_weights
 from ..ranks.constraints import accepts_rank, active_constraints, constraint_notes
@@ -389,11 +389,13 @@ def finish_layer(q: Queued) -> tuple[LayerResult, dict[str, torch.Tensor]]:
 
 
 def run_jobs(jobs: list[LayerJob], opts: ResizeOptions, device: torch.device, save_dtype: torch.dtype,
-             progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None
-             ) -> tuple[list[LayerResult], dict[str, torch.Tensor]]:
-    """Decompose and truncate every job (in order); returns the rows and the output tensors."""
+             progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
+             out: MutableMapping[str, torch.Tensor] | None = None
+             ) -> tuple[list[LayerResult], MutableMapping[str, torch.Tensor]]:
+    """Decompose and truncate every job (in order); returns the rows and the output tensors (added to `out`, a
+    dict by default; io.writer.HeldTensors keeps them out of memory)."""
     rows: list[LayerResult] = []
-    out: dict[str, torch.Tensor] = {}
+    out = {} if out is None else out
     alpha_of = alpha_rule(opts, [j.scale_and_rank() for j in jobs], save_dtype)
     for row, tensors in through_engine(jobs, device, lambda j, layer, dec: start_layer(j, layer, dec, opts,
                                                                                        save_dtype, alpha_of),
@@ -500,7 +502,7 @@ class Built:
     without its hashes, the side outputs (metadata entries are in `metadata`; companion files in `side.files`), the
     plan's notes, the options as run (a budget's ranks filled in) and the copied tensors whose dtype was changed."""
     rows: list[LayerResult]
-    tensors: dict[str, torch.Tensor]
+    tensors: MutableMapping[str, torch.Tensor]  # a dict unless build_output was given where to hold them
     metadata: dict[str, str]
     side: SideOutputs
     plan_notes: list[str]
@@ -521,11 +523,13 @@ class Produced:
 
 
 def build_output(out: Output, opts: ResizeOptions, precision: str, device: torch.device,
-                 progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None) -> Built:
-    """Plan (a budget), run the engine and assemble what the job writes, in memory (nothing written)."""
+                 progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
+                 held: MutableMapping[str, torch.Tensor] | None = None) -> Built:
+    """Plan (a budget), run the engine and assemble what the job writes, in memory (nothing written; `held`: where
+    the tensors are kept, a dict by default)."""
     save_dtype = SAVE_DTYPES[precision]
     run_opts, plan_notes = with_budget_plan(out, opts, precision, device, progress)
-    rows, tensors = run_jobs(out.jobs, run_opts, device, save_dtype, progress, on_layer)
+    rows, tensors = run_jobs(out.jobs, run_opts, device, save_dtype, progress, on_layer, held)
     cast = out.copied_cast(save_dtype)
     for key, src in out.copied.items():
         tensors.setdefault(key, copied_tensor(src.get(key), cast))
@@ -540,9 +544,11 @@ def produce(dst: Path, out: Output, opts: ResizeOptions, precision: str, device:
             progress: Progress | None = None, on_layer: Callable[[LayerResult], None] | None = None,
             new_folder: bool = False) -> Produced:
     """`build_output`, then write `dst` atomically with its metadata and companion files (making its folder first
-    when `new_folder`)."""
-    b = build_output(out, opts, precision, device, progress, on_layer)
-    meta, write_notes = write_output(dst, b.tensors, b.metadata, b.side.files, new_folder)
+    when `new_folder`). The tensors wait for the write in a scratch file beside `dst` (io.writer.HeldTensors), not
+    in memory."""
+    with HeldTensors(next(p for p in dst.absolute().parents if p.is_dir())) as held:
+        b = build_output(out, opts, precision, device, progress, on_layer, held)
+        meta, write_notes = write_output(dst, b.tensors, b.metadata, b.side.files, new_folder)
     return Produced(b.rows, meta, write_notes, b.plan_notes, b.options, b.cast)
 
 

@@ -155,3 +155,97 @@ def test_pickle_output_is_a_weights_only_state_dict(tmp_path, standard_lora, sta
     name = "lora_te_text_model_encoder_layers_0_mlp_fc1"
     assert rel_err(dense_dw(sd, name), best_rank_k(dense_dw(standard_sd, name), 4)) < 1e-5
     assert any("metadata" in n for n in res.notes)
+
+
+def test_finite_check_runs_on_one_thread(monkeypatch):
+    """The writer's NaN/Inf check is one small parallel region per tensor: on the process's torch threads each
+    waits for every thread to be scheduled (seconds for a file's hundreds of tensors on a busy machine, issue 24);
+    it runs on one, and the process's setting is as it was afterwards."""
+    from lora_resize.io import writer
+    seen = []
+    real = torch.isfinite
+
+    def isfinite(t):
+        seen.append(torch.get_num_threads())
+        return real(t)
+    monkeypatch.setattr(torch, "isfinite", isfinite)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        writer.check_finite({"a": torch.ones(3, dtype=torch.float16), "b": torch.zeros(2, 2)})
+        assert seen == [1, 1]
+        assert torch.get_num_threads() == 2
+        with pytest.raises(lora_resize.NumericalError, match="'c' would hold NaN"):
+            writer.check_finite({"c": torch.tensor([1.0, float("nan")])})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_resize_holds_no_finished_layer_in_memory(tmp_path, standard_lora, monkeypatch):
+    """The layers' tensors wait for the write in a scratch file, not in memory (issue 24: the SD1.5 LoCon 512
+    resize held its 268 MB of output through the whole run): when the write starts, no tensor a layer emitted is
+    alive any more; the file written is byte for byte the in-memory job's (`resized`)."""
+    import weakref
+
+    from lora_resize.ops import job
+    emitted: list = []
+    finish, write = job.finish_layer, job.write_output
+
+    def recorded(q):
+        row, tensors = finish(q)
+        emitted.extend(weakref.ref(t) for t in tensors.values())
+        return row, tensors
+
+    def counted(*args, **kwargs):
+        alive.append(sum(r() is not None for r in emitted))
+        return write(*args, **kwargs)
+    alive: list[int] = []
+    monkeypatch.setattr(job, "finish_layer", recorded)
+    monkeypatch.setattr(job, "write_output", counted)
+    lora_resize.resize(standard_lora, tmp_path / "out.safetensors", rank=4)
+    assert len(emitted) > 10 and alive == [0]
+    mem = lora_resize.resized(standard_lora, rank=4)
+    assert (tmp_path / "out.safetensors").read_bytes() == _file_bytes(mem)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "out.safetensors"]
+
+
+def _file_bytes(mem) -> bytes:
+    """The file write_safetensors makes of an in-memory job's tensors and metadata."""
+    import tempfile
+
+    from lora_resize.io.writer import write_safetensors
+    with tempfile.TemporaryDirectory() as d:
+        write_safetensors(Path(d) / "m.safetensors", mem.tensors, mem.metadata)
+        return (Path(d) / "m.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64,
+                                   torch.bool, torch.uint8, torch.float8_e4m3fn])
+def test_held_tensors_read_back_as_added(tmp_path, dtype):
+    """HeldTensors gives back each tensor as added (dtype, shape, bits), whatever the sizes before it (odd byte
+    counts included), in the order added, and refuses NaN or Inf as the writer does; its scratch file leaves no
+    name in the folder."""
+    from lora_resize.io.writer import HeldTensors
+    g = torch.Generator().manual_seed(0)
+    made = {"a": torch.randn(3, 5, generator=g).to(dtype), "odd": torch.ones(3, dtype=torch.uint8),
+            "b": torch.randn(7, 1, 3, 3, generator=g).to(dtype), "scalar": torch.tensor(2.5).to(dtype),
+            "empty": torch.empty(0, 4, dtype=dtype)}
+    with HeldTensors(tmp_path) as held:
+        for k, t in made.items():
+            held[k] = t
+        assert list(held) == list(made) and len(held) == len(made)
+        for k, t in made.items():
+            back = held[k]
+            assert back.dtype == t.dtype and back.shape == t.shape
+            assert torch.equal(back.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+        with pytest.raises(lora_resize.NumericalError, match="'nan' would hold NaN or Inf"):
+            held["nan"] = torch.tensor([1.0, float("nan")]).to(dtype if dtype.is_floating_point else torch.float16)
+        assert "nan" not in held
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_held_tensors_in_an_unwritable_folder_name_the_fix(tmp_path):
+    from lora_resize.io.writer import HeldTensors
+    with pytest.raises(lora_resize.OutputFileError, match="cannot create a file in .*missing.*choose a writable"):
+        HeldTensors(tmp_path / "missing")
