@@ -42,8 +42,9 @@ def share_one_heap() -> None:
     temporaries reach ~100 MB: with a heap each, the memory one worker frees cannot serve the other's next layer, so
     each heap grows to the largest working set it has met and keeps it resident (measured, issue 24: peak RSS of
     the SD1.5 LoCon 512 resize with two workers 0.73-0.74 GB with a heap each, 0.65 GB with one, the same CPU
-    time). Threads that already have a heap keep it; a setting of the whole process, made before the workers
-    start. No-op elsewhere."""
+    time). Threads that already have a heap keep it. A setting of the whole process: the command line makes it
+    (cli.main, before any worker starts); the engine never does, so a host process (ComfyUI, a library user)
+    keeps its own. No-op elsewhere."""
     if _MALLOPT is not None:
         _MALLOPT(M_ARENA_MAX, 1)
 

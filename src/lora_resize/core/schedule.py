@@ -15,7 +15,7 @@ import torch
 from ..errors import DeviceError, NumericalError, OptionsError
 from .decompose import Decomposition, NonFiniteFactors, decompose_many
 from .layer import LowRankLayer
-from .parallel import available_cores, ordered_map, release_free_memory, share_one_heap, torch_threads
+from .parallel import available_cores, ordered_map, release_free_memory, torch_threads
 
 H = TypeVar("H")
 X = TypeVar("X")
@@ -87,8 +87,6 @@ def through_engine(jobs: list[Loadable], device: torch.device, start: Callable[[
             return window(batch[:half]) + window(batch[half:])
 
     workers = (threads or available_cores()) if cpu else 2  # on a GPU: one window loads while one computes
-    if workers > 1:
-        share_one_heap()  # the workers' freed temporaries serve each other's next windows
     loop: Iterable[X] = chain.from_iterable(ordered_map(window, windows(jobs, *window_bytes(device)), workers))
     if progress is not None:
         loop = progress(loop, len(jobs))
