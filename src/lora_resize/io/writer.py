@@ -30,12 +30,12 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 class HeldTensors(MutableMapping):
-    """A job's output tensors held in an unnamed scratch file until the atomic write, instead of in memory (issue 24:
-    the SD1.5 LoCon 512 resize's 268 MB of output were resident through the whole run). Each tensor is checked (finite) and
-    written when it is added; looking one up maps its bytes back (copy-on-write, no copy made), and the pages the
-    writer reads are let go with the tensor; dtypes and shapes are in `meta`, without reading. The file is made in `folder` (beside the
-    output: the disk it goes to, not a temp folder that may be in RAM), gone when closed or when the process ends
-    (a context manager).
+    """A job's output tensors held in an unnamed scratch file until the atomic write, instead of in memory (issue
+    24: the SD1.5 LoCon 512 resize's 268 MB of output were resident through the whole run). Each tensor is checked
+    (finite) and written when it is added; looking one up maps its bytes back (copy-on-write, no copy made), and
+    the pages the writer reads are let go with the tensor; dtypes and shapes are in `meta`, without reading. The
+    file is made in `folder` (beside the output: the disk it goes to, not a temp folder that may be in RAM), gone
+    when closed or when the process ends (a context manager).
 
     Raises OutputFileError, as atomic_output, when the scratch file cannot be made or written (no room, no
     permission)."""

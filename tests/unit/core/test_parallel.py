@@ -1,6 +1,7 @@
 """core.parallel.torch_threads: torch's thread count is one setting of the whole process, so jobs overlapping on
 threads (the page, the nodes, library users) share it: it stays set while any of them runs and comes back as it was
-when the last one ends, whatever order they end in. share_one_heap: the command line's engine workers allocate from one heap."""
+when the last one ends, whatever order they end in. share_one_heap: the command line's engine workers allocate from
+one heap."""
 from __future__ import annotations
 
 import contextlib
