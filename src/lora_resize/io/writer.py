@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import math
-import mmap
 import os
 import tempfile
 from itertools import chain
@@ -32,8 +31,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 class HeldTensors(MutableMapping):
     """A job's output tensors held in an unnamed scratch file until the atomic write, instead of in memory (issue
     24: the SD1.5 LoCon 512 resize's 268 MB of output were resident through the whole run). Each tensor is checked
-    (finite) and written when it is added; looking one up maps its bytes back (copy-on-write, no copy made), and
-    the pages the writer reads are let go with the tensor; dtypes and shapes are in `meta`, without reading. The
+    (finite) and written when it is added; looking one up reads its bytes back into a tensor of its own (the writer
+    looks up one at a time, so one tensor is in memory at once); dtypes and shapes are in `meta`, without reading. The
     file is made in `folder` (beside the output: the disk it goes to, not a temp folder that may be in RAM), gone
     when closed or when the process ends (a context manager).
 
@@ -53,7 +52,8 @@ class HeldTensors(MutableMapping):
 
     def _error(self, e: OSError) -> OutputFileError:
         return OutputFileError(f"keeping the output in a scratch file in {self._folder} failed: {e.strerror or e}; "
-                               "nothing was written (check free space and permissions)")
+                               "nothing was written (the folder needs free space for about twice the output until "
+                               "the end, and write permission)")
 
     def __setitem__(self, key: str, t: torch.Tensor) -> None:
         """Hold `t` under `key`, checked as check_finite checks a file's tensors (while it is in memory: the
@@ -81,13 +81,18 @@ class HeldTensors(MutableMapping):
         n = math.prod(shape) * dtype.itemsize
         if n == 0:
             return torch.empty(shape, dtype=dtype)
-        try:
+        buf = bytearray(n)  # read back as a copy: a mapping per tensor would hold a file descriptor per tensor, and
+        try:                # torch.save of a .pt output looks up every tensor at once (1050 for an SD1.5 LoCon)
             self._file.flush()
+            self._file.seek(at)
+            got = self._file.readinto(buf)
         except OSError as e:
             raise self._error(e) from None
-        base = at - at % mmap.ALLOCATIONGRANULARITY  # a mapping starts at a multiple of it
-        view = mmap.mmap(self._file.fileno(), at - base + n, offset=base, access=mmap.ACCESS_COPY)
-        return torch.frombuffer(view, dtype=dtype, count=n // dtype.itemsize, offset=at - base).reshape(shape)
+        finally:
+            self._file.seek(self._end)
+        if got != n:
+            raise self._error(OSError(f"the scratch file ended early ({got} of {n} bytes of {key!r})"))
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def __delitem__(self, key: str) -> None:
         del self._where[key], self._meta[key]
