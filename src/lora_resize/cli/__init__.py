@@ -78,8 +78,6 @@ def dispatch(argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lora-resize` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from ..core.parallel import share_one_heap
-    share_one_heap()  # the process is the command's: its engine workers' freed temporaries serve each other
     try:
         return dispatch(argv)
     except LoraResizeError as e:

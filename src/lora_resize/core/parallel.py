@@ -14,19 +14,15 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h): the most heaps ("arenas") threads may spread over
-
-
-def _libc(name: str):
+def _libc_trim():
     try:
         import ctypes
-        return getattr(ctypes.CDLL("libc.so.6"), name)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
 
 
-_TRIM = _libc("malloc_trim")
-_MALLOPT = _libc("mallopt")
+_TRIM = _libc_trim()
 
 
 def release_free_memory() -> None:
@@ -34,19 +30,6 @@ def release_free_memory() -> None:
     heap, and peak RSS creeps up by megabytes per layer."""
     if _TRIM is not None:
         _TRIM(0)
-
-
-def share_one_heap() -> None:
-    """Have every thread of the process allocate from one glibc heap (mallopt M_ARENA_MAX 1; glibc's default gives
-    each new thread a heap of its own, up to 8 per core). The engine's workers take turns at layers whose float64
-    temporaries reach ~100 MB: with a heap each, the memory one worker frees cannot serve the other's next layer, so
-    each heap grows to the largest working set it has met and keeps it resident (measured, issue 24: peak RSS of
-    the SD1.5 LoCon 512 resize with two workers 0.73-0.74 GB with a heap each, 0.65 GB with one, the same CPU
-    time). Threads that already have a heap keep it. A setting of the whole process: the command line makes it
-    (cli.main, before any worker starts); the engine never does, so a host process (ComfyUI, a library user)
-    keeps its own. No-op elsewhere."""
-    if _MALLOPT is not None:
-        _MALLOPT(M_ARENA_MAX, 1)
 
 
 def available_cores() -> int:
