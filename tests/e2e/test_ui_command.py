@@ -58,7 +58,8 @@ def test_the_work_folder_is_removed_when_the_page_stops(tmp_path):
         assert "serving http://127.0.0.1" in line, (line, p.stderr.read() if p.poll() is not None else "")
         assert [x.name for x in tmp_path.glob("lora-resize-ui-*")], list(tmp_path.iterdir())
         p.send_signal(signal.SIGINT)
-        p.wait(timeout=60)
+        p.communicate(timeout=60)  # drains its pipes while it stops: a child blocked writing to a full pipe never
+        #                            exits (Popen.wait's documented deadlock)
     finally:
         if p.poll() is None:
             p.kill()
