@@ -51,8 +51,11 @@ def test_the_work_folder_is_removed_when_the_page_stops(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Ctrl+C as a terminal delivers it: a run started in the background by a shell (`&`, nohup) inherits SIGINT
+    # ignored, and so would the page, which then cannot be stopped this way (seen in CI runs started so)
+    default_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None
     p = subprocess.Popen([sys.executable, "-m", "lora_resize.cli", "ui", "--port", str(port)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+                         stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
     try:
         line = p.stdout.readline()
         assert "serving http://127.0.0.1" in line, (line, p.stderr.read() if p.poll() is not None else "")
